@@ -1,0 +1,381 @@
+//! Wire messages: Emissary's `ServerConnect` preamble, the multiplexed session hello and its
+//! answer, and the mux frame codec. Pure encode/decode, no I/O beyond the raw-TCP preamble reader.
+//!
+//! A mux frame is one WebSocket binary message (or one `u32`-length-prefixed record on the raw-TCP
+//! transport): `kind: u8 | stream_id: u32 BE | payload`.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message as _;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::auth::NONCE_LEN;
+use crate::error::{Error, ErrorCode, Result};
+
+/// `server_software` in the preamble; Emissary's Go client rejects anything else.
+pub const SERVER_SOFTWARE: &str = "emissary-server";
+/// Emissary protocol version (a SOCKS5 server follows the preamble).
+pub const PROTOCOL_VERSION: i32 = 1;
+/// The preamble must fit the Go client's single 1024-byte read.
+pub const MAX_PREAMBLE: usize = 1024;
+/// WebSocket subprotocol that selects libtunnel's multiplexed mode.
+pub const MUX_SUBPROTOCOL: &str = "libtunnel.v1";
+/// On the raw-TCP transport a multiplexed client sends these four bytes after the preamble
+/// (a classic client starts SOCKS5 with 0x05 instead).
+pub const MUX_TCP_MAGIC: &[u8; 4] = b"LTM1";
+/// Version byte of the multiplexed session hello.
+pub const HELLO_VERSION: u8 = 1;
+
+/// Emissary's `emissaryproto.ServerConnect`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ServerConnect {
+    /// Always `emissary-server`.
+    #[prost(string, tag = "1")]
+    pub server_software: String,
+    /// Free text (our crate version).
+    #[prost(string, tag = "2")]
+    pub server_version: String,
+    /// Always 1.
+    #[prost(int32, tag = "3")]
+    pub protocol_version: i32,
+    /// Fresh random 32 bytes per connection.
+    #[prost(bytes = "vec", tag = "4")]
+    pub connection_nonce: Vec<u8>,
+}
+
+impl ServerConnect {
+    /// The preamble for a new connection.
+    pub fn new(nonce: &[u8]) -> Self {
+        ServerConnect {
+            server_software: SERVER_SOFTWARE.to_string(),
+            server_version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            connection_nonce: nonce.to_vec(),
+        }
+    }
+
+    /// Encode to protobuf bytes.
+    pub fn encode_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
+    /// Decode and check as Emissary's client does; returns the nonce.
+    pub fn decode_checked(buf: &[u8]) -> Result<Vec<u8>> {
+        if buf.len() >= MAX_PREAMBLE {
+            return Err(Error::protocol("the relay's preamble is larger than 1024 bytes; is this an Emissary-compatible relay?"));
+        }
+        let m = ServerConnect::decode(buf)
+            .map_err(|e| Error::protocol(format!("the relay's preamble is not a ServerConnect message ({e}); is the URL pointing at a libtunnel or Emissary relay?")))?;
+        if m.server_software != SERVER_SOFTWARE {
+            return Err(Error::protocol(format!(
+                "the relay identifies as {:?}, not {SERVER_SOFTWARE:?}; is the URL pointing at a libtunnel or Emissary relay?",
+                m.server_software
+            )));
+        }
+        if m.protocol_version != PROTOCOL_VERSION {
+            return Err(Error::protocol(format!(
+                "the relay speaks protocol version {}, this client speaks {PROTOCOL_VERSION}; upgrade the older side",
+                m.protocol_version
+            )));
+        }
+        if m.connection_nonce.len() != NONCE_LEN || m.connection_nonce.iter().all(|b| *b == 0) {
+            return Err(Error::protocol("the relay sent an invalid nonce (must be 32 bytes, not all zero)"));
+        }
+        Ok(m.connection_nonce)
+    }
+}
+
+/// Read a `ServerConnect` from a raw byte stream (the raw-TCP transport sends it with no length
+/// prefix): read field by field until the nonce (field 4, always last) has arrived.
+pub async fn read_server_connect<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(80);
+    let io = |e: std::io::Error| Error::from_io(e, "reading the relay's preamble");
+    loop {
+        if buf.len() > MAX_PREAMBLE {
+            return Err(Error::protocol("the relay's preamble is larger than 1024 bytes"));
+        }
+        let tag = read_varint(r, &mut buf).await.map_err(io)?;
+        let (field, wire) = (tag >> 3, tag & 7);
+        match wire {
+            0 => {
+                read_varint(r, &mut buf).await.map_err(io)?;
+            }
+            2 => {
+                let len = read_varint(r, &mut buf).await.map_err(io)? as usize;
+                if len > MAX_PREAMBLE {
+                    return Err(Error::protocol("the relay's preamble has an oversized field"));
+                }
+                let start = buf.len();
+                buf.resize(start + len, 0);
+                r.read_exact(&mut buf[start..]).await.map_err(io)?;
+            }
+            _ => return Err(Error::protocol("the relay's preamble is not a ServerConnect message")),
+        }
+        if field == 4 {
+            return ServerConnect::decode_checked(&buf);
+        }
+    }
+}
+
+async fn read_varint<R: AsyncRead + Unpin>(r: &mut R, out: &mut Vec<u8>) -> std::io::Result<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = r.read_u8().await?;
+        out.push(b);
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "varint too long"))
+}
+
+/// The client's first message in multiplexed mode: the Emissary proof, once per session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// HTTP date signed into the proof.
+    pub date: String,
+    /// `base64_nopad(kid ‖ mac)`.
+    pub sig: String,
+}
+
+impl Hello {
+    /// `version u8 | date_len u8 | date | sig_len u8 | sig`.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(3 + self.date.len() + self.sig.len());
+        b.put_u8(HELLO_VERSION);
+        b.put_u8(self.date.len() as u8);
+        b.put_slice(self.date.as_bytes());
+        b.put_u8(self.sig.len() as u8);
+        b.put_slice(self.sig.as_bytes());
+        b.freeze()
+    }
+
+    /// Decode; errors name what is wrong.
+    pub fn decode(mut b: &[u8]) -> Result<Hello> {
+        let bad = || Error::protocol("malformed session hello");
+        if b.is_empty() {
+            return Err(bad());
+        }
+        let v = b.get_u8();
+        if v != HELLO_VERSION {
+            return Err(Error::protocol(format!("session hello version {v} is not supported (this relay speaks {HELLO_VERSION})")));
+        }
+        let field = |b: &mut &[u8]| -> Result<String> {
+            if b.is_empty() {
+                return Err(bad());
+            }
+            let n = b.get_u8() as usize;
+            if b.len() < n {
+                return Err(bad());
+            }
+            let s = std::str::from_utf8(&b[..n]).map_err(|_| bad())?.to_string();
+            b.advance(n);
+            Ok(s)
+        };
+        let date = field(&mut b)?;
+        let sig = field(&mut b)?;
+        if !b.is_empty() {
+            return Err(bad());
+        }
+        Ok(Hello { date, sig })
+    }
+}
+
+/// The relay's answer to [`Hello`]: `status u32 (0 = ok, else an ErrorCode number) | msg_len u16 | msg`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloAck {
+    /// `None` when accepted, else the reason.
+    pub refusal: Option<(ErrorCode, String)>,
+}
+
+impl HelloAck {
+    /// Encode.
+    pub fn encode(&self) -> Bytes {
+        let mut b = BytesMut::new();
+        match &self.refusal {
+            None => {
+                b.put_u32(0);
+                b.put_u16(0);
+            }
+            Some((code, msg)) => {
+                let msg = &msg.as_bytes()[..msg.len().min(1024)];
+                b.put_u32(code.number());
+                b.put_u16(msg.len() as u16);
+                b.put_slice(msg);
+            }
+        }
+        b.freeze()
+    }
+
+    /// Decode.
+    pub fn decode(mut b: &[u8]) -> Result<HelloAck> {
+        if b.len() < 6 {
+            return Err(Error::protocol("malformed session hello answer from the relay"));
+        }
+        let status = b.get_u32();
+        let n = b.get_u16() as usize;
+        let msg = String::from_utf8_lossy(&b[..n.min(b.len())]).into_owned();
+        if status == 0 {
+            return Ok(HelloAck { refusal: None });
+        }
+        let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == status).unwrap_or(ErrorCode::General);
+        Ok(HelloAck { refusal: Some((code, msg)) })
+    }
+}
+
+/// Kinds of mux frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Open a stream (odd ids from the session's client side, even from the relay side).
+    Open = 1,
+    /// Stream bytes; consumes the receiver's window.
+    Data = 2,
+    /// Grant `u32` more bytes of window.
+    Window = 3,
+    /// The sender will write no more (half-close).
+    Fin = 4,
+    /// Abort the stream; payload is an optional `u32` error code.
+    Rst = 5,
+    /// Keepalive probe (stream 0, 8-byte payload echoed in `Pong`).
+    Ping = 6,
+    /// Keepalive answer.
+    Pong = 7,
+    /// The sender accepts no new streams (graceful shutdown); existing ones continue.
+    GoAway = 8,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<FrameKind> {
+        Some(match b {
+            1 => FrameKind::Open,
+            2 => FrameKind::Data,
+            3 => FrameKind::Window,
+            4 => FrameKind::Fin,
+            5 => FrameKind::Rst,
+            6 => FrameKind::Ping,
+            7 => FrameKind::Pong,
+            8 => FrameKind::GoAway,
+            _ => return None,
+        })
+    }
+}
+
+/// Bytes in a frame header.
+pub const FRAME_HEADER: usize = 5;
+
+/// A decoded mux frame; `payload` shares the received buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// What the frame does.
+    pub kind: FrameKind,
+    /// Stream it belongs to (0 for session-level frames).
+    pub stream: u32,
+    /// Frame body.
+    pub payload: Bytes,
+}
+
+impl Frame {
+    /// Decode one frame; errors on an unknown kind or a short header.
+    pub fn decode(mut b: Bytes) -> Result<Frame> {
+        if b.len() < FRAME_HEADER {
+            return Err(Error::protocol(format!("mux frame of {} bytes is shorter than its header", b.len())));
+        }
+        let kind = FrameKind::from_u8(b[0]).ok_or_else(|| Error::protocol(format!("unknown mux frame kind {}", b[0])))?;
+        let stream = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+        b.advance(FRAME_HEADER);
+        Ok(Frame { kind, stream, payload: b })
+    }
+
+    /// Encode a frame with a small payload.
+    pub fn encode(kind: FrameKind, stream: u32, payload: &[u8]) -> Bytes {
+        let mut b = BytesMut::with_capacity(FRAME_HEADER + payload.len());
+        b.put_u8(kind as u8);
+        b.put_u32(stream);
+        b.put_slice(payload);
+        b.freeze()
+    }
+
+    /// `Window` frame granting `n` bytes.
+    pub fn window(stream: u32, n: u32) -> Bytes {
+        Frame::encode(FrameKind::Window, stream, &n.to_be_bytes())
+    }
+
+    /// `Rst` frame carrying an error code.
+    pub fn rst(stream: u32, code: ErrorCode) -> Bytes {
+        Frame::encode(FrameKind::Rst, stream, &code.number().to_be_bytes())
+    }
+
+    /// Read the `u32` in a `Window`/`Rst` payload.
+    pub fn payload_u32(&self) -> Option<u32> {
+        (self.payload.len() == 4).then(|| u32::from_be_bytes(self.payload[..4].try_into().expect("len 4")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_connect_matches_the_documented_bytes() {
+        let nonce: Vec<u8> = (1u8..=32).collect();
+        let mut m = ServerConnect::new(&nonce);
+        m.server_version = "devel".into();
+        let bytes = m.encode_bytes();
+        assert_eq!(bytes.len(), 60);
+        let mut expect = hex::decode("0a0f").unwrap();
+        expect.extend_from_slice(b"emissary-server");
+        expect.extend_from_slice(&hex::decode("1205").unwrap());
+        expect.extend_from_slice(b"devel");
+        expect.extend_from_slice(&hex::decode("18012220").unwrap());
+        expect.extend_from_slice(&nonce);
+        assert_eq!(bytes, expect);
+        assert_eq!(ServerConnect::decode_checked(&bytes).unwrap(), nonce);
+    }
+
+    #[test]
+    fn server_connect_checks_like_the_go_client() {
+        let mut m = ServerConnect::new(&[1; 32]);
+        m.server_software = "nginx".into();
+        assert!(ServerConnect::decode_checked(&m.encode_bytes()).is_err());
+        let m = ServerConnect::new(&[0; 32]);
+        assert!(ServerConnect::decode_checked(&m.encode_bytes()).is_err());
+        let m = ServerConnect::new(&[1; 31]);
+        assert!(ServerConnect::decode_checked(&m.encode_bytes()).is_err());
+        let mut m = ServerConnect::new(&[1; 32]);
+        m.protocol_version = 2;
+        assert!(ServerConnect::decode_checked(&m.encode_bytes()).is_err());
+        assert!(ServerConnect::decode_checked(b"\xff\xff\xff").is_err());
+    }
+
+    #[tokio::test]
+    async fn server_connect_reads_from_a_byte_stream() {
+        let m = ServerConnect::new(&[9; 32]);
+        let mut bytes = m.encode_bytes();
+        bytes.extend_from_slice(b"\x05\x01\x02"); // what follows must stay unread
+        let mut r = &bytes[..];
+        assert_eq!(read_server_connect(&mut r).await.unwrap(), vec![9; 32]);
+        assert_eq!(r, b"\x05\x01\x02");
+    }
+
+    #[test]
+    fn hello_round_trip_and_garbage() {
+        let h = Hello { date: "Tue, 30 Jan 2024 10:00:00 GMT".into(), sig: "abc".into() };
+        assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
+        assert!(Hello::decode(&[]).is_err());
+        assert!(Hello::decode(&[2, 0, 0]).is_err());
+        assert!(Hello::decode(&[1, 200, 0]).is_err());
+        let ack = HelloAck { refusal: Some((ErrorCode::AuthClockSkew, "late".into())) };
+        assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
+        assert_eq!(HelloAck::decode(&HelloAck { refusal: None }.encode()).unwrap().refusal, None);
+    }
+
+    #[test]
+    fn frame_round_trip_and_garbage() {
+        let f = Frame::decode(Frame::encode(FrameKind::Data, 7, b"hi")).unwrap();
+        assert_eq!((f.kind, f.stream, &f.payload[..]), (FrameKind::Data, 7, &b"hi"[..]));
+        assert_eq!(Frame::decode(Frame::window(3, 99)).unwrap().payload_u32(), Some(99));
+        assert!(Frame::decode(Bytes::from_static(b"\x01\x00")).is_err());
+        assert!(Frame::decode(Bytes::from_static(b"\x63\x00\x00\x00\x01")).is_err());
+    }
+}

@@ -1,0 +1,291 @@
+//! The relay's allowlist: typed rules and the single place that decides whether a stream may
+//! connect to a target.
+//!
+//! A rule is `{"host": H, "port": P}`. `H` is an exact name (`db.internal`, compared
+//! case-insensitively, trailing dot ignored), a wildcard (`*.db.internal` matches names below it,
+//! `*` matches any host), an IP address or a CIDR. `P` is a port, a `"lo-hi"` range or `"*"`. These
+//! are a superset of Emissary's exact `{host, port}` entries.
+//!
+//! Name rules are matched against the requested name; IP and CIDR rules against every address the
+//! relay would actually connect to, after DNS. Targets whose "name" is really an IP in another
+//! spelling (`2130706433`, `0x7f.1`, `::ffff:127.0.0.1`) are normalised to that IP first, so they
+//! meet the IP rules and never a name rule.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// What a target host is after normalisation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetHost {
+    /// A DNS name, lowercase ASCII (IDNA applied), no trailing dot.
+    Name(String),
+    /// An IP address (IPv4-mapped IPv6 is turned into IPv4).
+    Ip(IpAddr),
+}
+
+impl TargetHost {
+    /// Normalise a requested host name. Fails on names that cannot be valid hosts.
+    pub fn parse(raw: &str) -> Result<TargetHost> {
+        let trimmed = raw.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(raw);
+        if let Ok(ip) = IpAddr::from_str(trimmed) {
+            return Ok(TargetHost::Ip(canonical_ip(ip)));
+        }
+        let host = raw.strip_suffix('.').unwrap_or(raw);
+        if host.is_empty() || host.len() > 253 {
+            return Err(Error::argument(format!("target host {raw:?} is not a valid host name")));
+        }
+        match url::Host::parse(host) {
+            Ok(url::Host::Domain(d)) => Ok(TargetHost::Name(d.trim_end_matches('.').to_string())),
+            Ok(url::Host::Ipv4(ip)) => Ok(TargetHost::Ip(IpAddr::V4(ip))),
+            Ok(url::Host::Ipv6(ip)) => Ok(TargetHost::Ip(canonical_ip(IpAddr::V6(ip)))),
+            Err(e) => Err(Error::argument(format!("target host {raw:?} is not a valid host name ({e})"))),
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes the IPv4 address it names.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostRule {
+    Any,
+    Exact(String),
+    /// `*.suffix`: stored as `.suffix`.
+    Suffix(String),
+    Net(IpNet),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PortRule {
+    lo: u16,
+    hi: u16,
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    host: HostRule,
+    port: PortRule,
+    text: String,
+}
+
+/// A rule as written in JSON/TOML.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSpec {
+    /// Host pattern.
+    pub host: String,
+    /// Port, range or `*`.
+    pub port: PortSpec,
+}
+
+/// A port as written: a number or a string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// `5432`
+    Number(u32),
+    /// `"5432"`, `"5000-6000"`, `"*"`
+    Text(String),
+}
+
+impl Rule {
+    /// Build a rule from its written form; errors say what is wrong with the rule.
+    pub fn from_spec(spec: &RuleSpec) -> Result<Rule> {
+        let text = format!("{}:{}", spec.host, match &spec.port {
+            PortSpec::Number(n) => n.to_string(),
+            PortSpec::Text(t) => t.clone(),
+        });
+        let bad = |why: &str| Error::config(format!("allow rule {text:?}: {why}"));
+        let port = match &spec.port {
+            PortSpec::Number(n) => {
+                let p = u16::try_from(*n).ok().filter(|p| *p != 0).ok_or_else(|| bad("port must be 1-65535"))?;
+                PortRule { lo: p, hi: p }
+            }
+            PortSpec::Text(t) if t.trim() == "*" => PortRule { lo: 1, hi: 65535 },
+            PortSpec::Text(t) => {
+                let parse = |s: &str| s.trim().parse::<u16>().ok().filter(|p| *p != 0);
+                let (lo, hi) = match t.split_once('-') {
+                    Some((a, b)) => (parse(a), parse(b)),
+                    None => (parse(t), parse(t)),
+                };
+                match (lo, hi) {
+                    (Some(lo), Some(hi)) if lo <= hi => PortRule { lo, hi },
+                    _ => return Err(bad("port must be 1-65535, a range like \"5000-6000\", or \"*\"")),
+                }
+            }
+        };
+        let h = spec.host.trim();
+        let host = if h == "*" {
+            HostRule::Any
+        } else if let Some(suffix) = h.strip_prefix("*.") {
+            match TargetHost::parse(suffix) {
+                Ok(TargetHost::Name(n)) => HostRule::Suffix(format!(".{n}")),
+                _ => return Err(bad("a wildcard must be followed by a domain name, as in *.db.internal")),
+            }
+        } else if h.contains('/') {
+            let net = IpNet::from_str(h).map_err(|_| bad("not a valid CIDR such as 10.0.0.0/8"))?;
+            HostRule::Net(net.trunc())
+        } else {
+            match TargetHost::parse(h) {
+                Ok(TargetHost::Ip(ip)) => HostRule::Net(IpNet::from(ip)),
+                Ok(TargetHost::Name(n)) => HostRule::Exact(n),
+                Err(_) => return Err(bad("host is not a name, IP, CIDR or wildcard")),
+            }
+        };
+        Ok(Rule { host, port, text })
+    }
+
+    fn port_ok(&self, port: u16) -> bool {
+        self.port.lo <= port && port <= self.port.hi
+    }
+
+    fn is_ip_rule(&self) -> bool {
+        matches!(self.host, HostRule::Net(_) | HostRule::Any)
+    }
+}
+
+/// How a name target fares before DNS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameDecision {
+    /// A name rule admits it: connect to whatever it resolves to.
+    Allowed,
+    /// No name rule admits it, but IP rules might admit what it resolves to.
+    CheckAddresses,
+    /// Nothing could admit it: refuse without a DNS lookup.
+    Denied,
+}
+
+/// The relay's allowlist.
+#[derive(Debug, Clone, Default)]
+pub struct Allowlist {
+    rules: Vec<Rule>,
+}
+
+impl Allowlist {
+    /// From rules.
+    pub fn new(rules: Vec<Rule>) -> Allowlist {
+        Allowlist { rules }
+    }
+
+    /// Parse a JSON list of `{"host", "port"}` (the `TUNNEL_ALLOW` / `EMISSARY_ALLOWED_PROXY_TARGETS` form).
+    pub fn from_json(json: &str, var: &str) -> Result<Allowlist> {
+        let specs: Vec<RuleSpec> = serde_json::from_str(json).map_err(|e| {
+            Error::config(format!("{var} must be a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]: {e}"))
+        })?;
+        Ok(Allowlist::new(specs.iter().map(Rule::from_spec).collect::<Result<_>>()?))
+    }
+
+    /// Whether no rule exists.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Decide for a normalised name before any DNS lookup.
+    pub fn check_name(&self, name: &str, port: u16) -> NameDecision {
+        let mut maybe = false;
+        for r in self.rules.iter().filter(|r| r.port_ok(port)) {
+            match &r.host {
+                HostRule::Any => return NameDecision::Allowed,
+                HostRule::Exact(n) if n == name => return NameDecision::Allowed,
+                HostRule::Suffix(s) if name.ends_with(s.as_str()) => return NameDecision::Allowed,
+                HostRule::Net(_) => maybe = true,
+                _ => {}
+            }
+        }
+        if maybe {
+            NameDecision::CheckAddresses
+        } else {
+            NameDecision::Denied
+        }
+    }
+
+    /// Whether an address (as it will be connected) is admitted by an IP or CIDR rule.
+    pub fn ip_allowed(&self, ip: IpAddr, port: u16) -> bool {
+        let ip = canonical_ip(ip);
+        self.rules.iter().filter(|r| r.port_ok(port) && r.is_ip_rule()).any(|r| match &r.host {
+            HostRule::Any => true,
+            HostRule::Net(net) => net.contains(&ip),
+            _ => false,
+        })
+    }
+
+    /// The rules as written, for logs and error messages.
+    pub fn describe(&self) -> Vec<String> {
+        self.rules.iter().map(|r| r.text.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list(json: &str) -> Allowlist {
+        Allowlist::from_json(json, "TUNNEL_ALLOW").unwrap()
+    }
+
+    #[test]
+    fn exact_wildcard_cidr_and_ranges() {
+        let a = list(
+            r#"[{"host":"db.internal","port":5432},{"host":"*.svc.local","port":"8000-8100"},
+                {"host":"10.1.0.0/16","port":"*"},{"host":"192.168.1.5","port":"22"}]"#,
+        );
+        let cases: &[(&str, u16, NameDecision)] = &[
+            ("db.internal", 5432, NameDecision::Allowed),
+            ("db.internal", 5433, NameDecision::CheckAddresses),
+            ("a.svc.local", 8050, NameDecision::Allowed),
+            ("a.b.svc.local", 8000, NameDecision::Allowed),
+            ("svc.local", 8000, NameDecision::CheckAddresses),
+            ("evilsvc.local", 8000, NameDecision::CheckAddresses),
+        ];
+        for (name, port, want) in cases {
+            assert_eq!(&a.check_name(name, *port), want, "{name}:{port}");
+        }
+        assert!(a.ip_allowed("10.1.200.3".parse().unwrap(), 1));
+        assert!(!a.ip_allowed("10.2.0.1".parse().unwrap(), 1));
+        assert!(a.ip_allowed("192.168.1.5".parse().unwrap(), 22));
+        assert!(!a.ip_allowed("192.168.1.5".parse().unwrap(), 23));
+        assert!(a.ip_allowed("::ffff:192.168.1.5".parse().unwrap(), 22));
+        let only_names = list(r#"[{"host":"db.internal","port":5432}]"#);
+        assert_eq!(only_names.check_name("other", 5432), NameDecision::Denied);
+    }
+
+    #[test]
+    fn other_spellings_of_an_ip_normalise() {
+        for s in ["127.0.0.1", "2130706433", "0x7f000001", "0x7f.1", "127.1", "0177.0.0.1", "[::ffff:127.0.0.1]", "::ffff:7f00:1"] {
+            assert_eq!(TargetHost::parse(s).unwrap(), TargetHost::Ip("127.0.0.1".parse().unwrap()), "{s}");
+        }
+        assert_eq!(TargetHost::parse("DB.Internal.").unwrap(), TargetHost::Name("db.internal".into()));
+        assert_eq!(TargetHost::parse("bücher.example").unwrap(), TargetHost::Name("xn--bcher-kva.example".into()));
+        assert!(TargetHost::parse("").is_err());
+        assert!(TargetHost::parse("a b").is_err());
+    }
+
+    #[test]
+    fn bad_rules_name_the_problem() {
+        for (json, needle) in [
+            (r#"[{"host":"x","port":0}]"#, "1-65535"),
+            (r#"[{"host":"x","port":"9-3"}]"#, "range"),
+            (r#"[{"host":"10.0.0.0/99","port":1}]"#, "CIDR"),
+            (r#"[{"host":"*.","port":1}]"#, "wildcard"),
+            (r#"[{"host":"x","port":1,"extra":1}]"#, "JSON list"),
+            (r#"{"host":"x"}"#, "JSON list"),
+        ] {
+            let e = Allowlist::from_json(json, "TUNNEL_ALLOW").unwrap_err();
+            assert!(e.message().contains(needle), "{json}: {e}");
+        }
+    }
+}
