@@ -1,8 +1,18 @@
 //! libtunnel: reach private TCP services through a relay, over one authenticated WebSocket.
 pub mod auth;
+pub mod config;
+pub mod dialer;
 pub mod error;
 pub mod mux;
 pub mod protocol;
+pub mod relay;
+pub mod socks;
+pub mod stream;
 pub mod transport;
-pub mod relay { pub mod allowlist; }
+
+pub use auth::Key;
+pub use config::RelayConfig;
+pub use dialer::{Dialer, DialerBuilder};
 pub use error::{Error, ErrorCode, Result};
+pub use relay::{Server, ServerHandle};
+pub use stream::{Mode, TunnelStream};

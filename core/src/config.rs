@@ -1,0 +1,452 @@
+//! Relay configuration: typed, validated, and loaded from (lowest to highest precedence) a TOML
+//! file, a `.env` file in the working directory, the process environment (`TUNNEL_*`, plus
+//! Emissary's `EMISSARY_*` names), and command-line flags. Every error names the setting to fix.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::auth::{Key, KeyJson, KeySet};
+use crate::error::{Error, Result};
+use crate::relay::allowlist::Allowlist;
+
+/// Safety limits of the relay. Defaults suit a relay on the edge of a private network.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// A client must finish the WebSocket upgrade and authentication within this time.
+    pub handshake_timeout: Duration,
+    /// Connecting to a target (DNS included) may take this long before reply 0x06.
+    pub connect_timeout: Duration,
+    /// Most streams open at once on one multiplexed session.
+    pub max_streams_per_session: usize,
+    /// Most transport connections open at once.
+    pub max_connections: usize,
+    /// On shutdown, open streams get this long to finish.
+    pub drain_timeout: Duration,
+    /// Ping a silent session after this long.
+    pub keepalive_interval: Duration,
+    /// Drop a session silent for this long.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_streams_per_session: 4096,
+            max_connections: 10_000,
+            drain_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A chosen-name grant for a listener key (`TUNNEL_LISTENER_KEYS`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerGrant {
+    /// The listener's Ed25519 public key (base64).
+    pub public_key: String,
+    /// Names this key may register besides its key-derived name.
+    pub names: Vec<String>,
+}
+
+/// Everything the relay needs to run.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// WebSocket tunnel endpoint (TLS when a certificate is set); `None` disables it.
+    pub listen: Option<SocketAddr>,
+    /// Raw-TCP tunnel endpoint.
+    pub tcp_listen: Option<SocketAddr>,
+    /// Public HTTP port routing by `Host` to listeners.
+    pub http_listen: Option<SocketAddr>,
+    /// Domain under which listener names are served.
+    pub domain: String,
+    /// Accepted shared-secret keys.
+    pub auth_keys: KeySet,
+    /// Targets dialers may reach.
+    pub allow: Allowlist,
+    /// Chosen-name grants for listener keys.
+    pub listener_keys: Vec<ListenerGrant>,
+    /// PEM certificate chain for `wss://`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `wss://`.
+    pub tls_key: Option<PathBuf>,
+    /// Health path (GET answers 200 with the key ids).
+    pub health_path: String,
+    /// DNS servers for resolving targets (system resolver when empty).
+    pub dns_servers: Vec<IpAddr>,
+    /// Safety limits.
+    pub limits: Limits,
+}
+
+impl RelayConfig {
+    /// A config with these keys and rules and defaults elsewhere, listening on `127.0.0.1:0` (for
+    /// embedding and tests).
+    pub fn new(auth_keys: KeySet, allow: Allowlist) -> RelayConfig {
+        RelayConfig {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tcp_listen: None,
+            http_listen: None,
+            domain: "localhost".into(),
+            auth_keys,
+            allow,
+            listener_keys: Vec::new(),
+            tls_cert: None,
+            tls_key: None,
+            health_path: "/healthz".into(),
+            dns_servers: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Load from the process environment, `./.env`, an optional TOML file and flag overrides
+    /// (`(setting, value)` pairs using the lower-case names of [`SETTINGS`]).
+    pub fn load(file: Option<&Path>, overrides: &[(String, String)]) -> Result<RelayConfig> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        let dotenv = read_dotenv(Path::new(".env"))?;
+        let toml = match file {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read config file {}: {e}", p.display())))?),
+            None => None,
+        };
+        RelayConfig::from_sources(toml.as_deref(), &dotenv, &env, overrides)
+    }
+
+    /// Merge explicit sources (what `load` reads), lowest precedence first.
+    pub fn from_sources(
+        toml: Option<&str>,
+        dotenv: &[(String, String)],
+        env: &[(String, String)],
+        overrides: &[(String, String)],
+    ) -> Result<RelayConfig> {
+        let mut values: BTreeMap<&'static str, (String, String)> = BTreeMap::new(); // key -> (value, where)
+        if let Some(text) = toml {
+            let table: toml::Table = text.parse().map_err(|e| Error::config(format!("config file is not valid TOML: {e}")))?;
+            for (k, v) in table {
+                let setting = lookup(&k).ok_or_else(|| unknown(&k, "config file key"))?;
+                let s = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    toml::Value::Float(f) => f.to_string(),
+                    other => serde_json::to_string(&other).expect("TOML values serialise as JSON"),
+                };
+                values.insert(setting.name, (s, format!("config file key {k}")));
+            }
+        }
+        // .env never overrides the real environment (godotenv's rule, which Emissary follows).
+        let mut merged: BTreeMap<String, String> = dotenv.iter().cloned().collect();
+        merged.extend(env.iter().cloned());
+        let mut emissary_used = false;
+        let mut listen_given = false;
+        for (var, val) in &merged {
+            if let Some(name) = var.strip_prefix("TUNNEL_") {
+                if CLIENT_VARS.contains(&var.as_str()) {
+                    continue;
+                }
+                let setting = lookup(&name.to_ascii_lowercase()).ok_or_else(|| unknown(var, "environment variable"))?;
+                listen_given |= setting.name == "listen";
+                values.insert(setting.name, (val.clone(), var.clone()));
+            }
+        }
+        for (var, val) in &merged {
+            if let Some(name) = var.strip_prefix("EMISSARY_") {
+                emissary_used = true;
+                let (setting, value) = match name {
+                    "HTTP_PORT" => ("listen", port_to_addr(val, var)?),
+                    "TCP_PORT" => ("tcp_listen", port_to_addr(val, var)?),
+                    "AUTH_KEYS" => ("auth_keys", val.clone()),
+                    "ALLOWED_PROXY_TARGETS" => ("allow", val.clone()),
+                    "DNS_SERVERS" => ("dns_servers", val.clone()),
+                    "HEALTH_PATH" => ("health_path", val.clone()),
+                    _ => return Err(unknown(var, "environment variable")),
+                };
+                if let Some((_, prev)) = values.get(setting) {
+                    if prev.starts_with("TUNNEL_") {
+                        return Err(Error::config(format!("both {prev} and {var} are set; set only one of them")));
+                    }
+                }
+                listen_given |= setting == "listen";
+                values.insert(lookup(setting).expect("mapped names exist").name, (value, var.clone()));
+            }
+        }
+        if emissary_used && !listen_given && !values.contains_key("listen") {
+            // Emissary's own default, so the EMISSARY_* names make a drop-in replacement.
+            values.insert("listen", ("0.0.0.0:8080".into(), "Emissary's default HTTP port".into()));
+        }
+        for (k, v) in overrides {
+            let setting = lookup(k).ok_or_else(|| unknown(k, "flag"))?;
+            values.insert(setting.name, (v.clone(), format!("--{}", k.replace('_', "-"))));
+        }
+        RelayConfig::from_values(&values)
+    }
+
+    fn from_values(values: &BTreeMap<&'static str, (String, String)>) -> Result<RelayConfig> {
+        let get = |k: &str| values.get(k).map(|(v, w)| (v.trim(), w.as_str()));
+        let mut cfg = RelayConfig::new(KeySet::default(), Allowlist::default());
+        cfg.listen = Some("127.0.0.1:7835".parse().expect("valid default"));
+        if let Some((v, w)) = get("listen") {
+            cfg.listen = parse_opt_addr(v, w)?;
+        }
+        if let Some((v, w)) = get("tcp_listen") {
+            cfg.tcp_listen = parse_opt_addr(v, w)?;
+        }
+        if let Some((v, w)) = get("http_listen") {
+            cfg.http_listen = parse_opt_addr(v, w)?;
+        }
+        if let Some((v, _)) = get("domain") {
+            cfg.domain = v.trim_matches('.').to_ascii_lowercase();
+        }
+        let keys_var = values.get("auth_keys").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_AUTH_KEYS".into());
+        if let Some((v, w)) = get("auth_keys") {
+            let list: Vec<KeyJson> = serde_json::from_str(v).map_err(|e| {
+                Error::config(format!("{w} must be a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}] ({e}); `tunnel keygen` prints one"))
+            })?;
+            let keys = list.iter().map(|k| Key::from_json(k).map_err(|e| Error::config(format!("{w}: {}", e.message())))).collect::<Result<Vec<_>>>()?;
+            cfg.auth_keys = KeySet::new(keys).map_err(|e| Error::config(format!("{w}: {}", e.message())))?;
+        }
+        if let Some((v, w)) = get("allow") {
+            cfg.allow = Allowlist::from_json(v, w)?;
+        }
+        if let Some((v, w)) = get("listener_keys") {
+            cfg.listener_keys = serde_json::from_str(v).map_err(|e| {
+                Error::config(format!("{w} must be a JSON list like [{{\"public_key\": \"<base64>\", \"names\": [\"api\"]}}] ({e})"))
+            })?;
+        }
+        cfg.tls_cert = get("tls_cert").map(|(v, _)| PathBuf::from(v));
+        cfg.tls_key = get("tls_key").map(|(v, _)| PathBuf::from(v));
+        if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
+            return Err(Error::config("set both TUNNEL_TLS_CERT and TUNNEL_TLS_KEY (or neither)"));
+        }
+        if let Some((v, w)) = get("health_path") {
+            if !v.starts_with('/') {
+                return Err(Error::config(format!("{w} must start with '/', like /healthz")));
+            }
+            cfg.health_path = v.to_string();
+        }
+        if let Some((v, w)) = get("dns_servers") {
+            cfg.dns_servers = v
+                .split_whitespace()
+                .map(|s| s.parse::<IpAddr>().map_err(|_| Error::config(format!("{w}: {s:?} is not an IP address (list IPs separated by spaces)"))))
+                .collect::<Result<_>>()?;
+        }
+        let secs = |k: &str, d: Duration| -> Result<Duration> {
+            match get(k) {
+                None => Ok(d),
+                Some((v, w)) => v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| *s > 0.0 && s.is_finite())
+                    .map(Duration::from_secs_f64)
+                    .ok_or_else(|| Error::config(format!("{w} must be a positive number of seconds, got {v:?}"))),
+            }
+        };
+        let count = |k: &str, d: usize| -> Result<usize> {
+            match get(k) {
+                None => Ok(d),
+                Some((v, w)) => v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| Error::config(format!("{w} must be a positive whole number, got {v:?}"))),
+            }
+        };
+        let l = Limits::default();
+        cfg.limits = Limits {
+            handshake_timeout: secs("handshake_timeout", l.handshake_timeout)?,
+            connect_timeout: secs("connect_timeout", l.connect_timeout)?,
+            max_streams_per_session: count("max_streams", l.max_streams_per_session)?,
+            max_connections: count("max_connections", l.max_connections)?,
+            drain_timeout: secs("drain_timeout", l.drain_timeout)?,
+            keepalive_interval: secs("keepalive_interval", l.keepalive_interval)?,
+            keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
+        };
+        if cfg.auth_keys.is_empty() {
+            return Err(Error::config(format!(
+                "no auth keys: set {keys_var} to a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}]; `tunnel keygen` makes one"
+            )));
+        }
+        if cfg.allow.is_empty() {
+            let var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
+            return Err(Error::config(format!(
+                "the allowlist is empty, so no dial could succeed: set {var} to a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]"
+            )));
+        }
+        if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
+            return Err(Error::config("both tunnel endpoints are disabled: set TUNNEL_LISTEN (or TUNNEL_TCP_LISTEN)"));
+        }
+        Ok(cfg)
+    }
+}
+
+/// One recognised setting.
+#[derive(Debug)]
+pub struct Setting {
+    /// Lower-case name (TOML key; `TUNNEL_` + upper-case is the env var).
+    pub name: &'static str,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// Every relay setting.
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "listen", help: "tunnel endpoint address (WebSocket; TLS when a cert is set), or off" },
+    Setting { name: "tcp_listen", help: "raw-TCP tunnel endpoint address, or off" },
+    Setting { name: "http_listen", help: "public HTTP port routing by Host to listeners, or off" },
+    Setting { name: "domain", help: "domain under which listener names are served" },
+    Setting { name: "auth_keys", help: "JSON list of {kid, data} shared-secret keys" },
+    Setting { name: "allow", help: "JSON list of {host, port} allow rules" },
+    Setting { name: "listener_keys", help: "JSON list of {public_key, names} chosen-name grants" },
+    Setting { name: "tls_cert", help: "PEM certificate chain for wss://" },
+    Setting { name: "tls_key", help: "PEM private key for wss://" },
+    Setting { name: "health_path", help: "health check path" },
+    Setting { name: "dns_servers", help: "space-separated DNS server IPs for resolving targets" },
+    Setting { name: "handshake_timeout", help: "seconds a client has to authenticate" },
+    Setting { name: "connect_timeout", help: "seconds to connect to a target" },
+    Setting { name: "max_streams", help: "most open streams per session" },
+    Setting { name: "max_connections", help: "most open transport connections" },
+    Setting { name: "drain_timeout", help: "seconds open streams get to finish at shutdown" },
+    Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
+    Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
+];
+
+/// Client-side variables that may share an environment with the relay.
+const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE"];
+
+fn lookup(name: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.name == name)
+}
+
+fn unknown(what: &str, kind: &str) -> Error {
+    let bare = what.trim_start_matches("TUNNEL_").trim_start_matches("EMISSARY_").to_ascii_lowercase();
+    let close = SETTINGS
+        .iter()
+        .min_by_key(|s| edit_distance(&bare, s.name))
+        .filter(|s| edit_distance(&bare, s.name) <= 3)
+        .map(|s| {
+            if what.starts_with("TUNNEL_") || what.starts_with("EMISSARY_") {
+                format!("; did you mean TUNNEL_{}?", s.name.to_ascii_uppercase())
+            } else {
+                format!("; did you mean {}?", s.name)
+            }
+        })
+        .unwrap_or_default();
+    Error::config(format!("unknown {kind} {what}{close} (`tunnel server --help` lists the settings)"))
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn parse_opt_addr(v: &str, w: &str) -> Result<Option<SocketAddr>> {
+    if v.is_empty() || v.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    v.parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| Error::config(format!("{w} must be an address like 127.0.0.1:7835 (or off), got {v:?}")))
+}
+
+fn port_to_addr(v: &str, var: &str) -> Result<String> {
+    let port: u16 = v.trim().parse().map_err(|_| Error::config(format!("{var} must be a port number, got {v:?}")))?;
+    Ok(if port == 0 { "off".into() } else { format!("0.0.0.0:{port}") })
+}
+
+/// Read a `.env` file if present; a malformed file is an error naming the line.
+pub fn read_dotenv(path: &Path) -> Result<Vec<(String, String)>> {
+    match dotenvy::from_path_iter(path) {
+        Ok(iter) => iter
+            .map(|r| r.map_err(|e| Error::config(format!("{} is malformed: {e}", path.display()))))
+            .collect(),
+        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(Error::config(format!("cannot read {}: {e}", path.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEYS: &str = r#"[{"kid":1,"data":"c2VjcmV0LXNlY3JldC1zZWNyZXQ="}]"#;
+    const ALLOW: &str = r#"[{"host":"db.internal","port":5432}]"#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn tunnel_env_and_defaults() {
+        let c = RelayConfig::from_sources(None, &[], &env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("PATH", "/bin")]), &[]).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:7835".parse().unwrap()));
+        assert_eq!(c.auth_keys.kids(), vec![1]);
+        assert_eq!(c.health_path, "/healthz");
+    }
+
+    #[test]
+    fn emissary_names_are_a_drop_in() {
+        let c = RelayConfig::from_sources(
+            None,
+            &[],
+            &env(&[("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW), ("EMISSARY_TCP_PORT", "9001"), ("EMISSARY_DNS_SERVERS", "1.1.1.1 8.8.8.8")]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(c.tcp_listen, Some("0.0.0.0:9001".parse().unwrap()));
+        assert_eq!(c.dns_servers.len(), 2);
+        let c = RelayConfig::from_sources(None, &[], &env(&[("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW), ("EMISSARY_HTTP_PORT", "0"), ("EMISSARY_TCP_PORT", "9001")]), &[]).unwrap();
+        assert_eq!(c.listen, None);
+    }
+
+    #[test]
+    fn precedence_file_dotenv_env_flags() {
+        let toml = r#"
+listen = "127.0.0.1:1000"
+health_path = "/file"
+auth_keys = [{kid = 1, data = "c2VjcmV0"}]
+allow = [{host = "db.internal", port = 5432}]
+"#;
+        let c = RelayConfig::from_sources(
+            Some(toml),
+            &env(&[("TUNNEL_LISTEN", "127.0.0.1:2000"), ("TUNNEL_HEALTH_PATH", "/dotenv")]),
+            &env(&[("TUNNEL_HEALTH_PATH", "/env")]),
+            &[("listen".into(), "127.0.0.1:3000".into())],
+        )
+        .unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:3000".parse().unwrap()));
+        assert_eq!(c.health_path, "/env");
+    }
+
+    #[test]
+    fn errors_name_the_variable_to_set() {
+        let cases: Vec<(Vec<(String, String)>, &str)> = vec![
+            (env(&[("TUNNEL_ALLOW", ALLOW)]), "TUNNEL_AUTH_KEYS"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS)]), "TUNNEL_ALLOW"),
+            (env(&[("TUNNEL_AUTH_KEYS", "[]"), ("TUNNEL_ALLOW", ALLOW)]), "TUNNEL_AUTH_KEYS"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", "[]")]), "TUNNEL_ALLOW"),
+            (env(&[("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", "[]")]), "EMISSARY_ALLOWED_PROXY_TARGETS"),
+            (env(&[("TUNNEL_AUTH_KEYS", "{bad"), ("TUNNEL_ALLOW", ALLOW)]), "TUNNEL_AUTH_KEYS must be a JSON list"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_LISTN", "x")]), "did you mean TUNNEL_LISTEN"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_LISTEN", "nowhere")]), "TUNNEL_LISTEN must be an address"),
+            (env(&[("EMISSARY_AUTH_KEY", KEYS)]), "unknown environment variable EMISSARY_AUTH_KEY"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("EMISSARY_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)]), "set only one"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_CONNECT_TIMEOUT", "-1")]), "positive number of seconds"),
+        ];
+        for (e, needle) in cases {
+            let err = RelayConfig::from_sources(None, &[], &e, &[]).unwrap_err();
+            assert!(err.message().contains(needle), "{e:?}: {err}");
+        }
+        let err = RelayConfig::from_sources(Some("lisen = 1"), &[], &[], &[]).unwrap_err();
+        assert!(err.message().contains("did you mean listen"), "{err}");
+    }
+}

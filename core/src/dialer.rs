@@ -1,0 +1,282 @@
+//! The client side: open streams to `host:port` through a relay. In multiplexed mode one
+//! authenticated session is shared by every dial and re-established when it dies; in classic mode
+//! each dial is its own Emissary connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::auth::Key;
+use crate::error::{Error, ErrorCode, Result};
+use crate::mux::{MuxConfig, Role, Session};
+use crate::protocol::{self, Hello, HelloAck, ServerConnect};
+use crate::socks::{self, Target};
+use crate::stream::{Inner, Mode, TunnelStream};
+use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
+
+/// Emissary's client keepalive period in classic mode.
+pub const CLASSIC_PING: Duration = Duration::from_secs(30);
+
+/// Builds a [`Dialer`].
+#[derive(Debug, Clone)]
+pub struct DialerBuilder {
+    relay: String,
+    key: Option<Key>,
+    mode: Mode,
+    tls: Option<ClientTls>,
+    timeout: Duration,
+    mux: MuxConfig,
+}
+
+impl DialerBuilder {
+    /// The shared secret (required).
+    pub fn key(mut self, key: Key) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Multiplexed (default) or classic Emissary mode.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Trust for `wss://` relays (default: the public Web PKI).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// How long one dial may take, session setup included (default 20 s, Emissary's handshake timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Session tunables (keepalive, limits).
+    pub fn mux_config(mut self, cfg: MuxConfig) -> Self {
+        self.mux = cfg;
+        self
+    }
+
+    /// Check the settings; no network I/O happens until the first dial.
+    pub fn build(self) -> Result<Dialer> {
+        let url = RelayUrl::parse(&self.relay)?;
+        let key = self
+            .key
+            .ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
+        Ok(Dialer {
+            inner: Arc::new(DialerInner {
+                url,
+                key,
+                mode: self.mode,
+                tls: self.tls,
+                timeout: self.timeout,
+                mux: self.mux,
+                session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+}
+
+struct DialerInner {
+    url: RelayUrl,
+    key: Key,
+    mode: Mode,
+    tls: Option<ClientTls>,
+    timeout: Duration,
+    mux: MuxConfig,
+    /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
+    /// session is being set up, so concurrent dials wait for one handshake instead of racing.
+    session: tokio::sync::Mutex<Option<Session>>,
+}
+
+/// Opens streams through a relay. Cheap to clone; clones share the session.
+#[derive(Clone)]
+pub struct Dialer {
+    inner: Arc<DialerInner>,
+}
+
+impl std::fmt::Debug for Dialer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dialer").field("relay", &self.inner.url.url.as_str()).field("mode", &self.inner.mode).finish()
+    }
+}
+
+impl Dialer {
+    /// A multiplexed dialer for `relay` (`ws://`, `wss://` or `tcp://`) with a shared key.
+    pub fn new(relay: &str, key: Key) -> Result<Dialer> {
+        Dialer::builder(relay).key(key).build()
+    }
+
+    /// Start building a dialer.
+    pub fn builder(relay: &str) -> DialerBuilder {
+        DialerBuilder {
+            relay: relay.to_string(),
+            key: None,
+            mode: Mode::Multiplexed,
+            tls: None,
+            timeout: Duration::from_secs(20),
+            mux: MuxConfig::default(),
+        }
+    }
+
+    /// The relay URL.
+    pub fn relay(&self) -> &str {
+        self.inner.url.url.as_str()
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> Mode {
+        self.inner.mode
+    }
+
+    /// Open a stream to `target` (`host:port`) through the relay.
+    pub async fn dial(&self, target: &str) -> Result<TunnelStream> {
+        let target = Target::parse(target)?;
+        self.dial_target(&target).await
+    }
+
+    /// [`Dialer::dial`] with a parsed target.
+    pub async fn dial_target(&self, target: &Target) -> Result<TunnelStream> {
+        let t = self.inner.timeout;
+        let work = async {
+            match self.inner.mode {
+                Mode::Classic => self.dial_classic(target).await,
+                Mode::Multiplexed => self.dial_mux(target).await,
+            }
+        };
+        match tokio::time::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorCode::Timeout,
+                format!("dialing {target} through {} took longer than {:.1}s; is the relay reachable?", self.inner.url.url, t.as_secs_f64()),
+            )),
+        }
+    }
+
+    /// Establish the shared session now (multiplexed mode), so the first dial is fast and a wrong
+    /// key fails early.
+    pub async fn connect(&self) -> Result<()> {
+        if self.inner.mode == Mode::Multiplexed {
+            tokio::time::timeout(self.inner.timeout, self.session())
+                .await
+                .map_err(|_| Error::new(ErrorCode::Timeout, format!("connecting to {} timed out", self.inner.url.url)))??;
+        }
+        Ok(())
+    }
+
+    /// Close the shared session (streams on it fail).
+    pub async fn close(&self) {
+        if let Some(s) = self.inner.session.lock().await.take() {
+            s.close(ErrorCode::Closed, "the dialer was closed");
+        }
+    }
+
+    async fn session(&self) -> Result<Session> {
+        let mut slot = self.inner.session.lock().await;
+        if let Some(s) = slot.as_ref() {
+            if !s.is_closed() {
+                return Ok(s.clone());
+            }
+        }
+        let s = open_session(&self.inner.url, &self.inner.key, self.inner.tls.as_ref(), self.inner.mux.clone()).await?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    async fn dial_mux(&self, target: &Target) -> Result<TunnelStream> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let session = self.session().await?;
+            let result = async {
+                let mut stream = session.open()?;
+                socks::client_connect(&mut stream, target, true).await?;
+                Ok(stream)
+            }
+            .await;
+            match result {
+                Ok(stream) => return Ok(TunnelStream::new(Inner::Mux(stream), target.clone())),
+                // The session died under us (relay restarted, idle LB cut it): one fresh try.
+                Err(e) if attempt == 1 && session.is_closed() => {
+                    tracing::debug!(error = %e, "session lost while dialing; reconnecting");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn dial_classic(&self, target: &Target) -> Result<TunnelStream> {
+        let url = &self.inner.url;
+        match transport::connect(url, false, self.inner.tls.as_ref()).await? {
+            Connected::Ws(ws, _) => {
+                let mut io = WsByteStream::new(ws, Some(CLASSIC_PING));
+                let pre = io.read_message().await.map_err(|e| Error::from_io(e, "reading the relay's preamble"))?;
+                let nonce = ServerConnect::decode_checked(&pre)?;
+                socks::client_auth(&mut io, &self.inner.key, &nonce).await?;
+                socks::client_connect(&mut io, target, false).await?;
+                Ok(TunnelStream::new(Inner::Ws(Box::new(io)), target.clone()))
+            }
+            Connected::Tcp(mut io) => {
+                let nonce = protocol::read_server_connect(&mut io).await?;
+                socks::client_auth(&mut io, &self.inner.key, &nonce).await?;
+                socks::client_connect(&mut io, target, false).await?;
+                Ok(TunnelStream::new(Inner::Raw(io), target.clone()))
+            }
+        }
+    }
+}
+
+/// Connect and authenticate a multiplexed session (used by the dialer, and by listeners later).
+pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientTls>, cfg: MuxConfig) -> Result<Session> {
+    let lost = |e: std::io::Error| {
+        Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
+    };
+    let (source, mut sink) = match transport::connect(url, true, tls).await? {
+        Connected::Ws(mut ws, chosen) => {
+            if !chosen {
+                return Err(Error::protocol(format!(
+                    "the relay at {} did not accept the {} subprotocol (it may be an Emissary server); use classic mode",
+                    url.url,
+                    protocol::MUX_SUBPROTOCOL
+                )));
+            }
+            let pre = loop {
+                match ws.next().await {
+                    Some(Ok(Message::Binary(b))) => break b,
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    Some(Ok(_)) => return Err(Error::protocol("the relay sent an unexpected message instead of its preamble")),
+                    Some(Err(e)) => return Err(lost(std::io::Error::other(e))),
+                    None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
+                }
+            };
+            let nonce = ServerConnect::decode_checked(&pre)?;
+            let (date, sig) = key.sign(&nonce, std::time::SystemTime::now());
+            ws.send(Message::Binary(Hello { date, sig }.encode())).await.map_err(|e| lost(std::io::Error::other(e)))?;
+            transport::ws_frames(ws)
+        }
+        Connected::Tcp(mut io) => {
+            let nonce = protocol::read_server_connect(&mut io).await?;
+            io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(lost)?;
+            let (source, mut sink) = transport::tcp_frames(io);
+            let (date, sig) = key.sign(&nonce, std::time::SystemTime::now());
+            sink.send(Hello { date, sig }.encode()).await.map_err(lost)?;
+            (source, sink)
+        }
+    };
+    let mut source = source;
+    let ack = match source.next().await {
+        Some(Ok(b)) => HelloAck::decode(&b)?,
+        Some(Err(e)) => return Err(lost(e)),
+        None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
+    };
+    if let Some((code, msg)) = ack.refusal {
+        let _ = sink.close().await;
+        return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
+    }
+    Ok(Session::new(Role::Client, source, sink, cfg))
+}

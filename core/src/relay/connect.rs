@@ -1,0 +1,90 @@
+//! Connecting a stream to its target: normalise the requested address, apply the allowlist
+//! (before DNS for names no rule could admit, and after DNS against every address actually
+//! connected), then connect with a deadline. Failures come back as the SOCKS5 reply to send.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socks5_proto::{Address, Reply};
+use tokio::net::TcpStream;
+
+use super::allowlist::{canonical_ip, Allowlist, NameDecision, TargetHost};
+use super::metrics::Refusal;
+use crate::socks::Target;
+
+/// Why a target could not be connected: the SOCKS5 reply and a log line.
+#[derive(Debug)]
+pub struct ConnectFailure {
+    /// Reply code sent to the client.
+    pub reply: Reply,
+    /// Metrics label.
+    pub reason: Refusal,
+    /// For the relay's log (never sent to the client).
+    pub detail: String,
+}
+
+fn fail(reply: Reply, reason: Refusal, detail: String) -> ConnectFailure {
+    ConnectFailure { reply, reason, detail }
+}
+
+/// Connect to the target of a CONNECT request, if the allowlist admits it.
+pub async fn connect_target(addr: &Address, allow: &Allowlist, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
+    let target = Target::from_address(addr).map_err(|e| fail(Reply::GeneralFailure, Refusal::Malformed, e.to_string()))?;
+    let port = target.port;
+    let not_allowed = |what: String| fail(Reply::ConnectionNotAllowed, Refusal::NotAllowed, what);
+    if port == 0 {
+        return Err(not_allowed(format!("{target}: port 0 is never allowed")));
+    }
+    let host = TargetHost::parse(&target.host).map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let candidates: Vec<SocketAddr> = match host {
+        TargetHost::Ip(ip) => {
+            if !allow.ip_allowed(ip, port) {
+                return Err(not_allowed(format!("{target} (address {ip}) matches no allow rule")));
+            }
+            vec![SocketAddr::new(ip, port)]
+        }
+        TargetHost::Name(name) => {
+            let decision = allow.check_name(&name, port);
+            if decision == NameDecision::Denied {
+                return Err(not_allowed(format!("{target} matches no allow rule (no DNS lookup made)")));
+            }
+            let resolved = tokio::time::timeout_at(deadline, tokio::net::lookup_host((name.as_str(), port)))
+                .await
+                .map_err(|_| fail(Reply::TtlExpired, Refusal::Timeout, format!("resolving {name} timed out")))?
+                .map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, format!("resolving {name}: {e}")))?;
+            let all: Vec<SocketAddr> = resolved.map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
+            let admitted: Vec<SocketAddr> = match decision {
+                NameDecision::Allowed => all.clone(),
+                _ => all.iter().copied().filter(|sa| allow.ip_allowed(sa.ip(), port)).collect(),
+            };
+            if admitted.is_empty() {
+                if all.is_empty() {
+                    return Err(fail(Reply::HostUnreachable, Refusal::Unreachable, format!("{name} resolved to no address")));
+                }
+                return Err(not_allowed(format!("{target} resolves to {all:?}, none of which an allow rule admits")));
+            }
+            admitted
+        }
+    };
+    let mut last: Option<io::Error> = None;
+    for sa in &candidates {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(sa)).await {
+            Err(_) => return Err(fail(Reply::TtlExpired, Refusal::Timeout, format!("connecting to {sa} timed out"))),
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Ok(Err(e)) => last = Some(e),
+        }
+    }
+    let e = last.expect("at least one candidate was tried");
+    let (reply, reason) = match e.kind() {
+        io::ErrorKind::ConnectionRefused => (Reply::ConnectionRefused, Refusal::Refused),
+        io::ErrorKind::TimedOut => (Reply::TtlExpired, Refusal::Timeout),
+        _ if e.raw_os_error() == Some(101) => (Reply::NetworkUnreachable, Refusal::Unreachable),
+        _ => (Reply::HostUnreachable, Refusal::Unreachable),
+    };
+    Err(fail(reply, reason, format!("connecting to {target} ({candidates:?}): {e}")))
+}

@@ -1,0 +1,142 @@
+//! The relay's HTTP front on the tunnel endpoint: the health path, `/metrics`, and WebSocket
+//! upgrades, which choose the mode (`libtunnel.v1` subprotocol → multiplexed, none → Emissary
+//! classic) and hand the upgraded connection to `session`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+
+use super::metrics::Refusal;
+use super::{session, RelayState};
+use crate::protocol::MUX_SUBPROTOCOL;
+use crate::transport::{ws_config, BoxIo};
+
+type Body = Full<Bytes>;
+
+struct Upgrade {
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    mux: bool,
+}
+
+/// Serve HTTP/1.1 on one connection; if it upgrades to a WebSocket, run the tunnel session on it.
+pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
+    let (tx, rx) = oneshot::channel::<Upgrade>();
+    let tx = Arc::new(Mutex::new(Some(tx)));
+    let st = state.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let (st, tx) = (st.clone(), tx.clone());
+        async move { Ok::<_, Infallible>(route(&st, req, &tx)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.cfg.limits.handshake_timeout)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        if e.is_timeout() {
+            state.metrics.refused(Refusal::HandshakeTimeout);
+        }
+        return;
+    }
+    let Ok(up) = rx.await else { return };
+    let upgraded = match up.on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
+            return;
+        }
+    };
+    let io: BoxIo = Box::new(TokioIo::new(upgraded));
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+    if up.mux {
+        session::serve_ws_mux(state, ws, peer).await;
+    } else {
+        session::serve_ws_classic(state, ws, peer).await;
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .expect("static response parts are valid")
+}
+
+fn refuse(status: StatusCode, reason: String) -> Response<Body> {
+    json(status, serde_json::json!({ "ok": false, "reason": reason }))
+}
+
+fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<oneshot::Sender<Upgrade>>>) -> Response<Body> {
+    let path = req.uri().path();
+    if req.method() != Method::GET {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here (WebSocket upgrades, the health path and /metrics)".into());
+    }
+    let hp = state.cfg.health_path.as_str();
+    if path == hp || path.strip_prefix(hp).is_some_and(|r| r.starts_with('/')) {
+        return json(StatusCode::OK, serde_json::json!({ "ok": true, "key_ids": state.cfg.auth_keys.kids() }));
+    }
+    if path == "/metrics" {
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(state.metrics.render())))
+            .expect("static response parts are valid");
+    }
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !is_upgrade {
+        return refuse(StatusCode::UPGRADE_REQUIRED, format!("this is a libtunnel relay: connect with a WebSocket, or GET {hp} for health"));
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key".into());
+    };
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return refuse(StatusCode::BAD_REQUEST, "only WebSocket version 13 is supported".into());
+    }
+    let offered: Vec<String> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|p| p.trim().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let mux = offered.iter().any(|p| p == MUX_SUBPROTOCOL);
+    if !offered.is_empty() && !mux {
+        state.metrics.refused(Refusal::Malformed);
+        return refuse(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported WebSocket subprotocol {offered:?}: this relay speaks {MUX_SUBPROTOCOL:?}, or no subprotocol for Emissary classic mode"),
+        );
+    }
+    let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return refuse(StatusCode::BAD_REQUEST, "this connection was already upgraded".into());
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let _ = tx.send(Upgrade { on_upgrade, mux });
+    let mut resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()));
+    if mux {
+        resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, MUX_SUBPROTOCOL);
+    }
+    resp.body(Full::new(Bytes::new())).expect("static response parts are valid")
+}

@@ -1,0 +1,96 @@
+//! Relay counters, rendered in the Prometheus text format on `/metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Why a stream or session was refused (a label of `libtunnel_refusals_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Target not in the allowlist.
+    NotAllowed = 0,
+    /// DNS failed or host unreachable.
+    Unreachable = 1,
+    /// Target refused the connection.
+    Refused = 2,
+    /// Target connect timed out.
+    Timeout = 3,
+    /// Malformed SOCKS5 or protocol bytes.
+    Malformed = 4,
+    /// Handshake took too long.
+    HandshakeTimeout = 5,
+    /// Relay at its connection or stream limit.
+    Overloaded = 6,
+    /// Anything else.
+    General = 7,
+}
+
+const REFUSAL_NAMES: [&str; 8] = ["not_allowed", "unreachable", "refused", "timeout", "malformed", "handshake_timeout", "overloaded", "general"];
+
+/// The relay's counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub(crate) sessions_classic: AtomicU64,
+    pub(crate) sessions_mux: AtomicU64,
+    pub(crate) sessions_active: AtomicI64,
+    pub(crate) streams_total: AtomicU64,
+    pub(crate) streams_active: AtomicI64,
+    pub(crate) bytes_to_targets: AtomicU64,
+    pub(crate) bytes_from_targets: AtomicU64,
+    pub(crate) auth_failures: AtomicU64,
+    refusals: [AtomicU64; 8],
+}
+
+impl Metrics {
+    pub(crate) fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Refusals counted for a reason.
+    pub fn refusals(&self, why: Refusal) -> u64 {
+        self.refusals[why as usize].load(Relaxed)
+    }
+
+    /// Authentication failures so far.
+    pub fn auth_failures(&self) -> u64 {
+        self.auth_failures.load(Relaxed)
+    }
+
+    /// Streams currently open.
+    pub fn streams_active(&self) -> i64 {
+        self.streams_active.load(Relaxed)
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut counter = |name: &str, help: &str, kind: &str, rows: &[(&str, i64)]| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(s, "{name}{labels} {v}");
+            }
+        };
+        counter(
+            "libtunnel_sessions_total",
+            "Tunnel sessions authenticated, by mode.",
+            "counter",
+            &[("{mode=\"classic\"}", self.sessions_classic.load(Relaxed) as i64), ("{mode=\"multiplexed\"}", self.sessions_mux.load(Relaxed) as i64)],
+        );
+        counter("libtunnel_sessions_active", "Tunnel sessions open now.", "gauge", &[("", self.sessions_active.load(Relaxed))]);
+        counter("libtunnel_streams_total", "Streams connected to a target.", "counter", &[("", self.streams_total.load(Relaxed) as i64)]);
+        counter("libtunnel_streams_active", "Streams open now.", "gauge", &[("", self.streams_active.load(Relaxed))]);
+        counter(
+            "libtunnel_bytes_total",
+            "Bytes relayed on finished streams, by direction.",
+            "counter",
+            &[
+                ("{direction=\"to_target\"}", self.bytes_to_targets.load(Relaxed) as i64),
+                ("{direction=\"from_target\"}", self.bytes_from_targets.load(Relaxed) as i64),
+            ],
+        );
+        counter("libtunnel_auth_failures_total", "Rejected credentials.", "counter", &[("", self.auth_failures.load(Relaxed) as i64)]);
+        let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();
+        let rows: Vec<(&str, i64)> = labels.iter().zip(&self.refusals).map(|(l, v)| (l.as_str(), v.load(Relaxed) as i64)).collect();
+        counter("libtunnel_refusals_total", "Streams or sessions refused, by reason.", "counter", &rows);
+        s
+    }
+}

@@ -1,0 +1,248 @@
+//! The relay server: accepts tunnel transports (WebSocket over TCP or TLS, and raw TCP),
+//! authenticates them, and serves every stream's SOCKS5 CONNECT against the allowlist.
+//!
+//! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests
+//! bind port 0), or [`Server::spawn`] for a handle. Shutdown drains: accept loops stop, sessions
+//! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
+
+pub mod allowlist;
+pub mod connect;
+mod http;
+pub mod metrics;
+mod session;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::RelayConfig;
+use crate::error::{Error, ErrorCode, Result};
+use metrics::{Metrics, Refusal};
+
+/// State shared by every connection task of one relay.
+pub(crate) struct RelayState {
+    pub(crate) cfg: RelayConfig,
+    pub(crate) metrics: Arc<Metrics>,
+    /// TLS for the WebSocket endpoint, when a certificate is configured.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Bounds open transport connections (`max_connections`).
+    conn_limit: Arc<Semaphore>,
+    /// Cancelled when shutdown begins: stop accepting, send `GoAway`.
+    pub(crate) draining: CancellationToken,
+    /// Cancelled when the drain deadline passes: close everything.
+    pub(crate) kill: CancellationToken,
+    /// Every connection and stream task, so shutdown can wait for them.
+    pub(crate) tasks: TaskTracker,
+}
+
+/// A bound, not yet running relay.
+pub struct Server {
+    state: Arc<RelayState>,
+    ws: Option<TcpListener>,
+    tcp: Option<TcpListener>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("listen", &self.local_addr()).field("tcp_listen", &self.tcp_addr()).finish()
+    }
+}
+
+async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it"))
+    })
+}
+
+impl Server {
+    /// Validate the config, load TLS, and bind every endpoint.
+    pub async fn bind(cfg: RelayConfig) -> Result<Server> {
+        if cfg.auth_keys.is_empty() {
+            return Err(Error::config("no auth keys: set TUNNEL_AUTH_KEYS (`tunnel keygen` makes one)"));
+        }
+        if cfg.allow.is_empty() {
+            return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
+        }
+        if !cfg.dns_servers.is_empty() {
+            return Err(Error::config(
+                "custom DNS servers (TUNNEL_DNS_SERVERS / EMISSARY_DNS_SERVERS) are not supported yet; unset it to use the system resolver",
+            ));
+        }
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
+            _ => None,
+        };
+        let ws = match cfg.listen {
+            Some(a) => Some(bind(a, "TUNNEL_LISTEN").await?),
+            None => None,
+        };
+        let tcp = match cfg.tcp_listen {
+            Some(a) => Some(bind(a, "TUNNEL_TCP_LISTEN").await?),
+            None => None,
+        };
+        let state = Arc::new(RelayState {
+            conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            cfg,
+            metrics: Arc::new(Metrics::default()),
+            tls,
+            draining: CancellationToken::new(),
+            kill: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        Ok(Server { state, ws, tcp })
+    }
+
+    /// Address of the WebSocket endpoint.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.ws.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the raw-TCP endpoint.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The URL dialers use (`ws://` or `wss://` on the WebSocket endpoint, else `tcp://`).
+    pub fn url(&self) -> String {
+        match (self.local_addr(), self.tcp_addr()) {
+            (Some(a), _) => format!("{}://{a}", if self.state.tls.is_some() { "wss" } else { "ws" }),
+            (None, Some(a)) => format!("tcp://{a}"),
+            (None, None) => unreachable!("bind refuses a config with no endpoint"),
+        }
+    }
+
+    /// Counters (also served on `/metrics`).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.state.metrics.clone()
+    }
+
+    /// Serve until `shutdown` resolves, then drain.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        let Server { state, ws, tcp } = self;
+        if let Some(l) = ws {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = state.tls.is_some(), "tunnel endpoint listening");
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Http));
+        }
+        if let Some(l) = tcp {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "raw-TCP tunnel endpoint listening");
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Tcp));
+        }
+        shutdown.await;
+        tracing::info!(drain_secs = state.cfg.limits.drain_timeout.as_secs_f64(), "relay shutting down; draining open streams");
+        state.draining.cancel();
+        state.tasks.close();
+        if tokio::time::timeout(state.cfg.limits.drain_timeout, state.tasks.wait()).await.is_err() {
+            tracing::warn!("drain deadline passed; closing the remaining streams");
+            state.kill.cancel();
+            state.tasks.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Run in the background; the handle stops it.
+    pub fn spawn(self) -> ServerHandle {
+        let token = CancellationToken::new();
+        let (addr, tcp_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.url(), self.metrics());
+        let t = token.clone();
+        let join = tokio::spawn(self.run(async move { t.cancelled().await }));
+        ServerHandle { addr, tcp_addr, url, metrics, token, join }
+    }
+}
+
+/// A relay running in the background.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: Option<SocketAddr>,
+    tcp_addr: Option<SocketAddr>,
+    url: String,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl ServerHandle {
+    /// Address of the WebSocket endpoint.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+    /// Address of the raw-TCP endpoint.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+    /// The URL dialers use.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+    /// Counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+    /// Stop gracefully and wait until drained.
+    pub async fn shutdown(self) -> Result<()> {
+        self.token.cancel();
+        self.join.await.map_err(|e| Error::new(ErrorCode::General, format!("relay task failed: {e}")))?
+    }
+    /// Stop at once: every connection is dropped (like a crash, for tests of clients).
+    pub fn abort(&self) {
+        self.join.abort();
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Http,
+    Tcp,
+}
+
+async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = state.draining.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
+            state.metrics.refused(Refusal::Overloaded);
+            tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
+            continue;
+        };
+        let _ = sock.set_nodelay(true);
+        let st = state.clone();
+        state.tasks.spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                _ = st.kill.cancelled() => {}
+                _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
+            }
+        });
+    }
+}
+
+async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+    match endpoint {
+        Endpoint::Http => match state.tls.clone() {
+            Some(tls) => match tokio::time::timeout(state.cfg.limits.handshake_timeout, tls.accept(sock)).await {
+                Ok(Ok(s)) => http::serve(state, Box::new(s), peer).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => {
+                    state.metrics.refused(Refusal::HandshakeTimeout);
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                }
+            },
+            None => http::serve(state, Box::new(sock), peer).await,
+        },
+        Endpoint::Tcp => session::serve_raw_tcp(state, sock, peer).await,
+    }
+}

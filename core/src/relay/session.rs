@@ -1,0 +1,265 @@
+//! One authenticated tunnel on the relay, per transport and mode: send the `ServerConnect`
+//! preamble, authenticate (RFC 1929 per connection in classic mode, the session hello once in
+//! multiplexed mode), then serve each stream: SOCKS5 CONNECT → allowlist → target → bridge.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures_util::{SinkExt, StreamExt};
+use socks5_proto::{Address, Reply};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use super::connect::connect_target;
+use super::metrics::Refusal;
+use super::RelayState;
+use crate::auth::{fresh_nonce, AuthRejection};
+use crate::error::ErrorCode;
+use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
+use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
+use crate::socks::{self, ServerAuth, ServerHandshakeError, Target};
+use crate::transport::{tcp_frames, ws_frames, BoxIo, WsByteStream};
+
+struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicI64);
+impl<'a> ActiveGuard<'a> {
+    fn new(c: &'a std::sync::atomic::AtomicI64) -> Self {
+        c.fetch_add(1, Relaxed);
+        ActiveGuard(c)
+    }
+}
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
+    match r {
+        AuthRejection::Malformed => "malformed credentials; use a libtunnel or Emissary client".into(),
+        AuthRejection::UnknownKey(kid) => format!(
+            "key id {kid} is not configured on this relay (it has key ids {:?}); use one of those or add yours to TUNNEL_AUTH_KEYS",
+            state.cfg.auth_keys.kids()
+        ),
+        AuthRejection::ClockSkew(d) => format!(
+            "your clock is {}s away from the relay's (at most 900s allowed); synchronise the clocks (NTP)",
+            d.as_secs()
+        ),
+        AuthRejection::BadSignature(kid) => format!(
+            "the proof for key id {kid} does not match: the secret is wrong (or the proof was replayed); check TUNNEL_KEY against the relay's TUNNEL_AUTH_KEYS"
+        ),
+    }
+}
+
+fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &AuthRejection) {
+    state.metrics.auth_failures.fetch_add(1, Relaxed);
+    tracing::warn!(%peer, reason = %r, "authentication failed");
+}
+
+/// Classic (Emissary) mode over a WebSocket.
+pub(super) async fn serve_ws_classic(state: Arc<RelayState>, ws: WebSocketStream<BoxIo>, peer: SocketAddr) {
+    let mut io = WsByteStream::new(ws, None);
+    let nonce = fresh_nonce();
+    if io.write_message(ServerConnect::new(&nonce).encode_bytes().into()).await.is_err() {
+        return;
+    }
+    serve_classic(state, io, peer, nonce).await;
+}
+
+/// The raw-TCP endpoint: preamble, then classic SOCKS5 (first byte 0x05) or the multiplexed magic.
+pub(super) async fn serve_raw_tcp(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+    let nonce = fresh_nonce();
+    if sock.write_all(&ServerConnect::new(&nonce).encode_bytes()).await.is_err() {
+        return;
+    }
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(state.cfg.limits.handshake_timeout, sock.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(_) => return,
+        Err(_) => {
+            state.metrics.refused(Refusal::HandshakeTimeout);
+            return;
+        }
+    }
+    if first[0] == MUX_TCP_MAGIC[0] {
+        let mut magic = [0u8; 4];
+        if sock.read_exact(&mut magic).await.is_err() || &magic != MUX_TCP_MAGIC {
+            state.metrics.refused(Refusal::Malformed);
+            return;
+        }
+        let (source, sink) = tcp_frames(Box::new(sock));
+        serve_mux(state, source, sink, peer, nonce).await;
+    } else {
+        serve_classic(state, sock, peer, nonce).await;
+    }
+}
+
+async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<RelayState>, mut io: S, peer: SocketAddr, nonce: [u8; 32]) {
+    let auth = ServerAuth::Proof { keys: &state.cfg.auth_keys, nonce: &nonce };
+    let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut io, auth)).await {
+        Err(_) => {
+            state.metrics.refused(Refusal::HandshakeTimeout);
+            tracing::debug!(%peer, "classic handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            note_handshake_error(&state, peer, &e);
+            let _ = io.shutdown().await;
+            return;
+        }
+        Ok(Ok(a)) => a,
+    };
+    state.metrics.sessions_classic.fetch_add(1, Relaxed);
+    let _s = ActiveGuard::new(&state.metrics.sessions_active);
+    let Some(mut target) = connect_and_reply(&state, &mut io, &addr, peer).await else {
+        let _ = io.shutdown().await;
+        return;
+    };
+    let _a = ActiveGuard::new(&state.metrics.streams_active);
+    match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut target, 32 * 1024, 32 * 1024).await {
+        Ok((up, down)) => count_bytes(&state, up, down),
+        Err(e) => tracing::debug!(%peer, error = %e, "classic stream ended with an error"),
+    }
+}
+
+fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshakeError) {
+    match e {
+        ServerHandshakeError::Auth(r) => log_auth_failure(state, peer, r),
+        ServerHandshakeError::Malformed(why) => {
+            state.metrics.refused(Refusal::Malformed);
+            tracing::info!(%peer, %why, "malformed SOCKS5 request refused");
+        }
+        ServerHandshakeError::Io(err) => tracing::debug!(%peer, error = %err, "connection lost during SOCKS5 handshake"),
+    }
+}
+
+fn count_bytes(state: &RelayState, up: u64, down: u64) {
+    state.metrics.bytes_to_targets.fetch_add(up, Relaxed);
+    state.metrics.bytes_from_targets.fetch_add(down, Relaxed);
+}
+
+/// Connect to the requested target and answer the CONNECT; `None` if refused (already answered).
+async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<TcpStream> {
+    match connect_target(addr, &state.cfg.allow, state.cfg.limits.connect_timeout).await {
+        Ok(tcp) => {
+            let bound = tcp.local_addr().ok();
+            if socks::write_reply(io, Reply::Succeeded, bound).await.is_err() {
+                return None;
+            }
+            state.metrics.streams_total.fetch_add(1, Relaxed);
+            tracing::debug!(%peer, target = %Target::from_address(addr).map(|t| t.to_string()).unwrap_or_default(), "stream connected");
+            Some(tcp)
+        }
+        Err(f) => {
+            state.metrics.refused(f.reason);
+            if f.reason == Refusal::NotAllowed {
+                tracing::info!(%peer, detail = %f.detail, "target refused by the allowlist");
+            } else {
+                tracing::debug!(%peer, detail = %f.detail, "target connect failed");
+            }
+            let _ = socks::write_reply(io, f.reply, None).await;
+            None
+        }
+    }
+}
+
+/// Multiplexed mode over a WebSocket.
+pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream<BoxIo>, peer: SocketAddr) {
+    let nonce = fresh_nonce();
+    if ws.send(Message::Binary(ServerConnect::new(&nonce).encode_bytes().into())).await.is_err() {
+        return;
+    }
+    let (source, sink) = ws_frames(ws);
+    serve_mux(state, source, sink, peer, nonce).await;
+}
+
+async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: FrameSink, peer: SocketAddr, nonce: [u8; 32]) {
+    let hello = match tokio::time::timeout(state.cfg.limits.handshake_timeout, source.next()).await {
+        Err(_) => {
+            state.metrics.refused(Refusal::HandshakeTimeout);
+            tracing::debug!(%peer, "session hello timed out");
+            return;
+        }
+        Ok(Some(Ok(b))) => b,
+        Ok(_) => return,
+    };
+    let verdict = match Hello::decode(&hello) {
+        Ok(h) => state.cfg.auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
+        Err(e) => {
+            state.metrics.refused(Refusal::Malformed);
+            let ack = HelloAck { refusal: Some((ErrorCode::Protocol, e.message().to_string())) };
+            let _ = sink.send(ack.encode()).await;
+            return;
+        }
+    };
+    if let Err(r) = verdict {
+        log_auth_failure(&state, peer, &r);
+        let ack = HelloAck { refusal: Some((r.code(), rejection_message(&r, &state))) };
+        let _ = sink.send(ack.encode()).await;
+        let _ = sink.close().await;
+        return;
+    }
+    if sink.send(HelloAck { refusal: None }.encode()).await.is_err() {
+        return;
+    }
+    state.metrics.sessions_mux.fetch_add(1, Relaxed);
+    let _s = ActiveGuard::new(&state.metrics.sessions_active);
+    let l = &state.cfg.limits;
+    let cfg = MuxConfig {
+        keepalive_interval: l.keepalive_interval,
+        keepalive_timeout: l.keepalive_timeout,
+        max_streams: l.max_streams_per_session,
+        ..MuxConfig::default()
+    };
+    let session = Session::new(Role::Server, source, sink, cfg);
+    tracing::debug!(%peer, "multiplexed session authenticated");
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            s = session.accept() => match s {
+                Some(stream) => { state.tasks.spawn(serve_mux_stream(state.clone(), stream, peer)); }
+                None => break,
+            },
+            _ = state.draining.cancelled(), if !draining => {
+                draining = true;
+                session.go_away();
+            }
+            _ = state.kill.cancelled() => {
+                session.close(ErrorCode::RelayUnavailable, "the relay shut down");
+                break;
+            }
+        }
+    }
+}
+
+async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr) {
+    let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut stream, ServerAuth::Session)).await {
+        Err(_) => {
+            state.metrics.refused(Refusal::HandshakeTimeout);
+            stream.reset(ErrorCode::Timeout);
+            return;
+        }
+        Ok(Err(e)) => {
+            note_handshake_error(&state, peer, &e);
+            stream.reset(ErrorCode::Protocol);
+            return;
+        }
+        Ok(Ok(a)) => a,
+    };
+    let Some(target) = connect_and_reply(&state, &mut stream, &addr, peer).await else {
+        stream.finish();
+        return;
+    };
+    let _a = ActiveGuard::new(&state.metrics.streams_active);
+    let bridged = tokio::select! {
+        r = crate::stream::bridge(stream, target) => r,
+        _ = state.kill.cancelled() => return,
+    };
+    match bridged {
+        Ok((down, up)) => count_bytes(&state, up, down),
+        Err(e) => tracing::debug!(%peer, error = %e, "stream ended with an error"),
+    }
+}

@@ -1,0 +1,275 @@
+//! SOCKS5 (RFC 1928, with RFC 1929 auth in classic mode) as spoken at the start of every tunnel
+//! stream, both ends, on top of `socks5-proto`'s codec. The reply code is the error contract:
+//! [`reply_error`] turns it into a typed [`Error`] on the dialing side.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
+
+use bytes::BytesMut;
+use socks5_proto::handshake::{self, password, Method};
+use socks5_proto::{Address, Command, Reply, Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use crate::auth::{AuthRejection, Key, KeySet};
+use crate::error::{Error, ErrorCode, Result};
+
+/// A dial target: host (name or IP) and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port, or 0 for a listener's default port label.
+    pub port: u16,
+}
+
+impl Target {
+    /// Parse `host:port` (`[v6]:port` for IPv6).
+    pub fn parse(s: &str) -> Result<Target> {
+        let s = s.trim();
+        let bad = || Error::argument(format!("target {s:?} must be host:port, like db.internal:5432 or [::1]:80"));
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Target { host: sa.ip().to_string(), port: sa.port() });
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if host.is_empty() || host.contains(':') || host.len() > 255 {
+            return Err(bad());
+        }
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        Ok(Target { host: host.to_string(), port })
+    }
+
+    /// As a SOCKS5 address (IP literals use the IP address types).
+    pub fn to_address(&self) -> Address {
+        match self.host.parse::<IpAddr>() {
+            Ok(ip) => Address::SocketAddress(SocketAddr::new(ip, self.port)),
+            Err(_) => Address::DomainAddress(self.host.as_bytes().to_vec(), self.port),
+        }
+    }
+
+    /// From a SOCKS5 address.
+    pub fn from_address(a: &Address) -> Result<Target> {
+        match a {
+            Address::SocketAddress(sa) => Ok(Target { host: sa.ip().to_string(), port: sa.port() }),
+            Address::DomainAddress(d, port) => {
+                let host = std::str::from_utf8(d).map_err(|_| Error::protocol("SOCKS5 domain is not UTF-8"))?;
+                Ok(Target { host: host.to_string(), port: *port })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+fn io_err(what: &str) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::from_io(e, what)
+}
+
+fn socks_err(e: socks5_proto::Error) -> Error {
+    match e {
+        socks5_proto::Error::Io(e) => Error::from_io(e, "reading the relay's SOCKS5 answer"),
+        e => Error::protocol(format!("the relay sent a malformed SOCKS5 answer ({e})")),
+    }
+}
+
+/// The typed error for a non-zero SOCKS5 reply to a CONNECT of `target`.
+pub fn reply_error(reply: Reply, target: &Target) -> Error {
+    match reply {
+        Reply::ConnectionNotAllowed => Error::new(
+            ErrorCode::NotAllowed,
+            format!("the relay refused {target}: it is not in the relay's allowlist; add it to TUNNEL_ALLOW (or EMISSARY_ALLOWED_PROXY_TARGETS) on the relay"),
+        ),
+        Reply::HostUnreachable | Reply::NetworkUnreachable => Error::new(
+            ErrorCode::Unreachable,
+            format!("the relay could not resolve or reach {target}; check the name and that the relay's network can reach it"),
+        ),
+        Reply::ConnectionRefused => Error::new(
+            ErrorCode::Refused,
+            format!("{target} refused the relay's connection; is the service listening on that port?"),
+        ),
+        Reply::TtlExpired => Error::new(
+            ErrorCode::Timeout,
+            format!("the relay timed out connecting to {target}; is a firewall dropping packets?"),
+        ),
+        Reply::CommandNotSupported | Reply::AddressTypeNotSupported => {
+            Error::protocol(format!("the relay does not support this request for {target} ({reply:?})"))
+        }
+        Reply::GeneralFailure | Reply::Succeeded => {
+            Error::new(ErrorCode::General, format!("the relay failed to connect to {target} (SOCKS5 general failure); see the relay's log"))
+        }
+    }
+}
+
+/// Classic mode, client side: greeting (offer 0x00 and 0x02, as Emissary's Go client does) and
+/// RFC 1929 with the Emissary proof.
+pub async fn client_auth<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, key: &Key, nonce: &[u8]) -> Result<()> {
+    let (date, sig) = key.sign(nonce, SystemTime::now());
+    let mut buf = BytesMut::new();
+    handshake::Request::new(vec![Method::NONE, Method::PASSWORD]).write_to_buf(&mut buf);
+    io.write_all(&buf).await.map_err(io_err("sending the SOCKS5 greeting"))?;
+    let chosen = handshake::Response::read_from(io).await.map_err(socks_err)?.method;
+    if chosen == Method::NONE {
+        return Ok(()); // a relay that wants no auth (not Emissary); nothing to prove
+    }
+    if chosen != Method::PASSWORD {
+        return Err(Error::protocol(format!("the relay chose SOCKS5 method {:#04x}; expected username/password (0x02)", chosen.0)));
+    }
+    let mut buf = BytesMut::new();
+    password::Request::new(date.into_bytes(), sig.into_bytes()).write_to_buf(&mut buf);
+    io.write_all(&buf).await.map_err(io_err("sending credentials"))?;
+    let ok = password::Response::read_from(io)
+        .await
+        .map_err(|e| Error::protocol(format!("the relay sent a malformed auth answer ({e})")))?
+        .status;
+    if !ok {
+        return Err(Error::new(
+            ErrorCode::AuthFailed,
+            format!(
+                "the relay rejected key id {}: the secret is wrong, the key id is unknown there, or the clocks differ by more than 15 minutes; check TUNNEL_KEY against the relay's TUNNEL_AUTH_KEYS",
+                key.kid
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Send a CONNECT (after the greeting in classic mode); `pipelined_greeting` prepends a no-auth
+/// greeting so a multiplexed stream opens in one round trip.
+pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, target: &Target, pipelined_greeting: bool) -> Result<SocketAddr> {
+    let mut buf = BytesMut::new();
+    if pipelined_greeting {
+        handshake::Request::new(vec![Method::NONE]).write_to_buf(&mut buf);
+    }
+    Request::new(Command::Connect, target.to_address()).write_to_buf(&mut buf);
+    io.write_all(&buf).await.map_err(io_err("sending the CONNECT request"))?;
+    if pipelined_greeting {
+        let m = handshake::Response::read_from(io).await.map_err(socks_err)?.method;
+        if m != Method::NONE {
+            return Err(Error::protocol(format!("the relay chose SOCKS5 method {:#04x} on an authenticated session", m.0)));
+        }
+    }
+    let resp = Response::read_from(io).await.map_err(socks_err)?;
+    if resp.reply != Reply::Succeeded {
+        return Err(reply_error(resp.reply, target));
+    }
+    Ok(match resp.address {
+        Address::SocketAddress(sa) => sa,
+        Address::DomainAddress(..) => SocketAddr::from(([0, 0, 0, 0], 0)),
+    })
+}
+
+/// How the relay side authenticates a stream's SOCKS5 greeting.
+pub enum ServerAuth<'a> {
+    /// Classic mode: insist on method 0x02 and check the proof against this connection's nonce.
+    Proof { keys: &'a KeySet, nonce: &'a [u8] },
+    /// The session is already authenticated: accept method 0x00.
+    Session,
+}
+
+/// Why the relay side refused a stream before CONNECT.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerHandshakeError {
+    /// Credentials were refused (the client was told).
+    #[error("authentication failed: {0}")]
+    Auth(AuthRejection),
+    /// Bytes that are not the SOCKS5 we expect (the client was told where possible).
+    #[error("malformed SOCKS5: {0}")]
+    Malformed(String),
+    /// The transport failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn malformed(e: impl std::fmt::Display) -> ServerHandshakeError {
+    ServerHandshakeError::Malformed(e.to_string())
+}
+
+/// Relay side: greeting, auth (classic), and the CONNECT request. Unsupported commands get
+/// reply 0x07 here; the caller answers the CONNECT.
+pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, auth: ServerAuth<'_>) -> Result<Address, ServerHandshakeError> {
+    let greeting = handshake::Request::read_from(io).await.map_err(|e| match e {
+        socks5_proto::Error::Io(e) => ServerHandshakeError::Io(e),
+        e => malformed(e),
+    })?;
+    let wanted = match auth {
+        ServerAuth::Proof { .. } => Method::PASSWORD,
+        ServerAuth::Session => Method::NONE,
+    };
+    if !greeting.methods.contains(&wanted) {
+        handshake::Response::new(Method::UNACCEPTABLE).write_to(io).await?;
+        return Err(malformed(format!("client did not offer method {:#04x}", wanted.0)));
+    }
+    handshake::Response::new(wanted).write_to(io).await?;
+    if let ServerAuth::Proof { keys, nonce } = auth {
+        let creds = password::Request::read_from(io).await.map_err(malformed)?;
+        let date = String::from_utf8_lossy(&creds.username);
+        let sig = String::from_utf8_lossy(&creds.password);
+        let verdict = keys.verify(nonce, &date, &sig, SystemTime::now());
+        password::Response::new(verdict.is_ok()).write_to(io).await?;
+        if let Err(r) = verdict {
+            return Err(ServerHandshakeError::Auth(r));
+        }
+    }
+    let req = match Request::read_from(io).await {
+        Ok(r) => r,
+        Err(socks5_proto::Error::Io(e)) => return Err(ServerHandshakeError::Io(e)),
+        Err(e) => {
+            let reply = match &e {
+                socks5_proto::Error::Protocol(socks5_proto::ProtocolError::InvalidCommand { .. }) => Reply::CommandNotSupported,
+                socks5_proto::Error::Protocol(socks5_proto::ProtocolError::InvalidAddressTypeInRequest { .. }) => {
+                    Reply::AddressTypeNotSupported
+                }
+                _ => Reply::GeneralFailure,
+            };
+            let _ = write_reply(io, reply, None).await;
+            return Err(malformed(e));
+        }
+    };
+    if req.command != Command::Connect {
+        write_reply(io, Reply::CommandNotSupported, None).await?;
+        return Err(malformed(format!("command {:?} is not supported (only CONNECT)", req.command)));
+    }
+    Ok(req.address)
+}
+
+/// Relay side: answer the CONNECT.
+pub async fn write_reply<S: AsyncWrite + Unpin>(io: &mut S, reply: Reply, bound: Option<SocketAddr>) -> std::io::Result<()> {
+    let addr = bound.map(Address::SocketAddress).unwrap_or_else(Address::unspecified);
+    let mut buf = BytesMut::new();
+    Response::new(reply, addr).write_to_buf(&mut buf);
+    io.write_all(&buf).await?;
+    io.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(Target::parse("db.internal:5432").unwrap(), Target { host: "db.internal".into(), port: 5432 });
+        assert_eq!(Target::parse("[::1]:80").unwrap(), Target { host: "::1".into(), port: 80 });
+        assert_eq!(Target::parse("[::1]:80").unwrap().to_string(), "[::1]:80");
+        for bad in ["db", "db:", ":5", "db:99999", "::1:80"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn reply_codes_map_to_stable_codes() {
+        let t = Target::parse("x:1").unwrap();
+        assert_eq!(reply_error(Reply::ConnectionNotAllowed, &t).code(), ErrorCode::NotAllowed);
+        assert_eq!(reply_error(Reply::HostUnreachable, &t).code(), ErrorCode::Unreachable);
+        assert_eq!(reply_error(Reply::ConnectionRefused, &t).code(), ErrorCode::Refused);
+        assert_eq!(reply_error(Reply::TtlExpired, &t).code(), ErrorCode::Timeout);
+        assert_eq!(reply_error(Reply::GeneralFailure, &t).code(), ErrorCode::General);
+        assert!(reply_error(Reply::ConnectionNotAllowed, &t).message().contains("TUNNEL_ALLOW"));
+    }
+}

@@ -1,0 +1,221 @@
+//! [`TunnelStream`], what a dial returns, and [`bridge`], which joins a tunnel stream to a local
+//! socket. The bridge's multiplexed path copies nothing in user space beyond the socket read: bytes
+//! are read from the socket straight into a frame buffer, and received frames are written from the
+//! buffer the transport delivered.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::error::ErrorCode;
+use crate::mux::{MuxStream, MAX_DATA};
+use crate::protocol::FRAME_HEADER;
+use crate::socks::Target;
+use crate::transport::{BoxIo, WsByteStream};
+
+/// Which protocol a stream runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// libtunnel's own: many streams share one authenticated session, with half-close.
+    Multiplexed,
+    /// Emissary's: one WebSocket (or TCP connection) per stream; no half-close.
+    Classic,
+}
+
+pub(crate) enum Inner {
+    Mux(MuxStream),
+    Ws(Box<WsByteStream>),
+    Raw(BoxIo),
+}
+
+/// A connection through the relay: `AsyncRead + AsyncWrite`. `shutdown()` half-closes in
+/// multiplexed mode (the peer reads EOF and can keep writing); in classic mode it closes the
+/// tunnel, as Emissary does.
+pub struct TunnelStream {
+    pub(crate) inner: Inner,
+    target: Target,
+}
+
+impl std::fmt::Debug for TunnelStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelStream").field("target", &self.target).field("mode", &self.mode()).finish()
+    }
+}
+
+impl TunnelStream {
+    pub(crate) fn new(inner: Inner, target: Target) -> TunnelStream {
+        TunnelStream { inner, target }
+    }
+
+    /// Where this stream leads.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The protocol it runs over.
+    pub fn mode(&self) -> Mode {
+        match self.inner {
+            Inner::Mux(_) => Mode::Multiplexed,
+            _ => Mode::Classic,
+        }
+    }
+
+    /// Join this stream to a local socket until both directions finish; returns bytes
+    /// (local → tunnel, tunnel → local).
+    pub async fn bridge<S: LocalSocket>(self, local: S) -> io::Result<(u64, u64)> {
+        match self.inner {
+            Inner::Mux(m) => bridge(m, local).await,
+            Inner::Ws(mut ws) => {
+                let mut local = local;
+                tokio::io::copy_bidirectional_with_sizes(&mut local, &mut *ws, 32 * 1024, 32 * 1024).await
+            }
+            Inner::Raw(mut raw) => {
+                let mut local = local;
+                tokio::io::copy_bidirectional_with_sizes(&mut local, &mut raw, 32 * 1024, 32 * 1024).await
+            }
+        }
+    }
+}
+
+macro_rules! delegate {
+    ($self:ident, $s:ident => $e:expr) => {
+        match &mut $self.get_mut().inner {
+            Inner::Mux($s) => { let $s = Pin::new($s); $e }
+            Inner::Ws($s) => { let $s = Pin::new(&mut **$s); $e }
+            Inner::Raw($s) => { let $s = Pin::new($s); $e }
+        }
+    };
+}
+
+impl AsyncRead for TunnelStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for TunnelStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        delegate!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// A local socket the bridge can read by readiness (TCP and Unix sockets).
+pub trait LocalSocket: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Wait for readability.
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Read without blocking into `buf`'s spare room.
+    fn try_read_into(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize>;
+}
+
+impl LocalSocket for tokio::net::TcpStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+    fn try_read_into(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+        self.try_read_buf(&mut buf.limit(limit))
+    }
+}
+
+#[cfg(unix)]
+impl LocalSocket for tokio::net::UnixStream {
+    fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_read_ready(cx)
+    }
+    fn try_read_into(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
+        self.try_read_buf(&mut buf.limit(limit))
+    }
+}
+
+/// How many frames one direction moves per poll before yielding to the other.
+const TURN: usize = 16;
+
+/// Join a mux stream and a local socket, honouring half-close both ways. On error the stream is
+/// reset so the peer learns of it at once.
+pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Result<(u64, u64)> {
+    let (mut up, mut down) = (0u64, 0u64);
+    let (mut up_done, mut down_done, mut shutting) = (false, false, false);
+    let mut out = Bytes::new();
+    let result = poll_fn(|cx| {
+        // local → tunnel
+        let mut busy = false;
+        let mut turns = 0;
+        while !up_done && turns < TURN {
+            turns += 1;
+            match local.poll_readable(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = match mux.poll_reserve(cx, MAX_DATA) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => n,
+            };
+            let mut frame = BytesMut::with_capacity(FRAME_HEADER + n);
+            frame.put_bytes(0, FRAME_HEADER);
+            match local.try_read_into(&mut frame, n) {
+                Ok(0) => {
+                    mux.finish();
+                    up_done = true;
+                }
+                Ok(m) => {
+                    up += m as u64;
+                    mux.send_frame(frame)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => mux.release_reservation(),
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        busy |= turns >= TURN;
+        // tunnel → local
+        let mut turns = 0;
+        while !down_done && turns < TURN {
+            turns += 1;
+            if out.is_empty() && !shutting {
+                match mux.poll_recv_chunk(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(None)) => shutting = true,
+                    Poll::Ready(Ok(Some(c))) => out = c,
+                }
+            }
+            if shutting {
+                match Pin::new(&mut local).poll_shutdown(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(_) => down_done = true, // a peer that already closed is fine
+                }
+                continue;
+            }
+            match Pin::new(&mut local).poll_write(cx, &out) {
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => {
+                    down += n as u64;
+                    out.advance(n);
+                }
+            }
+        }
+        if up_done && down_done {
+            return Poll::Ready(Ok(()));
+        }
+        if busy || turns >= TURN {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
+    if result.is_err() {
+        mux.reset(ErrorCode::Closed);
+    }
+    result.map(|()| (up, down))
+}
