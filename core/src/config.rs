@@ -30,6 +30,10 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// Drop a session silent for this long.
     pub keepalive_timeout: Duration,
+    /// Largest WebSocket message accepted in classic mode. Emissary's Go dialer sends each
+    /// application write as one message, so this must exceed the largest single write a
+    /// classic client makes; multiplexed sessions always use the 1 MiB frame limit.
+    pub classic_max_message: usize,
 }
 
 impl Default for Limits {
@@ -42,6 +46,7 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            classic_max_message: 16 * 1024 * 1024,
         }
     }
 }
@@ -261,6 +266,7 @@ impl RelayConfig {
             drain_timeout: secs("drain_timeout", l.drain_timeout)?,
             keepalive_interval: secs("keepalive_interval", l.keepalive_interval)?,
             keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
+            classic_max_message: count("classic_max_message", l.classic_max_message)?,
         };
         if cfg.auth_keys.is_empty() {
             return Err(Error::config(format!(
@@ -309,6 +315,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "drain_timeout", help: "seconds open streams get to finish at shutdown" },
     Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
     Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
+    Setting { name: "classic_max_message", help: "largest classic-mode WebSocket message in bytes" },
 ];
 
 /// Client-side variables that may share an environment with the relay.

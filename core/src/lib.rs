@@ -1,8 +1,10 @@
 //! libtunnel: reach private TCP services through a relay, over one authenticated WebSocket.
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod dialer;
 pub mod error;
+pub mod forward;
 pub mod mux;
 pub mod protocol;
 pub mod relay;

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use bytes::BytesMut;
 use socks5_proto::handshake::{self, password, Method};
 use socks5_proto::{Address, Command, Reply, Request, Response};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::auth::{AuthRejection, Key, KeySet};
 use crate::error::{Error, ErrorCode, Result};
@@ -114,6 +114,7 @@ pub async fn client_auth<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, key: &Ke
     let mut buf = BytesMut::new();
     handshake::Request::new(vec![Method::NONE, Method::PASSWORD]).write_to_buf(&mut buf);
     io.write_all(&buf).await.map_err(io_err("sending the SOCKS5 greeting"))?;
+    io.flush().await.map_err(io_err("sending the SOCKS5 greeting"))?;
     let chosen = handshake::Response::read_from(io).await.map_err(socks_err)?.method;
     if chosen == Method::NONE {
         return Ok(()); // a relay that wants no auth (not Emissary); nothing to prove
@@ -124,10 +125,15 @@ pub async fn client_auth<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, key: &Ke
     let mut buf = BytesMut::new();
     password::Request::new(date.into_bytes(), sig.into_bytes()).write_to_buf(&mut buf);
     io.write_all(&buf).await.map_err(io_err("sending credentials"))?;
-    let ok = password::Response::read_from(io)
-        .await
-        .map_err(|e| Error::protocol(format!("the relay sent a malformed auth answer ({e})")))?
-        .status;
+    io.flush().await.map_err(io_err("sending credentials"))?;
+    // RFC 1929 answer: version 0x01, then status (0x00 = success, anything else = failure).
+    // Read by hand: Emissary answers failure with 0x01, which socks5-proto's parser rejects.
+    let mut answer = [0u8; 2];
+    io.read_exact(&mut answer).await.map_err(io_err("reading the relay's auth answer"))?;
+    if answer[0] != 0x01 {
+        return Err(Error::protocol(format!("the relay sent a malformed auth answer (version {:#04x}, expected 0x01)", answer[0])));
+    }
+    let ok = answer[1] == 0x00;
     if !ok {
         return Err(Error::new(
             ErrorCode::AuthFailed,
@@ -149,6 +155,7 @@ pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, targe
     }
     Request::new(Command::Connect, target.to_address()).write_to_buf(&mut buf);
     io.write_all(&buf).await.map_err(io_err("sending the CONNECT request"))?;
+    io.flush().await.map_err(io_err("sending the CONNECT request"))?;
     if pipelined_greeting {
         let m = handshake::Response::read_from(io).await.map_err(socks_err)?.method;
         if m != Method::NONE {
@@ -204,15 +211,19 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, aut
     };
     if !greeting.methods.contains(&wanted) {
         handshake::Response::new(Method::UNACCEPTABLE).write_to(io).await?;
+        io.flush().await?;
         return Err(malformed(format!("client did not offer method {:#04x}", wanted.0)));
     }
     handshake::Response::new(wanted).write_to(io).await?;
+    io.flush().await?;
     if let ServerAuth::Proof { keys, nonce } = auth {
         let creds = password::Request::read_from(io).await.map_err(malformed)?;
         let date = String::from_utf8_lossy(&creds.username);
         let sig = String::from_utf8_lossy(&creds.password);
         let verdict = keys.verify(nonce, &date, &sig, SystemTime::now());
-        password::Response::new(verdict.is_ok()).write_to(io).await?;
+        // Status byte as Emissary (and most SOCKS5 servers) send it: 0x00 success, 0x01 failure.
+        io.write_all(&[0x01, if verdict.is_ok() { 0x00 } else { 0x01 }]).await?;
+        io.flush().await?;
         if let Err(r) = verdict {
             return Err(ServerHandshakeError::Auth(r));
         }

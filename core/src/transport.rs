@@ -38,11 +38,16 @@ pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// Classic mode writes at most this much per WebSocket message (Emissary's io.Copy chunk).
 const CLASSIC_CHUNK: usize = 32 * 1024;
 
-/// WebSocket limits for both ends.
+/// WebSocket limits for both ends (multiplexed mode, and the client side of classic mode).
 pub fn ws_config() -> WebSocketConfig {
+    ws_config_with_limit(MAX_MESSAGE)
+}
+
+/// WebSocket limits with a chosen largest message (the relay's classic mode).
+pub fn ws_config_with_limit(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(MAX_MESSAGE))
-        .max_frame_size(Some(MAX_MESSAGE))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
         .write_buffer_size(128 * 1024)
         .max_write_buffer_size(4 * MAX_MESSAGE)
 }
@@ -257,7 +262,7 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
             io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closed")
         }
         tungstenite::Error::Capacity(c) => {
-            io::Error::new(io::ErrorKind::InvalidData, format!("oversized WebSocket message ({c}); the limit is {MAX_MESSAGE} bytes"))
+            io::Error::new(io::ErrorKind::InvalidData, format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"))
         }
         e => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
     }
@@ -348,6 +353,10 @@ impl AsyncWrite for WsByteStream {
         ready!(Sink::<Message>::poll_ready(Pin::new(&mut this.ws), cx)).map_err(ws_err)?;
         let n = buf.len().min(CLASSIC_CHUNK);
         Pin::new(&mut this.ws).start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).map_err(ws_err)?;
+        // Push it out now if the socket takes it; callers that never flush still make progress.
+        if let Poll::Ready(Err(e)) = Sink::<Message>::poll_flush(Pin::new(&mut this.ws), cx) {
+            return Poll::Ready(Err(ws_err(e)));
+        }
         Poll::Ready(Ok(n))
     }
 

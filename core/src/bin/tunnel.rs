@@ -1,1 +1,246 @@
-fn main(){}
+//! The `tunnel` command: relay server, port forward, local SOCKS5 proxy, stdin/stdout dial,
+//! key generation and the embedded demo. Thin: all behaviour lives in the `libtunnel` crate.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine;
+use clap::{Args, Parser, Subcommand};
+use libtunnel::config::{RelayConfig, SETTINGS};
+use libtunnel::socks::Target;
+use libtunnel::transport::ClientTls;
+use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, Server};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Parser)]
+#[command(name = "tunnel", version, about = "Reach private TCP services through a relay over one authenticated WebSocket")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay (config: flags > TUNNEL_*/EMISSARY_* env > ./.env > --config TOML).
+    Server(ServerArgs),
+    /// Forward a local port to a target through the relay (like `ssh -L`).
+    Forward {
+        /// Local address or port to listen on (`5432`, `127.0.0.1:0`).
+        local: String,
+        /// Target as the relay sees it (`db.internal:5432`).
+        target: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A local SOCKS5 proxy that tunnels every CONNECT (for curl --socks5-hostname, browsers).
+    Socks {
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1:1080")]
+        listen: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Connect stdin/stdout to a target (usable as ssh ProxyCommand).
+    Dial {
+        /// Target (`host:port`).
+        target: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Make a shared-secret key and print it in the forms the relay and clients read.
+    Keygen {
+        /// Key id.
+        #[arg(long, default_value_t = 1)]
+        kid: u32,
+    },
+    /// Run a relay, a demo service and dials through them on loopback, narrating each step.
+    Demo,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// Relay URL (ws://, wss:// or tcp://).
+    #[arg(long, env = "TUNNEL_RELAY")]
+    relay: String,
+    /// Shared key `KID:BASE64`, or a file containing it. Prefer the TUNNEL_KEY variable or a file
+    /// over putting the secret itself on the command line.
+    #[arg(long, env = "TUNNEL_KEY", hide_env_values = true)]
+    key: String,
+    /// Speak Emissary's classic protocol (one WebSocket per connection) instead of multiplexing.
+    #[arg(long)]
+    classic: bool,
+    /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
+    #[arg(long, env = "TUNNEL_CA")]
+    ca: Option<PathBuf>,
+    /// Seconds one dial may take.
+    #[arg(long, default_value_t = 20.0)]
+    timeout: f64,
+}
+
+impl ClientArgs {
+    fn dialer(&self) -> Result<Dialer, Error> {
+        let key_text = match std::fs::read_to_string(&self.key) {
+            Ok(s) => s,
+            Err(_) if self.key.contains(':') => self.key.clone(),
+            Err(e) => return Err(Error::new(ErrorCode::InvalidArgument, format!("--key {:?} is neither KID:BASE64 nor a readable file ({e})", self.key))),
+        };
+        let mut b = Dialer::builder(&self.relay)
+            .key(Key::parse(&key_text)?)
+            .mode(if self.classic { Mode::Classic } else { Mode::Multiplexed })
+            .timeout(Duration::from_secs_f64(self.timeout.max(0.001)));
+        if let Some(ca) = &self.ca {
+            b = b.tls(ClientTls::from_pem_file(ca)?);
+        }
+        b.build()
+    }
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// TOML config file (keys are the lower-case setting names).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Set any relay setting, e.g. `--set listen=0.0.0.0:7835` (repeatable; see the list below).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<String>,
+    /// Tunnel endpoint address (TUNNEL_LISTEN).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Raw-TCP endpoint address (TUNNEL_TCP_LISTEN).
+    #[arg(long)]
+    tcp_listen: Option<String>,
+    /// JSON list of {kid, data} keys (TUNNEL_AUTH_KEYS).
+    #[arg(long)]
+    auth_keys: Option<String>,
+    /// JSON list of {host, port} allow rules (TUNNEL_ALLOW).
+    #[arg(long)]
+    allow: Option<String>,
+    /// PEM certificate chain for wss:// (TUNNEL_TLS_CERT).
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key for wss:// (TUNNEL_TLS_KEY).
+    #[arg(long)]
+    tls_key: Option<String>,
+}
+
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        // A second signal exits at once.
+        tokio::spawn(async {
+            let _ = tokio::signal::ctrl_c().await;
+            std::process::exit(130);
+        });
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.cmd {
+        Cmd::Server(a) => {
+            let mut overrides: Vec<(String, String)> = Vec::new();
+            for s in &a.set {
+                let (k, v) = s.split_once('=').ok_or_else(|| Error::new(ErrorCode::InvalidConfig, format!("--set {s:?} must be NAME=VALUE")))?;
+                overrides.push((k.trim().to_ascii_lowercase(), v.to_string()));
+            }
+            for (name, v) in [("listen", &a.listen), ("tcp_listen", &a.tcp_listen), ("auth_keys", &a.auth_keys), ("allow", &a.allow), ("tls_cert", &a.tls_cert), ("tls_key", &a.tls_key)] {
+                if let Some(v) = v {
+                    overrides.push((name.into(), v.clone()));
+                }
+            }
+            let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
+            let server = Server::bind(cfg).await?;
+            // One machine-readable line, so scripts can find the port when listening on :0.
+            println!("relay listening: {}", server.url());
+            if let Some(t) = server.tcp_addr() {
+                println!("raw tcp listening: tcp://{t}");
+            }
+            server.run(shutdown_signal()).await
+        }
+        Cmd::Forward { local, target, client } => {
+            let target = Target::parse(&target)?;
+            let dialer = client.dialer()?;
+            let listener = libtunnel::forward::bind_local(&local).await?;
+            let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            println!("forwarding {addr} -> {target} via {}", dialer.relay());
+            if dialer.mode() == Mode::Multiplexed {
+                if let Err(e) = dialer.connect().await {
+                    tracing::warn!("{e} (will retry on the first connection)");
+                }
+            }
+            libtunnel::forward::forward(listener, dialer, target, shutdown_signal()).await
+        }
+        Cmd::Socks { listen, client } => {
+            let dialer = client.dialer()?;
+            let listener = libtunnel::forward::bind_local(&listen).await?;
+            let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            println!("socks5 proxy on {addr} via {}", dialer.relay());
+            libtunnel::forward::socks_proxy(listener, dialer, shutdown_signal()).await
+        }
+        Cmd::Dial { target, client } => {
+            let stream = client.dialer()?.dial(&target).await?;
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let up = async {
+                let mut stdin = tokio::io::stdin();
+                let _ = tokio::io::copy(&mut stdin, &mut wr).await;
+                let _ = wr.shutdown().await;
+            };
+            let down = async {
+                let mut stdout = tokio::io::stdout();
+                let r = tokio::io::copy(&mut rd, &mut stdout).await;
+                let _ = stdout.flush().await;
+                r
+            };
+            tokio::pin!(down);
+            // The session ends when the remote side finishes, whatever stdin does.
+            tokio::select! {
+                r = &mut down => r.map(|_| ()).map_err(|e| Error::from_io(e, "reading from the tunnel")),
+                _ = up => down.await.map(|_| ()).map_err(|e| Error::from_io(e, "reading from the tunnel")),
+            }
+        }
+        Cmd::Keygen { kid } => {
+            let secret: [u8; 32] = rand::random();
+            let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
+            println!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
+            println!("TUNNEL_KEY={kid}:{b64}");
+            println!("# For the relay (add to the list to rotate keys)");
+            println!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
+            Ok(())
+        }
+        Cmd::Demo => libtunnel::demo::run().await,
+    }
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let mut cli = Cli::parse();
+    if let Cmd::Server(a) = &mut cli.cmd {
+        if a.set.iter().any(|s| s == "help") {
+            for s in SETTINGS {
+                println!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("libtunnel-rt").build().expect("start the tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error [{}]: {e}", e.code());
+            ExitCode::from(match e.code() {
+                ErrorCode::InvalidConfig | ErrorCode::InvalidArgument => 2,
+                _ => 1,
+            })
+        }
+    }
+}

@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::metrics::Refusal;
 use super::{session, RelayState};
 use crate::protocol::MUX_SUBPROTOCOL;
-use crate::transport::{ws_config, BoxIo};
+use crate::transport::{ws_config, ws_config_with_limit, BoxIo};
 
 type Body = Full<Bytes>;
 
@@ -59,10 +59,12 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
         }
     };
     let io: BoxIo = Box::new(TokioIo::new(upgraded));
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
     if up.mux {
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
         session::serve_ws_mux(state, ws, peer).await;
     } else {
+        let limit = state.cfg.limits.classic_max_message;
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config_with_limit(limit))).await;
         session::serve_ws_classic(state, ws, peer).await;
     }
 }

@@ -121,6 +121,7 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
     let _a = ActiveGuard::new(&state.metrics.streams_active);
     match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut target, 32 * 1024, 32 * 1024).await {
         Ok((up, down)) => count_bytes(&state, up, down),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(%peer, error = %e, "classic stream dropped"),
         Err(e) => tracing::debug!(%peer, error = %e, "classic stream ended with an error"),
     }
 }
@@ -217,6 +218,9 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     let session = Session::new(Role::Server, source, sink, cfg);
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
+    // While draining, check now and then whether the last stream has ended so the session can close
+    // before the drain deadline (idle sessions close at once).
+    let mut drain_tick = tokio::time::interval(std::time::Duration::from_millis(50));
     loop {
         tokio::select! {
             s = session.accept() => match s {
@@ -226,6 +230,12 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
             _ = state.draining.cancelled(), if !draining => {
                 draining = true;
                 session.go_away();
+            }
+            _ = drain_tick.tick(), if draining => {
+                if session.stream_count() == 0 {
+                    session.close(ErrorCode::RelayUnavailable, "the relay shut down (drained)");
+                    break;
+                }
             }
             _ = state.kill.cancelled() => {
                 session.close(ErrorCode::RelayUnavailable, "the relay shut down");
