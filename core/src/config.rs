@@ -84,8 +84,9 @@ pub struct RelayConfig {
     pub tls_key: Option<PathBuf>,
     /// Health path (GET answers 200 with the key ids).
     pub health_path: String,
-    /// DNS servers for resolving targets (system resolver when empty).
-    pub dns_servers: Vec<IpAddr>,
+    /// DNS servers for resolving targets, tried in order (port 53 unless given); the system
+    /// resolver when empty, and as the fallback when none of them answers (Emissary's rule).
+    pub dns_servers: Vec<SocketAddr>,
     /// Safety limits.
     pub limits: Limits,
 }
@@ -237,7 +238,12 @@ impl RelayConfig {
         if let Some((v, w)) = get("dns_servers") {
             cfg.dns_servers = v
                 .split_whitespace()
-                .map(|s| s.parse::<IpAddr>().map_err(|_| Error::config(format!("{w}: {s:?} is not an IP address (list IPs separated by spaces)"))))
+                .map(|s| {
+                    s.parse::<IpAddr>()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                        .or_else(|_| s.parse::<SocketAddr>())
+                        .map_err(|_| Error::config(format!("{w}: {s:?} is not an IP address (list IPs, or IP:PORT, separated by spaces)")))
+                })
                 .collect::<Result<_>>()?;
         }
         let secs = |k: &str, d: Duration| -> Result<Duration> {

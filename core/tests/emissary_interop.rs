@@ -72,6 +72,18 @@ fn go_tools() -> &'static Result<GoTools, String> {
     })
 }
 
+/// Print a skip line, and append it to `$LIBTUNNEL_SKIP_LOG` when set, so the test script's
+/// summary lists every skip with its reason (libtest hides a passing test's output).
+fn report_skip(line: &str) {
+    println!("{line}");
+    if let Some(path) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
 /// Unwrap the tools or report the skip (and return from the test).
 macro_rules! tools_or_skip {
     () => {
@@ -81,7 +93,7 @@ macro_rules! tools_or_skip {
                 if std::env::var("LIBTUNNEL_REQUIRE_EMISSARY").is_ok_and(|v| v == "1") {
                     panic!("emissary interop could not run and LIBTUNNEL_REQUIRE_EMISSARY=1: {why}");
                 }
-                println!("SKIPPED emissary interop: {why}");
+                report_skip(&format!("SKIPPED emissary interop: {why}"));
                 return;
             }
         }

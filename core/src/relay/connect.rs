@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 
 use super::allowlist::{canonical_ip, Allowlist, NameDecision, TargetHost};
 use super::metrics::Refusal;
+use super::resolve::TargetResolver;
 use crate::socks::Target;
 
 /// Why a target could not be connected: the SOCKS5 reply and a log line.
@@ -29,7 +30,7 @@ fn fail(reply: Reply, reason: Refusal, detail: String) -> ConnectFailure {
 }
 
 /// Connect to the target of a CONNECT request, if the allowlist admits it.
-pub async fn connect_target(addr: &Address, allow: &Allowlist, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
+pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &TargetResolver, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
     let target = Target::from_address(addr).map_err(|e| fail(Reply::GeneralFailure, Refusal::Malformed, e.to_string()))?;
     let port = target.port;
     let not_allowed = |what: String| fail(Reply::ConnectionNotAllowed, Refusal::NotAllowed, what);
@@ -50,11 +51,11 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, timeout: Duration
             if decision == NameDecision::Denied {
                 return Err(not_allowed(format!("{target} matches no allow rule (no DNS lookup made)")));
             }
-            let resolved = tokio::time::timeout_at(deadline, tokio::net::lookup_host((name.as_str(), port)))
+            let resolved = tokio::time::timeout_at(deadline, resolver.lookup(&name, port))
                 .await
                 .map_err(|_| fail(Reply::TtlExpired, Refusal::Timeout, format!("resolving {name} timed out")))?
                 .map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, format!("resolving {name}: {e}")))?;
-            let all: Vec<SocketAddr> = resolved.map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
+            let all: Vec<SocketAddr> = resolved.into_iter().map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
             let admitted: Vec<SocketAddr> = match decision {
                 NameDecision::Allowed => all.clone(),
                 _ => all.iter().copied().filter(|sa| allow.ip_allowed(sa.ip(), port)).collect(),

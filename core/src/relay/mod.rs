@@ -9,6 +9,7 @@ pub mod allowlist;
 pub mod connect;
 mod http;
 pub mod metrics;
+pub mod resolve;
 mod session;
 
 use std::future::Future;
@@ -38,6 +39,8 @@ pub(crate) struct RelayState {
     pub(crate) kill: CancellationToken,
     /// Every connection and stream task, so shutdown can wait for them.
     pub(crate) tasks: TaskTracker,
+    /// Resolves target names (custom DNS servers or the system resolver).
+    pub(crate) resolver: resolve::TargetResolver,
 }
 
 /// A bound, not yet running relay.
@@ -68,11 +71,6 @@ impl Server {
         if cfg.allow.is_empty() {
             return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
         }
-        if !cfg.dns_servers.is_empty() {
-            return Err(Error::config(
-                "custom DNS servers (TUNNEL_DNS_SERVERS / EMISSARY_DNS_SERVERS) are not supported yet; unset it to use the system resolver",
-            ));
-        }
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
@@ -85,6 +83,7 @@ impl Server {
             Some(a) => Some(bind(a, "TUNNEL_TCP_LISTEN").await?),
             None => None,
         };
+        let cfg_dns = cfg.dns_servers.clone();
         let state = Arc::new(RelayState {
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
@@ -93,6 +92,7 @@ impl Server {
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            resolver: resolve::TargetResolver::new(&cfg_dns)?,
         });
         Ok(Server { state, ws, tcp })
     }

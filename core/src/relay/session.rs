@@ -144,7 +144,7 @@ fn count_bytes(state: &RelayState, up: u64, down: u64) {
 
 /// Connect to the requested target and answer the CONNECT; `None` if refused (already answered).
 async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<TcpStream> {
-    match connect_target(addr, &state.cfg.allow, state.cfg.limits.connect_timeout).await {
+    match connect_target(addr, &state.cfg.allow, &state.resolver, state.cfg.limits.connect_timeout).await {
         Ok(tcp) => {
             let bound = tcp.local_addr().ok();
             if socks::write_reply(io, Reply::Succeeded, bound).await.is_err() {

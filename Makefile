@@ -1,0 +1,18 @@
+# The two commands of README.md, plus the pieces they are made of.
+# One Cargo target dir (./target) serves the workspace, maturin and napi builds.
+
+.PHONY: demo test test-rust build clean
+
+# A relay, a private demo service and dials through them, all on loopback.
+demo:
+	cargo run --quiet -p libtunnel --features cli --bin tunnel -- demo
+
+# Every test of every language in the repo; installs what it needs first.
+test:
+	bash scripts/test.sh
+
+build:
+	cargo build -p libtunnel --features cli --bin tunnel
+
+clean:
+	cargo clean

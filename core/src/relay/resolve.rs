@@ -1,0 +1,145 @@
+//! Name resolution for stream targets. By default the system resolver (`getaddrinfo`, so
+//! `/etc/hosts` and the host's DNS config apply). With `dns_servers` set, the relay asks those
+//! servers first, in order, one second each, and falls back to the system resolver when none
+//! answers — Emissary's `EMISSARY_DNS_SERVERS` behaviour. Unlike Emissary, every address of the
+//! answer is kept, so the allowlist can check each one and connect can try them in turn.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts, ServerOrderingStrategy};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+
+use crate::error::{Error, Result};
+
+/// How the relay resolves target names.
+#[derive(Clone)]
+pub enum TargetResolver {
+    /// The operating system's resolver.
+    System,
+    /// Configured DNS servers, then the system resolver.
+    Servers(Box<TokioResolver>),
+}
+
+impl std::fmt::Debug for TargetResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TargetResolver::System => f.write_str("System"),
+            TargetResolver::Servers(_) => f.write_str("Servers"),
+        }
+    }
+}
+
+impl TargetResolver {
+    /// A resolver for these servers (the system resolver when the list is empty).
+    pub fn new(servers: &[SocketAddr]) -> Result<TargetResolver> {
+        if servers.is_empty() {
+            return Ok(TargetResolver::System);
+        }
+        let name_servers = servers
+            .iter()
+            .map(|sa| {
+                let mut ns = NameServerConfig::udp_and_tcp(sa.ip());
+                for c in &mut ns.connections {
+                    c.port = sa.port();
+                }
+                ns
+            })
+            .collect();
+        let mut opts = ResolverOpts::default();
+        opts.timeout = Duration::from_secs(1);
+        opts.attempts = 1;
+        opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
+        let resolver = TokioResolver::builder_with_config(ResolverConfig::from_name_servers(name_servers), TokioRuntimeProvider::default())
+            .with_options(opts)
+            .build()
+            .map_err(|e| Error::config(format!("cannot set up the DNS resolver for TUNNEL_DNS_SERVERS: {e}")))?;
+        Ok(TargetResolver::Servers(Box::new(resolver)))
+    }
+
+    /// Every address `name` resolves to, with `port`.
+    pub async fn lookup(&self, name: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let TargetResolver::Servers(r) = self {
+            match r.lookup_ip(name).await {
+                Ok(found) => {
+                    let addrs: Vec<SocketAddr> = found.iter().map(|ip: IpAddr| SocketAddr::new(ip, port)).collect();
+                    if !addrs.is_empty() {
+                        return Ok(addrs);
+                    }
+                }
+                Err(e) => tracing::debug!(%name, error = %e, "configured DNS servers gave no answer; trying the system resolver"),
+            }
+        }
+        Ok(tokio::net::lookup_host((name, port)).await?.collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UdpSocket;
+
+    /// A one-name DNS server on loopback UDP: answers A queries for `name` with `ip`, and every
+    /// other query with an empty NOERROR answer.
+    async fn fake_dns(name: &'static str, ip: [u8; 4]) -> SocketAddr {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                let q = &buf[..n];
+                let mut i = 12;
+                let mut labels = Vec::new();
+                while i < n && q[i] != 0 {
+                    let len = q[i] as usize;
+                    labels.push(String::from_utf8_lossy(&q[i + 1..i + 1 + len]).to_ascii_lowercase());
+                    i += 1 + len;
+                }
+                let qtype = u16::from_be_bytes([q[i + 1], q[i + 2]]);
+                let question_end = i + 5;
+                let answer = labels.join(".") == name && qtype == 1;
+                let mut r = q[..question_end].to_vec();
+                r[2] = 0x80 | (q[2] & 0x01); // response, copy RD
+                r[3] = 0x80; // RA, NOERROR
+                r[6..8].copy_from_slice(&(answer as u16).to_be_bytes()); // ANCOUNT
+                r[8..12].fill(0); // NSCOUNT, ARCOUNT
+                if answer {
+                    r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4]);
+                    r.extend_from_slice(&ip);
+                }
+                let _ = sock.send_to(&r, from).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn configured_servers_answer_names_the_system_does_not_know() {
+        let dns = fake_dns("db.libtunnel-private", [127, 0, 0, 9]).await;
+        let r = TargetResolver::new(&[dns]).unwrap();
+        let got = r.lookup("db.libtunnel-private", 5432).await.unwrap();
+        assert_eq!(got, vec![SocketAddr::from(([127, 0, 0, 9], 5432))]);
+    }
+
+    #[tokio::test]
+    async fn silent_servers_fall_back_to_the_system_resolver() {
+        // A name only the system resolver knows: one from /etc/hosts other than localhost
+        // (which the DNS library answers by itself). Every Linux test machine has the hostname there.
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        let name = hosts
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .flat_map(|l| l.split_whitespace().skip(1))
+            .find(|n| !n.starts_with("localhost") && !n.contains("ip6"))
+            .expect("/etc/hosts names this machine")
+            .to_string();
+        // A bound UDP socket that never answers: the 1 s timeout passes, then the system resolver.
+        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let r = TargetResolver::new(&[silent.local_addr().unwrap()]).unwrap();
+        let t0 = std::time::Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(10), r.lookup(&name, 80)).await.unwrap().unwrap();
+        assert!(!got.is_empty(), "{name} resolved to nothing");
+        assert!(t0.elapsed() >= Duration::from_millis(900), "the configured server was not asked first");
+    }
+}

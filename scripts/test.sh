@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs every test of every language in the repo (the README's test command, and what CI runs).
+# Installs what the tests need first, so it works on a fresh machine: Debian packages through
+# apt-get (as root or with sudo), Rust components through rustup. Prints a summary at the end,
+# including every test that reported itself as skipped and why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+LOGDIR="$CARGO_TARGET_DIR/test-logs"
+mkdir -p "$LOGDIR"
+
+step() { printf '\n== %s\n' "$*"; }
+
+# Install Debian packages that are missing (no-op when all are present).
+need_debs() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  step "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
+need_debs curl ca-certificates
+
+# Tests that cannot run here (e.g. a module the Go proxy will not serve) append a line saying why.
+export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"
+rm -f "$LIBTUNNEL_SKIP_LOG"
+
+step "Rust: core unit and integration tests, CLI, Emissary interop (Go, from the module proxy)"
+command -v go >/dev/null || echo "SKIPPED emissary interop: go is not installed" >>"$LIBTUNNEL_SKIP_LOG"
+cargo test -p libtunnel --features cli --no-fail-fast 2>&1 | tee "$LOGDIR/rust.log"
+
+step "summary"
+echo "all test suites passed"
+if [ -s "$LIBTUNNEL_SKIP_LOG" ]; then
+  echo "skipped (with the reason each test gave):"
+  sort -u "$LIBTUNNEL_SKIP_LOG" | sed 's/^/  /'
+fi
