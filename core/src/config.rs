@@ -30,6 +30,8 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// Drop a session silent for this long.
     pub keepalive_timeout: Duration,
+    /// A listener must answer a public HTTP request (response headers) within this time, else 504.
+    pub http_timeout: Duration,
     /// Largest WebSocket message accepted in classic mode. Emissary's Go dialer sends each
     /// application write as one message, so this must exceed the largest single write a
     /// classic client makes; multiplexed sessions always use the 1 MiB frame limit.
@@ -47,6 +49,7 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
             classic_max_message: 16 * 1024 * 1024,
+            http_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -58,6 +61,7 @@ pub struct ListenerGrant {
     /// The listener's Ed25519 public key (base64).
     pub public_key: String,
     /// Names this key may register besides its key-derived name.
+    #[serde(default)]
     pub names: Vec<String>,
 }
 
@@ -76,8 +80,15 @@ pub struct RelayConfig {
     pub auth_keys: KeySet,
     /// Targets dialers may reach.
     pub allow: Allowlist,
-    /// Chosen-name grants for listener keys.
+    /// Listener keys the relay accepts, with the chosen names each may register.
     pub listener_keys: Vec<ListenerGrant>,
+    /// Let any Ed25519 key register its key-derived name (chosen names still need a grant).
+    pub listeners_open: bool,
+    /// Public TCP ports the relay may assign to listeners (inclusive range), bound on
+    /// `tcp_ports_bind`.
+    pub tcp_ports: Option<(u16, u16)>,
+    /// Address the public TCP ports bind on.
+    pub tcp_ports_bind: IpAddr,
     /// PEM certificate chain for `wss://`.
     pub tls_cert: Option<PathBuf>,
     /// PEM private key for `wss://`.
@@ -103,6 +114,9 @@ impl RelayConfig {
             auth_keys,
             allow,
             listener_keys: Vec::new(),
+            listeners_open: false,
+            tcp_ports: None,
+            tcp_ports_bind: IpAddr::from([127, 0, 0, 1]),
             tls_cert: None,
             tls_key: None,
             health_path: "/healthz".into(),
@@ -273,7 +287,37 @@ impl RelayConfig {
             keepalive_interval: secs("keepalive_interval", l.keepalive_interval)?,
             keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
             classic_max_message: count("classic_max_message", l.classic_max_message)?,
+            http_timeout: secs("http_timeout", l.http_timeout)?,
         };
+        if let Some((v, w)) = get("listeners_open") {
+            cfg.listeners_open = match v.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => return Err(Error::config(format!("{w} must be true or false, got {v:?}"))),
+            };
+        }
+        if let Some((v, w)) = get("tcp_ports") {
+            if !matches!(v, "" | "off") {
+                let bad = || Error::config(format!("{w} must be a port range like 20000-20099 (or off), got {v:?}"));
+                let (a, b) = v.split_once('-').unwrap_or((v, v));
+                let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+                if a == 0 || b < a {
+                    return Err(bad());
+                }
+                cfg.tcp_ports = Some((a, b));
+            }
+        }
+        if let Some((v, w)) = get("tcp_ports_bind") {
+            cfg.tcp_ports_bind = v.parse().map_err(|_| Error::config(format!("{w} must be an IP address like 0.0.0.0, got {v:?}")))?;
+        }
+        for g in &cfg.listener_keys {
+            crate::identity::parse_public_key(&g.public_key).map_err(|e| Error::config(format!("listener_keys: {}", e.message())))?;
+            if let Some(bad) = g.names.iter().find(|n| !crate::identity::valid_name(n)) {
+                return Err(Error::config(format!(
+                    "listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'"
+                )));
+            }
+        }
         if cfg.auth_keys.is_empty() {
             return Err(Error::config(format!(
                 "no auth keys: set {keys_var} to a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}]; `tunnel keygen` makes one"
@@ -309,7 +353,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "domain", help: "domain under which listener names are served" },
     Setting { name: "auth_keys", help: "JSON list of {kid, data} shared-secret keys" },
     Setting { name: "allow", help: "JSON list of {host, port} allow rules" },
-    Setting { name: "listener_keys", help: "JSON list of {public_key, names} chosen-name grants" },
+    Setting { name: "listener_keys", help: "JSON list of {public_key, names}: listener keys and their chosen names" },
+    Setting { name: "listeners_open", help: "let any listener key register its key-derived name (true/false)" },
+    Setting { name: "tcp_ports", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
+    Setting { name: "tcp_ports_bind", help: "IP the public TCP ports bind on" },
+    Setting { name: "http_timeout", help: "seconds a listener has to answer a public HTTP request (then 504)" },
     Setting { name: "tls_cert", help: "PEM certificate chain for wss://" },
     Setting { name: "tls_key", help: "PEM private key for wss://" },
     Setting { name: "health_path", help: "health check path" },

@@ -231,12 +231,32 @@ impl Dialer {
     }
 }
 
-/// Connect and authenticate a multiplexed session (used by the dialer, and by listeners later).
+/// Connect and authenticate a multiplexed dialer session.
 pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientTls>, cfg: MuxConfig) -> Result<Session> {
+    let (source, mut sink, answer) = connect_mux(url, tls, |nonce| {
+        let (date, sig) = key.sign(nonce, std::time::SystemTime::now());
+        Hello { date, sig }.encode()
+    })
+    .await?;
+    if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
+        let _ = sink.close().await;
+        return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
+    }
+    Ok(Session::new(Role::Client, source, sink, cfg))
+}
+
+/// Open a multiplexed transport: connect, read the relay's preamble, send the hello that
+/// `make_hello` builds from the relay's nonce, and return the frames plus the relay's answer
+/// (shared by dialer and listener sessions).
+pub(crate) async fn connect_mux(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    make_hello: impl FnOnce(&[u8]) -> bytes::Bytes,
+) -> Result<(crate::mux::FrameSource, crate::mux::FrameSink, bytes::Bytes)> {
     let lost = |e: std::io::Error| {
         Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
     };
-    let (source, mut sink) = match transport::connect(url, true, tls).await? {
+    let (mut source, sink) = match transport::connect(url, true, tls).await? {
         Connected::Ws(mut ws, chosen) => {
             if !chosen {
                 return Err(Error::protocol(format!(
@@ -255,28 +275,21 @@ pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientT
                 }
             };
             let nonce = ServerConnect::decode_checked(&pre)?;
-            let (date, sig) = key.sign(&nonce, std::time::SystemTime::now());
-            ws.send(Message::Binary(Hello { date, sig }.encode())).await.map_err(|e| lost(std::io::Error::other(e)))?;
+            ws.send(Message::Binary(make_hello(&nonce))).await.map_err(|e| lost(std::io::Error::other(e)))?;
             transport::ws_frames(ws)
         }
         Connected::Tcp(mut io) => {
             let nonce = protocol::read_server_connect(&mut io).await?;
             io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(lost)?;
             let (source, mut sink) = transport::tcp_frames(io);
-            let (date, sig) = key.sign(&nonce, std::time::SystemTime::now());
-            sink.send(Hello { date, sig }.encode()).await.map_err(lost)?;
+            sink.send(make_hello(&nonce)).await.map_err(lost)?;
             (source, sink)
         }
     };
-    let mut source = source;
-    let ack = match source.next().await {
-        Some(Ok(b)) => HelloAck::decode(&b)?,
+    let answer = match source.next().await {
+        Some(Ok(b)) => b,
         Some(Err(e)) => return Err(lost(e)),
         None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
     };
-    if let Some((code, msg)) = ack.refusal {
-        let _ = sink.close().await;
-        return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
-    }
-    Ok(Session::new(Role::Client, source, sink, cfg))
+    Ok((source, sink, answer))
 }

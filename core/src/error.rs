@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Io = 13,
     /// The relay answered with a general failure (SOCKS5 reply 0x01) or an internal error happened.
     General = 14,
+    /// A listener name is registered by another key, or this key may not use it.
+    NameTaken = 15,
 }
 
 impl ErrorCode {
@@ -60,6 +62,7 @@ impl ErrorCode {
         ErrorCode::Closed,
         ErrorCode::Io,
         ErrorCode::General,
+        ErrorCode::NameTaken,
     ];
 
     /// The stable number.
@@ -84,6 +87,7 @@ impl ErrorCode {
             ErrorCode::Closed => "CLOSED",
             ErrorCode::Io => "IO",
             ErrorCode::General => "GENERAL",
+            ErrorCode::NameTaken => "NAME_TAKEN",
         }
     }
 
@@ -104,6 +108,7 @@ impl ErrorCode {
             ErrorCode::Closed => "ECLOSED",
             ErrorCode::Io => "EIO",
             ErrorCode::General => "EGENERAL",
+            ErrorCode::NameTaken => "ENAMETAKEN",
         }
     }
 

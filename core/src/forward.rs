@@ -122,3 +122,64 @@ pub async fn socks_proxy(listener: TcpListener, dialer: Dialer, shutdown: impl F
     tasks.wait().await;
     Ok(())
 }
+
+/// The PROXY protocol v2 header announcing `client` (as the relay saw it) connecting to `local`.
+pub fn proxy_v2_header(client: &str, local: SocketAddr) -> Vec<u8> {
+    use ppp::v2::{Builder, Command, Protocol, Version};
+    let built = match client.parse::<SocketAddr>() {
+        Ok(src) => {
+            // Both addresses must be of one family; map the local side if they differ.
+            let dst = match (src, local) {
+                (SocketAddr::V4(_), SocketAddr::V6(d)) => d.ip().to_ipv4_mapped().map(|ip| SocketAddr::from((ip, d.port()))).unwrap_or(local),
+                (SocketAddr::V6(_), SocketAddr::V4(d)) => SocketAddr::from((d.ip().to_ipv6_mapped(), d.port())),
+                _ => local,
+            };
+            Builder::with_addresses(Version::Two | Command::Proxy, Protocol::Stream, (src, dst)).build()
+        }
+        // Unknown source: a LOCAL header tells the service to use the connection's own address.
+        Err(_) => Builder::with_addresses(Version::Two | Command::Local, Protocol::Unspecified, ppp::v2::Addresses::Unspecified).build(),
+    };
+    built.expect("a PROXY v2 header with socket addresses always encodes")
+}
+
+/// Serve a local service through a listener (`tunnel listen`): every accepted stream is connected
+/// to `to`, optionally preceded by a PROXY protocol v2 header carrying the original client
+/// address. Runs until `shutdown` resolves or the listener is closed.
+pub async fn expose(listener: crate::listener::Listener, to: String, proxy_protocol: bool, shutdown: impl Future<Output = ()>) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let tasks = TaskTracker::new();
+    tokio::pin!(shutdown);
+    let result = loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => break Err(e),
+            },
+        };
+        let to = to.clone();
+        tasks.spawn(async move {
+            let mut local = match TcpStream::connect(&to).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(client = %peer.client, "cannot reach the local service at {to}: {e}; is it running?");
+                    return;
+                }
+            };
+            let _ = local.set_nodelay(true);
+            if proxy_protocol {
+                let here = local.peer_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+                if local.write_all(&proxy_v2_header(&peer.client, here)).await.is_err() {
+                    return;
+                }
+            }
+            if let Err(e) = stream.bridge(local).await {
+                tracing::debug!(client = %peer.client, error = %e, "exposed connection ended with an error");
+            }
+        });
+    };
+    listener.close();
+    tasks.close();
+    tasks.wait().await;
+    result
+}

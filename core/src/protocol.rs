@@ -223,6 +223,156 @@ impl HelloAck {
     }
 }
 
+/// First byte of a listener's registration (instead of [`HELLO_VERSION`] for a dialer session).
+pub const LISTEN_HELLO_TAG: u8 = b'L';
+
+/// A listener's registration, sent as the first frame of a multiplexed session:
+/// `LISTEN_HELLO_TAG | protobuf`. The signature covers [`crate::identity::registration_message`]
+/// of the relay's nonce and `name`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListenHello {
+    /// Ed25519 public key (32 bytes).
+    #[prost(bytes = "vec", tag = "1")]
+    pub public_key: Vec<u8>,
+    /// Ed25519 signature (64 bytes).
+    #[prost(bytes = "vec", tag = "2")]
+    pub signature: Vec<u8>,
+    /// The name to register (the key-derived name, or one the relay grants this key).
+    #[prost(string, tag = "3")]
+    pub name: String,
+    /// Ask for a public TCP port from the relay's range.
+    #[prost(bool, tag = "4")]
+    pub tcp_port: bool,
+}
+
+impl ListenHello {
+    /// Encode with the leading tag.
+    pub fn encode_frame(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(1 + self.encoded_len());
+        b.put_u8(LISTEN_HELLO_TAG);
+        self.encode(&mut b).expect("BytesMut grows");
+        b.freeze()
+    }
+
+    /// Decode a frame that starts with the tag.
+    pub fn decode_frame(b: &[u8]) -> Result<ListenHello> {
+        let bad = || Error::protocol("malformed listener registration");
+        if b.first() != Some(&LISTEN_HELLO_TAG) {
+            return Err(bad());
+        }
+        let h = ListenHello::decode(&b[1..]).map_err(|_| bad())?;
+        if h.public_key.len() != 32 || h.signature.len() != 64 || h.name.len() > 63 {
+            return Err(bad());
+        }
+        Ok(h)
+    }
+}
+
+/// The relay's answer to [`ListenHello`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ListenAck {
+    /// 0 when registered, else an [`ErrorCode`] number.
+    #[prost(uint32, tag = "1")]
+    pub status: u32,
+    /// Why it was refused (names the fix).
+    #[prost(string, tag = "2")]
+    pub message: String,
+    /// The registered name.
+    #[prost(string, tag = "3")]
+    pub name: String,
+    /// The public HTTP URL routed to this listener, if the relay has an HTTP port.
+    #[prost(string, tag = "4")]
+    pub http_url: String,
+    /// The public TCP address assigned, if asked for and available.
+    #[prost(string, tag = "5")]
+    pub tcp_addr: String,
+}
+
+impl ListenAck {
+    /// A refusal.
+    pub fn refused(code: ErrorCode, message: impl Into<String>) -> ListenAck {
+        ListenAck { status: code.number(), message: message.into(), ..Default::default() }
+    }
+
+    /// Encode.
+    pub fn encode_frame(&self) -> Bytes {
+        Bytes::from(self.encode_to_vec())
+    }
+
+    /// Decode; a refusal becomes the typed error.
+    pub fn decode_frame(b: &[u8]) -> Result<ListenAck> {
+        let ack = ListenAck::decode(b).map_err(|_| Error::protocol("malformed registration answer from the relay"))?;
+        if ack.status != 0 {
+            let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == ack.status).unwrap_or(ErrorCode::General);
+            return Err(Error::new(code, ack.message));
+        }
+        Ok(ack)
+    }
+}
+
+/// How a stream reached a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Via {
+    /// A dialer CONNECTed to the listener's name.
+    Dial = 1,
+    /// A public HTTP request routed by `Host`.
+    Http = 2,
+    /// The listener's public TCP port.
+    Tcp = 3,
+}
+
+/// Written by the relay at the start of every stream it opens to a listener:
+/// `version u8 (1) | via u8 | port u16 | addr_len u8 | client address (text)`. The listener
+/// answers [`STREAM_ACCEPTED`] once the stream is queued for `accept()`, or resets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHeader {
+    /// How the stream arrived.
+    pub via: Via,
+    /// The port label a dialer asked for (0 = default), or the public port.
+    pub port: u16,
+    /// The original client's address as the relay saw it (`ip:port`).
+    pub client: String,
+}
+
+/// The listener's one-byte answer to a [`StreamHeader`].
+pub const STREAM_ACCEPTED: u8 = 0;
+
+impl StreamHeader {
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let addr = &self.client.as_bytes()[..self.client.len().min(255)];
+        let mut b = Vec::with_capacity(5 + addr.len());
+        b.push(1);
+        b.push(self.via as u8);
+        b.extend_from_slice(&self.port.to_be_bytes());
+        b.push(addr.len() as u8);
+        b.extend_from_slice(addr);
+        b
+    }
+
+    /// Read one from a stream.
+    pub async fn read_from<R: AsyncRead + Unpin>(r: &mut R) -> Result<StreamHeader> {
+        let bad = |why: &str| Error::protocol(format!("malformed stream header from the relay ({why})"));
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head).await.map_err(|e| Error::from_io(e, "reading a stream header"))?;
+        if head[0] != 1 {
+            return Err(bad("unknown version"));
+        }
+        let via = match head[1] {
+            1 => Via::Dial,
+            2 => Via::Http,
+            3 => Via::Tcp,
+            _ => return Err(bad("unknown route")),
+        };
+        let port = u16::from_be_bytes([head[2], head[3]]);
+        let mut addr = vec![0u8; head[4] as usize];
+        r.read_exact(&mut addr).await.map_err(|e| Error::from_io(e, "reading a stream header"))?;
+        let client = String::from_utf8(addr).map_err(|_| bad("address is not text"))?;
+        Ok(StreamHeader { via, port, client })
+    }
+}
+
 /// Kinds of mux frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -360,6 +510,12 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
+        let lh = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true };
+        assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
+        assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
+        assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());
+        let ack = ListenAck::refused(ErrorCode::NameTaken, "taken");
+        assert_eq!(ListenAck::decode_frame(&ack.encode_frame()).unwrap_err().code(), ErrorCode::NameTaken);
         let h = Hello { date: "Tue, 30 Jan 2024 10:00:00 GMT".into(), sig: "abc".into() };
         assert_eq!(Hello::decode(&h.encode()).unwrap(), h);
         assert!(Hello::decode(&[]).is_err());

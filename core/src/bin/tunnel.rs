@@ -48,11 +48,41 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Make a shared-secret key and print it in the forms the relay and clients read.
+    /// Expose a local service through the relay under a name (a reverse tunnel, like ngrok).
+    Listen {
+        /// Local service address (`127.0.0.1:3000`).
+        #[arg(long)]
+        to: String,
+        /// Relay URL (ws://, wss:// or tcp://).
+        #[arg(long, env = "TUNNEL_RELAY")]
+        relay: String,
+        /// Listener key file (Ed25519, PKCS#8 PEM; `tunnel keygen --listener --out FILE` makes one).
+        #[arg(long, env = "TUNNEL_LISTENER_KEY")]
+        key: PathBuf,
+        /// Register this name instead of the key-derived one (the relay must grant it).
+        #[arg(long)]
+        name: Option<String>,
+        /// Ask the relay for a public TCP port too.
+        #[arg(long)]
+        tcp_port: bool,
+        /// Send a PROXY protocol v2 header with the original client address to the local service.
+        #[arg(long)]
+        proxy_protocol: bool,
+        /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
+        #[arg(long, env = "TUNNEL_CA")]
+        ca: Option<PathBuf>,
+    },
+    /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
     Keygen {
-        /// Key id.
+        /// Key id (shared-secret keys).
         #[arg(long, default_value_t = 1)]
         kid: u32,
+        /// Make an Ed25519 listener key instead, written to --out with mode 0600.
+        #[arg(long)]
+        listener: bool,
+        /// Where to write the listener key (must not exist).
+        #[arg(long, requires = "listener")]
+        out: Option<PathBuf>,
     },
     /// Run a relay, a demo service and dials through them on loopback, narrating each step.
     Demo,
@@ -207,7 +237,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 _ = up => down.await.map(|_| ()).map_err(|e| Error::from_io(e, "reading from the tunnel")),
             }
         }
-        Cmd::Keygen { kid } => {
+        Cmd::Keygen { listener: true, out, .. } => {
+            let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
+            let id = libtunnel::Identity::generate();
+            id.save(&out)?;
+            println!("# Wrote the listener's private key to {} (mode 0600)", out.display());
+            println!("name: {}", id.name());
+            println!("public key: {}", id.public_key_base64());
+            println!("# For the relay: allow this key (and optionally grant chosen names)");
+            println!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
+            Ok(())
+        }
+        Cmd::Keygen { kid, .. } => {
             let secret: [u8; 32] = rand::random();
             let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
             println!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
@@ -215,6 +256,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
             println!("# For the relay (add to the list to rotate keys)");
             println!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
             Ok(())
+        }
+        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca } => {
+            let mut b = libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port);
+            if let Some(n) = name {
+                b = b.name(n);
+            }
+            if let Some(ca) = &ca {
+                b = b.tls(ClientTls::from_pem_file(ca)?);
+            }
+            let listener = b.bind().await?;
+            let reg = listener.registration();
+            // Machine-readable lines, so scripts can find what was granted.
+            println!("listening as: {}", reg.name);
+            println!("dial: {}:0 (through any dialer of this relay)", reg.name);
+            if let Some(u) = &reg.http_url {
+                println!("http: {u}");
+            }
+            if let Some(t) = &reg.tcp_addr {
+                println!("tcp: {t}");
+            }
+            println!("forwarding to: {to}");
+            libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
     }

@@ -22,9 +22,27 @@ pub enum Refusal {
     Overloaded = 6,
     /// Anything else.
     General = 7,
+    /// No listener is online under the requested name.
+    ListenerOffline = 8,
+    /// The listener refused the stream (its accept queue is full) or did not answer in time.
+    ListenerBusy = 9,
+    /// A listener registration was refused (bad signature, name taken, key not listed).
+    Registration = 10,
 }
 
-const REFUSAL_NAMES: [&str; 8] = ["not_allowed", "unreachable", "refused", "timeout", "malformed", "handshake_timeout", "overloaded", "general"];
+const REFUSAL_NAMES: [&str; 11] = [
+    "not_allowed",
+    "unreachable",
+    "refused",
+    "timeout",
+    "malformed",
+    "handshake_timeout",
+    "overloaded",
+    "general",
+    "listener_offline",
+    "listener_busy",
+    "registration",
+];
 
 /// The relay's counters.
 #[derive(Debug, Default)]
@@ -37,7 +55,10 @@ pub struct Metrics {
     pub(crate) bytes_to_targets: AtomicU64,
     pub(crate) bytes_from_targets: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
-    refusals: [AtomicU64; 8],
+    refusals: [AtomicU64; 11],
+    pub(crate) listeners_active: AtomicI64,
+    pub(crate) listener_streams: AtomicU64,
+    pub(crate) http_requests: AtomicU64,
 }
 
 impl Metrics {
@@ -53,6 +74,11 @@ impl Metrics {
     /// Authentication failures so far.
     pub fn auth_failures(&self) -> u64 {
         self.auth_failures.load(Relaxed)
+    }
+
+    /// Listener names registered now.
+    pub fn listeners_active(&self) -> i64 {
+        self.listeners_active.load(Relaxed)
     }
 
     /// Streams currently open.
@@ -87,6 +113,9 @@ impl Metrics {
                 ("{direction=\"from_target\"}", self.bytes_from_targets.load(Relaxed) as i64),
             ],
         );
+        counter("libtunnel_listeners_active", "Listener names registered now.", "gauge", &[("", self.listeners_active.load(Relaxed))]);
+        counter("libtunnel_listener_streams_total", "Streams delivered to listeners.", "counter", &[("", self.listener_streams.load(Relaxed) as i64)]);
+        counter("libtunnel_http_requests_total", "Public HTTP requests routed to listeners.", "counter", &[("", self.http_requests.load(Relaxed) as i64)]);
         counter("libtunnel_auth_failures_total", "Rejected credentials.", "counter", &[("", self.auth_failures.load(Relaxed) as i64)]);
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();
         let rows: Vec<(&str, i64)> = labels.iter().zip(&self.refusals).map(|(l, v)| (l.as_str(), v.load(Relaxed) as i64)).collect();

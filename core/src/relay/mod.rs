@@ -8,7 +8,10 @@
 pub mod allowlist;
 pub mod connect;
 mod http;
+mod listen;
 pub mod metrics;
+mod public_http;
+mod registry;
 pub mod resolve;
 mod session;
 
@@ -41,6 +44,20 @@ pub(crate) struct RelayState {
     pub(crate) tasks: TaskTracker,
     /// Resolves target names (custom DNS servers or the system resolver).
     pub(crate) resolver: resolve::TargetResolver,
+    /// Listener names and their sessions.
+    pub(crate) registry: registry::Registry,
+    /// Listener public keys from the config, with the chosen names each may register.
+    pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
+    /// The public HTTP port, when enabled.
+    http_port: Option<u16>,
+}
+
+impl RelayState {
+    /// The public URL routed to a listener name, when the relay has an HTTP port.
+    pub(crate) fn public_http_url(&self, name: &str) -> Option<String> {
+        let port = self.http_port?;
+        Some(if port == 80 { format!("http://{name}.{}", self.cfg.domain) } else { format!("http://{name}.{}:{port}", self.cfg.domain) })
+    }
 }
 
 /// A bound, not yet running relay.
@@ -48,6 +65,7 @@ pub struct Server {
     state: Arc<RelayState>,
     ws: Option<TcpListener>,
     tcp: Option<TcpListener>,
+    http: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -84,6 +102,16 @@ impl Server {
             None => None,
         };
         let cfg_dns = cfg.dns_servers.clone();
+        let http = match cfg.http_listen {
+            Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
+            None => None,
+        };
+        let mut listener_grants = std::collections::HashMap::new();
+        for g in &cfg.listener_keys {
+            let pk = crate::identity::parse_public_key(&g.public_key)?;
+            listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
+        }
+        let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let state = Arc::new(RelayState {
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
@@ -93,8 +121,11 @@ impl Server {
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
             resolver: resolve::TargetResolver::new(&cfg_dns)?,
+            registry: registry::Registry::default(),
+            listener_grants,
+            http_port,
         });
-        Ok(Server { state, ws, tcp })
+        Ok(Server { state, ws, tcp, http })
     }
 
     /// Address of the WebSocket endpoint.
@@ -105,6 +136,11 @@ impl Server {
     /// Address of the raw-TCP endpoint.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the public HTTP port (Host routing to listeners).
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The URL dialers use (`ws://` or `wss://` on the WebSocket endpoint, else `tcp://`).
@@ -123,7 +159,11 @@ impl Server {
 
     /// Serve until `shutdown` resolves, then drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Server { state, ws, tcp } = self;
+        let Server { state, ws, tcp, http } = self;
+        if let Some(l) = http {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), domain = %state.cfg.domain, "public HTTP port listening");
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Public));
+        }
         if let Some(l) = ws {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = state.tls.is_some(), "tunnel endpoint listening");
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Http));
@@ -147,10 +187,11 @@ impl Server {
     /// Run in the background; the handle stops it.
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
-        let (addr, tcp_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.url(), self.metrics());
+        let (addr, tcp_addr, http_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.http_addr(), self.url(), self.metrics());
+        let (draining, kill) = (self.state.draining.clone(), self.state.kill.clone());
         let t = token.clone();
         let join = tokio::spawn(self.run(async move { t.cancelled().await }));
-        ServerHandle { addr, tcp_addr, url, metrics, token, join }
+        ServerHandle { addr, tcp_addr, http_addr, url, metrics, token, draining, kill, join }
     }
 }
 
@@ -159,9 +200,14 @@ impl Server {
 pub struct ServerHandle {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
+    http_addr: Option<SocketAddr>,
     url: String,
     metrics: Arc<Metrics>,
     token: CancellationToken,
+    /// The relay's own tokens, so `abort` reaches the accept loops and connection tasks (they
+    /// are separate tasks, untouched by aborting `run`).
+    draining: CancellationToken,
+    kill: CancellationToken,
     join: tokio::task::JoinHandle<Result<()>>,
 }
 
@@ -173,6 +219,10 @@ impl ServerHandle {
     /// Address of the raw-TCP endpoint.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         self.tcp_addr
+    }
+    /// Address of the public HTTP port.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
     /// The URL dialers use.
     pub fn url(&self) -> &str {
@@ -189,6 +239,8 @@ impl ServerHandle {
     }
     /// Stop at once: every connection is dropped (like a crash, for tests of clients).
     pub fn abort(&self) {
+        self.draining.cancel();
+        self.kill.cancel();
         self.join.abort();
     }
 }
@@ -197,6 +249,7 @@ impl ServerHandle {
 enum Endpoint {
     Http,
     Tcp,
+    Public,
 }
 
 async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
@@ -244,5 +297,6 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
             None => http::serve(state, Box::new(sock), peer).await,
         },
         Endpoint::Tcp => session::serve_raw_tcp(state, sock, peer).await,
+        Endpoint::Public => public_http::serve(state, sock, peer).await,
     }
 }

@@ -114,12 +114,16 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
     };
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let Some(mut target) = connect_and_reply(&state, &mut io, &addr, peer).await else {
+    let Some(upstream) = connect_and_reply(&state, &mut io, &addr, peer).await else {
         let _ = io.shutdown().await;
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
-    match tokio::io::copy_bidirectional_with_sizes(&mut io, &mut target, 32 * 1024, 32 * 1024).await {
+    let copied = match upstream {
+        Upstream::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
+        Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
+    };
+    match copied {
         Ok((up, down)) => count_bytes(&state, up, down),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(%peer, error = %e, "classic stream dropped"),
         Err(e) => tracing::debug!(%peer, error = %e, "classic stream ended with an error"),
@@ -142,8 +146,54 @@ fn count_bytes(state: &RelayState, up: u64, down: u64) {
     state.metrics.bytes_from_targets.fetch_add(down, Relaxed);
 }
 
-/// Connect to the requested target and answer the CONNECT; `None` if refused (already answered).
-async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<TcpStream> {
+/// Where an admitted stream goes: a TCP target, or a listener's stream.
+enum Upstream {
+    Tcp(TcpStream),
+    Listener(MuxStream),
+}
+
+/// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,
+/// or a bare key-derived name (offline listeners get "host unreachable", not an allowlist refusal).
+fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
+    let Address::DomainAddress(d, _) = addr else { return None };
+    let host = std::str::from_utf8(d).ok()?;
+    let name = super::listen::listener_name(host, &state.cfg.domain)?;
+    let explicit = host.trim_end_matches('.').len() > name.len();
+    let looks_derived = name.len() == crate::identity::DERIVED_NAME_LEN && name.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
+    (explicit || looks_derived || state.registry.get(&name).is_some()).then_some(name)
+}
+
+/// Connect to the requested target (or listener) and answer the CONNECT; `None` if refused
+/// (already answered).
+async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<Upstream> {
+    if let Some(name) = listener_route(state, addr) {
+        let port = match addr {
+            Address::DomainAddress(_, p) => *p,
+            Address::SocketAddress(sa) => sa.port(),
+        };
+        let header = crate::protocol::StreamHeader { via: crate::protocol::Via::Dial, port, client: peer.to_string() };
+        return match super::listen::open_to_listener(state, &name, header).await {
+            Ok(stream) => {
+                if socks::write_reply(io, Reply::Succeeded, None).await.is_err() {
+                    return None;
+                }
+                state.metrics.streams_total.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, listener = %name, "stream connected to a listener");
+                Some(Upstream::Listener(stream))
+            }
+            Err(e) => {
+                state.metrics.refused(e.refusal());
+                tracing::debug!(%peer, listener = %name, error = ?e, "listener not reached");
+                let reply = match e {
+                    super::listen::RouteError::Offline => Reply::HostUnreachable,
+                    super::listen::RouteError::Busy => Reply::ConnectionRefused,
+                    super::listen::RouteError::Timeout => Reply::TtlExpired,
+                };
+                let _ = socks::write_reply(io, reply, None).await;
+                None
+            }
+        };
+    }
     match connect_target(addr, &state.cfg.allow, &state.resolver, state.cfg.limits.connect_timeout).await {
         Ok(tcp) => {
             let bound = tcp.local_addr().ok();
@@ -152,7 +202,7 @@ async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S
             }
             state.metrics.streams_total.fetch_add(1, Relaxed);
             tracing::debug!(%peer, target = %Target::from_address(addr).map(|t| t.to_string()).unwrap_or_default(), "stream connected");
-            Some(tcp)
+            Some(Upstream::Tcp(tcp))
         }
         Err(f) => {
             state.metrics.refused(f.reason);
@@ -187,6 +237,10 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         Ok(Some(Ok(b))) => b,
         Ok(_) => return,
     };
+    if hello.first() == Some(&crate::protocol::LISTEN_HELLO_TAG) {
+        super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
+        return;
+    }
     let verdict = match Hello::decode(&hello) {
         Ok(h) => state.cfg.auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
         Err(e) => {
@@ -259,13 +313,21 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         }
         Ok(Ok(a)) => a,
     };
-    let Some(target) = connect_and_reply(&state, &mut stream, &addr, peer).await else {
+    let Some(upstream) = connect_and_reply(&state, &mut stream, &addr, peer).await else {
         stream.finish();
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
     let bridged = tokio::select! {
-        r = crate::stream::bridge(stream, target) => r,
+        r = async {
+            match upstream {
+                Upstream::Tcp(t) => crate::stream::bridge(stream, t).await,
+                // copy_bidirectional counts (to listener, from listener); bridge counts (down, up).
+                Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut l, 64 * 1024, 64 * 1024)
+                    .await
+                    .map(|(up, down)| (down, up)),
+            }
+        } => r,
         _ = state.kill.cancelled() => return,
     };
     match bridged {

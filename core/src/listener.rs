@@ -1,0 +1,313 @@
+//! The listener side of reverse tunnels: hold a session to the relay, register a name with an
+//! Ed25519 identity, and accept the streams the relay opens to that name (dialed by name, public
+//! HTTP routed by `Host`, or a public TCP port). The session is re-established with jittered,
+//! capped exponential backoff and the name re-registered whenever it dies; `accept()` keeps
+//! working across reconnects. Streams in flight when a session dies fail on both ends.
+//!
+//! Backpressure: accepted streams wait in a bounded queue (`backlog`); when it is full, new
+//! streams are refused at once (the relay answers 503 / connection refused), never buffered.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::dialer::connect_mux;
+use crate::error::{Error, ErrorCode, Result};
+use crate::identity::Identity;
+use crate::mux::{MuxConfig, MuxStream, Role, Session};
+use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via, STREAM_ACCEPTED};
+use crate::socks::Target;
+use crate::stream::{Inner, TunnelStream};
+use crate::transport::{ClientTls, RelayUrl};
+
+/// Who is on the other end of an accepted stream, and how they arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The original client's address as the relay saw it (`ip:port`).
+    pub client: String,
+    /// How the stream reached the relay.
+    pub via: Via,
+    /// The port label a dialer asked for (0 = default), or the public TCP port.
+    pub port: u16,
+}
+
+/// What the relay granted this listener.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Registration {
+    /// The registered name (dial it as `NAME:0`).
+    pub name: String,
+    /// Public HTTP URL routed to this listener, when the relay has an HTTP port.
+    pub http_url: Option<String>,
+    /// Public TCP address, when asked for and granted.
+    pub tcp_addr: Option<String>,
+}
+
+/// Builds a [`Listener`].
+#[derive(Debug, Clone)]
+pub struct ListenerBuilder {
+    relay: String,
+    identity: Identity,
+    name: Option<String>,
+    tcp_port: bool,
+    tls: Option<ClientTls>,
+    timeout: Duration,
+    backlog: usize,
+    mux: MuxConfig,
+    max_backoff: Duration,
+}
+
+impl ListenerBuilder {
+    /// Register this name instead of the key-derived one (the relay must grant it to the key).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+    /// Ask the relay for a public TCP port from its configured range.
+    pub fn tcp_port(mut self, on: bool) -> Self {
+        self.tcp_port = on;
+        self
+    }
+    /// Trust for `wss://` relays (default: the public Web PKI).
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+    /// How long connecting and registering may take (default 20 s).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    /// Most accepted streams waiting for `accept()` (default 128); more are refused.
+    pub fn backlog(mut self, backlog: usize) -> Self {
+        self.backlog = backlog.max(1);
+        self
+    }
+    /// Session tunables (keepalive: ping after 10 s idle, drop after 20 s of silence).
+    pub fn mux_config(mut self, cfg: MuxConfig) -> Self {
+        self.mux = cfg;
+        self
+    }
+    /// Longest wait between reconnect attempts (default 10 s).
+    pub fn max_backoff(mut self, d: Duration) -> Self {
+        self.max_backoff = d;
+        self
+    }
+
+    /// Connect and register. Fails (without retrying) when the first registration is refused or
+    /// the relay cannot be reached; after that, lost sessions are re-established in the background.
+    pub async fn bind(self) -> Result<Listener> {
+        let url = RelayUrl::parse(&self.relay)?;
+        let name = self.name.clone().unwrap_or_else(|| self.identity.name());
+        if !crate::identity::valid_name(&name) {
+            return Err(Error::argument(format!(
+                "listener name {name:?} is not valid: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
+            )));
+        }
+        let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
+        let cfg = Arc::new(Config { url, name, builder: self });
+        let (session, reg) = register(&cfg).await?;
+        let (reg_tx, reg_rx) = watch::channel(reg);
+        let cancel = CancellationToken::new();
+        let current = Arc::new(Mutex::new(Some(session.clone())));
+        tokio::spawn(supervise(cfg.clone(), session, queue_tx, reg_tx, cancel.clone(), current.clone()));
+        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current })
+    }
+}
+
+struct Config {
+    url: RelayUrl,
+    name: String,
+    builder: ListenerBuilder,
+}
+
+/// A registered listener. Dropping it (or [`Listener::close`]) unregisters the name.
+#[derive(Debug)]
+pub struct Listener {
+    registration: watch::Receiver<Registration>,
+    queue: tokio::sync::Mutex<mpsc::Receiver<(TunnelStream, PeerInfo)>>,
+    cancel: CancellationToken,
+    current: Arc<Mutex<Option<Session>>>,
+}
+
+impl Listener {
+    /// Register `identity` with the relay at `relay` under its key-derived name.
+    pub async fn bind(relay: &str, identity: Identity) -> Result<Listener> {
+        Listener::builder(relay, identity).bind().await
+    }
+
+    /// A builder for the other options.
+    pub fn builder(relay: &str, identity: Identity) -> ListenerBuilder {
+        ListenerBuilder {
+            relay: relay.to_string(),
+            identity,
+            name: None,
+            tcp_port: false,
+            tls: None,
+            timeout: Duration::from_secs(20),
+            backlog: 128,
+            mux: MuxConfig::default(),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    /// The registered name.
+    pub fn name(&self) -> String {
+        self.registration.borrow().name.clone()
+    }
+
+    /// Everything the relay granted (name, public HTTP URL, public TCP address).
+    pub fn registration(&self) -> Registration {
+        self.registration.borrow().clone()
+    }
+
+    /// Wait for the next stream. Fails with `CLOSED` once the listener is closed.
+    pub async fn accept(&self) -> Result<(TunnelStream, PeerInfo)> {
+        let mut q = self.queue.lock().await;
+        tokio::select! {
+            next = q.recv() => next.ok_or_else(|| Error::new(ErrorCode::Closed, "the listener is closed")),
+            _ = self.cancel.cancelled() => Err(Error::new(ErrorCode::Closed, "the listener is closed")),
+        }
+    }
+
+    /// Whether a session to the relay is up right now (it is re-established in the background).
+    pub fn is_connected(&self) -> bool {
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Unregister and stop; pending and future `accept()` calls fail with `CLOSED`.
+    pub fn close(&self) {
+        self.cancel.cancel();
+        if let Some(s) = self.current.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            s.close(ErrorCode::Closed, "the listener was closed");
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Connect, register, and return the session and what the relay granted.
+async fn register(cfg: &Config) -> Result<(Session, Registration)> {
+    let b = &cfg.builder;
+    let attempt = async {
+        let (source, mut sink, answer) = connect_mux(&cfg.url, b.tls.as_ref(), |nonce| {
+            ListenHello {
+                public_key: b.identity.public_key().to_vec(),
+                signature: b.identity.sign_registration(nonce, &cfg.name).to_vec(),
+                name: cfg.name.clone(),
+                tcp_port: b.tcp_port,
+            }
+            .encode_frame()
+        })
+        .await?;
+        let ack = match ListenAck::decode_frame(&answer) {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = sink.close().await;
+                return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", cfg.url.url, cfg.name, e.message())));
+            }
+        };
+        let reg = Registration {
+            name: ack.name,
+            http_url: Some(ack.http_url).filter(|s| !s.is_empty()),
+            tcp_addr: Some(ack.tcp_addr).filter(|s| !s.is_empty()),
+        };
+        Ok((Session::new(Role::Client, source, sink, b.mux.clone()), reg))
+    };
+    tokio::time::timeout(b.timeout, attempt)
+        .await
+        .map_err(|_| Error::new(ErrorCode::Timeout, format!("registering with the relay at {} timed out after {:?}", cfg.url.url, b.timeout)))?
+}
+
+/// Serve the current session; when it dies, reconnect with backoff and re-register.
+async fn supervise(
+    cfg: Arc<Config>,
+    mut session: Session,
+    queue: mpsc::Sender<(TunnelStream, PeerInfo)>,
+    reg_tx: watch::Sender<Registration>,
+    cancel: CancellationToken,
+    current: Arc<Mutex<Option<Session>>>,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                session.close(ErrorCode::Closed, "the listener was closed");
+                return;
+            }
+            _ = serve_session(&session, &queue) => {}
+        }
+        let why = session.close_reason().map(|e| e.to_string()).unwrap_or_else(|| "session ended".into());
+        tracing::warn!(name = %cfg.name, reason = %why, "lost the relay session; reconnecting");
+        let mut delay = Duration::from_millis(100);
+        session = loop {
+            let jittered = delay.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(jittered) => {}
+            }
+            match register(&cfg).await {
+                Ok((s, reg)) => {
+                    tracing::info!(name = %reg.name, "re-registered with the relay");
+                    let _ = reg_tx.send(reg);
+                    break s;
+                }
+                Err(e) => {
+                    tracing::warn!(name = %cfg.name, error = %e, retry_in = ?delay, "re-registering failed");
+                    delay = (delay * 2).min(cfg.builder.max_backoff);
+                }
+            }
+        };
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+        if cancel.is_cancelled() {
+            session.close(ErrorCode::Closed, "the listener was closed");
+            return;
+        }
+    }
+}
+
+/// Accept the relay's streams on one session until it ends.
+async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>) {
+    while let Some(stream) = session.accept().await {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            if let Err(e) = admit(stream, &queue).await {
+                tracing::debug!(error = %e, "incoming stream dropped");
+            }
+        });
+    }
+}
+
+/// Read the stream header, queue the stream for `accept()` (or refuse it when the queue is
+/// full), then tell the relay it was accepted.
+async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>) -> Result<()> {
+    let header = match tokio::time::timeout(Duration::from_secs(10), StreamHeader::read_from(&mut stream)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => {
+            stream.reset(ErrorCode::Protocol);
+            return Err(e);
+        }
+        Err(_) => {
+            stream.reset(ErrorCode::Timeout);
+            return Err(Error::new(ErrorCode::Timeout, "the relay sent no stream header"));
+        }
+    };
+    let permit = match queue.try_reserve() {
+        Ok(p) => p,
+        Err(_) => {
+            stream.reset(ErrorCode::Refused);
+            return Err(Error::new(ErrorCode::Refused, "the accept queue is full; refused a stream (call accept() faster or raise the backlog)"));
+        }
+    };
+    stream.write_all(&[STREAM_ACCEPTED]).await.map_err(|e| Error::from_io(e, "accepting a stream"))?;
+    let target = Target { host: header.client.clone(), port: header.port };
+    let peer = PeerInfo { client: header.client, via: header.via, port: header.port };
+    permit.send((TunnelStream::new(Inner::Mux(stream), target), peer));
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Relay side of reverse listeners: verify a listener's registration (Ed25519 signature over this
+//! connection's nonce, name rules, key grants), hold its name in the registry while the session
+//! lives, optionally serve a public TCP port for it, and open streams to it for the three ways in
+//! (dial by name, public HTTP, public TCP).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::metrics::Refusal;
+use super::RelayState;
+use crate::error::{Error, ErrorCode};
+use crate::identity::{derived_name, valid_name, verify_registration};
+use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
+use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via, STREAM_ACCEPTED};
+
+/// Why a stream could not be delivered to a listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RouteError {
+    /// No live listener has that name.
+    Offline,
+    /// The listener refused the stream (queue full) or its session died.
+    Busy,
+    /// The listener did not accept within the deadline.
+    Timeout,
+}
+
+impl RouteError {
+    pub(crate) fn refusal(self) -> Refusal {
+        match self {
+            RouteError::Offline => Refusal::ListenerOffline,
+            RouteError::Busy | RouteError::Timeout => Refusal::ListenerBusy,
+        }
+    }
+}
+
+/// The listener name a dial target or `Host` names, if it is one: `NAME` (a single label) or
+/// `NAME.<domain>`, case-insensitive, trailing dot ignored.
+pub(crate) fn listener_name<'a>(host: &'a str, domain: &str) -> Option<String> {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    let label = match h.strip_suffix(domain).and_then(|p| p.strip_suffix('.')) {
+        Some(l) if !domain.is_empty() => l.to_string(),
+        _ => h,
+    };
+    valid_name(&label).then_some(label)
+}
+
+/// Open a stream to the listener registered as `name` and wait for it to accept.
+pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: StreamHeader) -> Result<MuxStream, RouteError> {
+    let session = state.registry.get(name).ok_or(RouteError::Offline)?;
+    let mut stream = session.open().map_err(|_| RouteError::Busy)?;
+    let accept = async {
+        stream.write_all(&header.encode()).await.map_err(|_| RouteError::Busy)?;
+        let mut answer = [0u8; 1];
+        stream.read_exact(&mut answer).await.map_err(|_| RouteError::Busy)?;
+        if answer[0] == STREAM_ACCEPTED {
+            Ok(())
+        } else {
+            Err(RouteError::Busy)
+        }
+    };
+    match tokio::time::timeout(state.cfg.limits.connect_timeout, accept).await {
+        Ok(Ok(())) => {
+            state.metrics.listener_streams.fetch_add(1, Relaxed);
+            Ok(stream)
+        }
+        Ok(Err(e)) => {
+            stream.reset(ErrorCode::Refused);
+            Err(e)
+        }
+        Err(_) => {
+            stream.reset(ErrorCode::Timeout);
+            Err(RouteError::Timeout)
+        }
+    }
+}
+
+/// Decide whether `public_key` may register `name`.
+fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<(), Error> {
+    if !valid_name(name) {
+        return Err(Error::new(ErrorCode::InvalidArgument, format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'")));
+    }
+    let granted = state.listener_grants.get(public_key);
+    if name == derived_name(public_key) {
+        if granted.is_some() || state.cfg.listeners_open {
+            return Ok(());
+        }
+        return Err(Error::new(
+            ErrorCode::NotAllowed,
+            "this listener key is not listed on the relay; add its public key to TUNNEL_LISTENER_KEYS (or set TUNNEL_LISTENERS_OPEN=true)",
+        ));
+    }
+    if granted.is_some_and(|names| names.iter().any(|n| n == name)) {
+        return Ok(());
+    }
+    let owned_by_other = state.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
+    if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
+        return Err(Error::new(ErrorCode::NameTaken, format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you")));
+    }
+    Err(Error::new(ErrorCode::NotAllowed, format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS")))
+}
+
+/// Serve a listener session from its registration to its end.
+pub(super) async fn serve_listener(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, nonce: [u8; 32], frame: &[u8]) {
+    let refuse = |code: ErrorCode, msg: String| ListenAck::refused(code, msg).encode_frame();
+    let hello = match ListenHello::decode_frame(frame) {
+        Ok(h) => h,
+        Err(e) => {
+            state.metrics.refused(Refusal::Malformed);
+            let _ = sink.send(refuse(ErrorCode::Protocol, e.message().to_string())).await;
+            return;
+        }
+    };
+    let public_key: [u8; 32] = hello.public_key.as_slice().try_into().expect("decode_frame checked the length");
+    if !verify_registration(&public_key, &hello.signature, &nonce, &hello.name) {
+        state.metrics.auth_failures.fetch_add(1, Relaxed);
+        state.metrics.refused(Refusal::Registration);
+        tracing::warn!(%peer, name = %hello.name, "listener registration refused: bad signature");
+        let _ = sink.send(refuse(ErrorCode::AuthFailed, "the registration signature does not verify; use the listener's own key file".into())).await;
+        return;
+    }
+    let name = hello.name.clone();
+    let reserved = authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key));
+    let id = match reserved {
+        Ok(id) => id,
+        Err(e) => {
+            state.metrics.refused(Refusal::Registration);
+            tracing::info!(%peer, %name, reason = %e, "listener registration refused");
+            let _ = sink.send(refuse(e.code(), e.message().to_string())).await;
+            return;
+        }
+    };
+    // From here the name is ours until the session ends.
+    let _release = ReleaseOnDrop { state: state.clone(), name: name.clone(), id };
+    let tcp = if hello.tcp_port { bind_public_port(&state).await } else { Ok(None) };
+    let tcp = match tcp {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = sink.send(refuse(e.code(), e.message().to_string())).await;
+            return;
+        }
+    };
+    let ack = ListenAck {
+        status: 0,
+        message: String::new(),
+        name: name.clone(),
+        http_url: state.public_http_url(&name).unwrap_or_default(),
+        tcp_addr: tcp.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+    };
+    if sink.send(ack.encode_frame()).await.is_err() {
+        return;
+    }
+    let l = &state.cfg.limits;
+    let cfg = MuxConfig { keepalive_interval: l.keepalive_interval, keepalive_timeout: l.keepalive_timeout, max_streams: l.max_streams_per_session, ..MuxConfig::default() };
+    let session = Session::new(Role::Server, source, sink, cfg);
+    state.registry.attach(&name, id, session.clone());
+    state.metrics.listeners_active.fetch_add(1, Relaxed);
+    tracing::info!(%peer, %name, tcp = %ack.tcp_addr, "listener registered");
+    if let Some(l) = tcp {
+        state.tasks.spawn(serve_public_port(state.clone(), l, name.clone(), session.clone()));
+    }
+    let mut draining = false;
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            s = session.accept() => match s {
+                // Listeners take streams; they do not open them.
+                Some(mut stream) => stream.reset(ErrorCode::Protocol),
+                None => break,
+            },
+            _ = state.kill.cancelled() => {
+                session.close(ErrorCode::RelayUnavailable, "the relay shut down");
+                break;
+            }
+            _ = state.draining.cancelled(), if !draining => draining = true,
+            _ = drain_tick.tick(), if draining => {
+                if session.stream_count() == 0 {
+                    session.close(ErrorCode::RelayUnavailable, "the relay shut down (drained)");
+                    break;
+                }
+            }
+        }
+    }
+    state.metrics.listeners_active.fetch_sub(1, Relaxed);
+    tracing::info!(%peer, %name, reason = %session.close_reason().map(|e| e.to_string()).unwrap_or_default(), "listener session ended");
+}
+
+struct ReleaseOnDrop {
+    state: Arc<RelayState>,
+    name: String,
+    id: u64,
+}
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.state.registry.release(&self.name, self.id);
+    }
+}
+
+/// Bind the first free port of the configured range.
+async fn bind_public_port(state: &RelayState) -> Result<Option<TcpListener>, Error> {
+    let Some((lo, hi)) = state.cfg.tcp_ports else {
+        return Err(Error::new(ErrorCode::NotAllowed, "this relay assigns no public TCP ports; set TUNNEL_TCP_PORTS on the relay (e.g. 20000-20099)"));
+    };
+    for port in lo..=hi {
+        if let Ok(l) = TcpListener::bind(SocketAddr::new(state.cfg.tcp_ports_bind, port)).await {
+            return Ok(Some(l));
+        }
+    }
+    Err(Error::new(ErrorCode::General, format!("every public TCP port in {lo}-{hi} is in use; widen TUNNEL_TCP_PORTS on the relay")))
+}
+
+/// Forward connections on a listener's public TCP port until its session ends.
+async fn serve_public_port(state: Arc<RelayState>, listener: TcpListener, name: String, session: Session) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = session.closed() => return,
+            _ = state.draining.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let (st, name) = (state.clone(), name.clone());
+        state.tasks.spawn(async move {
+            let header = StreamHeader { via: Via::Tcp, port, client: peer.to_string() };
+            match open_to_listener(&st, &name, header).await {
+                Ok(stream) => {
+                    let _ = crate::stream::bridge(stream, sock).await;
+                }
+                Err(e) => {
+                    st.metrics.refused(e.refusal());
+                    tracing::debug!(%peer, %name, error = ?e, "public TCP connection not delivered");
+                }
+            }
+        });
+    }
+}

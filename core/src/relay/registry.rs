@@ -1,0 +1,72 @@
+//! Which listener holds which name. A name belongs to the key that registered it for as long as
+//! that key's session lives: another key can never take it, and the same key registering again
+//! replaces its stale session (the old one is closed). Entries are reserved before the session
+//! starts (so the answer to the listener and the claim cannot race) and attached after.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, ErrorCode};
+use crate::mux::Session;
+
+struct Entry {
+    owner: [u8; 32],
+    id: u64,
+    session: Option<Session>,
+}
+
+/// The relay's name table.
+#[derive(Default)]
+pub(crate) struct Registry {
+    names: Mutex<HashMap<String, Entry>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserve `name` for `owner`; returns the registration id.
+    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32]) -> Result<u64, Error> {
+        let mut t = self.table();
+        if let Some(e) = t.get(name) {
+            let live = e.session.as_ref().is_none_or(|s| !s.is_closed());
+            if e.owner != owner && live {
+                return Err(Error::new(
+                    ErrorCode::NameTaken,
+                    format!("the name {name:?} is registered by another key; pick another name or use that key"),
+                ));
+            }
+            if let Some(old) = &e.session {
+                old.close(ErrorCode::Closed, "replaced by a newer registration of the same key");
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        t.insert(name.to_string(), Entry { owner, id, session: None });
+        Ok(id)
+    }
+
+    /// Attach the live session to a reservation (no-op if it was replaced meanwhile).
+    pub(crate) fn attach(&self, name: &str, id: u64, session: Session) {
+        if let Some(e) = self.table().get_mut(name) {
+            if e.id == id {
+                e.session = Some(session);
+            }
+        }
+    }
+
+    /// The live session registered under `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<Session> {
+        self.table().get(name).and_then(|e| e.session.clone()).filter(|s| !s.is_closed())
+    }
+
+    /// Remove a registration when its session ends (no-op if it was replaced).
+    pub(crate) fn release(&self, name: &str, id: u64) {
+        let mut t = self.table();
+        if t.get(name).is_some_and(|e| e.id == id) {
+            t.remove(name);
+        }
+    }
+}
