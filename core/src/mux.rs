@@ -252,8 +252,10 @@ impl Session {
         t.next_id += 2;
         let s = StreamShared::new(id);
         t.streams.insert(id, s.clone());
-        drop(t);
+        // Queue the `Open` before releasing the table: ids must reach the peer in increasing order
+        // (it kills the session otherwise), and concurrent opens would race between the two.
         let _ = self.shared.ordered_tx.send(Frame::encode(FrameKind::Open, id, &[]));
+        drop(t);
         Ok(MuxStream::new(s, self.shared.clone()))
     }
 

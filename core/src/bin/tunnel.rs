@@ -298,7 +298,12 @@ fn main() -> ExitCode {
         }
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("libtunnel-rt").build().expect("start the tokio runtime");
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // `tunnel dial` ends when the remote side finishes, even with stdin still open (ssh
+    // ProxyCommand); tokio's stdin read then sits on a blocking thread, and dropping the runtime
+    // would wait for it forever. Everything else has finished by now, so do not wait.
+    rt.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error [{}]: {e}", e.code());

@@ -52,7 +52,7 @@ pub(crate) fn listener_name<'a>(host: &'a str, domain: &str) -> Option<String> {
 
 /// Open a stream to the listener registered as `name` and wait for it to accept.
 pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: StreamHeader) -> Result<MuxStream, RouteError> {
-    let session = state.registry.get(name).ok_or(RouteError::Offline)?;
+    let session = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
     let mut stream = session.open().map_err(|_| RouteError::Busy)?;
     let accept = async {
         stream.write_all(&header.encode()).await.map_err(|_| RouteError::Busy)?;
@@ -158,6 +158,7 @@ pub(super) async fn serve_listener(state: Arc<RelayState>, source: FrameSource, 
     let l = &state.cfg.limits;
     let cfg = MuxConfig { keepalive_interval: l.keepalive_interval, keepalive_timeout: l.keepalive_timeout, max_streams: l.max_streams_per_session, ..MuxConfig::default() };
     let session = Session::new(Role::Server, source, sink, cfg);
+    let _close = super::session::CloseOnDrop(session.clone());
     state.registry.attach(&name, id, session.clone());
     state.metrics.listeners_active.fetch_add(1, Relaxed);
     tracing::info!(%peer, %name, tcp = %ack.tcp_addr, "listener registered");

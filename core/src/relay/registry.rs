@@ -1,11 +1,14 @@
 //! Which listener holds which name. A name belongs to the key that registered it for as long as
 //! that key's session lives: another key can never take it, and the same key registering again
 //! replaces its stale session (the old one is closed). Entries are reserved before the session
-//! starts (so the answer to the listener and the claim cannot race) and attached after.
+//! starts (so the answer to the listener and the claim cannot race) and attached after; a
+//! lookup that finds a reservation still being answered waits for it to attach, so a listener is
+//! reachable as soon as its `bind()` returns.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use crate::error::{Error, ErrorCode};
 use crate::mux::Session;
@@ -21,6 +24,8 @@ struct Entry {
 pub(crate) struct Registry {
     names: Mutex<HashMap<String, Entry>>,
     next_id: AtomicU64,
+    /// Woken when a reservation is attached or released (for lookups waiting on one).
+    changed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -32,7 +37,7 @@ impl Registry {
     pub(crate) fn reserve(&self, name: &str, owner: [u8; 32]) -> Result<u64, Error> {
         let mut t = self.table();
         if let Some(e) = t.get(name) {
-            let live = e.session.as_ref().is_none_or(|s| !s.is_closed());
+            let live = e.session.as_ref().map_or(true, |s| !s.is_closed());
             if e.owner != owner && live {
                 return Err(Error::new(
                     ErrorCode::NameTaken,
@@ -55,11 +60,37 @@ impl Registry {
                 e.session = Some(session);
             }
         }
+        self.changed.notify_waiters();
     }
 
-    /// The live session registered under `name`.
-    pub(crate) fn get(&self, name: &str) -> Option<Session> {
-        self.table().get(name).and_then(|e| e.session.clone()).filter(|s| !s.is_closed())
+    /// Whether `name` is registered or being registered.
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.table().contains_key(name)
+    }
+
+    /// The live session registered under `name`. The relay answers a registration before its
+    /// session is attached, so the listener may already be dialed in between: then wait (at most
+    /// `limit`) for the attach, or for the registration to fail.
+    pub(crate) async fn lookup(&self, name: &str, limit: Duration) -> Option<Session> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let found = {
+                let t = self.table();
+                match t.get(name) {
+                    None => return None,
+                    Some(e) => e.session.clone(),
+                }
+            };
+            if let Some(s) = found {
+                return (!s.is_closed()).then_some(s);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
+        }
     }
 
     /// Remove a registration when its session ends (no-op if it was replaced).
@@ -68,5 +99,7 @@ impl Registry {
         if t.get(name).is_some_and(|e| e.id == id) {
             t.remove(name);
         }
+        drop(t);
+        self.changed.notify_waiters();
     }
 }

@@ -37,6 +37,16 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// Closes a relay-side session when the task serving it ends or is dropped. The session's reader
+/// and writer run as their own tasks, so without this a connection task dropped on `kill` (or by
+/// `ServerHandle::abort`) would leave the transport open, answering pings but refusing streams.
+pub(super) struct CloseOnDrop(pub(super) Session);
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close(ErrorCode::RelayUnavailable, "the relay closed the session");
+    }
+}
+
 fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
     match r {
         AuthRejection::Malformed => "malformed credentials; use a libtunnel or Emissary client".into(),
@@ -160,7 +170,7 @@ fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
     let name = super::listen::listener_name(host, &state.cfg.domain)?;
     let explicit = host.trim_end_matches('.').len() > name.len();
     let looks_derived = name.len() == crate::identity::DERIVED_NAME_LEN && name.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
-    (explicit || looks_derived || state.registry.get(&name).is_some()).then_some(name)
+    (explicit || looks_derived || state.registry.contains(&name)).then_some(name)
 }
 
 /// Connect to the requested target (or listener) and answer the CONNECT; `None` if refused
@@ -270,6 +280,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         ..MuxConfig::default()
     };
     let session = Session::new(Role::Server, source, sink, cfg);
+    let _close = CloseOnDrop(session.clone());
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
@@ -278,7 +289,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     loop {
         tokio::select! {
             s = session.accept() => match s {
-                Some(stream) => { state.tasks.spawn(serve_mux_stream(state.clone(), stream, peer)); }
+                Some(stream) => { state.tasks.spawn(serve_mux_stream(state.clone(), stream, peer, session.clone())); }
                 None => break,
             },
             _ = state.draining.cancelled(), if !draining => {
@@ -299,7 +310,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
 }
 
-async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr) {
+async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr, session: Session) {
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut stream, ServerAuth::Session)).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
@@ -318,17 +329,32 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
-    let bridged = tokio::select! {
-        r = async {
-            match upstream {
-                Upstream::Tcp(t) => crate::stream::bridge(stream, t).await,
-                // copy_bidirectional counts (to listener, from listener); bridge counts (down, up).
-                Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut l, 64 * 1024, 64 * 1024)
-                    .await
-                    .map(|(up, down)| (down, up)),
+    // Close the session before the bridge (and its stream) is dropped: a dropped stream would
+    // send FIN, and the client would take the cut-off transfer for a complete one.
+    let killed = || async {
+        state.kill.cancelled().await;
+        session.close(ErrorCode::RelayUnavailable, "the relay shut down");
+    };
+    let bridged = match upstream {
+        Upstream::Tcp(t) => tokio::select! {
+            r = crate::stream::bridge(stream, t) => r,
+            _ = killed() => return,
+        },
+        Upstream::Listener(mut l) => {
+            // copy_bidirectional counts (to listener, from listener); bridge counts (down, up).
+            let r = tokio::select! {
+                r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut l, 64 * 1024, 64 * 1024) => r.map(|(up, down)| (down, up)),
+                _ = killed() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the relay shut down")),
+            };
+            if r.is_err() {
+                // One side failed (its session died, it was reset, or the relay is shutting down):
+                // reset both, so neither end takes the cut-off stream for a finished one (dropping
+                // them would send FIN).
+                stream.reset(ErrorCode::Closed);
+                l.reset(ErrorCode::Closed);
             }
-        } => r,
-        _ = state.kill.cancelled() => return,
+            r
+        }
     };
     match bridged {
         Ok((down, up)) => count_bytes(&state, up, down),

@@ -1,0 +1,415 @@
+//! End-to-end tests of the `tunnel` binary: `tunnel server` configured through the environment,
+//! reached by `curl` through `tunnel socks`, by plain TCP clients through `tunnel forward`, and by
+//! `tunnel dial` on stdin/stdout; `tunnel keygen` output accepted by both ends; config errors that
+//! name the variable to set. Every child process is killed when its guard drops, and every wait is
+//! bounded.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+// ---------------------------------------------------------------------------------------------
+// running the binary
+// ---------------------------------------------------------------------------------------------
+
+/// A working directory without a `.env`, so the binary sees only the variables a test sets.
+fn clean_dir() -> PathBuf {
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-cwd");
+    std::fs::create_dir_all(&d).expect("create the CLI working dir");
+    assert!(!d.join(".env").exists(), "{} must not hold a .env", d.display());
+    d
+}
+
+/// `tunnel ARGS` with a clean environment: no inherited TUNNEL_*/EMISSARY_*/proxy variables.
+fn tunnel(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_tunnel"));
+    c.args(args).current_dir(clean_dir()).kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k == "RUST_LOG" {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+/// A running child process; killed (SIGKILL) when dropped, so no test leaks a process.
+struct Proc {
+    name: String,
+    child: Child,
+    /// Lines the process printed on stdout (when not taken for raw use).
+    lines: Option<mpsc::UnboundedReceiver<String>>,
+    /// Everything it printed on stderr so far (logs; shown when a test fails).
+    stderr: Arc<Mutex<String>>,
+    /// The task collecting stderr; it ends at the pipe's EOF.
+    stderr_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        // Reap it if it is already gone; otherwise tokio's orphan reaper does.
+        let _ = self.child.try_wait();
+    }
+}
+
+impl Proc {
+    /// Spawn; stdout is read as lines unless `raw_stdout` (then take `child.stdout`).
+    fn spawn(name: &str, mut cmd: Command, raw_stdout: bool) -> Proc {
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `tunnel` for {name}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_pipe = child.stderr.take().expect("stderr is piped");
+        let sink = stderr.clone();
+        let stderr_task = tokio::spawn(async move {
+            let mut r = BufReader::new(err_pipe).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
+                s.push_str(&l);
+                s.push('\n');
+            }
+        });
+        let lines = if raw_stdout {
+            None
+        } else {
+            let out = child.stdout.take().expect("stdout is piped");
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(out).lines();
+                while let Ok(Some(l)) = r.next_line().await {
+                    if tx.send(l).is_err() {
+                        break;
+                    }
+                }
+            });
+            Some(rx)
+        };
+        Proc { name: name.to_string(), child, lines, stderr, stderr_task: Some(stderr_task) }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Wait (bounded) for a stdout line starting with `prefix`; returns the rest of the line.
+    async fn line_after(&mut self, prefix: &str) -> String {
+        let rx = self.lines.as_mut().expect("stdout is read as lines");
+        let found = tokio::time::timeout(STEP, async {
+            while let Some(l) = rx.recv().await {
+                if let Some(rest) = l.strip_prefix(prefix) {
+                    return Some(rest.to_string());
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(rest)) => rest,
+            Ok(None) => panic!("{} exited before printing {prefix:?}; stderr:\n{}", self.name, self.stderr()),
+            Err(_) => panic!("{} did not print {prefix:?} within {STEP:?}; stderr:\n{}", self.name, self.stderr()),
+        }
+    }
+
+    /// Wait (bounded) for the process to exit, and for its stderr to be collected.
+    async fn exit(&mut self, limit: Duration) -> ExitStatus {
+        let status = match tokio::time::timeout(limit, self.child.wait()).await {
+            Ok(s) => s.expect("wait for the child"),
+            Err(_) => panic!("{} did not exit within {limit:?}; stderr:\n{}", self.name, self.stderr()),
+        };
+        if let Some(t) = self.stderr_task.take() {
+            within(STEP, "collecting stderr", t).await.expect("the stderr task");
+        }
+        status
+    }
+}
+
+/// The address part of `ws://127.0.0.1:PORT` (or `tcp://…`).
+fn url_addr(url: &str) -> SocketAddr {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    rest.trim_end_matches('/').parse().unwrap_or_else(|_| panic!("no address in {url:?}"))
+}
+
+/// The first token of `rest` as a socket address (`ADDR -> …`, `ADDR via …`).
+fn first_addr(rest: &str) -> SocketAddr {
+    let tok = rest.split_whitespace().next().unwrap_or_default();
+    tok.parse().unwrap_or_else(|_| panic!("no address at the start of {rest:?}"))
+}
+
+/// `tunnel server` on an ephemeral loopback port, configured only through the environment.
+async fn start_server(auth_keys: &str, allow_json: &str) -> (Proc, String) {
+    let mut cmd = tunnel(&["server"]);
+    cmd.env("TUNNEL_LISTEN", "127.0.0.1:0").env("TUNNEL_AUTH_KEYS", auth_keys).env("TUNNEL_ALLOW", allow_json);
+    let mut p = Proc::spawn("tunnel server", cmd, false);
+    let url = p.line_after("relay listening: ").await.trim().to_string();
+    assert!(url.starts_with("ws://127.0.0.1:"), "unexpected relay URL {url:?}");
+    (p, url)
+}
+
+fn allow_json(ports: &[u16]) -> String {
+    let rules: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
+    format!("[{}]", rules.join(","))
+}
+
+fn client_key() -> String {
+    key().to_key_string()
+}
+
+/// The relay's `/metrics`, fetched over HTTP from the child process.
+async fn relay_metrics(url: &str) -> String {
+    let (status, body) = http_get(url_addr(url), "/metrics").await;
+    assert_eq!(status, 200);
+    body
+}
+
+/// A tiny HTTP/1.1 server: answers every request with `body`, and reports each request head.
+async fn http_server(body: Arc<Vec<u8>>) -> (SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let (tx, body) = (tx.clone(), body.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Run curl through a SOCKS5 proxy (names resolved by the proxy); returns (status, stdout, stderr).
+async fn curl_socks(proxy: SocketAddr, url: &str) -> (ExitStatus, Vec<u8>, String) {
+    let mut c = Command::new("curl");
+    c.args(["--silent", "--show-error", "--fail", "--max-time", "20", "--output", "-"])
+        .arg("--socks5-hostname")
+        .arg(proxy.to_string())
+        .arg(url)
+        .kill_on_drop(true)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Proxy variables could send curl around the tunnel (NO_PROXY=localhost would bypass it).
+    for v in ["ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy", "HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"] {
+        c.env_remove(v);
+    }
+    let child = match c.spawn() {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("`curl` is not installed; these tests need it: install curl (e.g. `apt-get install curl`) and rerun")
+        }
+        Err(e) => panic!("cannot run curl: {e}"),
+    };
+    let out = within(Duration::from_secs(25), "curl", child.wait_with_output()).await.expect("curl output");
+    (out.status, out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+// ---------------------------------------------------------------------------------------------
+// tests
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_through_tunnel_socks_reaches_a_local_http_server() {
+    init_tracing();
+    let body = Arc::new(payload(2 * MIB, 501));
+    let (web, mut heads) = http_server(body.clone()).await;
+    let forbidden = closed_port().await;
+    // The relay allows the web server by name (it resolves the name, as curl --socks5-hostname asks).
+    let rules = format!(r#"[{{"host":"localhost","port":{}}}]"#, web.port());
+    let (server, url) = start_server(&auth_keys_json(), &rules).await;
+    let mut socks_cmd = tunnel(&["socks", "--listen", "127.0.0.1:0", "--relay", &url]);
+    socks_cmd.env("TUNNEL_KEY", client_key());
+    let mut socks = Proc::spawn("tunnel socks", socks_cmd, false);
+    let proxy = first_addr(&socks.line_after("socks5 proxy on ").await);
+
+    let (status, out, err) = curl_socks(proxy, &format!("http://localhost:{}/through/the/tunnel", web.port())).await;
+    assert!(status.success(), "curl failed ({status}): {err}\nsocks stderr:\n{}\nserver stderr:\n{}", socks.stderr(), server.stderr());
+    assert_eq!(out.len(), body.len(), "curl received a body of another length");
+    assert_eq!(sha256(&out), sha256(&body), "curl received other bytes than the server sent");
+    let head = within(STEP, "the request head", heads.recv()).await.expect("the web server saw the request");
+    assert!(head.starts_with("GET /through/the/tunnel HTTP/1.1\r\n"), "{head}");
+    assert!(head.to_ascii_lowercase().contains(&format!("host: localhost:{}", web.port())), "{head}");
+
+    // A target the relay does not allow: the proxy answers with a SOCKS5 failure, curl fails.
+    let (status, out, err) = curl_socks(proxy, &format!("http://localhost:{forbidden}/")).await;
+    assert!(!status.success() && out.is_empty(), "curl to a forbidden target must fail: {status} {err}");
+
+    let m = relay_metrics(&url).await;
+    assert_eq!(metric(&m, "libtunnel_streams_total"), 1, "exactly one stream went through the relay:\n{m}");
+    assert_eq!(metric(&m, "libtunnel_refusals_total{reason=\"not_allowed\"}"), 1, "{m}");
+    drop(socks);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_forward_carries_hashed_tcp_round_trips_in_both_modes() {
+    init_tracing();
+    let echo = echo_server().await;
+    let (server, url) = start_server(&auth_keys_json(), &allow_json(&[echo.port()])).await;
+    for (classic, seed) in [(false, 600u64), (true, 700)] {
+        let target = echo.to_string();
+        let mut args = vec!["forward", "127.0.0.1:0", target.as_str(), "--relay", url.as_str()];
+        if classic {
+            args.push("--classic");
+        }
+        let mut cmd = tunnel(&args);
+        cmd.env("TUNNEL_KEY", client_key());
+        let mut fwd = Proc::spawn("tunnel forward", cmd, false);
+        let rest = fwd.line_after("forwarding ").await;
+        let local = first_addr(&rest);
+        assert!(rest.contains(&target), "{rest}");
+        // Several clients at once, each with its own data.
+        let runs: Vec<_> = (0..4u64)
+            .map(|i| async move {
+                let data = payload(4 * MIB + i as usize * 4099, seed + i);
+                let s = within(STEP, "connecting to the forward", TcpStream::connect(local)).await.expect("connect");
+                let got = within(BULK, "round trip through tunnel forward", echo_roundtrip(s, &data, !classic)).await;
+                (got.map_err(|e| e.to_string()), sha256(&data))
+            })
+            .collect();
+        for (got, want) in futures_util::future::join_all(runs).await {
+            let got = got.unwrap_or_else(|e| panic!("forward (classic={classic}) failed: {e}\nstderr:\n{}", fwd.stderr()));
+            assert_eq!(got, want, "forward (classic={classic}) returned other bytes");
+        }
+    }
+    let m = relay_metrics(&url).await;
+    assert_eq!(metric(&m, "libtunnel_streams_total"), 8, "{m}");
+    assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"multiplexed\"}"), 1, "the multiplexed forward shares one session:\n{m}");
+    assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"classic\"}"), 4, "{m}");
+    drop(server);
+}
+
+/// `tunnel dial TARGET` with stdin/stdout piped: send `input`, close stdin, collect stdout.
+async fn dial_stdio(url: &str, key: &str, target: &str, extra: &[&str], input: &[u8], close_stdin: bool) -> (ExitStatus, Vec<u8>, String) {
+    let mut args = vec!["dial", target, "--relay", url];
+    args.extend_from_slice(extra);
+    let mut cmd = tunnel(&args);
+    cmd.env("TUNNEL_KEY", key).stdin(Stdio::piped());
+    let mut p = Proc::spawn("tunnel dial", cmd, true);
+    let mut stdin = p.child.stdin.take().expect("stdin is piped");
+    let mut stdout = p.child.stdout.take().expect("stdout is piped");
+    let write = async {
+        let r = stdin.write_all(input).await;
+        if close_stdin {
+            drop(stdin);
+            None
+        } else {
+            let _ = stdin.flush().await;
+            Some((stdin, r)) // keep stdin open until the process is done
+        }
+    };
+    let read = async {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out).await;
+        out
+    };
+    let (_kept, out) = within(BULK, "tunnel dial's output", async { tokio::join!(write, read) }).await;
+    let status = p.exit(STEP).await;
+    let err = p.stderr();
+    (status, out, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_dial_pipes_stdin_and_stdout() {
+    init_tracing();
+    let echo = echo_server().await;
+    let replier = reply_then_close_server(4, b"bye from the target\n".to_vec()).await;
+    let (server, url) = start_server(&auth_keys_json(), &allow_json(&[echo.port(), replier.port()])).await;
+    // Multiplexed: stdin EOF half-closes; the whole echo still comes back, then dial exits 0.
+    let data = payload(4 * MIB + 3, 800);
+    let (status, out, err) = dial_stdio(&url, &client_key(), &echo.to_string(), &[], &data, true).await;
+    assert!(status.success(), "tunnel dial failed ({status}): {err}");
+    assert_eq!(out.len(), data.len(), "stderr: {err}");
+    assert_eq!(sha256(&out), sha256(&data));
+    // Classic, ProxyCommand style: stdin stays open; the target finishing ends the session.
+    for extra in [&[][..], &["--classic"][..]] {
+        let (status, out, err) = dial_stdio(&url, &client_key(), &replier.to_string(), extra, b"ping", false).await;
+        assert!(status.success(), "tunnel dial {extra:?} failed ({status}): {err}");
+        assert_eq!(out, b"bye from the target\n", "{extra:?}");
+    }
+    // A refused target: non-zero exit and the code on stderr.
+    let (status, out, err) = dial_stdio(&url, &client_key(), &format!("127.0.0.1:{}", closed_port().await), &[], b"", true).await;
+    assert!(!status.success() && out.is_empty(), "{status}");
+    assert!(err.contains("NOT_ALLOWED"), "stderr should carry the error code: {err}");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_output_is_accepted_by_server_and_client() {
+    init_tracing();
+    let out = within(STEP, "tunnel keygen", tunnel(&["keygen", "--kid", "42"]).output()).await.expect("run keygen");
+    assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).expect("keygen prints text");
+    let value = |var: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{var}=")))
+            .unwrap_or_else(|| panic!("keygen printed no {var}= line:\n{text}"))
+            .trim()
+            .trim_matches('\'')
+            .to_string()
+    };
+    let (client, relay_keys) = (value("TUNNEL_KEY"), value("TUNNEL_AUTH_KEYS"));
+    assert!(client.starts_with("42:"), "{client}");
+    let echo = echo_server().await;
+    let (server, url) = start_server(&relay_keys, &allow_json(&[echo.port()])).await;
+    let data = payload(MIB, 900);
+    let (status, got, err) = dial_stdio(&url, &client, &echo.to_string(), &[], &data, true).await;
+    assert!(status.success(), "the generated key was refused ({status}): {err}");
+    assert_eq!(sha256(&got), sha256(&data));
+    // A second keygen makes a different secret, which this relay refuses.
+    let other = within(STEP, "tunnel keygen", tunnel(&["keygen", "--kid", "42"]).output()).await.expect("run keygen");
+    let other = String::from_utf8(other.stdout).expect("text");
+    let other_key = other.lines().find_map(|l| l.strip_prefix("TUNNEL_KEY=")).expect("a key").trim().to_string();
+    assert_ne!(other_key, client, "keygen must make a fresh secret each time");
+    let (status, got, err) = dial_stdio(&url, &other_key, &echo.to_string(), &[], b"x", true).await;
+    assert!(!status.success() && got.is_empty(), "{status}");
+    assert!(err.contains("AUTH_FAILED"), "{err}");
+    drop(server);
+}
+
+/// `tunnel server` that must refuse to start: exit code 2 and stderr naming `needle`.
+async fn server_refuses(envs: &[(&str, &str)], needle: &str) {
+    let mut cmd = tunnel(&["server"]);
+    cmd.env("TUNNEL_LISTEN", "127.0.0.1:0");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut p = Proc::spawn("tunnel server (bad config)", cmd, false);
+    let status = p.exit(STEP).await;
+    let err = p.stderr();
+    assert!(!status.success(), "the server started with {envs:?}");
+    assert_eq!(status.code(), Some(2), "config errors exit with 2: {err}");
+    assert!(err.contains(needle), "stderr should name {needle}: {err}");
+    assert!(err.contains("INVALID_CONFIG"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_config_errors_name_the_variable_to_set() {
+    init_tracing();
+    let allow = allow_json(&[80]);
+    let keys = auth_keys_json();
+    server_refuses(&[("TUNNEL_ALLOW", &allow)], "TUNNEL_AUTH_KEYS").await;
+    server_refuses(&[("TUNNEL_AUTH_KEYS", "[]"), ("TUNNEL_ALLOW", &allow)], "TUNNEL_AUTH_KEYS").await;
+    server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", "[]")], "TUNNEL_ALLOW").await;
+    server_refuses(&[("TUNNEL_AUTH_KEYS", &keys)], "TUNNEL_ALLOW").await;
+    server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), ("TUNNEL_ALOW", "x")], "did you mean TUNNEL_ALLOW").await;
+}
