@@ -1,0 +1,387 @@
+#!/usr/bin/env bash
+# libtunnel benchmark suite: direct loopback vs libtunnel (multiplexed and classic, through
+# `tunnel forward` + `tunnel server`) and, where they install from crates.io, rathole and bore.
+# Prints one table with absolute figures and ratios to direct. See bench/README.md.
+#
+#   bench/run.sh                 full run (2 GiB transfers, 2,000 connects, 20,000 round trips,
+#                                1,000 and 10,000 held connections)
+#   BENCH_QUICK=1 bench/run.sh   smoke run with small sizes (about a minute)
+#   bench/run.sh --no-peers      skip rathole and bore
+#
+# Benchmarks report figures; nothing here asserts a timing.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+PEERS=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-peers) PEERS=0 ;;
+        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+
+Environment (all optional):
+  BENCH_QUICK=1        small sizes for a smoke run
+  BENCH_BYTES=N        bytes per throughput run (default 2 GiB; quick 64 MiB)
+  BENCH_STREAMS=N      parallel streams of the second throughput run (default 8)
+  BENCH_CONNECTS=N     sequential connects (default 2000; quick 200)
+  BENCH_PINGS=N        ping-pong round trips (default 20000; quick 2000)
+  BENCH_HOLD="N M"     held-connection counts (default "1000 10000"; quick "100 1000")
+  BENCH_PATHS="..."    which of: direct mux classic rathole bore (default all)
+  BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
+  BENCH_NO_BUILD=1     use the binaries already built
+  BENCH_TUNNEL_BIN=P   benchmark this `tunnel` binary instead (e.g. an older build)
+  BENCH_OUT=DIR        where logs and results go (default bench/results/<timestamp>)
+EOF
+            exit 0 ;;
+        *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
+    D_BYTES=$((64 << 20)); D_CONNECTS=200; D_PINGS=2000; D_HOLD="100 1000"
+else
+    D_BYTES=$((2 << 30)); D_CONNECTS=2000; D_PINGS=20000; D_HOLD="1000 10000"
+fi
+BYTES=${BENCH_BYTES:-$D_BYTES}
+STREAMS=${BENCH_STREAMS:-8}
+CONNECTS=${BENCH_CONNECTS:-$D_CONNECTS}
+PINGS=${BENCH_PINGS:-$D_PINGS}
+HOLDS=${BENCH_HOLD:-$D_HOLD}
+PATHS=${BENCH_PATHS:-"direct mux classic rathole bore"}
+PIN_CPU=${BENCH_PIN_CPU:-0}
+OUT=${BENCH_OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT/logs"
+RAW="$OUT/raw.txt"
+: >"$RAW"
+
+log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# ---------------------------------------------------------------------------------------------
+# Build
+
+if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
+    log "building release binaries (target dir $TARGET_DIR)"
+    (cd "$ROOT" && cargo build --release -q -p libtunnel --features cli --bin tunnel) || { log "building tunnel failed"; exit 1; }
+    (cd "$ROOT" && cargo build --release -q -p libtunnel-bench) || { log "building tunnel-bench failed"; exit 1; }
+fi
+TUNNEL=${BENCH_TUNNEL_BIN:-$TARGET_DIR/release/tunnel}
+GEN=$TARGET_DIR/release/tunnel-bench
+for b in "$TUNNEL" "$GEN"; do
+    [[ -x "$b" ]] || { log "missing binary $b"; exit 1; }
+done
+
+TOOLS="$HERE/.tools"
+RATHOLE=""; BORE=""
+declare -A SKIP=()
+if [[ $PEERS == 1 ]]; then
+    install_peer() { # crate binary
+        local crate=$1 bin=$2
+        if [[ -x "$TOOLS/bin/$bin" ]]; then echo "$TOOLS/bin/$bin"; return 0; fi
+        log "installing $crate from crates.io into bench/.tools (once)"
+        if cargo install --quiet --locked --root "$TOOLS" "$crate" >"$OUT/logs/install-$crate.log" 2>&1 \
+            || cargo install --quiet --root "$TOOLS" "$crate" >>"$OUT/logs/install-$crate.log" 2>&1; then
+            echo "$TOOLS/bin/$bin"
+        else
+            return 1
+        fi
+    }
+    if [[ " $PATHS " == *" rathole "* ]]; then
+        RATHOLE=$(install_peer rathole rathole) || SKIP[rathole]="cargo install rathole failed (see $OUT/logs/install-rathole.log)"
+    fi
+    if [[ " $PATHS " == *" bore "* ]]; then
+        BORE=$(install_peer bore-cli bore) || SKIP[bore]="cargo install bore-cli failed (see $OUT/logs/install-bore-cli.log)"
+    fi
+else
+    SKIP[rathole]="--no-peers"; SKIP[bore]="--no-peers"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Processes: everything started here is killed on exit, by PID.
+
+STARTED=()
+LAST_PID=""
+cleanup() {
+    local p
+    for p in "${STARTED[@]}"; do kill "$p" 2>/dev/null; done
+    for p in "${STARTED[@]}"; do
+        for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null
+    done
+    wait 2>/dev/null
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+START_N=0
+start_bg() { # name cmd... ; sets LAST_PID and LOG
+    local name=$1; shift
+    START_N=$((START_N + 1))
+    LOG="$OUT/logs/$(printf '%02d' $START_N)-$name.log"
+    "$@" >"$LOG" 2>&1 &
+    LAST_PID=$!
+    STARTED+=("$LAST_PID")
+}
+
+stop_pid() {
+    local p=$1
+    kill "$p" 2>/dev/null || return 0
+    # Benchmarked processes need no graceful drain (the relay would wait 30 s for it).
+    for _ in $(seq 1 10); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null
+    wait "$p" 2>/dev/null
+    return 0
+}
+
+wait_line() { # file regex timeout_s -> prints the first match
+    local file=$1 re=$2 t=$3 m
+    for _ in $(seq 1 $((t * 10))); do
+        m=$(grep -m1 -oE "$re" "$file" 2>/dev/null) && { echo "$m"; return 0; }
+        sleep 0.1
+    done
+    return 1
+}
+
+# Raise the descriptor limit: 10,000 held connections cost a classic forwarder 20,000 fds.
+ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
+FD_LIMIT=$(ulimit -n)
+NCPU=$(nproc)
+
+# ---------------------------------------------------------------------------------------------
+# The echo/sink server shared by every path.
+
+start_bg echo "$GEN" server --listen 127.0.0.1:0
+ECHO_PID=$LAST_PID
+ECHO=$(wait_line "$LOG" '127\.0\.0\.1:[0-9]+' 10) || { log "echo server did not start"; exit 1; }
+ECHO_PORT=${ECHO##*:}
+log "echo server on $ECHO (pid $ECHO_PID); fd limit $FD_LIMIT; $NCPU CPUs"
+
+settle() { "$GEN" settle --addr "$ECHO" --timeout 30 >>"$RAW" 2>&1; }
+
+# Results: R[path.key] = value
+declare -A R=()
+
+gen() { # path tag [taskset...] -- generator args ; parses key=value output into R[path.tag.key]
+    local path=$1 tag=$2; shift 2
+    local line
+    line=$("$@" 2>>"$OUT/logs/gen.err" | tail -n 1)
+    echo "$path $tag $line" >>"$RAW"
+    if [[ "$line" == error* || -z "$line" ]]; then
+        R[$path.$tag.error]=${line#error msg=}
+        [[ -z "$line" ]] && R[$path.$tag.error]="no output"
+        log "  $path $tag: FAILED ${R[$path.$tag.error]}"
+        return 1
+    fi
+    local kv
+    # shellcheck disable=SC2086
+    for kv in $(sed 's/ error=.*//' <<<"$line"); do
+        [[ "$kv" == *=* ]] && R[$path.$tag.${kv%%=*}]=${kv#*=}
+    done
+    [[ "$line" == *" error="* ]] && R[$path.$tag.error]=${line#* error=}
+    log "  $path $tag: $line"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Paths. start_<path> sets ADDR (where the client connects), TPIDS (comma-separated tunnel
+# processes) and PATH_PIDS (to stop), or returns non-zero with SKIP[path] set.
+
+KEYGEN=$("$TUNNEL" keygen)
+CLIENT_KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$KEYGEN")
+RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
+SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+
+ADDR=""; TPIDS=""; PATH_PIDS=()
+
+start_direct() { ADDR=$ECHO; TPIDS=""; PATH_PIDS=(); }
+
+start_libtunnel() { # mux|classic
+    local mode=$1 relay_url fwd
+    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" \
+        TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
+        start_bg "relay-$mode" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
+    local relay=$LAST_PID
+    relay_url=$(wait_line "$LOG" 'ws://127\.0\.0\.1:[0-9]+' 10) \
+        || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }
+    local flag=()
+    [[ $mode == classic ]] && flag=(--classic)
+    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}"
+    local fwdpid=$LAST_PID
+    fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10) \
+        || { SKIP[$mode]="tunnel forward did not start (see $LOG)"; stop_pid "$fwdpid"; stop_pid "$relay"; return 1; }
+    ADDR=${fwd#forwarding }
+    TPIDS="$relay,$fwdpid"; PATH_PIDS=("$fwdpid" "$relay")
+}
+start_mux() { start_libtunnel mux; }
+start_classic() { start_libtunnel classic; }
+
+start_rathole() {
+    [[ -n "$RATHOLE" ]] || return 1
+    local ctrl svc
+    ctrl=$("$GEN" freeport); svc=$("$GEN" freeport)
+    cat >"$OUT/rathole-server.toml" <<EOF
+[server]
+bind_addr = "127.0.0.1:$ctrl"
+default_token = "$SECRET"
+[server.services.echo]
+bind_addr = "127.0.0.1:$svc"
+EOF
+    cat >"$OUT/rathole-client.toml" <<EOF
+[client]
+remote_addr = "127.0.0.1:$ctrl"
+default_token = "$SECRET"
+[client.services.echo]
+local_addr = "$ECHO"
+EOF
+    start_bg rathole-server "$RATHOLE" --server "$OUT/rathole-server.toml"
+    local s=$LAST_PID
+    start_bg rathole-client "$RATHOLE" --client "$OUT/rathole-client.toml"
+    local c=$LAST_PID
+    ADDR=127.0.0.1:$svc; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s")
+}
+
+start_bore() {
+    [[ -n "$BORE" ]] || return 1
+    local port
+    port=$("$GEN" freeport)
+    if (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null; then
+        SKIP[bore]="bore's fixed control port 7835 is in use on this machine"; return 1
+    fi
+    BORE_SECRET=$SECRET start_bg bore-server "$BORE" server --bind-addr 127.0.0.1 --min-port "$port" --max-port "$port"
+    local s=$LAST_PID
+    wait_line "$LOG" 'server listening' 10 >/dev/null \
+        || { SKIP[bore]="bore server did not start (see $LOG)"; stop_pid "$s"; return 1; }
+    BORE_SECRET=$SECRET start_bg bore-local "$BORE" local "$ECHO_PORT" --local-host 127.0.0.1 --to 127.0.0.1 --port "$port"
+    local c=$LAST_PID
+    ADDR=127.0.0.1:$port; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s")
+}
+
+start_path() { # path -> 0 when ready
+    local p=$1
+    "start_$p" || { [[ -n "${SKIP[$p]:-}" ]] || SKIP[$p]="could not start"; return 1; }
+    # Ready when one connection echoes end to end (bounded: 100 tries).
+    for _ in $(seq 1 100); do
+        "$GEN" connect --addr "$ADDR" --count 1 --warmup 0 >/dev/null 2>&1 && { settle; return 0; }
+        sleep 0.1
+    done
+    SKIP[$p]="no echo through the path within 10 s (see $OUT/logs)"
+    stop_path
+    return 1
+}
+
+stop_path() {
+    local p
+    for p in "${PATH_PIDS[@]}"; do stop_pid "$p"; done
+    PATH_PIDS=()
+    settle
+}
+
+pin_all() { # cpu-list
+    local p
+    for p in $ECHO_PID ${TPIDS//,/ }; do taskset -apc "$1" "$p" >/dev/null 2>&1; done
+}
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+measure() {
+    local p=$1
+    log "== $p"
+    start_path "$p" || { log "  $p skipped: ${SKIP[$p]}"; return; }
+    gen "$p" connect "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
+    settle
+    gen "$p" ping "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
+    pin_all "$PIN_CPU"
+    settle
+    gen "$p" connect_pin taskset -c "$PIN_CPU" "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
+    settle
+    gen "$p" ping_pin taskset -c "$PIN_CPU" "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
+    pin_all "0-$((NCPU - 1))"
+    settle
+    gen "$p" tp1 "$GEN" throughput --addr "$ADDR" --streams 1 --bytes "$BYTES" --pids "$TPIDS"
+    settle
+    gen "$p" tpN "$GEN" throughput --addr "$ADDR" --streams "$STREAMS" --bytes "$BYTES" --pids "$TPIDS"
+    stop_path
+    [[ $p == direct ]] && return
+    local n
+    for n in $HOLDS; do
+        # Fresh tunnel processes for each count, so memory freed by earlier runs is not reused.
+        start_path "$p" || { log "  $p hold $n skipped: ${SKIP[$p]}"; unset "SKIP[$p]"; continue; }
+        gen "$p" "hold$n" "$GEN" hold --addr "$ADDR" --count "$n" --pids "$TPIDS"
+        stop_path
+    done
+}
+
+log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
+for p in $PATHS; do
+    if [[ -n "${SKIP[$p]:-}" ]]; then log "== $p skipped: ${SKIP[$p]}"; continue; fi
+    measure "$p"
+done
+
+# ---------------------------------------------------------------------------------------------
+# The table
+
+declare -A NAMES=([direct]="direct" [mux]="libtunnel mux" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore")
+
+# key | label | ratio to direct (1) or not (0)
+ROWS=(
+    "tp1.mib_s|throughput, 1 stream (MiB/s)|1"
+    "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
+    "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
+    "tpN.cpu_s_per_gb|tunnel CPU, $STREAMS streams (s/GB)|0"
+    "connect.p50_us|connect+1st byte p50 (us)|1"
+    "connect.p99_us|connect+1st byte p99 (us)|1"
+    "connect_pin.p50_us|connect p50, pinned (us)|1"
+    "connect_pin.p99_us|connect p99, pinned (us)|1"
+    "ping.p50_us|ping-pong 64 B p50 (us)|1"
+    "ping.p99_us|ping-pong 64 B p99 (us)|1"
+    "ping_pin.p50_us|ping-pong p50, pinned (us)|1"
+    "ping_pin.p99_us|ping-pong p99, pinned (us)|1"
+)
+for n in $HOLDS; do ROWS+=("hold$n.kib_per_conn|RSS per held conn @$n (KiB)|0"); done
+
+cell() { # path key ratio
+    local p=$1 key=$2 ratio=$3 v d mark="" tag=${2%%.*}
+    v=${R[$p.$key]:-}
+    if [[ -z "$v" ]]; then
+        if [[ -n "${SKIP[$p]:-}" ]]; then echo "skipped"
+        elif [[ -n "${R[$p.$tag.error]:-}" ]]; then echo "failed"
+        else echo "-"; fi
+        return
+    fi
+    if [[ $p == direct && $key == *cpu* ]]; then echo "-"; return; fi
+    [[ -n "${R[$p.$tag.error]:-}" ]] && mark="*"
+    d=${R[direct.$key]:-}
+    if [[ $ratio == 1 && $p != direct && -n "$d" ]]; then
+        awk -v v="$v" -v d="$d" -v m="$mark" 'BEGIN { printf "%s%s (%.2fx)", v, m, (d > 0 ? v / d : 0) }'
+    else
+        echo "$v$mark"
+    fi
+}
+
+{
+    echo
+    echo "libtunnel bench: $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
+    echo "sizes: $BYTES bytes per throughput run, $CONNECTS connects, $PINGS round trips; pinned = every process on CPU $PIN_CPU; ratios are to direct"
+    printf '%-34s' "metric"
+    for p in $PATHS; do printf ' | %-20s' "${NAMES[$p]:-$p}"; done
+    echo
+    printf '%-34s' "" | tr ' ' '-'
+    for p in $PATHS; do printf -- '-+-%-20s' "" | tr ' ' '-'; done
+    echo
+    for row in "${ROWS[@]}"; do
+        IFS='|' read -r key label ratio <<<"$row"
+        printf '%-34s' "$label"
+        for p in $PATHS; do printf ' | %-20s' "$(cell "$p" "$key" "$ratio")"; done
+        echo
+    done
+    for p in $PATHS; do
+        [[ -n "${SKIP[$p]:-}" ]] && echo "note: $p skipped: ${SKIP[$p]}"
+    done
+    for k in "${!R[@]}"; do
+        [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"
+    done | sort
+    echo "(* = not every connection could be held; see the note. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    echo "raw results and logs: $OUT"
+} | tee "$OUT/table.txt"
+cp "$OUT/table.txt" "$HERE/results/latest.txt" 2>/dev/null || true
