@@ -8,6 +8,10 @@
 #   BENCH_QUICK=1 bench/run.sh   smoke run with small sizes (about a minute)
 #   bench/run.sh --no-peers      skip rathole and bore
 #
+# Paths: direct (client -> echo server), proxy (two chained plain TCP forwarders: the floor any
+# two-process tunnel pays to the kernel), mux and classic (client -> tunnel forward -> tunnel
+# server -> echo server), rathole and bore (client -> server -> client -> echo server).
+#
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
 
@@ -28,10 +32,12 @@ Environment (all optional):
   BENCH_CONNECTS=N     sequential connects (default 2000; quick 200)
   BENCH_PINGS=N        ping-pong round trips (default 20000; quick 2000)
   BENCH_HOLD="N M"     held-connection counts (default "1000 10000"; quick "100 1000")
-  BENCH_PATHS="..."    which of: direct mux classic rathole bore (default all)
+  BENCH_PATHS="..."    which of: direct proxy mux classic rathole bore (default all), and
+                       muxtcp (multiplexed over the raw-TCP transport, to isolate WebSocket costs)
   BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
   BENCH_NO_BUILD=1     use the binaries already built
   BENCH_TUNNEL_BIN=P   benchmark this `tunnel` binary instead (e.g. an older build)
+  BENCH_TUNNEL_ENV=".." extra environment for the tunnel processes (e.g. TOKIO_WORKER_THREADS=1)
   BENCH_OUT=DIR        where logs and results go (default bench/results/<timestamp>)
 EOF
             exit 0 ;;
@@ -49,7 +55,9 @@ STREAMS=${BENCH_STREAMS:-8}
 CONNECTS=${BENCH_CONNECTS:-$D_CONNECTS}
 PINGS=${BENCH_PINGS:-$D_PINGS}
 HOLDS=${BENCH_HOLD:-$D_HOLD}
-PATHS=${BENCH_PATHS:-"direct mux classic rathole bore"}
+PATHS=${BENCH_PATHS:-"direct proxy mux classic rathole bore"}
+# shellcheck disable=SC2206
+TUNNEL_ENV=(${BENCH_TUNNEL_ENV:-})
 PIN_CPU=${BENCH_PIN_CPU:-0}
 OUT=${BENCH_OUT:-$HERE/results/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/logs"
@@ -147,6 +155,7 @@ wait_line() { # file regex timeout_s -> prints the first match
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 FD_LIMIT=$(ulimit -n)
 NCPU=$(nproc)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---------------------------------------------------------------------------------------------
 # The echo/sink server shared by every path.
@@ -155,7 +164,10 @@ start_bg echo "$GEN" server --listen 127.0.0.1:0
 ECHO_PID=$LAST_PID
 ECHO=$(wait_line "$LOG" '127\.0\.0\.1:[0-9]+' 10) || { log "echo server did not start"; exit 1; }
 ECHO_PORT=${ECHO##*:}
-log "echo server on $ECHO (pid $ECHO_PID); fd limit $FD_LIMIT; $NCPU CPUs"
+log "echo server on $ECHO (pid $ECHO_PID); fd limit $FD_LIMIT; $NCPU CPUs; load average $LOAD_START"
+if awk -v l="${LOAD_START%% *}" 'BEGIN { exit !(l > 0.5) }'; then
+    log "warning: the machine is busy (load $LOAD_START): other work shares these CPUs and skews every figure"
+fi
 
 settle() { "$GEN" settle --addr "$ECHO" --timeout 30 >>"$RAW" 2>&1; }
 
@@ -195,17 +207,29 @@ ADDR=""; TPIDS=""; PATH_PIDS=()
 
 start_direct() { ADDR=$ECHO; TPIDS=""; PATH_PIDS=(); }
 
-start_libtunnel() { # mux|classic
-    local mode=$1 relay_url fwd
-    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" \
+start_proxy() {
+    local a b
+    start_bg proxy-2 "$GEN" proxy --to "$ECHO"
+    b=$LAST_PID
+    a=$(wait_line "$LOG" '127\.0\.0\.1:[0-9]+' 10) || { SKIP[proxy]="proxy did not start"; stop_pid "$b"; return 1; }
+    start_bg proxy-1 "$GEN" proxy --to "$a"
+    local c=$LAST_PID
+    ADDR=$(wait_line "$LOG" '127\.0\.0\.1:[0-9]+' 10) || { SKIP[proxy]="proxy did not start"; stop_pid "$b"; stop_pid "$c"; return 1; }
+    TPIDS="$c,$b"; PATH_PIDS=("$c" "$b")
+}
+
+start_libtunnel() { # mux|classic|muxtcp
+    local mode=$1 relay_url fwd scheme=ws
+    [[ $mode == muxtcp ]] && scheme=tcp
+    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
-        start_bg "relay-$mode" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
+        start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
     local relay=$LAST_PID
-    relay_url=$(wait_line "$LOG" 'ws://127\.0\.0\.1:[0-9]+' 10) \
+    relay_url=$(wait_line "$LOG" "$scheme://127\.0\.0\.1:[0-9]+" 10) \
         || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }
     local flag=()
     [[ $mode == classic ]] && flag=(--classic)
-    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}"
+    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}"
     local fwdpid=$LAST_PID
     fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10) \
         || { SKIP[$mode]="tunnel forward did not start (see $LOG)"; stop_pid "$fwdpid"; stop_pid "$relay"; return 1; }
@@ -214,6 +238,7 @@ start_libtunnel() { # mux|classic
 }
 start_mux() { start_libtunnel mux; }
 start_classic() { start_libtunnel classic; }
+start_muxtcp() { start_libtunnel muxtcp; }
 
 start_rathole() {
     [[ -n "$RATHOLE" ]] || return 1
@@ -302,14 +327,32 @@ measure() {
     settle
     gen "$p" tpN "$GEN" throughput --addr "$ADDR" --streams "$STREAMS" --bytes "$BYTES" --pids "$TPIDS"
     stop_path
-    [[ $p == direct ]] && return
+    # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
+    [[ $p == direct || $p == proxy ]] && return
     local n
     for n in $HOLDS; do
         # Fresh tunnel processes for each count, so memory freed by earlier runs is not reused.
+        local first=$START_N
         start_path "$p" || { log "  $p hold $n skipped: ${SKIP[$p]}"; unset "SKIP[$p]"; continue; }
         gen "$p" "hold$n" "$GEN" hold --addr "$ADDR" --count "$n" --pids "$TPIDS"
         stop_path
+        [[ -n "${R[$p.hold$n.error]:-}" ]] && hold_cause "$p" "hold$n" "$first"
     done
+}
+
+hold_cause() { # path tag first-log-index: name the tunnel's own reason for refusing connections
+    local p=$1 tag=$2 first=$3 f i cause=""
+    for f in "$OUT"/logs/[0-9]*.log; do
+        i=$(basename "$f"); i=$((10#${i%%-*}))
+        ((i > first)) || continue
+        cause=$(grep -m1 -ohE "already has [0-9]+ open streams|[Tt]oo many open files|connection limit reached" "$f") && break
+    done
+    case "$cause" in
+        already*) R[$p.$tag.error]="${R[$p.$tag.error]}; cause: the session's stream limit (tunnel forward logged '$cause'; the dialer's MuxConfig::max_streams defaults to 4096)" ;;
+        [Tt]oo*) R[$p.$tag.error]="${R[$p.$tag.error]}; cause: a tunnel process ran out of file descriptors (fd limit $FD_LIMIT)" ;;
+        connection*) R[$p.$tag.error]="${R[$p.$tag.error]}; cause: the relay's max_connections" ;;
+    esac
+    return 0
 }
 
 log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
@@ -321,7 +364,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # The table
 
-declare -A NAMES=([direct]="direct" [mux]="libtunnel mux" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore")
+declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore")
 
 # key | label | ratio to direct (1) or not (0)
 ROWS=(
@@ -363,6 +406,7 @@ cell() { # path key ratio
     echo
     echo "libtunnel bench: $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
     echo "sizes: $BYTES bytes per throughput run, $CONNECTS connects, $PINGS round trips; pinned = every process on CPU $PIN_CPU; ratios are to direct"
+    echo "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg); fd limit $FD_LIMIT${BENCH_TUNNEL_ENV:+; tunnel env: $BENCH_TUNNEL_ENV}"
     printf '%-34s' "metric"
     for p in $PATHS; do printf ' | %-20s' "${NAMES[$p]:-$p}"; done
     echo
@@ -381,7 +425,13 @@ cell() { # path key ratio
     for k in "${!R[@]}"; do
         [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"
     done | sort
-    echo "(* = not every connection could be held; see the note. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    echo "(* = not every connection could be held; see the notes. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    max_hold=0
+    for n in $HOLDS; do ((n > max_hold)) && max_hold=$n; done
+    if ((2 * max_hold + 64 > FD_LIMIT)); then
+        echo "(fd limit $FD_LIMIT: a process with one upstream socket per client connection (classic, rathole, bore)"
+        echo " needs 2 descriptors per held connection, so $max_hold cannot all be held; the hard limit here cannot be raised.)"
+    fi
     echo "raw results and logs: $OUT"
 } | tee "$OUT/table.txt"
 cp "$OUT/table.txt" "$HERE/results/latest.txt" 2>/dev/null || true
