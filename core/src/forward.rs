@@ -13,6 +13,20 @@ use crate::dialer::Dialer;
 use crate::error::{Error, ErrorCode, Result};
 use crate::socks::{self, ServerAuth, Target};
 
+/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
+/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
+pub(crate) async fn accept_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Bind a local address for a forward or proxy, with an error that names the address.
 pub async fn bind_local(addr: &str) -> Result<TcpListener> {
     let addr = if addr.parse::<u16>().is_ok() { format!("127.0.0.1:{addr}") } else { addr.to_string() };
@@ -29,14 +43,7 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
     loop {
         let (sock, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = crate::forward::accept_backoff(&listener) => x,
         };
         let _ = sock.set_nodelay(true);
         let (dialer, target) = (dialer.clone(), target.clone());
@@ -106,14 +113,7 @@ pub async fn socks_proxy(listener: TcpListener, dialer: Dialer, shutdown: impl F
     loop {
         let (sock, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = crate::forward::accept_backoff(&listener) => x,
         };
         let _ = sock.set_nodelay(true);
         tasks.spawn(serve_socks_client(sock, peer, dialer.clone()));

@@ -223,13 +223,7 @@ async fn serve_public_port(state: Arc<RelayState>, listener: TcpListener, name: 
         let (sock, peer) = tokio::select! {
             _ = session.closed() => return,
             _ = state.draining.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = crate::forward::accept_backoff(&listener) => x,
         };
         let _ = sock.set_nodelay(true);
         let (st, name) = (state.clone(), name.clone());

@@ -256,15 +256,7 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
     loop {
         let (sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = crate::forward::accept_backoff(&listener) => x,
         };
         let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
             state.metrics.refused(Refusal::Overloaded);
