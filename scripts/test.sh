@@ -36,6 +36,15 @@ step "Rust: core unit and integration tests, CLI, Emissary interop (Go, from the
 command -v go >/dev/null || echo "SKIPPED emissary interop: go is not installed" >>"$LIBTUNNEL_SKIP_LOG"
 cargo test -p libtunnel --features cli --no-fail-fast 2>&1 | tee "$LOGDIR/rust.log"
 
+# Each language face has its own script, which installs what it needs (Debian packages, a Python
+# virtualenv, npm packages) and shares this Cargo target dir.
+for face in c python node; do
+  script="scripts/test-$face.sh"
+  [ -f "$script" ] || continue
+  step "$face: $(sed -n 2p "$script" | sed 's/^# *//')"
+  bash "$script" 2>&1 | tee "$LOGDIR/$face.log"
+done
+
 step "summary"
 echo "all test suites passed"
 if [ -s "$LIBTUNNEL_SKIP_LOG" ]; then

@@ -4,6 +4,8 @@ pub mod config;
 pub mod demo;
 pub mod dialer;
 pub mod error;
+#[cfg(unix)]
+pub mod fd;
 pub mod forward;
 pub mod identity;
 pub mod listener;

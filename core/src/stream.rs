@@ -71,11 +71,19 @@ impl TunnelStream {
             Inner::Mux(m) => bridge(m, local).await,
             Inner::Ws(mut ws) => {
                 let mut local = local;
-                tokio::io::copy_bidirectional_with_sizes(&mut local, &mut *ws, 32 * 1024, 32 * 1024).await
+                let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut *ws, 32 * 1024, 32 * 1024).await;
+                if r.is_err() {
+                    local.abort();
+                }
+                r
             }
             Inner::Raw(mut raw) => {
                 let mut local = local;
-                tokio::io::copy_bidirectional_with_sizes(&mut local, &mut raw, 32 * 1024, 32 * 1024).await
+                let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut raw, 32 * 1024, 32 * 1024).await;
+                if r.is_err() {
+                    local.abort();
+                }
+                r
             }
         }
     }
@@ -115,6 +123,9 @@ pub trait LocalSocket: AsyncRead + AsyncWrite + Unpin + Send {
     fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
     /// Read without blocking into `buf`'s spare room.
     fn try_read_into(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize>;
+    /// Make the coming close a reset where the socket type has one, so the local peer reads an
+    /// error (ECONNRESET) instead of a clean end of stream when the tunnel was cut off.
+    fn abort(&self) {}
 }
 
 impl LocalSocket for tokio::net::TcpStream {
@@ -123,6 +134,9 @@ impl LocalSocket for tokio::net::TcpStream {
     }
     fn try_read_into(&self, buf: &mut BytesMut, limit: usize) -> io::Result<usize> {
         self.try_read_buf(&mut buf.limit(limit))
+    }
+    fn abort(&self) {
+        let _ = self.set_zero_linger();
     }
 }
 
@@ -216,6 +230,7 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
     .await;
     if result.is_err() {
         mux.reset(ErrorCode::Closed);
+        local.abort();
     }
     result.map(|()| (up, down))
 }

@@ -364,6 +364,10 @@ impl AsyncRead for WsByteStream {
 impl AsyncWrite for WsByteStream {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
+        if this.eof {
+            // The peer closed the tunnel (no half-close in classic mode): nobody will read this.
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "the peer closed the classic-mode tunnel")));
+        }
         ready!(Sink::<Message>::poll_ready(Pin::new(&mut this.ws), cx)).map_err(ws_err)?;
         let n = buf.len().min(CLASSIC_CHUNK);
         Pin::new(&mut this.ws).start_send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).map_err(ws_err)?;

@@ -138,6 +138,9 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(%peer, error = %e, "classic stream dropped"),
         Err(e) => tracing::debug!(%peer, error = %e, "classic stream ended with an error"),
     }
+    // Finish the WebSocket closing handshake (the peer may have started it), so the client reads a
+    // clean close rather than a reset; bounded, as the peer may be gone.
+    let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
 }
 
 fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshakeError) {

@@ -1,0 +1,1 @@
+//! Python bindings of libtunnel (work in progress).
