@@ -113,8 +113,9 @@ impl ListenerBuilder {
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
         let current = Arc::new(Mutex::new(Some(session.clone())));
-        tokio::spawn(supervise(cfg.clone(), session, queue_tx, reg_tx, cancel.clone(), current.clone()));
-        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current })
+        let ended = Arc::new(Mutex::new(None));
+        tokio::spawn(supervise(cfg.clone(), session, queue_tx, reg_tx, cancel.clone(), current.clone(), ended.clone()));
+        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current, ended })
     }
 }
 
@@ -131,6 +132,8 @@ pub struct Listener {
     queue: tokio::sync::Mutex<mpsc::Receiver<(TunnelStream, PeerInfo)>>,
     cancel: CancellationToken,
     current: Arc<Mutex<Option<Session>>>,
+    /// Why the listener stopped on its own (its name was taken over), for `accept()` to report.
+    ended: Arc<Mutex<Option<(ErrorCode, String)>>>,
 }
 
 impl Listener {
@@ -164,13 +167,18 @@ impl Listener {
         self.registration.borrow().clone()
     }
 
-    /// Wait for the next stream. Fails with `CLOSED` once the listener is closed.
+    /// Wait for the next stream. Fails with `CLOSED` once the listener is closed, or with
+    /// `NAME_TAKEN` once another session of the same key took its name over (then it stops).
     pub async fn accept(&self) -> Result<(TunnelStream, PeerInfo)> {
         let mut q = self.queue.lock().await;
-        tokio::select! {
-            next = q.recv() => next.ok_or_else(|| Error::new(ErrorCode::Closed, "the listener is closed")),
-            _ = self.cancel.cancelled() => Err(Error::new(ErrorCode::Closed, "the listener is closed")),
-        }
+        let next = tokio::select! {
+            next = q.recv() => next,
+            _ = self.cancel.cancelled() => None,
+        };
+        next.ok_or_else(|| {
+            let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            ended.map_or_else(|| Error::new(ErrorCode::Closed, "the listener is closed"), |(code, why)| Error::new(code, why))
+        })
     }
 
     /// Whether a session to the relay is up right now (it is re-established in the background).
@@ -234,6 +242,7 @@ async fn supervise(
     reg_tx: watch::Sender<Registration>,
     cancel: CancellationToken,
     current: Arc<Mutex<Option<Session>>>,
+    ended: Arc<Mutex<Option<(ErrorCode, String)>>>,
 ) {
     loop {
         tokio::select! {
@@ -243,7 +252,16 @@ async fn supervise(
             }
             _ = serve_session(&session, &queue) => {}
         }
-        let why = session.close_reason().map(|e| e.to_string()).unwrap_or_else(|| "session ended".into());
+        let reason = session.close_reason();
+        if let Some(e) = reason.as_ref().filter(|e| e.code() == ErrorCode::NameTaken) {
+            // Another live session of our key holds the name now; reconnecting would take it back
+            // and start a tug of war. Stop, and let accept() say why.
+            tracing::error!(name = %cfg.name, reason = %e, "the relay handed this listener's name to another session; stopping");
+            *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.code(), e.message().to_string()));
+            cancel.cancel();
+            return;
+        }
+        let why = reason.map(|e| e.to_string()).unwrap_or_else(|| "session ended".into());
         tracing::warn!(name = %cfg.name, reason = %why, "lost the relay session; reconnecting");
         let mut delay = Duration::from_millis(100);
         session = loop {

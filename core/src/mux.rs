@@ -143,6 +143,8 @@ struct Table {
     accept_tx: Option<mpsc::Sender<MuxStream>>,
     /// The peer sent `GoAway`: open no new streams.
     go_away: bool,
+    /// The code and reason a peer's `GoAway` carried: why the session is about to end.
+    notice: Option<(ErrorCode, String)>,
     /// Why the session ended, once it has.
     closed: Option<(ErrorCode, String)>,
 }
@@ -219,6 +221,7 @@ impl Session {
                 peer_last: 0,
                 accept_tx: Some(accept_tx),
                 go_away: false,
+                notice: None,
                 closed: None,
             }),
             ordered_tx,
@@ -293,6 +296,28 @@ impl Session {
     pub fn close(&self, code: ErrorCode, why: impl Into<String>) {
         self.shared.close(code, why.into());
     }
+
+    /// End the session and tell the peer why: a `GoAway` carrying `code` and `why` is sent before
+    /// the transport closes, so the peer's [`Session::close_reason`] reports them instead of a bare
+    /// "the peer closed the session" (a replaced listener uses it to stop reconnecting).
+    pub fn close_with_notice(&self, code: ErrorCode, why: impl Into<String>) {
+        let why = why.into();
+        let mut payload = code.number().to_be_bytes().to_vec();
+        payload.extend_from_slice(&why.as_bytes()[..why.len().min(MAX_NOTICE)]);
+        let _ = self.shared.control_tx.send(Frame::encode(FrameKind::GoAway, 0, &payload));
+        self.shared.close(code, why);
+    }
+}
+
+/// The longest reason a `GoAway` notice carries (bytes).
+const MAX_NOTICE: usize = 512;
+
+/// Decode a `GoAway` payload: `[code u32 BE][reason UTF-8]`, or empty for a plain drain.
+fn decode_notice(payload: &[u8]) -> Option<(ErrorCode, String)> {
+    let n = u32::from_be_bytes(payload.get(..4)?.try_into().ok()?);
+    let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == n)?;
+    let why = String::from_utf8_lossy(&payload[4..payload.len().min(4 + MAX_NOTICE)]).into_owned();
+    Some((code, why))
 }
 
 async fn reader_task(shared: Arc<Shared>, mut source: FrameSource, last_heard: Arc<Mutex<Instant>>) {
@@ -317,6 +342,12 @@ async fn reader_task(shared: Arc<Shared>, mut source: FrameSource, last_heard: A
         if let Err(why) = on_frame(&shared, frame) {
             break (ErrorCode::Protocol, why);
         }
+    };
+    // A peer that announced why it is closing (a `GoAway` notice) is believed over the bare
+    // transport end that follows it.
+    let (code, why) = match shared.table().notice.take() {
+        Some((c, w)) if code == ErrorCode::RelayUnavailable => (c, w),
+        _ => (code, why),
     };
     tracing::debug!(%code, %why, "mux session ended");
     shared.close(code, why);
@@ -414,7 +445,11 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
         }
         FrameKind::Pong => {}
         FrameKind::GoAway => {
-            shared.table().go_away = true;
+            let mut t = shared.table();
+            t.go_away = true;
+            if let Some(notice) = decode_notice(&f.payload) {
+                t.notice = Some(notice);
+            }
         }
     }
     Ok(())
@@ -479,7 +514,16 @@ async fn writer_task(
     .await;
     match result {
         Ok(()) => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+            // Control frames queued before the close (a `GoAway` notice, resets) still go out.
+            let flush_and_close = async {
+                while let Ok(f) = control_rx.try_recv() {
+                    if poll_fn(|cx| sink.as_mut().poll_ready(cx)).await.is_err() || feed(&mut sink, f).is_err() {
+                        break;
+                    }
+                }
+                let _ = sink.close().await;
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), flush_and_close).await;
         }
         Err(e) => shared.close(ErrorCode::RelayUnavailable, format!("writing to the session's transport failed: {e}")),
     }

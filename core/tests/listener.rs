@@ -819,6 +819,21 @@ async fn same_key_replaces_its_stale_session() {
     assert!(r.is_err(), "the replaced session's stream must fail, got {r:?}");
     let r = within(STEP, "the dialer's stream to fail", held_dialer_side.read(&mut buf)).await;
     assert!(r.is_err(), "the dialer's stream to the replaced session must fail, got {r:?}");
+    // The relay told the first listener why: it stops (accept fails with NAME_TAKEN) instead of
+    // reconnecting and taking the name back in a loop.
+    let err = within(STEP, "the first listener to stop", first.accept()).await.expect_err("the replaced listener must stop");
+    assert_eq!(err.code(), ErrorCode::NameTaken, "{err}");
+    assert!(err.message().contains("registered again by the same key"), "{err}");
+    assert!(!first.is_connected());
+    // The second keeps the name: a few of the first one's backoff periods later it still serves.
+    let second = Arc::new(second);
+    serve(second.clone(), |s, _| echo(s));
+    for i in 0..5u8 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(second.is_connected(), "the second listener lost its session (round {i})");
+        let s = within(STEP, "dial", d.dial(&format!("{}:0", other.name()))).await.expect("dial the second");
+        assert_eq!(within(STEP, "echo", exchange(s, &[i; 3])).await.expect("echo"), (sha(&[i; 3]), 3));
+    }
     relay.abort();
 }
 
@@ -993,5 +1008,42 @@ async fn a_dead_session_fails_the_stream_at_the_other_end() {
     listener.close();
     let r = within(STEP, "the dialer's read to end", s.read(&mut got)).await;
     assert!(r.is_err(), "the dialer's read must fail when the listener's session dies, got {r:?}");
+
+    // The same through a classic-mode (Emissary) dialer: the cut-off is an error, not a clean end.
+    let listener = bind_listener(relay.url(), Identity::generate()).await;
+    let d = Dialer::builder(relay.url()).key(key()).mode(libtunnel::Mode::Classic).timeout(STEP).build().expect("dialer");
+    let mut s = within(STEP, "classic dial", d.dial(&format!("{}:0", listener.name()))).await.expect("dial");
+    let (mut there, _) = within(STEP, "accept", listener.accept()).await.expect("accept");
+    let (w, r) = within(STEP, "the first MiB", async { tokio::join!(there.write_all(&data), s.read_exact(&mut got)) }).await;
+    w.expect("write");
+    r.expect("read");
+    listener.close();
+    let r = within(STEP, "the classic dialer's read to end", s.read(&mut got)).await;
+    assert!(r.is_err(), "a classic dialer's read must fail when the listener's session dies, got {r:?}");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_listener_resets_its_public_tcp_connections() {
+    init_tracing();
+    let free = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+    let mut cfg = relay_config();
+    cfg.tcp_ports = Some((free, free.saturating_add(50)));
+    let relay = start(cfg).await;
+    let listener = within(STEP, "bind", Listener::builder(relay.url(), Identity::generate()).tcp_port(true).bind()).await.expect("bind");
+    let tcp_addr: SocketAddr = listener.registration().tcp_addr.expect("a public TCP address").parse().expect("ip:port");
+    let mut sock = within(STEP, "connect to the public port", TcpStream::connect(tcp_addr)).await.expect("connect");
+    let (mut there, _) = within(STEP, "accept", listener.accept()).await.expect("accept");
+    let data = payload(MIB, 73);
+    let mut got = vec![0u8; MIB];
+    let (w, r) = within(STEP, "the first MiB", async { tokio::join!(there.write_all(&data), sock.read_exact(&mut got)) }).await;
+    w.expect("write");
+    r.expect("read");
+    listener.close();
+    let r = within(STEP, "the public client's read to end", sock.read(&mut got)).await;
+    match r {
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "expected a reset, got {e}"),
+        Ok(n) => panic!("a public TCP client must see a reset when the listener dies, not {n} bytes / a clean EOF"),
+    }
     relay.abort();
 }

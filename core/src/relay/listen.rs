@@ -50,8 +50,9 @@ pub(crate) fn listener_name<'a>(host: &'a str, domain: &str) -> Option<String> {
     valid_name(&label).then_some(label)
 }
 
-/// Open a stream to the listener registered as `name` and wait for it to accept.
-pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: StreamHeader) -> Result<MuxStream, RouteError> {
+/// Open a stream to the listener registered as `name` and wait (at most `wait`) for it to accept:
+/// dials and public TCP ports wait `connect_timeout`, public HTTP waits `http_timeout`.
+pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: StreamHeader, wait: std::time::Duration) -> Result<MuxStream, RouteError> {
     let session = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
     let mut stream = session.open().map_err(|_| RouteError::Busy)?;
     let accept = async {
@@ -64,7 +65,7 @@ pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: Str
             Err(RouteError::Busy)
         }
     };
-    match tokio::time::timeout(state.cfg.limits.connect_timeout, accept).await {
+    match tokio::time::timeout(wait, accept).await {
         Ok(Ok(())) => {
             state.metrics.listener_streams.fetch_add(1, Relaxed);
             Ok(stream)
@@ -229,7 +230,7 @@ async fn serve_public_port(state: Arc<RelayState>, listener: TcpListener, name: 
         let (st, name) = (state.clone(), name.clone());
         state.tasks.spawn(async move {
             let header = StreamHeader { via: Via::Tcp, port, client: peer.to_string() };
-            match open_to_listener(&st, &name, header).await {
+            match open_to_listener(&st, &name, header, st.cfg.limits.connect_timeout).await {
                 Ok(stream) => {
                     let _ = crate::stream::bridge(stream, sock).await;
                 }

@@ -70,14 +70,14 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
         return text(StatusCode::NOT_FOUND, format!("{host} is not served here; this relay routes NAME.{domain} to the listener registered as NAME"));
     };
     let header = StreamHeader { via: Via::Http, port: 0, client: peer.to_string() };
-    let stream = match open_to_listener(&state, name, header).await {
+    let stream = match open_to_listener(&state, name, header, state.cfg.limits.http_timeout).await {
         Ok(s) => s,
         Err(e) => {
             state.metrics.refused(e.refusal());
             return match e {
                 RouteError::Offline => text(StatusCode::BAD_GATEWAY, format!("no listener named {name:?} is online; start it with `tunnel listen`")),
                 RouteError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, format!("the listener {name:?} is not accepting connections right now")),
-                RouteError::Timeout => text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not accept the connection in time")),
+                RouteError::Timeout => text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not accept the connection within {:?} (TUNNEL_HTTP_TIMEOUT)", state.cfg.limits.http_timeout)),
             };
         }
     };

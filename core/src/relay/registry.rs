@@ -45,7 +45,12 @@ impl Registry {
                 ));
             }
             if let Some(old) = &e.session {
-                old.close(ErrorCode::Closed, "replaced by a newer registration of the same key");
+                // Tell the old session why, so a listener still running there stops reconnecting
+                // instead of taking the name back in a loop.
+                old.close_with_notice(
+                    ErrorCode::NameTaken,
+                    format!("the name {name:?} was registered again by the same key from another session; this listener stops (run only one listener per key and name)"),
+                );
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;

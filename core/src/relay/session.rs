@@ -133,14 +133,29 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
         Upstream::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
         Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
     };
-    match copied {
-        Ok((up, down)) => count_bytes(&state, up, down),
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => tracing::warn!(%peer, error = %e, "classic stream dropped"),
-        Err(e) => tracing::debug!(%peer, error = %e, "classic stream ended with an error"),
+    let clean = match copied {
+        Ok((up, down)) => {
+            count_bytes(&state, up, down);
+            true
+        }
+        // The client closed the tunnel while the target was still sending: Emissary's protocol
+        // has no half-close, so that is its normal end.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            tracing::warn!(%peer, error = %e, "classic stream dropped");
+            false
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "classic stream ended with an error");
+            false
+        }
+    };
+    if clean {
+        // Finish the WebSocket closing handshake (the client may have started it), so it reads a
+        // clean close; bounded, as the client may be gone. A stream cut off by an error is dropped
+        // without one, so the client reads an error instead of a clean end.
+        let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
     }
-    // Finish the WebSocket closing handshake (the peer may have started it), so the client reads a
-    // clean close rather than a reset; bounded, as the peer may be gone.
-    let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
 }
 
 fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshakeError) {
@@ -185,7 +200,7 @@ async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S
             Address::SocketAddress(sa) => sa.port(),
         };
         let header = crate::protocol::StreamHeader { via: crate::protocol::Via::Dial, port, client: peer.to_string() };
-        return match super::listen::open_to_listener(state, &name, header).await {
+        return match super::listen::open_to_listener(state, &name, header, state.cfg.limits.connect_timeout).await {
             Ok(stream) => {
                 if socks::write_reply(io, Reply::Succeeded, None).await.is_err() {
                     return None;
