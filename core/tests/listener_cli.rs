@@ -278,3 +278,140 @@ async fn listen_with_proxy_protocol_sends_a_v2_header() {
     assert_eq!(SocketAddr::from((dst_ip, dst_port)), svc_addr, "the destination is the local service");
     relay.abort();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A 1 GiB upload through the public HTTP port of a `tunnel server` process, whose memory is
+// sampled from /proc while the body streams: it must stay flat (bodies are streamed, never
+// buffered).
+// ---------------------------------------------------------------------------------------------
+
+/// Resident set size of `pid` in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the relay process is alive");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib * 1024
+}
+
+/// POST `total` bytes (a streamed body of 256 KiB chunks) to `host` through `relay_http`; returns
+/// the response text and the SHA-256 of what was sent.
+async fn upload(relay_http: SocketAddr, host: &str, total: usize) -> (StatusCode, String, String) {
+    use sha2::{Digest, Sha256};
+    const CHUNK: usize = 256 * 1024;
+    let tcp = within(STEP, "connect", TcpStream::connect(relay_http)).await.expect("connect");
+    let (mut sender, conn) = within(STEP, "handshake", hyper::client::conn::http1::handshake(TokioIo::new(tcp))).await.expect("handshake");
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>(4);
+    let hasher = tokio::spawn(async move {
+        let mut h = Sha256::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut sent = 0;
+        while sent < total {
+            let n = CHUNK.min(total - sent);
+            let mut chunk = vec![0u8; n];
+            for w in chunk.chunks_mut(8) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                w.copy_from_slice(&seed.to_le_bytes()[..w.len()]);
+            }
+            h.update(&chunk);
+            if tx.send(Ok(hyper::body::Frame::data(Bytes::from(chunk)))).await.is_err() {
+                break;
+            }
+            sent += n;
+        }
+        hex::encode(h.finalize())
+    });
+    let body = http_body_util::StreamBody::new(tokio_stream_from(rx));
+    let req = Request::post("/upload").header(header::HOST, host).header(header::CONTENT_LENGTH, total).body(body).expect("request");
+    let resp = within(Duration::from_secs(300), "the upload's response", sender.send_request(req)).await.expect("response");
+    let status = resp.status();
+    let text = String::from_utf8_lossy(&within(STEP, "the body", resp.into_body().collect()).await.expect("body").to_bytes()).into_owned();
+    (status, text, hasher.await.expect("hasher"))
+}
+
+/// An mpsc receiver as a `Stream` (what `StreamBody` wants).
+fn tokio_stream_from<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gib_upload_through_public_http_keeps_relay_memory_flat() {
+    use sha2::{Digest, Sha256};
+    let dir = Scratch::new("gib");
+    let auth = format!(r#"[{{"kid":5,"data":"{}"}}]"#, base64_of(b"listener-cli-tests-secret-0123456789"));
+    let mut cmd = tunnel(&dir.0, &["server"]);
+    cmd.env("TUNNEL_LISTEN", "127.0.0.1:0")
+        .env("TUNNEL_HTTP_LISTEN", "127.0.0.1:0")
+        .env("TUNNEL_AUTH_KEYS", auth)
+        .env("TUNNEL_ALLOW", r#"[{"host":"127.0.0.1","port":9}]"#)
+        .env("TUNNEL_LISTENERS_OPEN", "true");
+    let mut relay = Proc::spawn(cmd);
+    let url = relay.line_starting("relay listening:").await;
+    let http: SocketAddr = relay.line_starting("public http listening: http://").await.parse().expect("ip:port");
+    let pid = relay.child.id().expect("the relay runs");
+
+    // The service behind the listener: hashes the request body as it streams in.
+    let listener = Arc::new(within(STEP, "bind", libtunnel::Listener::bind(&url, Identity::generate())).await.expect("listener registers"));
+    let host = format!("{}.localhost", listener.name());
+    let l = listener.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let f = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                    let mut body = req.into_body();
+                    let mut h = Sha256::new();
+                    let mut n = 0usize;
+                    while let Some(frame) = body.frame().await {
+                        if let Ok(d) = frame.expect("request body frame").into_data() {
+                            n += d.len();
+                            h.update(&d);
+                        }
+                    }
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(format!("{n} {}", hex::encode(h.finalize()))))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), f).await;
+            });
+        }
+    });
+
+    // Warm up (buffers, pools, first session) with 16 MiB, then take the baseline.
+    let (status, text, sent) = upload(http, &host, 16 << 20).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text, format!("{} {sent}", 16 << 20));
+    let baseline = rss_bytes(pid);
+
+    let total = 1usize << 30;
+    let sampling = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let stop = sampling.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                peak = peak.max(rss_bytes(pid));
+            }
+            peak
+        })
+    };
+    let (status, text, sent) = upload(http, &host, total).await;
+    sampling.cancel();
+    let peak = sampler.await.expect("sampler");
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(text, format!("{total} {sent}"), "the listener saw other bytes than were uploaded");
+    let growth = peak.saturating_sub(baseline);
+    eprintln!("relay RSS: baseline {} MiB, peak during 1 GiB upload {} MiB", baseline >> 20, peak >> 20);
+    assert!(growth < 32 << 20, "relay memory grew by {} MiB during a 1 GiB upload (baseline {} MiB)", growth >> 20, baseline >> 20);
+    listener.close();
+}
+
+fn base64_of(b: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}

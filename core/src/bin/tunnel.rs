@@ -194,6 +194,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(t) = server.tcp_addr() {
                 println!("raw tcp listening: tcp://{t}");
             }
+            if let Some(h) = server.http_addr() {
+                println!("public http listening: http://{h}");
+            }
             server.run(shutdown_signal()).await
         }
         Cmd::Forward { local, target, client } => {
