@@ -64,7 +64,10 @@ mkdir -p "$OUT/logs"
 RAW="$OUT/raw.txt"
 : >"$RAW"
 
-log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+# Logging and processes (all killed on exit), shared with bench/http.sh.
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
+
 
 # ---------------------------------------------------------------------------------------------
 # Build
@@ -105,53 +108,7 @@ else
     SKIP[rathole]="--no-peers"; SKIP[bore]="--no-peers"
 fi
 
-# ---------------------------------------------------------------------------------------------
-# Processes: everything started here is killed on exit, by PID.
-
-STARTED=()
-LAST_PID=""
-cleanup() {
-    local p
-    for p in "${STARTED[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${STARTED[@]}"; do
-        for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$p" 2>/dev/null
-    done
-    wait 2>/dev/null
-}
-trap cleanup EXIT
-trap 'log "interrupted"; exit 130' INT TERM
-
-START_N=0
-start_bg() { # name cmd... ; sets LAST_PID and LOG
-    local name=$1; shift
-    START_N=$((START_N + 1))
-    LOG="$OUT/logs/$(printf '%02d' $START_N)-$name.log"
-    "$@" >"$LOG" 2>&1 &
-    LAST_PID=$!
-    STARTED+=("$LAST_PID")
-}
-
-stop_pid() {
-    local p=$1
-    kill "$p" 2>/dev/null || return 0
-    # Benchmarked processes need no graceful drain (the relay would wait 30 s for it).
-    for _ in $(seq 1 10); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$p" 2>/dev/null
-    wait "$p" 2>/dev/null
-    return 0
-}
-
-wait_line() { # file regex timeout_s -> prints the first match
-    local file=$1 re=$2 t=$3 m
-    for _ in $(seq 1 $((t * 10))); do
-        m=$(grep -m1 -oE "$re" "$file" 2>/dev/null) && { echo "$m"; return 0; }
-        sleep 0.1
-    done
-    return 1
-}
-
-# Raise the descriptor limit: 10,000 held connections cost a classic forwarder 20,000 fds.
+# ---------------------------------------------------------------sic forwarder 20,000 fds.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 FD_LIMIT=$(ulimit -n)
 NCPU=$(nproc)

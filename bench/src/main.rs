@@ -104,6 +104,14 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// A minimal HTTP/1.1 keep-alive server answering every request with a fixed 13-byte body
+    /// (the target of bench/http.sh). Prints `listening ADDR`.
+    HttpServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Print a free loopback TCP port.
     Freeport,
 }
@@ -119,6 +127,7 @@ fn main() {
         Cmd::Hold { addr, count, pids, timeout } => hold(addr, count, &parse_pids(&pids), Duration::from_secs_f64(timeout)),
         Cmd::Settle { addr, timeout } => settle(addr, Duration::from_secs_f64(timeout)),
         Cmd::Proxy { listen, to } => proxy(listen, to),
+        Cmd::HttpServer { listen, threads } => http_server(listen, threads),
         Cmd::Freeport => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| println!("{}", a.port())),
     };
     if let Err(e) = r {
@@ -285,6 +294,53 @@ fn proxy(listen: SocketAddr, to: SocketAddr) -> std::io::Result<()> {
                 if let Ok(mut b) = tokio::net::TcpStream::connect(to).await {
                     let _ = b.set_nodelay(true);
                     let _ = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, 256 * 1024, 256 * 1024).await;
+                }
+            });
+        }
+    })
+}
+
+/// Serve `HTTP/1.1 200` with "Hello, world!" to every request on a connection, until the client
+/// closes it. Requests are delimited by their blank line; bodies are not expected (GET load).
+fn http_server(listen: SocketAddr, threads: usize) -> std::io::Result<()> {
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 13\r\n\r\nHello, world!";
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(threads.max(1)).enable_all().build()?;
+    rt.block_on(async {
+        let l = tokio::net::TcpListener::bind(listen).await?;
+        println!("listening {}", l.local_addr()?);
+        std::io::stdout().flush()?;
+        loop {
+            let (mut s, _) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let _ = s.set_nodelay(true);
+                let mut buf = Vec::with_capacity(8192);
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut answers = 0;
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        answers += 1;
+                    }
+                    if buf.len() > 64 * 1024 {
+                        return; // not a GET load: refuse to buffer
+                    }
+                    for _ in 0..answers {
+                        if s.write_all(RESPONSE).await.is_err() {
+                            return;
+                        }
+                    }
                 }
             });
         }

@@ -54,6 +54,11 @@ impl Default for Limits {
     }
 }
 
+/// Largest duration setting (30 days): deadlines are computed as `now + setting`.
+const MAX_SECONDS: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Largest count setting: below tokio's semaphore limit on 32- and 64-bit targets.
+const MAX_COUNT: usize = 1 << 28;
+
 /// A chosen-name grant for a listener key (`TUNNEL_LISTENER_KEYS`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -260,21 +265,31 @@ impl RelayConfig {
                 })
                 .collect::<Result<_>>()?;
         }
+        // Bounded both ways: a duration that rounds to zero would time every handshake out, and
+        // one near `Duration::MAX` would overflow the deadlines computed from it (and
+        // `Duration::from_secs_f64` panics past that).
         let secs = |k: &str, d: Duration| -> Result<Duration> {
             match get(k) {
                 None => Ok(d),
                 Some((v, w)) => v
                     .parse::<f64>()
                     .ok()
-                    .filter(|s| *s > 0.0 && s.is_finite())
-                    .map(Duration::from_secs_f64)
-                    .ok_or_else(|| Error::config(format!("{w} must be a positive number of seconds, got {v:?}"))),
+                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                    .filter(|d| !d.is_zero() && *d <= MAX_SECONDS)
+                    .ok_or_else(|| {
+                        Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs()))
+                    }),
             }
         };
+        // Counts size semaphores and buffers, which panic or abort past their limits.
         let count = |k: &str, d: usize| -> Result<usize> {
             match get(k) {
                 None => Ok(d),
-                Some((v, w)) => v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| Error::config(format!("{w} must be a positive whole number, got {v:?}"))),
+                Some((v, w)) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0 && *n <= MAX_COUNT)
+                    .ok_or_else(|| Error::config(format!("{w} must be a positive whole number (at most {MAX_COUNT}), got {v:?}"))),
             }
         };
         let l = Limits::default();
@@ -502,6 +517,11 @@ allow = [{host = "db.internal", port = 5432}]
             (env(&[("EMISSARY_AUTH_KEY", KEYS)]), "unknown environment variable EMISSARY_AUTH_KEY"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("EMISSARY_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)]), "set only one"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_CONNECT_TIMEOUT", "-1")]), "positive number of seconds"),
+            // These panicked (Duration::from_secs_f64 past Duration::MAX, a semaphore past its
+            // permit limit at bind) or loaded a zero timeout.
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_CONNECT_TIMEOUT", "1e30")]), "positive number of seconds"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_HANDSHAKE_TIMEOUT", "1e-12")]), "positive number of seconds"),
+            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_MAX_CONNECTIONS", "18446744073709551615")]), "positive whole number"),
         ];
         for (e, needle) in cases {
             let err = RelayConfig::from_sources(None, &[], &e, &[]).unwrap_err();

@@ -149,11 +149,20 @@ pub async fn client_auth<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, key: &Ke
 /// Send a CONNECT (after the greeting in classic mode); `pipelined_greeting` prepends a no-auth
 /// greeting so a multiplexed stream opens in one round trip.
 pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, target: &Target, pipelined_greeting: bool) -> Result<SocketAddr> {
+    let address = target.to_address();
+    // SOCKS5 carries a name's length in one byte, and socks5-proto truncates it silently: a longer
+    // name (a `Target` built by hand rather than by `Target::parse`) would send the relay a
+    // different, shorter name followed by bytes of the name as further protocol data.
+    if let Address::DomainAddress(name, _) = &address {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::argument(format!("target host must be 1-255 bytes long, got {} bytes", name.len())));
+        }
+    }
     let mut buf = BytesMut::new();
     if pipelined_greeting {
         handshake::Request::new(vec![Method::NONE]).write_to_buf(&mut buf);
     }
-    Request::new(Command::Connect, target.to_address()).write_to_buf(&mut buf);
+    Request::new(Command::Connect, address).write_to_buf(&mut buf);
     io.write_all(&buf).await.map_err(io_err("sending the CONNECT request"))?;
     io.flush().await.map_err(io_err("sending the CONNECT request"))?;
     if pipelined_greeting {
@@ -271,6 +280,16 @@ mod tests {
         for bad in ["db", "db:", ":5", "db:99999", "::1:80"] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn over_long_names_are_refused_not_truncated() {
+        // 265 bytes: socks5-proto would write length 9 and the relay would read "aaaaaaaaa".
+        let t = Target { host: "a".repeat(265), port: 80 };
+        let mut sink = tokio::io::sink();
+        let mut io = tokio::io::join(tokio::io::empty(), &mut sink);
+        let e = client_connect(&mut io, &t, true).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");
     }
 
     #[test]

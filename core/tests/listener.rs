@@ -358,6 +358,63 @@ async fn next_msg(ws: &mut tokio_tungstenite::WebSocketStream<TcpStream>) -> Mes
     }
 }
 
+/// A listener whose HTTP service answers its own name and the request count on that stream, and
+/// closes its connection (`Connection: close`) on `/close`; counts the streams it accepted.
+fn serve_named(listener: Arc<Listener>, streams: Arc<std::sync::atomic::AtomicUsize>) {
+    let name = listener.name();
+    serve(listener, move |stream, _| {
+        streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = name.clone();
+        let served = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let n = served.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                let mut resp = Response::new(full(format!("{name} #{n}")));
+                if req.uri().path() == "/close" {
+                    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn keep_alive_requests_reuse_one_stream_per_listener() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    init_tracing();
+    let relay = start(relay_config()).await;
+    let http = relay.http_addr().expect("http port");
+    let (a, b) = (Arc::new(bind_listener(relay.url(), Identity::generate()).await), Arc::new(bind_listener(relay.url(), Identity::generate()).await));
+    let (a_streams, b_streams) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    serve_named(a.clone(), a_streams.clone());
+    serve_named(b.clone(), b_streams.clone());
+    let (an, bn) = (a.name(), b.name());
+
+    // One client connection, many requests.
+    let tcp = within(STEP, "connect", TcpStream::connect(http)).await.expect("connect");
+    let (mut sender, conn) = within(STEP, "handshake", hyper::client::conn::http1::handshake(TokioIo::new(tcp))).await.expect("handshake");
+    tokio::spawn(conn);
+    let mut ask = async |host: String, path: &'static str| {
+        within(STEP, "the client connection to be ready", sender.ready()).await.expect("ready");
+        let resp = within(STEP, "response", sender.send_request(get(&format!("{host}.localhost"), path))).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        String::from_utf8(within(STEP, "body", resp.into_body().collect()).await.expect("body").to_bytes().to_vec()).expect("utf8")
+    };
+    // Three requests to A share one stream (the count goes on), B gets its own, back to A opens a
+    // new one, and a listener that closes its connection gets a fresh stream for the next request.
+    assert_eq!(ask(an.clone(), "/").await, format!("{an} #1"));
+    assert_eq!(ask(an.clone(), "/").await, format!("{an} #2"));
+    assert_eq!(ask(an.clone(), "/").await, format!("{an} #3"));
+    assert_eq!(ask(bn.clone(), "/").await, format!("{bn} #1"));
+    assert_eq!(ask(an.clone(), "/close").await, format!("{an} #1"));
+    assert_eq!(ask(an.clone(), "/").await, format!("{an} #1"));
+    assert_eq!(a_streams.load(SeqCst), 3, "A: one stream for the first three requests, one after B, one after the close");
+    assert_eq!(b_streams.load(SeqCst), 1);
+    relay.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websocket_echo_through_the_public_http_port() {
     init_tracing();

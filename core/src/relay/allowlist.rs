@@ -213,9 +213,14 @@ impl Allowlist {
         }
     }
 
-    /// Whether an address (as it will be connected) is admitted by an IP or CIDR rule.
+    /// Whether an address (as it will be connected) is admitted by an IP or CIDR rule. The
+    /// unspecified address (`0.0.0.0`, `::`) never is, whatever the rules: connecting to it
+    /// reaches the relay's own host, like loopback.
     pub fn ip_allowed(&self, ip: IpAddr, port: u16) -> bool {
         let ip = canonical_ip(ip);
+        if ip.is_unspecified() {
+            return false;
+        }
         self.rules.iter().filter(|r| r.port_ok(port) && r.is_ip_rule()).any(|r| match &r.host {
             HostRule::Any => true,
             HostRule::Net(net) => net.contains(&ip),
@@ -259,6 +264,12 @@ mod tests {
         assert!(a.ip_allowed("192.168.1.5".parse().unwrap(), 22));
         assert!(!a.ip_allowed("192.168.1.5".parse().unwrap(), 23));
         assert!(a.ip_allowed("::ffff:192.168.1.5".parse().unwrap(), 22));
+        // 0.0.0.0 and :: connect to the relay's own host: refused even by rules that contain them.
+        let wide = list(r#"[{"host":"0.0.0.0/8","port":"*"},{"host":"::/0","port":"*"},{"host":"*","port":1}]"#);
+        for ip in ["0.0.0.0", "::", "::ffff:0.0.0.0"] {
+            assert!(!wide.ip_allowed(ip.parse().unwrap(), 1), "{ip}");
+        }
+        assert!(wide.ip_allowed("0.1.2.3".parse().unwrap(), 1));
         let only_names = list(r#"[{"host":"db.internal","port":5432}]"#);
         assert_eq!(only_names.check_name("other", 5432), NameDecision::Denied);
     }

@@ -1,0 +1,339 @@
+//! The allowlist against every spelling of a forbidden address we know, through the real relay:
+//! each entry is dialed with the core [`Dialer`] (multiplexed and classic) at a relay whose rules
+//! admit a private range, the "this network" range 0.0.0.0/8, a wildcard name and one port on
+//! 127.0.0.2, but never 127.0.0.1. Each dial must fail with its exact code (`NOT_ALLOWED`, or
+//! `INVALID_ARGUMENT` for a port the client cannot even encode, or `UNREACHABLE` for a host the
+//! relay cannot parse or an offline listener name), a live server on 127.0.0.1 must never see a
+//! connection, and the relay must keep serving the allowed target between refusals.
+//!
+//! Names that resolve to forbidden addresses come from a small DNS responder on loopback UDP,
+//! set as the relay's `dns_servers`. Streams to listeners are covered at the end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+
+use common::*;
+use libtunnel::relay::metrics::Refusal;
+use libtunnel::socks::Target;
+use libtunnel::{Dialer, ErrorCode, Identity, Listener, Mode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+
+/// What a forbidden spelling must produce.
+#[derive(Debug, Clone, Copy)]
+enum Want {
+    /// The relay refuses it by its rules (SOCKS5 reply 0x02).
+    NotAllowed,
+    /// The client refuses it before contacting the relay (the port cannot be encoded).
+    BadArgument,
+    /// The relay cannot parse the host, or routes it to a listener that is not online (0x04).
+    Unreachable,
+}
+
+impl Want {
+    fn code(self) -> ErrorCode {
+        match self {
+            Want::NotAllowed => ErrorCode::NotAllowed,
+            Want::BadArgument => ErrorCode::InvalidArgument,
+            Want::Unreachable => ErrorCode::Unreachable,
+        }
+    }
+}
+
+/// Names the fake DNS server answers, and with what. Everything else gets an empty answer.
+fn dns_records() -> HashMap<&'static str, Vec<IpAddr>> {
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    HashMap::from([
+        ("evil.test", vec![ip("127.0.0.1")]),
+        ("mapped.test", vec![ip("::ffff:127.0.0.1")]),
+        ("six.test", vec![ip("::1")]),
+        ("zero.test", vec![ip("0.0.0.0")]),
+        ("many.test", vec![ip("127.0.0.1"), ip("127.0.0.2"), ip("169.254.169.254")]),
+        ("private.test", vec![ip("192.168.1.1")]),
+        ("localhost.localdomain", vec![ip("127.0.0.1")]),
+        // Resolves to a forbidden address although the wildcard name rule is close by.
+        ("allowed.test.evil.test", vec![ip("127.0.0.1")]),
+    ])
+}
+
+/// A DNS server on loopback UDP answering A and AAAA queries from [`dns_records`].
+async fn fake_dns() -> SocketAddr {
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+    let addr = sock.local_addr().expect("addr");
+    let records = dns_records();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            if let Some(answer) = dns_answer(&buf[..n], &records) {
+                let _ = sock.send_to(&answer, from).await;
+            }
+        }
+    });
+    addr
+}
+
+fn dns_answer(q: &[u8], records: &HashMap<&'static str, Vec<IpAddr>>) -> Option<Vec<u8>> {
+    let mut i = 12;
+    let mut labels = Vec::new();
+    while *q.get(i)? != 0 {
+        let len = usize::from(q[i]);
+        labels.push(String::from_utf8_lossy(q.get(i + 1..i + 1 + len)?).to_ascii_lowercase());
+        i += 1 + len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i + 1)?, *q.get(i + 2)?]);
+    let end = i + 5;
+    let found: Vec<&IpAddr> = records
+        .get(labels.join(".").as_str())
+        .map(|ips| ips.iter().filter(|ip| (qtype == 1 && ip.is_ipv4()) || (qtype == 28 && ip.is_ipv6())).collect())
+        .unwrap_or_default();
+    let mut r = q.get(..end)?.to_vec();
+    r[2] = 0x80 | (q[2] & 0x01); // a response; copy RD
+    r[3] = 0x80; // RA, NOERROR
+    r[6..8].copy_from_slice(&(found.len() as u16).to_be_bytes());
+    r[8..12].fill(0);
+    for ip in found {
+        let (rtype, rdata): (u16, Vec<u8>) = match ip {
+            IpAddr::V4(v4) => (1, v4.octets().to_vec()),
+            IpAddr::V6(v6) => (28, v6.octets().to_vec()),
+        };
+        r.extend_from_slice(&[0xc0, 0x0c]);
+        r.extend_from_slice(&rtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1, 0, 0, 0, 30]);
+        r.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        r.extend_from_slice(&rdata);
+    }
+    Some(r)
+}
+
+/// An echo server on 127.0.0.2, the one address the relay admits (on one port).
+async fn allowed_echo() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Every spelling, as (host, port text, expected outcome). `pa` is the allowed port on 127.0.0.2,
+/// `pb` the port of the forbidden server on 127.0.0.1.
+fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
+    use Want::*;
+    let (pa, pb) = (pa.to_string(), pb.to_string());
+    let t: Vec<(&str, &str, Want)> = vec![
+        // IPv4 in decimal, octal, hex, short and mixed forms.
+        ("127.0.0.1", &pb, NotAllowed),
+        ("127.1", &pb, NotAllowed),
+        ("127.0.1", &pb, NotAllowed),
+        ("2130706433", &pb, NotAllowed),
+        ("0x7f000001", &pb, NotAllowed),
+        ("0X7F000001", &pb, NotAllowed),
+        ("0x7f.1", &pb, NotAllowed),
+        ("0x7f.0.0.1", &pb, NotAllowed),
+        ("0x0000007f.0x0.0x0.0x1", &pb, NotAllowed),
+        ("0177.0.0.1", &pb, NotAllowed),
+        ("0177.0.0.01", &pb, NotAllowed),
+        ("017700000001", &pb, NotAllowed),
+        ("127.000.000.001", &pb, NotAllowed),
+        ("127.0.0.1.", &pb, NotAllowed),
+        ("%31%32%37.0.0.1", &pb, NotAllowed),
+        // IPv4-mapped, IPv4-compatible and plain IPv6 loopback.
+        ("[::ffff:127.0.0.1]", &pb, NotAllowed),
+        ("[::ffff:7f00:1]", &pb, NotAllowed),
+        ("[0:0:0:0:0:ffff:127.0.0.1]", &pb, NotAllowed),
+        ("[::FFFF:7F00:0001]", &pb, NotAllowed),
+        ("[::127.0.0.1]", &pb, NotAllowed),
+        ("[::7f00:1]", &pb, NotAllowed),
+        ("[::1]", &pb, NotAllowed),
+        ("[0:0:0:0:0:0:0:1]", &pb, NotAllowed),
+        // The unspecified address connects to the relay's own host, even though 0.0.0.0/8 is
+        // an allowed range here.
+        ("0.0.0.0", &pb, NotAllowed),
+        ("0", &pb, NotAllowed),
+        ("0x0", &pb, NotAllowed),
+        ("0.0", &pb, NotAllowed),
+        ("[::]", &pb, NotAllowed),
+        ("[::ffff:0.0.0.0]", &pb, NotAllowed),
+        // localhost, in case, trailing-dot, percent-encoded and Unicode (IDNA) spellings.
+        ("localhost", &pb, NotAllowed),
+        ("LOCALHOST", &pb, NotAllowed),
+        ("LocalHost", &pb, NotAllowed),
+        ("localhost.", &pb, NotAllowed),
+        ("LOCALHOST.", &pb, NotAllowed),
+        ("localhost.localdomain", &pb, NotAllowed),
+        ("%6c%6f%63%61%6c%68%6f%73%74", &pb, NotAllowed),
+        ("ｌｏｃａｌｈｏｓｔ", &pb, NotAllowed),
+        ("ＬＯＣＡＬＨＯＳＴ", &pb, NotAllowed),
+        ("ⓛⓞⓒⓐⓛⓗⓞⓢⓣ", &pb, NotAllowed),
+        ("１２７.０.０.１", &pb, NotAllowed),
+        ("127。0。0。1", &pb, NotAllowed),
+        // Names whose DNS answer is forbidden (A, AAAA, mapped, several addresses, 0.0.0.0).
+        ("evil.test", &pb, NotAllowed),
+        ("EVIL.Test.", &pb, NotAllowed),
+        ("mapped.test", &pb, NotAllowed),
+        ("six.test", &pb, NotAllowed),
+        ("zero.test", &pb, NotAllowed),
+        ("many.test", &pb, NotAllowed),
+        ("allowed.test.evil.test", &pb, NotAllowed),
+        ("private.test", &pa, NotAllowed),
+        // The allowed host on another port, other hosts on the allowed port.
+        ("127.0.0.2", &pb, NotAllowed),
+        ("0x7f000002", &pb, NotAllowed),
+        ("127.0.0.1", &pa, NotAllowed),
+        ("127.0.0.3", &pa, NotAllowed),
+        ("localhost", &pa, NotAllowed),
+        // Private, link-local and metadata ranges that no rule admits.
+        ("192.168.1.1", &pa, NotAllowed),
+        ("172.16.0.1", &pa, NotAllowed),
+        ("169.254.169.254", &pa, NotAllowed),
+        ("0xa9fea9fe", &pa, NotAllowed),
+        ("[::ffff:192.168.0.1]", &pa, NotAllowed),
+        ("[fd00::1]", &pa, NotAllowed),
+        ("[fe80::1]", &pa, NotAllowed),
+        // Port 0 (never allowed) and ports out of range (refused by the client).
+        ("127.0.0.1", "0", NotAllowed),
+        ("127.0.0.2", "0", NotAllowed),
+        ("localhost", "0", NotAllowed),
+        ("127.0.0.1", "65536", BadArgument),
+        ("127.0.0.2", "99999", BadArgument),
+        ("127.0.0.1", "-1", BadArgument),
+        ("localhost", "70000", BadArgument),
+        ("127.0.0.1", "0x50", BadArgument),
+        ("[::1]", "65536", BadArgument),
+        // Hosts the relay cannot parse, including NUL and '@' tricks aimed at the wildcard rule.
+        ("localhost%00.allowed.test", &pb, Unreachable),
+        ("a@localhost", &pb, Unreachable),
+        ("localhost/.allowed.test", &pb, Unreachable),
+        ("127.0.0.1 ", &pb, Unreachable),
+        // Under the relay's domain: a listener route; none is online under that name.
+        ("nosuch.localhost", &pb, Unreachable),
+    ];
+    t.into_iter().map(|(h, p, w)| (h.to_string(), p.to_string(), w)).collect()
+}
+
+fn dialer(url: &str, mode: Mode) -> Dialer {
+    Dialer::builder(url).key(key()).mode(mode).timeout(STEP).build().expect("valid dialer settings")
+}
+
+/// Dial `host:port` (as a user would type it, or as a raw SOCKS5 name when it cannot be typed).
+async fn dial(d: &Dialer, host: &str, port: &str) -> libtunnel::Result<libtunnel::TunnelStream> {
+    let text = if host.starts_with('[') || !host.contains(['\0', ' ', '@', '/']) { format!("{host}:{port}") } else { String::new() };
+    let work = async {
+        if text.is_empty() {
+            let port = port.parse().expect("raw names use valid ports");
+            d.dial_target(&Target { host: host.to_string(), port }).await
+        } else {
+            d.dial(&text).await
+        }
+    };
+    within(STEP + STEP, "a refused dial", work).await
+}
+
+async fn still_serves(d: &Dialer, allowed: SocketAddr) {
+    let mut s = dial(d, "127.0.0.2", &allowed.port().to_string())
+        .await
+        .unwrap_or_else(|e| panic!("the allowed target stopped working ({:?}): [{}] {e}", d.mode(), e.code()));
+    s.write_all(b"ping").await.expect("write");
+    let mut b = [0u8; 4];
+    within(STEP, "echo from the allowed target", s.read_exact(&mut b)).await.expect("echo");
+    assert_eq!(&b, b"ping");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_spellings_are_refused_through_the_relay() {
+    init_tracing();
+    let allowed = allowed_echo().await;
+    let (forbidden, hits) = counting_echo_server().await;
+    let (pa, pb) = (allowed.port(), forbidden.port());
+    let rules = format!(
+        r#"[{{"host":"127.0.0.2","port":{pa}}},{{"host":"10.0.0.0/8","port":"*"}},{{"host":"0.0.0.0/8","port":"*"}},{{"host":"*.allowed.test","port":"*"}}]"#
+    );
+    let mut cfg = relay_config(allow(&rules));
+    cfg.dns_servers = vec![fake_dns().await];
+    let relay = start_relay(cfg).await;
+    let rows = table(pa, pb);
+    assert!(rows.len() >= 40, "the table has {} spellings", rows.len());
+
+    let mut refused_by_relay = 0;
+    let mut failures = Vec::new();
+    for mode in [Mode::Multiplexed, Mode::Classic] {
+        let d = dialer(relay.url(), mode);
+        still_serves(&d, allowed).await;
+        for (host, port, want) in &rows {
+            match dial(&d, host, port).await {
+                Ok(_) => failures.push(format!("{mode:?} {host:?}:{port}: admitted; want {}", want.code())),
+                Err(e) if e.code() != want.code() => failures.push(format!("{mode:?} {host:?}:{port}: [{}] {e}; want {}", e.code(), want.code())),
+                Err(e) => {
+                    if matches!(want, Want::NotAllowed) {
+                        assert!(e.message().contains("TUNNEL_ALLOW"), "the refusal names the setting: {e}");
+                        refused_by_relay += 1;
+                    }
+                }
+            }
+        }
+        // Rules are applied per stream: the same session still reaches the allowed target.
+        still_serves(&d, allowed).await;
+    }
+    assert!(failures.is_empty(), "{} of {} dials went wrong:\n{}", failures.len(), rows.len() * 2, failures.join("\n"));
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the relay connected to the forbidden server on 127.0.0.1");
+    assert_eq!(relay.metrics().refusals(Refusal::NotAllowed), refused_by_relay, "every NOT_ALLOWED came from the relay");
+    relay.abort();
+}
+
+/// What the allowlist means for listeners: a dial to a registered listener's name is routed to
+/// the listener and is *not* subject to the allowlist (registration and its key grants govern
+/// who may be reached that way). What the rules still guarantee: a listener-shaped name never
+/// reaches a TCP target, and every other stream on the same session is checked on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_to_listeners_and_the_allowlist() {
+    init_tracing();
+    let allowed = allowed_echo().await;
+    let (forbidden, hits) = counting_echo_server().await;
+    let (pa, pb) = (allowed.port(), forbidden.port());
+    let mut cfg = relay_config(allow(&format!(r#"[{{"host":"127.0.0.2","port":{pa}}}]"#)));
+    cfg.listeners_open = true;
+    let relay = start_relay(cfg).await;
+    let listener = within(STEP, "listener bind", Listener::bind(relay.url(), Identity::generate())).await.expect("open registration");
+    let name = listener.name();
+    let l = std::sync::Arc::new(listener);
+    let acceptor = l.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = acceptor.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let d = dialer(relay.url(), Mode::Multiplexed);
+    for target in [format!("{name}:0"), format!("{name}:{pb}"), format!("{}.localhost:80", name.to_uppercase())] {
+        let mut s = within(STEP, "dial the listener", d.dial(&target)).await.unwrap_or_else(|e| panic!("{target}: [{}] {e}", e.code()));
+        s.write_all(b"hi").await.expect("write");
+        let mut b = [0u8; 2];
+        within(STEP, "echo from the listener", s.read_exact(&mut b)).await.expect("echo");
+        assert_eq!(&b, b"hi", "{target}");
+        // While that listener stream is open, the same session's other streams are still checked.
+        for (host, port) in [("127.0.0.1", pb.to_string()), ("localhost", pb.to_string()), ("0x7f.1", pb.to_string())] {
+            let e = dial(&d, host, &port).await.err().unwrap_or_else(|| panic!("{host}:{port} admitted"));
+            assert_eq!(e.code(), ErrorCode::NotAllowed, "{host}:{port}: {e}");
+        }
+        still_serves(&d, allowed).await;
+    }
+    // Listener-shaped names that are not online never fall through to a TCP target.
+    let offline = Identity::generate().name();
+    for target in [format!("{offline}:{pb}"), format!("other.localhost:{pb}"), format!("{offline}.localhost:{pb}")] {
+        let e = within(STEP, "dial offline", d.dial(&target)).await.err().unwrap_or_else(|| panic!("{target} admitted"));
+        assert_eq!(e.code(), ErrorCode::Unreachable, "{target}: {e}");
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the relay connected to the forbidden server on 127.0.0.1");
+    l.close();
+    relay.abort();
+}
