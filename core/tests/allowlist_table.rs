@@ -108,15 +108,18 @@ fn dns_answer(q: &[u8], records: &HashMap<&'static str, Vec<IpAddr>>) -> Option<
     Some(r)
 }
 
-/// An echo server on 127.0.0.2, the one address the relay admits (on one port).
+/// The one target the relay admits: 127.0.0.2 (not 127.0.0.1), one port. Answers each
+/// connection's first four bytes with the same four bytes.
 async fn allowed_echo() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
+        while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let mut word = [0u8; 4];
+                if s.read_exact(&mut word).await.is_ok() {
+                    let _ = s.write_all(&word).await;
+                }
             });
         }
     });

@@ -413,3 +413,72 @@ async fn server_config_errors_name_the_variable_to_set() {
     server_refuses(&[("TUNNEL_AUTH_KEYS", &keys)], "TUNNEL_ALLOW").await;
     server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), ("TUNNEL_ALOW", "x")], "did you mean TUNNEL_ALLOW").await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Graceful shutdown of `tunnel server`: SIGTERM stops accepting and lets open streams finish; a
+// second signal exits at once.
+// ---------------------------------------------------------------------------------------------
+
+fn signal(p: &Proc, sig: &str) {
+    let pid = p.child.id().expect("the process runs").to_string();
+    let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("run kill").success();
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
+    let echo = echo_server().await;
+    let (mut relay, url) = start_server(&auth_keys_json(), &allow_json(&[echo.port()])).await;
+    let d = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
+    let mut s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
+    let mut buf = [0u8; 6];
+    s.write_all(b"before").await.expect("write");
+    within(STEP, "echo", s.read_exact(&mut buf)).await.expect("echo before SIGTERM");
+
+    signal(&relay, "-TERM");
+    // New connections are refused once the relay stops accepting...
+    within(STEP, "the relay to stop accepting", async {
+        while TcpStream::connect(url_addr(&url)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // ...while the open stream keeps working, in both directions.
+    let data = payload(4 << 20, 77);
+    let got = within(STEP, "4 MiB through the draining relay", async {
+        let (mut rd, mut wr) = tokio::io::split(&mut s);
+        let mut got = vec![0u8; data.len()];
+        let (w, r) = tokio::join!(wr.write_all(&data), rd.read_exact(&mut got));
+        w.expect("the open stream takes writes while draining");
+        r.expect("the open stream delivers while draining");
+        got
+    })
+    .await;
+    assert_eq!(sha256(&got), sha256(&data), "bytes changed while draining");
+    assert!(relay.child.try_wait().expect("poll").is_none(), "the relay exited with a stream still open");
+    // Once the stream ends, the relay finishes on its own.
+    drop(s);
+    d.close().await;
+    let status = relay.exit(STEP).await;
+    assert!(status.success(), "a drained relay exits 0, got {status:?}; stderr:\n{}", relay.stderr());
+    assert!(relay.stderr().contains("draining"), "the relay should say it is draining; stderr:\n{}", relay.stderr());
+
+    // A second signal does not wait for the open stream.
+    let (mut relay, url) = start_server(&auth_keys_json(), &allow_json(&[echo.port()])).await;
+    let d = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
+    let mut s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
+    s.write_all(b"before").await.expect("write");
+    within(STEP, "echo", s.read_exact(&mut buf)).await.expect("echo");
+    signal(&relay, "-TERM");
+    within(STEP, "the relay to stop accepting", async {
+        while TcpStream::connect(url_addr(&url)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    signal(&relay, "-TERM");
+    let status = relay.exit(Duration::from_secs(3)).await;
+    assert_eq!(status.code(), Some(130), "a second signal exits at once with 130; stderr:\n{}", relay.stderr());
+    let r = within(STEP, "the stream to fail", s.read(&mut buf)).await;
+    assert!(r.is_err(), "a stream cut by the exit must fail, got {r:?}");
+}

@@ -166,9 +166,19 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        // A second signal exits at once.
+        // A second signal (Ctrl-C or SIGTERM) exits at once, without waiting for the drain.
         tokio::spawn(async {
+            #[cfg(unix)]
+            {
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            #[cfg(not(unix))]
             let _ = tokio::signal::ctrl_c().await;
+            eprintln!("second signal: exiting now, without waiting for open streams");
             std::process::exit(130);
         });
     }

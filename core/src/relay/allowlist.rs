@@ -40,6 +40,8 @@ impl TargetHost {
             return Err(Error::argument(format!("target host {raw:?} is not a valid host name")));
         }
         match url::Host::parse(host) {
+            // `..` and the like survive the parser as a domain of dots only: nothing to resolve.
+            Ok(url::Host::Domain(d)) if d.trim_end_matches('.').is_empty() => Err(Error::argument(format!("target host {raw:?} is not a valid host name"))),
             Ok(url::Host::Domain(d)) => Ok(TargetHost::Name(d.trim_end_matches('.').to_string())),
             Ok(url::Host::Ipv4(ip)) => Ok(TargetHost::Ip(IpAddr::V4(ip))),
             Ok(url::Host::Ipv6(ip)) => Ok(TargetHost::Ip(canonical_ip(IpAddr::V6(ip)))),
@@ -282,6 +284,10 @@ mod tests {
         assert_eq!(TargetHost::parse("DB.Internal.").unwrap(), TargetHost::Name("db.internal".into()));
         assert_eq!(TargetHost::parse("bücher.example").unwrap(), TargetHost::Name("xn--bcher-kva.example".into()));
         assert!(TargetHost::parse("").is_err());
+        // Found by the socks5 fuzz target: these normalised to an empty name.
+        for dots in [".", "..", "...", "。。"] {
+            assert!(TargetHost::parse(dots).is_err(), "{dots:?}");
+        }
         assert!(TargetHost::parse("a b").is_err());
     }
 
