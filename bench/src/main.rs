@@ -186,11 +186,7 @@ fn cpu_total(pids: &[u32]) -> f64 {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok())))
         .unwrap_or(0)
 }
 
@@ -479,7 +475,12 @@ fn hold(addr: SocketAddr, count: usize, pids: &[u32], timeout: Duration) -> std:
         match open_held(addr, timeout) {
             Ok(s) => held.push(s),
             Err(e) => {
-                failure = Some(format!("connection {} of {count} failed after {:.1}s: {e} (this client's fd limit is {})", i + 1, t0.elapsed().as_secs_f64(), fd_limit()));
+                failure = Some(format!(
+                    "connection {} of {count} failed after {:.1}s: {e} (this client's fd limit is {})",
+                    i + 1,
+                    t0.elapsed().as_secs_f64(),
+                    fd_limit()
+                ));
                 break;
             }
         }

@@ -62,12 +62,11 @@ impl Key {
     /// Parse `KID:BASE64` (the `TUNNEL_KEY` / `--key` form).
     pub fn parse(s: &str) -> Result<Key> {
         let s = s.trim();
-        let (kid, data) = s.split_once(':').ok_or_else(|| {
-            Error::argument("a shared key is written KID:BASE64 (for example 1:c2VjcmV0...); `tunnel keygen` prints one")
-        })?;
-        let kid: u32 = kid.trim().parse().map_err(|_| {
-            Error::argument(format!("key id {kid:?} is not a number; a shared key is written KID:BASE64"))
-        })?;
+        let (kid, data) = s
+            .split_once(':')
+            .ok_or_else(|| Error::argument("a shared key is written KID:BASE64 (for example 1:c2VjcmV0...); `tunnel keygen` prints one"))?;
+        let kid: u32 =
+            kid.trim().parse().map_err(|_| Error::argument(format!("key id {kid:?} is not a number; a shared key is written KID:BASE64")))?;
         Key::new(kid, decode_base64(data, "the shared key")?)
     }
 
@@ -113,9 +112,7 @@ fn mac(secret: &[u8], nonce: &[u8], date: &str) -> [u8; 32] {
 pub(crate) fn decode_base64(s: &str, what: &str) -> Result<Vec<u8>> {
     let s = s.trim();
     let trimmed = s.trim_end_matches('=');
-    STANDARD_NO_PAD
-        .decode(trimmed)
-        .map_err(|e| Error::argument(format!("{what} is not valid standard base64 ({e})")))
+    STANDARD_NO_PAD.decode(trimmed).map_err(|e| Error::argument(format!("{what} is not valid standard base64 ({e})")))
 }
 
 /// The relay's set of accepted keys, looked up by id.

@@ -36,6 +36,19 @@ pub struct Limits {
     /// application write as one message, so this must exceed the largest single write a
     /// classic client makes; multiplexed sessions always use the 1 MiB frame limit.
     pub classic_max_message: usize,
+    /// Most multiplexed sessions open at once with one shared key (a leaked key cannot take the
+    /// whole relay).
+    pub max_sessions_per_key: usize,
+    /// Most streams the relay has offered one listener session and not yet had accepted; more
+    /// are refused at once (503 on the HTTP port, REFUSED for dialers).
+    pub max_pending_accepts: usize,
+    /// Largest request head (request line and headers) on the public HTTP port, in bytes.
+    pub http_max_header_bytes: usize,
+    /// A public HTTP client must send a request head within this time (slowloris).
+    pub http_header_timeout: Duration,
+    /// Failed authentications one source address may make per minute; past that its attempts
+    /// are refused without being checked until the minute is over.
+    pub auth_failures_per_minute: usize,
 }
 
 impl Default for Limits {
@@ -50,6 +63,11 @@ impl Default for Limits {
             keepalive_timeout: Duration::from_secs(20),
             classic_max_message: 16 * 1024 * 1024,
             http_timeout: Duration::from_secs(30),
+            max_sessions_per_key: 64,
+            max_pending_accepts: 2048,
+            http_max_header_bytes: 64 * 1024,
+            http_header_timeout: Duration::from_secs(10),
+            auth_failures_per_minute: 10,
         }
     }
 }
@@ -232,16 +250,16 @@ impl RelayConfig {
             let list: Vec<KeyJson> = serde_json::from_str(v).map_err(|e| {
                 Error::config(format!("{w} must be a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}] ({e}); `tunnel keygen` prints one"))
             })?;
-            let keys = list.iter().map(|k| Key::from_json(k).map_err(|e| Error::config(format!("{w}: {}", e.message())))).collect::<Result<Vec<_>>>()?;
+            let keys =
+                list.iter().map(|k| Key::from_json(k).map_err(|e| Error::config(format!("{w}: {}", e.message())))).collect::<Result<Vec<_>>>()?;
             cfg.auth_keys = KeySet::new(keys).map_err(|e| Error::config(format!("{w}: {}", e.message())))?;
         }
         if let Some((v, w)) = get("allow") {
             cfg.allow = Allowlist::from_json(v, w)?;
         }
         if let Some((v, w)) = get("listener_keys") {
-            cfg.listener_keys = serde_json::from_str(v).map_err(|e| {
-                Error::config(format!("{w} must be a JSON list like [{{\"public_key\": \"<base64>\", \"names\": [\"api\"]}}] ({e})"))
-            })?;
+            cfg.listener_keys = serde_json::from_str(v)
+                .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"public_key\": \"<base64>\", \"names\": [\"api\"]}}] ({e})")))?;
         }
         cfg.tls_cert = get("tls_cert").map(|(v, _)| PathBuf::from(v));
         cfg.tls_key = get("tls_key").map(|(v, _)| PathBuf::from(v));
@@ -271,14 +289,11 @@ impl RelayConfig {
         let secs = |k: &str, d: Duration| -> Result<Duration> {
             match get(k) {
                 None => Ok(d),
-                Some((v, w)) => v
-                    .parse::<f64>()
-                    .ok()
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
-                    .filter(|d| !d.is_zero() && *d <= MAX_SECONDS)
-                    .ok_or_else(|| {
-                        Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs()))
-                    }),
+                Some((v, w)) => {
+                    v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero() && *d <= MAX_SECONDS).ok_or_else(
+                        || Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs())),
+                    )
+                }
             }
         };
         // Counts size semaphores and buffers, which panic or abort past their limits.
@@ -303,6 +318,11 @@ impl RelayConfig {
             keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
             classic_max_message: count("classic_max_message", l.classic_max_message)?,
             http_timeout: secs("http_timeout", l.http_timeout)?,
+            max_sessions_per_key: count("max_sessions_per_key", l.max_sessions_per_key)?,
+            max_pending_accepts: count("max_pending_accepts", l.max_pending_accepts)?,
+            http_max_header_bytes: count("http_max_header_bytes", l.http_max_header_bytes)?.max(8192),
+            http_header_timeout: secs("http_header_timeout", l.http_header_timeout)?,
+            auth_failures_per_minute: count("auth_failures_per_minute", l.auth_failures_per_minute)?,
         };
         if let Some((v, w)) = get("listeners_open") {
             cfg.listeners_open = match v.to_ascii_lowercase().as_str() {
@@ -328,9 +348,7 @@ impl RelayConfig {
         for g in &cfg.listener_keys {
             crate::identity::parse_public_key(&g.public_key).map_err(|e| Error::config(format!("listener_keys: {}", e.message())))?;
             if let Some(bad) = g.names.iter().find(|n| !crate::identity::valid_name(n)) {
-                return Err(Error::config(format!(
-                    "listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'"
-                )));
+                return Err(Error::config(format!("listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'")));
             }
         }
         if cfg.auth_keys.is_empty() {
@@ -385,6 +403,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
     Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
     Setting { name: "classic_max_message", help: "largest classic-mode WebSocket message in bytes" },
+    Setting { name: "max_sessions_per_key", help: "most multiplexed sessions open at once per shared key" },
+    Setting { name: "max_pending_accepts", help: "most streams waiting for one listener to accept them" },
+    Setting { name: "http_max_header_bytes", help: "largest public HTTP request head in bytes (at least 8192)" },
+    Setting { name: "http_header_timeout", help: "seconds a public HTTP client has to send its request head" },
+    Setting { name: "auth_failures_per_minute", help: "failed authentications per source address per minute before it is refused" },
 ];
 
 /// Client-side variables that may share an environment with the relay.
@@ -428,9 +451,7 @@ fn parse_opt_addr(v: &str, w: &str) -> Result<Option<SocketAddr>> {
     if v.is_empty() || v.eq_ignore_ascii_case("off") {
         return Ok(None);
     }
-    v.parse::<SocketAddr>()
-        .map(Some)
-        .map_err(|_| Error::config(format!("{w} must be an address like 127.0.0.1:7835 (or off), got {v:?}")))
+    v.parse::<SocketAddr>().map(Some).map_err(|_| Error::config(format!("{w} must be an address like 127.0.0.1:7835 (or off), got {v:?}")))
 }
 
 fn port_to_addr(v: &str, var: &str) -> Result<String> {
@@ -441,9 +462,7 @@ fn port_to_addr(v: &str, var: &str) -> Result<String> {
 /// Read a `.env` file if present; a malformed file is an error naming the line.
 pub fn read_dotenv(path: &Path) -> Result<Vec<(String, String)>> {
     match dotenvy::from_path_iter(path) {
-        Ok(iter) => iter
-            .map(|r| r.map_err(|e| Error::config(format!("{} is malformed: {e}", path.display()))))
-            .collect(),
+        Ok(iter) => iter.map(|r| r.map_err(|e| Error::config(format!("{} is malformed: {e}", path.display())))).collect(),
         Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(Error::config(format!("cannot read {}: {e}", path.display()))),
     }
@@ -473,14 +492,30 @@ mod tests {
         let c = RelayConfig::from_sources(
             None,
             &[],
-            &env(&[("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW), ("EMISSARY_TCP_PORT", "9001"), ("EMISSARY_DNS_SERVERS", "1.1.1.1 8.8.8.8")]),
+            &env(&[
+                ("EMISSARY_AUTH_KEYS", KEYS),
+                ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW),
+                ("EMISSARY_TCP_PORT", "9001"),
+                ("EMISSARY_DNS_SERVERS", "1.1.1.1 8.8.8.8"),
+            ]),
             &[],
         )
         .unwrap();
         assert_eq!(c.listen, Some("0.0.0.0:8080".parse().unwrap()));
         assert_eq!(c.tcp_listen, Some("0.0.0.0:9001".parse().unwrap()));
         assert_eq!(c.dns_servers.len(), 2);
-        let c = RelayConfig::from_sources(None, &[], &env(&[("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW), ("EMISSARY_HTTP_PORT", "0"), ("EMISSARY_TCP_PORT", "9001")]), &[]).unwrap();
+        let c = RelayConfig::from_sources(
+            None,
+            &[],
+            &env(&[
+                ("EMISSARY_AUTH_KEYS", KEYS),
+                ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW),
+                ("EMISSARY_HTTP_PORT", "0"),
+                ("EMISSARY_TCP_PORT", "9001"),
+            ]),
+            &[],
+        )
+        .unwrap();
         assert_eq!(c.listen, None);
     }
 
@@ -521,7 +556,10 @@ allow = [{host = "db.internal", port = 5432}]
             // permit limit at bind) or loaded a zero timeout.
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_CONNECT_TIMEOUT", "1e30")]), "positive number of seconds"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_HANDSHAKE_TIMEOUT", "1e-12")]), "positive number of seconds"),
-            (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_MAX_CONNECTIONS", "18446744073709551615")]), "positive whole number"),
+            (
+                env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_MAX_CONNECTIONS", "18446744073709551615")]),
+                "positive whole number",
+            ),
         ];
         for (e, needle) in cases {
             let err = RelayConfig::from_sources(None, &[], &e, &[]).unwrap_err();

@@ -29,7 +29,9 @@ async fn demo_service() -> Result<std::net::SocketAddr> {
             tokio::spawn(async move {
                 let mut h = Sha256::new();
                 let mut buf = vec![0u8; 64 * 1024];
-                let Ok(mut left) = s.read_u64().await else { return };
+                let Ok(mut left) = s.read_u64().await else {
+                    return;
+                };
                 while left > 0 {
                     let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
                     match s.read(&mut buf[..want]).await {
@@ -115,7 +117,9 @@ pub async fn run() -> Result<()> {
     }
     let wrong = Dialer::new(relay.url(), Key::new(1, b"not the secret".to_vec())?)?;
     match wrong.dial(&service.to_string()).await {
-        Err(e) if e.code() == ErrorCode::AuthFailed => println!("5. a wrong secret is refused: [{}] {e}", e.code()),
+        Err(e) if e.code() == ErrorCode::AuthFailed => {
+            println!("5. a wrong secret is refused: [{}] {e}", e.code())
+        }
         other => return Err(Error::new(ErrorCode::General, format!("expected AUTH_FAILED for a wrong secret, got {other:?}"))),
     }
     dialer.close().await;

@@ -65,9 +65,7 @@ impl DialerBuilder {
     /// Check the settings; no network I/O happens until the first dial.
     pub fn build(self) -> Result<Dialer> {
         let url = RelayUrl::parse(&self.relay)?;
-        let key = self
-            .key
-            .ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
+        let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
         Ok(Dialer {
             inner: Arc::new(DialerInner {
                 url,

@@ -192,10 +192,9 @@ impl Error {
         }
         let code = match err.kind() {
             io::ErrorKind::TimedOut => ErrorCode::Timeout,
-            io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::UnexpectedEof => ErrorCode::Closed,
+            io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof => {
+                ErrorCode::Closed
+            }
             io::ErrorKind::InvalidData => ErrorCode::Protocol,
             _ => ErrorCode::Io,
         };

@@ -30,9 +30,7 @@ pub(crate) async fn accept_backoff(listener: &TcpListener) -> (TcpStream, Socket
 /// Bind a local address for a forward or proxy, with an error that names the address.
 pub async fn bind_local(addr: &str) -> Result<TcpListener> {
     let addr = if addr.parse::<u16>().is_ok() { format!("127.0.0.1:{addr}") } else { addr.to_string() };
-    TcpListener::bind(&addr)
-        .await
-        .map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr}: {e}; pick a free port (0 picks one)")))
+    TcpListener::bind(&addr).await.map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr}: {e}; pick a free port (0 picks one)")))
 }
 
 /// Forward every connection accepted on `listener` to `target` through the relay, until

@@ -40,8 +40,12 @@ pub fn registration_message(nonce: &[u8], name: &str) -> Vec<u8> {
 
 /// Check a registration signature (relay side).
 pub fn verify_registration(public_key: &[u8; 32], signature: &[u8], nonce: &[u8], name: &str) -> bool {
-    let Ok(vk) = VerifyingKey::from_bytes(public_key) else { return false };
-    let Ok(sig) = Signature::from_slice(signature) else { return false };
+    let Ok(vk) = VerifyingKey::from_bytes(public_key) else {
+        return false;
+    };
+    let Ok(sig) = Signature::from_slice(signature) else {
+        return false;
+    };
     vk.verify(&registration_message(nonce, name), &sig).is_ok()
 }
 
@@ -76,14 +80,20 @@ impl Identity {
     /// From a PKCS#8 PEM string.
     pub fn from_pem(pem: &str) -> Result<Identity> {
         SigningKey::from_pkcs8_pem(pem.trim()).map(|key| Identity { key }).map_err(|e| {
-            Error::new(ErrorCode::InvalidArgument, format!("not an Ed25519 private key in PKCS#8 PEM ({e}); make one with `tunnel keygen --listener`"))
+            Error::new(
+                ErrorCode::InvalidArgument,
+                format!("not an Ed25519 private key in PKCS#8 PEM ({e}); make one with `tunnel keygen --listener`"),
+            )
         })
     }
 
     /// Load a key file.
     pub fn load(path: &Path) -> Result<Identity> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::new(ErrorCode::InvalidArgument, format!("cannot read listener key {}: {e}; make one with `tunnel keygen --listener --out FILE`", path.display()))
+            Error::new(
+                ErrorCode::InvalidArgument,
+                format!("cannot read listener key {}: {e}; make one with `tunnel keygen --listener --out FILE`", path.display()),
+            )
         })?;
         Identity::from_pem(&text).map_err(|e| Error::new(e.code(), format!("{}: {}", path.display(), e.message())))
     }

@@ -106,10 +106,7 @@ struct StreamShared {
 
 impl StreamShared {
     fn new(id: u32) -> Arc<StreamShared> {
-        Arc::new(StreamShared {
-            id,
-            st: Mutex::new(StreamState { recv_window: WINDOW, send_credit: WINDOW, ..Default::default() }),
-        })
+        Arc::new(StreamShared { id, st: Mutex::new(StreamState { recv_window: WINDOW, send_credit: WINDOW, ..Default::default() }) })
     }
 
     fn lock(&self) -> MutexGuard<'_, StreamState> {
@@ -243,10 +240,16 @@ impl Session {
             return Err(Error::new(*code, msg.clone()));
         }
         if t.go_away {
-            return Err(Error::new(ErrorCode::RelayUnavailable, "the relay is shutting down and takes no new streams; retry to reach another relay session"));
+            return Err(Error::new(
+                ErrorCode::RelayUnavailable,
+                "the relay is shutting down and takes no new streams; retry to reach another relay session",
+            ));
         }
         if t.streams.len() >= self.shared.max_streams {
-            return Err(Error::new(ErrorCode::General, format!("this session already has {} open streams (the limit); close some first", self.shared.max_streams)));
+            return Err(Error::new(
+                ErrorCode::General,
+                format!("this session already has {} open streams (the limit); close some first", self.shared.max_streams),
+            ));
         }
         let id = t.next_id;
         if id > u32::MAX - 2 {
@@ -402,10 +405,7 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
             }
         }
         FrameKind::Rst => {
-            let code = f
-                .payload_u32()
-                .and_then(|n| ErrorCode::ALL.iter().copied().find(|c| c.number() == n))
-                .unwrap_or(ErrorCode::Closed);
+            let code = f.payload_u32().and_then(|n| ErrorCode::ALL.iter().copied().find(|c| c.number() == n)).unwrap_or(ErrorCode::Closed);
             let s = shared.table().streams.remove(&f.stream);
             if let Some(s) = s {
                 s.fail(Error::new(code, "the peer reset the stream"));
@@ -627,10 +627,7 @@ impl MuxStream {
         drop(st);
         frame[0] = FrameKind::Data as u8;
         frame[1..FRAME_HEADER].copy_from_slice(&self.s.id.to_be_bytes());
-        self.session
-            .ordered_tx
-            .send(frame.freeze())
-            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionReset, "session closed"))
+        self.session.ordered_tx.send(frame.freeze()).map_err(|_| io::Error::new(io::ErrorKind::ConnectionReset, "session closed"))
     }
 
     /// Give back budget reserved but not used.

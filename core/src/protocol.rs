@@ -63,8 +63,11 @@ impl ServerConnect {
         if buf.len() >= MAX_PREAMBLE {
             return Err(Error::protocol("the relay's preamble is larger than 1024 bytes; is this an Emissary-compatible relay?"));
         }
-        let m = ServerConnect::decode(buf)
-            .map_err(|e| Error::protocol(format!("the relay's preamble is not a ServerConnect message ({e}); is the URL pointing at a libtunnel or Emissary relay?")))?;
+        let m = ServerConnect::decode(buf).map_err(|e| {
+            Error::protocol(format!(
+                "the relay's preamble is not a ServerConnect message ({e}); is the URL pointing at a libtunnel or Emissary relay?"
+            ))
+        })?;
         if m.server_software != SERVER_SOFTWARE {
             return Err(Error::protocol(format!(
                 "the relay identifies as {:?}, not {SERVER_SOFTWARE:?}; is the URL pointing at a libtunnel or Emissary relay?",

@@ -243,9 +243,7 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, aut
         Err(e) => {
             let reply = match &e {
                 socks5_proto::Error::Protocol(socks5_proto::ProtocolError::InvalidCommand { .. }) => Reply::CommandNotSupported,
-                socks5_proto::Error::Protocol(socks5_proto::ProtocolError::InvalidAddressTypeInRequest { .. }) => {
-                    Reply::AddressTypeNotSupported
-                }
+                socks5_proto::Error::Protocol(socks5_proto::ProtocolError::InvalidAddressTypeInRequest { .. }) => Reply::AddressTypeNotSupported,
                 _ => Reply::GeneralFailure,
             };
             let _ = write_reply(io, reply, None).await;

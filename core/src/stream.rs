@@ -92,9 +92,18 @@ impl TunnelStream {
 macro_rules! delegate {
     ($self:ident, $s:ident => $e:expr) => {
         match &mut $self.get_mut().inner {
-            Inner::Mux($s) => { let $s = Pin::new($s); $e }
-            Inner::Ws($s) => { let $s = Pin::new(&mut **$s); $e }
-            Inner::Raw($s) => { let $s = Pin::new($s); $e }
+            Inner::Mux($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Inner::Ws($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+            Inner::Raw($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
         }
     };
 }

@@ -92,16 +92,13 @@ pub struct RelayUrl {
 impl RelayUrl {
     /// Parse `ws://`, `wss://` or `tcp://` URLs.
     pub fn parse(s: &str) -> Result<RelayUrl> {
-        let url = url::Url::parse(s.trim()).map_err(|e| {
-            Error::argument(format!("relay URL {s:?} is not a URL ({e}); write it like ws://relay.example:7835"))
-        })?;
+        let url = url::Url::parse(s.trim())
+            .map_err(|e| Error::argument(format!("relay URL {s:?} is not a URL ({e}); write it like ws://relay.example:7835")))?;
         let scheme = match url.scheme() {
             "ws" | "http" => Scheme::Ws,
             "wss" | "https" => Scheme::Wss,
             "tcp" => Scheme::Tcp,
-            other => {
-                return Err(Error::argument(format!("relay URL scheme {other:?} is not supported; use ws://, wss:// or tcp://")))
-            }
+            other => return Err(Error::argument(format!("relay URL scheme {other:?} is not supported; use ws://, wss:// or tcp://"))),
         };
         let host = url
             .host_str()
@@ -187,8 +184,8 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> 
     if certs.is_empty() {
         return Err(Error::config(format!("TUNNEL_TLS_CERT {} holds no certificate", cert.display())));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| Error::config(format!("TUNNEL_TLS_KEY {} holds no usable private key: {e}", key.display())))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| Error::config(format!("TUNNEL_TLS_KEY {} holds no usable private key: {e}", key.display())))?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
@@ -207,10 +204,7 @@ pub enum Connected {
 }
 
 fn unavailable(url: &RelayUrl, e: impl std::fmt::Display) -> Error {
-    Error::new(
-        ErrorCode::RelayUnavailable,
-        format!("cannot reach the relay at {}: {e}; check that it runs and that the URL is right", url.url),
-    )
+    Error::new(ErrorCode::RelayUnavailable, format!("cannot reach the relay at {}: {e}; check that it runs and that the URL is right", url.url))
 }
 
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
@@ -220,8 +214,8 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
     let io: BoxIo = match url.scheme {
         Scheme::Wss => {
             let tls = tls.cloned().unwrap_or_else(ClientTls::webpki);
-            let name = ServerName::try_from(url.host.clone())
-                .map_err(|_| Error::argument(format!("{:?} is not a valid TLS server name", url.host)))?;
+            let name =
+                ServerName::try_from(url.host.clone()).map_err(|_| Error::argument(format!("{:?} is not a valid TLS server name", url.host)))?;
             let conn = tokio_rustls::TlsConnector::from(tls.config)
                 .connect(name, tcp)
                 .await
@@ -236,10 +230,7 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
     use tungstenite::client::IntoClientRequest;
     let mut req = url.url.as_str().into_client_request().map_err(|e| Error::argument(format!("bad relay URL: {e}")))?;
     if mux {
-        req.headers_mut().insert(
-            http::header::SEC_WEBSOCKET_PROTOCOL,
-            http::HeaderValue::from_static(crate::protocol::MUX_SUBPROTOCOL),
-        );
+        req.headers_mut().insert(http::header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(crate::protocol::MUX_SUBPROTOCOL));
     }
     let config = if mux { ws_config() } else { ws_config_with_limit(MAX_MESSAGE) };
     match tokio_tungstenite::client_async_with_config(req, io, Some(config)).await {
@@ -251,19 +242,14 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
                 .is_some_and(|v| v == crate::protocol::MUX_SUBPROTOCOL);
             Ok(Connected::Ws(ws, chosen))
         }
-        Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => {
-            Err(Error::protocol(format!(
-                "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); use classic mode",
-                url.url
-            )))
-        }
+        Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
+            "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); use classic mode",
+            url.url
+        ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             let code = if resp.status() == http::StatusCode::BAD_REQUEST { ErrorCode::Protocol } else { ErrorCode::RelayUnavailable };
-            Err(Error::new(
-                code,
-                format!("the relay at {} refused the WebSocket upgrade with HTTP {}: {}", url.url, resp.status(), body.trim()),
-            ))
+            Err(Error::new(code, format!("the relay at {} refused the WebSocket upgrade with HTTP {}: {}", url.url, resp.status(), body.trim())))
         }
         Err(e) => Err(unavailable(url, format!("WebSocket handshake failed ({e})"))),
     }
@@ -275,9 +261,10 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
         tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
             io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closed")
         }
-        tungstenite::Error::Capacity(c) => {
-            io::Error::new(io::ErrorKind::InvalidData, format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"))
-        }
+        tungstenite::Error::Capacity(c) => io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"),
+        ),
         e => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
     }
 }
@@ -309,9 +296,7 @@ impl WsByteStream {
             match self.ws.next().await {
                 Some(Ok(Message::Binary(b))) => return Ok(b),
                 Some(Ok(Message::Text(t))) => return Ok(Bytes::from(t)),
-                Some(Ok(Message::Close(_))) | None => {
-                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the relay closed the WebSocket"))
-                }
+                Some(Ok(Message::Close(_))) | None => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the relay closed the WebSocket")),
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => return Err(ws_err(e)),
             }
@@ -324,7 +309,9 @@ impl WsByteStream {
     }
 
     fn poll_keepalive(&mut self, cx: &mut Context<'_>) {
-        let Some(ping) = self.ping.as_mut() else { return };
+        let Some(ping) = self.ping.as_mut() else {
+            return;
+        };
         if ping.poll_tick(cx).is_ready() {
             let ws = Pin::new(&mut self.ws);
             if let Poll::Ready(Ok(())) = Sink::<Message>::poll_ready(ws, cx) {

@@ -187,7 +187,10 @@ async fn http_server(body: Arc<Vec<u8>>) -> (SocketAddr, mpsc::UnboundedReceiver
                     }
                 }
                 let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
-                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
                 let _ = s.write_all(resp.as_bytes()).await;
                 let _ = s.write_all(&body).await;
                 let _ = s.shutdown().await;

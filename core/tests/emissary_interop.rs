@@ -112,9 +112,7 @@ fn build_go_tools() -> Result<GoTools, String> {
     match std::process::Command::new("go").arg("version").output() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err("`go` is not on PATH".into()),
         Err(e) => return Err(format!("cannot run `go version`: {e}")),
-        Ok(o) if !o.status.success() => {
-            return Err(format!("`go version` failed: {}", String::from_utf8_lossy(&o.stderr).trim()))
-        }
+        Ok(o) if !o.status.success() => return Err(format!("`go version` failed: {}", String::from_utf8_lossy(&o.stderr).trim())),
         Ok(_) => {}
     }
 
@@ -398,10 +396,7 @@ where
 
 /// `RUST_LOG=libtunnel=debug` shows the relay's own log in these tests.
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
 }
 
 /// Collects failed checks so one run reports every interop problem, not just the first.
@@ -478,9 +473,7 @@ async fn go_dial_chunked(tools: &GoTools, url: &str, target: &str, kid: u32, sec
 fn parse_ok(stdout: &str) -> (usize, String, usize, String) {
     let line = stdout.lines().find(|l| l.starts_with("OK ")).unwrap_or_else(|| panic!("no OK line in {stdout:?}"));
     let field = |k: &str| {
-        line.split_whitespace()
-            .find_map(|f| f.strip_prefix(&format!("{k}=")).map(str::to_string))
-            .unwrap_or_else(|| panic!("no {k} in {line:?}"))
+        line.split_whitespace().find_map(|f| f.strip_prefix(&format!("{k}=")).map(str::to_string)).unwrap_or_else(|| panic!("no {k} in {line:?}"))
     };
     (field("sent").parse().unwrap(), field("sha256_sent"), field("recv").parse().unwrap(), field("sha256_recv"))
 }
@@ -493,8 +486,7 @@ async fn emissary_go_dialer_through_libtunnel_relay() {
     let mut echo = Echo::start().await;
     let sentinel = Sentinel::start().await;
 
-    let allow = Allowlist::from_json(&format!(r#"[{{"host": "127.0.0.1", "port": {}}}]"#, echo.addr.port()), "test allowlist")
-        .expect("allowlist");
+    let allow = Allowlist::from_json(&format!(r#"[{{"host": "127.0.0.1", "port": {}}}]"#, echo.addr.port()), "test allowlist").expect("allowlist");
     let keys = KeySet::new([Key::new(KID, SECRET.to_vec()).unwrap()]).unwrap();
     let mut cfg = RelayConfig::new(keys, allow);
     cfg.limits.drain_timeout = Duration::from_secs(2);
@@ -536,9 +528,8 @@ async fn emissary_go_dialer_through_libtunnel_relay() {
             Some(seen) => checks.check(seen.bytes == PAYLOAD && seen.sha256 == want, || {
                 format!("the target received {} bytes sha256 {}, want {PAYLOAD} bytes sha256 {want}", seen.bytes, seen.sha256)
             }),
-            None => checks.check(false, || {
-                "INTEROP FAILURE: the relay did not close the target connection within 10 s after Emissary's dialer closed".into()
-            }),
+            None => checks
+                .check(false, || "INTEROP FAILURE: the relay did not close the target connection within 10 s after Emissary's dialer closed".into()),
         }
         println!("emissary interop: Go dialer -> libtunnel relay ({chunk}-byte writes): {PAYLOAD} bytes each way, sha256 {want}");
     }
@@ -599,12 +590,10 @@ impl EmissaryServer {
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("emissary.log");
         let file = std::fs::File::create(&log).unwrap();
-        let keys_json = serde_json::Value::Array(
-            keys.iter().map(|(kid, secret)| serde_json::json!({"kid": kid, "data": STANDARD.encode(secret)})).collect(),
-        );
-        let targets_json = serde_json::Value::Array(
-            targets.iter().map(|a| serde_json::json!({"host": a.ip().to_string(), "port": a.port()})).collect(),
-        );
+        let keys_json =
+            serde_json::Value::Array(keys.iter().map(|(kid, secret)| serde_json::json!({"kid": kid, "data": STANDARD.encode(secret)})).collect());
+        let targets_json =
+            serde_json::Value::Array(targets.iter().map(|a| serde_json::json!({"host": a.ip().to_string(), "port": a.port()})).collect());
         let mut cmd = tokio::process::Command::new(&tools.server);
         for (k, _) in std::env::vars() {
             if k.starts_with("EMISSARY_") {
@@ -695,20 +684,15 @@ async fn libtunnel_dialer_through_emissary_server() {
     // 1. Bytes in == bytes out, through our dialer and Emissary's server.
     let dialer = classic(Key::new(KID, SECRET.to_vec()).unwrap());
     let stream = dialer.dial(&target).await.unwrap_or_else(|e| {
-        panic!(
-            "INTEROP FAILURE (libtunnel dialer -> Emissary server): dial failed: [{}] {e}\nEmissary log:\n{}",
-            e.code(),
-            emissary_log()
-        )
+        panic!("INTEROP FAILURE (libtunnel dialer -> Emissary server): dial failed: [{}] {e}\nEmissary log:\n{}", e.code(), emissary_log())
     });
     let data = Arc::new(payload(PAYLOAD));
     let want = sha_hex(&data);
     let got = echo_roundtrip(stream, data.clone(), Duration::from_secs(30)).await.unwrap_or_else(|e| {
         panic!("INTEROP FAILURE (libtunnel dialer -> Emissary server): echo round trip failed: {e}\nEmissary log:\n{}", emissary_log())
     });
-    checks.check(sha_hex(&got) == want, || {
-        format!("INTEROP FAILURE (libtunnel dialer -> Emissary server): got sha256 {}, want {want}", sha_hex(&got))
-    });
+    checks
+        .check(sha_hex(&got) == want, || format!("INTEROP FAILURE (libtunnel dialer -> Emissary server): got sha256 {}, want {want}", sha_hex(&got)));
     match echo.next_finished(Duration::from_secs(10)).await {
         Some(seen) => checks.check(seen.bytes == PAYLOAD && seen.sha256 == want, || {
             format!("the target received {} bytes sha256 {}, want {PAYLOAD} bytes sha256 {want}", seen.bytes, seen.sha256)
@@ -719,10 +703,9 @@ async fn libtunnel_dialer_through_emissary_server() {
 
     // 2. Wrong secret for the right key id, and 3. an unknown key id: Emissary (armon/go-socks5)
     //    answers the RFC 1929 sub-negotiation with status 0x01 (bytes 01 01) in both cases.
-    for (what, key) in [
-        ("wrong secret", Key::new(KID, WRONG_SECRET.to_vec()).unwrap()),
-        ("unknown key id", Key::new(KID + 1, SECRET.to_vec()).unwrap()),
-    ] {
+    for (what, key) in
+        [("wrong secret", Key::new(KID, WRONG_SECRET.to_vec()).unwrap()), ("unknown key id", Key::new(KID + 1, SECRET.to_vec()).unwrap())]
+    {
         match classic(key).dial(&target).await {
             Ok(_) => checks.check(false, || format!("Emissary accepted a {what}?!")),
             Err(e) => {
@@ -823,11 +806,7 @@ async fn relay_rfc1929_answers_match_emissary_bytes() {
     timeout(Duration::from_secs(10), relay.shutdown()).await.expect("relay shutdown within 10 s").expect("relay shutdown");
 
     assert_eq!(good, [0x05, 0x02, 0x01, 0x00], "greeting + RFC 1929 success answer");
-    assert_eq!(
-        bad,
-        [0x05, 0x02, 0x01, 0x01],
-        "WIRE DIFFERENCE FROM EMISSARY (core/src): RFC 1929 failure answer should be 01 01 as Emissary sends"
-    );
+    assert_eq!(bad, [0x05, 0x02, 0x01, 0x01], "WIRE DIFFERENCE FROM EMISSARY (core/src): RFC 1929 failure answer should be 01 01 as Emissary sends");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -842,9 +821,6 @@ async fn relay_rfc1929_answers_match_emissary_bytes() {
 fn documented_test_vector() {
     let key = Key::new(7, b"emissary-test-key-0123456789abcd".to_vec()).unwrap();
     let nonce: Vec<u8> = (1u8..=32).collect();
-    assert_eq!(
-        key.sign_with_date(&nonce, "Tue, 30 Jan 2024 10:00:00 GMT"),
-        "AAAABw2s4eJLOs+fbxqIxkU89y2DI0kK3uMbOe2SAPxe5YIz"
-    );
+    assert_eq!(key.sign_with_date(&nonce, "Tue, 30 Jan 2024 10:00:00 GMT"), "AAAABw2s4eJLOs+fbxqIxkU89y2DI0kK3uMbOe2SAPxe5YIz");
     assert_eq!(STANDARD.encode(key.secret()), "ZW1pc3NhcnktdGVzdC1rZXktMDEyMzQ1Njc4OWFiY2Q=");
 }

@@ -319,7 +319,11 @@ async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
     assert_eq!(got, (expect, 10 * MIB), "the downloaded body arrived intact");
 
     // An X-Forwarded-For chain from the client is extended, not replaced.
-    let req = Request::get("/download?len=0").header(header::HOST, &host).header("x-forwarded-for", "203.0.113.7").body(full(Bytes::new())).expect("request");
+    let req = Request::get("/download?len=0")
+        .header(header::HOST, &host)
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(full(Bytes::new()))
+        .expect("request");
     let (resp, _) = http_request(http, req).await;
     assert_eq!(hdr(&resp, "x-seen-xff"), "203.0.113.7, 127.0.0.1");
 
@@ -341,7 +345,8 @@ async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
     tokio::spawn(conn);
     for i in 0..3u64 {
         within(STEP, "the connection to be ready for another request", sender.ready()).await.expect("the relay keeps the connection alive");
-        let resp = within(STEP, "keep-alive request", sender.send_request(get(&host, &format!("/download?len=1000&seed={i}")))).await.expect("response");
+        let resp =
+            within(STEP, "keep-alive request", sender.send_request(get(&host, &format!("/download?len=1000&seed={i}")))).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(within(STEP, "small body", hash_body(resp.into_body())).await, (sha(&payload(1000, i)), 1000));
     }
@@ -569,7 +574,11 @@ async fn dial_by_name_64_mib_both_ways_and_half_close() {
     let mut digest = [0u8; 32];
     within(STEP, "the reply after EOF", r.read_exact(&mut digest)).await.expect("hash reply");
     assert_eq!(digest, sha(&data), "the listener saw exactly our bytes, then EOF");
-    assert_eq!(within(STEP, "the tail and EOF", hash_to_eof(&mut r)).await.expect("tail"), (sha(&tail), MIB), "writes after our shutdown arrive, then EOF");
+    assert_eq!(
+        within(STEP, "the tail and EOF", hash_to_eof(&mut r)).await.expect("tail"),
+        (sha(&tail), MIB),
+        "writes after our shutdown arrive, then EOF"
+    );
     let (peer, _) = within(STEP, "report", report.recv()).await.expect("report");
     assert_eq!((peer.via, peer.port), (Via::Dial, 2));
 
@@ -1101,6 +1110,50 @@ async fn a_dead_listener_resets_its_public_tcp_connections() {
     match r {
         Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "expected a reset, got {e}"),
         Ok(n) => panic!("a public TCP client must see a reset when the listener dies, not {n} bytes / a clean EOF"),
+    }
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn streams_waiting_on_a_silent_listener_are_bounded() {
+    init_tracing();
+    let mut cfg = relay_config();
+    cfg.limits.max_pending_accepts = 2;
+    cfg.limits.connect_timeout = Duration::from_secs(3);
+    let relay = start(cfg).await;
+    // A registered session that never answers the streams offered to it.
+    let id = Identity::generate();
+    let (mut silent, ack) = raw_register(relay.url(), |n| hello(&id, n, &id.name())).await;
+    ack.expect("registered");
+    let d = dialer(&relay);
+    let target = format!("{}:0", id.name());
+    let waiting: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn({
+                let (d, t) = (d.clone(), target.clone());
+                async move { d.dial(&t).await.map(|_| ()) }
+            })
+        })
+        .collect();
+    // Once both wait, a third is refused at once instead of queueing.
+    within(STEP, "two streams to be offered to the silent listener", async {
+        let mut opened = std::collections::HashSet::new();
+        while opened.len() < 2 {
+            let b = next_binary(&mut silent).await.expect("the relay offers streams");
+            let f = libtunnel::protocol::Frame::decode(b).expect("a frame");
+            if f.kind == libtunnel::protocol::FrameKind::Open {
+                opened.insert(f.stream);
+            }
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let e = within(STEP, "the third dial", d.dial(&target)).await.expect_err("over max_pending_accepts");
+    assert!(started.elapsed() < Duration::from_secs(1), "refused after {:?}, not at once", started.elapsed());
+    assert_eq!(e.code(), ErrorCode::Refused, "{e}");
+    for w in waiting {
+        let r = within(STEP, "a waiting dial", w).await.expect("task");
+        assert!(r.is_err(), "a stream the listener never accepted must fail");
     }
     relay.abort();
 }

@@ -134,7 +134,9 @@ async fn relay() -> ServerHandle {
 
 async fn keygen(dir: &Path) -> (PathBuf, String) {
     let path = dir.join("listener.pem");
-    let out = within(STEP, "tunnel keygen", tunnel(dir, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output()).await.expect("run keygen");
+    let out = within(STEP, "tunnel keygen", tunnel(dir, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output())
+        .await
+        .expect("run keygen");
     assert!(out.status.success(), "keygen failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("utf8");
     let name = stdout.lines().find_map(|l| l.strip_prefix("name: ")).unwrap_or_else(|| panic!("no `name:` line in {stdout:?}")).trim().to_string();
@@ -168,7 +170,8 @@ async fn keygen_listener_writes_a_private_key_and_prints_its_name() {
     assert_eq!(name, id.name(), "the printed name is the key's derived name");
 
     // It never overwrites a key, and --listener needs --out.
-    let again = within(STEP, "keygen again", tunnel(&dir.0, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output()).await.expect("run");
+    let again =
+        within(STEP, "keygen again", tunnel(&dir.0, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output()).await.expect("run");
     assert!(!again.status.success(), "keygen overwrote an existing key");
     assert_eq!(Identity::load(&path).expect("key").public_key(), id.public_key(), "the key file is unchanged");
     let no_out = within(STEP, "keygen without --out", tunnel(&dir.0, &["keygen", "--listener"]).output()).await.expect("run");
@@ -192,14 +195,18 @@ async fn listen_exposes_a_local_http_service() {
                 let f = hyper::service::service_fn(|req: Request<Incoming>| async move {
                     let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("<absent>").to_string();
                     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("<absent>").to_string();
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(format!("hello from {} xff={xff} host={host}", req.uri().path())))))
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(format!(
+                        "hello from {} xff={xff} host={host}",
+                        req.uri().path()
+                    )))))
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), f).await;
             });
         }
     });
 
-    let mut p = Proc::spawn(tunnel(&dir.0, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]));
+    let mut p =
+        Proc::spawn(tunnel(&dir.0, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]));
     assert_eq!(p.line_starting("listening as:").await, name);
     let url = p.line_starting("http:").await;
     let expected_host = format!("{name}.localhost:{}", http.port());

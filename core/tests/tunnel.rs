@@ -490,10 +490,7 @@ async fn unreachable_and_refusing_targets_have_their_own_codes() {
     init_tracing();
     let echo = echo_server().await;
     let closed = closed_port().await;
-    let rules = format!(
-        r#"[{{"host":"127.0.0.1","port":{}}},{{"host":"127.0.0.1","port":{closed}}},{{"host":"*.invalid","port":80}}]"#,
-        echo.port()
-    );
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}},{{"host":"127.0.0.1","port":{closed}}},{{"host":"*.invalid","port":80}}]"#, echo.port());
     let relay = start_relay(relay_config(allow(&rules))).await;
     for mode in BOTH_MODES {
         let d = dialer(relay.url(), mode);

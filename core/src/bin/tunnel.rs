@@ -113,7 +113,9 @@ impl ClientArgs {
         let key_text = match std::fs::read_to_string(&self.key) {
             Ok(s) => s,
             Err(_) if self.key.contains(':') => self.key.clone(),
-            Err(e) => return Err(Error::new(ErrorCode::InvalidArgument, format!("--key {:?} is neither KID:BASE64 nor a readable file ({e})", self.key))),
+            Err(e) => {
+                return Err(Error::new(ErrorCode::InvalidArgument, format!("--key {:?} is neither KID:BASE64 nor a readable file ({e})", self.key)))
+            }
         };
         let mut b = Dialer::builder(&self.relay)
             .key(Key::parse(&key_text)?)
@@ -192,7 +194,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 let (k, v) = s.split_once('=').ok_or_else(|| Error::new(ErrorCode::InvalidConfig, format!("--set {s:?} must be NAME=VALUE")))?;
                 overrides.push((k.trim().to_ascii_lowercase(), v.to_string()));
             }
-            for (name, v) in [("listen", &a.listen), ("tcp_listen", &a.tcp_listen), ("auth_keys", &a.auth_keys), ("allow", &a.allow), ("tls_cert", &a.tls_cert), ("tls_key", &a.tls_key)] {
+            for (name, v) in [
+                ("listen", &a.listen),
+                ("tcp_listen", &a.tcp_listen),
+                ("auth_keys", &a.auth_keys),
+                ("allow", &a.allow),
+                ("tls_cert", &a.tls_cert),
+                ("tls_key", &a.tls_key),
+            ] {
                 if let Some(v) = v {
                     overrides.push((name.into(), v.clone()));
                 }

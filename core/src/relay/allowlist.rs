@@ -40,9 +40,19 @@ impl TargetHost {
             return Err(Error::argument(format!("target host {raw:?} is not a valid host name")));
         }
         match url::Host::parse(host) {
-            // `..` and the like survive the parser as a domain of dots only: nothing to resolve.
-            Ok(url::Host::Domain(d)) if d.trim_end_matches('.').is_empty() => Err(Error::argument(format!("target host {raw:?} is not a valid host name"))),
-            Ok(url::Host::Domain(d)) => Ok(TargetHost::Name(d.trim_end_matches('.').to_string())),
+            // The parser keeps empty labels (`..`, `a..b`, `127.0.0.1..`); no resolvable name has
+            // one, and trimming them would turn `127.0.0.1..` into a "name" that is an IP.
+            Ok(url::Host::Domain(d)) => {
+                let d = d.strip_suffix('.').unwrap_or(&d);
+                if d.split('.').any(str::is_empty) {
+                    return Err(Error::argument(format!("target host {raw:?} is not a valid host name (empty label)")));
+                }
+                // IDNA can lengthen a name past DNS limits (the raw length was checked above).
+                if d.len() > 253 || d.split('.').any(|l| l.len() > 63) {
+                    return Err(Error::argument(format!("target host {raw:?} is longer than a DNS name may be")));
+                }
+                Ok(TargetHost::Name(d.to_string()))
+            }
             Ok(url::Host::Ipv4(ip)) => Ok(TargetHost::Ip(IpAddr::V4(ip))),
             Ok(url::Host::Ipv6(ip)) => Ok(TargetHost::Ip(canonical_ip(IpAddr::V6(ip)))),
             Err(e) => Err(Error::argument(format!("target host {raw:?} is not a valid host name ({e})"))),
@@ -107,10 +117,14 @@ pub enum PortSpec {
 impl Rule {
     /// Build a rule from its written form; errors say what is wrong with the rule.
     pub fn from_spec(spec: &RuleSpec) -> Result<Rule> {
-        let text = format!("{}:{}", spec.host, match &spec.port {
-            PortSpec::Number(n) => n.to_string(),
-            PortSpec::Text(t) => t.clone(),
-        });
+        let text = format!(
+            "{}:{}",
+            spec.host,
+            match &spec.port {
+                PortSpec::Number(n) => n.to_string(),
+                PortSpec::Text(t) => t.clone(),
+            }
+        );
         let bad = |why: &str| Error::config(format!("allow rule {text:?}: {why}"));
         let port = match &spec.port {
             PortSpec::Number(n) => {
@@ -185,9 +199,8 @@ impl Allowlist {
 
     /// Parse a JSON list of `{"host", "port"}` (the `TUNNEL_ALLOW` / `EMISSARY_ALLOWED_PROXY_TARGETS` form).
     pub fn from_json(json: &str, var: &str) -> Result<Allowlist> {
-        let specs: Vec<RuleSpec> = serde_json::from_str(json).map_err(|e| {
-            Error::config(format!("{var} must be a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]: {e}"))
-        })?;
+        let specs: Vec<RuleSpec> = serde_json::from_str(json)
+            .map_err(|e| Error::config(format!("{var} must be a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]: {e}")))?;
         Ok(Allowlist::new(specs.iter().map(Rule::from_spec).collect::<Result<_>>()?))
     }
 
@@ -284,10 +297,16 @@ mod tests {
         assert_eq!(TargetHost::parse("DB.Internal.").unwrap(), TargetHost::Name("db.internal".into()));
         assert_eq!(TargetHost::parse("bücher.example").unwrap(), TargetHost::Name("xn--bcher-kva.example".into()));
         assert!(TargetHost::parse("").is_err());
-        // Found by the socks5 fuzz target: these normalised to an empty name.
-        for dots in [".", "..", "...", "。。"] {
+        // Found by the socks5 fuzz target: these normalised to an empty name, or to a name that
+        // is an IP literal or ends in a number.
+        for dots in [".", "..", "...", "。。", "127.0.0.1...", "a..b", "..2...", ".localhost"] {
             assert!(TargetHost::parse(dots).is_err(), "{dots:?}");
         }
+        assert_eq!(TargetHost::parse("127.0.0.1..").unwrap(), TargetHost::Ip("127.0.0.1".parse().unwrap()));
+        // IDNA lengthens names: 80 Cyrillic letters fit the raw limit but not DNS's, after punycode.
+        let long = format!("{}.example", "р".repeat(80));
+        assert!(long.len() <= 253 && TargetHost::parse(&long).is_err(), "{long}");
+        assert_eq!(TargetHost::parse("localhost。").unwrap(), TargetHost::Name("localhost".into()));
         assert!(TargetHost::parse("a b").is_err());
     }
 

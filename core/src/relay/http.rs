@@ -96,11 +96,7 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
             .body(Full::new(Bytes::from(state.metrics.render())))
             .expect("static response parts are valid");
     }
-    let is_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let is_upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !is_upgrade {
         return refuse(StatusCode::UPGRADE_REQUIRED, format!("this is a libtunnel relay: connect with a WebSocket, or GET {hp} for health"));
     }
@@ -124,7 +120,9 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
         state.metrics.refused(Refusal::Malformed);
         return refuse(
             StatusCode::BAD_REQUEST,
-            format!("unsupported WebSocket subprotocol {offered:?}: this relay speaks {MUX_SUBPROTOCOL:?}, or no subprotocol for Emissary classic mode"),
+            format!(
+                "unsupported WebSocket subprotocol {offered:?}: this relay speaks {MUX_SUBPROTOCOL:?}, or no subprotocol for Emissary classic mode"
+            ),
         );
     }
     let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {

@@ -52,8 +52,16 @@ pub(crate) fn listener_name<'a>(host: &'a str, domain: &str) -> Option<String> {
 
 /// Open a stream to the listener registered as `name` and wait (at most `wait`) for it to accept:
 /// dials and public TCP ports wait `connect_timeout`, public HTTP waits `http_timeout`.
-pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: StreamHeader, wait: std::time::Duration) -> Result<MuxStream, RouteError> {
-    let session = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
+pub(crate) async fn open_to_listener(
+    state: &RelayState,
+    name: &str,
+    header: StreamHeader,
+    wait: std::time::Duration,
+) -> Result<MuxStream, RouteError> {
+    let (session, pending) = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
+    // Held until the listener answers: a listener that stops accepting costs the relay at most
+    // `max_pending_accepts` waiting streams.
+    let _waiting = pending.try_acquire_owned().map_err(|_| RouteError::Busy)?;
     let mut stream = session.open().map_err(|_| RouteError::Busy)?;
     let accept = async {
         stream.write_all(&header.encode()).await.map_err(|_| RouteError::Busy)?;
@@ -84,7 +92,10 @@ pub(crate) async fn open_to_listener(state: &RelayState, name: &str, header: Str
 /// Decide whether `public_key` may register `name`.
 fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<(), Error> {
     if !valid_name(name) {
-        return Err(Error::new(ErrorCode::InvalidArgument, format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'")));
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'"),
+        ));
     }
     let granted = state.listener_grants.get(public_key);
     if name == derived_name(public_key) {
@@ -99,15 +110,29 @@ fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<()
     if granted.is_some_and(|names| names.iter().any(|n| n == name)) {
         return Ok(());
     }
-    let owned_by_other = state.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
+    let owned_by_other =
+        state.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
     if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
-        return Err(Error::new(ErrorCode::NameTaken, format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you")));
+        return Err(Error::new(
+            ErrorCode::NameTaken,
+            format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you"),
+        ));
     }
-    Err(Error::new(ErrorCode::NotAllowed, format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS")))
+    Err(Error::new(
+        ErrorCode::NotAllowed,
+        format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS"),
+    ))
 }
 
 /// Serve a listener session from its registration to its end.
-pub(super) async fn serve_listener(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, nonce: [u8; 32], frame: &[u8]) {
+pub(super) async fn serve_listener(
+    state: Arc<RelayState>,
+    source: FrameSource,
+    mut sink: FrameSink,
+    peer: SocketAddr,
+    nonce: [u8; 32],
+    frame: &[u8],
+) {
     let refuse = |code: ErrorCode, msg: String| ListenAck::refused(code, msg).encode_frame();
     let hello = match ListenHello::decode_frame(frame) {
         Ok(h) => h,
@@ -118,15 +143,20 @@ pub(super) async fn serve_listener(state: Arc<RelayState>, source: FrameSource, 
         }
     };
     let public_key: [u8; 32] = hello.public_key.as_slice().try_into().expect("decode_frame checked the length");
+    if let Some(why) = super::session::rate_limited(&state, peer) {
+        let _ = sink.send(refuse(ErrorCode::AuthFailed, why)).await;
+        return;
+    }
     if !verify_registration(&public_key, &hello.signature, &nonce, &hello.name) {
-        state.metrics.auth_failures.fetch_add(1, Relaxed);
         state.metrics.refused(Refusal::Registration);
-        tracing::warn!(%peer, name = %hello.name, "listener registration refused: bad signature");
+        super::session::log_auth_failure(&state, peer, &format!("bad listener registration signature for the name {:?}", hello.name));
         let _ = sink.send(refuse(ErrorCode::AuthFailed, "the registration signature does not verify; use the listener's own key file".into())).await;
         return;
     }
+    state.auth_limiter.succeeded(peer.ip());
     let name = hello.name.clone();
-    let reserved = authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key));
+    let reserved =
+        authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));
     let id = match reserved {
         Ok(id) => id,
         Err(e) => {
@@ -157,7 +187,12 @@ pub(super) async fn serve_listener(state: Arc<RelayState>, source: FrameSource, 
         return;
     }
     let l = &state.cfg.limits;
-    let cfg = MuxConfig { keepalive_interval: l.keepalive_interval, keepalive_timeout: l.keepalive_timeout, max_streams: l.max_streams_per_session, ..MuxConfig::default() };
+    let cfg = MuxConfig {
+        keepalive_interval: l.keepalive_interval,
+        keepalive_timeout: l.keepalive_timeout,
+        max_streams: l.max_streams_per_session,
+        ..MuxConfig::default()
+    };
     let session = Session::new(Role::Server, source, sink, cfg);
     let _close = super::session::CloseOnDrop(session.clone());
     state.registry.attach(&name, id, session.clone());
@@ -207,7 +242,10 @@ impl Drop for ReleaseOnDrop {
 /// Bind the first free port of the configured range.
 async fn bind_public_port(state: &RelayState) -> Result<Option<TcpListener>, Error> {
     let Some((lo, hi)) = state.cfg.tcp_ports else {
-        return Err(Error::new(ErrorCode::NotAllowed, "this relay assigns no public TCP ports; set TUNNEL_TCP_PORTS on the relay (e.g. 20000-20099)"));
+        return Err(Error::new(
+            ErrorCode::NotAllowed,
+            "this relay assigns no public TCP ports; set TUNNEL_TCP_PORTS on the relay (e.g. 20000-20099)",
+        ));
     };
     for port in lo..=hi {
         if let Ok(l) = TcpListener::bind(SocketAddr::new(state.cfg.tcp_ports_bind, port)).await {

@@ -28,9 +28,13 @@ pub enum Refusal {
     ListenerBusy = 9,
     /// A listener registration was refused (bad signature, name taken, key not listed).
     Registration = 10,
+    /// A source address over `auth_failures_per_minute` was refused without a check.
+    RateLimited = 11,
+    /// A key already had `max_sessions_per_key` sessions open.
+    KeySessions = 12,
 }
 
-const REFUSAL_NAMES: [&str; 11] = [
+const REFUSAL_NAMES: [&str; 13] = [
     "not_allowed",
     "unreachable",
     "refused",
@@ -42,6 +46,8 @@ const REFUSAL_NAMES: [&str; 11] = [
     "listener_offline",
     "listener_busy",
     "registration",
+    "rate_limited",
+    "key_sessions",
 ];
 
 /// The relay's counters.
@@ -55,7 +61,7 @@ pub struct Metrics {
     pub(crate) bytes_to_targets: AtomicU64,
     pub(crate) bytes_from_targets: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
-    refusals: [AtomicU64; 11],
+    refusals: [AtomicU64; 13],
     pub(crate) listeners_active: AtomicI64,
     pub(crate) listener_streams: AtomicU64,
     pub(crate) http_requests: AtomicU64,
@@ -114,8 +120,18 @@ impl Metrics {
             ],
         );
         counter("libtunnel_listeners_active", "Listener names registered now.", "gauge", &[("", self.listeners_active.load(Relaxed))]);
-        counter("libtunnel_listener_streams_total", "Streams delivered to listeners.", "counter", &[("", self.listener_streams.load(Relaxed) as i64)]);
-        counter("libtunnel_http_requests_total", "Public HTTP requests routed to listeners.", "counter", &[("", self.http_requests.load(Relaxed) as i64)]);
+        counter(
+            "libtunnel_listener_streams_total",
+            "Streams delivered to listeners.",
+            "counter",
+            &[("", self.listener_streams.load(Relaxed) as i64)],
+        );
+        counter(
+            "libtunnel_http_requests_total",
+            "Public HTTP requests routed to listeners.",
+            "counter",
+            &[("", self.http_requests.load(Relaxed) as i64)],
+        );
         counter("libtunnel_auth_failures_total", "Rejected credentials.", "counter", &[("", self.auth_failures.load(Relaxed) as i64)]);
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();
         let rows: Vec<(&str, i64)> = labels.iter().zip(&self.refusals).map(|(l, v)| (l.as_str(), v.load(Relaxed) as i64)).collect();

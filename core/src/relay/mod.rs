@@ -7,6 +7,7 @@
 
 pub mod allowlist;
 pub mod connect;
+mod guard;
 mod http;
 mod listen;
 pub mod metrics;
@@ -50,6 +51,10 @@ pub(crate) struct RelayState {
     pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
     /// The public HTTP port, when enabled.
     http_port: Option<u16>,
+    /// Failed authentications per source address (`auth_failures_per_minute`).
+    pub(crate) auth_limiter: guard::AuthLimiter,
+    /// Open multiplexed sessions per key id (`max_sessions_per_key`).
+    pub(crate) key_sessions: guard::KeySessions,
 }
 
 impl RelayState {
@@ -75,9 +80,9 @@ impl std::fmt::Debug for Server {
 }
 
 async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it"))
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it")))
 }
 
 impl Server {
@@ -113,6 +118,8 @@ impl Server {
         }
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let state = Arc::new(RelayState {
+            auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
+            key_sessions: guard::KeySessions::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
             metrics: Arc::new(Metrics::default()),

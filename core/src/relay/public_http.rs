@@ -44,8 +44,8 @@ pub(super) async fn serve(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.cfg.limits.handshake_timeout)
-        .max_buf_size(64 * 1024)
+        .header_read_timeout(state.cfg.limits.http_header_timeout)
+        .max_buf_size(state.cfg.limits.http_max_header_bytes)
         .serve_connection(TokioIo::new(sock), svc)
         .with_upgrades();
     tokio::select! {
@@ -64,9 +64,10 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
         match e {
             RouteError::Offline => text(StatusCode::BAD_GATEWAY, format!("no listener named {name:?} is online; start it with `tunnel listen`")),
             RouteError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, format!("the listener {name:?} is not accepting connections right now")),
-            RouteError::Timeout => {
-                text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"))
-            }
+            RouteError::Timeout => text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"),
+            ),
         }
     })?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
@@ -211,7 +212,9 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
             let listener_upgrade = hyper::upgrade::on(&mut resp);
             let st = state.clone();
             state.tasks.spawn(async move {
-                let (Ok(c), Ok(l)) = (client_upgrade.await, listener_upgrade.await) else { return };
+                let (Ok(c), Ok(l)) = (client_upgrade.await, listener_upgrade.await) else {
+                    return;
+                };
                 let (mut c, mut l) = (TokioIo::new(c), TokioIo::new(l));
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut c, &mut l) => {}

@@ -7,16 +7,19 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::error::{Error, ErrorCode};
 use crate::mux::Session;
+use tokio::sync::Semaphore;
 
 struct Entry {
     owner: [u8; 32],
     id: u64,
     session: Option<Session>,
+    /// Streams offered to this listener and not yet accepted (`max_pending_accepts`).
+    pending: Arc<Semaphore>,
 }
 
 /// The relay's name table.
@@ -33,8 +36,9 @@ impl Registry {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserve `name` for `owner`; returns the registration id.
-    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32]) -> Result<u64, Error> {
+    /// Reserve `name` for `owner`, with room for `max_pending` streams waiting to be accepted;
+    /// returns the registration id.
+    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], max_pending: usize) -> Result<u64, Error> {
         let mut t = self.table();
         if let Some(e) = t.get(name) {
             let live = e.session.as_ref().map_or(true, |s| !s.is_closed());
@@ -54,7 +58,7 @@ impl Registry {
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        t.insert(name.to_string(), Entry { owner, id, session: None });
+        t.insert(name.to_string(), Entry { owner, id, session: None, pending: Arc::new(Semaphore::new(max_pending)) });
         Ok(id)
     }
 
@@ -76,7 +80,7 @@ impl Registry {
     /// The live session registered under `name`. The relay answers a registration before its
     /// session is attached, so the listener may already be dialed in between: then wait (at most
     /// `limit`) for the attach, or for the registration to fail.
-    pub(crate) async fn lookup(&self, name: &str, limit: Duration) -> Option<Session> {
+    pub(crate) async fn lookup(&self, name: &str, limit: Duration) -> Option<(Session, Arc<Semaphore>)> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
@@ -86,11 +90,11 @@ impl Registry {
                 let t = self.table();
                 match t.get(name) {
                     None => return None,
-                    Some(e) => e.session.clone(),
+                    Some(e) => e.session.clone().map(|s| (s, e.pending.clone())),
                 }
             };
-            if let Some(s) = found {
-                return (!s.is_closed()).then_some(s);
+            if let Some((s, pending)) = found {
+                return (!s.is_closed()).then_some((s, pending));
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return None;

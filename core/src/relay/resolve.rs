@@ -68,7 +68,9 @@ impl TargetResolver {
                         return Ok(addrs);
                     }
                 }
-                Err(e) => tracing::debug!(%name, error = %e, "configured DNS servers gave no answer; trying the system resolver"),
+                Err(e) => {
+                    tracing::debug!(%name, error = %e, "configured DNS servers gave no answer; trying the system resolver")
+                }
             }
         }
         Ok(tokio::net::lookup_host((name, port)).await?.collect())

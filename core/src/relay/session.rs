@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::connect::connect_target;
+use super::guard::Admission;
 use super::metrics::Refusal;
 use super::RelayState;
 use crate::auth::{fresh_nonce, AuthRejection};
@@ -64,9 +65,35 @@ fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
     }
 }
 
-fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &AuthRejection) {
+/// Count a failed authentication against its source address and log it: a warning for each of
+/// the first `auth_failures_per_minute`, one more when the address goes over, then debug only.
+pub(super) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std::fmt::Display) {
     state.metrics.auth_failures.fetch_add(1, Relaxed);
-    tracing::warn!(%peer, reason = %r, "authentication failed");
+    if state.auth_limiter.failed(peer.ip()) {
+        tracing::warn!(%peer, reason = %r, limit = state.cfg.limits.auth_failures_per_minute,
+            "too many failed authentications from this address; refusing its attempts unchecked for the rest of the minute");
+    } else if state.auth_limiter.admit(peer.ip()) == Admission::Check {
+        tracing::warn!(%peer, reason = %r, "authentication failed");
+    } else {
+        tracing::debug!(%peer, reason = %r, "authentication failed (address rate limited)");
+    }
+}
+
+/// Whether `peer` may authenticate now; when not, the refusal is counted and its message says
+/// when to retry.
+pub(super) fn rate_limited(state: &RelayState, peer: SocketAddr) -> Option<String> {
+    let Admission::Refuse(wait) = state.auth_limiter.admit(peer.ip()) else {
+        return None;
+    };
+    state.metrics.refused(Refusal::RateLimited);
+    let _ = state.auth_limiter.failed(peer.ip());
+    tracing::debug!(%peer, "authentication refused unchecked (rate limited)");
+    Some(format!(
+        "too many failed authentications from {} in the last minute (auth_failures_per_minute = {}); fix the key, then retry in {}s",
+        peer.ip(),
+        state.cfg.limits.auth_failures_per_minute,
+        wait.as_secs() + 1
+    ))
 }
 
 /// Classic (Emissary) mode over a WebSocket.
@@ -108,6 +135,11 @@ pub(super) async fn serve_raw_tcp(state: Arc<RelayState>, mut sock: TcpStream, p
 }
 
 async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<RelayState>, mut io: S, peer: SocketAddr, nonce: [u8; 32]) {
+    if rate_limited(&state, peer).is_some() {
+        // Emissary's protocol has no way to say why; the connection is closed before its proof
+        // is read, and the relay's log says why.
+        return;
+    }
     let auth = ServerAuth::Proof { keys: &state.cfg.auth_keys, nonce: &nonce };
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut io, auth)).await {
         Err(_) => {
@@ -122,6 +154,7 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
         }
         Ok(Ok(a)) => a,
     };
+    state.auth_limiter.succeeded(peer.ip());
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
     let Some(upstream) = connect_and_reply(&state, &mut io, &addr, peer).await else {
@@ -165,7 +198,9 @@ fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshak
             state.metrics.refused(Refusal::Malformed);
             tracing::info!(%peer, %why, "malformed SOCKS5 request refused");
         }
-        ServerHandshakeError::Io(err) => tracing::debug!(%peer, error = %err, "connection lost during SOCKS5 handshake"),
+        ServerHandshakeError::Io(err) => {
+            tracing::debug!(%peer, error = %err, "connection lost during SOCKS5 handshake")
+        }
     }
 }
 
@@ -183,7 +218,9 @@ enum Upstream {
 /// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,
 /// or a bare key-derived name (offline listeners get "host unreachable", not an allowlist refusal).
 fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
-    let Address::DomainAddress(d, _) = addr else { return None };
+    let Address::DomainAddress(d, _) = addr else {
+        return None;
+    };
     let host = std::str::from_utf8(d).ok()?;
     let name = super::listen::listener_name(host, &state.cfg.domain)?;
     let explicit = host.trim_end_matches('.').len() > name.len();
@@ -269,6 +306,12 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
         return;
     }
+    if let Some(why) = rate_limited(&state, peer) {
+        let ack = HelloAck { refusal: Some((ErrorCode::AuthFailed, why)) };
+        let _ = sink.send(ack.encode()).await;
+        let _ = sink.close().await;
+        return;
+    }
     let verdict = match Hello::decode(&hello) {
         Ok(h) => state.cfg.auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
         Err(e) => {
@@ -278,13 +321,27 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
             return;
         }
     };
-    if let Err(r) = verdict {
-        log_auth_failure(&state, peer, &r);
-        let ack = HelloAck { refusal: Some((r.code(), rejection_message(&r, &state))) };
+    let kid = match verdict {
+        Ok(kid) => kid,
+        Err(r) => {
+            log_auth_failure(&state, peer, &r);
+            let ack = HelloAck { refusal: Some((r.code(), rejection_message(&r, &state))) };
+            let _ = sink.send(ack.encode()).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    state.auth_limiter.succeeded(peer.ip());
+    let limit = state.cfg.limits.max_sessions_per_key;
+    let Some(_counted) = state.key_sessions.enter(kid, limit) else {
+        state.metrics.refused(Refusal::KeySessions);
+        tracing::warn!(%peer, kid, limit, "session refused: its key already has the most sessions allowed");
+        let why = format!("key id {kid} already has {limit} open sessions on this relay (max_sessions_per_key); close some, or raise the limit");
+        let ack = HelloAck { refusal: Some((ErrorCode::Refused, why)) };
         let _ = sink.send(ack.encode()).await;
         let _ = sink.close().await;
         return;
-    }
+    };
     if sink.send(HelloAck { refusal: None }.encode()).await.is_err() {
         return;
     }

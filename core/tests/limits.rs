@@ -1,0 +1,125 @@
+//! The relay's admission limits, each driven over real loopback sockets: failed authentications
+//! rate limited per source address, sessions per key, streams waiting on a listener that never
+//! accepts, and the public HTTP port's request-head deadline (slowloris) and size.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use libtunnel::relay::metrics::Refusal;
+use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener, Mode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const STEP: Duration = Duration::from_secs(10);
+
+fn dialer(url: &str, k: Key) -> Dialer {
+    Dialer::builder(url).key(k).timeout(STEP).build().expect("valid dialer settings")
+}
+
+fn wrong_key() -> Key {
+    Key::new(KID, b"not the relay's secret, just a guess".to_vec()).expect("key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_rate_limited_per_address() {
+    init_tracing();
+    let echo = echo_server().await;
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.limits.auth_failures_per_minute = 3;
+    let relay = start_relay(cfg).await;
+    for i in 0..3 {
+        let e = within(STEP, "a wrong-key dial", dialer(relay.url(), wrong_key()).dial(&echo.to_string())).await.expect_err("wrong key");
+        assert_eq!(e.code(), ErrorCode::AuthFailed, "attempt {i}: {e}");
+        assert!(!e.message().contains("too many"), "attempt {i} is checked, not rate limited: {e}");
+    }
+    // Over the limit, even the right key is refused unchecked until the minute is over, and the
+    // message says why and when to retry.
+    for mode in [Mode::Multiplexed, Mode::Classic] {
+        let d = Dialer::builder(relay.url()).key(key()).mode(mode).timeout(STEP).build().expect("dialer");
+        let e = within(STEP, "a dial while rate limited", d.dial(&echo.to_string())).await.expect_err("rate limited");
+        if mode == Mode::Multiplexed {
+            assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
+            assert!(e.message().contains("too many failed authentications") && e.message().contains("retry in"), "{e}");
+        }
+    }
+    let m = relay.metrics();
+    assert!(m.refusals(Refusal::RateLimited) >= 2, "rate-limited refusals are counted");
+    // Listener registrations from that address are refused the same way.
+    let e = within(STEP, "a listener while rate limited", Listener::bind(relay.url(), Identity::generate())).await.expect_err("rate limited");
+    assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_per_key_are_bounded() {
+    init_tracing();
+    let echo = echo_server().await;
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.limits.max_sessions_per_key = 2;
+    let relay = start_relay(cfg).await;
+    let (a, b, c) = (dialer(relay.url(), key()), dialer(relay.url(), key()), dialer(relay.url(), key()));
+    let _sa = within(STEP, "first session", a.dial(&echo.to_string())).await.expect("first session");
+    let _sb = within(STEP, "second session", b.dial(&echo.to_string())).await.expect("second session");
+    let e = within(STEP, "third session", c.dial(&echo.to_string())).await.expect_err("over max_sessions_per_key");
+    assert_eq!(e.code(), ErrorCode::Refused, "{e}");
+    assert!(e.message().contains("max_sessions_per_key"), "the message names the setting: {e}");
+    // Streams on an admitted session are not limited by it, and a closed session frees its place.
+    let _more = within(STEP, "a second stream on the first session", a.dial(&echo.to_string())).await.expect("same session");
+    a.close().await;
+    within(STEP, "a place to free up", async {
+        loop {
+            match c.dial(&echo.to_string()).await {
+                Ok(_) => return,
+                Err(e) if e.code() == ErrorCode::Refused => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+    })
+    .await;
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_http_closes_slow_and_oversized_request_heads() {
+    init_tracing();
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.listeners_open = true;
+    cfg.limits.http_header_timeout = Duration::from_millis(300);
+    cfg.limits.http_max_header_bytes = 16 * 1024;
+    let relay = start_relay(cfg).await;
+    let http = relay.http_addr().expect("http port");
+
+    // Slowloris: half a request head, then silence. The relay hangs up after the deadline.
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x.localhost\r\nX-Slow: ").await.expect("write");
+    let started = Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let ended = within(STEP, "the relay to hang up on a slow client", async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 answer is fine; the connection must still end
+            }
+        }
+    })
+    .await;
+    let () = ended;
+    assert!(started.elapsed() < Duration::from_secs(3), "hung up after {:?}", started.elapsed());
+
+    // A request head past the limit is refused (431) or cut, never buffered.
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    let mut head = b"GET / HTTP/1.1\r\nHost: x.localhost\r\n".to_vec();
+    for i in 0..400 {
+        head.extend_from_slice(format!("X-Filler-{i}: {}\r\n", "a".repeat(100)).as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let _ = s.write_all(&head).await; // the relay may close while we write
+    let mut answer = Vec::new();
+    let _ = within(STEP, "the answer to an oversized head", s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || text.starts_with("HTTP/1.1 431"), "an oversized head must be refused, got {text:?}");
+    relay.abort();
+}
