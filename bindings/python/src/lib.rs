@@ -1,1 +1,116 @@
-//! Python bindings of libtunnel (work in progress).
+//! Python bindings of libtunnel: the private native module `libtunnel._native`, wrapped by the
+//! typed pure-Python package `libtunnel` (under `python/`), which is the public API.
+//!
+//! Data flow: Python calls a method here; blocking methods run the core's future on the
+//! process-wide Tokio runtime through [`wait`] with the GIL released, async methods hand the same
+//! future to asyncio through pyo3-async-runtimes. Every tunnel stream leaves Rust as a plain
+//! socket file descriptor (`libtunnel::fd::into_socket`), so Python gets a real `socket.socket`.
+//!
+//! # Layout
+//! - `lib.rs`: the runtime, the blocking-wait helper and the module definition.
+//! - `error`: core errors to the `libtunnel` exception hierarchy (by the core's stable code names).
+//! - `handles`: an owned socket handed to Python, and a background task (forward, expose).
+//! - `dialer`: `Dialer` (dial, forward). `listener`: `Listener` (bind, accept, expose).
+//! - `relay`: the embedded relay. `keys`: key generation and key-text parsing.
+
+mod dialer;
+mod error;
+mod handles;
+mod keys;
+mod listener;
+mod relay;
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use tokio::runtime::Runtime;
+
+/// The one runtime of the process (ARCHITECTURE section 3): created on first use, multi-thread,
+/// `LIBTUNNEL_WORKER_THREADS` workers (default: one per core). Never shut down: its tasks bridge
+/// the sockets handed to Python, which may outlive any object here.
+pub(crate) static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = std::env::var("LIBTUNNEL_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
+        b.worker_threads(n);
+    }
+    b.enable_all().thread_name("libtunnel-rt").build().expect("the OS lets a process start a Tokio runtime (threads and an epoll fd)")
+});
+
+/// How often a blocking wait wakes to run Python's signal handlers (Ctrl-C cancels the wait).
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Run `fut` to completion on the runtime with the GIL released, polling Python's signal handlers
+/// every [`SIGNAL_POLL`]: an exception raised by a handler (`KeyboardInterrupt`) drops the future,
+/// which cancels the operation, and is raised to the caller.
+pub(crate) fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = libtunnel::Result<T>> + Send) -> PyResult<T> {
+    let outcome: PyResult<libtunnel::Result<T>> = py.detach(|| {
+        RUNTIME.block_on(async {
+            tokio::pin!(fut);
+            let mut tick = tokio::time::interval(SIGNAL_POLL);
+            tick.tick().await; // the first tick is immediate
+            loop {
+                tokio::select! {
+                    r = &mut fut => return Ok(r),
+                    _ = tick.tick() => Python::attach(|py| py.check_signals())?,
+                }
+            }
+        })
+    });
+    outcome?.map_err(error::to_py)
+}
+
+/// Turn a core future into an asyncio awaitable running on our runtime (cancelling the awaitable
+/// drops the future).
+pub(crate) fn awaitable<'py, T>(py: Python<'py>, fut: impl Future<Output = libtunnel::Result<T>> + Send + 'static) -> PyResult<Bound<'py, PyAny>>
+where
+    T: for<'a> IntoPyObject<'a> + Send + 'static,
+{
+    pyo3_async_runtimes::tokio::future_into_py(py, async move { fut.await.map_err(error::to_py) })
+}
+
+/// Seconds from Python (`None` = no limit) as a `Duration`, refusing negative and NaN values.
+pub(crate) fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {
+    match secs {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
+        Some(s) => Err(pyo3::exceptions::PyValueError::new_err(format!("{what} must be a non-negative number of seconds, not {s}"))),
+    }
+}
+
+/// Drop Python-side logger levels cached by the log bridge (call after changing `logging` config).
+#[pyfunction]
+fn reset_logging() {
+    if let Some(h) = LOG_RESET.get() {
+        h.reset();
+    }
+}
+
+static LOG_RESET: std::sync::OnceLock<pyo3_log::ResetHandle> = std::sync::OnceLock::new();
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    // The core's events (targets `libtunnel::…`) reach the Python logger `libtunnel.…`; other
+    // crates only from warnings up, so their debug chatter never takes the GIL.
+    let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?
+        .filter(log::LevelFilter::Warn)
+        .filter_target("libtunnel".to_owned(), log::LevelFilter::Trace);
+    if let Ok(handle) = logger.install() {
+        let _ = LOG_RESET.set(handle);
+    }
+    // Fails only when already initialised with this same runtime (a second module import).
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(&RUNTIME);
+    m.add("ERROR_CODES", libtunnel::ErrorCode::ALL.iter().map(|c| c.name()).collect::<Vec<_>>())?;
+    m.add_function(wrap_pyfunction!(reset_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(keys::keygen, m)?)?;
+    m.add_function(wrap_pyfunction!(keys::listener_keygen, m)?)?;
+    m.add_function(wrap_pyfunction!(keys::identity_name, m)?)?;
+    m.add_class::<handles::Socket>()?;
+    m.add_class::<handles::Background>()?;
+    m.add_class::<dialer::Dialer>()?;
+    m.add_class::<listener::Listener>()?;
+    m.add_class::<relay::Relay>()?;
+    Ok(())
+}

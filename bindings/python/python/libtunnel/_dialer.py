@@ -1,0 +1,141 @@
+"""Dialers: reach a private ``host:port`` through a relay, as a socket, an asyncio stream pair,
+or a local port forward any database driver can use. :class:`Dialer` blocks (releasing the GIL;
+Ctrl-C interrupts), :class:`AsyncDialer` is its asyncio twin. Both share one multiplexed session
+to the relay among all their dials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from types import TracebackType
+from typing import Any
+
+from . import _native
+from ._common import from_env, wrap
+
+__all__ = ["Dialer", "AsyncDialer"]
+
+StrPath = str | os.PathLike[str]
+
+
+def _native_dialer(relay: str | None, key: str | None, timeout: float, ca: StrPath | None, classic: bool) -> _native.Dialer:
+    return _native.Dialer(
+        from_env(relay, "TUNNEL_RELAY", "relay URL"),
+        from_env(key, "TUNNEL_KEY", "key (KID:BASE64, or a file holding it)"),
+        timeout=timeout,
+        ca=None if ca is None else os.fspath(ca),
+        classic=classic,
+    )
+
+
+@contextlib.contextmanager
+def _stopping(task: _native.Background) -> Iterator[tuple[str, int]]:
+    """A running forward's address; the forward stops accepting when the block is left."""
+    try:
+        address = task.address
+        assert address is not None, "a forward always listens"
+        yield address
+    finally:
+        task.close()
+
+
+class _DialerBase:
+    """Construction and properties shared by :class:`Dialer` and :class:`AsyncDialer`.
+
+    ``relay`` is ``ws://``, ``wss://`` or ``tcp://`` (default ``$TUNNEL_RELAY``); ``key`` is
+    ``KID:BASE64`` or a file holding it (default ``$TUNNEL_KEY``); ``timeout`` bounds each dial
+    in seconds; ``ca`` is a PEM file of roots for a private CA; ``classic`` speaks Emissary's
+    protocol.
+    """
+
+    def __init__(
+        self,
+        relay: str | None = None,
+        *,
+        key: str | None = None,
+        timeout: float = 20.0,
+        ca: StrPath | None = None,
+        classic: bool = False,
+    ) -> None:
+        self._native = _native_dialer(relay, key, timeout, ca, classic)
+
+    @property
+    def relay(self) -> str:
+        """The relay URL."""
+        return self._native.relay
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.relay!r})"
+
+
+class Dialer(_DialerBase):
+    """A blocking client of one relay (arguments: see :class:`_DialerBase`)."""
+
+    def connect(self) -> None:
+        """Open the session now, so a wrong key or a dead relay fails here."""
+        self._native.connect()
+
+    def dial(self, target: str, *, timeout: float | None = None) -> socket.socket:
+        """A connected, blocking socket to ``target`` (``host:port``) through the relay."""
+        return wrap(self._native.dial(target, timeout))
+
+    @contextlib.contextmanager
+    def forward(self, target: str, *, local: str = "127.0.0.1:0") -> Iterator[tuple[str, int]]:
+        """Serve a local port whose every connection is tunnelled to ``target``; yields its
+        ``(host, port)``. Leaving the block stops accepting (open connections finish)."""
+        task = self._native.forward(target, local)
+        with _stopping(task) as address:
+            yield address
+
+    def close(self) -> None:
+        """Close the session (streams still open on it fail)."""
+        self._native.close()
+
+    def __enter__(self) -> Dialer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncDialer(_DialerBase):
+    """The asyncio twin of :class:`Dialer` (same arguments); every method is a coroutine."""
+
+    async def connect(self) -> None:
+        """Open the session now, so a wrong key or a dead relay fails here."""
+        await self._native.connect_async()
+
+    async def dial(self, target: str, *, timeout: float | None = None) -> socket.socket:
+        """A connected, non-blocking socket to ``target`` (for ``loop.sock_*`` or a transport)."""
+        return wrap(await self._native.dial_async(target, timeout), blocking=False)
+
+    async def open_connection(
+        self, target: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Like :func:`asyncio.open_connection`, through the relay (``kwargs`` go to it, e.g. ``limit``)."""
+        sock = await self.dial(target, timeout=timeout)
+        try:
+            return await asyncio.open_connection(sock=sock, **kwargs)
+        except BaseException:
+            sock.close()
+            raise
+
+    @contextlib.asynccontextmanager
+    async def forward(self, target: str, *, local: str = "127.0.0.1:0") -> AsyncIterator[tuple[str, int]]:
+        """``async with dialer.forward(target) as (host, port):`` a local port forward (for asyncpg)."""
+        task = await self._native.forward_async(target, local)
+        with _stopping(task) as address:
+            yield address
+
+    async def close(self) -> None:
+        """Close the session (streams still open on it fail)."""
+        await self._native.close_async()
+
+    async def __aenter__(self) -> AsyncDialer:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()

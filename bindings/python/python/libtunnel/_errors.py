@@ -1,0 +1,102 @@
+"""The exception hierarchy, rooted in :class:`TunnelError`.
+
+The native layer raises these through :func:`_from_native`, choosing the class by the core's
+stable code name (``core/src/error.rs``); no message text is ever parsed. Every class carries
+``.code`` (that name) and ``.message``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TunnelError",
+    "AuthError",
+    "NotAllowed",
+    "Unreachable",
+    "TunnelTimeout",
+    "ProtocolError",
+    "RelayUnavailable",
+    "ConfigError",
+    "Closed",
+    "NameTaken",
+]
+
+
+class TunnelError(Exception):
+    """Base of every libtunnel error.
+
+    ``code`` is the core's stable name (``"NOT_ALLOWED"``, ``"AUTH_FAILED"``, ...) and
+    ``message`` says what went wrong and how to fix it.
+    """
+
+    code: str
+    message: str
+
+    def __init__(self, message: str, code: str = "GENERAL") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.message}"
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.code))
+
+
+class AuthError(TunnelError):
+    """The relay refused our key: wrong secret, unknown key id, or clock skew."""
+
+
+class NotAllowed(TunnelError):
+    """The target is outside the relay's allowlist."""
+
+
+class Unreachable(TunnelError):
+    """The relay could not resolve or reach the target, or the target refused it (``REFUSED``)."""
+
+
+class TunnelTimeout(TunnelError, TimeoutError):
+    """An operation did not finish in time (also a built-in :class:`TimeoutError`)."""
+
+
+class ProtocolError(TunnelError):
+    """The peer sent bytes that are not the protocol."""
+
+
+class RelayUnavailable(TunnelError):
+    """The relay cannot be reached, or the session to it died."""
+
+
+class ConfigError(TunnelError, ValueError):
+    """A relay setting or an argument (URL, target, key) is missing or malformed."""
+
+
+class Closed(TunnelError):
+    """The dialer, listener or stream was closed."""
+
+
+class NameTaken(TunnelError):
+    """A listener name belongs to another key, or this key may not use it."""
+
+
+#: The core's code names to classes; codes not listed (``IO``, ``GENERAL``) raise the base.
+CLASSES: dict[str, type[TunnelError]] = {
+    "AUTH_FAILED": AuthError,
+    "AUTH_UNKNOWN_KEY": AuthError,
+    "AUTH_CLOCK_SKEW": AuthError,
+    "NOT_ALLOWED": NotAllowed,
+    "UNREACHABLE": Unreachable,
+    "REFUSED": Unreachable,
+    "TIMEOUT": TunnelTimeout,
+    "PROTOCOL": ProtocolError,
+    "RELAY_UNAVAILABLE": RelayUnavailable,
+    "INVALID_CONFIG": ConfigError,
+    "INVALID_ARGUMENT": ConfigError,
+    "CLOSED": Closed,
+    "NAME_TAKEN": NameTaken,
+}
+
+
+def _from_native(code: str, message: str) -> TunnelError:
+    """Called by the native module: the exception for a core error."""
+    return CLASSES.get(code, TunnelError)(message, code)

@@ -1,0 +1,297 @@
+"""Listeners: register a name with a relay and accept the connections it routes to that name
+(dialed as ``NAME:0``, public HTTP by ``Host``, or a public TCP port). Accepted connections are
+real sockets, so they can be served by ``socketserver``/``http.server`` (:class:`ListenerServer`)
+or by asyncio (:meth:`AsyncListener.serve`). :class:`Listener` blocks, :class:`AsyncListener`
+is its asyncio twin."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NamedTuple
+
+from . import _native
+from ._common import from_env, wrap
+from ._errors import Closed, TunnelTimeout
+
+__all__ = ["Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
+
+StrPath = str | os.PathLike[str]
+
+
+class Peer(NamedTuple):
+    """Who is on the other end of an accepted connection."""
+
+    #: The original client's ``ip:port`` as the relay saw it.
+    client: str
+    #: How it arrived: ``"dial"``, ``"http"`` or ``"tcp"``.
+    via: str
+    #: The port a dialer asked for (0 = default), or the public TCP port.
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``client`` as a ``(host, port)`` pair (what ``socketserver`` calls client_address)."""
+        host, _, port = self.client.rpartition(":")
+        return (host.strip("[]"), int(port)) if port.isdigit() else (self.client, 0)
+
+
+class Registration(NamedTuple):
+    """What the relay granted a listener."""
+
+    name: str
+    http_url: str | None
+    tcp_addr: str | None
+
+
+def _resolve(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str, str, str | None]:
+    """Relay URL and key text (or file) with their environment defaults, and the CA path."""
+    return (
+        from_env(relay, "TUNNEL_RELAY", "relay URL"),
+        from_env(key, "TUNNEL_LISTENER_KEY", "listener key (Ed25519 PEM text or file)"),
+        None if ca is None else os.fspath(ca),
+    )
+
+
+def _accepted(raw: tuple[_native.Socket, str, str, int], *, blocking: bool) -> tuple[socket.socket, Peer]:
+    sock, client, via, port = raw
+    return wrap(sock, blocking=blocking), Peer(client, via, port)
+
+
+class _ListenerBase:
+    """Properties shared by :class:`Listener` and :class:`AsyncListener`."""
+
+    _native: _native.Listener
+
+    @property
+    def name(self) -> str:
+        """The registered name (dial it as ``NAME:0``)."""
+        return self._native.name
+
+    @property
+    def registration(self) -> Registration:
+        """Name, public HTTP URL and public TCP address, as granted by the relay."""
+        return Registration(*self._native.registration)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the session to the relay is up (it reconnects in the background)."""
+        return self._native.connected
+
+    def close(self) -> None:
+        """Unregister; waiting and later ``accept`` calls raise :class:`Closed`."""
+        self._native.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class Listener(_ListenerBase):
+    """A blocking listener; binding (connect and register) happens in the constructor.
+
+    ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
+    (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
+    key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
+    :meth:`accept` (more are refused).
+    """
+
+    def __init__(
+        self,
+        relay: str | None = None,
+        *,
+        key: StrPath | None = None,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: StrPath | None = None,
+        timeout: float = 20.0,
+        backlog: int = 128,
+    ) -> None:
+        relay, key_text, ca_path = _resolve(relay, key, ca)
+        self._native = _native.Listener.bind(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        self._exposed: _native.Background | None = None
+
+
+    def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
+        """Wait for the next connection. Raises :class:`TunnelTimeout` after ``timeout`` seconds
+        and :class:`Closed` once the listener is closed."""
+        return _accepted(self._native.accept(timeout), blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[socket.socket, Peer]]:
+        """Accepted connections until the listener is closed."""
+        while True:
+            try:
+                yield self.accept()
+            except Closed:
+                return
+
+    def forward_to(self, address: str, *, proxy_protocol: bool = False) -> None:
+        """Connect every connection to the local service at ``address`` (``host:port``), like
+        ``tunnel listen --to``; blocks until :meth:`close` or Ctrl-C (then closes)."""
+        self._exposed = self._native.expose(address, proxy_protocol=proxy_protocol)
+        try:
+            self._exposed.wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Unregister; waiting and later :meth:`accept` calls raise :class:`Closed`."""
+        if self._exposed is not None:
+            self._exposed.close()
+        super().close()
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+class AsyncListener(_ListenerBase):
+    """The asyncio twin of :class:`Listener`: create it with ``await AsyncListener.bind(...)``."""
+
+    def __init__(self, native: _native.Listener) -> None:
+        """Internal: use :meth:`bind`."""
+        self._native = native
+
+    @classmethod
+    async def bind(
+        cls,
+        relay: str | None = None,
+        *,
+        key: StrPath | None = None,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: StrPath | None = None,
+        timeout: float = 20.0,
+        backlog: int = 128,
+    ) -> AsyncListener:
+        """Connect and register (same arguments as :class:`Listener`)."""
+        relay, key_text, ca_path = _resolve(relay, key, ca)
+        native = await _native.Listener.bind_async(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        return cls(native)
+
+
+    async def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
+        """The next connection, as a non-blocking socket."""
+        return _accepted(await self._native.accept_async(timeout), blocking=False)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[socket.socket, Peer]]:
+        while True:
+            try:
+                yield await self.accept()
+            except Closed:
+                return
+
+    async def serve(
+        self,
+        client_connected_cb: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None] | None],
+        *,
+        limit: int = 2**16,
+    ) -> None:
+        """Serve like :func:`asyncio.start_server`: each connection becomes a
+        ``(StreamReader, StreamWriter)`` passed to ``client_connected_cb`` (run as a task when it
+        is a coroutine). Returns when the listener is closed."""
+        loop = asyncio.get_running_loop()
+        async for sock, _peer in self:
+            reader = asyncio.StreamReader(limit=limit, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, client_connected_cb, loop=loop)
+            try:
+                await loop.connect_accepted_socket(lambda: protocol, sock)
+            except OSError:
+                sock.close()  # the client went away before we started; keep serving the others
+
+    async def __aenter__(self) -> AsyncListener:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+
+class ListenerServer(socketserver.BaseServer):
+    """A ``socketserver`` server whose requests come from a :class:`Listener`, so any
+    ``RequestHandlerClass`` works, including ``http.server`` handlers::
+
+        with ThreadingListenerServer(listener, http.server.SimpleHTTPRequestHandler) as server:
+            server.serve_forever()
+
+    ``server_close()`` closes the listener; ``shutdown()`` (from another thread) stops
+    ``serve_forever`` within ``poll_interval``.
+    """
+
+    # http.server handlers read these; HTTPServer sets them in server_bind.
+    server_name: str
+    server_port: int
+
+    def __init__(self, listener: Listener, RequestHandlerClass: Callable[[Any, Any, Any], socketserver.BaseRequestHandler]) -> None:
+        super().__init__((listener.name, 0), RequestHandlerClass)
+        self.listener = listener
+        self.server_name, self.server_port = listener.name, 0
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._stop.clear()
+        self._stopped.clear()
+        try:
+            while not self._stop.is_set():
+                try:
+                    sock, peer = self.listener.accept(timeout=poll_interval)
+                except TunnelTimeout:
+                    self.service_actions()
+                    continue
+                except Closed:
+                    break
+                self._handle(sock, peer.address)
+                self.service_actions()
+        finally:
+            self._stopped.set()
+
+    def handle_request(self) -> None:
+        sock, peer = self.listener.accept(timeout=self.timeout)
+        self._handle(sock, peer.address)
+
+    def _handle(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        if not self.verify_request(request, client_address):
+            self.shutdown_request(request)
+            return
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+        except BaseException:
+            self.shutdown_request(request)
+            raise
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._stopped.wait()
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def close_request(self, request: Any) -> None:
+        request.close()
+
+    def server_close(self) -> None:
+        self.listener.close()
+
+    def fileno(self) -> int:
+        raise OSError("a ListenerServer has no socket of its own; use serve_forever()")
+
+
+class ThreadingListenerServer(socketserver.ThreadingMixIn, ListenerServer):
+    """:class:`ListenerServer` handling each connection in its own thread."""
+
+    daemon_threads = True

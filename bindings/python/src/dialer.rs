@@ -1,0 +1,124 @@
+//! The dialer face: one `libtunnel::Dialer` (a multiplexed session shared by all dials, rebuilt
+//! when it dies) behind blocking and async methods. Dials come back as [`Socket`]s; forwards as
+//! [`Background`] tasks serving a local `127.0.0.1` port.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use libtunnel::socks::Target;
+use libtunnel::transport::ClientTls;
+use libtunnel::{Error, ErrorCode, Mode};
+use pyo3::prelude::*;
+
+use crate::error::to_py;
+use crate::handles::{Background, Socket};
+use crate::{awaitable, seconds, wait};
+
+/// A client of one relay.
+#[pyclass(module = "libtunnel._native", frozen)]
+pub(crate) struct Dialer {
+    /// Cheap to clone (an `Arc` inside); each call clones it into its future.
+    inner: libtunnel::Dialer,
+}
+
+/// Dial and bridge the stream to a local socket, within `limit` when given.
+async fn dial_socket(dialer: libtunnel::Dialer, target: String, limit: Option<Duration>) -> libtunnel::Result<Socket> {
+    let work = async {
+        let stream = dialer.dial(&target).await?;
+        libtunnel::fd::into_socket(stream).await
+    };
+    let sock = match limit {
+        None => work.await?,
+        Some(l) => tokio::time::timeout(l, work).await.map_err(|_| {
+            Error::new(ErrorCode::Timeout, format!("dialing {target} took longer than {:.1}s; is the relay reachable?", l.as_secs_f64()))
+        })??,
+    };
+    Ok(Socket::new(sock))
+}
+
+/// Bind `local`, make sure the relay accepts our key, and serve the port in the background.
+async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String) -> libtunnel::Result<Background> {
+    let target = Target::parse(&target)?;
+    let listener = libtunnel::forward::bind_local(&local).await?;
+    let addr = listener.local_addr().map_err(|e| Error::from_io(e, "reading the forward's local address"))?;
+    if dialer.mode() == Mode::Multiplexed {
+        dialer.connect().await?;
+    }
+    tracing::debug!(%addr, %target, relay = dialer.relay(), "forwarding");
+    Ok(Background::spawn(Some(addr), move |stop| libtunnel::forward::forward(listener, dialer, target, stop)))
+}
+
+#[pymethods]
+impl Dialer {
+    #[new]
+    #[pyo3(signature = (relay, key, *, timeout = 20.0, ca = None, classic = false))]
+    fn new(relay: &str, key: &str, timeout: f64, ca: Option<PathBuf>, classic: bool) -> PyResult<Self> {
+        let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
+        let mut b = libtunnel::Dialer::builder(relay)
+            .key(crate::keys::parse_key(key).map_err(to_py)?)
+            .mode(if classic { Mode::Classic } else { Mode::Multiplexed })
+            .timeout(timeout);
+        if let Some(ca) = ca {
+            b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
+        }
+        Ok(Dialer { inner: b.build().map_err(to_py)? })
+    }
+
+    /// The relay URL.
+    #[getter]
+    fn relay(&self) -> String {
+        self.inner.relay().to_string()
+    }
+
+    /// Establish the shared session now (fails early on a wrong key or an unreachable relay).
+    fn connect(&self, py: Python<'_>) -> PyResult<()> {
+        wait(py, self.inner.connect())
+    }
+
+    fn connect_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let d = self.inner.clone();
+        awaitable(py, async move { d.connect().await })
+    }
+
+    /// Open a stream to `target` (`host:port`); returns the socket to wrap.
+    #[pyo3(signature = (target, timeout = None))]
+    fn dial(&self, py: Python<'_>, target: String, timeout: Option<f64>) -> PyResult<Socket> {
+        let limit = seconds("timeout", timeout)?;
+        wait(py, dial_socket(self.inner.clone(), target, limit))
+    }
+
+    #[pyo3(signature = (target, timeout = None))]
+    fn dial_async<'py>(&self, py: Python<'py>, target: String, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let limit = seconds("timeout", timeout)?;
+        awaitable(py, dial_socket(self.inner.clone(), target, limit))
+    }
+
+    /// Serve a local port (`local`, default any free port on 127.0.0.1) whose every connection
+    /// becomes a stream to `target`.
+    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string()))]
+    fn forward(&self, py: Python<'_>, target: String, local: String) -> PyResult<Background> {
+        wait(py, start_forward(self.inner.clone(), target, local))
+    }
+
+    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string()))]
+    fn forward_async<'py>(&self, py: Python<'py>, target: String, local: String) -> PyResult<Bound<'py, PyAny>> {
+        awaitable(py, start_forward(self.inner.clone(), target, local))
+    }
+
+    /// Close the shared session (open streams on it fail).
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let d = self.inner.clone();
+        wait(py, async move {
+            d.close().await;
+            Ok(())
+        })
+    }
+
+    fn close_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let d = self.inner.clone();
+        awaitable(py, async move {
+            d.close().await;
+            Ok(())
+        })
+    }
+}

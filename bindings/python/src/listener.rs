@@ -1,0 +1,151 @@
+//! The listener face: a registered `libtunnel::Listener` behind blocking and async methods.
+//! Accepted streams come back as [`Socket`]s with the peer's details; `expose` hands the whole
+//! listener to the core's `forward::expose` (what `tunnel listen` runs).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libtunnel::transport::ClientTls;
+use libtunnel::{Error, ErrorCode, Via};
+use pyo3::prelude::*;
+
+use crate::error::to_py;
+use crate::handles::{Background, Socket};
+use crate::{awaitable, seconds, wait};
+
+/// `(socket, client address, "dial" | "http" | "tcp", port)`.
+type Accepted = (Socket, String, &'static str, u16);
+
+/// A name registered with a relay.
+#[pyclass(module = "libtunnel._native", frozen)]
+pub(crate) struct Listener {
+    /// Shared with pending `accept` futures; `None` once `expose` took the listener.
+    inner: Mutex<Option<Arc<libtunnel::Listener>>>,
+    /// The registered name (kept after `expose` took the listener).
+    name: String,
+}
+
+fn via_name(via: Via) -> &'static str {
+    match via {
+        Via::Dial => "dial",
+        Via::Http => "http",
+        Via::Tcp => "tcp",
+    }
+}
+
+async fn accept_socket(listener: Arc<libtunnel::Listener>, limit: Option<Duration>) -> libtunnel::Result<Accepted> {
+    let work = async {
+        let (stream, peer) = listener.accept().await?;
+        let sock = libtunnel::fd::into_socket(stream).await?;
+        Ok::<_, Error>((Socket::new(sock), peer.client, via_name(peer.via), peer.port))
+    };
+    match limit {
+        None => work.await,
+        Some(l) => tokio::time::timeout(l, work)
+            .await
+            .map_err(|_| Error::new(ErrorCode::Timeout, format!("no connection arrived within {:.1}s", l.as_secs_f64())))?,
+    }
+}
+
+impl Listener {
+    fn get(&self) -> PyResult<Arc<libtunnel::Listener>> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| to_py(Error::new(ErrorCode::Closed, "the listener is serving a local service (expose) and cannot accept")))
+    }
+}
+
+fn builder(relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<libtunnel::ListenerBuilder> {
+    let id = crate::keys::load_identity(key).map_err(to_py)?;
+    let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
+    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog);
+    if let Some(n) = name {
+        b = b.name(n);
+    }
+    if let Some(ca) = ca {
+        b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
+    }
+    Ok(b)
+}
+
+async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
+    let l = b.bind().await?;
+    Ok(Listener { name: l.name(), inner: Mutex::new(Some(Arc::new(l))) })
+}
+
+#[pymethods]
+impl Listener {
+    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
+    #[staticmethod]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[allow(clippy::too_many_arguments)]
+    fn bind(py: Python<'_>, relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<Listener> {
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        wait(py, bind(b))
+    }
+
+    #[staticmethod]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[allow(clippy::too_many_arguments)]
+    fn bind_async<'py>(py: Python<'py>, relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<Bound<'py, PyAny>> {
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        awaitable(py, bind(b))
+    }
+
+    /// The registered name (dial it as `NAME:0`).
+    #[getter]
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    /// `(name, http_url, tcp_addr)` as granted by the relay (the latest registration).
+    #[getter]
+    fn registration(&self) -> PyResult<(String, Option<String>, Option<String>)> {
+        let r = self.get()?.registration();
+        Ok((r.name, r.http_url, r.tcp_addr))
+    }
+
+    /// Whether a session to the relay is up right now.
+    #[getter]
+    fn connected(&self) -> bool {
+        self.get().is_ok_and(|l| l.is_connected())
+    }
+
+    /// Wait for the next stream: `(socket, client, via, port)`.
+    #[pyo3(signature = (timeout = None))]
+    fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Accepted> {
+        let (l, limit) = (self.get()?, seconds("timeout", timeout)?);
+        wait(py, accept_socket(l, limit))
+    }
+
+    #[pyo3(signature = (timeout = None))]
+    fn accept_async<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+        let (l, limit) = (self.get()?, seconds("timeout", timeout)?);
+        awaitable(py, accept_socket(l, limit))
+    }
+
+    /// Connect every stream to the local service at `to` in the background (`tunnel listen`).
+    /// Takes the listener over: `accept` fails afterwards, and closing the task unregisters.
+    #[pyo3(signature = (to, *, proxy_protocol = false))]
+    fn expose(&self, to: String, proxy_protocol: bool) -> PyResult<Background> {
+        let mut slot = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let shared = slot.take().ok_or_else(|| to_py(Error::new(ErrorCode::Closed, "the listener is already exposing a service")))?;
+        match Arc::try_unwrap(shared) {
+            Ok(l) => Ok(Background::spawn(None, move |stop| libtunnel::forward::expose(l, to, proxy_protocol, stop))),
+            Err(shared) => {
+                *slot = Some(shared);
+                Err(to_py(Error::new(ErrorCode::InvalidArgument, "cannot expose while an accept() is waiting on this listener")))
+            }
+        }
+    }
+
+    /// Unregister; pending and later `accept` calls fail with `CLOSED`.
+    fn close(&self) {
+        if let Some(l) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            l.close();
+        }
+    }
+}

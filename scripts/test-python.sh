@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Python bindings: build the wheel with maturin, install it in a venv, stubtest + mypy, pytest (with a real PostgreSQL)
+#
+# Run from anywhere (scripts/test.sh runs it from the repo root). Installs what it needs on a fresh
+# Debian machine: python3-venv and postgresql through apt-get (sudo when not root, skipped when
+# present), then a virtualenv under $CARGO_TARGET_DIR/py-venv (reused; pip runs only when the
+# requirement list changed) with maturin, pytest, pytest-timeout, mypy and the database drivers.
+# The wheel is built in the debug profile into the shared Cargo target dir.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+PKG="$ROOT/bindings/python"
+VENV="$CARGO_TARGET_DIR/py-venv"
+WHEELS="$CARGO_TARGET_DIR/wheels/python"
+REQUIREMENTS=(maturin pytest pytest-timeout mypy "psycopg[binary]" pg8000 asyncpg)
+
+need_debs() {
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+[ -n "$PYTHON" ] || { echo "python3 not found: apt-get install python3" >&2; exit 1; }
+# The test fixture runs PostgreSQL's initdb/pg_ctl (found by glob under /usr/lib/postgresql).
+need_debs postgresql
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_debs postgresql
+if [ ! -x "$VENV/bin/python" ]; then
+  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
+    need_debs python3-venv "python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
+  fi
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.libtunnel-requirements"
+if [ "$(cat "$stamp" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q "${REQUIREMENTS[@]}"
+  echo "${REQUIREMENTS[*]}" >"$stamp"
+fi
+
+echo "building the wheel (maturin, debug profile, target dir $CARGO_TARGET_DIR)"
+rm -rf "$WHEELS"
+(cd "$PKG" && maturin build --quiet --out "$WHEELS")
+python -m pip install -q --force-reinstall --no-deps "$WHEELS"/libtunnel-*.whl
+
+echo "checking the stub against the built module (mypy.stubtest) and the package types (mypy --strict)"
+# Outside the source tree, so the installed package (with its native module) is what gets checked.
+(cd "$CARGO_TARGET_DIR" && python -m mypy.stubtest libtunnel._native)
+(cd "$PKG" && python -m mypy --strict --cache-dir "$CARGO_TARGET_DIR/mypy-cache" -p libtunnel --python-executable "$VENV/bin/python" \
+  && python -m mypy --ignore-missing-imports --cache-dir "$CARGO_TARGET_DIR/mypy-cache" "$ROOT/examples/python")
+
+echo "running pytest"
+cd "$PKG"
+python -m pytest -p no:cacheprovider -ra tests
