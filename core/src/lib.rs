@@ -23,5 +23,5 @@ pub use error::{Error, ErrorCode, Result};
 pub use identity::Identity;
 pub use listener::{Listener, ListenerBuilder, PeerInfo, Registration};
 pub use protocol::Via;
-pub use relay::{Server, ServerHandle};
+pub use relay::{Reloader, Server, ServerHandle};
 pub use stream::{Mode, TunnelStream};

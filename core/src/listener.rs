@@ -167,8 +167,9 @@ impl Listener {
         self.registration.borrow().clone()
     }
 
-    /// Wait for the next stream. Fails with `CLOSED` once the listener is closed, or with
-    /// `NAME_TAKEN` once another session of the same key took its name over (then it stops).
+    /// Wait for the next stream. Fails with `CLOSED` once the listener is closed, with
+    /// `NAME_TAKEN` once another session of the same key took its name over, or with `NOT_ALLOWED`
+    /// once a config reload withdrew the name (then it stops rather than reconnecting).
     pub async fn accept(&self) -> Result<(TunnelStream, PeerInfo)> {
         let mut q = self.queue.lock().await;
         let next = tokio::select! {
@@ -253,10 +254,10 @@ async fn supervise(
             _ = serve_session(&session, &queue) => {}
         }
         let reason = session.close_reason();
-        if let Some(e) = reason.as_ref().filter(|e| e.code() == ErrorCode::NameTaken) {
-            // Another live session of our key holds the name now; reconnecting would take it back
-            // and start a tug of war. Stop, and let accept() say why.
-            tracing::error!(name = %cfg.name, reason = %e, "the relay handed this listener's name to another session; stopping");
+        if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
+            // Another live session of our key holds the name now (reconnecting would take it back
+            // and start a tug of war), or the relay no longer grants it. Stop; accept() says why.
+            tracing::error!(name = %cfg.name, reason = %e, "the relay ended this listener's registration for good; stopping");
             *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.code(), e.message().to_string()));
             cancel.cancel();
             return;

@@ -485,3 +485,53 @@ async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
     let r = within(STEP, "the stream to fail", s.read(&mut buf)).await;
     assert!(r.is_err(), "a stream cut by the exit must fail, got {r:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_keys_from_the_config_file() {
+    use base64::Engine;
+    let echo = echo_server().await;
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let file = dir.join("relay.toml");
+    let new_secret = b"rotated secret for the SIGHUP test";
+    let write_config = |kid: u32, secret: &[u8]| {
+        let data = base64::engine::general_purpose::STANDARD.encode(secret);
+        let text = format!(
+            "listen = \"127.0.0.1:0\"\nauth_keys = [{{kid = {kid}, data = \"{data}\"}}]\nallow = [{{host = \"127.0.0.1\", port = {}}}]\n",
+            echo.port()
+        );
+        std::fs::write(&file, text).expect("write config");
+    };
+    write_config(KID, SECRET);
+    let mut relay = Proc::spawn("tunnel server --config", tunnel(&["server", "--config", file.to_str().expect("utf8")]), false);
+    let url = relay.line_after("relay listening: ").await.trim().to_string();
+    let d = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
+    within(STEP, "dial with the first key", d.dial(&echo.to_string())).await.expect("first key works");
+
+    write_config(KID + 1, new_secret);
+    signal(&relay, "-HUP");
+    within(STEP, "the reload", async {
+        while !relay.stderr().contains("reloaded keys") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let old = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "dial with the removed key", old.dial(&echo.to_string())).await.expect_err("removed key");
+    assert_eq!(e.code(), libtunnel::ErrorCode::AuthUnknownKey, "{e}");
+    let new_key = libtunnel::Key::new(KID + 1, new_secret.to_vec()).expect("key");
+    let new = libtunnel::Dialer::builder(&url).key(new_key).timeout(STEP).build().expect("dialer");
+    within(STEP, "dial with the new key", new.dial(&echo.to_string())).await.expect("new key works after SIGHUP");
+
+    // A broken file is refused and the running keys stay.
+    std::fs::write(&file, "auth_keys = [").expect("write");
+    signal(&relay, "-HUP");
+    within(STEP, "the failed reload", async {
+        while !relay.stderr().contains("reload failed") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within(STEP, "dial after a failed reload", new.dial(&echo.to_string())).await.expect("keys unchanged");
+    let _ = std::fs::remove_dir_all(&dir);
+}

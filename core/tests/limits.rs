@@ -123,3 +123,56 @@ async fn public_http_closes_slow_and_oversized_request_heads() {
     assert!(answer.is_empty() || text.starts_with("HTTP/1.1 431"), "an oversized head must be refused, got {text:?}");
     relay.abort();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reload: rotated keys cut new sessions, a removed allow rule refuses the next stream of an open
+// session, and a listener whose grant is withdrawn is closed and unreachable.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rotates_keys_and_rechecks_rules_on_every_stream() {
+    use libtunnel::auth::KeySet;
+    use libtunnel::config::ListenerGrant;
+    init_tracing();
+    let (echo, echo2) = (echo_server().await, echo_server().await);
+    let new_key = Key::new(KID + 1, b"the rotated-in secret, 0123456789".to_vec()).expect("key");
+    let listener_id = Identity::generate();
+    let grant = ListenerGrant { public_key: listener_id.public_key_base64(), names: vec!["api".into()] };
+    let mut cfg = relay_config(allow_ports(&[echo.port(), echo2.port()]));
+    cfg.auth_keys = KeySet::new([key(), new_key.clone()]).expect("keys");
+    cfg.listener_keys = vec![grant];
+    let relay = start_relay(cfg.clone()).await;
+    let old = dialer(relay.url(), key());
+    let _open = within(STEP, "a session with the old key", old.dial(&echo.to_string())).await.expect("old key works before the rotation");
+    let listener = within(STEP, "bind api", Listener::builder(relay.url(), listener_id).name("api").bind()).await.expect("bind api");
+    let _before = within(STEP, "dial api", dialer(relay.url(), new_key.clone()).dial("api:0")).await.expect("api before the reload");
+    within(STEP, "accept", listener.accept()).await.expect("the listener accepts before the reload");
+
+    let mut rotated = cfg.clone();
+    rotated.auth_keys = KeySet::new([new_key.clone()]).expect("keys");
+    rotated.allow = allow_ports(&[echo.port()]);
+    rotated.listener_keys = vec![];
+    relay.reload(&rotated).expect("reload");
+
+    // The old key opens no new session.
+    let e = within(STEP, "a new session with the old key", dialer(relay.url(), key()).dial(&echo.to_string())).await.expect_err("old key");
+    assert_eq!(e.code(), ErrorCode::AuthUnknownKey, "{e}");
+    // The open session stays, but each new stream meets the new allowlist.
+    within(STEP, "a stream on the open session", old.dial(&echo.to_string())).await.expect("still allowed target");
+    let e = within(STEP, "a removed target", old.dial(&echo2.to_string())).await.expect_err("removed rule");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    // The new key works; the listener lost its grant: it is told why and is unreachable.
+    within(STEP, "the new key", dialer(relay.url(), new_key.clone()).dial(&echo.to_string())).await.expect("new key");
+    let e = within(STEP, "the listener to stop", listener.accept()).await.expect_err("closed by the reload");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    assert!(e.message().contains("no longer grants"), "{e}");
+    let r = within(STEP, "dial api after the reload", dialer(relay.url(), new_key.clone()).dial("api:0")).await;
+    assert!(r.is_err(), "a withdrawn name must not be reachable");
+    // A reload that would leave the relay without keys is refused, and changes nothing.
+    let mut broken = rotated.clone();
+    broken.auth_keys = KeySet::default();
+    let e = relay.reload(&broken).expect_err("no keys");
+    assert_eq!(e.code(), ErrorCode::InvalidConfig, "{e}");
+    within(STEP, "the new key after a failed reload", dialer(relay.url(), new_key).dial(&echo.to_string())).await.expect("unchanged");
+    relay.abort();
+}

@@ -216,6 +216,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(h) = server.http_addr() {
                 println!("public http listening: http://{h}");
             }
+            #[cfg(unix)]
+            {
+                // SIGHUP reloads keys, allowlist and listener grants from the same sources.
+                let (reloader, file) = (server.reloader(), a.config.clone());
+                let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                    .map_err(|e| Error::new(ErrorCode::Io, format!("cannot install the SIGHUP handler: {e}")))?;
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        match RelayConfig::load(file.as_deref(), &overrides).and_then(|cfg| reloader.reload(&cfg)) {
+                            Ok(()) => eprintln!("reloaded keys, allowlist and listener grants"),
+                            Err(e) => eprintln!("reload failed, keeping the previous settings: error [{}]: {e}", e.code()),
+                        }
+                    }
+                });
+            }
             server.run(shutdown_signal()).await
         }
         Cmd::Forward { local, target, client } => {

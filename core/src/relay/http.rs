@@ -88,7 +88,7 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
     }
     let hp = state.cfg.health_path.as_str();
     if path == hp || path.strip_prefix(hp).is_some_and(|r| r.starts_with('/')) {
-        return json(StatusCode::OK, serde_json::json!({ "ok": true, "key_ids": state.cfg.auth_keys.kids() }));
+        return json(StatusCode::OK, serde_json::json!({ "ok": true, "key_ids": state.access().auth_keys.kids() }));
     }
     if path == "/metrics" {
         return Response::builder()

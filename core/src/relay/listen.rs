@@ -58,7 +58,11 @@ pub(crate) async fn open_to_listener(
     header: StreamHeader,
     wait: std::time::Duration,
 ) -> Result<MuxStream, RouteError> {
-    let (session, pending) = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
+    let (session, pending, owner) = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
+    // Re-checked on every stream: a reload may have withdrawn the key's right to this name.
+    if authorize(state, &owner, name).is_err() {
+        return Err(RouteError::Offline);
+    }
     // Held until the listener answers: a listener that stops accepting costs the relay at most
     // `max_pending_accepts` waiting streams.
     let _waiting = pending.try_acquire_owned().map_err(|_| RouteError::Busy)?;
@@ -90,16 +94,17 @@ pub(crate) async fn open_to_listener(
 }
 
 /// Decide whether `public_key` may register `name`.
-fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<(), Error> {
+pub(super) fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<(), Error> {
     if !valid_name(name) {
         return Err(Error::new(
             ErrorCode::InvalidArgument,
             format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'"),
         ));
     }
-    let granted = state.listener_grants.get(public_key);
+    let access = state.access();
+    let granted = access.listener_grants.get(public_key);
     if name == derived_name(public_key) {
-        if granted.is_some() || state.cfg.listeners_open {
+        if granted.is_some() || access.listeners_open {
             return Ok(());
         }
         return Err(Error::new(
@@ -111,7 +116,7 @@ fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<()
         return Ok(());
     }
     let owned_by_other =
-        state.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
+        access.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
     if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
         return Err(Error::new(
             ErrorCode::NameTaken,

@@ -47,8 +47,8 @@ pub(crate) struct RelayState {
     pub(crate) resolver: resolve::TargetResolver,
     /// Listener names and their sessions.
     pub(crate) registry: registry::Registry,
-    /// Listener public keys from the config, with the chosen names each may register.
-    pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
+    /// Who may do what (keys, allowlist, listener grants): replaced whole by a reload.
+    access: std::sync::RwLock<Arc<Access>>,
     /// The public HTTP port, when enabled.
     http_port: Option<u16>,
     /// Failed authentications per source address (`auth_failures_per_minute`).
@@ -57,7 +57,60 @@ pub(crate) struct RelayState {
     pub(crate) key_sessions: guard::KeySessions,
 }
 
+/// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
+/// new session, registration and stream is checked against the current one.
+pub(crate) struct Access {
+    pub(crate) auth_keys: crate::auth::KeySet,
+    pub(crate) allow: allowlist::Allowlist,
+    /// Listener public keys, with the chosen names each may register.
+    pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
+    pub(crate) listeners_open: bool,
+}
+
+impl Access {
+    fn from_config(cfg: &RelayConfig) -> Result<Access> {
+        if cfg.auth_keys.is_empty() {
+            return Err(Error::config("no auth keys: set TUNNEL_AUTH_KEYS (`tunnel keygen` makes one)"));
+        }
+        if cfg.allow.is_empty() {
+            return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
+        }
+        let mut listener_grants = std::collections::HashMap::new();
+        for g in &cfg.listener_keys {
+            let pk = crate::identity::parse_public_key(&g.public_key)?;
+            listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
+        }
+        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open })
+    }
+}
+
 impl RelayState {
+    /// The current keys, allowlist and listener grants.
+    pub(crate) fn access(&self) -> Arc<Access> {
+        self.access.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn reload(&self, cfg: &RelayConfig) -> Result<()> {
+        let access = Access::from_config(cfg)?;
+        tracing::info!(
+            key_ids = ?access.auth_keys.kids(),
+            listener_keys = access.listener_grants.len(),
+            "reloaded keys, allowlist and listener grants; new sessions, registrations and streams use them"
+        );
+        *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
+        // Listeners whose key lost its name are told why and closed.
+        for (name, owner, session) in self.registry.live() {
+            if let Err(e) = listen::authorize(self, &owner, &name) {
+                tracing::info!(%name, reason = %e, "closing a listener whose key no longer holds its name");
+                session.close_with_notice(
+                    ErrorCode::NotAllowed,
+                    format!("the relay's configuration no longer grants {name:?} to this key: {}", e.message()),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The public URL routed to a listener name, when the relay has an HTTP port.
     pub(crate) fn public_http_url(&self, name: &str) -> Option<String> {
         let port = self.http_port?;
@@ -88,12 +141,7 @@ async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
 impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
     pub async fn bind(cfg: RelayConfig) -> Result<Server> {
-        if cfg.auth_keys.is_empty() {
-            return Err(Error::config("no auth keys: set TUNNEL_AUTH_KEYS (`tunnel keygen` makes one)"));
-        }
-        if cfg.allow.is_empty() {
-            return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
-        }
+        let access = Access::from_config(&cfg)?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
@@ -111,11 +159,6 @@ impl Server {
             Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
             None => None,
         };
-        let mut listener_grants = std::collections::HashMap::new();
-        for g in &cfg.listener_keys {
-            let pk = crate::identity::parse_public_key(&g.public_key)?;
-            listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
-        }
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let state = Arc::new(RelayState {
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
@@ -129,7 +172,7 @@ impl Server {
             tasks: TaskTracker::new(),
             resolver: resolve::TargetResolver::new(&cfg_dns)?,
             registry: registry::Registry::default(),
-            listener_grants,
+            access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
         });
         Ok(Server { state, ws, tcp, http })
@@ -197,8 +240,34 @@ impl Server {
         let (addr, tcp_addr, http_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.http_addr(), self.url(), self.metrics());
         let (draining, kill) = (self.state.draining.clone(), self.state.kill.clone());
         let t = token.clone();
+        let reloader = self.reloader();
         let join = tokio::spawn(self.run(async move { t.cancelled().await }));
-        ServerHandle { addr, tcp_addr, http_addr, url, metrics, token, draining, kill, join }
+        ServerHandle { addr, tcp_addr, http_addr, url, metrics, token, draining, kill, join, reloader }
+    }
+
+    /// A handle that reloads this relay's keys, allowlist and listener grants while it runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.state.clone())
+    }
+}
+
+/// Reloads a running relay's keys, allowlist and listener grants (`tunnel server` does it on
+/// SIGHUP). Other settings (addresses, limits, TLS) keep their values until a restart. Open
+/// sessions stay up; every new session, registration and stream is checked against the new
+/// values, so a removed key can open nothing new and a removed allow rule refuses the next stream.
+#[derive(Clone)]
+pub struct Reloader(Arc<RelayState>);
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
+impl Reloader {
+    /// Take the reloadable parts of `cfg`; on error the old values stay.
+    pub fn reload(&self, cfg: &RelayConfig) -> Result<()> {
+        self.0.reload(cfg)
     }
 }
 
@@ -216,6 +285,7 @@ pub struct ServerHandle {
     draining: CancellationToken,
     kill: CancellationToken,
     join: tokio::task::JoinHandle<Result<()>>,
+    reloader: Reloader,
 }
 
 impl ServerHandle {
@@ -238,6 +308,10 @@ impl ServerHandle {
     /// Counters.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+    /// Reload keys, allowlist and listener grants (see [`Reloader`]).
+    pub fn reload(&self, cfg: &RelayConfig) -> Result<()> {
+        self.reloader.reload(cfg)
     }
     /// Stop gracefully and wait until drained.
     pub async fn shutdown(self) -> Result<()> {

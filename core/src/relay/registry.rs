@@ -80,7 +80,7 @@ impl Registry {
     /// The live session registered under `name`. The relay answers a registration before its
     /// session is attached, so the listener may already be dialed in between: then wait (at most
     /// `limit`) for the attach, or for the registration to fail.
-    pub(crate) async fn lookup(&self, name: &str, limit: Duration) -> Option<(Session, Arc<Semaphore>)> {
+    pub(crate) async fn lookup(&self, name: &str, limit: Duration) -> Option<(Session, Arc<Semaphore>, [u8; 32])> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
@@ -90,16 +90,21 @@ impl Registry {
                 let t = self.table();
                 match t.get(name) {
                     None => return None,
-                    Some(e) => e.session.clone().map(|s| (s, e.pending.clone())),
+                    Some(e) => e.session.clone().map(|s| (s, e.pending.clone(), e.owner)),
                 }
             };
-            if let Some((s, pending)) = found {
-                return (!s.is_closed()).then_some((s, pending));
+            if let Some((s, pending, owner)) = found {
+                return (!s.is_closed()).then_some((s, pending, owner));
             }
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return None;
             }
         }
+    }
+
+    /// Every live registration: (name, owner key, session).
+    pub(crate) fn live(&self) -> Vec<(String, [u8; 32], Session)> {
+        self.table().iter().filter_map(|(n, e)| e.session.clone().map(|s| (n.clone(), e.owner, s))).collect()
     }
 
     /// Remove a registration when its session ends (no-op if it was replaced).

@@ -53,7 +53,7 @@ fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
         AuthRejection::Malformed => "malformed credentials; use a libtunnel or Emissary client".into(),
         AuthRejection::UnknownKey(kid) => format!(
             "key id {kid} is not configured on this relay (it has key ids {:?}); use one of those or add yours to TUNNEL_AUTH_KEYS",
-            state.cfg.auth_keys.kids()
+            state.access().auth_keys.kids()
         ),
         AuthRejection::ClockSkew(d) => format!(
             "your clock is {}s away from the relay's (at most 900s allowed); synchronise the clocks (NTP)",
@@ -140,7 +140,8 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
         // is read, and the relay's log says why.
         return;
     }
-    let auth = ServerAuth::Proof { keys: &state.cfg.auth_keys, nonce: &nonce };
+    let access = state.access();
+    let auth = ServerAuth::Proof { keys: &access.auth_keys, nonce: &nonce };
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut io, auth)).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
@@ -259,7 +260,7 @@ async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S
             }
         };
     }
-    match connect_target(addr, &state.cfg.allow, &state.resolver, state.cfg.limits.connect_timeout).await {
+    match connect_target(addr, &state.access().allow, &state.resolver, state.cfg.limits.connect_timeout).await {
         Ok(tcp) => {
             let bound = tcp.local_addr().ok();
             if socks::write_reply(io, Reply::Succeeded, bound).await.is_err() {
@@ -313,7 +314,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         return;
     }
     let verdict = match Hello::decode(&hello) {
-        Ok(h) => state.cfg.auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
+        Ok(h) => state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
         Err(e) => {
             state.metrics.refused(Refusal::Malformed);
             let ack = HelloAck { refusal: Some((ErrorCode::Protocol, e.message().to_string())) };
