@@ -1,0 +1,106 @@
+//! `tunnel_dialer`: opens streams through a relay. Each dial runs the core `Dialer::dial` on the
+//! runtime and hands the stream to C as a plain connected socket (`libtunnel::fd::into_socket`:
+//! one end of a loopback TCP pair that a runtime task bridges to the tunnel), so C uses `read`,
+//! `write`, `poll` and `shutdown(SHUT_WR)` on it, and a tunnel cut off mid-transfer reads as
+//! `ECONNRESET`.
+
+use std::ffi::{c_char, c_int};
+use std::os::fd::IntoRawFd;
+
+use crate::config::tunnel_config;
+use crate::error::{fallible, infallible, tunnel_result};
+use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_ref, Castable};
+use crate::runtime::{block_on, usable};
+
+/// A dialer (opaque). Made by `tunnel_dialer_new`, ended by `tunnel_dialer_free`. Thread-safe:
+/// several threads may dial at once; they share one session to the relay.
+pub struct tunnel_dialer {
+    _private: [u8; 0],
+}
+
+impl Castable for tunnel_dialer {
+    type Rust = libtunnel::Dialer;
+}
+
+/// Make a dialer from `cfg` (relay URL and key required; TLS roots and timeout optional). No
+/// network I/O happens until the first dial. `cfg` is copied and may be freed afterwards.
+///
+/// On success `*out` receives a dialer owned by the caller; end it with `tunnel_dialer_free`.
+/// Fails with `TUNNEL_RESULT_INVALID_ARGUMENT` when no key is set.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut *mut tunnel_dialer) -> tunnel_result {
+    fallible(|| {
+        let out = out_ptr(out, "out")?;
+        // SAFETY: the caller passes NULL or a live config.
+        let cfg = unsafe { try_ref(cfg, "cfg") }?;
+        let mut b = libtunnel::Dialer::builder(&cfg.relay);
+        if let Some(k) = &cfg.key {
+            b = b.key(k.clone());
+        }
+        if let Some(t) = &cfg.tls {
+            b = b.tls(t.clone());
+        }
+        if let Some(t) = cfg.timeout {
+            b = b.timeout(t);
+        }
+        let dialer = b.build()?;
+        // SAFETY: `out` is non-NULL and writable (caller's guarantee).
+        unsafe { *out = into_raw::<tunnel_dialer>(dialer) };
+        Ok(())
+    })
+}
+
+/// Open a stream to `target` (`host:port`, or `NAME:0` for a listener) through the relay and
+/// block until it is connected or fails (bounded by the config's timeout).
+///
+/// On success `*out_fd` receives a connected, blocking stream socket owned by the caller: use
+/// `read`, `write`, `poll`, `shutdown(fd, SHUT_WR)` for half-close, and end it with `close`.
+/// The relay's refusal comes back as its code: `TUNNEL_RESULT_NOT_ALLOWED`,
+/// `TUNNEL_RESULT_AUTH_FAILED`, `TUNNEL_RESULT_REFUSED`, `TUNNEL_RESULT_RELAY_UNAVAILABLE`, ...
+/// Must not be called from a libtunnel callback (`TUNNEL_RESULT_WRONG_THREAD`).
+///
+/// # Safety
+/// `dialer` must be NULL or a live dialer; `target` NULL or NUL-terminated; `out_fd` NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_dialer_dial(dialer: *const tunnel_dialer, target: *const c_char, out_fd: *mut c_int) -> tunnel_result {
+    fallible(|| {
+        let out_fd = out_ptr(out_fd, "out_fd")?;
+        // SAFETY: the caller passes NULL or a live dialer.
+        let dialer = unsafe { try_ref(dialer, "dialer") }?;
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        let target = unsafe { str_arg(target, "target") }?;
+        let socket = block_on(async {
+            let stream = dialer.dial(target).await?;
+            libtunnel::fd::into_socket(stream).await
+        })??;
+        // SAFETY: `out_fd` is non-NULL and writable (caller's guarantee).
+        unsafe { *out_fd = socket.into_raw_fd() };
+        Ok(())
+    })
+}
+
+/// Close the dialer's session to the relay and free it. NULL is a no-op. Streams dialed from it
+/// end (their sockets read `ECONNRESET`), so close or finish them first.
+///
+/// # Safety
+/// `dialer` must be NULL or a live dialer, not used again afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_dialer_free(dialer: *mut tunnel_dialer) {
+    infallible((), || {
+        // SAFETY: the caller passes NULL or a live dialer.
+        if let Ok(d) = unsafe { try_ref(dialer, "dialer") } {
+            if usable() {
+                let _ = block_on(async {
+                    d.close().await;
+                    tracing::debug!(relay = d.relay(), "dialer closed");
+                });
+            }
+        }
+        // SAFETY: the caller passes NULL or a dialer from `tunnel_dialer_new`, freed once.
+        unsafe { free_box(dialer) }
+    })
+}

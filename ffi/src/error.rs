@@ -1,0 +1,263 @@
+//! Result codes and messages at the C edge. Every fallible export runs inside [`fallible`], which
+//! catches panics, stores the failure's message in a thread-local for
+//! `tunnel_last_error_message`, and returns a `tunnel_result`. Core failures map from the one
+//! `libtunnel::ErrorCode` table (code N becomes 7000 + N); failures only the C edge can have
+//! (NULL, bad UTF-8, panic, wrong thread, forked child) live at 7100 and up.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use libtunnel::ErrorCode;
+
+use crate::handle::write_str;
+
+/// The outcome of every fallible libtunnel call. `TUNNEL_RESULT_OK` is 0; every failure is at
+/// least 7000, so it never looks like an errno. `tunnel_result_name` gives the SCREAMING name
+/// (the core's name for 7001-7099) and `tunnel_last_error_message` says what went wrong on this
+/// thread. Numbers are stable: new codes are added, retired numbers stay reserved.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tunnel_result {
+    /// Success; out-pointers were written.
+    Ok = 0,
+    /// The relay rejected the credentials (wrong secret, replayed proof).
+    AuthFailed = 7001,
+    /// The relay has no key with this key id.
+    AuthUnknownKey = 7002,
+    /// Client and relay clocks differ by more than 15 minutes.
+    AuthClockSkew = 7003,
+    /// The target is not in the relay's allowlist.
+    NotAllowed = 7004,
+    /// The relay could not resolve or reach the target.
+    Unreachable = 7005,
+    /// The target refused the relay's connection.
+    Refused = 7006,
+    /// An operation did not finish in time (a dial, or an accept with a timeout).
+    Timeout = 7007,
+    /// The peer broke the protocol.
+    Protocol = 7008,
+    /// The relay could not be reached, or the session to it died.
+    RelayUnavailable = 7009,
+    /// A relay setting is missing or malformed.
+    InvalidConfig = 7010,
+    /// An argument (URL, target, key, timeout) is malformed.
+    InvalidArgument = 7011,
+    /// The dialer, listener or stream was closed.
+    Closed = 7012,
+    /// A local I/O error.
+    Io = 7013,
+    /// Any other failure (see the message).
+    General = 7014,
+    /// A listener name belongs to another key.
+    NameTaken = 7015,
+    /// A pointer argument was NULL; the message names it.
+    NullParameter = 7101,
+    /// A string argument was not valid UTF-8; the message names it.
+    InvalidUtf8 = 7102,
+    /// libtunnel panicked (a bug); the message holds the panic text. The process can go on.
+    Panic = 7103,
+    /// A blocking call came from a libtunnel runtime thread (for example inside a log callback).
+    WrongThread = 7104,
+    /// The call came from a child forked after libtunnel started its runtime; use libtunnel
+    /// only in the parent, or exec first.
+    ForkedChild = 7105,
+    /// The runtime (its threads) could not be started.
+    RuntimeFailed = 7106,
+}
+
+/// First number of the core's codes: core code N is `CORE_BASE + N`.
+pub const CORE_BASE: u32 = 7000;
+
+impl tunnel_result {
+    /// The C code for a core error code. A code the core adds later maps to `General` until
+    /// this table learns it (the `every_core_code_has_its_own_number` test fails meanwhile).
+    pub fn from_code(code: ErrorCode) -> tunnel_result {
+        use tunnel_result as R;
+        match code {
+            ErrorCode::AuthFailed => R::AuthFailed,
+            ErrorCode::AuthUnknownKey => R::AuthUnknownKey,
+            ErrorCode::AuthClockSkew => R::AuthClockSkew,
+            ErrorCode::NotAllowed => R::NotAllowed,
+            ErrorCode::Unreachable => R::Unreachable,
+            ErrorCode::Refused => R::Refused,
+            ErrorCode::Timeout => R::Timeout,
+            ErrorCode::Protocol => R::Protocol,
+            ErrorCode::RelayUnavailable => R::RelayUnavailable,
+            ErrorCode::InvalidConfig => R::InvalidConfig,
+            ErrorCode::InvalidArgument => R::InvalidArgument,
+            ErrorCode::Closed => R::Closed,
+            ErrorCode::Io => R::Io,
+            ErrorCode::General => R::General,
+            ErrorCode::NameTaken => R::NameTaken,
+            _ => R::General,
+        }
+    }
+
+    /// The SCREAMING name, without the `TUNNEL_RESULT_` prefix; core codes use the core's name.
+    pub fn name(self) -> &'static CStr {
+        use tunnel_result as R;
+        match self {
+            R::Ok => c"OK",
+            R::NullParameter => c"NULL_PARAMETER",
+            R::InvalidUtf8 => c"INVALID_UTF8",
+            R::Panic => c"PANIC",
+            R::WrongThread => c"WRONG_THREAD",
+            R::ForkedChild => c"FORKED_CHILD",
+            R::RuntimeFailed => c"RUNTIME_FAILED",
+            core => core_name(core as u32 - CORE_BASE),
+        }
+    }
+}
+
+/// The core's name for code `n`, NUL-terminated once per process.
+fn core_name(n: u32) -> &'static CStr {
+    static NAMES: once_cell::sync::Lazy<Vec<(u32, CString)>> = once_cell::sync::Lazy::new(|| {
+        ErrorCode::ALL.iter().map(|c| (c.number(), CString::new(c.name()).expect("code names have no NUL"))).collect()
+    });
+    NAMES.iter().find(|(k, _)| *k == n).map(|(_, s)| s.as_c_str()).unwrap_or(c"UNKNOWN")
+}
+
+/// A failure on its way to C: the code to return and the message to store.
+#[derive(Debug)]
+pub struct Fail {
+    /// Returned to the caller.
+    pub code: tunnel_result,
+    /// Stored as the thread's last error.
+    pub message: String,
+}
+
+impl Fail {
+    /// A failure with an explicit code.
+    pub fn new(code: tunnel_result, message: impl Into<String>) -> Fail {
+        Fail { code, message: message.into() }
+    }
+}
+
+impl From<libtunnel::Error> for Fail {
+    fn from(e: libtunnel::Error) -> Fail {
+        Fail { code: tunnel_result::from_code(e.code()), message: e.message().to_string() }
+    }
+}
+
+thread_local! {
+    /// The message of the last failed call on this thread; replaced by the next failure.
+    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
+fn set_last_error(message: String) {
+    LAST_ERROR.with(|l| *l.borrow_mut() = message);
+}
+
+/// Run an export's body: catch panics, record the message of a failure, return the code.
+pub fn fallible(body: impl FnOnce() -> Result<(), Fail>) -> tunnel_result {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(())) => tunnel_result::Ok,
+        Ok(Err(fail)) => {
+            set_last_error(fail.message);
+            fail.code
+        }
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic payload".into());
+            set_last_error(format!("libtunnel panicked (a bug; please report it): {text}"));
+            tunnel_result::Panic
+        }
+    }
+}
+
+/// Run an export that cannot report failure: a panic yields `default`.
+pub fn infallible<T>(default: T, body: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or(default)
+}
+
+/// Copy the message of the last failed libtunnel call on this thread into `buf`, as `snprintf`
+/// does: at most `len - 1` bytes plus a NUL (nothing when `len` is 0, and then `buf` may be
+/// NULL). `*out_n` (optional, may be NULL) receives the full message length without the NUL, so
+/// a caller can retry with a bigger buffer. The message is empty when nothing failed yet.
+/// Successful calls do not clear it. Returns `TUNNEL_RESULT_NULL_PARAMETER` only when `buf` is
+/// NULL and `len` is not 0.
+///
+/// # Safety
+/// `buf` must point to `len` writable bytes; `out_n` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_last_error_message(buf: *mut c_char, len: usize, out_n: *mut usize) -> tunnel_result {
+    // Not through `fallible`: reading the message must not replace it.
+    infallible(tunnel_result::Panic, || {
+        LAST_ERROR.with(|l| {
+            // SAFETY: the caller guarantees `buf` has `len` bytes and `out_n` is NULL or writable.
+            match unsafe { write_str(&l.borrow(), buf, len, out_n) } {
+                Ok(()) => tunnel_result::Ok,
+                Err(f) => f.code,
+            }
+        })
+    })
+}
+
+/// The SCREAMING name of a result code without its prefix ("OK", "NOT_ALLOWED",
+/// "NULL_PARAMETER"; "UNKNOWN" for a number this library does not know). The string is static:
+/// never free it.
+#[no_mangle]
+pub extern "C" fn tunnel_result_name(result: u32) -> *const c_char {
+    infallible(c"UNKNOWN".as_ptr(), || match result {
+        0 => c"OK".as_ptr(),
+        n if n > CORE_BASE && n < CORE_BASE + 100 => core_name(n - CORE_BASE).as_ptr(),
+        n => FFI_CODES.iter().find(|r| **r as u32 == n).map(|r| r.name().as_ptr()).unwrap_or(c"UNKNOWN".as_ptr()),
+    })
+}
+
+/// The codes that only the C edge produces.
+const FFI_CODES: &[tunnel_result] = &[
+    tunnel_result::NullParameter,
+    tunnel_result::InvalidUtf8,
+    tunnel_result::Panic,
+    tunnel_result::WrongThread,
+    tunnel_result::ForkedChild,
+    tunnel_result::RuntimeFailed,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_core_code_has_its_own_number() {
+        for c in ErrorCode::ALL {
+            let r = tunnel_result::from_code(*c);
+            assert_eq!(r as u32, CORE_BASE + c.number(), "{c} needs its own tunnel_result variant");
+            assert_eq!(r.name().to_str().unwrap(), c.name());
+            // SAFETY: tunnel_result_name returns a static NUL-terminated string.
+            let via_export = unsafe { CStr::from_ptr(tunnel_result_name(r as u32)) };
+            assert_eq!(via_export.to_str().unwrap(), c.name());
+        }
+    }
+
+    #[test]
+    fn ffi_codes_have_names_and_unknown_numbers_do_not() {
+        for r in FFI_CODES {
+            // SAFETY: static NUL-terminated string.
+            let n = unsafe { CStr::from_ptr(tunnel_result_name(*r as u32)) };
+            assert_eq!(n, r.name());
+            assert_ne!(n, c"UNKNOWN");
+        }
+        // SAFETY: static NUL-terminated string.
+        assert_eq!(unsafe { CStr::from_ptr(tunnel_result_name(12345)) }, c"UNKNOWN");
+    }
+
+    #[test]
+    fn a_panic_becomes_a_code_and_a_message() {
+        let r = fallible(|| panic!("boom"));
+        assert_eq!(r, tunnel_result::Panic);
+        let mut buf = [0 as c_char; 128];
+        let mut n = 0usize;
+        // SAFETY: buf has 128 bytes, n is writable.
+        assert_eq!(unsafe { tunnel_last_error_message(buf.as_mut_ptr(), buf.len(), &mut n) }, tunnel_result::Ok);
+        // SAFETY: write_str NUL-terminates within len.
+        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
+        assert!(msg.contains("boom"), "{msg}");
+        assert_eq!(n, msg.len());
+    }
+}

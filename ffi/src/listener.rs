@@ -1,0 +1,333 @@
+//! `tunnel_listener`: a reverse-tunnel listener for C. An accept pump (a runtime task) takes
+//! each stream from the core `Listener`, turns it into a plain socket and puts it in a bounded
+//! queue; an eventfd is readable exactly while the queue holds a stream (or the listener is
+//! closed), so C can `poll` it next to its own fds. `tunnel_listener_accept` pops the queue,
+//! waiting up to a timeout. The queue is the only state here; registration, reconnects and
+//! backpressure towards the relay are the core's.
+
+use std::collections::VecDeque;
+use std::ffi::{c_char, c_int};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use libtunnel::{Listener, PeerInfo, Via};
+use tokio::sync::Semaphore;
+
+use crate::config::tunnel_config;
+use crate::error::{fallible, infallible, tunnel_result, Fail};
+use crate::handle::{free_box, into_raw, out_ptr, try_ref, write_str, Castable};
+use crate::runtime::{block_on, runtime};
+
+/// Streams converted to sockets and waiting for `tunnel_listener_accept`; more wait in the
+/// core's own backlog, and beyond that the relay refuses them.
+const QUEUE: usize = 16;
+
+/// A reverse-tunnel listener (opaque). Made by `tunnel_listener_bind`, ended by
+/// `tunnel_listener_free`. Thread-safe: accept, fd, name and close may be called from any thread.
+pub struct tunnel_listener {
+    _private: [u8; 0],
+}
+
+/// How an accepted stream reached the relay.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum tunnel_via {
+    /// A dialer connected to the listener's name (`NAME:0`).
+    Dial = 1,
+    /// A public HTTP request routed by `Host`.
+    Http = 2,
+    /// The listener's public TCP port.
+    Tcp = 3,
+}
+
+/// Who is on the other end of an accepted stream. Filled by `tunnel_listener_accept`; plain
+/// data, owned by the caller.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct tunnel_peer {
+    /// The original client's address as the relay saw it (`ip:port`), NUL-terminated
+    /// (truncated if longer than 63 bytes).
+    pub client: [c_char; 64],
+    /// How the stream arrived.
+    pub via: tunnel_via,
+    /// The port label a dialer asked for (0 = default), or the public TCP port.
+    pub port: u16,
+}
+
+/// The queue between the accept pump and `accept`, with the eventfd that mirrors it.
+struct Shared {
+    /// Waiting streams, and why the listener stopped once it has.
+    queue: Mutex<Queue>,
+    /// Signalled whenever `queue` changes.
+    changed: Condvar,
+    /// Readable while `queue` holds a stream or is closed; owned here, closed on free.
+    ready: OwnedFd,
+    /// Free slots in `queue`; the pump takes one before each core accept.
+    space: Semaphore,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<(TcpStream, PeerInfo)>,
+    /// Set once: the code and message every later accept fails with.
+    closed: Option<(tunnel_result, String)>,
+}
+
+/// The Rust side of a `tunnel_listener`.
+pub struct ListenerHandle {
+    listener: Arc<Listener>,
+    shared: Arc<Shared>,
+    pump: tokio::task::JoinHandle<()>,
+}
+
+impl Castable for tunnel_listener {
+    type Rust = ListenerHandle;
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make `ready` readable (called with the queue locked, after a push or close).
+    fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: `ready` is a live eventfd and `one` is 8 readable bytes; a full counter
+        // (EAGAIN) only means it is readable already.
+        unsafe { libc::write(self.ready.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.changed.notify_all();
+    }
+
+    /// Make `ready` unreadable (called with the queue locked, once it is empty and open).
+    fn drain(&self) {
+        let mut v: u64 = 0;
+        // SAFETY: `ready` is a live non-blocking eventfd and `v` is 8 writable bytes.
+        unsafe { libc::read(self.ready.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+    }
+
+    fn close(&self, code: tunnel_result, message: String) {
+        let mut q = self.lock();
+        q.items.clear();
+        if q.closed.is_none() {
+            q.closed = Some((code, message));
+        }
+        self.space.close();
+        self.signal();
+    }
+}
+
+/// Move accepted streams from the core listener into the queue until it closes.
+async fn pump(listener: Arc<Listener>, shared: Arc<Shared>) {
+    loop {
+        let Ok(slot) = shared.space.acquire().await else { return };
+        slot.forget();
+        let item = match listener.accept().await {
+            Ok((stream, peer)) => libtunnel::fd::into_socket(stream).await.map(|s| (s, peer)),
+            Err(e) => {
+                shared.close(tunnel_result::from_code(e.code()), e.message().to_string());
+                return;
+            }
+        };
+        match item {
+            Ok(item) => {
+                let mut q = shared.lock();
+                if q.closed.is_some() {
+                    return;
+                }
+                q.items.push_back(item);
+                shared.signal();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "an accepted stream could not be turned into a socket; dropped it");
+                shared.space.add_permits(1);
+            }
+        }
+    }
+}
+
+/// Connect to the relay in `cfg` and register (blocks until registered, bounded by the
+/// config's timeout). Needs an identity (`tunnel_config_set_identity_file`); the name is the
+/// identity's derived one unless `tunnel_config_set_listener_name` chose another. After a
+/// successful bind, lost sessions are re-established in the background.
+///
+/// On success `*out` receives a listener owned by the caller; end it with
+/// `tunnel_listener_free` (which also closes it). `cfg` may be freed afterwards.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `out` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *mut *mut tunnel_listener) -> tunnel_result {
+    fallible(|| {
+        let out = out_ptr(out, "out")?;
+        // SAFETY: the caller passes NULL or a live config.
+        let cfg = unsafe { try_ref(cfg, "cfg") }?;
+        let identity = cfg.identity.clone().ok_or_else(|| {
+            Fail::new(tunnel_result::InvalidArgument, "a listener needs an identity: call tunnel_config_set_identity_file first")
+        })?;
+        let mut b = Listener::builder(&cfg.relay, identity);
+        if let Some(n) = &cfg.name {
+            b = b.name(n.clone());
+        }
+        if let Some(t) = &cfg.tls {
+            b = b.tls(t.clone());
+        }
+        if let Some(t) = cfg.timeout {
+            b = b.timeout(t);
+        }
+        let listener = Arc::new(block_on(b.bind())??);
+        // SAFETY: plain syscall; the result is checked before use.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(Fail::new(tunnel_result::Io, format!("cannot create the listener's eventfd: {}", std::io::Error::last_os_error())));
+        }
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            // SAFETY: `efd` is a fresh fd that nothing else owns.
+            ready: unsafe { OwnedFd::from_raw_fd(efd) },
+            space: Semaphore::new(QUEUE),
+        });
+        let pump = runtime()?.spawn(pump(listener.clone(), shared.clone()));
+        // SAFETY: `out` is non-NULL and writable (caller's guarantee).
+        unsafe { *out = into_raw::<tunnel_listener>(ListenerHandle { listener, shared, pump }) };
+        Ok(())
+    })
+}
+
+/// Copy the registered name (dial it as `NAME:0`) into `buf`, snprintf-style: at most
+/// `len - 1` bytes plus a NUL; `*out_n` (may be NULL) gets the full length.
+///
+/// # Safety
+/// `listener` must be NULL or live; `buf` must have `len` writable bytes; `out_n` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_name(listener: *const tunnel_listener, buf: *mut c_char, len: usize, out_n: *mut usize) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live listener.
+        let l = unsafe { try_ref(listener, "listener") }?;
+        // SAFETY: the caller guarantees the buffer and out_n.
+        unsafe { write_str(&l.listener.name(), buf, len, out_n) }
+    })
+}
+
+/// Wait up to `timeout_ms` milliseconds (-1: forever, 0: don't wait) for the next stream.
+///
+/// On success `*out_fd` receives a connected, blocking stream socket owned by the caller (end it
+/// with `close`), and `*out_peer` (may be NULL) who sent it. `TUNNEL_RESULT_TIMEOUT` when nothing
+/// arrived in time; `TUNNEL_RESULT_CLOSED` once the listener is closed.
+///
+/// # Safety
+/// `listener` must be NULL or live; `out_fd` NULL or writable; `out_peer` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_accept(listener: *const tunnel_listener, timeout_ms: c_int, out_fd: *mut c_int, out_peer: *mut tunnel_peer) -> tunnel_result {
+    fallible(|| {
+        let out_fd = out_ptr(out_fd, "out_fd")?;
+        // SAFETY: the caller passes NULL or a live listener.
+        let l = unsafe { try_ref(listener, "listener") }?;
+        runtime()?; // refuse runtime threads and forked children: the pump is not theirs.
+        let deadline = u64::try_from(timeout_ms).ok().map(|ms| Instant::now() + Duration::from_millis(ms));
+        let sh = &l.shared;
+        let mut q = sh.lock();
+        let (socket, peer) = loop {
+            if let Some((code, msg)) = &q.closed {
+                return Err(Fail::new(*code, msg.clone()));
+            }
+            if let Some(item) = q.items.pop_front() {
+                if q.items.is_empty() {
+                    sh.drain();
+                }
+                sh.space.add_permits(1);
+                break item;
+            }
+            q = match deadline {
+                None => sh.changed.wait(q).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(Fail::new(tunnel_result::Timeout, format!("no stream arrived within {timeout_ms} ms")));
+                    }
+                    sh.changed.wait_timeout(q, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
+        };
+        drop(q);
+        if !out_peer.is_null() {
+            let mut p = tunnel_peer { client: [0; 64], via: via(peer.via), port: peer.port };
+            // SAFETY: `p.client` has 64 writable bytes.
+            unsafe { write_str(&peer.client, p.client.as_mut_ptr(), p.client.len(), std::ptr::null_mut()) }?;
+            // SAFETY: non-NULL and writable (caller's guarantee).
+            unsafe { *out_peer = p };
+        }
+        // SAFETY: `out_fd` is non-NULL and writable (caller's guarantee).
+        unsafe { *out_fd = socket.into_raw_fd() };
+        Ok(())
+    })
+}
+
+fn via(v: Via) -> tunnel_via {
+    match v {
+        Via::Dial => tunnel_via::Dial,
+        Via::Http => tunnel_via::Http,
+        Via::Tcp => tunnel_via::Tcp,
+    }
+}
+
+/// Give the listener's readiness fd: it polls readable (`POLLIN`) while a stream waits for
+/// `tunnel_listener_accept`, or once the listener is closed. The fd belongs to the listener:
+/// do not read, write or close it; it stays valid until `tunnel_listener_free`.
+///
+/// # Safety
+/// `listener` must be NULL or live; `out_fd` NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_fd(listener: *const tunnel_listener, out_fd: *mut c_int) -> tunnel_result {
+    fallible(|| {
+        let out_fd = out_ptr(out_fd, "out_fd")?;
+        // SAFETY: the caller passes NULL or a live listener.
+        let l = unsafe { try_ref(listener, "listener") }?;
+        // SAFETY: `out_fd` is non-NULL and writable (caller's guarantee).
+        unsafe { *out_fd = l.shared.ready.as_raw_fd() };
+        Ok(())
+    })
+}
+
+/// Unregister from the relay and stop accepting: waiting and later `tunnel_listener_accept`
+/// calls fail with `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the
+/// readiness fd turns readable. This ends the listener's session to the relay, so streams
+/// accepted earlier end too (their sockets read `ECONNRESET`, and bytes not yet forwarded are
+/// lost): finish them first. Idempotent; the listener still needs `tunnel_listener_free`.
+///
+/// # Safety
+/// `listener` must be NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_close(listener: *const tunnel_listener) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live listener.
+        let l = unsafe { try_ref(listener, "listener") }?;
+        close(l);
+        Ok(())
+    })
+}
+
+fn close(l: &ListenerHandle) {
+    l.listener.close();
+    l.shared.close(tunnel_result::Closed, "the listener is closed".into());
+    l.pump.abort();
+}
+
+/// Close the listener (as `tunnel_listener_close`) and free it, closing its readiness fd. NULL
+/// is a no-op.
+///
+/// # Safety
+/// `listener` must be NULL or live, not used again afterwards (no accept may be running on it).
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_free(listener: *mut tunnel_listener) {
+    infallible((), || {
+        // SAFETY: the caller passes NULL or a live listener.
+        if let Ok(l) = unsafe { try_ref(listener, "listener") } {
+            close(l);
+        }
+        // SAFETY: the caller passes NULL or a listener from `tunnel_listener_bind`, freed once.
+        unsafe { free_box(listener) }
+    })
+}

@@ -1,0 +1,576 @@
+/*
+ * libtunnel: reach private TCP services through a relay, over one authenticated WebSocket.
+ * This file is generated from ffi/src by cbindgen; do not edit it. Regenerate it with
+ *   UPDATE_HEADER=1 cargo test -p libtunnel-ffi --test header
+ * No ABI stability is promised before 1.0: the library's SONAME carries MAJOR.MINOR.
+ */
+
+#ifndef TUNNEL_H
+#define TUNNEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define TUNNEL_VERSION_MAJOR 0
+#define TUNNEL_VERSION_MINOR 1
+#define TUNNEL_VERSION_PATCH 0
+#define TUNNEL_VERSION "0.1.0"
+
+/**
+ * The outcome of every fallible libtunnel call. `TUNNEL_RESULT_OK` is 0; every failure is at
+ * least 7000, so it never looks like an errno. `tunnel_result_name` gives the SCREAMING name
+ * (the core's name for 7001-7099) and `tunnel_last_error_message` says what went wrong on this
+ * thread. Numbers are stable: new codes are added, retired numbers stay reserved.
+ */
+enum tunnel_result
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Success; out-pointers were written.
+   */
+  TUNNEL_RESULT_OK = 0,
+  /**
+   * The relay rejected the credentials (wrong secret, replayed proof).
+   */
+  TUNNEL_RESULT_AUTH_FAILED = 7001,
+  /**
+   * The relay has no key with this key id.
+   */
+  TUNNEL_RESULT_AUTH_UNKNOWN_KEY = 7002,
+  /**
+   * Client and relay clocks differ by more than 15 minutes.
+   */
+  TUNNEL_RESULT_AUTH_CLOCK_SKEW = 7003,
+  /**
+   * The target is not in the relay's allowlist.
+   */
+  TUNNEL_RESULT_NOT_ALLOWED = 7004,
+  /**
+   * The relay could not resolve or reach the target.
+   */
+  TUNNEL_RESULT_UNREACHABLE = 7005,
+  /**
+   * The target refused the relay's connection.
+   */
+  TUNNEL_RESULT_REFUSED = 7006,
+  /**
+   * An operation did not finish in time (a dial, or an accept with a timeout).
+   */
+  TUNNEL_RESULT_TIMEOUT = 7007,
+  /**
+   * The peer broke the protocol.
+   */
+  TUNNEL_RESULT_PROTOCOL = 7008,
+  /**
+   * The relay could not be reached, or the session to it died.
+   */
+  TUNNEL_RESULT_RELAY_UNAVAILABLE = 7009,
+  /**
+   * A relay setting is missing or malformed.
+   */
+  TUNNEL_RESULT_INVALID_CONFIG = 7010,
+  /**
+   * An argument (URL, target, key, timeout) is malformed.
+   */
+  TUNNEL_RESULT_INVALID_ARGUMENT = 7011,
+  /**
+   * The dialer, listener or stream was closed.
+   */
+  TUNNEL_RESULT_CLOSED = 7012,
+  /**
+   * A local I/O error.
+   */
+  TUNNEL_RESULT_IO = 7013,
+  /**
+   * Any other failure (see the message).
+   */
+  TUNNEL_RESULT_GENERAL = 7014,
+  /**
+   * A listener name belongs to another key.
+   */
+  TUNNEL_RESULT_NAME_TAKEN = 7015,
+  /**
+   * A pointer argument was NULL; the message names it.
+   */
+  TUNNEL_RESULT_NULL_PARAMETER = 7101,
+  /**
+   * A string argument was not valid UTF-8; the message names it.
+   */
+  TUNNEL_RESULT_INVALID_UTF8 = 7102,
+  /**
+   * libtunnel panicked (a bug); the message holds the panic text. The process can go on.
+   */
+  TUNNEL_RESULT_PANIC = 7103,
+  /**
+   * A blocking call came from a libtunnel runtime thread (for example inside a log callback).
+   */
+  TUNNEL_RESULT_WRONG_THREAD = 7104,
+  /**
+   * The call came from a child forked after libtunnel started its runtime; use libtunnel
+   * only in the parent, or exec first.
+   */
+  TUNNEL_RESULT_FORKED_CHILD = 7105,
+  /**
+   * The runtime (its threads) could not be started.
+   */
+  TUNNEL_RESULT_RUNTIME_FAILED = 7106,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tunnel_result tunnel_result;
+#else
+typedef uint32_t tunnel_result;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * How an accepted stream reached the relay.
+ */
+enum tunnel_via
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * A dialer connected to the listener's name (`NAME:0`).
+   */
+  TUNNEL_VIA_DIAL = 1,
+  /**
+   * A public HTTP request routed by `Host`.
+   */
+  TUNNEL_VIA_HTTP = 2,
+  /**
+   * The listener's public TCP port.
+   */
+  TUNNEL_VIA_TCP = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tunnel_via tunnel_via;
+#else
+typedef uint32_t tunnel_via;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Severity of a log message; the numbers grow with verbosity.
+ */
+enum tunnel_log_level
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * Nothing is logged.
+   */
+  TUNNEL_LOG_LEVEL_OFF = 0,
+  /**
+   * A bug in libtunnel.
+   */
+  TUNNEL_LOG_LEVEL_ERROR = 1,
+  /**
+   * Something went wrong that libtunnel handles (a relay dropped, a reconnect).
+   */
+  TUNNEL_LOG_LEVEL_WARN = 2,
+  /**
+   * Lifecycle events (a relay listening, a listener registered).
+   */
+  TUNNEL_LOG_LEVEL_INFO = 3,
+  /**
+   * Per-connection detail.
+   */
+  TUNNEL_LOG_LEVEL_DEBUG = 4,
+  /**
+   * Everything.
+   */
+  TUNNEL_LOG_LEVEL_TRACE = 5,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tunnel_log_level tunnel_log_level;
+#else
+typedef uint32_t tunnel_log_level;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * A client configuration (opaque). Made by `tunnel_config_new`, ended by `tunnel_config_free`.
+ * Not thread-safe while being changed; reading it from several threads at once is fine.
+ */
+typedef struct tunnel_config tunnel_config;
+
+/**
+ * A dialer (opaque). Made by `tunnel_dialer_new`, ended by `tunnel_dialer_free`. Thread-safe:
+ * several threads may dial at once; they share one session to the relay.
+ */
+typedef struct tunnel_dialer tunnel_dialer;
+
+/**
+ * A reverse-tunnel listener (opaque). Made by `tunnel_listener_bind`, ended by
+ * `tunnel_listener_free`. Thread-safe: accept, fd, name and close may be called from any thread.
+ */
+typedef struct tunnel_listener tunnel_listener;
+
+/**
+ * A running embedded relay (opaque). Made by `tunnel_server_start`, stopped by
+ * `tunnel_server_stop`, ended by `tunnel_server_free`. Thread-safe.
+ */
+typedef struct tunnel_server tunnel_server;
+
+/**
+ * Settings for an embedded relay (opaque). Made by `tunnel_server_config_new`, ended by
+ * `tunnel_server_config_free`.
+ */
+typedef struct tunnel_server_config tunnel_server_config;
+
+/**
+ * Who is on the other end of an accepted stream. Filled by `tunnel_listener_accept`; plain
+ * data, owned by the caller.
+ */
+typedef struct tunnel_peer {
+  /**
+   * The original client's address as the relay saw it (`ip:port`), NUL-terminated
+   * (truncated if longer than 63 bytes).
+   */
+  char client[64];
+  /**
+   * How the stream arrived.
+   */
+  tunnel_via via;
+  /**
+   * The port label a dialer asked for (0 = default), or the public TCP port.
+   */
+  uint16_t port;
+} tunnel_peer;
+
+/**
+ * Receives one log message. `userdata` is what was given to `tunnel_set_log_callback`;
+ * `message` is NUL-terminated and valid only during the call (copy it to keep it). Called on
+ * whichever thread logs (usually a `libtunnel-rt` runtime thread), possibly from several
+ * threads at once. It must not block, and must not call blocking libtunnel functions (they
+ * return `TUNNEL_RESULT_WRONG_THREAD`). Messages never hold secrets.
+ */
+typedef void (*tunnel_log_callback)(void *userdata, tunnel_log_level level, const char *message);
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * The library version as a static NUL-terminated string ("0.1.0"); compare it with the
+ * `TUNNEL_VERSION_*` macros of the header you compiled against. Never free it.
+ */
+const char *tunnel_version(void);
+
+/**
+ * Start a config for the relay at `relay_url` (`ws://`, `wss://` or `tcp://`).
+ *
+ * On success `*out` receives a new config owned by the caller; end it with `tunnel_config_free`.
+ * Fails with `TUNNEL_RESULT_INVALID_ARGUMENT` for a malformed URL.
+ *
+ * # Safety
+ * `relay_url` must be NULL or a NUL-terminated string; `out` must be NULL or writable.
+ */
+tunnel_result tunnel_config_new(const char *relay_url, struct tunnel_config **out);
+
+/**
+ * Set the shared key a dialer authenticates with, written `KID:BASE64` (what `tunnel keygen`
+ * prints as `TUNNEL_KEY`). Copied; the caller keeps `key`.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_key(struct tunnel_config *cfg, const char *key);
+
+/**
+ * Trust only the PEM certificates in the file at `path` for `wss://` relays (a private CA or a
+ * self-signed relay certificate). The file is read now. Default: the public Web PKI.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_ca_file(struct tunnel_config *cfg, const char *path);
+
+/**
+ * Set how long one dial (or a listener's registration) may take, in milliseconds (default
+ * 20000). 0 is `TUNNEL_RESULT_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_timeout_ms(struct tunnel_config *cfg, uint64_t timeout_ms);
+
+/**
+ * Set a listener's Ed25519 identity from a PKCS#8 PEM file (`tunnel keygen --listener --out
+ * FILE` makes one). When the file does not exist and `create` is true, a new identity is
+ * generated and written there (mode 0600) first. The file is read now.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_identity_file(struct tunnel_config *cfg,
+                                              const char *path,
+                                              bool create);
+
+/**
+ * Register a listener under `name` instead of the identity's derived name (the relay must
+ * grant it to the key in `listener_keys`). Checked when the listener binds.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `name` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_listener_name(struct tunnel_config *cfg, const char *name);
+
+/**
+ * Free a config made by `tunnel_config_new`. NULL is a no-op. Dialers and listeners made from
+ * it are unaffected.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config, not used again afterwards.
+ */
+void tunnel_config_free(struct tunnel_config *cfg);
+
+/**
+ * Make a dialer from `cfg` (relay URL and key required; TLS roots and timeout optional). No
+ * network I/O happens until the first dial. `cfg` is copied and may be freed afterwards.
+ *
+ * On success `*out` receives a dialer owned by the caller; end it with `tunnel_dialer_free`.
+ * Fails with `TUNNEL_RESULT_INVALID_ARGUMENT` when no key is set.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `out` NULL or writable.
+ */
+tunnel_result tunnel_dialer_new(const struct tunnel_config *cfg, struct tunnel_dialer **out);
+
+/**
+ * Open a stream to `target` (`host:port`, or `NAME:0` for a listener) through the relay and
+ * block until it is connected or fails (bounded by the config's timeout).
+ *
+ * On success `*out_fd` receives a connected, blocking stream socket owned by the caller: use
+ * `read`, `write`, `poll`, `shutdown(fd, SHUT_WR)` for half-close, and end it with `close`.
+ * The relay's refusal comes back as its code: `TUNNEL_RESULT_NOT_ALLOWED`,
+ * `TUNNEL_RESULT_AUTH_FAILED`, `TUNNEL_RESULT_REFUSED`, `TUNNEL_RESULT_RELAY_UNAVAILABLE`, ...
+ * Must not be called from a libtunnel callback (`TUNNEL_RESULT_WRONG_THREAD`).
+ *
+ * # Safety
+ * `dialer` must be NULL or a live dialer; `target` NULL or NUL-terminated; `out_fd` NULL or
+ * writable.
+ */
+tunnel_result tunnel_dialer_dial(const struct tunnel_dialer *dialer,
+                                 const char *target,
+                                 int *out_fd);
+
+/**
+ * Close the dialer's session to the relay and free it. NULL is a no-op. Streams dialed from it
+ * end (their sockets read `ECONNRESET`), so close or finish them first.
+ *
+ * # Safety
+ * `dialer` must be NULL or a live dialer, not used again afterwards.
+ */
+void tunnel_dialer_free(struct tunnel_dialer *dialer);
+
+/**
+ * Copy the message of the last failed libtunnel call on this thread into `buf`, as `snprintf`
+ * does: at most `len - 1` bytes plus a NUL (nothing when `len` is 0, and then `buf` may be
+ * NULL). `*out_n` (optional, may be NULL) receives the full message length without the NUL, so
+ * a caller can retry with a bigger buffer. The message is empty when nothing failed yet.
+ * Successful calls do not clear it. Returns `TUNNEL_RESULT_NULL_PARAMETER` only when `buf` is
+ * NULL and `len` is not 0.
+ *
+ * # Safety
+ * `buf` must point to `len` writable bytes; `out_n` must be NULL or writable.
+ */
+tunnel_result tunnel_last_error_message(char *buf, size_t len, size_t *out_n);
+
+/**
+ * The SCREAMING name of a result code without its prefix ("OK", "NOT_ALLOWED",
+ * "NULL_PARAMETER"; "UNKNOWN" for a number this library does not know). The string is static:
+ * never free it.
+ */
+const char *tunnel_result_name(uint32_t result);
+
+/**
+ * Connect to the relay in `cfg` and register (blocks until registered, bounded by the
+ * config's timeout). Needs an identity (`tunnel_config_set_identity_file`); the name is the
+ * identity's derived one unless `tunnel_config_set_listener_name` chose another. After a
+ * successful bind, lost sessions are re-established in the background.
+ *
+ * On success `*out` receives a listener owned by the caller; end it with
+ * `tunnel_listener_free` (which also closes it). `cfg` may be freed afterwards.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `out` NULL or writable.
+ */
+tunnel_result tunnel_listener_bind(const struct tunnel_config *cfg, struct tunnel_listener **out);
+
+/**
+ * Copy the registered name (dial it as `NAME:0`) into `buf`, snprintf-style: at most
+ * `len - 1` bytes plus a NUL; `*out_n` (may be NULL) gets the full length.
+ *
+ * # Safety
+ * `listener` must be NULL or live; `buf` must have `len` writable bytes; `out_n` NULL or writable.
+ */
+tunnel_result tunnel_listener_name(const struct tunnel_listener *listener,
+                                   char *buf,
+                                   size_t len,
+                                   size_t *out_n);
+
+/**
+ * Wait up to `timeout_ms` milliseconds (-1: forever, 0: don't wait) for the next stream.
+ *
+ * On success `*out_fd` receives a connected, blocking stream socket owned by the caller (end it
+ * with `close`), and `*out_peer` (may be NULL) who sent it. `TUNNEL_RESULT_TIMEOUT` when nothing
+ * arrived in time; `TUNNEL_RESULT_CLOSED` once the listener is closed.
+ *
+ * # Safety
+ * `listener` must be NULL or live; `out_fd` NULL or writable; `out_peer` NULL or writable.
+ */
+tunnel_result tunnel_listener_accept(const struct tunnel_listener *listener,
+                                     int timeout_ms,
+                                     int *out_fd,
+                                     struct tunnel_peer *out_peer);
+
+/**
+ * Give the listener's readiness fd: it polls readable (`POLLIN`) while a stream waits for
+ * `tunnel_listener_accept`, or once the listener is closed. The fd belongs to the listener:
+ * do not read, write or close it; it stays valid until `tunnel_listener_free`.
+ *
+ * # Safety
+ * `listener` must be NULL or live; `out_fd` NULL or writable.
+ */
+tunnel_result tunnel_listener_fd(const struct tunnel_listener *listener, int *out_fd);
+
+/**
+ * Unregister from the relay and stop accepting: waiting and later `tunnel_listener_accept`
+ * calls fail with `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the
+ * readiness fd turns readable. This ends the listener's session to the relay, so streams
+ * accepted earlier end too (their sockets read `ECONNRESET`, and bytes not yet forwarded are
+ * lost): finish them first. Idempotent; the listener still needs `tunnel_listener_free`.
+ *
+ * # Safety
+ * `listener` must be NULL or live.
+ */
+tunnel_result tunnel_listener_close(const struct tunnel_listener *listener);
+
+/**
+ * Close the listener (as `tunnel_listener_close`) and free it, closing its readiness fd. NULL
+ * is a no-op.
+ *
+ * # Safety
+ * `listener` must be NULL or live, not used again afterwards (no accept may be running on it).
+ */
+void tunnel_listener_free(struct tunnel_listener *listener);
+
+/**
+ * Send libtunnel's log messages up to `max_level` to `callback` with `userdata` (see
+ * `tunnel_log_callback` for the thread rules). A NULL `callback` or `TUNNEL_LOG_LEVEL_OFF`
+ * stops logging. The previous callback may still be running on another thread when this
+ * returns. Fails with `TUNNEL_RESULT_GENERAL` if the process already has another global
+ * `tracing` subscriber (a Rust host program), which then keeps receiving the events.
+ *
+ * # Safety
+ * `callback` must be NULL or a function that stays callable, with `userdata`, until it is
+ * replaced.
+ */
+tunnel_result tunnel_set_log_callback(tunnel_log_callback callback,
+                                      void *userdata,
+                                      tunnel_log_level max_level);
+
+/**
+ * Start an empty relay configuration. `listen` defaults to `127.0.0.1:7835`; `auth_keys` and
+ * `allow` are required by `tunnel_server_start`.
+ *
+ * On success `*out` receives a config owned by the caller; end it with
+ * `tunnel_server_config_free`.
+ *
+ * # Safety
+ * `out` must be NULL or writable.
+ */
+tunnel_result tunnel_server_config_new(struct tunnel_server_config **out);
+
+/**
+ * Set one relay setting by its CLI/TOML name, for example `("listen", "127.0.0.1:0")`,
+ * `("auth_keys", "[{\"kid\":1,\"data\":\"...\"}]")`, `("allow", "[{\"host\":\"db\",\"port\":5432}]")`.
+ * An unknown name is `TUNNEL_RESULT_INVALID_CONFIG` at once; values are checked by
+ * `tunnel_server_start`. Both strings are copied.
+ *
+ * # Safety
+ * `cfg` must be NULL or live; `name` and `value` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_server_config_set(struct tunnel_server_config *cfg,
+                                       const char *name,
+                                       const char *value);
+
+/**
+ * Free a relay configuration. NULL is a no-op. Relays started from it are unaffected.
+ *
+ * # Safety
+ * `cfg` must be NULL or live, not used again afterwards.
+ */
+void tunnel_server_config_free(struct tunnel_server_config *cfg);
+
+/**
+ * Check the settings, bind every endpoint and start serving in the background (on libtunnel's
+ * runtime threads). `TUNNEL_RESULT_INVALID_CONFIG` names a missing or malformed setting;
+ * `TUNNEL_RESULT_IO` an address that cannot be bound.
+ *
+ * On success `*out` receives a running relay owned by the caller; stop it with
+ * `tunnel_server_stop` and end it with `tunnel_server_free`. `cfg` may be freed afterwards.
+ *
+ * # Safety
+ * `cfg` must be NULL or live; `out` NULL or writable.
+ */
+tunnel_result tunnel_server_start(const struct tunnel_server_config *cfg,
+                                  struct tunnel_server **out);
+
+/**
+ * Copy the relay's tunnel endpoint address (`127.0.0.1:40123`, the real port when `listen`
+ * used port 0) into `buf`, snprintf-style; `*out_n` (may be NULL) gets the full length.
+ *
+ * # Safety
+ * `server` must be NULL or live; `buf` must have `len` writable bytes; `out_n` NULL or writable.
+ */
+tunnel_result tunnel_server_addr(const struct tunnel_server *server,
+                                 char *buf,
+                                 size_t len,
+                                 size_t *out_n);
+
+/**
+ * Copy the URL dialers and listeners use for this relay (`ws://127.0.0.1:40123`) into `buf`,
+ * snprintf-style; `*out_n` (may be NULL) gets the full length.
+ *
+ * # Safety
+ * `server` must be NULL or live; `buf` must have `len` writable bytes; `out_n` NULL or writable.
+ */
+tunnel_result tunnel_server_url(const struct tunnel_server *server,
+                                char *buf,
+                                size_t len,
+                                size_t *out_n);
+
+/**
+ * Stop the relay gracefully: stop accepting, give open streams the `drain_timeout` setting to
+ * finish, and return once every socket of the relay is closed. Idempotent: stopping a stopped
+ * relay is `TUNNEL_RESULT_OK`. The relay still needs `tunnel_server_free`.
+ *
+ * # Safety
+ * `server` must be NULL or live.
+ */
+tunnel_result tunnel_server_stop(const struct tunnel_server *server);
+
+/**
+ * Free a relay. NULL is a no-op. A relay that was not stopped is aborted: every connection is
+ * dropped at once, without draining.
+ *
+ * # Safety
+ * `server` must be NULL or live, not used again afterwards.
+ */
+void tunnel_server_free(struct tunnel_server *server);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* TUNNEL_H */

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# C ABI: header check, C programs with ASan (shared + static), examples under valgrind, make install + pkg-config
+# Builds libtunnel.so / libtunnel.a, then runs ffi/tests (header regeneration, the C programs in
+# tests/c and examples/c against a live loopback relay, the install story). Installs the Debian
+# packages it needs when missing (valgrind, pkg-config, make, gcc); cbindgen is a pinned Rust
+# dev-dependency, so nothing else is installed. Re-runs are incremental.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+
+missing=()
+for p in valgrind pkg-config make gcc libc6-dev; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# The C programs link the libraries cargo builds here (target/debug); build them first, since
+# `cargo test` alone does not refresh the cdylib when only a dependency changed.
+cargo build -p libtunnel-ffi
+cargo test -p libtunnel-ffi --no-fail-fast -- --test-threads=2
