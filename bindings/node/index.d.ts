@@ -1,0 +1,154 @@
+// Types of the hand-written layer (index.js). The raw native layer's are in native.d.ts.
+import { EventEmitter } from 'node:events'
+import type { Socket, AddressInfo } from 'node:net'
+
+/** An `Error` from libtunnel: `code` is the core's Node-style code, `tunnelCode` its name. */
+export interface TunnelError extends Error {
+  /** `'EAUTH'`, `'EAUTHKEY'`, `'EAUTHCLOCK'`, `'ENOTALLOWED'`, `'EUNREACHABLE'`, `'ECONNREFUSED'`, `'ETIMEDOUT'`, `'EPROTO'`, `'ERELAYUNAVAILABLE'`, `'EINVALIDCONFIG'`, `'EINVAL'`, `'ECLOSED'`, `'EIO'`, `'EGENERAL'`, `'ENAMETAKEN'`. */
+  code: string
+  /** The SCREAMING name shared with the C and Python faces, e.g. `'NOT_ALLOWED'`. */
+  tunnelCode: string
+}
+
+/** One row of the core's error table. */
+export interface ErrorCodeInfo {
+  number: number
+  name: string
+  code: string
+}
+
+/** Who is on the other end of an accepted stream. */
+export interface PeerInfo {
+  /** The original client's `ip:port` as the relay saw it. */
+  client: string
+  /** The client's IP. */
+  address: string
+  /** How the stream arrived. */
+  via: 'dial' | 'http' | 'tcp'
+  /** The port label a dialer asked for (0 = default), or the public TCP port. */
+  port: number
+}
+
+export interface ListenerBindOptions {
+  /** Relay URL (`ws://`, `wss://`, `tcp://`); default `TUNNEL_RELAY`. */
+  relay?: string
+  /** Listener key: PEM text, a PEM file path, or `{ pem }`; default `TUNNEL_LISTENER_KEY`. */
+  key?: string | { pem: string }
+  /** Register this name instead of the key-derived one (the relay must grant it). */
+  name?: string
+  /** Ask the relay for a public TCP port. */
+  tcpPort?: boolean
+  /** Milliseconds connecting and registering may take (default 20 000). */
+  timeout?: number
+  /** Streams waiting for 'connection' before the relay refuses more (default 511). */
+  backlog?: number
+  /** PEM file of CA certificates to trust for `wss://`. */
+  ca?: string
+  /** Keep accepted sockets writable after the peer's FIN (default false, like net.Server). */
+  allowHalfOpen?: boolean
+}
+
+export interface Listener extends EventEmitter {
+  on(event: 'connection', listener: (socket: Socket & { tunnelPeer: PeerInfo }, peer: PeerInfo) => void): this
+  on(event: 'error', listener: (err: TunnelError) => void): this
+  on(event: 'close', listener: () => void): this
+  on(event: string | symbol, listener: (...args: any[]) => void): this
+  once(event: 'connection', listener: (socket: Socket & { tunnelPeer: PeerInfo }, peer: PeerInfo) => void): this
+  once(event: 'error', listener: (err: TunnelError) => void): this
+  once(event: 'close', listener: () => void): this
+  once(event: string | symbol, listener: (...args: any[]) => void): this
+}
+
+/** A registered reverse listener; an open one keeps the process alive. */
+export class Listener extends EventEmitter {
+  static bind(options?: ListenerBindOptions): Promise<Listener>
+  private constructor()
+  /** The registered name (dial it as `NAME:0`). */
+  readonly name: string
+  /** The public HTTP URL (`http://NAME.<domain>:port`), or null when the relay has no HTTP port. */
+  readonly url: string | null
+  /** The public TCP address, when asked for with `tcpPort`. */
+  readonly tcpAddress: string | null
+  /** Whether the session to the relay is up right now. */
+  readonly connected: boolean
+  allowHalfOpen: boolean
+  /** Hand every connection to `server` (http/https/net.Server, an Express app's server); closing it closes the listener. */
+  serve<S extends EventEmitter>(server: S): S
+  /** Unregister; 'close' follows once the accept loop has stopped. */
+  close(callback?: () => void): this
+  /** Resolves on 'close'. */
+  closed(): Promise<void>
+}
+
+export interface DialerConnectOptions {
+  /** Relay URL; default `TUNNEL_RELAY`. */
+  relay?: string
+  /** `KID:BASE64` or a file holding it; default `TUNNEL_KEY`. */
+  key?: string
+  /** Milliseconds one dial may take (default 20 000). */
+  timeout?: number
+  /** PEM file of CA certificates to trust for `wss://`. */
+  ca?: string
+  /** Speak Emissary's classic protocol (one WebSocket per connection, no half-close). */
+  classic?: boolean
+}
+
+export interface LocalAddressOptions {
+  /** Local IP (default 127.0.0.1) and port (default: a free one). */
+  host?: string
+  port?: number
+  /** Or a whole `ip:port`. */
+  local?: string
+}
+
+/** A running local port forward or SOCKS5 proxy; keeps the process alive until closed or unref'd. */
+export class Forward {
+  private constructor()
+  readonly host: string
+  readonly port: number
+  address(): AddressInfo
+  ref(): this
+  unref(): this
+  /** Stop accepting; resolves once the connections in flight have finished. */
+  close(): Promise<void>
+}
+
+/** One authenticated session to a relay, shared by every dial. */
+export class Dialer {
+  static connect(options?: DialerConnectOptions): Promise<Dialer>
+  private constructor()
+  readonly relay: string
+  /** A connected `net.Socket` to `host:port` (or a listener's `NAME:0`); `socket.end()` half-closes. */
+  dial(target: string, options?: { allowHalfOpen?: boolean }): Promise<Socket>
+  forward(target: string, options?: LocalAddressOptions): Promise<Forward>
+  socks(options?: LocalAddressOptions): Promise<Forward>
+  close(): Promise<void>
+}
+
+/** Relay settings by name (as `tunnel server --set`; camelCase works); objects are sent as JSON. */
+export type RelaySettings = Record<string, string | number | boolean | object | undefined | null>
+
+/** An embedded relay; keeps the process alive until closed or unref'd. */
+export class Server {
+  static start(config?: RelaySettings, options?: { env?: boolean, configFile?: string }): Promise<Server>
+  private constructor()
+  /** The URL dialers and listeners use. */
+  readonly url: string
+  address(): AddressInfo | null
+  httpAddress(): AddressInfo | null
+  tcpAddress(): AddressInfo | null
+  ref(): this
+  unref(): this
+  /** Stop accepting and drain. */
+  close(): Promise<void>
+  /** Stop at once, dropping every connection. */
+  abort(): void
+}
+
+export function setLogger(callback: ((level: 'error' | 'warn' | 'info' | 'debug' | 'trace', target: string, message: string) => void) | null, filter?: string): void
+export function generateKey(kid?: number): { key: string, authKeys: string }
+export function generateListenerKey(out?: string): { pem: string, name: string, publicKey: string }
+export function loadListenerKey(key: string | { pem: string }): { pem: string, name: string, publicKey: string }
+export const errorCodes: ErrorCodeInfo[]
+/** The narrated loopback demo (`libtunnel demo`). */
+export function demo(): Promise<void>

@@ -1,0 +1,177 @@
+//! `NativeDialer`: one multiplexed session to the relay shared by every dial (or classic mode),
+//! handing each stream to JS as a socket fd; and `NativeForward`, a local port forward or SOCKS5
+//! proxy served by the core's `forward` module on the runtime.
+
+use std::os::fd::IntoRawFd;
+use std::sync::Mutex;
+
+use libtunnel::socks::Target;
+use libtunnel::transport::ClientTls;
+use libtunnel::{Dialer, Error, ErrorCode, Mode};
+use napi::{Env, JsObject};
+use napi_derive::napi;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::{keys, millis, promise, sync};
+
+/// Options of `new NativeDialer(relay, key, options)`.
+#[napi(object)]
+pub struct DialerOptions {
+    /// Milliseconds one dial (including connecting the session) may take (core default: 20 s).
+    pub timeout_ms: Option<f64>,
+    /// PEM file of CA certificates to trust for `wss://` (default: the public Web PKI).
+    pub ca: Option<String>,
+    /// Speak Emissary's classic protocol (one WebSocket per connection, no half-close).
+    pub classic: Option<bool>,
+}
+
+/// A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures.
+#[napi]
+pub struct NativeDialer {
+    /// The core dialer; its session is opened on first use and reconnected when it dies.
+    inner: Dialer,
+}
+
+#[napi]
+impl NativeDialer {
+    /// Build a dialer (no I/O yet). `key` is `KID:BASE64` or a file holding it.
+    #[napi(constructor, catch_unwind)]
+    pub fn new(env: Env, relay: String, key: String, options: Option<DialerOptions>) -> napi::Result<Self> {
+        let build = || -> libtunnel::Result<Dialer> {
+            let mut b = Dialer::builder(&relay).key(keys::parse_shared_key(&key)?);
+            if let Some(o) = options {
+                if let Some(ms) = o.timeout_ms {
+                    b = b.timeout(millis(ms));
+                }
+                if let Some(ca) = o.ca {
+                    b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
+                }
+                if o.classic == Some(true) {
+                    b = b.mode(Mode::Classic);
+                }
+            }
+            b.build()
+        };
+        Ok(NativeDialer { inner: sync(&env, build())? })
+    }
+
+    /// The relay URL.
+    #[napi(getter)]
+    pub fn relay(&self) -> String {
+        self.inner.relay().to_string()
+    }
+
+    /// Open and authenticate the session now (multiplexed mode), so bad keys or an unreachable
+    /// relay fail here rather than on the first dial.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn connect(&self, env: Env) -> napi::Result<JsObject> {
+        let d = self.inner.clone();
+        promise(&env, async move {
+            if d.mode() == Mode::Multiplexed {
+                d.connect().await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Dial `host:port` (or a listener's `NAME:0`); resolves to the fd of a connected loopback
+    /// TCP socket bridged to the stream. The caller owns the fd.
+    #[napi(ts_return_type = "Promise<number>")]
+    pub fn dial(&self, env: Env, target: String) -> napi::Result<JsObject> {
+        let d = self.inner.clone();
+        promise(&env, async move {
+            let stream = d.dial(&target).await?;
+            let sock = libtunnel::fd::into_socket(stream).await?;
+            Ok(sock.into_raw_fd())
+        })
+    }
+
+    /// Forward every connection to `local` (default `127.0.0.1:0`) to `target` through the relay.
+    #[napi(ts_return_type = "Promise<NativeForward>")]
+    pub fn forward(&self, env: Env, target: String, local: Option<String>) -> napi::Result<JsObject> {
+        let d = self.inner.clone();
+        promise(&env, async move {
+            let target = Target::parse(&target)?;
+            NativeForward::start(local, move |l, stop| libtunnel::forward::forward(l, d, target, stop)).await
+        })
+    }
+
+    /// A local SOCKS5 proxy on `local` (default `127.0.0.1:0`) tunnelling every CONNECT.
+    #[napi(ts_return_type = "Promise<NativeForward>")]
+    pub fn socks(&self, env: Env, local: Option<String>) -> napi::Result<JsObject> {
+        let d = self.inner.clone();
+        promise(&env, async move { NativeForward::start(local, move |l, stop| libtunnel::forward::socks_proxy(l, d, stop)).await })
+    }
+
+    /// Close the session; streams on it end.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close(&self, env: Env) -> napi::Result<JsObject> {
+        let d = self.inner.clone();
+        promise(&env, async move {
+            d.close().await;
+            Ok(())
+        })
+    }
+}
+
+/// A running port forward or SOCKS5 proxy.
+#[napi]
+pub struct NativeForward {
+    /// The bound local address.
+    addr: std::net::SocketAddr,
+    /// Fires the serve loop's shutdown future; taken by the first `close()`.
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    /// The serve loop; taken by the first `close()`, which waits for it (connections in flight
+    /// finish first, as with `net.Server.close()`).
+    task: Mutex<Option<JoinHandle<libtunnel::Result<()>>>>,
+}
+
+impl NativeForward {
+    async fn start<F, Fut>(local: Option<String>, serve: F) -> libtunnel::Result<NativeForward>
+    where
+        F: FnOnce(tokio::net::TcpListener, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+        Fut: std::future::Future<Output = libtunnel::Result<()>> + Send + 'static,
+    {
+        let l = libtunnel::forward::bind_local(local.as_deref().unwrap_or("127.0.0.1:0")).await?;
+        let addr = l.local_addr().map_err(|e| Error::from_io(e, "local address of the forward"))?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(
+            l,
+            Box::pin(async move {
+                let _ = rx.await;
+            }),
+        ));
+        Ok(NativeForward { addr, stop: Mutex::new(Some(tx)), task: Mutex::new(Some(task)) })
+    }
+}
+
+#[napi]
+impl NativeForward {
+    /// The local IP it listens on.
+    #[napi(getter)]
+    pub fn host(&self) -> String {
+        self.addr.ip().to_string()
+    }
+
+    /// The local port it listens on.
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        u32::from(self.addr.port())
+    }
+
+    /// Stop accepting; resolves once the connections in flight have finished.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn close(&self, env: Env) -> napi::Result<JsObject> {
+        if let Some(tx) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        promise(&env, async move {
+            match task {
+                Some(t) => t.await.map_err(|e| Error::new(ErrorCode::General, format!("forward task failed: {e}")))?,
+                None => Ok(()),
+            }
+        })
+    }
+}

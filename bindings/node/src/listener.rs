@@ -1,0 +1,124 @@
+//! `NativeListener`: a registered reverse listener whose accepted streams reach JS as socket fds
+//! plus who sent them. `index.js` keeps exactly one `accept()` pending while the listener is open,
+//! which is what keeps Node's event loop alive.
+
+use std::os::fd::IntoRawFd;
+use std::sync::Arc;
+
+use libtunnel::transport::ClientTls;
+use libtunnel::{Listener, Via};
+use napi::{Env, JsObject};
+use napi_derive::napi;
+
+use crate::{keys, millis, promise};
+
+/// Options of `NativeListener.bind(relay, key, options)`.
+#[napi(object)]
+pub struct ListenerOptions {
+    /// Register this name instead of the key-derived one (the relay must grant it to the key).
+    pub name: Option<String>,
+    /// Ask the relay for a public TCP port from its `tcp_ports` range.
+    pub tcp_port: Option<bool>,
+    /// Milliseconds connecting and registering may take (core default: 20 s).
+    pub timeout_ms: Option<f64>,
+    /// Most accepted streams waiting for `accept()` (core default: 128); more are refused.
+    pub backlog: Option<u32>,
+    /// PEM file of CA certificates to trust for `wss://`.
+    pub ca: Option<String>,
+}
+
+/// One accepted stream.
+#[napi(object)]
+pub struct Accepted {
+    /// A connected loopback TCP socket bridged to the stream; the caller owns it.
+    pub fd: i32,
+    /// The original client's address as the relay saw it (`ip:port`).
+    pub client: String,
+    /// How it arrived: `dial`, `http` or `tcp`.
+    pub via: String,
+    /// The port label a dialer asked for (0 = default), or the public TCP port.
+    pub port: u32,
+}
+
+/// A registered listener.
+#[napi]
+pub struct NativeListener {
+    /// Shared with pending `accept()` futures; `close()` cancels them with `CLOSED`.
+    inner: Arc<Listener>,
+}
+
+fn via_name(v: Via) -> &'static str {
+    match v {
+        Via::Dial => "dial",
+        Via::Http => "http",
+        Via::Tcp => "tcp",
+    }
+}
+
+#[napi]
+impl NativeListener {
+    /// Connect to `relay` and register; `key` is the listener's PEM key or a path to it.
+    #[napi(ts_return_type = "Promise<NativeListener>")]
+    pub fn bind(env: Env, relay: String, key: String, options: Option<ListenerOptions>) -> napi::Result<JsObject> {
+        promise(&env, async move {
+            let mut b = Listener::builder(&relay, keys::parse_identity(&key)?);
+            if let Some(o) = options {
+                if let Some(n) = o.name {
+                    b = b.name(n);
+                }
+                b = b.tcp_port(o.tcp_port.unwrap_or(false));
+                if let Some(ms) = o.timeout_ms {
+                    b = b.timeout(millis(ms));
+                }
+                if let Some(n) = o.backlog {
+                    b = b.backlog(n as usize);
+                }
+                if let Some(ca) = o.ca {
+                    b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
+                }
+            }
+            Ok(NativeListener { inner: Arc::new(b.bind().await?) })
+        })
+    }
+
+    /// The registered name.
+    #[napi(getter)]
+    pub fn name(&self) -> String {
+        self.inner.name()
+    }
+
+    /// The public HTTP URL routed to this listener, when the relay has an HTTP port.
+    #[napi(getter)]
+    pub fn http_url(&self) -> Option<String> {
+        self.inner.registration().http_url
+    }
+
+    /// The public TCP address, when asked for and granted.
+    #[napi(getter)]
+    pub fn tcp_addr(&self) -> Option<String> {
+        self.inner.registration().tcp_addr
+    }
+
+    /// Whether a session to the relay is up right now.
+    #[napi(getter)]
+    pub fn connected(&self) -> bool {
+        self.inner.is_connected()
+    }
+
+    /// The next stream; rejects with `ECLOSED` once the listener is closed.
+    #[napi(ts_return_type = "Promise<Accepted>")]
+    pub fn accept(&self, env: Env) -> napi::Result<JsObject> {
+        let l = self.inner.clone();
+        promise(&env, async move {
+            let (stream, peer) = l.accept().await?;
+            let sock = libtunnel::fd::into_socket(stream).await?;
+            Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: via_name(peer.via).to_string(), port: u32::from(peer.port) })
+        })
+    }
+
+    /// Unregister and stop; a pending `accept()` rejects with `ECLOSED`.
+    #[napi]
+    pub fn close(&self) {
+        self.inner.close();
+    }
+}

@@ -1,0 +1,83 @@
+'use strict'
+// `npx libtunnel …` (bin/libtunnel.js) and examples/node, run as child processes.
+
+const { test } = require('node:test')
+const assert = require('node:assert/strict')
+const path = require('node:path')
+const net = require('node:net')
+const { execFile, spawn } = require('node:child_process')
+const { once } = require('node:events')
+const { promisify } = require('node:util')
+const { within, echoServer } = require('./helpers')
+
+const BIN = path.join(__dirname, '..', 'bin', 'libtunnel.js')
+const EXAMPLE = path.join(__dirname, '..', '..', '..', 'examples', 'node', 'http-behind-relay.js')
+const run = promisify(execFile)
+
+/** Start `libtunnel ARGS`, resolve with the process and the first stdout line matching `re`. */
+async function start (args, re, env = {}) {
+  const proc = spawn(process.execPath, [BIN, ...args], { env: { ...process.env, ...env }, stdio: ['pipe', 'pipe', 'pipe'] })
+  let out = ''
+  const line = new Promise((resolve, reject) => {
+    proc.stdout.on('data', (d) => {
+      out += d
+      const m = re.exec(out)
+      if (m) resolve(m)
+    })
+    proc.on('exit', (code) => reject(new Error(`libtunnel ${args[0]} exited (${code}): ${out}`)))
+  })
+  try {
+    return { proc, match: await within(20_000, `libtunnel ${args[0]}`, line) }
+  } catch (err) {
+    proc.kill()
+    throw err
+  }
+}
+
+test('keygen prints a client key and the relay entry', async () => {
+  const { stdout } = await run(process.execPath, [BIN, 'keygen', '--kid', '4'])
+  assert.match(stdout, /^TUNNEL_KEY=4:[A-Za-z0-9+/]{43}=$/m)
+  assert.match(stdout, /^TUNNEL_AUTH_KEYS='\[\{"kid":4,"data":"[A-Za-z0-9+/]{43}="\}\]'$/m)
+})
+
+test('a bad setting exits 2 with the error name', async () => {
+  const err = await run(process.execPath, [BIN, 'server', '--set', 'listne=127.0.0.1:0']).then(() => null, (e) => e)
+  assert.equal(err?.code, 2)
+  assert.match(err.stderr, /^error \[INVALID_CONFIG\]: unknown .*listne.*did you mean listen/m)
+})
+
+test('server + forward: bytes reach the target; SIGTERM stops both', async (t) => {
+  const echo = await echoServer()
+  t.after(() => echo.close())
+  const { stdout } = await run(process.execPath, [BIN, 'keygen'])
+  const key = /^TUNNEL_KEY=(.*)$/m.exec(stdout)[1]
+  const authKeys = /^TUNNEL_AUTH_KEYS='(.*)'$/m.exec(stdout)[1]
+  const server = await start(['server', '--listen', '127.0.0.1:0', '--auth-keys', authKeys, '--allow', JSON.stringify([{ host: '127.0.0.1', port: echo.address().port }])], /relay listening: (\S+)/)
+  t.after(() => server.proc.kill())
+  const fwd = await start(['forward', '127.0.0.1:0', `127.0.0.1:${echo.address().port}`, '--relay', server.match[1]], /forwarding 127\.0\.0\.1:(\d+)/, { TUNNEL_KEY: key })
+  t.after(() => fwd.proc.kill())
+  const sock = net.connect(Number(fwd.match[1]), '127.0.0.1')
+  sock.end('through the cli')
+  let back = ''
+  for await (const d of sock) back += d
+  assert.equal(back, 'through the cli')
+  for (const p of [fwd.proc, server.proc]) {
+    p.kill('SIGTERM')
+    const [code] = await within(10_000, 'exit after SIGTERM', once(p, 'exit'))
+    assert.equal(code, 0)
+  }
+})
+
+test('examples/node/http-behind-relay.js runs and exits on its own', async () => {
+  const { stdout } = await within(30_000, 'the example', run(process.execPath, [EXAMPLE], { env: { ...process.env, TUNNEL_RELAY: '' } }))
+  assert.match(stdout, /GET \/hi through the relay: 200 \{"hello":"from behind the relay"/)
+  assert.match(stdout, /closed; the process exits on its own/)
+})
+
+test('the ESM entry point exports the same API', async () => {
+  const entry = path.join(__dirname, '..', 'index.mjs')
+  const code = `import lib, { Listener, Dialer, Server, setLogger, errorCodes } from ${JSON.stringify(entry)}
+    console.log([Listener === lib.Listener, Dialer === lib.Dialer, Server === lib.Server, typeof setLogger, errorCodes.length].join(' '))`
+  const { stdout } = await run(process.execPath, ['--input-type=module', '-e', code])
+  assert.equal(stdout.trim(), 'true true true function 15')
+})
