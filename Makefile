@@ -1,7 +1,7 @@
 # The two commands of README.md, plus the pieces they are made of.
 # One Cargo target dir (./target) serves the workspace, maturin and napi builds.
 
-.PHONY: demo test test-rust build clean
+.PHONY: demo test test-rust build install clean
 
 # A relay, a private demo service and dials through them, all on loopback.
 demo:
@@ -13,6 +13,10 @@ test:
 
 build:
 	cargo build -p libtunnel --features cli --bin tunnel
+
+# The C face: header, libtunnel.so/.a and tunnel.pc under PREFIX (default /usr/local).
+install:
+	$(MAKE) -f ffi/install.mk install
 
 clean:
 	cargo clean

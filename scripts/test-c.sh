@@ -8,17 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
-missing=()
-for p in valgrind pkg-config make gcc libc6-dev; do
-  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing Debian packages: ${missing[*]}"
-  sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-fi
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+need_debs valgrind pkg-config make gcc libc6-dev
 
 # The C programs link the libraries cargo builds here (target/debug); build them first, since
 # `cargo test` alone does not refresh the cdylib when only a dependency changed.

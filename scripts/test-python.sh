@@ -15,16 +15,8 @@ VENV="$CARGO_TARGET_DIR/py-venv"
 WHEELS="$CARGO_TARGET_DIR/wheels/python"
 REQUIREMENTS=(maturin pytest pytest-timeout mypy "psycopg[binary]" pg8000 asyncpg)
 
-need_debs() {
-  local missing=()
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  echo "installing Debian packages: ${missing[*]}"
-  local sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 [ -n "$PYTHON" ] || { echo "python3 not found: apt-get install python3" >&2; exit 1; }

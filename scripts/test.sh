@@ -11,19 +11,8 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 LOGDIR="$CARGO_TARGET_DIR/test-logs"
 mkdir -p "$LOGDIR"
 
-step() { printf '\n== %s\n' "$*"; }
-
-# Install Debian packages that are missing (no-op when all are present).
-need_debs() {
-  local missing=()
-  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  step "installing Debian packages: ${missing[*]}"
-  local sudo=""
-  [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
-}
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 need_debs curl ca-certificates

@@ -72,6 +72,32 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Every limit within what the relay can use: durations between 1 ms and 30 days, counts
+    /// between 1 and 2^28 (a config built in code skips the loaders' checks; an out-of-range
+    /// value would otherwise panic in a semaphore or a deadline computation).
+    pub fn clamped(self) -> Limits {
+        let d = |v: Duration| v.clamp(Duration::from_millis(1), MAX_SECONDS);
+        let n = |v: usize| v.clamp(1, MAX_COUNT);
+        Limits {
+            handshake_timeout: d(self.handshake_timeout),
+            connect_timeout: d(self.connect_timeout),
+            max_streams_per_session: n(self.max_streams_per_session),
+            max_connections: n(self.max_connections),
+            drain_timeout: d(self.drain_timeout),
+            keepalive_interval: d(self.keepalive_interval),
+            keepalive_timeout: d(self.keepalive_timeout),
+            http_timeout: d(self.http_timeout),
+            classic_max_message: n(self.classic_max_message),
+            max_sessions_per_key: n(self.max_sessions_per_key),
+            max_pending_accepts: n(self.max_pending_accepts),
+            http_max_header_bytes: self.http_max_header_bytes.clamp(8192, MAX_COUNT),
+            http_header_timeout: d(self.http_header_timeout),
+            auth_failures_per_minute: n(self.auth_failures_per_minute),
+        }
+    }
+}
+
 /// Largest duration setting (30 days): deadlines are computed as `now + setting`.
 const MAX_SECONDS: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Largest count setting: below tokio's semaphore limit on 32- and 64-bit targets.

@@ -167,6 +167,17 @@ impl Dialer {
         Ok(())
     }
 
+    /// Close gracefully: new dials open a new session, and the current one closes once its open
+    /// streams have finished (or `drain` passes, then they fail). Returns whether every stream
+    /// finished in time.
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        let session = self.inner.session.lock().await.take();
+        match session {
+            Some(s) => s.drain(drain, "the dialer was shut down").await,
+            None => true,
+        }
+    }
+
     /// Close the shared session (streams on it fail).
     pub async fn close(&self) {
         if let Some(s) = self.inner.session.lock().await.take() {

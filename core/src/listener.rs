@@ -115,7 +115,7 @@ impl ListenerBuilder {
         let current = Arc::new(Mutex::new(Some(session.clone())));
         let ended = Arc::new(Mutex::new(None));
         tokio::spawn(supervise(cfg.clone(), session, queue_tx, reg_tx, cancel.clone(), current.clone(), ended.clone()));
-        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current, ended })
+        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current, ended, draining: CancellationToken::new() })
     }
 }
 
@@ -134,6 +134,8 @@ pub struct Listener {
     current: Arc<Mutex<Option<Session>>>,
     /// Why the listener stopped on its own (its name was taken over), for `accept()` to report.
     ended: Arc<Mutex<Option<(ErrorCode, String)>>>,
+    /// Set by [`Listener::shutdown`]: `accept()` hands out nothing more.
+    draining: CancellationToken,
 }
 
 impl Listener {
@@ -175,6 +177,7 @@ impl Listener {
         let next = tokio::select! {
             next = q.recv() => next,
             _ = self.cancel.cancelled() => None,
+            _ = self.draining.cancelled() => None,
         };
         next.ok_or_else(|| {
             let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -185,6 +188,30 @@ impl Listener {
     /// Whether a session to the relay is up right now (it is re-established in the background).
     pub fn is_connected(&self) -> bool {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| !s.is_closed())
+    }
+
+    /// Stop gracefully: the relay is told to send nothing new, streams queued but not accepted
+    /// are refused, `accept()` fails with `CLOSED`, and the session (and the name) is released
+    /// once every accepted stream has finished, or when `drain` passes (then they fail). Returns
+    /// whether every stream finished in time. Use it instead of [`Listener::close`] when
+    /// accepted streams may still be carrying data (e.g. sockets handed to other code).
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        self.draining.cancel();
+        let session = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(s) = &session {
+            s.go_away();
+        }
+        {
+            let mut q = self.queue.lock().await;
+            q.close();
+            while q.try_recv().is_ok() {} // dropping a queued stream resets it
+        }
+        let drained = match session {
+            Some(s) => s.drain(drain, "the listener was shut down").await,
+            None => true,
+        };
+        self.close();
+        drained
     }
 
     /// Unregister and stop; pending and future `accept()` calls fail with `CLOSED`.

@@ -157,6 +157,10 @@ struct Shared {
     budget: Arc<Semaphore>,
     /// Cancels the reader and writer tasks.
     cancel: CancellationToken,
+    /// Control frames queued and not yet written. Replies the peer asks for (`Pong`, `Rst` for
+    /// refused opens) are refused past [`MAX_OWED_REPLIES`], so a peer that keeps asking without
+    /// reading cannot grow the queue without bound.
+    owed_replies: std::sync::atomic::AtomicUsize,
     max_streams: usize,
 }
 
@@ -167,6 +171,25 @@ impl Shared {
 
     fn closed_error(&self) -> Option<Error> {
         self.table().closed.as_ref().map(|(c, m)| Error::new(*c, m.clone()))
+    }
+
+    /// Queue a control frame (counted until the writer takes it).
+    fn send_control(&self, frame: Bytes) {
+        self.owed_replies.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if self.control_tx.send(frame).is_err() {
+            self.owed_replies.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Queue a reply the peer asked for; refuses (a protocol error) when the peer asks faster
+    /// than it reads the answers.
+    fn owe_reply(&self, frame: Bytes) -> Result<(), String> {
+        let owed = self.owed_replies.load(std::sync::atomic::Ordering::Relaxed);
+        if owed >= MAX_OWED_REPLIES {
+            return Err(format!("the peer has {owed} pings or refused opens unanswered: it asks faster than it reads"));
+        }
+        self.send_control(frame);
+        Ok(())
     }
 
     /// End the session: fail every stream, stop accepting, stop the tasks.
@@ -225,6 +248,7 @@ impl Session {
             control_tx,
             budget: Arc::new(Semaphore::new(config.write_budget.max(MAX_DATA))),
             cancel: CancellationToken::new(),
+            owed_replies: std::sync::atomic::AtomicUsize::new(0),
             max_streams: config.max_streams,
         });
         let last_heard = Arc::new(Mutex::new(Instant::now()));
@@ -290,9 +314,30 @@ impl Session {
         self.shared.table().streams.len()
     }
 
+    /// Wait until every stream has finished (both directions, so no data is in flight) or
+    /// `limit` passes, then close the session; returns whether it drained in time. The peer
+    /// should have been told to open nothing new ([`Session::go_away`]).
+    pub async fn drain(&self, limit: Duration, why: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        // No event marks "the last stream ended"; a short tick bounds the wait (as the relay's
+        // own drain does).
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let drained = loop {
+            if self.is_closed() || self.stream_count() == 0 {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tick.tick().await;
+        };
+        self.close(ErrorCode::Closed, why);
+        drained
+    }
+
     /// Tell the peer we accept no new streams; existing streams continue.
     pub fn go_away(&self) {
-        let _ = self.shared.control_tx.send(Frame::encode(FrameKind::GoAway, 0, &[]));
+        self.shared.send_control(Frame::encode(FrameKind::GoAway, 0, &[]));
     }
 
     /// End the session now; every open stream fails with `code`.
@@ -307,10 +352,15 @@ impl Session {
         let why = why.into();
         let mut payload = code.number().to_be_bytes().to_vec();
         payload.extend_from_slice(&why.as_bytes()[..why.len().min(MAX_NOTICE)]);
-        let _ = self.shared.control_tx.send(Frame::encode(FrameKind::GoAway, 0, &payload));
+        self.shared.send_control(Frame::encode(FrameKind::GoAway, 0, &payload));
         self.shared.close(code, why);
     }
 }
+
+/// The largest ping payload a peer may send (ours are 8 bytes).
+const MAX_PING: usize = 64;
+/// Control frames queued before a peer's further pings or opens count as abuse.
+const MAX_OWED_REPLIES: usize = 16 * 1024;
 
 /// The longest reason a `GoAway` notice carries (bytes).
 const MAX_NOTICE: usize = 512;
@@ -428,8 +478,7 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
             };
             if let Some(code) = refuse {
                 drop(t);
-                let _ = shared.control_tx.send(Frame::rst(id, code));
-                return Ok(());
+                return shared.owe_reply(Frame::rst(id, code));
             }
             let s = StreamShared::new(id);
             t.streams.insert(id, s.clone());
@@ -441,7 +490,10 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
             }
         }
         FrameKind::Ping => {
-            let _ = shared.control_tx.send(Frame::encode(FrameKind::Pong, 0, &f.payload));
+            if f.payload.len() > MAX_PING {
+                return Err(format!("peer sent a {}-byte ping (at most {MAX_PING})", f.payload.len()));
+            }
+            return shared.owe_reply(Frame::encode(FrameKind::Pong, 0, &f.payload));
         }
         FrameKind::Pong => {}
         FrameKind::GoAway => {
@@ -479,7 +531,7 @@ async fn writer_task(
             let first = tokio::select! {
                 biased;
                 _ = shared.cancel.cancelled() => return Ok(()),
-                Some(f) = control_rx.recv() => f,
+                Some(f) = control_rx.recv() => { shared.owed_replies.fetch_sub(1, std::sync::atomic::Ordering::Relaxed); f }
                 Some(f) = ordered_rx.recv() => f,
                 _ = tick.tick() => {
                     let silent = last_heard.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
@@ -499,7 +551,10 @@ async fn writer_task(
             // Drain whatever else is queued before flushing, so a burst costs one flush.
             for _ in 0..64 {
                 let next = match control_rx.try_recv() {
-                    Ok(f) => f,
+                    Ok(f) => {
+                        shared.owed_replies.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                        f
+                    }
                     Err(_) => match ordered_rx.try_recv() {
                         Ok(f) => f,
                         Err(_) => break,
@@ -567,7 +622,7 @@ impl MuxStream {
             st.reset = Some(Error::new(ErrorCode::Closed, "the stream was reset locally"));
             st.sent_fin = true;
             drop(st);
-            let _ = self.session.control_tx.send(Frame::rst(self.s.id, code));
+            self.session.send_control(Frame::rst(self.s.id, code));
             self.session.remove(self.s.id);
         }
     }
@@ -669,7 +724,7 @@ impl MuxStream {
             let grant = st.consumed;
             st.consumed = 0;
             st.recv_window += grant;
-            let _ = self.session.control_tx.send(Frame::window(self.s.id, grant));
+            self.session.send_control(Frame::window(self.s.id, grant));
         }
     }
 
@@ -748,5 +803,41 @@ impl Drop for MuxStream {
             let _ = self.session.ordered_tx.send(Frame::rst(self.s.id, ErrorCode::Closed));
         }
         self.session.remove(self.s.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+
+    /// A transport whose reader we feed and whose writer never drains (a peer that stops reading).
+    fn stuck_peer() -> (mpsc::UnboundedSender<io::Result<Bytes>>, Session) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let source: FrameSource = Box::pin(stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) }));
+        let sink: FrameSink = Box::pin(futures_util::sink::unfold((), |(), _f: Bytes| std::future::pending::<io::Result<()>>()));
+        (tx, Session::new(Role::Server, source, sink, MuxConfig::default()))
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_pings_without_reading_is_cut_off() {
+        let (tx, session) = stuck_peer();
+        for _ in 0..MAX_OWED_REPLIES + 16 {
+            if tx.send(Ok(Frame::encode(FrameKind::Ping, 0, &[0; 8]))).is_err() {
+                break;
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(10), session.closed()).await.expect("the session ends instead of queueing pongs forever");
+        let e = session.close_reason().expect("a reason");
+        assert_eq!(e.code(), ErrorCode::Protocol, "{e}");
+        assert!(e.message().contains("faster than it reads"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_ping_is_a_protocol_error() {
+        let (tx, session) = stuck_peer();
+        tx.send(Ok(Frame::encode(FrameKind::Ping, 0, &[0; MAX_PING + 1]))).expect("send");
+        tokio::time::timeout(Duration::from_secs(10), session.closed()).await.expect("closed");
+        assert_eq!(session.close_reason().expect("a reason").code(), ErrorCode::Protocol);
     }
 }

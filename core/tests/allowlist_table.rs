@@ -56,6 +56,11 @@ fn dns_records() -> HashMap<&'static str, Vec<IpAddr>> {
         ("localhost.localdomain", vec![ip("127.0.0.1")]),
         // Resolves to a forbidden address although the wildcard name rule is close by.
         ("allowed.test.evil.test", vec![ip("127.0.0.1")]),
+        // Names a wildcard rule admits, answered with the relay's own addresses (DNS rebinding).
+        ("rebind.allowed.test", vec![ip("127.0.0.1")]),
+        ("rebind6.allowed.test", vec![ip("::1")]),
+        ("zero.allowed.test", vec![ip("0.0.0.0")]),
+        ("metadata.allowed.test", vec![ip("169.254.169.254")]),
     ])
 }
 
@@ -186,6 +191,10 @@ fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
         ("zero.test", &pb, NotAllowed),
         ("many.test", &pb, NotAllowed),
         ("allowed.test.evil.test", &pb, NotAllowed),
+        ("rebind.allowed.test", &pb, NotAllowed),
+        ("rebind6.allowed.test", &pb, NotAllowed),
+        ("zero.allowed.test", &pb, NotAllowed),
+        ("metadata.allowed.test", &pb, NotAllowed),
         ("private.test", &pa, NotAllowed),
         // The allowed host on another port, other hosts on the allowed port.
         ("127.0.0.2", &pb, NotAllowed),

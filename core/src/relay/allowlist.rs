@@ -228,6 +228,11 @@ impl Allowlist {
         }
     }
 
+    /// Whether a rule names exactly this host (not through a `*.suffix` or `*` wildcard).
+    pub fn names_exactly(&self, name: &str, port: u16) -> bool {
+        self.rules.iter().any(|r| r.port_ok(port) && matches!(&r.host, HostRule::Exact(n) if n == name))
+    }
+
     /// Whether an address (as it will be connected) is admitted by an IP or CIDR rule. The
     /// unspecified address (`0.0.0.0`, `::`) never is, whatever the rules: connecting to it
     /// reaches the relay's own host, like loopback.

@@ -29,6 +29,19 @@ fn fail(reply: Reply, reason: Refusal, detail: String) -> ConnectFailure {
     ConnectFailure { reply, reason, detail }
 }
 
+/// Whether a resolved address may be connected on the strength of a name rule alone.
+fn admissible_by_name(ip: std::net::IpAddr, exact_rule: bool) -> bool {
+    use std::net::IpAddr;
+    if ip.is_unspecified() {
+        return false;
+    }
+    let local = match ip {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
+    };
+    exact_rule || !local
+}
+
 /// Connect to the target of a CONNECT request, if the allowlist admits it.
 pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &TargetResolver, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
     let target = Target::from_address(addr).map_err(|e| fail(Reply::GeneralFailure, Refusal::Malformed, e.to_string()))?;
@@ -57,7 +70,15 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
                 .map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, format!("resolving {name}: {e}")))?;
             let all: Vec<SocketAddr> = resolved.into_iter().map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
             let admitted: Vec<SocketAddr> = match decision {
-                NameDecision::Allowed => all.clone(),
+                // A name rule admits the name, but not every address DNS may return for it: the
+                // unspecified address never (it reaches the relay's own host), and the relay's own
+                // loopback or link-local addresses (metadata services) only for a rule that names
+                // this host exactly or an IP rule that admits them, so a wildcard rule plus a
+                // hostile DNS answer (rebinding) cannot reach them.
+                NameDecision::Allowed => {
+                    let exact = allow.names_exactly(&name, port);
+                    all.iter().copied().filter(|sa| admissible_by_name(sa.ip(), exact) || allow.ip_allowed(sa.ip(), port)).collect()
+                }
                 _ => all.iter().copied().filter(|sa| allow.ip_allowed(sa.ip(), port)).collect(),
             };
             if admitted.is_empty() {

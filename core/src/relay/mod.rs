@@ -140,7 +140,8 @@ async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
 
 impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
-    pub async fn bind(cfg: RelayConfig) -> Result<Server> {
+    pub async fn bind(mut cfg: RelayConfig) -> Result<Server> {
+        cfg.limits = cfg.limits.clamped();
         let access = Access::from_config(&cfg)?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),

@@ -121,7 +121,8 @@ fn text(status: StatusCode, msg: String) -> Response<Body> {
 fn request_host(req: &Request<Incoming>) -> Option<String> {
     let raw = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| req.uri().host().map(str::to_string))?;
     let host = match raw.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') || raw.starts_with('[') => h.to_string(),
+        // A port follows a name, an IPv4 address or a bracketed IPv6 address (never a bare one).
+        Some((h, p)) if !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) => h.to_string(),
         _ => raw,
     };
     Some(host.trim_end_matches('.').to_ascii_lowercase())
