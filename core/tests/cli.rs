@@ -422,6 +422,16 @@ async fn server_config_errors_name_the_variable_to_set() {
 // second signal exits at once.
 // ---------------------------------------------------------------------------------------------
 
+/// Wait (bounded) until the relay at `url` refuses new connections.
+async fn stopped_accepting(url: &str) {
+    within(STEP, "the relay to stop accepting", async {
+        while TcpStream::connect(url_addr(url)).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 fn signal(p: &Proc, sig: &str) {
     let pid = p.child.id().expect("the process runs").to_string();
     let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("run kill").success();
@@ -440,12 +450,7 @@ async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
 
     signal(&relay, "-TERM");
     // New connections are refused once the relay stops accepting...
-    within(STEP, "the relay to stop accepting", async {
-        while TcpStream::connect(url_addr(&url)).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    stopped_accepting(&url).await;
     // ...while the open stream keeps working, in both directions.
     let data = payload(4 << 20, 77);
     let got = within(STEP, "4 MiB through the draining relay", async {
@@ -473,12 +478,7 @@ async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
     s.write_all(b"before").await.expect("write");
     within(STEP, "echo", s.read_exact(&mut buf)).await.expect("echo");
     signal(&relay, "-TERM");
-    within(STEP, "the relay to stop accepting", async {
-        while TcpStream::connect(url_addr(&url)).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    stopped_accepting(&url).await;
     signal(&relay, "-TERM");
     let status = relay.exit(Duration::from_secs(3)).await;
     assert_eq!(status.code(), Some(130), "a second signal exits at once with 130; stderr:\n{}", relay.stderr());

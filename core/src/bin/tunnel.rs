@@ -156,30 +156,39 @@ struct ServerArgs {
     tls_key: Option<String>,
 }
 
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
+/// Ctrl-C or SIGTERM, one at a time (the handler is installed once, so no signal is missed).
+struct StopSignals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        StopSignals {
+            #[cfg(unix)]
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler"),
+        }
+    }
+
+    async fn next(&mut self) {
         #[cfg(unix)]
-        {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        // A second signal (Ctrl-C or SIGTERM) exits at once, without waiting for the drain.
-        tokio::spawn(async {
-            #[cfg(unix)]
-            {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            #[cfg(not(unix))]
-            let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Resolves at the first Ctrl-C or SIGTERM; a second one exits at once, without waiting for the
+/// drain.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let mut signals = StopSignals::install();
+    async move {
+        signals.next().await;
+        tokio::spawn(async move {
+            signals.next().await;
             eprintln!("second signal: exiting now, without waiting for open streams");
             std::process::exit(130);
         });
