@@ -20,7 +20,8 @@ fn dialer(url: &str, mode: Mode) -> Dialer {
     Dialer::builder(url).key(key()).mode(mode).timeout(STEP).build().expect("valid dialer settings")
 }
 
-/// A target that sends `before` bytes, then resets the connection (linger 0).
+/// A target that waits for one byte (so the relay's connect has surely completed), sends `before`
+/// bytes, then resets the connection (linger 0).
 async fn resetting_server(before: usize) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
@@ -28,7 +29,8 @@ async fn resetting_server(before: usize) -> SocketAddr {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 let data = payload(before, 3);
-                if s.write_all(&data).await.is_ok() {
+                let mut go = [0u8; 1];
+                if s.read_exact(&mut go).await.is_ok() && s.write_all(&data).await.is_ok() {
                     let _ = s.set_zero_linger();
                 }
             });
@@ -45,6 +47,8 @@ async fn a_target_reset_mid_stream_is_an_error_not_an_end() {
     for mode in [Mode::Multiplexed, Mode::Classic] {
         let d = dialer(relay.url(), mode);
         let mut s = within(STEP, "dial", d.dial(&target.to_string())).await.expect("dial");
+        s.write_all(b"g").await.expect("write");
+        s.flush().await.expect("flush");
         let mut got = Vec::new();
         let r = within(STEP, "the read to end", s.read_to_end(&mut got)).await;
         let want = payload(MIB, 3);
@@ -141,4 +145,80 @@ async fn a_frozen_relay_is_found_by_the_keepalive() {
     assert!(waited < Duration::from_secs(5), "the keepalive took {waited:?} (timeout 1 s)");
     eprintln!("frozen relay detected after {waited:?}");
     let _ = relay.kill().await;
+}
+
+/// A `tunnel listen` process registered with `relay`, and its name.
+async fn listen_process(relay: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
+    std::fs::create_dir_all(dir).expect("scratch dir");
+    let key = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&key).expect("write the listener key");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["listen", "--to", "127.0.0.1:9", "--relay", relay, "--key", key.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tunnel listen");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let name = within(STEP, "the listener's name", async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "tunnel listen exited");
+            if let Some(n) = line.trim().strip_prefix("listening as: ") {
+                return n.to_string();
+            }
+        }
+    })
+    .await;
+    (child, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_or_frozen_listener_process_frees_its_name() {
+    init_tracing();
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-listen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.listeners_open = true;
+    cfg.limits.keepalive_interval = Duration::from_millis(300);
+    cfg.limits.keepalive_timeout = Duration::from_secs(1);
+    let relay = start_relay(cfg).await;
+    let gone = |relay: &libtunnel::ServerHandle| relay.metrics().listeners_active() == 0;
+
+    // Killed: the kernel closes its connection, the relay frees the name at once.
+    let (mut killed, _) = listen_process(relay.url(), &dir.join("a")).await;
+    assert_eq!(relay.metrics().listeners_active(), 1);
+    killed.kill().await.expect("SIGKILL");
+    let t0 = Instant::now();
+    within(STEP, "the killed listener's name to be freed", async {
+        while !gone(&relay) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    eprintln!("killed listener freed after {:?}", t0.elapsed());
+
+    // Frozen (SIGSTOP): nothing is closed; the keepalive finds it within its timeout.
+    let (mut frozen, name) = listen_process(relay.url(), &dir.join("b")).await;
+    let pid = frozen.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let t0 = Instant::now();
+    within(STEP, "the frozen listener's name to be freed", async {
+        while !gone(&relay) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let waited = t0.elapsed();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(waited < Duration::from_secs(5), "the relay took {waited:?} to drop a silent listener (timeout 1 s)");
+    eprintln!("frozen listener freed after {waited:?}");
+    let e = within(STEP, "a dial to the freed name", dialer(relay.url(), Mode::Multiplexed).dial(&format!("{name}:0"))).await;
+    assert!(e.is_err(), "a freed name must not be reachable");
+    let _ = frozen.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    relay.abort();
 }
