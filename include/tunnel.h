@@ -364,8 +364,9 @@ tunnel_result tunnel_dialer_dial(const struct tunnel_dialer *dialer,
                                  int *out_fd);
 
 /**
- * Close the dialer's session to the relay and free it. NULL is a no-op. Streams dialed from it
- * end (their sockets read `ECONNRESET`), so close or finish them first.
+ * Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until
+ * they finish (both sides closed) or `crate::DRAIN` (10 s) passes, then the runtime closes the
+ * session to the relay; a stream still open then reads `ECONNRESET`.
  *
  * # Safety
  * `dialer` must be NULL or a live dialer, not used again afterwards.
@@ -444,11 +445,12 @@ tunnel_result tunnel_listener_accept(const struct tunnel_listener *listener,
 tunnel_result tunnel_listener_fd(const struct tunnel_listener *listener, int *out_fd);
 
 /**
- * Unregister from the relay and stop accepting: waiting and later `tunnel_listener_accept`
- * calls fail with `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the
- * readiness fd turns readable. This ends the listener's session to the relay, so streams
- * accepted earlier end too (their sockets read `ECONNRESET`, and bytes not yet forwarded are
- * lost): finish them first. Idempotent; the listener still needs `tunnel_listener_free`.
+ * Stop accepting and unregister: waiting and later `tunnel_listener_accept` calls fail with
+ * `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the readiness fd turns
+ * readable. It does not wait: streams accepted earlier keep working until they finish (both
+ * sides closed; bytes written are delivered) or 10 s pass, then the session to the relay is
+ * closed in the background and a stream still open reads `ECONNRESET`. Idempotent; the
+ * listener still needs `tunnel_listener_free`.
  *
  * # Safety
  * `listener` must be NULL or live.

@@ -83,8 +83,9 @@ pub unsafe extern "C" fn tunnel_dialer_dial(dialer: *const tunnel_dialer, target
     })
 }
 
-/// Close the dialer's session to the relay and free it. NULL is a no-op. Streams dialed from it
-/// end (their sockets read `ECONNRESET`), so close or finish them first.
+/// Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until
+/// they finish (both sides closed) or `crate::DRAIN` (10 s) passes, then the runtime closes the
+/// session to the relay; a stream still open then reads `ECONNRESET`.
 ///
 /// # Safety
 /// `dialer` must be NULL or a live dialer, not used again afterwards.
@@ -93,10 +94,11 @@ pub unsafe extern "C" fn tunnel_dialer_free(dialer: *mut tunnel_dialer) {
     infallible((), || {
         // SAFETY: the caller passes NULL or a live dialer.
         if let Ok(d) = unsafe { try_ref(dialer, "dialer") } {
-            if usable() {
-                let _ = block_on(async {
-                    d.close().await;
-                    tracing::debug!(relay = d.relay(), "dialer closed");
+            if let (true, Ok(rt)) = (usable(), crate::runtime::runtime()) {
+                let d = d.clone();
+                rt.spawn(async move {
+                    let drained = d.shutdown(crate::DRAIN).await;
+                    tracing::debug!(relay = d.relay(), drained, "dialer closed");
                 });
             }
         }

@@ -42,3 +42,7 @@ use std::ffi::c_char;
 pub extern "C" fn tunnel_version() -> *const c_char {
     concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
 }
+
+/// How long streams already handed out get to finish after their dialer is freed or their
+/// listener closed, before the session under them is closed.
+pub(crate) const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);

@@ -291,11 +291,12 @@ pub unsafe extern "C" fn tunnel_listener_fd(listener: *const tunnel_listener, ou
     })
 }
 
-/// Unregister from the relay and stop accepting: waiting and later `tunnel_listener_accept`
-/// calls fail with `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the
-/// readiness fd turns readable. This ends the listener's session to the relay, so streams
-/// accepted earlier end too (their sockets read `ECONNRESET`, and bytes not yet forwarded are
-/// lost): finish them first. Idempotent; the listener still needs `tunnel_listener_free`.
+/// Stop accepting and unregister: waiting and later `tunnel_listener_accept` calls fail with
+/// `TUNNEL_RESULT_CLOSED`, streams not yet accepted are dropped, and the readiness fd turns
+/// readable. It does not wait: streams accepted earlier keep working until they finish (both
+/// sides closed; bytes written are delivered) or 10 s pass, then the session to the relay is
+/// closed in the background and a stream still open reads `ECONNRESET`. Idempotent; the
+/// listener still needs `tunnel_listener_free`.
 ///
 /// # Safety
 /// `listener` must be NULL or live.
@@ -309,10 +310,21 @@ pub unsafe extern "C" fn tunnel_listener_close(listener: *const tunnel_listener)
     })
 }
 
+/// Stop accepting at once; streams already handed out keep working until they finish or
+/// `crate::DRAIN` passes, then the session (and the name) is released, in the background.
 fn close(l: &ListenerHandle) {
-    l.listener.close();
     l.shared.close(tunnel_result::Closed, "the listener is closed".into());
     l.pump.abort();
+    match (crate::runtime::usable(), runtime()) {
+        (true, Ok(rt)) => {
+            let listener = l.listener.clone();
+            rt.spawn(async move {
+                let drained = listener.shutdown(crate::DRAIN).await;
+                tracing::debug!(name = %listener.name(), drained, "listener closed");
+            });
+        }
+        _ => l.listener.close(),
+    }
 }
 
 /// Close the listener (as `tunnel_listener_close`) and free it, closing its readiness fd. NULL
