@@ -265,6 +265,10 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
             io::ErrorKind::InvalidData,
             format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"),
         ),
+        // The peer went away without the closing handshake: a reset, not a protocol violation.
+        tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
+            io::Error::new(io::ErrorKind::ConnectionReset, "the peer closed the WebSocket without a closing handshake")
+        }
         e => io::Error::new(io::ErrorKind::InvalidData, e.to_string()),
     }
 }
