@@ -190,7 +190,13 @@ async fn a_killed_or_frozen_listener_process_frees_its_name() {
 
     // Killed: the kernel closes its connection, the relay frees the name at once.
     let (mut killed, _) = listen_process(relay.url(), &dir.join("a")).await;
-    assert_eq!(relay.metrics().listeners_active(), 1);
+    // The relay answers the registration before it counts the listener as active.
+    within(STEP, "the listener to count as active", async {
+        while relay.metrics().listeners_active() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     killed.kill().await.expect("SIGKILL");
     let t0 = Instant::now();
     within(STEP, "the killed listener's name to be freed", async {
@@ -203,6 +209,12 @@ async fn a_killed_or_frozen_listener_process_frees_its_name() {
 
     // Frozen (SIGSTOP): nothing is closed; the keepalive finds it within its timeout.
     let (mut frozen, name) = listen_process(relay.url(), &dir.join("b")).await;
+    within(STEP, "the second listener to count as active", async {
+        while relay.metrics().listeners_active() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let pid = frozen.id().expect("running").to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
     let t0 = Instant::now();
