@@ -36,16 +36,9 @@ pub async fn bind_local(addr: &str) -> Result<TcpListener> {
 /// Forward every connection accepted on `listener` to `target` through the relay, until
 /// `shutdown` resolves. Connections in flight are allowed to finish.
 pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let tasks = TaskTracker::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (sock, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            x = crate::forward::accept_backoff(&listener) => x,
-        };
-        let _ = sock.set_nodelay(true);
+    serve_local(listener, shutdown, move |sock, peer| {
         let (dialer, target) = (dialer.clone(), target.clone());
-        tasks.spawn(async move {
+        async move {
             match dialer.dial_target(&target).await {
                 Ok(stream) => {
                     if let Err(e) = stream.bridge(sock).await {
@@ -54,7 +47,27 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
                 }
                 Err(e) => tracing::warn!(%peer, code = %e.code(), "{e}"),
             }
-        });
+        }
+    })
+    .await
+}
+
+/// Accept local connections until `shutdown` resolves, each served by its own `serve` task;
+/// then wait for the tasks in flight to finish.
+async fn serve_local<F, Fut>(listener: TcpListener, shutdown: impl Future<Output = ()>, serve: F) -> Result<()>
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let tasks = TaskTracker::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (sock, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            x = accept_backoff(&listener) => x,
+        };
+        let _ = sock.set_nodelay(true);
+        tasks.spawn(serve(sock, peer));
     }
     tasks.close();
     tasks.wait().await;
@@ -106,19 +119,7 @@ async fn serve_socks_client(mut sock: TcpStream, peer: SocketAddr, dialer: Diale
 /// A local SOCKS5 proxy (no auth; bind it to loopback) that tunnels every CONNECT through the
 /// relay, until `shutdown` resolves.
 pub async fn socks_proxy(listener: TcpListener, dialer: Dialer, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let tasks = TaskTracker::new();
-    tokio::pin!(shutdown);
-    loop {
-        let (sock, peer) = tokio::select! {
-            _ = &mut shutdown => break,
-            x = crate::forward::accept_backoff(&listener) => x,
-        };
-        let _ = sock.set_nodelay(true);
-        tasks.spawn(serve_socks_client(sock, peer, dialer.clone()));
-    }
-    tasks.close();
-    tasks.wait().await;
-    Ok(())
+    serve_local(listener, shutdown, move |sock, peer| serve_socks_client(sock, peer, dialer.clone())).await
 }
 
 /// The PROXY protocol v2 header announcing `client` (as the relay saw it) connecting to `local`.

@@ -16,7 +16,7 @@ use super::metrics::Refusal;
 use super::RelayState;
 use crate::error::{Error, ErrorCode};
 use crate::identity::{derived_name, valid_name, verify_registration};
-use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
+use crate::mux::{FrameSink, FrameSource, MuxStream, Session};
 use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via, STREAM_ACCEPTED};
 
 /// Why a stream could not be delivered to a listener.
@@ -191,15 +191,7 @@ pub(super) async fn serve_listener(
     if sink.send(ack.encode_frame()).await.is_err() {
         return;
     }
-    let l = &state.cfg.limits;
-    let cfg = MuxConfig {
-        keepalive_interval: l.keepalive_interval,
-        keepalive_timeout: l.keepalive_timeout,
-        max_streams: l.max_streams_per_session,
-        ..MuxConfig::default()
-    };
-    let session = Session::new(Role::Server, source, sink, cfg);
-    let _close = super::session::CloseOnDrop(session.clone());
+    let (session, _close) = super::session::server_session(&state, source, sink);
     state.registry.attach(&name, id, session.clone());
     state.metrics.listeners_active.fetch_add(1, Relaxed);
     tracing::info!(%peer, %name, tcp = %ack.tcp_addr, "listener registered");

@@ -38,6 +38,20 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
+/// Start the relay's side of a multiplexed session (dialer or listener) with the configured
+/// keepalive and stream limits; the guard closes it when the serving task ends.
+pub(super) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, CloseOnDrop) {
+    let l = &state.cfg.limits;
+    let cfg = MuxConfig {
+        keepalive_interval: l.keepalive_interval,
+        keepalive_timeout: l.keepalive_timeout,
+        max_streams: l.max_streams_per_session,
+        ..MuxConfig::default()
+    };
+    let session = Session::new(Role::Server, source, sink, cfg);
+    (session.clone(), CloseOnDrop(session))
+}
+
 /// Closes a relay-side session when the task serving it ends or is dropped. The session's reader
 /// and writer run as their own tasks, so without this a connection task dropped on `kill` (or by
 /// `ServerHandle::abort`) would leave the transport open, answering pings but refusing streams.
@@ -348,15 +362,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
     state.metrics.sessions_mux.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let l = &state.cfg.limits;
-    let cfg = MuxConfig {
-        keepalive_interval: l.keepalive_interval,
-        keepalive_timeout: l.keepalive_timeout,
-        max_streams: l.max_streams_per_session,
-        ..MuxConfig::default()
-    };
-    let session = Session::new(Role::Server, source, sink, cfg);
-    let _close = CloseOnDrop(session.clone());
+    let (session, _close) = server_session(&state, source, sink);
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
