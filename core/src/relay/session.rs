@@ -46,6 +46,8 @@ pub(super) fn server_session(state: &RelayState, source: FrameSource, sink: Fram
         keepalive_interval: l.keepalive_interval,
         keepalive_timeout: l.keepalive_timeout,
         max_streams: l.max_streams_per_session,
+        max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
+        receive_budget: l.session_receive_budget,
         ..MuxConfig::default()
     };
     let session = Session::new(Role::Server, source, sink, cfg);
