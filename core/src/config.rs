@@ -450,7 +450,7 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Client-side variables that may share an environment with the relay.
-const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE"];
+const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE", "TUNNEL_LISTENER_KEY", "TUNNEL_WORKER_THREADS"];
 
 fn lookup(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)

@@ -186,6 +186,11 @@ impl FrameArena {
         frame.put_bytes(0, FRAME_HEADER);
         frame
     }
+
+    /// Let go of the buffer (the socket went quiet): an idle connection holds no read memory.
+    fn release(&mut self) {
+        self.0 = BytesMut::new();
+    }
 }
 
 /// Join a mux stream and a local socket, honouring half-close both ways. On error (or when the
@@ -206,7 +211,10 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
         while !up_done && turns < TURN {
             turns += 1;
             match local.poll_readable(cx) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    arena.release();
+                    break;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }

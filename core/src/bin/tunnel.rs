@@ -329,6 +329,30 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// The runtime a command runs on. The relay (and the demo, which embeds one) gets a worker per
+/// core; client commands move one session's bytes, where a second worker mostly adds cross-thread
+/// wake-ups per frame, so they run on one thread. `TUNNEL_WORKER_THREADS` overrides both.
+fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
+    let workers = match std::env::var("TUNNEL_WORKER_THREADS") {
+        Ok(v) => Some(v.trim().parse::<usize>().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| {
+            Error::new(ErrorCode::InvalidConfig, format!("TUNNEL_WORKER_THREADS must be a whole number of threads between 1 and 1024, got {v:?}"))
+        })?),
+        Err(_) => None,
+    };
+    let relay = matches!(cmd, Cmd::Server(_) | Cmd::Demo);
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        None if !relay => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    b.enable_all().thread_name("libtunnel-rt").build().map_err(|e| Error::new(ErrorCode::Io, format!("cannot start the runtime: {e}")))
+}
+
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     // The demo narrates on stdout; its relay's routine logs would only interleave with the story.
@@ -343,7 +367,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("libtunnel-rt").build().expect("start the tokio runtime");
+    let rt = match runtime(&cli.cmd) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error [{}]: {e}", e.code());
+            return ExitCode::from(2);
+        }
+    };
     let result = rt.block_on(run(cli));
     // `tunnel dial` ends when the remote side finishes, even with stdin still open (ssh
     // ProxyCommand); tokio's stdin read then sits on a blocking thread, and dropping the runtime

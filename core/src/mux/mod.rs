@@ -52,13 +52,17 @@ pub type FrameSource = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
 pub type FrameSink = Pin<Box<dyn Sink<Bytes, Error = io::Error> + Send>>;
 
 /// Largest payload of one `Data` frame.
-pub const MAX_DATA: usize = 64 * 1024;
+pub const MAX_DATA: usize = 128 * 1024;
 /// Most data bytes one stream may have waiting for the writer task: enough to keep the transport
 /// busy, small enough that round-robin sending keeps other streams' latency low.
 const STREAM_QUEUE: usize = 256 * 1024;
-/// Received chunks smaller than this, or arriving while the reader is behind, are copied out of
-/// the transport's read buffer instead of keeping the whole buffer alive.
+/// Received chunks smaller than this are copied out of the transport's read buffer instead of
+/// keeping the whole buffer alive (a stream of 1-byte frames would pin one buffer per byte).
 const COPY_BELOW: usize = 8 * 1024;
+/// Larger chunks are kept without copying while a stream holds fewer than this many such chunks;
+/// past that (a reader that fell behind) they are copied too, so a stalled stream pins at most
+/// this many transport buffers.
+const MAX_PINNED: usize = 4;
 /// The largest ping payload a peer may send (ours are 8 bytes).
 const MAX_PING: usize = 64;
 /// Control frames queued before a peer's further pings, refused opens or late data count as
@@ -133,8 +137,11 @@ pub struct SessionStats {
 /// One stream's state, kept in the session's table.
 struct StreamState {
     flow: RecvFlow,
-    /// Received data not yet read, in order: zero-copy chunks, then `tail`.
-    recv: VecDeque<Bytes>,
+    /// Received data not yet read, in order, then `tail`; `true` marks a zero-copy chunk that
+    /// keeps the transport's read buffer alive.
+    recv: VecDeque<(Bytes, bool)>,
+    /// Zero-copy chunks in `recv` (at most [`MAX_PINNED`]).
+    pinned: usize,
     /// Small or late chunks, copied and coalesced.
     tail: BytesMut,
     /// Bytes in `recv` and `tail`.
@@ -171,6 +178,7 @@ impl StreamState {
         StreamState {
             flow: RecvFlow::new(Instant::now()),
             recv: VecDeque::new(),
+            pinned: 0,
             tail: BytesMut::new(),
             recv_bytes: 0,
             recv_fin: false,
@@ -370,6 +378,7 @@ impl Inner {
         let Some(st) = self.streams.get_mut(&id) else { return };
         self.buffered -= st.recv_bytes;
         st.recv.clear();
+        st.pinned = 0;
         st.tail = BytesMut::new();
         st.recv_bytes = 0;
     }
@@ -676,13 +685,18 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
             if st.reset.is_some() || n == 0 {
                 return Ok(()); // reset locally: the bytes have no reader
             }
-            if st.recv.is_empty() && st.tail.is_empty() && n >= COPY_BELOW {
-                st.recv.push_back(f.payload);
+            if n >= COPY_BELOW && st.pinned < MAX_PINNED {
+                if !st.tail.is_empty() {
+                    let copied = st.tail.split().freeze();
+                    st.recv.push_back((copied, false));
+                }
+                st.recv.push_back((f.payload, true));
+                st.pinned += 1;
             } else {
                 st.tail.extend_from_slice(&f.payload);
                 if st.tail.len() >= MAX_DATA {
-                    let full = st.tail.split().freeze();
-                    st.recv.push_back(full);
+                    let copied = st.tail.split().freeze();
+                    st.recv.push_back((copied, false));
                 }
             }
             st.recv_bytes += n;

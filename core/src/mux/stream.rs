@@ -157,7 +157,10 @@ impl MuxStream {
         let inner = &mut *inner;
         let Some(st) = inner.streams.get_mut(&self.id) else { return Poll::Ready(Err(closed_io(inner))) };
         let chunk = match st.recv.pop_front() {
-            Some(c) => Some(c),
+            Some((c, pinned)) => {
+                st.pinned -= usize::from(pinned);
+                Some(c)
+            }
             None if !st.tail.is_empty() => Some(st.tail.split().freeze()),
             None => None,
         };
