@@ -26,10 +26,16 @@ struct RelayProc {
     child: Child,
     url: String,
     addr: SocketAddr,
+    /// The public HTTP port, when one was asked for.
+    http: Option<SocketAddr>,
 }
 
 impl RelayProc {
     async fn start(ports: &[u16]) -> RelayProc {
+        RelayProc::start_with(ports, &[]).await
+    }
+
+    async fn start_with(ports: &[u16], env: &[(&str, &str)]) -> RelayProc {
         let allow: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
             .arg("server")
@@ -38,26 +44,33 @@ impl RelayProc {
             .env("TUNNEL_ALLOW", format!("[{}]", allow.join(",")))
             .env("TUNNEL_KEEPALIVE_INTERVAL", "0.3")
             .env("TUNNEL_KEEPALIVE_TIMEOUT", "1")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
             .expect("start tunnel server");
         let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let url = within(STEP, "the relay's address", async {
+        let want_http = env.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
+        let (url, http) = within(STEP, "the relay's address", async {
             use tokio::io::AsyncBufReadExt;
+            let (mut url, mut http) = (None, None);
             let mut line = String::new();
-            loop {
+            while url.is_none() || (want_http && http.is_none()) {
                 line.clear();
                 assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
                 if let Some(u) = line.trim().strip_prefix("relay listening: ") {
-                    return u.to_string();
+                    url = Some(u.to_string());
+                }
+                if let Some(h) = line.trim().strip_prefix("public http listening: http://") {
+                    http = Some(h.parse::<SocketAddr>().expect("public http address"));
                 }
             }
+            (url.expect("url"), http)
         })
         .await;
         let addr = url.trim_start_matches("ws://").trim_end_matches('/').parse().expect("a socket address in the URL");
-        RelayProc { child, url, addr }
+        RelayProc { child, url, addr, http }
     }
 
     fn pid(&self) -> u32 {
@@ -328,4 +341,89 @@ async fn floods_of_tiny_frames_and_junk_frames_stay_bounded_and_leave_nothing_be
     drop((source, sink));
     let t = relay.settles_to(base_fds, "the relay to free the flooding session").await;
     eprintln!("flooding session freed in {t:?}; fds {} (baseline {base_fds}), RSS {} KiB", relay.fds(), relay.rss_kib());
+}
+
+/// A `tunnel listen` process exposing `to` through `relay`, and its name.
+async fn listen_process(relay: &str, to: SocketAddr, dir: &std::path::Path) -> (Child, String) {
+    std::fs::create_dir_all(dir).expect("scratch dir");
+    let key = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&key).expect("write the listener key");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["listen", "--to", &to.to_string(), "--relay", relay, "--key", key.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tunnel listen");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let name = within(STEP, "the listener's name", async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "tunnel listen exited");
+            if let Some(n) = line.trim().strip_prefix("listening as: ") {
+                return n.to_string();
+            }
+        }
+    })
+    .await;
+    (child, name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns_to_its_baseline() {
+    init_tracing();
+    let service = sink_server().await;
+    let relay = RelayProc::start_with(&[9], &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true")]).await;
+    let http = relay.http.expect("public http port");
+    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-faults-{}", std::process::id()));
+    let (mut listener, name) = listen_process(&relay.url, service, &dir).await;
+    let (base_fds, base_rss) = (relay.fds(), relay.rss_kib());
+    // 200 uploads through the public port, each with a body that never ends.
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let mut c = tokio::net::TcpStream::connect(http).await.expect("connect to the public port");
+        let head = format!("POST /upload HTTP/1.1\r\nHost: {name}.localhost\r\nContent-Length: 100000000000\r\n\r\n");
+        c.write_all(head.as_bytes()).await.expect("request head");
+        clients.spawn(async move {
+            let (mut r, mut w) = c.into_split();
+            let writer = async move {
+                let chunk = vec![6u8; 64 * 1024];
+                while w.write_all(&chunk).await.is_ok() {}
+                std::future::pending::<()>().await
+            };
+            let mut answer = Vec::new();
+            let reader = async { r.read_to_end(&mut answer).await.map(|_| String::from_utf8_lossy(&answer).into_owned()) };
+            let outcome = tokio::select! { o = reader => o, () = writer => unreachable!() };
+            (Instant::now(), outcome)
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded_rss = relay.rss_kib();
+    let pid = listener.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let t0 = Instant::now();
+    let (mut worst, mut answered) = (Duration::ZERO, 0);
+    while let Some(r) = within(Duration::from_secs(20), "every upload to end", clients.join_next()).await {
+        let (at, outcome) = r.expect("client task");
+        worst = worst.max(at.duration_since(t0));
+        if let Ok(text) = outcome {
+            assert!(text.is_empty() || text.starts_with("HTTP/1.1 502") || text.starts_with("HTTP/1.1 504"), "unexpected answer: {text}");
+            answered += usize::from(!text.is_empty());
+        }
+    }
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    assert!(worst < Duration::from_secs(5), "the last upload ended {worst:?} after the listener froze (keepalive timeout 1 s)");
+    let _ = listener.kill().await;
+    let t = relay.settles_to(base_fds.saturating_sub(1), "the relay to free the frozen listener's session and its uploads").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after_rss = relay.rss_kib();
+    eprintln!(
+        "frozen listener under 200 public uploads: all ended within {worst:?} ({answered} with a 502/504 answer, the rest reset); \
+         relay RSS {base_rss} -> {loaded_rss} (loaded) -> {after_rss} KiB, fds {base_fds} -> {} after {t:?}",
+        relay.fds()
+    );
+    assert!(after_rss < loaded_rss / 2, "the relay kept {after_rss} KiB after the uploads ended (loaded: {loaded_rss} KiB)");
+    let _ = std::fs::remove_dir_all(&dir);
 }
