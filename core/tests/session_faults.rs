@@ -110,17 +110,25 @@ impl RelayProc {
 
 /// A target that reads and discards everything.
 async fn sink_server() -> SocketAddr {
+    counting_sink_server().await.0
+}
+
+/// [`sink_server`], counting the connections it accepted.
+async fn counting_sink_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 * 1024];
                 while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
             });
         }
     });
-    addr
+    (addr, count)
 }
 
 /// A target that accepts and never reads (its connections are kept open until the relay closes
@@ -374,11 +382,18 @@ async fn listen_process(relay: &str, to: SocketAddr, dir: &std::path::Path) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns_to_its_baseline() {
     init_tracing();
-    let service = sink_server().await;
+    let (service, accepted) = counting_sink_server().await;
     let relay = RelayProc::start_with(&[9], &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true")]).await;
     let http = relay.http.expect("public http port");
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-faults-{}", std::process::id()));
     let (mut listener, name) = listen_process(&relay.url, service, &dir).await;
+    // The relay answers the registration just before it routes the name.
+    within(STEP, "the listener to count as active", async {
+        while relay.metric("libtunnel_listeners_active").await != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     let (base_fds, base_rss) = (relay.fds(), relay.rss_kib());
     // 200 uploads through the public port, each with a body that never ends.
     let mut clients = tokio::task::JoinSet::new();
@@ -399,7 +414,15 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
             (Instant::now(), outcome)
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every upload has reached the service behind the listener, and bytes are flowing.
+    let reached = tokio::time::timeout(STEP, async {
+        while accepted.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(reached.is_ok(), "only {} of 200 uploads reached the listener's service", accepted.load(std::sync::atomic::Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let loaded_rss = relay.rss_kib();
     let pid = listener.id().expect("running").to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());

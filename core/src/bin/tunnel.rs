@@ -13,6 +13,16 @@ use libtunnel::transport::ClientTls;
 use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, Server};
 use tokio::io::AsyncWriteExt;
 
+/// Print a status line on stdout. A closed stdout (`tunnel listen | head -1`, a supervisor that
+/// stopped reading) must not stop the tunnel, so a failed write is ignored, where `println!`
+/// would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "tunnel", version, about = "Reach private TCP services through a relay over one authenticated WebSocket")]
 struct Cli {
@@ -218,12 +228,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
             // One machine-readable line, so scripts can find the port when listening on :0.
-            println!("relay listening: {}", server.url());
+            say!("relay listening: {}", server.url());
             if let Some(t) = server.tcp_addr() {
-                println!("raw tcp listening: tcp://{t}");
+                say!("raw tcp listening: tcp://{t}");
             }
             if let Some(h) = server.http_addr() {
-                println!("public http listening: http://{h}");
+                say!("public http listening: http://{h}");
             }
             #[cfg(unix)]
             {
@@ -247,7 +257,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
-            println!("forwarding {addr} -> {target} via {}", dialer.relay());
+            say!("forwarding {addr} -> {target} via {}", dialer.relay());
             if dialer.mode() == Mode::Multiplexed {
                 if let Err(e) = dialer.connect().await {
                     tracing::warn!("{e} (will retry on the first connection)");
@@ -259,7 +269,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
-            println!("socks5 proxy on {addr} via {}", dialer.relay());
+            say!("socks5 proxy on {addr} via {}", dialer.relay());
             libtunnel::forward::socks_proxy(listener, dialer, shutdown_signal()).await
         }
         Cmd::Dial { target, client } => {
@@ -287,20 +297,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
             let id = libtunnel::Identity::generate();
             id.save(&out)?;
-            println!("# Wrote the listener's private key to {} (mode 0600)", out.display());
-            println!("name: {}", id.name());
-            println!("public key: {}", id.public_key_base64());
-            println!("# For the relay: allow this key (and optionally grant chosen names)");
-            println!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
+            say!("# Wrote the listener's private key to {} (mode 0600)", out.display());
+            say!("name: {}", id.name());
+            say!("public key: {}", id.public_key_base64());
+            say!("# For the relay: allow this key (and optionally grant chosen names)");
+            say!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
             Ok(())
         }
         Cmd::Keygen { kid, .. } => {
             let secret: [u8; 32] = rand::random();
             let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
-            println!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
-            println!("TUNNEL_KEY={kid}:{b64}");
-            println!("# For the relay (add to the list to rotate keys)");
-            println!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
+            say!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
+            say!("TUNNEL_KEY={kid}:{b64}");
+            say!("# For the relay (add to the list to rotate keys)");
+            say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
             Ok(())
         }
         Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca } => {
@@ -314,15 +324,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let listener = b.bind().await?;
             let reg = listener.registration();
             // Machine-readable lines, so scripts can find what was granted.
-            println!("listening as: {}", reg.name);
-            println!("dial: {}:0 (through any dialer of this relay)", reg.name);
+            say!("listening as: {}", reg.name);
+            say!("dial: {}:0 (through any dialer of this relay)", reg.name);
             if let Some(u) = &reg.http_url {
-                println!("http: {u}");
+                say!("http: {u}");
             }
             if let Some(t) = &reg.tcp_addr {
-                println!("tcp: {t}");
+                say!("tcp: {t}");
             }
-            println!("forwarding to: {to}");
+            say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
@@ -362,7 +372,7 @@ fn main() -> ExitCode {
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
             for s in SETTINGS {
-                println!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
+                say!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
             }
             return ExitCode::SUCCESS;
         }
