@@ -162,7 +162,7 @@ impl LocalSocket for tokio::net::UnixStream {
 /// How many frames one direction moves per poll before yielding to the other.
 const TURN: usize = 16;
 /// The bridge reads local bytes into one reused buffer of this size, cutting each frame from it.
-const READ_ARENA: usize = 4 * (FRAME_HEADER + MAX_DATA);
+const READ_ARENA: usize = 2 * (FRAME_HEADER + MAX_DATA);
 
 /// Frames cut from one reused allocation: the transport copies a frame into its own buffer when it
 /// takes it, so once the frames of a round are gone the next `reserve` reuses the same memory
@@ -219,7 +219,11 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
                 Poll::Ready(Ok(())) => {}
             }
             let n = match mux.poll_reserve(cx, MAX_DATA) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    // Waiting for credit (a slow or stalled peer): hold no read memory meanwhile.
+                    arena.release();
+                    break;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
             };

@@ -345,7 +345,7 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
             continue;
         };
-        let _ = sock.set_nodelay(true);
+        crate::transport::tune_session_socket(&sock);
         let st = state.clone();
         state.tasks.spawn(async move {
             let _permit = permit;
