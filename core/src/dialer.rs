@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{MuxConfig, Role, Session};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
 use crate::socks::{self, Target};
-use crate::stream::{Inner, Mode, TunnelStream};
+use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
 use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
 
 /// Emissary's client keepalive period in classic mode.
@@ -216,6 +216,45 @@ impl Dialer {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Dial `target` for a local connection that is about to be bridged: in multiplexed mode its
+    /// first bytes travel with the CONNECT instead of a round trip later
+    /// ([`crate::stream::connect_early`]). Returns the stream and the bytes already sent.
+    pub(crate) async fn dial_for<S: LocalSocket>(&self, target: &Target, local: &S) -> Result<(TunnelStream, u64)> {
+        if self.inner.mode == Mode::Classic {
+            return Ok((self.dial_target(target).await?, 0));
+        }
+        let t = self.inner.timeout;
+        let work = async {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let session = self.session().await?;
+                let mut early = 0;
+                let result = async {
+                    let mut stream = session.open()?;
+                    crate::stream::connect_early(&mut stream, local, target, &mut early).await?;
+                    Ok(stream)
+                }
+                .await;
+                match result {
+                    Ok(stream) => return Ok((TunnelStream::new(Inner::Mux(stream), target.clone()), early)),
+                    // The session died before any local byte was taken: one fresh try.
+                    Err(e) if attempt == 1 && early == 0 && session.is_closed() => {
+                        tracing::debug!(error = %e, "session lost while dialing; reconnecting");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match tokio::time::timeout(t, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::new(
+                ErrorCode::Timeout,
+                format!("dialing {target} through {} took longer than {:.1}s; is the relay reachable?", self.inner.url.url, t.as_secs_f64()),
+            )),
         }
     }
 

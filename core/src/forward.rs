@@ -39,13 +39,16 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
     serve_local(listener, shutdown, move |sock, peer| {
         let (dialer, target) = (dialer.clone(), target.clone());
         async move {
-            match dialer.dial_target(&target).await {
-                Ok(stream) => {
+            match dialer.dial_for(&target, &sock).await {
+                Ok((stream, _early)) => {
                     if let Err(e) = stream.bridge(sock).await {
                         tracing::debug!(%peer, error = %e, "forwarded connection ended with an error");
                     }
                 }
-                Err(e) => tracing::warn!(%peer, code = %e.code(), "{e}"),
+                Err(e) => {
+                    tracing::warn!(%peer, code = %e.code(), "{e}");
+                    crate::stream::LocalSocket::abort(&sock);
+                }
             }
         }
     })

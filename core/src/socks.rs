@@ -181,6 +181,54 @@ pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, targe
     })
 }
 
+/// The bytes of a pipelined no-auth greeting followed by a CONNECT for `target` (what a
+/// multiplexed stream sends first).
+pub(crate) fn pipelined_connect_request(target: &Target) -> Result<BytesMut> {
+    let address = target.to_address();
+    if let Address::DomainAddress(name, _) = &address {
+        if name.is_empty() || name.len() > 255 {
+            return Err(Error::argument(format!("target host must be 1-255 bytes long, got {} bytes", name.len())));
+        }
+    }
+    let mut buf = BytesMut::new();
+    handshake::Request::new(vec![Method::NONE]).write_to_buf(&mut buf);
+    Request::new(Command::Connect, address).write_to_buf(&mut buf);
+    Ok(buf)
+}
+
+/// Parse the relay's answers to [`pipelined_connect_request`] from the first bytes of the stream:
+/// `None` while incomplete, else how many bytes they took, or the refusal as an error.
+pub(crate) fn parse_pipelined_reply(b: &[u8], target: &Target) -> Option<Result<usize>> {
+    if b.len() < 2 {
+        return None;
+    }
+    if b[0] != 0x05 || b[1] != 0x00 {
+        return Some(Err(Error::protocol(format!("the relay chose SOCKS5 method {:#04x} on an authenticated session", b[1]))));
+    }
+    let r = &b[2..];
+    if r.len() < 4 {
+        return None;
+    }
+    let addr_len = match r[3] {
+        0x01 => 4,
+        0x04 => 16,
+        0x03 => 1 + usize::from(*r.get(4)?),
+        t => return Some(Err(Error::protocol(format!("the relay's SOCKS5 reply has address type {t:#04x}")))),
+    };
+    let len = 2 + 4 + addr_len + 2;
+    if b.len() < len {
+        return None;
+    }
+    if r[0] != 0x05 {
+        return Some(Err(Error::protocol("the relay's SOCKS5 reply is malformed")));
+    }
+    Some(match Reply::try_from(r[1]) {
+        Ok(Reply::Succeeded) => Ok(len),
+        Ok(reply) => Err(reply_error(reply, target)),
+        Err(_) => Err(Error::protocol(format!("the relay answered with unknown SOCKS5 reply {:#04x}", r[1]))),
+    })
+}
+
 /// How the relay side authenticates a stream's SOCKS5 greeting.
 pub enum ServerAuth<'a> {
     /// Classic mode: insist on method 0x02 and check the proof against this connection's nonce.

@@ -286,6 +286,86 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
     result.map(|()| (up, down))
 }
 
+/// Open a multiplexed stream to `target` without waiting a round trip before the local client's
+/// first bytes: the pipelined greeting and CONNECT go out, and while the relay's answer is on its
+/// way whatever `local` sends is already sent behind them (the relay keeps it in the stream until
+/// the target is connected). Saves one round trip to the relay per connection for protocols whose
+/// client speaks first (HTTP, PostgreSQL, TLS). `early` counts the local bytes already taken (and
+/// sent); on a refusal they are dropped with the stream.
+pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut MuxStream, local: &S, target: &Target, early: &mut u64) -> crate::error::Result<()> {
+    use crate::error::Error;
+    let request = crate::socks::pipelined_connect_request(target)?;
+    let lost = |e: io::Error| Error::from_io(e, "sending the CONNECT request");
+    let mut frame = BytesMut::with_capacity(FRAME_HEADER + request.len());
+    frame.put_bytes(0, FRAME_HEADER);
+    frame.extend_from_slice(&request);
+    let n = poll_fn(|cx| mux.poll_reserve(cx, request.len())).await.map_err(lost)?;
+    debug_assert!(n >= request.len(), "a fresh stream has a whole window of credit");
+    mux.send_frame(frame).map_err(lost)?;
+    let mut reply = BytesMut::new();
+    let mut local_quiet = false;
+    let mut arena = FrameArena::new();
+    poll_fn(|cx| loop {
+        // The relay's answer first: it decides what happens to everything else.
+        match mux.poll_recv_chunk(cx) {
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from_io(e, "reading the relay's answer to CONNECT"))),
+            Poll::Ready(Ok(None)) => return Poll::Ready(Err(Error::protocol("the relay ended the stream before answering the CONNECT"))),
+            Poll::Ready(Ok(Some(c))) => {
+                reply.extend_from_slice(&c);
+                match crate::socks::parse_pipelined_reply(&reply, target) {
+                    None => continue,
+                    Some(Err(e)) => return Poll::Ready(Err(e)),
+                    Some(Ok(used)) => {
+                        let rest = reply.split_off(used).freeze();
+                        if !rest.is_empty() {
+                            mux.unread(rest);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+            Poll::Pending => {}
+        }
+        // Meanwhile, early bytes from the local client, within the stream's credit. Its end of
+        // stream is left for the bridge, which will read it again.
+        if local_quiet {
+            return Poll::Pending;
+        }
+        match local.poll_readable(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => {
+                local_quiet = true;
+                return Poll::Pending;
+            }
+            Poll::Ready(Ok(())) => {}
+        }
+        let n = match mux.poll_reserve(cx, MAX_DATA) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from_io(e, "sending early data"))),
+            Poll::Ready(Ok(n)) => n,
+        };
+        let mut frame = arena.frame(n);
+        match local.try_read_into(&mut frame, n) {
+            Ok(0) => {
+                mux.release_reservation();
+                local_quiet = true;
+            }
+            Ok(m) => {
+                *early += m as u64;
+                if let Err(e) = mux.send_frame(frame) {
+                    return Poll::Ready(Err(Error::from_io(e, "sending early data")));
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => mux.release_reservation(),
+            Err(_) => {
+                mux.release_reservation();
+                local_quiet = true;
+            }
+        }
+    })
+    .await
+}
+
 /// One direction of a [`splice`]: chunks taken from `from` and sent as frames on `to`.
 struct Leg {
     pending: Bytes,

@@ -187,6 +187,13 @@ impl MuxStream {
         Poll::Pending
     }
 
+    /// Put bytes back in front of what the stream yields next (the rest of a chunk a caller
+    /// parsed a header from).
+    pub fn unread(&mut self, chunk: Bytes) {
+        debug_assert!(self.partial.is_empty(), "unread twice");
+        self.partial = chunk;
+    }
+
     /// Await the next received chunk.
     pub async fn recv_chunk(&mut self) -> io::Result<Option<Bytes>> {
         poll_fn(|cx| self.poll_recv_chunk(cx)).await
