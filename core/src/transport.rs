@@ -243,8 +243,9 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
             Ok(Connected::Ws(ws, chosen))
         }
         Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
-            "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); use classic mode",
-            url.url
+            "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); {}",
+            url.url,
+            crate::dialer::USE_CLASSIC
         ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
