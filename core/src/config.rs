@@ -32,9 +32,9 @@ pub struct Limits {
     pub keepalive_timeout: Duration,
     /// A listener must answer a public HTTP request (response headers) within this time, else 504.
     pub http_timeout: Duration,
-    /// Largest WebSocket message accepted in classic mode. Emissary's Go dialer sends each
-    /// application write as one message, so this must exceed the largest single write a
-    /// classic client makes; multiplexed sessions always use the 1 MiB frame limit.
+    /// No longer limits anything: the relay streams classic WebSocket messages frame by frame, so
+    /// a message of any size (Emissary's dialer sends each write as one) passes with bounded
+    /// memory. Kept so configs that set it still load.
     pub classic_max_message: usize,
     /// Most multiplexed sessions open at once with one shared key (a leaked key cannot take the
     /// whole relay).
@@ -437,7 +437,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "drain_timeout", help: "seconds open streams get to finish at shutdown" },
     Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
     Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
-    Setting { name: "classic_max_message", help: "largest classic-mode WebSocket message in bytes" },
+    Setting { name: "classic_max_message", help: "ignored (classic messages of any size are streamed); accepted for old configs" },
     Setting { name: "max_sessions_per_key", help: "most multiplexed sessions open at once per shared key" },
     Setting { name: "max_pending_accepts", help: "most streams waiting for one listener to accept them" },
     Setting { name: "http_max_header_bytes", help: "largest public HTTP request head in bytes (at least 8192)" },

@@ -264,7 +264,9 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
         }
         tungstenite::Error::Capacity(c) => io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"),
+            format!(
+                "oversized WebSocket message ({c}); libtunnel peers send at most 1 MiB per message (the relay streams classic messages of any size)"
+            ),
         ),
         // The peer went away without the closing handshake: a reset, not a protocol violation.
         tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
