@@ -284,6 +284,8 @@ pub struct WsByteStream {
     pending: Bytes,
     eof: bool,
     ping: Option<tokio::time::Interval>,
+    /// Our Close frame was queued.
+    close_sent: bool,
 }
 
 impl WsByteStream {
@@ -294,7 +296,7 @@ impl WsByteStream {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
-        WsByteStream { ws, pending: Bytes::new(), eof: false, ping }
+        WsByteStream { ws, pending: Bytes::new(), eof: false, ping, close_sent: false }
     }
 
     /// Read one whole message (used for the preamble).
@@ -377,7 +379,21 @@ impl AsyncWrite for WsByteStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // WebSocket has no half-close: finishing our side closes the tunnel (Emissary does the same).
+        // WebSocket has no half-close: finishing our side closes the tunnel (Emissary does the
+        // same), with Close 1000 as Emissary sends it (a Close without a code reads as an error
+        // on Emissary's side).
+        if !self.close_sent {
+            match ready!(Sink::<Message>::poll_ready(Pin::new(&mut self.ws), cx)) {
+                Ok(()) => {
+                    let normal =
+                        tungstenite::protocol::CloseFrame { code: tungstenite::protocol::frame::coding::CloseCode::Normal, reason: "".into() };
+                    let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(normal)));
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {}
+                Err(e) => return Poll::Ready(Err(ws_err(e))),
+            }
+            self.close_sent = true;
+        }
         match ready!(Sink::<Message>::poll_close(Pin::new(&mut self.ws), cx)) {
             Ok(()) | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(ws_err(e))),
