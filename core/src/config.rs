@@ -499,11 +499,7 @@ fn is_service_link(name: &str) -> bool {
         let mut parts = rest.split('_');
         matches!(parts.next(), Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
             && parts.next().is_some_and(proto)
-            && match (parts.next(), parts.next()) {
-                (None, _) => true,
-                (Some("PROTO" | "PORT" | "ADDR"), None) => true,
-                _ => false,
-            }
+            && matches!((parts.next(), parts.next()), (None, _) | (Some("PROTO" | "PORT" | "ADDR"), None))
     };
     name == "PORT"
         || name.ends_with("_PORT") && name != "HTTP_PORT" && name != "TCP_PORT"

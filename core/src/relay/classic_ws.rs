@@ -45,6 +45,9 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
+/// A parsed frame header: opcode, FIN, payload length, mask.
+type Header = (u8, bool, u64, [u8; 4]);
+
 enum Frame {
     /// Between frames: the next bytes are a frame header.
     Header,
@@ -156,7 +159,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ClassicWs<S> {
     }
 
     /// Parse a frame header from `rbuf`, if a whole one is there.
-    fn parse_header(&mut self) -> Result<Option<(u8, bool, u64, [u8; 4])>, &'static str> {
+    fn parse_header(&mut self) -> Result<Option<Header>, &'static str> {
         let b = &self.rbuf[self.rpos..self.rend];
         if b.len() < 2 {
             return Ok(None);
