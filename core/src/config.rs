@@ -30,6 +30,11 @@ pub struct Limits {
     pub keepalive_interval: Duration,
     /// Drop a session silent for this long.
     pub keepalive_timeout: Duration,
+    /// Largest receive window one stream may grow to on a long link (bytes).
+    pub max_stream_window: usize,
+    /// Most window all streams of one session may have granted beyond their initial 256 KiB
+    /// each (bytes): what bounds the data a session buffers for slow readers.
+    pub session_receive_budget: usize,
     /// A listener must answer a public HTTP request (response headers) within this time, else 504.
     pub http_timeout: Duration,
     /// No longer limits anything: the relay streams classic WebSocket messages frame by frame, so
@@ -61,6 +66,8 @@ impl Default for Limits {
             drain_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),
+            max_stream_window: 16 * 1024 * 1024,
+            session_receive_budget: 64 * 1024 * 1024,
             classic_max_message: 16 * 1024 * 1024,
             http_timeout: Duration::from_secs(30),
             max_sessions_per_key: 64,
@@ -87,6 +94,8 @@ impl Limits {
             drain_timeout: d(self.drain_timeout),
             keepalive_interval: d(self.keepalive_interval),
             keepalive_timeout: d(self.keepalive_timeout),
+            max_stream_window: self.max_stream_window.clamp(256 * 1024, 1 << 30),
+            session_receive_budget: n(self.session_receive_budget),
             http_timeout: d(self.http_timeout),
             classic_max_message: n(self.classic_max_message),
             max_sessions_per_key: n(self.max_sessions_per_key),
@@ -351,6 +360,8 @@ impl RelayConfig {
             drain_timeout: secs("drain_timeout", l.drain_timeout)?,
             keepalive_interval: secs("keepalive_interval", l.keepalive_interval)?,
             keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
+            max_stream_window: count("max_stream_window", l.max_stream_window)?,
+            session_receive_budget: count("session_receive_budget", l.session_receive_budget)?,
             classic_max_message: count("classic_max_message", l.classic_max_message)?,
             http_timeout: secs("http_timeout", l.http_timeout)?,
             max_sessions_per_key: count("max_sessions_per_key", l.max_sessions_per_key)?,
@@ -437,6 +448,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "drain_timeout", help: "seconds open streams get to finish at shutdown" },
     Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
     Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
+    Setting { name: "max_stream_window", help: "largest receive window one stream may grow to, bytes" },
+    Setting { name: "session_receive_budget", help: "most window a session's streams may grow together, bytes" },
     Setting { name: "classic_max_message", help: "ignored (classic messages of any size are streamed); accepted for old configs" },
     Setting { name: "max_sessions_per_key", help: "most multiplexed sessions open at once per shared key" },
     Setting { name: "max_pending_accepts", help: "most streams waiting for one listener to accept them" },

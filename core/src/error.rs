@@ -112,6 +112,11 @@ impl ErrorCode {
         }
     }
 
+    /// The code with this stable number (a wire `Rst` or `GoAway` payload, a C result).
+    pub fn from_number(n: u32) -> Option<ErrorCode> {
+        Self::ALL.iter().copied().find(|c| c.number() == n)
+    }
+
     /// Parse a SCREAMING name back into a code.
     pub fn from_name(name: &str) -> Option<ErrorCode> {
         Self::ALL.iter().copied().find(|c| c.name() == name)

@@ -399,6 +399,11 @@ pub enum FrameKind {
 }
 
 impl FrameKind {
+    /// The kind of an encoded frame.
+    pub fn of(frame: &[u8]) -> Option<FrameKind> {
+        frame.first().copied().and_then(FrameKind::from_u8)
+    }
+
     fn from_u8(b: u8) -> Option<FrameKind> {
         Some(match b {
             1 => FrameKind::Open,

@@ -199,21 +199,60 @@ impl LocalSocket for tokio::net::UnixStream {
 
 /// How many frames one direction moves per poll before yielding to the other.
 const TURN: usize = 16;
+/// The bridge reads local bytes into one reused buffer of this size, cutting each frame from it.
+const READ_ARENA: usize = 4 * (FRAME_HEADER + MAX_DATA);
 
-/// Join a mux stream and a local socket, honouring half-close both ways. On error the stream is
-/// reset so the peer learns of it at once.
+/// Frames cut from one reused allocation: the transport copies a frame into its own buffer when it
+/// takes it, so once the frames of a round are gone the next `reserve` reuses the same memory
+/// instead of allocating 64 KiB per socket read.
+struct FrameArena(BytesMut);
+
+impl FrameArena {
+    fn new() -> FrameArena {
+        FrameArena(BytesMut::new())
+    }
+
+    /// An empty frame with header room and space for `n` payload bytes.
+    fn frame(&mut self, n: usize) -> BytesMut {
+        let need = FRAME_HEADER + n;
+        if self.0.capacity() < need {
+            // Reclaims the whole allocation when every frame cut from it is gone.
+            self.0.reserve(READ_ARENA.max(need));
+        }
+        let rest = self.0.split_off(need);
+        let mut frame = std::mem::replace(&mut self.0, rest);
+        frame.put_bytes(0, FRAME_HEADER);
+        frame
+    }
+
+    /// Let go of the buffer (the socket went quiet): an idle connection holds no read memory.
+    fn release(&mut self) {
+        self.0 = BytesMut::new();
+    }
+}
+
+/// Join a mux stream and a local socket, honouring half-close both ways. On error (or when the
+/// stream dies with its session, whatever the bridge was waiting for) the stream is reset and the
+/// local socket aborted, so neither end takes a cut-off transfer for a finished one.
 pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Result<(u64, u64)> {
     let (mut up, mut down) = (0u64, 0u64);
     let (mut up_done, mut down_done, mut shutting) = (false, false, false);
     let mut out = Bytes::new();
+    let mut arena = FrameArena::new();
     let result = poll_fn(|cx| {
+        if let Poll::Ready(e) = mux.poll_cut_off(cx) {
+            return Poll::Ready(Err(e));
+        }
         // local → tunnel
         let mut busy = false;
         let mut turns = 0;
         while !up_done && turns < TURN {
             turns += 1;
             match local.poll_readable(cx) {
-                Poll::Pending => break,
+                Poll::Pending => {
+                    arena.release();
+                    break;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
@@ -222,8 +261,7 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(n)) => n,
             };
-            let mut frame = BytesMut::with_capacity(FRAME_HEADER + n);
-            frame.put_bytes(0, FRAME_HEADER);
+            let mut frame = arena.frame(n);
             match local.try_read_into(&mut frame, n) {
                 Ok(0) => {
                     mux.finish();
@@ -280,4 +318,86 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
         local.abort();
     }
     result.map(|()| (up, down))
+}
+
+/// One direction of a [`splice`]: chunks taken from `from` and sent as frames on `to`.
+struct Leg {
+    pending: Bytes,
+    done: bool,
+    moved: u64,
+}
+
+impl Leg {
+    /// Move what can be moved now; `Ok(true)` when it did a full turn and should run again.
+    fn poll_move(&mut self, cx: &mut Context<'_>, from: &mut MuxStream, to: &mut MuxStream) -> Poll<io::Result<bool>> {
+        for _ in 0..TURN {
+            if self.done {
+                return Poll::Ready(Ok(false));
+            }
+            if self.pending.is_empty() {
+                match from.poll_recv_chunk(cx) {
+                    Poll::Pending => return Poll::Ready(Ok(false)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Ready(Ok(None)) => {
+                        to.finish();
+                        self.done = true;
+                        continue;
+                    }
+                    Poll::Ready(Ok(Some(c))) => self.pending = c,
+                }
+            }
+            let n = match to.poll_reserve(cx, self.pending.len()) {
+                Poll::Pending => return Poll::Ready(Ok(false)),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(n)) => n.min(self.pending.len()),
+            };
+            let mut frame = BytesMut::with_capacity(FRAME_HEADER + n);
+            frame.put_bytes(0, FRAME_HEADER);
+            frame.put_slice(&self.pending[..n]);
+            self.pending.advance(n);
+            self.moved += n as u64;
+            to.send_frame(frame)?;
+        }
+        Poll::Ready(Ok(true))
+    }
+}
+
+/// Join two mux streams (the relay between a dialer's session and a listener's, dial by name):
+/// each chunk received on one is sent on the other, so each side's flow control (and its
+/// auto-tuned window) reaches through the relay and the splice adds no fixed-window hop. Returns
+/// bytes (a → b, b → a). When either stream is cut off, both are reset.
+pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
+    let mut ab = Leg { pending: Bytes::new(), done: false, moved: 0 };
+    let mut ba = Leg { pending: Bytes::new(), done: false, moved: 0 };
+    let result = poll_fn(|cx| {
+        if let Poll::Ready(e) = a.poll_cut_off(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if let Poll::Ready(e) = b.poll_cut_off(cx) {
+            return Poll::Ready(Err(e));
+        }
+        let again_ab = match ab.poll_move(cx, a, b) {
+            Poll::Ready(Ok(again)) => again,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => false,
+        };
+        let again_ba = match ba.poll_move(cx, b, a) {
+            Poll::Ready(Ok(again)) => again,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => false,
+        };
+        if ab.done && ba.done {
+            return Poll::Ready(Ok(()));
+        }
+        if again_ab || again_ba {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Pending
+    })
+    .await;
+    if result.is_err() {
+        a.reset(ErrorCode::Closed);
+        b.reset(ErrorCode::Closed);
+    }
+    result.map(|()| (ab.moved, ba.moved))
 }

@@ -33,8 +33,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// A boxed transport byte stream (TCP or TLS).
 pub type BoxIo = Box<dyn Io>;
 
-/// Largest WebSocket message or TCP record accepted (a mux frame is at most 64 KiB + 5).
+/// Largest WebSocket message a classic-mode client accepts.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
+/// Largest WebSocket message or TCP record of a multiplexed session: a mux frame is at most
+/// 64 KiB + 5, a listener's registration a few KiB; the bound keeps a peer from making the
+/// transport buffer a megabyte per message.
+pub const MUX_MAX_MESSAGE: usize = 256 * 1024;
 /// Classic mode writes at most this much per WebSocket message (Emissary's io.Copy chunk).
 const CLASSIC_CHUNK: usize = 32 * 1024;
 
@@ -44,7 +48,7 @@ const WS_HEADER_MAX: usize = 14;
 /// WebSocket limits for a multiplexed session (both ends). One WebSocket serves every stream, so
 /// it keeps tungstenite's 128 KiB read buffer (fewer, larger reads).
 pub fn ws_config() -> WebSocketConfig {
-    limits(MAX_MESSAGE)
+    limits(MUX_MAX_MESSAGE)
 }
 
 /// WebSocket limits with a chosen largest message (the relay's classic mode).
@@ -448,7 +452,7 @@ pub fn ws_frames(ws: WebSocketStream<BoxIo>) -> (FrameSource, FrameSink) {
 
 /// Frames over raw TCP: each frame is prefixed with its `u32` big-endian length.
 pub fn tcp_frames(io: BoxIo) -> (FrameSource, FrameSink) {
-    let codec = LengthDelimitedCodec::builder().max_frame_length(MAX_MESSAGE).new_codec();
+    let codec = LengthDelimitedCodec::builder().max_frame_length(MUX_MAX_MESSAGE).new_codec();
     let (sink, stream) = Framed::new(io, codec).split();
     let source = stream.map(|r| r.map(|b| b.freeze()));
     (Box::pin(source), Box::pin(sink))

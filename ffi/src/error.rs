@@ -112,9 +112,8 @@ impl tunnel_result {
 
 /// The core's name for code `n`, NUL-terminated once per process.
 fn core_name(n: u32) -> &'static CStr {
-    static NAMES: once_cell::sync::Lazy<Vec<(u32, CString)>> = once_cell::sync::Lazy::new(|| {
-        ErrorCode::ALL.iter().map(|c| (c.number(), CString::new(c.name()).expect("code names have no NUL"))).collect()
-    });
+    static NAMES: once_cell::sync::Lazy<Vec<(u32, CString)>> =
+        once_cell::sync::Lazy::new(|| ErrorCode::ALL.iter().map(|c| (c.number(), CString::new(c.name()).expect("code names have no NUL"))).collect());
     NAMES.iter().find(|(k, _)| *k == n).map(|(_, s)| s.as_c_str()).unwrap_or(c"UNKNOWN")
 }
 

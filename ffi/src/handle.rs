@@ -70,9 +70,9 @@ pub unsafe fn str_arg<'a>(ptr: *const c_char, what: &str) -> Result<&'a str, Fai
     }
     // SAFETY: non-NULL and NUL-terminated, as the caller guarantees.
     let bytes = unsafe { CStr::from_ptr(ptr) };
-    bytes.to_str().map_err(|e| {
-        Fail::new(tunnel_result::InvalidUtf8, format!("argument `{what}` is not valid UTF-8 (bad byte at offset {})", e.valid_up_to()))
-    })
+    bytes
+        .to_str()
+        .map_err(|e| Fail::new(tunnel_result::InvalidUtf8, format!("argument `{what}` is not valid UTF-8 (bad byte at offset {})", e.valid_up_to())))
 }
 
 /// Copy `s` into a caller's buffer the way `snprintf` does: at most `len - 1` bytes and a NUL,

@@ -163,9 +163,10 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let identity = cfg.identity.clone().ok_or_else(|| {
-            Fail::new(tunnel_result::InvalidArgument, "a listener needs an identity: call tunnel_config_set_identity_file first")
-        })?;
+        let identity = cfg
+            .identity
+            .clone()
+            .ok_or_else(|| Fail::new(tunnel_result::InvalidArgument, "a listener needs an identity: call tunnel_config_set_identity_file first"))?;
         let mut b = Listener::builder(&cfg.relay, identity);
         if let Some(n) = &cfg.name {
             b = b.name(n.clone());
@@ -220,7 +221,12 @@ pub unsafe extern "C" fn tunnel_listener_name(listener: *const tunnel_listener, 
 /// # Safety
 /// `listener` must be NULL or live; `out_fd` NULL or writable; `out_peer` NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_listener_accept(listener: *const tunnel_listener, timeout_ms: c_int, out_fd: *mut c_int, out_peer: *mut tunnel_peer) -> tunnel_result {
+pub unsafe extern "C" fn tunnel_listener_accept(
+    listener: *const tunnel_listener,
+    timeout_ms: c_int,
+    out_fd: *mut c_int,
+    out_peer: *mut tunnel_peer,
+) -> tunnel_result {
     fallible(|| {
         let out_fd = out_ptr(out_fd, "out_fd")?;
         // SAFETY: the caller passes NULL or a live listener.

@@ -120,8 +120,9 @@ impl<S: Subscriber> Layer<S> for CallbackLayer {
 pub unsafe extern "C" fn tunnel_set_log_callback(callback: tunnel_log_callback, userdata: *mut c_void, max_level: tunnel_log_level) -> tunnel_result {
     fallible(|| {
         let installed = INSTALLED.get_or_init(|| {
-            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(CallbackLayer))
-                .map_err(|e| format!("another tracing subscriber is already installed in this process ({e}); libtunnel's log callback cannot be used"))
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(CallbackLayer)).map_err(|e| {
+                format!("another tracing subscriber is already installed in this process ({e}); libtunnel's log callback cannot be used")
+            })
         });
         installed.clone().map_err(|e| Fail::new(tunnel_result::General, e))?;
         let mut sink = SINK.write().unwrap_or_else(|p| p.into_inner());

@@ -58,7 +58,15 @@ impl Listener {
     }
 }
 
-fn builder(relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<libtunnel::ListenerBuilder> {
+fn builder(
+    relay: &str,
+    key: &str,
+    name: Option<String>,
+    tcp_port: bool,
+    ca: Option<PathBuf>,
+    timeout: f64,
+    backlog: usize,
+) -> PyResult<libtunnel::ListenerBuilder> {
     let id = crate::keys::load_identity(key).map_err(to_py)?;
     let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
     let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog);
@@ -82,7 +90,16 @@ impl Listener {
     #[staticmethod]
     #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
     #[allow(clippy::too_many_arguments)]
-    fn bind(py: Python<'_>, relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<Listener> {
+    fn bind(
+        py: Python<'_>,
+        relay: &str,
+        key: &str,
+        name: Option<String>,
+        tcp_port: bool,
+        ca: Option<PathBuf>,
+        timeout: f64,
+        backlog: usize,
+    ) -> PyResult<Listener> {
         let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
         wait(py, bind(b))
     }
@@ -90,7 +107,16 @@ impl Listener {
     #[staticmethod]
     #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
     #[allow(clippy::too_many_arguments)]
-    fn bind_async<'py>(py: Python<'py>, relay: &str, key: &str, name: Option<String>, tcp_port: bool, ca: Option<PathBuf>, timeout: f64, backlog: usize) -> PyResult<Bound<'py, PyAny>> {
+    fn bind_async<'py>(
+        py: Python<'py>,
+        relay: &str,
+        key: &str,
+        name: Option<String>,
+        tcp_port: bool,
+        ca: Option<PathBuf>,
+        timeout: f64,
+        backlog: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
         awaitable(py, bind(b))
     }

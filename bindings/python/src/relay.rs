@@ -33,7 +33,9 @@ fn config(settings: Vec<(String, String)>, config_file: Option<PathBuf>, use_env
         return RelayConfig::load(config_file.as_deref(), &settings);
     }
     let toml = match &config_file {
-        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::InvalidConfig, format!("cannot read config file {}: {e}", p.display())))?),
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::InvalidConfig, format!("cannot read config file {}: {e}", p.display())))?,
+        ),
         None => None,
     };
     RelayConfig::from_sources(toml.as_deref(), &[], &[], &settings)

@@ -13,6 +13,16 @@ use libtunnel::transport::ClientTls;
 use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, Server};
 use tokio::io::AsyncWriteExt;
 
+/// Print a status line on stdout. A closed stdout (`tunnel listen | head -1`, a supervisor that
+/// stopped reading) must not stop the tunnel, so a failed write is ignored, where `println!`
+/// would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "tunnel", version, about = "Reach private TCP services through a relay over one authenticated WebSocket")]
 struct Cli {
@@ -218,12 +228,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
             // One machine-readable line, so scripts can find the port when listening on :0.
-            println!("relay listening: {}", server.url());
+            say!("relay listening: {}", server.url());
             if let Some(t) = server.tcp_addr() {
-                println!("raw tcp listening: tcp://{t}");
+                say!("raw tcp listening: tcp://{t}");
             }
             if let Some(h) = server.http_addr() {
-                println!("public http listening: http://{h}");
+                say!("public http listening: http://{h}");
             }
             #[cfg(unix)]
             {
@@ -247,7 +257,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
-            println!("forwarding {addr} -> {target} via {}", dialer.relay());
+            say!("forwarding {addr} -> {target} via {}", dialer.relay());
             if dialer.mode() == Mode::Multiplexed {
                 if let Err(e) = dialer.connect().await {
                     tracing::warn!("{e} (will retry on the first connection)");
@@ -259,7 +269,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
-            println!("socks5 proxy on {addr} via {}", dialer.relay());
+            say!("socks5 proxy on {addr} via {}", dialer.relay());
             libtunnel::forward::socks_proxy(listener, dialer, shutdown_signal()).await
         }
         Cmd::Dial { target, client } => {
@@ -290,20 +300,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
             let id = libtunnel::Identity::generate();
             id.save(&out)?;
-            println!("# Wrote the listener's private key to {} (mode 0600)", out.display());
-            println!("name: {}", id.name());
-            println!("public key: {}", id.public_key_base64());
-            println!("# For the relay: allow this key (and optionally grant chosen names)");
-            println!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
+            say!("# Wrote the listener's private key to {} (mode 0600)", out.display());
+            say!("name: {}", id.name());
+            say!("public key: {}", id.public_key_base64());
+            say!("# For the relay: allow this key (and optionally grant chosen names)");
+            say!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
             Ok(())
         }
         Cmd::Keygen { kid, .. } => {
             let secret: [u8; 32] = rand::random();
             let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
-            println!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
-            println!("TUNNEL_KEY={kid}:{b64}");
-            println!("# For the relay (add to the list to rotate keys)");
-            println!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
+            say!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
+            say!("TUNNEL_KEY={kid}:{b64}");
+            say!("# For the relay (add to the list to rotate keys)");
+            say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
             Ok(())
         }
         Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca } => {
@@ -317,19 +327,43 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let listener = b.bind().await?;
             let reg = listener.registration();
             // Machine-readable lines, so scripts can find what was granted.
-            println!("listening as: {}", reg.name);
-            println!("dial: {}:0 (through any dialer of this relay)", reg.name);
+            say!("listening as: {}", reg.name);
+            say!("dial: {}:0 (through any dialer of this relay)", reg.name);
             if let Some(u) = &reg.http_url {
-                println!("http: {u}");
+                say!("http: {u}");
             }
             if let Some(t) = &reg.tcp_addr {
-                println!("tcp: {t}");
+                say!("tcp: {t}");
             }
-            println!("forwarding to: {to}");
+            say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
     }
+}
+
+/// The runtime a command runs on. The relay (and the demo, which embeds one) gets a worker per
+/// core; client commands move one session's bytes, where a second worker mostly adds cross-thread
+/// wake-ups per frame, so they run on one thread. `TUNNEL_WORKER_THREADS` overrides both.
+fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
+    let workers = match std::env::var("TUNNEL_WORKER_THREADS") {
+        Ok(v) => Some(v.trim().parse::<usize>().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| {
+            Error::new(ErrorCode::InvalidConfig, format!("TUNNEL_WORKER_THREADS must be a whole number of threads between 1 and 1024, got {v:?}"))
+        })?),
+        Err(_) => None,
+    };
+    let relay = matches!(cmd, Cmd::Server(_) | Cmd::Demo);
+    let mut b = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        None if !relay => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    b.enable_all().thread_name("libtunnel-rt").build().map_err(|e| Error::new(ErrorCode::Io, format!("cannot start the runtime: {e}")))
 }
 
 fn main() -> ExitCode {
@@ -341,12 +375,18 @@ fn main() -> ExitCode {
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
             for s in SETTINGS {
-                println!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
+                say!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
             }
             return ExitCode::SUCCESS;
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("libtunnel-rt").build().expect("start the tokio runtime");
+    let rt = match runtime(&cli.cmd) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error [{}]: {e}", e.code());
+            return ExitCode::from(2);
+        }
+    };
     let result = rt.block_on(run(cli));
     // `tunnel dial` ends when the remote side finishes, even with stdin still open (ssh
     // ProxyCommand); tokio's stdin read then sits on a blocking thread, and dropping the runtime

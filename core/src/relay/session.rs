@@ -47,6 +47,8 @@ pub(super) fn server_session(state: &RelayState, source: FrameSource, sink: Fram
         keepalive_interval: l.keepalive_interval,
         keepalive_timeout: l.keepalive_timeout,
         max_streams: l.max_streams_per_session,
+        max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
+        receive_budget: l.session_receive_budget,
         ..MuxConfig::default()
     };
     let session = Session::new(Role::Server, source, sink, cfg);
@@ -459,15 +461,15 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
             _ = killed() => return,
         },
         Upstream::Listener(mut l) => {
-            // copy_bidirectional counts (to listener, from listener); bridge counts (down, up).
+            // splice counts (dialer → listener, listener → dialer); bridge counts (to the dialer,
+            // from the dialer). A cut-off side resets both inside splice; a relay shutdown resets
+            // both here, so neither end takes the cut-off stream for a finished one (dropping them
+            // would send FIN).
             let r = tokio::select! {
-                r = tokio::io::copy_bidirectional_with_sizes(&mut stream, &mut l, 64 * 1024, 64 * 1024) => r.map(|(up, down)| (down, up)),
+                r = crate::stream::splice(&mut stream, &mut l) => r.map(|(to_listener, to_dialer)| (to_dialer, to_listener)),
                 _ = killed() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the relay shut down")),
             };
             if r.is_err() {
-                // One side failed (its session died, it was reset, or the relay is shutting down):
-                // reset both, so neither end takes the cut-off stream for a finished one (dropping
-                // them would send FIN).
                 stream.reset(ErrorCode::Closed);
                 l.reset(ErrorCode::Closed);
             }
