@@ -983,7 +983,8 @@ async fn example_env_and_http_surface_on_both_servers() {
 // ---------------------------------------------------------------------------------------------
 
 /// With classic tunnels open and idle, SIGTERM stops the relay within a couple of seconds (not the
-/// 30 s drain_timeout); Emissary exits at once. A busy classic tunnel keeps the drain.
+/// 30 s drain_timeout); Emissary exits at once. A classic tunnel that keeps moving bytes keeps the
+/// drain, and the relay exits once it has been quiet for a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_idle_classic_tunnels_exits_promptly() {
     let echo = Echo::start().await;
@@ -1015,6 +1016,28 @@ async fn sigterm_with_idle_classic_tunnels_exits_promptly() {
             assert!(!matches!(r, Ok(n) if n > 0), "{kind}: an idle tunnel delivered data after shutdown");
         }
     }
+    // Ours only (Emissary cuts every tunnel at once): a tunnel that keeps moving bytes keeps the
+    // drain going, and once it goes quiet the relay exits.
+    let setup = ServerSetup::new(&[(KID, SECRET)], &[("127.0.0.1", echo.addr.port())], false);
+    let mut server = Proc::start(Kind::Ours, &setup).await;
+    let d = classic_dialer(&server.ws_url(), Key::new(KID, SECRET.to_vec()).expect("key"));
+    let mut busy = d.dial(&echo.addr.to_string()).await.expect("dial");
+    let pid = server.child.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let mut b = [0u8; 4];
+        busy.write_all(b"busy").await.expect("a busy tunnel keeps working while the relay drains");
+        timeout(Duration::from_secs(5), busy.read_exact(&mut b)).await.expect("echo in time").expect("echo while draining");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(server.child.try_wait().expect("poll").is_none(), "the relay dropped a busy classic tunnel during the drain");
+    let status = timeout(Duration::from_secs(5), server.child.wait()).await;
+    println!(
+        "emissary interop: libtunnel's relay: a busy classic tunnel kept the drain for 2.5 s; exited {:.2}s after it went quiet",
+        started.elapsed().as_secs_f64() - 2.5
+    );
+    assert!(status.is_ok(), "the relay did not exit once the busy tunnel went quiet; log:\n{}", server.log_text());
 }
 
 // ---------------------------------------------------------------------------------------------
