@@ -119,6 +119,8 @@ pub(crate) fn decode_base64(s: &str, what: &str) -> Result<Vec<u8>> {
 #[derive(Clone, Default)]
 pub struct KeySet {
     keys: HashMap<u32, Key>,
+    /// Key ids in the order the config lists them (the health path shows them so, as Emissary).
+    order: Vec<u32>,
 }
 
 impl fmt::Debug for KeySet {
@@ -130,17 +132,23 @@ impl fmt::Debug for KeySet {
 impl KeySet {
     /// A key set from keys; a duplicate key id is an error.
     pub fn new(keys: impl IntoIterator<Item = Key>) -> Result<KeySet> {
-        let mut map = HashMap::new();
+        let (mut map, mut order) = (HashMap::new(), Vec::new());
         for k in keys {
             let kid = k.kid;
             if map.insert(kid, k).is_some() {
                 return Err(Error::config(format!("key id {kid} is listed twice in the auth keys; give each key its own kid")));
             }
+            order.push(kid);
         }
-        Ok(KeySet { keys: map })
+        Ok(KeySet { keys: map, order })
     }
 
-    /// Key ids, sorted (served on the health path, as Emissary does).
+    /// Key ids in config order (the health path's `key_ids`, as Emissary lists them).
+    pub fn kids_in_config_order(&self) -> Vec<u32> {
+        self.order.clone()
+    }
+
+    /// Key ids, sorted.
     pub fn kids(&self) -> Vec<u32> {
         let mut v: Vec<u32> = self.keys.keys().copied().collect();
         v.sort_unstable();

@@ -37,9 +37,9 @@ pub struct Limits {
     pub session_receive_budget: usize,
     /// A listener must answer a public HTTP request (response headers) within this time, else 504.
     pub http_timeout: Duration,
-    /// Largest WebSocket message accepted in classic mode. Emissary's Go dialer sends each
-    /// application write as one message, so this must exceed the largest single write a
-    /// classic client makes; multiplexed sessions always use the 1 MiB frame limit.
+    /// No longer limits anything: the relay streams classic WebSocket messages frame by frame, so
+    /// a message of any size (Emissary's dialer sends each write as one) passes with bounded
+    /// memory. Kept so configs that set it still load.
     pub classic_max_message: usize,
     /// Most multiplexed sessions open at once with one shared key (a leaked key cannot take the
     /// whole relay).
@@ -234,7 +234,6 @@ impl RelayConfig {
         }
         for (var, val) in &merged {
             if let Some(name) = var.strip_prefix("EMISSARY_") {
-                emissary_used = true;
                 let (setting, value) = match name {
                     "HTTP_PORT" => ("listen", port_to_addr(val, var)?),
                     "TCP_PORT" => ("tcp_listen", port_to_addr(val, var)?),
@@ -242,8 +241,18 @@ impl RelayConfig {
                     "ALLOWED_PROXY_TARGETS" => ("allow", val.clone()),
                     "DNS_SERVERS" => ("dns_servers", val.clone()),
                     "HEALTH_PATH" => ("health_path", val.clone()),
-                    _ => return Err(unknown(var, "environment variable")),
+                    // Emissary ignores names it does not know, and Kubernetes injects service
+                    // links (EMISSARY_PORT, EMISSARY_SERVICE_HOST, ...) into every pod of a
+                    // namespace with a Service named `emissary`.
+                    _ if is_service_link(name) => continue,
+                    _ => {
+                        tracing::warn!(
+                            "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --help` lists the settings)"
+                        );
+                        continue;
+                    }
                 };
+                emissary_used = true;
                 if let Some((_, prev)) = values.get(setting) {
                     if prev.starts_with("TUNNEL_") {
                         return Err(Error::config(format!("both {prev} and {var} are set; set only one of them")));
@@ -441,7 +450,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
     Setting { name: "max_stream_window", help: "largest receive window one stream may grow to, bytes" },
     Setting { name: "session_receive_budget", help: "most window a session's streams may grow together, bytes" },
-    Setting { name: "classic_max_message", help: "largest classic-mode WebSocket message in bytes" },
+    Setting { name: "classic_max_message", help: "ignored (classic messages of any size are streamed); accepted for old configs" },
     Setting { name: "max_sessions_per_key", help: "most multiplexed sessions open at once per shared key" },
     Setting { name: "max_pending_accepts", help: "most streams waiting for one listener to accept them" },
     Setting { name: "http_max_header_bytes", help: "largest public HTTP request head in bytes (at least 8192)" },
@@ -450,6 +459,7 @@ pub const SETTINGS: &[Setting] = &[
 ];
 
 /// Client-side variables that may share an environment with the relay.
+/// (`LIBTUNNEL_WORKER_THREADS` has no `TUNNEL_` prefix, so the relay never looks at it.)
 const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE", "TUNNEL_LISTENER_KEY", "TUNNEL_WORKER_THREADS"];
 
 fn lookup(name: &str) -> Option<&'static Setting> {
@@ -493,7 +503,34 @@ fn parse_opt_addr(v: &str, w: &str) -> Result<Option<SocketAddr>> {
     v.parse::<SocketAddr>().map(Some).map_err(|_| Error::config(format!("{w} must be an address like 127.0.0.1:7835 (or off), got {v:?}")))
 }
 
+/// Whether `EMISSARY_<name>` has the shape of a Kubernetes service-link variable: `PORT`,
+/// `SERVICE_HOST`, `SERVICE_PORT[_NAME]`, `PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]`, or the same for a
+/// Service whose name starts with `emissary-` (`EMISSARY_FOO_SERVICE_HOST`, ...).
+fn is_service_link(name: &str) -> bool {
+    let proto = |p: &str| matches!(p, "TCP" | "UDP" | "SCTP");
+    let port_n = |rest: &str| {
+        let mut parts = rest.split('_');
+        matches!(parts.next(), Some(n) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            && parts.next().is_some_and(proto)
+            && matches!((parts.next(), parts.next()), (None, _) | (Some("PROTO" | "PORT" | "ADDR"), None))
+    };
+    name == "PORT"
+        || name.ends_with("_PORT") && name != "HTTP_PORT" && name != "TCP_PORT"
+        || name == "SERVICE_HOST"
+        || name.ends_with("_SERVICE_HOST")
+        || name.starts_with("SERVICE_PORT")
+        || name.contains("_SERVICE_PORT")
+        || name.strip_prefix("PORT_").is_some_and(port_n)
+        || name.split_once("_PORT_").is_some_and(|(_, rest)| port_n(rest))
+}
+
 fn port_to_addr(v: &str, var: &str) -> Result<String> {
+    if v.trim().starts_with("tcp://") || v.trim().starts_with("udp://") {
+        return Err(Error::config(format!(
+            "{var}={v} is a Kubernetes service link (from a Service named {}), not a port: rename that Service, or set enableServiceLinks: false in the pod spec, or set {var} to a port number",
+            var.trim_end_matches("_PORT").to_ascii_lowercase().replace('_', "-")
+        )));
+    }
     let port: u16 = v.trim().parse().map_err(|_| Error::config(format!("{var} must be a port number, got {v:?}")))?;
     Ok(if port == 0 { "off".into() } else { format!("0.0.0.0:{port}") })
 }
@@ -559,6 +596,53 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_service_links_and_client_variables_are_tolerated() {
+        let base = [("EMISSARY_AUTH_KEYS", KEYS), ("EMISSARY_ALLOWED_PROXY_TARGETS", ALLOW)];
+        // What Kubernetes injects for a Service named `emissary` (ports 8080 and 9000), one named
+        // `emissary-admin`, a misspelt Emissary name (warned about, as Emissary ignores it), and
+        // the client variables one shared .env may hold.
+        let noise = [
+            ("EMISSARY_PORT", "tcp://10.0.0.7:8080"),
+            ("EMISSARY_SERVICE_HOST", "10.0.0.7"),
+            ("EMISSARY_SERVICE_PORT", "8080"),
+            ("EMISSARY_SERVICE_PORT_HTTP", "8080"),
+            ("EMISSARY_PORT_8080_TCP", "tcp://10.0.0.7:8080"),
+            ("EMISSARY_PORT_8080_TCP_PROTO", "tcp"),
+            ("EMISSARY_PORT_8080_TCP_PORT", "8080"),
+            ("EMISSARY_PORT_9000_UDP_ADDR", "10.0.0.7"),
+            ("EMISSARY_ADMIN_SERVICE_HOST", "10.0.0.8"),
+            ("EMISSARY_ADMIN_PORT", "tcp://10.0.0.8:80"),
+            ("EMISSARY_ADMIN_PORT_80_TCP_ADDR", "10.0.0.8"),
+            ("EMISSARY_AUTH_KEY", KEYS),
+            ("TUNNEL_RELAY", "ws://relay:7835"),
+            ("TUNNEL_KEY", "1:c2VjcmV0"),
+            ("TUNNEL_LISTENER_KEY", "listener.pem"),
+            ("TUNNEL_WORKER_THREADS", "4"),
+            ("LIBTUNNEL_WORKER_THREADS", "4"),
+        ];
+        let all: Vec<(&str, &str)> = base.iter().chain(noise.iter()).copied().collect();
+        let c = RelayConfig::from_sources(None, &[], &env(&all), &[]).unwrap();
+        assert_eq!(c.listen, Some("0.0.0.0:8080".parse().unwrap()));
+        for name in ["PORT", "SERVICE_HOST", "SERVICE_PORT_HTTP", "PORT_8080_TCP", "PORT_53_UDP_PROTO", "X_SERVICE_PORT", "X_PORT_1_TCP_ADDR"] {
+            assert!(is_service_link(name), "{name}");
+        }
+        for name in ["HTTP_PORT", "TCP_PORT", "AUTH_KEY", "PORT_X_TCP", "PORT_80_TCP_EXTRA", "HEALTH"] {
+            assert!(!is_service_link(name), "{name}");
+        }
+        // A Service named `emissary-http` shadows EMISSARY_HTTP_PORT: say so instead of "not a port".
+        let e = RelayConfig::from_sources(None, &[], &env(&[base[0], base[1], ("EMISSARY_HTTP_PORT", "tcp://10.0.0.9:80")]), &[]).unwrap_err();
+        assert!(e.message().contains("Kubernetes service link") && e.message().contains("emissary-http"), "{e}");
+        // TUNNEL_* typos are still errors with a suggestion.
+        let e =
+            RelayConfig::from_sources(None, &[], &env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_LISTENER_KEYZ", "x")]), &[])
+                .unwrap_err();
+        assert!(e.message().contains("did you mean TUNNEL_LISTENER_KEYS"), "{e}");
+        // Service links alone do not switch the relay to Emissary's defaults.
+        let c = RelayConfig::from_sources(None, &[], &env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), noise[0], noise[1]]), &[]).unwrap();
+        assert_eq!(c.listen, Some("127.0.0.1:7835".parse().unwrap()));
+    }
+
+    #[test]
     fn precedence_file_dotenv_env_flags() {
         let toml = r#"
 listen = "127.0.0.1:1000"
@@ -588,7 +672,6 @@ allow = [{host = "db.internal", port = 5432}]
             (env(&[("TUNNEL_AUTH_KEYS", "{bad"), ("TUNNEL_ALLOW", ALLOW)]), "TUNNEL_AUTH_KEYS must be a JSON list"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_LISTN", "x")]), "did you mean TUNNEL_LISTEN"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_LISTEN", "nowhere")]), "TUNNEL_LISTEN must be an address"),
-            (env(&[("EMISSARY_AUTH_KEY", KEYS)]), "unknown environment variable EMISSARY_AUTH_KEY"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("EMISSARY_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)]), "set only one"),
             (env(&[("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW), ("TUNNEL_CONNECT_TIMEOUT", "-1")]), "positive number of seconds"),
             // These panicked (Duration::from_secs_f64 past Duration::MAX, a semaphore past its

@@ -17,6 +17,11 @@ use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
 use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
 
+/// How to switch a dialer to classic mode, in every face (the fix named by errors from a
+/// classic-only relay).
+pub(crate) const USE_CLASSIC: &str =
+    "dial it in classic mode: `--classic` (CLI), `Mode::Classic` (Rust), `classic=True` (Python), `{classic: true}` (Node)";
+
 /// Emissary's client keepalive period in classic mode.
 pub const CLASSIC_PING: Duration = Duration::from_secs(30);
 
@@ -308,7 +313,7 @@ pub(crate) async fn connect_mux(
         Connected::Ws(mut ws, chosen) => {
             if !chosen {
                 return Err(Error::protocol(format!(
-                    "the relay at {} did not accept the {} subprotocol (it may be an Emissary server); use classic mode",
+                    "the relay at {} did not accept the {} subprotocol: it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
                     url.url,
                     protocol::MUX_SUBPROTOCOL
                 )));
@@ -328,10 +333,23 @@ pub(crate) async fn connect_mux(
         }
         Connected::Tcp(mut io) => {
             let nonce = protocol::read_server_connect(&mut io).await?;
-            io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(lost)?;
-            let (source, mut sink) = transport::tcp_frames(io);
-            sink.send(make_hello(&nonce)).await.map_err(lost)?;
-            (source, sink)
+            // A libtunnel relay answers the magic and hello (if only with a refusal); an Emissary
+            // server takes the magic for a bad SOCKS5 version and hangs up.
+            let classic_only = |e: std::io::Error| {
+                Error::protocol(format!(
+                    "the relay at {} sent Emissary's preamble, then closed the connection at libtunnel's multiplexed hello ({e}): it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
+                    url.url
+                ))
+            };
+            io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(classic_only)?;
+            let (mut source, mut sink) = transport::tcp_frames(io);
+            sink.send(make_hello(&nonce)).await.map_err(classic_only)?;
+            let answer = match source.next().await {
+                Some(Ok(b)) => b,
+                Some(Err(e)) => return Err(classic_only(e)),
+                None => return Err(classic_only(std::io::ErrorKind::UnexpectedEof.into())),
+            };
+            return Ok((source, sink, answer));
         }
     };
     let answer = match source.next().await {

@@ -231,8 +231,9 @@ pub(crate) fn parse_pipelined_reply(b: &[u8], target: &Target) -> Option<Result<
 
 /// How the relay side authenticates a stream's SOCKS5 greeting.
 pub enum ServerAuth<'a> {
-    /// Classic mode: insist on method 0x02 and check the proof against this connection's nonce.
-    Proof { keys: &'a KeySet, nonce: &'a [u8] },
+    /// Classic mode: insist on method 0x02 and check the proof against this connection's nonce;
+    /// a failure is answered (`01 01`) only after `fail_delay`.
+    Proof { keys: &'a KeySet, nonce: &'a [u8], fail_delay: std::time::Duration },
     /// The session is already authenticated: accept method 0x00.
     Session,
 }
@@ -273,11 +274,14 @@ pub async fn server_handshake<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, aut
     }
     handshake::Response::new(wanted).write_to(io).await?;
     io.flush().await?;
-    if let ServerAuth::Proof { keys, nonce } = auth {
+    if let ServerAuth::Proof { keys, nonce, fail_delay } = auth {
         let creds = password::Request::read_from(io).await.map_err(malformed)?;
         let date = String::from_utf8_lossy(&creds.username);
         let sig = String::from_utf8_lossy(&creds.password);
         let verdict = keys.verify(nonce, &date, &sig, SystemTime::now());
+        if verdict.is_err() && !fail_delay.is_zero() {
+            tokio::time::sleep(fail_delay).await;
+        }
         // Status byte as Emissary (and most SOCKS5 servers) send it: 0x00 success, 0x01 failure.
         io.write_all(&[0x01, if verdict.is_ok() { 0x00 } else { 0x01 }]).await?;
         io.flush().await?;

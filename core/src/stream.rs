@@ -69,14 +69,7 @@ impl TunnelStream {
     pub async fn bridge<S: LocalSocket>(self, local: S) -> io::Result<(u64, u64)> {
         match self.inner {
             Inner::Mux(m) => bridge(m, local).await,
-            Inner::Ws(mut ws) => {
-                let mut local = local;
-                let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut *ws, 32 * 1024, 32 * 1024).await;
-                if r.is_err() {
-                    local.abort();
-                }
-                r
-            }
+            Inner::Ws(ws) => classic_bridge(*ws, local).await,
             Inner::Raw(mut raw) => {
                 let mut local = local;
                 let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut raw, 32 * 1024, 32 * 1024).await;
@@ -123,6 +116,51 @@ impl AsyncWrite for TunnelStream {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         delegate!(self, s => s.poll_shutdown(cx))
+    }
+}
+
+/// Join a classic WebSocket tunnel to a local socket. Classic mode has no half-close on the wire,
+/// so when the local side finishes sending, the tunnel is not closed: its reply is still read until
+/// the target closes (as Emissary's own CLI does), then the local socket is shut down and the
+/// WebSocket closed.
+async fn classic_bridge<S: LocalSocket>(ws: WsByteStream, local: S) -> io::Result<(u64, u64)> {
+    use tokio::io::{AsyncWriteExt, BufReader};
+    let (lr, mut lw) = tokio::io::split(local);
+    let (tr, mut tw) = tokio::io::split(ws);
+    let (mut lr, mut tr) = (BufReader::with_capacity(32 * 1024, lr), BufReader::with_capacity(32 * 1024, tr));
+    let result = {
+        let up = async {
+            let n = tokio::io::copy_buf(&mut lr, &mut tw).await?;
+            tw.flush().await?;
+            Ok::<_, io::Error>(n)
+        };
+        let down = async {
+            let n = tokio::io::copy_buf(&mut tr, &mut lw).await?;
+            let _ = lw.shutdown().await; // a local peer that already left is fine
+            Ok::<_, io::Error>(n)
+        };
+        tokio::pin!(up, down);
+        tokio::select! {
+            // The target closed the tunnel: done, whatever the local side still sends.
+            d = &mut down => d.map(|d| (0, d)),
+            u = &mut up => match u {
+                Ok(u) => down.await.map(|d| (u, d)),
+                Err(e) => Err(e),
+            },
+        }
+    };
+    let mut ws = tr.into_inner().unsplit(tw);
+    let local = lr.into_inner().unsplit(lw);
+    match result {
+        Ok(r) => {
+            // Answer (or send) the closing handshake; bounded, the relay may be gone.
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), ws.shutdown()).await;
+            Ok(r)
+        }
+        Err(e) => {
+            local.abort();
+            Err(e)
+        }
     }
 }
 

@@ -262,8 +262,9 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
             Ok(Connected::Ws(ws, chosen))
         }
         Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
-            "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); use classic mode",
-            url.url
+            "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); {}",
+            url.url,
+            crate::dialer::USE_CLASSIC
         ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
@@ -282,7 +283,9 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
         }
         tungstenite::Error::Capacity(c) => io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("oversized WebSocket message ({c}); raise classic_max_message on the relay if a classic client writes that much at once"),
+            format!(
+                "oversized WebSocket message ({c}); libtunnel peers send at most 1 MiB per message (the relay streams classic messages of any size)"
+            ),
         ),
         // The peer went away without the closing handshake: a reset, not a protocol violation.
         tungstenite::Error::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
@@ -300,6 +303,8 @@ pub struct WsByteStream {
     pending: Bytes,
     eof: bool,
     ping: Option<tokio::time::Interval>,
+    /// Our Close frame was queued.
+    close_sent: bool,
 }
 
 impl WsByteStream {
@@ -310,7 +315,7 @@ impl WsByteStream {
             i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             i
         });
-        WsByteStream { ws, pending: Bytes::new(), eof: false, ping }
+        WsByteStream { ws, pending: Bytes::new(), eof: false, ping, close_sent: false }
     }
 
     /// Read one whole message (used for the preamble).
@@ -393,7 +398,21 @@ impl AsyncWrite for WsByteStream {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // WebSocket has no half-close: finishing our side closes the tunnel (Emissary does the same).
+        // WebSocket has no half-close: finishing our side closes the tunnel (Emissary does the
+        // same), with Close 1000 as Emissary sends it (a Close without a code reads as an error
+        // on Emissary's side).
+        if !self.close_sent {
+            match ready!(Sink::<Message>::poll_ready(Pin::new(&mut self.ws), cx)) {
+                Ok(()) => {
+                    let normal =
+                        tungstenite::protocol::CloseFrame { code: tungstenite::protocol::frame::coding::CloseCode::Normal, reason: "".into() };
+                    let _ = Pin::new(&mut self.ws).start_send(Message::Close(Some(normal)));
+                }
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {}
+                Err(e) => return Poll::Ready(Err(ws_err(e))),
+            }
+            self.close_sent = true;
+        }
         match ready!(Sink::<Message>::poll_close(Pin::new(&mut self.ws), cx)) {
             Ok(()) | Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => Poll::Ready(Ok(())),
             Err(e) => Poll::Ready(Err(ws_err(e))),

@@ -745,9 +745,10 @@ async fn http_front_health_metrics_and_wrong_subprotocol() {
     assert_eq!(metric(&text, "libtunnel_auth_failures_total"), 0, "{text}");
     assert!(text.contains("# TYPE libtunnel_streams_active gauge"), "{text}");
 
-    // A plain GET elsewhere says how to use the endpoint.
+    // A plain GET elsewhere: 400, as Emissary answers, and the body says how to use the endpoint.
     let (status, body) = http_get(addr, "/").await;
-    assert_eq!(status, 426, "{body}");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("connect with a WebSocket"), "{body}");
 }
 
 // ---------------------------------------------------------------------------------------------

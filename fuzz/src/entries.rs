@@ -115,7 +115,8 @@ pub fn socks5(data: &[u8]) {
         return;
     };
     let keys = keyset();
-    let auth = if mode & 1 == 1 { ServerAuth::Proof { keys: &keys, nonce: &NONCE } } else { ServerAuth::Session };
+    let auth =
+        if mode & 1 == 1 { ServerAuth::Proof { keys: &keys, nonce: &NONCE, fail_delay: std::time::Duration::ZERO } } else { ServerAuth::Session };
     let mut wire = Wire::new(rest);
     if let Ok(addr) = at_once(socks::server_handshake(&mut wire, auth)) {
         check_target(&addr);

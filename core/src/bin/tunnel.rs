@@ -274,11 +274,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Dial { target, client } => {
             let stream = client.dialer()?.dial(&target).await?;
+            // Classic mode has no half-close: closing our side would close the tunnel before the
+            // reply arrives, so at the end of stdin it only flushes and keeps reading.
+            let classic = stream.mode() == Mode::Classic;
             let (mut rd, mut wr) = tokio::io::split(stream);
             let up = async {
                 let mut stdin = tokio::io::stdin();
                 let _ = tokio::io::copy(&mut stdin, &mut wr).await;
-                let _ = wr.shutdown().await;
+                let _ = if classic { wr.flush().await } else { wr.shutdown().await };
             };
             let down = async {
                 let mut stdout = tokio::io::stdout();

@@ -1,7 +1,7 @@
-//! Admission guards in front of authentication: a per-source-address limit on failed
-//! authentications (a guesser is refused without its proofs being checked until its minute is
-//! over, and logged once per minute rather than once per try), and a count of open multiplexed
-//! sessions per shared key (`max_sessions_per_key`).
+//! Admission guards around authentication: a per-source-address count of failed
+//! authentications (past the limit, that address's failures are answered slowly and logged once
+//! per minute rather than once per try; its valid proofs still pass), and a count of open
+//! multiplexed sessions per shared key (`max_sessions_per_key`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -25,7 +25,7 @@ struct Failures {
 pub(crate) enum Admission {
     /// Check its credentials.
     Check,
-    /// Too many failures: refuse without checking, for this long.
+    /// Too many failures in this window (which ends in this long): answer failures slowly.
     Refuse(Duration),
 }
 
@@ -79,7 +79,9 @@ impl AuthLimiter {
         false
     }
 
-    /// A success clears the address's record.
+    /// Clear the address's record. The relay does not call it on success: a valid key from a
+    /// shared address must not reset a guesser's count (failures expire with their minute).
+    #[cfg(test)]
     pub(crate) fn succeeded(&self, ip: IpAddr) {
         self.table().remove(&ip);
     }

@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::metrics::Refusal;
 use super::{session, RelayState};
 use crate::protocol::MUX_SUBPROTOCOL;
-use crate::transport::{ws_config, ws_config_with_limit, BoxIo};
+use crate::transport::{ws_config, BoxIo};
 
 type Body = Full<Bytes>;
 
@@ -63,9 +63,7 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
         session::serve_ws_mux(state, ws, peer).await;
     } else {
-        let limit = state.cfg.limits.classic_max_message;
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config_with_limit(limit))).await;
-        session::serve_ws_classic(state, ws, peer).await;
+        session::serve_ws_classic(state, io, peer).await;
     }
 }
 
@@ -86,9 +84,16 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
     if req.method() != Method::GET {
         return refuse(StatusCode::METHOD_NOT_ALLOWED, "only GET is served here (WebSocket upgrades, the health path and /metrics)".into());
     }
+    // As Emissary's router: the health route matches by prefix (`/health` also answers
+    // `/healthz`), with the body Go writes: `{"key_ids":[...],"ok":true}`, ids in config order,
+    // under the content type Go's sniffing gives it.
     let hp = state.cfg.health_path.as_str();
-    if path == hp || path.strip_prefix(hp).is_some_and(|r| r.starts_with('/')) {
-        return json(StatusCode::OK, serde_json::json!({ "ok": true, "key_ids": state.access().auth_keys.kids() }));
+    if path.starts_with(hp) {
+        let body = serde_json::json!({ "ok": true, "key_ids": state.access().auth_keys.kids_in_config_order() });
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .expect("static response parts are valid");
     }
     if path == "/metrics" {
         return Response::builder()
@@ -98,7 +103,8 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
     }
     let is_upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !is_upgrade {
-        return refuse(StatusCode::UPGRADE_REQUIRED, format!("this is a libtunnel relay: connect with a WebSocket, or GET {hp} for health"));
+        // 400 as Emissary (gorilla/websocket's upgrader) answers.
+        return refuse(StatusCode::BAD_REQUEST, format!("this is a libtunnel relay: connect with a WebSocket, or GET {hp} for health"));
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
         return refuse(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key".into());

@@ -148,17 +148,14 @@ pub(super) async fn serve_listener(
         }
     };
     let public_key: [u8; 32] = hello.public_key.as_slice().try_into().expect("decode_frame checked the length");
-    if let Some(why) = super::session::rate_limited(&state, peer) {
-        let _ = sink.send(refuse(ErrorCode::AuthFailed, why)).await;
-        return;
-    }
+    let fail_delay = super::session::failure_delay(&state, peer);
     if !verify_registration(&public_key, &hello.signature, &nonce, &hello.name) {
         state.metrics.refused(Refusal::Registration);
         super::session::log_auth_failure(&state, peer, &format!("bad listener registration signature for the name {:?}", hello.name));
+        super::session::slow_failure(&state, fail_delay).await;
         let _ = sink.send(refuse(ErrorCode::AuthFailed, "the registration signature does not verify; use the listener's own key file".into())).await;
         return;
     }
-    state.auth_limiter.succeeded(peer.ip());
     let name = hello.name.clone();
     let reserved =
         authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));

@@ -6,6 +6,7 @@
 //! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
 
 pub mod allowlist;
+mod classic_ws;
 pub mod connect;
 mod guard;
 mod http;

@@ -9,11 +9,12 @@ use std::time::SystemTime;
 
 use futures_util::{SinkExt, StreamExt};
 use socks5_proto::{Address, Reply};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
+use super::classic_ws::{Activity, ClassicIo, ClassicWs, Watched};
 use super::connect::connect_target;
 use super::guard::Admission;
 use super::metrics::Refusal;
@@ -23,7 +24,7 @@ use crate::error::ErrorCode;
 use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
 use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
 use crate::socks::{self, ServerAuth, ServerHandshakeError, Target};
-use crate::transport::{tcp_frames, ws_frames, BoxIo, WsByteStream};
+use crate::transport::{tcp_frames, ws_frames, BoxIo};
 
 struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicI64);
 impl<'a> ActiveGuard<'a> {
@@ -95,28 +96,36 @@ pub(super) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std
     }
 }
 
-/// Whether `peer` may authenticate now; when not, the refusal is counted and its message says
-/// when to retry.
-pub(super) fn rate_limited(state: &RelayState, peer: SocketAddr) -> Option<String> {
-    let Admission::Refuse(wait) = state.auth_limiter.admit(peer.ip()) else {
-        return None;
-    };
-    state.metrics.refused(Refusal::RateLimited);
-    let _ = state.auth_limiter.failed(peer.ip());
-    tracing::debug!(%peer, "authentication refused unchecked (rate limited)");
-    Some(format!(
-        "too many failed authentications from {} in the last minute (auth_failures_per_minute = {}); fix the key, then retry in {}s",
-        peer.ip(),
-        state.cfg.limits.auth_failures_per_minute,
-        wait.as_secs() + 1
-    ))
+/// How long a failed proof from `peer` waits for its answer: nothing normally, [`FAILURE_DELAY`]
+/// once the address is over `auth_failures_per_minute` (counted as a rate-limited refusal). Proofs
+/// are checked either way, so a valid key is never refused for what others did from its address;
+/// a guesser only gets slower answers, and its failures are no longer logged one by one.
+pub(super) fn failure_delay(state: &RelayState, peer: SocketAddr) -> std::time::Duration {
+    match state.auth_limiter.admit(peer.ip()) {
+        Admission::Check => std::time::Duration::ZERO,
+        Admission::Refuse(_) => FAILURE_DELAY,
+    }
 }
 
-/// Classic (Emissary) mode over a WebSocket.
-pub(super) async fn serve_ws_classic(state: Arc<RelayState>, ws: WebSocketStream<BoxIo>, peer: SocketAddr) {
-    let mut io = WsByteStream::new(ws, None);
+/// The wait before answering a failed proof from an address over its failure limit. Checking a
+/// proof costs one HMAC (or one Ed25519 verification), far less than the handshakes before it; the
+/// delay caps how fast one connection can guess.
+pub(super) const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Count a rate-limited failure and wait [`FAILURE_DELAY`] when `delay` says so.
+pub(super) async fn slow_failure(state: &RelayState, delay: std::time::Duration) {
+    if !delay.is_zero() {
+        state.metrics.refused(Refusal::RateLimited);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Classic (Emissary) mode over a WebSocket, read frame by frame so messages of any size stream
+/// through (see `classic_ws`).
+pub(super) async fn serve_ws_classic(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
+    let mut io = ClassicWs::new(io);
     let nonce = fresh_nonce();
-    if io.write_message(ServerConnect::new(&nonce).encode_bytes().into()).await.is_err() {
+    if io.write_message(&ServerConnect::new(&nonce).encode_bytes()).await.is_err() {
         return;
     }
     serve_classic(state, io, peer, nonce).await;
@@ -150,14 +159,29 @@ pub(super) async fn serve_raw_tcp(state: Arc<RelayState>, mut sock: TcpStream, p
     }
 }
 
-async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<RelayState>, mut io: S, peer: SocketAddr, nonce: [u8; 32]) {
-    if rate_limited(&state, peer).is_some() {
-        // Emissary's protocol has no way to say why; the connection is closed before its proof
-        // is read, and the relay's log says why.
-        return;
+/// After the relay starts draining, a classic tunnel that has moved no byte for this long is closed
+/// (Close 1001) instead of holding shutdown until `drain_timeout`; busier ones keep the full drain.
+/// Emissary itself closes every tunnel at once on SIGTERM.
+const DRAIN_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves once the relay is draining and `activity` has been quiet for [`DRAIN_IDLE`].
+async fn drained_and_idle(state: &RelayState, activity: &Activity) {
+    state.draining.cancelled().await;
+    loop {
+        let idle = activity.idle_for();
+        if idle >= DRAIN_IDLE {
+            return;
+        }
+        tokio::time::sleep(DRAIN_IDLE - idle).await;
     }
+}
+
+async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: SocketAddr, nonce: [u8; 32]) {
+    // Proofs are always checked: a valid key is never refused because others failed from the same
+    // address. An address over `auth_failures_per_minute` only gets its failures answered slowly.
+    let fail_delay = failure_delay(&state, peer);
     let access = state.access();
-    let auth = ServerAuth::Proof { keys: &access.auth_keys, nonce: &nonce };
+    let auth = ServerAuth::Proof { keys: &access.auth_keys, nonce: &nonce, fail_delay };
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut io, auth)).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
@@ -166,44 +190,61 @@ async fn serve_classic<S: AsyncRead + AsyncWrite + Unpin + Send>(state: Arc<Rela
         }
         Ok(Err(e)) => {
             note_handshake_error(&state, peer, &e);
-            let _ = io.shutdown().await;
+            if matches!(e, ServerHandshakeError::Auth(_)) && !fail_delay.is_zero() {
+                state.metrics.refused(Refusal::RateLimited);
+            }
+            let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
             return;
         }
         Ok(Ok(a)) => a,
     };
-    state.auth_limiter.succeeded(peer.ip());
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
     let Some(upstream) = connect_and_reply(&state, &mut io, &addr, peer).await else {
-        let _ = io.shutdown().await;
+        let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
-    let copied = match upstream {
-        Upstream::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
-        Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
+    let activity = Activity::new();
+    let mut io = Watched::new(io, activity.clone());
+    let copied = {
+        let copy = async {
+            match upstream {
+                Upstream::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
+                Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
+            }
+        };
+        tokio::select! {
+            r = copy => Some(r),
+            _ = drained_and_idle(&state, &activity) => None,
+        }
     };
     let clean = match copied {
-        Ok((up, down)) => {
+        None => {
+            tracing::debug!(%peer, "idle classic tunnel closed: the relay is shutting down");
+            io.inner.going_away();
+            true
+        }
+        Some(Ok((up, down))) => {
             count_bytes(&state, up, down);
             true
         }
         // The client closed the tunnel while the target was still sending: Emissary's protocol
         // has no half-close, so that is its normal end.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
-        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
             tracing::warn!(%peer, error = %e, "classic stream dropped");
             false
         }
-        Err(e) => {
+        Some(Err(e)) => {
             tracing::debug!(%peer, error = %e, "classic stream ended with an error");
             false
         }
     };
     if clean {
-        // Finish the WebSocket closing handshake (the client may have started it), so it reads a
-        // clean close; bounded, as the client may be gone. A stream cut off by an error is dropped
-        // without one, so the client reads an error instead of a clean end.
+        // Finish the WebSocket closing handshake (Close 1000 when the target closed, as Emissary
+        // sends), so the client reads a clean end; bounded, as the client may be gone. A stream
+        // cut off by an error is dropped without one, so the client reads an error instead.
         let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
     }
 }
@@ -323,12 +364,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
         return;
     }
-    if let Some(why) = rate_limited(&state, peer) {
-        let ack = HelloAck { refusal: Some((ErrorCode::AuthFailed, why)) };
-        let _ = sink.send(ack.encode()).await;
-        let _ = sink.close().await;
-        return;
-    }
+    let fail_delay = failure_delay(&state, peer);
     let verdict = match Hello::decode(&hello) {
         Ok(h) => state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
         Err(e) => {
@@ -342,13 +378,13 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         Ok(kid) => kid,
         Err(r) => {
             log_auth_failure(&state, peer, &r);
+            slow_failure(&state, fail_delay).await;
             let ack = HelloAck { refusal: Some((r.code(), rejection_message(&r, &state))) };
             let _ = sink.send(ack.encode()).await;
             let _ = sink.close().await;
             return;
         }
     };
-    state.auth_limiter.succeeded(peer.ip());
     let limit = state.cfg.limits.max_sessions_per_key;
     let Some(_counted) = state.key_sessions.enter(kid, limit) else {
         state.metrics.refused(Refusal::KeySessions);
