@@ -454,7 +454,11 @@ hold_cause() { # path tag first-log-index: name the tunnel's own reason for refu
     return 0
 }
 
-log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
+if [[ -n $LINK_MS ]]; then
+    log "long link: RTT $LINK_MS ms, $LINK_MBIT Mbit/s each way; $LINK_SECS s per throughput row, $LINK_PINGS round trips, $LINK_CONNECTS connects"
+else
+    log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
+fi
 for p in $PATHS; do
     if [[ -n "${SKIP[$p]:-}" ]]; then log "== $p skipped: ${SKIP[$p]}"; continue; fi
     measure "$p"
@@ -566,7 +570,9 @@ cell() { # path key ratio
         [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"
     done | sort
     echo "(* = not every connection could be held; see the notes. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    echo "(stalled x100: RSS growth with 100 streams whose server stopped reading, written until none moves; most of what the clients wrote sits in kernel socket buffers)"
     max_hold=0
+    [[ -n $LINK_MS ]] && HOLDS=""
     for n in $HOLDS; do ((n > max_hold)) && max_hold=$n; done
     if ((2 * max_hold + 64 > FD_LIMIT)); then
         echo "(fd limit $FD_LIMIT: a process with one upstream socket per client connection (classic, rathole, bore)"
