@@ -523,7 +523,8 @@ fn pingpong(addr: SocketAddr, count: usize, size: usize, warmup: usize, secs: f6
     // tunnel, both connections are streams of one session).
     let stop = Arc::new(AtomicBool::new(false));
     let bulk = if load > 0.0 {
-        let conn = dial(addr, Duration::from_secs(10)).map_err(ctx("bulk stream: connect".into()))?;
+        // Its read timeout must outlast the ping phase: no answer comes before it is stopped.
+        let conn = dial(addr, Duration::from_secs(60)).map_err(ctx("bulk stream: connect".into()))?;
         let stop = stop.clone();
         let h = std::thread::spawn(move || timed_stream(conn, BULK_WINDOW, &stop));
         std::thread::sleep(Duration::from_secs_f64(load));
