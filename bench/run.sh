@@ -7,6 +7,9 @@
 #                                1,000 and 10,000 held connections)
 #   BENCH_QUICK=1 bench/run.sh   smoke run with small sizes (about a minute)
 #   bench/run.sh --no-peers      skip rathole and bore
+#   bench/run.sh --link 50,100   long-link mode: the same client over an emulated link (RTT 50 ms,
+#                                then 100 ms; 1 Gbit/s each way) between client and server (direct)
+#                                and between `tunnel forward` and the relay (fixed-duration rows)
 #
 # Paths: direct (client -> echo server), proxy (two chained plain TCP forwarders: the floor any
 # two-process tunnel pays to the kernel), mux and classic (client -> tunnel forward -> tunnel
@@ -20,10 +23,25 @@ ROOT=$(cd "$HERE/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 PEERS=1
-for arg in "$@"; do
+LINK_RTTS=${LINK_RTT:-}
+LINK_MBIT=${LINK_MBIT:-1000}
+ARGS=("$@")
+while (($#)); do
+    arg=$1; shift
     case "$arg" in
         --no-peers) PEERS=0 ;;
-        -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+        --link) LINK_RTTS=${1:-}; shift ;;
+        --link=*) LINK_RTTS=${arg#--link=} ;;
+        --rate) LINK_MBIT=${1:-}; shift ;;
+        --rate=*) LINK_MBIT=${arg#--rate=} ;;
+        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+
+Long-link mode (--link RTTS, or LINK_RTT=RTTS): RTTS is a comma-separated list of round-trip times
+in ms ("50", "50ms", "50,100"); each gets its own run and table. --rate MBIT (LINK_MBIT) is the cap
+per direction, default 1000. Paths: direct, mux, classic (and muxtcp). Knobs:
+  LINK_SECS=S          seconds per throughput row (default 8; quick 3)
+  LINK_PINGS=N         round trips of the latency rows (default 100; at most 10 s each)
+  LINK_CONNECTS=N      sequential connects (default 20)
 
 Environment (all optional):
   BENCH_QUICK=1        small sizes for a smoke run
@@ -39,10 +57,16 @@ Environment (all optional):
   BENCH_TUNNEL_BIN=P   benchmark this `tunnel` binary instead (e.g. an older build)
   BENCH_TUNNEL_ENV=".." extra environment for the tunnel processes (e.g. TOKIO_WORKER_THREADS=1)
   BENCH_OUT=DIR        where logs and results go (default bench/results/<timestamp>)
+  BENCH_STALL_SECS=S   longest write phase of the stalled-streams row (default 8)
 EOF
             exit 0 ;;
         *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
     esac
+done
+LINK_RTTS=${LINK_RTTS//ms/}
+LINK_RTTS=${LINK_RTTS//,/ }
+for r in $LINK_RTTS $LINK_MBIT; do
+    [[ $r =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "--link/--rate take numbers (ms, Mbit/s): $r" >&2; exit 2; }
 done
 
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
@@ -55,6 +79,10 @@ STREAMS=${BENCH_STREAMS:-8}
 CONNECTS=${BENCH_CONNECTS:-$D_CONNECTS}
 PINGS=${BENCH_PINGS:-$D_PINGS}
 HOLDS=${BENCH_HOLD:-$D_HOLD}
+STALL_SECS=${BENCH_STALL_SECS:-8}
+LINK_SECS=${LINK_SECS:-$([[ "${BENCH_QUICK:-0}" == 1 ]] && echo 3 || echo 8)}
+LINK_PINGS=${LINK_PINGS:-100}
+LINK_CONNECTS=${LINK_CONNECTS:-20}
 PATHS=${BENCH_PATHS:-"direct proxy mux classic rathole bore"}
 # shellcheck disable=SC2206
 TUNNEL_ENV=(${BENCH_TUNNEL_ENV:-})
@@ -83,6 +111,32 @@ for b in "$TUNNEL" "$GEN"; do
     [[ -x "$b" ]] || { log "missing binary $b"; exit 1; }
 done
 
+# Several link RTTs: one run of this script per RTT (built once), tables concatenated.
+# shellcheck disable=SC2206
+RTT_LIST=($LINK_RTTS)
+if ((${#RTT_LIST[@]} > 1)); then
+    : >"$OUT/table.txt"
+    for r in "${RTT_LIST[@]}"; do
+        keep=()
+        for a in "${ARGS[@]}"; do [[ $a == --no-peers ]] && keep+=("$a"); done
+        BENCH_NO_BUILD=1 BENCH_OUT="$OUT/link-${r}ms" LINK_RTT=$r LINK_MBIT=$LINK_MBIT "$0" "${keep[@]}"
+        cat "$OUT/link-${r}ms/table.txt" >>"$OUT/table.txt"
+    done
+    cp "$OUT/table.txt" "$HERE/results/latest-link.txt" 2>/dev/null || true
+    echo "all tables: $OUT/table.txt"
+    exit 0
+fi
+LINK_MS=${RTT_LIST[0]:-}
+if [[ -n $LINK_MS ]]; then
+    ONE_WAY=$(awk -v r="$LINK_MS" 'BEGIN { print r / 2 }')
+    # Long links: tunnels and direct only (the peers and the proxy floor are loopback figures).
+    PATHS=${BENCH_PATHS:-"direct mux classic"}
+    for p in $PATHS; do
+        [[ " direct mux classic muxtcp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
+    done
+    PEERS=0
+fi
+
 TOOLS="$HERE/.tools"
 RATHOLE=""; BORE=""
 declare -A SKIP=()
@@ -104,7 +158,7 @@ if [[ $PEERS == 1 ]]; then
     if [[ " $PATHS " == *" bore "* ]]; then
         BORE=$(install_peer bore-cli bore) || SKIP[bore]="cargo install bore-cli failed (see $OUT/logs/install-bore-cli.log)"
     fi
-else
+elif [[ -z $LINK_MS ]]; then
     SKIP[rathole]="--no-peers"; SKIP[bore]="--no-peers"
 fi
 
@@ -162,7 +216,23 @@ SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 ADDR=""; TPIDS=""; PATH_PIDS=()
 
-start_direct() { ADDR=$ECHO; TPIDS=""; PATH_PIDS=(); }
+# The emulated link: a `tunnel-bench delay` process (one-way delay = RTT / 2 each direction, the
+# rate cap shared by every connection through it). Sets LINK_ADDR and LINK_PID.
+start_link() { # name target rtt_ms
+    local oneway
+    oneway=$(awk -v r="$3" 'BEGIN { print r / 2 }')
+    start_bg "link-$1" "$GEN" delay --to "$2" --delay-ms "$oneway" --rate-mbit "$LINK_MBIT"
+    LINK_PID=$LAST_PID
+    LINK_ADDR=$(wait_line "$LOG" '127\.0\.0\.1:[0-9]+' 10) || { stop_pid "$LINK_PID"; return 1; }
+}
+
+start_direct() {
+    ADDR=$ECHO; TPIDS=""; PATH_PIDS=()
+    if [[ -n $LINK_MS ]]; then
+        start_link direct "$ECHO" "$LINK_MS" || { SKIP[direct]="the delay line did not start"; return 1; }
+        ADDR=$LINK_ADDR; PATH_PIDS=("$LINK_PID")
+    fi
+}
 
 start_proxy() {
     local a b
@@ -178,12 +248,18 @@ start_proxy() {
 start_libtunnel() { # mux|classic|muxtcp
     local mode=$1 relay_url fwd scheme=ws
     [[ $mode == muxtcp ]] && scheme=tcp
-    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" \
+    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
         start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
     local relay=$LAST_PID
     relay_url=$(wait_line "$LOG" "$scheme://127\.0\.0\.1:[0-9]+" 10) \
         || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }
+    RELAY_SCHEME=$scheme; RELAY_ADDR=${relay_url#*://}; RELAY_PID=$relay
+    local link=()
+    if [[ -n $LINK_MS ]]; then
+        start_link "$mode" "$RELAY_ADDR" "$LINK_MS" || { SKIP[$mode]="the delay line did not start"; stop_pid "$relay"; return 1; }
+        relay_url=$scheme://$LINK_ADDR; link=("$LINK_PID")
+    fi
     local flag=()
     [[ $mode == classic ]] && flag=(--classic)
     TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}"
@@ -191,7 +267,7 @@ start_libtunnel() { # mux|classic|muxtcp
     fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10) \
         || { SKIP[$mode]="tunnel forward did not start (see $LOG)"; stop_pid "$fwdpid"; stop_pid "$relay"; return 1; }
     ADDR=${fwd#forwarding }
-    TPIDS="$relay,$fwdpid"; PATH_PIDS=("$fwdpid" "$relay")
+    TPIDS="$relay,$fwdpid"; PATH_PIDS=("$fwdpid" "$relay" "${link[@]}")
 }
 start_mux() { start_libtunnel mux; }
 start_classic() { start_libtunnel classic; }
@@ -270,22 +346,47 @@ measure() {
     local p=$1
     log "== $p"
     start_path "$p" || { log "  $p skipped: ${SKIP[$p]}"; return; }
-    gen "$p" connect "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
+    if [[ -n $LINK_MS ]]; then
+        # Long link: fixed durations (today's tunnel moves a few MB/s there), no pinned runs.
+        gen "$p" connect "$GEN" connect --addr "$ADDR" --count "$LINK_CONNECTS" --warmup 2
+        settle
+        gen "$p" ping "$GEN" pingpong --addr "$ADDR" --count "$LINK_PINGS" --warmup 3 --secs 10
+        settle
+        gen "$p" tp1 "$GEN" throughput --addr "$ADDR" --streams 1 --secs "$LINK_SECS" --pids "$TPIDS"
+        settle
+        gen "$p" tpN "$GEN" throughput --addr "$ADDR" --streams "$STREAMS" --secs "$LINK_SECS" --pids "$TPIDS"
+        settle
+        gen "$p" pingload "$GEN" pingpong --addr "$ADDR" --count "$LINK_PINGS" --warmup 3 --secs 10 --load 1.5
+    else
+        gen "$p" connect "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
+        settle
+        gen "$p" ping "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
+        pin_all "$PIN_CPU"
+        settle
+        gen "$p" connect_pin taskset -c "$PIN_CPU" "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
+        settle
+        gen "$p" ping_pin taskset -c "$PIN_CPU" "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
+        pin_all "0-$((NCPU - 1))"
+        settle
+        gen "$p" tp1 "$GEN" throughput --addr "$ADDR" --streams 1 --bytes "$BYTES" --pids "$TPIDS"
+        settle
+        gen "$p" tpN "$GEN" throughput --addr "$ADDR" --streams "$STREAMS" --bytes "$BYTES" --pids "$TPIDS"
+        settle
+        gen "$p" pingload "$GEN" pingpong --addr "$ADDR" --count $((PINGS / 10)) --warmup 100 --secs 10 --load 1
+    fi
     settle
-    gen "$p" ping "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
-    pin_all "$PIN_CPU"
-    settle
-    gen "$p" connect_pin taskset -c "$PIN_CPU" "$GEN" connect --addr "$ADDR" --count "$CONNECTS"
-    settle
-    gen "$p" ping_pin taskset -c "$PIN_CPU" "$GEN" pingpong --addr "$ADDR" --count "$PINGS"
-    pin_all "0-$((NCPU - 1))"
-    settle
-    gen "$p" tp1 "$GEN" throughput --addr "$ADDR" --streams 1 --bytes "$BYTES" --pids "$TPIDS"
-    settle
-    gen "$p" tpN "$GEN" throughput --addr "$ADDR" --streams "$STREAMS" --bytes "$BYTES" --pids "$TPIDS"
+    [[ $p == mux || $p == classic || $p == muxtcp ]] && measure_byname "$p"
     stop_path
     # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
     [[ $p == direct || $p == proxy ]] && return
+    # What a session buffers for streams whose readers stopped (fresh tunnel processes).
+    if start_path "$p"; then
+        gen "$p" stall "$GEN" stall --addr "$ADDR" --count 100 --secs "$STALL_SECS" --pids "$TPIDS"
+        stop_path
+    else
+        log "  $p stall skipped: ${SKIP[$p]}"; unset "SKIP[$p]"
+    fi
+    [[ -n $LINK_MS ]] && return
     local n
     for n in $HOLDS; do
         # Fresh tunnel processes for each count, so memory freed by earlier runs is not reused.
@@ -295,6 +396,47 @@ measure() {
         stop_path
         [[ -n "${R[$p.hold$n.error]:-}" ]] && hold_cause "$p" "hold$n" "$first"
     done
+}
+
+# Dial by name: a `tunnel listen` in front of the echo server registers with the path's relay, and a
+# second `tunnel forward` dials NAME:0 (the relay splices the dialer's stream to the listener's
+# session). On a long link the dialer's hop and the listener's hop each get half the RTT, so the
+# end-to-end RTT equals the direct one and both hops are long. The path's relay must be running.
+measure_byname() { # path
+    local p=$1 key="$OUT/listener-$p.pem" lurl furl name fwd addr lpid fpid ok=0 pids=() flag=() size
+    lurl=$RELAY_SCHEME://$RELAY_ADDR; furl=$lurl
+    if [[ -n $LINK_MS ]]; then
+        start_link "byname-dialer-$p" "$RELAY_ADDR" "$ONE_WAY" && { furl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
+        start_link "byname-listener-$p" "$RELAY_ADDR" "$ONE_WAY" && { lurl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
+        size=(--secs "$LINK_SECS")
+    else
+        size=(--bytes "$BYTES")
+    fi
+    "$TUNNEL" keygen --listener --out "$key" >/dev/null 2>&1
+    start_bg "listen-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" listen --to "$ECHO" --relay "$lurl" --key "$key"
+    lpid=$LAST_PID; pids+=("$lpid")
+    if name=$(wait_line "$LOG" 'listening as: [a-z0-9-]+' 10); then
+        name=${name#listening as: }
+        [[ $p == classic ]] && flag=(--classic)
+        TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-byname-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$name:0" --relay "$furl" "${flag[@]}"
+        fpid=$LAST_PID; pids+=("$fpid")
+        if fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10); then
+            addr=${fwd#forwarding }
+            for _ in $(seq 1 100); do
+                "$GEN" connect --addr "$addr" --count 1 --warmup 0 >/dev/null 2>&1 && { ok=1; break; }
+                sleep 0.1
+            done
+        fi
+    fi
+    if ((ok)); then
+        settle
+        gen "$p" byname "$GEN" throughput --addr "$addr" --streams 1 "${size[@]}" --pids "$RELAY_PID,$fpid,$lpid"
+    else
+        R[$p.byname.error]="no echo through a dial by name within 10 s (see $OUT/logs/*byname-$p*, *listen-$p*)"
+        log "  $p byname: FAILED ${R[$p.byname.error]}"
+    fi
+    local x
+    for x in "${pids[@]}"; do stop_pid "$x"; done
 }
 
 hold_cause() { # path tag first-log-index: name the tunnel's own reason for refusing connections
@@ -312,7 +454,11 @@ hold_cause() { # path tag first-log-index: name the tunnel's own reason for refu
     return 0
 }
 
-log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
+if [[ -n $LINK_MS ]]; then
+    log "long link: RTT $LINK_MS ms, $LINK_MBIT Mbit/s each way; $LINK_SECS s per throughput row, $LINK_PINGS round trips, $LINK_CONNECTS connects"
+else
+    log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
+fi
 for p in $PATHS; do
     if [[ -n "${SKIP[$p]:-}" ]]; then log "== $p skipped: ${SKIP[$p]}"; continue; fi
     measure "$p"
@@ -323,22 +469,59 @@ done
 
 declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore")
 
+# Derived figures: fairness (p50 under a bulk stream / idle p50, same path) and the direct
+# reference of the dial-by-name row (a direct stream: direct has no names).
+# On loopback the idle reference is the pinned p50: unpinned idle latency on a small VM is mostly
+# the wake-up of an idle CPU, which a busy machine (under bulk) does not pay.
+IDLE_PING=ping; [[ -z $LINK_MS ]] && IDLE_PING=ping_pin
+for p in $PATHS; do
+    if [[ -n "${R[$p.$IDLE_PING.p50_us]:-}" && -n "${R[$p.pingload.p50_us]:-}" ]]; then
+        R[$p.fair.x]=$(awk -v l="${R[$p.pingload.p50_us]}" -v i="${R[$p.$IDLE_PING.p50_us]}" 'BEGIN { printf "%.2fx", (i > 0 ? l / i : 0) }')
+    fi
+done
+[[ -n "${R[direct.tp1.mib_s]:-}" ]] && R[direct.byname.mib_s]=${R[direct.tp1.mib_s]}
+
 # key | label | ratio to direct (1) or not (0)
-ROWS=(
-    "tp1.mib_s|throughput, 1 stream (MiB/s)|1"
-    "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
-    "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
-    "tpN.cpu_s_per_gb|tunnel CPU, $STREAMS streams (s/GB)|0"
-    "connect.p50_us|connect+1st byte p50 (us)|1"
-    "connect.p99_us|connect+1st byte p99 (us)|1"
-    "connect_pin.p50_us|connect p50, pinned (us)|1"
-    "connect_pin.p99_us|connect p99, pinned (us)|1"
-    "ping.p50_us|ping-pong 64 B p50 (us)|1"
-    "ping.p99_us|ping-pong 64 B p99 (us)|1"
-    "ping_pin.p50_us|ping-pong p50, pinned (us)|1"
-    "ping_pin.p99_us|ping-pong p99, pinned (us)|1"
+if [[ -n $LINK_MS ]]; then
+    ROWS=(
+        "tp1.mib_s|throughput, 1 stream (MiB/s)|1"
+        "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
+        "tpN.min_stream_mib_s|  slowest of the $STREAMS (MiB/s)|1"
+        "byname.mib_s|dial by name, 1 stream (MiB/s)|1"
+        "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
+        "ping.p50_us|ping-pong 64 B p50, idle (us)|1"
+        "pingload.p50_us|ping-pong p50 under bulk (us)|1"
+        "pingload.p99_us|ping-pong p99 under bulk (us)|1"
+        "fair.x|  under bulk / idle p50|0"
+        "pingload.load_mib_s|  bulk stream meanwhile (MiB/s)|1"
+        "connect.p50_us|connect+1st byte p50 (us)|1"
+    )
+else
+    ROWS=(
+        "tp1.mib_s|throughput, 1 stream (MiB/s)|1"
+        "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
+        "byname.mib_s|dial by name, 1 stream (MiB/s)|1"
+        "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
+        "tpN.cpu_s_per_gb|tunnel CPU, $STREAMS streams (s/GB)|0"
+        "connect.p50_us|connect+1st byte p50 (us)|1"
+        "connect.p99_us|connect+1st byte p99 (us)|1"
+        "connect_pin.p50_us|connect p50, pinned (us)|1"
+        "connect_pin.p99_us|connect p99, pinned (us)|1"
+        "ping.p50_us|ping-pong 64 B p50 (us)|1"
+        "ping.p99_us|ping-pong 64 B p99 (us)|1"
+        "ping_pin.p50_us|ping-pong p50, pinned (us)|1"
+        "ping_pin.p99_us|ping-pong p99, pinned (us)|1"
+        "pingload.p50_us|ping-pong p50 under bulk (us)|1"
+        "fair.x|  under bulk / pinned idle p50|0"
+        "pingload.load_mib_s|  bulk stream meanwhile (MiB/s)|1"
+    )
+    for n in $HOLDS; do ROWS+=("hold$n.kib_per_conn|RSS per held conn @$n (KiB)|0"); done
+fi
+ROWS+=(
+    "stall.rss0_growth_mib|stalled x100: relay RSS+ (MiB)|0"
+    "stall.rss1_growth_mib|stalled x100: forward RSS+ (MiB)|0"
+    "stall.written_mib|  written by the clients (MiB)|0"
 )
-for n in $HOLDS; do ROWS+=("hold$n.kib_per_conn|RSS per held conn @$n (KiB)|0"); done
 
 cell() { # path key ratio
     local p=$1 key=$2 ratio=$3 v d mark="" tag=${2%%.*}
@@ -362,7 +545,14 @@ cell() { # path key ratio
 {
     echo
     echo "libtunnel bench: $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $NCPU CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs))"
-    echo "sizes: $BYTES bytes per throughput run, $CONNECTS connects, $PINGS round trips; pinned = every process on CPU $PIN_CPU; ratios are to direct"
+    if [[ -n $LINK_MS ]]; then
+        echo "long link: RTT $LINK_MS ms ($ONE_WAY ms each way), $LINK_MBIT Mbit/s each way shared by the link's connections (tunnel-bench delay);"
+        echo "  direct = client -> link -> server; tunnels = client -> forward -> link -> relay -> server; dial by name = forward -> link (RTT/2) -> relay -> link (RTT/2) -> listen -> server"
+        echo "sizes: ${LINK_SECS} s per throughput row, $LINK_PINGS round trips (at most 10 s; under bulk: 1.5 s of bulk first), $LINK_CONNECTS connects, stall: 100 streams up to $STALL_SECS s; ratios are to direct"
+    else
+        echo "sizes: $BYTES bytes per throughput run, $CONNECTS connects, $PINGS round trips ($((PINGS / 10)) under bulk); pinned = every process on CPU $PIN_CPU; ratios are to direct"
+    fi
+    echo "kernel: $(sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' ') = tcp_rmem, $(sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ') = tcp_wmem, rmem_max $(sysctl -n net.core.rmem_max), wmem_max $(sysctl -n net.core.wmem_max)"
     echo "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg); fd limit $FD_LIMIT${BENCH_TUNNEL_ENV:+; tunnel env: $BENCH_TUNNEL_ENV}"
     printf '%-34s' "metric"
     for p in $PATHS; do printf ' | %-20s' "${NAMES[$p]:-$p}"; done
@@ -383,7 +573,9 @@ cell() { # path key ratio
         [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"
     done | sort
     echo "(* = not every connection could be held; see the notes. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    echo "(stalled x100: RSS growth with 100 streams whose server stopped reading, written until none moves; most of what the clients wrote sits in kernel socket buffers)"
     max_hold=0
+    [[ -n $LINK_MS ]] && HOLDS=""
     for n in $HOLDS; do ((n > max_hold)) && max_hold=$n; done
     if ((2 * max_hold + 64 > FD_LIMIT)); then
         echo "(fd limit $FD_LIMIT: a process with one upstream socket per client connection (classic, rathole, bore)"
@@ -391,4 +583,4 @@ cell() { # path key ratio
     fi
     echo "raw results and logs: $OUT"
 } | tee "$OUT/table.txt"
-cp "$OUT/table.txt" "$HERE/results/latest.txt" 2>/dev/null || true
+cp "$OUT/table.txt" "$HERE/results/latest${LINK_MS:+-link${LINK_MS}ms}.txt" 2>/dev/null || true

@@ -6,11 +6,20 @@
 //! - `server`: an echo/sink server. The first byte of a connection picks its job: `S` + u64 BE
 //!   length = read that many bytes and answer one byte (throughput, no half-close needed, so it
 //!   works through classic mode and every peer); `Q` = answer how many other connections are open
-//!   (used to wait until a path has torn its connections down); anything else = echo everything.
-//! - `throughput`: N parallel streams sharing a total byte count; wall time from the first byte
-//!   to the last acknowledgement, and the CPU time the tunnel processes (`--pids`) spent.
+//!   (used to wait until a path has torn its connections down); `R` + u64 BE milliseconds = sink
+//!   for that long from the first byte, then answer the bytes received and the exact time (the
+//!   fixed-duration throughput of long links); `Z` + u32 BE seconds = read nothing for that long
+//!   (a stopped reader), then drain; anything else = echo everything.
+//! - `throughput`: N parallel streams sharing a total byte count (or each sending for `--secs`);
+//!   wall time from the first byte to the last acknowledgement, and the CPU time the tunnel
+//!   processes (`--pids`) spent.
 //! - `connect`: sequential connect + first echoed byte, percentiles.
-//! - `pingpong`: 64-byte request/response on one connection, percentiles.
+//! - `pingpong`: 64-byte request/response on one connection, percentiles; with `--load`, while a
+//!   second connection to the same address pushes bulk data (fairness of a shared session).
+//! - `stall`: N connections whose server never reads, each written until it blocks; the growth of
+//!   the tunnel processes' resident memory (what a session buffers for stopped readers).
+//! - `delay`: a delay line (emulated long link): a TCP forwarder that releases every chunk a fixed
+//!   one-way delay after it crossed a shared per-direction rate cap.
 //! - `hold`: open N idle connections (each proven end to end by one echoed byte) and report the
 //!   growth of the tunnel processes' resident memory per connection.
 //! - `settle`, `freeport`: helpers for the driver.
@@ -20,7 +29,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -56,6 +65,10 @@ enum Cmd {
         /// Comma-separated PIDs whose CPU time (utime + stime) is charged to the run.
         #[arg(long, default_value = "")]
         pids: String,
+        /// Send for this many seconds per stream instead of a byte count (the server counts what
+        /// arrives in that time from its first byte; 0 = use `--bytes`).
+        #[arg(long, default_value_t = 0.0)]
+        secs: f64,
     },
     /// Sequential connect + first echoed byte.
     Connect {
@@ -76,6 +89,41 @@ enum Cmd {
         size: usize,
         #[arg(long, default_value_t = 1000)]
         warmup: usize,
+        /// Stop after this many seconds even if `--count` is not reached (0 = no limit).
+        #[arg(long, default_value_t = 0.0)]
+        secs: f64,
+        /// Meanwhile a second connection to the same address pushes bulk data, starting this
+        /// many seconds before the first round trip (0 = no load).
+        #[arg(long, default_value_t = 0.0)]
+        load: f64,
+    },
+    /// N connections whose server reads nothing, each written until it blocks; reports the RSS
+    /// growth of `--pids` (what the path buffers for stopped readers).
+    Stall {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Write for at most this many seconds (stops earlier once no stream moved for 2 s).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        #[arg(long, default_value = "")]
+        pids: String,
+    },
+    /// A delay line: forwards each accepted connection to `--to`, releasing every chunk
+    /// `--delay-ms` after it crossed a rate cap shared by all connections of one direction
+    /// (an emulated link). Prints `listening ADDR`.
+    Delay {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long)]
+        to: SocketAddr,
+        /// One-way delay in milliseconds, each direction (RTT = 2x).
+        #[arg(long, default_value_t = 25.0)]
+        delay_ms: f64,
+        /// Rate cap per direction in Mbit/s (10^6 bit/s), shared by all connections; 0 = none.
+        #[arg(long, default_value_t = 1000.0)]
+        rate_mbit: f64,
     },
     /// Hold N idle connections and report RSS growth of `--pids` per connection.
     Hold {
@@ -121,9 +169,14 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Server { listen, threads } => server(listen, threads),
-        Cmd::Throughput { addr, streams, bytes, pids } => throughput(addr, streams.max(1), bytes, &parse_pids(&pids)),
+        Cmd::Throughput { addr, streams, pids, secs, .. } if secs > 0.0 => {
+            throughput_for(addr, streams.max(1), Duration::from_secs_f64(secs), &parse_pids(&pids))
+        }
+        Cmd::Throughput { addr, streams, bytes, pids, .. } => throughput(addr, streams.max(1), bytes, &parse_pids(&pids)),
         Cmd::Connect { addr, count, warmup } => connect_latency(addr, count.max(1), warmup),
-        Cmd::Pingpong { addr, count, size, warmup } => pingpong(addr, count.max(1), size.clamp(1, 65536), warmup),
+        Cmd::Pingpong { addr, count, size, warmup, secs, load } => pingpong(addr, count.max(1), size.clamp(1, 65536), warmup, secs, load),
+        Cmd::Stall { addr, count, secs, pids } => stall(addr, count.max(1), Duration::from_secs_f64(secs), &parse_pids(&pids)),
+        Cmd::Delay { listen, to, delay_ms, rate_mbit } => delay_line(listen, to, delay_ms, rate_mbit),
         Cmd::Hold { addr, count, pids, timeout } => hold(addr, count, &parse_pids(&pids), Duration::from_secs_f64(timeout)),
         Cmd::Settle { addr, timeout } => settle(addr, Duration::from_secs_f64(timeout)),
         Cmd::Proxy { listen, to } => proxy(listen, to),
@@ -249,6 +302,37 @@ async fn serve_conn(mut s: tokio::net::TcpStream) -> std::io::Result<()> {
                     left -= n as u64;
                 }
                 s.write_all(&[1]).await?;
+            }
+            b'R' => {
+                let window = Duration::from_millis(s.read_u64().await?);
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut got = match s.read(&mut buf).await? {
+                    0 => return Ok(()),
+                    n => n as u64,
+                };
+                let t0 = tokio::time::Instant::now();
+                loop {
+                    match tokio::time::timeout_at(t0 + window, s.read(&mut buf)).await {
+                        Ok(Ok(0)) => return Ok(()),
+                        Ok(Ok(n)) => got += n as u64,
+                        Ok(Err(e)) => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                let us = t0.elapsed().as_micros() as u64;
+                let mut answer = got.to_be_bytes().to_vec();
+                answer.extend_from_slice(&us.to_be_bytes());
+                s.write_all(&answer).await?;
+                // The client stops when it reads the answer; drain what is still on the way.
+                while s.read(&mut buf).await? > 0 {}
+                return Ok(());
+            }
+            b'Z' => {
+                let secs = s.read_u32().await?;
+                tokio::time::sleep(Duration::from_secs(secs.into())).await;
+                let mut buf = vec![0u8; 256 * 1024];
+                while s.read(&mut buf).await? > 0 {}
+                return Ok(());
             }
             b'Q' => {
                 let others = ACTIVE.load(Ordering::Relaxed).saturating_sub(1) as u64;
@@ -434,12 +518,30 @@ fn connect_latency(addr: SocketAddr, count: usize, warmup: usize) -> std::io::Re
     Ok(())
 }
 
-fn pingpong(addr: SocketAddr, count: usize, size: usize, warmup: usize) -> std::io::Result<()> {
+fn pingpong(addr: SocketAddr, count: usize, size: usize, warmup: usize, secs: f64, load: f64) -> std::io::Result<()> {
+    // The bulk stream first, so the round trips share the path with a saturating transfer (through a
+    // tunnel, both connections are streams of one session).
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk = if load > 0.0 {
+        // Its read timeout must outlast the ping phase: no answer comes before it is stopped.
+        let conn = dial(addr, Duration::from_secs(60)).map_err(ctx("bulk stream: connect".into()))?;
+        let stop = stop.clone();
+        let h = std::thread::spawn(move || timed_stream(conn, BULK_WINDOW, &stop));
+        std::thread::sleep(Duration::from_secs_f64(load));
+        Some(h)
+    } else {
+        None
+    };
+    let limit = (secs > 0.0).then(|| Duration::from_secs_f64(secs));
     let mut s = dial(addr, Duration::from_secs(10))?;
     let msg = vec![b'p'; size];
     let mut back = vec![0u8; size];
     let mut lat = Vec::with_capacity(count);
+    let t0 = Instant::now();
     for i in 0..warmup + count {
+        if limit.is_some_and(|l| t0.elapsed() >= l) && !lat.is_empty() {
+            break;
+        }
         let t = Instant::now();
         s.write_all(&msg)?;
         s.read_exact(&mut back).map_err(ctx(format!("round trip {i}")))?;
@@ -448,7 +550,164 @@ fn pingpong(addr: SocketAddr, count: usize, size: usize, warmup: usize) -> std::
             lat.push(us);
         }
     }
-    println!("{}", percentiles("pingpong", lat));
+    let pings_secs = t0.elapsed().as_secs_f64();
+    let mut line = percentiles("pingpong", lat);
+    if let Some(h) = bulk {
+        stop.store(true, Ordering::Relaxed);
+        let (_, _, written, wsecs) = h.join().map_err(|_| std::io::Error::other("the bulk thread panicked"))?.map_err(ctx("bulk stream".into()))?;
+        line += &format!(" load_mib_s={:.1} pings_secs={pings_secs:.2}", written as f64 / wsecs / MIB);
+    }
+    println!("{line}");
+    Ok(())
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// The server-side window of a bulk stream that is stopped by the client (`pingpong --load`); it
+/// stays below the sockets' 60 s read timeout.
+const BULK_WINDOW: Duration = Duration::from_secs(50);
+
+/// One stream of a fixed-duration transfer (server command `R`): write until the server's answer
+/// arrives or `stop` is set. Returns (bytes the server counted, the server's seconds, bytes
+/// written, seconds written).
+fn timed_stream(mut s: TcpStream, window: Duration, stop: &AtomicBool) -> std::io::Result<(u64, f64, u64, f64)> {
+    let mut head = vec![b'R'];
+    head.extend_from_slice(&(window.as_millis() as u64).to_be_bytes());
+    s.write_all(&head)?;
+    let mut r = s.try_clone()?;
+    let answered = Arc::new(AtomicBool::new(false));
+    let flag = answered.clone();
+    let reader = std::thread::spawn(move || -> std::io::Result<(u64, f64)> {
+        let mut a = [0u8; 16];
+        let res = r.read_exact(&mut a);
+        flag.store(true, Ordering::Relaxed);
+        res?;
+        let num = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap_or([0; 8]));
+        Ok((num(&a[..8]), num(&a[8..]) as f64 / 1e6))
+    });
+    let buf = vec![0x5au8; 256 * 1024];
+    let mut written = 0u64;
+    let t0 = Instant::now();
+    let mut failure = None;
+    while !answered.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+        match s.write(&buf) {
+            Ok(n) => written += n as u64,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    let wsecs = t0.elapsed().as_secs_f64();
+    let stopped = stop.load(Ordering::Relaxed) && !answered.load(Ordering::Relaxed);
+    if stopped || failure.is_some() {
+        // Unblock the reader: no answer is coming.
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let answer = reader.join().map_err(|_| std::io::Error::other("the reader thread panicked"))?;
+    if stopped {
+        return Ok((0, 0.0, written, wsecs));
+    }
+    match (answer, failure) {
+        (Ok((got, secs)), _) => Ok((got, secs, written, wsecs)),
+        (Err(e), None) => Err(ctx(format!("waiting for the answer after {written} bytes written"))(e)),
+        (Err(_), Some(e)) => Err(ctx(format!("write after {written} bytes"))(e)),
+    }
+}
+
+/// `throughput --secs`: every stream sends for the same time; the servers count what arrived.
+fn throughput_for(addr: SocketAddr, streams: usize, window: Duration, pids: &[u32]) -> std::io::Result<()> {
+    let start = Arc::new(Barrier::new(streams + 1));
+    let mut handles = Vec::new();
+    for i in 0..streams {
+        let start = start.clone();
+        handles.push(std::thread::spawn(move || {
+            let conn = dial(addr, Duration::from_secs(60)).map_err(ctx(format!("stream {i}: connect")));
+            start.wait();
+            timed_stream(conn?, window, &AtomicBool::new(false)).map_err(ctx(format!("stream {i}")))
+        }));
+    }
+    start.wait();
+    let cpu0 = cpu_total(pids);
+    let mut first_err = None;
+    let mut per = Vec::new();
+    let (mut got, mut written, mut secs) = (0u64, 0u64, 0f64);
+    for h in handles {
+        match h.join() {
+            Ok(Ok((g, s, w, _))) => {
+                got += g;
+                written += w;
+                secs = secs.max(s);
+                per.push(g as f64 / s.max(1e-6) / MIB);
+            }
+            Ok(Err(e)) => first_err = first_err.or(Some(e)),
+            Err(_) => first_err = first_err.or(Some(std::io::Error::other("a stream thread panicked"))),
+        }
+    }
+    let cpu = cpu_total(pids) - cpu0;
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    per.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "throughput streams={streams} secs={secs:.3} bytes={got} mib_s={:.1} min_stream_mib_s={:.1} max_stream_mib_s={:.1} written={written} cpu_s={cpu:.2} cpu_s_per_gb={:.3}",
+        got as f64 / secs.max(1e-6) / MIB,
+        per.first().copied().unwrap_or(0.0),
+        per.last().copied().unwrap_or(0.0),
+        cpu / (written as f64 / 1e9)
+    );
+    Ok(())
+}
+
+/// `stall`: streams whose reader stopped. Each connection asks the server to read nothing, then is
+/// written (non-blocking) until no stream has moved for 2 s; the growth of the tunnel processes'
+/// RSS is what the path buffers for them (kernel socket buffers are not in RSS).
+fn stall(addr: SocketAddr, count: usize, max: Duration, pids: &[u32]) -> std::io::Result<()> {
+    let before: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let mut conns = Vec::with_capacity(count);
+    let hold = max.as_secs() as u32 + 3;
+    for i in 0..count {
+        let mut s = dial(addr, Duration::from_secs(10)).map_err(ctx(format!("connection {i}: connect")))?;
+        let mut head = vec![b'Z'];
+        head.extend_from_slice(&hold.to_be_bytes());
+        s.write_all(&head)?;
+        s.set_nonblocking(true)?;
+        conns.push(s);
+    }
+    let buf = vec![0x5au8; 64 * 1024];
+    let mut written = vec![0u64; count];
+    let t0 = Instant::now();
+    let mut last_move = Instant::now();
+    while t0.elapsed() < max && last_move.elapsed() < Duration::from_secs(2) {
+        let mut moved = false;
+        for (i, s) in conns.iter_mut().enumerate() {
+            while t0.elapsed() < max {
+                match s.write(&buf) {
+                    Ok(n) => {
+                        written[i] += n as u64;
+                        moved = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(ctx(format!("connection {i}: write after {} bytes", written[i]))(e)),
+                }
+            }
+        }
+        if moved {
+            last_move = Instant::now();
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let total: u64 = written.iter().sum();
+    let min = written.iter().min().copied().unwrap_or(0);
+    let mut line = format!("stall n={count} secs={secs:.2} written_mib={:.1} min_stream_kib={:.0}", total as f64 / MIB, min as f64 / 1024.0);
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        line += &format!(" rss{i}_growth_mib={:.1}", (*a as f64 - *b as f64) / 1024.0);
+    }
+    let each: Vec<String> = pids.iter().zip(before.iter().zip(&after)).map(|(p, (b, a))| format!("{p}:{b}->{a}")).collect();
+    println!("{line} procs={}", each.join(","));
     Ok(())
 }
 
@@ -520,4 +779,148 @@ fn settle(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// delay line (an emulated long link)
+
+/// One direction of a link: the time until which its wire is busy. Every chunk of every connection
+/// reserves `len / rate` of wire time after the previous reservation (a shared rate cap with no
+/// queue of its own: a sender beyond the rate waits in its socket, as behind a real bottleneck),
+/// and is released `delay` after its reservation ends.
+struct Wire {
+    busy_until: std::sync::Mutex<tokio::time::Instant>,
+}
+
+struct Link {
+    /// Bytes per second; 0 = no cap.
+    rate: f64,
+    delay: Duration,
+    /// Bytes one direction of one connection may hold between read and release: twice what the
+    /// wire holds at the cap (rate x delay), plus 4 MiB, so the line never limits a flow itself.
+    cap: usize,
+    up: Wire,
+    down: Wire,
+}
+
+const DELAY_CHUNK: usize = 64 * 1024;
+/// How far ahead of the wire clock a reader may run before it sleeps (tokio's timer ticks in ms).
+const DELAY_SLACK: Duration = Duration::from_millis(2);
+const DELAY_TIMER_LEAD: Duration = Duration::from_millis(1);
+
+fn delay_line(listen: SocketAddr, to: SocketAddr, delay_ms: f64, rate_mbit: f64) -> std::io::Result<()> {
+    let rate = rate_mbit.max(0.0) * 1e6 / 8.0;
+    let delay = Duration::from_secs_f64(delay_ms.max(0.0) / 1e3);
+    let cap = if rate > 0.0 { (2.0 * rate * delay.as_secs_f64()) as usize + (4 << 20) } else { 256 << 20 };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let now = tokio::time::Instant::now();
+        let link = Arc::new(Link {
+            rate,
+            delay,
+            cap: cap.min(u32::MAX as usize >> 1),
+            up: Wire { busy_until: std::sync::Mutex::new(now) },
+            down: Wire { busy_until: std::sync::Mutex::new(now) },
+        });
+        let l = tokio::net::TcpListener::bind(listen).await?;
+        println!(
+            "listening {} (one-way delay {delay_ms} ms, {rate_mbit} Mbit/s each way, {} KiB per direction and connection)",
+            l.local_addr()?,
+            link.cap / 1024
+        );
+        std::io::stdout().flush()?;
+        loop {
+            let (a, _) = match l.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let link = link.clone();
+            tokio::spawn(async move {
+                let b = match tokio::net::TcpStream::connect(to).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        eprintln!("connect {to} failed: {e}");
+                        return;
+                    }
+                };
+                let _ = a.set_nodelay(true);
+                let _ = b.set_nodelay(true);
+                let (ar, aw) = a.into_split();
+                let (br, bw) = b.into_split();
+                let up = tokio::spawn(delay_pipe(ar, bw, link.clone(), true));
+                delay_pipe(br, aw, link, false).await;
+                let _ = up.await;
+            });
+        }
+    })
+}
+
+async fn delay_pipe(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, link: Arc<Link>, up: bool) {
+    use tokio::time::{sleep_until, Instant};
+    let room = Arc::new(tokio::sync::Semaphore::new(link.cap));
+    // (release time, bytes); None = the sender half-closed.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Option<Vec<u8>>)>();
+    let freed = room.clone();
+    let writer = tokio::spawn(async move {
+        while let Some((at, data)) = rx.recv().await {
+            // tokio's timer fires on the first millisecond tick at or after the deadline (about
+            // 1.2 ms late on average here): aim one tick early so the mean delay is the configured one.
+            sleep_until(at - DELAY_TIMER_LEAD).await;
+            match data {
+                Some(d) => {
+                    if w.write_all(&d).await.is_err() {
+                        freed.close(); // the reader stops too
+                        return;
+                    }
+                    freed.add_permits(d.len());
+                }
+                None => {
+                    let _ = w.shutdown().await;
+                    return;
+                }
+            }
+        }
+    });
+    let wire = if up { &link.up } else { &link.down };
+    loop {
+        let mut buf = vec![0u8; DELAY_CHUNK];
+        let n = match r.read(&mut buf).await {
+            Ok(n) => n,
+            Err(_) => break,
+        };
+        if n == 0 {
+            let at = (*wire.busy_until.lock().unwrap()).max(Instant::now()) + link.delay;
+            let _ = tx.send((at, None));
+            break;
+        }
+        if n < DELAY_CHUNK / 4 {
+            buf = buf[..n].to_vec();
+        } else {
+            buf.truncate(n);
+        }
+        match room.acquire_many(n as u32).await {
+            Ok(p) => p.forget(),
+            Err(_) => break,
+        }
+        let now = Instant::now();
+        let sent = if link.rate > 0.0 {
+            let mut busy = wire.busy_until.lock().unwrap();
+            *busy = (*busy).max(now) + Duration::from_secs_f64(n as f64 / link.rate);
+            *busy
+        } else {
+            now
+        };
+        if tx.send((sent + link.delay, Some(buf))).is_err() {
+            break;
+        }
+        if sent > now + DELAY_SLACK {
+            sleep_until(sent - DELAY_SLACK).await;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
 }
