@@ -159,6 +159,7 @@ pub(super) async fn serve_listener(
         return;
     }
     state.auth_limiter.succeeded(peer.ip());
+    super::guard::handshake_finished();
     let name = hello.name.clone();
     let reserved =
         authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));
