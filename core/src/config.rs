@@ -550,6 +550,32 @@ mod tests {
     }
 
     #[test]
+    fn no_source_and_no_handshake_flood_can_take_more_than_half() {
+        let l = Limits {
+            max_connections: 100,
+            max_connections_per_source: 1000,
+            max_handshakes: 1000,
+            max_handshakes_per_source: 1000,
+            ..Limits::default()
+        }
+        .clamped();
+        assert_eq!((l.max_connections_per_source, l.max_handshakes, l.max_handshakes_per_source), (50, 50, 50));
+        let c = RelayConfig::from_sources(
+            None,
+            &[],
+            &env(&[
+                ("TUNNEL_AUTH_KEYS", KEYS),
+                ("TUNNEL_ALLOW", ALLOW),
+                ("TUNNEL_MAX_HANDSHAKES_PER_SOURCE", "7"),
+                ("TUNNEL_HTTP_MAX_REQUESTS_PER_LISTENER", "9"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!((c.limits.max_handshakes_per_source, c.limits.http_max_requests_per_listener), (7, 9));
+    }
+
+    #[test]
     fn emissary_names_are_a_drop_in() {
         let c = RelayConfig::from_sources(
             None,

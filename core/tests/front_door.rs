@@ -22,6 +22,7 @@ struct RelayProcess {
     child: tokio::process::Child,
     ws: SocketAddr,
     http: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
 }
 
 impl RelayProcess {
@@ -44,22 +45,25 @@ impl RelayProcess {
         let mut child = cmd.spawn().expect("start tunnel server");
         let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
         let want_http = extra.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
-        let (ws, http) = within(STEP, "the relay's addresses", async {
-            let (mut ws, mut http) = (None, None);
+        let want_tcp = extra.iter().any(|(k, _)| *k == "TUNNEL_TCP_LISTEN");
+        let (ws, http, tcp) = within(STEP, "the relay's addresses", async {
+            let (mut ws, mut http, mut tcp) = (None, None, None);
             let mut line = String::new();
-            while ws.is_none() || (want_http && http.is_none()) {
+            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) {
                 line.clear();
                 assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
                 if let Some(u) = line.trim().strip_prefix("relay listening: ws://") {
                     ws = Some(u.parse::<SocketAddr>().expect("ws address"));
                 } else if let Some(u) = line.trim().strip_prefix("public http listening: http://") {
                     http = Some(u.parse::<SocketAddr>().expect("http address"));
+                } else if let Some(u) = line.trim().strip_prefix("raw tcp listening: tcp://") {
+                    tcp = Some(u.parse::<SocketAddr>().expect("tcp address"));
                 }
             }
-            (ws.expect("ws"), http)
+            (ws.expect("ws"), http, tcp)
         })
         .await;
-        RelayProcess { child, ws, http }
+        RelayProcess { child, ws, http, tcp }
     }
 
     fn rss(&self) -> u64 {
@@ -180,15 +184,17 @@ async fn an_unauthenticated_connection_costs_under_16_kib() {
     init_tracing();
     let mut settings = flood_settings();
     settings.push(("TUNNEL_HTTP_LISTEN", "127.0.0.1:0".into()));
+    settings.push(("TUNNEL_TCP_LISTEN", "127.0.0.1:0".into()));
     const N: usize = 1000;
     let mut report = Vec::new();
-    for kind in ["idle TCP (tunnel port)", "slowloris (tunnel port)", "slowloris (public port)", "silent WebSocket"] {
+    for kind in ["idle TCP (tunnel port)", "idle TCP (raw-TCP port)", "slowloris (tunnel port)", "slowloris (public port)", "silent WebSocket"] {
         // A fresh relay for each kind: memory freed by one would serve the next.
         let relay = RelayProcess::start(&settings).await;
         let http = relay.http.expect("public port");
         let base = baseline(&relay, 0).await;
         let conns = match kind {
             "idle TCP (tunnel port)" => open_many(N, || idle_tcp(relay.ws)).await,
+            "idle TCP (raw-TCP port)" => open_many(N, || idle_tcp(relay.tcp.expect("raw TCP port"))).await,
             "slowloris (tunnel port)" => open_many(N, || slowloris(relay.ws)).await,
             "slowloris (public port)" => open_many(N, || slowloris(http)).await,
             _ => open_many(N, || silent_websocket(relay.ws)).await,

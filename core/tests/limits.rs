@@ -145,6 +145,69 @@ async fn connections_per_source_are_bounded_authenticated_or_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_requests_in_progress_are_bounded_per_source_and_per_listener() {
+    init_tracing();
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.listeners_open = true;
+    cfg.limits.http_max_requests_per_source = 2;
+    cfg.limits.http_max_requests_per_listener = 3;
+    cfg.limits.http_timeout = Duration::from_secs(2);
+    let relay = start_relay(cfg).await;
+    let http = relay.http_addr().expect("http port");
+    // A listener that takes every stream and never answers: each request stays in progress.
+    let listener = within(STEP, "listener", Listener::bind(relay.url(), Identity::generate())).await.expect("bind");
+    let name = listener.name();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            h.lock().expect("held").push(s);
+        }
+    });
+    let request = format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n");
+    let send_from = |from: &'static str| {
+        let request = request.clone();
+        async move {
+            let mut s = connect_from(from, http).await;
+            s.write_all(request.as_bytes()).await.expect("request");
+            s
+        }
+    };
+    let held_reach = |n: usize| {
+        let held = held.clone();
+        within(STEP, "the listener to hold the requests", async move {
+            while held.lock().expect("held").len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Two requests from 127.0.0.1 in progress; its third is refused at once.
+    let mut a = send_from("127.0.0.1").await;
+    let _b = send_from("127.0.0.1").await;
+    held_reach(2).await;
+    let mut c = send_from("127.0.0.1").await;
+    let (status, body) = within(STEP, "429", read_http_response(&mut c)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("http_max_requests_per_source"), "{body}");
+    // Another source takes the listener's third place; a fourth request, from anyone, gets 503.
+    let _d = send_from("127.0.0.2").await;
+    held_reach(3).await;
+    let mut e = send_from("127.0.0.3").await;
+    let (status, body) = within(STEP, "503", read_http_response(&mut e)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("http_max_requests_per_listener"), "{body}");
+    let m = relay.metrics();
+    assert_eq!((m.refusals(Refusal::HttpSourceRequests), m.refusals(Refusal::HttpListenerRequests)), (1, 1));
+    // A request that ends (here with 504: the listener never answers) frees its places.
+    let (status, _) = within(STEP, "504", read_http_response(&mut a)).await;
+    assert_eq!(status, 504);
+    let _f = send_from("127.0.0.1").await;
+    held_reach(4).await;
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_authentications_are_rate_limited_per_address() {
     init_tracing();
     let echo = echo_server().await;

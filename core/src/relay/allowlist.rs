@@ -128,7 +128,7 @@ pub fn name_rule_reaches(ip: IpAddr, exact: bool, host: &[IpAddr]) -> bool {
         IpAddr::V4(v4) => v4.is_broadcast() || (v4.is_loopback() || v4.is_link_local()) && !exact,
         IpAddr::V6(v6) => (v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80) && !exact,
     };
-    !local && !(host.contains(&ip) && !ip.is_loopback())
+    !local && (ip.is_loopback() || !host.contains(&ip))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

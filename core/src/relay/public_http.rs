@@ -223,11 +223,11 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
 }
 
 /// Count the request against its source's and its listener's limits, or answer 429 / 503.
-fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Permits, Response<Body>> {
+fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Permits, Box<Response<Body>>> {
     let busy = |status: StatusCode, msg: String| {
         let mut r = text(status, msg);
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        r
+        Box::new(r)
     };
     let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
         state.metrics.refused(Refusal::HttpSourceRequests);
@@ -265,7 +265,7 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
     };
     let permits = match admit_request(&state, peer, name) {
         Ok(p) => p,
-        Err(busy) => return busy,
+        Err(busy) => return *busy,
     };
     // The previous request's connection to this listener, if it is still usable.
     let reused = match slot.lock().await.take() {

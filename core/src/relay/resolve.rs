@@ -83,7 +83,8 @@ impl TargetResolver {
 pub fn host_addresses() -> std::sync::Arc<Vec<IpAddr>> {
     use std::sync::{Arc, Mutex, OnceLock};
     use std::time::Instant;
-    static CACHE: OnceLock<Mutex<Option<(Instant, Arc<Vec<IpAddr>>)>>> = OnceLock::new();
+    type Cached = Option<(Instant, Arc<Vec<IpAddr>>)>;
+    static CACHE: OnceLock<Mutex<Cached>> = OnceLock::new();
     let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
     match &*cache {
         Some((at, addrs)) if at.elapsed() < Duration::from_secs(5) => addrs.clone(),
