@@ -370,14 +370,14 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             Err(why) => {
                 state.metrics.refused(why);
                 tracing::debug!(%peer, reason = ?why, "connection refused at admission");
-                refuse_at_once(sock, endpoint, why, &state.cfg.limits);
+                refuse_at_once(sock, speaks_plain_http(&state, endpoint), why, &state.cfg.limits);
                 continue;
             }
         };
         let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
             state.metrics.refused(Refusal::Overloaded);
             tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
-            refuse_at_once(sock, endpoint, Refusal::Overloaded, &state.cfg.limits);
+            refuse_at_once(sock, speaks_plain_http(&state, endpoint), Refusal::Overloaded, &state.cfg.limits);
             continue;
         };
         let _ = sock.set_nodelay(true);
@@ -407,11 +407,20 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
     }
 }
 
-/// Refuse a just-accepted connection without reading it: HTTP endpoints get a one-packet
-/// 429 (a per-source limit) or 503 (a global one) naming the setting, raw TCP a plain close.
+/// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).
+fn speaks_plain_http(state: &RelayState, endpoint: Endpoint) -> bool {
+    match endpoint {
+        Endpoint::Http => state.tls.is_none(),
+        Endpoint::Public => true,
+        Endpoint::Tcp => false,
+    }
+}
+
+/// Refuse a just-accepted connection without reading it: plain HTTP endpoints get a one-packet
+/// 429 (a per-source limit) or 503 (a global one) naming the setting, raw TCP and TLS a close.
 /// Nothing waits: the answer goes out only if the socket takes it at once (a new socket does).
-fn refuse_at_once(sock: TcpStream, endpoint: Endpoint, why: Refusal, l: &crate::config::Limits) {
-    if !matches!(endpoint, Endpoint::Tcp) {
+fn refuse_at_once(sock: TcpStream, plain_http: bool, why: Refusal, l: &crate::config::Limits) {
+    if plain_http {
         let (status, msg) = match why {
             Refusal::SourceConnections => (
                 "429 Too Many Requests",
