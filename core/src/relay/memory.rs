@@ -3,7 +3,7 @@
 //! memory in its per-thread arenas: after 2,000 connections came and went, the process kept its
 //! high-water RSS. Once a second this task compares the connections open now with the most open
 //! since it last acted; when at least [`TRIM_AFTER`] have closed, it asks the allocator to return
-//! its free pages (`malloc_trim`, a few milliseconds at most). Other allocators: nothing to do.
+//! its free pages (`malloc_trim`, on a blocking thread). Other allocators: nothing to do.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -30,7 +30,8 @@ pub(super) async fn return_after_floods(metrics: Arc<Metrics>, stop: Cancellatio
         if peak - open >= TRIM_AFTER {
             metrics.connections_peak.store(open, Relaxed);
             let t0 = std::time::Instant::now();
-            let released = trim();
+            // Off the runtime's workers: on a large heap it walks a lot of memory.
+            let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
             tracing::debug!(peak, open, released, took = ?t0.elapsed(), "connections closed since the peak; returned free memory to the system");
         }
     }
