@@ -54,6 +54,19 @@ pub struct Limits {
     /// Failed authentications one source address may make per minute; past that its attempts
     /// are refused without being checked until the minute is over.
     pub auth_failures_per_minute: usize,
+    /// Most connections one source (an IPv4 address, an IPv6 /64) may hold open, authenticated or
+    /// not, on all endpoints together; at most half of `max_connections`.
+    pub max_connections_per_source: usize,
+    /// Most connections one source may have in their handshake (not yet authenticated; on the
+    /// public HTTP port: no request head yet); at most `max_handshakes`.
+    pub max_handshakes_per_source: usize,
+    /// Most connections in their handshake at once, from all sources; at most half of
+    /// `max_connections`, so authenticated sessions always keep the other half.
+    pub max_handshakes: usize,
+    /// Most public HTTP requests one source may have in progress (more: 429).
+    pub http_max_requests_per_source: usize,
+    /// Most public HTTP requests one listener may have in progress (more: 503).
+    pub http_max_requests_per_listener: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +88,11 @@ impl Default for Limits {
             http_max_header_bytes: 64 * 1024,
             http_header_timeout: Duration::from_secs(10),
             auth_failures_per_minute: 10,
+            max_connections_per_source: 1024,
+            max_handshakes_per_source: 128,
+            max_handshakes: 1024,
+            http_max_requests_per_source: 128,
+            http_max_requests_per_listener: 1024,
         }
     }
 }
@@ -86,6 +104,9 @@ impl Limits {
     pub fn clamped(self) -> Limits {
         let d = |v: Duration| v.clamp(Duration::from_millis(1), MAX_SECONDS);
         let n = |v: usize| v.clamp(1, MAX_COUNT);
+        // One source, or all handshakes together, can never take more than half the relay.
+        let half = (n(self.max_connections) / 2).max(1);
+        let handshakes = n(self.max_handshakes).min(half);
         Limits {
             handshake_timeout: d(self.handshake_timeout),
             connect_timeout: d(self.connect_timeout),
@@ -103,6 +124,11 @@ impl Limits {
             http_max_header_bytes: self.http_max_header_bytes.clamp(8192, MAX_COUNT),
             http_header_timeout: d(self.http_header_timeout),
             auth_failures_per_minute: n(self.auth_failures_per_minute),
+            max_connections_per_source: n(self.max_connections_per_source).min(half),
+            max_handshakes_per_source: n(self.max_handshakes_per_source).min(handshakes),
+            max_handshakes: handshakes,
+            http_max_requests_per_source: n(self.http_max_requests_per_source),
+            http_max_requests_per_listener: n(self.http_max_requests_per_listener),
         }
     }
 }
@@ -369,6 +395,11 @@ impl RelayConfig {
             http_max_header_bytes: count("http_max_header_bytes", l.http_max_header_bytes)?.max(8192),
             http_header_timeout: secs("http_header_timeout", l.http_header_timeout)?,
             auth_failures_per_minute: count("auth_failures_per_minute", l.auth_failures_per_minute)?,
+            max_connections_per_source: count("max_connections_per_source", l.max_connections_per_source)?,
+            max_handshakes_per_source: count("max_handshakes_per_source", l.max_handshakes_per_source)?,
+            max_handshakes: count("max_handshakes", l.max_handshakes)?,
+            http_max_requests_per_source: count("http_max_requests_per_source", l.http_max_requests_per_source)?,
+            http_max_requests_per_listener: count("http_max_requests_per_listener", l.http_max_requests_per_listener)?,
         };
         if let Some((v, w)) = get("listeners_open") {
             cfg.listeners_open = match v.to_ascii_lowercase().as_str() {
@@ -456,6 +487,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "http_max_header_bytes", help: "largest public HTTP request head in bytes (at least 8192)" },
     Setting { name: "http_header_timeout", help: "seconds a public HTTP client has to send its request head" },
     Setting { name: "auth_failures_per_minute", help: "failed authentications per source address per minute before it is refused" },
+    Setting { name: "max_connections_per_source", help: "most open connections per source address (IPv6: per /64); at most max_connections/2" },
+    Setting { name: "max_handshakes_per_source", help: "most not-yet-authenticated connections per source address (IPv6: per /64)" },
+    Setting { name: "max_handshakes", help: "most not-yet-authenticated connections in all; at most max_connections/2" },
+    Setting { name: "http_max_requests_per_source", help: "most public HTTP requests in progress per source address (then 429)" },
+    Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
 ];
 
 /// Client-side variables that may share an environment with the relay.
@@ -561,6 +597,32 @@ mod tests {
         assert_eq!(c.listen, Some("127.0.0.1:7835".parse().unwrap()));
         assert_eq!(c.auth_keys.kids(), vec![1]);
         assert_eq!(c.health_path, "/healthz");
+    }
+
+    #[test]
+    fn no_source_and_no_handshake_flood_can_take_more_than_half() {
+        let l = Limits {
+            max_connections: 100,
+            max_connections_per_source: 1000,
+            max_handshakes: 1000,
+            max_handshakes_per_source: 1000,
+            ..Limits::default()
+        }
+        .clamped();
+        assert_eq!((l.max_connections_per_source, l.max_handshakes, l.max_handshakes_per_source), (50, 50, 50));
+        let c = RelayConfig::from_sources(
+            None,
+            &[],
+            &env(&[
+                ("TUNNEL_AUTH_KEYS", KEYS),
+                ("TUNNEL_ALLOW", ALLOW),
+                ("TUNNEL_MAX_HANDSHAKES_PER_SOURCE", "7"),
+                ("TUNNEL_HTTP_MAX_REQUESTS_PER_LISTENER", "9"),
+            ]),
+            &[],
+        )
+        .unwrap();
+        assert_eq!((c.limits.max_handshakes_per_source, c.limits.http_max_requests_per_listener), (7, 9));
     }
 
     #[test]

@@ -61,6 +61,160 @@ pub fn ws_config_with_limit(max_message: usize) -> WebSocketConfig {
 /// process. Reading one classic message (32 KiB) at a time keeps throughput and cuts that to ~56 KiB.
 const CLASSIC_READ_BUFFER: usize = CLASSIC_CHUNK + WS_HEADER_MAX;
 
+/// Read buffer of the relay's WebSocket codec (both modes). tungstenite allocates it up front and
+/// zero-fills it before every read, so it is kept small: 4 KiB holds any hello, and an
+/// unauthenticated connection costs that, not the 128 KiB default. A larger frame still arrives
+/// whole (the codec reserves room for each frame it has a header for); after authentication,
+/// [`GrowingReads`] below it reads the socket in large chunks, so throughput does not suffer.
+pub const SERVER_WS_READ_BUFFER: usize = 4 * 1024;
+
+/// Socket reads of an authenticated multiplexed session on the relay (one transport serves every
+/// stream: few, large reads).
+pub const MUX_READ_AHEAD: usize = 128 * 1024;
+
+/// Socket reads of an authenticated classic-mode connection on the relay: one classic message.
+pub const CLASSIC_READ_AHEAD: usize = CLASSIC_READ_BUFFER;
+
+/// WebSocket limits for the relay's side of a connection: a small codec read buffer (see
+/// [`SERVER_WS_READ_BUFFER`]); wrap the transport in [`GrowingReads`] to keep large reads.
+pub fn ws_server_config(max_message: usize) -> WebSocketConfig {
+    limits(max_message).read_buffer_size(SERVER_WS_READ_BUFFER)
+}
+
+/// A relay-side transport whose reads go straight to the socket (no buffer of its own) until
+/// `grown` turns true, the moment the peer authenticates; from then on it reads the socket
+/// `size` bytes at a time into a buffer allocated then, and serves the codec's small reads from
+/// it. So an unauthenticated connection holds no read-ahead buffer, and an authenticated one
+/// makes as few read calls as with a large codec buffer.
+pub struct GrowingReads {
+    io: BoxIo,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    size: usize,
+    grown: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl GrowingReads {
+    /// Wrap `io`; reads grow to `size` bytes once `grown` is set.
+    pub fn new(io: BoxIo, size: usize, grown: Arc<std::sync::atomic::AtomicBool>) -> GrowingReads {
+        GrowingReads { io, buf: Vec::new(), start: 0, end: 0, size, grown }
+    }
+}
+
+impl AsyncRead for GrowingReads {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.start == this.end {
+            if out.remaining() >= this.size || !this.grown.load(std::sync::atomic::Ordering::Relaxed) {
+                return Pin::new(&mut this.io).poll_read(cx, out);
+            }
+            if this.buf.is_empty() {
+                this.buf = vec![0; this.size];
+            }
+            let mut rb = ReadBuf::new(&mut this.buf);
+            ready!(Pin::new(&mut this.io).poll_read(cx, &mut rb))?;
+            (this.start, this.end) = (0, rb.filled().len());
+        }
+        let n = (this.end - this.start).min(out.remaining());
+        out.put_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for GrowingReads {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Read an HTTP/1.1 request head (through its blank line) into a buffer that grows with what
+/// arrives, at most `max` bytes (then what came so far: the HTTP server answers an oversized
+/// head). A client that sends its head slowly holds only the bytes it sent, not an HTTP server's
+/// buffers; `None` when the client closed or failed first.
+pub async fn read_request_head<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head: Vec<u8> = Vec::new();
+    let mut scanned: usize = 0;
+    loop {
+        if head.len() == head.capacity() {
+            head.reserve((head.capacity().max(512)).min(max.saturating_sub(head.len())).max(1));
+        }
+        let n = io.read_buf(&mut head).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        // Only the new bytes (and the three before them) can complete the blank line.
+        let from = scanned.saturating_sub(3);
+        if head[from..].windows(4).any(|w| w == b"\r\n\r\n") || head.len() >= max {
+            return Some(head);
+        }
+        scanned = head.len();
+    }
+}
+
+/// A byte stream whose first reads return `prefix` (bytes already read from it).
+pub struct Prefixed<T> {
+    prefix: Vec<u8>,
+    pos: usize,
+    io: T,
+}
+
+impl<T> Prefixed<T> {
+    /// Replay `prefix`, then read `io`.
+    pub fn new(prefix: Vec<u8>, io: T) -> Prefixed<T> {
+        Prefixed { prefix, pos: 0, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.pos < this.prefix.len() {
+            let n = (this.prefix.len() - this.pos).min(out.remaining());
+            out.put_slice(&this.prefix[this.pos..this.pos + n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, out)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 fn limits(max_message: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max_message))

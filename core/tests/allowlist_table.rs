@@ -43,10 +43,47 @@ impl Want {
     }
 }
 
+/// One of the relay host's own non-loopback addresses of each family (none on a host that has
+/// only loopback), outside the ranges the table's IP rules admit.
+fn host_addresses() -> (Option<IpAddr>, Option<IpAddr>) {
+    let all = libtunnel::relay::resolve::host_addresses();
+    let usable = |ip: &&IpAddr| match ip {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && v4.octets()[0] != 10 && v4.octets()[0] != 0,
+        IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+    };
+    (all.iter().filter(usable).find(|ip| ip.is_ipv4()).copied(), all.iter().filter(usable).find(|ip| ip.is_ipv6()).copied())
+}
+
 /// Names the fake DNS server answers, and with what. Everything else gets an empty answer.
 fn dns_records() -> HashMap<&'static str, Vec<IpAddr>> {
     let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
-    HashMap::from([
+    let (host4, host6) = host_addresses();
+    let mut extra: Vec<(&'static str, Vec<IpAddr>)> = vec![
+        // Cloud metadata services, for a name a wildcard rule admits.
+        ("ec2v6.allowed.test", vec![ip("fd00:ec2::254")]),
+        ("alibaba.allowed.test", vec![ip("100.100.100.200")]),
+        ("oracle.allowed.test", vec![ip("192.0.0.192")]),
+        ("ecs.allowed.test", vec![ip("169.254.170.2")]),
+        // IPv6 spellings that carry 127.0.0.1 or 169.254.169.254.
+        ("compat.allowed.test", vec![ip("::127.0.0.1")]),
+        ("nat64.allowed.test", vec![ip("64:ff9b::7f00:1")]),
+        ("nat64meta.allowed.test", vec![ip("64:ff9b::a9fe:a9fe")]),
+        ("sixtofour.allowed.test", vec![ip("2002:7f00:1::1")]),
+        ("translated.allowed.test", vec![ip("::ffff:0:7f00:1")]),
+        ("teredo.allowed.test", vec![ip("2001:0:1:2:3:4:80ff:fffe")]),
+        // A mixed answer with nothing admitted: loopback and the host itself.
+        ("mixed.allowed.test", std::iter::once(ip("127.0.0.1")).chain(host4).collect()),
+    ];
+    if let Some(h) = host4 {
+        extra.push(("host.allowed.test", vec![h]));
+        extra.push(("host-mapped.allowed.test", vec![ip(&format!("::ffff:{h}"))]));
+        // The host first, then the one admitted target: only the second may be connected.
+        extra.push(("mixed-ok.allowed.test", vec![h, ip("127.0.0.2")]));
+    }
+    if let Some(h) = host6 {
+        extra.push(("host6.allowed.test", vec![h]));
+    }
+    let mut records = HashMap::from([
         ("evil.test", vec![ip("127.0.0.1")]),
         ("mapped.test", vec![ip("::ffff:127.0.0.1")]),
         ("six.test", vec![ip("::1")]),
@@ -61,7 +98,9 @@ fn dns_records() -> HashMap<&'static str, Vec<IpAddr>> {
         ("rebind6.allowed.test", vec![ip("::1")]),
         ("zero.allowed.test", vec![ip("0.0.0.0")]),
         ("metadata.allowed.test", vec![ip("169.254.169.254")]),
-    ])
+    ]);
+    records.extend(extra);
+    records
 }
 
 /// A DNS server on loopback UDP answering A and AAAA queries from [`dns_records`].
@@ -136,6 +175,9 @@ async fn allowed_echo() -> SocketAddr {
 fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
     use Want::*;
     let (pa, pb) = (pa.to_string(), pb.to_string());
+    // Without a non-loopback address of a family, its rows name nothing the responder knows.
+    let (host4, host6) = host_addresses();
+    let (host, host6) = (if host4.is_some() { NotAllowed } else { Unreachable }, if host6.is_some() { NotAllowed } else { Unreachable });
     let t: Vec<(&str, &str, Want)> = vec![
         // IPv4 in decimal, octal, hex, short and mixed forms.
         ("127.0.0.1", &pb, NotAllowed),
@@ -195,6 +237,25 @@ fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
         ("rebind6.allowed.test", &pb, NotAllowed),
         ("zero.allowed.test", &pb, NotAllowed),
         ("metadata.allowed.test", &pb, NotAllowed),
+        ("metadata.allowed.test", &pa, NotAllowed),
+        // Special-purpose addresses a name rule never reaches: cloud metadata, IPv6 spellings that
+        // carry a forbidden IPv4 address, and the relay host's own addresses (rows with a name
+        // the DNS responder does not know resolve to nothing: UNREACHABLE, on a loopback-only host).
+        ("ec2v6.allowed.test", &pa, NotAllowed),
+        ("alibaba.allowed.test", &pa, NotAllowed),
+        ("oracle.allowed.test", &pa, NotAllowed),
+        ("ecs.allowed.test", &pa, NotAllowed),
+        ("compat.allowed.test", &pb, NotAllowed),
+        ("nat64.allowed.test", &pb, NotAllowed),
+        ("nat64meta.allowed.test", &pa, NotAllowed),
+        ("sixtofour.allowed.test", &pb, NotAllowed),
+        ("translated.allowed.test", &pb, NotAllowed),
+        ("teredo.allowed.test", &pb, NotAllowed),
+        ("mixed.allowed.test", &pb, NotAllowed),
+        ("host.allowed.test", &pb, host),
+        ("host.allowed.test", "22", host),
+        ("host-mapped.allowed.test", &pb, host),
+        ("host6.allowed.test", &pb, host6),
         ("private.test", &pa, NotAllowed),
         // The allowed host on another port, other hosts on the allowed port.
         ("127.0.0.2", &pb, NotAllowed),
@@ -210,6 +271,19 @@ fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
         ("[::ffff:192.168.0.1]", &pa, NotAllowed),
         ("[fd00::1]", &pa, NotAllowed),
         ("[fe80::1]", &pa, NotAllowed),
+        // Metadata addresses and embedded-IPv4 spellings as literal targets.
+        ("[fd00:ec2::254]", &pa, NotAllowed),
+        ("100.100.100.200", &pa, NotAllowed),
+        ("192.0.0.192", &pa, NotAllowed),
+        ("[64:ff9b::7f00:1]", &pb, NotAllowed),
+        ("[64:ff9b::127.0.0.1]", &pb, NotAllowed),
+        ("[64:ff9b:1::7f00:1]", &pb, NotAllowed),
+        ("[64:ff9b::a9fe:a9fe]", &pa, NotAllowed),
+        ("[2002:7f00:1::1]", &pb, NotAllowed),
+        ("[2002:a9fe:a9fe::]", &pa, NotAllowed),
+        ("[::ffff:0:7f00:1]", &pb, NotAllowed),
+        ("[::ffff:0:127.0.0.1]", &pb, NotAllowed),
+        ("[2001:0:1:2:3:4:80ff:fffe]", &pb, NotAllowed),
         // Port 0 (never allowed) and ports out of range (refused by the client).
         ("127.0.0.1", "0", NotAllowed),
         ("127.0.0.2", "0", NotAllowed),
@@ -272,7 +346,7 @@ async fn forbidden_spellings_are_refused_through_the_relay() {
     cfg.dns_servers = vec![fake_dns().await];
     let relay = start_relay(cfg).await;
     let rows = table(pa, pb);
-    assert!(rows.len() >= 40, "the table has {} spellings", rows.len());
+    assert!(rows.len() >= 100, "the table has {} spellings", rows.len());
 
     let mut refused_by_relay = 0;
     let mut failures = Vec::new();
@@ -293,6 +367,15 @@ async fn forbidden_spellings_are_refused_through_the_relay() {
         }
         // Rules are applied per stream: the same session still reaches the allowed target.
         still_serves(&d, allowed).await;
+        // A mixed answer (the host's own address first, then the admitted 127.0.0.2) connects
+        // to the admitted address only.
+        if host_addresses().0.is_some() {
+            let mut s = dial(&d, "mixed-ok.allowed.test", &pa.to_string()).await.unwrap_or_else(|e| panic!("{mode:?} mixed-ok: [{}] {e}", e.code()));
+            s.write_all(b"mix!").await.expect("write");
+            let mut b = [0u8; 4];
+            within(STEP, "echo through the mixed answer", s.read_exact(&mut b)).await.expect("echo");
+            assert_eq!(&b, b"mix!");
+        }
     }
     assert!(failures.is_empty(), "{} of {} dials went wrong:\n{}", failures.len(), rows.len() * 2, failures.join("\n"));
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the relay connected to the forbidden server on 127.0.0.1");

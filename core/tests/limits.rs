@@ -1,6 +1,8 @@
-//! The relay's admission limits, each driven over real loopback sockets: failed authentications
-//! slowed per source address (valid keys never refused), sessions per key, streams waiting on a listener that never
-//! accepts, and the public HTTP port's request-head deadline (slowloris) and size.
+//! The relay's admission limits, each driven over real loopback sockets: connections and
+//! handshakes per source address and in all (one source cannot lock others out), failed
+//! authentications slowed per source address (valid keys never refused), sessions per key, streams waiting on a
+//! listener that never accepts, the public HTTP port's request-head deadline (slowloris) and
+//! size, and public requests in progress per source.
 
 mod common;
 
@@ -20,6 +22,189 @@ fn dialer(url: &str, k: Key) -> Dialer {
 
 fn wrong_key() -> Key {
     Key::new(KID, b"not the relay's secret, just a guess".to_vec()).expect("key")
+}
+
+/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is all ours).
+async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{from}:0").parse().expect("addr")).expect("bind a loopback source address");
+    within(STEP, "connect", sock.connect(to)).await.expect("connect")
+}
+
+/// Wait until the relay counts `want` connections in their handshake.
+async fn handshakes_reach(relay: &libtunnel::ServerHandle, want: i64) {
+    within(STEP, "the relay to count the handshakes", async {
+        while relay.metrics().handshakes_open() != want {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A connection the relay must refuse at once: it ends within a second, with nothing or an
+/// HTTP answer of `status` naming `setting`.
+async fn refused_at_once(mut s: TcpStream, status: &str, setting: &str) {
+    let t0 = Instant::now();
+    let mut answer = Vec::new();
+    let _ = within(Duration::from_secs(1), "an immediate refusal", s.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(answer.is_empty() || (text.starts_with(&format!("HTTP/1.1 {status}")) && text.contains(setting)), "{text:?}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "refused after {:?}", t0.elapsed());
+}
+
+/// A dial through `d` to the echo target that moves 1 MiB each way and checks its hash.
+async fn moves_a_mib(d: &Dialer, echo: std::net::SocketAddr, seed: u64) {
+    let data = payload(MIB, seed);
+    let s = within(STEP, "a dial", d.dial(&echo.to_string())).await.expect("dial");
+    let got = within(BULK, "1 MiB echoed", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data), "the echo differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_at_its_limits_cannot_lock_others_out() {
+    init_tracing();
+    let echo = echo_server().await;
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.limits.max_connections = 64;
+    cfg.limits.max_connections_per_source = 16;
+    cfg.limits.max_handshakes_per_source = 8;
+    cfg.limits.max_handshakes = 12;
+    cfg.limits.handshake_timeout = Duration::from_secs(60);
+    let relay = start_relay(cfg).await;
+    let addr = relay.local_addr().expect("ws endpoint");
+    // A session authenticated before the flood (from 127.0.0.1).
+    let early = dialer(relay.url(), key());
+    moves_a_mib(&early, echo, 1).await;
+
+    // 127.0.0.2 opens silent connections up to its handshake limit: the relay holds them all.
+    let mut flood = Vec::new();
+    for _ in 0..8 {
+        flood.push(connect_from("127.0.0.2", addr).await);
+    }
+    handshakes_reach(&relay, 8).await;
+    // Its extra connections are refused at once, and counted.
+    for _ in 0..5 {
+        refused_at_once(connect_from("127.0.0.2", addr).await, "429", "max_handshakes_per_source").await;
+    }
+    assert_eq!(relay.metrics().refusals(Refusal::SourceHandshakes), 5);
+    // Another source authenticates and moves 1 MiB, hashed.
+    let late = dialer(relay.url(), key());
+    moves_a_mib(&late, echo, 2).await;
+
+    // 127.0.0.3 takes the rest of the global handshake places; then new connections from
+    // anyone are refused (503) until handshakes finish or time out...
+    for _ in 0..4 {
+        flood.push(connect_from("127.0.0.3", addr).await);
+    }
+    handshakes_reach(&relay, 12).await;
+    refused_at_once(connect_from("127.0.0.4", addr).await, "503", "max_handshakes").await;
+    assert_eq!(relay.metrics().refusals(Refusal::Handshakes), 1);
+    // ...but authenticated sessions are never shed: both still open streams and move 1 MiB.
+    moves_a_mib(&early, echo, 3).await;
+    moves_a_mib(&late, echo, 4).await;
+
+    // The floods close: every place comes back.
+    drop(flood);
+    handshakes_reach(&relay, 0).await;
+    let fresh = dialer(relay.url(), key());
+    moves_a_mib(&fresh, echo, 5).await;
+    let m = relay.metrics();
+    assert_eq!(m.connections_open(), 3, "three authenticated sessions remain");
+    let text = {
+        let (status, body) = http_get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        body
+    };
+    assert_eq!(metric(&text, "libtunnel_refusals_total{reason=\"source_handshakes\"}"), 5, "{text}");
+    assert_eq!(metric(&text, "libtunnel_refusals_total{reason=\"handshakes\"}"), 1, "{text}");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_per_source_are_bounded_authenticated_or_not() {
+    init_tracing();
+    let echo = echo_server().await;
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.tcp_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.limits.max_connections_per_source = 3;
+    let relay = start_relay(cfg).await;
+    let tcp = relay.tcp_addr().expect("raw TCP endpoint");
+    // Three sessions from 127.0.0.1 (each authenticated): the fourth connection is refused at
+    // once, whatever it is, while other sources are served.
+    let sessions: Vec<Dialer> = (0..3).map(|_| dialer(relay.url(), key())).collect();
+    for (i, d) in sessions.iter().enumerate() {
+        moves_a_mib(d, echo, 10 + i as u64).await;
+    }
+    refused_at_once(connect_from("127.0.0.1", tcp).await, "", "").await;
+    assert_eq!(relay.metrics().refusals(Refusal::SourceConnections), 1);
+    let other = connect_from("127.0.0.2", tcp).await;
+    let mut preamble = [0u8; 8];
+    let mut other = other;
+    within(STEP, "the relay's preamble to another source", other.read_exact(&mut preamble)).await.expect("served");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_requests_in_progress_are_bounded_per_source_and_per_listener() {
+    init_tracing();
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.listeners_open = true;
+    cfg.limits.http_max_requests_per_source = 2;
+    cfg.limits.http_max_requests_per_listener = 3;
+    cfg.limits.http_timeout = Duration::from_secs(2);
+    let relay = start_relay(cfg).await;
+    let http = relay.http_addr().expect("http port");
+    // A listener that takes every stream and never answers: each request stays in progress.
+    let listener = within(STEP, "listener", Listener::bind(relay.url(), Identity::generate())).await.expect("bind");
+    let name = listener.name();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            h.lock().expect("held").push(s);
+        }
+    });
+    let request = format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n");
+    let send_from = |from: &'static str| {
+        let request = request.clone();
+        async move {
+            let mut s = connect_from(from, http).await;
+            s.write_all(request.as_bytes()).await.expect("request");
+            s
+        }
+    };
+    let held_reach = |n: usize| {
+        let held = held.clone();
+        within(STEP, "the listener to hold the requests", async move {
+            while held.lock().expect("held").len() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    // Two requests from 127.0.0.1 in progress; its third is refused at once.
+    let mut a = send_from("127.0.0.1").await;
+    let _b = send_from("127.0.0.1").await;
+    held_reach(2).await;
+    let mut c = send_from("127.0.0.1").await;
+    let (status, body) = within(STEP, "429", read_http_response(&mut c)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("http_max_requests_per_source"), "{body}");
+    // Another source takes the listener's third place; a fourth request, from anyone, gets 503.
+    let _d = send_from("127.0.0.2").await;
+    held_reach(3).await;
+    let mut e = send_from("127.0.0.3").await;
+    let (status, body) = within(STEP, "503", read_http_response(&mut e)).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("http_max_requests_per_listener"), "{body}");
+    let m = relay.metrics();
+    assert_eq!((m.refusals(Refusal::HttpSourceRequests), m.refusals(Refusal::HttpListenerRequests)), (1, 1));
+    // A request that ends (here with 504: the listener never answers) frees its places.
+    let (status, _) = within(STEP, "504", read_http_response(&mut a)).await;
+    assert_eq!(status, 504);
+    let _f = send_from("127.0.0.1").await;
+    held_reach(4).await;
+    relay.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

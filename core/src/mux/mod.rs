@@ -59,10 +59,10 @@ const STREAM_QUEUE: usize = 256 * 1024;
 /// Received chunks smaller than this are copied out of the transport's read buffer instead of
 /// keeping the whole buffer alive (a stream of 1-byte frames would pin one buffer per byte).
 const COPY_BELOW: usize = 8 * 1024;
-/// Larger chunks are kept without copying while a stream holds fewer than this many such chunks;
-/// past that (a reader that fell behind) they are copied too, so a stalled stream pins at most
-/// this many transport buffers.
-const MAX_PINNED: usize = 4;
+/// Larger chunks are kept without copying while a stream holds fewer than this many such chunks
+/// and its reader keeps up; once it falls behind they are copied, so a stalled stream pins at most
+/// a couple of transport buffers.
+const MAX_PINNED: usize = 2;
 /// The largest ping payload a peer may send (ours are 8 bytes).
 const MAX_PING: usize = 64;
 /// Control frames queued before a peer's further pings, refused opens or late data count as
@@ -684,6 +684,15 @@ fn on_frame(shared: &Arc<Shared>, f: Frame) -> Result<(), String> {
             }
             if st.reset.is_some() || n == 0 {
                 return Ok(()); // reset locally: the bytes have no reader
+            }
+            if st.pinned > 0 && st.recv.len() >= 2 {
+                // The reader fell behind: copy the chunks that keep transport buffers alive (once
+                // each), so a stalled stream holds what it buffered and no more.
+                for (c, pinned) in st.recv.iter_mut().filter(|(_, p)| *p) {
+                    *c = Bytes::copy_from_slice(c);
+                    *pinned = false;
+                }
+                st.pinned = 0;
             }
             if n >= COPY_BELOW && st.pinned < MAX_PINNED {
                 if !st.tail.is_empty() {

@@ -10,8 +10,13 @@
 //! relay would actually connect to, after DNS. Targets whose "name" is really an IP in another
 //! spelling (`2130706433`, `0x7f.1`, `::ffff:127.0.0.1`) are normalised to that IP first, so they
 //! meet the IP rules and never a name rule.
+//!
+//! A name rule admits a name, not every address DNS may return for it: [`name_rule_reaches`]
+//! keeps the relay host itself and the cloud metadata services out of reach of a hostile DNS
+//! answer, and IPv6 addresses that embed an IPv4 address ([`embedded_ipv4`]) are judged as the
+//! IPv4 address they carry, by name rules and IP rules alike.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use ipnet::IpNet;
@@ -69,6 +74,61 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
         },
         v4 => v4,
     }
+}
+
+/// The IPv4 address an IPv6 address carries, with the length of the prefix that says so:
+/// IPv4-mapped `::ffff:a.b.c.d` (96), IPv4-translated `::ffff:0:a.b.c.d` (96), IPv4-compatible
+/// `::a.b.c.d` (96; not `::` or `::1`), NAT64 `64:ff9b::/96` and the local-use `64:ff9b:1::/48`
+/// (last 32 bits), 6to4 `2002:AABB:CCDD::/16`, and Teredo `2001::/32` (its client address, the
+/// last 32 bits inverted).
+pub fn embedded_ipv4(v6: Ipv6Addr) -> Option<(Ipv4Addr, u8)> {
+    let s = v6.segments();
+    let low = Ipv4Addr::from((u32::from(s[6]) << 16) | u32::from(s[7]));
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some((low, 96)),
+        [0, 0, 0, 0, 0xffff, 0, _, _] => Some((low, 96)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if hi != 0 || lo > 1 => Some((low, 96)),
+        [0x64, 0xff9b, 0, 0, 0, 0, _, _] => Some((low, 96)),
+        [0x64, 0xff9b, 1, ..] => Some((low, 48)),
+        [0x2002, a, b, ..] => Some((Ipv4Addr::from((u32::from(a) << 16) | u32::from(b)), 16)),
+        [0x2001, 0, ..] => Some((Ipv4Addr::from(!u32::from(low)), 32)),
+        _ => None,
+    }
+}
+
+/// Cloud metadata services: AWS, GCP (`metadata.google.internal`), Azure, DigitalOcean and others
+/// at 169.254.169.254, AWS ECS task metadata at 169.254.170.2, AWS's IPv6 endpoint, Alibaba's,
+/// Oracle's and Tencent's.
+pub const METADATA_ADDRESSES: [IpAddr; 6] = [
+    IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
+    IpAddr::V4(Ipv4Addr::new(169, 254, 0, 23)),
+];
+
+/// Whether a name rule may connect the relay to `ip` (a resolved address). Never: the
+/// unspecified address, broadcast and multicast, the cloud metadata addresses, and the relay
+/// host's own interface addresses (`host`); loopback and link-local only for a rule that names
+/// the host exactly (`exact`, e.g. `localhost:5432`), never for a `*.suffix` wildcard. An IPv6
+/// address embedding an IPv4 address is judged as that IPv4 address. Everything else: yes.
+/// (IP and CIDR rules are separate: a rule naming such an address admits it.)
+pub fn name_rule_reaches(ip: IpAddr, exact: bool, host: &[IpAddr]) -> bool {
+    let ip = canonical_ip(ip);
+    if let IpAddr::V6(v6) = ip {
+        if let Some((v4, _)) = embedded_ipv4(v6) {
+            return name_rule_reaches(IpAddr::V4(v4), exact, host);
+        }
+    }
+    if ip.is_unspecified() || ip.is_multicast() || METADATA_ADDRESSES.contains(&ip) {
+        return false;
+    }
+    let local = match ip {
+        IpAddr::V4(v4) => v4.is_broadcast() || (v4.is_loopback() || v4.is_link_local()) && !exact,
+        IpAddr::V6(v6) => (v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80) && !exact,
+    };
+    !local && (ip.is_loopback() || !host.contains(&ip))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,11 +295,22 @@ impl Allowlist {
 
     /// Whether an address (as it will be connected) is admitted by an IP or CIDR rule. The
     /// unspecified address (`0.0.0.0`, `::`) never is, whatever the rules: connecting to it
-    /// reaches the relay's own host, like loopback.
+    /// reaches the relay's own host, like loopback. An IPv6 address embedding an IPv4 address is
+    /// admitted as that IPv4 address, or by a rule inside its translation prefix (such as
+    /// `64:ff9b::/96`), never by a wider IPv6 rule such as `::/0`.
     pub fn ip_allowed(&self, ip: IpAddr, port: u16) -> bool {
         let ip = canonical_ip(ip);
         if ip.is_unspecified() {
             return false;
+        }
+        if let IpAddr::V6(v6) = ip {
+            if let Some((v4, prefix)) = embedded_ipv4(v6) {
+                let named = self.rules.iter().filter(|r| r.port_ok(port)).any(|r| match &r.host {
+                    HostRule::Net(net) => net.prefix_len() >= prefix && net.contains(&ip),
+                    _ => false,
+                });
+                return named || self.ip_allowed(IpAddr::V4(v4), port);
+            }
         }
         self.rules.iter().filter(|r| r.port_ok(port) && r.is_ip_rule()).any(|r| match &r.host {
             HostRule::Any => true,
@@ -313,6 +384,59 @@ mod tests {
         assert!(long.len() <= 253 && TargetHost::parse(&long).is_err(), "{long}");
         assert_eq!(TargetHost::parse("localhost。").unwrap(), TargetHost::Name("localhost".into()));
         assert!(TargetHost::parse("a b").is_err());
+    }
+
+    #[test]
+    fn embedded_ipv4_spellings_are_judged_as_their_ipv4() {
+        let lo = "127.0.0.1".parse::<Ipv4Addr>().unwrap();
+        for s in [
+            "::ffff:127.0.0.1",
+            "::ffff:0:7f00:1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b:1::7f00:1",
+            "2002:7f00:1::1",
+            "2001:0:1:2:3:4:80ff:fffe",
+        ] {
+            let v6: Ipv6Addr = s.parse().unwrap();
+            assert_eq!(embedded_ipv4(v6).map(|(v4, _)| v4), Some(lo), "{s}");
+            assert!(!name_rule_reaches(IpAddr::V6(v6), false, &[]), "a wildcard reaches {s}");
+        }
+        for s in ["::", "::1", "2001:db8::1", "fd00:ec2::254"] {
+            assert_eq!(embedded_ipv4(s.parse().unwrap()), None, "{s}");
+        }
+        let a = list(r#"[{"host":"::/0","port":"*"},{"host":"10.0.0.0/8","port":"*"},{"host":"2002:c000:0201::/48","port":"*"}]"#);
+        assert!(!a.ip_allowed("64:ff9b::7f00:1".parse().unwrap(), 1), "::/0 does not name NAT64 loopback");
+        assert!(a.ip_allowed("64:ff9b::a01:203".parse().unwrap(), 1), "carries 10.1.2.3");
+        assert!(a.ip_allowed("2002:c000:201::1".parse().unwrap(), 1), "a rule inside the 6to4 prefix names it");
+        assert!(a.ip_allowed("2001:db8::1".parse().unwrap(), 1));
+    }
+
+    #[test]
+    fn name_rules_never_reach_the_host_or_metadata() {
+        let host: Vec<IpAddr> = vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap(), "127.0.0.1".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (addr, exact, want) in [
+            ("192.0.2.10", true, false),
+            ("::ffff:192.0.2.10", false, false),
+            ("64:ff9b::c000:20a", false, false),
+            ("2001:db8::10", true, false),
+            ("169.254.169.254", true, false),
+            ("fd00:ec2::254", true, false),
+            ("100.100.100.200", true, false),
+            ("192.0.0.192", true, false),
+            ("0.0.0.0", true, false),
+            ("255.255.255.255", true, false),
+            ("224.0.0.1", true, false),
+            ("127.0.0.1", false, false),
+            ("127.0.0.1", true, true),
+            ("169.254.1.1", false, false),
+            ("fe80::1", true, true),
+            ("192.0.2.11", false, true),
+            ("100.100.100.201", false, true),
+        ] {
+            assert_eq!(name_rule_reaches(ip(addr), exact, &host), want, "{addr} exact={exact}");
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use socks5_proto::{Address, Reply};
 use tokio::net::TcpStream;
 
-use super::allowlist::{canonical_ip, Allowlist, NameDecision, TargetHost};
+use super::allowlist::{canonical_ip, name_rule_reaches, Allowlist, NameDecision, TargetHost};
 use super::metrics::Refusal;
 use super::resolve::TargetResolver;
 use crate::socks::Target;
@@ -27,19 +27,6 @@ pub struct ConnectFailure {
 
 fn fail(reply: Reply, reason: Refusal, detail: String) -> ConnectFailure {
     ConnectFailure { reply, reason, detail }
-}
-
-/// Whether a resolved address may be connected on the strength of a name rule alone.
-fn admissible_by_name(ip: std::net::IpAddr, exact_rule: bool) -> bool {
-    use std::net::IpAddr;
-    if ip.is_unspecified() {
-        return false;
-    }
-    let local = match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local(),
-        IpAddr::V6(v6) => v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80,
-    };
-    exact_rule || !local
 }
 
 /// Connect to the target of a CONNECT request, if the allowlist admits it.
@@ -70,14 +57,15 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
                 .map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, format!("resolving {name}: {e}")))?;
             let all: Vec<SocketAddr> = resolved.into_iter().map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
             let admitted: Vec<SocketAddr> = match decision {
-                // A name rule admits the name, but not every address DNS may return for it: the
-                // unspecified address never (it reaches the relay's own host), and the relay's own
-                // loopback or link-local addresses (metadata services) only for a rule that names
-                // this host exactly or an IP rule that admits them, so a wildcard rule plus a
-                // hostile DNS answer (rebinding) cannot reach them.
+                // A name rule admits the name, but not every address DNS may return for it (see
+                // `name_rule_reaches`): the relay's own host, metadata services and, for a
+                // wildcard, loopback and link-local stay out of reach of a hostile DNS answer
+                // (rebinding) unless an IP rule admits them. A mixed answer connects only to
+                // the admitted addresses.
                 NameDecision::Allowed => {
                     let exact = allow.names_exactly(&name, port);
-                    all.iter().copied().filter(|sa| admissible_by_name(sa.ip(), exact) || allow.ip_allowed(sa.ip(), port)).collect()
+                    let host = super::resolve::host_addresses();
+                    all.iter().copied().filter(|sa| name_rule_reaches(sa.ip(), exact, &host) || allow.ip_allowed(sa.ip(), port)).collect()
                 }
                 _ => all.iter().copied().filter(|sa| allow.ip_allowed(sa.ip(), port)).collect(),
             };

@@ -1,12 +1,24 @@
-//! Admission guards around authentication: a per-source-address count of failed
+//! Admission guards in front of authentication: per-source limits on open connections and on
+//! handshakes in progress plus a global cap on handshakes ([`Admissions`], checked in the accept
+//! loop before a connection costs anything), a per-source-address count of failed
 //! authentications (past the limit, that address's failures are answered slowly and logged once
-//! per minute rather than once per try; its valid proofs still pass), and a count of open
-//! multiplexed sessions per shared key (`max_sessions_per_key`).
+//! per minute rather than once per try; its valid proofs still pass), a count of open multiplexed
+//! sessions per shared key (`max_sessions_per_key`), and per-source / per-listener counts of
+//! public HTTP requests in progress.
+//!
+//! A "source" is an IPv4 address or an IPv6 /64 (one subscriber's network: an attacker with a
+//! /64 has 2^64 addresses). A connection is "in its handshake" from accept until it
+//! authenticates (tunnel endpoints) or sends its first request head (public HTTP port); the code
+//! that sees that moment calls [`handshake_finished`], which finds the connection's [`Ticket`]
+//! through a task-local set by the accept loop, so the session code needs no extra parameter.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use super::metrics::{Metrics, Refusal};
 
 /// The window failures are counted in.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -124,9 +136,248 @@ impl Drop for KeySession<'_> {
     }
 }
 
+/// The unit per-source limits count: the IPv4 address (IPv4-mapped IPv6 included), or the
+/// IPv6 address's /64.
+pub(crate) fn source_of(ip: IpAddr) -> IpAddr {
+    match super::allowlist::canonical_ip(ip) {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::from([s[0], s[1], s[2], s[3], 0, 0, 0, 0])
+        }
+        v4 => v4,
+    }
+}
+
+/// Open connections and handshakes in progress of one source.
+#[derive(Default, Clone, Copy)]
+struct SourceCount {
+    open: usize,
+    handshakes: usize,
+}
+
+/// The admission limits (from [`crate::config::Limits`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdmissionLimits {
+    pub(crate) per_source_connections: usize,
+    pub(crate) per_source_handshakes: usize,
+    pub(crate) handshakes: usize,
+}
+
+/// Open connections and handshakes per source, and handshakes in all.
+pub(crate) struct Admissions {
+    limits: AdmissionLimits,
+    metrics: Arc<Metrics>,
+    /// Sources with at least one open connection (entries leave at zero, so the table is as
+    /// large as the number of sources connected now).
+    table: Mutex<(HashMap<IpAddr, SourceCount>, usize)>,
+}
+
+/// One admitted connection: counted until dropped, and as a handshake until
+/// [`Ticket::handshake_finished`].
+pub(crate) struct Ticket {
+    owner: Arc<Admissions>,
+    source: IpAddr,
+    handshaking: AtomicBool,
+    /// Set once the handshake is over: transports grow their read buffers then.
+    finished: Arc<AtomicBool>,
+}
+
+impl Admissions {
+    pub(crate) fn new(limits: AdmissionLimits, metrics: Arc<Metrics>) -> Arc<Admissions> {
+        Arc::new(Admissions { limits, metrics, table: Mutex::new((HashMap::new(), 0)) })
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, (HashMap<IpAddr, SourceCount>, usize)> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admit a new connection from `ip`, or say which limit refuses it.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Ticket, Refusal> {
+        let source = source_of(ip);
+        let mut guard = self.table();
+        let (table, handshakes) = &mut *guard;
+        let c = table.get(&source).copied().unwrap_or_default();
+        if c.open >= self.limits.per_source_connections {
+            return Err(Refusal::SourceConnections);
+        }
+        if c.handshakes >= self.limits.per_source_handshakes {
+            return Err(Refusal::SourceHandshakes);
+        }
+        if *handshakes >= self.limits.handshakes {
+            return Err(Refusal::Handshakes);
+        }
+        let e = table.entry(source).or_default();
+        e.open += 1;
+        e.handshakes += 1;
+        *handshakes += 1;
+        let open = self.metrics.connections_open.fetch_add(1, Relaxed) + 1;
+        self.metrics.connections_peak.fetch_max(open, Relaxed);
+        self.metrics.handshakes_open.fetch_add(1, Relaxed);
+        Ok(Ticket { owner: self.clone(), source, handshaking: AtomicBool::new(true), finished: Arc::default() })
+    }
+
+    /// Sources with an open connection now.
+    #[cfg(test)]
+    fn sources(&self) -> usize {
+        self.table().0.len()
+    }
+}
+
+impl Ticket {
+    /// The handshake is over (authenticated, or a first public request head): the connection
+    /// no longer counts against the handshake limits.
+    pub(crate) fn handshake_finished(&self) {
+        if !self.handshaking.swap(false, Relaxed) {
+            return;
+        }
+        self.finished.store(true, Relaxed);
+        let mut guard = self.owner.table();
+        let (table, handshakes) = &mut *guard;
+        *handshakes -= 1;
+        if let Some(c) = table.get_mut(&self.source) {
+            c.handshakes -= 1;
+        }
+        self.owner.metrics.handshakes_open.fetch_sub(1, Relaxed);
+    }
+
+    /// A flag that turns true when the handshake is over.
+    pub(crate) fn finished_flag(&self) -> Arc<AtomicBool> {
+        self.finished.clone()
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.handshake_finished();
+        let mut guard = self.owner.table();
+        let (table, _) = &mut *guard;
+        if let Some(c) = table.get_mut(&self.source) {
+            c.open -= 1;
+            if c.open == 0 {
+                table.remove(&self.source);
+                // A flood from many sources leaves a large table behind; give the memory back.
+                if table.capacity() > 64 && table.len() < table.capacity() / 4 {
+                    table.shrink_to(table.len() * 2);
+                }
+            }
+        }
+        self.owner.metrics.connections_open.fetch_sub(1, Relaxed);
+    }
+}
+
+tokio::task_local! {
+    /// The admission ticket of the connection this task serves.
+    static TICKET: Ticket;
+}
+
+/// Serve a connection with its ticket reachable through [`handshake_finished`].
+pub(crate) async fn with_ticket<F: std::future::Future>(ticket: Ticket, f: F) -> F::Output {
+    TICKET.scope(ticket, f).await
+}
+
+/// The connection served by the current task has finished its handshake (it authenticated, or
+/// sent a public request head). Does nothing outside a connection task.
+pub(crate) fn handshake_finished() {
+    let _ = TICKET.try_with(|t| t.handshake_finished());
+}
+
+/// The current connection's "handshake finished" flag (a fresh, never-set flag outside one).
+pub(crate) fn finished_flag() -> Arc<AtomicBool> {
+    TICKET.try_with(|t| t.finished_flag()).unwrap_or_default()
+}
+
+/// Requests in progress per key (a public source, a listener name), each below a limit.
+pub(crate) struct InFlight<K: std::hash::Hash + Eq + Clone> {
+    limit: usize,
+    open: Mutex<HashMap<K, usize>>,
+}
+
+/// One counted request; uncounted when dropped.
+pub(crate) struct InFlightPermit<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> {
+    owner: Arc<InFlight<K>>,
+    key: K,
+}
+
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
+    pub(crate) fn new(limit: usize) -> Arc<InFlight<K>> {
+        Arc::new(InFlight { limit, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// Count one more request for `key`, unless `limit` are in progress.
+    pub(crate) fn enter(self: &Arc<Self>, key: K) -> Option<InFlightPermit<K>> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(key.clone()).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightPermit { owner: self.clone(), key })
+    }
+
+    /// The limit.
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Drop for InFlightPermit<K> {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+                if open.capacity() > 64 && open.len() < open.capacity() / 4 {
+                    let len = open.len();
+                    open.shrink_to(len * 2);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn admissions(c: usize, h: usize, all: usize) -> Arc<Admissions> {
+        Admissions::new(AdmissionLimits { per_source_connections: c, per_source_handshakes: h, handshakes: all }, Arc::default())
+    }
+
+    #[test]
+    fn per_source_and_global_limits() {
+        let a = admissions(3, 2, 4);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let t1 = a.admit(ip("192.0.2.1")).expect("first");
+        let t2 = a.admit(ip("::ffff:192.0.2.1")).expect("second (same source, mapped spelling)");
+        assert_eq!(a.admit(ip("192.0.2.1")).err(), Some(Refusal::SourceHandshakes), "two handshakes per source");
+        t1.handshake_finished();
+        let t3 = a.admit(ip("192.0.2.1")).expect("an authenticated connection frees its handshake place");
+        assert_eq!(a.admit(ip("192.0.2.1")).err(), Some(Refusal::SourceConnections), "three connections per source");
+        // One IPv6 /64 is one source.
+        let _v6 = a.admit(ip("2001:db8:1:2::1")).expect("v6");
+        let other = a.admit(ip("198.51.100.1")).expect("another source");
+        assert_eq!(a.admit(ip("2001:db8:1:2:ffff::9")).err(), Some(Refusal::Handshakes), "global cap: 4 handshakes");
+        drop(t2);
+        let _v6b = a.admit(ip("2001:db8:1:2:ffff::9")).expect("a closed connection frees its places");
+        assert_eq!(a.admit(ip("2001:db8:1:2::7")).err(), Some(Refusal::SourceHandshakes), "same /64");
+        drop(other);
+        drop((t1, t3, _v6, _v6b));
+        assert_eq!(a.sources(), 0, "entries leave the table at zero");
+        assert_eq!(a.metrics.connections_open.load(Relaxed), 0);
+        assert_eq!(a.metrics.handshakes_open.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn in_flight_is_bounded_per_key() {
+        let f = InFlight::<String>::new(2);
+        let a = f.enter("a".into()).expect("1");
+        let _b = f.enter("a".into()).expect("2");
+        assert!(f.enter("a".into()).is_none());
+        assert!(f.enter("b".into()).is_some());
+        drop(a);
+        assert!(f.enter("a".into()).is_some());
+    }
 
     #[test]
     fn refuses_after_the_limit_and_warns_once() {

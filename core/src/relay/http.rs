@@ -19,9 +19,12 @@ use tokio_tungstenite::WebSocketStream;
 use super::metrics::Refusal;
 use super::{session, RelayState};
 use crate::protocol::MUX_SUBPROTOCOL;
-use crate::transport::{ws_config, BoxIo};
+use crate::transport::{ws_server_config, BoxIo, GrowingReads, CLASSIC_READ_AHEAD, MUX_MAX_MESSAGE, MUX_READ_AHEAD};
 
 type Body = Full<Bytes>;
+
+/// Largest request head on the tunnel endpoint.
+const HEAD_MAX: usize = 64 * 1024;
 
 struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
@@ -29,7 +32,22 @@ struct Upgrade {
 }
 
 /// Serve HTTP/1.1 on one connection; if it upgrades to a WebSocket, run the tunnel session on it.
+/// The HTTP phase and the session each have their own boxed state, so an upgraded connection
+/// no longer holds the HTTP server's.
 pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
+    // Each boxed in a statement of its own (a temporary would keep its room in this state).
+    let http = Box::pin(serve_http(state.clone(), io, peer));
+    let Some((upgraded, mux)) = http.await else { return };
+    let session = Box::pin(serve_upgraded(state, upgraded, mux, peer));
+    session.await;
+}
+
+/// The HTTP phase: health, metrics, or an upgrade (returned with its mode).
+async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> Option<(hyper::upgrade::Upgraded, bool)> {
+    // The request head first, into a buffer as large as what arrived: hyper's buffers (24 KiB)
+    // exist only once there is a whole request to parse (see `read_request_head`).
+    let head = crate::transport::read_request_head(&mut io, HEAD_MAX).await?;
+    let io: BoxIo = Box::new(crate::transport::Prefixed::new(head, io));
     let (tx, rx) = oneshot::channel::<Upgrade>();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let st = state.clone();
@@ -40,7 +58,7 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(state.cfg.limits.handshake_timeout)
-        .max_buf_size(64 * 1024)
+        .max_buf_size(HEAD_MAX)
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     if let Err(e) = conn.await {
@@ -48,21 +66,28 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
         if e.is_timeout() {
             state.metrics.refused(Refusal::HandshakeTimeout);
         }
-        return;
+        return None;
     }
-    let Ok(up) = rx.await else { return };
-    let upgraded = match up.on_upgrade.await {
-        Ok(u) => u,
+    let up = rx.await.ok()?;
+    match up.on_upgrade.await {
+        Ok(u) => Some((u, up.mux)),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
-            return;
+            None
         }
-    };
-    let io: BoxIo = Box::new(TokioIo::new(upgraded));
-    if up.mux {
-        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config())).await;
+    }
+}
+
+/// The session on an upgraded connection.
+async fn serve_upgraded(state: Arc<RelayState>, upgraded: hyper::upgrade::Upgraded, mux: bool, peer: SocketAddr) {
+    // Small reads until the peer authenticates, large ones after (see `GrowingReads`).
+    let read_ahead = if mux { MUX_READ_AHEAD } else { CLASSIC_READ_AHEAD };
+    let io: BoxIo = Box::new(GrowingReads::new(Box::new(TokioIo::new(upgraded)), read_ahead, super::guard::finished_flag()));
+    if mux {
+        let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_server_config(MUX_MAX_MESSAGE))).await;
         session::serve_ws_mux(state, ws, peer).await;
     } else {
+        // Classic WebSockets are read frame by frame (`classic_ws`), not by tungstenite.
         session::serve_ws_classic(state, io, peer).await;
     }
 }

@@ -156,6 +156,7 @@ pub(super) async fn serve_listener(
         let _ = sink.send(refuse(ErrorCode::AuthFailed, "the registration signature does not verify; use the listener's own key file".into())).await;
         return;
     }
+    super::guard::handshake_finished();
     let name = hello.name.clone();
     let reserved =
         authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));

@@ -32,9 +32,21 @@ pub enum Refusal {
     RateLimited = 11,
     /// A key already had `max_sessions_per_key` sessions open.
     KeySessions = 12,
+    /// A source already had `max_connections_per_source` connections open.
+    SourceConnections = 13,
+    /// A source already had `max_handshakes_per_source` connections in their handshake.
+    SourceHandshakes = 14,
+    /// The relay already had `max_handshakes` connections in their handshake.
+    Handshakes = 15,
+    /// A public HTTP client already had `http_max_requests_per_source` requests in progress.
+    HttpSourceRequests = 16,
+    /// A listener already had `http_max_requests_per_listener` public requests in progress.
+    HttpListenerRequests = 17,
 }
 
-const REFUSAL_NAMES: [&str; 13] = [
+const REFUSALS: usize = 18;
+
+const REFUSAL_NAMES: [&str; REFUSALS] = [
     "not_allowed",
     "unreachable",
     "refused",
@@ -48,6 +60,11 @@ const REFUSAL_NAMES: [&str; 13] = [
     "registration",
     "rate_limited",
     "key_sessions",
+    "source_connections",
+    "source_handshakes",
+    "handshakes",
+    "http_source_requests",
+    "http_listener_requests",
 ];
 
 /// The relay's counters.
@@ -61,7 +78,13 @@ pub struct Metrics {
     pub(crate) bytes_to_targets: AtomicU64,
     pub(crate) bytes_from_targets: AtomicU64,
     pub(crate) auth_failures: AtomicU64,
-    refusals: [AtomicU64; 13],
+    refusals: [AtomicU64; REFUSALS],
+    /// Transport and public HTTP connections open now (admitted by the accept loops).
+    pub(crate) connections_open: AtomicI64,
+    /// Of those, the ones still in their handshake (not yet authenticated, or no request yet).
+    pub(crate) handshakes_open: AtomicI64,
+    /// Most connections open at once since memory was last handed back (see `memory`).
+    pub(crate) connections_peak: AtomicI64,
     pub(crate) listeners_active: AtomicI64,
     pub(crate) listener_streams: AtomicU64,
     pub(crate) http_requests: AtomicU64,
@@ -90,6 +113,16 @@ impl Metrics {
     /// Streams currently open.
     pub fn streams_active(&self) -> i64 {
         self.streams_active.load(Relaxed)
+    }
+
+    /// Connections open now (every endpoint).
+    pub fn connections_open(&self) -> i64 {
+        self.connections_open.load(Relaxed)
+    }
+
+    /// Connections in their handshake now (not yet authenticated; public: no request head yet).
+    pub fn handshakes_open(&self) -> i64 {
+        self.handshakes_open.load(Relaxed)
     }
 
     /// Prometheus text exposition.
@@ -131,6 +164,13 @@ impl Metrics {
             "Public HTTP requests routed to listeners.",
             "counter",
             &[("", self.http_requests.load(Relaxed) as i64)],
+        );
+        counter("libtunnel_connections_open", "Connections open now, on every endpoint.", "gauge", &[("", self.connections_open.load(Relaxed))]);
+        counter(
+            "libtunnel_handshakes_open",
+            "Connections open now that have not authenticated (public port: sent no request head) yet.",
+            "gauge",
+            &[("", self.handshakes_open.load(Relaxed))],
         );
         counter("libtunnel_auth_failures_total", "Rejected credentials.", "counter", &[("", self.auth_failures.load(Relaxed) as i64)]);
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();

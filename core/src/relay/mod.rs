@@ -11,6 +11,7 @@ pub mod connect;
 mod guard;
 mod http;
 mod listen;
+mod memory;
 pub mod metrics;
 mod public_http;
 mod registry;
@@ -56,6 +57,12 @@ pub(crate) struct RelayState {
     pub(crate) auth_limiter: guard::AuthLimiter,
     /// Open multiplexed sessions per key id (`max_sessions_per_key`).
     pub(crate) key_sessions: guard::KeySessions,
+    /// Open connections and handshakes per source, and handshakes in all.
+    admissions: Arc<guard::Admissions>,
+    /// Public HTTP requests in progress per source (`http_max_requests_per_source`).
+    pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
+    /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
+    pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
 }
 
 /// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
@@ -162,12 +169,27 @@ impl Server {
             None => None,
         };
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+        let metrics = Arc::new(Metrics::default());
+        let l = &cfg.limits;
+        let admissions = guard::Admissions::new(
+            guard::AdmissionLimits {
+                per_source_connections: l.max_connections_per_source,
+                per_source_handshakes: l.max_handshakes_per_source,
+                handshakes: l.max_handshakes,
+            },
+            metrics.clone(),
+        );
+        let (http_per_source, http_per_listener) =
+            (guard::InFlight::new(l.http_max_requests_per_source), guard::InFlight::new(l.http_max_requests_per_listener));
         let state = Arc::new(RelayState {
+            admissions,
+            http_per_source,
+            http_per_listener,
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             tls,
             draining: CancellationToken::new(),
             kill: CancellationToken::new(),
@@ -224,6 +246,7 @@ impl Server {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "raw-TCP tunnel endpoint listening");
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Tcp));
         }
+        state.tasks.spawn(memory::return_after_floods(state.metrics.clone(), state.draining.clone()));
         shutdown.await;
         tracing::info!(drain_secs = state.cfg.limits.drain_timeout.as_secs_f64(), "relay shutting down; draining open streams");
         state.draining.cancel();
@@ -341,37 +364,126 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             _ = state.draining.cancelled() => return,
             x = crate::forward::accept_backoff(&listener) => x,
         };
+        // Per-source limits first: a source at its limit is refused here, before the connection
+        // costs a task or a buffer, and cannot take the global places others need.
+        let ticket = match state.admissions.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                state.metrics.refused(why);
+                tracing::debug!(%peer, reason = ?why, "connection refused at admission");
+                refuse_at_once(sock, speaks_plain_http(&state, endpoint), why, &state.cfg.limits);
+                continue;
+            }
+        };
         let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
             state.metrics.refused(Refusal::Overloaded);
             tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
+            refuse_at_once(sock, speaks_plain_http(&state, endpoint), Refusal::Overloaded, &state.cfg.limits);
             continue;
         };
         crate::transport::tune_session_socket(&sock);
         let st = state.clone();
-        state.tasks.spawn(async move {
+        let finished = ticket.finished_flag();
+        let fut = guard::with_ticket(ticket, async move {
             let _permit = permit;
+            // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
+            // first request head), whichever steps it takes.
+            let limit = if matches!(endpoint, Endpoint::Public) { st.cfg.limits.http_header_timeout } else { st.cfg.limits.handshake_timeout };
+            let deadline = async {
+                tokio::time::sleep(limit).await;
+                if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = st.kill.cancelled() => {}
                 _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
+                _ = deadline => {
+                    st.metrics.refused(Refusal::HandshakeTimeout);
+                    tracing::debug!(%peer, "handshake deadline passed; connection closed");
+                }
             }
         });
+        state.tasks.spawn(fut);
     }
 }
 
-async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+/// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).
+fn speaks_plain_http(state: &RelayState, endpoint: Endpoint) -> bool {
     match endpoint {
-        Endpoint::Http => match state.tls.clone() {
-            Some(tls) => match tokio::time::timeout(state.cfg.limits.handshake_timeout, tls.accept(sock)).await {
-                Ok(Ok(s)) => http::serve(state, Box::new(s), peer).await,
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Endpoint::Http => state.tls.is_none(),
+        Endpoint::Public => true,
+        Endpoint::Tcp => false,
+    }
+}
+
+/// Refuse a just-accepted connection without reading it: plain HTTP endpoints get a one-packet
+/// 429 (a per-source limit) or 503 (a global one) naming the setting, raw TCP and TLS a close.
+/// Nothing waits: the answer goes out only if the socket takes it at once (a new socket does).
+fn refuse_at_once(sock: TcpStream, plain_http: bool, why: Refusal, l: &crate::config::Limits) {
+    if plain_http {
+        let (status, msg) = match why {
+            Refusal::SourceConnections => (
+                "429 Too Many Requests",
+                format!("too many connections from your address (max_connections_per_source = {})", l.max_connections_per_source),
+            ),
+            Refusal::SourceHandshakes => (
+                "429 Too Many Requests",
+                format!("too many unauthenticated connections from your address (max_handshakes_per_source = {})", l.max_handshakes_per_source),
+            ),
+            Refusal::Handshakes => {
+                ("503 Service Unavailable", format!("the relay has too many unauthenticated connections (max_handshakes = {})", l.max_handshakes))
+            }
+            _ => ("503 Service Unavailable", format!("the relay is at its connection limit (max_connections = {})", l.max_connections)),
+        };
+        let body = format!("{msg}; retry later\n");
+        let answer = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 10\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Take what the client already sent (one small read, never waiting), so closing does not
+        // turn into a reset that could destroy the answer before the client reads it.
+        let mut scratch = [0u8; 2048];
+        let _ = sock.try_read(&mut scratch);
+        let _ = sock.try_write(answer.as_bytes());
+    }
+    drop(sock);
+}
+
+async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+    // Clients speak first on the HTTP endpoints (TLS included): until their first byte arrives,
+    // a connection costs this small task and its socket, not hyper's or rustls's buffers. Each
+    // endpoint's state is boxed when it is reached, so the task stays small until then.
+    // (The handshake deadline is the caller's.) `peek`, not `readable`: readiness may be
+    // reported before any byte is there.
+    if !matches!(endpoint, Endpoint::Tcp) && !matches!(sock.peek(&mut [0u8; 1]).await, Ok(1)) {
+        return;
+    }
+    // Boxed in a statement of its own: a temporary in the awaiting statement would keep its
+    // room in this task's state (debug builds lay out every temporary).
+    let serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match endpoint {
+        Endpoint::Http => Box::pin(serve_tunnel_http(state, sock, peer)),
+        Endpoint::Tcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
+        Endpoint::Public => Box::pin(public_http::serve(state, sock, peer)),
+    };
+    serve.await
+}
+
+/// The tunnel endpoint: TLS when configured, then HTTP (health, metrics, WebSocket upgrades).
+async fn serve_tunnel_http(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
+    let io: crate::transport::BoxIo = match state.tls.clone() {
+        Some(tls) => {
+            let accept = Box::pin(tls.accept(sock));
+            match tokio::time::timeout(state.cfg.limits.handshake_timeout, accept).await {
+                Ok(Ok(s)) => Box::new(s),
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => {
                     state.metrics.refused(Refusal::HandshakeTimeout);
-                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return tracing::debug!(%peer, "TLS handshake timed out");
                 }
-            },
-            None => http::serve(state, Box::new(sock), peer).await,
-        },
-        Endpoint::Tcp => session::serve_raw_tcp(state, sock, peer).await,
-        Endpoint::Public => public_http::serve(state, sock, peer).await,
-    }
+            }
+        }
+        None => Box::new(sock),
+    };
+    http::serve(state, io, peer).await
 }

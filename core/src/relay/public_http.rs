@@ -5,8 +5,14 @@
 //! other upgrades pass through, and the client's address goes along in `X-Forwarded-For` and
 //! `Forwarded`. Errors: 404 for a host outside the domain, 502 for an unknown or offline name,
 //! 503 when the listener refuses, 504 when it does not answer within `http_timeout`.
+//!
+//! Bounded per request: a client at `http_max_requests_per_source` requests in progress gets 429,
+//! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`); a request is in
+//! progress until its response body ends. A body the listener does not read waits in the mux
+//! stream's window; the relay itself holds at most its read buffer (`http_max_header_bytes`)
+//! and [`UPSTREAM_BUFFER`] of it.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
@@ -17,12 +23,45 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::guard;
 use super::listen::{open_to_listener, RouteError};
 use super::metrics::Refusal;
 use super::RelayState;
 use crate::protocol::{StreamHeader, Via};
 
-type Body = Either<Incoming, Full<Bytes>>;
+type Body = Either<Counted, Full<Bytes>>;
+
+/// Most request bytes the relay's HTTP client to a listener queues before the stream takes them
+/// (also the largest response head a listener may send, as nginx's proxy buffers bound it). hyper's
+/// default (~400 KiB) made each stalled upload cost that much relay memory on top of the stream
+/// window.
+const UPSTREAM_BUFFER: usize = 16 * 1024;
+
+/// The request's places in the per-source and per-listener counts.
+type Permits = (guard::InFlightPermit<IpAddr>, guard::InFlightPermit<String>);
+
+/// A listener's response body that keeps its request counted until the body ends.
+pub(super) struct Counted {
+    inner: Incoming,
+    _permits: Permits,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// A client connection's open HTTP connection to a listener, reused while the name stays the same.
 struct Upstream {
@@ -30,12 +69,65 @@ struct Upstream {
     sender: Sender,
 }
 
-type Sender = hyper::client::conn::http1::SendRequest<Incoming>;
+type Sender = hyper::client::conn::http1::SendRequest<Pieces>;
+
+/// Largest piece of a request body handed to the listener connection at once. hyper's client
+/// copies each piece into its write buffer whole (the mux stream takes no vectored writes), and
+/// the pieces came as large as the public connection's read buffer (64 KiB): bounding them
+/// bounds that buffer to [`UPSTREAM_BUFFER`] plus one piece.
+const PIECE: usize = 16 * 1024;
+
+/// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
+/// buffers: nothing is copied).
+pub(super) struct Pieces {
+    inner: Incoming,
+    rest: Bytes,
+}
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.rest.is_empty() {
+            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.rest = data,
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let n = this.rest.len().min(PIECE);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut h = hyper::body::SizeHint::new();
+        h.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            h.set_upper(upper + rest);
+        }
+        h
+    }
+}
 
 type UpstreamSlot = Arc<tokio::sync::Mutex<Option<Upstream>>>;
 
 /// Serve one public HTTP connection (keep-alive: many requests).
-pub(super) async fn serve(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
+pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+    // The first request head before hyper's buffers (see `read_request_head`): a slow client
+    // holds what it sent, no more.
+    let Some(head) = crate::transport::read_request_head(&mut sock, state.cfg.limits.http_max_header_bytes).await else { return };
+    let sock = crate::transport::Prefixed::new(head, sock);
     let st = state.clone();
     let slot: UpstreamSlot = Arc::default();
     let svc = hyper::service::service_fn(move |req| {
@@ -70,7 +162,9 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
             ),
         }
     })?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(UPSTREAM_BUFFER)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| text(StatusCode::BAD_GATEWAY, format!("could not speak HTTP to the listener {name:?}: {e}")))?;
     state.tasks.spawn(async move {
@@ -128,7 +222,39 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// Count the request against its source's and its listener's limits, or answer 429 / 503.
+fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Permits, Box<Response<Body>>> {
+    let busy = |status: StatusCode, msg: String| {
+        let mut r = text(status, msg);
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        Box::new(r)
+    };
+    let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
+        state.metrics.refused(Refusal::HttpSourceRequests);
+        return Err(busy(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many requests in progress from your address (http_max_requests_per_source = {}); retry later",
+                state.http_per_source.limit()
+            ),
+        ));
+    };
+    let Some(by_listener) = state.http_per_listener.enter(name.to_string()) else {
+        state.metrics.refused(Refusal::HttpListenerRequests);
+        return Err(busy(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the listener {name:?} has too many requests in progress (http_max_requests_per_listener = {}); retry later",
+                state.http_per_listener.limit()
+            ),
+        ));
+    };
+    Ok((by_source, by_listener))
+}
+
 async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketAddr, slot: &UpstreamSlot) -> Response<Body> {
+    // A request head arrived: this connection is past its handshake (see `guard`).
+    guard::handshake_finished();
     state.metrics.http_requests.fetch_add(1, Relaxed);
     let domain = &state.cfg.domain;
     let Some(host) = request_host(&req) else {
@@ -136,6 +262,10 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
     };
     let Some(name) = host.strip_suffix(domain.as_str()).and_then(|p| p.strip_suffix('.')).filter(|n| crate::identity::valid_name(n)) else {
         return text(StatusCode::NOT_FOUND, format!("{host} is not served here; this relay routes NAME.{domain} to the listener registered as NAME"));
+    };
+    let permits = match admit_request(&state, peer, name) {
+        Ok(p) => p,
+        Err(busy) => return *busy,
     };
     // The previous request's connection to this listener, if it is still usable.
     let reused = match slot.lock().await.take() {
@@ -178,6 +308,7 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
     let upgrade_requested = req.headers().contains_key(header::UPGRADE);
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
+    let req = req.map(|inner| Pieces { inner, rest: Bytes::new() });
     let exchange = async {
         match sender.try_send_request(req).await {
             // The kept connection closed before the request went out: once more on a new one.
@@ -224,5 +355,5 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
             });
         }
     }
-    resp.map(Either::Left)
+    resp.map(|inner| Either::Left(Counted { inner, _permits: permits }))
 }

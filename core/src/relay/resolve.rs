@@ -77,6 +77,63 @@ impl TargetResolver {
     }
 }
 
+/// The relay host's own interface addresses (every address of every interface, from
+/// `getifaddrs`), read again when older than 5 s, so an interface that appears (a VPN, a docker
+/// bridge) is known soon after.
+pub fn host_addresses() -> std::sync::Arc<Vec<IpAddr>> {
+    use std::sync::{Arc, Mutex, OnceLock};
+    use std::time::Instant;
+    type Cached = Option<(Instant, Arc<Vec<IpAddr>>)>;
+    static CACHE: OnceLock<Mutex<Cached>> = OnceLock::new();
+    let mut cache = CACHE.get_or_init(Mutex::default).lock().unwrap_or_else(|p| p.into_inner());
+    match &*cache {
+        Some((at, addrs)) if at.elapsed() < Duration::from_secs(5) => addrs.clone(),
+        _ => {
+            let addrs = Arc::new(interface_addresses());
+            *cache = Some((Instant::now(), addrs.clone()));
+            addrs
+        }
+    }
+}
+
+#[cfg(unix)]
+fn interface_addresses() -> Vec<IpAddr> {
+    let mut found = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `head` with a list we only read, then free with freeifaddrs.
+    unsafe {
+        if libc::getifaddrs(&mut head) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot list the host's interface addresses");
+            return found;
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let sa = (*p).ifa_addr;
+            if !sa.is_null() {
+                match i32::from((*sa).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(sa as *const libc::sockaddr_in);
+                        found.push(IpAddr::from(u32::from_be(sin.sin_addr.s_addr).to_be_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(sa as *const libc::sockaddr_in6);
+                        found.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    found
+}
+
+#[cfg(not(unix))]
+fn interface_addresses() -> Vec<IpAddr> {
+    Vec::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,6 +171,12 @@ mod tests {
             }
         });
         addr
+    }
+
+    #[test]
+    fn the_host_addresses_include_loopback() {
+        let addrs = host_addresses();
+        assert!(addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{addrs:?}");
     }
 
     #[tokio::test]

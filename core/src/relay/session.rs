@@ -198,6 +198,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
         }
         Ok(Ok(a)) => a,
     };
+    super::guard::handshake_finished();
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
     let Some(upstream) = connect_and_reply(&state, &mut io, &addr, peer).await else {
@@ -385,6 +386,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
             return;
         }
     };
+    super::guard::handshake_finished();
     let limit = state.cfg.limits.max_sessions_per_key;
     let Some(_counted) = state.key_sessions.enter(kid, limit) else {
         state.metrics.refused(Refusal::KeySessions);

@@ -1,0 +1,318 @@
+//! The relay's front door under floods, measured on a separate `tunnel server` process so that
+//! `/proc/PID/status` (VmRSS) counts only the relay: what an unauthenticated connection costs
+//! (idle TCP, a slowloris request head, an upgraded WebSocket that never authenticates), that
+//! the memory of 2,000 such WebSockets comes back once they close, and that stalled public HTTP
+//! uploads to a listener that never reads cost a bounded amount while the relay keeps answering.
+//! Every figure is printed (`--nocapture`) for the README.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use libtunnel::{Identity, Listener};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KIB: u64 = 1024;
+
+/// A `tunnel server` child process, killed when dropped.
+struct RelayProcess {
+    child: tokio::process::Child,
+    ws: SocketAddr,
+    http: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+}
+
+impl RelayProcess {
+    async fn start(extra: &[(&str, String)]) -> RelayProcess {
+        raise_fd_limit();
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"));
+        cmd.arg("server")
+            .env_clear()
+            .env("TUNNEL_LISTEN", "127.0.0.1:0")
+            .env("TUNNEL_AUTH_KEYS", auth_keys_json())
+            .env("TUNNEL_ALLOW", r#"[{"host":"127.0.0.1","port":9}]"#)
+            .env("RUST_LOG", "warn")
+            .current_dir(std::env::temp_dir())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start tunnel server");
+        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let want_http = extra.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
+        let want_tcp = extra.iter().any(|(k, _)| *k == "TUNNEL_TCP_LISTEN");
+        let (ws, http, tcp) = within(STEP, "the relay's addresses", async {
+            let (mut ws, mut http, mut tcp) = (None, None, None);
+            let mut line = String::new();
+            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) {
+                line.clear();
+                assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
+                if let Some(u) = line.trim().strip_prefix("relay listening: ws://") {
+                    ws = Some(u.parse::<SocketAddr>().expect("ws address"));
+                } else if let Some(u) = line.trim().strip_prefix("public http listening: http://") {
+                    http = Some(u.parse::<SocketAddr>().expect("http address"));
+                } else if let Some(u) = line.trim().strip_prefix("raw tcp listening: tcp://") {
+                    tcp = Some(u.parse::<SocketAddr>().expect("tcp address"));
+                }
+            }
+            (ws.expect("ws"), http, tcp)
+        })
+        .await;
+        RelayProcess { child, ws, http, tcp }
+    }
+
+    fn rss(&self) -> u64 {
+        let pid = self.child.id().expect("the relay runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("VmRSS")
+            * KIB
+    }
+
+    /// Wait until the relay's `/metrics` shows `series` at `want` (or past it, with `at_least`).
+    async fn await_metric(&self, series: &str, want: i64, at_least: bool) {
+        let t0 = Instant::now();
+        loop {
+            let (status, text) = http_get(self.ws, "/metrics").await;
+            assert_eq!(status, 200);
+            // The /metrics request is itself an open connection in its handshake.
+            let v = metric(&text, series) - i64::from(series.contains("_open"));
+            if v == want || (at_least && v > want) {
+                return;
+            }
+            assert!(t0.elapsed() < BULK, "{series} stayed at {v}, want {want}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The soft open-files limit raised to the hard one (thousands of sockets in one process).
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// Open `n` connections with `open`, 100 at a time.
+async fn open_many<F, Fut>(n: usize, open: F) -> Vec<TcpStream>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = TcpStream>,
+{
+    let mut all = Vec::with_capacity(n);
+    while all.len() < n {
+        let batch: Vec<_> = (0..(n - all.len()).min(100)).map(|_| open()).collect();
+        all.extend(within(BULK, "opening connections", futures_util::future::join_all(batch)).await);
+    }
+    all
+}
+
+/// A WebSocket upgraded for the multiplexed mode that reads the relay's preamble, then is silent.
+async fn silent_websocket(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: libtunnel.v1\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("upgrade request");
+    // The 101 head, then the relay's preamble frame: the relay serves this WebSocket now.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = within(STEP, "the upgrade and preamble", s.read(&mut buf)).await.expect("read");
+        assert!(n > 0, "the relay closed an upgrade: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            assert!(got.starts_with(b"HTTP/1.1 101"), "{:?}", String::from_utf8_lossy(&got));
+            let frame = &got[i + 4..];
+            if frame.len() >= 2 && frame.len() >= 2 + usize::from(frame[1] & 0x7f) {
+                return s;
+            }
+        }
+    }
+}
+
+async fn idle_tcp(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("connect")
+}
+
+/// Half a request head, then silence.
+async fn slowloris(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x.localhost\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa").await.expect("write");
+    s
+}
+
+/// Limits wide enough for thousands of connections from 127.0.0.1, and deadlines long enough
+/// that nothing times out while it is measured.
+fn flood_settings() -> Vec<(&'static str, String)> {
+    vec![
+        ("TUNNEL_MAX_CONNECTIONS", "20000".into()),
+        ("TUNNEL_MAX_CONNECTIONS_PER_SOURCE", "10000".into()),
+        ("TUNNEL_MAX_HANDSHAKES_PER_SOURCE", "10000".into()),
+        ("TUNNEL_MAX_HANDSHAKES", "10000".into()),
+        ("TUNNEL_HANDSHAKE_TIMEOUT", "120".into()),
+        ("TUNNEL_HTTP_HEADER_TIMEOUT", "120".into()),
+    ]
+}
+
+/// Warm the relay up (its threads and allocator arenas exist after a few connections), then
+/// the baseline, with `open` connections of the test's own open.
+async fn baseline(relay: &RelayProcess, open: i64) -> u64 {
+    let warm = open_many(50, || silent_websocket(relay.ws)).await;
+    drop(warm);
+    relay.await_metric("libtunnel_connections_open", open, false).await;
+    relay.rss()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_connection_costs_under_16_kib() {
+    init_tracing();
+    let mut settings = flood_settings();
+    settings.push(("TUNNEL_HTTP_LISTEN", "127.0.0.1:0".into()));
+    settings.push(("TUNNEL_TCP_LISTEN", "127.0.0.1:0".into()));
+    const N: usize = 1000;
+    let mut report = Vec::new();
+    for kind in ["idle TCP (tunnel port)", "idle TCP (raw-TCP port)", "slowloris (tunnel port)", "slowloris (public port)", "silent WebSocket"] {
+        // A fresh relay for each kind: memory freed by one would serve the next.
+        let relay = RelayProcess::start(&settings).await;
+        let http = relay.http.expect("public port");
+        let base = baseline(&relay, 0).await;
+        let conns = match kind {
+            "idle TCP (tunnel port)" => open_many(N, || idle_tcp(relay.ws)).await,
+            "idle TCP (raw-TCP port)" => open_many(N, || idle_tcp(relay.tcp.expect("raw TCP port"))).await,
+            "slowloris (tunnel port)" => open_many(N, || slowloris(relay.ws)).await,
+            "slowloris (public port)" => open_many(N, || slowloris(http)).await,
+            _ => open_many(N, || silent_websocket(relay.ws)).await,
+        };
+        relay.await_metric("libtunnel_handshakes_open", N as i64, false).await;
+        // Give the relay a moment to read what was sent (it is in the socket buffers).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let per = relay.rss().saturating_sub(base) / N as u64;
+        eprintln!("{kind}: {:.1} KiB per connection ({N} open; baseline {} KiB)", per as f64 / 1024.0, base / KIB);
+        report.push((kind, per));
+        drop(conns);
+    }
+    for (kind, per) in report {
+        assert!(per < 16 * KIB, "{kind}: {per} bytes per unauthenticated connection, want under 16 KiB");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_returns_after_a_flood_of_silent_websockets() {
+    init_tracing();
+    let relay = RelayProcess::start(&flood_settings()).await;
+    const N: usize = 2000;
+    let base = baseline(&relay, 0).await;
+    let conns = open_many(N, || silent_websocket(relay.ws)).await;
+    relay.await_metric("libtunnel_handshakes_open", N as i64, false).await;
+    let peak = relay.rss();
+    eprintln!("{N} silent WebSockets: baseline {} KiB, with them {} KiB (+{} KiB each)", base / KIB, peak / KIB, (peak - base) / N as u64 / KIB);
+    assert!(peak - base < N as u64 * 16 * KIB, "{N} silent WebSockets took {} KiB", (peak - base) / KIB);
+    drop(conns);
+    let closed = Instant::now();
+    relay.await_metric("libtunnel_connections_open", 0, false).await;
+    // Back within 20% of the baseline within 10 s of the close.
+    let mut after = relay.rss();
+    while after > base + base / 5 && closed.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = relay.rss();
+    }
+    eprintln!("{:.1} s after closing them: {} KiB (baseline {} KiB)", closed.elapsed().as_secs_f64(), after / KIB, base / KIB);
+    assert!(after <= base + base / 5, "RSS {} KiB 10 s after the flood, baseline {} KiB", after / KIB, base / KIB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_public_uploads_cost_a_bounded_amount() {
+    init_tracing();
+    let mut settings = flood_settings();
+    settings.extend([
+        ("TUNNEL_HTTP_LISTEN", "127.0.0.1:0".to_string()),
+        ("TUNNEL_LISTENERS_OPEN", "true".to_string()),
+        ("TUNNEL_HTTP_TIMEOUT", "6".to_string()),
+        ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000".to_string()),
+    ]);
+    let relay = RelayProcess::start(&settings).await;
+    let http = relay.http.expect("public port");
+    // A listener whose service accepts each request's stream and never reads it.
+    let listener =
+        within(STEP, "listener", Listener::builder(&format!("ws://{}", relay.ws), Identity::generate()).backlog(1024).bind()).await.expect("bind");
+    let name = listener.name();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            h.lock().expect("held").push(s);
+        }
+    });
+    // The listener's session is the one connection open.
+    let base = baseline(&relay, 1).await;
+    const N: usize = 200;
+    const BODY: usize = 2 * MIB;
+    let chunk = vec![b'u'; 64 * 1024];
+    let uploads = (0..N).map(|_| {
+        let (name, chunk) = (name.clone(), chunk.clone());
+        async move {
+            let mut s = TcpStream::connect(http).await.expect("connect");
+            let head = format!("POST /upload HTTP/1.1\r\nHost: {name}.localhost\r\nContent-Length: {BODY}\r\n\r\n");
+            s.write_all(head.as_bytes()).await.expect("head");
+            // Write until the relay stops taking the body (the listener never reads it).
+            let mut sent = 0;
+            while sent < BODY {
+                match tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk)).await {
+                    Ok(Ok(())) => sent += chunk.len(),
+                    Ok(Err(_)) => break,
+                    Err(_) => break,
+                }
+            }
+            (s, sent)
+        }
+    });
+    let mut uploads = within(BULK, "the uploads to stall", futures_util::future::join_all(uploads)).await;
+    let stalled = uploads.iter().filter(|(_, sent)| *sent < BODY).count();
+    let rss = relay.rss();
+    let bound = N as u64 * (u64::from(libtunnel::mux::WINDOW) + 64 * KIB);
+    eprintln!(
+        "{N} stalled uploads ({stalled} blocked before their end): baseline {} KiB, with them {} KiB (+{} KiB each; bound {} KiB each)",
+        base / KIB,
+        rss / KIB,
+        rss.saturating_sub(base) / N as u64 / KIB,
+        bound / N as u64 / KIB
+    );
+    assert!(rss.saturating_sub(base) <= bound, "{N} stalled uploads took {} KiB", (rss - base) / KIB);
+    // The relay still answers.
+    let t0 = Instant::now();
+    let (status, _) = http_get(relay.ws, "/healthz").await;
+    assert_eq!(status, 200);
+    eprintln!("health answered in {:?} with the uploads stalled", t0.elapsed());
+    // Each upload ends with 504 (the listener never answers) or stays stalled; none succeeds.
+    let answers = uploads.iter_mut().map(|(s, _)| async move {
+        let mut buf = vec![0u8; 512];
+        match tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => String::from_utf8_lossy(&buf[..n]).split_whitespace().nth(1).unwrap_or("").to_string(),
+            Ok(_) => "closed".to_string(),
+            Err(_) => "stalled".to_string(),
+        }
+    });
+    let answers = futures_util::future::join_all(answers).await;
+    let mut counts = std::collections::BTreeMap::new();
+    for a in &answers {
+        *counts.entry(a.as_str()).or_insert(0) += 1;
+    }
+    eprintln!("upload outcomes: {counts:?}");
+    assert!(answers.iter().all(|a| a == "504" || a == "stalled"), "{counts:?}");
+}
