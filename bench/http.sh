@@ -60,7 +60,7 @@ CLIENT_KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$KEYGEN")
 RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
 TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_HTTP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
     TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":${ECHO##*:}}]" \
-    start_bg relay "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
+    start_bg relay "$TUNNEL" server --set max_connections=100000 --set max_streams=100000 --set max_connections_per_source=50000 --set max_handshakes_per_source=20000 --set max_handshakes=20000 --set http_max_requests_per_source=100000 --set http_max_requests_per_listener=100000
 RELAY_LOG=$LOG
 RELAY=$(ready relay 'ws://127\.0\.0\.1:[0-9]+')
 RELAY_HTTP=$(wait_line "$RELAY_LOG" 'http://127\.0\.0\.1:[0-9]+' 10) || { log "the relay has no public HTTP port"; exit 1; }

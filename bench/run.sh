@@ -250,7 +250,7 @@ start_libtunnel() { # mux|classic|muxtcp
     [[ $mode == muxtcp ]] && scheme=tcp
     TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
-        start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000
+        start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000 --set max_connections_per_source=50000 --set max_handshakes_per_source=20000 --set max_handshakes=20000
     local relay=$LAST_PID
     relay_url=$(wait_line "$LOG" "$scheme://127\.0\.0\.1:[0-9]+" 10) \
         || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }

@@ -383,7 +383,7 @@ async fn listen_process(relay: &str, to: SocketAddr, dir: &std::path::Path) -> (
 async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns_to_its_baseline() {
     init_tracing();
     let (service, accepted) = counting_sink_server().await;
-    let relay = RelayProc::start_with(&[9], &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true")]).await;
+    let relay = RelayProc::start_with(&[9], &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true"), ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000")]).await;
     let http = relay.http.expect("public http port");
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-faults-{}", std::process::id()));
     let (mut listener, name) = listen_process(&relay.url, service, &dir).await;
