@@ -3,6 +3,8 @@
 //! half-open transport (a relay process frozen with SIGSTOP) found by the keepalive.
 
 mod common;
+#[path = "common/procs.rs"]
+mod procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -147,34 +149,6 @@ async fn a_frozen_relay_is_found_by_the_keepalive() {
     let _ = relay.kill().await;
 }
 
-/// A `tunnel listen` process registered with `relay`, and its name.
-async fn listen_process(relay: &str, dir: &std::path::Path) -> (tokio::process::Child, String) {
-    std::fs::create_dir_all(dir).expect("scratch dir");
-    let key = dir.join("listener.pem");
-    libtunnel::Identity::generate().save(&key).expect("write the listener key");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
-        .args(["listen", "--to", "127.0.0.1:9", "--relay", relay, "--key", key.to_str().expect("utf8")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tunnel listen");
-    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let name = within(STEP, "the listener's name", async {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "tunnel listen exited");
-            if let Some(n) = line.trim().strip_prefix("listening as: ") {
-                return n.to_string();
-            }
-        }
-    })
-    .await;
-    (child, name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_or_frozen_listener_process_frees_its_name() {
     init_tracing();
@@ -189,7 +163,7 @@ async fn a_killed_or_frozen_listener_process_frees_its_name() {
     let gone = |relay: &libtunnel::ServerHandle| relay.metrics().listeners_active() == 0;
 
     // Killed: the kernel closes its connection, the relay frees the name at once.
-    let (mut killed, _) = listen_process(relay.url(), &dir.join("a")).await;
+    let (mut killed, _) = procs::listen_process(relay.url(), "127.0.0.1:9", &dir.join("a")).await;
     // The relay answers the registration before it counts the listener as active.
     within(STEP, "the listener to count as active", async {
         while relay.metrics().listeners_active() != 1 {
@@ -208,7 +182,7 @@ async fn a_killed_or_frozen_listener_process_frees_its_name() {
     eprintln!("killed listener freed after {:?}", t0.elapsed());
 
     // Frozen (SIGSTOP): nothing is closed; the keepalive finds it within its timeout.
-    let (mut frozen, name) = listen_process(relay.url(), &dir.join("b")).await;
+    let (mut frozen, name) = procs::listen_process(relay.url(), "127.0.0.1:9", &dir.join("b")).await;
     within(STEP, "the second listener to count as active", async {
         while relay.metrics().listeners_active() != 1 {
             tokio::time::sleep(Duration::from_millis(10)).await;

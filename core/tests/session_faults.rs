@@ -4,6 +4,8 @@
 //! Every wait is bounded; figures (time to fail, RSS, fds) are printed for the issue notes.
 
 mod common;
+#[path = "common/procs.rs"]
+mod procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -351,42 +353,18 @@ async fn floods_of_tiny_frames_and_junk_frames_stay_bounded_and_leave_nothing_be
     eprintln!("flooding session freed in {t:?}; fds {} (baseline {base_fds}), RSS {} KiB", relay.fds(), relay.rss_kib());
 }
 
-/// A `tunnel listen` process exposing `to` through `relay`, and its name.
-async fn listen_process(relay: &str, to: SocketAddr, dir: &std::path::Path) -> (Child, String) {
-    std::fs::create_dir_all(dir).expect("scratch dir");
-    let key = dir.join("listener.pem");
-    libtunnel::Identity::generate().save(&key).expect("write the listener key");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
-        .args(["listen", "--to", &to.to_string(), "--relay", relay, "--key", key.to_str().expect("utf8")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tunnel listen");
-    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let name = within(STEP, "the listener's name", async {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "tunnel listen exited");
-            if let Some(n) = line.trim().strip_prefix("listening as: ") {
-                return n.to_string();
-            }
-        }
-    })
-    .await;
-    (child, name)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns_to_its_baseline() {
     init_tracing();
     let (service, accepted) = counting_sink_server().await;
-    let relay = RelayProc::start_with(&[9], &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true"), ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000")]).await;
+    let relay = RelayProc::start_with(
+        &[9],
+        &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true"), ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000")],
+    )
+    .await;
     let http = relay.http.expect("public http port");
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-faults-{}", std::process::id()));
-    let (mut listener, name) = listen_process(&relay.url, service, &dir).await;
+    let (mut listener, name) = procs::listen_process(&relay.url, &service.to_string(), &dir).await;
     // The relay answers the registration just before it routes the name.
     within(STEP, "the listener to count as active", async {
         while relay.metric("libtunnel_listeners_active").await != 1 {

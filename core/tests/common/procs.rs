@@ -1,0 +1,43 @@
+//! Child processes of the `tunnel` binary for tests built with the `cli` feature (the binary's
+//! path only exists for them, so this is not part of `common`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::process::Child;
+
+/// A `tunnel listen --to TO` process with a fresh key under `dir`, registered with `relay`, and
+/// its name. Its stdout is kept read for its whole life, so its status lines never meet a closed
+/// pipe.
+pub async fn listen_process(relay: &str, to: &str, dir: &Path) -> (Child, String) {
+    std::fs::create_dir_all(dir).expect("scratch dir");
+    let key = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&key).expect("write the listener key");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["listen", "--to", to, "--relay", relay, "--key", key.to_str().expect("utf8")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tunnel listen");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut tx = Some(tx);
+        let mut line = String::new();
+        while out.read_line(&mut line).await.is_ok_and(|n| n > 0) {
+            if let Some(n) = line.trim().strip_prefix("listening as: ") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(n.to_string());
+                }
+            }
+            line.clear();
+        }
+    });
+    let name = tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("tunnel listen printed its name within 10 s")
+        .expect("tunnel listen exited before registering");
+    (child, name)
+}
