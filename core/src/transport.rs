@@ -360,6 +360,8 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> 
 }
 
 /// A transport connected to the relay, before any libtunnel bytes.
+// Built once per connection and unpacked at once: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Connected {
     /// A WebSocket; `bool` says whether the relay accepted the multiplexed subprotocol.
     Ws(WebSocketStream<BoxIo>, bool),

@@ -41,7 +41,7 @@ impl RouteError {
 
 /// The listener name a dial target or `Host` names, if it is one: `NAME` (a single label) or
 /// `NAME.<domain>`, case-insensitive, trailing dot ignored.
-pub(crate) fn listener_name<'a>(host: &'a str, domain: &str) -> Option<String> {
+pub(crate) fn listener_name(host: &str, domain: &str) -> Option<String> {
     let h = host.trim_end_matches('.').to_ascii_lowercase();
     let label = match h.strip_suffix(domain).and_then(|p| p.strip_suffix('.')) {
         Some(l) if !domain.is_empty() => l.to_string(),

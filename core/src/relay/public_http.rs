@@ -183,7 +183,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap, upgrade: bool) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter(|t| !t.is_empty() && !(upgrade && t == "upgrade"))
+        .filter(|t| !(t.is_empty() || upgrade && t == "upgrade"))
         .collect();
     for n in named {
         headers.remove(n.as_str());
