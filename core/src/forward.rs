@@ -45,10 +45,8 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
                         tracing::debug!(%peer, error = %e, "forwarded connection ended with an error");
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(%peer, code = %e.code(), "{e}");
-                    crate::stream::LocalSocket::abort(&sock);
-                }
+                // The local connection is closed (as before early data): clients see the end at once.
+                Err(e) => tracing::warn!(%peer, code = %e.code(), "{e}"),
             }
         }
     })
