@@ -23,6 +23,9 @@ async function startRelay ({ allow = [{ host: '127.0.0.1', port: 9 }], ...extra 
     allow,
     listeners_open: true,
     drain_timeout: 1,
+    // Every test client comes from 127.0.0.1, standing for many real sources.
+    max_handshakes_per_source: 1000,
+    http_max_requests_per_source: 1000,
     ...extra
   })
   return { relay, key: shared.key, url: relay.url }
