@@ -418,13 +418,22 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
     assert!(worst < Duration::from_secs(5), "the last upload ended {worst:?} after the listener froze (keepalive timeout 1 s)");
     let _ = listener.kill().await;
     let t = relay.settles_to(base_fds.saturating_sub(1), "the relay to free the frozen listener's session and its uploads").await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let after_rss = relay.rss_kib();
+    // The relay hands freed memory back to the system within a second or so of a burst of
+    // closes (relay/memory.rs); wait for that, bounded.
+    let t1 = Instant::now();
+    let mut after_rss = relay.rss_kib();
+    while after_rss > base_rss + 8 * 1024 && t1.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after_rss = relay.rss_kib();
+    }
     eprintln!(
         "frozen listener under 200 public uploads: all ended within {worst:?} ({answered} with a 502/504 answer, the rest reset); \
          relay RSS {base_rss} -> {loaded_rss} (loaded) -> {after_rss} KiB, fds {base_fds} -> {} after {t:?}",
         relay.fds()
     );
-    assert!(after_rss < loaded_rss / 2, "the relay kept {after_rss} KiB after the uploads ended (loaded: {loaded_rss} KiB)");
+    assert!(
+        after_rss <= base_rss + 8 * 1024,
+        "the relay kept {after_rss} KiB after the uploads ended (baseline {base_rss}, loaded {loaded_rss} KiB)"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
