@@ -73,7 +73,7 @@ impl RecvFlow {
         self.epoch_bytes = self.epoch_bytes.saturating_add(n);
         let mut growth = 0;
         if self.epoch_bytes >= self.window {
-            let fast = rtt.is_some_and(|rtt| now.duration_since(self.epoch) < rtt * 2);
+            let fast = rtt.is_some_and(|rtt| now.duration_since(self.epoch) < rtt * 3 / 2);
             if fast && self.window < max {
                 let room = u32::try_from(budget_left).unwrap_or(u32::MAX);
                 growth = self.window.min(max - self.window).min(room);
@@ -93,10 +93,12 @@ impl RecvFlow {
     }
 }
 
-/// Smoothed round-trip time of a session, from its pings (RFC 6298's 1/8 gain).
+/// Round-trip time of a session, from its pings: smoothed (RFC 6298's 1/8 gain) and the
+/// minimum seen (the path without queues).
 #[derive(Debug, Clone, Default)]
 pub struct Rtt {
     srtt: Option<Duration>,
+    min: Option<Duration>,
 }
 
 impl Rtt {
@@ -106,6 +108,14 @@ impl Rtt {
             None => rtt,
             Some(s) => (s * 7 + rtt) / 8,
         });
+        self.min = Some(self.min.map_or(rtt, |m| m.min(rtt)));
+    }
+
+    /// The round trip window growth is judged against: the fastest seen (queues excluded, so a
+    /// queue that growth itself built cannot justify more growth), at least 1 ms (timer and
+    /// scheduling noise on loopback).
+    pub fn for_growth(&self) -> Option<Duration> {
+        self.min.map(|m| m.max(Duration::from_millis(1)))
     }
 
     /// The estimate, once there is one.

@@ -170,7 +170,7 @@ impl MuxStream {
             inner.buffered -= n;
             if st.reset.is_none() {
                 let budget_left = budget.saturating_sub(inner.granted);
-                if let Some(g) = st.flow.on_consumed(n as u32, Instant::now(), inner.rtt.get(), max, budget_left) {
+                if let Some(g) = st.flow.on_consumed(n as u32, Instant::now(), inner.rtt.for_growth(), max, budget_left) {
                     inner.granted += g.growth as usize;
                     inner.push_control(Frame::window(self.id, g.grant));
                 }
