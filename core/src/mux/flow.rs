@@ -3,10 +3,11 @@
 //! application reads.
 //!
 //! A stream's window starts at [`WINDOW`] (the credit both ends assume for a new stream, a
-//! constant of `libtunnel.v1`) and doubles whenever its reader consumed a whole window within two
-//! round trips (rust-yamux's rule): a reader that keeps up with a long link pulls the window up
-//! to the bandwidth-delay product, up to the session's per-stream maximum and within what the
-//! session's receive budget has left. A stream that is not being read never grows.
+//! constant of `libtunnel.v1`) and doubles whenever its reader consumed a whole window within 1.5
+//! round trips (rust-yamux's rule, with the fastest round trip seen, see [`Rtt::for_growth`]): a
+//! reader that keeps up with a long link pulls the window up to about 1.5x the bandwidth-delay
+//! product, up to the session's per-stream maximum and within what the session's receive budget
+//! has left. A stream that is not being read never grows.
 
 use std::time::{Duration, Instant};
 
@@ -155,7 +156,7 @@ mod tests {
         let t0 = Instant::now();
         let mut flow = RecvFlow::new(t0);
         // 64 KiB every 100 µs is 655 MB/s; the RTT is 50 ms, so every window is consumed well
-        // within two round trips and the window doubles until it reaches the maximum.
+        // within 1.5 round trips and the window doubles until it reaches the maximum.
         run(&mut flow, t0, 64 * 1024 * 1024, Duration::from_micros(100), Duration::from_millis(50), BUDGET);
         assert_eq!(flow.window(), MAX);
     }
@@ -164,7 +165,7 @@ mod tests {
     fn a_slow_reader_keeps_the_initial_window() {
         let t0 = Instant::now();
         let mut flow = RecvFlow::new(t0);
-        // 64 KiB every 50 ms: a window takes 200 ms to consume, more than 2 RTT of 1 ms.
+        // 64 KiB every 50 ms: a window takes 200 ms to consume, more than 1.5 RTT of 1 ms.
         let grants = run(&mut flow, t0, 4 * 1024 * 1024, Duration::from_millis(50), Duration::from_millis(1), BUDGET);
         assert_eq!(flow.window(), WINDOW);
         assert!(grants.iter().all(|g| g.growth == 0));
