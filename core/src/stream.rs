@@ -231,6 +231,66 @@ impl FrameArena {
     }
 }
 
+/// What one step of [`poll_local_to_tunnel`] did.
+enum Step {
+    /// This many local bytes went out as one frame.
+    Moved(usize),
+    /// The local socket reached its end of stream.
+    Eof,
+    /// The socket looked readable but had nothing (its readiness is now cleared).
+    Spurious,
+}
+
+/// Which side a [`poll_local_to_tunnel`] step failed on.
+enum StepError {
+    Local(io::Error),
+    Tunnel(io::Error),
+}
+
+/// One step of local → tunnel, shared by the bridge and the early-data connect: wait until the
+/// socket is readable and the stream has credit, then read what the socket holds straight into a
+/// frame cut from `arena` and send it. While it waits it holds no read memory.
+fn poll_local_to_tunnel<S: LocalSocket>(
+    cx: &mut Context<'_>,
+    local: &S,
+    mux: &mut MuxStream,
+    arena: &mut FrameArena,
+) -> Poll<Result<Step, StepError>> {
+    match local.poll_readable(cx) {
+        Poll::Pending => {
+            arena.release();
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(e)) => return Poll::Ready(Err(StepError::Local(e))),
+        Poll::Ready(Ok(())) => {}
+    }
+    let n = match mux.poll_reserve(cx, MAX_DATA) {
+        Poll::Pending => {
+            // Waiting for credit (a slow or stalled peer): hold no read memory meanwhile.
+            arena.release();
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(e)) => return Poll::Ready(Err(StepError::Tunnel(e))),
+        Poll::Ready(Ok(n)) => n,
+    };
+    let mut frame = arena.frame(n);
+    Poll::Ready(match local.try_read_into(&mut frame, n) {
+        Ok(0) => {
+            mux.release_reservation();
+            Ok(Step::Eof)
+        }
+        Ok(m) => mux.send_frame(frame).map(|()| Step::Moved(m)).map_err(StepError::Tunnel),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            mux.release_reservation();
+            Ok(Step::Spurious)
+        }
+        Err(e) => {
+            mux.release_reservation();
+            Err(StepError::Local(e))
+        }
+    })
+}
+
 /// Join a mux stream and a local socket, honouring half-close both ways. On error (or when the
 /// stream dies with its session, whatever the bridge was waiting for) the stream is reset and the
 /// local socket aborted, so neither end takes a cut-off transfer for a finished one.
@@ -248,35 +308,15 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
         let mut turns = 0;
         while !up_done && turns < TURN {
             turns += 1;
-            match local.poll_readable(cx) {
-                Poll::Pending => {
-                    arena.release();
-                    break;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) => {}
-            }
-            let n = match mux.poll_reserve(cx, MAX_DATA) {
-                Poll::Pending => {
-                    // Waiting for credit (a slow or stalled peer): hold no read memory meanwhile.
-                    arena.release();
-                    break;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(n)) => n,
-            };
-            let mut frame = arena.frame(n);
-            match local.try_read_into(&mut frame, n) {
-                Ok(0) => {
+            match poll_local_to_tunnel(cx, &local, &mut mux, &mut arena) {
+                Poll::Pending => break,
+                Poll::Ready(Err(StepError::Local(e) | StepError::Tunnel(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(Step::Moved(m))) => up += m as u64,
+                Poll::Ready(Ok(Step::Eof)) => {
                     mux.finish();
                     up_done = true;
                 }
-                Ok(m) => {
-                    up += m as u64;
-                    mux.send_frame(frame)?;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => mux.release_reservation(),
-                Err(e) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(Step::Spurious)) => {}
             }
         }
         busy |= turns >= TURN;
@@ -369,36 +409,12 @@ pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut MuxStream, local: &S
         if local_quiet {
             return Poll::Pending;
         }
-        match local.poll_readable(cx) {
+        match poll_local_to_tunnel(cx, local, mux, &mut arena) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(_)) => {
-                local_quiet = true;
-                return Poll::Pending;
-            }
-            Poll::Ready(Ok(())) => {}
-        }
-        let n = match mux.poll_reserve(cx, MAX_DATA) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::from_io(e, "sending early data"))),
-            Poll::Ready(Ok(n)) => n,
-        };
-        let mut frame = arena.frame(n);
-        match local.try_read_into(&mut frame, n) {
-            Ok(0) => {
-                mux.release_reservation();
-                local_quiet = true;
-            }
-            Ok(m) => {
-                *early += m as u64;
-                if let Err(e) = mux.send_frame(frame) {
-                    return Poll::Ready(Err(Error::from_io(e, "sending early data")));
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => mux.release_reservation(),
-            Err(_) => {
-                mux.release_reservation();
-                local_quiet = true;
-            }
+            Poll::Ready(Err(StepError::Tunnel(e))) => return Poll::Ready(Err(Error::from_io(e, "sending early data"))),
+            Poll::Ready(Err(StepError::Local(_)) | Ok(Step::Eof)) => local_quiet = true,
+            Poll::Ready(Ok(Step::Moved(m))) => *early += m as u64,
+            Poll::Ready(Ok(Step::Spurious)) => {}
         }
     })
     .await
