@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{Key, KeyJson, KeySet};
+use crate::egress::allowlist::Allowlist;
 use crate::error::{Error, Result};
-use crate::relay::allowlist::Allowlist;
 
 /// Safety limits of the relay. Defaults suit a relay on the edge of a private network.
 #[derive(Debug, Clone)]

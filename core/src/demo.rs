@@ -10,8 +10,8 @@ use tokio::net::TcpListener;
 use crate::auth::{Key, KeySet};
 use crate::config::RelayConfig;
 use crate::dialer::Dialer;
+use crate::egress::allowlist::Allowlist;
 use crate::error::{Error, ErrorCode, Result};
-use crate::relay::allowlist::Allowlist;
 use crate::relay::Server;
 use crate::stream::Mode;
 

@@ -13,20 +13,6 @@ use crate::dialer::Dialer;
 use crate::error::{Error, ErrorCode, Result};
 use crate::socks::{self, ServerAuth, Target};
 
-/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
-/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
-pub(crate) async fn accept_backoff(listener: &TcpListener) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(x) => return x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
 /// Bind a local address for a forward or proxy, with an error that names the address.
 pub async fn bind_local(addr: &str) -> Result<TcpListener> {
     let addr = if addr.parse::<u16>().is_ok() { format!("127.0.0.1:{addr}") } else { addr.to_string() };
@@ -65,7 +51,7 @@ where
     loop {
         let (sock, peer) = tokio::select! {
             _ = &mut shutdown => break,
-            x = accept_backoff(&listener) => x,
+            x = crate::transport::accept_backoff(&listener) => x,
         };
         let _ = sock.set_nodelay(true);
         tasks.spawn(serve(sock, peer));

@@ -1,8 +1,10 @@
 //! libtunnel: reach private TCP services through a relay, over one authenticated WebSocket.
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dialer;
+pub mod egress;
 pub mod error;
 #[cfg(unix)]
 pub mod fd;

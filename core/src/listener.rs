@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::dialer::connect_mux;
+use crate::client::handshake::connect_mux;
 use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
 use crate::mux::{MuxConfig, MuxStream, Role, Session};

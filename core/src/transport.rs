@@ -411,7 +411,7 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
         Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
             "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); {}",
             url.url,
-            crate::dialer::USE_CLASSIC
+            crate::client::handshake::USE_CLASSIC
         ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
@@ -635,5 +635,19 @@ mod tests {
         assert!(RelayUrl::parse("tcp://host").unwrap_err().message().contains("port"));
         assert!(RelayUrl::parse("ftp://x:1").unwrap_err().message().contains("ws://"));
         assert!(RelayUrl::parse("not a url").is_err());
+    }
+}
+
+/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
+/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
+pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     }
 }

@@ -46,7 +46,7 @@ impl Want {
 /// One of the relay host's own non-loopback addresses of each family (none on a host that has
 /// only loopback), outside the ranges the table's IP rules admit.
 fn host_addresses() -> (Option<IpAddr>, Option<IpAddr>) {
-    let all = libtunnel::relay::resolve::host_addresses();
+    let all = libtunnel::egress::resolve::host_addresses();
     let usable = |ip: &&IpAddr| match ip {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && v4.octets()[0] != 10 && v4.octets()[0] != 0,
         IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use libtunnel::auth::KeySet;
-use libtunnel::relay::allowlist::Allowlist;
+use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Dialer, ErrorCode, Key, Mode, RelayConfig, Server};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use libtunnel::auth::KeySet;
-use libtunnel::relay::allowlist::Allowlist;
+use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Identity, Key, RelayConfig, Server, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};

@@ -43,7 +43,7 @@ fn tcp_url(relay: &ServerHandle) -> String {
 }
 
 /// A relay config that also listens on a raw-TCP endpoint.
-fn relay_config_with_tcp(allow: libtunnel::relay::allowlist::Allowlist) -> RelayConfig {
+fn relay_config_with_tcp(allow: libtunnel::egress::allowlist::Allowlist) -> RelayConfig {
     let mut cfg = relay_config(allow);
     cfg.tcp_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg

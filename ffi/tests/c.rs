@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use libtunnel::auth::KeySet;
-use libtunnel::relay::allowlist::Allowlist;
+use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Key, RelayConfig, Server, ServerHandle};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;

@@ -9,125 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use super::guard;
 use super::metrics::Refusal;
+use super::route::open_to_listener;
 use super::RelayState;
 use crate::error::{Error, ErrorCode};
-use crate::identity::{derived_name, valid_name, verify_registration};
-use crate::mux::{FrameSink, FrameSource, MuxStream, Session};
-use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via, STREAM_ACCEPTED};
-
-/// Why a stream could not be delivered to a listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum RouteError {
-    /// No live listener has that name.
-    Offline,
-    /// The listener refused the stream (queue full) or its session died.
-    Busy,
-    /// The listener did not accept within the deadline.
-    Timeout,
-}
-
-impl RouteError {
-    pub(crate) fn refusal(self) -> Refusal {
-        match self {
-            RouteError::Offline => Refusal::ListenerOffline,
-            RouteError::Busy | RouteError::Timeout => Refusal::ListenerBusy,
-        }
-    }
-}
-
-/// The listener name a dial target or `Host` names, if it is one: `NAME` (a single label) or
-/// `NAME.<domain>`, case-insensitive, trailing dot ignored.
-pub(crate) fn listener_name(host: &str, domain: &str) -> Option<String> {
-    let h = host.trim_end_matches('.').to_ascii_lowercase();
-    let label = match h.strip_suffix(domain).and_then(|p| p.strip_suffix('.')) {
-        Some(l) if !domain.is_empty() => l.to_string(),
-        _ => h,
-    };
-    valid_name(&label).then_some(label)
-}
-
-/// Open a stream to the listener registered as `name` and wait (at most `wait`) for it to accept:
-/// dials and public TCP ports wait `connect_timeout`, public HTTP waits `http_timeout`.
-pub(crate) async fn open_to_listener(
-    state: &RelayState,
-    name: &str,
-    header: StreamHeader,
-    wait: std::time::Duration,
-) -> Result<MuxStream, RouteError> {
-    let (session, pending, owner) = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
-    // Re-checked on every stream: a reload may have withdrawn the key's right to this name.
-    if authorize(state, &owner, name).is_err() {
-        return Err(RouteError::Offline);
-    }
-    // Held until the listener answers: a listener that stops accepting costs the relay at most
-    // `max_pending_accepts` waiting streams.
-    let _waiting = pending.try_acquire_owned().map_err(|_| RouteError::Busy)?;
-    let mut stream = session.open().map_err(|_| RouteError::Busy)?;
-    let accept = async {
-        stream.write_all(&header.encode()).await.map_err(|_| RouteError::Busy)?;
-        let mut answer = [0u8; 1];
-        stream.read_exact(&mut answer).await.map_err(|_| RouteError::Busy)?;
-        if answer[0] == STREAM_ACCEPTED {
-            Ok(())
-        } else {
-            Err(RouteError::Busy)
-        }
-    };
-    match tokio::time::timeout(wait, accept).await {
-        Ok(Ok(())) => {
-            state.metrics.listener_streams.fetch_add(1, Relaxed);
-            Ok(stream)
-        }
-        Ok(Err(e)) => {
-            stream.reset(ErrorCode::Refused);
-            Err(e)
-        }
-        Err(_) => {
-            stream.reset(ErrorCode::Timeout);
-            Err(RouteError::Timeout)
-        }
-    }
-}
-
-/// Decide whether `public_key` may register `name`.
-pub(super) fn authorize(state: &RelayState, public_key: &[u8; 32], name: &str) -> Result<(), Error> {
-    if !valid_name(name) {
-        return Err(Error::new(
-            ErrorCode::InvalidArgument,
-            format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'"),
-        ));
-    }
-    let access = state.access();
-    let granted = access.listener_grants.get(public_key);
-    if name == derived_name(public_key) {
-        if granted.is_some() || access.listeners_open {
-            return Ok(());
-        }
-        return Err(Error::new(
-            ErrorCode::NotAllowed,
-            "this listener key is not listed on the relay; add its public key to TUNNEL_LISTENER_KEYS (or set TUNNEL_LISTENERS_OPEN=true)",
-        ));
-    }
-    if granted.is_some_and(|names| names.iter().any(|n| n == name)) {
-        return Ok(());
-    }
-    let owned_by_other =
-        access.listener_grants.iter().any(|(k, names)| k != public_key && (derived_name(k) == name || names.iter().any(|n| n == name)));
-    if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
-        return Err(Error::new(
-            ErrorCode::NameTaken,
-            format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you"),
-        ));
-    }
-    Err(Error::new(
-        ErrorCode::NotAllowed,
-        format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS"),
-    ))
-}
+use crate::identity::verify_registration;
+use crate::mux::{FrameSink, FrameSource, Session};
+use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via};
 
 /// Serve a listener session from its registration to its end.
 pub(super) async fn serve_listener(
@@ -148,18 +39,18 @@ pub(super) async fn serve_listener(
         }
     };
     let public_key: [u8; 32] = hello.public_key.as_slice().try_into().expect("decode_frame checked the length");
-    let fail_delay = super::session::failure_delay(&state, peer);
+    let fail_delay = guard::failure_delay(&state, peer);
     if !verify_registration(&public_key, &hello.signature, &nonce, &hello.name) {
         state.metrics.refused(Refusal::Registration);
-        super::session::log_auth_failure(&state, peer, &format!("bad listener registration signature for the name {:?}", hello.name));
-        super::session::slow_failure(&state, fail_delay).await;
+        guard::log_auth_failure(&state, peer, &format!("bad listener registration signature for the name {:?}", hello.name));
+        guard::slow_failure(&state, fail_delay).await;
         let _ = sink.send(refuse(ErrorCode::AuthFailed, "the registration signature does not verify; use the listener's own key file".into())).await;
         return;
     }
     super::guard::handshake_finished();
     let name = hello.name.clone();
     let reserved =
-        authorize(&state, &public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));
+        state.access().authorize(&public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));
     let id = match reserved {
         Ok(id) => id,
         Err(e) => {
@@ -189,7 +80,7 @@ pub(super) async fn serve_listener(
     if sink.send(ack.encode_frame()).await.is_err() {
         return;
     }
-    let (session, _close) = super::session::server_session(&state, source, sink);
+    let (session, _close) = super::mux_server::server_session(&state, source, sink);
     state.registry.attach(&name, id, session.clone());
     state.metrics.listeners_active.fetch_add(1, Relaxed);
     tracing::info!(%peer, %name, tcp = %ack.tcp_addr, "listener registered");
@@ -257,7 +148,7 @@ async fn serve_public_port(state: Arc<RelayState>, listener: TcpListener, name: 
         let (sock, peer) = tokio::select! {
             _ = session.closed() => return,
             _ = state.draining.cancelled() => return,
-            x = crate::forward::accept_backoff(&listener) => x,
+            x = crate::transport::accept_backoff(&listener) => x,
         };
         let _ = sock.set_nodelay(true);
         let (st, name) = (state.clone(), name.clone());

@@ -179,3 +179,16 @@ impl Metrics {
         s
     }
 }
+
+impl From<crate::egress::connect::Cause> for Refusal {
+    fn from(c: crate::egress::connect::Cause) -> Refusal {
+        use crate::egress::connect::Cause;
+        match c {
+            Cause::NotAllowed => Refusal::NotAllowed,
+            Cause::Unreachable => Refusal::Unreachable,
+            Cause::Refused => Refusal::Refused,
+            Cause::Timeout => Refusal::Timeout,
+            Cause::Malformed => Refusal::Malformed,
+        }
+    }
+}

@@ -1,22 +1,32 @@
-//! The relay server: accepts tunnel transports (WebSocket over TCP or TLS, and raw TCP),
-//! authenticates them, and serves every stream's SOCKS5 CONNECT against the allowlist.
+//! The relay server. It has three endpoints, each an accept loop of its own ([`Endpoint`]):
+//! - the **tunnel endpoint** (`listen`, WebSocket over TCP or TLS; `tunnel_endpoint`): the health
+//!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
+//!   multiplexed sessions;
+//! - the **raw-TCP tunnel endpoint** (`tcp_listen`): the same sessions without HTTP;
+//! - the **public HTTP endpoint** (`http_listen`; `public_endpoint`): requests whose `Host` names a
+//!   listener, forwarded to it.
+//!
+//! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
+//! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
+//! (`crate::egress`: allowlist, resolver, connect) or a listener name (`route`), and a session
+//! whose hello registers a listener is handed to `listen`, which holds the name in `registry`.
+//! Public HTTP requests and public TCP ports reach listeners through the same `route`.
 //!
 //! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests
 //! bind port 0), or [`Server::spawn`] for a handle. Shutdown drains: accept loops stop, sessions
 //! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
 
-pub mod allowlist;
 mod classic_ws;
-pub mod connect;
 mod guard;
-mod http;
 mod listen;
 mod memory;
 pub mod metrics;
-mod public_http;
+mod mux_server;
+mod public_endpoint;
 mod registry;
-pub mod resolve;
+mod route;
 mod session;
+mod tunnel_endpoint;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RelayConfig;
+use crate::egress::{allowlist, resolve};
 use crate::error::{Error, ErrorCode, Result};
 use metrics::{Metrics, Refusal};
 
@@ -92,6 +103,45 @@ impl Access {
     }
 }
 
+impl Access {
+    /// Decide whether `public_key` may register `name`.
+    pub(crate) fn authorize(&self, public_key: &[u8; 32], name: &str) -> Result<()> {
+        if !crate::identity::valid_name(name) {
+            return Err(Error::new(
+                ErrorCode::InvalidArgument,
+                format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'"),
+            ));
+        }
+        let granted = self.listener_grants.get(public_key);
+        if name == crate::identity::derived_name(public_key) {
+            if granted.is_some() || self.listeners_open {
+                return Ok(());
+            }
+            return Err(Error::new(
+                ErrorCode::NotAllowed,
+                "this listener key is not listed on the relay; add its public key to TUNNEL_LISTENER_KEYS (or set TUNNEL_LISTENERS_OPEN=true)",
+            ));
+        }
+        if granted.is_some_and(|names| names.iter().any(|n| n == name)) {
+            return Ok(());
+        }
+        let owned_by_other = self
+            .listener_grants
+            .iter()
+            .any(|(k, names)| k != public_key && (crate::identity::derived_name(k) == name || names.iter().any(|n| n == name)));
+        if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
+            return Err(Error::new(
+                ErrorCode::NameTaken,
+                format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you"),
+            ));
+        }
+        Err(Error::new(
+            ErrorCode::NotAllowed,
+            format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS"),
+        ))
+    }
+}
+
 impl RelayState {
     /// The current keys, allowlist and listener grants.
     pub(crate) fn access(&self) -> Arc<Access> {
@@ -108,7 +158,7 @@ impl RelayState {
         *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
         // Listeners whose key lost its name are told why and closed.
         for (name, owner, session) in self.registry.live() {
-            if let Err(e) = listen::authorize(self, &owner, &name) {
+            if let Err(e) = self.access().authorize(&owner, &name) {
                 tracing::info!(%name, reason = %e, "closing a listener whose key no longer holds its name");
                 session.close_with_notice(
                     ErrorCode::NotAllowed,
@@ -150,6 +200,9 @@ impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
     pub async fn bind(mut cfg: RelayConfig) -> Result<Server> {
         cfg.limits = cfg.limits.clamped();
+        if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
+            return Err(Error::config("the relay has no tunnel endpoint: set TUNNEL_LISTEN (WebSocket) or TUNNEL_TCP_LISTEN (raw TCP), or both"));
+        }
         let access = Access::from_config(&cfg)?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
@@ -222,7 +275,8 @@ impl Server {
         match (self.local_addr(), self.tcp_addr()) {
             (Some(a), _) => format!("{}://{a}", if self.state.tls.is_some() { "wss" } else { "ws" }),
             (None, Some(a)) => format!("tcp://{a}"),
-            (None, None) => unreachable!("bind refuses a config with no endpoint"),
+            // `bind` refuses a config without either endpoint, so a bound server has one.
+            (None, None) => String::new(),
         }
     }
 
@@ -236,15 +290,15 @@ impl Server {
         let Server { state, ws, tcp, http } = self;
         if let Some(l) = http {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), domain = %state.cfg.domain, "public HTTP port listening");
-            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Public));
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::PublicHttp));
         }
         if let Some(l) = ws {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), tls = state.tls.is_some(), "tunnel endpoint listening");
-            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Http));
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Tunnel));
         }
         if let Some(l) = tcp {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "raw-TCP tunnel endpoint listening");
-            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::Tcp));
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::RawTcp));
         }
         state.tasks.spawn(memory::return_after_floods(state.metrics.clone(), state.draining.clone()));
         shutdown.await;
@@ -351,18 +405,22 @@ impl ServerHandle {
     }
 }
 
+/// Which of the relay's three ports a connection arrived on.
 #[derive(Clone, Copy)]
 enum Endpoint {
-    Http,
-    Tcp,
-    Public,
+    /// `listen`: WebSocket (over TLS when configured), health and metrics.
+    Tunnel,
+    /// `tcp_listen`: sessions on raw TCP.
+    RawTcp,
+    /// `http_listen`: public HTTP requests routed to listeners by `Host`.
+    PublicHttp,
 }
 
 async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
     loop {
         let (sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
-            x = crate::forward::accept_backoff(&listener) => x,
+            x = crate::transport::accept_backoff(&listener) => x,
         };
         // Per-source limits first: a source at its limit is refused here, before the connection
         // costs a task or a buffer, and cannot take the global places others need.
@@ -388,7 +446,7 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             let _permit = permit;
             // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
             // first request head), whichever steps it takes.
-            let limit = if matches!(endpoint, Endpoint::Public) { st.cfg.limits.http_header_timeout } else { st.cfg.limits.handshake_timeout };
+            let limit = if matches!(endpoint, Endpoint::PublicHttp) { st.cfg.limits.http_header_timeout } else { st.cfg.limits.handshake_timeout };
             let deadline = async {
                 tokio::time::sleep(limit).await;
                 if finished.load(std::sync::atomic::Ordering::Relaxed) {
@@ -411,9 +469,9 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
 /// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).
 fn speaks_plain_http(state: &RelayState, endpoint: Endpoint) -> bool {
     match endpoint {
-        Endpoint::Http => state.tls.is_none(),
-        Endpoint::Public => true,
-        Endpoint::Tcp => false,
+        Endpoint::Tunnel => state.tls.is_none(),
+        Endpoint::PublicHttp => true,
+        Endpoint::RawTcp => false,
     }
 }
 
@@ -456,21 +514,21 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     // endpoint's state is boxed when it is reached, so the task stays small until then.
     // (The handshake deadline is the caller's.) `peek`, not `readable`: readiness may be
     // reported before any byte is there.
-    if !matches!(endpoint, Endpoint::Tcp) && !matches!(sock.peek(&mut [0u8; 1]).await, Ok(1)) {
+    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut [0u8; 1]).await, Ok(1)) {
         return;
     }
     // Boxed in a statement of its own: a temporary in the awaiting statement would keep its
     // room in this task's state (debug builds lay out every temporary).
     let serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match endpoint {
-        Endpoint::Http => Box::pin(serve_tunnel_http(state, sock, peer)),
-        Endpoint::Tcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
-        Endpoint::Public => Box::pin(public_http::serve(state, sock, peer)),
+        Endpoint::Tunnel => Box::pin(serve_tunnel_endpoint(state, sock, peer)),
+        Endpoint::RawTcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
+        Endpoint::PublicHttp => Box::pin(public_endpoint::serve(state, sock, peer)),
     };
     serve.await
 }
 
 /// The tunnel endpoint: TLS when configured, then HTTP (health, metrics, WebSocket upgrades).
-async fn serve_tunnel_http(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
+async fn serve_tunnel_endpoint(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
     let io: crate::transport::BoxIo = match state.tls.clone() {
         Some(tls) => {
             let accept = Box::pin(tls.accept(sock));
@@ -485,5 +543,5 @@ async fn serve_tunnel_http(state: Arc<RelayState>, sock: TcpStream, peer: Socket
         }
         None => Box::new(sock),
     };
-    http::serve(state, io, peer).await
+    tunnel_endpoint::serve(state, io, peer).await
 }

@@ -8,22 +8,21 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use futures_util::{SinkExt, StreamExt};
-use socks5_proto::{Address, Reply};
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
 use super::classic_ws::{Activity, ClassicIo, ClassicWs, Watched};
-use super::connect::connect_target;
-use super::guard::Admission;
 use super::metrics::Refusal;
+use super::route::{self, Connected};
 use super::RelayState;
+use super::{guard, mux_server};
 use crate::auth::{fresh_nonce, AuthRejection};
 use crate::error::ErrorCode;
-use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
+use crate::mux::{FrameSink, FrameSource, MuxStream, Session};
 use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
-use crate::socks::{self, ServerAuth, ServerHandshakeError, Target};
+use crate::socks::{self, ServerAuth, ServerHandshakeError};
 use crate::transport::{tcp_frames, ws_frames, BoxIo};
 
 struct ActiveGuard<'a>(&'a std::sync::atomic::AtomicI64);
@@ -36,32 +35,6 @@ impl<'a> ActiveGuard<'a> {
 impl Drop for ActiveGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Start the relay's side of a multiplexed session (dialer or listener) with the configured
-/// keepalive and stream limits; the guard closes it when the serving task ends.
-pub(super) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, CloseOnDrop) {
-    let l = &state.cfg.limits;
-    let cfg = MuxConfig {
-        keepalive_interval: l.keepalive_interval,
-        keepalive_timeout: l.keepalive_timeout,
-        max_streams: l.max_streams_per_session,
-        max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
-        receive_budget: l.session_receive_budget,
-        ..MuxConfig::default()
-    };
-    let session = Session::new(Role::Server, source, sink, cfg);
-    (session.clone(), CloseOnDrop(session))
-}
-
-/// Closes a relay-side session when the task serving it ends or is dropped. The session's reader
-/// and writer run as their own tasks, so without this a connection task dropped on `kill` (or by
-/// `ServerHandle::abort`) would leave the transport open, answering pings but refusing streams.
-pub(super) struct CloseOnDrop(pub(super) Session);
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(ErrorCode::RelayUnavailable, "the relay closed the session");
     }
 }
 
@@ -79,44 +52,6 @@ fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
         AuthRejection::BadSignature(kid) => format!(
             "the proof for key id {kid} does not match: the secret is wrong (or the proof was replayed); check TUNNEL_KEY against the relay's TUNNEL_AUTH_KEYS"
         ),
-    }
-}
-
-/// Count a failed authentication against its source address and log it: a warning for each of
-/// the first `auth_failures_per_minute`, one more when the address goes over, then debug only.
-pub(super) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std::fmt::Display) {
-    state.metrics.auth_failures.fetch_add(1, Relaxed);
-    if state.auth_limiter.failed(peer.ip()) {
-        tracing::warn!(%peer, reason = %r, limit = state.cfg.limits.auth_failures_per_minute,
-            "too many failed authentications from this address; refusing its attempts unchecked for the rest of the minute");
-    } else if state.auth_limiter.admit(peer.ip()) == Admission::Check {
-        tracing::warn!(%peer, reason = %r, "authentication failed");
-    } else {
-        tracing::debug!(%peer, reason = %r, "authentication failed (address rate limited)");
-    }
-}
-
-/// How long a failed proof from `peer` waits for its answer: nothing normally, [`FAILURE_DELAY`]
-/// once the address is over `auth_failures_per_minute` (counted as a rate-limited refusal). Proofs
-/// are checked either way, so a valid key is never refused for what others did from its address;
-/// a guesser only gets slower answers, and its failures are no longer logged one by one.
-pub(super) fn failure_delay(state: &RelayState, peer: SocketAddr) -> std::time::Duration {
-    match state.auth_limiter.admit(peer.ip()) {
-        Admission::Check => std::time::Duration::ZERO,
-        Admission::Refuse(_) => FAILURE_DELAY,
-    }
-}
-
-/// The wait before answering a failed proof from an address over its failure limit. Checking a
-/// proof costs one HMAC (or one Ed25519 verification), far less than the handshakes before it; the
-/// delay caps how fast one connection can guess.
-pub(super) const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Count a rate-limited failure and wait [`FAILURE_DELAY`] when `delay` says so.
-pub(super) async fn slow_failure(state: &RelayState, delay: std::time::Duration) {
-    if !delay.is_zero() {
-        state.metrics.refused(Refusal::RateLimited);
-        tokio::time::sleep(delay).await;
     }
 }
 
@@ -179,7 +114,7 @@ async fn drained_and_idle(state: &RelayState, activity: &Activity) {
 async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: SocketAddr, nonce: [u8; 32]) {
     // Proofs are always checked: a valid key is never refused because others failed from the same
     // address. An address over `auth_failures_per_minute` only gets its failures answered slowly.
-    let fail_delay = failure_delay(&state, peer);
+    let fail_delay = guard::failure_delay(&state, peer);
     let access = state.access();
     let auth = ServerAuth::Proof { keys: &access.auth_keys, nonce: &nonce, fail_delay };
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut io, auth)).await {
@@ -201,7 +136,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
     super::guard::handshake_finished();
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let Some(upstream) = connect_and_reply(&state, &mut io, &addr, peer).await else {
+    let Some(upstream) = route::connect_and_reply(&state, &mut io, &addr, peer).await else {
         let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
         return;
     };
@@ -211,8 +146,8 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
     let copied = {
         let copy = async {
             match upstream {
-                Upstream::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
-                Upstream::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
+                Connected::Tcp(mut t) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut t, 32 * 1024, 32 * 1024).await,
+                Connected::Listener(mut l) => tokio::io::copy_bidirectional_with_sizes(&mut io, &mut l, 32 * 1024, 32 * 1024).await,
             }
         };
         tokio::select! {
@@ -252,7 +187,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
 
 fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshakeError) {
     match e {
-        ServerHandshakeError::Auth(r) => log_auth_failure(state, peer, r),
+        ServerHandshakeError::Auth(r) => guard::log_auth_failure(state, peer, r),
         ServerHandshakeError::Malformed(why) => {
             state.metrics.refused(Refusal::Malformed);
             tracing::info!(%peer, %why, "malformed SOCKS5 request refused");
@@ -266,79 +201,6 @@ fn note_handshake_error(state: &RelayState, peer: SocketAddr, e: &ServerHandshak
 fn count_bytes(state: &RelayState, up: u64, down: u64) {
     state.metrics.bytes_to_targets.fetch_add(up, Relaxed);
     state.metrics.bytes_from_targets.fetch_add(down, Relaxed);
-}
-
-/// Where an admitted stream goes: a TCP target, or a listener's stream.
-enum Upstream {
-    Tcp(TcpStream),
-    Listener(MuxStream),
-}
-
-/// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,
-/// or a bare key-derived name (offline listeners get "host unreachable", not an allowlist refusal).
-fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
-    let Address::DomainAddress(d, _) = addr else {
-        return None;
-    };
-    let host = std::str::from_utf8(d).ok()?;
-    let name = super::listen::listener_name(host, &state.cfg.domain)?;
-    let explicit = host.trim_end_matches('.').len() > name.len();
-    let looks_derived = name.len() == crate::identity::DERIVED_NAME_LEN && name.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
-    (explicit || looks_derived || state.registry.contains(&name)).then_some(name)
-}
-
-/// Connect to the requested target (or listener) and answer the CONNECT; `None` if refused
-/// (already answered).
-async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<Upstream> {
-    if let Some(name) = listener_route(state, addr) {
-        let port = match addr {
-            Address::DomainAddress(_, p) => *p,
-            Address::SocketAddress(sa) => sa.port(),
-        };
-        let header = crate::protocol::StreamHeader { via: crate::protocol::Via::Dial, port, client: peer.to_string() };
-        return match super::listen::open_to_listener(state, &name, header, state.cfg.limits.connect_timeout).await {
-            Ok(stream) => {
-                if socks::write_reply(io, Reply::Succeeded, None).await.is_err() {
-                    return None;
-                }
-                state.metrics.streams_total.fetch_add(1, Relaxed);
-                tracing::debug!(%peer, listener = %name, "stream connected to a listener");
-                Some(Upstream::Listener(stream))
-            }
-            Err(e) => {
-                state.metrics.refused(e.refusal());
-                tracing::debug!(%peer, listener = %name, error = ?e, "listener not reached");
-                let reply = match e {
-                    super::listen::RouteError::Offline => Reply::HostUnreachable,
-                    super::listen::RouteError::Busy => Reply::ConnectionRefused,
-                    super::listen::RouteError::Timeout => Reply::TtlExpired,
-                };
-                let _ = socks::write_reply(io, reply, None).await;
-                None
-            }
-        };
-    }
-    match connect_target(addr, &state.access().allow, &state.resolver, state.cfg.limits.connect_timeout).await {
-        Ok(tcp) => {
-            let bound = tcp.local_addr().ok();
-            if socks::write_reply(io, Reply::Succeeded, bound).await.is_err() {
-                return None;
-            }
-            state.metrics.streams_total.fetch_add(1, Relaxed);
-            tracing::debug!(%peer, target = %Target::from_address(addr).map(|t| t.to_string()).unwrap_or_default(), "stream connected");
-            Some(Upstream::Tcp(tcp))
-        }
-        Err(f) => {
-            state.metrics.refused(f.reason);
-            if f.reason == Refusal::NotAllowed {
-                tracing::info!(%peer, detail = %f.detail, "target refused by the allowlist");
-            } else {
-                tracing::debug!(%peer, detail = %f.detail, "target connect failed");
-            }
-            let _ = socks::write_reply(io, f.reply, None).await;
-            None
-        }
-    }
 }
 
 /// Multiplexed mode over a WebSocket.
@@ -365,7 +227,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
         return;
     }
-    let fail_delay = failure_delay(&state, peer);
+    let fail_delay = guard::failure_delay(&state, peer);
     let verdict = match Hello::decode(&hello) {
         Ok(h) => state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
         Err(e) => {
@@ -378,8 +240,8 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     let kid = match verdict {
         Ok(kid) => kid,
         Err(r) => {
-            log_auth_failure(&state, peer, &r);
-            slow_failure(&state, fail_delay).await;
+            guard::log_auth_failure(&state, peer, &r);
+            guard::slow_failure(&state, fail_delay).await;
             let ack = HelloAck { refusal: Some((r.code(), rejection_message(&r, &state))) };
             let _ = sink.send(ack.encode()).await;
             let _ = sink.close().await;
@@ -402,7 +264,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
     state.metrics.sessions_mux.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let (session, _close) = server_session(&state, source, sink);
+    let (session, _close) = mux_server::server_session(&state, source, sink);
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
@@ -446,7 +308,7 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         }
         Ok(Ok(a)) => a,
     };
-    let Some(upstream) = connect_and_reply(&state, &mut stream, &addr, peer).await else {
+    let Some(upstream) = route::connect_and_reply(&state, &mut stream, &addr, peer).await else {
         stream.finish();
         return;
     };
@@ -458,11 +320,11 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         session.close(ErrorCode::RelayUnavailable, "the relay shut down");
     };
     let bridged = match upstream {
-        Upstream::Tcp(t) => tokio::select! {
+        Connected::Tcp(t) => tokio::select! {
             r = crate::stream::bridge(stream, t) => r,
             _ = killed() => return,
         },
-        Upstream::Listener(mut l) => {
+        Connected::Listener(mut l) => {
             // splice counts (dialer → listener, listener → dialer); bridge counts (to the dialer,
             // from the dialer). A cut-off side resets both inside splice; a relay shutdown resets
             // both here, so neither end takes the cut-off stream for a finished one (dropping them

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use libtunnel::auth::KeySet;
-use libtunnel::relay::allowlist::Allowlist;
+use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Key, RelayConfig, Server, ServerHandle};
 use rand::{RngCore, SeedableRng};
 use sha2::{Digest, Sha256};

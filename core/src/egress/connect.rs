@@ -10,34 +10,48 @@ use socks5_proto::{Address, Reply};
 use tokio::net::TcpStream;
 
 use super::allowlist::{canonical_ip, name_rule_reaches, Allowlist, NameDecision, TargetHost};
-use super::metrics::Refusal;
 use super::resolve::TargetResolver;
 use crate::socks::Target;
+
+/// The kind of a failed connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// No allow rule admits the target (or an address it resolved to).
+    NotAllowed,
+    /// The name did not resolve, or the host is unreachable.
+    Unreachable,
+    /// The target refused the connection.
+    Refused,
+    /// Resolving or connecting took longer than the deadline.
+    Timeout,
+    /// The requested address is not a valid target.
+    Malformed,
+}
 
 /// Why a target could not be connected: the SOCKS5 reply and a log line.
 #[derive(Debug)]
 pub struct ConnectFailure {
     /// Reply code sent to the client.
     pub reply: Reply,
-    /// Metrics label.
-    pub reason: Refusal,
+    /// What kind of failure (the relay's metrics label, the exit listener's log).
+    pub reason: Cause,
     /// For the relay's log (never sent to the client).
     pub detail: String,
 }
 
-fn fail(reply: Reply, reason: Refusal, detail: String) -> ConnectFailure {
+fn fail(reply: Reply, reason: Cause, detail: String) -> ConnectFailure {
     ConnectFailure { reply, reason, detail }
 }
 
 /// Connect to the target of a CONNECT request, if the allowlist admits it.
 pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &TargetResolver, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
-    let target = Target::from_address(addr).map_err(|e| fail(Reply::GeneralFailure, Refusal::Malformed, e.to_string()))?;
+    let target = Target::from_address(addr).map_err(|e| fail(Reply::GeneralFailure, Cause::Malformed, e.to_string()))?;
     let port = target.port;
-    let not_allowed = |what: String| fail(Reply::ConnectionNotAllowed, Refusal::NotAllowed, what);
+    let not_allowed = |what: String| fail(Reply::ConnectionNotAllowed, Cause::NotAllowed, what);
     if port == 0 {
         return Err(not_allowed(format!("{target}: port 0 is never allowed")));
     }
-    let host = TargetHost::parse(&target.host).map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, e.to_string()))?;
+    let host = TargetHost::parse(&target.host).map_err(|e| fail(Reply::HostUnreachable, Cause::Unreachable, e.to_string()))?;
     let deadline = tokio::time::Instant::now() + timeout;
     let candidates: Vec<SocketAddr> = match host {
         TargetHost::Ip(ip) => {
@@ -53,8 +67,8 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
             }
             let resolved = tokio::time::timeout_at(deadline, resolver.lookup(&name, port))
                 .await
-                .map_err(|_| fail(Reply::TtlExpired, Refusal::Timeout, format!("resolving {name} timed out")))?
-                .map_err(|e| fail(Reply::HostUnreachable, Refusal::Unreachable, format!("resolving {name}: {e}")))?;
+                .map_err(|_| fail(Reply::TtlExpired, Cause::Timeout, format!("resolving {name} timed out")))?
+                .map_err(|e| fail(Reply::HostUnreachable, Cause::Unreachable, format!("resolving {name}: {e}")))?;
             let all: Vec<SocketAddr> = resolved.into_iter().map(|sa| SocketAddr::new(canonical_ip(sa.ip()), sa.port())).collect();
             let admitted: Vec<SocketAddr> = match decision {
                 // A name rule admits the name, but not every address DNS may return for it (see
@@ -71,7 +85,7 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
             };
             if admitted.is_empty() {
                 if all.is_empty() {
-                    return Err(fail(Reply::HostUnreachable, Refusal::Unreachable, format!("{name} resolved to no address")));
+                    return Err(fail(Reply::HostUnreachable, Cause::Unreachable, format!("{name} resolved to no address")));
                 }
                 return Err(not_allowed(format!("{target} resolves to {all:?}, none of which an allow rule admits")));
             }
@@ -81,7 +95,7 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
     let mut last: Option<io::Error> = None;
     for sa in &candidates {
         match tokio::time::timeout_at(deadline, TcpStream::connect(sa)).await {
-            Err(_) => return Err(fail(Reply::TtlExpired, Refusal::Timeout, format!("connecting to {sa} timed out"))),
+            Err(_) => return Err(fail(Reply::TtlExpired, Cause::Timeout, format!("connecting to {sa} timed out"))),
             Ok(Ok(s)) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
@@ -91,10 +105,10 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
     }
     let e = last.expect("at least one candidate was tried");
     let (reply, reason) = match e.kind() {
-        io::ErrorKind::ConnectionRefused => (Reply::ConnectionRefused, Refusal::Refused),
-        io::ErrorKind::TimedOut => (Reply::TtlExpired, Refusal::Timeout),
-        _ if e.raw_os_error() == Some(101) => (Reply::NetworkUnreachable, Refusal::Unreachable),
-        _ => (Reply::HostUnreachable, Refusal::Unreachable),
+        io::ErrorKind::ConnectionRefused => (Reply::ConnectionRefused, Cause::Refused),
+        io::ErrorKind::TimedOut => (Reply::TtlExpired, Cause::Timeout),
+        _ if e.raw_os_error() == Some(101) => (Reply::NetworkUnreachable, Cause::Unreachable),
+        _ => (Reply::HostUnreachable, Cause::Unreachable),
     };
     Err(fail(reply, reason, format!("connecting to {target} ({candidates:?}): {e}")))
 }

@@ -24,8 +24,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::guard;
-use super::listen::{open_to_listener, RouteError};
 use super::metrics::Refusal;
+use super::route::{open_to_listener, RouteError};
 use super::RelayState;
 use crate::protocol::{StreamHeader, Via};
 
