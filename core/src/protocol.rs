@@ -246,6 +246,14 @@ pub struct ListenHello {
     /// Ask for a public TCP port from the relay's range.
     #[prost(bool, tag = "4")]
     pub tcp_port: bool,
+    /// The local service behind this listener speaks HTTP/2 with prior knowledge (h2c, e.g. a
+    /// gRPC server): the relay forwards public HTTP requests to it as HTTP/2.
+    #[prost(bool, tag = "5")]
+    pub h2c: bool,
+    /// The listener terminates TLS itself: the relay's public TLS port routes connections whose
+    /// ClientHello names it (SNI) to it undecrypted.
+    #[prost(bool, tag = "6")]
+    pub tls_passthrough: bool,
 }
 
 impl ListenHello {
@@ -518,7 +526,7 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
-        let lh = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true };
+        let lh = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true, h2c: true, tls_passthrough: false };
         assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
         assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
         assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());
