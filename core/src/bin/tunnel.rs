@@ -78,6 +78,14 @@ enum Cmd {
         /// Send a PROXY protocol v2 header with the original client address to the local service.
         #[arg(long)]
         proxy_protocol: bool,
+        /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server): public
+        /// HTTP/1.1 and HTTP/2 requests reach it as HTTP/2.
+        #[arg(long, conflicts_with = "tls_passthrough")]
+        h2c: bool,
+        /// The local service terminates TLS itself: the relay's HTTPS port passes connections
+        /// whose SNI names this listener through undecrypted.
+        #[arg(long)]
+        tls_passthrough: bool,
         /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
         #[arg(long, env = "TUNNEL_CA")]
         ca: Option<PathBuf>,
@@ -316,8 +324,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
             Ok(())
         }
-        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca } => {
-            let mut b = libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port);
+        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca } => {
+            let mut b =
+                libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port).h2c(h2c).tls_passthrough(tls_passthrough);
             if let Some(n) = name {
                 b = b.name(n);
             }
