@@ -58,6 +58,7 @@ impl Listener {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn builder(
     relay: &str,
     key: &str,
@@ -66,10 +67,11 @@ fn builder(
     ca: Option<PathBuf>,
     timeout: f64,
     backlog: usize,
+    modes: (bool, bool),
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let id = crate::keys::load_identity(key).map_err(to_py)?;
     let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog);
+    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog).h2c(modes.0).tls_passthrough(modes.1);
     if let Some(n) = name {
         b = b.name(n);
     }
@@ -88,7 +90,7 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -99,13 +101,15 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        h2c: bool,
+        tls_passthrough: bool,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, (h2c, tls_passthrough))?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -116,8 +120,10 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        h2c: bool,
+        tls_passthrough: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, (h2c, tls_passthrough))?;
         awaitable(py, bind(b))
     }
 

@@ -19,6 +19,7 @@ pub(crate) struct Relay {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
 }
 
 fn pair(a: Option<SocketAddr>) -> Option<(String, u16)> {
@@ -44,8 +45,9 @@ fn config(settings: Vec<(String, String)>, config_file: Option<PathBuf>, use_env
 async fn start(cfg: libtunnel::Result<RelayConfig>) -> libtunnel::Result<Relay> {
     let server = Server::bind(cfg?).await?;
     let (url, addr, tcp_addr, http_addr) = (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr());
+    let https_addr = server.https_addr();
     tracing::info!(%url, "relay listening");
-    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr })
+    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr, https_addr })
 }
 
 impl Relay {
@@ -98,6 +100,12 @@ impl Relay {
     #[getter]
     fn http_address(&self) -> Option<(String, u16)> {
         pair(self.http_addr)
+    }
+
+    /// `(host, port)` of the public HTTPS port (TLS, h2, TLS passthrough by SNI).
+    #[getter]
+    fn https_address(&self) -> Option<(String, u16)> {
+        pair(self.https_addr)
     }
 
     /// Stop accepting, let open streams drain (`drain_timeout`), and return when done.

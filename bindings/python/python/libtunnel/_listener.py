@@ -96,7 +96,9 @@ class Listener(_ListenerBase):
     ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
     (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
     key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
-    :meth:`accept` (more are refused).
+    :meth:`accept` (more are refused). ``h2c`` says the local service speaks HTTP/2 with prior
+    knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
+    relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
     """
 
     def __init__(
@@ -109,9 +111,13 @@ class Listener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float = 20.0,
         backlog: int = 128,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> None:
         relay, key_text, ca_path = _resolve(relay, key, ca)
-        self._native = _native.Listener.bind(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        self._native = _native.Listener.bind(
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, h2c=h2c, tls_passthrough=tls_passthrough
+        )
         self._exposed: _native.Background | None = None
 
 
@@ -169,10 +175,14 @@ class AsyncListener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float = 20.0,
         backlog: int = 128,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
         relay, key_text, ca_path = _resolve(relay, key, ca)
-        native = await _native.Listener.bind_async(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        native = await _native.Listener.bind_async(
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, h2c=h2c, tls_passthrough=tls_passthrough
+        )
         return cls(native)
 
 

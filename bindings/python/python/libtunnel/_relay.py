@@ -62,6 +62,11 @@ class _RelayInfo:
         """``(host, port)`` of the public HTTP port, when enabled."""
         return self._native.http_address
 
+    @property
+    def https_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the public HTTPS port (TLS, h2, TLS passthrough), when enabled."""
+        return self._native.https_address
+
     def abort(self) -> None:
         """Stop at once, dropping every connection (like a crash)."""
         self._native.abort()
