@@ -63,6 +63,8 @@ class Listener extends EventEmitter {
     const raw = await native.NativeListener.bind(relay, keyText(key), {
       name: options.name,
       tcpPort: options.tcpPort,
+      h2c: options.h2c,
+      tlsPassthrough: options.tlsPassthrough,
       timeoutMs: options.timeout,
       backlog: options.backlog ?? DEFAULT_BACKLOG,
       ca: options.ca

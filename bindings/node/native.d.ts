@@ -49,6 +49,13 @@ export interface ListenerOptions {
   backlog?: number
   /** PEM file of CA certificates to trust for `wss://`. */
   ca?: string
+  /** The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server). */
+  h2c?: boolean
+  /**
+   * The relay's HTTPS port passes connections whose SNI names this listener through
+   * undecrypted (the local service terminates TLS).
+   */
+  tlsPassthrough?: boolean
 }
 /** One accepted stream. */
 export interface Accepted {

@@ -334,7 +334,8 @@ impl RelayConfig {
         if let Some((v, w)) = get("https_listen") {
             cfg.https_listen = parse_opt_addr(v, w)?;
         }
-        let paths = |k: &str| get(k).map(|(v, _)| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from).collect()).unwrap_or_default();
+        let paths =
+            |k: &str| get(k).map(|(v, _)| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from).collect()).unwrap_or_default();
         cfg.public_tls_cert = paths("public_tls_cert");
         cfg.public_tls_key = paths("public_tls_key");
         if cfg.public_tls_cert.len() != cfg.public_tls_key.len() {
@@ -345,7 +346,9 @@ impl RelayConfig {
             )));
         }
         if cfg.https_listen.is_some() && cfg.public_tls_cert.is_empty() {
-            return Err(Error::config("TUNNEL_HTTPS_LISTEN is set but no certificate: set TUNNEL_PUBLIC_TLS_CERT and TUNNEL_PUBLIC_TLS_KEY (PEM files)"));
+            return Err(Error::config(
+                "TUNNEL_HTTPS_LISTEN is set but no certificate: set TUNNEL_PUBLIC_TLS_CERT and TUNNEL_PUBLIC_TLS_KEY (PEM files)",
+            ));
         }
         if let Some((v, w)) = get("http_path_prefix") {
             if !matches!(v, "" | "off") {
@@ -358,7 +361,9 @@ impl RelayConfig {
         }
         if let Some((v, w)) = get("http_listener_rate") {
             if !matches!(v, "" | "off") {
-                let bad = || Error::config(format!("{w} must be REQUESTS/SECONDS like 500/300 (500 requests per 5 minutes per listener), or off; got {v:?}"));
+                let bad = || {
+                    Error::config(format!("{w} must be REQUESTS/SECONDS like 500/300 (500 requests per 5 minutes per listener), or off; got {v:?}"))
+                };
                 let (n, secs) = v.split_once('/').ok_or_else(bad)?;
                 let n: u64 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
                 let secs: u64 = secs.trim().parse().ok().filter(|s| *s > 0 && *s <= MAX_SECONDS.as_secs()).ok_or_else(bad)?;
@@ -514,7 +519,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "tcp_listen", help: "raw-TCP tunnel endpoint address, or off" },
     Setting { name: "http_listen", help: "public HTTP port routing by Host to listeners, or off" },
     Setting { name: "https_listen", help: "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off" },
-    Setting { name: "public_tls_cert", help: "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI (reloaded on SIGHUP)" },
+    Setting {
+        name: "public_tls_cert",
+        help: "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI (reloaded on SIGHUP)",
+    },
     Setting { name: "public_tls_key", help: "PEM private key(s), one per public_tls_cert, same order" },
     Setting { name: "http_path_prefix", help: "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x (default off)" },
     Setting { name: "http_listener_rate", help: "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off" },

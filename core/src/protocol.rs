@@ -526,7 +526,8 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
-        let lh = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true, h2c: true, tls_passthrough: false };
+        let lh =
+            ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true, h2c: true, tls_passthrough: false };
         assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
         assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
         assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());

@@ -132,7 +132,8 @@ async fn listen(relay: &ServerHandle, to: SocketAddr, h2c: bool, passthrough: bo
 
 /// Run curl; its stdout (the `-w` line last) and exit status.
 async fn curl(args: &[String]) -> (bool, String) {
-    let out = within(BULK, "curl", tokio::process::Command::new("curl").args(["-sS", "--max-time", "60"]).args(args).output()).await.expect("curl runs");
+    let out =
+        within(BULK, "curl", tokio::process::Command::new("curl").args(["-sS", "--max-time", "60"]).args(args).output()).await.expect("curl runs");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
@@ -227,16 +228,22 @@ async fn a_request_naming_another_listener_on_a_coalesced_connection_gets_421() 
     let b = listen(&st.relay, svc, false, false).await;
     for flag in ["--http2", "--http1.1"] {
         // SNI (from the URL) names `a`, the request's authority names `b`.
-        let args = [vec![s(flag), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}"), s("-H"), format!("Host: {b}.{DOMAIN}")], https_args(&a, https, &st.pki.ca, "/")].concat();
+        let args = [
+            vec![s(flag), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}"), s("-H"), format!("Host: {b}.{DOMAIN}")],
+            https_args(&a, https, &st.pki.ca, "/"),
+        ]
+        .concat();
         let (ok, out) = curl(&args).await;
         assert!(ok, "{out}");
         assert_eq!(out.trim(), "421", "{flag}: a request for {b} on a connection opened for {a}");
         // The same request on its own connection is served.
-        let (ok, out) = curl(&[vec![s(flag), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args(&b, https, &st.pki.ca, "/")].concat()).await;
+        let (ok, out) =
+            curl(&[vec![s(flag), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args(&b, https, &st.pki.ca, "/")].concat()).await;
         assert!(ok && out.trim() == "200", "{flag}: {out}");
     }
     // Unknown names keep their meaning over TLS: 502.
-    let (ok, out) = curl(&[vec![s("--http2"), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args("nobody", https, &st.pki.ca, "/")].concat()).await;
+    let (ok, out) =
+        curl(&[vec![s("--http2"), s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args("nobody", https, &st.pki.ca, "/")].concat()).await;
     assert!(ok && out.trim() == "502", "{out}");
     let metrics = curl(&[format!("http://{}/metrics", st.relay.local_addr().expect("tunnel endpoint"))]).await.1;
     assert_eq!(metric(&metrics, "libtunnel_refusals_total{reason=\"misdirected\"}"), 2, "{metrics}");

@@ -25,6 +25,11 @@ pub struct ListenerOptions {
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
+    /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server).
+    pub h2c: Option<bool>,
+    /// The relay's HTTPS port passes connections whose SNI names this listener through
+    /// undecrypted (the local service terminates TLS).
+    pub tls_passthrough: Option<bool>,
 }
 
 /// One accepted stream.
@@ -66,7 +71,7 @@ impl NativeListener {
                 if let Some(n) = o.name {
                     b = b.name(n);
                 }
-                b = b.tcp_port(o.tcp_port.unwrap_or(false));
+                b = b.tcp_port(o.tcp_port.unwrap_or(false)).h2c(o.h2c.unwrap_or(false)).tls_passthrough(o.tls_passthrough.unwrap_or(false));
                 if let Some(ms) = o.timeout_ms {
                     b = b.timeout(millis(ms));
                 }

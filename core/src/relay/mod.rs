@@ -22,6 +22,7 @@ mod listen;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod public_body;
 mod public_endpoint;
 mod public_listeners;
 mod public_tls;
@@ -481,7 +482,11 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             let _permit = permit;
             // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
             // first request head), whichever steps it takes.
-            let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) { st.cfg.limits.http_header_timeout } else { st.cfg.limits.handshake_timeout };
+            let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
+                st.cfg.limits.http_header_timeout
+            } else {
+                st.cfg.limits.handshake_timeout
+            };
             let deadline = async {
                 tokio::time::sleep(limit).await;
                 if finished.load(std::sync::atomic::Ordering::Relaxed) {

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 
 use super::guard;
 use super::metrics::{ListenerHttp, Refusal};
+use super::public_body::Chunks;
 use super::public_listeners::{H2Sender, Mode, PublicListeners};
 use super::public_tls::{read_client_hello, PublicTls};
 use super::route::{open_to_listener, RouteError};
@@ -44,7 +45,7 @@ type Permits = (guard::InFlightPermit<IpAddr>, guard::InFlightPermit<String>);
 
 /// A listener's response body that keeps its request counted until the body ends.
 pub(super) struct Counted {
-    inner: Incoming,
+    inner: Chunks,
     _permits: Permits,
     stats: Option<Arc<ListenerHttp>>,
 }
@@ -56,7 +57,7 @@ impl hyper::body::Body for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        let r = self.inner.poll_next(cx);
         if let (std::task::Poll::Ready(Some(Ok(f))), Some(s)) = (&r, &self.stats) {
             if let Some(d) = f.data_ref() {
                 s.bytes_out.fetch_add(d.len() as u64, Relaxed);
@@ -71,6 +72,9 @@ impl hyper::body::Body for Counted {
         self.inner.size_hint()
     }
 }
+
+/// Most bytes of small response frames joined into one (see [`Chunks`]).
+const RESPONSE_CHUNK: usize = 64 * 1024;
 
 /// A client connection's open HTTP connection to a listener, reused while the name stays the same.
 struct Upstream {
@@ -87,9 +91,9 @@ type Sender = hyper::client::conn::http1::SendRequest<Pieces>;
 const PIECE: usize = 16 * 1024;
 
 /// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
-/// buffers: nothing is copied).
+/// buffers: nothing is copied), small frames joined (see [`Chunks`]).
 pub(crate) struct Pieces {
-    inner: Incoming,
+    inner: Chunks,
     rest: Bytes,
     stats: Option<Arc<ListenerHttp>>,
 }
@@ -104,7 +108,7 @@ impl hyper::body::Body for Pieces {
         use std::task::Poll;
         let this = &mut *self;
         if this.rest.is_empty() {
-            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+            match std::task::ready!(this.inner.poll_next(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         if let Some(s) = &this.stats {
@@ -529,12 +533,16 @@ async fn forward(
     headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 
     // `TE: trailers` is the one TE an HTTP/2 peer may get (RFC 9113 8.2.2), and gRPC servers want it.
-    let te_trailers =
-        req.headers().get_all(header::TE).iter().filter_map(|v| v.to_str().ok()).any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    let te_trailers = req
+        .headers()
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
     let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|inner| Pieces { inner, rest: Bytes::new(), stats: stats.clone() });
+    let req = req.map(|inner| Pieces { inner: Chunks::new(inner, PIECE), rest: Bytes::new(), stats: stats.clone() });
     let limit = state.cfg.limits.http_timeout;
     let timeout_response = || {
         state.metrics.refused(Refusal::Timeout);
@@ -576,7 +584,7 @@ async fn forward(
         // hyper writes an HTTP/1.1 client's status line from the response's version.
         *resp.version_mut() = if client_version == http::Version::HTTP_2 { client_version } else { http::Version::HTTP_11 };
         strip_hop_by_hop(resp.headers_mut(), false);
-        return resp.map(|inner| Either::Left(Counted { inner, _permits: permits, stats }));
+        return resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }));
     }
 
     // An HTTP/1.1 listener: an HTTP/2 request goes out in origin form with a Host header.
@@ -647,5 +655,5 @@ async fn forward(
             });
         }
     }
-    resp.map(|inner| Either::Left(Counted { inner, _permits: permits, stats }))
+    resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }))
 }

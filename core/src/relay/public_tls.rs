@@ -61,9 +61,8 @@ fn load_pair(cert: &PathBuf, key: &PathBuf) -> Result<Arc<CertifiedKey>> {
     }
     let der = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| Error::config(format!("TUNNEL_PUBLIC_TLS_KEY {} holds no usable private key: {e}", key.display())))?;
-    let ck = CertifiedKey::from_der(chain, der, &crate::transport::provider()).map_err(|e| {
-        Error::config(format!("TUNNEL_PUBLIC_TLS_KEY {} does not fit TUNNEL_PUBLIC_TLS_CERT {}: {e}", key.display(), cert.display()))
-    })?;
+    let ck = CertifiedKey::from_der(chain, der, &crate::transport::provider())
+        .map_err(|e| Error::config(format!("TUNNEL_PUBLIC_TLS_KEY {} does not fit TUNNEL_PUBLIC_TLS_CERT {}: {e}", key.display(), cert.display())))?;
     Ok(Arc::new(ck))
 }
 
