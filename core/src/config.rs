@@ -818,4 +818,36 @@ allow = [{host = "db.internal", port = 5432}]
         let err = RelayConfig::from_sources(Some("lisen = 1"), &[], &[], &[]).unwrap_err();
         assert!(err.message().contains("did you mean listen"), "{err}");
     }
+
+    #[test]
+    fn public_https_path_and_rate_settings() {
+        let base = [("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)];
+        let load = |extra: &[(&str, &str)]| RelayConfig::from_sources(None, &[], &env(&[&base[..], extra].concat()), &[]);
+        let c = load(&[
+            ("TUNNEL_HTTPS_LISTEN", "127.0.0.1:8443"),
+            ("TUNNEL_PUBLIC_TLS_CERT", "a.pem, b.pem"),
+            ("TUNNEL_PUBLIC_TLS_KEY", "a.key,b.key"),
+            ("TUNNEL_HTTP_PATH_PREFIX", "/t/"),
+            ("TUNNEL_HTTP_LISTENER_RATE", "500/300"),
+        ])
+        .expect("loads");
+        assert_eq!(c.https_listen, Some("127.0.0.1:8443".parse().expect("addr")));
+        assert_eq!(c.public_tls_cert, vec![PathBuf::from("a.pem"), PathBuf::from("b.pem")]);
+        assert_eq!(c.public_tls_key, vec![PathBuf::from("a.key"), PathBuf::from("b.key")]);
+        assert_eq!(c.http_path_prefix.as_deref(), Some("/t"));
+        assert_eq!(c.http_listener_rate, Some((500, Duration::from_secs(300))));
+        let d = load(&[]).expect("defaults");
+        assert_eq!((d.https_listen, d.http_path_prefix, d.http_listener_rate), (None, None, None), "all off by default");
+        for (extra, needle) in [
+            (vec![("TUNNEL_HTTPS_LISTEN", "127.0.0.1:8443")], "no certificate"),
+            (vec![("TUNNEL_PUBLIC_TLS_CERT", "a.pem,b.pem"), ("TUNNEL_PUBLIC_TLS_KEY", "a.key")], "one key per certificate"),
+            (vec![("TUNNEL_HTTP_PATH_PREFIX", "t")], "one path segment like /t"),
+            (vec![("TUNNEL_HTTP_PATH_PREFIX", "/a/b")], "one path segment like /t"),
+            (vec![("TUNNEL_HTTP_LISTENER_RATE", "500")], "REQUESTS/SECONDS"),
+            (vec![("TUNNEL_HTTP_LISTENER_RATE", "0/10")], "REQUESTS/SECONDS"),
+        ] {
+            let err = load(&extra).unwrap_err();
+            assert!(err.message().contains(needle), "{extra:?}: {err}");
+        }
+    }
 }
