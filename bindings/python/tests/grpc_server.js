@@ -1,6 +1,7 @@
 // A gRPC server in Node (@grpc/grpc-js), run by test_grpc.py behind a libtunnel h2c listener.
 // Messages are raw bytes (identity serializers: no protobuf schema needed). Prints
-// "listening PORT" once bound; exits when stdin closes.
+// "listening PORT" once bound; exits when stdin closes (or, with GRPC_SERVER_FOREVER=1 as
+// bench/http.sh runs it, when killed).
 //
 // Methods of test.Probe:
 //   Echo        unary: answers the request bytes
@@ -90,5 +91,7 @@ server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p
   }
   console.log(`listening ${port}`);
 });
-process.stdin.on('end', () => server.tryShutdown(() => process.exit(0)));
-process.stdin.resume();
+if (process.env.GRPC_SERVER_FOREVER !== '1') {
+  process.stdin.on('end', () => server.tryShutdown(() => process.exit(0)));
+  process.stdin.resume();
+}

@@ -243,16 +243,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(h) = server.http_addr() {
                 say!("public http listening: http://{h}");
             }
+            if let Some(h) = server.https_addr() {
+                say!("public https listening: https://{h}");
+            }
             #[cfg(unix)]
             {
-                // SIGHUP reloads keys, allowlist and listener grants from the same sources.
+                // SIGHUP reloads keys, allowlist, listener grants and the public TLS certificates
+                // from the same sources.
                 let (reloader, file) = (server.reloader(), a.config.clone());
                 let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                     .map_err(|e| Error::new(ErrorCode::Io, format!("cannot install the SIGHUP handler: {e}")))?;
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         match RelayConfig::load(file.as_deref(), &overrides).and_then(|cfg| reloader.reload(&cfg)) {
-                            Ok(()) => eprintln!("reloaded keys, allowlist and listener grants"),
+                            Ok(()) => eprintln!("reloaded keys, allowlist, listener grants and public TLS certificates"),
                             Err(e) => eprintln!("reload failed, keeping the previous settings: error [{}]: {e}", e.code()),
                         }
                     }
