@@ -147,14 +147,17 @@ connect_run direct "$ECHO"
 connect_run by_addr "$BY_ADDR"
 connect_run by_name "$BY_NAME"
 
+percentile() { # q < h2load log (start, status, microseconds) -> the q-quantile of the durations
+    cut -f3 | sort -n | awk -v q="$1" '{ v[NR] = $1 } END { if (NR) { i = int(NR * q + 0.5); if (i < 1) i = 1; print v[i] } }'
+}
 # h2load: requests/s from its summary, p50/p99 (microseconds) from its per-request log.
 h2load_run() { # path url [h2load args...]
     local path=$1 url=$2 out
     out=$(h2load -D "$SECONDS_PER_RUN" --warm-up-time=1 --log-file="$OUT/logs/h2load-$path.tsv" "${@:3}" "$url" 2>&1)
     echo "$out" >"$OUT/logs/h2load-$path.txt"
     R[$path.rps]=$(awk '/^finished in/ { gsub(",", "", $4); printf "%.0f", $4 }' <<<"$out")
-    R[$path.p50]=$(cut -f3 "$OUT/logs/h2load-$path.tsv" | sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int(NR * 0.50 + 0.5) > 0 ? int(NR * 0.50 + 0.5) : 1] }')
-    R[$path.p99]=$(cut -f3 "$OUT/logs/h2load-$path.tsv" | sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int(NR * 0.99 + 0.5) > 0 ? int(NR * 0.99 + 0.5) : 1] }')
+    R[$path.p50]=$(percentile 0.50 <"$OUT/logs/h2load-$path.tsv")
+    R[$path.p99]=$(percentile 0.99 <"$OUT/logs/h2load-$path.tsv")
     R[$path.errors]=$(awk '/^requests:/ { if ($10 + $12 + $14 > 0) print $0 } /^status codes:/ { if ($3 + 0 == 0 || $5 + $7 + $9 > 0) print $0 }' <<<"$out" | tr '\n' ' ')
     log "  $path: ${R[$path.rps]} req/s, p50 ${R[$path.p50]} us, p99 ${R[$path.p99]} us ${R[$path.errors]}"
 }

@@ -200,6 +200,24 @@ async fn https_h1_and_h2_and_h2c_carry_10_mib_both_ways_to_either_kind_of_servic
         assert_eq!(ten_mib_both_ways(&st.dir, "--http2-prior-knowledge", plain).await, "2");
     }
 
+    // A plain-port `curl --http2` asks for `Upgrade: h2c`: answered over HTTP/1.1, and an h2c
+    // listener still gets the request (as HTTP/2), not a refused upgrade.
+    for name in [&h1_name, &h2c_name] {
+        let host = format!("{name}.{DOMAIN}");
+        let args = [
+            s("--http2"),
+            s("-o"),
+            s("/dev/null"),
+            s("-w"),
+            s("%{http_version} %{http_code}"),
+            s("--resolve"),
+            format!("{host}:{http}:127.0.0.1"),
+            format!("http://{host}:{http}/"),
+        ];
+        let (ok, out) = curl(&args).await;
+        assert!(ok && out.trim() == "1.1 200", "{name}: {out}");
+    }
+
     // What the services saw: the scheme the client used, and the protocol of their own kind.
     let (ok, out) = curl(&[vec![s("--http2"), s("-D"), s("-")], https_args(&h2c_name, https, &st.pki.ca, "/x?y=1")].concat()).await;
     assert!(ok, "{out}");

@@ -139,7 +139,13 @@ impl hyper::body::Body for Pieces {
     }
 }
 
-type UpstreamSlot = Arc<tokio::sync::Mutex<Option<Upstream>>>;
+/// A client connection's idle HTTP/1.1 connections to listeners, for its next requests: one for
+/// an HTTP/1.1 client (keep-alive), up to [`IDLE_UPSTREAMS`] for an HTTP/2 client whose
+/// concurrent requests each need one.
+type UpstreamSlot = Arc<std::sync::Mutex<Vec<Upstream>>>;
+
+/// Most idle listener connections one client connection keeps.
+const IDLE_UPSTREAMS: usize = 16;
 
 /// The public endpoints' own state: listener modes, h2 connections and rate windows, and TLS.
 pub(crate) struct Public {
@@ -258,11 +264,14 @@ async fn serve_http<I: crate::transport::Io>(state: Arc<RelayState>, io: I, conn
     }
 }
 
-/// Most concurrent requests (streams) on one public HTTP/2 connection.
-const H2_MAX_STREAMS: u32 = 256;
-/// Most response bytes the relay queues per HTTP/2 stream to a public client (or per request
-/// stream to an h2c listener) beyond what the peer's flow-control window takes.
-const H2_SEND_BUFFER: usize = 256 * 1024;
+/// Most concurrent requests (streams) on one public HTTP/2 connection (the default
+/// `http_max_requests_per_source` bounds them across a source's connections too).
+const H2_MAX_STREAMS: u32 = 128;
+/// Most body bytes the relay queues per HTTP/2 stream (responses to a public client, requests to
+/// an h2c listener) beyond what the peer's flow-control window takes: with [`H2_MAX_STREAMS`], a
+/// client that stops reading holds at most 8 MiB per connection, and its source at most
+/// `http_max_requests_per_source` times this across connections.
+const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// The listener name a host names: `NAME.<domain>` only.
 fn name_in_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
@@ -301,7 +310,7 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
     Ok(sender)
 }
 
-/// The HTTP/2 connection to the h2c listener `name`: the one kept open, or a new one.
+/// An HTTP/2 connection to the h2c listener `name`: one kept open, or a new one.
 async fn h2_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr, fresh: bool) -> Result<H2Sender, Response<Body>> {
     if !fresh {
         if let Some(s) = state.public.listeners.h2(name) {
@@ -539,7 +548,10 @@ async fn forward(
         .iter()
         .filter_map(|v| v.to_str().ok())
         .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
-    let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE);
+    // `Upgrade: h2c` asks this hop to switch (RFC 7540 3.2, which RFC 9113 dropped): the relay
+    // answers over HTTP/1.1 and the header goes no further, like the others of its hop.
+    let h2c_upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("h2c"));
+    let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) && !h2c_upgrade;
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
     let req = req.map(|inner| Pieces { inner: Chunks::new(inner, PIECE), rest: Bytes::new(), stats: stats.clone() });
@@ -600,13 +612,21 @@ async fn forward(
             req.headers_mut().insert(header::HOST, h);
         }
     }
-    // The previous request's connection to this listener, if it is still usable.
-    let reused = match slot.lock().await.take() {
-        Some(mut up) if up.name == name => {
+    // A previous request's connection to this listener, if one is free: for an HTTP/1.1
+    // client the one its last request used (waiting for it to finish that response); for an
+    // HTTP/2 client any that is ready now (else a new one: its other requests may hold them).
+    let idle = {
+        let mut pool = slot.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|u| u.name == name && !u.sender.is_closed());
+        let at = if client_version == http::Version::HTTP_2 { pool.iter().position(|u| u.sender.is_ready()) } else { pool.len().checked_sub(1) };
+        at.map(|i| pool.swap_remove(i))
+    };
+    let reused = match idle {
+        Some(mut up) => {
             let ready = tokio::time::timeout(limit, up.sender.ready()).await;
             matches!(ready, Ok(Ok(()))).then_some(up.sender)
         }
-        _ => None,
+        None => None,
     };
     let reused_one = reused.is_some();
     let mut sender = match reused {
@@ -637,7 +657,10 @@ async fn forward(
     if !upgrade_requested && !upgrading {
         // Keep it for this client connection's next request (hyper makes it wait for this
         // response's body before sending another).
-        *slot.lock().await = Some(Upstream { name: name.to_string(), sender });
+        let mut pool = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < IDLE_UPSTREAMS {
+            pool.push(Upstream { name: name.to_string(), sender });
+        }
     }
     if upgrading {
         if let Some(client_upgrade) = client_upgrade {

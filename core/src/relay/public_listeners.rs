@@ -1,7 +1,8 @@
 //! What the public endpoints know about each registered listener: how its local service speaks
 //! ([`Mode`]: HTTP/1.1, h2c, or raw TLS it terminates itself, from its registration), the one
-//! HTTP/2 connection the relay keeps to an h2c listener (every public request to it, from every
-//! client, is a stream of that connection: one tunnel stream, one local connection), and its
+//! HTTP/2 connections the relay keeps to an h2c listener (every public request to it, from every
+//! client, is a stream of one of a few such connections, each one tunnel stream and one local
+//! connection), and its
 //! request-rate window (`http_listener_rate`: 429 with `Retry-After` past the limit).
 //!
 //! Bounded: entries exist only for registered names (added at registration, removed when it
@@ -30,8 +31,15 @@ pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<Pieces>;
 struct Entry {
     id: u64,
     mode: Mode,
-    h2: Option<H2Sender>,
+    h2: Vec<H2Sender>,
+    /// Round-robin position in `h2`.
+    next: usize,
 }
+
+/// HTTP/2 connections the relay opens to one h2c listener (each is one tunnel stream and one
+/// connection to the local service): requests are spread over them, so neither the relay, the
+/// listener nor the service handles all of a busy listener's traffic on one task.
+pub(crate) const H2_UPSTREAMS: usize = 4;
 
 /// Fixed request-rate windows per listener name.
 struct Window {
@@ -52,7 +60,7 @@ impl PublicListeners {
 
     /// A registration (`id` from the registry) of `name` in `mode`.
     pub(crate) fn registered(&self, name: &str, id: u64, mode: Mode) {
-        self.table().insert(name.to_string(), Entry { id, mode, h2: None });
+        self.table().insert(name.to_string(), Entry { id, mode, h2: Vec::new(), next: 0 });
     }
 
     /// The registration `id` ended (a newer one of the same name stays).
@@ -69,24 +77,32 @@ impl PublicListeners {
         self.table().get(name).map(|e| e.mode).unwrap_or_default()
     }
 
-    /// The open HTTP/2 connection to `name`, if there is a usable one.
+    /// An open HTTP/2 connection to `name` (the next in turn), or `None` when fewer than
+    /// [`H2_UPSTREAMS`] are open (the caller opens one).
     pub(crate) fn h2(&self, name: &str) -> Option<H2Sender> {
-        let t = self.table();
-        let s = t.get(name)?.h2.as_ref()?;
-        (!s.is_closed()).then(|| s.clone())
+        let mut t = self.table();
+        let e = t.get_mut(name)?;
+        e.h2.retain(|s| !s.is_closed());
+        if e.h2.len() < H2_UPSTREAMS {
+            return None;
+        }
+        e.next = e.next.wrapping_add(1);
+        Some(e.h2[e.next % e.h2.len()].clone())
     }
 
-    /// Keep `sender` as the connection to `name` (while that registration lives).
+    /// Keep `sender` as a connection to `name` (while that registration lives), if there is room.
     pub(crate) fn set_h2(&self, name: &str, sender: H2Sender) {
         if let Some(e) = self.table().get_mut(name) {
-            e.h2 = Some(sender);
+            if e.h2.len() < H2_UPSTREAMS {
+                e.h2.push(sender);
+            }
         }
     }
 
-    /// Stop handing out the kept HTTP/2 connection to `name` (the relay is draining).
+    /// Stop handing out the kept HTTP/2 connections to `name` (the relay is draining).
     pub(crate) fn forget_h2(&self, name: &str) {
         if let Some(e) = self.table().get_mut(name) {
-            e.h2 = None;
+            e.h2.clear();
         }
     }
 
