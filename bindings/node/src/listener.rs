@@ -26,6 +26,7 @@ pub struct ListenerOptions {
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
     /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server).
+    #[napi(js_name = "h2c")]
     pub h2c: Option<bool>,
     /// The relay's HTTPS port passes connections whose SNI names this listener through
     /// undecrypted (the local service terminates TLS).
