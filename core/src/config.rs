@@ -134,7 +134,7 @@ impl Limits {
 }
 
 /// Largest duration setting (30 days): deadlines are computed as `now + setting`.
-const MAX_SECONDS: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_SECONDS: Duration = Duration::from_secs(crate::client::config::MAX_SECONDS as u64);
 /// Largest count setting: below tokio's semaphore limit on 32- and 64-bit targets.
 const MAX_COUNT: usize = 1 << 28;
 
@@ -221,6 +221,24 @@ impl RelayConfig {
         RelayConfig::from_sources(toml.as_deref(), &dotenv, &env, overrides)
     }
 
+    /// The embedded relay's loader (Python `Relay`, Node `Server.start`, C `tunnel_server_*`):
+    /// `settings` (`(name, value)` pairs, names as in [`SETTINGS`], any case) win over the
+    /// environment and `./.env` (read only when `use_env`), which win over the TOML `file`.
+    pub fn from_settings(settings: &[(String, String)], file: Option<&Path>, use_env: bool) -> Result<RelayConfig> {
+        let settings: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v.clone())).collect();
+        if let Some((k, _)) = settings.iter().find(|(k, _)| lookup(k).is_none()) {
+            return Err(unknown(k, "setting"));
+        }
+        if use_env {
+            return RelayConfig::load(file, &settings);
+        }
+        let toml = match file {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read config file {}: {e}", p.display())))?),
+            None => None,
+        };
+        RelayConfig::from_sources(toml.as_deref(), &[], &[], &settings)
+    }
+
     /// Merge explicit sources (what `load` reads), lowest precedence first.
     pub fn from_sources(
         toml: Option<&str>,
@@ -250,7 +268,7 @@ impl RelayConfig {
         let mut listen_given = false;
         for (var, val) in &merged {
             if let Some(name) = var.strip_prefix("TUNNEL_") {
-                if CLIENT_VARS.contains(&var.as_str()) {
+                if crate::client::config::is_client_var(var) {
                     continue;
                 }
                 let setting = lookup(&name.to_ascii_lowercase()).ok_or_else(|| unknown(var, "environment variable"))?;
@@ -273,7 +291,7 @@ impl RelayConfig {
                     _ if is_service_link(name) => continue,
                     _ => {
                         tracing::warn!(
-                            "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --help` lists the settings)"
+                            "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --set help` lists the settings)"
                         );
                         continue;
                     }
@@ -356,16 +374,16 @@ impl RelayConfig {
         // Bounded both ways: a duration that rounds to zero would time every handshake out, and
         // one near `Duration::MAX` would overflow the deadlines computed from it (and
         // `Duration::from_secs_f64` panics past that).
-        let secs = |k: &str, d: Duration| -> Result<Duration> {
-            match get(k) {
-                None => Ok(d),
-                Some((v, w)) => {
-                    v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero() && *d <= MAX_SECONDS).ok_or_else(
-                        || Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs())),
-                    )
+        let secs =
+            |k: &str, d: Duration| -> Result<Duration> {
+                match get(k) {
+                    None => Ok(d),
+                    // The same check as every face's timeouts (`client::checked_seconds`).
+                    Some((v, w)) => v.parse::<f64>().ok().and_then(|s| crate::client::checked_seconds(w, s).ok()).ok_or_else(|| {
+                        Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs()))
+                    }),
                 }
-            }
-        };
+            };
         // Counts size semaphores and buffers, which panic or abort past their limits.
         let count = |k: &str, d: usize| -> Result<usize> {
             match get(k) {
@@ -494,10 +512,6 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
 ];
 
-/// Client-side variables that may share an environment with the relay.
-/// (`LIBTUNNEL_WORKER_THREADS` has no `TUNNEL_` prefix, so the relay never looks at it.)
-const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE", "TUNNEL_LISTENER_KEY", "TUNNEL_WORKER_THREADS"];
-
 fn lookup(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)
 }
@@ -516,7 +530,7 @@ fn unknown(what: &str, kind: &str) -> Error {
             }
         })
         .unwrap_or_default();
-    Error::config(format!("unknown {kind} {what}{close} (`tunnel server --help` lists the settings)"))
+    Error::config(format!("unknown {kind} {what}{close} (`tunnel server --set help` lists the settings)"))
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

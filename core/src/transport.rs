@@ -222,7 +222,7 @@ fn limits(max_message: usize) -> WebSocketConfig {
 const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 /// Socket options for a TCP connection that carries a session (either end): no Nagle delay, and
-/// a small unsent queue in the kernel ([`NOTSENT_LOWAT`]).
+/// a small unsent queue in the kernel (`NOTSENT_LOWAT`).
 pub fn tune_session_socket(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -620,6 +620,20 @@ pub fn tcp_frames(io: BoxIo) -> (FrameSource, FrameSink) {
     (Box::pin(source), Box::pin(sink))
 }
 
+/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
+/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
+pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,19 +649,5 @@ mod tests {
         assert!(RelayUrl::parse("tcp://host").unwrap_err().message().contains("port"));
         assert!(RelayUrl::parse("ftp://x:1").unwrap_err().message().contains("ws://"));
         assert!(RelayUrl::parse("not a url").is_err());
-    }
-}
-
-/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
-/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
-pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(x) => return x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
     }
 }

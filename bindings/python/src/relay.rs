@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use libtunnel::{Error, ErrorCode, RelayConfig, Server, ServerHandle};
+use libtunnel::{RelayConfig, Server, ServerHandle};
 use pyo3::prelude::*;
 
 use crate::{awaitable, wait};
@@ -25,20 +25,10 @@ fn pair(a: Option<SocketAddr>) -> Option<(String, u16)> {
     a.map(|a| (a.ip().to_string(), a.port()))
 }
 
-/// Build the config: `settings` win over the environment and `./.env` (read only when `use_env`),
-/// which win over the TOML `config_file` (the CLI's precedence).
+/// The core's embedded-relay loader (`RelayConfig::from_settings`): `settings` win over the
+/// environment and `./.env` (read only when `use_env`), which win over the TOML `config_file`.
 fn config(settings: Vec<(String, String)>, config_file: Option<PathBuf>, use_env: bool) -> libtunnel::Result<RelayConfig> {
-    let settings: Vec<(String, String)> = settings.into_iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v)).collect();
-    if use_env {
-        return RelayConfig::load(config_file.as_deref(), &settings);
-    }
-    let toml = match &config_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::InvalidConfig, format!("cannot read config file {}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
-    RelayConfig::from_sources(toml.as_deref(), &[], &[], &settings)
+    RelayConfig::from_settings(&settings, config_file.as_deref(), use_env)
 }
 
 async fn start(cfg: libtunnel::Result<RelayConfig>) -> libtunnel::Result<Relay> {

@@ -1,4 +1,4 @@
-//! The relay server. It has three endpoints, each an accept loop of its own ([`Endpoint`]):
+//! The relay server. It has three endpoints, each an accept loop of its own (`Endpoint`):
 //! - the **tunnel endpoint** (`listen`, WebSocket over TCP or TLS; `tunnel_endpoint`): the health
 //!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
 //!   multiplexed sessions;
