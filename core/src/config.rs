@@ -221,6 +221,31 @@ impl RelayConfig {
         RelayConfig::from_sources(toml.as_deref(), &dotenv, &env, overrides)
     }
 
+    /// A relay must serve dialers (`auth_keys`) or listeners (`listener_keys` or
+    /// `listeners_open`), or both: a listeners-only relay (public HTTP, ngrok-style) needs no
+    /// shared key and no allowlist. A relay for dialers alone needs an allowlist (else no dial
+    /// could succeed); with listeners too, an empty one lets dialers reach listeners by name only,
+    /// which is worth a warning. `keys_var` and `allow_var` name the settings in the errors.
+    pub fn check_serves_someone(&self, keys_var: &str, allow_var: &str) -> Result<()> {
+        let listeners = !self.listener_keys.is_empty() || self.listeners_open;
+        if self.auth_keys.is_empty() && !listeners {
+            return Err(Error::config(format!(
+                "no auth keys and no listener keys: the relay would serve nobody; set {keys_var} to a JSON list like \
+                 [{{\"kid\": 1, \"data\": \"<base64>\"}}] for dialers (`tunnel keygen` makes one), and/or TUNNEL_LISTENER_KEYS \
+                 (or TUNNEL_LISTENERS_OPEN=true) for listeners"
+            )));
+        }
+        if !self.auth_keys.is_empty() && self.allow.is_empty() {
+            if !listeners {
+                return Err(Error::config(format!(
+                    "the allowlist is empty, so no dial could succeed: set {allow_var} to a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]"
+                )));
+            }
+            tracing::warn!("the allowlist is empty: dialers can reach listeners by name only; set {allow_var} to let them reach targets");
+        }
+        Ok(())
+    }
+
     /// The embedded relay's loader (Python `Relay`, Node `Server.start`, C `tunnel_server_*`):
     /// `settings` (`(name, value)` pairs, names as in [`SETTINGS`], any case) win over the
     /// environment and `./.env` (read only when `use_env`), which win over the TOML `file`.
@@ -446,17 +471,8 @@ impl RelayConfig {
                 return Err(Error::config(format!("listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'")));
             }
         }
-        if cfg.auth_keys.is_empty() {
-            return Err(Error::config(format!(
-                "no auth keys: set {keys_var} to a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}]; `tunnel keygen` makes one"
-            )));
-        }
-        if cfg.allow.is_empty() {
-            let var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
-            return Err(Error::config(format!(
-                "the allowlist is empty, so no dial could succeed: set {var} to a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]"
-            )));
-        }
+        let allow_var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
+        cfg.check_serves_someone(&keys_var, &allow_var)?;
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
             return Err(Error::config("both tunnel endpoints are disabled: set TUNNEL_LISTEN (or TUNNEL_TCP_LISTEN)"));
         }

@@ -77,22 +77,22 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
 /// would overflow the deadlines computed from it.
 pub const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
 
-/// Seconds given by a caller (a flag, a keyword argument, an option in milliseconds / 1000) as a
-/// `Duration`: refuses NaN, negative, zero, infinite and absurd (over 30 days) values with
-/// `INVALID_ARGUMENT`, where `Duration::from_secs_f64` would panic.
+/// Seconds given by a caller (a flag, a keyword argument, an option in milliseconds / 1000, a
+/// relay setting) as a `Duration`: refuses NaN, negative, infinite, absurd (over 30 days) values
+/// and ones under a millisecond (which would time everything out) with `INVALID_ARGUMENT`, where
+/// `Duration::from_secs_f64` would panic.
 pub fn checked_seconds(what: &str, secs: f64) -> Result<Duration> {
-    if secs.is_finite() && secs > 0.0 && secs <= MAX_SECONDS {
-        // At least a millisecond: a positive value that rounds to nothing still means "short".
-        return Ok(Duration::from_secs_f64(secs).max(Duration::from_millis(1)));
+    if secs.is_finite() && (0.001..=MAX_SECONDS).contains(&secs) {
+        return Ok(Duration::from_secs_f64(secs));
     }
-    Err(Error::argument(format!("{what} must be a positive number of seconds, at most {MAX_SECONDS} (30 days); got {secs}")))
+    Err(Error::argument(format!("{what} must be a positive number of seconds, from 0.001 to {MAX_SECONDS} (30 days); got {secs}")))
 }
 
 /// Milliseconds given by a caller (Node's options) as a `Duration`, with [`checked_seconds`]'s
 /// rules and a message in milliseconds.
 pub fn checked_millis(what: &str, ms: f64) -> Result<Duration> {
     checked_seconds(what, ms / 1000.0).map_err(|_| {
-        Error::argument(format!("{what} must be a positive number of milliseconds, at most {} (30 days); got {ms}", MAX_SECONDS * 1000.0))
+        Error::argument(format!("{what} must be a positive number of milliseconds, from 1 to {} (30 days); got {ms}", MAX_SECONDS * 1000.0))
     })
 }
 
@@ -361,7 +361,8 @@ mod tests {
             assert_eq!(e.code(), ErrorCode::InvalidArgument, "{s}");
             assert!(e.message().contains("positive number of seconds"), "{e}");
         }
-        assert_eq!(checked_seconds("t", 0.0000001).unwrap(), Duration::from_millis(1));
+        assert!(checked_seconds("t", 0.0000001).is_err());
+        assert_eq!(checked_seconds("t", 0.001).unwrap(), Duration::from_millis(1));
         let env = fixed(&[(RELAY_VAR, "ws://127.0.0.1:1"), (KEY_VAR, KEY), (TIMEOUT_VAR, "inf")]);
         let e = ClientOptions { env, ..Default::default() }.resolve(ClientRole::Dialer).unwrap_err();
         assert_eq!(e.code(), ErrorCode::InvalidConfig);

@@ -88,12 +88,7 @@ pub(crate) struct Access {
 
 impl Access {
     fn from_config(cfg: &RelayConfig) -> Result<Access> {
-        if cfg.auth_keys.is_empty() {
-            return Err(Error::config("no auth keys: set TUNNEL_AUTH_KEYS (`tunnel keygen` makes one)"));
-        }
-        if cfg.allow.is_empty() {
-            return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
-        }
+        cfg.check_serves_someone("TUNNEL_AUTH_KEYS", "TUNNEL_ALLOW")?;
         let mut listener_grants = std::collections::HashMap::new();
         for g in &cfg.listener_keys {
             let pk = crate::identity::parse_public_key(&g.public_key)?;

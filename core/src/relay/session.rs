@@ -41,10 +41,14 @@ impl Drop for ActiveGuard<'_> {
 fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
     match r {
         AuthRejection::Malformed => "malformed credentials; use a libtunnel or Emissary client".into(),
-        AuthRejection::UnknownKey(kid) => format!(
-            "key id {kid} is not configured on this relay (it has key ids {:?}); use one of those or add yours to TUNNEL_AUTH_KEYS",
-            state.access().auth_keys.kids()
-        ),
+        AuthRejection::UnknownKey(kid) => {
+            let kids = state.access().auth_keys.kids();
+            if kids.is_empty() {
+                format!("this relay has no dialer keys (it serves listeners only), so key id {kid} is unknown; add it to the relay's TUNNEL_AUTH_KEYS to dial through it")
+            } else {
+                format!("key id {kid} is not configured on this relay (it has key ids {kids:?}); use one of those or add yours to TUNNEL_AUTH_KEYS")
+            }
+        }
         AuthRejection::ClockSkew(d) => format!(
             "your clock is {}s away from the relay's (at most 900s allowed); synchronise the clocks (NTP)",
             d.as_secs()
