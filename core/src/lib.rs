@@ -59,6 +59,7 @@ pub mod relay;
 pub mod runtime;
 pub mod socks;
 pub mod stream;
+mod tls_pin;
 #[doc(hidden)]
 pub mod transport;
 

@@ -1183,3 +1183,19 @@ async fn a_listeners_only_relay_needs_no_keys_and_no_allowlist() {
     let e = Server::bind(RelayConfig::new(KeySet::default(), Allowlist::default())).await.expect_err("serves nobody");
     assert!(e.message().contains("no auth keys") && e.message().contains("TUNNEL_LISTENER_KEYS"), "{e}");
 }
+
+/// Dial by name to a name nobody holds, or to a key-derived name whose listener is offline: the
+/// error says no listener of that name is online (not an allowlist refusal).
+#[tokio::test]
+async fn dialing_an_unknown_or_offline_name_says_no_listener_is_online() {
+    init_tracing();
+    let relay = start(relay_config()).await;
+    let d = dialer(&relay);
+    let offline = Identity::generate().name();
+    for name in ["nosuch", offline.as_str()] {
+        let e = within(STEP, "a dial to an absent name", d.dial(&format!("{name}:0"))).await.err().expect("nobody holds the name");
+        assert_eq!(e.code(), ErrorCode::Unreachable, "{name}: {e}");
+        assert!(e.message().contains(&format!("no listener named {name} is online")), "{name}: {e}");
+        assert!(!e.message().contains("TUNNEL_ALLOW"), "{name}: {e}");
+    }
+}

@@ -509,8 +509,19 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     // endpoint's state is boxed when it is reached, so the task stays small until then.
     // (The handshake deadline is the caller's.) `peek`, not `readable`: readiness may be
     // reported before any byte is there.
-    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut [0u8; 1]).await, Ok(1)) {
+    let mut first = [0u8; 1];
+    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut first).await, Ok(1)) {
         return;
+    }
+    // A TLS ClientHello (record type 0x16, never the first byte of an HTTP request) on a plain
+    // tunnel endpoint: a `wss://` client of a `ws://` relay. Closing at once lets it say so now,
+    // instead of after the handshake deadline.
+    if matches!(endpoint, Endpoint::Tunnel) && state.tls.is_none() && first[0] == 0x16 {
+        state.metrics.refused(Refusal::Malformed);
+        // Take the ClientHello first, so the close is a FIN (the client sees the end of the
+        // handshake), not a reset.
+        let _ = sock.try_read(&mut vec![0u8; 16 * 1024]);
+        return tracing::info!(%peer, "a TLS handshake on the plain (ws://) tunnel endpoint: the client must use ws://, not wss://");
     }
     // Boxed in a statement of its own: a temporary in the awaiting statement would keep its
     // room in this task's state (debug builds lay out every temporary).
