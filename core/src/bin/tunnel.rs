@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
@@ -317,7 +318,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(n) = name {
                 b = b.name(n);
             }
-            let listener = b.bind().await?;
+            let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
             // Machine-readable lines, so scripts can find what was granted.
             say!("listening as: {}", reg.name);
@@ -332,6 +333,26 @@ async fn run(cli: Cli) -> Result<(), Error> {
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
+    }
+}
+
+/// Register a listener, retrying with backoff (1 s doubling to 30 s, each attempt logged) while
+/// the relay cannot be reached: containers and boot order often start the listener first. What
+/// retrying cannot fix (a refused key, a taken name, bad input) ends the command at once.
+async fn bind_with_retries(b: libtunnel::ListenerBuilder) -> Result<libtunnel::Listener, Error> {
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 1u32;
+    loop {
+        match b.clone().bind().await {
+            Ok(l) => return Ok(l),
+            Err(e) if matches!(e.code(), ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io) => {
+                tracing::warn!(attempt, retry_in_secs = delay.as_secs(), "cannot register with the relay yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
