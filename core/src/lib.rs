@@ -41,6 +41,7 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+mod conn_log;
 pub mod demo;
 pub mod dialer;
 pub mod egress;

@@ -163,8 +163,13 @@ fn one_dotenv_serves_the_relay_and_the_clients() {
     let line = line_starting(&mut server, "relay listening:");
     let _server = Running(server);
     assert!(line.contains(&relay_port.to_string()), "{line}");
-    let mut forward =
-        tunnel(&dir, &["forward", "127.0.0.1:0", &echo_addr.to_string()]).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let forward_log = dir.join("forward.log");
+    let mut forward = tunnel(&dir, &["forward", "127.0.0.1:0", &echo_addr.to_string()])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&forward_log).unwrap())
+        .spawn()
+        .unwrap();
     let line = line_starting(&mut forward, "forwarding ");
     let _forward = Running(forward);
     let local: SocketAddr = line.split_whitespace().nth(1).unwrap().parse().unwrap();
@@ -176,4 +181,17 @@ fn one_dotenv_serves_the_relay_and_the_clients() {
     let mut back = Vec::new();
     s.read_to_end(&mut back).unwrap();
     assert!(back == payload, "echoed bytes differ ({} of {} back)", back.len(), payload.len());
+    // One connection log line at the default level: who, where, bytes both ways, outcome; no
+    // colour codes in a file.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(&forward_log).unwrap();
+        if let Some(line) = log.lines().find(|l| l.contains("forwarded connection ended")) {
+            assert!(line.contains("sent=200000") && line.contains("received=200000") && line.contains(&echo_addr.to_string()), "{line}");
+            assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file: {log:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no connection log line in {log:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

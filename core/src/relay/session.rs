@@ -145,6 +145,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
+    let started = std::time::Instant::now();
     let activity = Activity::new();
     let mut io = Watched::new(io, activity.clone());
     let copied = {
@@ -159,6 +160,11 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
             _ = drained_and_idle(&state, &activity) => None,
         }
     };
+    if let Some(r) = &copied {
+        let to = crate::socks::Target::from_address(&addr).map(|t| t.to_string()).unwrap_or_default();
+        let logged = r.as_ref().map(|x| *x).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+        crate::conn_log::closed("relayed classic connection", &peer, &to, started, &logged);
+    }
     let clean = match copied {
         None => {
             tracing::debug!(%peer, "idle classic tunnel closed: the relay is shutting down");
@@ -312,6 +318,7 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         }
         Ok(Ok(a)) => a,
     };
+    let started = std::time::Instant::now();
     let Some(upstream) = route::connect_and_reply(&state, &mut stream, &addr, peer).await else {
         stream.finish();
         return;
@@ -344,8 +351,11 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
             r
         }
     };
-    match bridged {
-        Ok((down, up)) => count_bytes(&state, up, down),
-        Err(e) => tracing::debug!(%peer, error = %e, "stream ended with an error"),
+    let to = crate::socks::Target::from_address(&addr).map(|t| t.to_string()).unwrap_or_default();
+    // (dialer → target, target → dialer) for the connection log.
+    let logged = bridged.as_ref().map(|(down, up)| (*up, *down)).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+    crate::conn_log::closed("relayed stream", &peer, &to, started, &logged);
+    if let Ok((down, up)) = bridged {
+        count_bytes(&state, up, down);
     }
 }
