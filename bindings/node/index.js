@@ -219,6 +219,8 @@ class Server {
     this._alive = new KeepAlive()
     /** The URL dialers and listeners use. */
     this.url = raw.url
+    /** What `tunnel server` prints when it is up: the URL and every endpoint's address. */
+    this.readyText = raw.readyText
   }
 
   /** The tunnel endpoint, `{ address, family, port }` like `net.Server.address()`. */

@@ -160,7 +160,11 @@ export declare class NativeServer {
   static start(settings: Array<Array<string>>, options?: ServerOptions | undefined | null): Promise<NativeServer>
   /** The URL dialers and listeners use (`ws://…`, `wss://…` or `tcp://…`). */
   get url(): string
-  /** `ip:port` of the WebSocket tunnel endpoint, if enabled. */
+  /**
+   * `ip:port` of the WebSocket tunnel endpoint, if enabled.
+   * What `tunnel server` prints when it is up (the URL and every endpoint's address).
+   */
+  get readyText(): string
   get address(): string | null
   /** `ip:port` of the public HTTP port, if enabled. */
   get httpAddress(): string | null

@@ -47,10 +47,21 @@ function fail (message, code = 'INVALID_ARGUMENT') {
   throw err
 }
 
-/** Resolve once SIGINT or SIGTERM arrives; a second signal exits at once. */
+/**
+ * Resolve once SIGINT or SIGTERM arrives, or once the parent process is gone; a second signal
+ * exits at once. The parent check is for `npx libtunnel …`: npm does not forward SIGTERM to the
+ * command it runs, so a relay started through npx would outlive a `kill` of npx (the orphan is
+ * re-parented, which changes `process.ppid`).
+ */
 function shutdownSignal () {
   return new Promise((resolve) => {
+    const parent = process.ppid
+    let stopping = false
+    const watch = setInterval(() => { if (process.ppid !== parent) onSignal() }, 500).unref()
     const onSignal = () => {
+      if (stopping) return
+      stopping = true
+      clearInterval(watch)
       process.once('SIGINT', () => process.exit(130))
       resolve()
     }
@@ -82,8 +93,8 @@ async function run (cmd, o, args) {
         if (o[name] !== undefined) config[name.replace(/-/g, '_')] = o[name]
       }
       const server = await lib.Server.start(config, { env: true, configFile: o.config })
-      console.log(`relay listening: ${server.url}`)
-      if (server.tcpAddress()) console.log(`raw tcp listening: tcp://${server.tcpAddress().address}:${server.tcpAddress().port}`)
+      // The core's lines, so they are exactly what `tunnel server` prints.
+      process.stdout.write(server.readyText)
       await shutdownSignal()
       return server.close()
     }

@@ -27,6 +27,7 @@ pub struct NativeServer {
     addr: Option<String>,
     http_addr: Option<String>,
     tcp_addr: Option<String>,
+    ready_text: String,
 }
 
 #[napi]
@@ -48,7 +49,8 @@ impl NativeServer {
             let server = Server::bind(cfg).await?;
             let show = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
             let (url, addr, http_addr, tcp_addr) = (server.url(), show(server.local_addr()), show(server.http_addr()), show(server.tcp_addr()));
-            Ok(NativeServer { handle: Mutex::new(Some(server.spawn())), url, addr, http_addr, tcp_addr })
+            let ready_text = server.ready_lines();
+            Ok(NativeServer { handle: Mutex::new(Some(server.spawn())), url, addr, http_addr, tcp_addr, ready_text })
         })
     }
 
@@ -59,6 +61,12 @@ impl NativeServer {
     }
 
     /// `ip:port` of the WebSocket tunnel endpoint, if enabled.
+    /// What `tunnel server` prints when it is up (the URL and every endpoint's address).
+    #[napi(getter)]
+    pub fn ready_text(&self) -> String {
+        self.ready_text.clone()
+    }
+
     #[napi(getter)]
     pub fn address(&self) -> Option<String> {
         self.addr.clone()

@@ -19,6 +19,7 @@ pub(crate) struct Relay {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    ready_text: String,
 }
 
 fn pair(a: Option<SocketAddr>) -> Option<(String, u16)> {
@@ -33,9 +34,10 @@ fn config(settings: Vec<(String, String)>, config_file: Option<PathBuf>, use_env
 
 async fn start(cfg: libtunnel::Result<RelayConfig>) -> libtunnel::Result<Relay> {
     let server = Server::bind(cfg?).await?;
-    let (url, addr, tcp_addr, http_addr) = (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr());
+    let (url, addr, tcp_addr, http_addr, ready_text) =
+        (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr(), server.ready_lines());
     tracing::info!(%url, "relay listening");
-    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr })
+    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr, ready_text })
 }
 
 impl Relay {
@@ -70,6 +72,12 @@ impl Relay {
     #[getter]
     fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// What `tunnel server` prints when it is up (the URL and every endpoint's address).
+    #[getter]
+    fn ready_text(&self) -> String {
+        self.ready_text.clone()
     }
 
     /// `(host, port)` of the WebSocket endpoint.

@@ -232,14 +232,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
-            // One machine-readable line, so scripts can find the port when listening on :0.
-            say!("relay listening: {}", server.url());
-            if let Some(t) = server.tcp_addr() {
-                say!("raw tcp listening: tcp://{t}");
-            }
-            if let Some(h) = server.http_addr() {
-                say!("public http listening: http://{h}");
-            }
+            // Machine-readable lines, so scripts can find the ports when listening on :0.
+            say!("{}", server.ready_lines().trim_end());
             #[cfg(unix)]
             {
                 // SIGHUP reloads keys, allowlist and listener grants from the same sources.

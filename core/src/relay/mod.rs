@@ -280,6 +280,20 @@ impl Server {
         self.state.metrics.clone()
     }
 
+    /// The lines every face prints when a relay is up (machine-readable, so scripts can find the
+    /// ports chosen for `:0`): `relay listening: URL`, then `raw tcp listening: tcp://…` and
+    /// `public http listening: http://…` for the endpoints that are on.
+    pub fn ready_lines(&self) -> String {
+        let mut s = format!("relay listening: {}\n", self.url());
+        if let Some(t) = self.tcp_addr() {
+            s.push_str(&format!("raw tcp listening: tcp://{t}\n"));
+        }
+        if let Some(h) = self.http_addr() {
+            s.push_str(&format!("public http listening: http://{h}\n"));
+        }
+        s
+    }
+
     /// Serve until `shutdown` resolves, then drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let Server { state, ws, tcp, http } = self;

@@ -94,9 +94,8 @@ def _server(a: argparse.Namespace) -> None:
             config[name] = value
 
     def ready(relay: Relay) -> None:
-        print(f"relay listening: {relay.url}", flush=True)
-        if relay.tcp_address:
-            print(f"raw tcp listening: tcp://{relay.tcp_address[0]}:{relay.tcp_address[1]}", flush=True)
+        # The core's lines, so they are exactly what `tunnel server` prints.
+        print(relay.ready_text, end="", flush=True)
 
     serve(config, config_file=a.config, on_ready=ready)
 
