@@ -18,6 +18,8 @@
 # node and npm (it installs @grpc/grpc-js under the target dir) and is skipped without them.
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
+# No per-connection log lines (target libtunnel::conn): the figures measure the tunnel.
+export RUST_LOG=${RUST_LOG:-info,libtunnel::conn=warn}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
