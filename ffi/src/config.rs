@@ -32,6 +32,10 @@ pub struct Config {
     pub options: ClientOptions,
     /// A listener's chosen name (default: derived from the identity).
     pub name: Option<String>,
+    /// A listener's local service speaks h2c (`tunnel_config_set_listener_h2c`).
+    pub h2c: bool,
+    /// A listener takes raw TLS by SNI (`tunnel_config_set_listener_tls_passthrough`).
+    pub tls_passthrough: bool,
 }
 
 impl Config {
@@ -69,7 +73,12 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
         RelayUrl::parse(relay)?;
-        let cfg = Config { options: ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() }, name: None };
+        let cfg = Config {
+            options: ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() },
+            name: None,
+            h2c: false,
+            tls_passthrough: false,
+        };
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())
@@ -87,7 +96,7 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
 pub unsafe extern "C" fn tunnel_config_new_env(out: *mut *mut tunnel_config) -> tunnel_result {
     fallible(|| {
         let out = out_ptr(out, "out")?;
-        let cfg = Config { options: ClientOptions::default(), name: None };
+        let cfg = Config { options: ClientOptions::default(), name: None, h2c: false, tls_passthrough: false };
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())
@@ -197,6 +206,38 @@ pub unsafe extern "C" fn tunnel_config_set_listener_name(cfg: *mut tunnel_config
             Ok(())
         })
     }
+}
+
+/// Say that a listener's local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server):
+/// the relay forwards public HTTP/1.1 and HTTP/2 requests to it as HTTP/2 (`tunnel listen
+/// --h2c`). Default false (HTTP/1.1).
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_h2c(cfg: *mut tunnel_config, h2c: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.h2c = h2c;
+        Ok(())
+    })
+}
+
+/// Have the relay's public HTTPS port pass connections whose SNI names this listener through
+/// undecrypted; the local service terminates TLS itself (`tunnel listen --tls-passthrough`).
+/// Default false.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_tls_passthrough(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.tls_passthrough = on;
+        Ok(())
+    })
 }
 
 /// Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)

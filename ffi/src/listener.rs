@@ -165,7 +165,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?;
+        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?.h2c(cfg.h2c).tls_passthrough(cfg.tls_passthrough);
         if let Some(n) = &cfg.name {
             b = b.name(n.clone());
         }

@@ -64,7 +64,14 @@ fn builder(
     modes: (bool, bool),
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-    let mut b = options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog).h2c(modes.0).tls_passthrough(modes.1);
+    let mut b = options
+        .resolve(ClientRole::Listener)
+        .and_then(|c| c.listener_builder())
+        .map_err(to_py)?
+        .tcp_port(tcp_port)
+        .backlog(backlog)
+        .h2c(modes.0)
+        .tls_passthrough(modes.1);
     if let Some(n) = name {
         b = b.name(n);
     }
