@@ -359,8 +359,9 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    // The demo narrates on stdout; its relay's routine logs would only interleave with the story.
-    let default_level = if matches!(cli.cmd, Cmd::Demo) { "warn" } else { "info" };
+    // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
+    // interleave with the story.
+    let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
