@@ -101,6 +101,13 @@ enum Cmd {
     },
     /// Run a relay, a demo service and dials through them on loopback, narrating each step.
     Demo,
+    /// Print a shell completion script (`tunnel completions bash > /etc/bash_completion.d/tunnel`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these same flags: `tunnel man > tunnel.1`.
+    Man,
 }
 
 /// How a client command reaches the relay. Every value falls back to its `TUNNEL_*` variable
@@ -327,6 +334,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "tunnel", &mut out);
+            say!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut out)
+                .map_err(|e| Error::new(ErrorCode::Io, format!("cannot render the man page: {e}")))?;
+            say!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
     }
 }
 
