@@ -55,7 +55,8 @@ fn the_systemd_unit_verifies() {
     let Ok(out) = std::process::Command::new("systemd-analyze").arg("--version").output() else {
         if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
             let line = "deploy_files: systemd-analyze is not installed; the unit was not verified\n";
-            let _ = std::fs::OpenOptions::new().create(true).append(true).open(log).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+            let _ =
+                std::fs::OpenOptions::new().create(true).append(true).open(log).and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
         }
         eprintln!("SKIPPED: systemd-analyze is not installed");
         return;
