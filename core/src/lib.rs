@@ -4,6 +4,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod dialer;
+pub mod e2e;
 pub mod egress;
 pub mod error;
 #[cfg(unix)]
