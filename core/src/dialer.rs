@@ -76,7 +76,9 @@ impl DialerBuilder {
         let url = RelayUrl::parse(&self.relay)?;
         let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
         if self.e2e.is_some() && self.mode == Mode::Classic {
-            return Err(Error::argument("end-to-end encryption needs multiplexed mode (classic Emissary streams cannot reach listeners); drop --classic or e2e"));
+            return Err(Error::argument(
+                "end-to-end encryption needs multiplexed mode (classic Emissary streams cannot reach listeners); drop --classic or e2e",
+            ));
         }
         let e2e = self.e2e.map(Dialing::new).transpose()?;
         Ok(Dialer {

@@ -389,7 +389,10 @@ async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerIn
             let tls = match tokio::time::timeout(E2E_HANDSHAKE, e2e.accept(stream)).await {
                 Ok(r) => r?,
                 Err(_) => {
-                    return Err(Error::new(ErrorCode::E2eRefused, "refused a stream that sent no TLS handshake within 10 s (a plaintext dial to an e2e listener?)"))
+                    return Err(Error::new(
+                        ErrorCode::E2eRefused,
+                        "refused a stream that sent no TLS handshake within 10 s (a plaintext dial to an e2e listener?)",
+                    ))
                 }
             };
             peer.e2e = true;

@@ -194,7 +194,9 @@ impl Dialing {
                 "listener {name} requires the dialer's own key (mutual mode) and this dialer has none; give it an identity \
                  (`--e2e-identity FILE`, made with `tunnel keygen --listener`) and have the listener admit it (`--allow-peer KEY`)"
             ),
-            Some(me) => format!("listener {name} does not admit this dialer's key ({me}); ask its operator to add it with `tunnel listen --e2e --allow-peer {me}`"),
+            Some(me) => format!(
+                "listener {name} does not admit this dialer's key ({me}); ask its operator to add it with `tunnel listen --e2e --allow-peer {me}`"
+            ),
         };
         Error::new(ErrorCode::E2eRefused, message)
     }
@@ -252,9 +254,11 @@ impl Accepting {
             }
             Err((e, mut io)) => {
                 let _ = io.shutdown().await;
-                let plaintext = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_)));
+                let plaintext =
+                    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_)));
                 let why = if plaintext {
-                    "refused a stream that is not end-to-end encrypted (a plaintext dial or public request to an e2e listener; dial it with e2e on)".to_string()
+                    "refused a stream that is not end-to-end encrypted (a plaintext dial or public request to an e2e listener; dial it with e2e on)"
+                        .to_string()
                 } else {
                     format!("refused an end-to-end stream: {e}")
                 };

@@ -28,11 +28,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 
 /// The DER `SubjectPublicKeyInfo` of an Ed25519 public key.
 pub fn spki(public_key: &[u8; 32]) -> Vec<u8> {
-    VerifyingKey::from_bytes(public_key)
-        .ok()
-        .and_then(|vk| vk.to_public_key_der().ok())
-        .map(|d| d.as_bytes().to_vec())
-        .unwrap_or_default()
+    VerifyingKey::from_bytes(public_key).ok().and_then(|vk| vk.to_public_key_der().ok()).map(|d| d.as_bytes().to_vec()).unwrap_or_default()
 }
 
 /// The Ed25519 public key inside a peer's raw-public-key "certificate", if it is one.
@@ -42,15 +38,11 @@ pub fn key_of(cert: &CertificateDer<'_>) -> Option<[u8; 32]> {
 
 /// The raw-public-key credential a side presents: its SPKI plus the signing key behind it.
 pub(crate) fn certified(identity: &Identity) -> Result<Arc<CertifiedKey>> {
-    let der = identity
-        .signing_key()
-        .to_pkcs8_der()
-        .map_err(|e| Error::new(ErrorCode::General, format!("encoding the Ed25519 key for TLS failed: {e}")))?;
+    let der =
+        identity.signing_key().to_pkcs8_der().map_err(|e| Error::new(ErrorCode::General, format!("encoding the Ed25519 key for TLS failed: {e}")))?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(der.as_bytes().to_vec()));
-    let signer = provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| Error::new(ErrorCode::General, format!("rustls refused the Ed25519 key: {e}")))?;
+    let signer =
+        provider().key_provider.load_private_key(key).map_err(|e| Error::new(ErrorCode::General, format!("rustls refused the Ed25519 key: {e}")))?;
     Ok(Arc::new(CertifiedKey::new(vec![CertificateDer::from(spki(&identity.public_key()))], signer)))
 }
 

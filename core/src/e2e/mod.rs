@@ -23,8 +23,8 @@
 //! Modules: [`keys`] (Ed25519 ⇄ rustls raw keys, pins), `verify` (the two verifiers and the
 //! dialer's key resolver), `handshake` (the dial and accept sides and the stream type).
 
-pub mod keys;
 pub(crate) mod handshake;
+pub mod keys;
 mod verify;
 
 use std::collections::{BTreeMap, BTreeSet};

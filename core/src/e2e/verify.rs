@@ -61,7 +61,10 @@ impl ServerCertVerifier for ListenerCheck {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let Some(key) = key_of(end_entity) else {
-            return Err(self.fail(format!("listener {} did not present an Ed25519 key, so it cannot prove its name; is it a libtunnel listener started with e2e?", self.dialed)));
+            return Err(self.fail(format!(
+                "listener {} did not present an Ed25519 key, so it cannot prove its name; is it a libtunnel listener started with e2e?",
+                self.dialed
+            )));
         };
         let got = derived_name(&key);
         if got == self.expect {
@@ -75,11 +78,21 @@ impl ServerCertVerifier for ListenerCheck {
         )))
     }
 
-    fn verify_tls12_signature(&self, _m: &[u8], _c: &CertificateDer<'_>, _d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(no_tls12())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         tls13_signature(message, cert, dss)
     }
 
@@ -109,7 +122,12 @@ impl ClientCertVerifier for DialerCheck {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, _intermediates: &[CertificateDer<'_>], _now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
         let Some(key) = key_of(end_entity) else {
             tracing::info!("refused an E2E dialer that presented no Ed25519 key");
             return Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding));
@@ -123,11 +141,21 @@ impl ClientCertVerifier for DialerCheck {
         }
     }
 
-    fn verify_tls12_signature(&self, _m: &[u8], _c: &CertificateDer<'_>, _d: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls12_signature(
+        &self,
+        _m: &[u8],
+        _c: &CertificateDer<'_>,
+        _d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         Err(no_tls12())
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         tls13_signature(message, cert, dss)
     }
 
