@@ -81,6 +81,14 @@ enum Cmd {
         /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
         #[arg(long, env = "TUNNEL_CA")]
         ca: Option<PathBuf>,
+        /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
+        /// stream and refuse plaintext ones, so the relay sees only ciphertext.
+        #[arg(long)]
+        e2e: bool,
+        /// With --e2e, require dialers' own keys and admit this one (base64 public key or
+        /// key-derived name). Repeatable.
+        #[arg(long = "allow-peer", value_name = "KEY", requires = "e2e")]
+        allow_peer: Vec<String>,
     },
     /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
     Keygen {
@@ -116,6 +124,18 @@ struct ClientArgs {
     /// Seconds one dial may take.
     #[arg(long, default_value_t = 20.0)]
     timeout: f64,
+    /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
+    /// must prove the name dialed, so the relay can neither read nor impersonate).
+    #[arg(long)]
+    e2e: bool,
+    /// With --e2e, the key a chosen (relay-granted) name must have: NAME=KEY (base64 public key
+    /// or key-derived name). Repeatable.
+    #[arg(long = "e2e-pin", value_name = "NAME=KEY", requires = "e2e")]
+    e2e_pin: Vec<String>,
+    /// With --e2e, present this Ed25519 key file (`tunnel keygen --listener` makes one) to
+    /// listeners that admit listed dialer keys (`--allow-peer`).
+    #[arg(long = "e2e-identity", value_name = "FILE", requires = "e2e")]
+    e2e_identity: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -133,6 +153,16 @@ impl ClientArgs {
             .timeout(Duration::from_secs_f64(self.timeout.max(0.001)));
         if let Some(ca) = &self.ca {
             b = b.tls(ClientTls::from_pem_file(ca)?);
+        }
+        if self.e2e {
+            let mut e2e = libtunnel::e2e::DialerE2e::new();
+            for pin in &self.e2e_pin {
+                e2e = e2e.pin_spec(pin)?;
+            }
+            if let Some(path) = &self.e2e_identity {
+                e2e = e2e.identity(libtunnel::Identity::load(path)?);
+            }
+            b = b.e2e(e2e);
         }
         b.build()
     }
@@ -316,13 +346,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
             Ok(())
         }
-        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca } => {
+        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca, e2e, allow_peer } => {
             let mut b = libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port);
             if let Some(n) = name {
                 b = b.name(n);
             }
             if let Some(ca) = &ca {
                 b = b.tls(ClientTls::from_pem_file(ca)?);
+            }
+            if e2e {
+                let mut cfg = libtunnel::e2e::ListenerE2e::new();
+                for k in &allow_peer {
+                    cfg = cfg.allow_peer(k)?;
+                }
+                b = b.e2e(cfg);
             }
             let listener = b.bind().await?;
             let reg = listener.registration();
@@ -334,6 +371,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             if let Some(t) = &reg.tcp_addr {
                 say!("tcp: {t}");
+            }
+            if e2e {
+                say!(
+                    "e2e: on ({})",
+                    if allow_peer.is_empty() {
+                        "any dialer that verifies this key".to_string()
+                    } else {
+                        format!("{} admitted dialer keys", allow_peer.len())
+                    }
+                );
             }
             say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
