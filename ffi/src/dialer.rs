@@ -46,6 +46,9 @@ pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut 
         if let Some(t) = cfg.timeout {
             b = b.timeout(t);
         }
+        if let Some(e) = cfg.dialer_e2e()? {
+            b = b.e2e(e);
+        }
         let dialer = b.build()?;
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_dialer>(dialer) };
