@@ -51,8 +51,18 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String)
 #[pymethods]
 impl Dialer {
     #[new]
-    #[pyo3(signature = (relay, key, *, timeout = 20.0, ca = None, classic = false))]
-    fn new(relay: &str, key: &str, timeout: f64, ca: Option<PathBuf>, classic: bool) -> PyResult<Self> {
+    #[pyo3(signature = (relay, key, *, timeout = 20.0, ca = None, classic = false, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        relay: &str,
+        key: &str,
+        timeout: f64,
+        ca: Option<PathBuf>,
+        classic: bool,
+        e2e: bool,
+        e2e_pins: Vec<(String, String)>,
+        e2e_identity: Option<String>,
+    ) -> PyResult<Self> {
         let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
         let mut b = libtunnel::Dialer::builder(relay)
             .key(crate::keys::parse_key(key).map_err(to_py)?)
@@ -60,6 +70,16 @@ impl Dialer {
             .timeout(timeout);
         if let Some(ca) = ca {
             b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
+        }
+        if e2e {
+            let mut cfg = libtunnel::e2e::DialerE2e::new();
+            for (name, key) in &e2e_pins {
+                cfg = cfg.pin(name, key).map_err(to_py)?;
+            }
+            if let Some(id) = e2e_identity {
+                cfg = cfg.identity(crate::keys::load_identity(&id).map_err(to_py)?);
+            }
+            b = b.e2e(cfg);
         }
         Ok(Dialer { inner: b.build().map_err(to_py)? })
     }

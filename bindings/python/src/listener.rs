@@ -14,8 +14,8 @@ use crate::error::to_py;
 use crate::handles::{Background, Socket};
 use crate::{awaitable, seconds, wait};
 
-/// `(socket, client address, "dial" | "http" | "tcp", port)`.
-type Accepted = (Socket, String, &'static str, u16);
+/// `(socket, client address, "dial" | "http" | "tcp", port, e2e, dialer name)`.
+type Accepted = (Socket, String, &'static str, u16, bool, Option<String>);
 
 /// A name registered with a relay.
 #[pyclass(module = "libtunnel._native", frozen)]
@@ -38,7 +38,7 @@ async fn accept_socket(listener: Arc<libtunnel::Listener>, limit: Option<Duratio
     let work = async {
         let (stream, peer) = listener.accept().await?;
         let sock = libtunnel::fd::into_socket(stream).await?;
-        Ok::<_, Error>((Socket::new(sock), peer.client, via_name(peer.via), peer.port))
+        Ok::<_, Error>((Socket::new(sock), peer.client, via_name(peer.via), peer.port, peer.e2e, peer.dialer_name))
     };
     match limit {
         None => work.await,
@@ -66,6 +66,8 @@ fn builder(
     ca: Option<PathBuf>,
     timeout: f64,
     backlog: usize,
+    e2e: bool,
+    allow_peers: Vec<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let id = crate::keys::load_identity(key).map_err(to_py)?;
     let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
@@ -75,6 +77,13 @@ fn builder(
     }
     if let Some(ca) = ca {
         b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
+    }
+    if e2e {
+        let mut cfg = libtunnel::e2e::ListenerE2e::new();
+        for k in &allow_peers {
+            cfg = cfg.allow_peer(k).map_err(to_py)?;
+        }
+        b = b.e2e(cfg);
     }
     Ok(b)
 }
@@ -88,7 +97,7 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, e2e = false, allow_peers = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -99,13 +108,15 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        e2e: bool,
+        allow_peers: Vec<String>,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, e2e = false, allow_peers = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -116,8 +127,10 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        e2e: bool,
+        allow_peers: Vec<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers)?;
         awaitable(py, bind(b))
     }
 
@@ -140,7 +153,7 @@ impl Listener {
         self.get().is_ok_and(|l| l.is_connected())
     }
 
-    /// Wait for the next stream: `(socket, client, via, port)`.
+    /// Wait for the next stream: `(socket, client, via, port, e2e, dialer name)`.
     #[pyo3(signature = (timeout = None))]
     fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Accepted> {
         let (l, limit) = (self.get()?, seconds("timeout", timeout)?);

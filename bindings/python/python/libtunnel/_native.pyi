@@ -24,7 +24,18 @@ class Background:
 
 @final
 class Dialer:
-    def __new__(cls, relay: str, key: str, *, timeout: float = 20.0, ca: str | None = None, classic: bool = False) -> Dialer: ...
+    def __new__(
+        cls,
+        relay: str,
+        key: str,
+        *,
+        timeout: float = 20.0,
+        ca: str | None = None,
+        classic: bool = False,
+        e2e: bool = False,
+        e2e_pins: list[tuple[str, str]] = ...,
+        e2e_identity: str | None = None,
+    ) -> Dialer: ...
     @property
     def relay(self) -> str: ...
     def connect(self) -> None: ...
@@ -40,11 +51,29 @@ class Dialer:
 class Listener:
     @staticmethod
     def bind(
-        relay: str, key: str, *, name: str | None = None, tcp_port: bool = False, ca: str | None = None, timeout: float = 20.0, backlog: int = 128
+        relay: str,
+        key: str,
+        *,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: str | None = None,
+        timeout: float = 20.0,
+        backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: list[str] = ...,
     ) -> Listener: ...
     @staticmethod
     def bind_async(
-        relay: str, key: str, *, name: str | None = None, tcp_port: bool = False, ca: str | None = None, timeout: float = 20.0, backlog: int = 128
+        relay: str,
+        key: str,
+        *,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: str | None = None,
+        timeout: float = 20.0,
+        backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: list[str] = ...,
     ) -> Awaitable[Listener]: ...
     @property
     def name(self) -> str: ...
@@ -52,8 +81,8 @@ class Listener:
     def registration(self) -> tuple[str, str | None, str | None]: ...
     @property
     def connected(self) -> bool: ...
-    def accept(self, timeout: float | None = None) -> tuple[Socket, str, str, int]: ...
-    def accept_async(self, timeout: float | None = None) -> Awaitable[tuple[Socket, str, str, int]]: ...
+    def accept(self, timeout: float | None = None) -> tuple[Socket, str, str, int, bool, str | None]: ...
+    def accept_async(self, timeout: float | None = None) -> Awaitable[tuple[Socket, str, str, int, bool, str | None]]: ...
     def expose(self, to: str, *, proxy_protocol: bool = False) -> Background: ...
     def close(self) -> None: ...
 
