@@ -65,7 +65,9 @@ class Listener extends EventEmitter {
       tcpPort: options.tcpPort,
       timeoutMs: options.timeout,
       backlog: options.backlog ?? DEFAULT_BACKLOG,
-      ca: options.ca
+      ca: options.ca,
+      e2e: options.e2e,
+      allowPeers: options.allowPeers
     })
     return new Listener(raw, options)
   }
@@ -104,7 +106,7 @@ class Listener extends EventEmitter {
       }
       const socket = socketFromFd(got.fd, this.allowHalfOpen)
       const from = splitHostPort(got.client)
-      const peer = { client: got.client, address: from.address, via: got.via, port: got.port }
+      const peer = { client: got.client, address: from.address, via: got.via, port: got.port, e2e: got.e2e, dialerName: got.dialerName ?? null }
       // The socket's own peer is the local bridge; report the original client instead.
       Object.defineProperty(socket, 'remoteAddress', { value: from.address, configurable: true })
       Object.defineProperty(socket, 'remotePort', { value: from.port, configurable: true })
@@ -166,13 +168,23 @@ class Dialer {
   /**
    * Make a dialer and authenticate its session now. `key` is `KID:BASE64` or a file holding it
    * (default: `TUNNEL_KEY`); `relay` defaults to `TUNNEL_RELAY`. Options: `timeout` (ms per
-   * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol).
+   * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol), `e2e`
+   * (TLS end to end inside dials to listener names; the listener's key must prove the name),
+   * `e2ePins` (`{ name: key }` for chosen names), `e2eIdentity` (this dialer's Ed25519 key, for
+   * listeners with `allowPeers`).
    */
   static async connect (options = {}) {
     const relay = options.relay ?? process.env.TUNNEL_RELAY
     const key = options.key ?? process.env.TUNNEL_KEY
     if (!relay || !key) throw invalidArgument('Dialer.connect needs { relay, key } (or TUNNEL_RELAY and TUNNEL_KEY)')
-    const raw = new native.NativeDialer(relay, key, { timeoutMs: options.timeout, ca: options.ca, classic: options.classic })
+    const raw = new native.NativeDialer(relay, key, {
+      timeoutMs: options.timeout,
+      ca: options.ca,
+      classic: options.classic,
+      e2e: options.e2e,
+      e2ePins: options.e2ePins,
+      e2eIdentity: options.e2eIdentity === undefined ? undefined : keyText(options.e2eIdentity)
+    })
     await raw.connect()
     return new Dialer(raw)
   }

@@ -89,7 +89,17 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
         RelayUrl::parse(relay)?;
-        let cfg = Config { relay: relay.to_string(), key: None, tls: None, timeout: None, identity: None, name: None, e2e: false, e2e_pins: Vec::new(), allow_peers: Vec::new() };
+        let cfg = Config {
+            relay: relay.to_string(),
+            key: None,
+            tls: None,
+            timeout: None,
+            identity: None,
+            name: None,
+            e2e: false,
+            e2e_pins: Vec::new(),
+            allow_peers: Vec::new(),
+        };
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())

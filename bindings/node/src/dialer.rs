@@ -24,6 +24,16 @@ pub struct DialerOptions {
     pub ca: Option<String>,
     /// Speak Emissary's classic protocol (one WebSocket per connection, no half-close).
     pub classic: Option<bool>,
+    /// End-to-end encryption of dials to listener names (TLS 1.3 inside the stream, the
+    /// listener's key checked against the name).
+    #[napi(js_name = "e2e")]
+    pub e2e: Option<bool>,
+    /// With `e2e`: chosen names pinned to their listener's key (base64 or key-derived name).
+    #[napi(js_name = "e2ePins")]
+    pub e2e_pins: Option<std::collections::HashMap<String, String>>,
+    /// With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`.
+    #[napi(js_name = "e2eIdentity")]
+    pub e2e_identity: Option<String>,
 }
 
 /// A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures.
@@ -49,6 +59,16 @@ impl NativeDialer {
                 }
                 if o.classic == Some(true) {
                     b = b.mode(Mode::Classic);
+                }
+                if o.e2e == Some(true) {
+                    let mut e2e = libtunnel::e2e::DialerE2e::new();
+                    for (name, key) in o.e2e_pins.iter().flatten() {
+                        e2e = e2e.pin(name, key)?;
+                    }
+                    if let Some(id) = &o.e2e_identity {
+                        e2e = e2e.identity(keys::parse_identity(id)?);
+                    }
+                    b = b.e2e(e2e);
                 }
             }
             b.build()

@@ -25,6 +25,11 @@ pub struct ListenerOptions {
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
+    /// End-to-end encryption: terminate TLS on every stream, refuse plaintext ones.
+    #[napi(js_name = "e2e")]
+    pub e2e: Option<bool>,
+    /// With `e2e`: require dialers' keys and admit these (base64 or key-derived names).
+    pub allow_peers: Option<Vec<String>>,
 }
 
 /// One accepted stream.
@@ -38,6 +43,11 @@ pub struct Accepted {
     pub via: String,
     /// The port label a dialer asked for (0 = default), or the public TCP port.
     pub port: u32,
+    /// Whether the stream is end-to-end encrypted.
+    #[napi(js_name = "e2e")]
+    pub e2e: bool,
+    /// The dialer's verified key-derived name (e2e with `allowPeers`).
+    pub dialer_name: Option<String>,
 }
 
 /// A registered listener.
@@ -76,6 +86,13 @@ impl NativeListener {
                 if let Some(ca) = o.ca {
                     b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
                 }
+                if o.e2e == Some(true) {
+                    let mut e2e = libtunnel::e2e::ListenerE2e::new();
+                    for k in o.allow_peers.iter().flatten() {
+                        e2e = e2e.allow_peer(k)?;
+                    }
+                    b = b.e2e(e2e);
+                }
             }
             Ok(NativeListener { inner: Arc::new(b.bind().await?) })
         })
@@ -112,7 +129,14 @@ impl NativeListener {
         promise(&env, async move {
             let (stream, peer) = l.accept().await?;
             let sock = libtunnel::fd::into_socket(stream).await?;
-            Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: via_name(peer.via).to_string(), port: u32::from(peer.port) })
+            Ok(Accepted {
+                fd: sock.into_raw_fd(),
+                client: peer.client,
+                via: via_name(peer.via).to_string(),
+                port: u32::from(peer.port),
+                e2e: peer.e2e,
+                dialer_name: peer.dialer_name,
+            })
         })
     }
 
