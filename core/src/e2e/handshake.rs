@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use rustls::client::Resumption;
 use rustls::server::{AlwaysResolvesServerRawPublicKeys, NoServerSessionStorage};
 use rustls::sign::CertifiedKey;
@@ -24,7 +24,8 @@ use super::verify::{DialerCheck, DialerKey, ListenerCheck};
 use super::{DialerE2e, ListenerE2e};
 use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
-use crate::mux::MuxStream;
+use crate::mux::{MuxStream, MAX_DATA};
+use crate::protocol::FRAME_HEADER;
 use crate::socks::{self, Target};
 
 /// The listener's answer after a mutual handshake: the dialer's key is admitted.
@@ -69,6 +70,33 @@ impl AsyncRead for E2eIo {
 impl AsyncWrite for E2eIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().mux).poll_write(cx, buf)
+    }
+    /// rustls hands over every queued TLS record at once (16 KiB each): they go out as one mux
+    /// frame (up to the stream's credit and the frame limit) instead of a frame per record, which
+    /// keeps the per-frame work of both ends and of the relay's splice where plaintext has it.
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let mux = &mut self.get_mut().mux;
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        let n = ready!(mux.poll_reserve(cx, total.min(MAX_DATA)))?;
+        let mut frame = BytesMut::with_capacity(FRAME_HEADER + n);
+        frame.put_bytes(0, FRAME_HEADER);
+        let mut left = n;
+        for b in bufs {
+            let k = b.len().min(left);
+            frame.put_slice(&b[..k]);
+            left -= k;
+            if left == 0 {
+                break;
+            }
+        }
+        mux.send_frame(frame)?;
+        Poll::Ready(Ok(n))
+    }
+    fn is_write_vectored(&self) -> bool {
+        true
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().mux).poll_flush(cx)
