@@ -326,6 +326,12 @@ async fn downgrades_are_refused() {
     assert_eq!(e.code(), ErrorCode::E2eIdentity, "{e}");
     assert!(e.message().contains("--e2e"), "{e}");
 
+    // An offline name fails as it does without e2e (the relay's answer keeps its code).
+    let offline = format!("{}:0", Identity::generate().name());
+    let plain_err = within(STEP, "plaintext dial to an offline name", plain.dial(&offline)).await.expect_err("offline");
+    let e2e_err = within(STEP, "e2e dial to an offline name", e2e.dial(&offline)).await.expect_err("offline");
+    assert_eq!(e2e_err.code(), plain_err.code(), "{e2e_err} / {plain_err}");
+
     // And e2e is for names only.
     let e = within(STEP, "e2e dial to a host", e2e.dial("127.0.0.1:9")).await.expect_err("not a name");
     assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");

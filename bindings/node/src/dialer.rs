@@ -60,6 +60,9 @@ impl NativeDialer {
                 if o.classic == Some(true) {
                     b = b.mode(Mode::Classic);
                 }
+                if o.e2e != Some(true) && (o.e2e_pins.is_some() || o.e2e_identity.is_some()) {
+                    return Err(Error::new(ErrorCode::InvalidArgument, "e2ePins and e2eIdentity only apply with e2e: true"));
+                }
                 if o.e2e == Some(true) {
                     let mut e2e = libtunnel::e2e::DialerE2e::new();
                     for (name, key) in o.e2e_pins.iter().flatten() {

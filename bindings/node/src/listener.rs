@@ -86,6 +86,9 @@ impl NativeListener {
                 if let Some(ca) = o.ca {
                     b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
                 }
+                if o.e2e != Some(true) && o.allow_peers.as_ref().is_some_and(|p| !p.is_empty()) {
+                    return Err(libtunnel::Error::new(libtunnel::ErrorCode::InvalidArgument, "allowPeers only applies with e2e: true"));
+                }
                 if o.e2e == Some(true) {
                     let mut e2e = libtunnel::e2e::ListenerE2e::new();
                     for k in o.allow_peers.iter().flatten() {

@@ -71,6 +71,9 @@ impl Dialer {
         if let Some(ca) = ca {
             b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
         }
+        if !e2e && (!e2e_pins.is_empty() || e2e_identity.is_some()) {
+            return Err(to_py(Error::new(ErrorCode::InvalidArgument, "e2e_pins and e2e_identity only apply with e2e=True")));
+        }
         if e2e {
             let mut cfg = libtunnel::e2e::DialerE2e::new();
             for (name, key) in &e2e_pins {

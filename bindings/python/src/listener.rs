@@ -78,6 +78,9 @@ fn builder(
     if let Some(ca) = ca {
         b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
     }
+    if !e2e && !allow_peers.is_empty() {
+        return Err(to_py(Error::new(ErrorCode::InvalidArgument, "allow_peers only applies with e2e=True")));
+    }
     if e2e {
         let mut cfg = libtunnel::e2e::ListenerE2e::new();
         for k in &allow_peers {

@@ -55,7 +55,9 @@ def test_e2e_dial_by_name_hashed_both_ways(relay: object, tmp_path: object) -> N
                 while chunk := client.recv(1 << 20):
                     h.update(chunk)
                 writer.join(30)
-        t.join(30)
+                # The listener's side must read everything before the dialer (and its session)
+                # closes: bytes still in flight would be cut off.
+                t.join(30)
         assert not t.is_alive()
         assert h.hexdigest() == hashlib.sha256(down).hexdigest(), "the dialer read the listener's bytes intact"
         assert served["up"] == hashlib.sha256(up).hexdigest(), "the listener's side read the dialer's bytes in plaintext, intact"
