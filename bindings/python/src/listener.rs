@@ -58,6 +58,7 @@ impl Listener {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn builder(
     relay: &str,
     key: &str,
