@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::socks::Target;
-use libtunnel::transport::ClientTls;
 use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
 
@@ -50,37 +50,39 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String)
 
 #[pymethods]
 impl Dialer {
+    /// A dialer from explicit values; what is `None` comes from the `TUNNEL_*` variables.
     #[new]
-    #[pyo3(signature = (relay, key, *, timeout = 20.0, ca = None, classic = false, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
+    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
-        relay: &str,
-        key: &str,
-        timeout: f64,
+        relay: Option<String>,
+        key: Option<String>,
+        timeout: Option<f64>,
         ca: Option<PathBuf>,
-        classic: bool,
+        classic: Option<bool>,
         e2e: bool,
         e2e_pins: Vec<(String, String)>,
         e2e_identity: Option<String>,
     ) -> PyResult<Self> {
-        let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-        let mut b = libtunnel::Dialer::builder(relay)
-            .key(crate::keys::parse_key(key).map_err(to_py)?)
-            .mode(if classic { Mode::Classic } else { Mode::Multiplexed })
-            .timeout(timeout);
-        if let Some(ca) = ca {
-            b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
-        }
+        let options = ClientOptions {
+            relay,
+            key,
+            ca,
+            timeout,
+            mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+            ..ClientOptions::default()
+        };
         if !e2e && (!e2e_pins.is_empty() || e2e_identity.is_some()) {
             return Err(to_py(Error::new(ErrorCode::InvalidArgument, "e2e_pins and e2e_identity only apply with e2e=True")));
         }
+        let mut b = options.resolve(ClientRole::Dialer).and_then(|c| c.dialer_builder()).map_err(to_py)?;
         if e2e {
             let mut cfg = libtunnel::e2e::DialerE2e::new();
             for (name, key) in &e2e_pins {
                 cfg = cfg.pin(name, key).map_err(to_py)?;
             }
             if let Some(id) = e2e_identity {
-                cfg = cfg.identity(crate::keys::load_identity(&id).map_err(to_py)?);
+                cfg = cfg.identity(libtunnel::client::keys::load_identity_text(&id).map_err(to_py)?);
             }
             b = b.e2e(cfg);
         }

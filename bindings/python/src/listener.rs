@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libtunnel::transport::ClientTls;
-use libtunnel::{Error, ErrorCode, Via};
+use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::{Error, ErrorCode};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
@@ -26,19 +26,11 @@ pub(crate) struct Listener {
     name: String,
 }
 
-fn via_name(via: Via) -> &'static str {
-    match via {
-        Via::Dial => "dial",
-        Via::Http => "http",
-        Via::Tcp => "tcp",
-    }
-}
-
 async fn accept_socket(listener: Arc<libtunnel::Listener>, limit: Option<Duration>) -> libtunnel::Result<Accepted> {
     let work = async {
         let (stream, peer) = listener.accept().await?;
         let sock = libtunnel::fd::into_socket(stream).await?;
-        Ok::<_, Error>((Socket::new(sock), peer.client, via_name(peer.via), peer.port, peer.e2e, peer.dialer_name))
+        Ok::<_, Error>((Socket::new(sock), peer.client, peer.via.as_str(), peer.port, peer.e2e, peer.dialer_name))
     };
     match limit {
         None => work.await,
@@ -58,26 +50,24 @@ impl Listener {
     }
 }
 
+/// The core listener builder from explicit values; what is `None` comes from the `TUNNEL_*`
+/// variables (`TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`).
 #[allow(clippy::too_many_arguments)]
 fn builder(
-    relay: &str,
-    key: &str,
+    relay: Option<String>,
+    key: Option<String>,
     name: Option<String>,
     tcp_port: bool,
     ca: Option<PathBuf>,
-    timeout: f64,
+    timeout: Option<f64>,
     backlog: usize,
     e2e: bool,
     allow_peers: Vec<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
-    let id = crate::keys::load_identity(key).map_err(to_py)?;
-    let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog);
+    let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+    let mut b = options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog);
     if let Some(n) = name {
         b = b.name(n);
-    }
-    if let Some(ca) = ca {
-        b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
     }
     if !e2e && !allow_peers.is_empty() {
         return Err(to_py(Error::new(ErrorCode::InvalidArgument, "allow_peers only applies with e2e=True")));
@@ -99,18 +89,19 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 
 #[pymethods]
 impl Listener {
-    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
+    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
+    /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, e2e = false, allow_peers = Vec::new()))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
-        relay: &str,
-        key: &str,
+        relay: Option<String>,
+        key: Option<String>,
         name: Option<String>,
         tcp_port: bool,
         ca: Option<PathBuf>,
-        timeout: f64,
+        timeout: Option<f64>,
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,
@@ -120,16 +111,16 @@ impl Listener {
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, e2e = false, allow_peers = Vec::new()))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new()))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
-        relay: &str,
-        key: &str,
+        relay: Option<String>,
+        key: Option<String>,
         name: Option<String>,
         tcp_port: bool,
         ca: Option<PathBuf>,
-        timeout: f64,
+        timeout: Option<f64>,
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,

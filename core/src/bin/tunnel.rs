@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use base64::Engine;
 use clap::{Args, Parser, Subcommand};
+use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
+use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::config::{RelayConfig, SETTINGS};
+use libtunnel::runtime::Workers;
 use libtunnel::socks::Target;
-use libtunnel::transport::ClientTls;
-use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, Server};
+use libtunnel::{Dialer, Error, ErrorCode, Mode, Server};
 use tokio::io::AsyncWriteExt;
 
 /// Print a status line on stdout. A closed stdout (`tunnel listen | head -1`, a supervisor that
@@ -63,12 +64,13 @@ enum Cmd {
         /// Local service address (`127.0.0.1:3000`).
         #[arg(long)]
         to: String,
-        /// Relay URL (ws://, wss:// or tcp://).
-        #[arg(long, env = "TUNNEL_RELAY")]
-        relay: String,
-        /// Listener key file (Ed25519, PKCS#8 PEM; `tunnel keygen --listener --out FILE` makes one).
-        #[arg(long, env = "TUNNEL_LISTENER_KEY")]
-        key: PathBuf,
+        /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+        #[arg(long)]
+        relay: Option<String>,
+        /// Listener key: a PEM file (`tunnel keygen --listener --out FILE` makes one), default
+        /// $TUNNEL_LISTENER_KEY.
+        #[arg(long)]
+        key: Option<String>,
         /// Register this name instead of the key-derived one (the relay must grant it).
         #[arg(long)]
         name: Option<String>,
@@ -78,9 +80,12 @@ enum Cmd {
         /// Send a PROXY protocol v2 header with the original client address to the local service.
         #[arg(long)]
         proxy_protocol: bool,
-        /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
-        #[arg(long, env = "TUNNEL_CA")]
+        /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+        #[arg(long)]
         ca: Option<PathBuf>,
+        /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
+        #[arg(long)]
+        timeout: Option<f64>,
         /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
         /// stream and refuse plaintext ones, so the relay sees only ciphertext.
         #[arg(long)]
@@ -106,24 +111,27 @@ enum Cmd {
     Demo,
 }
 
+/// How a client command reaches the relay. Every value falls back to its `TUNNEL_*` variable
+/// (from the environment or `./.env`), as in every other face: `libtunnel::client::config`.
 #[derive(Args)]
 struct ClientArgs {
-    /// Relay URL (ws://, wss:// or tcp://).
-    #[arg(long, env = "TUNNEL_RELAY")]
-    relay: String,
-    /// Shared key `KID:BASE64`, or a file containing it. Prefer the TUNNEL_KEY variable or a file
-    /// over putting the secret itself on the command line.
-    #[arg(long, env = "TUNNEL_KEY", hide_env_values = true)]
-    key: String,
-    /// Speak Emissary's classic protocol (one WebSocket per connection) instead of multiplexing.
+    /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+    #[arg(long)]
+    relay: Option<String>,
+    /// Shared key `KID:BASE64`, or a file containing it (default $TUNNEL_KEY). Prefer the
+    /// variable or a file over putting the secret itself on the command line.
+    #[arg(long)]
+    key: Option<String>,
+    /// Speak Emissary's classic protocol (one WebSocket per connection) instead of
+    /// multiplexing (default $TUNNEL_MODE, else multiplexed).
     #[arg(long)]
     classic: bool,
-    /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
-    #[arg(long, env = "TUNNEL_CA")]
+    /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+    #[arg(long)]
     ca: Option<PathBuf>,
-    /// Seconds one dial may take.
-    #[arg(long, default_value_t = 20.0)]
-    timeout: f64,
+    /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
+    #[arg(long)]
+    timeout: Option<f64>,
     /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
     /// must prove the name dialed, so the relay can neither read nor impersonate).
     #[arg(long)]
@@ -139,32 +147,30 @@ struct ClientArgs {
 }
 
 impl ClientArgs {
+    fn options(&self) -> ClientOptions {
+        ClientOptions {
+            relay: self.relay.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            timeout: self.timeout,
+            mode: self.classic.then_some(Mode::Classic),
+            ..ClientOptions::default()
+        }
+    }
+
     fn dialer(&self) -> Result<Dialer, Error> {
-        let key_text = match std::fs::read_to_string(&self.key) {
-            Ok(s) => s,
-            Err(_) if self.key.contains(':') => self.key.clone(),
-            Err(e) => {
-                return Err(Error::new(ErrorCode::InvalidArgument, format!("--key {:?} is neither KID:BASE64 nor a readable file ({e})", self.key)))
-            }
-        };
-        let mut b = Dialer::builder(&self.relay)
-            .key(Key::parse(&key_text)?)
-            .mode(if self.classic { Mode::Classic } else { Mode::Multiplexed })
-            .timeout(Duration::from_secs_f64(self.timeout.max(0.001)));
-        if let Some(ca) = &self.ca {
-            b = b.tls(ClientTls::from_pem_file(ca)?);
+        let config = self.options().resolve(ClientRole::Dialer)?;
+        if !self.e2e {
+            return config.dialer();
         }
-        if self.e2e {
-            let mut e2e = libtunnel::e2e::DialerE2e::new();
-            for pin in &self.e2e_pin {
-                e2e = e2e.pin_spec(pin)?;
-            }
-            if let Some(path) = &self.e2e_identity {
-                e2e = e2e.identity(libtunnel::Identity::load(path)?);
-            }
-            b = b.e2e(e2e);
+        let mut e2e = libtunnel::e2e::DialerE2e::new();
+        for pin in &self.e2e_pin {
+            e2e = e2e.pin_spec(pin)?;
         }
-        b.build()
+        if let Some(path) = &self.e2e_identity {
+            e2e = e2e.identity(libtunnel::Identity::load(path)?);
+        }
+        config.dialer_builder()?.e2e(e2e).build()
     }
 }
 
@@ -257,14 +263,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
-            // One machine-readable line, so scripts can find the port when listening on :0.
-            say!("relay listening: {}", server.url());
-            if let Some(t) = server.tcp_addr() {
-                say!("raw tcp listening: tcp://{t}");
-            }
-            if let Some(h) = server.http_addr() {
-                say!("public http listening: http://{h}");
-            }
+            // Machine-readable lines, so scripts can find the ports when listening on :0.
+            say!("{}", server.ready_lines().trim_end());
             #[cfg(unix)]
             {
                 // SIGHUP reloads keys, allowlist and listener grants from the same sources.
@@ -330,29 +330,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
             let id = libtunnel::Identity::generate();
             id.save(&out)?;
-            say!("# Wrote the listener's private key to {} (mode 0600)", out.display());
-            say!("name: {}", id.name());
-            say!("public key: {}", id.public_key_base64());
-            say!("# For the relay: allow this key (and optionally grant chosen names)");
-            say!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
+            say!("{}", ListenerKeyText::of(&id).lines(Some(&out)).trim_end());
             Ok(())
         }
         Cmd::Keygen { kid, .. } => {
-            let secret: [u8; 32] = rand::random();
-            let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
-            say!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
-            say!("TUNNEL_KEY={kid}:{b64}");
-            say!("# For the relay (add to the list to rotate keys)");
-            say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
+            say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca, e2e, allow_peer } => {
-            let mut b = libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port);
+        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca, timeout, e2e, allow_peer } => {
+            let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+            let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port);
             if let Some(n) = name {
                 b = b.name(n);
-            }
-            if let Some(ca) = &ca {
-                b = b.tls(ClientTls::from_pem_file(ca)?);
             }
             if e2e {
                 let mut cfg = libtunnel::e2e::ListenerE2e::new();
@@ -361,7 +350,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 b = b.e2e(cfg);
             }
-            let listener = b.bind().await?;
+            let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
             // Machine-readable lines, so scripts can find what was granted.
             say!("listening as: {}", reg.name);
@@ -373,14 +362,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 say!("tcp: {t}");
             }
             if e2e {
-                say!(
-                    "e2e: on ({})",
-                    if allow_peer.is_empty() {
-                        "any dialer that verifies this key".to_string()
-                    } else {
-                        format!("{} admitted dialer keys", allow_peer.len())
-                    }
-                );
+                say!("e2e: on ({})", if allow_peer.is_empty() { "any dialer that verifies this key".to_string() } else { format!("{} admitted dialer keys", allow_peer.len()) });
             }
             say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
@@ -389,28 +371,31 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// Register a listener, retrying with backoff (1 s doubling to 30 s, each attempt logged) while
+/// the relay cannot be reached: containers and boot order often start the listener first. What
+/// retrying cannot fix (a refused key, a taken name, bad input) ends the command at once.
+async fn bind_with_retries(b: libtunnel::ListenerBuilder) -> Result<libtunnel::Listener, Error> {
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 1u32;
+    loop {
+        match b.clone().bind().await {
+            Ok(l) => return Ok(l),
+            Err(e) if matches!(e.code(), ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io) => {
+                tracing::warn!(attempt, retry_in_secs = delay.as_secs(), "cannot register with the relay yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The runtime a command runs on. The relay (and the demo, which embeds one) gets a worker per
 /// core; client commands move one session's bytes, where a second worker mostly adds cross-thread
 /// wake-ups per frame, so they run on one thread. `TUNNEL_WORKER_THREADS` overrides both.
 fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
-    let workers = match std::env::var("TUNNEL_WORKER_THREADS") {
-        Ok(v) => Some(v.trim().parse::<usize>().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| {
-            Error::new(ErrorCode::InvalidConfig, format!("TUNNEL_WORKER_THREADS must be a whole number of threads between 1 and 1024, got {v:?}"))
-        })?),
-        Err(_) => None,
-    };
-    let relay = matches!(cmd, Cmd::Server(_) | Cmd::Demo);
-    let mut b = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        None if !relay => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    b.enable_all().thread_name("libtunnel-rt").build().map_err(|e| Error::new(ErrorCode::Io, format!("cannot start the runtime: {e}")))
+    libtunnel::runtime::build(if matches!(cmd, Cmd::Server(_) | Cmd::Demo) { Workers::PerCore } else { Workers::One })
 }
 
 fn main() -> ExitCode {
@@ -418,7 +403,9 @@ fn main() -> ExitCode {
     // The demo narrates on stdout; its relay's routine logs would only interleave with the story.
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
             for s in SETTINGS {

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from . import _native
-from ._common import from_env, wrap
+from ._common import wrap
 
 __all__ = ["Dialer", "AsyncDialer"]
 
@@ -24,16 +24,17 @@ StrPath = str | os.PathLike[str]
 def _native_dialer(
     relay: str | None,
     key: str | None,
-    timeout: float,
+    timeout: float | None,
     ca: StrPath | None,
-    classic: bool,
+    classic: bool | None,
     e2e: bool = False,
     e2e_pins: Mapping[str, str] | None = None,
     e2e_identity: StrPath | None = None,
 ) -> _native.Dialer:
+    # What is None comes from the TUNNEL_* variables (and ./.env), read by the core.
     return _native.Dialer(
-        from_env(relay, "TUNNEL_RELAY", "relay URL"),
-        from_env(key, "TUNNEL_KEY", "key (KID:BASE64, or a file holding it)"),
+        relay,
+        None if key is None else os.fspath(key),
         timeout=timeout,
         ca=None if ca is None else os.fspath(ca),
         classic=classic,
@@ -59,11 +60,13 @@ class _DialerBase:
 
     ``relay`` is ``ws://``, ``wss://`` or ``tcp://`` (default ``$TUNNEL_RELAY``); ``key`` is
     ``KID:BASE64`` or a file holding it (default ``$TUNNEL_KEY``); ``timeout`` bounds each dial
-    in seconds; ``ca`` is a PEM file of roots for a private CA; ``classic`` speaks Emissary's
-    protocol. ``e2e`` runs TLS end to end inside every dial to a listener name, accepting the
-    listener only if its key proves the name (the relay can neither read nor impersonate);
-    ``e2e_pins`` maps chosen names to their listener's key (base64 or key-derived name);
-    ``e2e_identity`` (Ed25519 PEM text or file) is presented to listeners with ``allow_peers``.
+    in seconds (default ``$TUNNEL_TIMEOUT``, else 20); ``ca`` is a PEM file of roots for a
+    private CA (default ``$TUNNEL_CA``); ``classic`` speaks Emissary's protocol (default
+    ``$TUNNEL_MODE``). Unset values are read from the environment and ``./.env``. ``e2e`` runs TLS end to end
+    inside every dial to a listener name, accepting the listener only if its key proves the name
+    (the relay can neither read nor impersonate); ``e2e_pins`` maps chosen names to their
+    listener's key (base64 or key-derived name); ``e2e_identity`` (Ed25519 PEM text or file) is
+    presented to listeners with ``allow_peers``.
     """
 
     def __init__(
@@ -71,9 +74,9 @@ class _DialerBase:
         relay: str | None = None,
         *,
         key: str | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         ca: StrPath | None = None,
-        classic: bool = False,
+        classic: bool | None = None,
         e2e: bool = False,
         e2e_pins: Mapping[str, str] | None = None,
         e2e_identity: StrPath | None = None,

@@ -2,11 +2,13 @@
 from collections.abc import Awaitable
 from typing import final
 
-__all__ = ["ERROR_CODES", "Background", "Dialer", "Listener", "Relay", "Socket", "identity_name", "keygen", "listener_keygen", "reset_logging"]
+__all__ = ["ERROR_CODES", "Background", "Dialer", "Listener", "Relay", "Socket", "identity_name", "keygen", "keygen_text", "listener_keygen", "listener_keygen_text", "reset_logging"]
 
 ERROR_CODES: list[str]
 
 def reset_logging() -> None: ...
+def keygen_text(kid: int = 1) -> str: ...
+def listener_keygen_text(path: str) -> str: ...
 def keygen(kid: int = 1) -> str: ...
 def listener_keygen(path: str) -> tuple[str, str]: ...
 def identity_name(key: str) -> tuple[str, str]: ...
@@ -26,12 +28,12 @@ class Background:
 class Dialer:
     def __new__(
         cls,
-        relay: str,
-        key: str,
+        relay: str | None = None,
+        key: str | None = None,
         *,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         ca: str | None = None,
-        classic: bool = False,
+        classic: bool | None = None,
         e2e: bool = False,
         e2e_pins: list[tuple[str, str]] = ...,
         e2e_identity: str | None = None,
@@ -51,26 +53,26 @@ class Dialer:
 class Listener:
     @staticmethod
     def bind(
-        relay: str,
-        key: str,
+        relay: str | None = None,
+        key: str | None = None,
         *,
         name: str | None = None,
         tcp_port: bool = False,
         ca: str | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         backlog: int = 128,
         e2e: bool = False,
         allow_peers: list[str] = ...,
     ) -> Listener: ...
     @staticmethod
     def bind_async(
-        relay: str,
-        key: str,
+        relay: str | None = None,
+        key: str | None = None,
         *,
         name: str | None = None,
         tcp_port: bool = False,
         ca: str | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         backlog: int = 128,
         e2e: bool = False,
         allow_peers: list[str] = ...,
@@ -100,6 +102,8 @@ class Relay:
     def tcp_address(self) -> tuple[str, int] | None: ...
     @property
     def http_address(self) -> tuple[str, int] | None: ...
+    @property
+    def ready_text(self) -> str: ...
     def shutdown(self) -> None: ...
     def shutdown_async(self) -> Awaitable[None]: ...
     def abort(self) -> None: ...
