@@ -38,49 +38,82 @@ pub(crate) struct E2eIo {
     reply: Option<(Target, BytesMut)>,
 }
 
-impl AsyncRead for E2eIo {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if let Some((target, got)) = &mut this.reply {
-            loop {
-                let chunk = match ready!(this.mux.poll_recv_chunk(cx)) {
-                    Err(e) => return Poll::Ready(Err(e)),
-                    Ok(None) => return Poll::Ready(Err(Error::protocol("the relay ended the stream before answering the CONNECT").into_io())),
-                    Ok(Some(c)) => c,
-                };
-                got.extend_from_slice(&chunk);
-                match socks::parse_pipelined_reply(got, target) {
-                    None => continue,
-                    Some(Err(e)) => return Poll::Ready(Err(e.into_io())),
-                    Some(Ok(used)) => {
-                        let rest = got.split_off(used).freeze();
-                        if !rest.is_empty() {
-                            this.mux.unread(rest);
-                        }
-                        this.reply = None;
-                        break;
+impl E2eIo {
+    /// Take the relay's SOCKS5 reply off the front of the stream (dialer side, once): ready when
+    /// it said yes, an error carrying the refusal's code when it said no.
+    fn poll_reply(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some((target, got)) = &mut self.reply else { return Poll::Ready(Ok(())) };
+        loop {
+            let chunk = match ready!(self.mux.poll_recv_chunk(cx)) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(None) => return Poll::Ready(Err(Error::protocol("the relay ended the stream before answering the CONNECT").into_io())),
+                Ok(Some(c)) => c,
+            };
+            got.extend_from_slice(&chunk);
+            match socks::parse_pipelined_reply(got, target) {
+                None => continue,
+                Some(Err(e)) => return Poll::Ready(Err(e.into_io())),
+                Some(Ok(used)) => {
+                    let rest = got.split_off(used).freeze();
+                    if !rest.is_empty() {
+                        self.mux.unread(rest);
                     }
+                    self.reply = None;
+                    return Poll::Ready(Ok(()));
                 }
             }
         }
+    }
+
+    /// A write failed: when the relay's reply is still unread, it may say why (a refused CONNECT
+    /// is answered, then the stream reset, possibly before the ClientHello went out).
+    fn explain(&mut self, cx: &mut Context<'_>, e: io::Error) -> io::Error {
+        if self.reply.is_none() {
+            return e;
+        }
+        match self.poll_reply(cx) {
+            Poll::Ready(Err(r)) => {
+                let refusal = Error::from_io(r, "reading the relay's answer to CONNECT");
+                if refusal.code() == ErrorCode::Closed {
+                    e
+                } else {
+                    refusal.into_io()
+                }
+            }
+            _ => e,
+        }
+    }
+}
+
+impl AsyncRead for E2eIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_reply(cx))?;
         Pin::new(&mut this.mux).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for E2eIo {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().mux).poll_write(cx, buf)
+        let this = self.get_mut();
+        match Pin::new(&mut this.mux).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.explain(cx, e))),
+            other => other,
+        }
     }
     /// rustls hands over every queued TLS record at once (16 KiB each): they go out as one mux
     /// frame (up to the stream's credit and the frame limit) instead of a frame per record, which
     /// keeps the per-frame work of both ends and of the relay's splice where plaintext has it.
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let mux = &mut self.get_mut().mux;
+        let this = self.get_mut();
         let total: usize = bufs.iter().map(|b| b.len()).sum();
         if total == 0 {
             return Poll::Ready(Ok(0));
         }
-        let n = ready!(mux.poll_reserve(cx, total.min(MAX_DATA)))?;
+        let n = match ready!(this.mux.poll_reserve(cx, total.min(MAX_DATA))) {
+            Ok(n) => n,
+            Err(e) => return Poll::Ready(Err(this.explain(cx, e))),
+        };
         let mut frame = BytesMut::with_capacity(FRAME_HEADER + n);
         frame.put_bytes(0, FRAME_HEADER);
         let mut left = n;
@@ -92,7 +125,9 @@ impl AsyncWrite for E2eIo {
                 break;
             }
         }
-        mux.send_frame(frame)?;
+        if let Err(e) = this.mux.send_frame(frame) {
+            return Poll::Ready(Err(this.explain(cx, e)));
+        }
         Poll::Ready(Ok(n))
     }
     fn is_write_vectored(&self) -> bool {
