@@ -369,7 +369,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 say!("tcp: {t}");
             }
             if e2e {
-                say!("e2e: on ({})", if allow_peer.is_empty() { "any dialer that verifies this key".to_string() } else { format!("{} admitted dialer keys", allow_peer.len()) });
+                say!(
+                    "e2e: on ({})",
+                    if allow_peer.is_empty() {
+                        "any dialer that verifies this key".to_string()
+                    } else {
+                        format!("{} admitted dialer keys", allow_peer.len())
+                    }
+                );
             }
             say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
