@@ -456,7 +456,7 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
