@@ -109,6 +109,15 @@ enum Cmd {
     },
     /// Run a relay, a demo service and dials through them on loopback, narrating each step.
     Demo,
+    /// Show a running relay's listeners and sessions (from its admin endpoint, `admin_listen`).
+    Status {
+        /// The relay's admin endpoint, e.g. http://127.0.0.1:7836.
+        #[arg(long)]
+        admin: String,
+        /// The relay's admin token (default $TUNNEL_ADMIN_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Print a shell completion script (`tunnel completions bash > /etc/bash_completion.d/tunnel`).
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -382,6 +391,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
         }
         Cmd::Demo => libtunnel::demo::run().await,
+        Cmd::Status { admin, token } => {
+            let token = token.or_else(|| std::env::var("TUNNEL_ADMIN_TOKEN").ok()).ok_or_else(|| {
+                Error::new(ErrorCode::InvalidArgument, "no admin token: pass --token or set TUNNEL_ADMIN_TOKEN (the relay's admin_token)")
+            })?;
+            let listeners = admin_get(&admin, "/listeners", &token).await?;
+            let sessions = admin_get(&admin, "/sessions", &token).await?;
+            let rows = listeners.as_array().cloned().unwrap_or_default();
+            say!("{:<28} {:<46} {:>8} {:>12} {:>9}", "LISTENER", "PUBLIC KEY", "STREAMS", "QUEUED B", "RTT MS");
+            for r in &rows {
+                let rtt = r["rtt_ms"].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+                say!(
+                    "{:<28} {:<46} {:>8} {:>12} {:>9}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["public_key"].as_str().unwrap_or(""),
+                    r["streams"],
+                    r["queued_bytes"],
+                    rtt
+                );
+            }
+            say!("{} listener(s); {} session(s) and {} stream(s) active", rows.len(), sessions["sessions_active"], sessions["streams_active"]);
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();
@@ -398,6 +429,45 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// GET `path` from a relay's admin endpoint with the bearer token; the JSON answer.
+async fn admin_get(base: &str, path: &str, token: &str) -> Result<serde_json::Value, Error> {
+    use http_body_util::BodyExt;
+    let url = url::Url::parse(base)
+        .map_err(|e| Error::new(ErrorCode::InvalidArgument, format!("--admin {base:?} is not a URL ({e}); e.g. http://127.0.0.1:7836")))?;
+    if url.scheme() != "http" {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("--admin {base:?}: the admin endpoint speaks http:// (keep it on a private address)"),
+        ));
+    }
+    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = url.port().unwrap_or(80);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Error::new(ErrorCode::RelayUnavailable, format!("cannot reach the admin endpoint at {base}: {e}; is admin_listen set on the relay?"))
+    };
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| unreachable(&e))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| unreachable(&e))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| Error::new(ErrorCode::General, format!("building the admin request: {e}")))?;
+    let resp = send.send_request(req).await.map_err(|e| unreachable(&e))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        return Err(Error::new(ErrorCode::AuthFailed, "the admin endpoint refused the token; use the relay's admin_token (TUNNEL_ADMIN_TOKEN)"));
+    }
+    if !status.is_success() {
+        return Err(Error::new(
+            ErrorCode::General,
+            format!("the admin endpoint answered {status} for {path}: {}", String::from_utf8_lossy(&body).trim()),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| Error::new(ErrorCode::Protocol, format!("the admin endpoint sent no JSON for {path}: {e}")))
 }
 
 /// Register a listener, retrying with backoff (1 s doubling to 30 s, each attempt logged) while
@@ -434,7 +504,7 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
