@@ -86,6 +86,14 @@ enum Cmd {
         /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
         #[arg(long)]
         timeout: Option<f64>,
+        /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
+        /// stream and refuse plaintext ones, so the relay sees only ciphertext.
+        #[arg(long)]
+        e2e: bool,
+        /// With --e2e, require dialers' own keys and admit this one (base64 public key or
+        /// key-derived name). Repeatable.
+        #[arg(long = "allow-peer", value_name = "KEY", requires = "e2e")]
+        allow_peer: Vec<String>,
     },
     /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
     Keygen {
@@ -140,6 +148,18 @@ struct ClientArgs {
     /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
     #[arg(long)]
     timeout: Option<f64>,
+    /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
+    /// must prove the name dialed, so the relay can neither read nor impersonate).
+    #[arg(long)]
+    e2e: bool,
+    /// With --e2e, the key a chosen (relay-granted) name must have: NAME=KEY (base64 public key
+    /// or key-derived name). Repeatable.
+    #[arg(long = "e2e-pin", value_name = "NAME=KEY", requires = "e2e")]
+    e2e_pin: Vec<String>,
+    /// With --e2e, present this Ed25519 key file (`tunnel keygen --listener` makes one) to
+    /// listeners that admit listed dialer keys (`--allow-peer`).
+    #[arg(long = "e2e-identity", value_name = "FILE", requires = "e2e")]
+    e2e_identity: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -155,7 +175,18 @@ impl ClientArgs {
     }
 
     fn dialer(&self) -> Result<Dialer, Error> {
-        self.options().resolve(ClientRole::Dialer)?.dialer()
+        let config = self.options().resolve(ClientRole::Dialer)?;
+        if !self.e2e {
+            return config.dialer();
+        }
+        let mut e2e = libtunnel::e2e::DialerE2e::new();
+        for pin in &self.e2e_pin {
+            e2e = e2e.pin_spec(pin)?;
+        }
+        if let Some(path) = &self.e2e_identity {
+            e2e = e2e.identity(libtunnel::Identity::load(path)?);
+        }
+        config.dialer_builder()?.e2e(e2e).build()
     }
 }
 
@@ -322,11 +353,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca, timeout } => {
+        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, ca, timeout, e2e, allow_peer } => {
             let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
             let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port);
             if let Some(n) = name {
                 b = b.name(n);
+            }
+            if e2e {
+                let mut cfg = libtunnel::e2e::ListenerE2e::new();
+                for k in &allow_peer {
+                    cfg = cfg.allow_peer(k)?;
+                }
+                b = b.e2e(cfg);
             }
             let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
@@ -338,6 +376,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             if let Some(t) = &reg.tcp_addr {
                 say!("tcp: {t}");
+            }
+            if e2e {
+                say!(
+                    "e2e: on ({})",
+                    if allow_peer.is_empty() {
+                        "any dialer that verifies this key".to_string()
+                    } else {
+                        format!("{} admitted dialer keys", allow_peer.len())
+                    }
+                );
             }
             say!("forwarding to: {to}");
             libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
