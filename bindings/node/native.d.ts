@@ -11,6 +11,15 @@ export interface DialerOptions {
   ca?: string
   /** Speak Emissary's classic protocol (one WebSocket per connection, no half-close). */
   classic?: boolean
+  /**
+   * End-to-end encryption of dials to listener names (TLS 1.3 inside the stream, the
+   * listener's key checked against the name).
+   */
+  e2e?: boolean
+  /** With `e2e`: chosen names pinned to their listener's key (base64 or key-derived name). */
+  e2ePins?: Record<string, string>
+  /** With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`. */
+  e2eIdentity?: string
 }
 /** A shared-secret key for dialers, and the relay's matching `auth_keys` entry. */
 export interface SharedKey {
@@ -63,6 +72,10 @@ export interface ListenerOptions {
    * undecrypted (the local service terminates TLS).
    */
   tlsPassthrough?: boolean
+  /** End-to-end encryption: terminate TLS on every stream, refuse plaintext ones. */
+  e2e?: boolean
+  /** With `e2e`: require dialers' keys and admit these (base64 or key-derived names). */
+  allowPeers?: Array<string>
 }
 /** One accepted stream. */
 export interface Accepted {
@@ -74,6 +87,10 @@ export interface Accepted {
   via: string
   /** The port label a dialer asked for (0 = default), or the public TCP port. */
   port: number
+  /** Whether the stream is end-to-end encrypted. */
+  e2e: boolean
+  /** The dialer's verified key-derived name (e2e with `allowPeers`). */
+  dialerName?: string
 }
 /**
  * Send the core's log events to `callback(level, target, message)`, filtered by `filter`

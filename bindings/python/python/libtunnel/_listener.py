@@ -11,7 +11,7 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from . import _native
@@ -32,6 +32,10 @@ class Peer(NamedTuple):
     via: str
     #: The port a dialer asked for (0 = default), or the public TCP port.
     port: int
+    #: Whether the connection is end-to-end encrypted (the listener has ``e2e`` on).
+    e2e: bool = False
+    #: The dialer's verified key-derived name (``e2e`` with ``allow_peers``), else ``None``.
+    dialer_name: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -54,9 +58,9 @@ def _native_args(relay: str | None, key: StrPath | None, ca: StrPath | None) -> 
     return relay, None if key is None else os.fspath(key), None if ca is None else os.fspath(ca)
 
 
-def _accepted(raw: tuple[_native.Socket, str, str, int], *, blocking: bool) -> tuple[socket.socket, Peer]:
-    sock, client, via, port = raw
-    return wrap(sock, blocking=blocking), Peer(client, via, port)
+def _accepted(raw: tuple[_native.Socket, str, str, int, bool, str | None], *, blocking: bool) -> tuple[socket.socket, Peer]:
+    sock, client, via, port, e2e, dialer_name = raw
+    return wrap(sock, blocking=blocking), Peer(client, via, port, e2e, dialer_name)
 
 
 class _ListenerBase:
@@ -93,7 +97,10 @@ class Listener(_ListenerBase):
     ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
     (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
     key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
-    :meth:`accept` (more are refused). ``h2c`` says the local service speaks HTTP/2 with prior
+    :meth:`accept` (more are refused). ``e2e`` terminates end-to-end TLS on every connection
+    (the relay sees only ciphertext; plaintext connections are refused); ``allow_peers`` (base64
+    public keys or key-derived names) then requires dialers' own keys and admits only these.
+    ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
     """
@@ -108,12 +115,15 @@ class Listener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float | None = None,
         backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: Iterable[str] = (),
         h2c: bool = False,
         tls_passthrough: bool = False,
     ) -> None:
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, h2c=h2c, tls_passthrough=tls_passthrough
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
+            h2c=h2c, tls_passthrough=tls_passthrough,
         )
         self._exposed: _native.Background | None = None
 
@@ -172,13 +182,16 @@ class AsyncListener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float | None = None,
         backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: Iterable[str] = (),
         h2c: bool = False,
         tls_passthrough: bool = False,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, h2c=h2c, tls_passthrough=tls_passthrough
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
+            h2c=h2c, tls_passthrough=tls_passthrough,
         )
         return cls(native)
 
