@@ -84,6 +84,8 @@ pub(crate) struct Access {
     /// Listener public keys, with the chosen names each may register.
     pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
     pub(crate) listeners_open: bool,
+    /// Exit listener names, with the dialer key ids that may use each.
+    pub(crate) exits: std::collections::HashMap<String, Vec<u32>>,
 }
 
 impl Access {
@@ -99,11 +101,20 @@ impl Access {
             let pk = crate::identity::parse_public_key(&g.public_key)?;
             listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
         }
-        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open })
+        let mut exits = std::collections::HashMap::new();
+        for g in &cfg.exits {
+            exits.entry(g.name.clone()).or_insert_with(Vec::new).extend(g.key_ids.iter().copied());
+        }
+        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open, exits })
     }
 }
 
 impl Access {
+    /// Whether sessions of key id `kid` may reach targets through the exit listener `exit`.
+    pub(crate) fn exit_permits(&self, exit: &str, kid: u32) -> bool {
+        self.exits.get(exit).is_some_and(|kids| kids.contains(&kid))
+    }
+
     /// Decide whether `public_key` may register `name`.
     pub(crate) fn authorize(&self, public_key: &[u8; 32], name: &str) -> Result<()> {
         if !crate::identity::valid_name(name) {
