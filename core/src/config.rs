@@ -349,7 +349,10 @@ impl RelayConfig {
             cfg.exits = serde_json::from_str(v)
                 .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"name\": \"corp\", \"key_ids\": [1]}}] ({e})")))?;
             if let Some(bad) = cfg.exits.iter().find(|g| !crate::identity::valid_name(&g.name)) {
-                return Err(Error::config(format!("{w}: exit name {:?} is not a valid listener name; use 1-63 lowercase letters, digits and '-'", bad.name)));
+                return Err(Error::config(format!(
+                    "{w}: exit name {:?} is not a valid listener name; use 1-63 lowercase letters, digits and '-'",
+                    bad.name
+                )));
             }
         }
         cfg.tls_cert = get("tls_cert").map(|(v, _)| PathBuf::from(v));

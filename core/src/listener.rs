@@ -27,12 +27,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::handshake::connect_mux;
-use crate::error::{Error, ErrorCode, Result};
-use crate::identity::Identity;
-use crate::mux::{MuxConfig, MuxStream, Role, Session};
 use crate::egress::allowlist::Allowlist;
 use crate::egress::connect::{connect_target, Cause};
 use crate::egress::resolve::TargetResolver;
+use crate::error::{Error, ErrorCode, Result};
+use crate::identity::Identity;
+use crate::mux::{MuxConfig, MuxStream, Role, Session};
 use crate::protocol::{ExitHeader, Incoming, ListenAck, ListenHello, Via, STREAM_ACCEPTED};
 use crate::socks::Target;
 use crate::stream::{Inner, TunnelStream};
@@ -159,11 +159,7 @@ impl ListenerBuilder {
             return Err(Error::argument("an exit listener needs at least one allow rule, like [{\"host\": \"db.internal\", \"port\": 5432}]"));
         }
         let exit = match &self.exit {
-            Some(e) => Some(Arc::new(ExitState {
-                resolver: TargetResolver::new(&e.dns_servers)?,
-                cfg: e.clone(),
-                stats: ExitCounters::default(),
-            })),
+            Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
             None => None,
         };
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
@@ -546,7 +542,9 @@ async fn serve_exit(mut stream: MuxStream, h: ExitHeader, exit: &ExitState) -> R
     match connect_target(&req.address, &exit.cfg.allow, &exit.resolver, exit.cfg.connect_timeout).await {
         Ok(tcp) => {
             let bound = tcp.local_addr().ok();
-            crate::socks::write_reply(&mut stream, socks5_proto::Reply::Succeeded, bound).await.map_err(|e| Error::from_io(e, "answering an exit stream"))?;
+            crate::socks::write_reply(&mut stream, socks5_proto::Reply::Succeeded, bound)
+                .await
+                .map_err(|e| Error::from_io(e, "answering an exit stream"))?;
             exit.stats.connected.fetch_add(1, Relaxed);
             tracing::info!(kid, %client, %target, "exit: dialer connected to target");
             let moved = crate::stream::bridge(stream, tcp).await;

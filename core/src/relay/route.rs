@@ -53,8 +53,7 @@ pub(crate) fn listener_name(host: &str, domain: &str) -> Option<String> {
 /// Open a stream to the listener registered as `name` and wait (at most `wait`) for it to accept:
 /// dials and public TCP ports wait `connect_timeout`, public HTTP waits `http_timeout`.
 ///
-/// A pool's replicas are offered the stream in the registry's order (least outstanding streams,
-/// ties round-robin). A replica whose accept queue is full, that drains (`GoAway`), or whose
+/// A pool's replicas are offered the stream in the registry's order (round-robin). A replica whose accept queue is full, that drains (`GoAway`), or whose
 /// session dies before it accepts is skipped for the next one: nothing of the client's has been
 /// sent to it yet, so moving on loses nothing. The deadline covers every attempt.
 pub(crate) async fn open_to_listener(
@@ -224,7 +223,11 @@ async fn via_exit<S: AsyncWrite + Unpin>(
         reply
     };
     let verdict = match dialer {
-        None => Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "exit routing needs a multiplexed session (classic mode has no key per stream)")),
+        None => Err(refuse(
+            Reply::ConnectionNotAllowed,
+            Refusal::NotAllowed,
+            "exit routing needs a multiplexed session (classic mode has no key per stream)",
+        )),
         Some(kid) if !state.access().exit_permits(exit, kid) => {
             Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "the dialer's key may not use this exit (exits setting)"))
         }
