@@ -66,10 +66,15 @@ fn builder(
     ca: Option<PathBuf>,
     timeout: f64,
     backlog: usize,
+    pool: bool,
+    exit: Option<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let id = crate::keys::load_identity(key).map_err(to_py)?;
     let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog);
+    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog).pool(pool);
+    if let Some(rules) = exit {
+        b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
+    }
     if let Some(n) = name {
         b = b.name(n);
     }
@@ -88,7 +93,7 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -99,13 +104,15 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        pool: bool,
+        exit: Option<String>,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, pool, exit)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128))]
+    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -116,8 +123,10 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: f64,
         backlog: usize,
+        pool: bool,
+        exit: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, pool, exit)?;
         awaitable(py, bind(b))
     }
 
@@ -166,6 +175,22 @@ impl Listener {
                 Err(to_py(Error::new(ErrorCode::InvalidArgument, "cannot expose while an accept() is waiting on this listener")))
             }
         }
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued connections are
+    /// still handed out, accepted ones keep running (close once they are done).
+    fn retire(&self) {
+        if let Some(l) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            l.retire();
+        }
+    }
+
+    /// An exit listener's counters: `(connected, not_allowed, failed, bytes_to_targets,
+    /// bytes_from_targets)`, or `None` for other listeners (and once `expose` took it).
+    #[getter]
+    fn exit_stats(&self) -> Option<(u64, u64, u64, u64, u64)> {
+        let l = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        l.exit_stats().map(|s| (s.connected, s.not_allowed, s.failed, s.bytes_to_targets, s.bytes_from_targets))
     }
 
     /// Unregister; pending and later `accept` calls fail with `CLOSED`.

@@ -7,6 +7,7 @@ is its asyncio twin."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import socketserver
@@ -18,7 +19,7 @@ from . import _native
 from ._common import from_env, wrap
 from ._errors import Closed, TunnelTimeout
 
-__all__ = ["Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
+__all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
 
 StrPath = str | os.PathLike[str]
 
@@ -46,6 +47,26 @@ class Registration(NamedTuple):
     name: str
     http_url: str | None
     tcp_addr: str | None
+
+
+class ExitStats(NamedTuple):
+    """An exit listener's counters since it was bound (who connected where is in its log)."""
+
+    connected: int
+    not_allowed: int
+    failed: int
+    bytes_to_targets: int
+    bytes_from_targets: int
+
+
+#: An exit listener's allow rules: ``[{"host": "db.internal", "port": 5432}, ...]`` or that JSON.
+ExitRules = str | list[dict[str, Any]]
+
+
+def _exit_json(rules: ExitRules | None) -> str | None:
+    if rules is None or isinstance(rules, str):
+        return rules
+    return json.dumps(rules)
 
 
 def _resolve(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str, str, str | None]:
@@ -82,6 +103,18 @@ class _ListenerBase:
         """Whether the session to the relay is up (it reconnects in the background)."""
         return self._native.connected
 
+    def retire(self) -> None:
+        """Leave a pool's rotation (a rolling restart): the relay sends nothing new at once,
+        connections already queued are still handed out by ``accept``, accepted ones keep
+        running; close once they are done."""
+        self._native.retire()
+
+    @property
+    def exit_stats(self) -> ExitStats | None:
+        """An exit listener's counters (``None`` for other listeners)."""
+        s = self._native.exit_stats
+        return None if s is None else ExitStats(*s)
+
     def close(self) -> None:
         """Unregister; waiting and later ``accept`` calls raise :class:`Closed`."""
         self._native.close()
@@ -96,7 +129,10 @@ class Listener(_ListenerBase):
     ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
     (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
     key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
-    :meth:`accept` (more are refused).
+    :meth:`accept` (more are refused). ``pool=True`` joins the name's pool of replicas (every
+    replica opts in; the relay spreads connections over them). ``exit`` makes this an exit
+    listener: allow rules (a list of ``{"host", "port"}`` dicts or their JSON, as the relay's
+    ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``.
     """
 
     def __init__(
@@ -109,9 +145,13 @@ class Listener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float = 20.0,
         backlog: int = 128,
+        pool: bool = False,
+        exit: ExitRules | None = None,
     ) -> None:
         relay, key_text, ca_path = _resolve(relay, key, ca)
-        self._native = _native.Listener.bind(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        self._native = _native.Listener.bind(
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
+        )
         self._exposed: _native.Background | None = None
 
 
@@ -138,7 +178,8 @@ class Listener(_ListenerBase):
             self.close()
 
     def close(self) -> None:
-        """Unregister; waiting and later :meth:`accept` calls raise :class:`Closed`."""
+        """Unregister; waiting and later :meth:`accept` calls raise :class:`Closed`. (To leave a
+        pool without cutting open connections, :meth:`retire` first.)"""
         if self._exposed is not None:
             self._exposed.close()
         super().close()
@@ -169,10 +210,14 @@ class AsyncListener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float = 20.0,
         backlog: int = 128,
+        pool: bool = False,
+        exit: ExitRules | None = None,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
         relay, key_text, ca_path = _resolve(relay, key, ca)
-        native = await _native.Listener.bind_async(relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog)
+        native = await _native.Listener.bind_async(
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
+        )
         return cls(native)
 
 
