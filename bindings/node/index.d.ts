@@ -46,6 +46,13 @@ export interface ListenerBindOptions {
   ca?: string
   /** Keep accepted sockets writable after the peer's FIN (default false, like net.Server). */
   allowHalfOpen?: boolean
+  /** Join the name's pool of replicas (every replica opts in; the relay spreads connections). */
+  pool?: boolean
+  /**
+   * Be an exit listener: allow rules (`[{ host: 'db.internal', port: 5432 }]` or their JSON, the
+   * relay's `allow` syntax) for targets dialers reach through it with `dial(target, { via })`.
+   */
+  exit?: string | Array<{ host: string, port: number | string }>
 }
 
 export interface Listener extends EventEmitter {
@@ -74,6 +81,8 @@ export class Listener extends EventEmitter {
   allowHalfOpen: boolean
   /** Hand every connection to `server` (http/https/net.Server, an Express app's server); closing it closes the listener. */
   serve<S extends EventEmitter>(server: S): S
+  /** Leave a pool's rotation: nothing new arrives, open sockets keep running. */
+  retire(): void
   /** Unregister; 'close' follows once the accept loop has stopped. */
   close(callback?: () => void): this
   /** Resolves on 'close'. */
@@ -119,9 +128,10 @@ export class Dialer {
   private constructor()
   readonly relay: string
   /** A connected `net.Socket` to `host:port` (or a listener's `NAME:0`); `socket.end()` half-closes. */
-  dial(target: string, options?: { allowHalfOpen?: boolean }): Promise<Socket>
-  forward(target: string, options?: LocalAddressOptions): Promise<Forward>
-  socks(options?: LocalAddressOptions): Promise<Forward>
+  /** `via`: reach the target through this exit listener (inside its network). */
+  dial(target: string, options?: { allowHalfOpen?: boolean, via?: string }): Promise<Socket>
+  forward(target: string, options?: LocalAddressOptions & { via?: string }): Promise<Forward>
+  socks(options?: LocalAddressOptions & { via?: string }): Promise<Forward>
   close(): Promise<void>
 }
 

@@ -167,7 +167,10 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
             .identity
             .clone()
             .ok_or_else(|| Fail::new(tunnel_result::InvalidArgument, "a listener needs an identity: call tunnel_config_set_identity_file first"))?;
-        let mut b = Listener::builder(&cfg.relay, identity);
+        let mut b = Listener::builder(&cfg.relay, identity).pool(cfg.pool);
+        if let Some(rules) = &cfg.exit {
+            b = b.exit(rules.clone());
+        }
         if let Some(n) = &cfg.name {
             b = b.name(n.clone());
         }

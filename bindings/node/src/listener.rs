@@ -25,6 +25,10 @@ pub struct ListenerOptions {
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
+    /// Join the name's pool of replicas (every replica opts in).
+    pub pool: Option<bool>,
+    /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
+    pub exit: Option<String>,
 }
 
 /// One accepted stream.
@@ -76,6 +80,10 @@ impl NativeListener {
                 if let Some(ca) = o.ca {
                     b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
                 }
+                b = b.pool(o.pool.unwrap_or(false));
+                if let Some(rules) = o.exit {
+                    b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
+                }
             }
             Ok(NativeListener { inner: Arc::new(b.bind().await?) })
         })
@@ -114,6 +122,13 @@ impl NativeListener {
             let sock = libtunnel::fd::into_socket(stream).await?;
             Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: via_name(peer.via).to_string(), port: u32::from(peer.port) })
         })
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued streams are still
+    /// accepted, open ones keep running (close once they are done).
+    #[napi]
+    pub fn retire(&self) {
+        self.inner.retire();
     }
 
     /// Unregister and stop; a pending `accept()` rejects with `ECLOSED`.
