@@ -100,6 +100,15 @@ class Listener extends EventEmitter {
         got = await this._raw.accept()
       } catch (err) {
         if (err.code === 'ECLOSED') return
+        // The relay ended the registration for good (another session of the key took the name,
+        // or a reload withdrew it): say so once, then stop like a close.
+        if (err.code === 'ENAMETAKEN' || err.code === 'ENOTALLOWED') {
+          if (!this._ended) {
+            this._ended = true
+            this.emit('error', err)
+          }
+          return
+        }
         // One stream that could not be handed over (e.g. out of fds); keep accepting.
         this.emit('error', err)
         continue

@@ -43,11 +43,16 @@ test('pool: two replicas share the dials; a retired one gets nothing new', async
   for (let i = 0; i < 6; i++) await ping(dialer, `${key.name}:0`)
   assert.equal(sa.count, 5, 'a retired replica got a new connection')
   assert.equal(sb.count, 11)
-  // Without `pool`, the same key takes the name over (today's rule) and the replicas stop.
-  const c = await Listener.bind({ relay: env.url, key: key.pem })
-  await within(STEP_MS, 'replaced replica closes', once(b, 'close'))
-  c.close()
+  // The retired replica's accept loop has ended (its queue is closed).
+  await within(STEP_MS, 'the retired replica closes', a.closed())
   a.close()
+  // Without `pool`, the same key takes the name over (today's rule): the replica is told why.
+  const replaced = once(b, 'error')
+  const c = await Listener.bind({ relay: env.url, key: key.pem })
+  const [err] = await within(STEP_MS, 'the replaced replica reports it', replaced)
+  assert.equal(err.code, 'ENAMETAKEN')
+  await within(STEP_MS, 'the replaced replica closes', b.closed())
+  c.close()
   await dialer.close()
   await env.relay.close()
 })
