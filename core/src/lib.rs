@@ -23,7 +23,7 @@ pub use config::RelayConfig;
 pub use dialer::{Dialer, DialerBuilder};
 pub use error::{Error, ErrorCode, Result};
 pub use identity::Identity;
-pub use listener::{Listener, ListenerBuilder, PeerInfo, Registration};
+pub use listener::{ExitStats, Listener, ListenerBuilder, PeerInfo, Registration};
 pub use protocol::Via;
 pub use relay::{Reloader, Server, ServerHandle};
 pub use stream::{Mode, TunnelStream};

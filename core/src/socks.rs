@@ -144,7 +144,7 @@ fn exit_reply_error(reply: Reply, target: &Target, exit: &str) -> Error {
         ),
         Reply::HostUnreachable | Reply::NetworkUnreachable => Error::new(
             ErrorCode::Unreachable,
-            format!("{target} via the exit listener {exit:?} could not be reached: {exit} is offline, or it could not resolve or reach {target}"),
+            format!("{target} via the exit listener {exit:?} could not be reached: {exit} is offline or unknown to the relay (TUNNEL_EXITS), or it could not resolve or reach {target}"),
         ),
         Reply::ConnectionRefused => Error::new(
             ErrorCode::Refused,

@@ -191,6 +191,9 @@ async fn exit_connects_inside_its_network_and_enforces_its_own_allowlist() {
     relay.reload(&cfg).expect("reload");
     let e = within(STEP, "via an offline exit", d.dial_via(&echo.to_string(), "nobody-here")).await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
+    // An exit the relay's `exits` setting does not name is unknown, like an offline name.
+    let e = within(STEP, "via an unknown exit", d.dial_via(&echo.to_string(), "not-configured")).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
     // A bad exit name is refused before anything is sent.
     let e = d.dial_via(&echo.to_string(), "Not A Name").await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::InvalidArgument, "{e}");

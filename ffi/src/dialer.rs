@@ -93,7 +93,12 @@ pub unsafe extern "C" fn tunnel_dialer_dial(dialer: *const tunnel_dialer, target
 /// `dialer` must be NULL or a live dialer; `target` and `via` NULL or NUL-terminated; `out_fd`
 /// NULL or writable.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_dialer_dial_via(dialer: *const tunnel_dialer, target: *const c_char, via: *const c_char, out_fd: *mut c_int) -> tunnel_result {
+pub unsafe extern "C" fn tunnel_dialer_dial_via(
+    dialer: *const tunnel_dialer,
+    target: *const c_char,
+    via: *const c_char,
+    out_fd: *mut c_int,
+) -> tunnel_result {
     fallible(|| {
         let out_fd = out_ptr(out_fd, "out_fd")?;
         // SAFETY: the caller passes NULL or a live dialer.

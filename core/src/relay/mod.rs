@@ -8,8 +8,11 @@
 //!
 //! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
 //! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
-//! (`crate::egress`: allowlist, resolver, connect) or a listener name (`route`), and a session
-//! whose hello registers a listener is handed to `listen`, which holds the name in `registry`.
+//! (`crate::egress`: allowlist, resolver, connect), a listener name (`route`), or `HOST@EXIT`, a
+//! target behind an exit listener (`route`: the relay checks the key's `exits` grant and passes
+//! the CONNECT to the exit, whose own allowlist decides); a session whose hello registers a
+//! listener is handed to `listen`, which holds the name in `registry` (alone, or as one replica
+//! of a pool).
 //! Public HTTP requests and public TCP ports reach listeners through the same `route`.
 //!
 //! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests

@@ -222,13 +222,19 @@ async fn via_exit<S: AsyncWrite + Unpin>(
         tracing::info!(%peer, kid = ?dialer, %exit, %target, reason = why, "stream through an exit listener refused by the relay");
         reply
     };
+    let access = state.access();
     let verdict = match dialer {
+        // An exit the relay's `exits` setting does not name is unknown here, as an offline
+        // listener name is (host unreachable); one it names for other keys is refused.
+        _ if !access.exits.contains_key(exit) => {
+            Err(refuse(Reply::HostUnreachable, Refusal::ListenerOffline, "no exit of that name is configured (exits setting)"))
+        }
         None => Err(refuse(
             Reply::ConnectionNotAllowed,
             Refusal::NotAllowed,
             "exit routing needs a multiplexed session (classic mode has no key per stream)",
         )),
-        Some(kid) if !state.access().exit_permits(exit, kid) => {
+        Some(kid) if !access.exit_permits(exit, kid) => {
             Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "the dialer's key may not use this exit (exits setting)"))
         }
         Some(_) => match state.registry.joining(exit) {
