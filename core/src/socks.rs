@@ -42,9 +42,10 @@ impl Target {
     /// relay routes the CONNECT to that exit, which connects it inside its own network. On the
     /// wire the host becomes `HOST@EXIT` ([`crate::protocol::split_exit_route`]).
     pub fn through_exit(&self, exit: &str) -> Result<Target> {
-        let exit = exit.trim().to_ascii_lowercase();
+        let raw = exit.trim();
+        let exit = raw.to_ascii_lowercase();
         if !crate::identity::valid_name(&exit) {
-            return Err(Error::argument(format!("via {exit:?} is not a listener name: use 1-63 lowercase letters, digits and '-'")));
+            return Err(Error::argument(format!("via {raw:?} is not a listener name: use 1-63 lowercase letters, digits and '-'")));
         }
         if self.exit_route().is_some() {
             return Err(Error::argument(format!("{self} already names an exit listener; give one via")));
