@@ -11,6 +11,8 @@
 # BENCH_NO_BUILD=1, BENCH_OUT=DIR. wrk is installed from Debian (apt-get, with sudo when not root).
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
+# No per-connection log lines (target libtunnel::conn): the figures measure the tunnel.
+export RUST_LOG=${RUST_LOG:-info,libtunnel::conn=warn}
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)

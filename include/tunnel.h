@@ -266,7 +266,21 @@ extern "C" {
 const char *tunnel_version(void);
 
 /**
+ * Copy the message of the last failed libtunnel call on this thread into `buf`, as `snprintf`
+ * does: at most `len - 1` bytes plus a NUL (nothing when `len` is 0, and then `buf` may be
+ * NULL). `*out_n` (optional, may be NULL) receives the full message length without the NUL, so
+ * a caller can retry with a bigger buffer. The message is empty when nothing failed yet.
+ * Successful calls do not clear it. Returns `TUNNEL_RESULT_NULL_PARAMETER` only when `buf` is
+ * NULL and `len` is not 0.
+ *
+ * # Safety
+ * `buf` must point to `len` writable bytes; `out_n` must be NULL or writable.
+ */
+tunnel_result tunnel_last_error_message(char *buf, size_t len, size_t *out_n);
+
+/**
  * Start a config for the relay at `relay_url` (`ws://`, `wss://` or `tcp://`).
+ * (`tunnel_config_new_env` takes the URL from `TUNNEL_RELAY` instead.)
  *
  * On success `*out` receives a new config owned by the caller; end it with `tunnel_config_free`.
  * Fails with `TUNNEL_RESULT_INVALID_ARGUMENT` for a malformed URL.
@@ -277,8 +291,20 @@ const char *tunnel_version(void);
 tunnel_result tunnel_config_new(const char *relay_url, struct tunnel_config **out);
 
 /**
+ * Start a config whose relay URL comes from `TUNNEL_RELAY` (the environment, then `./.env`),
+ * read when the dialer or listener is made, like every value no setter gives.
+ *
+ * On success `*out` receives a new config owned by the caller; end it with `tunnel_config_free`.
+ *
+ * # Safety
+ * `out` must be NULL or writable.
+ */
+tunnel_result tunnel_config_new_env(struct tunnel_config **out);
+
+/**
  * Set the shared key a dialer authenticates with, written `KID:BASE64` (what `tunnel keygen`
- * prints as `TUNNEL_KEY`). Copied; the caller keeps `key`.
+ * prints as `TUNNEL_KEY`) or the path of a file holding it. Copied; the caller keeps `key`.
+ * Default: `TUNNEL_KEY`.
  *
  * # Safety
  * `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
@@ -287,7 +313,8 @@ tunnel_result tunnel_config_set_key(struct tunnel_config *cfg, const char *key);
 
 /**
  * Trust only the PEM certificates in the file at `path` for `wss://` relays (a private CA or a
- * self-signed relay certificate). The file is read now. Default: the public Web PKI.
+ * self-signed relay certificate). The file is read now. Default: `TUNNEL_CA`, else the public
+ * Web PKI.
  *
  * # Safety
  * `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.
@@ -296,7 +323,8 @@ tunnel_result tunnel_config_set_ca_file(struct tunnel_config *cfg, const char *p
 
 /**
  * Set how long one dial (or a listener's registration) may take, in milliseconds (default
- * 20000). 0 is `TUNNEL_RESULT_INVALID_ARGUMENT`.
+ * `TUNNEL_TIMEOUT` seconds, else 20000). 0 and more than 30 days are
+ * `TUNNEL_RESULT_INVALID_ARGUMENT`.
  *
  * # Safety
  * `cfg` must be NULL or a live config.
@@ -323,6 +351,16 @@ tunnel_result tunnel_config_set_identity_file(struct tunnel_config *cfg,
  * `cfg` must be NULL or a live config; `name` NULL or NUL-terminated.
  */
 tunnel_result tunnel_config_set_listener_name(struct tunnel_config *cfg, const char *name);
+
+/**
+ * Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)
+ * when `classic` is true, libtunnel's multiplexed one when false. Default: `TUNNEL_MODE`, else
+ * multiplexed.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_classic(struct tunnel_config *cfg, bool classic);
 
 /**
  * Make a listener bound from this config join its name's pool of replicas (`tunnel listen
@@ -409,19 +447,6 @@ tunnel_result tunnel_dialer_dial_via(const struct tunnel_dialer *dialer,
  * `dialer` must be NULL or a live dialer, not used again afterwards.
  */
 void tunnel_dialer_free(struct tunnel_dialer *dialer);
-
-/**
- * Copy the message of the last failed libtunnel call on this thread into `buf`, as `snprintf`
- * does: at most `len - 1` bytes plus a NUL (nothing when `len` is 0, and then `buf` may be
- * NULL). `*out_n` (optional, may be NULL) receives the full message length without the NUL, so
- * a caller can retry with a bigger buffer. The message is empty when nothing failed yet.
- * Successful calls do not clear it. Returns `TUNNEL_RESULT_NULL_PARAMETER` only when `buf` is
- * NULL and `len` is not 0.
- *
- * # Safety
- * `buf` must point to `len` writable bytes; `out_n` must be NULL or writable.
- */
-tunnel_result tunnel_last_error_message(char *buf, size_t len, size_t *out_n);
 
 /**
  * The SCREAMING name of a result code without its prefix ("OK", "NOT_ALLOWED",
@@ -516,7 +541,7 @@ void tunnel_listener_free(struct tunnel_listener *listener);
  */
 tunnel_result tunnel_set_log_callback(tunnel_log_callback callback,
                                       void *userdata,
-                                      tunnel_log_level max_level);
+                                      uint32_t max_level);
 
 /**
  * Start an empty relay configuration. `listen` defaults to `127.0.0.1:7835`; `auth_keys` and

@@ -207,7 +207,7 @@ fn fd_limit() -> u64 {
     unsafe {
         let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur as u64
+        r.rlim_cur
     }
 }
 

@@ -144,6 +144,8 @@ export class Server {
   private constructor()
   /** The URL dialers and listeners use. */
   readonly url: string
+  /** What `tunnel server` prints when it is up: the URL and every endpoint's address. */
+  readonly readyText: string
   address(): AddressInfo | null
   httpAddress(): AddressInfo | null
   tcpAddress(): AddressInfo | null

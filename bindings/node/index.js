@@ -57,10 +57,9 @@ class Listener extends EventEmitter {
    * `TUNNEL_LISTENER_KEY`); `relay` defaults to `TUNNEL_RELAY`.
    */
   static async bind (options = {}) {
-    const relay = options.relay ?? process.env.TUNNEL_RELAY
-    const key = options.key ?? process.env.TUNNEL_LISTENER_KEY
-    if (!relay || !key) throw invalidArgument('Listener.bind needs { relay, key } (or TUNNEL_RELAY and TUNNEL_LISTENER_KEY)')
-    const raw = await native.NativeListener.bind(relay, keyText(key), {
+    // What is not given comes from TUNNEL_RELAY, TUNNEL_LISTENER_KEY, TUNNEL_CA and
+    // TUNNEL_TIMEOUT (and ./.env), read by the core as in every face.
+    const raw = await native.NativeListener.bind(options.relay, keyText(options.key), {
       name: options.name,
       tcpPort: options.tcpPort,
       timeoutMs: options.timeout,
@@ -186,10 +185,9 @@ class Dialer {
    * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol).
    */
   static async connect (options = {}) {
-    const relay = options.relay ?? process.env.TUNNEL_RELAY
-    const key = options.key ?? process.env.TUNNEL_KEY
-    if (!relay || !key) throw invalidArgument('Dialer.connect needs { relay, key } (or TUNNEL_RELAY and TUNNEL_KEY)')
-    const raw = new native.NativeDialer(relay, key, { timeoutMs: options.timeout, ca: options.ca, classic: options.classic })
+    // What is not given comes from TUNNEL_RELAY, TUNNEL_KEY, TUNNEL_CA, TUNNEL_TIMEOUT and
+    // TUNNEL_MODE (and ./.env), read by the core as in every face.
+    const raw = new native.NativeDialer(options.relay, options.key, { timeoutMs: options.timeout, ca: options.ca, classic: options.classic })
     await raw.connect()
     return new Dialer(raw)
   }
@@ -241,6 +239,8 @@ class Server {
     this._alive = new KeepAlive()
     /** The URL dialers and listeners use. */
     this.url = raw.url
+    /** What `tunnel server` prints when it is up: the URL and every endpoint's address. */
+    this.readyText = raw.readyText
   }
 
   /** The tunnel endpoint, `{ address, family, port }` like `net.Server.address()`. */
@@ -282,7 +282,10 @@ function generateListenerKey (out) { return native.generateListenerKey(out) }
 /** Name and public key of a listener key (PEM text or a path). */
 function loadListenerKey (key) { return native.loadListenerKey(keyText(key)) }
 
-function keyText (key) { return typeof key === 'object' && key.pem ? key.pem : String(key) }
+function keyText (key) {
+  if (key === undefined || key === null) return undefined
+  return typeof key === 'object' && key.pem ? key.pem : String(key)
+}
 function localAddr (options) { return options.port !== undefined ? `${options.host ?? '127.0.0.1'}:${options.port}` : options.local }
 function snake (k) { return k.replace(/[A-Z]/g, (c) => '_' + c.toLowerCase()) }
 

@@ -36,6 +36,13 @@ export declare function generateKey(kid?: number | undefined | null): SharedKey
 export declare function generateListenerKey(out?: string | undefined | null): ListenerKey
 /** Describe a listener identity given as PEM text or a PEM file path. */
 export declare function loadListenerKey(key: string): ListenerKey
+/** What `keygen` prints for a new shared key with id `kid` (the lines of `tunnel keygen`). */
+export declare function keygenText(kid?: number | undefined | null): string
+/**
+ * Write a new listener identity to `out` (mode 0600, must not exist) and return what
+ * `keygen --listener` prints (the lines of `tunnel keygen --listener`).
+ */
+export declare function listenerKeygenText(out: string): string
 /** Options of `NativeListener.bind(relay, key, options)`. */
 export interface ListenerOptions {
   /** Register this name instead of the key-derived one (the relay must grant it to the key). */
@@ -94,8 +101,11 @@ export declare function errorCodes(): Array<ErrorCodeInfo>
 export declare function demo(): Promise<void>
 /** A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures. */
 export declare class NativeDialer {
-  /** Build a dialer (no I/O yet). `key` is `KID:BASE64` or a file holding it. */
-  constructor(relay: string, key: string, options?: DialerOptions | undefined | null)
+  /**
+   * Build a dialer (no I/O yet). `key` is `KID:BASE64` or a file holding it; what is not
+   * given comes from `TUNNEL_RELAY`, `TUNNEL_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`, `TUNNEL_MODE`.
+   */
+  constructor(relay?: string | undefined | null, key?: string | undefined | null, options?: DialerOptions | undefined | null)
   /** The relay URL. */
   get relay(): string
   /**
@@ -133,8 +143,11 @@ export declare class NativeForward {
 }
 /** A registered listener. */
 export declare class NativeListener {
-  /** Connect to `relay` and register; `key` is the listener's PEM key or a path to it. */
-  static bind(relay: string, key: string, options?: ListenerOptions | undefined | null): Promise<NativeListener>
+  /**
+   * Connect to `relay` and register; `key` is the listener's PEM key or a path to it. What is
+   * not given comes from `TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`.
+   */
+  static bind(relay?: string | undefined | null, key?: string | undefined | null, options?: ListenerOptions | undefined | null): Promise<NativeListener>
   /** The registered name. */
   get name(): string
   /** The public HTTP URL routed to this listener, when the relay has an HTTP port. */
@@ -162,7 +175,11 @@ export declare class NativeServer {
   static start(settings: Array<Array<string>>, options?: ServerOptions | undefined | null): Promise<NativeServer>
   /** The URL dialers and listeners use (`ws://…`, `wss://…` or `tcp://…`). */
   get url(): string
-  /** `ip:port` of the WebSocket tunnel endpoint, if enabled. */
+  /**
+   * `ip:port` of the WebSocket tunnel endpoint, if enabled.
+   * What `tunnel server` prints when it is up (the URL and every endpoint's address).
+   */
+  get readyText(): string
   get address(): string | null
   /** `ip:port` of the public HTTP port, if enabled. */
   get httpAddress(): string | null

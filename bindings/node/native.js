@@ -310,13 +310,15 @@ if (!nativeBinding) {
   throw new Error(`Failed to load native binding`)
 }
 
-const { NativeDialer, NativeForward, generateKey, generateListenerKey, loadListenerKey, NativeListener, setLogger, NativeServer, errorCodes, demo } = nativeBinding
+const { NativeDialer, NativeForward, generateKey, generateListenerKey, loadListenerKey, keygenText, listenerKeygenText, NativeListener, setLogger, NativeServer, errorCodes, demo } = nativeBinding
 
 module.exports.NativeDialer = NativeDialer
 module.exports.NativeForward = NativeForward
 module.exports.generateKey = generateKey
 module.exports.generateListenerKey = generateListenerKey
 module.exports.loadListenerKey = loadListenerKey
+module.exports.keygenText = keygenText
+module.exports.listenerKeygenText = listenerKeygenText
 module.exports.NativeListener = NativeListener
 module.exports.setLogger = setLogger
 module.exports.NativeServer = NativeServer

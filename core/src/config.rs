@@ -134,7 +134,7 @@ impl Limits {
 }
 
 /// Largest duration setting (30 days): deadlines are computed as `now + setting`.
-const MAX_SECONDS: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_SECONDS: Duration = Duration::from_secs(crate::client::config::MAX_SECONDS as u64);
 /// Largest count setting: below tokio's semaphore limit on 32- and 64-bit targets.
 const MAX_COUNT: usize = 1 << 28;
 
@@ -235,6 +235,49 @@ impl RelayConfig {
         RelayConfig::from_sources(toml.as_deref(), &dotenv, &env, overrides)
     }
 
+    /// A relay must serve dialers (`auth_keys`) or listeners (`listener_keys` or
+    /// `listeners_open`), or both: a listeners-only relay (public HTTP, ngrok-style) needs no
+    /// shared key and no allowlist. A relay for dialers alone needs an allowlist (else no dial
+    /// could succeed); with listeners too, an empty one lets dialers reach listeners by name only,
+    /// which is worth a warning. `keys_var` and `allow_var` name the settings in the errors.
+    pub fn check_serves_someone(&self, keys_var: &str, allow_var: &str) -> Result<()> {
+        let listeners = !self.listener_keys.is_empty() || self.listeners_open;
+        if self.auth_keys.is_empty() && !listeners {
+            return Err(Error::config(format!(
+                "no auth keys and no listener keys: the relay would serve nobody; set {keys_var} to a JSON list like \
+                 [{{\"kid\": 1, \"data\": \"<base64>\"}}] for dialers (`tunnel keygen` makes one), and/or TUNNEL_LISTENER_KEYS \
+                 (or TUNNEL_LISTENERS_OPEN=true) for listeners"
+            )));
+        }
+        if !self.auth_keys.is_empty() && self.allow.is_empty() {
+            if !listeners {
+                return Err(Error::config(format!(
+                    "the allowlist is empty, so no dial could succeed: set {allow_var} to a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]"
+                )));
+            }
+            tracing::warn!("the allowlist is empty: dialers can reach listeners by name only; set {allow_var} to let them reach targets");
+        }
+        Ok(())
+    }
+
+    /// The embedded relay's loader (Python `Relay`, Node `Server.start`, C `tunnel_server_*`):
+    /// `settings` (`(name, value)` pairs, names as in [`SETTINGS`], any case) win over the
+    /// environment and `./.env` (read only when `use_env`), which win over the TOML `file`.
+    pub fn from_settings(settings: &[(String, String)], file: Option<&Path>, use_env: bool) -> Result<RelayConfig> {
+        let settings: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v.clone())).collect();
+        if let Some((k, _)) = settings.iter().find(|(k, _)| lookup(k).is_none()) {
+            return Err(unknown(k, "setting"));
+        }
+        if use_env {
+            return RelayConfig::load(file, &settings);
+        }
+        let toml = match file {
+            Some(p) => Some(std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read config file {}: {e}", p.display())))?),
+            None => None,
+        };
+        RelayConfig::from_sources(toml.as_deref(), &[], &[], &settings)
+    }
+
     /// Merge explicit sources (what `load` reads), lowest precedence first.
     pub fn from_sources(
         toml: Option<&str>,
@@ -264,7 +307,7 @@ impl RelayConfig {
         let mut listen_given = false;
         for (var, val) in &merged {
             if let Some(name) = var.strip_prefix("TUNNEL_") {
-                if CLIENT_VARS.contains(&var.as_str()) {
+                if crate::client::config::is_client_var(var) {
                     continue;
                 }
                 let setting = lookup(&name.to_ascii_lowercase()).ok_or_else(|| unknown(var, "environment variable"))?;
@@ -287,7 +330,7 @@ impl RelayConfig {
                     _ if is_service_link(name) => continue,
                     _ => {
                         tracing::warn!(
-                            "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --help` lists the settings)"
+                            "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --set help` lists the settings)"
                         );
                         continue;
                     }
@@ -380,16 +423,16 @@ impl RelayConfig {
         // Bounded both ways: a duration that rounds to zero would time every handshake out, and
         // one near `Duration::MAX` would overflow the deadlines computed from it (and
         // `Duration::from_secs_f64` panics past that).
-        let secs = |k: &str, d: Duration| -> Result<Duration> {
-            match get(k) {
-                None => Ok(d),
-                Some((v, w)) => {
-                    v.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()).filter(|d| !d.is_zero() && *d <= MAX_SECONDS).ok_or_else(
-                        || Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs())),
-                    )
+        let secs =
+            |k: &str, d: Duration| -> Result<Duration> {
+                match get(k) {
+                    None => Ok(d),
+                    // The same check as every face's timeouts (`client::checked_seconds`).
+                    Some((v, w)) => v.parse::<f64>().ok().and_then(|s| crate::client::checked_seconds(w, s).ok()).ok_or_else(|| {
+                        Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs()))
+                    }),
                 }
-            }
-        };
+            };
         // Counts size semaphores and buffers, which panic or abort past their limits.
         let count = |k: &str, d: usize| -> Result<usize> {
             match get(k) {
@@ -452,17 +495,8 @@ impl RelayConfig {
                 return Err(Error::config(format!("listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'")));
             }
         }
-        if cfg.auth_keys.is_empty() {
-            return Err(Error::config(format!(
-                "no auth keys: set {keys_var} to a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}]; `tunnel keygen` makes one"
-            )));
-        }
-        if cfg.allow.is_empty() {
-            let var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
-            return Err(Error::config(format!(
-                "the allowlist is empty, so no dial could succeed: set {var} to a JSON list like [{{\"host\": \"db.internal\", \"port\": 5432}}]"
-            )));
-        }
+        let allow_var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
+        cfg.check_serves_someone(&keys_var, &allow_var)?;
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
             return Err(Error::config("both tunnel endpoints are disabled: set TUNNEL_LISTEN (or TUNNEL_TCP_LISTEN)"));
         }
@@ -519,10 +553,6 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
 ];
 
-/// Client-side variables that may share an environment with the relay.
-/// (`LIBTUNNEL_WORKER_THREADS` has no `TUNNEL_` prefix, so the relay never looks at it.)
-const CLIENT_VARS: &[&str] = &["TUNNEL_RELAY", "TUNNEL_KEY", "TUNNEL_CA", "TUNNEL_MODE", "TUNNEL_LISTENER_KEY", "TUNNEL_WORKER_THREADS"];
-
 fn lookup(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)
 }
@@ -541,7 +571,7 @@ fn unknown(what: &str, kind: &str) -> Error {
             }
         })
         .unwrap_or_default();
-    Error::config(format!("unknown {kind} {what}{close} (`tunnel server --help` lists the settings)"))
+    Error::config(format!("unknown {kind} {what}{close} (`tunnel server --set help` lists the settings)"))
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

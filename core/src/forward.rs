@@ -25,11 +25,11 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
     serve_local(listener, shutdown, move |sock, peer| {
         let (dialer, target) = (dialer.clone(), target.clone());
         async move {
+            let started = std::time::Instant::now();
             match dialer.dial_for(&target, &sock).await {
                 Ok((stream, _early)) => {
-                    if let Err(e) = stream.bridge(sock).await {
-                        tracing::debug!(%peer, error = %e, "forwarded connection ended with an error");
-                    }
+                    let r = stream.bridge(sock).await;
+                    crate::conn_log::closed("forwarded connection", &peer, &target, started, &r);
                 }
                 // The local connection is closed (as before early data): clients see the end at once.
                 Err(e) => tracing::warn!(%peer, code = %e.code(), "{e}"),
@@ -87,13 +87,13 @@ async fn serve_socks_client(mut sock: TcpStream, peer: SocketAddr, dialer: Diale
             return;
         }
     };
+    let started = std::time::Instant::now();
     match dialer.dial_target(&target).await {
         Ok(stream) => {
             let bound = sock.local_addr().ok();
             if socks::write_reply(&mut sock, Reply::Succeeded, bound).await.is_ok() {
-                if let Err(e) = stream.bridge(sock).await {
-                    tracing::debug!(%peer, error = %e, "proxied connection ended with an error");
-                }
+                let r = stream.bridge(sock).await;
+                crate::conn_log::closed("proxied connection", &peer, &target, started, &r);
             }
         }
         Err(e) => {
@@ -170,6 +170,7 @@ pub async fn expose(listener: crate::listener::Listener, to: String, proxy_proto
 
 async fn serve_exposed(stream: crate::stream::TunnelStream, peer: crate::listener::PeerInfo, to: String, proxy_protocol: bool) {
     use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
     let mut local = match TcpStream::connect(&to).await {
         Ok(s) => s,
         Err(e) => {
@@ -184,9 +185,8 @@ async fn serve_exposed(stream: crate::stream::TunnelStream, peer: crate::listene
             return;
         }
     }
-    if let Err(e) = stream.bridge(local).await {
-        tracing::debug!(client = %peer.client, error = %e, "exposed connection ended with an error");
-    }
+    let r = stream.bridge(local).await;
+    crate::conn_log::closed(&format!("exposed {} connection", peer.via.as_str()), &peer.client, &to, started, &r);
 }
 
 /// Run an exit listener that exposes no service (`tunnel listen --exit` without `--to`): its exit

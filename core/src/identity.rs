@@ -103,9 +103,20 @@ impl Identity {
         self.key.to_pkcs8_pem(Default::default()).expect("an Ed25519 key always encodes").to_string()
     }
 
-    /// Write the key to a new file readable only by its owner (0600). Refuses to overwrite.
+    /// Write the key to a new file readable only by its owner (0600), creating its folder
+    /// (0700) when missing. Refuses to overwrite.
     pub fn save(&self, path: &Path) -> Result<()> {
         use std::io::Write;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+            let mut b = std::fs::DirBuilder::new();
+            b.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                b.mode(0o700);
+            }
+            b.create(dir).map_err(|e| Error::from_io(e, &format!("creating the folder {} for the key", dir.display())))?;
+        }
         let mut opts = std::fs::OpenOptions::new();
         opts.write(true).create_new(true);
         #[cfg(unix)]

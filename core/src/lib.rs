@@ -1,7 +1,47 @@
 //! libtunnel: reach private TCP services through a relay, over one authenticated WebSocket.
+//!
+//! Three roles share one protocol: a [`Dialer`] opens streams to `host:port` targets (or to a
+//! listener's name) through a relay; a [`Listener`] registers a name with a relay and accepts the
+//! streams and public HTTP requests routed to it; the relay ([`Server`]) authenticates both and
+//! routes between them. The C, Python and Node faces are thin layers over these types, configured
+//! through [`client`] exactly like the `tunnel` CLI.
+//!
+//! # Layout
+//!
+//! Follow one **dial** (`tunnel forward 5432 db.internal:5432`, or `Dialer.dial` in any face):
+//! - [`client::config`] turns flags / arguments / `TUNNEL_*` variables into a checked
+//!   [`client::ClientConfig`]; [`client::keys`] reads the shared [`Key`].
+//! - [`dialer`] keeps one multiplexed session per relay: [`transport`] connects (WebSocket over TCP
+//!   or TLS, or raw TCP), `client::handshake` reads the relay's nonce and sends the signed hello
+//!   ([`auth`], [`protocol`]), and [`mux`] carries every stream over that session with flow control.
+//! - Each dial is a SOCKS5 CONNECT inside a new mux stream ([`socks`]); the result is a
+//!   [`TunnelStream`] ([`stream`]), which [`forward`] bridges to a local socket and [`fd`] hands to
+//!   the faces as a plain socket descriptor.
+//! - On the relay ([`relay`]): the tunnel endpoint admits the connection (`relay::guard`),
+//!   `relay::session` checks the hello and serves each stream's CONNECT: a real target goes through
+//!   [`egress`] (allowlist before and after DNS, resolver, connect); a listener's name goes through
+//!   `relay::route` to that listener's session. Bytes then move frame to frame.
+//!
+//! Follow one **listener request** (`tunnel listen --to 127.0.0.1:3000`, `Listener.bind`):
+//! - [`listener`] connects like a dialer, but its hello registers a name signed by its Ed25519
+//!   [`Identity`] ([`identity`]: names are base32 of the key's SHA-256); `relay::listen` verifies it
+//!   and holds the name in `relay::registry` while the session lives.
+//! - A public HTTP request on the relay's public port (`relay::public_endpoint`) or a dial by name
+//!   is routed by `relay::route::open_to_listener`: a new mux stream to the listener, headed by a
+//!   [`protocol::StreamHeader`] (who, how: [`Via`]). The listener's [`Listener::accept`] yields it
+//!   with a [`PeerInfo`]; [`forward::expose`] connects it to the local service.
+//!
+//! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags), [`error`]
+//! (one [`ErrorCode`] table every face maps), [`runtime`] (the one way to build the Tokio runtime),
+//! [`log_line`] (log events as text for the faces), [`demo`] (the narrated loopback demo).
+//!
+//! `mux`, `protocol` and `transport` are public for the fuzz targets, the benchmarks and the
+//! tests, not as an API: they are hidden from the docs and may change in any release. The types
+//! users need from them are re-exported here.
 pub mod auth;
 pub mod client;
 pub mod config;
+mod conn_log;
 pub mod demo;
 pub mod dialer;
 pub mod egress;
@@ -11,19 +51,29 @@ pub mod fd;
 pub mod forward;
 pub mod identity;
 pub mod listener;
+pub mod log_line;
+#[doc(hidden)]
 pub mod mux;
+#[doc(hidden)]
 pub mod protocol;
 pub mod relay;
+pub mod runtime;
 pub mod socks;
 pub mod stream;
+mod tls_pin;
+#[doc(hidden)]
 pub mod transport;
 
 pub use auth::Key;
+pub use client::{ClientConfig, ClientOptions};
 pub use config::RelayConfig;
 pub use dialer::{Dialer, DialerBuilder};
+pub use egress::Allowlist;
 pub use error::{Error, ErrorCode, Result};
 pub use identity::Identity;
 pub use listener::{ExitStats, Listener, ListenerBuilder, PeerInfo, Registration};
+pub use mux::MuxConfig;
 pub use protocol::Via;
 pub use relay::{Reloader, Server, ServerHandle};
 pub use stream::{Mode, TunnelStream};
+pub use transport::{ClientTls, RelayUrl};

@@ -221,7 +221,7 @@ impl HelloAck {
         if status == 0 {
             return Ok(HelloAck { refusal: None });
         }
-        let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == status).unwrap_or(ErrorCode::General);
+        let code = ErrorCode::from_number(status).unwrap_or(ErrorCode::General);
         Ok(HelloAck { refusal: Some((code, msg)) })
     }
 }
@@ -319,7 +319,7 @@ impl ListenAck {
     pub fn decode_frame(b: &[u8]) -> Result<ListenAck> {
         let ack = ListenAck::decode(b).map_err(|_| Error::protocol("malformed registration answer from the relay"))?;
         if ack.status != 0 {
-            let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == ack.status).unwrap_or(ErrorCode::General);
+            let code = ErrorCode::from_number(ack.status).unwrap_or(ErrorCode::General);
             return Err(Error::new(code, ack.message));
         }
         Ok(ack)
@@ -336,6 +336,17 @@ pub enum Via {
     Http = 2,
     /// The listener's public TCP port.
     Tcp = 3,
+}
+
+impl Via {
+    /// `dial`, `http` or `tcp`: the name every face shows (`PeerInfo.via` in Python and Node).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Dial => "dial",
+            Via::Http => "http",
+            Via::Tcp => "tcp",
+        }
+    }
 }
 
 /// Written by the relay at the start of every stream it opens to a listener:

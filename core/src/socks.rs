@@ -114,9 +114,18 @@ pub fn reply_error(reply: Reply, target: &Target) -> Error {
             ErrorCode::NotAllowed,
             format!("the relay refused {target}: it is not in the relay's allowlist; add it to TUNNEL_ALLOW (or EMISSARY_ALLOWED_PROXY_TARGETS) on the relay"),
         ),
+        Reply::HostUnreachable | Reply::NetworkUnreachable if target.port == 0 => Error::new(
+            ErrorCode::Unreachable,
+            format!(
+                "no listener named {} is online on this relay; check the name (`tunnel listen` prints it) and that the listener is running",
+                target.host
+            ),
+        ),
         Reply::HostUnreachable | Reply::NetworkUnreachable => Error::new(
             ErrorCode::Unreachable,
-            format!("the relay could not resolve or reach {target}; check the name and that the relay's network can reach it"),
+            format!(
+                "the relay could not resolve or reach {target}; check the name and that the relay's network can reach it (for a listener's name: that the listener is online)"
+            ),
         ),
         Reply::ConnectionRefused => Error::new(
             ErrorCode::Refused,

@@ -222,7 +222,7 @@ fn limits(max_message: usize) -> WebSocketConfig {
 const NOTSENT_LOWAT: u32 = 128 * 1024;
 
 /// Socket options for a TCP connection that carries a session (either end): no Nagle delay, and
-/// a small unsent queue in the kernel ([`NOTSENT_LOWAT`]).
+/// a small unsent queue in the kernel (`NOTSENT_LOWAT`).
 pub fn tune_session_socket(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -310,17 +310,29 @@ impl ClientTls {
         ClientTls::from_roots(roots)
     }
 
-    /// Trust only the certificates in a PEM bundle (a private CA or a self-signed relay cert).
+    /// Trust only the certificates in a PEM bundle: a private CA, or the relay's own (self-signed)
+    /// certificate, which is then matched exactly (see `tls_pin`).
     pub fn from_pem(pem: &[u8]) -> Result<ClientTls> {
         let mut roots = rustls::RootCertStore::empty();
+        let mut pinned = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| Error::config(format!("CA bundle is not valid PEM: {e}")))?;
-            roots.add(cert).map_err(|e| Error::config(format!("CA certificate rejected: {e}")))?;
+            roots.add(cert.clone()).map_err(|e| Error::config(format!("CA certificate rejected: {e}")))?;
+            pinned.push(cert);
         }
         if roots.is_empty() {
             return Err(Error::config("the CA bundle holds no certificate"));
         }
-        Ok(ClientTls::from_roots(roots))
+        let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| Error::config(format!("the CA bundle cannot be used: {e}")))?;
+        let config = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(crate::tls_pin::BundleVerifier::new(webpki, pinned)))
+            .with_no_client_auth();
+        Ok(ClientTls { config: Arc::new(config) })
     }
 
     /// [`ClientTls::from_pem`] from a file.
@@ -373,6 +385,30 @@ fn unavailable(url: &RelayUrl, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::RelayUnavailable, format!("cannot reach the relay at {}: {e}; check that it runs and that the URL is right", url.url))
 }
 
+/// A failed TLS handshake with the relay, with the fix for the usual causes: a certificate the
+/// client does not trust (`--ca`), one for another name, or a relay that does not speak TLS there.
+fn tls_failure(url: &RelayUrl, e: io::Error) -> Error {
+    let why = e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let hint = match why {
+        Some(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName | rustls::CertificateError::NotValidForNameContext { .. },
+        )) => {
+            format!("the relay's certificate is not valid for {}; use the name it was issued for in the URL", url.host)
+        }
+        Some(rustls::Error::InvalidCertificate(_)) => "the relay's certificate is not trusted; if it comes from a private CA or is \
+             self-signed, pass that CA or certificate (PEM) with --ca FILE / TUNNEL_CA (the `ca` option of the bindings)"
+            .to_string(),
+        Some(rustls::Error::InvalidMessage(_)) | Some(rustls::Error::InappropriateMessage { .. }) => {
+            "the relay does not speak TLS on that port; if it is a plain relay, use ws:// (or tcp://) instead of wss://".to_string()
+        }
+        _ if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+            "the relay closed the connection in the TLS handshake; if it is a plain relay, use ws:// (or tcp://) instead of wss://".to_string()
+        }
+        _ => "check that it runs and that the URL is right".to_string(),
+    };
+    Error::new(ErrorCode::RelayUnavailable, format!("TLS handshake with the relay at {} failed ({e}): {hint}", url.url))
+}
+
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
 pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Result<Connected> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| unavailable(url, e))?;
@@ -382,10 +418,7 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
             let tls = tls.cloned().unwrap_or_else(ClientTls::webpki);
             let name =
                 ServerName::try_from(url.host.clone()).map_err(|_| Error::argument(format!("{:?} is not a valid TLS server name", url.host)))?;
-            let conn = tokio_rustls::TlsConnector::from(tls.config)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| unavailable(url, format!("TLS handshake failed ({e})")))?;
+            let conn = tokio_rustls::TlsConnector::from(tls.config).connect(name, tcp).await.map_err(|e| tls_failure(url, e))?;
             Box::new(conn)
         }
         _ => Box::new(tcp),
@@ -620,6 +653,20 @@ pub fn tcp_frames(io: BoxIo) -> (FrameSource, FrameSink) {
     (Box::pin(source), Box::pin(sink))
 }
 
+/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
+/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
+pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(x) => return x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,19 +682,5 @@ mod tests {
         assert!(RelayUrl::parse("tcp://host").unwrap_err().message().contains("port"));
         assert!(RelayUrl::parse("ftp://x:1").unwrap_err().message().contains("ws://"));
         assert!(RelayUrl::parse("not a url").is_err());
-    }
-}
-
-/// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
-/// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
-pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok(x) => return x,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
     }
 }

@@ -1164,3 +1164,47 @@ async fn streams_waiting_on_a_silent_listener_are_bounded() {
     }
     relay.abort();
 }
+
+// ---------------------------------------------------------------------------------------------
+// a relay for listeners only
+// ---------------------------------------------------------------------------------------------
+
+/// An ngrok-style relay: public HTTP and open registration, with no shared key and no allowlist.
+/// It starts, serves a listener's requests, and refuses dialers with a message naming the key.
+#[tokio::test]
+async fn a_listeners_only_relay_needs_no_keys_and_no_allowlist() {
+    init_tracing();
+    let mut cfg = RelayConfig::new(KeySet::default(), Allowlist::default());
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.listeners_open = true;
+    let relay = start(cfg).await;
+    let http = relay.http_addr().expect("http port");
+    let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
+    serve_http_app(listener.clone());
+    let (resp, _) = http_request(http, get(&format!("{}.localhost:{}", listener.name(), http.port()), "/download?len=1000")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let err = within(STEP, "a dialer against a relay without keys", dialer(&relay).connect()).await.expect_err("no key is configured");
+    assert_eq!(err.code(), ErrorCode::AuthUnknownKey, "{err}");
+    assert!(err.message().contains("serves listeners only") && err.message().contains("TUNNEL_AUTH_KEYS"), "{err}");
+    // Nobody to serve at all is still a clear startup error.
+    let e = Server::bind(RelayConfig::new(KeySet::default(), Allowlist::default())).await.expect_err("serves nobody");
+    assert!(e.message().contains("no auth keys") && e.message().contains("TUNNEL_LISTENER_KEYS"), "{e}");
+}
+
+/// Dial by name to a name nobody holds, or to a key-derived name whose listener is offline: the
+/// error says no listener of that name is online (not an allowlist refusal).
+#[tokio::test]
+async fn dialing_an_unknown_or_offline_name_says_no_listener_is_online() {
+    init_tracing();
+    let relay = start(relay_config()).await;
+    let d = dialer(&relay);
+    let offline = Identity::generate().name();
+    for name in ["nosuch", offline.as_str()] {
+        let Err(e) = within(STEP, "a dial to an absent name", d.dial(&format!("{name}:0"))).await else {
+            panic!("{name}: nobody holds the name, yet the dial succeeded");
+        };
+        assert_eq!(e.code(), ErrorCode::Unreachable, "{name}: {e}");
+        assert!(e.message().contains(&format!("no listener named {name} is online")), "{name}: {e}");
+        assert!(!e.message().contains("TUNNEL_ALLOW"), "{name}: {e}");
+    }
+}

@@ -422,3 +422,41 @@ fn base64_of(b: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(b)
 }
+
+/// Boot order: `tunnel listen` started before its relay keeps retrying (each attempt logged) and
+/// registers once the relay comes up; `keygen --out` creates a missing folder (0700).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_waits_for_a_relay_that_starts_later() {
+    let dir = Scratch::new("late-relay");
+    let key_path = dir.0.join("new").join("folder").join("listener.pem");
+    let out = within(STEP, "tunnel keygen", tunnel(&dir.0, &["keygen", "--listener", "--out", key_path.to_str().expect("utf8")]).output())
+        .await
+        .expect("run keygen");
+    assert!(out.status.success(), "keygen into a missing folder: {}", String::from_utf8_lossy(&out.stderr));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(key_path.parent().expect("folder")).expect("folder").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the new key folder is private");
+    }
+    // A port nobody listens on yet.
+    let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+    let relay_url = format!("ws://127.0.0.1:{port}");
+    let mut listen =
+        Proc::spawn(tunnel(&dir.0, &["listen", "--to", "127.0.0.1:9", "--relay", &relay_url, "--key", key_path.to_str().expect("utf8")]));
+    // Its first attempt fails and is logged; it does not exit.
+    within(STEP, "a logged failed attempt", async {
+        while !listen.stderr.lock().unwrap_or_else(|p| p.into_inner()).contains("cannot register with the relay yet") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(listen.child.try_wait().expect("wait").is_none(), "tunnel listen exited while the relay was down");
+    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("rules");
+    let mut cfg = RelayConfig::new(KeySet::new([key()]).expect("keys"), allow);
+    cfg.listen = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
+    cfg.listeners_open = true;
+    let _relay = Server::bind(cfg).await.expect("relay binds the port").spawn();
+    let name = within(Duration::from_secs(5), "registration after the relay came up", listen.line_starting("listening as:")).await;
+    assert_eq!(name, Identity::load(&key_path).expect("key").name());
+}

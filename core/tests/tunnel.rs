@@ -842,3 +842,50 @@ async fn relay_death_mid_transfer_classic_then_a_new_relay() {
         echo_through(&dialer(relay2.url(), mode), echo, 4 * MIB, 43).await;
     }
 }
+
+/// A self-signed certificate marked as a CA (what `openssl req -x509` makes), written as in
+/// [`self_signed_cert`].
+fn ca_flagged_self_signed_cert() -> (PathBuf, PathBuf, String) {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("self-signed");
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock after 1970").as_nanos();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-ca-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create the cert dir");
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write cert");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+    (cert_path, key_path, cert.pem())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_errors_name_the_fix_and_an_openssl_style_self_signed_cert_works() {
+    init_tracing();
+    let echo = echo_server().await;
+    let (cert, tls_key, pem) = ca_flagged_self_signed_cert();
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.tls_cert = Some(cert);
+    cfg.tls_key = Some(tls_key);
+    let relay = start_relay(cfg).await;
+    let port = relay.local_addr().expect("addr").port();
+    // Passed with --ca, the very certificate is trusted although the Web PKI rules refuse a CA
+    // certificate as a server's (CaUsedAsEndEntity).
+    let trust = ClientTls::from_pem(pem.as_bytes()).expect("the cert parses");
+    let d = Dialer::builder(&format!("wss://localhost:{port}")).key(key()).tls(trust.clone()).timeout(STEP).build().expect("dialer");
+    echo_through(&d, echo, MIB, 40).await;
+    // Not trusted: the message names --ca / TUNNEL_CA.
+    let untrusting = Dialer::builder(&format!("wss://localhost:{port}")).key(key()).timeout(STEP).build().expect("dialer");
+    let e = expect_dial_error(&untrusting, &echo.to_string(), ErrorCode::RelayUnavailable).await;
+    assert!(e.message().contains("--ca") && e.message().contains("TUNNEL_CA"), "{e}");
+    // Trusted, but dialed under a name the certificate does not hold.
+    let wrong_name = Dialer::builder(&format!("wss://127.0.0.1:{port}")).key(key()).tls(trust).timeout(STEP).build().expect("dialer");
+    let e = expect_dial_error(&wrong_name, &echo.to_string(), ErrorCode::RelayUnavailable).await;
+    assert!(e.message().contains("not valid for 127.0.0.1"), "{e}");
+    // wss:// to a plain relay: the message says to use ws://.
+    let plain = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let plain_port = plain.local_addr().expect("addr").port();
+    let d = Dialer::builder(&format!("wss://localhost:{plain_port}")).key(key()).timeout(STEP).build().expect("dialer");
+    let e = expect_dial_error(&d, &echo.to_string(), ErrorCode::RelayUnavailable).await;
+    assert!(e.message().contains("use ws://"), "{e}");
+}

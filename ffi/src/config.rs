@@ -1,16 +1,22 @@
 //! `tunnel_config`: what a dialer or listener needs to reach a relay (URL, shared key, TLS
-//! roots, timeout, listener identity and name). Setters check their input at once, so a bad
-//! key or CA file fails where it was given. Dialers and listeners copy what they need, so a
-//! config can be freed (or reused) right after `tunnel_dialer_new` / `tunnel_listener_bind`.
+//! roots, timeout, mode, listener identity and name), the C face of the core's
+//! `libtunnel::client::ClientOptions`: what a setter does not give is read, when the dialer or
+//! listener is made, from the same `TUNNEL_*` variables every face reads (`TUNNEL_RELAY`,
+//! `TUNNEL_KEY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`, `TUNNEL_MODE`; the process
+//! environment, then `./.env`). Setters check their input at once, so a bad key or CA file fails
+//! where it was given. Dialers and listeners copy what they need, so a config can be freed (or
+//! reused) right after `tunnel_dialer_new` / `tunnel_listener_bind`.
 
 use std::ffi::c_char;
 use std::path::Path;
-use std::time::Duration;
 
-use libtunnel::transport::{ClientTls, RelayUrl};
-use libtunnel::{Identity, Key};
+use libtunnel::client::keys::parse_key_text;
+use libtunnel::client::{checked_seconds, ClientConfig, ClientOptions, ClientRole};
+use libtunnel::{ClientTls, RelayUrl};
+use libtunnel::{Identity, Mode};
 
-use crate::error::{fallible, tunnel_result, Fail};
+use crate::boundary::fallible;
+use crate::error::{tunnel_result, Fail};
 use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_mut, Castable};
 
 /// A client configuration (opaque). Made by `tunnel_config_new`, ended by `tunnel_config_free`.
@@ -19,19 +25,11 @@ pub struct tunnel_config {
     _private: [u8; 0],
 }
 
-/// The Rust side of a `tunnel_config`.
+/// The Rust side of a `tunnel_config`: the core's client options plus a listener's chosen name.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Relay URL, already checked.
-    pub relay: String,
-    /// Shared key for dialing.
-    pub key: Option<Key>,
-    /// Trust for `wss://` (default: the public Web PKI).
-    pub tls: Option<ClientTls>,
-    /// Dial / registration deadline.
-    pub timeout: Option<Duration>,
-    /// A listener's identity.
-    pub identity: Option<Identity>,
+    /// Explicit values; the rest come from the environment when resolved.
+    pub options: ClientOptions,
     /// A listener's chosen name (default: derived from the identity).
     pub name: Option<String>,
     /// A listener joins its name's pool of replicas.
@@ -40,11 +38,28 @@ pub struct Config {
     pub exit: Option<libtunnel::egress::Allowlist>,
 }
 
+impl Config {
+    /// The checked configuration for a client of `role`. A missing key also names the C setter
+    /// that gives it.
+    pub fn resolve(&self, role: ClientRole) -> libtunnel::Result<ClientConfig> {
+        let setter = match role {
+            ClientRole::Dialer if self.options.parsed_key.is_none() => Some("tunnel_config_set_key"),
+            ClientRole::Listener if self.options.identity.is_none() => Some("tunnel_config_set_identity_file"),
+            _ => None,
+        };
+        self.options.clone().resolve(role).map_err(|e| match setter {
+            Some(s) if e.message().starts_with("no ") => libtunnel::Error::new(e.code(), format!("{} (in C: call {s} first)", e.message())),
+            _ => e,
+        })
+    }
+}
+
 impl Castable for tunnel_config {
     type Rust = Config;
 }
 
 /// Start a config for the relay at `relay_url` (`ws://`, `wss://` or `tcp://`).
+/// (`tunnel_config_new_env` takes the URL from `TUNNEL_RELAY` instead.)
 ///
 /// On success `*out` receives a new config owned by the caller; end it with `tunnel_config_free`.
 /// Fails with `TUNNEL_RESULT_INVALID_ARGUMENT` for a malformed URL.
@@ -58,7 +73,26 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
         RelayUrl::parse(relay)?;
-        let cfg = Config { relay: relay.to_string(), key: None, tls: None, timeout: None, identity: None, name: None, pool: false, exit: None };
+        let cfg =
+            Config { options: ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() }, name: None, pool: false, exit: None };
+        // SAFETY: `out` is non-NULL and writable (caller's guarantee).
+        unsafe { *out = into_raw::<tunnel_config>(cfg) };
+        Ok(())
+    })
+}
+
+/// Start a config whose relay URL comes from `TUNNEL_RELAY` (the environment, then `./.env`),
+/// read when the dialer or listener is made, like every value no setter gives.
+///
+/// On success `*out` receives a new config owned by the caller; end it with `tunnel_config_free`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_new_env(out: *mut *mut tunnel_config) -> tunnel_result {
+    fallible(|| {
+        let out = out_ptr(out, "out")?;
+        let cfg = Config { options: ClientOptions::default(), name: None, pool: false, exit: None };
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())
@@ -80,7 +114,8 @@ unsafe fn set(cfg: *mut tunnel_config, value: *const c_char, what: &str, apply: 
 }
 
 /// Set the shared key a dialer authenticates with, written `KID:BASE64` (what `tunnel keygen`
-/// prints as `TUNNEL_KEY`). Copied; the caller keeps `key`.
+/// prints as `TUNNEL_KEY`) or the path of a file holding it. Copied; the caller keeps `key`.
+/// Default: `TUNNEL_KEY`.
 ///
 /// # Safety
 /// `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
@@ -89,14 +124,15 @@ pub unsafe extern "C" fn tunnel_config_set_key(cfg: *mut tunnel_config, key: *co
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, key, "key", |c, v| {
-            c.key = Some(Key::parse(v)?);
+            c.options.parsed_key = Some(parse_key_text(v)?);
             Ok(())
         })
     }
 }
 
 /// Trust only the PEM certificates in the file at `path` for `wss://` relays (a private CA or a
-/// self-signed relay certificate). The file is read now. Default: the public Web PKI.
+/// self-signed relay certificate). The file is read now. Default: `TUNNEL_CA`, else the public
+/// Web PKI.
 ///
 /// # Safety
 /// `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.
@@ -105,14 +141,16 @@ pub unsafe extern "C" fn tunnel_config_set_ca_file(cfg: *mut tunnel_config, path
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, path, "path", |c, v| {
-            c.tls = Some(ClientTls::from_pem_file(Path::new(v))?);
+            ClientTls::from_pem_file(Path::new(v))?;
+            c.options.ca = Some(v.into());
             Ok(())
         })
     }
 }
 
 /// Set how long one dial (or a listener's registration) may take, in milliseconds (default
-/// 20000). 0 is `TUNNEL_RESULT_INVALID_ARGUMENT`.
+/// `TUNNEL_TIMEOUT` seconds, else 20000). 0 and more than 30 days are
+/// `TUNNEL_RESULT_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `cfg` must be NULL or a live config.
@@ -121,10 +159,8 @@ pub unsafe extern "C" fn tunnel_config_set_timeout_ms(cfg: *mut tunnel_config, t
     fallible(|| {
         // SAFETY: the caller passes NULL or a live config that nobody else is using.
         let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        if timeout_ms == 0 {
-            return Err(Fail::new(tunnel_result::InvalidArgument, "timeout_ms must be at least 1"));
-        }
-        cfg.timeout = Some(Duration::from_millis(timeout_ms));
+        checked_seconds("timeout_ms / 1000", timeout_ms as f64 / 1000.0)?;
+        cfg.options.timeout = Some(timeout_ms as f64 / 1000.0);
         Ok(())
     })
 }
@@ -144,7 +180,9 @@ pub unsafe extern "C" fn tunnel_config_set_identity_file(cfg: *mut tunnel_config
             if create && !path.exists() {
                 Identity::generate().save(path)?;
             }
-            c.identity = Some(Identity::load(path)?);
+            // The core's rule for key text, so a shared key passed here by mistake is named as
+            // such (and never echoed).
+            c.options.identity = Some(libtunnel::client::keys::load_identity_text(v)?);
             Ok(())
         })
     }
@@ -164,6 +202,22 @@ pub unsafe extern "C" fn tunnel_config_set_listener_name(cfg: *mut tunnel_config
             Ok(())
         })
     }
+}
+
+/// Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)
+/// when `classic` is true, libtunnel's multiplexed one when false. Default: `TUNNEL_MODE`, else
+/// multiplexed.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_classic(cfg: *mut tunnel_config, classic: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.options.mode = Some(if classic { Mode::Classic } else { Mode::Multiplexed });
+        Ok(())
+    })
 }
 
 /// Make a listener bound from this config join its name's pool of replicas (`tunnel listen
@@ -212,5 +266,5 @@ pub unsafe extern "C" fn tunnel_config_set_exit(cfg: *mut tunnel_config, allow_j
 #[no_mangle]
 pub unsafe extern "C" fn tunnel_config_free(cfg: *mut tunnel_config) {
     // SAFETY: the caller passes NULL or a config from `tunnel_config_new`, freed once.
-    crate::error::infallible((), || unsafe { free_box(cfg) })
+    crate::boundary::infallible((), || unsafe { free_box(cfg) })
 }

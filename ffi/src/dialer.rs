@@ -7,10 +7,12 @@
 use std::ffi::{c_char, c_int};
 use std::os::fd::IntoRawFd;
 
+use crate::boundary::{fallible, infallible};
 use crate::config::tunnel_config;
-use crate::error::{fallible, infallible, tunnel_result};
+use crate::error::tunnel_result;
 use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_ref, Castable};
 use crate::runtime::{block_on, usable};
+use libtunnel::client::ClientRole;
 
 /// A dialer (opaque). Made by `tunnel_dialer_new`, ended by `tunnel_dialer_free`. Thread-safe:
 /// several threads may dial at once; they share one session to the relay.
@@ -36,17 +38,7 @@ pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut 
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let mut b = libtunnel::Dialer::builder(&cfg.relay);
-        if let Some(k) = &cfg.key {
-            b = b.key(k.clone());
-        }
-        if let Some(t) = &cfg.tls {
-            b = b.tls(t.clone());
-        }
-        if let Some(t) = cfg.timeout {
-            b = b.timeout(t);
-        }
-        let dialer = b.build()?;
+        let dialer = cfg.resolve(ClientRole::Dialer)?.dialer()?;
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_dialer>(dialer) };
         Ok(())

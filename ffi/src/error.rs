@@ -1,16 +1,13 @@
-//! Result codes and messages at the C edge. Every fallible export runs inside [`fallible`], which
-//! catches panics, stores the failure's message in a thread-local for
-//! `tunnel_last_error_message`, and returns a `tunnel_result`. Core failures map from the one
-//! `libtunnel::ErrorCode` table (code N becomes 7000 + N); failures only the C edge can have
-//! (NULL, bad UTF-8, panic, wrong thread, forked child) live at 7100 and up.
+//! Result codes at the C edge: `tunnel_result`, its names, and [`Fail`] (a code with its
+//! message). Core failures map from the one `libtunnel::ErrorCode` table (code N becomes
+//! 7000 + N); failures only the C edge can have (NULL, bad UTF-8, panic, wrong thread, forked
+//! child) live at 7100 and up. How a call turns a `Fail` into a return value and a last-error
+//! message is `boundary`'s job.
 
-use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use libtunnel::ErrorCode;
-
-use crate::handle::write_str;
 
 /// The outcome of every fallible libtunnel call. `TUNNEL_RESULT_OK` is 0; every failure is at
 /// least 7000, so it never looks like an errno. `tunnel_result_name` gives the SCREAMING name
@@ -139,73 +136,17 @@ impl From<libtunnel::Error> for Fail {
     }
 }
 
-thread_local! {
-    /// The message of the last failed call on this thread; replaced by the next failure.
-    static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
-}
-
-fn set_last_error(message: String) {
-    LAST_ERROR.with(|l| *l.borrow_mut() = message);
-}
-
-/// Run an export's body: catch panics, record the message of a failure, return the code.
-pub fn fallible(body: impl FnOnce() -> Result<(), Fail>) -> tunnel_result {
-    match catch_unwind(AssertUnwindSafe(body)) {
-        Ok(Ok(())) => tunnel_result::Ok,
-        Ok(Err(fail)) => {
-            set_last_error(fail.message);
-            fail.code
-        }
-        Err(panic) => {
-            let text = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic payload".into());
-            set_last_error(format!("libtunnel panicked (a bug; please report it): {text}"));
-            tunnel_result::Panic
-        }
-    }
-}
-
-/// Run an export that cannot report failure: a panic yields `default`.
-pub fn infallible<T>(default: T, body: impl FnOnce() -> T) -> T {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or(default)
-}
-
-/// Copy the message of the last failed libtunnel call on this thread into `buf`, as `snprintf`
-/// does: at most `len - 1` bytes plus a NUL (nothing when `len` is 0, and then `buf` may be
-/// NULL). `*out_n` (optional, may be NULL) receives the full message length without the NUL, so
-/// a caller can retry with a bigger buffer. The message is empty when nothing failed yet.
-/// Successful calls do not clear it. Returns `TUNNEL_RESULT_NULL_PARAMETER` only when `buf` is
-/// NULL and `len` is not 0.
-///
-/// # Safety
-/// `buf` must point to `len` writable bytes; `out_n` must be NULL or writable.
-#[no_mangle]
-pub unsafe extern "C" fn tunnel_last_error_message(buf: *mut c_char, len: usize, out_n: *mut usize) -> tunnel_result {
-    // Not through `fallible`: reading the message must not replace it.
-    infallible(tunnel_result::Panic, || {
-        LAST_ERROR.with(|l| {
-            // SAFETY: the caller guarantees `buf` has `len` bytes and `out_n` is NULL or writable.
-            match unsafe { write_str(&l.borrow(), buf, len, out_n) } {
-                Ok(()) => tunnel_result::Ok,
-                Err(f) => f.code,
-            }
-        })
-    })
-}
-
 /// The SCREAMING name of a result code without its prefix ("OK", "NOT_ALLOWED",
 /// "NULL_PARAMETER"; "UNKNOWN" for a number this library does not know). The string is static:
 /// never free it.
 #[no_mangle]
 pub extern "C" fn tunnel_result_name(result: u32) -> *const c_char {
-    infallible(c"UNKNOWN".as_ptr(), || match result {
+    catch_unwind(AssertUnwindSafe(|| match result {
         0 => c"OK".as_ptr(),
         n if n > CORE_BASE && n < CORE_BASE + 100 => core_name(n - CORE_BASE).as_ptr(),
         n => FFI_CODES.iter().find(|r| **r as u32 == n).map(|r| r.name().as_ptr()).unwrap_or(c"UNKNOWN".as_ptr()),
-    })
+    }))
+    .unwrap_or(c"UNKNOWN".as_ptr())
 }
 
 /// The codes that only the C edge produces.
@@ -244,19 +185,5 @@ mod tests {
         }
         // SAFETY: static NUL-terminated string.
         assert_eq!(unsafe { CStr::from_ptr(tunnel_result_name(12345)) }, c"UNKNOWN");
-    }
-
-    #[test]
-    fn a_panic_becomes_a_code_and_a_message() {
-        let r = fallible(|| panic!("boom"));
-        assert_eq!(r, tunnel_result::Panic);
-        let mut buf = [0 as c_char; 128];
-        let mut n = 0usize;
-        // SAFETY: buf has 128 bytes, n is writable.
-        assert_eq!(unsafe { tunnel_last_error_message(buf.as_mut_ptr(), buf.len(), &mut n) }, tunnel_result::Ok);
-        // SAFETY: write_str NUL-terminates within len.
-        let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_str().unwrap();
-        assert!(msg.contains("boom"), "{msg}");
-        assert_eq!(n, msg.len());
     }
 }

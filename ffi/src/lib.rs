@@ -25,6 +25,7 @@
 #![deny(missing_docs)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+pub mod boundary;
 pub mod config;
 pub mod dialer;
 pub mod error;

@@ -15,10 +15,12 @@ use std::time::{Duration, Instant};
 use libtunnel::{Listener, PeerInfo, Via};
 use tokio::sync::Semaphore;
 
+use crate::boundary::{fallible, infallible};
 use crate::config::tunnel_config;
-use crate::error::{fallible, infallible, tunnel_result, Fail};
+use crate::error::{tunnel_result, Fail};
 use crate::handle::{free_box, into_raw, out_ptr, try_ref, write_str, Castable};
 use crate::runtime::{block_on, runtime};
+use libtunnel::client::ClientRole;
 
 /// Streams converted to sockets and waiting for `tunnel_listener_accept`; more wait in the
 /// core's own backlog, and beyond that the relay refuses them.
@@ -57,7 +59,7 @@ pub struct tunnel_peer {
 }
 
 /// The queue between the accept pump and `accept`, with the eventfd that mirrors it.
-struct Shared {
+struct Handoff {
     /// Waiting streams, and why the listener stopped once it has.
     queue: Mutex<Queue>,
     /// Signalled whenever `queue` changes.
@@ -78,7 +80,7 @@ struct Queue {
 /// The Rust side of a `tunnel_listener`.
 pub struct ListenerHandle {
     listener: Arc<Listener>,
-    shared: Arc<Shared>,
+    handoff: Arc<Handoff>,
     pump: tokio::task::JoinHandle<()>,
 }
 
@@ -86,7 +88,7 @@ impl Castable for tunnel_listener {
     type Rust = ListenerHandle;
 }
 
-impl Shared {
+impl Handoff {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -119,7 +121,7 @@ impl Shared {
 }
 
 /// Move accepted streams from the core listener into the queue until it closes.
-async fn pump(listener: Arc<Listener>, shared: Arc<Shared>) {
+async fn pump(listener: Arc<Listener>, shared: Arc<Handoff>) {
     loop {
         let Ok(slot) = shared.space.acquire().await else { return };
         slot.forget();
@@ -163,22 +165,12 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let identity = cfg
-            .identity
-            .clone()
-            .ok_or_else(|| Fail::new(tunnel_result::InvalidArgument, "a listener needs an identity: call tunnel_config_set_identity_file first"))?;
-        let mut b = Listener::builder(&cfg.relay, identity).pool(cfg.pool);
+        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?.pool(cfg.pool);
         if let Some(rules) = &cfg.exit {
             b = b.exit(rules.clone());
         }
         if let Some(n) = &cfg.name {
             b = b.name(n.clone());
-        }
-        if let Some(t) = &cfg.tls {
-            b = b.tls(t.clone());
-        }
-        if let Some(t) = cfg.timeout {
-            b = b.timeout(t);
         }
         let listener = Arc::new(block_on(b.bind())??);
         // SAFETY: plain syscall; the result is checked before use.
@@ -186,7 +178,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         if efd < 0 {
             return Err(Fail::new(tunnel_result::Io, format!("cannot create the listener's eventfd: {}", std::io::Error::last_os_error())));
         }
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Handoff {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             // SAFETY: `efd` is a fresh fd that nothing else owns.
@@ -195,7 +187,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         });
         let pump = runtime()?.spawn(pump(listener.clone(), shared.clone()));
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
-        unsafe { *out = into_raw::<tunnel_listener>(ListenerHandle { listener, shared, pump }) };
+        unsafe { *out = into_raw::<tunnel_listener>(ListenerHandle { listener, handoff: shared, pump }) };
         Ok(())
     })
 }
@@ -236,7 +228,7 @@ pub unsafe extern "C" fn tunnel_listener_accept(
         let l = unsafe { try_ref(listener, "listener") }?;
         runtime()?; // refuse runtime threads and forked children: the pump is not theirs.
         let deadline = u64::try_from(timeout_ms).ok().map(|ms| Instant::now() + Duration::from_millis(ms));
-        let sh = &l.shared;
+        let sh = &l.handoff;
         let mut q = sh.lock();
         let (socket, peer) = loop {
             if let Some((code, msg)) = &q.closed {
@@ -295,7 +287,7 @@ pub unsafe extern "C" fn tunnel_listener_fd(listener: *const tunnel_listener, ou
         // SAFETY: the caller passes NULL or a live listener.
         let l = unsafe { try_ref(listener, "listener") }?;
         // SAFETY: `out_fd` is non-NULL and writable (caller's guarantee).
-        unsafe { *out_fd = l.shared.ready.as_raw_fd() };
+        unsafe { *out_fd = l.handoff.ready.as_raw_fd() };
         Ok(())
     })
 }
@@ -322,7 +314,7 @@ pub unsafe extern "C" fn tunnel_listener_close(listener: *const tunnel_listener)
 /// Stop accepting at once; streams already handed out keep working until they finish or
 /// `crate::DRAIN` passes, then the session (and the name) is released, in the background.
 fn close(l: &ListenerHandle) {
-    l.shared.close(tunnel_result::Closed, "the listener is closed".into());
+    l.handoff.close(tunnel_result::Closed, "the listener is closed".into());
     l.pump.abort();
     match (crate::runtime::usable(), runtime()) {
         (true, Ok(rt)) => {

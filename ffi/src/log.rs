@@ -3,17 +3,16 @@
 //! most verbose level can be replaced or removed (NULL) at any time.
 
 use std::ffi::{c_char, c_void, CString};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::RwLock;
 
 use once_cell::sync::OnceCell;
-use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
 
-use crate::error::{fallible, tunnel_result, Fail};
+use crate::boundary::fallible;
+use crate::error::{tunnel_result, Fail};
 
 /// Severity of a log message; the numbers grow with verbosity.
 #[repr(u32)]
@@ -66,26 +65,6 @@ fn level_of(l: &Level) -> tunnel_log_level {
 
 struct CallbackLayer;
 
-/// Formats an event as `message key=value ...`.
-struct Line(String);
-
-impl Visit for Line {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.0, "{value:?}");
-        } else {
-            let _ = write!(self.0, " {}={value:?}", field.name());
-        }
-    }
-    fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            self.0.push_str(value);
-        } else {
-            let _ = write!(self.0, " {}={value}", field.name());
-        }
-    }
-}
-
 impl<S: Subscriber> Layer<S> for CallbackLayer {
     fn register_callsite(&self, _: &'static Metadata<'static>) -> tracing::subscriber::Interest {
         // The level can change at any time, so never let tracing cache a decision.
@@ -98,9 +77,8 @@ impl<S: Subscriber> Layer<S> for CallbackLayer {
 
     fn on_event(&self, event: &Event<'_>, _: Context<'_, S>) {
         let Some(sink) = *SINK.read().unwrap_or_else(|p| p.into_inner()) else { return };
-        let mut line = Line(format!("{}: ", event.metadata().target()));
-        event.record(&mut line);
-        let text = CString::new(line.0.replace('\0', "\\0")).expect("NULs were escaped");
+        let line = format!("{}: {}", event.metadata().target(), libtunnel::log_line::event_line(event));
+        let text = CString::new(line.replace('\0', "\\0")).expect("NULs were escaped");
         // SAFETY: the C caller registered this function with this userdata and promised it is
         // callable from any thread; `text` outlives the call.
         unsafe { (sink.callback)(sink.userdata as *mut c_void, level_of(event.metadata().level()), text.as_ptr()) };
@@ -117,8 +95,16 @@ impl<S: Subscriber> Layer<S> for CallbackLayer {
 /// `callback` must be NULL or a function that stays callable, with `userdata`, until it is
 /// replaced.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_set_log_callback(callback: tunnel_log_callback, userdata: *mut c_void, max_level: tunnel_log_level) -> tunnel_result {
+pub unsafe extern "C" fn tunnel_set_log_callback(callback: tunnel_log_callback, userdata: *mut c_void, max_level: u32) -> tunnel_result {
     fallible(|| {
+        // An integer, not the enum: C may pass any value, and an out-of-range enum is undefined
+        // behaviour in Rust (rustls-ffi's rule).
+        if max_level > tunnel_log_level::Trace as u32 {
+            return Err(Fail::new(
+                tunnel_result::InvalidArgument,
+                format!("max_level {max_level} is not a tunnel_log_level (0 = TUNNEL_LOG_LEVEL_OFF … 5 = TUNNEL_LOG_LEVEL_TRACE)"),
+            ));
+        }
         let installed = INSTALLED.get_or_init(|| {
             tracing::subscriber::set_global_default(tracing_subscriber::registry().with(CallbackLayer)).map_err(|e| {
                 format!("another tracing subscriber is already installed in this process ({e}); libtunnel's log callback cannot be used")

@@ -1,5 +1,6 @@
 //! The one Tokio runtime of the process, started on first use. Its worker threads are named
-//! `libtunnel-rt` (`TUNNEL_WORKER_THREADS` sets how many, default 2). Blocking exports run their
+//! `libtunnel-rt` (built by the core's `libtunnel::runtime`: `TUNNEL_WORKER_THREADS` sets how
+//! many, default one per core). Blocking exports run their
 //! future with `block_on` on the caller's thread, after two checks: a caller that is already on
 //! a runtime thread (say, inside a log callback) gets `TUNNEL_RESULT_WRONG_THREAD` rather than a
 //! Tokio panic, and a child forked after the runtime started (whose copy has no threads) gets
@@ -8,25 +9,20 @@
 use std::future::Future;
 
 use once_cell::sync::Lazy;
-use tokio::runtime::{Builder, Handle, Runtime};
+use tokio::runtime::{Handle, Runtime};
 
 use crate::error::{tunnel_result, Fail};
 
 /// The runtime and the PID of the process that started it.
-struct Shared {
+struct ProcessRuntime {
     rt: Runtime,
     pid: u32,
 }
 
-static RUNTIME: Lazy<Result<Shared, String>> = Lazy::new(|| {
-    let workers = std::env::var("TUNNEL_WORKER_THREADS").ok().and_then(|v| v.trim().parse().ok()).filter(|n: &usize| *n > 0).unwrap_or(2);
-    Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("libtunnel-rt")
-        .enable_all()
-        .build()
-        .map(|rt| Shared { rt, pid: std::process::id() })
-        .map_err(|e| format!("cannot start libtunnel's runtime threads: {e}"))
+static RUNTIME: Lazy<Result<ProcessRuntime, String>> = Lazy::new(|| {
+    libtunnel::runtime::build(libtunnel::runtime::Workers::PerCore)
+        .map(|rt| ProcessRuntime { rt, pid: std::process::id() })
+        .map_err(|e| e.to_string())
 });
 
 /// The runtime, if this thread may block on it.

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 
 use libtunnel::{RelayConfig, Server, ServerHandle};
 
-use crate::error::{fallible, infallible, tunnel_result, Fail};
+use crate::boundary::{fallible, infallible};
+use crate::error::{tunnel_result, Fail};
 use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_mut, try_ref, write_str, Castable};
 use crate::runtime::{block_on, runtime};
 

@@ -5,9 +5,9 @@
 // print `error [NAME]: message` and exit 2 for config/argument errors, 1 otherwise.
 
 const net = require('node:net')
-const fs = require('node:fs')
 const { parseArgs } = require('node:util')
 const lib = require('..')
+const native = require('../native.js')
 
 const USAGE = `usage: libtunnel <command> [options]
 
@@ -20,7 +20,8 @@ const USAGE = `usage: libtunnel <command> [options]
   keygen  [--kid N] | --listener --out FILE
   demo
 
-Client options also read TUNNEL_RELAY, TUNNEL_KEY (listen: TUNNEL_LISTENER_KEY) and TUNNEL_CA;
+Client options not given are read from TUNNEL_RELAY, TUNNEL_KEY (listen: TUNNEL_LISTENER_KEY),
+TUNNEL_CA, TUNNEL_TIMEOUT and TUNNEL_MODE, in the environment or ./.env (as in every face);
 --classic, --ca FILE and --timeout SECS work as in \`tunnel\`. RUST_LOG sets the log filter.`
 
 const CLIENT = {
@@ -46,10 +47,21 @@ function fail (message, code = 'INVALID_ARGUMENT') {
   throw err
 }
 
-/** Resolve once SIGINT or SIGTERM arrives; a second signal exits at once. */
+/**
+ * Resolve once SIGINT or SIGTERM arrives, or once the parent process is gone; a second signal
+ * exits at once. The parent check is for `npx libtunnel …`: npm does not forward SIGTERM to the
+ * command it runs, so a relay started through npx would outlive a `kill` of npx (the orphan is
+ * re-parented, which changes `process.ppid`).
+ */
 function shutdownSignal () {
   return new Promise((resolve) => {
+    const parent = process.ppid
+    let stopping = false
+    const watch = setInterval(() => { if (process.ppid !== parent) onSignal() }, 500).unref()
     const onSignal = () => {
+      if (stopping) return
+      stopping = true
+      clearInterval(watch)
       process.once('SIGINT', () => process.exit(130))
       resolve()
     }
@@ -58,12 +70,10 @@ function shutdownSignal () {
   })
 }
 
+// Unset flags come from TUNNEL_RELAY, TUNNEL_KEY, TUNNEL_CA, TUNNEL_TIMEOUT, TUNNEL_MODE (and
+// ./.env), read by the core as in every face.
 async function dialer (o) {
-  const relay = o.relay ?? process.env.TUNNEL_RELAY
-  const key = o.key ?? process.env.TUNNEL_KEY
-  if (!relay) fail('--relay (or TUNNEL_RELAY) is required')
-  if (!key) fail('--key (or TUNNEL_KEY) is required')
-  return lib.Dialer.connect({ relay, key, classic: o.classic, ca: o.ca ?? process.env.TUNNEL_CA, timeout: o.timeout ? Number(o.timeout) * 1000 : undefined })
+  return lib.Dialer.connect({ relay: o.relay, key: o.key, classic: o.classic || undefined, ca: o.ca, timeout: o.timeout !== undefined ? Number(o.timeout) * 1000 : undefined })
 }
 
 function local (addr) {
@@ -83,8 +93,8 @@ async function run (cmd, o, args) {
         if (o[name] !== undefined) config[name.replace(/-/g, '_')] = o[name]
       }
       const server = await lib.Server.start(config, { env: true, configFile: o.config })
-      console.log(`relay listening: ${server.url}`)
-      if (server.tcpAddress()) console.log(`raw tcp listening: tcp://${server.tcpAddress().address}:${server.tcpAddress().port}`)
+      // The core's lines, so they are exactly what `tunnel server` prints.
+      process.stdout.write(server.readyText)
       await shutdownSignal()
       return server.close()
     }
@@ -118,10 +128,8 @@ async function run (cmd, o, args) {
       return d.close()
     }
     case 'listen': {
-      const relay = o.relay ?? process.env.TUNNEL_RELAY
-      const key = o.key ?? process.env.TUNNEL_LISTENER_KEY
-      if (!o.to || !relay || !key) fail('usage: libtunnel listen --to LOCAL --relay URL --key FILE')
-      const listener = await lib.Listener.bind({ relay, key, name: o.name, tcpPort: o['tcp-port'], ca: o.ca ?? process.env.TUNNEL_CA, allowHalfOpen: true })
+      if (!o.to) fail('usage: libtunnel listen --to LOCAL [--relay URL] [--key FILE]')
+      const listener = await lib.Listener.bind({ relay: o.relay, key: o.key, name: o.name, tcpPort: o['tcp-port'], ca: o.ca, allowHalfOpen: true })
       console.log(`listening as: ${listener.name}`)
       console.log(`dial: ${listener.name}:0 (through any dialer of this relay)`)
       if (listener.url) console.log(`http: ${listener.url}`)
@@ -140,22 +148,13 @@ async function run (cmd, o, args) {
       return listener.closed()
     }
     case 'keygen': {
+      // The lines come from the core, so they are exactly what `tunnel keygen` prints.
       if (o.listener) {
         if (!o.out) fail('--listener needs --out FILE to write the private key to')
-        if (fs.existsSync(o.out)) fail(`${o.out} exists; pick another --out`)
-        const id = lib.generateListenerKey(o.out)
-        console.log(`# Wrote the listener's private key to ${o.out} (mode 0600)`)
-        console.log(`name: ${id.name}`)
-        console.log(`public key: ${id.publicKey}`)
-        console.log('# For the relay: allow this key (and optionally grant chosen names)')
-        console.log(`TUNNEL_LISTENER_KEYS='[{"public_key":"${id.publicKey}","names":[]}]'`)
+        process.stdout.write(native.listenerKeygenText(o.out))
         return
       }
-      const k = lib.generateKey(Number(o.kid))
-      console.log('# For clients (tunnel forward/socks/dial, the bindings): keep it secret')
-      console.log(`TUNNEL_KEY=${k.key}`)
-      console.log('# For the relay (add to the list to rotate keys)')
-      console.log(`TUNNEL_AUTH_KEYS='${k.authKeys}'`)
+      process.stdout.write(native.keygenText(o.kid !== undefined ? Number(o.kid) : undefined))
       return
     }
     case 'demo':

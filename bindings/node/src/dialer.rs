@@ -5,15 +5,15 @@
 use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
+use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::socks::Target;
-use libtunnel::transport::ClientTls;
 use libtunnel::{Dialer, Error, ErrorCode, Mode};
 use napi::{Env, JsObject};
 use napi_derive::napi;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::{keys, millis, promise, sync};
+use crate::{millis, promise, sync};
 
 /// Options of `new NativeDialer(relay, key, options)`.
 /// `target` (`host:port`), through the exit listener `via` when given.
@@ -44,23 +44,20 @@ pub struct NativeDialer {
 
 #[napi]
 impl NativeDialer {
-    /// Build a dialer (no I/O yet). `key` is `KID:BASE64` or a file holding it.
+    /// Build a dialer (no I/O yet). `key` is `KID:BASE64` or a file holding it; what is not
+    /// given comes from `TUNNEL_RELAY`, `TUNNEL_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`, `TUNNEL_MODE`.
     #[napi(constructor, catch_unwind)]
-    pub fn new(env: Env, relay: String, key: String, options: Option<DialerOptions>) -> napi::Result<Self> {
+    pub fn new(env: Env, relay: Option<String>, key: Option<String>, options: Option<DialerOptions>) -> napi::Result<Self> {
         let build = || -> libtunnel::Result<Dialer> {
-            let mut b = Dialer::builder(&relay).key(keys::parse_shared_key(&key)?);
-            if let Some(o) = options {
-                if let Some(ms) = o.timeout_ms {
-                    b = b.timeout(millis(ms));
+            let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
+            if let Some(opts) = options {
+                if let Some(ms) = opts.timeout_ms {
+                    o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
                 }
-                if let Some(ca) = o.ca {
-                    b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
-                }
-                if o.classic == Some(true) {
-                    b = b.mode(Mode::Classic);
-                }
+                o.ca = opts.ca.map(Into::into);
+                o.mode = opts.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed });
             }
-            b.build()
+            o.resolve(ClientRole::Dialer)?.dialer()
         };
         Ok(NativeDialer { inner: sync(&env, build())? })
     }

@@ -1,9 +1,9 @@
 //! Keys: the dialer's shared secret (`KID:BASE64`, as `tunnel keygen` prints) and the listener's
-//! Ed25519 identity (PKCS#8 PEM). Both accept the key itself or a path to a file holding it, as
-//! the CLI's `--key` does.
+//! Ed25519 identity (PKCS#8 PEM). Parsing, generation and the printed lines are the core's
+//! (`libtunnel::client::keys`), so `npx libtunnel keygen` prints what `tunnel keygen` prints.
 
-use base64::Engine;
-use libtunnel::{Error, ErrorCode, Identity, Key};
+use libtunnel::client::keys::{load_identity_text, ListenerKeyText, SharedKeyText};
+use libtunnel::Identity;
 use napi::Env;
 use napi_derive::napi;
 
@@ -29,24 +29,6 @@ pub struct ListenerKey {
     pub public_key: String,
 }
 
-/// Parse a dialer key given as `KID:BASE64` or as a path to a file holding it.
-pub(crate) fn parse_shared_key(text: &str) -> libtunnel::Result<Key> {
-    match std::fs::read_to_string(text) {
-        Ok(s) => Key::parse(s.trim()),
-        Err(_) if text.contains(':') => Key::parse(text),
-        Err(e) => Err(Error::new(ErrorCode::InvalidArgument, format!("key is neither KID:BASE64 nor a readable file ({e})"))),
-    }
-}
-
-/// Parse a listener identity given as PEM text or as a path to a PEM file.
-pub(crate) fn parse_identity(text: &str) -> libtunnel::Result<Identity> {
-    if text.contains("-----BEGIN") {
-        Identity::from_pem(text)
-    } else {
-        Identity::load(text.as_ref())
-    }
-}
-
 fn listener_key(id: &Identity) -> ListenerKey {
     ListenerKey { pem: id.to_pem(), name: id.name(), public_key: id.public_key_base64() }
 }
@@ -54,11 +36,9 @@ fn listener_key(id: &Identity) -> ListenerKey {
 /// Make a random 32-byte shared secret with key id `kid` (default 1).
 #[napi(catch_unwind)]
 pub fn generate_key(env: Env, kid: Option<u32>) -> napi::Result<SharedKey> {
-    let kid = kid.unwrap_or(1);
-    let secret: [u8; 32] = rand::random();
-    sync(&env, Key::new(kid, secret.to_vec()))?;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
-    Ok(SharedKey { key: format!("{kid}:{b64}"), auth_keys: format!(r#"[{{"kid":{kid},"data":"{b64}"}}]"#) })
+    let _ = env;
+    let k = SharedKeyText::generate(kid.unwrap_or(1));
+    Ok(SharedKey { key: k.key, auth_keys: k.auth_keys })
 }
 
 /// Make a new Ed25519 listener identity; with `out`, also write it there (mode 0600, must not
@@ -75,5 +55,20 @@ pub fn generate_listener_key(env: Env, out: Option<String>) -> napi::Result<List
 /// Describe a listener identity given as PEM text or a PEM file path.
 #[napi(catch_unwind)]
 pub fn load_listener_key(env: Env, key: String) -> napi::Result<ListenerKey> {
-    Ok(listener_key(&sync(&env, parse_identity(&key))?))
+    Ok(listener_key(&sync(&env, load_identity_text(&key))?))
+}
+
+/// What `keygen` prints for a new shared key with id `kid` (the lines of `tunnel keygen`).
+#[napi(catch_unwind)]
+pub fn keygen_text(kid: Option<u32>) -> String {
+    SharedKeyText::generate(kid.unwrap_or(1)).lines()
+}
+
+/// Write a new listener identity to `out` (mode 0600, must not exist) and return what
+/// `keygen --listener` prints (the lines of `tunnel keygen --listener`).
+#[napi(catch_unwind)]
+pub fn listener_keygen_text(env: Env, out: String) -> napi::Result<String> {
+    let id = Identity::generate();
+    sync(&env, id.save(out.as_ref()))?;
+    Ok(ListenerKeyText::of(&id).lines(Some(out.as_ref())))
 }

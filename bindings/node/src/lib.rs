@@ -3,7 +3,11 @@
 //! # Layout
 //! - `lib.rs`: the process-wide Tokio runtime, the Promise helper every async export goes through,
 //!   and the error mapping (`err.code` is the core's Node-style code, e.g. `ENOTALLOWED`).
-//! - `keys`: shared-secret keys (`KID:BASE64`) and Ed25519 listener keys.
+//! - `keys`: shared-secret keys (`KID:BASE64`) and Ed25519 listener keys (parsing and the printed
+//!   lines are the core's `libtunnel::client::keys`).
+//!
+//! Configuration is the core's (`libtunnel::client::ClientOptions`): what a constructor is not
+//! given comes from the same `TUNNEL_*` variables every face reads.
 //! - `dialer`: `NativeDialer` (dial → a socket fd, port forwards, a local SOCKS5 proxy).
 //! - `listener`: `NativeListener` (register a name, accept streams as socket fds).
 //! - `server`: `NativeServer`, an embedded relay.
@@ -31,20 +35,17 @@ mod listener;
 mod logging;
 mod server;
 
-/// Environment variable that sets the runtime's worker thread count (default: Tokio's, one per
-/// core).
-const WORKERS_VAR: &str = "LIBTUNNEL_WORKER_THREADS";
-
-/// Install our named, multi-thread runtime as napi's before any export runs; napi drops it when
-/// the Node environment exits.
+/// Install the core's runtime (`libtunnel::runtime`: `TUNNEL_WORKER_THREADS` workers, default
+/// one per core) as napi's before any export runs; napi drops it when the Node environment exits.
+/// A bad `TUNNEL_WORKER_THREADS` is reported on stderr and the default used, as a module init
+/// cannot throw.
 #[napi::module_init]
 fn init() {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    b.enable_all().thread_name("libtunnel-rt");
-    if let Some(n) = std::env::var(WORKERS_VAR).ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
-        b.worker_threads(n);
-    }
-    napi::bindgen_prelude::create_custom_tokio_runtime(b.build().expect("a Tokio runtime builds with default settings"));
+    let rt = libtunnel::runtime::build(libtunnel::runtime::Workers::PerCore).or_else(|e| {
+        eprintln!("libtunnel: {e}; using one worker per core");
+        tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("libtunnel-rt").build()
+    });
+    napi::bindgen_prelude::create_custom_tokio_runtime(rt.expect("a Tokio runtime builds with default settings"));
 }
 
 /// Build the JS `Error` for a libtunnel error: `message` is the core's message, `code` its
@@ -118,7 +119,8 @@ pub fn demo(env: Env) -> napi::Result<JsObject> {
     promise(&env, libtunnel::demo::run())
 }
 
-/// Milliseconds from JS to a `Duration` (negative or NaN means zero).
-pub(crate) fn millis(ms: f64) -> std::time::Duration {
-    std::time::Duration::from_secs_f64((ms / 1000.0).max(0.001))
+/// Milliseconds from JS as a `Duration`, checked by the core: NaN, negative, zero, `Infinity`
+/// and absurd values are `EINVAL` errors, not panics.
+pub(crate) fn millis(what: &str, ms: f64) -> libtunnel::Result<std::time::Duration> {
+    libtunnel::client::checked_millis(what, ms)
 }

@@ -5,12 +5,12 @@
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 
-use libtunnel::transport::ClientTls;
-use libtunnel::{Listener, Via};
+use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::Listener;
 use napi::{Env, JsObject};
 use napi_derive::napi;
 
-use crate::{keys, millis, promise};
+use crate::{millis, promise};
 
 /// Options of `NativeListener.bind(relay, key, options)`.
 #[napi(object)]
@@ -51,39 +51,37 @@ pub struct NativeListener {
     inner: Arc<Listener>,
 }
 
-fn via_name(v: Via) -> &'static str {
-    match v {
-        Via::Dial => "dial",
-        Via::Http => "http",
-        Via::Tcp => "tcp",
-    }
-}
-
 #[napi]
 impl NativeListener {
-    /// Connect to `relay` and register; `key` is the listener's PEM key or a path to it.
+    /// Connect to `relay` and register; `key` is the listener's PEM key or a path to it. What is
+    /// not given comes from `TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`.
     #[napi(ts_return_type = "Promise<NativeListener>")]
-    pub fn bind(env: Env, relay: String, key: String, options: Option<ListenerOptions>) -> napi::Result<JsObject> {
+    pub fn bind(env: Env, relay: Option<String>, key: Option<String>, options: Option<ListenerOptions>) -> napi::Result<JsObject> {
         promise(&env, async move {
-            let mut b = Listener::builder(&relay, keys::parse_identity(&key)?);
-            if let Some(o) = options {
-                if let Some(n) = o.name {
-                    b = b.name(n);
+            let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
+            let mut name = None;
+            let (mut tcp_port, mut backlog) = (false, None);
+            let (mut pool, mut exit) = (false, None);
+            if let Some(opts) = options {
+                if let Some(ms) = opts.timeout_ms {
+                    o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
                 }
-                b = b.tcp_port(o.tcp_port.unwrap_or(false));
-                if let Some(ms) = o.timeout_ms {
-                    b = b.timeout(millis(ms));
-                }
-                if let Some(n) = o.backlog {
-                    b = b.backlog(n as usize);
-                }
-                if let Some(ca) = o.ca {
-                    b = b.tls(ClientTls::from_pem_file(ca.as_ref())?);
-                }
-                b = b.pool(o.pool.unwrap_or(false));
-                if let Some(rules) = o.exit {
-                    b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
-                }
+                o.ca = opts.ca.map(Into::into);
+                name = opts.name;
+                tcp_port = opts.tcp_port.unwrap_or(false);
+                backlog = opts.backlog;
+                pool = opts.pool.unwrap_or(false);
+                exit = opts.exit;
+            }
+            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
+            if let Some(n) = name {
+                b = b.name(n);
+            }
+            if let Some(n) = backlog {
+                b = b.backlog(n as usize);
+            }
+            if let Some(rules) = exit {
+                b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
             }
             Ok(NativeListener { inner: Arc::new(b.bind().await?) })
         })
@@ -120,7 +118,7 @@ impl NativeListener {
         promise(&env, async move {
             let (stream, peer) = l.accept().await?;
             let sock = libtunnel::fd::into_socket(stream).await?;
-            Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: via_name(peer.via).to_string(), port: u32::from(peer.port) })
+            Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: peer.via.as_str().to_string(), port: u32::from(peer.port) })
         })
     }
 

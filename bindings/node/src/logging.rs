@@ -5,7 +5,6 @@
 //! through an unreferenced, non-blocking ThreadsafeFunction, so logging never keeps the process
 //! alive and never blocks a runtime thread.
 
-use std::fmt::Write as _;
 use std::sync::Mutex;
 
 use napi::threadsafe_function::{ErrorStrategy, ThreadSafeCallContext, ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -34,32 +33,11 @@ static FILTER: OnceCell<reload::Handle<EnvFilter, Registry>> = OnceCell::new();
 
 struct JsLayer;
 
-/// Collects an event's message and fields into one line (`message key=value …`).
-struct Line(String);
-
-impl tracing::field::Visit for Line {
-    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "message" {
-            let _ = write!(self.0, "{}{value:?}", if self.0.is_empty() { "" } else { " " });
-        } else {
-            let _ = write!(self.0, " {}={value:?}", field.name());
-        }
-    }
-    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        if field.name() == "message" {
-            self.0.insert_str(0, value);
-        } else {
-            let _ = write!(self.0, " {}={value}", field.name());
-        }
-    }
-}
-
 impl<S: tracing::Subscriber> Layer<S> for JsLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
         let guard = CALLBACK.lock().unwrap_or_else(|p| p.into_inner());
         let Some(cb) = guard.as_ref() else { return };
-        let mut line = Line(String::new());
-        event.record(&mut line);
+        let message = libtunnel::log_line::event_line(event);
         let meta = event.metadata();
         let level = match *meta.level() {
             tracing::Level::ERROR => "error",
@@ -68,10 +46,7 @@ impl<S: tracing::Subscriber> Layer<S> for JsLayer {
             tracing::Level::DEBUG => "debug",
             tracing::Level::TRACE => "trace",
         };
-        cb.call(
-            Record { level, target: meta.target().to_string(), message: line.0.trim_start().to_string() },
-            ThreadsafeFunctionCallMode::NonBlocking,
-        );
+        cb.call(Record { level, target: meta.target().to_string(), message }, ThreadsafeFunctionCallMode::NonBlocking);
     }
 }
 

@@ -27,6 +27,7 @@ pub struct NativeServer {
     addr: Option<String>,
     http_addr: Option<String>,
     tcp_addr: Option<String>,
+    ready_text: String,
 }
 
 #[napi]
@@ -44,21 +45,12 @@ impl NativeServer {
                 }
             }
             let (use_env, file) = options.map(|o| (o.env.unwrap_or(false), o.config_file)).unwrap_or((false, None));
-            let cfg = if use_env {
-                RelayConfig::load(file.as_deref().map(AsRef::as_ref), &overrides)?
-            } else {
-                let toml = match &file {
-                    Some(p) => Some(
-                        std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::InvalidConfig, format!("cannot read config file {p}: {e}")))?,
-                    ),
-                    None => None,
-                };
-                RelayConfig::from_sources(toml.as_deref(), &[], &[], &overrides)?
-            };
+            let cfg = RelayConfig::from_settings(&overrides, file.as_deref().map(AsRef::as_ref), use_env)?;
             let server = Server::bind(cfg).await?;
             let show = |a: Option<std::net::SocketAddr>| a.map(|a| a.to_string());
             let (url, addr, http_addr, tcp_addr) = (server.url(), show(server.local_addr()), show(server.http_addr()), show(server.tcp_addr()));
-            Ok(NativeServer { handle: Mutex::new(Some(server.spawn())), url, addr, http_addr, tcp_addr })
+            let ready_text = server.ready_lines();
+            Ok(NativeServer { handle: Mutex::new(Some(server.spawn())), url, addr, http_addr, tcp_addr, ready_text })
         })
     }
 
@@ -69,6 +61,12 @@ impl NativeServer {
     }
 
     /// `ip:port` of the WebSocket tunnel endpoint, if enabled.
+    /// What `tunnel server` prints when it is up (the URL and every endpoint's address).
+    #[napi(getter)]
+    pub fn ready_text(&self) -> String {
+        self.ready_text.clone()
+    }
+
     #[napi(getter)]
     pub fn address(&self) -> Option<String> {
         self.addr.clone()

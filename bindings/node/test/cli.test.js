@@ -81,3 +81,27 @@ test('the ESM entry point exports the same API', async () => {
   const { stdout } = await run(process.execPath, ['--input-type=module', '-e', code])
   assert.equal(stdout.trim(), 'true true true function 15')
 })
+
+test('server prints every address tunnel server prints, and stops when its parent (npx) is gone', async () => {
+  const { stdout } = await run(process.execPath, [BIN, 'keygen'])
+  const authKeys = /^TUNNEL_AUTH_KEYS='(.*)'$/m.exec(stdout)[1]
+  // `sh` stands for npx, which does not forward SIGTERM: killing it orphans the relay.
+  const args = ['server', '--listen', '127.0.0.1:0', '--auth-keys', authKeys, '--allow', '[{"host":"127.0.0.1","port":9}]', '--set', 'http_listen=127.0.0.1:0']
+  const parent = spawn('sh', ['-c', `"${process.execPath}" "${BIN}" ${args.map((a) => `'${a}'`).join(' ')} & wait`], { stdio: ['ignore', 'pipe', 'pipe'] })
+  let out = ''
+  const printed = new Promise((resolve) => parent.stdout.on('data', (d) => { out += d; if (/public http listening: http:\/\/\S+\n/.test(out)) resolve() }))
+  await within(20_000, 'the relay start lines', printed)
+  assert.match(out, /^relay listening: ws:\/\/127\.0\.0\.1:\d+/m)
+  const port = Number(/^public http listening: http:\/\/127\.0\.0\.1:(\d+)/m.exec(out)[1])
+  parent.kill('SIGKILL')
+  // The orphaned relay notices within a second or so and closes its ports.
+  await within(10_000, 'the orphaned relay to stop', (async () => {
+    for (;;) {
+      const up = await new Promise((resolve) => {
+        const s = net.connect(port, '127.0.0.1', () => { s.destroy(); resolve(true) }).on('error', () => resolve(false))
+      })
+      if (!up) return
+      await new Promise((resolve) => setTimeout(resolve, 100))
+    }
+  })())
+})

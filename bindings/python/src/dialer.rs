@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::socks::Target;
-use libtunnel::transport::ClientTls;
 use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
 
@@ -60,18 +60,19 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String,
 
 #[pymethods]
 impl Dialer {
+    /// A dialer from explicit values; what is `None` comes from the `TUNNEL_*` variables.
     #[new]
-    #[pyo3(signature = (relay, key, *, timeout = 20.0, ca = None, classic = false))]
-    fn new(relay: &str, key: &str, timeout: f64, ca: Option<PathBuf>, classic: bool) -> PyResult<Self> {
-        let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-        let mut b = libtunnel::Dialer::builder(relay)
-            .key(crate::keys::parse_key(key).map_err(to_py)?)
-            .mode(if classic { Mode::Classic } else { Mode::Multiplexed })
-            .timeout(timeout);
-        if let Some(ca) = ca {
-            b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
-        }
-        Ok(Dialer { inner: b.build().map_err(to_py)? })
+    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None))]
+    fn new(relay: Option<String>, key: Option<String>, timeout: Option<f64>, ca: Option<PathBuf>, classic: Option<bool>) -> PyResult<Self> {
+        let options = ClientOptions {
+            relay,
+            key,
+            ca,
+            timeout,
+            mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+            ..ClientOptions::default()
+        };
+        Ok(Dialer { inner: options.resolve(ClientRole::Dialer).and_then(|c| c.dialer()).map_err(to_py)? })
     }
 
     /// The relay URL.

@@ -12,8 +12,6 @@ use pyo3::prelude::*;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::RUNTIME;
-
 /// A connected socket whose file descriptor Python has not taken yet. Closing happens on drop, so
 /// a result that never reaches Python (a cancelled asyncio task) does not leak the descriptor.
 #[pyclass(module = "libtunnel._native", frozen)]
@@ -60,7 +58,7 @@ impl Background {
         let shutdown = Box::pin(async move {
             let _ = rx.await;
         });
-        let done = RUNTIME.spawn(run(shutdown));
+        let done = crate::runtime().spawn(run(shutdown));
         Background { addr, stop: Mutex::new(Some(tx)), done: Mutex::new(Some(done)) }
     }
 }

@@ -11,7 +11,10 @@
 //! - `error`: core errors to the `libtunnel` exception hierarchy (by the core's stable code names).
 //! - `handles`: an owned socket handed to Python, and a background task (forward, expose).
 //! - `dialer`: `Dialer` (dial, forward). `listener`: `Listener` (bind, accept, expose).
-//! - `relay`: the embedded relay. `keys`: key generation and key-text parsing.
+//! - `relay`: the embedded relay. `keys`: key generation and the text `keygen` prints.
+//!
+//! Configuration is the core's (`libtunnel::client::ClientOptions`): what a constructor is not
+//! given comes from the same `TUNNEL_*` variables every face reads.
 
 mod dialer;
 mod error;
@@ -21,22 +24,22 @@ mod listener;
 mod relay;
 
 use std::future::Future;
-use std::sync::LazyLock;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
 
-/// The one runtime of the process (ARCHITECTURE section 3): created on first use, multi-thread,
-/// `LIBTUNNEL_WORKER_THREADS` workers (default: one per core). Never shut down: its tasks bridge
+/// The one runtime of the process (ARCHITECTURE section 3), built by the core's
+/// `libtunnel::runtime` when the module is imported (`TUNNEL_WORKER_THREADS` workers, default one
+/// per core; a bad value fails the import with a `ConfigError`). Never shut down: its tasks bridge
 /// the sockets handed to Python, which may outlive any object here.
-pub(crate) static RUNTIME: LazyLock<Runtime> = LazyLock::new(|| {
-    let mut b = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = std::env::var("LIBTUNNEL_WORKER_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|n| *n > 0) {
-        b.worker_threads(n);
-    }
-    b.enable_all().thread_name("libtunnel-rt").build().expect("the OS lets a process start a Tokio runtime (threads and an epoll fd)")
-});
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// The runtime (set before any class of this module can be used).
+pub(crate) fn runtime() -> &'static Runtime {
+    RUNTIME.get().expect("the module init builds the runtime before anything can use it")
+}
 
 /// How often a blocking wait wakes to run Python's signal handlers (Ctrl-C cancels the wait).
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
@@ -46,7 +49,7 @@ const SIGNAL_POLL: Duration = Duration::from_millis(50);
 /// which cancels the operation, and is raised to the caller.
 pub(crate) fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = libtunnel::Result<T>> + Send) -> PyResult<T> {
     let outcome: PyResult<libtunnel::Result<T>> = py.detach(|| {
-        RUNTIME.block_on(async {
+        runtime().block_on(async {
             tokio::pin!(fut);
             let mut tick = tokio::time::interval(SIGNAL_POLL);
             tick.tick().await; // the first tick is immediate
@@ -70,13 +73,10 @@ where
     pyo3_async_runtimes::tokio::future_into_py(py, async move { fut.await.map_err(error::to_py) })
 }
 
-/// Seconds from Python (`None` = no limit) as a `Duration`, refusing negative and NaN values.
+/// Seconds from Python (`None` = no limit) as a `Duration`, checked by the core (NaN, negative,
+/// zero, infinite and absurd values raise `ConfigError` with code `INVALID_ARGUMENT`).
 pub(crate) fn seconds(what: &str, secs: Option<f64>) -> PyResult<Option<Duration>> {
-    match secs {
-        None => Ok(None),
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Some(Duration::from_secs_f64(s))),
-        Some(s) => Err(pyo3::exceptions::PyValueError::new_err(format!("{what} must be a non-negative number of seconds, not {s}"))),
-    }
+    secs.map(|s| libtunnel::client::checked_seconds(what, s)).transpose().map_err(error::to_py)
 }
 
 /// Drop Python-side logger levels cached by the log bridge (call after changing `logging` config).
@@ -100,13 +100,19 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     if let Ok(handle) = logger.install() {
         let _ = LOG_RESET.set(handle);
     }
+    if RUNTIME.get().is_none() {
+        let rt = libtunnel::runtime::build(libtunnel::runtime::Workers::PerCore).map_err(error::to_py)?;
+        let _ = RUNTIME.set(rt);
+    }
     // Fails only when already initialised with this same runtime (a second module import).
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(&RUNTIME);
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
     m.add("ERROR_CODES", libtunnel::ErrorCode::ALL.iter().map(|c| c.name()).collect::<Vec<_>>())?;
     m.add_function(wrap_pyfunction!(reset_logging, m)?)?;
     m.add_function(wrap_pyfunction!(keys::keygen, m)?)?;
     m.add_function(wrap_pyfunction!(keys::listener_keygen, m)?)?;
     m.add_function(wrap_pyfunction!(keys::identity_name, m)?)?;
+    m.add_function(wrap_pyfunction!(keys::keygen_text, m)?)?;
+    m.add_function(wrap_pyfunction!(keys::listener_keygen_text, m)?)?;
     m.add_class::<handles::Socket>()?;
     m.add_class::<handles::Background>()?;
     m.add_class::<dialer::Dialer>()?;

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libtunnel::transport::ClientTls;
-use libtunnel::{Error, ErrorCode, Via};
+use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::{Error, ErrorCode};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
@@ -26,19 +26,11 @@ pub(crate) struct Listener {
     name: String,
 }
 
-fn via_name(via: Via) -> &'static str {
-    match via {
-        Via::Dial => "dial",
-        Via::Http => "http",
-        Via::Tcp => "tcp",
-    }
-}
-
 async fn accept_socket(listener: Arc<libtunnel::Listener>, limit: Option<Duration>) -> libtunnel::Result<Accepted> {
     let work = async {
         let (stream, peer) = listener.accept().await?;
         let sock = libtunnel::fd::into_socket(stream).await?;
-        Ok::<_, Error>((Socket::new(sock), peer.client, via_name(peer.via), peer.port))
+        Ok::<_, Error>((Socket::new(sock), peer.client, peer.via.as_str(), peer.port))
     };
     match limit {
         None => work.await,
@@ -58,28 +50,27 @@ impl Listener {
     }
 }
 
+/// The core listener builder from explicit values; what is `None` comes from the `TUNNEL_*`
+/// variables (`TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`).
 fn builder(
-    relay: &str,
-    key: &str,
+    relay: Option<String>,
+    key: Option<String>,
     name: Option<String>,
     tcp_port: bool,
     ca: Option<PathBuf>,
-    timeout: f64,
+    timeout: Option<f64>,
     backlog: usize,
     pool: bool,
     exit: Option<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
-    let id = crate::keys::load_identity(key).map_err(to_py)?;
-    let timeout = seconds("timeout", Some(timeout))?.unwrap_or_default().max(Duration::from_millis(1));
-    let mut b = libtunnel::Listener::builder(relay, id).tcp_port(tcp_port).timeout(timeout).backlog(backlog).pool(pool);
+    let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+    let mut b =
+        options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog).pool(pool);
     if let Some(rules) = exit {
         b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
     }
     if let Some(n) = name {
         b = b.name(n);
-    }
-    if let Some(ca) = ca {
-        b = b.tls(ClientTls::from_pem_file(&ca).map_err(to_py)?);
     }
     Ok(b)
 }
@@ -91,18 +82,19 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 
 #[pymethods]
 impl Listener {
-    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it.
+    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
+    /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
-        relay: &str,
-        key: &str,
+        relay: Option<String>,
+        key: Option<String>,
         name: Option<String>,
         tcp_port: bool,
         ca: Option<PathBuf>,
-        timeout: f64,
+        timeout: Option<f64>,
         backlog: usize,
         pool: bool,
         exit: Option<String>,
@@ -112,16 +104,16 @@ impl Listener {
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay, key, *, name = None, tcp_port = false, ca = None, timeout = 20.0, backlog = 128, pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
-        relay: &str,
-        key: &str,
+        relay: Option<String>,
+        key: Option<String>,
         name: Option<String>,
         tcp_port: bool,
         ca: Option<PathBuf>,
-        timeout: f64,
+        timeout: Option<f64>,
         backlog: usize,
         pool: bool,
         exit: Option<String>,

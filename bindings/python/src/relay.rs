@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use libtunnel::{Error, ErrorCode, RelayConfig, Server, ServerHandle};
+use libtunnel::{RelayConfig, Server, ServerHandle};
 use pyo3::prelude::*;
 
 use crate::{awaitable, wait};
@@ -19,33 +19,25 @@ pub(crate) struct Relay {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    ready_text: String,
 }
 
 fn pair(a: Option<SocketAddr>) -> Option<(String, u16)> {
     a.map(|a| (a.ip().to_string(), a.port()))
 }
 
-/// Build the config: `settings` win over the environment and `./.env` (read only when `use_env`),
-/// which win over the TOML `config_file` (the CLI's precedence).
+/// The core's embedded-relay loader (`RelayConfig::from_settings`): `settings` win over the
+/// environment and `./.env` (read only when `use_env`), which win over the TOML `config_file`.
 fn config(settings: Vec<(String, String)>, config_file: Option<PathBuf>, use_env: bool) -> libtunnel::Result<RelayConfig> {
-    let settings: Vec<(String, String)> = settings.into_iter().map(|(k, v)| (k.trim().to_ascii_lowercase(), v)).collect();
-    if use_env {
-        return RelayConfig::load(config_file.as_deref(), &settings);
-    }
-    let toml = match &config_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| Error::new(ErrorCode::InvalidConfig, format!("cannot read config file {}: {e}", p.display())))?,
-        ),
-        None => None,
-    };
-    RelayConfig::from_sources(toml.as_deref(), &[], &[], &settings)
+    RelayConfig::from_settings(&settings, config_file.as_deref(), use_env)
 }
 
 async fn start(cfg: libtunnel::Result<RelayConfig>) -> libtunnel::Result<Relay> {
     let server = Server::bind(cfg?).await?;
-    let (url, addr, tcp_addr, http_addr) = (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr());
+    let (url, addr, tcp_addr, http_addr, ready_text) =
+        (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr(), server.ready_lines());
     tracing::info!(%url, "relay listening");
-    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr })
+    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr, ready_text })
 }
 
 impl Relay {
@@ -80,6 +72,12 @@ impl Relay {
     #[getter]
     fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// What `tunnel server` prints when it is up (the URL and every endpoint's address).
+    #[getter]
+    fn ready_text(&self) -> String {
+        self.ready_text.clone()
     }
 
     /// `(host, port)` of the WebSocket endpoint.

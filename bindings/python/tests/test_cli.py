@@ -69,8 +69,12 @@ def test_server_and_forward_processes(echo: tuple[str, int]) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TUNNEL_", "EMISSARY_"))}
     relay_env = dict(env, TUNNEL_AUTH_KEYS=libtunnel.auth_keys_json(key))
     allow = json.dumps([{"host": "127.0.0.1", "port": echo[1]}])
-    with running(["server", "--listen", "127.0.0.1:0", "--allow", allow, "--set", "drain_timeout=1"], relay_env) as relay:
+    args = ["server", "--listen", "127.0.0.1:0", "--allow", allow, "--set", "drain_timeout=1", "--set", "http_listen=127.0.0.1:0"]
+    with running(args, relay_env) as relay:
         url = wait_line(relay, "relay listening: ").split(": ", 1)[1]
+        # The same lines as `tunnel server`, the public HTTP port's included (chosen for :0).
+        public = wait_line(relay, "public http listening: ").split(": ", 1)[1]
+        assert public.startswith("http://127.0.0.1:") and not public.endswith(":0")
         client_env = dict(env, TUNNEL_RELAY=url, TUNNEL_KEY=key)
         with running(["forward", "127.0.0.1:0", f"127.0.0.1:{echo[1]}"], client_env) as fwd:
             line = wait_line(fwd, "forwarding ")

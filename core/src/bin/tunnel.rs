@@ -5,12 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use base64::Engine;
 use clap::{Args, Parser, Subcommand};
+use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
+use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::config::{RelayConfig, SETTINGS};
+use libtunnel::runtime::Workers;
 use libtunnel::socks::Target;
-use libtunnel::transport::ClientTls;
-use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, Server};
+use libtunnel::{Dialer, Error, ErrorCode, Mode, Server};
 use tokio::io::AsyncWriteExt;
 
 /// Print a status line on stdout. A closed stdout (`tunnel listen | head -1`, a supervisor that
@@ -80,12 +81,13 @@ enum Cmd {
         /// The exit's allow rules, JSON as TUNNEL_ALLOW (`[{"host":"db.internal","port":5432}]`).
         #[arg(long, requires = "exit", value_name = "JSON")]
         allow: Option<String>,
-        /// Relay URL (ws://, wss:// or tcp://).
-        #[arg(long, env = "TUNNEL_RELAY")]
-        relay: String,
-        /// Listener key file (Ed25519, PKCS#8 PEM; `tunnel keygen --listener --out FILE` makes one).
-        #[arg(long, env = "TUNNEL_LISTENER_KEY")]
-        key: PathBuf,
+        /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+        #[arg(long)]
+        relay: Option<String>,
+        /// Listener key: a PEM file (`tunnel keygen --listener --out FILE` makes one), default
+        /// $TUNNEL_LISTENER_KEY.
+        #[arg(long)]
+        key: Option<String>,
         /// Register this name instead of the key-derived one (the relay must grant it).
         #[arg(long)]
         name: Option<String>,
@@ -95,9 +97,12 @@ enum Cmd {
         /// Send a PROXY protocol v2 header with the original client address to the local service.
         #[arg(long)]
         proxy_protocol: bool,
-        /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
-        #[arg(long, env = "TUNNEL_CA")]
+        /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+        #[arg(long)]
         ca: Option<PathBuf>,
+        /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
+        #[arg(long)]
+        timeout: Option<f64>,
     },
     /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
     Keygen {
@@ -115,43 +120,43 @@ enum Cmd {
     Demo,
 }
 
+/// How a client command reaches the relay. Every value falls back to its `TUNNEL_*` variable
+/// (from the environment or `./.env`), as in every other face: `libtunnel::client::config`.
 #[derive(Args)]
 struct ClientArgs {
-    /// Relay URL (ws://, wss:// or tcp://).
-    #[arg(long, env = "TUNNEL_RELAY")]
-    relay: String,
-    /// Shared key `KID:BASE64`, or a file containing it. Prefer the TUNNEL_KEY variable or a file
-    /// over putting the secret itself on the command line.
-    #[arg(long, env = "TUNNEL_KEY", hide_env_values = true)]
-    key: String,
-    /// Speak Emissary's classic protocol (one WebSocket per connection) instead of multiplexing.
+    /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+    #[arg(long)]
+    relay: Option<String>,
+    /// Shared key `KID:BASE64`, or a file containing it (default $TUNNEL_KEY). Prefer the
+    /// variable or a file over putting the secret itself on the command line.
+    #[arg(long)]
+    key: Option<String>,
+    /// Speak Emissary's classic protocol (one WebSocket per connection) instead of
+    /// multiplexing (default $TUNNEL_MODE, else multiplexed).
     #[arg(long)]
     classic: bool,
-    /// PEM file of CA certificates to trust for wss:// (default: public Web PKI).
-    #[arg(long, env = "TUNNEL_CA")]
+    /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+    #[arg(long)]
     ca: Option<PathBuf>,
-    /// Seconds one dial may take.
-    #[arg(long, default_value_t = 20.0)]
-    timeout: f64,
+    /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
+    #[arg(long)]
+    timeout: Option<f64>,
 }
 
 impl ClientArgs {
-    fn dialer(&self) -> Result<Dialer, Error> {
-        let key_text = match std::fs::read_to_string(&self.key) {
-            Ok(s) => s,
-            Err(_) if self.key.contains(':') => self.key.clone(),
-            Err(e) => {
-                return Err(Error::new(ErrorCode::InvalidArgument, format!("--key {:?} is neither KID:BASE64 nor a readable file ({e})", self.key)))
-            }
-        };
-        let mut b = Dialer::builder(&self.relay)
-            .key(Key::parse(&key_text)?)
-            .mode(if self.classic { Mode::Classic } else { Mode::Multiplexed })
-            .timeout(Duration::from_secs_f64(self.timeout.max(0.001)));
-        if let Some(ca) = &self.ca {
-            b = b.tls(ClientTls::from_pem_file(ca)?);
+    fn options(&self) -> ClientOptions {
+        ClientOptions {
+            relay: self.relay.clone(),
+            key: self.key.clone(),
+            ca: self.ca.clone(),
+            timeout: self.timeout,
+            mode: self.classic.then_some(Mode::Classic),
+            ..ClientOptions::default()
         }
-        b.build()
+    }
+
+    fn dialer(&self) -> Result<Dialer, Error> {
+        self.options().resolve(ClientRole::Dialer)?.dialer()
     }
 }
 
@@ -244,14 +249,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
-            // One machine-readable line, so scripts can find the port when listening on :0.
-            say!("relay listening: {}", server.url());
-            if let Some(t) = server.tcp_addr() {
-                say!("raw tcp listening: tcp://{t}");
-            }
-            if let Some(h) = server.http_addr() {
-                say!("public http listening: http://{h}");
-            }
+            // Machine-readable lines, so scripts can find the ports when listening on :0.
+            say!("{}", server.ready_lines().trim_end());
             #[cfg(unix)]
             {
                 // SIGHUP reloads keys, allowlist and listener grants from the same sources.
@@ -325,34 +324,23 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
             let id = libtunnel::Identity::generate();
             id.save(&out)?;
-            say!("# Wrote the listener's private key to {} (mode 0600)", out.display());
-            say!("name: {}", id.name());
-            say!("public key: {}", id.public_key_base64());
-            say!("# For the relay: allow this key (and optionally grant chosen names)");
-            say!("TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{}\",\"names\":[]}}]'", id.public_key_base64());
+            say!("{}", ListenerKeyText::of(&id).lines(Some(&out)).trim_end());
             Ok(())
         }
         Cmd::Keygen { kid, .. } => {
-            let secret: [u8; 32] = rand::random();
-            let b64 = base64::engine::general_purpose::STANDARD.encode(secret);
-            say!("# For clients (tunnel forward/socks/dial, the bindings): keep it secret");
-            say!("TUNNEL_KEY={kid}:{b64}");
-            say!("# For the relay (add to the list to rotate keys)");
-            say!("TUNNEL_AUTH_KEYS='[{{\"kid\":{kid},\"data\":\"{b64}\"}}]'");
+            say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, ca } => {
-            let mut b = libtunnel::Listener::builder(&relay, libtunnel::Identity::load(&key)?).tcp_port(tcp_port).pool(pool);
+        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, ca, timeout } => {
+            let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+            let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
             if let (true, Some(rules)) = (exit, &allow) {
                 b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?);
             }
             if let Some(n) = name {
                 b = b.name(n);
             }
-            if let Some(ca) = &ca {
-                b = b.tls(ClientTls::from_pem_file(ca)?);
-            }
-            let listener = b.bind().await?;
+            let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
             // Machine-readable lines, so scripts can find what was granted.
             say!("listening as: {}", reg.name);
@@ -381,28 +369,31 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// Register a listener, retrying with backoff (1 s doubling to 30 s, each attempt logged) while
+/// the relay cannot be reached: containers and boot order often start the listener first. What
+/// retrying cannot fix (a refused key, a taken name, bad input) ends the command at once.
+async fn bind_with_retries(b: libtunnel::ListenerBuilder) -> Result<libtunnel::Listener, Error> {
+    let mut delay = Duration::from_secs(1);
+    let mut attempt = 1u32;
+    loop {
+        match b.clone().bind().await {
+            Ok(l) => return Ok(l),
+            Err(e) if matches!(e.code(), ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io) => {
+                tracing::warn!(attempt, retry_in_secs = delay.as_secs(), "cannot register with the relay yet: {e}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// The runtime a command runs on. The relay (and the demo, which embeds one) gets a worker per
 /// core; client commands move one session's bytes, where a second worker mostly adds cross-thread
 /// wake-ups per frame, so they run on one thread. `TUNNEL_WORKER_THREADS` overrides both.
 fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
-    let workers = match std::env::var("TUNNEL_WORKER_THREADS") {
-        Ok(v) => Some(v.trim().parse::<usize>().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| {
-            Error::new(ErrorCode::InvalidConfig, format!("TUNNEL_WORKER_THREADS must be a whole number of threads between 1 and 1024, got {v:?}"))
-        })?),
-        Err(_) => None,
-    };
-    let relay = matches!(cmd, Cmd::Server(_) | Cmd::Demo);
-    let mut b = match workers {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        None if !relay => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    b.enable_all().thread_name("libtunnel-rt").build().map_err(|e| Error::new(ErrorCode::Io, format!("cannot start the runtime: {e}")))
+    libtunnel::runtime::build(if matches!(cmd, Cmd::Server(_) | Cmd::Demo) { Workers::PerCore } else { Workers::One })
 }
 
 fn main() -> ExitCode {
@@ -410,7 +401,9 @@ fn main() -> ExitCode {
     // The demo narrates on stdout; its relay's routine logs would only interleave with the story.
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "warn" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
             for s in SETTINGS {

@@ -3,7 +3,7 @@
 //! listener (client side, odd stream ids) or by the relay (server side, even ids); frames arrive
 //! and leave through [`FrameSource`]/[`FrameSink`] supplied by `transport`.
 //!
-//! Data flow. A writer ([`MuxStream::poll_write`], or the bridge's zero-copy
+//! Data flow. A writer (`MuxStream::poll_write`, or the bridge's zero-copy
 //! [`MuxStream::send_frame`]) waits for window credit, for room in its own send queue and for room
 //! in the session's write budget, then queues a `Data` frame on its stream. One writer task per
 //! session takes frames round-robin across streams (control frames first), so a bulk stream never

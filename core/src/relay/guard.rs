@@ -337,6 +337,44 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Drop for InFlightP
     }
 }
 
+/// Count a failed authentication against its source address and log it: a warning for each of
+/// the first `auth_failures_per_minute`, one more when the address goes over, then debug only.
+pub(crate) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std::fmt::Display) {
+    state.metrics.auth_failures.fetch_add(1, Relaxed);
+    if state.auth_limiter.failed(peer.ip()) {
+        tracing::warn!(%peer, reason = %r, limit = state.cfg.limits.auth_failures_per_minute,
+            "too many failed authentications from this address; refusing its attempts unchecked for the rest of the minute");
+    } else if state.auth_limiter.admit(peer.ip()) == Admission::Check {
+        tracing::warn!(%peer, reason = %r, "authentication failed");
+    } else {
+        tracing::debug!(%peer, reason = %r, "authentication failed (address rate limited)");
+    }
+}
+
+/// How long a failed proof from `peer` waits for its answer: nothing normally, [`FAILURE_DELAY`]
+/// once the address is over `auth_failures_per_minute` (counted as a rate-limited refusal). Proofs
+/// are checked either way, so a valid key is never refused for what others did from its address;
+/// a guesser only gets slower answers, and its failures are no longer logged one by one.
+pub(crate) fn failure_delay(state: &RelayState, peer: SocketAddr) -> std::time::Duration {
+    match state.auth_limiter.admit(peer.ip()) {
+        Admission::Check => std::time::Duration::ZERO,
+        Admission::Refuse(_) => FAILURE_DELAY,
+    }
+}
+
+/// The wait before answering a failed proof from an address over its failure limit. Checking a
+/// proof costs one HMAC (or one Ed25519 verification), far less than the handshakes before it; the
+/// delay caps how fast one connection can guess.
+pub(crate) const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Count a rate-limited failure and wait [`FAILURE_DELAY`] when `delay` says so.
+pub(crate) async fn slow_failure(state: &RelayState, delay: std::time::Duration) {
+    if !delay.is_zero() {
+        state.metrics.refused(Refusal::RateLimited);
+        tokio::time::sleep(delay).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,43 +444,5 @@ mod tests {
         assert!(k.enter(2, 2).is_some(), "other keys have their own count");
         drop(a);
         assert!(k.enter(1, 2).is_some(), "a closed session frees its place");
-    }
-}
-
-/// Count a failed authentication against its source address and log it: a warning for each of
-/// the first `auth_failures_per_minute`, one more when the address goes over, then debug only.
-pub(crate) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std::fmt::Display) {
-    state.metrics.auth_failures.fetch_add(1, Relaxed);
-    if state.auth_limiter.failed(peer.ip()) {
-        tracing::warn!(%peer, reason = %r, limit = state.cfg.limits.auth_failures_per_minute,
-            "too many failed authentications from this address; refusing its attempts unchecked for the rest of the minute");
-    } else if state.auth_limiter.admit(peer.ip()) == Admission::Check {
-        tracing::warn!(%peer, reason = %r, "authentication failed");
-    } else {
-        tracing::debug!(%peer, reason = %r, "authentication failed (address rate limited)");
-    }
-}
-
-/// How long a failed proof from `peer` waits for its answer: nothing normally, [`FAILURE_DELAY`]
-/// once the address is over `auth_failures_per_minute` (counted as a rate-limited refusal). Proofs
-/// are checked either way, so a valid key is never refused for what others did from its address;
-/// a guesser only gets slower answers, and its failures are no longer logged one by one.
-pub(crate) fn failure_delay(state: &RelayState, peer: SocketAddr) -> std::time::Duration {
-    match state.auth_limiter.admit(peer.ip()) {
-        Admission::Check => std::time::Duration::ZERO,
-        Admission::Refuse(_) => FAILURE_DELAY,
-    }
-}
-
-/// The wait before answering a failed proof from an address over its failure limit. Checking a
-/// proof costs one HMAC (or one Ed25519 verification), far less than the handshakes before it; the
-/// delay caps how fast one connection can guess.
-pub(crate) const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// Count a rate-limited failure and wait [`FAILURE_DELAY`] when `delay` says so.
-pub(crate) async fn slow_failure(state: &RelayState, delay: std::time::Duration) {
-    if !delay.is_zero() {
-        state.metrics.refused(Refusal::RateLimited);
-        tokio::time::sleep(delay).await;
     }
 }

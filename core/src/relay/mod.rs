@@ -1,4 +1,4 @@
-//! The relay server. It has three endpoints, each an accept loop of its own ([`Endpoint`]):
+//! The relay server. It has three endpoints, each an accept loop of its own (`Endpoint`):
 //! - the **tunnel endpoint** (`listen`, WebSocket over TCP or TLS; `tunnel_endpoint`): the health
 //!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
 //!   multiplexed sessions;
@@ -93,12 +93,7 @@ pub(crate) struct Access {
 
 impl Access {
     fn from_config(cfg: &RelayConfig) -> Result<Access> {
-        if cfg.auth_keys.is_empty() {
-            return Err(Error::config("no auth keys: set TUNNEL_AUTH_KEYS (`tunnel keygen` makes one)"));
-        }
-        if cfg.allow.is_empty() {
-            return Err(Error::config("the allowlist is empty: set TUNNEL_ALLOW"));
-        }
+        cfg.check_serves_someone("TUNNEL_AUTH_KEYS", "TUNNEL_ALLOW")?;
         let mut listener_grants = std::collections::HashMap::new();
         for g in &cfg.listener_keys {
             let pk = crate::identity::parse_public_key(&g.public_key)?;
@@ -297,6 +292,20 @@ impl Server {
     /// Counters (also served on `/metrics`).
     pub fn metrics(&self) -> Arc<Metrics> {
         self.state.metrics.clone()
+    }
+
+    /// The lines every face prints when a relay is up (machine-readable, so scripts can find the
+    /// ports chosen for `:0`): `relay listening: URL`, then `raw tcp listening: tcp://…` and
+    /// `public http listening: http://…` for the endpoints that are on.
+    pub fn ready_lines(&self) -> String {
+        let mut s = format!("relay listening: {}\n", self.url());
+        if let Some(t) = self.tcp_addr() {
+            s.push_str(&format!("raw tcp listening: tcp://{t}\n"));
+        }
+        if let Some(h) = self.http_addr() {
+            s.push_str(&format!("public http listening: http://{h}\n"));
+        }
+        s
     }
 
     /// Serve until `shutdown` resolves, then drain.
@@ -528,8 +537,19 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     // endpoint's state is boxed when it is reached, so the task stays small until then.
     // (The handshake deadline is the caller's.) `peek`, not `readable`: readiness may be
     // reported before any byte is there.
-    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut [0u8; 1]).await, Ok(1)) {
+    let mut first = [0u8; 1];
+    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut first).await, Ok(1)) {
         return;
+    }
+    // A TLS ClientHello (record type 0x16, never the first byte of an HTTP request) on a plain
+    // tunnel endpoint: a `wss://` client of a `ws://` relay. Closing at once lets it say so now,
+    // instead of after the handshake deadline.
+    if matches!(endpoint, Endpoint::Tunnel) && state.tls.is_none() && first[0] == 0x16 {
+        state.metrics.refused(Refusal::Malformed);
+        // Take the ClientHello first, so the close is a FIN (the client sees the end of the
+        // handshake), not a reset.
+        let _ = sock.try_read(&mut vec![0u8; 16 * 1024]);
+        return tracing::info!(%peer, "a TLS handshake on the plain (ws://) tunnel endpoint: the client must use ws://, not wss://");
     }
     // Boxed in a statement of its own: a temporary in the awaiting statement would keep its
     // room in this task's state (debug builds lay out every temporary).

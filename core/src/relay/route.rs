@@ -128,16 +128,18 @@ pub(crate) enum Connected {
 }
 
 /// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,
-/// or a bare key-derived name (offline listeners get "host unreachable", not an allowlist refusal).
+/// a bare key-derived name, or any name with port 0 (offline listeners get "host unreachable",
+/// not an allowlist refusal).
 pub(crate) fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
-    let Address::DomainAddress(d, _) = addr else {
+    let Address::DomainAddress(d, port) = addr else {
         return None;
     };
     let host = std::str::from_utf8(d).ok()?;
     let name = listener_name(host, &state.cfg.domain)?;
     let explicit = host.trim_end_matches('.').len() > name.len();
     let looks_derived = name.len() == crate::identity::DERIVED_NAME_LEN && name.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
-    (explicit || looks_derived || state.registry.contains(&name)).then_some(name)
+    // Port 0 is never a real target: `NAME:0` is how dialers name a listener.
+    (explicit || looks_derived || *port == 0 || state.registry.contains(&name)).then_some(name)
 }
 
 /// Connect to the requested target (or listener, or exit listener) and answer the CONNECT; `None`

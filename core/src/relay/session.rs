@@ -41,10 +41,14 @@ impl Drop for ActiveGuard<'_> {
 fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
     match r {
         AuthRejection::Malformed => "malformed credentials; use a libtunnel or Emissary client".into(),
-        AuthRejection::UnknownKey(kid) => format!(
-            "key id {kid} is not configured on this relay (it has key ids {:?}); use one of those or add yours to TUNNEL_AUTH_KEYS",
-            state.access().auth_keys.kids()
-        ),
+        AuthRejection::UnknownKey(kid) => {
+            let kids = state.access().auth_keys.kids();
+            if kids.is_empty() {
+                format!("this relay has no dialer keys (it serves listeners only), so key id {kid} is unknown; add it to the relay's TUNNEL_AUTH_KEYS to dial through it")
+            } else {
+                format!("key id {kid} is not configured on this relay (it has key ids {kids:?}); use one of those or add yours to TUNNEL_AUTH_KEYS")
+            }
+        }
         AuthRejection::ClockSkew(d) => format!(
             "your clock is {}s away from the relay's (at most 900s allowed); synchronise the clocks (NTP)",
             d.as_secs()
@@ -141,6 +145,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
         return;
     };
     let _a = ActiveGuard::new(&state.metrics.streams_active);
+    let started = std::time::Instant::now();
     let activity = Activity::new();
     let mut io = Watched::new(io, activity.clone());
     let copied = {
@@ -155,6 +160,11 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
             _ = drained_and_idle(&state, &activity) => None,
         }
     };
+    if let Some(r) = &copied {
+        let to = crate::socks::Target::from_address(&addr).map(|t| t.to_string()).unwrap_or_default();
+        let logged = r.as_ref().map(|x| *x).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+        crate::conn_log::closed("relayed classic connection", &peer, &to, started, &logged);
+    }
     let clean = match copied {
         None => {
             tracing::debug!(%peer, "idle classic tunnel closed: the relay is shutting down");
@@ -308,6 +318,7 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         }
         Ok(Ok(a)) => a,
     };
+    let started = std::time::Instant::now();
     let Some(upstream) = route::connect_and_reply(&state, &mut stream, &addr, peer, Some(kid)).await else {
         stream.finish();
         return;
@@ -340,8 +351,11 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
             r
         }
     };
-    match bridged {
-        Ok((down, up)) => count_bytes(&state, up, down),
-        Err(e) => tracing::debug!(%peer, error = %e, "stream ended with an error"),
+    let to = crate::socks::Target::from_address(&addr).map(|t| t.to_string()).unwrap_or_default();
+    // (dialer → target, target → dialer) for the connection log.
+    let logged = bridged.as_ref().map(|(down, up)| (*up, *down)).map_err(|e| std::io::Error::new(e.kind(), e.to_string()));
+    crate::conn_log::closed("relayed stream", &peer, &to, started, &logged);
+    if let Ok((down, up)) = bridged {
+        count_bytes(&state, up, down);
     }
 }

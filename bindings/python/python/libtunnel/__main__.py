@@ -10,7 +10,7 @@ import threading
 
 from ._dialer import Dialer
 from ._errors import ConfigError, TunnelError
-from ._keys import auth_keys_json, keygen, listener_keygen
+from . import _native
 from ._listener import Listener
 from ._relay import Relay, serve
 
@@ -20,7 +20,7 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key", help="shared key KID:BASE64, or a file holding it (default $TUNNEL_KEY)")
     p.add_argument("--classic", action="store_true", help="speak Emissary's classic protocol")
     p.add_argument("--ca", help="PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA)")
-    p.add_argument("--timeout", type=float, default=20.0, help="seconds one dial may take")
+    p.add_argument("--timeout", type=float, help="seconds one dial may take (default $TUNNEL_TIMEOUT, else 20)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,10 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _forward(a: argparse.Namespace) -> None:
-    import os
-
     local = f"127.0.0.1:{a.local}" if a.local.isdigit() else a.local
-    dialer = Dialer(a.relay, key=a.key, timeout=a.timeout, ca=a.ca or os.environ.get("TUNNEL_CA"), classic=a.classic)
+    dialer = Dialer(a.relay, key=a.key, timeout=a.timeout, ca=a.ca, classic=a.classic or None)
     with dialer.forward(a.target, local=local) as (host, port):
         print(f"forwarding {host}:{port} -> {a.target} via {dialer.relay}", flush=True)
         try:
@@ -96,29 +94,20 @@ def _server(a: argparse.Namespace) -> None:
             config[name] = value
 
     def ready(relay: Relay) -> None:
-        print(f"relay listening: {relay.url}", flush=True)
-        if relay.tcp_address:
-            print(f"raw tcp listening: tcp://{relay.tcp_address[0]}:{relay.tcp_address[1]}", flush=True)
+        # The core's lines, so they are exactly what `tunnel server` prints.
+        print(relay.ready_text, end="", flush=True)
 
     serve(config, config_file=a.config, on_ready=ready)
 
 
 def _keygen(a: argparse.Namespace) -> None:
+    # The lines come from the core, so they are exactly what `tunnel keygen` prints.
     if a.listener:
         if not a.out:
             raise ConfigError("--listener needs --out FILE to write the private key to", "INVALID_ARGUMENT")
-        name, public_key = listener_keygen(a.out)
-        print(f"# Wrote the listener's private key to {a.out} (mode 0600)")
-        print(f"name: {name}")
-        print(f"public key: {public_key}")
-        print("# For the relay: allow this key (and optionally grant chosen names)")
-        print(f"TUNNEL_LISTENER_KEYS='[{{\"public_key\":\"{public_key}\",\"names\":[]}}]'")
+        print(_native.listener_keygen_text(a.out), end="")
         return
-    key = keygen(a.kid)
-    print("# For clients (tunnel forward/socks/dial, the bindings): keep it secret")
-    print(f"TUNNEL_KEY={key}")
-    print("# For the relay (add to the list to rotate keys)")
-    print(f"TUNNEL_AUTH_KEYS='{auth_keys_json(key)}'")
+    print(_native.keygen_text(a.kid), end="")
 
 
 def main(argv: list[str] | None = None) -> int:

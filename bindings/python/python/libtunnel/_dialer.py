@@ -14,21 +14,16 @@ from types import TracebackType
 from typing import Any
 
 from . import _native
-from ._common import from_env, wrap
+from ._common import wrap
 
 __all__ = ["Dialer", "AsyncDialer"]
 
 StrPath = str | os.PathLike[str]
 
 
-def _native_dialer(relay: str | None, key: str | None, timeout: float, ca: StrPath | None, classic: bool) -> _native.Dialer:
-    return _native.Dialer(
-        from_env(relay, "TUNNEL_RELAY", "relay URL"),
-        from_env(key, "TUNNEL_KEY", "key (KID:BASE64, or a file holding it)"),
-        timeout=timeout,
-        ca=None if ca is None else os.fspath(ca),
-        classic=classic,
-    )
+def _native_dialer(relay: str | None, key: str | None, timeout: float | None, ca: StrPath | None, classic: bool | None) -> _native.Dialer:
+    # What is None comes from the TUNNEL_* variables (and ./.env), read by the core.
+    return _native.Dialer(relay, None if key is None else os.fspath(key), timeout=timeout, ca=None if ca is None else os.fspath(ca), classic=classic)
 
 
 @contextlib.contextmanager
@@ -47,8 +42,9 @@ class _DialerBase:
 
     ``relay`` is ``ws://``, ``wss://`` or ``tcp://`` (default ``$TUNNEL_RELAY``); ``key`` is
     ``KID:BASE64`` or a file holding it (default ``$TUNNEL_KEY``); ``timeout`` bounds each dial
-    in seconds; ``ca`` is a PEM file of roots for a private CA; ``classic`` speaks Emissary's
-    protocol.
+    in seconds (default ``$TUNNEL_TIMEOUT``, else 20); ``ca`` is a PEM file of roots for a
+    private CA (default ``$TUNNEL_CA``); ``classic`` speaks Emissary's protocol (default
+    ``$TUNNEL_MODE``). Unset values are read from the environment and ``./.env``.
     """
 
     def __init__(
@@ -56,9 +52,9 @@ class _DialerBase:
         relay: str | None = None,
         *,
         key: str | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         ca: StrPath | None = None,
-        classic: bool = False,
+        classic: bool | None = None,
     ) -> None:
         self._native = _native_dialer(relay, key, timeout, ca, classic)
 

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NamedTuple
 
 from . import _native
-from ._common import from_env, wrap
+from ._common import wrap
 from ._errors import Closed, TunnelTimeout
 
 __all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
@@ -69,13 +69,10 @@ def _exit_json(rules: ExitRules | None) -> str | None:
     return json.dumps(rules)
 
 
-def _resolve(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str, str, str | None]:
-    """Relay URL and key text (or file) with their environment defaults, and the CA path."""
-    return (
-        from_env(relay, "TUNNEL_RELAY", "relay URL"),
-        from_env(key, "TUNNEL_LISTENER_KEY", "listener key (Ed25519 PEM text or file)"),
-        None if ca is None else os.fspath(ca),
-    )
+def _native_args(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str | None, str | None, str | None]:
+    """Relay URL, key text (or file) and CA path; what is None comes from the TUNNEL_* variables
+    (and ./.env), read by the core."""
+    return relay, None if key is None else os.fspath(key), None if ca is None else os.fspath(ca)
 
 
 def _accepted(raw: tuple[_native.Socket, str, str, int], *, blocking: bool) -> tuple[socket.socket, Peer]:
@@ -143,12 +140,12 @@ class Listener(_ListenerBase):
         name: str | None = None,
         tcp_port: bool = False,
         ca: StrPath | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         backlog: int = 128,
         pool: bool = False,
         exit: ExitRules | None = None,
     ) -> None:
-        relay, key_text, ca_path = _resolve(relay, key, ca)
+        relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
         )
@@ -208,13 +205,13 @@ class AsyncListener(_ListenerBase):
         name: str | None = None,
         tcp_port: bool = False,
         ca: StrPath | None = None,
-        timeout: float = 20.0,
+        timeout: float | None = None,
         backlog: int = 128,
         pool: bool = False,
         exit: ExitRules | None = None,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
-        relay, key_text, ca_path = _resolve(relay, key, ca)
+        relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
         )

@@ -62,6 +62,12 @@ class _RelayInfo:
         """``(host, port)`` of the public HTTP port, when enabled."""
         return self._native.http_address
 
+    @property
+    def ready_text(self) -> str:
+        """The lines ``tunnel server`` prints when it is up: ``relay listening: URL`` and the raw-TCP
+        and public HTTP addresses, when enabled (the ports chosen for ``:0``)."""
+        return self._native.ready_text
+
     def abort(self) -> None:
         """Stop at once, dropping every connection (like a crash)."""
         self._native.abort()

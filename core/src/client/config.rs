@@ -1,0 +1,382 @@
+//! One client configuration for every face. A dialer or listener is configured from explicit
+//! values (CLI flags, C setters, Python keyword arguments, Node options) and then from one set of
+//! environment variables, [`CLIENT_VARS`], read from the process environment and `./.env` (which
+//! never overrides the real environment, as for the relay). The relay derives the client names it
+//! tolerates in a shared environment from the same list, so one `.env` serves both sides.
+//!
+//! [`ClientOptions::resolve`] turns the values into a checked [`ClientConfig`]; every error is
+//! `INVALID_ARGUMENT` (or `INVALID_CONFIG` for a bad variable), names the option or variable to
+//! fix, and never contains a secret.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::keys::{load_identity_text, parse_key_text};
+use crate::auth::Key;
+use crate::dialer::{Dialer, DialerBuilder};
+use crate::error::{Error, ErrorCode, Result};
+use crate::identity::Identity;
+use crate::listener::ListenerBuilder;
+use crate::stream::Mode;
+use crate::transport::{ClientTls, RelayUrl};
+
+/// One client environment variable.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientVar {
+    /// The name (`TUNNEL_RELAY`).
+    pub name: &'static str,
+    /// What it holds, for help texts.
+    pub help: &'static str,
+    /// Older names still read, with a deprecation warning.
+    pub old_names: &'static [&'static str],
+}
+
+/// `TUNNEL_RELAY`: the relay URL.
+pub const RELAY_VAR: &str = "TUNNEL_RELAY";
+/// `TUNNEL_KEY`: a dialer's shared key.
+pub const KEY_VAR: &str = "TUNNEL_KEY";
+/// `TUNNEL_LISTENER_KEY`: a listener's Ed25519 key.
+pub const LISTENER_KEY_VAR: &str = "TUNNEL_LISTENER_KEY";
+/// `TUNNEL_CA`: CA certificates for `wss://`.
+pub const CA_VAR: &str = "TUNNEL_CA";
+/// `TUNNEL_TIMEOUT`: seconds one dial or registration may take.
+pub const TIMEOUT_VAR: &str = "TUNNEL_TIMEOUT";
+/// `TUNNEL_MODE`: `multiplexed` or `classic`.
+pub const MODE_VAR: &str = "TUNNEL_MODE";
+/// `TUNNEL_WORKER_THREADS`: worker threads of the runtime (see [`crate::runtime`]).
+pub const WORKER_THREADS_VAR: &str = "TUNNEL_WORKER_THREADS";
+
+/// Every variable a client reads, in every face.
+pub const CLIENT_VARS: &[ClientVar] = &[
+    ClientVar { name: RELAY_VAR, help: "relay URL: ws://, wss:// or tcp://", old_names: &[] },
+    ClientVar { name: KEY_VAR, help: "a dialer's shared key KID:BASE64, or a file holding it (`tunnel keygen`)", old_names: &[] },
+    ClientVar {
+        name: LISTENER_KEY_VAR,
+        help: "a listener's Ed25519 key: a PEM file or its text (`tunnel keygen --listener --out FILE`)",
+        old_names: &[],
+    },
+    ClientVar { name: CA_VAR, help: "PEM file of CA certificates to trust for wss:// (default: the public Web PKI)", old_names: &[] },
+    ClientVar { name: TIMEOUT_VAR, help: "seconds one dial or listener registration may take (default 20)", old_names: &[] },
+    ClientVar { name: MODE_VAR, help: "multiplexed (default) or classic (Emissary's one connection per stream)", old_names: &[] },
+    ClientVar {
+        name: WORKER_THREADS_VAR,
+        help: "worker threads of libtunnel's runtime (default: one per core; CLI client commands: 1)",
+        old_names: &["LIBTUNNEL_WORKER_THREADS"],
+    },
+];
+
+/// Whether `var` is one a client reads (current or old name): the relay ignores these.
+pub fn is_client_var(var: &str) -> bool {
+    CLIENT_VARS.iter().any(|v| v.name == var || v.old_names.contains(&var))
+}
+
+/// The default time one dial (or a listener's registration) may take.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The longest timeout any face accepts (30 days), as for the relay's settings: a larger one
+/// would overflow the deadlines computed from it.
+pub const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
+
+/// Seconds given by a caller (a flag, a keyword argument, an option in milliseconds / 1000, a
+/// relay setting) as a `Duration`: refuses NaN, negative, infinite, absurd (over 30 days) values
+/// and ones under a millisecond (which would time everything out) with `INVALID_ARGUMENT`, where
+/// `Duration::from_secs_f64` would panic.
+pub fn checked_seconds(what: &str, secs: f64) -> Result<Duration> {
+    if secs.is_finite() && (0.001..=MAX_SECONDS).contains(&secs) {
+        return Ok(Duration::from_secs_f64(secs));
+    }
+    Err(Error::argument(format!("{what} must be a positive number of seconds, from 0.001 to {MAX_SECONDS} (30 days); got {secs}")))
+}
+
+/// Milliseconds given by a caller (Node's options) as a `Duration`, with [`checked_seconds`]'s
+/// rules and a message in milliseconds.
+pub fn checked_millis(what: &str, ms: f64) -> Result<Duration> {
+    checked_seconds(what, ms / 1000.0).map_err(|_| {
+        Error::argument(format!("{what} must be a positive number of milliseconds, from 1 to {} (30 days); got {ms}", MAX_SECONDS * 1000.0))
+    })
+}
+
+/// Which kind of client is being configured (it decides which key variable applies).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientRole {
+    /// Dials targets with a shared key.
+    Dialer,
+    /// Registers a name with an Ed25519 identity.
+    Listener,
+}
+
+/// Where environment variables come from: the process environment and `./.env`, or a fixed list
+/// (tests, and faces that were told not to read the environment).
+#[derive(Debug, Clone, Default)]
+pub enum ClientEnv {
+    /// The process environment, then `./.env` in the working directory.
+    #[default]
+    Process,
+    /// Only these pairs.
+    Fixed(Vec<(String, String)>),
+    /// No environment at all: explicit values only.
+    None,
+}
+
+impl ClientEnv {
+    fn lookup(&self, names: &[&str]) -> Result<Option<(String, String)>> {
+        let pairs = match self {
+            ClientEnv::None => return Ok(None),
+            ClientEnv::Fixed(p) => p.clone(),
+            ClientEnv::Process => {
+                let mut p: Vec<(String, String)> = crate::config::read_dotenv(Path::new(".env"))?;
+                // The real environment wins over .env: later pairs are found first below.
+                p.extend(std::env::vars());
+                p
+            }
+        };
+        for name in names {
+            if let Some((k, v)) = pairs.iter().rev().find(|(k, _)| k == name) {
+                return Ok(Some((k.clone(), v.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The value of `var` (or one of its old names, with a deprecation warning).
+    pub fn var(&self, var: &ClientVar) -> Result<Option<String>> {
+        let mut names = vec![var.name];
+        names.extend_from_slice(var.old_names);
+        match self.lookup(&names)? {
+            Some((k, v)) => {
+                if k != var.name {
+                    tracing::warn!("{k} is deprecated and will stop working in the next release; set {} instead", var.name);
+                }
+                Ok(Some(v))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn client_var(name: &str) -> &'static ClientVar {
+    CLIENT_VARS.iter().find(|v| v.name == name).expect("the name is one of CLIENT_VARS")
+}
+
+/// Explicit values for a client, each optional: what is not given is read from the environment.
+#[derive(Clone, Default)]
+pub struct ClientOptions {
+    /// Relay URL (`ws://`, `wss://` or `tcp://`).
+    pub relay: Option<String>,
+    /// Dialer: `KID:BASE64` or a file holding it. Listener: PEM text or a PEM file.
+    pub key: Option<String>,
+    /// An identity already loaded (the C face's setter, tests); wins over `key` for listeners.
+    pub identity: Option<Identity>,
+    /// A shared key already parsed; wins over `key` for dialers.
+    pub parsed_key: Option<Key>,
+    /// PEM file of CA certificates to trust for `wss://`.
+    pub ca: Option<PathBuf>,
+    /// Seconds one dial or registration may take.
+    pub timeout: Option<f64>,
+    /// Emissary classic mode (dialers).
+    pub mode: Option<Mode>,
+    /// Where unset values come from.
+    pub env: ClientEnv,
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientOptions")
+            .field("relay", &self.relay)
+            .field("key", &self.key.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("timeout", &self.timeout)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A checked client configuration: everything a dialer or listener needs to reach its relay.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The relay URL, already checked.
+    pub relay: String,
+    /// The dialer's shared key (dialers).
+    pub key: Option<Key>,
+    /// The listener's identity (listeners).
+    pub identity: Option<Identity>,
+    /// Trust for `wss://` (default: the public Web PKI).
+    pub tls: Option<ClientTls>,
+    /// How long one dial or registration may take.
+    pub timeout: Duration,
+    /// Multiplexed or Emissary classic.
+    pub mode: Mode,
+}
+
+impl ClientOptions {
+    /// Options read from the process environment and `./.env` only.
+    pub fn from_env() -> ClientOptions {
+        ClientOptions::default()
+    }
+
+    /// Check the values (explicit first, then the environment) for a client of `role`.
+    pub fn resolve(self, role: ClientRole) -> Result<ClientConfig> {
+        let env = &self.env;
+        let relay = match self.relay {
+            Some(r) => r,
+            None => env
+                .var(client_var(RELAY_VAR))?
+                .ok_or_else(|| Error::argument(format!("no relay URL: pass the relay (ws://, wss:// or tcp://) or set {RELAY_VAR}")))?,
+        };
+        RelayUrl::parse(&relay)?;
+        let (key, identity) = match role {
+            ClientRole::Dialer => {
+                let key = match (self.parsed_key, self.key) {
+                    (Some(k), _) => k,
+                    (None, Some(text)) => parse_key_text(&text)?,
+                    (None, None) => match env.var(client_var(KEY_VAR))? {
+                        Some(text) => parse_key_text(&text).map_err(|e| Error::new(e.code(), format!("{KEY_VAR}: {}", e.message())))?,
+                        None => {
+                            return Err(Error::argument(format!(
+                                "no shared key: pass the key (KID:BASE64, or a file holding it) or set {KEY_VAR}; `tunnel keygen` makes one"
+                            )))
+                        }
+                    },
+                };
+                (Some(key), None)
+            }
+            ClientRole::Listener => {
+                let id = match (self.identity, self.key) {
+                    (Some(id), _) => id,
+                    (None, Some(text)) => load_identity_text(&text)?,
+                    (None, None) => match env.var(client_var(LISTENER_KEY_VAR))? {
+                        Some(text) => load_identity_text(&text).map_err(|e| Error::new(e.code(), format!("{LISTENER_KEY_VAR}: {}", e.message())))?,
+                        None => {
+                            return Err(Error::argument(format!(
+                                "no listener key: pass the key (a PEM file or its text) or set {LISTENER_KEY_VAR}; `tunnel keygen --listener --out FILE` makes one"
+                            )))
+                        }
+                    },
+                };
+                (None, Some(id))
+            }
+        };
+        let ca = match self.ca {
+            Some(p) => Some(p),
+            None => env.var(client_var(CA_VAR))?.filter(|s| !s.trim().is_empty()).map(PathBuf::from),
+        };
+        let tls = ca.as_deref().map(ClientTls::from_pem_file).transpose()?;
+        let timeout = match self.timeout {
+            Some(s) => checked_seconds("timeout", s)?,
+            None => match env.var(client_var(TIMEOUT_VAR))? {
+                Some(v) => {
+                    let secs = v.trim().parse::<f64>().map_err(|_| bad_var(TIMEOUT_VAR, &v, "a number of seconds"))?;
+                    checked_seconds(TIMEOUT_VAR, secs).map_err(|e| Error::new(ErrorCode::InvalidConfig, e.message().to_string()))?
+                }
+                None => DEFAULT_TIMEOUT,
+            },
+        };
+        let mode = match self.mode {
+            Some(m) => m,
+            None => match env.var(client_var(MODE_VAR))? {
+                Some(v) => parse_mode(&v)?,
+                None => Mode::Multiplexed,
+            },
+        };
+        Ok(ClientConfig { relay, key, identity, tls, timeout, mode })
+    }
+}
+
+fn bad_var(var: &str, value: &str, want: &str) -> Error {
+    Error::new(ErrorCode::InvalidConfig, format!("{var} must be {want}, got {value:?}"))
+}
+
+/// `multiplexed` or `classic` (any case).
+pub fn parse_mode(text: &str) -> Result<Mode> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "multiplexed" | "mux" | "" => Ok(Mode::Multiplexed),
+        "classic" | "emissary" => Ok(Mode::Classic),
+        _ => Err(bad_var(MODE_VAR, text, "multiplexed or classic")),
+    }
+}
+
+impl ClientConfig {
+    /// A dialer builder with this relay, key, trust, timeout and mode (add options, then build).
+    pub fn dialer_builder(&self) -> Result<DialerBuilder> {
+        let key = self.key.clone().ok_or_else(|| Error::argument("this client configuration has no shared key; a dialer needs one"))?;
+        let mut b = Dialer::builder(&self.relay).key(key).mode(self.mode).timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            b = b.tls(tls.clone());
+        }
+        Ok(b)
+    }
+
+    /// The dialer this configuration describes.
+    pub fn dialer(&self) -> Result<Dialer> {
+        self.dialer_builder()?.build()
+    }
+
+    /// A listener builder with this relay, identity, trust and timeout (add options, then bind).
+    pub fn listener_builder(&self) -> Result<ListenerBuilder> {
+        let id = self.identity.clone().ok_or_else(|| Error::argument("this client configuration has no listener key; a listener needs one"))?;
+        let mut b = crate::listener::Listener::builder(&self.relay, id).timeout(self.timeout);
+        if let Some(tls) = &self.tls {
+            b = b.tls(tls.clone());
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "1:c2VjcmV0LXNlY3JldC1zZWNyZXQ=";
+
+    fn fixed(pairs: &[(&str, &str)]) -> ClientEnv {
+        ClientEnv::Fixed(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn explicit_values_win_over_the_environment() {
+        let o = ClientOptions {
+            relay: Some("ws://127.0.0.1:1".into()),
+            timeout: Some(3.0),
+            env: fixed(&[(RELAY_VAR, "ws://127.0.0.1:2"), (KEY_VAR, KEY), (TIMEOUT_VAR, "9"), (MODE_VAR, "classic")]),
+            ..Default::default()
+        };
+        let c = o.resolve(ClientRole::Dialer).unwrap();
+        assert_eq!(c.relay, "ws://127.0.0.1:1");
+        assert_eq!(c.timeout, Duration::from_secs(3));
+        assert_eq!(c.mode, Mode::Classic);
+        assert_eq!(c.key.unwrap().to_key_string(), KEY);
+    }
+
+    #[test]
+    fn old_worker_variable_still_read() {
+        let env = fixed(&[("LIBTUNNEL_WORKER_THREADS", "3")]);
+        assert_eq!(env.var(client_var(WORKER_THREADS_VAR)).unwrap().as_deref(), Some("3"));
+        assert!(is_client_var("LIBTUNNEL_WORKER_THREADS") && is_client_var("TUNNEL_LISTENER_KEY") && !is_client_var("TUNNEL_ALLOW"));
+    }
+
+    #[test]
+    fn bad_seconds_are_refused_not_panics() {
+        for s in [f64::NAN, -1.0, 0.0, 1e30, f64::INFINITY, f64::NEG_INFINITY] {
+            let e = checked_seconds("timeout", s).unwrap_err();
+            assert_eq!(e.code(), ErrorCode::InvalidArgument, "{s}");
+            assert!(e.message().contains("positive number of seconds"), "{e}");
+        }
+        assert!(checked_seconds("t", 0.0000001).is_err());
+        assert_eq!(checked_seconds("t", 0.001).unwrap(), Duration::from_millis(1));
+        let env = fixed(&[(RELAY_VAR, "ws://127.0.0.1:1"), (KEY_VAR, KEY), (TIMEOUT_VAR, "inf")]);
+        let e = ClientOptions { env, ..Default::default() }.resolve(ClientRole::Dialer).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::InvalidConfig);
+        assert!(e.message().contains(TIMEOUT_VAR), "{e}");
+    }
+
+    #[test]
+    fn missing_values_name_the_variable() {
+        let e = ClientOptions { env: ClientEnv::None, ..Default::default() }.resolve(ClientRole::Dialer).unwrap_err();
+        assert!(e.message().contains(RELAY_VAR), "{e}");
+        let o = ClientOptions { relay: Some("ws://127.0.0.1:1".into()), env: ClientEnv::None, ..Default::default() };
+        let e = o.clone().resolve(ClientRole::Dialer).unwrap_err();
+        assert!(e.message().contains(KEY_VAR) && e.message().contains("tunnel keygen"), "{e}");
+        let e = o.resolve(ClientRole::Listener).unwrap_err();
+        assert!(e.message().contains(LISTENER_KEY_VAR) && e.message().contains("--listener"), "{e}");
+    }
+}
