@@ -4,8 +4,11 @@
 .PHONY: demo test test-rust build install clean
 
 # A relay, a private demo service and dials through them, all on loopback.
+# The build shows its progress (a fresh clone compiles for a few minutes), then the story.
 demo:
-	cargo run --quiet -p libtunnel --features cli --bin tunnel -- demo
+	cargo build -p libtunnel --features cli --bin tunnel
+	@echo
+	"$${CARGO_TARGET_DIR:-target}/debug/tunnel" demo
 
 # Every test of every language in the repo; installs what it needs first.
 test:

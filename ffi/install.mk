@@ -31,10 +31,9 @@ PRIVATE_LIBS := -lpthread -ldl -lm -lrt -lutil -lgcc_s
 build:
 	cd $(ROOT) && CARGO_TARGET_DIR=$(CARGO_TARGET_DIR) $(CARGO) build -p libtunnel-ffi --profile $(if $(filter debug,$(PROFILE)),dev,$(PROFILE))
 
-$(BUILT)/libtunnel.so $(BUILT)/libtunnel.a:
-	$(MAKE) -f $(lastword $(MAKEFILE_LIST)) build
-
-install: $(BUILT)/libtunnel.so $(BUILT)/libtunnel.a
+# Always through cargo, which rebuilds what is stale (a library older than its sources) and does
+# nothing when it is current.
+install: build
 	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR)
 	$(INSTALL) -m 644 $(ROOT)/include/tunnel.h $(DESTDIR)$(INCLUDEDIR)/tunnel.h
 	$(INSTALL) -m 755 $(BUILT)/libtunnel.so $(DESTDIR)$(LIBDIR)/libtunnel.so.$(VERSION)

@@ -1,5 +1,6 @@
 //! `tunnel demo`: the embedded default. A relay, a private demo service and dials through them,
-//! all on loopback, narrated step by step, so a new user sees the whole path work in one command.
+//! then a service behind a listener reached by name and by a public HTTP request, all on
+//! loopback, narrated step by step, so a new user sees both halves work in one command.
 
 use std::time::Instant;
 
@@ -53,6 +54,50 @@ async fn demo_service() -> Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
+/// A tiny HTTP service (the one behind the listener): answers every request with a greeting that
+/// names the client the relay saw (`X-Forwarded-For`, when the request came through the public port).
+async fn greeting_service() -> Result<std::net::SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| Error::from_io(e, "binding the greeting service"))?;
+    let addr = l.local_addr().map_err(|e| Error::from_io(e, "greeting service address"))?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let via = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("x-forwarded-for: ").or_else(|| l.strip_prefix("X-Forwarded-For: ")))
+                    .map(|c| format!(" (the relay says you are {})", c.trim()))
+                    .unwrap_or_default();
+                let body = format!("hello from behind the listener{via}\n");
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One HTTP/1.1 GET over `io` with `Host: host`; returns the status line and the body.
+async fn http_get<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut io: S, host: &str) -> Result<(String, String)> {
+    io.write_all(format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes())
+        .await
+        .map_err(|e| Error::from_io(e, "sending the demo request"))?;
+    let mut answer = String::new();
+    io.read_to_string(&mut answer).await.map_err(|e| Error::from_io(e, "reading the demo answer"))?;
+    let status = answer.lines().next().unwrap_or_default().to_string();
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim().to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
 fn hex_lower(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -63,8 +108,16 @@ pub async fn run() -> Result<()> {
     let service = demo_service().await?;
     println!("1. started a private demo service on {service} (it answers with the SHA-256 of what it receives)");
     let allow = Allowlist::from_json(&format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, service.port()), "demo allowlist")?;
-    let relay = Server::bind(RelayConfig::new(KeySet::new([key.clone()])?, allow)).await?.spawn();
-    println!("2. started a relay at {} (key id 1, allowlist: 127.0.0.1:{})", relay.url(), service.port());
+    let mut cfg = RelayConfig::new(KeySet::new([key.clone()])?, allow);
+    cfg.http_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg.listeners_open = true;
+    let relay = Server::bind(cfg).await?.spawn();
+    let http = relay.http_addr().ok_or_else(|| Error::new(ErrorCode::General, "the demo relay has no public HTTP port"))?;
+    println!(
+        "2. started a relay at {} (key id 1, allowlist: 127.0.0.1:{}; public HTTP port {http}, open to any listener key)",
+        relay.url(),
+        service.port()
+    );
 
     let payload: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
     let expect = format!("sha256={}\n", hex_lower(&Sha256::digest(&payload)));
@@ -122,9 +175,24 @@ pub async fn run() -> Result<()> {
         }
         other => return Err(Error::new(ErrorCode::General, format!("expected AUTH_FAILED for a wrong secret, got {other:?}"))),
     }
-    dialer.close().await;
     wrong.close().await;
+
+    // The other half: a service behind NAT, published through a listener.
+    let greeting = greeting_service().await?;
+    let id = crate::identity::Identity::generate();
+    let listener = crate::listener::Listener::builder(relay.url(), id).bind().await?;
+    let name = listener.name();
+    println!("6. a listener registered as {name} (the name is derived from its Ed25519 key) for a service on {greeting}");
+    let exposing = tokio::spawn(crate::forward::expose(listener, greeting.to_string(), false, std::future::pending()));
+    let by_name = dialer.dial(&format!("{name}:0")).await?;
+    let (status, body) = http_get(by_name, "demo").await?;
+    println!("6a. dialed it by name ({name}:0) through the relay: {status}, {body:?}");
+    let public = tokio::net::TcpStream::connect(http).await.map_err(|e| Error::from_io(e, "connecting to the public HTTP port"))?;
+    let (status, body) = http_get(public, &format!("{name}.localhost:{}", http.port())).await?;
+    println!("6b. a public HTTP request for Host {name}.localhost reached it: {status}, {body:?}");
+    exposing.abort();
+    dialer.close().await;
     relay.shutdown().await?;
-    println!("6. relay shut down cleanly. Next: `tunnel keygen`, then `tunnel server` and `tunnel forward` (see README.md)");
+    println!("7. relay shut down cleanly. Next: `tunnel keygen`, then `tunnel server`, `tunnel forward` and `tunnel listen` (see README.md)");
     Ok(())
 }

@@ -27,8 +27,9 @@ pub async fn forward(listener: TcpListener, dialer: Dialer, target: Target, shut
         async move {
             let started = std::time::Instant::now();
             match dialer.dial_for(&target, &sock).await {
-                Ok((stream, _early)) => {
-                    let r = stream.bridge(sock).await;
+                Ok((stream, early)) => {
+                    // The first bytes left with the CONNECT: count them with the rest.
+                    let r = stream.bridge(sock).await.map(|(sent, received)| (sent + early, received));
                     crate::conn_log::closed("forwarded connection", &peer, &target, started, &r);
                 }
                 // The local connection is closed (as before early data): clients see the end at once.

@@ -535,3 +535,28 @@ async fn sighup_reloads_keys_from_the_config_file() {
     within(STEP, "dial after a failed reload", new.dial(&echo.to_string())).await.expect("keys unchanged");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tunnel completions SHELL` prints a script the shell accepts (bash registers it), and
+/// `tunnel man` a man page naming every command; both come from the same clap definition.
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    let bin = env!("CARGO_BIN_EXE_tunnel");
+    let script = std::process::Command::new(bin).args(["completions", "bash"]).output().expect("run completions");
+    assert!(script.status.success());
+    let dir = clean_dir();
+    let path = dir.join("tunnel.bash");
+    std::fs::write(&path, &script.stdout).expect("write the script");
+    let check = std::process::Command::new("bash").arg("-c").arg(format!("source {} && complete -p tunnel", path.display())).output().expect("bash");
+    assert!(check.status.success(), "bash refused the script: {}", String::from_utf8_lossy(&check.stderr));
+    assert!(String::from_utf8_lossy(&check.stdout).contains("tunnel"), "{}", String::from_utf8_lossy(&check.stdout));
+    for shell in ["zsh", "fish"] {
+        let out = std::process::Command::new(bin).args(["completions", shell]).output().expect("run completions");
+        assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("forward"), "{shell}");
+    }
+    let man = std::process::Command::new(bin).arg("man").output().expect("run man");
+    let page = String::from_utf8_lossy(&man.stdout);
+    assert!(man.status.success() && page.contains(".TH tunnel 1"), "{page}");
+    for cmd in ["server", "forward", "socks", "dial", "listen", "keygen", "demo"] {
+        assert!(page.contains(cmd), "the man page names {cmd}");
+    }
+}

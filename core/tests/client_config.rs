@@ -195,3 +195,26 @@ fn one_dotenv_serves_the_relay_and_the_clients() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `tunnel demo` (what `make demo` runs) tells the whole story, the listener half included, with
+/// no log line interleaved.
+#[test]
+fn the_demo_runs_both_halves_without_log_noise() {
+    let dir = scratch("demo");
+    let out = tunnel(&dir, &["demo"]).output().expect("run tunnel demo");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "demo failed: {stdout}\n{stderr}");
+    for step in [
+        "3a. multiplexed mode",
+        "3b. classic",
+        "4. a target outside the allowlist",
+        "5. a wrong secret",
+        "6a. dialed it by name",
+        "6b. a public HTTP request",
+        "7. relay shut down cleanly",
+    ] {
+        assert!(stdout.contains(step), "step {step:?} missing from:\n{stdout}");
+    }
+    assert_eq!(stdout.matches("HTTP/1.1 200 OK").count(), 2, "{stdout}");
+    assert!(stderr.trim().is_empty(), "log lines interleaved with the story: {stderr}");
+}

@@ -331,6 +331,9 @@ async fn make_install_then_pkg_config_build() {
         .arg(root().join("ffi/install.mk"))
         .arg("install")
         .arg(format!("PREFIX={}", prefix.display()))
+        // The debug build the other tests use (install always goes through cargo, which finds
+        // it current); a release build here would only cost CI minutes.
+        .arg("PROFILE=debug")
         .arg(format!("BUILT={}", built_lib_dir().display()))
         .output()
         .expect("run make");

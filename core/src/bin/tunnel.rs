@@ -118,6 +118,13 @@ enum Cmd {
     },
     /// Run a relay, a demo service and dials through them on loopback, narrating each step.
     Demo,
+    /// Print a shell completion script (`tunnel completions bash > /etc/bash_completion.d/tunnel`).
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), generated from these same flags: `tunnel man > tunnel.1`.
+    Man,
 }
 
 /// How a client command reaches the relay. Every value falls back to its `TUNNEL_*` variable
@@ -366,6 +373,21 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Cmd::Demo => libtunnel::demo::run().await,
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "tunnel", &mut out);
+            say!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
+        Cmd::Man => {
+            let mut out = Vec::new();
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
+                .render(&mut out)
+                .map_err(|e| Error::new(ErrorCode::Io, format!("cannot render the man page: {e}")))?;
+            say!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(())
+        }
     }
 }
 
@@ -398,8 +420,9 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    // The demo narrates on stdout; its relay's routine logs would only interleave with the story.
-    let default_level = if matches!(cli.cmd, Cmd::Demo) { "warn" } else { "info" };
+    // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
+    // interleave with the story.
+    let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());

@@ -330,7 +330,9 @@ async fn an_interactive_stream_is_not_held_behind_a_bulk_stream() {
     ping.read_exact(&mut one).await.unwrap();
     // Without fair sending a round trip waits behind the whole write budget: write_budget / rate.
     let behind_budget = Duration::from_secs_f64(cfg.write_budget as f64 / rate);
-    let bound = delay * 2 + behind_budget / 2;
+    // Twice the link's round trip plus half the budget's drain: fair sending stays far below it,
+    // and a loaded CI machine's scheduling jitter (a few ms per wake-up) stays inside it too.
+    let bound = delay * 2 + behind_budget / 2 + Duration::from_millis(15);
     let mut worst = Duration::ZERO;
     let mut times = Vec::new();
     for i in 0..100u8 {

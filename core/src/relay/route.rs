@@ -138,8 +138,10 @@ pub(crate) fn listener_route(state: &RelayState, addr: &Address) -> Option<Strin
     let name = listener_name(host, &state.cfg.domain)?;
     let explicit = host.trim_end_matches('.').len() > name.len();
     let looks_derived = name.len() == crate::identity::DERIVED_NAME_LEN && name.bytes().all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b));
-    // Port 0 is never a real target: `NAME:0` is how dialers name a listener.
-    (explicit || looks_derived || *port == 0 || state.registry.contains(&name)).then_some(name)
+    // Port 0 is never a real target: `NAME:0` is how dialers name a listener (`localhost` excepted:
+    // it names the relay's own host, which the allowlist refuses as such).
+    let by_port = *port == 0 && name != "localhost";
+    (explicit || looks_derived || by_port || state.registry.contains(&name)).then_some(name)
 }
 
 /// Connect to the requested target (or listener, or exit listener) and answer the CONNECT; `None`
