@@ -52,6 +52,7 @@ impl Listener {
 
 /// The core listener builder from explicit values; what is `None` comes from the `TUNNEL_*`
 /// variables (`TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`).
+#[allow(clippy::too_many_arguments)]
 fn builder(
     relay: Option<String>,
     key: Option<String>,
