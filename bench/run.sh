@@ -404,23 +404,34 @@ measure() {
 # second `tunnel forward` dials NAME:0 (the relay splices the dialer's stream to the listener's
 # session). On a long link the dialer's hop and the listener's hop each get half the RTT, so the
 # end-to-end RTT equals the direct one and both hops are long. The path's relay must be running.
+# Multiplexed paths run it twice in the same run: plaintext (tags byname, byname_connect) and with
+# end-to-end TLS (`--e2e` on both ends: byname_e2e, byname_e2e_connect), so the E2E cost in CPU per
+# GB (relay + forward + listen) and in connect latency reads off one table.
 measure_byname() { # path
-    local p=$1 key="$OUT/listener-$p.pem" lurl furl name fwd addr lpid fpid ok=0 pids=() flag=() size
+    local p=$1
+    measure_byname_one "$p" ""
+    [[ $p == classic ]] || measure_byname_one "$p" e2e
+}
+
+measure_byname_one() { # path "" | e2e
+    local p=$1 mode=$2 key="$OUT/listener-$p$2.pem" lurl furl name fwd addr lpid fpid ok=0 pids=() flag=() e2e=() size tag=byname${2:+_$2} connects
     lurl=$RELAY_SCHEME://$RELAY_ADDR; furl=$lurl
     if [[ -n $LINK_MS ]]; then
-        start_link "byname-dialer-$p" "$RELAY_ADDR" "$ONE_WAY" && { furl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
-        start_link "byname-listener-$p" "$RELAY_ADDR" "$ONE_WAY" && { lurl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
-        size=(--secs "$LINK_SECS")
+        start_link "$tag-dialer-$p" "$RELAY_ADDR" "$ONE_WAY" && { furl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
+        start_link "$tag-listener-$p" "$RELAY_ADDR" "$ONE_WAY" && { lurl=$RELAY_SCHEME://$LINK_ADDR; pids+=("$LINK_PID"); }
+        size=(--secs "$LINK_SECS"); connects=(--count "$LINK_CONNECTS" --warmup 2)
     else
-        size=(--bytes "$BYTES")
+        size=(--bytes "$BYTES"); connects=(--count "$CONNECTS")
     fi
+    [[ $mode == e2e ]] && e2e=(--e2e)
+    rm -f "$key"
     "$TUNNEL" keygen --listener --out "$key" >/dev/null 2>&1
-    start_bg "listen-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" listen --to "$ECHO" --relay "$lurl" --key "$key"
+    start_bg "listen-$p$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" listen --to "$ECHO" --relay "$lurl" --key "$key" "${e2e[@]}"
     lpid=$LAST_PID; pids+=("$lpid")
     if name=$(wait_line "$LOG" 'listening as: [a-z0-9-]+' 10); then
         name=${name#listening as: }
         [[ $p == classic ]] && flag=(--classic)
-        TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-byname-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$name:0" --relay "$furl" "${flag[@]}"
+        TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$tag-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$name:0" --relay "$furl" "${flag[@]}" "${e2e[@]}"
         fpid=$LAST_PID; pids+=("$fpid")
         if fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10); then
             addr=${fwd#forwarding }
@@ -432,10 +443,12 @@ measure_byname() { # path
     fi
     if ((ok)); then
         settle
-        gen "$p" byname "$GEN" throughput --addr "$addr" --streams 1 "${size[@]}" --pids "$RELAY_PID,$fpid,$lpid"
+        gen "$p" "$tag" "$GEN" throughput --addr "$addr" --streams 1 "${size[@]}" --pids "$RELAY_PID,$fpid,$lpid"
+        settle
+        gen "$p" "${tag}_connect" "$GEN" connect --addr "$addr" "${connects[@]}"
     else
-        R[$p.byname.error]="no echo through a dial by name within 10 s (see $OUT/logs/*byname-$p*, *listen-$p*)"
-        log "  $p byname: FAILED ${R[$p.byname.error]}"
+        R[$p.$tag.error]="no echo through a dial by name${mode:+ ($mode)} within 10 s (see $OUT/logs/*$tag-$p*, *listen-$p$mode*)"
+        log "  $p $tag: FAILED ${R[$p.$tag.error]}"
     fi
     local x
     for x in "${pids[@]}"; do stop_pid "$x"; done
@@ -481,7 +494,17 @@ for p in $PATHS; do
         R[$p.fair.x]=$(awk -v l="${R[$p.pingload.p50_us]}" -v i="${R[$p.$IDLE_PING.p50_us]}" 'BEGIN { printf "%.2fx", (i > 0 ? l / i : 0) }')
     fi
 done
-[[ -n "${R[direct.tp1.mib_s]:-}" ]] && R[direct.byname.mib_s]=${R[direct.tp1.mib_s]}
+[[ -n "${R[direct.tp1.mib_s]:-}" ]] && R[direct.byname.mib_s]=${R[direct.tp1.mib_s]} && R[direct.byname_e2e.mib_s]=${R[direct.tp1.mib_s]}
+[[ -n "${R[direct.connect.p50_us]:-}" ]] && R[direct.byname_connect.p50_us]=${R[direct.connect.p50_us]} && R[direct.byname_e2e_connect.p50_us]=${R[direct.connect.p50_us]}
+# What end-to-end encryption costs over plaintext dial by name, same path, same run.
+for p in $PATHS; do
+    if [[ -n "${R[$p.byname.cpu_s_per_gb]:-}" && -n "${R[$p.byname_e2e.cpu_s_per_gb]:-}" ]]; then
+        R[$p.e2e_cost.cpu_s_per_gb]=$(awk -v e="${R[$p.byname_e2e.cpu_s_per_gb]}" -v b="${R[$p.byname.cpu_s_per_gb]}" 'BEGIN { printf "%+.3f", e - b }')
+    fi
+    if [[ -n "${R[$p.byname_connect.p50_us]:-}" && -n "${R[$p.byname_e2e_connect.p50_us]:-}" ]]; then
+        R[$p.e2e_cost.connect_us]=$(awk -v e="${R[$p.byname_e2e_connect.p50_us]}" -v b="${R[$p.byname_connect.p50_us]}" 'BEGIN { printf "%+.1f", e - b }')
+    fi
+done
 
 # key | label | ratio to direct (1) or not (0)
 if [[ -n $LINK_MS ]]; then
@@ -490,6 +513,13 @@ if [[ -n $LINK_MS ]]; then
         "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
         "tpN.min_stream_mib_s|  slowest of the $STREAMS (MiB/s)|1"
         "byname.mib_s|dial by name, 1 stream (MiB/s)|1"
+        "byname.cpu_s_per_gb|  dial by name CPU (s/GB)|0"
+        "byname_connect.p50_us|  dial by name connect p50 (us)|1"
+        "byname_e2e.mib_s|dial by name e2e, 1 stream (MiB/s)|1"
+        "byname_e2e.cpu_s_per_gb|  e2e CPU (s/GB)|0"
+        "byname_e2e_connect.p50_us|  e2e connect p50 (us)|1"
+        "e2e_cost.cpu_s_per_gb|  e2e - plaintext CPU (s/GB)|0"
+        "e2e_cost.connect_us|  e2e - plaintext connect (us)|0"
         "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
         "ping.p50_us|ping-pong 64 B p50, idle (us)|1"
         "pingload.p50_us|ping-pong p50 under bulk (us)|1"
@@ -503,6 +533,13 @@ else
         "tp1.mib_s|throughput, 1 stream (MiB/s)|1"
         "tpN.mib_s|throughput, $STREAMS streams (MiB/s)|1"
         "byname.mib_s|dial by name, 1 stream (MiB/s)|1"
+        "byname.cpu_s_per_gb|  dial by name CPU (s/GB)|0"
+        "byname_connect.p50_us|  dial by name connect p50 (us)|1"
+        "byname_e2e.mib_s|dial by name e2e, 1 stream (MiB/s)|1"
+        "byname_e2e.cpu_s_per_gb|  e2e CPU (s/GB)|0"
+        "byname_e2e_connect.p50_us|  e2e connect p50 (us)|1"
+        "e2e_cost.cpu_s_per_gb|  e2e - plaintext CPU (s/GB)|0"
+        "e2e_cost.connect_us|  e2e - plaintext connect (us)|0"
         "tp1.cpu_s_per_gb|tunnel CPU, 1 stream (s/GB)|0"
         "tpN.cpu_s_per_gb|tunnel CPU, $STREAMS streams (s/GB)|0"
         "connect.p50_us|connect+1st byte p50 (us)|1"
@@ -574,7 +611,8 @@ cell() { # path key ratio
     for k in "${!R[@]}"; do
         [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"
     done | sort
-    echo "(* = not every connection could be held; see the notes. CPU is utime+stime of both tunnel processes; RSS counts both.)"
+    echo "(* = not every connection could be held; see the notes. CPU is utime+stime of both tunnel processes; RSS counts both."
+    echo " Dial-by-name CPU counts relay + forward + listen; e2e = TLS 1.3 inside the stream, --e2e on forward and listen.)"
     echo "(stalled x100: RSS growth with 100 streams whose server stopped reading, written until none moves; most of what the clients wrote sits in kernel socket buffers)"
     max_hold=0
     [[ -n $LINK_MS ]] && HOLDS=""

@@ -93,6 +93,14 @@ enum tunnel_result
    */
   TUNNEL_RESULT_NAME_TAKEN = 7015,
   /**
+   * End to end: the listener's key does not prove the name dialed (or a chosen name has no pin).
+   */
+  TUNNEL_RESULT_E2E_IDENTITY = 7016,
+  /**
+   * End to end: the listener does not admit this dialer's key, or refused a plaintext stream.
+   */
+  TUNNEL_RESULT_E2E_REFUSED = 7017,
+  /**
    * A pointer argument was NULL; the message names it.
    */
   TUNNEL_RESULT_NULL_PARAMETER = 7101,
@@ -244,6 +252,15 @@ typedef struct tunnel_peer {
    * The port label a dialer asked for (0 = default), or the public TCP port.
    */
   uint16_t port;
+  /**
+   * Whether the stream is end-to-end encrypted (the listener has e2e on).
+   */
+  bool e2e;
+  /**
+   * The dialer's verified key-derived name (e2e in mutual mode), NUL-terminated; empty
+   * otherwise.
+   */
+  char dialer_name[32];
 } tunnel_peer;
 
 /**
@@ -361,6 +378,38 @@ tunnel_result tunnel_config_set_listener_name(struct tunnel_config *cfg, const c
  * `cfg` must be NULL or a live config.
  */
 tunnel_result tunnel_config_set_classic(struct tunnel_config *cfg, bool classic);
+
+/**
+ * Turn end-to-end encryption on or off (default off). A dialer then runs TLS 1.3 inside every
+ * stream to a listener name and checks the listener's key against the name (or its pin); other
+ * targets fail with `TUNNEL_RESULT_INVALID_ARGUMENT`. In mutual mode it presents the config's
+ * identity (`tunnel_config_set_identity_file`). A listener terminates the TLS on every stream
+ * (its service reads plaintext) and refuses plaintext streams.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_e2e(struct tunnel_config *cfg, bool on);
+
+/**
+ * Dialer, e2e: pin a chosen (relay-granted) listener name to its key, written `NAME=KEY` (KEY:
+ * base64 public key or key-derived name). Without a pin a chosen name cannot be dialed end to
+ * end (`TUNNEL_RESULT_E2E_IDENTITY`). Checked now; may be called several times.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `pin` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_add_e2e_pin(struct tunnel_config *cfg, const char *pin);
+
+/**
+ * Listener, e2e: require dialers' own keys and admit this one (base64 public key or key-derived
+ * name); others fail with `TUNNEL_RESULT_E2E_REFUSED` at their end. Checked now; may be called
+ * several times.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_add_allow_peer(struct tunnel_config *cfg, const char *key);
 
 /**
  * Make a listener bound from this config join its name's pool of replicas (`tunnel listen

@@ -4,7 +4,7 @@ import type { Socket, AddressInfo } from 'node:net'
 
 /** An `Error` from libtunnel: `code` is the core's Node-style code, `tunnelCode` its name. */
 export interface TunnelError extends Error {
-  /** `'EAUTH'`, `'EAUTHKEY'`, `'EAUTHCLOCK'`, `'ENOTALLOWED'`, `'EUNREACHABLE'`, `'ECONNREFUSED'`, `'ETIMEDOUT'`, `'EPROTO'`, `'ERELAYUNAVAILABLE'`, `'EINVALIDCONFIG'`, `'EINVAL'`, `'ECLOSED'`, `'EIO'`, `'EGENERAL'`, `'ENAMETAKEN'`. */
+  /** `'EAUTH'`, `'EAUTHKEY'`, `'EAUTHCLOCK'`, `'ENOTALLOWED'`, `'EUNREACHABLE'`, `'ECONNREFUSED'`, `'ETIMEDOUT'`, `'EPROTO'`, `'ERELAYUNAVAILABLE'`, `'EINVALIDCONFIG'`, `'EINVAL'`, `'ECLOSED'`, `'EIO'`, `'EGENERAL'`, `'ENAMETAKEN'`, `'EE2EIDENTITY'`, `'EE2EREFUSED'`. */
   code: string
   /** The SCREAMING name shared with the C and Python faces, e.g. `'NOT_ALLOWED'`. */
   tunnelCode: string
@@ -27,6 +27,10 @@ export interface PeerInfo {
   via: 'dial' | 'http' | 'tcp'
   /** The port label a dialer asked for (0 = default), or the public TCP port. */
   port: number
+  /** Whether the stream is end-to-end encrypted (the listener has `e2e` on). */
+  e2e: boolean
+  /** The dialer's verified key-derived name (`e2e` with `allowPeers`), else null. */
+  dialerName: string | null
 }
 
 export interface ListenerBindOptions {
@@ -53,6 +57,10 @@ export interface ListenerBindOptions {
    * relay's `allow` syntax) for targets dialers reach through it with `dial(target, { via })`.
    */
   exit?: string | Array<{ host: string, port: number | string }>
+  /** End-to-end encryption: terminate TLS on every stream (the relay sees only ciphertext) and refuse plaintext ones. */
+  e2e?: boolean
+  /** With `e2e`: require dialers' own keys and admit these (base64 public keys or key-derived names). */
+  allowPeers?: string[]
 }
 
 export interface Listener extends EventEmitter {
@@ -100,6 +108,12 @@ export interface DialerConnectOptions {
   ca?: string
   /** Speak Emissary's classic protocol (one WebSocket per connection, no half-close). */
   classic?: boolean
+  /** End-to-end encrypt dials to listener names; the listener's key must prove the name dialed. */
+  e2e?: boolean
+  /** With `e2e`: chosen (relay-granted) names pinned to their listener's key (base64 or key-derived name). */
+  e2ePins?: Record<string, string>
+  /** With `e2e`: this dialer's Ed25519 key (PEM text, file path or `{ pem }`), for listeners with `allowPeers`. */
+  e2eIdentity?: string | { pem: string }
 }
 
 export interface LocalAddressOptions {

@@ -65,6 +65,8 @@ class Listener extends EventEmitter {
       timeoutMs: options.timeout,
       backlog: options.backlog ?? DEFAULT_BACKLOG,
       ca: options.ca,
+      e2e: options.e2e,
+      allowPeers: options.allowPeers,
       pool: options.pool,
       exit: options.exit === undefined || typeof options.exit === 'string' ? options.exit : JSON.stringify(options.exit)
     })
@@ -114,7 +116,7 @@ class Listener extends EventEmitter {
       }
       const socket = socketFromFd(got.fd, this.allowHalfOpen)
       const from = splitHostPort(got.client)
-      const peer = { client: got.client, address: from.address, via: got.via, port: got.port }
+      const peer = { client: got.client, address: from.address, via: got.via, port: got.port, e2e: got.e2e, dialerName: got.dialerName ?? null }
       // The socket's own peer is the local bridge; report the original client instead.
       Object.defineProperty(socket, 'remoteAddress', { value: from.address, configurable: true })
       Object.defineProperty(socket, 'remotePort', { value: from.port, configurable: true })
@@ -182,12 +184,22 @@ class Dialer {
   /**
    * Make a dialer and authenticate its session now. `key` is `KID:BASE64` or a file holding it
    * (default: `TUNNEL_KEY`); `relay` defaults to `TUNNEL_RELAY`. Options: `timeout` (ms per
-   * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol).
+   * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol), `e2e`
+   * (TLS end to end inside dials to listener names; the listener's key must prove the name),
+   * `e2ePins` (`{ name: key }` for chosen names), `e2eIdentity` (this dialer's Ed25519 key, for
+   * listeners with `allowPeers`).
    */
   static async connect (options = {}) {
     // What is not given comes from TUNNEL_RELAY, TUNNEL_KEY, TUNNEL_CA, TUNNEL_TIMEOUT and
     // TUNNEL_MODE (and ./.env), read by the core as in every face.
-    const raw = new native.NativeDialer(options.relay, options.key, { timeoutMs: options.timeout, ca: options.ca, classic: options.classic })
+    const raw = new native.NativeDialer(options.relay, options.key, {
+      timeoutMs: options.timeout,
+      ca: options.ca,
+      classic: options.classic,
+      e2e: options.e2e,
+      e2ePins: options.e2ePins,
+      e2eIdentity: options.e2eIdentity === undefined ? undefined : keyText(options.e2eIdentity)
+    })
     await raw.connect()
     return new Dialer(raw)
   }

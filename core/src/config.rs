@@ -192,6 +192,10 @@ pub struct RelayConfig {
     pub tls_key: Option<PathBuf>,
     /// Health path (GET answers 200 with the key ids).
     pub health_path: String,
+    /// The admin endpoint (`relay::admin`), off when `None`.
+    pub admin_listen: Option<SocketAddr>,
+    /// The bearer token the admin endpoint requires (at least 16 characters).
+    pub admin_token: Option<String>,
     /// DNS servers for resolving targets, tried in order (port 53 unless given); the system
     /// resolver when empty, and as the fallback when none of them answers (Emissary's rule).
     pub dns_servers: Vec<SocketAddr>,
@@ -218,6 +222,8 @@ impl RelayConfig {
             tls_cert: None,
             tls_key: None,
             health_path: "/healthz".into(),
+            admin_listen: None,
+            admin_token: None,
             dns_servers: Vec::new(),
             limits: Limits::default(),
         }
@@ -258,6 +264,19 @@ impl RelayConfig {
             tracing::warn!("the allowlist is empty: dialers can reach listeners by name only; set {allow_var} to let them reach targets");
         }
         Ok(())
+    }
+
+    /// An admin endpoint needs a token of at least 16 characters (it shows who is connected).
+    pub fn check_admin(&self) -> Result<()> {
+        match (&self.admin_listen, &self.admin_token) {
+            (Some(_), None) => Err(Error::config(
+                "admin_listen is set but admin_token is not: set TUNNEL_ADMIN_TOKEN to a secret of at least 16 characters (e.g. `openssl rand -hex 24`)",
+            )),
+            (Some(_), Some(t)) if t.len() < 16 => {
+                Err(Error::config("TUNNEL_ADMIN_TOKEN must be at least 16 characters (e.g. `openssl rand -hex 24`)"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The embedded relay's loader (Python `Relay`, Node `Server.start`, C `tunnel_server_*`):
@@ -403,6 +422,13 @@ impl RelayConfig {
         if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
             return Err(Error::config("set both TUNNEL_TLS_CERT and TUNNEL_TLS_KEY (or neither)"));
         }
+        if let Some((v, w)) = get("admin_listen") {
+            cfg.admin_listen = parse_opt_addr(v, w)?;
+        }
+        if let Some((v, _)) = get("admin_token") {
+            cfg.admin_token = Some(v.to_string()).filter(|t| !t.is_empty());
+        }
+        cfg.check_admin()?;
         if let Some((v, w)) = get("health_path") {
             if !v.starts_with('/') {
                 return Err(Error::config(format!("{w} must start with '/', like /healthz")));
@@ -550,6 +576,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "max_handshakes_per_source", help: "most not-yet-authenticated connections per source address (IPv6: per /64)" },
     Setting { name: "max_handshakes", help: "most not-yet-authenticated connections in all; at most max_connections/2" },
     Setting { name: "http_max_requests_per_source", help: "most public HTTP requests in progress per source address (then 429)" },
+    Setting { name: "admin_listen", help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off" },
+    Setting { name: "admin_token", help: "bearer token the admin endpoint requires, at least 16 characters" },
     Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
 ];
 

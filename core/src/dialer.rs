@@ -1,6 +1,7 @@
 //! The client side: open streams to `host:port` through a relay. In multiplexed mode one
 //! authenticated session is shared by every dial and re-established when it dies; in classic mode
-//! each dial is its own Emissary connection.
+//! each dial is its own Emissary connection. With end-to-end encryption on
+//! ([`DialerBuilder::e2e`]), dials to listener names run TLS inside the stream (`crate::e2e`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +9,8 @@ use std::time::Duration;
 use futures_util::SinkExt;
 
 use crate::auth::Key;
+use crate::e2e::handshake::Dialing;
+use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{MuxConfig, Role, Session};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
@@ -28,6 +31,7 @@ pub struct DialerBuilder {
     timeout: Duration,
     mux: MuxConfig,
     via: Option<String>,
+    e2e: Option<DialerE2e>,
 }
 
 impl DialerBuilder {
@@ -68,6 +72,13 @@ impl DialerBuilder {
         self
     }
 
+    /// End-to-end encryption for dials to listener names: TLS 1.3 inside the stream, the
+    /// listener's key checked against the name dialed (or its pin). Other targets are refused.
+    pub fn e2e(mut self, e2e: DialerE2e) -> Self {
+        self.e2e = Some(e2e);
+        self
+    }
+
     /// Check the settings; no network I/O happens until the first dial.
     pub fn build(self) -> Result<Dialer> {
         let url = RelayUrl::parse(&self.relay)?;
@@ -75,6 +86,12 @@ impl DialerBuilder {
         if let Some(v) = &self.via {
             Target { host: "x".into(), port: 1 }.through_exit(v)?;
         }
+        if self.e2e.is_some() && self.mode == Mode::Classic {
+            return Err(Error::argument(
+                "end-to-end encryption needs multiplexed mode (classic Emissary streams cannot reach listeners); drop --classic or e2e",
+            ));
+        }
+        let e2e = self.e2e.map(Dialing::new).transpose()?;
         Ok(Dialer {
             inner: Arc::new(DialerInner {
                 url,
@@ -84,6 +101,7 @@ impl DialerBuilder {
                 timeout: self.timeout,
                 mux: self.mux,
                 via: self.via,
+                e2e,
                 session: tokio::sync::Mutex::new(None),
             }),
         })
@@ -99,6 +117,7 @@ struct DialerInner {
     mux: MuxConfig,
     /// The exit listener every dial goes through, if any.
     via: Option<String>,
+    e2e: Option<Dialing>,
     /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
     /// session is being set up, so concurrent dials wait for one handshake instead of racing.
     session: tokio::sync::Mutex<Option<Session>>,
@@ -132,6 +151,7 @@ impl Dialer {
             timeout: Duration::from_secs(20),
             mux: MuxConfig::default(),
             via: None,
+            e2e: None,
         }
     }
 
@@ -143,6 +163,11 @@ impl Dialer {
     /// The mode.
     pub fn mode(&self) -> Mode {
         self.inner.mode
+    }
+
+    /// Whether dials are end-to-end encrypted.
+    pub fn is_e2e(&self) -> bool {
+        self.inner.e2e.is_some()
     }
 
     /// Open a stream to `target` (`host:port`) through the relay.
@@ -172,6 +197,7 @@ impl Dialer {
                 timeout: i.timeout,
                 mux: i.mux.clone(),
                 via: Some(name.to_string()),
+                e2e: i.e2e.clone(),
                 session: tokio::sync::Mutex::new(None),
             }),
         })
@@ -252,18 +278,23 @@ impl Dialer {
     }
 
     async fn dial_mux(&self, target: &Target) -> Result<TunnelStream> {
+        // E2E: refuse a target that cannot be verified before anything is sent.
+        let expect = self.inner.e2e.as_ref().map(|e| e.expected(target)).transpose()?;
         let mut attempt = 0;
         loop {
             attempt += 1;
             let session = self.session().await?;
             let result = async {
                 let mut stream = session.open()?;
+                if let (Some(e2e), Some(expect)) = (&self.inner.e2e, &expect) {
+                    return Ok(Inner::E2e(Box::new(e2e.dial(stream, target, expect.clone()).await?)));
+                }
                 socks::client_connect(&mut stream, target, true).await?;
-                Ok(stream)
+                Ok(Inner::Mux(stream))
             }
             .await;
             match result {
-                Ok(stream) => return Ok(TunnelStream::new(Inner::Mux(stream), target.clone())),
+                Ok(inner) => return Ok(TunnelStream::new(inner, target.clone())),
                 // The session died under us (relay restarted, idle LB cut it): one fresh try.
                 Err(e) if attempt == 1 && session.is_closed() => {
                     tracing::debug!(error = %e, "session lost while dialing; reconnecting");
@@ -279,7 +310,8 @@ impl Dialer {
     pub(crate) async fn dial_for<S: LocalSocket>(&self, target: &Target, local: &S) -> Result<(TunnelStream, u64)> {
         let routed = self.route(target)?;
         let target = &routed;
-        if self.inner.mode == Mode::Classic {
+        if self.inner.mode == Mode::Classic || self.inner.e2e.is_some() {
+            // E2E: local bytes can only follow the handshake, so nothing rides with the CONNECT.
             return Ok((self.dial_target(target).await?, 0));
         }
         let t = self.inner.timeout;

@@ -43,6 +43,10 @@ pub enum ErrorCode {
     General = 14,
     /// A listener name is registered by another key, or this key may not use it.
     NameTaken = 15,
+    /// End to end: the listener's key does not prove the name dialed (or nothing pins a chosen name).
+    E2eIdentity = 16,
+    /// End to end: the listener does not admit this dialer's key, or refused a plaintext stream.
+    E2eRefused = 17,
 }
 
 impl ErrorCode {
@@ -63,6 +67,8 @@ impl ErrorCode {
         ErrorCode::Io,
         ErrorCode::General,
         ErrorCode::NameTaken,
+        ErrorCode::E2eIdentity,
+        ErrorCode::E2eRefused,
     ];
 
     /// The stable number.
@@ -88,6 +94,8 @@ impl ErrorCode {
             ErrorCode::Io => "IO",
             ErrorCode::General => "GENERAL",
             ErrorCode::NameTaken => "NAME_TAKEN",
+            ErrorCode::E2eIdentity => "E2E_IDENTITY",
+            ErrorCode::E2eRefused => "E2E_REFUSED",
         }
     }
 
@@ -109,6 +117,8 @@ impl ErrorCode {
             ErrorCode::Io => "EIO",
             ErrorCode::General => "EGENERAL",
             ErrorCode::NameTaken => "ENAMETAKEN",
+            ErrorCode::E2eIdentity => "EE2EIDENTITY",
+            ErrorCode::E2eRefused => "EE2EREFUSED",
         }
     }
 
@@ -181,7 +191,7 @@ impl Error {
             ErrorCode::Timeout => io::ErrorKind::TimedOut,
             ErrorCode::Refused => io::ErrorKind::ConnectionRefused,
             ErrorCode::Closed => io::ErrorKind::ConnectionReset,
-            ErrorCode::NotAllowed | ErrorCode::AuthFailed => io::ErrorKind::PermissionDenied,
+            ErrorCode::NotAllowed | ErrorCode::AuthFailed | ErrorCode::E2eRefused => io::ErrorKind::PermissionDenied,
             ErrorCode::InvalidArgument | ErrorCode::InvalidConfig => io::ErrorKind::InvalidInput,
             ErrorCode::Protocol => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,

@@ -128,6 +128,11 @@ impl Identity {
         f.write_all(self.to_pem().as_bytes()).map_err(|e| Error::from_io(e, &format!("writing {}", path.display())))
     }
 
+    /// The signing key (for the end-to-end TLS credential, `crate::e2e`).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.key
+    }
+
     /// The 32-byte public key.
     pub fn public_key(&self) -> [u8; 32] {
         self.key.verifying_key().to_bytes()

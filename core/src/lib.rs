@@ -44,6 +44,7 @@ pub mod config;
 mod conn_log;
 pub mod demo;
 pub mod dialer;
+pub mod e2e;
 pub mod egress;
 pub mod error;
 #[cfg(unix)]

@@ -17,6 +17,10 @@
 //! relay's allowlist code (`crate::egress`: the same rules, and the same checks after DNS), and
 //! answers with the same SOCKS5 reply codes. Those streams never reach `accept()`; each is logged
 //! (dialer key id, client address, target, outcome) and counted in [`Listener::exit_stats`].
+//!
+//! With end-to-end encryption on ([`ListenerBuilder::e2e`]) each stream's TLS is terminated here
+//! before it is queued (`crate::e2e`): `accept()` hands out plaintext, and a stream that is not a
+//! verified E2E dial (plaintext dial, public request, unlisted dialer key) is refused.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +31,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::handshake::connect_mux;
+use crate::e2e::handshake::Accepting;
+use crate::e2e::ListenerE2e;
 use crate::egress::allowlist::Allowlist;
 use crate::egress::connect::{connect_target, Cause};
 use crate::egress::resolve::TargetResolver;
@@ -38,6 +44,9 @@ use crate::socks::Target;
 use crate::stream::{Inner, TunnelStream};
 use crate::transport::{ClientTls, RelayUrl};
 
+/// Longest an accepted stream may take to complete its E2E handshake.
+const E2E_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// Who is on the other end of an accepted stream, and how they arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -47,6 +56,12 @@ pub struct PeerInfo {
     pub via: Via,
     /// The port label a dialer asked for (0 = default), or the public TCP port.
     pub port: u16,
+    /// Whether the stream is end-to-end encrypted (the listener has e2e on).
+    pub e2e: bool,
+    /// The dialer's verified Ed25519 public key (e2e in mutual mode).
+    pub dialer_key: Option<[u8; 32]>,
+    /// The key-derived name of `dialer_key`.
+    pub dialer_name: Option<String>,
 }
 
 /// What the relay granted this listener.
@@ -72,6 +87,7 @@ pub struct ListenerBuilder {
     backlog: usize,
     mux: MuxConfig,
     max_backoff: Duration,
+    e2e: Option<ListenerE2e>,
     pool: bool,
     exit: Option<ExitConfig>,
 }
@@ -145,6 +161,14 @@ impl ListenerBuilder {
         self
     }
 
+    /// End-to-end encryption: terminate TLS 1.3 (with this listener's key, which its key-derived
+    /// name proves) on every stream and refuse plaintext ones; with allowed peers, also require
+    /// each dialer's key and admit listed ones only.
+    pub fn e2e(mut self, e2e: ListenerE2e) -> Self {
+        self.e2e = Some(e2e);
+        self
+    }
+
     /// Connect and register. Fails (without retrying) when the first registration is refused or
     /// the relay cannot be reached; after that, lost sessions are re-established in the background.
     pub async fn bind(self) -> Result<Listener> {
@@ -162,8 +186,9 @@ impl ListenerBuilder {
             Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
             None => None,
         };
+        let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { url, name, builder: self, exit });
+        let cfg = Arc::new(Config { url, name, builder: self, exit, e2e });
         let (session, reg) = register(&cfg).await?;
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
@@ -187,6 +212,7 @@ struct Config {
     url: RelayUrl,
     name: String,
     builder: ListenerBuilder,
+    e2e: Option<Accepting>,
     exit: Option<Arc<ExitState>>,
 }
 
@@ -262,6 +288,7 @@ impl Listener {
             max_backoff: Duration::from_secs(10),
             pool: false,
             exit: None,
+            e2e: None,
         }
     }
 
@@ -433,7 +460,7 @@ async fn supervise(
                 session.close(ErrorCode::Closed, "the listener was closed");
                 return;
             }
-            _ = serve_session(&session, &queue, cfg.exit.as_ref()) => {}
+            _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref()) => {}
         }
         let reason = session.close_reason();
         if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
@@ -474,11 +501,12 @@ async fn supervise(
 }
 
 /// Accept the relay's streams on one session until it ends.
-async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, exit: Option<&Arc<ExitState>>) {
+async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, exit: Option<&Arc<ExitState>>, e2e: Option<&Accepting>) {
     while let Some(stream) = session.accept().await {
         let (queue, exit) = (queue.clone(), exit.cloned());
+        let e2e = e2e.cloned();
         tokio::spawn(async move {
-            if let Err(e) = admit(stream, &queue, exit).await {
+            if let Err(e) = admit(stream, &queue, exit, e2e.as_ref()).await {
                 tracing::debug!(error = %e, "incoming stream dropped");
             }
         });
@@ -486,8 +514,15 @@ async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, Pe
 }
 
 /// Read the stream header, queue the stream for `accept()` (or refuse it when the queue is
-/// full), then tell the relay it was accepted.
-async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, exit: Option<Arc<ExitState>>) -> Result<()> {
+/// full), then tell the relay it was accepted. With e2e, the TLS handshake runs between the two
+/// (holding the queue slot, so at most `backlog` handshakes are in progress). Exit streams are
+/// served here (`serve_exit`) and never queued.
+async fn admit(
+    mut stream: MuxStream,
+    queue: &mpsc::Sender<(TunnelStream, PeerInfo)>,
+    exit: Option<Arc<ExitState>>,
+    e2e: Option<&Accepting>,
+) -> Result<()> {
     let header = match tokio::time::timeout(Duration::from_secs(10), Incoming::read_from(&mut stream)).await {
         Ok(Ok(Incoming::Stream(h))) => h,
         Ok(Ok(Incoming::Exit(h))) => {
@@ -515,8 +550,26 @@ async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerIn
     };
     stream.write_all(&[STREAM_ACCEPTED]).await.map_err(|e| Error::from_io(e, "accepting a stream"))?;
     let target = Target { host: header.client.clone(), port: header.port };
-    let peer = PeerInfo { client: header.client, via: header.via, port: header.port };
-    permit.send((TunnelStream::new(Inner::Mux(stream), target), peer));
+    let mut peer = PeerInfo { client: header.client, via: header.via, port: header.port, e2e: false, dialer_key: None, dialer_name: None };
+    let inner = match e2e {
+        None => Inner::Mux(stream),
+        Some(e2e) => {
+            let tls = match tokio::time::timeout(E2E_HANDSHAKE, e2e.accept(stream)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::new(
+                        ErrorCode::E2eRefused,
+                        "refused a stream that sent no TLS handshake within 10 s (a plaintext dial to an e2e listener?)",
+                    ))
+                }
+            };
+            peer.e2e = true;
+            peer.dialer_key = tls.peer_key();
+            peer.dialer_name = peer.dialer_key.as_ref().map(crate::identity::derived_name);
+            Inner::E2e(Box::new(tls))
+        }
+    };
+    permit.send((TunnelStream::new(inner, target), peer));
     Ok(())
 }
 

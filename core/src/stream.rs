@@ -30,6 +30,8 @@ pub(crate) enum Inner {
     Mux(MuxStream),
     Ws(Box<WsByteStream>),
     Raw(BoxIo),
+    /// End-to-end encrypted (TLS inside a mux stream, `crate::e2e`).
+    E2e(Box<crate::e2e::E2eStream>),
 }
 
 /// A connection through the relay: `AsyncRead + AsyncWrite`. `shutdown()` half-closes in
@@ -59,9 +61,14 @@ impl TunnelStream {
     /// The protocol it runs over.
     pub fn mode(&self) -> Mode {
         match self.inner {
-            Inner::Mux(_) => Mode::Multiplexed,
+            Inner::Mux(_) | Inner::E2e(_) => Mode::Multiplexed,
             _ => Mode::Classic,
         }
+    }
+
+    /// Whether the bytes are end-to-end encrypted between dialer and listener (`crate::e2e`).
+    pub fn is_e2e(&self) -> bool {
+        matches!(self.inner, Inner::E2e(_))
     }
 
     /// Join this stream to a local socket until both directions finish; returns bytes
@@ -73,6 +80,15 @@ impl TunnelStream {
             Inner::Raw(mut raw) => {
                 let mut local = local;
                 let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut raw, 32 * 1024, 32 * 1024).await;
+                if r.is_err() {
+                    local.abort();
+                }
+                r
+            }
+            // TLS records are at most 16 KiB of plaintext; 64 KiB buffers let one read fill four.
+            Inner::E2e(mut tls) => {
+                let mut local = local;
+                let r = tokio::io::copy_bidirectional_with_sizes(&mut local, &mut *tls, 64 * 1024, 64 * 1024).await;
                 if r.is_err() {
                     local.abort();
                 }
@@ -95,6 +111,10 @@ macro_rules! delegate {
             }
             Inner::Raw($s) => {
                 let $s = Pin::new($s);
+                $e
+            }
+            Inner::E2e($s) => {
+                let $s = Pin::new(&mut **$s);
                 $e
             }
         }

@@ -36,6 +36,45 @@ pub struct Config {
     pub pool: bool,
     /// A listener is an exit listener with these allow rules.
     pub exit: Option<libtunnel::egress::Allowlist>,
+    /// End-to-end encryption (dialer: dials to names; listener: every stream).
+    pub e2e: bool,
+    /// Dialer, e2e: `NAME=KEY` pins for chosen names.
+    pub e2e_pins: Vec<String>,
+    /// Listener, e2e: admitted dialer keys (mutual mode when not empty).
+    pub allow_peers: Vec<String>,
+}
+
+impl Config {
+    fn with_options(options: ClientOptions) -> Config {
+        Config { options, name: None, e2e: false, e2e_pins: Vec::new(), allow_peers: Vec::new(), pool: false, exit: None }
+    }
+
+    /// The dialer's E2E settings (pins, and the config's identity presented in mutual mode).
+    pub fn dialer_e2e(&self) -> Result<Option<libtunnel::e2e::DialerE2e>, libtunnel::Error> {
+        if !self.e2e {
+            return Ok(None);
+        }
+        let mut e = libtunnel::e2e::DialerE2e::new();
+        for p in &self.e2e_pins {
+            e = e.pin_spec(p)?;
+        }
+        if let Some(id) = &self.options.identity {
+            e = e.identity(id.clone());
+        }
+        Ok(Some(e))
+    }
+
+    /// The listener's E2E settings.
+    pub fn listener_e2e(&self) -> Result<Option<libtunnel::e2e::ListenerE2e>, libtunnel::Error> {
+        if !self.e2e {
+            return Ok(None);
+        }
+        let mut e = libtunnel::e2e::ListenerE2e::new();
+        for k in &self.allow_peers {
+            e = e.allow_peer(k)?;
+        }
+        Ok(Some(e))
+    }
 }
 
 impl Config {
@@ -73,8 +112,7 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
         RelayUrl::parse(relay)?;
-        let cfg =
-            Config { options: ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() }, name: None, pool: false, exit: None };
+        let cfg = Config::with_options(ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() });
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())
@@ -92,7 +130,7 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
 pub unsafe extern "C" fn tunnel_config_new_env(out: *mut *mut tunnel_config) -> tunnel_result {
     fallible(|| {
         let out = out_ptr(out, "out")?;
-        let cfg = Config { options: ClientOptions::default(), name: None, pool: false, exit: None };
+        let cfg = Config::with_options(ClientOptions::default());
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };
         Ok(())
@@ -218,6 +256,60 @@ pub unsafe extern "C" fn tunnel_config_set_classic(cfg: *mut tunnel_config, clas
         cfg.options.mode = Some(if classic { Mode::Classic } else { Mode::Multiplexed });
         Ok(())
     })
+}
+
+/// Turn end-to-end encryption on or off (default off). A dialer then runs TLS 1.3 inside every
+/// stream to a listener name and checks the listener's key against the name (or its pin); other
+/// targets fail with `TUNNEL_RESULT_INVALID_ARGUMENT`. In mutual mode it presents the config's
+/// identity (`tunnel_config_set_identity_file`). A listener terminates the TLS on every stream
+/// (its service reads plaintext) and refuses plaintext streams.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_e2e(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.e2e = on;
+        Ok(())
+    })
+}
+
+/// Dialer, e2e: pin a chosen (relay-granted) listener name to its key, written `NAME=KEY` (KEY:
+/// base64 public key or key-derived name). Without a pin a chosen name cannot be dialed end to
+/// end (`TUNNEL_RESULT_E2E_IDENTITY`). Checked now; may be called several times.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `pin` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_add_e2e_pin(cfg: *mut tunnel_config, pin: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set(cfg, pin, "pin", |c, v| {
+            libtunnel::e2e::DialerE2e::new().pin_spec(v)?;
+            c.e2e_pins.push(v.to_string());
+            Ok(())
+        })
+    }
+}
+
+/// Listener, e2e: require dialers' own keys and admit this one (base64 public key or key-derived
+/// name); others fail with `TUNNEL_RESULT_E2E_REFUSED` at their end. Checked now; may be called
+/// several times.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_add_allow_peer(cfg: *mut tunnel_config, key: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set(cfg, key, "key", |c, v| {
+            libtunnel::e2e::keys::peer_name(v)?;
+            c.allow_peers.push(v.to_string());
+            Ok(())
+        })
+    }
 }
 
 /// Make a listener bound from this config join its name's pool of replicas (`tunnel listen

@@ -38,7 +38,11 @@ pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut 
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let dialer = cfg.resolve(ClientRole::Dialer)?.dialer()?;
+        let mut b = cfg.resolve(ClientRole::Dialer)?.dialer_builder()?;
+        if let Some(e) = cfg.dialer_e2e()? {
+            b = b.e2e(e);
+        }
+        let dialer = b.build()?;
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_dialer>(dialer) };
         Ok(())

@@ -48,6 +48,10 @@ pub enum tunnel_result {
     General = 7014,
     /// A listener name belongs to another key.
     NameTaken = 7015,
+    /// End to end: the listener's key does not prove the name dialed (or a chosen name has no pin).
+    E2eIdentity = 7016,
+    /// End to end: the listener does not admit this dialer's key, or refused a plaintext stream.
+    E2eRefused = 7017,
     /// A pointer argument was NULL; the message names it.
     NullParameter = 7101,
     /// A string argument was not valid UTF-8; the message names it.
@@ -87,6 +91,8 @@ impl tunnel_result {
             ErrorCode::Io => R::Io,
             ErrorCode::General => R::General,
             ErrorCode::NameTaken => R::NameTaken,
+            ErrorCode::E2eIdentity => R::E2eIdentity,
+            ErrorCode::E2eRefused => R::E2eRefused,
             _ => R::General,
         }
     }

@@ -56,6 +56,11 @@ pub struct tunnel_peer {
     pub via: tunnel_via,
     /// The port label a dialer asked for (0 = default), or the public TCP port.
     pub port: u16,
+    /// Whether the stream is end-to-end encrypted (the listener has e2e on).
+    pub e2e: bool,
+    /// The dialer's verified key-derived name (e2e in mutual mode), NUL-terminated; empty
+    /// otherwise.
+    pub dialer_name: [c_char; 32],
 }
 
 /// The queue between the accept pump and `accept`, with the eventfd that mirrors it.
@@ -172,6 +177,9 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         if let Some(n) = &cfg.name {
             b = b.name(n.clone());
         }
+        if let Some(e) = cfg.listener_e2e()? {
+            b = b.e2e(e);
+        }
         let listener = Arc::new(block_on(b.bind())??);
         // SAFETY: plain syscall; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -254,9 +262,13 @@ pub unsafe extern "C" fn tunnel_listener_accept(
         };
         drop(q);
         if !out_peer.is_null() {
-            let mut p = tunnel_peer { client: [0; 64], via: via(peer.via), port: peer.port };
+            let mut p = tunnel_peer { client: [0; 64], via: via(peer.via), port: peer.port, e2e: peer.e2e, dialer_name: [0; 32] };
             // SAFETY: `p.client` has 64 writable bytes.
             unsafe { write_str(&peer.client, p.client.as_mut_ptr(), p.client.len(), std::ptr::null_mut()) }?;
+            if let Some(n) = &peer.dialer_name {
+                // SAFETY: `p.dialer_name` has 32 writable bytes (a derived name is 26).
+                unsafe { write_str(n, p.dialer_name.as_mut_ptr(), p.dialer_name.len(), std::ptr::null_mut()) }?;
+            }
             // SAFETY: non-NULL and writable (caller's guarantee).
             unsafe { *out_peer = p };
         }

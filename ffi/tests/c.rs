@@ -387,3 +387,30 @@ async fn make_install_then_pkg_config_build() {
     assert!(o.status.success() && o.stdout == b"installed\n", "installed dial:\n{}", show(&o));
     relay.abort();
 }
+
+/// tests/c/test_e2e.c: an e2e listener admitting one dialer key and an e2e dialer holding it,
+/// 4 MiB by name echoed and hashed from C, and a keyless dialer refused with E2E_REFUSED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2e_dial_by_name_from_c() {
+    let dir = scratch("e2e");
+    let exe = dir.join("test_e2e");
+    compile(&["tests/c/test_e2e.c"], &exe, Link::Shared, true);
+    let relay = relay(&[9]).await;
+    let (listener, dialer) = (libtunnel::Identity::generate(), libtunnel::Identity::generate());
+    let (lid, did) = (dir.join("listener.pem"), dir.join("dialer.pem"));
+    listener.save(&lid).expect("write listener key");
+    dialer.save(&did).expect("write dialer key");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TEST_RELAY", relay.url())
+        .env("TEST_KEY", format!("{KID}:{SECRET_B64}"))
+        .env("TEST_LISTENER_ID", &lid)
+        .env("TEST_DIALER_ID", &did)
+        .env("TEST_DIALER_KEY", dialer.public_key_base64())
+        .env("TEST_DIALER_NAME", dialer.name())
+        .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");
+    let o = run(cmd, "test_e2e").await;
+    println!("{}", show(&o));
+    assert!(o.status.success(), "test_e2e failed:\n{}", show(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
+    relay.abort();
+}

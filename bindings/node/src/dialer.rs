@@ -33,6 +33,16 @@ pub struct DialerOptions {
     pub ca: Option<String>,
     /// Speak Emissary's classic protocol (one WebSocket per connection, no half-close).
     pub classic: Option<bool>,
+    /// End-to-end encryption of dials to listener names (TLS 1.3 inside the stream, the
+    /// listener's key checked against the name).
+    #[napi(js_name = "e2e")]
+    pub e2e: Option<bool>,
+    /// With `e2e`: chosen names pinned to their listener's key (base64 or key-derived name).
+    #[napi(js_name = "e2ePins")]
+    pub e2e_pins: Option<std::collections::HashMap<String, String>>,
+    /// With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`.
+    #[napi(js_name = "e2eIdentity")]
+    pub e2e_identity: Option<String>,
 }
 
 /// A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures.
@@ -50,14 +60,32 @@ impl NativeDialer {
     pub fn new(env: Env, relay: Option<String>, key: Option<String>, options: Option<DialerOptions>) -> napi::Result<Self> {
         let build = || -> libtunnel::Result<Dialer> {
             let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
+            let mut e2e_cfg = None;
             if let Some(opts) = options {
                 if let Some(ms) = opts.timeout_ms {
                     o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
                 }
                 o.ca = opts.ca.map(Into::into);
                 o.mode = opts.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed });
+                if opts.e2e != Some(true) && (opts.e2e_pins.is_some() || opts.e2e_identity.is_some()) {
+                    return Err(Error::new(ErrorCode::InvalidArgument, "e2ePins and e2eIdentity only apply with e2e: true"));
+                }
+                if opts.e2e == Some(true) {
+                    let mut e2e = libtunnel::e2e::DialerE2e::new();
+                    for (name, key) in opts.e2e_pins.iter().flatten() {
+                        e2e = e2e.pin(name, key)?;
+                    }
+                    if let Some(id) = &opts.e2e_identity {
+                        e2e = e2e.identity(libtunnel::client::keys::load_identity_text(id)?);
+                    }
+                    e2e_cfg = Some(e2e);
+                }
             }
-            o.resolve(ClientRole::Dialer)?.dialer()
+            let mut b = o.resolve(ClientRole::Dialer)?.dialer_builder()?;
+            if let Some(e) = e2e_cfg {
+                b = b.e2e(e);
+            }
+            b.build()
         };
         Ok(NativeDialer { inner: sync(&env, build())? })
     }

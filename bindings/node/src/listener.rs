@@ -29,6 +29,11 @@ pub struct ListenerOptions {
     pub pool: Option<bool>,
     /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
     pub exit: Option<String>,
+    /// End-to-end encryption: terminate TLS on every stream, refuse plaintext ones.
+    #[napi(js_name = "e2e")]
+    pub e2e: Option<bool>,
+    /// With `e2e`: require dialers' keys and admit these (base64 or key-derived names).
+    pub allow_peers: Option<Vec<String>>,
 }
 
 /// One accepted stream.
@@ -42,6 +47,11 @@ pub struct Accepted {
     pub via: String,
     /// The port label a dialer asked for (0 = default), or the public TCP port.
     pub port: u32,
+    /// Whether the stream is end-to-end encrypted.
+    #[napi(js_name = "e2e")]
+    pub e2e: bool,
+    /// The dialer's verified key-derived name (e2e with `allowPeers`).
+    pub dialer_name: Option<String>,
 }
 
 /// A registered listener.
@@ -62,9 +72,20 @@ impl NativeListener {
             let mut name = None;
             let (mut tcp_port, mut backlog) = (false, None);
             let (mut pool, mut exit) = (false, None);
+            let mut e2e_cfg = None;
             if let Some(opts) = options {
                 if let Some(ms) = opts.timeout_ms {
                     o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
+                }
+                if opts.e2e != Some(true) && opts.allow_peers.as_ref().is_some_and(|p| !p.is_empty()) {
+                    return Err(libtunnel::Error::new(libtunnel::ErrorCode::InvalidArgument, "allowPeers only applies with e2e: true"));
+                }
+                if opts.e2e == Some(true) {
+                    let mut e2e = libtunnel::e2e::ListenerE2e::new();
+                    for k in opts.allow_peers.iter().flatten() {
+                        e2e = e2e.allow_peer(k)?;
+                    }
+                    e2e_cfg = Some(e2e);
                 }
                 o.ca = opts.ca.map(Into::into);
                 name = opts.name;
@@ -82,6 +103,9 @@ impl NativeListener {
             }
             if let Some(rules) = exit {
                 b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
+            }
+            if let Some(e) = e2e_cfg {
+                b = b.e2e(e);
             }
             Ok(NativeListener { inner: Arc::new(b.bind().await?) })
         })
@@ -118,7 +142,14 @@ impl NativeListener {
         promise(&env, async move {
             let (stream, peer) = l.accept().await?;
             let sock = libtunnel::fd::into_socket(stream).await?;
-            Ok(Accepted { fd: sock.into_raw_fd(), client: peer.client, via: peer.via.as_str().to_string(), port: u32::from(peer.port) })
+            Ok(Accepted {
+                fd: sock.into_raw_fd(),
+                client: peer.client,
+                via: peer.via.as_str().to_string(),
+                port: u32::from(peer.port),
+                e2e: peer.e2e,
+                dialer_name: peer.dialer_name,
+            })
         })
     }
 

@@ -24,8 +24,10 @@ function assertCode (err, code, tunnelCode) {
 }
 
 test('the error table is the core one', () => {
-  assert.equal(errorCodes.length, 15)
+  assert.equal(errorCodes.length, 17)
   assert.deepEqual(errorCodes[3], { number: 4, name: 'NOT_ALLOWED', code: 'ENOTALLOWED' })
+  assert.deepEqual(errorCodes[15], { number: 16, name: 'E2E_IDENTITY', code: 'EE2EIDENTITY' })
+  assert.deepEqual(errorCodes[16], { number: 17, name: 'E2E_REFUSED', code: 'EE2EREFUSED' })
 })
 
 test('wrong key: EAUTH', async () => {

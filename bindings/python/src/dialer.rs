@@ -62,8 +62,18 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String,
 impl Dialer {
     /// A dialer from explicit values; what is `None` comes from the `TUNNEL_*` variables.
     #[new]
-    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None))]
-    fn new(relay: Option<String>, key: Option<String>, timeout: Option<f64>, ca: Option<PathBuf>, classic: Option<bool>) -> PyResult<Self> {
+    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        relay: Option<String>,
+        key: Option<String>,
+        timeout: Option<f64>,
+        ca: Option<PathBuf>,
+        classic: Option<bool>,
+        e2e: bool,
+        e2e_pins: Vec<(String, String)>,
+        e2e_identity: Option<String>,
+    ) -> PyResult<Self> {
         let options = ClientOptions {
             relay,
             key,
@@ -72,7 +82,21 @@ impl Dialer {
             mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
             ..ClientOptions::default()
         };
-        Ok(Dialer { inner: options.resolve(ClientRole::Dialer).and_then(|c| c.dialer()).map_err(to_py)? })
+        if !e2e && (!e2e_pins.is_empty() || e2e_identity.is_some()) {
+            return Err(to_py(Error::new(ErrorCode::InvalidArgument, "e2e_pins and e2e_identity only apply with e2e=True")));
+        }
+        let mut b = options.resolve(ClientRole::Dialer).and_then(|c| c.dialer_builder()).map_err(to_py)?;
+        if e2e {
+            let mut cfg = libtunnel::e2e::DialerE2e::new();
+            for (name, key) in &e2e_pins {
+                cfg = cfg.pin(name, key).map_err(to_py)?;
+            }
+            if let Some(id) = e2e_identity {
+                cfg = cfg.identity(libtunnel::client::keys::load_identity_text(&id).map_err(to_py)?);
+            }
+            b = b.e2e(cfg);
+        }
+        Ok(Dialer { inner: b.build().map_err(to_py)? })
     }
 
     /// The relay URL.

@@ -14,8 +14,8 @@ use crate::error::to_py;
 use crate::handles::{Background, Socket};
 use crate::{awaitable, seconds, wait};
 
-/// `(socket, client address, "dial" | "http" | "tcp", port)`.
-type Accepted = (Socket, String, &'static str, u16);
+/// `(socket, client address, "dial" | "http" | "tcp", port, e2e, dialer name)`.
+type Accepted = (Socket, String, &'static str, u16, bool, Option<String>);
 
 /// A name registered with a relay.
 #[pyclass(module = "libtunnel._native", frozen)]
@@ -30,7 +30,7 @@ async fn accept_socket(listener: Arc<libtunnel::Listener>, limit: Option<Duratio
     let work = async {
         let (stream, peer) = listener.accept().await?;
         let sock = libtunnel::fd::into_socket(stream).await?;
-        Ok::<_, Error>((Socket::new(sock), peer.client, peer.via.as_str(), peer.port))
+        Ok::<_, Error>((Socket::new(sock), peer.client, peer.via.as_str(), peer.port, peer.e2e, peer.dialer_name))
     };
     match limit {
         None => work.await,
@@ -61,6 +61,8 @@ fn builder(
     ca: Option<PathBuf>,
     timeout: Option<f64>,
     backlog: usize,
+    e2e: bool,
+    allow_peers: Vec<String>,
     pool: bool,
     exit: Option<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
@@ -72,6 +74,16 @@ fn builder(
     }
     if let Some(n) = name {
         b = b.name(n);
+    }
+    if !e2e && !allow_peers.is_empty() {
+        return Err(to_py(Error::new(ErrorCode::InvalidArgument, "allow_peers only applies with e2e=True")));
+    }
+    if e2e {
+        let mut cfg = libtunnel::e2e::ListenerE2e::new();
+        for k in &allow_peers {
+            cfg = cfg.allow_peer(k).map_err(to_py)?;
+        }
+        b = b.e2e(cfg);
     }
     Ok(b)
 }
@@ -86,7 +98,7 @@ impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
     /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -97,15 +109,17 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: Option<f64>,
         backlog: usize,
+        e2e: bool,
+        allow_peers: Vec<String>,
         pool: bool,
         exit: Option<String>,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, pool, exit)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -116,10 +130,12 @@ impl Listener {
         ca: Option<PathBuf>,
         timeout: Option<f64>,
         backlog: usize,
+        e2e: bool,
+        allow_peers: Vec<String>,
         pool: bool,
         exit: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, pool, exit)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
         awaitable(py, bind(b))
     }
 
@@ -142,7 +158,7 @@ impl Listener {
         self.get().is_ok_and(|l| l.is_connected())
     }
 
-    /// Wait for the next stream: `(socket, client, via, port)`.
+    /// Wait for the next stream: `(socket, client, via, port, e2e, dialer name)`.
     #[pyo3(signature = (timeout = None))]
     fn accept(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Accepted> {
         let (l, limit) = (self.get()?, seconds("timeout", timeout)?);

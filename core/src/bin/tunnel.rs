@@ -103,6 +103,14 @@ enum Cmd {
         /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
         #[arg(long)]
         timeout: Option<f64>,
+        /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
+        /// stream and refuse plaintext ones, so the relay sees only ciphertext.
+        #[arg(long)]
+        e2e: bool,
+        /// With --e2e, require dialers' own keys and admit this one (base64 public key or
+        /// key-derived name). Repeatable.
+        #[arg(long = "allow-peer", value_name = "KEY", requires = "e2e")]
+        allow_peer: Vec<String>,
     },
     /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
     Keygen {
@@ -118,6 +126,15 @@ enum Cmd {
     },
     /// Run a relay, a demo service and dials through them on loopback, narrating each step.
     Demo,
+    /// Show a running relay's listeners and sessions (from its admin endpoint, `admin_listen`).
+    Status {
+        /// The relay's admin endpoint, e.g. http://127.0.0.1:7836.
+        #[arg(long)]
+        admin: String,
+        /// The relay's admin token (default $TUNNEL_ADMIN_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Print a shell completion script (`tunnel completions bash > /etc/bash_completion.d/tunnel`).
     Completions {
         /// The shell: bash, zsh, fish, elvish or powershell.
@@ -148,6 +165,18 @@ struct ClientArgs {
     /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
     #[arg(long)]
     timeout: Option<f64>,
+    /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
+    /// must prove the name dialed, so the relay can neither read nor impersonate).
+    #[arg(long)]
+    e2e: bool,
+    /// With --e2e, the key a chosen (relay-granted) name must have: NAME=KEY (base64 public key
+    /// or key-derived name). Repeatable.
+    #[arg(long = "e2e-pin", value_name = "NAME=KEY", requires = "e2e")]
+    e2e_pin: Vec<String>,
+    /// With --e2e, present this Ed25519 key file (`tunnel keygen --listener` makes one) to
+    /// listeners that admit listed dialer keys (`--allow-peer`).
+    #[arg(long = "e2e-identity", value_name = "FILE", requires = "e2e")]
+    e2e_identity: Option<PathBuf>,
 }
 
 impl ClientArgs {
@@ -163,7 +192,18 @@ impl ClientArgs {
     }
 
     fn dialer(&self) -> Result<Dialer, Error> {
-        self.options().resolve(ClientRole::Dialer)?.dialer()
+        let config = self.options().resolve(ClientRole::Dialer)?;
+        if !self.e2e {
+            return config.dialer();
+        }
+        let mut e2e = libtunnel::e2e::DialerE2e::new();
+        for pin in &self.e2e_pin {
+            e2e = e2e.pin_spec(pin)?;
+        }
+        if let Some(path) = &self.e2e_identity {
+            e2e = e2e.identity(libtunnel::Identity::load(path)?);
+        }
+        config.dialer_builder()?.e2e(e2e).build()
     }
 }
 
@@ -338,7 +378,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, ca, timeout } => {
+        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, ca, timeout, e2e, allow_peer } => {
             let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
             let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
             if let (true, Some(rules)) = (exit, &allow) {
@@ -346,6 +386,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             if let Some(n) = name {
                 b = b.name(n);
+            }
+            if e2e {
+                let mut cfg = libtunnel::e2e::ListenerE2e::new();
+                for k in &allow_peer {
+                    cfg = cfg.allow_peer(k)?;
+                }
+                b = b.e2e(cfg);
             }
             let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
@@ -357,6 +404,16 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             if let Some(t) = &reg.tcp_addr {
                 say!("tcp: {t}");
+            }
+            if e2e {
+                say!(
+                    "e2e: on ({})",
+                    if allow_peer.is_empty() {
+                        "any dialer that verifies this key".to_string()
+                    } else {
+                        format!("{} admitted dialer keys", allow_peer.len())
+                    }
+                );
             }
             if pool {
                 say!("pool: joined");
@@ -373,6 +430,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
         }
         Cmd::Demo => libtunnel::demo::run().await,
+        Cmd::Status { admin, token } => {
+            let token = token.or_else(|| std::env::var("TUNNEL_ADMIN_TOKEN").ok()).ok_or_else(|| {
+                Error::new(ErrorCode::InvalidArgument, "no admin token: pass --token or set TUNNEL_ADMIN_TOKEN (the relay's admin_token)")
+            })?;
+            let listeners = admin_get(&admin, "/listeners", &token).await?;
+            let sessions = admin_get(&admin, "/sessions", &token).await?;
+            let rows = listeners.as_array().cloned().unwrap_or_default();
+            say!("{:<28} {:<46} {:>8} {:>12} {:>9}", "LISTENER", "PUBLIC KEY", "STREAMS", "QUEUED B", "RTT MS");
+            for r in &rows {
+                let rtt = r["rtt_ms"].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
+                say!(
+                    "{:<28} {:<46} {:>8} {:>12} {:>9}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["public_key"].as_str().unwrap_or(""),
+                    r["streams"],
+                    r["queued_bytes"],
+                    rtt
+                );
+            }
+            say!("{} listener(s); {} session(s) and {} stream(s) active", rows.len(), sessions["sessions_active"], sessions["streams_active"]);
+            Ok(())
+        }
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             let mut out = Vec::new();
@@ -389,6 +468,45 @@ async fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+/// GET `path` from a relay's admin endpoint with the bearer token; the JSON answer.
+async fn admin_get(base: &str, path: &str, token: &str) -> Result<serde_json::Value, Error> {
+    use http_body_util::BodyExt;
+    let url = url::Url::parse(base)
+        .map_err(|e| Error::new(ErrorCode::InvalidArgument, format!("--admin {base:?} is not a URL ({e}); e.g. http://127.0.0.1:7836")))?;
+    if url.scheme() != "http" {
+        return Err(Error::new(
+            ErrorCode::InvalidArgument,
+            format!("--admin {base:?}: the admin endpoint speaks http:// (keep it on a private address)"),
+        ));
+    }
+    let host = url.host_str().unwrap_or("127.0.0.1").to_string();
+    let port = url.port().unwrap_or(80);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        Error::new(ErrorCode::RelayUnavailable, format!("cannot reach the admin endpoint at {base}: {e}; is admin_listen set on the relay?"))
+    };
+    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| unreachable(&e))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.map_err(|e| unreachable(&e))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| Error::new(ErrorCode::General, format!("building the admin request: {e}")))?;
+    let resp = send.send_request(req).await.map_err(|e| unreachable(&e))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        return Err(Error::new(ErrorCode::AuthFailed, "the admin endpoint refused the token; use the relay's admin_token (TUNNEL_ADMIN_TOKEN)"));
+    }
+    if !status.is_success() {
+        return Err(Error::new(
+            ErrorCode::General,
+            format!("the admin endpoint answered {status} for {path}: {}", String::from_utf8_lossy(&body).trim()),
+        ));
+    }
+    serde_json::from_slice(&body).map_err(|e| Error::new(ErrorCode::Protocol, format!("the admin endpoint sent no JSON for {path}: {e}")))
 }
 
 /// Register a listener, retrying with backoff (1 s doubling to 30 s, each attempt logged) while
@@ -425,7 +543,7 @@ fn main() -> ExitCode {
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {

@@ -264,6 +264,11 @@ impl Allowlist {
         Ok(Allowlist::new(specs.iter().map(Rule::from_spec).collect::<Result<_>>()?))
     }
 
+    /// How many rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Whether no rule exists.
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()

@@ -4,7 +4,9 @@
 //!   multiplexed sessions;
 //! - the **raw-TCP tunnel endpoint** (`tcp_listen`): the same sessions without HTTP;
 //! - the **public HTTP endpoint** (`http_listen`; `public_endpoint`): requests whose `Host` names a
-//!   listener, forwarded to it.
+//!   listener, forwarded to it;
+//! - and, off by default, the **admin endpoint** (`admin_listen`; `admin`): listeners, sessions and
+//!   the config in force as JSON, behind a bearer token.
 //!
 //! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
 //! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
@@ -19,6 +21,7 @@
 //! bind port 0), or [`Server::spawn`] for a handle. Shutdown drains: accept loops stop, sessions
 //! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
 
+mod admin;
 mod classic_ws;
 mod guard;
 mod listen;
@@ -191,6 +194,7 @@ pub struct Server {
     ws: Option<TcpListener>,
     tcp: Option<TcpListener>,
     http: Option<TcpListener>,
+    admin: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -212,6 +216,7 @@ impl Server {
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
             return Err(Error::config("the relay has no tunnel endpoint: set TUNNEL_LISTEN (WebSocket) or TUNNEL_TCP_LISTEN (raw TCP), or both"));
         }
+        cfg.check_admin()?;
         let access = Access::from_config(&cfg)?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
@@ -228,6 +233,10 @@ impl Server {
         let cfg_dns = cfg.dns_servers.clone();
         let http = match cfg.http_listen {
             Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
+            None => None,
+        };
+        let admin = match cfg.admin_listen {
+            Some(a) => Some(bind(a, "TUNNEL_ADMIN_LISTEN").await?),
             None => None,
         };
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
@@ -261,7 +270,7 @@ impl Server {
             access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
         });
-        Ok(Server { state, ws, tcp, http })
+        Ok(Server { state, ws, tcp, http, admin })
     }
 
     /// Address of the WebSocket endpoint.
@@ -277,6 +286,11 @@ impl Server {
     /// Address of the public HTTP port (Host routing to listeners).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the admin endpoint, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The URL dialers use (`ws://` or `wss://` on the WebSocket endpoint, else `tcp://`).
@@ -305,12 +319,19 @@ impl Server {
         if let Some(h) = self.http_addr() {
             s.push_str(&format!("public http listening: http://{h}\n"));
         }
+        if let Some(a) = self.admin_addr() {
+            s.push_str(&format!("admin listening: http://{a}\n"));
+        }
         s
     }
 
     /// Serve until `shutdown` resolves, then drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Server { state, ws, tcp, http } = self;
+        let Server { state, ws, tcp, http, admin } = self;
+        if let Some(l) = admin {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening (bearer token required)");
+            state.tasks.spawn(admin::serve(state.clone(), l));
+        }
         if let Some(l) = http {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), domain = %state.cfg.domain, "public HTTP port listening");
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::PublicHttp));
@@ -340,11 +361,12 @@ impl Server {
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
         let (addr, tcp_addr, http_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.http_addr(), self.url(), self.metrics());
+        let admin_addr = self.admin_addr();
         let (draining, kill) = (self.state.draining.clone(), self.state.kill.clone());
         let t = token.clone();
         let reloader = self.reloader();
         let join = tokio::spawn(self.run(async move { t.cancelled().await }));
-        ServerHandle { addr, tcp_addr, http_addr, url, metrics, token, draining, kill, join, reloader }
+        ServerHandle { addr, tcp_addr, http_addr, admin_addr, url, metrics, token, draining, kill, join, reloader }
     }
 
     /// A handle that reloads this relay's keys, allowlist and listener grants while it runs.
@@ -379,6 +401,7 @@ pub struct ServerHandle {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
     url: String,
     metrics: Arc<Metrics>,
     token: CancellationToken,
@@ -403,6 +426,11 @@ impl ServerHandle {
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
     }
+    /// Address of the admin endpoint, when `admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     /// The URL dialers use.
     pub fn url(&self) -> &str {
         &self.url

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -21,9 +21,27 @@ __all__ = ["Dialer", "AsyncDialer"]
 StrPath = str | os.PathLike[str]
 
 
-def _native_dialer(relay: str | None, key: str | None, timeout: float | None, ca: StrPath | None, classic: bool | None) -> _native.Dialer:
+def _native_dialer(
+    relay: str | None,
+    key: str | None,
+    timeout: float | None,
+    ca: StrPath | None,
+    classic: bool | None,
+    e2e: bool = False,
+    e2e_pins: Mapping[str, str] | None = None,
+    e2e_identity: StrPath | None = None,
+) -> _native.Dialer:
     # What is None comes from the TUNNEL_* variables (and ./.env), read by the core.
-    return _native.Dialer(relay, None if key is None else os.fspath(key), timeout=timeout, ca=None if ca is None else os.fspath(ca), classic=classic)
+    return _native.Dialer(
+        relay,
+        None if key is None else os.fspath(key),
+        timeout=timeout,
+        ca=None if ca is None else os.fspath(ca),
+        classic=classic,
+        e2e=e2e,
+        e2e_pins=list((e2e_pins or {}).items()),
+        e2e_identity=None if e2e_identity is None else os.fspath(e2e_identity),
+    )
 
 
 @contextlib.contextmanager
@@ -44,7 +62,11 @@ class _DialerBase:
     ``KID:BASE64`` or a file holding it (default ``$TUNNEL_KEY``); ``timeout`` bounds each dial
     in seconds (default ``$TUNNEL_TIMEOUT``, else 20); ``ca`` is a PEM file of roots for a
     private CA (default ``$TUNNEL_CA``); ``classic`` speaks Emissary's protocol (default
-    ``$TUNNEL_MODE``). Unset values are read from the environment and ``./.env``.
+    ``$TUNNEL_MODE``). Unset values are read from the environment and ``./.env``. ``e2e`` runs TLS end to end
+    inside every dial to a listener name, accepting the listener only if its key proves the name
+    (the relay can neither read nor impersonate); ``e2e_pins`` maps chosen names to their
+    listener's key (base64 or key-derived name); ``e2e_identity`` (Ed25519 PEM text or file) is
+    presented to listeners with ``allow_peers``.
     """
 
     def __init__(
@@ -55,8 +77,11 @@ class _DialerBase:
         timeout: float | None = None,
         ca: StrPath | None = None,
         classic: bool | None = None,
+        e2e: bool = False,
+        e2e_pins: Mapping[str, str] | None = None,
+        e2e_identity: StrPath | None = None,
     ) -> None:
-        self._native = _native_dialer(relay, key, timeout, ca, classic)
+        self._native = _native_dialer(relay, key, timeout, ca, classic, e2e, e2e_pins, e2e_identity)
 
     @property
     def relay(self) -> str:

@@ -18,6 +18,9 @@ __all__ = [
     "ConfigError",
     "Closed",
     "NameTaken",
+    "E2EError",
+    "E2EIdentityError",
+    "E2ERefused",
 ]
 
 
@@ -79,6 +82,20 @@ class NameTaken(TunnelError):
     """A listener name belongs to another key, or this key may not use it."""
 
 
+class E2EError(TunnelError):
+    """End-to-end encryption could not be established (see the two subclasses)."""
+
+
+class E2EIdentityError(E2EError):
+    """``E2E_IDENTITY``: the listener's key does not prove the name dialed, or a chosen name has
+    no pinned key (``e2e_pins``)."""
+
+
+class E2ERefused(E2EError):
+    """``E2E_REFUSED``: the listener does not admit this dialer's key (``allow_peers``), or it
+    refused a plaintext connection."""
+
+
 #: The core's code names to classes; codes not listed (``IO``, ``GENERAL``) raise the base.
 CLASSES: dict[str, type[TunnelError]] = {
     "AUTH_FAILED": AuthError,
@@ -94,6 +111,8 @@ CLASSES: dict[str, type[TunnelError]] = {
     "INVALID_ARGUMENT": ConfigError,
     "CLOSED": Closed,
     "NAME_TAKEN": NameTaken,
+    "E2E_IDENTITY": E2EIdentityError,
+    "E2E_REFUSED": E2ERefused,
 }
 
 

@@ -12,7 +12,7 @@ import os
 import socket
 import socketserver
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from . import _native
@@ -33,6 +33,10 @@ class Peer(NamedTuple):
     via: str
     #: The port a dialer asked for (0 = default), or the public TCP port.
     port: int
+    #: Whether the connection is end-to-end encrypted (the listener has ``e2e`` on).
+    e2e: bool = False
+    #: The dialer's verified key-derived name (``e2e`` with ``allow_peers``), else ``None``.
+    dialer_name: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -75,9 +79,9 @@ def _native_args(relay: str | None, key: StrPath | None, ca: StrPath | None) -> 
     return relay, None if key is None else os.fspath(key), None if ca is None else os.fspath(ca)
 
 
-def _accepted(raw: tuple[_native.Socket, str, str, int], *, blocking: bool) -> tuple[socket.socket, Peer]:
-    sock, client, via, port = raw
-    return wrap(sock, blocking=blocking), Peer(client, via, port)
+def _accepted(raw: tuple[_native.Socket, str, str, int, bool, str | None], *, blocking: bool) -> tuple[socket.socket, Peer]:
+    sock, client, via, port, e2e, dialer_name = raw
+    return wrap(sock, blocking=blocking), Peer(client, via, port, e2e, dialer_name)
 
 
 class _ListenerBase:
@@ -126,7 +130,10 @@ class Listener(_ListenerBase):
     ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
     (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
     key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
-    :meth:`accept` (more are refused). ``pool=True`` joins the name's pool of replicas (every
+    :meth:`accept` (more are refused). ``e2e`` terminates end-to-end TLS on every connection
+    (the relay sees only ciphertext; plaintext connections are refused); ``allow_peers`` (base64
+    public keys or key-derived names) then requires dialers' own keys and admits only these.
+    ``pool=True`` joins the name's pool of replicas (every
     replica opts in; the relay spreads connections over them). ``exit`` makes this an exit
     listener: allow rules (a list of ``{"host", "port"}`` dicts or their JSON, as the relay's
     ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``.
@@ -142,12 +149,15 @@ class Listener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float | None = None,
         backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
     ) -> None:
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
+            pool=pool, exit=_exit_json(exit)
         )
         self._exposed: _native.Background | None = None
 
@@ -207,13 +217,16 @@ class AsyncListener(_ListenerBase):
         ca: StrPath | None = None,
         timeout: float | None = None,
         backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, pool=pool, exit=_exit_json(exit)
+            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
+            pool=pool, exit=_exit_json(exit)
         )
         return cls(native)
 

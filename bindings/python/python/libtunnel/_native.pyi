@@ -26,7 +26,18 @@ class Background:
 
 @final
 class Dialer:
-    def __new__(cls, relay: str | None = None, key: str | None = None, *, timeout: float | None = None, ca: str | None = None, classic: bool | None = None) -> Dialer: ...
+    def __new__(
+        cls,
+        relay: str | None = None,
+        key: str | None = None,
+        *,
+        timeout: float | None = None,
+        ca: str | None = None,
+        classic: bool | None = None,
+        e2e: bool = False,
+        e2e_pins: list[tuple[str, str]] = ...,
+        e2e_identity: str | None = None,
+    ) -> Dialer: ...
     @property
     def relay(self) -> str: ...
     def connect(self) -> None: ...
@@ -42,13 +53,33 @@ class Dialer:
 class Listener:
     @staticmethod
     def bind(
-        relay: str | None = None, key: str | None = None, *, name: str | None = None, tcp_port: bool = False, ca: str | None = None, timeout: float | None = None, backlog: int = 128,
-        pool: bool = False, exit: str | None = None
+        relay: str | None = None,
+        key: str | None = None,
+        *,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: str | None = None,
+        timeout: float | None = None,
+        backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: list[str] = ...,
+        pool: bool = False,
+        exit: str | None = None,
     ) -> Listener: ...
     @staticmethod
     def bind_async(
-        relay: str | None = None, key: str | None = None, *, name: str | None = None, tcp_port: bool = False, ca: str | None = None, timeout: float | None = None, backlog: int = 128,
-        pool: bool = False, exit: str | None = None
+        relay: str | None = None,
+        key: str | None = None,
+        *,
+        name: str | None = None,
+        tcp_port: bool = False,
+        ca: str | None = None,
+        timeout: float | None = None,
+        backlog: int = 128,
+        e2e: bool = False,
+        allow_peers: list[str] = ...,
+        pool: bool = False,
+        exit: str | None = None,
     ) -> Awaitable[Listener]: ...
     @property
     def name(self) -> str: ...
@@ -56,8 +87,8 @@ class Listener:
     def registration(self) -> tuple[str, str | None, str | None]: ...
     @property
     def connected(self) -> bool: ...
-    def accept(self, timeout: float | None = None) -> tuple[Socket, str, str, int]: ...
-    def accept_async(self, timeout: float | None = None) -> Awaitable[tuple[Socket, str, str, int]]: ...
+    def accept(self, timeout: float | None = None) -> tuple[Socket, str, str, int, bool, str | None]: ...
+    def accept_async(self, timeout: float | None = None) -> Awaitable[tuple[Socket, str, str, int, bool, str | None]]: ...
     def expose(self, to: str, *, proxy_protocol: bool = False) -> Background: ...
     def retire(self) -> None: ...
     @property

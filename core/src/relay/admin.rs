@@ -1,0 +1,143 @@
+//! The admin endpoint (`admin_listen`, off by default): what an operator asks a running relay,
+//! on a port of its own and behind a bearer token (`admin_token`), never on the tunnel port.
+//!
+//! - `GET /healthz`: `{"ok":true}` without the token (for probes).
+//! - `GET /listeners`: the registered listeners (name, public key, open streams, queued bytes,
+//!   round-trip time).
+//! - `GET /sessions`: session and stream counts.
+//! - `GET /config`: the settings in force, secrets redacted (key ids, never secrets).
+//! - `GET /metrics`: the Prometheus text of the tunnel endpoint's `/metrics`.
+//!
+//! Everything but `/healthz` answers 401 without `Authorization: Bearer <admin_token>`; the token
+//! is compared in constant time. `tunnel status --admin URL` prints these as tables.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+use super::RelayState;
+
+type Body = Full<Bytes>;
+
+fn respond(status: StatusCode, body: Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{body:#}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn authorized(state: &RelayState, req: &Request<Incoming>) -> bool {
+    let Some(token) = state.cfg.admin_token.as_deref() else { return false };
+    let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    given.is_some_and(|g| bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+fn listeners(state: &RelayState) -> Value {
+    let mut rows: Vec<Value> = state
+        .registry
+        .live()
+        .into_iter()
+        .map(|(name, owner, session)| {
+            let stats = session.stats();
+            json!({
+                "name": name,
+                "public_key": base64::engine::general_purpose::STANDARD.encode(owner),
+                "streams": stats.streams,
+                "queued_bytes": stats.queued,
+                "buffered_bytes": stats.buffered,
+                "rtt_ms": stats.rtt.map(|d| d.as_secs_f64() * 1e3),
+            })
+        })
+        .collect();
+    rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Value::Array(rows)
+}
+
+fn sessions(state: &RelayState) -> Value {
+    let m = &state.metrics;
+    json!({
+        "dialer_sessions": m.sessions_active.load(Relaxed),
+        "streams_active": m.streams_active.load(Relaxed),
+        "listener_sessions": state.registry.live().len(),
+    })
+}
+
+/// The settings in force, with every secret left out (key ids and public keys only).
+fn config(state: &RelayState) -> Value {
+    let cfg = &state.cfg;
+    let access = state.access();
+    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
+    json!({
+        "listen": addr(cfg.listen),
+        "tcp_listen": addr(cfg.tcp_listen),
+        "http_listen": addr(cfg.http_listen),
+        "admin_listen": addr(cfg.admin_listen),
+        "domain": cfg.domain,
+        "tls": cfg.tls_cert.is_some(),
+        "auth_key_ids": access.auth_keys.kids(),
+        "allow_rules": access.allow.len(),
+        "listener_keys": cfg.listener_keys.iter().map(|g| json!({"public_key": g.public_key, "names": g.names})).collect::<Vec<_>>(),
+        "listeners_open": access.listeners_open,
+        "health_path": cfg.health_path,
+        "limits": format!("{:?}", cfg.limits),
+    })
+}
+
+fn route(state: &RelayState, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return respond(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "the admin endpoint serves GET only"}));
+    }
+    if req.uri().path() == "/healthz" {
+        return respond(StatusCode::OK, json!({"ok": true}));
+    }
+    if !authorized(state, &req) {
+        let mut r = respond(StatusCode::UNAUTHORIZED, json!({"error": "send Authorization: Bearer <admin_token> (the relay's admin_token setting)"}));
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        return r;
+    }
+    match req.uri().path() {
+        "/listeners" => respond(StatusCode::OK, listeners(state)),
+        "/sessions" => respond(StatusCode::OK, sessions(state)),
+        "/config" => respond(StatusCode::OK, config(state)),
+        "/metrics" => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
+            r
+        }
+        _ => respond(StatusCode::NOT_FOUND, json!({"error": "admin paths: /listeners, /sessions, /config, /metrics, /healthz"})),
+    }
+}
+
+/// Serve the admin endpoint until the relay drains.
+pub(super) async fn serve(state: Arc<RelayState>, listener: TcpListener) {
+    loop {
+        let (sock, _peer) = tokio::select! {
+            _ = state.draining.cancelled() => return,
+            x = crate::transport::accept_backoff(&listener) => x,
+        };
+        let st = state.clone();
+        state.tasks.spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(route(&st, req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), svc);
+            let _ = conn.await;
+        });
+    }
+}
