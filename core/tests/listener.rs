@@ -753,7 +753,14 @@ async fn raw_register(relay_url: &str, make: impl FnOnce(&[u8]) -> ListenHello) 
 }
 
 fn hello(id: &Identity, nonce: &[u8], name: &str) -> ListenHello {
-    ListenHello { public_key: id.public_key().to_vec(), signature: id.sign_registration(nonce, name).to_vec(), name: name.into(), tcp_port: false }
+    ListenHello {
+        public_key: id.public_key().to_vec(),
+        signature: id.sign_registration(nonce, name).to_vec(),
+        name: name.into(),
+        tcp_port: false,
+        pool: false,
+        exit: false,
+    }
 }
 
 async fn bind_err(relay_url: &str, id: &Identity, name: Option<&str>) -> libtunnel::Error {

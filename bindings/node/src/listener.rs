@@ -25,6 +25,10 @@ pub struct ListenerOptions {
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
+    /// Join the name's pool of replicas (every replica opts in).
+    pub pool: Option<bool>,
+    /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
+    pub exit: Option<String>,
     /// End-to-end encryption: terminate TLS on every stream, refuse plaintext ones.
     #[napi(js_name = "e2e")]
     pub e2e: Option<bool>,
@@ -67,6 +71,7 @@ impl NativeListener {
             let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
             let mut name = None;
             let (mut tcp_port, mut backlog) = (false, None);
+            let (mut pool, mut exit) = (false, None);
             let mut e2e_cfg = None;
             if let Some(opts) = options {
                 if let Some(ms) = opts.timeout_ms {
@@ -86,13 +91,18 @@ impl NativeListener {
                 name = opts.name;
                 tcp_port = opts.tcp_port.unwrap_or(false);
                 backlog = opts.backlog;
+                pool = opts.pool.unwrap_or(false);
+                exit = opts.exit;
             }
-            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port);
+            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
             if let Some(n) = name {
                 b = b.name(n);
             }
             if let Some(n) = backlog {
                 b = b.backlog(n as usize);
+            }
+            if let Some(rules) = exit {
+                b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
             }
             if let Some(e) = e2e_cfg {
                 b = b.e2e(e);
@@ -141,6 +151,13 @@ impl NativeListener {
                 dialer_name: peer.dialer_name,
             })
         })
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued streams are still
+    /// accepted, open ones keep running (close once they are done).
+    #[napi]
+    pub fn retire(&self) {
+        self.inner.retire();
     }
 
     /// Unregister and stop; a pending `accept()` rejects with `ECLOSED`.

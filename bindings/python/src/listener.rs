@@ -63,9 +63,15 @@ fn builder(
     backlog: usize,
     e2e: bool,
     allow_peers: Vec<String>,
+    pool: bool,
+    exit: Option<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-    let mut b = options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog);
+    let mut b =
+        options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog).pool(pool);
+    if let Some(rules) = exit {
+        b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
+    }
     if let Some(n) = name {
         b = b.name(n);
     }
@@ -92,7 +98,7 @@ impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
     /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new()))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -105,13 +111,15 @@ impl Listener {
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,
+        pool: bool,
+        exit: Option<String>,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new()))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -124,8 +132,10 @@ impl Listener {
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,
+        pool: bool,
+        exit: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
         awaitable(py, bind(b))
     }
 
@@ -174,6 +184,22 @@ impl Listener {
                 Err(to_py(Error::new(ErrorCode::InvalidArgument, "cannot expose while an accept() is waiting on this listener")))
             }
         }
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued connections are
+    /// still handed out, accepted ones keep running (close once they are done).
+    fn retire(&self) {
+        if let Some(l) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            l.retire();
+        }
+    }
+
+    /// An exit listener's counters: `(connected, not_allowed, failed, bytes_to_targets,
+    /// bytes_from_targets)`, or `None` for other listeners (and once `expose` took it).
+    #[getter]
+    fn exit_stats(&self) -> Option<(u64, u64, u64, u64, u64)> {
+        let l = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        l.exit_stats().map(|s| (s.connected, s.not_allowed, s.failed, s.bytes_to_targets, s.bytes_from_targets))
     }
 
     /// Unregister; pending and later `accept` calls fail with `CLOSED`.
