@@ -432,6 +432,27 @@ tunnel_result tunnel_config_add_e2e_pin(struct tunnel_config *cfg, const char *p
 tunnel_result tunnel_config_add_allow_peer(struct tunnel_config *cfg, const char *key);
 
 /**
+ * Make a listener bound from this config join its name's pool of replicas (`tunnel listen
+ * --pool`): every replica opts in (same key, or keys the relay grants the name), and the relay
+ * spreads streams over them. Off by default (a second registration then gets today's rules).
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_pool(struct tunnel_config *cfg, bool pool);
+
+/**
+ * Make a listener bound from this config an exit listener (`tunnel listen --exit --allow`):
+ * dialers the relay permits reach the targets `allow_json` admits (a JSON list of
+ * `{"host", "port"}` rules, the relay's `allow` syntax) with `tunnel_dialer_dial_via`. The
+ * rules are checked now (`TUNNEL_RESULT_INVALID_CONFIG` names the bad rule).
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `allow_json` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_exit(struct tunnel_config *cfg, const char *allow_json);
+
+/**
  * Free a config made by `tunnel_config_new`. NULL is a no-op. Dialers and listeners made from
  * it are unaffected.
  *
@@ -469,6 +490,22 @@ tunnel_result tunnel_dialer_new(const struct tunnel_config *cfg, struct tunnel_d
 tunnel_result tunnel_dialer_dial(const struct tunnel_dialer *dialer,
                                  const char *target,
                                  int *out_fd);
+
+/**
+ * Like `tunnel_dialer_dial`, but through the exit listener `via` (a listener registered with
+ * `tunnel_config_set_exit`): the relay routes the stream to it and it connects `target` inside
+ * its own network, checked against its own allowlist. Refusals keep their codes:
+ * `TUNNEL_RESULT_NOT_ALLOWED` (outside the exit's rules, or the relay does not let this key use
+ * that exit), `TUNNEL_RESULT_UNREACHABLE` (the exit is offline), ...
+ *
+ * # Safety
+ * `dialer` must be NULL or a live dialer; `target` and `via` NULL or NUL-terminated; `out_fd`
+ * NULL or writable.
+ */
+tunnel_result tunnel_dialer_dial_via(const struct tunnel_dialer *dialer,
+                                     const char *target,
+                                     const char *via,
+                                     int *out_fd);
 
 /**
  * Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until

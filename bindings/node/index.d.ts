@@ -54,6 +54,13 @@ export interface ListenerBindOptions {
   ca?: string
   /** Keep accepted sockets writable after the peer's FIN (default false, like net.Server). */
   allowHalfOpen?: boolean
+  /** Join the name's pool of replicas (every replica opts in; the relay spreads connections). */
+  pool?: boolean
+  /**
+   * Be an exit listener: allow rules (`[{ host: 'db.internal', port: 5432 }]` or their JSON, the
+   * relay's `allow` syntax) for targets dialers reach through it with `dial(target, { via })`.
+   */
+  exit?: string | Array<{ host: string, port: number | string }>
   /** End-to-end encryption: terminate TLS on every stream (the relay sees only ciphertext) and refuse plaintext ones. */
   e2e?: boolean
   /** With `e2e`: require dialers' own keys and admit these (base64 public keys or key-derived names). */
@@ -86,6 +93,8 @@ export class Listener extends EventEmitter {
   allowHalfOpen: boolean
   /** Hand every connection to `server` (http/https/net.Server, an Express app's server); closing it closes the listener. */
   serve<S extends EventEmitter>(server: S): S
+  /** Leave a pool's rotation: nothing new arrives, open sockets keep running. */
+  retire(): void
   /** Unregister; 'close' follows once the accept loop has stopped. */
   close(callback?: () => void): this
   /** Resolves on 'close'. */
@@ -137,9 +146,10 @@ export class Dialer {
   private constructor()
   readonly relay: string
   /** A connected `net.Socket` to `host:port` (or a listener's `NAME:0`); `socket.end()` half-closes. */
-  dial(target: string, options?: { allowHalfOpen?: boolean }): Promise<Socket>
-  forward(target: string, options?: LocalAddressOptions): Promise<Forward>
-  socks(options?: LocalAddressOptions): Promise<Forward>
+  /** `via`: reach the target through this exit listener (inside its network). */
+  dial(target: string, options?: { allowHalfOpen?: boolean, via?: string }): Promise<Socket>
+  forward(target: string, options?: LocalAddressOptions & { via?: string }): Promise<Forward>
+  socks(options?: LocalAddressOptions & { via?: string }): Promise<Forward>
   close(): Promise<void>
 }
 

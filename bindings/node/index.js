@@ -68,7 +68,9 @@ class Listener extends EventEmitter {
       backlog: options.backlog ?? DEFAULT_BACKLOG,
       ca: options.ca,
       e2e: options.e2e,
-      allowPeers: options.allowPeers
+      allowPeers: options.allowPeers,
+      pool: options.pool,
+      exit: options.exit === undefined || typeof options.exit === 'string' ? options.exit : JSON.stringify(options.exit)
     })
     return new Listener(raw, options)
   }
@@ -101,6 +103,15 @@ class Listener extends EventEmitter {
         got = await this._raw.accept()
       } catch (err) {
         if (err.code === 'ECLOSED') return
+        // The relay ended the registration for good (another session of the key took the name,
+        // or a reload withdrew it): say so once, then stop like a close.
+        if (err.code === 'ENAMETAKEN' || err.code === 'ENOTALLOWED') {
+          if (!this._ended) {
+            this._ended = true
+            this.emit('error', err)
+          }
+          return
+        }
         // One stream that could not be handed over (e.g. out of fds); keep accepting.
         this.emit('error', err)
         continue
@@ -127,6 +138,12 @@ class Listener extends EventEmitter {
     server.once('close', () => this.close())
     return server
   }
+
+  /**
+   * Leave a pool's rotation (a rolling restart): the relay sends nothing new at once, queued
+   * connections are still emitted, open sockets keep running; `close()` once they are done.
+   */
+  retire () { this._raw.retire() }
 
   /** Unregister; emits `'close'` once the accept loop has stopped. Open sockets stay open. */
   close (callback) {
@@ -194,19 +211,22 @@ class Dialer {
   /** The relay URL. */
   get relay () { return this._raw.relay }
 
-  /** Open a stream to `host:port` (or a listener's `NAME:0`) as a connected `net.Socket`. */
+  /**
+   * Open a stream to `host:port` (or a listener's `NAME:0`) as a connected `net.Socket`;
+   * `options.via` names an exit listener to reach the target through.
+   */
   async dial (target, options = {}) {
-    return socketFromFd(await this._raw.dial(target), options.allowHalfOpen)
+    return socketFromFd(await this._raw.dial(target, options.via), options.allowHalfOpen)
   }
 
-  /** Forward a local port (default: a free one on 127.0.0.1) to `target`. */
+  /** Forward a local port (default: a free one on 127.0.0.1) to `target` (via an exit with `options.via`). */
   async forward (target, options = {}) {
-    return new Forward(await this._raw.forward(target, localAddr(options)))
+    return new Forward(await this._raw.forward(target, localAddr(options), options.via))
   }
 
-  /** A local SOCKS5 proxy (default: a free port on 127.0.0.1) tunnelling every CONNECT. */
+  /** A local SOCKS5 proxy (default: a free port on 127.0.0.1) tunnelling every CONNECT (via an exit with `options.via`). */
   async socks (options = {}) {
-    return new Forward(await this._raw.socks(localAddr(options)))
+    return new Forward(await this._raw.socks(localAddr(options), options.via))
   }
 
   /** Close the session. */

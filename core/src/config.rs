@@ -149,6 +149,17 @@ pub struct ListenerGrant {
     pub names: Vec<String>,
 }
 
+/// Which dialer keys may reach targets through an exit listener (`TUNNEL_EXITS`). An exit
+/// listed nowhere can be used by no dialer.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExitGrant {
+    /// The exit listener's name.
+    pub name: String,
+    /// Key ids (of `auth_keys`) whose sessions may dial `via` this exit.
+    pub key_ids: Vec<u32>,
+}
+
 /// Everything the relay needs to run.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -168,6 +179,8 @@ pub struct RelayConfig {
     pub listener_keys: Vec<ListenerGrant>,
     /// Let any Ed25519 key register its key-derived name (chosen names still need a grant).
     pub listeners_open: bool,
+    /// Exit listeners and the dialer keys that may use each (`via`); none by default.
+    pub exits: Vec<ExitGrant>,
     /// Public TCP ports the relay may assign to listeners (inclusive range), bound on
     /// `tcp_ports_bind`.
     pub tcp_ports: Option<(u16, u16)>,
@@ -217,6 +230,7 @@ impl RelayConfig {
             allow,
             listener_keys: Vec::new(),
             listeners_open: false,
+            exits: Vec::new(),
             tcp_ports: None,
             tcp_ports_bind: IpAddr::from([127, 0, 0, 1]),
             tls_cert: None,
@@ -451,6 +465,16 @@ impl RelayConfig {
             cfg.listener_keys = serde_json::from_str(v)
                 .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"public_key\": \"<base64>\", \"names\": [\"api\"]}}] ({e})")))?;
         }
+        if let Some((v, w)) = get("exits") {
+            cfg.exits = serde_json::from_str(v)
+                .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"name\": \"corp\", \"key_ids\": [1]}}] ({e})")))?;
+            if let Some(bad) = cfg.exits.iter().find(|g| !crate::identity::valid_name(&g.name)) {
+                return Err(Error::config(format!(
+                    "{w}: exit name {:?} is not a valid listener name; use 1-63 lowercase letters, digits and '-'",
+                    bad.name
+                )));
+            }
+        }
         cfg.tls_cert = get("tls_cert").map(|(v, _)| PathBuf::from(v));
         cfg.tls_key = get("tls_key").map(|(v, _)| PathBuf::from(v));
         if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
@@ -591,6 +615,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "allow", help: "JSON list of {host, port} allow rules" },
     Setting { name: "listener_keys", help: "JSON list of {public_key, names}: listener keys and their chosen names" },
     Setting { name: "listeners_open", help: "let any listener key register its key-derived name (true/false)" },
+    Setting { name: "exits", help: "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each" },
     Setting { name: "tcp_ports", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
     Setting { name: "tcp_ports_bind", help: "IP the public TCP ports bind on" },
     Setting { name: "http_timeout", help: "seconds a listener has to answer a public HTTP request (then 504)" },

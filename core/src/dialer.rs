@@ -30,10 +30,18 @@ pub struct DialerBuilder {
     tls: Option<ClientTls>,
     timeout: Duration,
     mux: MuxConfig,
+    via: Option<String>,
     e2e: Option<DialerE2e>,
 }
 
 impl DialerBuilder {
+    /// Reach every target through the exit listener `name` (the `via` option; `tunnel socks
+    /// --via NAME`): the relay routes each dial to that exit, which connects inside its network.
+    pub fn via(mut self, name: impl Into<String>) -> Self {
+        self.via = Some(name.into());
+        self
+    }
+
     /// The shared secret (required).
     pub fn key(mut self, key: Key) -> Self {
         self.key = Some(key);
@@ -75,6 +83,9 @@ impl DialerBuilder {
     pub fn build(self) -> Result<Dialer> {
         let url = RelayUrl::parse(&self.relay)?;
         let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
+        if let Some(v) = &self.via {
+            Target { host: "x".into(), port: 1 }.through_exit(v)?;
+        }
         if self.e2e.is_some() && self.mode == Mode::Classic {
             return Err(Error::argument(
                 "end-to-end encryption needs multiplexed mode (classic Emissary streams cannot reach listeners); drop --classic or e2e",
@@ -89,6 +100,7 @@ impl DialerBuilder {
                 tls: self.tls,
                 timeout: self.timeout,
                 mux: self.mux,
+                via: self.via,
                 e2e,
                 session: tokio::sync::Mutex::new(None),
             }),
@@ -103,6 +115,8 @@ struct DialerInner {
     tls: Option<ClientTls>,
     timeout: Duration,
     mux: MuxConfig,
+    /// The exit listener every dial goes through, if any.
+    via: Option<String>,
     e2e: Option<Dialing>,
     /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
     /// session is being set up, so concurrent dials wait for one handshake instead of racing.
@@ -136,6 +150,7 @@ impl Dialer {
             tls: None,
             timeout: Duration::from_secs(20),
             mux: MuxConfig::default(),
+            via: None,
             e2e: None,
         }
     }
@@ -161,8 +176,50 @@ impl Dialer {
         self.dial_target(&target).await
     }
 
+    /// Open a stream to `target` through the exit listener `via` (the `via=NAME` option): the
+    /// relay routes it to that exit, which checks its own allowlist and connects in its network.
+    pub async fn dial_via(&self, target: &str, via: &str) -> Result<TunnelStream> {
+        let target = Target::parse(target)?.through_exit(via)?;
+        self.dial_target(&target).await
+    }
+
+    /// A dialer with the same settings whose dials all go through the exit listener `name`
+    /// ([`DialerBuilder::via`]); it opens its own session.
+    pub fn with_via(&self, name: &str) -> Result<Dialer> {
+        Target { host: "x".into(), port: 1 }.through_exit(name)?;
+        let i = &self.inner;
+        Ok(Dialer {
+            inner: Arc::new(DialerInner {
+                url: i.url.clone(),
+                key: i.key.clone(),
+                mode: i.mode,
+                tls: i.tls.clone(),
+                timeout: i.timeout,
+                mux: i.mux.clone(),
+                via: Some(name.to_string()),
+                e2e: i.e2e.clone(),
+                session: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The exit listener every dial goes through ([`DialerBuilder::via`]).
+    pub fn via(&self) -> Option<&str> {
+        self.inner.via.as_deref()
+    }
+
+    /// `target` as this dialer sends it: through its default exit, unless it names one already.
+    pub fn route(&self, target: &Target) -> Result<Target> {
+        match &self.inner.via {
+            Some(v) if target.exit_route().is_none() => target.through_exit(v),
+            _ => Ok(target.clone()),
+        }
+    }
+
     /// [`Dialer::dial`] with a parsed target.
     pub async fn dial_target(&self, target: &Target) -> Result<TunnelStream> {
+        let routed = self.route(target)?;
+        let target = &routed;
         let t = self.inner.timeout;
         let work = async {
             match self.inner.mode {
@@ -251,6 +308,8 @@ impl Dialer {
     /// first bytes travel with the CONNECT instead of a round trip later
     /// ([`crate::stream::connect_early`]). Returns the stream and the bytes already sent.
     pub(crate) async fn dial_for<S: LocalSocket>(&self, target: &Target, local: &S) -> Result<(TunnelStream, u64)> {
+        let routed = self.route(target)?;
+        let target = &routed;
         if self.inner.mode == Mode::Classic || self.inner.e2e.is_some() {
             // E2E: local bytes can only follow the handshake, so nothing rides with the CONNECT.
             return Ok((self.dial_target(target).await?, 0));

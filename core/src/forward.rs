@@ -129,44 +129,83 @@ pub fn proxy_v2_header(client: &str, local: SocketAddr) -> Vec<u8> {
     built.expect("a PROXY v2 header with socket addresses always encodes")
 }
 
+/// How long `expose` and `exit_only` give open streams to finish after shutdown begins.
+pub const DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serve a local service through a listener (`tunnel listen`): every accepted stream is connected
 /// to `to`, optionally preceded by a PROXY protocol v2 header carrying the original client
 /// address. Runs until `shutdown` resolves or the listener is closed.
+///
+/// Shutdown drains (a rolling restart of a pool loses nothing): the listener retires at once
+/// (the relay sends new streams to the pool's other replicas), the streams already queued are
+/// still served, and open ones get [`DRAIN`] to finish before the session closes.
 pub async fn expose(listener: crate::listener::Listener, to: String, proxy_protocol: bool, shutdown: impl Future<Output = ()>) -> Result<()> {
-    use tokio::io::AsyncWriteExt;
     let tasks = TaskTracker::new();
     tokio::pin!(shutdown);
+    let mut retired = false;
     let result = loop {
         let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => break Ok(()),
+            _ = &mut shutdown, if !retired => {
+                listener.retire();
+                retired = true;
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
+                Err(_) if retired => break Ok(()),
                 Err(e) => break Err(e),
             },
         };
-        let to = to.clone();
-        tasks.spawn(async move {
-            let started = std::time::Instant::now();
-            let mut local = match TcpStream::connect(&to).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(client = %peer.client, "cannot reach the local service at {to}: {e}; is it running?");
-                    return;
-                }
-            };
-            let _ = local.set_nodelay(true);
-            if proxy_protocol {
-                let here = local.peer_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
-                if local.write_all(&proxy_v2_header(&peer.client, here)).await.is_err() {
-                    return;
-                }
-            }
-            let r = stream.bridge(local).await;
-            crate::conn_log::closed(&format!("exposed {} connection", peer.via.as_str()), &peer.client, &to, started, &r);
-        });
+        tasks.spawn(serve_exposed(stream, peer, to.clone(), proxy_protocol));
     };
-    listener.close();
     tasks.close();
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    if tokio::time::timeout_at(deadline, tasks.wait()).await.is_err() {
+        tracing::warn!("drain deadline passed; closing the streams still open");
+    }
+    // Exit streams (an exit listener that also exposes a service) are the session's to finish.
+    listener.shutdown(deadline.saturating_duration_since(tokio::time::Instant::now())).await;
     tasks.wait().await;
+    result
+}
+
+async fn serve_exposed(stream: crate::stream::TunnelStream, peer: crate::listener::PeerInfo, to: String, proxy_protocol: bool) {
+    use tokio::io::AsyncWriteExt;
+    let started = std::time::Instant::now();
+    let mut local = match TcpStream::connect(&to).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(client = %peer.client, "cannot reach the local service at {to}: {e}; is it running?");
+            return;
+        }
+    };
+    let _ = local.set_nodelay(true);
+    if proxy_protocol {
+        let here = local.peer_addr().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)));
+        if local.write_all(&proxy_v2_header(&peer.client, here)).await.is_err() {
+            return;
+        }
+    }
+    let r = stream.bridge(local).await;
+    crate::conn_log::closed(&format!("exposed {} connection", peer.via.as_str()), &peer.client, &to, started, &r);
+}
+
+/// Run an exit listener that exposes no service (`tunnel listen --exit` without `--to`): its exit
+/// streams are served inside the listener; a stream dialed to its name is refused. On `shutdown`
+/// it retires and gives open exit streams [`DRAIN`] to finish.
+pub async fn exit_only(listener: crate::listener::Listener, shutdown: impl Future<Output = ()>) -> Result<()> {
+    tokio::pin!(shutdown);
+    let result = loop {
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            r = listener.accept() => match r {
+                // Dropping an accepted stream resets it: this listener serves exit streams only.
+                Ok((_, peer)) => tracing::info!(client = %peer.client, "a stream dialed this exit listener's name; it exposes no service (--to), refused"),
+                Err(e) => break Err(e),
+            },
+        }
+    };
+    listener.retire();
+    listener.shutdown(DRAIN).await;
     result
 }

@@ -72,7 +72,7 @@ pub use dialer::{Dialer, DialerBuilder};
 pub use egress::Allowlist;
 pub use error::{Error, ErrorCode, Result};
 pub use identity::Identity;
-pub use listener::{Listener, ListenerBuilder, PeerInfo, Registration};
+pub use listener::{ExitStats, Listener, ListenerBuilder, PeerInfo, Registration};
 pub use mux::MuxConfig;
 pub use protocol::Via;
 pub use relay::{Reloader, Server, ServerHandle};

@@ -5,7 +5,18 @@
 //! working across reconnects. Streams in flight when a session dies fail on both ends.
 //!
 //! Backpressure: accepted streams wait in a bounded queue (`backlog`); when it is full, new
-//! streams are refused at once (the relay answers 503 / connection refused), never buffered.
+//! streams are refused at once (the relay answers 503 / connection refused, or offers the stream
+//! to another replica of a pool), never buffered.
+//!
+//! Pools: with [`ListenerBuilder::pool`] several listeners serve one name as replicas (the relay
+//! spreads streams over them); [`Listener::retire`] takes one out of the rotation at once while
+//! the streams it already has finish, which is how a rolling restart loses nothing.
+//!
+//! Exit listeners: with [`ListenerBuilder::exit`] the listener also connects dialers' streams
+//! (`dial(target, via=NAME)`) to targets in its own network, with its own allowlist checked by the
+//! relay's allowlist code (`crate::egress`: the same rules, and the same checks after DNS), and
+//! answers with the same SOCKS5 reply codes. Those streams never reach `accept()`; each is logged
+//! (dialer key id, client address, target, outcome) and counted in [`Listener::exit_stats`].
 //!
 //! With end-to-end encryption on ([`ListenerBuilder::e2e`]) each stream's TLS is terminated here
 //! before it is queued (`crate::e2e`): `accept()` hands out plaintext, and a stream that is not a
@@ -22,10 +33,13 @@ use tokio_util::sync::CancellationToken;
 use crate::client::handshake::connect_mux;
 use crate::e2e::handshake::Accepting;
 use crate::e2e::ListenerE2e;
+use crate::egress::allowlist::Allowlist;
+use crate::egress::connect::{connect_target, Cause};
+use crate::egress::resolve::TargetResolver;
 use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
 use crate::mux::{MuxConfig, MuxStream, Role, Session};
-use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via, STREAM_ACCEPTED};
+use crate::protocol::{ExitHeader, Incoming, ListenAck, ListenHello, Via, STREAM_ACCEPTED};
 use crate::socks::Target;
 use crate::stream::{Inner, TunnelStream};
 use crate::transport::{ClientTls, RelayUrl};
@@ -76,9 +90,43 @@ pub struct ListenerBuilder {
     mux: MuxConfig,
     max_backoff: Duration,
     e2e: Option<ListenerE2e>,
+    pool: bool,
+    exit: Option<ExitConfig>,
+}
+
+/// An exit listener's rules: the targets it connects to and how it resolves their names.
+#[derive(Debug, Clone)]
+struct ExitConfig {
+    allow: Allowlist,
+    dns_servers: Vec<std::net::SocketAddr>,
+    connect_timeout: Duration,
 }
 
 impl ListenerBuilder {
+    /// Join the name's pool of replicas (same key, or keys the relay grants the same name) instead
+    /// of taking the name over. Every replica must opt in; without it a second registration gets
+    /// today's rules (`NAME_TAKEN` for another key, replacement for the same key).
+    pub fn pool(mut self, on: bool) -> Self {
+        self.pool = on;
+        self
+    }
+    /// Make this an exit listener: dialers the relay permits (its `exits` setting) reach the
+    /// targets `allow` admits through it, `dial("db.internal:5432", via=NAME)`. The rules are the
+    /// relay's (`TUNNEL_ALLOW` syntax) and are enforced here, in this network; the relay's own
+    /// allowlist does not apply to them.
+    pub fn exit(mut self, allow: Allowlist) -> Self {
+        self.exit = Some(ExitConfig { allow, dns_servers: Vec::new(), connect_timeout: Duration::from_secs(10) });
+        self
+    }
+    /// DNS servers the exit resolves target names with (default: the system resolver), as the
+    /// relay's `dns_servers`. Only meaningful with [`ListenerBuilder::exit`].
+    pub fn exit_dns_servers(mut self, servers: Vec<std::net::SocketAddr>) -> Self {
+        if let Some(e) = &mut self.exit {
+            e.dns_servers = servers;
+        }
+        self
+    }
+
     /// Register this name instead of the key-derived one (the relay must grant it to the key).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
@@ -146,16 +194,32 @@ impl ListenerBuilder {
                 "listener name {name:?} is not valid: use 1-63 lowercase letters, digits and '-', not starting or ending with '-'"
             )));
         }
+        if self.exit.as_ref().is_some_and(|e| e.allow.is_empty()) {
+            return Err(Error::argument("an exit listener needs at least one allow rule, like [{\"host\": \"db.internal\", \"port\": 5432}]"));
+        }
+        let exit = match &self.exit {
+            Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
+            None => None,
+        };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { url, name, builder: self, e2e });
+        let cfg = Arc::new(Config { url, name, builder: self, exit, e2e });
         let (session, reg) = register(&cfg).await?;
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
         let current = Arc::new(Mutex::new(Some(session.clone())));
         let ended = Arc::new(Mutex::new(None));
         tokio::spawn(supervise(cfg.clone(), session, queue_tx, reg_tx, cancel.clone(), current.clone(), ended.clone()));
-        Ok(Listener { registration: reg_rx, queue: tokio::sync::Mutex::new(queue_rx), cancel, current, ended, draining: CancellationToken::new() })
+        Ok(Listener {
+            registration: reg_rx,
+            queue: tokio::sync::Mutex::new(queue_rx),
+            cancel,
+            current,
+            ended,
+            draining: CancellationToken::new(),
+            retiring: CancellationToken::new(),
+            exit: cfg.exit.clone(),
+        })
     }
 }
 
@@ -164,6 +228,43 @@ struct Config {
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
+    exit: Option<Arc<ExitState>>,
+}
+
+struct ExitState {
+    cfg: ExitConfig,
+    resolver: TargetResolver,
+    stats: ExitCounters,
+}
+
+impl std::fmt::Debug for ExitState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExitState").field("allow", &self.cfg.allow.describe()).field("stats", &self.stats).finish()
+    }
+}
+
+#[derive(Debug, Default)]
+struct ExitCounters {
+    connected: std::sync::atomic::AtomicU64,
+    not_allowed: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    bytes_in: std::sync::atomic::AtomicU64,
+    bytes_out: std::sync::atomic::AtomicU64,
+}
+
+/// An exit listener's counters since it was bound.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Streams connected to their target.
+    pub connected: u64,
+    /// Streams refused by the exit's allowlist (before or after DNS).
+    pub not_allowed: u64,
+    /// Streams whose target could not be resolved, reached or connected in time.
+    pub failed: u64,
+    /// Bytes from dialers to targets.
+    pub bytes_to_targets: u64,
+    /// Bytes from targets to dialers.
+    pub bytes_from_targets: u64,
 }
 
 /// A registered listener. Dropping it (or [`Listener::close`]) unregisters the name.
@@ -177,6 +278,9 @@ pub struct Listener {
     ended: Arc<Mutex<Option<(ErrorCode, String)>>>,
     /// Set by [`Listener::shutdown`]: `accept()` hands out nothing more.
     draining: CancellationToken,
+    /// Set by [`Listener::retire`]: nothing new is queued; `accept()` hands out what was.
+    retiring: CancellationToken,
+    exit: Option<Arc<ExitState>>,
 }
 
 impl Listener {
@@ -199,6 +303,8 @@ impl Listener {
             backlog: 128,
             mux: MuxConfig::default(),
             max_backoff: Duration::from_secs(10),
+            pool: false,
+            exit: None,
             e2e: None,
         }
     }
@@ -218,10 +324,21 @@ impl Listener {
     /// once a config reload withdrew the name (then it stops rather than reconnecting).
     pub async fn accept(&self) -> Result<(TunnelStream, PeerInfo)> {
         let mut q = self.queue.lock().await;
-        let next = tokio::select! {
-            next = q.recv() => next,
-            _ = self.cancel.cancelled() => None,
-            _ = self.draining.cancelled() => None,
+        let next = loop {
+            if self.retiring.is_cancelled() && !self.draining.is_cancelled() {
+                // Retiring: no new stream can be queued, the ones already there are handed out.
+                q.close();
+                break tokio::select! {
+                    next = q.recv() => next,
+                    _ = self.cancel.cancelled() => None,
+                };
+            }
+            tokio::select! {
+                next = q.recv() => break next,
+                _ = self.cancel.cancelled() => break None,
+                _ = self.draining.cancelled() => break None,
+                _ = self.retiring.cancelled() => continue,
+            }
         };
         next.ok_or_else(|| {
             let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -258,6 +375,34 @@ impl Listener {
         drained
     }
 
+    /// Leave the rotation (a rolling restart): the relay is told at once to send nothing new
+    /// (a pool's other replicas take the new streams), streams already queued are still handed
+    /// out by `accept()`, which then fails with `CLOSED`; streams already accepted keep running.
+    /// Call [`Listener::shutdown`] (or `close`) once they have finished.
+    pub fn retire(&self) {
+        self.retiring.cancel();
+        if let Some(s) = self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            s.go_away();
+        }
+    }
+
+    /// Whether this is an exit listener.
+    pub fn is_exit(&self) -> bool {
+        self.exit.is_some()
+    }
+
+    /// An exit listener's counters (who connected where is in its log); `None` for other listeners.
+    pub fn exit_stats(&self) -> Option<ExitStats> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.exit.as_ref().map(|e| ExitStats {
+            connected: e.stats.connected.load(Relaxed),
+            not_allowed: e.stats.not_allowed.load(Relaxed),
+            failed: e.stats.failed.load(Relaxed),
+            bytes_to_targets: e.stats.bytes_in.load(Relaxed),
+            bytes_from_targets: e.stats.bytes_out.load(Relaxed),
+        })
+    }
+
     /// Unregister and stop; pending and future `accept()` calls fail with `CLOSED`.
     pub fn close(&self) {
         self.cancel.cancel();
@@ -283,6 +428,8 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
                 signature: b.identity.sign_registration(nonce, &cfg.name).to_vec(),
                 name: cfg.name.clone(),
                 tcp_port: b.tcp_port,
+                pool: b.pool,
+                exit: b.exit.is_some(),
                 h2c: b.h2c,
                 tls_passthrough: b.tls_passthrough,
             }
@@ -296,6 +443,14 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
                 return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", cfg.url.url, cfg.name, e.message())));
             }
         };
+        // A relay that predates pools or exits ignores the request; say so instead of running as
+        // something else than asked.
+        for (asked, granted, what) in [(b.pool, ack.pool, "pools (--pool)"), (b.exit.is_some(), ack.exit, "exit listeners (--exit)")] {
+            if asked && !granted {
+                let _ = sink.close().await;
+                return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", cfg.url.url)));
+            }
+        }
         let reg = Registration {
             name: ack.name,
             http_url: Some(ack.http_url).filter(|s| !s.is_empty()),
@@ -324,7 +479,7 @@ async fn supervise(
                 session.close(ErrorCode::Closed, "the listener was closed");
                 return;
             }
-            _ = serve_session(&session, &queue, cfg.e2e.as_ref()) => {}
+            _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref()) => {}
         }
         let reason = session.close_reason();
         if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
@@ -365,12 +520,12 @@ async fn supervise(
 }
 
 /// Accept the relay's streams on one session until it ends.
-async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, e2e: Option<&Accepting>) {
+async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, exit: Option<&Arc<ExitState>>, e2e: Option<&Accepting>) {
     while let Some(stream) = session.accept().await {
-        let queue = queue.clone();
+        let (queue, exit) = (queue.clone(), exit.cloned());
         let e2e = e2e.cloned();
         tokio::spawn(async move {
-            if let Err(e) = admit(stream, &queue, e2e.as_ref()).await {
+            if let Err(e) = admit(stream, &queue, exit, e2e.as_ref()).await {
                 tracing::debug!(error = %e, "incoming stream dropped");
             }
         });
@@ -379,10 +534,23 @@ async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, Pe
 
 /// Read the stream header, queue the stream for `accept()` (or refuse it when the queue is
 /// full), then tell the relay it was accepted. With e2e, the TLS handshake runs between the two
-/// (holding the queue slot, so at most `backlog` handshakes are in progress).
-async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, e2e: Option<&Accepting>) -> Result<()> {
-    let header = match tokio::time::timeout(Duration::from_secs(10), StreamHeader::read_from(&mut stream)).await {
-        Ok(Ok(h)) => h,
+/// (holding the queue slot, so at most `backlog` handshakes are in progress). Exit streams are
+/// served here (`serve_exit`) and never queued.
+async fn admit(
+    mut stream: MuxStream,
+    queue: &mpsc::Sender<(TunnelStream, PeerInfo)>,
+    exit: Option<Arc<ExitState>>,
+    e2e: Option<&Accepting>,
+) -> Result<()> {
+    let header = match tokio::time::timeout(Duration::from_secs(10), Incoming::read_from(&mut stream)).await {
+        Ok(Ok(Incoming::Stream(h))) => h,
+        Ok(Ok(Incoming::Exit(h))) => {
+            let Some(exit) = exit else {
+                stream.reset(ErrorCode::Protocol);
+                return Err(Error::protocol("the relay sent an exit stream to a listener that is not an exit"));
+            };
+            return serve_exit(stream, h, &exit).await;
+        }
         Ok(Err(e)) => {
             stream.reset(ErrorCode::Protocol);
             return Err(e);
@@ -422,4 +590,58 @@ async fn admit(mut stream: MuxStream, queue: &mpsc::Sender<(TunnelStream, PeerIn
     };
     permit.send((TunnelStream::new(inner, target), peer));
     Ok(())
+}
+
+/// An exit stream: accept it, read the dialer's CONNECT, check it against the exit's allowlist
+/// (the relay's code: rules before DNS and again on every resolved address), connect, answer with
+/// the SOCKS5 reply, and carry the bytes.
+async fn serve_exit(mut stream: MuxStream, h: ExitHeader, exit: &ExitState) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    stream.write_all(&[STREAM_ACCEPTED]).await.map_err(|e| Error::from_io(e, "accepting an exit stream"))?;
+    let req = match tokio::time::timeout(Duration::from_secs(10), socks5_proto::Request::read_from(&mut stream)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            let _ = crate::socks::write_reply(&mut stream, socks5_proto::Reply::GeneralFailure, None).await;
+            return Err(Error::protocol(format!("malformed CONNECT on an exit stream ({e})")));
+        }
+        Err(_) => {
+            stream.reset(ErrorCode::Timeout);
+            return Err(Error::new(ErrorCode::Timeout, "the relay sent no CONNECT on an exit stream"));
+        }
+    };
+    let target = Target::from_address(&req.address).map(|t| t.to_string()).unwrap_or_default();
+    let (kid, client) = (h.kid, h.client);
+    match connect_target(&req.address, &exit.cfg.allow, &exit.resolver, exit.cfg.connect_timeout).await {
+        Ok(tcp) => {
+            let bound = tcp.local_addr().ok();
+            crate::socks::write_reply(&mut stream, socks5_proto::Reply::Succeeded, bound)
+                .await
+                .map_err(|e| Error::from_io(e, "answering an exit stream"))?;
+            exit.stats.connected.fetch_add(1, Relaxed);
+            tracing::info!(kid, %client, %target, "exit: dialer connected to target");
+            let moved = crate::stream::bridge(stream, tcp).await;
+            if let Ok((up, down)) = &moved {
+                // bridge counts (target → dialer, dialer → target).
+                exit.stats.bytes_out.fetch_add(*up, Relaxed);
+                exit.stats.bytes_in.fetch_add(*down, Relaxed);
+            }
+            match moved {
+                Ok((up, down)) => tracing::debug!(kid, %client, %target, up, down, "exit: connection finished"),
+                Err(e) => tracing::debug!(kid, %client, %target, error = %e, "exit: connection ended with an error"),
+            }
+            Ok(())
+        }
+        Err(f) => {
+            if f.reason == Cause::NotAllowed {
+                exit.stats.not_allowed.fetch_add(1, Relaxed);
+                tracing::info!(kid, %client, %target, detail = %f.detail, "exit: target refused by the exit's allowlist");
+            } else {
+                exit.stats.failed.fetch_add(1, Relaxed);
+                tracing::info!(kid, %client, %target, detail = %f.detail, "exit: target not reached");
+            }
+            let _ = crate::socks::write_reply(&mut stream, f.reply, None).await;
+            stream.finish();
+            Ok(())
+        }
+    }
 }

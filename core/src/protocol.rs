@@ -246,13 +246,20 @@ pub struct ListenHello {
     /// Ask for a public TCP port from the relay's range.
     #[prost(bool, tag = "4")]
     pub tcp_port: bool,
+    /// Join the name's pool of replicas instead of replacing its holder (a relay that predates
+    /// pools ignores the field; [`ListenAck::pool`] tells the listener whether it was honoured).
+    #[prost(bool, tag = "5")]
+    pub pool: bool,
+    /// Register as an exit listener (it connects `via` streams to targets in its own network).
+    #[prost(bool, tag = "6")]
+    pub exit: bool,
     /// The local service behind this listener speaks HTTP/2 with prior knowledge (h2c, e.g. a
     /// gRPC server): the relay forwards public HTTP requests to it as HTTP/2.
-    #[prost(bool, tag = "5")]
+    #[prost(bool, tag = "7")]
     pub h2c: bool,
     /// The listener terminates TLS itself: the relay's public TLS port routes connections whose
     /// ClientHello names it (SNI) to it undecrypted.
-    #[prost(bool, tag = "6")]
+    #[prost(bool, tag = "8")]
     pub tls_passthrough: bool,
 }
 
@@ -297,6 +304,12 @@ pub struct ListenAck {
     /// The public TCP address assigned, if asked for and available.
     #[prost(string, tag = "5")]
     pub tcp_addr: String,
+    /// The registration joined a pool (absent from relays that predate pools).
+    #[prost(bool, tag = "6")]
+    pub pool: bool,
+    /// The registration is an exit listener (absent from relays that predate exits).
+    #[prost(bool, tag = "7")]
+    pub exit: bool,
 }
 
 impl ListenAck {
@@ -393,6 +406,81 @@ impl StreamHeader {
         let client = String::from_utf8(addr).map_err(|_| bad("address is not text"))?;
         Ok(StreamHeader { via, port, client })
     }
+}
+
+/// First byte of an [`ExitHeader`] (a [`StreamHeader`] starts with 1).
+pub const EXIT_HEADER_VERSION: u8 = 2;
+
+/// Written by the relay at the start of a stream it opens to an **exit listener** for a dialer's
+/// `HOST@EXIT` CONNECT: `version u8 (2) | dialer key id u32 BE | addr_len u8 | client address`.
+/// The exit answers [`STREAM_ACCEPTED`] (or resets), then reads one SOCKS5 CONNECT request
+/// (RFC 1928 request only: the session is already authenticated, no greeting), checks the target
+/// against its own allowlist, connects, and answers one SOCKS5 reply, which the relay hands to
+/// the dialer unchanged; then the stream carries the connection's bytes. Only listeners that
+/// registered with [`ListenHello::exit`] are ever sent one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitHeader {
+    /// The dialer's key id (who is connecting, for the exit's log).
+    pub kid: u32,
+    /// The dialer's address as the relay saw it.
+    pub client: String,
+}
+
+impl ExitHeader {
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let addr = &self.client.as_bytes()[..self.client.len().min(255)];
+        let mut b = Vec::with_capacity(6 + addr.len());
+        b.push(EXIT_HEADER_VERSION);
+        b.extend_from_slice(&self.kid.to_be_bytes());
+        b.push(addr.len() as u8);
+        b.extend_from_slice(addr);
+        b
+    }
+}
+
+/// What the relay opened a stream to a listener for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A stream for `accept()`.
+    Stream(StreamHeader),
+    /// A dialer's stream for an exit listener to connect onwards.
+    Exit(ExitHeader),
+}
+
+impl Incoming {
+    /// Read the header of a stream the relay opened ([`StreamHeader`] or [`ExitHeader`]).
+    pub async fn read_from<R: AsyncRead + Unpin>(r: &mut R) -> Result<Incoming> {
+        let io = |e| Error::from_io(e, "reading a stream header");
+        let mut v = [0u8; 1];
+        r.read_exact(&mut v).await.map_err(io)?;
+        if v[0] != EXIT_HEADER_VERSION {
+            let mut chained = tokio::io::AsyncReadExt::chain(&v[..], r);
+            return StreamHeader::read_from(&mut chained).await.map(Incoming::Stream);
+        }
+        let mut head = [0u8; 5];
+        r.read_exact(&mut head).await.map_err(io)?;
+        let kid = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let mut addr = vec![0u8; head[4] as usize];
+        r.read_exact(&mut addr).await.map_err(io)?;
+        let client = String::from_utf8(addr).map_err(|_| Error::protocol("malformed exit stream header from the relay (address is not text)"))?;
+        Ok(Incoming::Exit(ExitHeader { kid, client }))
+    }
+}
+
+/// Separates a target from the exit listener named in a dial: a dialer reaches `HOST:PORT`
+/// through the exit `EXIT` with a SOCKS5 CONNECT to the domain `HOST@EXIT`, port `PORT`. `@`
+/// never occurs in a host name or a listener name, so the form cannot be taken for a real target
+/// (a relay that predates exits refuses it as an invalid host name).
+pub const EXIT_ROUTE_SEPARATOR: char = '@';
+
+/// The target and exit name of a `HOST@EXIT` CONNECT, if it is one.
+pub fn split_exit_route(addr: &socks5_proto::Address) -> Option<(crate::socks::Target, String)> {
+    let socks5_proto::Address::DomainAddress(d, port) = addr else { return None };
+    let text = std::str::from_utf8(d).ok()?;
+    let (host, exit) = text.rsplit_once(EXIT_ROUTE_SEPARATOR)?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Some((crate::socks::Target { host: host.to_string(), port: *port }, exit.to_ascii_lowercase()))
 }
 
 /// Kinds of mux frame.
@@ -537,8 +625,16 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
-        let lh =
-            ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true, h2c: true, tls_passthrough: false };
+        let lh = ListenHello {
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+            name: "api".into(),
+            tcp_port: true,
+            pool: true,
+            exit: false,
+            h2c: true,
+            tls_passthrough: false,
+        };
         assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
         assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
         assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());
@@ -552,6 +648,35 @@ mod tests {
         let ack = HelloAck { refusal: Some((ErrorCode::AuthClockSkew, "late".into())) };
         assert_eq!(HelloAck::decode(&ack.encode()).unwrap(), ack);
         assert_eq!(HelloAck::decode(&HelloAck { refusal: None }.encode()).unwrap().refusal, None);
+    }
+
+    #[tokio::test]
+    async fn exit_headers_and_routes() {
+        let h = StreamHeader { via: Via::Http, port: 8, client: "127.0.0.1:9".into() };
+        let mut r = &h.encode()[..];
+        assert_eq!(Incoming::read_from(&mut r).await.unwrap(), Incoming::Stream(h));
+        let e = ExitHeader { kid: 7, client: "127.0.0.1:1".into() };
+        let mut r = &e.encode()[..];
+        assert_eq!(Incoming::read_from(&mut r).await.unwrap(), Incoming::Exit(e));
+        let a = socks5_proto::Address::DomainAddress(b"db.internal@Corp".to_vec(), 5432);
+        let (t, exit) = split_exit_route(&a).unwrap();
+        assert_eq!((t.host.as_str(), t.port, exit.as_str()), ("db.internal", 5432, "corp"));
+        let a = socks5_proto::Address::DomainAddress(b"[::1]@corp".to_vec(), 80);
+        assert_eq!(split_exit_route(&a).unwrap().0.host, "::1");
+        assert!(split_exit_route(&socks5_proto::Address::DomainAddress(b"db.internal".to_vec(), 1)).is_none());
+        // Old listeners' registrations decode with pool/exit off; old relays' answers likewise.
+        let old = ListenHello {
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+            name: "api".into(),
+            tcp_port: false,
+            pool: false,
+            exit: false,
+            ..Default::default()
+        };
+        let new = ListenHello { pool: true, exit: true, ..old.clone() };
+        assert_eq!(ListenHello::decode_frame(&old.encode_frame()).unwrap(), old);
+        assert_eq!(ListenHello::decode_frame(&new.encode_frame()).unwrap(), new);
     }
 
     #[test]

@@ -38,6 +38,31 @@ impl Target {
         Ok(Target { host: host.to_string(), port })
     }
 
+    /// This target reached through the exit listener `exit` (the `via` dial option): the
+    /// relay routes the CONNECT to that exit, which connects it inside its own network. On the
+    /// wire the host becomes `HOST@EXIT` ([`crate::protocol::split_exit_route`]).
+    pub fn through_exit(&self, exit: &str) -> Result<Target> {
+        let raw = exit.trim();
+        let exit = raw.to_ascii_lowercase();
+        if !crate::identity::valid_name(&exit) {
+            return Err(Error::argument(format!("via {raw:?} is not a listener name: use 1-63 lowercase letters, digits and '-'")));
+        }
+        if self.exit_route().is_some() {
+            return Err(Error::argument(format!("{self} already names an exit listener; give one via")));
+        }
+        let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
+        let host = format!("{host}{}{exit}", crate::protocol::EXIT_ROUTE_SEPARATOR);
+        if host.len() > 255 {
+            return Err(Error::argument(format!("{self} via {exit}: host and exit name together must fit 255 bytes")));
+        }
+        Ok(Target { host, port: self.port })
+    }
+
+    /// The (target, exit) of a target made by [`Target::through_exit`].
+    pub fn exit_route(&self) -> Option<(Target, String)> {
+        crate::protocol::split_exit_route(&Address::DomainAddress(self.host.as_bytes().to_vec(), self.port))
+    }
+
     /// As a SOCKS5 address (IP literals use the IP address types).
     pub fn to_address(&self) -> Address {
         match self.host.parse::<IpAddr>() {
@@ -81,6 +106,9 @@ fn socks_err(e: socks5_proto::Error) -> Error {
 
 /// The typed error for a non-zero SOCKS5 reply to a CONNECT of `target`.
 pub fn reply_error(reply: Reply, target: &Target) -> Error {
+    if let Some((inner, exit)) = target.exit_route() {
+        return exit_reply_error(reply, &inner, &exit);
+    }
     match reply {
         Reply::ConnectionNotAllowed => Error::new(
             ErrorCode::NotAllowed,
@@ -112,6 +140,32 @@ pub fn reply_error(reply: Reply, target: &Target) -> Error {
         }
         Reply::GeneralFailure | Reply::Succeeded => {
             Error::new(ErrorCode::General, format!("the relay failed to connect to {target} (SOCKS5 general failure); see the relay's log"))
+        }
+    }
+}
+
+/// [`reply_error`] for a target reached through the exit listener `exit`: same codes, messages
+/// naming the exit.
+fn exit_reply_error(reply: Reply, target: &Target, exit: &str) -> Error {
+    match reply {
+        Reply::ConnectionNotAllowed => Error::new(
+            ErrorCode::NotAllowed,
+            format!("{target} via the exit listener {exit:?} was refused: it is not in {exit}'s allowlist (its --allow rules), or the relay does not let this key use {exit} (TUNNEL_EXITS on the relay)"),
+        ),
+        Reply::HostUnreachable | Reply::NetworkUnreachable => Error::new(
+            ErrorCode::Unreachable,
+            format!("{target} via the exit listener {exit:?} could not be reached: {exit} is offline or unknown to the relay (TUNNEL_EXITS), or it could not resolve or reach {target}"),
+        ),
+        Reply::ConnectionRefused => Error::new(
+            ErrorCode::Refused,
+            format!("{target} refused the connection from the exit listener {exit:?} (or {exit} is not accepting streams); is the service listening?"),
+        ),
+        Reply::TtlExpired => Error::new(ErrorCode::Timeout, format!("the exit listener {exit:?} timed out connecting to {target}")),
+        Reply::CommandNotSupported | Reply::AddressTypeNotSupported => {
+            Error::protocol(format!("the relay or the exit listener {exit:?} does not support this request for {target} ({reply:?})"))
+        }
+        Reply::GeneralFailure | Reply::Succeeded => {
+            Error::new(ErrorCode::General, format!("the exit listener {exit:?} failed to connect to {target}; see its log"))
         }
     }
 }

@@ -758,6 +758,8 @@ fn hello(id: &Identity, nonce: &[u8], name: &str) -> ListenHello {
         signature: id.sign_registration(nonce, name).to_vec(),
         name: name.into(),
         tcp_port: false,
+        pool: false,
+        exit: false,
         ..Default::default()
     }
 }

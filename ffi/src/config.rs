@@ -32,6 +32,10 @@ pub struct Config {
     pub options: ClientOptions,
     /// A listener's chosen name (default: derived from the identity).
     pub name: Option<String>,
+    /// A listener joins its name's pool of replicas.
+    pub pool: bool,
+    /// A listener is an exit listener with these allow rules.
+    pub exit: Option<libtunnel::egress::Allowlist>,
     /// A listener's local service speaks h2c (`tunnel_config_set_listener_h2c`).
     pub h2c: bool,
     /// A listener takes raw TLS by SNI (`tunnel_config_set_listener_tls_passthrough`).
@@ -46,7 +50,17 @@ pub struct Config {
 
 impl Config {
     fn with_options(options: ClientOptions) -> Config {
-        Config { options, name: None, e2e: false, e2e_pins: Vec::new(), allow_peers: Vec::new(), h2c: false, tls_passthrough: false }
+        Config {
+            options,
+            name: None,
+            e2e: false,
+            e2e_pins: Vec::new(),
+            allow_peers: Vec::new(),
+            pool: false,
+            exit: None,
+            h2c: false,
+            tls_passthrough: false,
+        }
     }
 
     /// The dialer's E2E settings (pins, and the config's identity presented in mutual mode).
@@ -339,6 +353,44 @@ pub unsafe extern "C" fn tunnel_config_add_allow_peer(cfg: *mut tunnel_config, k
         set(cfg, key, "key", |c, v| {
             libtunnel::e2e::keys::peer_name(v)?;
             c.allow_peers.push(v.to_string());
+            Ok(())
+        })
+    }
+}
+
+/// Make a listener bound from this config join its name's pool of replicas (`tunnel listen
+/// --pool`): every replica opts in (same key, or keys the relay grants the name), and the relay
+/// spreads streams over them. Off by default (a second registration then gets today's rules).
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_pool(cfg: *mut tunnel_config, pool: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.pool = pool;
+        Ok(())
+    })
+}
+
+/// Make a listener bound from this config an exit listener (`tunnel listen --exit --allow`):
+/// dialers the relay permits reach the targets `allow_json` admits (a JSON list of
+/// `{"host", "port"}` rules, the relay's `allow` syntax) with `tunnel_dialer_dial_via`. The
+/// rules are checked now (`TUNNEL_RESULT_INVALID_CONFIG` names the bad rule).
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `allow_json` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_exit(cfg: *mut tunnel_config, allow_json: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set(cfg, allow_json, "allow_json", |c, v| {
+            let rules = libtunnel::egress::Allowlist::from_json(v, "exit allow")?;
+            if rules.is_empty() {
+                return Err(Fail::new(tunnel_result::InvalidArgument, "an exit listener needs at least one allow rule"));
+            }
+            c.exit = Some(rules);
             Ok(())
         })
     }

@@ -79,6 +79,38 @@ pub unsafe extern "C" fn tunnel_dialer_dial(dialer: *const tunnel_dialer, target
     })
 }
 
+/// Like `tunnel_dialer_dial`, but through the exit listener `via` (a listener registered with
+/// `tunnel_config_set_exit`): the relay routes the stream to it and it connects `target` inside
+/// its own network, checked against its own allowlist. Refusals keep their codes:
+/// `TUNNEL_RESULT_NOT_ALLOWED` (outside the exit's rules, or the relay does not let this key use
+/// that exit), `TUNNEL_RESULT_UNREACHABLE` (the exit is offline), ...
+///
+/// # Safety
+/// `dialer` must be NULL or a live dialer; `target` and `via` NULL or NUL-terminated; `out_fd`
+/// NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_dialer_dial_via(
+    dialer: *const tunnel_dialer,
+    target: *const c_char,
+    via: *const c_char,
+    out_fd: *mut c_int,
+) -> tunnel_result {
+    fallible(|| {
+        let out_fd = out_ptr(out_fd, "out_fd")?;
+        // SAFETY: the caller passes NULL or a live dialer.
+        let dialer = unsafe { try_ref(dialer, "dialer") }?;
+        // SAFETY: the caller passes NULL or NUL-terminated strings.
+        let (target, via) = unsafe { (str_arg(target, "target")?, str_arg(via, "via")?) };
+        let socket = block_on(async {
+            let stream = dialer.dial_via(target, via).await?;
+            libtunnel::fd::into_socket(stream).await
+        })??;
+        // SAFETY: `out_fd` is non-NULL and writable (caller's guarantee).
+        unsafe { *out_fd = socket.into_raw_fd() };
+        Ok(())
+    })
+}
+
 /// Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until
 /// they finish (both sides closed) or `crate::DRAIN` (10 s) passes, then the runtime closes the
 /// session to the relay; a stream still open then reads `ECONNRESET`.

@@ -187,6 +187,18 @@ async fn client_suite(link: Link) {
     compile(&["tests/c/test_client.c"], &exe, link, true);
     let (echo, sink) = (echo_server().await, sink_server().await);
     let relay = relay(&[echo.port(), sink.port()]).await;
+    // An exit listener's key, and a grant letting the test key dial via it.
+    let exit_key = dir.join("exit.pem");
+    let exit_id = libtunnel::Identity::generate();
+    exit_id.save(&exit_key).expect("write the exit key");
+    let rules: Vec<String> = [echo.port(), sink.port()].iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
+    let mut cfg = RelayConfig::new(
+        KeySet::new([key()]).expect("one key"),
+        Allowlist::from_json(&format!("[{}]", rules.join(",")), "TUNNEL_ALLOW").expect("rules"),
+    );
+    cfg.listeners_open = true;
+    cfg.exits = vec![libtunnel::config::ExitGrant { name: exit_id.name(), key_ids: vec![KID] }];
+    relay.reload(&cfg).expect("reload with the exit grant");
     let denied = format!("127.0.0.1:{}", closed_port().await);
     let down = format!("ws://127.0.0.1:{}", closed_port().await);
     let mut cmd = Command::new(&exe);
@@ -198,6 +210,7 @@ async fn client_suite(link: Link) {
         .env("TEST_DENIED", &denied)
         .env("TEST_DOWN", &down)
         .env("TEST_IDENTITY", dir.join("listener.pem"))
+        .env("TEST_EXIT_IDENTITY", &exit_key)
         .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");
     let o = run(cmd, "test_client").await;
     println!("{}", show(&o));

@@ -2,7 +2,8 @@
  * The C face against a live relay on loopback, driven by ffi/tests/c.rs, which passes:
  *   TEST_RELAY (URL), TEST_KEY (KID:BASE64), TEST_WRONG_KEY, TEST_ECHO (an echo server),
  *   TEST_SINK (answers "LEN FNVHEX\n" after our EOF), TEST_DENIED (a target outside the
- *   allowlist), TEST_DOWN (a relay URL nobody listens on), TEST_IDENTITY (a listener key path).
+ *   allowlist), TEST_DOWN (a relay URL nobody listens on), TEST_IDENTITY (a listener key path),
+ *   TEST_EXIT_IDENTITY (the key of an exit listener the relay lets TEST_KEY dial via).
  * Prints TAP lines; exits non-zero if any check fails.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -265,6 +266,40 @@ static void listener(tunnel_dialer *d, const char *relay, const char *identity) 
   tunnel_listener_free(l);
 }
 
+/* An exit listener (tunnel_config_set_exit, in a pool) and dials through it. */
+static void exit_listener(tunnel_dialer *d, const char *relay, const char *identity, const char *echo, const char *denied) {
+  tunnel_config *cfg = NULL;
+  tunnel_listener *l = NULL;
+  char name[80], rules[128], buf[8];
+  size_t n = 0;
+  int fd = -1;
+  tunnel_result r;
+  const char *port = strrchr(echo, ':');
+
+  tunnel_config_new(relay, &cfg);
+  check_code(tunnel_config_set_exit(cfg, "[{\"host\": 1}]"), TUNNEL_RESULT_INVALID_CONFIG, "exit allow", "a malformed exit rule");
+  snprintf(rules, sizeof rules, "[{\"host\":\"127.0.0.1\",\"port\":%s}]", port ? port + 1 : "0");
+  check(tunnel_config_set_exit(cfg, rules) == TUNNEL_RESULT_OK, "exit rules %s (%s)", rules, last_err());
+  check(tunnel_config_set_pool(cfg, true) == TUNNEL_RESULT_OK, "pool on");
+  check(tunnel_config_set_identity_file(cfg, identity, false) == TUNNEL_RESULT_OK, "exit identity (%s)", last_err());
+  r = tunnel_listener_bind(cfg, &l);
+  tunnel_config_free(cfg);
+  check(r == TUNNEL_RESULT_OK, "exit listener bind (%s)", r == TUNNEL_RESULT_OK ? "ok" : last_err());
+  if (r != TUNNEL_RESULT_OK) return;
+  tunnel_listener_name(l, name, sizeof name, &n);
+  r = tunnel_dialer_dial_via(d, echo, name, &fd);
+  check(r == TUNNEL_RESULT_OK, "dial via the exit (%s)", r == TUNNEL_RESULT_OK ? "ok" : last_err());
+  if (fd >= 0) {
+    check(write(fd, "exit", 4) == 4 && read(fd, buf, sizeof buf) == 4 && memcmp(buf, "exit", 4) == 0, "bytes through the exit");
+    close(fd);
+  }
+  check_code(tunnel_dialer_dial_via(d, denied, name, &fd), TUNNEL_RESULT_NOT_ALLOWED, name, "outside the exit's rules");
+  check_code(tunnel_dialer_dial_via(d, echo, NULL, &fd), TUNNEL_RESULT_NULL_PARAMETER, "via", "dial_via(NULL via)");
+  check_code(tunnel_dialer_dial_via(d, echo, "Not A Name", &fd), TUNNEL_RESULT_INVALID_ARGUMENT, "Not A Name", "dial_via(bad name)");
+  tunnel_listener_close(l);
+  tunnel_listener_free(l);
+}
+
 static void forked_child(tunnel_dialer *d, const char *echo) {
   int status = -1, fd = -1;
   pid_t pid;
@@ -318,6 +353,7 @@ int main(void) {
   poll_readiness(d, echo);
   refusals(d, relay, env("TEST_WRONG_KEY"), echo, env("TEST_DENIED"), env("TEST_DOWN"));
   listener(d, relay, env("TEST_IDENTITY"));
+  exit_listener(d, relay, env("TEST_EXIT_IDENTITY"), echo, env("TEST_DENIED"));
   forked_child(d, echo);
   log_callback(relay, key, echo);
   tunnel_dialer_free(d);

@@ -16,6 +16,15 @@ use tokio::task::JoinHandle;
 use crate::{millis, promise, sync};
 
 /// Options of `new NativeDialer(relay, key, options)`.
+/// `target` (`host:port`), through the exit listener `via` when given.
+fn route(target: &str, via: Option<&str>) -> libtunnel::Result<Target> {
+    let t = Target::parse(target)?;
+    match via {
+        Some(v) => t.through_exit(v),
+        None => Ok(t),
+    }
+}
+
 #[napi(object)]
 pub struct DialerOptions {
     /// Milliseconds one dial (including connecting the session) may take (core default: 20 s).
@@ -100,33 +109,42 @@ impl NativeDialer {
         })
     }
 
-    /// Dial `host:port` (or a listener's `NAME:0`); resolves to the fd of a connected loopback
-    /// TCP socket bridged to the stream. The caller owns the fd.
+    /// Dial `host:port` (or a listener's `NAME:0`), through the exit listener `via` when given;
+    /// resolves to the fd of a connected loopback TCP socket bridged to the stream. The caller
+    /// owns the fd.
     #[napi(ts_return_type = "Promise<number>")]
-    pub fn dial(&self, env: Env, target: String) -> napi::Result<JsObject> {
+    pub fn dial(&self, env: Env, target: String, via: Option<String>) -> napi::Result<JsObject> {
         let d = self.inner.clone();
         promise(&env, async move {
-            let stream = d.dial(&target).await?;
+            let stream = d.dial_target(&route(&target, via.as_deref())?).await?;
             let sock = libtunnel::fd::into_socket(stream).await?;
             Ok(sock.into_raw_fd())
         })
     }
 
-    /// Forward every connection to `local` (default `127.0.0.1:0`) to `target` through the relay.
+    /// Forward every connection to `local` (default `127.0.0.1:0`) to `target` through the relay
+    /// (and the exit listener `via` when given).
     #[napi(ts_return_type = "Promise<NativeForward>")]
-    pub fn forward(&self, env: Env, target: String, local: Option<String>) -> napi::Result<JsObject> {
+    pub fn forward(&self, env: Env, target: String, local: Option<String>, via: Option<String>) -> napi::Result<JsObject> {
         let d = self.inner.clone();
         promise(&env, async move {
-            let target = Target::parse(&target)?;
+            let target = route(&target, via.as_deref())?;
             NativeForward::start(local, move |l, stop| libtunnel::forward::forward(l, d, target, stop)).await
         })
     }
 
-    /// A local SOCKS5 proxy on `local` (default `127.0.0.1:0`) tunnelling every CONNECT.
+    /// A local SOCKS5 proxy on `local` (default `127.0.0.1:0`) tunnelling every CONNECT (each
+    /// through the exit listener `via` when given).
     #[napi(ts_return_type = "Promise<NativeForward>")]
-    pub fn socks(&self, env: Env, local: Option<String>) -> napi::Result<JsObject> {
+    pub fn socks(&self, env: Env, local: Option<String>, via: Option<String>) -> napi::Result<JsObject> {
         let d = self.inner.clone();
-        promise(&env, async move { NativeForward::start(local, move |l, stop| libtunnel::forward::socks_proxy(l, d, stop)).await })
+        promise(&env, async move {
+            let d = match via {
+                Some(v) => d.with_via(&v)?,
+                None => d,
+            };
+            NativeForward::start(local, move |l, stop| libtunnel::forward::socks_proxy(l, d, stop)).await
+        })
     }
 
     /// Close the session; streams on it end.

@@ -25,6 +25,10 @@ pub struct ListenerOptions {
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
+    /// Join the name's pool of replicas (every replica opts in).
+    pub pool: Option<bool>,
+    /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
+    pub exit: Option<String>,
     /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server).
     #[napi(js_name = "h2c")]
     pub h2c: Option<bool>,
@@ -73,6 +77,7 @@ impl NativeListener {
             let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
             let mut name = None;
             let (mut tcp_port, mut backlog) = (false, None);
+            let (mut pool, mut exit) = (false, None);
             let (mut h2c, mut tls_passthrough) = (false, false);
             let mut e2e_cfg = None;
             if let Some(opts) = options {
@@ -95,13 +100,18 @@ impl NativeListener {
                 h2c = opts.h2c.unwrap_or(false);
                 tls_passthrough = opts.tls_passthrough.unwrap_or(false);
                 backlog = opts.backlog;
+                pool = opts.pool.unwrap_or(false);
+                exit = opts.exit;
             }
-            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).h2c(h2c).tls_passthrough(tls_passthrough);
+            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
             if let Some(n) = name {
                 b = b.name(n);
             }
             if let Some(n) = backlog {
                 b = b.backlog(n as usize);
+            }
+            if let Some(rules) = exit {
+                b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
             }
             if let Some(e) = e2e_cfg {
                 b = b.e2e(e);
@@ -150,6 +160,13 @@ impl NativeListener {
                 dialer_name: peer.dialer_name,
             })
         })
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued streams are still
+    /// accepted, open ones keep running (close once they are done).
+    #[napi]
+    pub fn retire(&self) {
+        self.inner.retire();
     }
 
     /// Unregister and stop; a pending `accept()` rejects with `ECLOSED`.

@@ -21,10 +21,20 @@ pub(crate) struct Dialer {
     inner: libtunnel::Dialer,
 }
 
-/// Dial and bridge the stream to a local socket, within `limit` when given.
-async fn dial_socket(dialer: libtunnel::Dialer, target: String, limit: Option<Duration>) -> libtunnel::Result<Socket> {
+/// `target` (`host:port`), through the exit listener `via` when given.
+fn route(target: &str, via: Option<&str>) -> libtunnel::Result<Target> {
+    let t = Target::parse(target)?;
+    match via {
+        Some(v) => t.through_exit(v),
+        None => Ok(t),
+    }
+}
+
+/// Dial (through the exit listener `via` when given) and bridge the stream to a local socket,
+/// within `limit` when given.
+async fn dial_socket(dialer: libtunnel::Dialer, target: String, limit: Option<Duration>, via: Option<String>) -> libtunnel::Result<Socket> {
     let work = async {
-        let stream = dialer.dial(&target).await?;
+        let stream = dialer.dial_target(&route(&target, via.as_deref())?).await?;
         libtunnel::fd::into_socket(stream).await
     };
     let sock = match limit {
@@ -37,8 +47,8 @@ async fn dial_socket(dialer: libtunnel::Dialer, target: String, limit: Option<Du
 }
 
 /// Bind `local`, make sure the relay accepts our key, and serve the port in the background.
-async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String) -> libtunnel::Result<Background> {
-    let target = Target::parse(&target)?;
+async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String, via: Option<String>) -> libtunnel::Result<Background> {
+    let target = route(&target, via.as_deref())?;
     let listener = libtunnel::forward::bind_local(&local).await?;
     let addr = listener.local_addr().map_err(|e| Error::from_io(e, "reading the forward's local address"))?;
     if dialer.mode() == Mode::Multiplexed {
@@ -105,29 +115,30 @@ impl Dialer {
         awaitable(py, async move { d.connect().await })
     }
 
-    /// Open a stream to `target` (`host:port`); returns the socket to wrap.
-    #[pyo3(signature = (target, timeout = None))]
-    fn dial(&self, py: Python<'_>, target: String, timeout: Option<f64>) -> PyResult<Socket> {
+    /// Open a stream to `target` (`host:port`), through the exit listener `via` when given;
+    /// returns the socket to wrap.
+    #[pyo3(signature = (target, timeout = None, via = None))]
+    fn dial(&self, py: Python<'_>, target: String, timeout: Option<f64>, via: Option<String>) -> PyResult<Socket> {
         let limit = seconds("timeout", timeout)?;
-        wait(py, dial_socket(self.inner.clone(), target, limit))
+        wait(py, dial_socket(self.inner.clone(), target, limit, via))
     }
 
-    #[pyo3(signature = (target, timeout = None))]
-    fn dial_async<'py>(&self, py: Python<'py>, target: String, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
+    #[pyo3(signature = (target, timeout = None, via = None))]
+    fn dial_async<'py>(&self, py: Python<'py>, target: String, timeout: Option<f64>, via: Option<String>) -> PyResult<Bound<'py, PyAny>> {
         let limit = seconds("timeout", timeout)?;
-        awaitable(py, dial_socket(self.inner.clone(), target, limit))
+        awaitable(py, dial_socket(self.inner.clone(), target, limit, via))
     }
 
     /// Serve a local port (`local`, default any free port on 127.0.0.1) whose every connection
-    /// becomes a stream to `target`.
-    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string()))]
-    fn forward(&self, py: Python<'_>, target: String, local: String) -> PyResult<Background> {
-        wait(py, start_forward(self.inner.clone(), target, local))
+    /// becomes a stream to `target` (through the exit listener `via` when given).
+    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string(), via = None))]
+    fn forward(&self, py: Python<'_>, target: String, local: String, via: Option<String>) -> PyResult<Background> {
+        wait(py, start_forward(self.inner.clone(), target, local, via))
     }
 
-    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string()))]
-    fn forward_async<'py>(&self, py: Python<'py>, target: String, local: String) -> PyResult<Bound<'py, PyAny>> {
-        awaitable(py, start_forward(self.inner.clone(), target, local))
+    #[pyo3(signature = (target, local = "127.0.0.1:0".to_string(), via = None))]
+    fn forward_async<'py>(&self, py: Python<'py>, target: String, local: String, via: Option<String>) -> PyResult<Bound<'py, PyAny>> {
+        awaitable(py, start_forward(self.inner.clone(), target, local, via))
     }
 
     /// Close the shared session (open streams on it fail).

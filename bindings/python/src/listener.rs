@@ -63,6 +63,8 @@ fn builder(
     backlog: usize,
     e2e: bool,
     allow_peers: Vec<String>,
+    pool: bool,
+    exit: Option<String>,
     modes: (bool, bool),
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
@@ -72,8 +74,12 @@ fn builder(
         .map_err(to_py)?
         .tcp_port(tcp_port)
         .backlog(backlog)
+        .pool(pool)
         .h2c(modes.0)
         .tls_passthrough(modes.1);
+    if let Some(rules) = exit {
+        b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
+    }
     if let Some(n) = name {
         b = b.name(n);
     }
@@ -100,7 +106,7 @@ impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
     /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), h2c = false, tls_passthrough = false))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -113,15 +119,17 @@ impl Listener {
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,
+        pool: bool,
+        exit: Option<String>,
         h2c: bool,
         tls_passthrough: bool,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, (h2c, tls_passthrough))?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), h2c = false, tls_passthrough = false))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -134,10 +142,12 @@ impl Listener {
         backlog: usize,
         e2e: bool,
         allow_peers: Vec<String>,
+        pool: bool,
+        exit: Option<String>,
         h2c: bool,
         tls_passthrough: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, (h2c, tls_passthrough))?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
         awaitable(py, bind(b))
     }
 
@@ -186,6 +196,22 @@ impl Listener {
                 Err(to_py(Error::new(ErrorCode::InvalidArgument, "cannot expose while an accept() is waiting on this listener")))
             }
         }
+    }
+
+    /// Leave a pool's rotation: the relay sends nothing new at once, queued connections are
+    /// still handed out, accepted ones keep running (close once they are done).
+    fn retire(&self) {
+        if let Some(l) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            l.retire();
+        }
+    }
+
+    /// An exit listener's counters: `(connected, not_allowed, failed, bytes_to_targets,
+    /// bytes_from_targets)`, or `None` for other listeners (and once `expose` took it).
+    #[getter]
+    fn exit_stats(&self) -> Option<(u64, u64, u64, u64, u64)> {
+        let l = self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        l.exit_stats().map(|s| (s.connected, s.not_allowed, s.failed, s.bytes_to_targets, s.bytes_from_targets))
     }
 
     /// Unregister; pending and later `accept` calls fail with `CLOSED`.

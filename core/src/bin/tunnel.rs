@@ -39,8 +39,11 @@ enum Cmd {
     Forward {
         /// Local address or port to listen on (`5432`, `127.0.0.1:0`).
         local: String,
-        /// Target as the relay sees it (`db.internal:5432`).
+        /// Target as the relay sees it (`db.internal:5432`), or as the exit sees it with --via.
         target: String,
+        /// Reach the target through this exit listener (`tunnel listen --exit`), inside its network.
+        #[arg(long, value_name = "NAME")]
+        via: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -49,6 +52,9 @@ enum Cmd {
         /// Local address to listen on.
         #[arg(long, default_value = "127.0.0.1:1080")]
         listen: String,
+        /// Tunnel every CONNECT through this exit listener (`tunnel listen --exit`).
+        #[arg(long, value_name = "NAME")]
+        via: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -61,9 +67,20 @@ enum Cmd {
     },
     /// Expose a local service through the relay under a name (a reverse tunnel, like ngrok).
     Listen {
-        /// Local service address (`127.0.0.1:3000`).
+        /// Local service address (`127.0.0.1:3000`); optional for an --exit listener.
+        #[arg(long, required_unless_present = "exit")]
+        to: Option<String>,
+        /// Join the name's pool of replicas (every replica passes --pool); the relay spreads
+        /// streams over them and a SIGTERM'd replica drains without losing a request.
         #[arg(long)]
-        to: String,
+        pool: bool,
+        /// Be an exit listener: dialers the relay permits (TUNNEL_EXITS) reach the --allow targets
+        /// in this network with `--via NAME`.
+        #[arg(long, requires = "allow")]
+        exit: bool,
+        /// The exit's allow rules, JSON as TUNNEL_ALLOW (`[{"host":"db.internal","port":5432}]`).
+        #[arg(long, requires = "exit", value_name = "JSON")]
+        allow: Option<String>,
         /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
         #[arg(long)]
         relay: Option<String>,
@@ -307,8 +324,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             server.run(shutdown_signal()).await
         }
-        Cmd::Forward { local, target, client } => {
+        Cmd::Forward { local, target, via, client } => {
             let target = Target::parse(&target)?;
+            let target = match &via {
+                Some(v) => target.through_exit(v)?,
+                None => target,
+            };
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
@@ -320,8 +341,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             libtunnel::forward::forward(listener, dialer, target, shutdown_signal()).await
         }
-        Cmd::Socks { listen, client } => {
+        Cmd::Socks { listen, via, client } => {
             let dialer = client.dialer()?;
+            let dialer = match via {
+                Some(v) => dialer.with_via(&v)?,
+                None => dialer,
+            };
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
             say!("socks5 proxy on {addr} via {}", dialer.relay());
@@ -362,9 +387,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
+        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
             let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-            let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).h2c(h2c).tls_passthrough(tls_passthrough);
+            let mut b =
+                options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
+            if let (true, Some(rules)) = (exit, &allow) {
+                b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?);
+            }
             if let Some(n) = name {
                 b = b.name(n);
             }
@@ -396,8 +425,19 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     }
                 );
             }
-            say!("forwarding to: {to}");
-            libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
+            if pool {
+                say!("pool: joined");
+            }
+            if let Some(rules) = allow.filter(|_| exit) {
+                say!("exit: {} (dial with --via {})", rules, reg.name);
+            }
+            match to {
+                Some(to) => {
+                    say!("forwarding to: {to}");
+                    libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
+                }
+                None => libtunnel::forward::exit_only(listener, shutdown_signal()).await,
+            }
         }
         Cmd::Demo => libtunnel::demo::run().await,
         Cmd::Status { admin, token } => {

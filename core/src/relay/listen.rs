@@ -1,7 +1,8 @@
 //! Relay side of reverse listeners: verify a listener's registration (Ed25519 signature over this
 //! connection's nonce, name rules, key grants), hold its name in the registry while the session
-//! lives, optionally serve a public TCP port for it, and open streams to it for the three ways in
-//! (dial by name, public HTTP, public TCP).
+//! lives (alone, or as one replica of a pool; as a plain or an exit listener), optionally serve a
+//! public TCP port for it, and open streams to it for the three ways in (dial by name, public
+//! HTTP, public TCP) plus dials routed `via` an exit.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -49,8 +50,11 @@ pub(super) async fn serve_listener(
     }
     super::guard::handshake_finished();
     let name = hello.name.clone();
-    let reserved =
-        state.access().authorize(&public_key, &name).and_then(|()| state.registry.reserve(&name, public_key, state.cfg.limits.max_pending_accepts));
+    let joining = super::registry::Joining { pool: hello.pool, exit: hello.exit };
+    let reserved = state
+        .access()
+        .authorize(&public_key, &name)
+        .and_then(|()| state.registry.reserve(&name, public_key, joining, state.cfg.limits.max_pending_accepts));
     let id = match reserved {
         Ok(id) => id,
         Err(e) => {
@@ -76,6 +80,8 @@ pub(super) async fn serve_listener(
         name: name.clone(),
         http_url: state.public_http_url(&name).unwrap_or_default(),
         tcp_addr: tcp.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
+        pool: joining.pool,
+        exit: joining.exit,
     };
     if sink.send(ack.encode_frame()).await.is_err() {
         return;
@@ -89,7 +95,7 @@ pub(super) async fn serve_listener(
     };
     state.public.listeners.registered(&name, id, mode);
     state.metrics.listeners_active.fetch_add(1, Relaxed);
-    tracing::info!(%peer, %name, tcp = %ack.tcp_addr, "listener registered");
+    tracing::info!(%peer, %name, tcp = %ack.tcp_addr, pool = joining.pool, exit = joining.exit, "listener registered");
     if let Some(l) = tcp {
         state.tasks.spawn(serve_public_port(state.clone(), l, name.clone(), session.clone()));
     }

@@ -10,8 +10,11 @@
 //!
 //! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
 //! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
-//! (`crate::egress`: allowlist, resolver, connect) or a listener name (`route`), and a session
-//! whose hello registers a listener is handed to `listen`, which holds the name in `registry`.
+//! (`crate::egress`: allowlist, resolver, connect), a listener name (`route`), or `HOST@EXIT`, a
+//! target behind an exit listener (`route`: the relay checks the key's `exits` grant and passes
+//! the CONNECT to the exit, whose own allowlist decides); a session whose hello registers a
+//! listener is handed to `listen`, which holds the name in `registry` (alone, or as one replica
+//! of a pool).
 //! Public HTTP requests and public TCP ports reach listeners through the same `route`.
 //!
 //! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests
@@ -92,6 +95,8 @@ pub(crate) struct Access {
     /// Listener public keys, with the chosen names each may register.
     pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
     pub(crate) listeners_open: bool,
+    /// Exit listener names, with the dialer key ids that may use each.
+    pub(crate) exits: std::collections::HashMap<String, Vec<u32>>,
 }
 
 impl Access {
@@ -102,11 +107,20 @@ impl Access {
             let pk = crate::identity::parse_public_key(&g.public_key)?;
             listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
         }
-        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open })
+        let mut exits = std::collections::HashMap::new();
+        for g in &cfg.exits {
+            exits.entry(g.name.clone()).or_insert_with(Vec::new).extend(g.key_ids.iter().copied());
+        }
+        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open, exits })
     }
 }
 
 impl Access {
+    /// Whether sessions of key id `kid` may reach targets through the exit listener `exit`.
+    pub(crate) fn exit_permits(&self, exit: &str, kid: u32) -> bool {
+        self.exits.get(exit).is_some_and(|kids| kids.contains(&kid))
+    }
+
     /// Decide whether `public_key` may register `name`.
     pub(crate) fn authorize(&self, public_key: &[u8; 32], name: &str) -> Result<()> {
         if !crate::identity::valid_name(name) {

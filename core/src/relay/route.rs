@@ -16,7 +16,7 @@ use crate::egress::connect::{connect_target, Cause};
 use crate::error::ErrorCode;
 use crate::identity::valid_name;
 use crate::mux::MuxStream;
-use crate::protocol::{StreamHeader, STREAM_ACCEPTED};
+use crate::protocol::{ExitHeader, StreamHeader, STREAM_ACCEPTED};
 use crate::socks::{self, Target};
 
 /// Why a stream could not be delivered to a listener.
@@ -52,23 +52,54 @@ pub(crate) fn listener_name(host: &str, domain: &str) -> Option<String> {
 
 /// Open a stream to the listener registered as `name` and wait (at most `wait`) for it to accept:
 /// dials and public TCP ports wait `connect_timeout`, public HTTP waits `http_timeout`.
+///
+/// A pool's replicas are offered the stream in the registry's order (round-robin). A replica whose accept queue is full, that drains (`GoAway`), or whose
+/// session dies before it accepts is skipped for the next one: nothing of the client's has been
+/// sent to it yet, so moving on loses nothing. The deadline covers every attempt.
 pub(crate) async fn open_to_listener(
     state: &RelayState,
     name: &str,
     header: StreamHeader,
     wait: std::time::Duration,
 ) -> Result<MuxStream, RouteError> {
-    let (session, pending, owner) = state.registry.lookup(name, state.cfg.limits.handshake_timeout).await.ok_or(RouteError::Offline)?;
-    // Re-checked on every stream: a reload may have withdrawn the key's right to this name.
-    if state.access().authorize(&owner, name).is_err() {
+    open_encoded(state, name, &header.encode(), wait).await
+}
+
+/// [`open_to_listener`] with the stream's first bytes already encoded (a [`StreamHeader`] or an
+/// [`crate::protocol::ExitHeader`]).
+pub(crate) async fn open_encoded(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<MuxStream, RouteError> {
+    let candidates = state.registry.candidates(name, state.cfg.limits.handshake_timeout).await;
+    if candidates.is_empty() {
         return Err(RouteError::Offline);
     }
+    let deadline = tokio::time::Instant::now() + wait;
+    let access = state.access();
+    let mut last = RouteError::Offline;
+    for c in candidates {
+        // Re-checked on every stream: a reload may have withdrawn the key's right to this name.
+        if access.authorize(&c.owner, name).is_err() {
+            continue;
+        }
+        match offer(&c, header, deadline).await {
+            Ok(stream) => {
+                state.metrics.listener_streams.fetch_add(1, Relaxed);
+                return Ok(stream);
+            }
+            Err(RouteError::Timeout) => return Err(RouteError::Timeout),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Offer a stream to one replica and wait until `deadline` for it to accept.
+async fn offer(c: &super::registry::Candidate, header: &[u8], deadline: tokio::time::Instant) -> Result<MuxStream, RouteError> {
     // Held until the listener answers: a listener that stops accepting costs the relay at most
     // `max_pending_accepts` waiting streams.
-    let _waiting = pending.try_acquire_owned().map_err(|_| RouteError::Busy)?;
-    let mut stream = session.open().map_err(|_| RouteError::Busy)?;
+    let _waiting = c.pending.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
+    let mut stream = c.session.open().map_err(|_| RouteError::Busy)?;
     let accept = async {
-        stream.write_all(&header.encode()).await.map_err(|_| RouteError::Busy)?;
+        stream.write_all(header).await.map_err(|_| RouteError::Busy)?;
         let mut answer = [0u8; 1];
         stream.read_exact(&mut answer).await.map_err(|_| RouteError::Busy)?;
         if answer[0] == STREAM_ACCEPTED {
@@ -77,11 +108,8 @@ pub(crate) async fn open_to_listener(
             Err(RouteError::Busy)
         }
     };
-    match tokio::time::timeout(wait, accept).await {
-        Ok(Ok(())) => {
-            state.metrics.listener_streams.fetch_add(1, Relaxed);
-            Ok(stream)
-        }
+    match tokio::time::timeout_at(deadline, accept).await {
+        Ok(Ok(())) => Ok(stream),
         Ok(Err(e)) => {
             stream.reset(ErrorCode::Refused);
             Err(e)
@@ -116,9 +144,19 @@ pub(crate) fn listener_route(state: &RelayState, addr: &Address) -> Option<Strin
     (explicit || looks_derived || by_port || state.registry.contains(&name)).then_some(name)
 }
 
-/// Connect to the requested target (or listener) and answer the CONNECT; `None` if refused
-/// (already answered).
-pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState, io: &mut S, addr: &Address, peer: SocketAddr) -> Option<Connected> {
+/// Connect to the requested target (or listener, or exit listener) and answer the CONNECT; `None`
+/// if refused (already answered). `dialer` is the key id of the dialer's session (multiplexed
+/// mode), which decides the exit listeners it may use.
+pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
+    state: &RelayState,
+    io: &mut S,
+    addr: &Address,
+    peer: SocketAddr,
+    dialer: Option<u32>,
+) -> Option<Connected> {
+    if let Some((target, exit)) = crate::protocol::split_exit_route(addr) {
+        return via_exit(state, io, &target, &exit, peer, dialer).await;
+    }
     if let Some(name) = listener_route(state, addr) {
         let port = match addr {
             Address::DomainAddress(_, p) => *p,
@@ -168,4 +206,98 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(state: &RelayState,
             None
         }
     }
+}
+
+/// A CONNECT routed through an exit listener (`HOST@EXIT`): the relay checks that the dialer's
+/// key may use `exit` (`exits` setting) and that `exit` is an exit listener, opens a stream to it
+/// (a pool of exits is spread like any pool), passes the CONNECT on and relays the exit's SOCKS5
+/// reply unchanged, so the dialer gets the exit's own verdict (not allowed, unreachable, refused,
+/// timeout). The relay's own allowlist does not apply to targets behind an exit: the exit's does.
+async fn via_exit<S: AsyncWrite + Unpin>(
+    state: &RelayState,
+    io: &mut S,
+    target: &Target,
+    exit: &str,
+    peer: SocketAddr,
+    dialer: Option<u32>,
+) -> Option<Connected> {
+    let refuse = |reply: Reply, refusal: Refusal, why: &str| {
+        state.metrics.refused(refusal);
+        tracing::info!(%peer, kid = ?dialer, %exit, %target, reason = why, "stream through an exit listener refused by the relay");
+        reply
+    };
+    let access = state.access();
+    let verdict = match dialer {
+        // An exit the relay's `exits` setting does not name is unknown here, as an offline
+        // listener name is (host unreachable); one it names for other keys is refused.
+        _ if !access.exits.contains_key(exit) => {
+            Err(refuse(Reply::HostUnreachable, Refusal::ListenerOffline, "no exit of that name is configured (exits setting)"))
+        }
+        None => Err(refuse(
+            Reply::ConnectionNotAllowed,
+            Refusal::NotAllowed,
+            "exit routing needs a multiplexed session (classic mode has no key per stream)",
+        )),
+        Some(kid) if !access.exit_permits(exit, kid) => {
+            Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "the dialer's key may not use this exit (exits setting)"))
+        }
+        Some(_) => match state.registry.joining(exit) {
+            None => Err(refuse(Reply::HostUnreachable, Refusal::ListenerOffline, "no exit listener of that name is online")),
+            Some(j) if !j.exit => Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "that listener is not an exit listener")),
+            Some(_) => Ok(()),
+        },
+    };
+    if let Err(reply) = verdict {
+        let _ = socks::write_reply(io, reply, None).await;
+        return None;
+    }
+    let header = ExitHeader { kid: dialer.unwrap_or_default(), client: peer.to_string() }.encode();
+    let limit = state.cfg.limits.connect_timeout;
+    let mut stream = match open_encoded(state, exit, &header, limit).await {
+        Ok(s) => s,
+        Err(e) => {
+            state.metrics.refused(e.refusal());
+            tracing::debug!(%peer, %exit, error = ?e, "exit listener not reached");
+            let reply = match e {
+                RouteError::Offline => Reply::HostUnreachable,
+                RouteError::Busy => Reply::ConnectionRefused,
+                RouteError::Timeout => Reply::TtlExpired,
+            };
+            let _ = socks::write_reply(io, reply, None).await;
+            return None;
+        }
+    };
+    // The exit connects with its own deadline (the same default); a little more here, so its
+    // own answer (a timeout reply) arrives first.
+    let asked = async {
+        let mut buf = bytes::BytesMut::new();
+        socks5_proto::Request::new(socks5_proto::Command::Connect, target.to_address()).write_to_buf(&mut buf);
+        stream.write_all(&buf).await?;
+        socks5_proto::Response::read_from(&mut stream).await.map_err(|e| match e {
+            socks5_proto::Error::Io(e) => e,
+            e => std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
+    };
+    let reply = match tokio::time::timeout(limit + std::time::Duration::from_secs(1), asked).await {
+        Ok(Ok(r)) => r.reply,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, %exit, error = %e, "exit listener lost before it answered");
+            stream.reset(ErrorCode::Unreachable);
+            Reply::HostUnreachable
+        }
+        Err(_) => {
+            stream.reset(ErrorCode::Timeout);
+            Reply::TtlExpired
+        }
+    };
+    if socks::write_reply(io, reply, None).await.is_err() || reply != Reply::Succeeded {
+        if reply != Reply::Succeeded {
+            tracing::debug!(%peer, %exit, %target, ?reply, "exit listener refused the target");
+        }
+        stream.reset(ErrorCode::Closed);
+        return None;
+    }
+    state.metrics.streams_total.fetch_add(1, Relaxed);
+    tracing::debug!(%peer, %exit, %target, "stream connected through an exit listener");
+    Some(Connected::Listener(stream))
 }

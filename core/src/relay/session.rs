@@ -140,7 +140,7 @@ async fn serve_classic<S: ClassicIo>(state: Arc<RelayState>, mut io: S, peer: So
     super::guard::handshake_finished();
     state.metrics.sessions_classic.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let Some(upstream) = route::connect_and_reply(&state, &mut io, &addr, peer).await else {
+    let Some(upstream) = route::connect_and_reply(&state, &mut io, &addr, peer, None).await else {
         let _ = tokio::time::timeout(state.cfg.limits.handshake_timeout, io.shutdown()).await;
         return;
     };
@@ -283,7 +283,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     loop {
         tokio::select! {
             s = session.accept() => match s {
-                Some(stream) => { state.tasks.spawn(serve_mux_stream(state.clone(), stream, peer, session.clone())); }
+                Some(stream) => { state.tasks.spawn(serve_mux_stream(state.clone(), stream, peer, session.clone(), kid)); }
                 None => break,
             },
             _ = state.draining.cancelled(), if !draining => {
@@ -304,7 +304,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
 }
 
-async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr, session: Session) {
+async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr, session: Session, kid: u32) {
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut stream, ServerAuth::Session)).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
@@ -319,7 +319,7 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
         Ok(Ok(a)) => a,
     };
     let started = std::time::Instant::now();
-    let Some(upstream) = route::connect_and_reply(&state, &mut stream, &addr, peer).await else {
+    let Some(upstream) = route::connect_and_reply(&state, &mut stream, &addr, peer, Some(kid)).await else {
         stream.finish();
         return;
     };

@@ -1,6 +1,8 @@
 //! Child processes of the `tunnel` binary for tests built with the `cli` feature (the binary's
 //! path only exists for them, so this is not part of `common`).
 
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -13,8 +15,15 @@ pub async fn listen_process(relay: &str, to: &str, dir: &Path) -> (Child, String
     std::fs::create_dir_all(dir).expect("scratch dir");
     let key = dir.join("listener.pem");
     libtunnel::Identity::generate().save(&key).expect("write the listener key");
+    listen_process_with(relay, &key, &["--to", to]).await
+}
+
+/// A `tunnel listen` process with the key file `key` and further `args` (`--pool`, `--exit`,
+/// `--allow JSON`, `--to ADDR`, `--name N`), registered with `relay`, and its name.
+pub async fn listen_process_with(relay: &str, key: &Path, args: &[&str]) -> (Child, String) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
-        .args(["listen", "--to", to, "--relay", relay, "--key", key.to_str().expect("utf8")])
+        .args(["listen", "--relay", relay, "--key", key.to_str().expect("utf8")])
+        .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)

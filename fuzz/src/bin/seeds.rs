@@ -95,7 +95,7 @@ fn main() {
     // listen_hello
     let id = Identity::generate();
     let name = id.name();
-    let h = ListenHello { public_key: id.public_key().to_vec(), signature: id.sign_registration(&NONCE, &name).to_vec(), name, tcp_port: true };
+    let h = ListenHello { public_key: id.public_key().to_vec(), signature: id.sign_registration(&NONCE, &name).to_vec(), name, tcp_port: true, pool: false, exit: false };
     put(dir, "listen_hello", "hello", &h.encode_frame());
     let h2 = ListenHello { name: "api".into(), ..h };
     put(dir, "listen_hello", "chosen", &h2.encode_frame());

@@ -28,7 +28,7 @@ from ._errors import (
     Unreachable,
 )
 from ._keys import auth_keys, auth_keys_json, keygen, listener_identity, listener_keygen
-from ._listener import AsyncListener, Listener, ListenerServer, Peer, Registration, ThreadingListenerServer
+from ._listener import AsyncListener, ExitStats, Listener, ListenerServer, Peer, Registration, ThreadingListenerServer
 from ._relay import AsyncRelay, Relay, serve
 
 #: Aliases: the style guide's name for the allowlist refusal, and ARCHITECTURE.md's for timeouts.
@@ -61,6 +61,7 @@ __all__ = [
     "ListenerServer",
     "NameTaken",
     "NotAllowed",
+    "ExitStats",
     "Peer",
     "ProtocolError",
     "Registration",

@@ -99,15 +99,17 @@ class Dialer(_DialerBase):
         """Open the session now, so a wrong key or a dead relay fails here."""
         self._native.connect()
 
-    def dial(self, target: str, *, timeout: float | None = None) -> socket.socket:
-        """A connected, blocking socket to ``target`` (``host:port``) through the relay."""
-        return wrap(self._native.dial(target, timeout))
+    def dial(self, target: str, *, timeout: float | None = None, via: str | None = None) -> socket.socket:
+        """A connected, blocking socket to ``target`` (``host:port``) through the relay; with
+        ``via``, through that exit listener, which connects it inside its own network."""
+        return wrap(self._native.dial(target, timeout, via))
 
     @contextlib.contextmanager
-    def forward(self, target: str, *, local: str = "127.0.0.1:0") -> Iterator[tuple[str, int]]:
-        """Serve a local port whose every connection is tunnelled to ``target``; yields its
-        ``(host, port)``. Leaving the block stops accepting (open connections finish)."""
-        task = self._native.forward(target, local)
+    def forward(self, target: str, *, local: str = "127.0.0.1:0", via: str | None = None) -> Iterator[tuple[str, int]]:
+        """Serve a local port whose every connection is tunnelled to ``target`` (through the exit
+        listener ``via`` when given); yields its ``(host, port)``. Leaving the block stops
+        accepting (open connections finish)."""
+        task = self._native.forward(target, local, via)
         with _stopping(task) as address:
             yield address
 
@@ -129,9 +131,10 @@ class AsyncDialer(_DialerBase):
         """Open the session now, so a wrong key or a dead relay fails here."""
         await self._native.connect_async()
 
-    async def dial(self, target: str, *, timeout: float | None = None) -> socket.socket:
-        """A connected, non-blocking socket to ``target`` (for ``loop.sock_*`` or a transport)."""
-        return wrap(await self._native.dial_async(target, timeout), blocking=False)
+    async def dial(self, target: str, *, timeout: float | None = None, via: str | None = None) -> socket.socket:
+        """A connected, non-blocking socket to ``target`` (for ``loop.sock_*`` or a transport);
+        ``via`` names an exit listener to go through."""
+        return wrap(await self._native.dial_async(target, timeout, via), blocking=False)
 
     async def open_connection(
         self, target: str, *, timeout: float | None = None, **kwargs: Any
@@ -145,9 +148,10 @@ class AsyncDialer(_DialerBase):
             raise
 
     @contextlib.asynccontextmanager
-    async def forward(self, target: str, *, local: str = "127.0.0.1:0") -> AsyncIterator[tuple[str, int]]:
-        """``async with dialer.forward(target) as (host, port):`` a local port forward (for asyncpg)."""
-        task = await self._native.forward_async(target, local)
+    async def forward(self, target: str, *, local: str = "127.0.0.1:0", via: str | None = None) -> AsyncIterator[tuple[str, int]]:
+        """``async with dialer.forward(target) as (host, port):`` a local port forward (for asyncpg);
+        ``via`` names an exit listener to go through."""
+        task = await self._native.forward_async(target, local, via)
         with _stopping(task) as address:
             yield address
 

@@ -7,6 +7,7 @@ is its asyncio twin."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import socketserver
@@ -18,7 +19,7 @@ from . import _native
 from ._common import wrap
 from ._errors import Closed, TunnelTimeout
 
-__all__ = ["Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
+__all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
 
 StrPath = str | os.PathLike[str]
 
@@ -52,6 +53,26 @@ class Registration(NamedTuple):
     tcp_addr: str | None
 
 
+class ExitStats(NamedTuple):
+    """An exit listener's counters since it was bound (who connected where is in its log)."""
+
+    connected: int
+    not_allowed: int
+    failed: int
+    bytes_to_targets: int
+    bytes_from_targets: int
+
+
+#: An exit listener's allow rules: ``[{"host": "db.internal", "port": 5432}, ...]`` or that JSON.
+ExitRules = str | list[dict[str, Any]]
+
+
+def _exit_json(rules: ExitRules | None) -> str | None:
+    if rules is None or isinstance(rules, str):
+        return rules
+    return json.dumps(rules)
+
+
 def _native_args(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str | None, str | None, str | None]:
     """Relay URL, key text (or file) and CA path; what is None comes from the TUNNEL_* variables
     (and ./.env), read by the core."""
@@ -83,6 +104,18 @@ class _ListenerBase:
         """Whether the session to the relay is up (it reconnects in the background)."""
         return self._native.connected
 
+    def retire(self) -> None:
+        """Leave a pool's rotation (a rolling restart): the relay sends nothing new at once,
+        connections already queued are still handed out by ``accept``, accepted ones keep
+        running; close once they are done."""
+        self._native.retire()
+
+    @property
+    def exit_stats(self) -> ExitStats | None:
+        """An exit listener's counters (``None`` for other listeners)."""
+        s = self._native.exit_stats
+        return None if s is None else ExitStats(*s)
+
     def close(self) -> None:
         """Unregister; waiting and later ``accept`` calls raise :class:`Closed`."""
         self._native.close()
@@ -100,6 +133,10 @@ class Listener(_ListenerBase):
     :meth:`accept` (more are refused). ``e2e`` terminates end-to-end TLS on every connection
     (the relay sees only ciphertext; plaintext connections are refused); ``allow_peers`` (base64
     public keys or key-derived names) then requires dialers' own keys and admits only these.
+    ``pool=True`` joins the name's pool of replicas (every
+    replica opts in; the relay spreads connections over them). ``exit`` makes this an exit
+    listener: allow rules (a list of ``{"host", "port"}`` dicts or their JSON, as the relay's
+    ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``.
     ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
@@ -117,13 +154,15 @@ class Listener(_ListenerBase):
         backlog: int = 128,
         e2e: bool = False,
         allow_peers: Iterable[str] = (),
+        pool: bool = False,
+        exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
     ) -> None:
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            h2c=h2c, tls_passthrough=tls_passthrough,
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
         self._exposed: _native.Background | None = None
 
@@ -151,7 +190,8 @@ class Listener(_ListenerBase):
             self.close()
 
     def close(self) -> None:
-        """Unregister; waiting and later :meth:`accept` calls raise :class:`Closed`."""
+        """Unregister; waiting and later :meth:`accept` calls raise :class:`Closed`. (To leave a
+        pool without cutting open connections, :meth:`retire` first.)"""
         if self._exposed is not None:
             self._exposed.close()
         super().close()
@@ -184,6 +224,8 @@ class AsyncListener(_ListenerBase):
         backlog: int = 128,
         e2e: bool = False,
         allow_peers: Iterable[str] = (),
+        pool: bool = False,
+        exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
     ) -> AsyncListener:
@@ -191,7 +233,7 @@ class AsyncListener(_ListenerBase):
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            h2c=h2c, tls_passthrough=tls_passthrough,
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
         return cls(native)
 
