@@ -41,6 +41,10 @@ const COMMANDS = {
   demo: {}
 }
 
+// The parent at start: read before anything slow, so a parent that dies while the relay starts
+// is noticed too (see shutdownSignal).
+const PARENT = process.ppid
+
 function fail (message, code = 'INVALID_ARGUMENT') {
   const err = new Error(message)
   err.tunnelCode = code
@@ -55,9 +59,9 @@ function fail (message, code = 'INVALID_ARGUMENT') {
  */
 function shutdownSignal () {
   return new Promise((resolve) => {
-    const parent = process.ppid
     let stopping = false
-    const watch = setInterval(() => { if (process.ppid !== parent) onSignal() }, 500).unref()
+    const watch = setInterval(() => { if (process.ppid !== PARENT) onSignal() }, 500).unref()
+    if (process.ppid !== PARENT) setImmediate(() => onSignal()) // gone while we were starting
     const onSignal = () => {
       if (stopping) return
       stopping = true
