@@ -3,12 +3,19 @@
 # public HTTP port (Host routing to a `tunnel listen` in front of a small HTTP server) against the
 # same server direct, and dial-by-name connect latency (`tunnel forward` to NAME:0, through the
 # relay, to a listener in front of the echo server) against a direct connect and a dial by address.
+# Then HTTPS (h2load, from Debian's nghttp2-client): HTTP/1.1 and h2 requests/s and p50/p99
+# through the relay's public HTTPS port (TLS at the relay; listeners of both kinds, HTTP/1.1 and
+# --h2c, in front of one hyper server speaking HTTP/1.1 and h2c) against the same server's own TLS
+# port, and gRPC unary calls/s (h2load posting one gRPC frame to the Node @grpc/grpc-js server of
+# the Python tests) through the relay against the server direct.
 #
 #   bench/http.sh                 full run (10 s per wrk run, 2,000 connects)
 #   BENCH_QUICK=1 bench/http.sh   smoke run (3 s per wrk run, 200 connects)
 #
 # Environment (optional): HTTP_SECONDS, HTTP_CONNS ("1 50": wrk concurrency levels), BENCH_CONNECTS,
-# BENCH_NO_BUILD=1, BENCH_OUT=DIR. wrk is installed from Debian (apt-get, with sudo when not root).
+# BENCH_NO_BUILD=1, BENCH_OUT=DIR, H2_CONNS ("50"), H2_STREAMS (10: h2 streams per connection).
+# wrk and h2load are installed from Debian (apt-get, with sudo when not root); the gRPC run needs
+# node and npm (it installs @grpc/grpc-js under the target dir) and is skipped without them.
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
 # No per-connection log lines (target libtunnel::conn): the figures measure the tunnel.
@@ -32,12 +39,22 @@ mkdir -p "$OUT/logs"
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
-if ! command -v wrk >/dev/null; then
-    log "installing wrk from Debian"
+debs=()
+command -v wrk >/dev/null || debs+=(wrk)
+command -v h2load >/dev/null || debs+=(nghttp2-client)
+command -v openssl >/dev/null || debs+=(openssl)
+if (( ${#debs[@]} )); then
+    log "installing ${debs[*]} from Debian"
     sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends wrk; } >"$OUT/logs/install-wrk.log" 2>&1 \
-        || { log "cannot install wrk (see $OUT/logs/install-wrk.log)"; exit 1; }
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${debs[@]}"; } >"$OUT/logs/install-debs.log" 2>&1 \
+        || { log "cannot install ${debs[*]} (see $OUT/logs/install-debs.log)"; exit 1; }
 fi
+H2_CONNS=${H2_CONNS:-50}
+H2_STREAMS=${H2_STREAMS:-10}
+# A wildcard certificate for the relay's HTTPS port and the direct server (h2load does not verify).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:*.localhost,DNS:localhost" -keyout "$OUT/tls.key" -out "$OUT/tls.crt" >"$OUT/logs/openssl.log" 2>&1 \
+    || { log "cannot make a test certificate (see $OUT/logs/openssl.log)"; exit 1; }
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
     log "building release binaries (target dir $TARGET_DIR)"
     (cd "$ROOT" && cargo build --release -q -p libtunnel --features cli --bin tunnel && cargo build --release -q -p libtunnel-bench) \
@@ -55,28 +72,37 @@ start_bg echo "$GEN" server --listen 127.0.0.1:0
 ECHO=$(ready echo '127\.0\.0\.1:[0-9]+')
 start_bg http-server "$GEN" http-server --listen 127.0.0.1:0
 HTTP=$(ready http-server '127\.0\.0\.1:[0-9]+')
+start_bg hyper-tls "$GEN" hyper-server --listen 127.0.0.1:0 --cert "$OUT/tls.crt" --key "$OUT/tls.key"
+HYPER_TLS=$(ready hyper-tls '127\.0\.0\.1:[0-9]+')
+start_bg hyper-plain "$GEN" hyper-server --listen 127.0.0.1:0
+HYPER_PLAIN=$(ready hyper-plain '127\.0\.0\.1:[0-9]+')
 
 # A relay with a public HTTP port; listeners may register their key-derived names.
 KEYGEN=$("$TUNNEL" keygen)
 CLIENT_KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$KEYGEN")
 RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
-TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_HTTP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
+TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_HTTP_LISTEN=127.0.0.1:0 TUNNEL_HTTPS_LISTEN=127.0.0.1:0 \
+    TUNNEL_PUBLIC_TLS_CERT="$OUT/tls.crt" TUNNEL_PUBLIC_TLS_KEY="$OUT/tls.key" TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
     TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":${ECHO##*:}}]" \
     start_bg relay "$TUNNEL" server --set max_connections=100000 --set max_streams=100000 --set max_connections_per_source=50000 --set max_handshakes_per_source=20000 --set max_handshakes=20000 --set http_max_requests_per_source=100000 --set http_max_requests_per_listener=100000
 RELAY_LOG=$LOG
 RELAY=$(ready relay 'ws://127\.0\.0\.1:[0-9]+')
 RELAY_HTTP=$(wait_line "$RELAY_LOG" 'http://127\.0\.0\.1:[0-9]+' 10) || { log "the relay has no public HTTP port"; exit 1; }
 RELAY_HTTP=${RELAY_HTTP#http://}
+RELAY_HTTPS=$(wait_line "$RELAY_LOG" 'https://127\.0\.0\.1:[0-9]+' 10) || { log "the relay has no public HTTPS port"; exit 1; }
+RELAY_HTTPS=${RELAY_HTTPS#https://}
 
-listen() { # name target -> prints the registered name
+listen() { # name target [tunnel listen flags] -> prints the registered name
     local key="$OUT/$1.pem" name
     "$TUNNEL" keygen --listener --out "$key" >/dev/null
-    start_bg "listen-$1" "$TUNNEL" listen --to "$2" --relay "$RELAY" --key "$key"
+    start_bg "listen-$1" "$TUNNEL" listen --to "$2" --relay "$RELAY" --key "$key" "${@:3}"
     name=$(ready "listen-$1" 'listening as: [a-z0-9-]+') || exit 1
     echo "${name#listening as: }"
 }
 WEB=$(listen web "$HTTP")
 ECHO_NAME=$(listen echo "$ECHO")
+WEB_H1=$(listen web-h1 "$HYPER_PLAIN")
+WEB_H2C=$(listen web-h2c "$HYPER_PLAIN" --h2c)
 forward() { # tag target -> local address
     TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$1" "$TUNNEL" forward 127.0.0.1:0 "$2" --relay "$RELAY"
     local f
@@ -123,6 +149,47 @@ connect_run direct "$ECHO"
 connect_run by_addr "$BY_ADDR"
 connect_run by_name "$BY_NAME"
 
+percentile() { # q < h2load log (start, status, microseconds) -> the q-quantile of the durations
+    cut -f3 | sort -n | awk -v q="$1" '{ v[NR] = $1 } END { if (NR) { i = int(NR * q + 0.5); if (i < 1) i = 1; print v[i] } }'
+}
+# h2load: requests/s from its summary, p50/p99 (microseconds) from its per-request log.
+h2load_run() { # path url [h2load args...]
+    local path=$1 url=$2 out
+    out=$(h2load -D "$SECONDS_PER_RUN" --warm-up-time=1 --log-file="$OUT/logs/h2load-$path.tsv" "${@:3}" "$url" 2>&1)
+    echo "$out" >"$OUT/logs/h2load-$path.txt"
+    R[$path.rps]=$(awk '/^finished in/ { gsub(",", "", $4); printf "%.0f", $4 }' <<<"$out")
+    R[$path.p50]=$(percentile 0.50 <"$OUT/logs/h2load-$path.tsv")
+    R[$path.p99]=$(percentile 0.99 <"$OUT/logs/h2load-$path.tsv")
+    R[$path.errors]=$(awk '/^requests:/ { if ($10 + $12 + $14 > 0) print $0 } /^status codes:/ { if ($3 + 0 == 0 || $5 + $7 + $9 > 0) print $0 }' <<<"$out" | tr '\n' ' ')
+    log "  $path: ${R[$path.rps]} req/s, p50 ${R[$path.p50]} us, p99 ${R[$path.p99]} us ${R[$path.errors]}"
+}
+via_relay() { # name path -> URL naming NAME.localhost on the relay's HTTPS port (h2load --connect-to reaches it)
+    echo "https://$1.localhost:${RELAY_HTTPS##*:}$2"
+}
+log "HTTPS: h2load ${SECONDS_PER_RUN}s per run, $H2_CONNS connections, $H2_STREAMS streams per h2 connection"
+h2load_run https_h1_direct "https://$HYPER_TLS/" --h1 -c "$H2_CONNS" -t 2
+h2load_run https_h1_relay "$(via_relay "$WEB_H1" /)" --h1 -c "$H2_CONNS" -t 2 --connect-to="$RELAY_HTTPS"
+h2load_run https_h2_direct "https://$HYPER_TLS/" -c "$H2_CONNS" -m "$H2_STREAMS" -t 2
+h2load_run https_h2_relay "$(via_relay "$WEB_H2C" /)" -c "$H2_CONNS" -m "$H2_STREAMS" -t 2 --connect-to="$RELAY_HTTPS"
+h2load_run https_h2_relay_h1 "$(via_relay "$WEB_H1" /)" -c "$H2_CONNS" -m "$H2_STREAMS" -t 2 --connect-to="$RELAY_HTTPS"
+
+# gRPC unary: one 5-byte message (gRPC frame: flag, u32 length, bytes) to test.Probe/Echo.
+GRPC_NODE=$TARGET_DIR/grpc-node
+if command -v node >/dev/null && command -v npm >/dev/null; then
+    [[ -f "$GRPC_NODE/node_modules/@grpc/grpc-js/package.json" ]] \
+        || npm install --silent --no-save --no-audit --no-fund --prefix "$GRPC_NODE" @grpc/grpc-js@1.14.7 >"$OUT/logs/npm.log" 2>&1
+    NODE_PATH=$GRPC_NODE/node_modules GRPC_SERVER_FOREVER=1 start_bg grpc-server node "$ROOT/bindings/python/tests/grpc_server.js"
+    GRPC_PORT=$(ready grpc-server 'listening [0-9]+')
+    GRPC=127.0.0.1:${GRPC_PORT#listening }
+    GRPC_NAME=$(listen grpc "$GRPC" --h2c)
+    printf '\x00\x00\x00\x00\x05hello' >"$OUT/grpc-echo.bin"
+    grpc_args=(-c "$H2_CONNS" -m "$H2_STREAMS" -t 2 -d "$OUT/grpc-echo.bin" -H "content-type: application/grpc" -H "te: trailers")
+    h2load_run grpc_direct "http://$GRPC/test.Probe/Echo" "${grpc_args[@]}"
+    h2load_run grpc_relay "$(via_relay "$GRPC_NAME" /test.Probe/Echo)" "${grpc_args[@]}" --connect-to="$RELAY_HTTPS"
+else
+    log "  gRPC run skipped: node and npm are needed for the @grpc/grpc-js server"
+fi
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
 {
     echo
@@ -139,6 +206,23 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) pri
     printf '%-44s | %-14s | %-14s | %s\n' "connect+1st byte p50 (us), dial by name" "${R[direct.p50]:-}" "${R[by_name.p50]:-}" "$(ratio "${R[by_name.p50]:-}" "${R[direct.p50]:-}")"
     printf '%-44s | %-14s | %-14s | %s\n' "connect+1st byte p99 (us), dial by name" "${R[direct.p99]:-}" "${R[by_name.p99]:-}" "$(ratio "${R[by_name.p99]:-}" "${R[direct.p99]:-}")"
     printf '%-44s | %-14s | %-14s | %s\n' "connect+1st byte p50 (us), dial by address" "${R[direct.p50]:-}" "${R[by_addr.p50]:-}" "$(ratio "${R[by_addr.p50]:-}" "${R[direct.p50]:-}")"
+    echo "h2load ${SECONDS_PER_RUN}s per run, $H2_CONNS connections ($H2_STREAMS streams each for h2); relay path = h2load -> relay HTTPS port (TLS ends there) -> tunnel listen -> server (plain)"
+    row() { # label direct relay
+        printf '%-44s | %-14s | %-14s | %s\n' "$1" "${R[$2]:-}" "${R[$3]:-}" "$(ratio "${R[$3]:-}" "${R[$2]:-}")"
+    }
+    row "HTTPS h1 requests/s" https_h1_direct.rps https_h1_relay.rps
+    row "HTTPS h1 latency p50 (us)" https_h1_direct.p50 https_h1_relay.p50
+    row "HTTPS h1 latency p99 (us)" https_h1_direct.p99 https_h1_relay.p99
+    row "HTTPS h2 requests/s (h2c listener)" https_h2_direct.rps https_h2_relay.rps
+    row "HTTPS h2 latency p50 (us) (h2c listener)" https_h2_direct.p50 https_h2_relay.p50
+    row "HTTPS h2 latency p99 (us) (h2c listener)" https_h2_direct.p99 https_h2_relay.p99
+    row "HTTPS h2 requests/s (HTTP/1.1 listener)" https_h2_direct.rps https_h2_relay_h1.rps
+    row "gRPC unary calls/s" grpc_direct.rps grpc_relay.rps
+    row "gRPC unary latency p50 (us)" grpc_direct.p50 grpc_relay.p50
+    row "gRPC unary latency p99 (us)" grpc_direct.p99 grpc_relay.p99
+    for k in https_h1_relay https_h2_relay https_h2_relay_h1 grpc_relay; do
+        [[ -n "${R[$k.errors]:-}" ]] && echo "note: $k: ${R[$k.errors]}"
+    done
     echo "raw wrk output and logs: $OUT"
 } | tee "$OUT/table.txt"
 cp "$OUT/table.txt" "$HERE/results/http-latest.txt" 2>/dev/null || true

@@ -370,6 +370,26 @@ tunnel_result tunnel_config_set_identity_file(struct tunnel_config *cfg,
 tunnel_result tunnel_config_set_listener_name(struct tunnel_config *cfg, const char *name);
 
 /**
+ * Say that a listener's local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server):
+ * the relay forwards public HTTP/1.1 and HTTP/2 requests to it as HTTP/2 (`tunnel listen
+ * --h2c`). Default false (HTTP/1.1).
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_listener_h2c(struct tunnel_config *cfg, bool h2c);
+
+/**
+ * Have the relay's public HTTPS port pass connections whose SNI names this listener through
+ * undecrypted; the local service terminates TLS itself (`tunnel listen --tls-passthrough`).
+ * Default false.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_listener_tls_passthrough(struct tunnel_config *cfg, bool on);
+
+/**
  * Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)
  * when `classic` is true, libtunnel's multiplexed one when false. Default: `TUNNEL_MODE`, else
  * multiplexed.

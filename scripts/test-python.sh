@@ -13,7 +13,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 PKG="$ROOT/bindings/python"
 VENV="$CARGO_TARGET_DIR/py-venv"
 WHEELS="$CARGO_TARGET_DIR/wheels/python"
-REQUIREMENTS=(maturin pytest pytest-timeout mypy "psycopg[binary]" pg8000 asyncpg)
+REQUIREMENTS=(maturin pytest pytest-timeout mypy "psycopg[binary]" pg8000 asyncpg grpcio trustme)
+# The gRPC test's server is Node's @grpc/grpc-js (the client is Python's grpcio).
+GRPC_NODE="$CARGO_TARGET_DIR/grpc-node"
+GRPC_JS_VERSION=1.14.7
 
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
@@ -48,6 +51,14 @@ echo "checking the stub against the built module (mypy.stubtest) and the package
 (cd "$CARGO_TARGET_DIR" && python -m mypy.stubtest libtunnel._native)
 (cd "$PKG" && python -m mypy --strict --cache-dir "$CARGO_TARGET_DIR/mypy-cache" -p libtunnel --python-executable "$VENV/bin/python" \
   && python -m mypy --ignore-missing-imports --cache-dir "$CARGO_TARGET_DIR/mypy-cache" "$ROOT/examples/python")
+
+if [ ! -f "$GRPC_NODE/node_modules/@grpc/grpc-js/package.json" ] \
+  || [ "$(node -p "require('$GRPC_NODE/node_modules/@grpc/grpc-js/package.json').version")" != "$GRPC_JS_VERSION" ]; then
+  command -v npm >/dev/null || { echo "npm not found: install Node.js 20 with npm (the gRPC test runs a Node server)" >&2; exit 1; }
+  mkdir -p "$GRPC_NODE"
+  npm install --silent --no-save --no-audit --no-fund --prefix "$GRPC_NODE" "@grpc/grpc-js@$GRPC_JS_VERSION"
+fi
+export LIBTUNNEL_GRPC_NODE_MODULES="$GRPC_NODE/node_modules"
 
 echo "running pytest"
 cd "$PKG"

@@ -22,6 +22,7 @@
 //!   one-way delay after it crossed a shared per-direction rate cap.
 //! - `hold`: open N idle connections (each proven end to end by one echoed byte) and report the
 //!   growth of the tunnel processes' resident memory per connection.
+//! - `hyper-server`: HTTP/1.1 + HTTP/2 target (TLS or h2c) for bench/http.sh (`hyper_server`).
 //! - `settle`, `freeport`: helpers for the driver.
 //!
 //! Results are one line of `key=value` pairs on stdout, for the driver to parse. Benchmarks report
@@ -34,6 +35,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+
+mod hyper_server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
@@ -160,6 +163,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// An HTTP/1.1 + HTTP/2 server (hyper; TLS with `--cert`/`--key`, else h2c) answering a
+    /// fixed 13-byte body (the target of bench/http.sh's HTTPS and h2 runs). Prints `listening ADDR`.
+    HyperServer {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long, requires = "cert")]
+        key: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Print a free loopback TCP port.
     Freeport,
 }
@@ -181,6 +196,7 @@ fn main() {
         Cmd::Settle { addr, timeout } => settle(addr, Duration::from_secs_f64(timeout)),
         Cmd::Proxy { listen, to } => proxy(listen, to),
         Cmd::HttpServer { listen, threads } => http_server(listen, threads),
+        Cmd::HyperServer { listen, cert, key, threads } => hyper_server::run(listen, cert.zip(key), threads),
         Cmd::Freeport => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| println!("{}", a.port())),
     };
     if let Err(e) = r {

@@ -42,6 +42,10 @@ export interface ListenerBindOptions {
   name?: string
   /** Ask the relay for a public TCP port. */
   tcpPort?: boolean
+  /** The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server). */
+  h2c?: boolean
+  /** The relay's HTTPS port passes connections whose SNI names this listener through undecrypted. */
+  tlsPassthrough?: boolean
   /** Milliseconds connecting and registering may take (default 20 000). */
   timeout?: number
   /** Streams waiting for 'connection' before the relay refuses more (default 511). */

@@ -62,6 +62,8 @@ class Listener extends EventEmitter {
     const raw = await native.NativeListener.bind(options.relay, keyText(options.key), {
       name: options.name,
       tcpPort: options.tcpPort,
+      h2c: options.h2c,
+      tlsPassthrough: options.tlsPassthrough,
       timeoutMs: options.timeout,
       backlog: options.backlog ?? DEFAULT_BACKLOG,
       ca: options.ca,

@@ -68,6 +68,13 @@ export interface ListenerOptions {
   pool?: boolean
   /** Be an exit listener with these allow rules (JSON, the relay's `allow` syntax). */
   exit?: string
+  /** The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server). */
+  h2c?: boolean
+  /**
+   * The relay's HTTPS port passes connections whose SNI names this listener through
+   * undecrypted (the local service terminates TLS).
+   */
+  tlsPassthrough?: boolean
   /** End-to-end encryption: terminate TLS on every stream, refuse plaintext ones. */
   e2e?: boolean
   /** With `e2e`: require dialers' keys and admit these (base64 or key-derived names). */

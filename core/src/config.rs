@@ -201,6 +201,20 @@ pub struct RelayConfig {
     pub dns_servers: Vec<SocketAddr>,
     /// Safety limits.
     pub limits: Limits,
+    /// Public HTTPS port (TLS with `public_tls_cert`, ALPN `h2` and `http/1.1`, SNI passthrough
+    /// for listeners that terminate TLS themselves); `None` disables it.
+    pub https_listen: Option<SocketAddr>,
+    /// PEM certificate chains for the public HTTPS port (a wildcard `*.<domain>`, or several
+    /// chosen by SNI); paired in order with `public_tls_key`. Reloaded on SIGHUP.
+    pub public_tls_cert: Vec<PathBuf>,
+    /// PEM private keys, one per `public_tls_cert`.
+    pub public_tls_key: Vec<PathBuf>,
+    /// Path routing for clients that cannot set `Host`: with `/t`, a request for
+    /// `<domain>/t/NAME/x` reaches the listener `NAME` as `/x`. `None` (the default) turns it off.
+    pub http_path_prefix: Option<String>,
+    /// Requests each listener may receive per window on the public ports (`(count, window)`;
+    /// more get 429 with `Retry-After`); `None` (the default) sets no rate.
+    pub http_listener_rate: Option<(u64, Duration)>,
 }
 
 impl RelayConfig {
@@ -226,6 +240,11 @@ impl RelayConfig {
             admin_token: None,
             dns_servers: Vec::new(),
             limits: Limits::default(),
+            https_listen: None,
+            public_tls_cert: Vec::new(),
+            public_tls_key: Vec::new(),
+            http_path_prefix: None,
+            http_listener_rate: None,
         }
     }
 
@@ -388,6 +407,45 @@ impl RelayConfig {
         if let Some((v, w)) = get("http_listen") {
             cfg.http_listen = parse_opt_addr(v, w)?;
         }
+        if let Some((v, w)) = get("https_listen") {
+            cfg.https_listen = parse_opt_addr(v, w)?;
+        }
+        let paths =
+            |k: &str| get(k).map(|(v, _)| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from).collect()).unwrap_or_default();
+        cfg.public_tls_cert = paths("public_tls_cert");
+        cfg.public_tls_key = paths("public_tls_key");
+        if cfg.public_tls_cert.len() != cfg.public_tls_key.len() {
+            return Err(Error::config(format!(
+                "TUNNEL_PUBLIC_TLS_CERT lists {} certificate(s) and TUNNEL_PUBLIC_TLS_KEY {} key(s); list one key per certificate, in the same order (comma separated)",
+                cfg.public_tls_cert.len(),
+                cfg.public_tls_key.len()
+            )));
+        }
+        if cfg.https_listen.is_some() && cfg.public_tls_cert.is_empty() {
+            return Err(Error::config(
+                "TUNNEL_HTTPS_LISTEN is set but no certificate: set TUNNEL_PUBLIC_TLS_CERT and TUNNEL_PUBLIC_TLS_KEY (PEM files)",
+            ));
+        }
+        if let Some((v, w)) = get("http_path_prefix") {
+            if !matches!(v, "" | "off") {
+                let p = v.trim_end_matches('/');
+                if !p.starts_with('/') || p.len() < 2 || p[1..].contains('/') {
+                    return Err(Error::config(format!("{w} must be one path segment like /t (or off), got {v:?}")));
+                }
+                cfg.http_path_prefix = Some(p.to_string());
+            }
+        }
+        if let Some((v, w)) = get("http_listener_rate") {
+            if !matches!(v, "" | "off") {
+                let bad = || {
+                    Error::config(format!("{w} must be REQUESTS/SECONDS like 500/300 (500 requests per 5 minutes per listener), or off; got {v:?}"))
+                };
+                let (n, secs) = v.split_once('/').ok_or_else(bad)?;
+                let n: u64 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
+                let secs: u64 = secs.trim().parse().ok().filter(|s| *s > 0 && *s <= MAX_SECONDS.as_secs()).ok_or_else(bad)?;
+                cfg.http_listener_rate = Some((n, Duration::from_secs(secs)));
+            }
+        }
         if let Some((v, _)) = get("domain") {
             cfg.domain = v.trim_matches('.').to_ascii_lowercase();
         }
@@ -544,6 +602,14 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "listen", help: "tunnel endpoint address (WebSocket; TLS when a cert is set), or off" },
     Setting { name: "tcp_listen", help: "raw-TCP tunnel endpoint address, or off" },
     Setting { name: "http_listen", help: "public HTTP port routing by Host to listeners, or off" },
+    Setting { name: "https_listen", help: "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off" },
+    Setting {
+        name: "public_tls_cert",
+        help: "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI (reloaded on SIGHUP)",
+    },
+    Setting { name: "public_tls_key", help: "PEM private key(s), one per public_tls_cert, same order" },
+    Setting { name: "http_path_prefix", help: "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x (default off)" },
+    Setting { name: "http_listener_rate", help: "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off" },
     Setting { name: "domain", help: "domain under which listener names are served" },
     Setting { name: "auth_keys", help: "JSON list of {kid, data} shared-secret keys" },
     Setting { name: "allow", help: "JSON list of {host, port} allow rules" },
@@ -834,5 +900,37 @@ allow = [{host = "db.internal", port = 5432}]
         }
         let err = RelayConfig::from_sources(Some("lisen = 1"), &[], &[], &[]).unwrap_err();
         assert!(err.message().contains("did you mean listen"), "{err}");
+    }
+
+    #[test]
+    fn public_https_path_and_rate_settings() {
+        let base = [("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)];
+        let load = |extra: &[(&str, &str)]| RelayConfig::from_sources(None, &[], &env(&[&base[..], extra].concat()), &[]);
+        let c = load(&[
+            ("TUNNEL_HTTPS_LISTEN", "127.0.0.1:8443"),
+            ("TUNNEL_PUBLIC_TLS_CERT", "a.pem, b.pem"),
+            ("TUNNEL_PUBLIC_TLS_KEY", "a.key,b.key"),
+            ("TUNNEL_HTTP_PATH_PREFIX", "/t/"),
+            ("TUNNEL_HTTP_LISTENER_RATE", "500/300"),
+        ])
+        .expect("loads");
+        assert_eq!(c.https_listen, Some("127.0.0.1:8443".parse().expect("addr")));
+        assert_eq!(c.public_tls_cert, vec![PathBuf::from("a.pem"), PathBuf::from("b.pem")]);
+        assert_eq!(c.public_tls_key, vec![PathBuf::from("a.key"), PathBuf::from("b.key")]);
+        assert_eq!(c.http_path_prefix.as_deref(), Some("/t"));
+        assert_eq!(c.http_listener_rate, Some((500, Duration::from_secs(300))));
+        let d = load(&[]).expect("defaults");
+        assert_eq!((d.https_listen, d.http_path_prefix, d.http_listener_rate), (None, None, None), "all off by default");
+        for (extra, needle) in [
+            (vec![("TUNNEL_HTTPS_LISTEN", "127.0.0.1:8443")], "no certificate"),
+            (vec![("TUNNEL_PUBLIC_TLS_CERT", "a.pem,b.pem"), ("TUNNEL_PUBLIC_TLS_KEY", "a.key")], "one key per certificate"),
+            (vec![("TUNNEL_HTTP_PATH_PREFIX", "t")], "one path segment like /t"),
+            (vec![("TUNNEL_HTTP_PATH_PREFIX", "/a/b")], "one path segment like /t"),
+            (vec![("TUNNEL_HTTP_LISTENER_RATE", "500")], "REQUESTS/SECONDS"),
+            (vec![("TUNNEL_HTTP_LISTENER_RATE", "0/10")], "REQUESTS/SECONDS"),
+        ] {
+            let err = load(&extra).unwrap_err();
+            assert!(err.message().contains(needle), "{extra:?}: {err}");
+        }
     }
 }

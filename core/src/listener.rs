@@ -82,6 +82,8 @@ pub struct ListenerBuilder {
     identity: Identity,
     name: Option<String>,
     tcp_port: bool,
+    h2c: bool,
+    tls_passthrough: bool,
     tls: Option<ClientTls>,
     timeout: Duration,
     backlog: usize,
@@ -133,6 +135,19 @@ impl ListenerBuilder {
     /// Ask the relay for a public TCP port from its configured range.
     pub fn tcp_port(mut self, on: bool) -> Self {
         self.tcp_port = on;
+        self
+    }
+    /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server): the relay
+    /// forwards public HTTP/1.1 and HTTP/2 requests to it as HTTP/2 (default: HTTP/1.1).
+    pub fn h2c(mut self, on: bool) -> Self {
+        self.h2c = on;
+        self
+    }
+    /// Receive public TLS connections undecrypted: the relay's public TLS port routes a
+    /// connection whose ClientHello names this listener (SNI `NAME.<domain>`) here as raw bytes,
+    /// and the local service terminates TLS with its own certificate.
+    pub fn tls_passthrough(mut self, on: bool) -> Self {
+        self.tls_passthrough = on;
         self
     }
     /// Trust for `wss://` relays (default: the public Web PKI).
@@ -281,6 +296,8 @@ impl Listener {
             identity,
             name: None,
             tcp_port: false,
+            h2c: false,
+            tls_passthrough: false,
             tls: None,
             timeout: Duration::from_secs(20),
             backlog: 128,
@@ -413,6 +430,8 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
                 tcp_port: b.tcp_port,
                 pool: b.pool,
                 exit: b.exit.is_some(),
+                h2c: b.h2c,
+                tls_passthrough: b.tls_passthrough,
             }
             .encode_frame()
         })

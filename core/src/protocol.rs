@@ -253,6 +253,14 @@ pub struct ListenHello {
     /// Register as an exit listener (it connects `via` streams to targets in its own network).
     #[prost(bool, tag = "6")]
     pub exit: bool,
+    /// The local service behind this listener speaks HTTP/2 with prior knowledge (h2c, e.g. a
+    /// gRPC server): the relay forwards public HTTP requests to it as HTTP/2.
+    #[prost(bool, tag = "7")]
+    pub h2c: bool,
+    /// The listener terminates TLS itself: the relay's public TLS port routes connections whose
+    /// ClientHello names it (SNI) to it undecrypted.
+    #[prost(bool, tag = "8")]
+    pub tls_passthrough: bool,
 }
 
 impl ListenHello {
@@ -617,7 +625,16 @@ mod tests {
 
     #[test]
     fn hello_round_trip_and_garbage() {
-        let lh = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: true, pool: true, exit: false };
+        let lh = ListenHello {
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+            name: "api".into(),
+            tcp_port: true,
+            pool: true,
+            exit: false,
+            h2c: true,
+            tls_passthrough: false,
+        };
         assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
         assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
         assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());
@@ -648,7 +665,15 @@ mod tests {
         assert_eq!(split_exit_route(&a).unwrap().0.host, "::1");
         assert!(split_exit_route(&socks5_proto::Address::DomainAddress(b"db.internal".to_vec(), 1)).is_none());
         // Old listeners' registrations decode with pool/exit off; old relays' answers likewise.
-        let old = ListenHello { public_key: vec![1; 32], signature: vec![2; 64], name: "api".into(), tcp_port: false, pool: false, exit: false };
+        let old = ListenHello {
+            public_key: vec![1; 32],
+            signature: vec![2; 64],
+            name: "api".into(),
+            tcp_port: false,
+            pool: false,
+            exit: false,
+            ..Default::default()
+        };
         let new = ListenHello { pool: true, exit: true, ..old.clone() };
         assert_eq!(ListenHello::decode_frame(&old.encode_frame()).unwrap(), old);
         assert_eq!(ListenHello::decode_frame(&new.encode_frame()).unwrap(), new);

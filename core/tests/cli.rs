@@ -415,6 +415,15 @@ async fn server_config_errors_name_the_variable_to_set() {
     server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", "[]")], "TUNNEL_ALLOW").await;
     server_refuses(&[("TUNNEL_AUTH_KEYS", &keys)], "TUNNEL_ALLOW").await;
     server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), ("TUNNEL_ALOW", "x")], "did you mean TUNNEL_ALLOW").await;
+    // The public HTTPS port needs its certificate, readable.
+    let https = ("TUNNEL_HTTPS_LISTEN", "127.0.0.1:0");
+    server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), https], "TUNNEL_PUBLIC_TLS_CERT").await;
+    let missing = [("TUNNEL_PUBLIC_TLS_CERT", "/nonexistent/cert.pem"), ("TUNNEL_PUBLIC_TLS_KEY", "/nonexistent/key.pem")];
+    server_refuses(
+        &[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), https, missing[0], missing[1]],
+        "cannot read TUNNEL_PUBLIC_TLS_CERT /nonexistent/cert.pem",
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -760,6 +760,7 @@ fn hello(id: &Identity, nonce: &[u8], name: &str) -> ListenHello {
         tcp_port: false,
         pool: false,
         exit: false,
+        ..Default::default()
     }
 }
 

@@ -36,6 +36,10 @@ pub struct Config {
     pub pool: bool,
     /// A listener is an exit listener with these allow rules.
     pub exit: Option<libtunnel::egress::Allowlist>,
+    /// A listener's local service speaks h2c (`tunnel_config_set_listener_h2c`).
+    pub h2c: bool,
+    /// A listener takes raw TLS by SNI (`tunnel_config_set_listener_tls_passthrough`).
+    pub tls_passthrough: bool,
     /// End-to-end encryption (dialer: dials to names; listener: every stream).
     pub e2e: bool,
     /// Dialer, e2e: `NAME=KEY` pins for chosen names.
@@ -46,7 +50,17 @@ pub struct Config {
 
 impl Config {
     fn with_options(options: ClientOptions) -> Config {
-        Config { options, name: None, e2e: false, e2e_pins: Vec::new(), allow_peers: Vec::new(), pool: false, exit: None }
+        Config {
+            options,
+            name: None,
+            e2e: false,
+            e2e_pins: Vec::new(),
+            allow_peers: Vec::new(),
+            pool: false,
+            exit: None,
+            h2c: false,
+            tls_passthrough: false,
+        }
     }
 
     /// The dialer's E2E settings (pins, and the config's identity presented in mutual mode).
@@ -240,6 +254,38 @@ pub unsafe extern "C" fn tunnel_config_set_listener_name(cfg: *mut tunnel_config
             Ok(())
         })
     }
+}
+
+/// Say that a listener's local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server):
+/// the relay forwards public HTTP/1.1 and HTTP/2 requests to it as HTTP/2 (`tunnel listen
+/// --h2c`). Default false (HTTP/1.1).
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_h2c(cfg: *mut tunnel_config, h2c: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.h2c = h2c;
+        Ok(())
+    })
+}
+
+/// Have the relay's public HTTPS port pass connections whose SNI names this listener through
+/// undecrypted; the local service terminates TLS itself (`tunnel listen --tls-passthrough`).
+/// Default false.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_tls_passthrough(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        cfg.tls_passthrough = on;
+        Ok(())
+    })
 }
 
 /// Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)

@@ -170,7 +170,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?.pool(cfg.pool);
+        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?.pool(cfg.pool).h2c(cfg.h2c).tls_passthrough(cfg.tls_passthrough);
         if let Some(rules) = &cfg.exit {
             b = b.exit(rules.clone());
         }

@@ -29,6 +29,12 @@ pub struct ListenerOptions {
     pub pool: Option<bool>,
     /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
     pub exit: Option<String>,
+    /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server).
+    #[napi(js_name = "h2c")]
+    pub h2c: Option<bool>,
+    /// The relay's HTTPS port passes connections whose SNI names this listener through
+    /// undecrypted (the local service terminates TLS).
+    pub tls_passthrough: Option<bool>,
     /// End-to-end encryption: terminate TLS on every stream, refuse plaintext ones.
     #[napi(js_name = "e2e")]
     pub e2e: Option<bool>,
@@ -72,6 +78,7 @@ impl NativeListener {
             let mut name = None;
             let (mut tcp_port, mut backlog) = (false, None);
             let (mut pool, mut exit) = (false, None);
+            let (mut h2c, mut tls_passthrough) = (false, false);
             let mut e2e_cfg = None;
             if let Some(opts) = options {
                 if let Some(ms) = opts.timeout_ms {
@@ -90,11 +97,13 @@ impl NativeListener {
                 o.ca = opts.ca.map(Into::into);
                 name = opts.name;
                 tcp_port = opts.tcp_port.unwrap_or(false);
+                h2c = opts.h2c.unwrap_or(false);
+                tls_passthrough = opts.tls_passthrough.unwrap_or(false);
                 backlog = opts.backlog;
                 pool = opts.pool.unwrap_or(false);
                 exit = opts.exit;
             }
-            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
+            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
             if let Some(n) = name {
                 b = b.name(n);
             }

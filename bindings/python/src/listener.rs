@@ -65,10 +65,18 @@ fn builder(
     allow_peers: Vec<String>,
     pool: bool,
     exit: Option<String>,
+    modes: (bool, bool),
 ) -> PyResult<libtunnel::ListenerBuilder> {
     let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-    let mut b =
-        options.resolve(ClientRole::Listener).and_then(|c| c.listener_builder()).map_err(to_py)?.tcp_port(tcp_port).backlog(backlog).pool(pool);
+    let mut b = options
+        .resolve(ClientRole::Listener)
+        .and_then(|c| c.listener_builder())
+        .map_err(to_py)?
+        .tcp_port(tcp_port)
+        .backlog(backlog)
+        .pool(pool)
+        .h2c(modes.0)
+        .tls_passthrough(modes.1);
     if let Some(rules) = exit {
         b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
     }
@@ -98,7 +106,7 @@ impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
     /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -113,13 +121,15 @@ impl Listener {
         allow_peers: Vec<String>,
         pool: bool,
         exit: Option<String>,
+        h2c: bool,
+        tls_passthrough: bool,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -134,8 +144,10 @@ impl Listener {
         allow_peers: Vec<String>,
         pool: bool,
         exit: Option<String>,
+        h2c: bool,
+        tls_passthrough: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit)?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
         awaitable(py, bind(b))
     }
 

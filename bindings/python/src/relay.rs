@@ -19,6 +19,7 @@ pub(crate) struct Relay {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
     ready_text: String,
 }
 
@@ -36,8 +37,9 @@ async fn start(cfg: libtunnel::Result<RelayConfig>) -> libtunnel::Result<Relay> 
     let server = Server::bind(cfg?).await?;
     let (url, addr, tcp_addr, http_addr, ready_text) =
         (server.url(), server.local_addr(), server.tcp_addr(), server.http_addr(), server.ready_lines());
+    let https_addr = server.https_addr();
     tracing::info!(%url, "relay listening");
-    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr, ready_text })
+    Ok(Relay { handle: Mutex::new(Some(server.spawn())), url, addr, tcp_addr, http_addr, https_addr, ready_text })
 }
 
 impl Relay {
@@ -96,6 +98,12 @@ impl Relay {
     #[getter]
     fn http_address(&self) -> Option<(String, u16)> {
         pair(self.http_addr)
+    }
+
+    /// `(host, port)` of the public HTTPS port (TLS, h2, TLS passthrough by SNI).
+    #[getter]
+    fn https_address(&self) -> Option<(String, u16)> {
+        pair(self.https_addr)
     }
 
     /// Stop accepting, let open streams drain (`drain_timeout`), and return when done.

@@ -97,6 +97,14 @@ enum Cmd {
         /// Send a PROXY protocol v2 header with the original client address to the local service.
         #[arg(long)]
         proxy_protocol: bool,
+        /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server): public
+        /// HTTP/1.1 and HTTP/2 requests reach it as HTTP/2.
+        #[arg(long, conflicts_with = "tls_passthrough")]
+        h2c: bool,
+        /// The local service terminates TLS itself: the relay's HTTPS port passes connections
+        /// whose SNI names this listener through undecrypted.
+        #[arg(long)]
+        tls_passthrough: bool,
         /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
         #[arg(long)]
         ca: Option<PathBuf>,
@@ -300,14 +308,15 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", server.ready_lines().trim_end());
             #[cfg(unix)]
             {
-                // SIGHUP reloads keys, allowlist and listener grants from the same sources.
+                // SIGHUP reloads keys, allowlist, listener grants and the public TLS certificates
+                // from the same sources.
                 let (reloader, file) = (server.reloader(), a.config.clone());
                 let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
                     .map_err(|e| Error::new(ErrorCode::Io, format!("cannot install the SIGHUP handler: {e}")))?;
                 tokio::spawn(async move {
                     while hup.recv().await.is_some() {
                         match RelayConfig::load(file.as_deref(), &overrides).and_then(|cfg| reloader.reload(&cfg)) {
-                            Ok(()) => eprintln!("reloaded keys, allowlist and listener grants"),
+                            Ok(()) => eprintln!("reloaded keys, allowlist, listener grants and public TLS certificates"),
                             Err(e) => eprintln!("reload failed, keeping the previous settings: error [{}]: {e}", e.code()),
                         }
                     }
@@ -378,9 +387,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, ca, timeout, e2e, allow_peer } => {
+        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
             let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-            let mut b = options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool);
+            let mut b =
+                options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
             if let (true, Some(rules)) = (exit, &allow) {
                 b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?);
             }

@@ -88,6 +88,12 @@ pub(super) async fn serve_listener(
     }
     let (session, _close) = super::mux_server::server_session(&state, source, sink);
     state.registry.attach(&name, id, session.clone());
+    let mode = match (hello.h2c, hello.tls_passthrough) {
+        (_, true) => super::public_listeners::Mode::TlsPassthrough,
+        (true, false) => super::public_listeners::Mode::H2c,
+        _ => super::public_listeners::Mode::Http1,
+    };
+    state.public.listeners.registered(&name, id, mode);
     state.metrics.listeners_active.fetch_add(1, Relaxed);
     tracing::info!(%peer, %name, tcp = %ack.tcp_addr, pool = joining.pool, exit = joining.exit, "listener registered");
     if let Some(l) = tcp {
@@ -128,6 +134,7 @@ struct ReleaseOnDrop {
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.state.registry.release(&self.name, self.id);
+        self.state.public.listeners.released(&self.name, self.id);
     }
 }
 

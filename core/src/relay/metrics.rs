@@ -42,9 +42,13 @@ pub enum Refusal {
     HttpSourceRequests = 16,
     /// A listener already had `http_max_requests_per_listener` public requests in progress.
     HttpListenerRequests = 17,
+    /// A listener had received `http_listener_rate` requests in the current window (429).
+    HttpListenerRate = 18,
+    /// A request on a TLS connection named another host than the connection's SNI (421).
+    Misdirected = 19,
 }
 
-const REFUSALS: usize = 18;
+const REFUSALS: usize = 20;
 
 const REFUSAL_NAMES: [&str; REFUSALS] = [
     "not_allowed",
@@ -65,6 +69,8 @@ const REFUSAL_NAMES: [&str; REFUSALS] = [
     "handshakes",
     "http_source_requests",
     "http_listener_requests",
+    "http_listener_rate",
+    "misdirected",
 ];
 
 /// The relay's counters.
@@ -88,6 +94,86 @@ pub struct Metrics {
     pub(crate) listeners_active: AtomicI64,
     pub(crate) listener_streams: AtomicU64,
     pub(crate) http_requests: AtomicU64,
+    /// Public HTTP requests per listener name (status, bytes, latency).
+    pub(crate) per_listener: PerListener,
+}
+
+/// Upper bounds (seconds) of the public request latency histogram (time to the response head).
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// Most listener names with their own public HTTP series; requests for names past it are counted
+/// in the totals only (a relay with open registration cannot be made to grow this without bound).
+const MAX_LISTENER_SERIES: usize = 4096;
+
+/// One listener's public HTTP counters.
+#[derive(Debug, Default)]
+pub(crate) struct ListenerHttp {
+    /// Responses by status code (100..=599).
+    statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_micros: AtomicU64,
+}
+
+impl ListenerHttp {
+    /// Count one response: its status and the time its head took.
+    pub(crate) fn answered(&self, status: u16, latency: std::time::Duration) {
+        *self.statuses.lock().unwrap_or_else(|p| p.into_inner()).entry(status.clamp(100, 599)).or_default() += 1;
+        let secs = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.iter().position(|b| secs <= *b).unwrap_or(LATENCY_BUCKETS.len());
+        self.latency[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_micros.fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+}
+
+/// Public HTTP counters by listener name.
+#[derive(Debug, Default)]
+pub(crate) struct PerListener(std::sync::Mutex<std::collections::BTreeMap<String, std::sync::Arc<ListenerHttp>>>);
+
+impl PerListener {
+    /// The counters of `name` (created on first use), `None` once [`MAX_LISTENER_SERIES`] names
+    /// have series.
+    pub(crate) fn of(&self, name: &str) -> Option<std::sync::Arc<ListenerHttp>> {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = t.get(name) {
+            return Some(s.clone());
+        }
+        if t.len() >= MAX_LISTENER_SERIES {
+            return None;
+        }
+        Some(t.entry(name.to_string()).or_default().clone())
+    }
+
+    fn render(&self, s: &mut String) {
+        let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(s, "# HELP libtunnel_http_listener_responses_total Public HTTP responses per listener, by status code.");
+        let _ = writeln!(s, "# TYPE libtunnel_http_listener_responses_total counter");
+        for (name, l) in t.iter() {
+            for (code, n) in l.statuses.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = writeln!(s, "libtunnel_http_listener_responses_total{{listener=\"{name}\",code=\"{code}\"}} {n}");
+            }
+        }
+        let _ = writeln!(s, "# HELP libtunnel_http_listener_bytes_total Public HTTP body bytes per listener, by direction.");
+        let _ = writeln!(s, "# TYPE libtunnel_http_listener_bytes_total counter");
+        for (name, l) in t.iter() {
+            let _ = writeln!(s, "libtunnel_http_listener_bytes_total{{listener=\"{name}\",direction=\"in\"}} {}", l.bytes_in.load(Relaxed));
+            let _ = writeln!(s, "libtunnel_http_listener_bytes_total{{listener=\"{name}\",direction=\"out\"}} {}", l.bytes_out.load(Relaxed));
+        }
+        let _ = writeln!(s, "# HELP libtunnel_http_listener_latency_seconds Time from a public request to its response head, per listener.");
+        let _ = writeln!(s, "# TYPE libtunnel_http_listener_latency_seconds histogram");
+        for (name, l) in t.iter() {
+            let mut cumulative = 0;
+            for (i, b) in l.latency.iter().enumerate() {
+                cumulative += b.load(Relaxed);
+                let le = LATENCY_BUCKETS.get(i).map_or("+Inf".to_string(), |v| v.to_string());
+                let _ = writeln!(s, "libtunnel_http_listener_latency_seconds_bucket{{listener=\"{name}\",le=\"{le}\"}} {cumulative}");
+            }
+            let sum = l.latency_sum_micros.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(s, "libtunnel_http_listener_latency_seconds_sum{{listener=\"{name}\"}} {sum}");
+            let _ = writeln!(s, "libtunnel_http_listener_latency_seconds_count{{listener=\"{name}\"}} {cumulative}");
+        }
+    }
 }
 
 impl Metrics {
@@ -176,6 +262,7 @@ impl Metrics {
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();
         let rows: Vec<(&str, i64)> = labels.iter().zip(&self.refusals).map(|(l, v)| (l.as_str(), v.load(Relaxed) as i64)).collect();
         counter("libtunnel_refusals_total", "Streams or sessions refused, by reason.", "counter", &rows);
+        self.per_listener.render(&mut s);
         s
     }
 }

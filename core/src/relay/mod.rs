@@ -28,7 +28,10 @@ mod listen;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod public_body;
 mod public_endpoint;
+mod public_listeners;
+mod public_tls;
 mod registry;
 mod route;
 mod session;
@@ -80,6 +83,8 @@ pub(crate) struct RelayState {
     pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
     /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
     pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
+    /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
+    pub(crate) public: public_endpoint::Public,
 }
 
 /// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
@@ -162,6 +167,9 @@ impl RelayState {
 
     fn reload(&self, cfg: &RelayConfig) -> Result<()> {
         let access = Access::from_config(cfg)?;
+        if let Some(tls) = &self.public.tls {
+            tls.reload(cfg)?;
+        }
         tracing::info!(
             key_ids = ?access.auth_keys.kids(),
             listener_keys = access.listener_grants.len(),
@@ -194,6 +202,7 @@ pub struct Server {
     ws: Option<TcpListener>,
     tcp: Option<TcpListener>,
     http: Option<TcpListener>,
+    https: Option<TcpListener>,
     admin: Option<TcpListener>,
 }
 
@@ -235,6 +244,14 @@ impl Server {
             Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
             None => None,
         };
+        let public_tls = public_tls::PublicTls::from_config(&cfg)?;
+        let https = match (cfg.https_listen, &public_tls) {
+            (Some(a), Some(_)) => Some(bind(a, "TUNNEL_HTTPS_LISTEN").await?),
+            (Some(_), None) => {
+                return Err(Error::config("TUNNEL_HTTPS_LISTEN is set but no certificate: set TUNNEL_PUBLIC_TLS_CERT and TUNNEL_PUBLIC_TLS_KEY"))
+            }
+            (None, _) => None,
+        };
         let admin = match cfg.admin_listen {
             Some(a) => Some(bind(a, "TUNNEL_ADMIN_LISTEN").await?),
             None => None,
@@ -256,6 +273,7 @@ impl Server {
             admissions,
             http_per_source,
             http_per_listener,
+            public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
@@ -270,7 +288,7 @@ impl Server {
             access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
         });
-        Ok(Server { state, ws, tcp, http, admin })
+        Ok(Server { state, ws, tcp, http, https, admin })
     }
 
     /// Address of the WebSocket endpoint.
@@ -286,6 +304,11 @@ impl Server {
     /// Address of the public HTTP port (Host routing to listeners).
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the public HTTPS port (TLS, h2, TLS passthrough by SNI).
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Address of the admin endpoint, when `admin_listen` is set.
@@ -319,6 +342,9 @@ impl Server {
         if let Some(h) = self.http_addr() {
             s.push_str(&format!("public http listening: http://{h}\n"));
         }
+        if let Some(h) = self.https_addr() {
+            s.push_str(&format!("public https listening: https://{h}\n"));
+        }
         if let Some(a) = self.admin_addr() {
             s.push_str(&format!("admin listening: http://{a}\n"));
         }
@@ -327,7 +353,11 @@ impl Server {
 
     /// Serve until `shutdown` resolves, then drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Server { state, ws, tcp, http, admin } = self;
+        let Server { state, ws, tcp, http, https, admin } = self;
+        if let Some(l) = https {
+            tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), domain = %state.cfg.domain, "public HTTPS port listening");
+            state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::PublicHttps));
+        }
         if let Some(l) = admin {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin endpoint listening (bearer token required)");
             state.tasks.spawn(admin::serve(state.clone(), l));
@@ -361,12 +391,13 @@ impl Server {
     pub fn spawn(self) -> ServerHandle {
         let token = CancellationToken::new();
         let (addr, tcp_addr, http_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.http_addr(), self.url(), self.metrics());
+        let https_addr = self.https_addr();
         let admin_addr = self.admin_addr();
         let (draining, kill) = (self.state.draining.clone(), self.state.kill.clone());
         let t = token.clone();
         let reloader = self.reloader();
         let join = tokio::spawn(self.run(async move { t.cancelled().await }));
-        ServerHandle { addr, tcp_addr, http_addr, admin_addr, url, metrics, token, draining, kill, join, reloader }
+        ServerHandle { addr, tcp_addr, http_addr, https_addr, admin_addr, url, metrics, token, draining, kill, join, reloader }
     }
 
     /// A handle that reloads this relay's keys, allowlist and listener grants while it runs.
@@ -375,8 +406,9 @@ impl Server {
     }
 }
 
-/// Reloads a running relay's keys, allowlist and listener grants (`tunnel server` does it on
-/// SIGHUP). Other settings (addresses, limits, TLS) keep their values until a restart. Open
+/// Reloads a running relay's keys, allowlist and listener grants, and the public HTTPS port's
+/// certificates (`tunnel server` does it on SIGHUP). Other settings (addresses, limits, the
+/// tunnel endpoint's TLS) keep their values until a restart. Open
 /// sessions stay up; every new session, registration and stream is checked against the new
 /// values, so a removed key can open nothing new and a removed allow rule refuses the next stream.
 #[derive(Clone)]
@@ -401,6 +433,7 @@ pub struct ServerHandle {
     addr: Option<SocketAddr>,
     tcp_addr: Option<SocketAddr>,
     http_addr: Option<SocketAddr>,
+    https_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     url: String,
     metrics: Arc<Metrics>,
@@ -425,6 +458,10 @@ impl ServerHandle {
     /// Address of the public HTTP port.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+    /// Address of the public HTTPS port.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
     /// Address of the admin endpoint, when `admin_listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -465,6 +502,8 @@ enum Endpoint {
     RawTcp,
     /// `http_listen`: public HTTP requests routed to listeners by `Host`.
     PublicHttp,
+    /// `https_listen`: the same over TLS (h2 by ALPN), and TLS passthrough by SNI.
+    PublicHttps,
 }
 
 async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
@@ -497,7 +536,11 @@ async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: En
             let _permit = permit;
             // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
             // first request head), whichever steps it takes.
-            let limit = if matches!(endpoint, Endpoint::PublicHttp) { st.cfg.limits.http_header_timeout } else { st.cfg.limits.handshake_timeout };
+            let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
+                st.cfg.limits.http_header_timeout
+            } else {
+                st.cfg.limits.handshake_timeout
+            };
             let deadline = async {
                 tokio::time::sleep(limit).await;
                 if finished.load(std::sync::atomic::Ordering::Relaxed) {
@@ -522,7 +565,7 @@ fn speaks_plain_http(state: &RelayState, endpoint: Endpoint) -> bool {
     match endpoint {
         Endpoint::Tunnel => state.tls.is_none(),
         Endpoint::PublicHttp => true,
-        Endpoint::RawTcp => false,
+        Endpoint::RawTcp | Endpoint::PublicHttps => false,
     }
 }
 
@@ -585,6 +628,7 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
         Endpoint::Tunnel => Box::pin(serve_tunnel_endpoint(state, sock, peer)),
         Endpoint::RawTcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
         Endpoint::PublicHttp => Box::pin(public_endpoint::serve(state, sock, peer)),
+        Endpoint::PublicHttps => Box::pin(public_endpoint::serve_tls(state, sock, peer)),
     };
     serve.await
 }

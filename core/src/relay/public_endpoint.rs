@@ -24,7 +24,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::guard;
-use super::metrics::Refusal;
+use super::metrics::{ListenerHttp, Refusal};
+use super::public_body::Chunks;
+use super::public_listeners::{H2Sender, Mode, PublicListeners};
+use super::public_tls::{read_client_hello, PublicTls};
 use super::route::{open_to_listener, RouteError};
 use super::RelayState;
 use crate::protocol::{StreamHeader, Via};
@@ -42,8 +45,9 @@ type Permits = (guard::InFlightPermit<IpAddr>, guard::InFlightPermit<String>);
 
 /// A listener's response body that keeps its request counted until the body ends.
 pub(super) struct Counted {
-    inner: Incoming,
+    inner: Chunks,
     _permits: Permits,
+    stats: Option<Arc<ListenerHttp>>,
 }
 
 impl hyper::body::Body for Counted {
@@ -53,7 +57,13 @@ impl hyper::body::Body for Counted {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+        let r = self.inner.poll_next(cx);
+        if let (std::task::Poll::Ready(Some(Ok(f))), Some(s)) = (&r, &self.stats) {
+            if let Some(d) = f.data_ref() {
+                s.bytes_out.fetch_add(d.len() as u64, Relaxed);
+            }
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
@@ -62,6 +72,9 @@ impl hyper::body::Body for Counted {
         self.inner.size_hint()
     }
 }
+
+/// Most bytes of small response frames joined into one (see [`Chunks`]).
+const RESPONSE_CHUNK: usize = 64 * 1024;
 
 /// A client connection's open HTTP connection to a listener, reused while the name stays the same.
 struct Upstream {
@@ -78,10 +91,11 @@ type Sender = hyper::client::conn::http1::SendRequest<Pieces>;
 const PIECE: usize = 16 * 1024;
 
 /// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
-/// buffers: nothing is copied).
-pub(super) struct Pieces {
-    inner: Incoming,
+/// buffers: nothing is copied), small frames joined (see [`Chunks`]).
+pub(crate) struct Pieces {
+    inner: Chunks,
     rest: Bytes,
+    stats: Option<Arc<ListenerHttp>>,
 }
 
 impl hyper::body::Body for Pieces {
@@ -94,9 +108,14 @@ impl hyper::body::Body for Pieces {
         use std::task::Poll;
         let this = &mut *self;
         if this.rest.is_empty() {
-            match std::task::ready!(std::pin::Pin::new(&mut this.inner).poll_frame(cx)) {
+            match std::task::ready!(this.inner.poll_next(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => this.rest = data,
+                    Ok(data) => {
+                        if let Some(s) = &this.stats {
+                            s.bytes_in.fetch_add(data.len() as u64, Relaxed);
+                        }
+                        this.rest = data
+                    }
                     Err(other) => return Poll::Ready(Some(Ok(other))),
                 },
                 other => return Poll::Ready(other),
@@ -120,38 +139,151 @@ impl hyper::body::Body for Pieces {
     }
 }
 
-type UpstreamSlot = Arc<tokio::sync::Mutex<Option<Upstream>>>;
+/// A client connection's idle HTTP/1.1 connections to listeners, for its next requests: one for
+/// an HTTP/1.1 client (keep-alive), up to [`IDLE_UPSTREAMS`] for an HTTP/2 client whose
+/// concurrent requests each need one.
+type UpstreamSlot = Arc<std::sync::Mutex<Vec<Upstream>>>;
 
-/// Serve one public HTTP connection (keep-alive: many requests).
+/// Most idle listener connections one client connection keeps.
+const IDLE_UPSTREAMS: usize = 16;
+
+/// The public endpoints' own state: listener modes, h2 connections and rate windows, and TLS.
+pub(crate) struct Public {
+    pub(crate) listeners: PublicListeners,
+    pub(crate) tls: Option<PublicTls>,
+}
+
+/// How a client connection reached the relay.
+struct Conn {
+    peer: SocketAddr,
+    /// Over TLS (the HTTPS port).
+    https: bool,
+    /// The name the TLS ClientHello asked for: requests must name the same host (else 421).
+    sni: Option<String>,
+}
+
+/// Runs hyper's per-stream and per-connection tasks on the relay's task tracker, so shutdown
+/// waits for them like for every other task of the relay.
+#[derive(Clone)]
+struct Exec(tokio_util::task::TaskTracker);
+
+impl<F> hyper::rt::Executor<F> for Exec
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut);
+    }
+}
+
+/// Serve one public plain-HTTP connection: HTTP/1.1 (keep-alive, upgrades) or h2c with prior
+/// knowledge.
 pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
-    // The first request head before hyper's buffers (see `read_request_head`): a slow client
-    // holds what it sent, no more.
+    // The first request head before hyper's buffers (see `read_request_head`; an h2c preface
+    // `PRI * HTTP/2.0` is one too): a slow client holds what it sent, no more.
     let Some(head) = crate::transport::read_request_head(&mut sock, state.cfg.limits.http_max_header_bytes).await else { return };
     let sock = crate::transport::Prefixed::new(head, sock);
+    serve_http(state, sock, Conn { peer, https: false, sni: None }).await
+}
+
+/// Serve one connection on the public HTTPS port: a ClientHello naming a TLS-passthrough
+/// listener is routed to it undecrypted; any other is answered with the relay's certificate for
+/// its SNI, then HTTP/2 or HTTP/1.1 as ALPN chose.
+pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+    let Some(tls) = state.public.tls.as_ref() else { return };
+    let acceptor = tls.acceptor().clone();
+    let Some((hello, sni)) = read_client_hello(&mut sock, state.cfg.limits.http_max_header_bytes).await else {
+        return tracing::debug!(%peer, "no TLS ClientHello on the public HTTPS port");
+    };
+    if let Some(name) = sni.as_deref().and_then(|s| name_in_domain(s, &state.cfg.domain)) {
+        if state.public.listeners.mode(name) == Mode::TlsPassthrough {
+            let name = name.to_string();
+            return passthrough(state, hello, sock, peer, name).await;
+        }
+    }
+    let stream = match acceptor.accept(crate::transport::Prefixed::new(hello, sock)).await {
+        Ok(s) => s,
+        Err(e) => return tracing::debug!(%peer, error = %e, "public TLS handshake failed"),
+    };
+    serve_http(state, stream, Conn { peer, https: true, sni }).await
+}
+
+/// Route a raw TLS connection to a passthrough listener: the ClientHello goes first, then the
+/// bytes both ways; nothing is decrypted or logged.
+async fn passthrough(state: Arc<RelayState>, hello: Vec<u8>, sock: TcpStream, peer: SocketAddr, name: String) {
+    use tokio::io::AsyncWriteExt;
+    guard::handshake_finished();
+    if state.public.listeners.admit_rate(&name, state.cfg.http_listener_rate).is_err() {
+        state.metrics.refused(Refusal::HttpListenerRate);
+        return tracing::debug!(%peer, listener = %name, "TLS passthrough connection over the listener's rate; closed");
+    }
+    let header = StreamHeader { via: Via::Http, port: 0, client: peer.to_string() };
+    let mut stream = match open_to_listener(&state, &name, header, state.cfg.limits.http_timeout).await {
+        Ok(s) => s,
+        Err(e) => {
+            state.metrics.refused(e.refusal());
+            return tracing::debug!(%peer, listener = %name, error = ?e, "TLS passthrough connection not delivered");
+        }
+    };
+    tracing::debug!(%peer, listener = %name, "TLS connection passed through by SNI");
+    if stream.write_all(&hello).await.is_err() {
+        return;
+    }
+    tokio::select! {
+        _ = crate::stream::bridge(stream, sock) => {}
+        _ = state.kill.cancelled() => {}
+    }
+}
+
+async fn serve_http<I: crate::transport::Io>(state: Arc<RelayState>, io: I, conn: Conn) {
+    let peer = conn.peer;
     let st = state.clone();
     let slot: UpstreamSlot = Arc::default();
+    let conn = Arc::new(conn);
     let svc = hyper::service::service_fn(move |req| {
-        let (st, slot) = (st.clone(), slot.clone());
-        async move { Ok::<_, std::convert::Infallible>(route(st, req, peer, &slot).await) }
+        // Called on the connection's own task (HTTP/2 runs the future on another one): a request
+        // head arrived, so this connection is past its handshake (see `guard`).
+        guard::handshake_finished();
+        let (st, slot, conn) = (st.clone(), slot.clone(), conn.clone());
+        async move { Ok::<_, std::convert::Infallible>(route(st, req, &conn, &slot).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
+    let l = &state.cfg.limits;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(Exec(state.tasks.clone()));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(l.http_header_timeout).max_buf_size(l.http_max_header_bytes);
+    builder
+        .http2()
         .timer(TokioTimer::new())
-        .header_read_timeout(state.cfg.limits.http_header_timeout)
-        .max_buf_size(state.cfg.limits.http_max_header_bytes)
-        .serve_connection(TokioIo::new(sock), svc)
-        .with_upgrades();
+        .max_header_list_size(l.http_max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .max_send_buf_size(H2_SEND_BUFFER);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "public HTTP connection ended with an error") },
         _ = state.kill.cancelled() => {}
     }
 }
 
-/// Open a tunnel stream to the listener `name` and start an HTTP/1.1 client connection on it; the
-/// error is the response the client gets (502/503/504).
-async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> Result<Sender, Response<Body>> {
+/// Most concurrent requests (streams) on one public HTTP/2 connection (the default
+/// `http_max_requests_per_source` bounds them across a source's connections too).
+const H2_MAX_STREAMS: u32 = 128;
+/// Most body bytes the relay queues per HTTP/2 stream (responses to a public client, requests to
+/// an h2c listener) beyond what the peer's flow-control window takes: with [`H2_MAX_STREAMS`], a
+/// client that stops reading holds at most 8 MiB per connection, and its source at most
+/// `http_max_requests_per_source` times this across connections.
+const H2_SEND_BUFFER: usize = 64 * 1024;
+
+/// The listener name a host names: `NAME.<domain>` only.
+fn name_in_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    host.strip_suffix(domain).and_then(|p| p.strip_suffix('.')).filter(|n| crate::identity::valid_name(n))
+}
+
+/// Open a tunnel stream to the listener `name`; the error is the response the client gets
+/// (502/503/504).
+async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> Result<crate::mux::MuxStream, Response<Body>> {
     let header = StreamHeader { via: Via::Http, port: 0, client: peer.to_string() };
     let limit = state.cfg.limits.http_timeout;
-    let stream = open_to_listener(state, name, header, limit).await.map_err(|e| {
+    open_to_listener(state, name, header, limit).await.map_err(|e| {
         state.metrics.refused(e.refusal());
         match e {
             RouteError::Offline => text(StatusCode::BAD_GATEWAY, format!("no listener named {name:?} is online; start it with `tunnel listen`")),
@@ -161,7 +293,12 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
                 format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"),
             ),
         }
-    })?;
+    })
+}
+
+/// Open a tunnel stream to the listener `name` and start an HTTP/1.1 client connection on it.
+async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> Result<Sender, Response<Body>> {
+    let stream = open_stream(state, name, peer).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .max_buf_size(UPSTREAM_BUFFER)
         .handshake(TokioIo::new(stream))
@@ -170,6 +307,42 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
     state.tasks.spawn(async move {
         let _ = conn.with_upgrades().await;
     });
+    Ok(sender)
+}
+
+/// An HTTP/2 connection to the h2c listener `name`: one kept open, or a new one.
+async fn h2_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr, fresh: bool) -> Result<H2Sender, Response<Body>> {
+    if !fresh {
+        if let Some(s) = state.public.listeners.h2(name) {
+            return Ok(s);
+        }
+    }
+    let stream = open_stream(state, name, peer).await?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(Exec(state.tasks.clone()))
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(4 << 20)
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .max_header_list_size(state.cfg.limits.http_max_header_bytes.min(u32::MAX as usize) as u32)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| text(StatusCode::BAD_GATEWAY, format!("could not speak HTTP/2 to the listener {name:?} (is its service h2c?): {e}")))?;
+    let (st, n) = (state.clone(), name.to_string());
+    state.tasks.spawn(async move {
+        tokio::pin!(conn);
+        tokio::select! {
+            _ = &mut conn => return,
+            _ = st.kill.cancelled() => return,
+            _ = st.draining.cancelled() => {}
+        }
+        // Draining: no new request takes this connection; the ones in flight finish on it.
+        st.public.listeners.forget_h2(&n);
+        tokio::select! {
+            _ = conn => {}
+            _ = st.kill.cancelled() => {}
+        }
+    });
+    state.public.listeners.set_h2(name, sender.clone());
     Ok(sender)
 }
 
@@ -211,8 +384,8 @@ fn text(status: StatusCode, msg: String) -> Response<Body> {
         .expect("static response parts are valid")
 }
 
-/// The host a request names, without port, lower-case.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+/// The host a request names (`Host`, or the HTTP/2 `:authority`), without port, lower-case.
+fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| req.uri().host().map(str::to_string))?;
     let host = match raw.rsplit_once(':') {
         // A port follows a name, an IPv4 address or a bracketed IPv6 address (never a bare one).
@@ -222,6 +395,32 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// The `Host` value as the client sent it (`Host`, else the `:authority`, port included).
+fn authority_of<B>(req: &Request<B>) -> Option<String> {
+    req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| req.uri().authority().map(|a| a.to_string()))
+}
+
+/// Path routing: `<prefix>/NAME/rest` names the listener `NAME`, and the request continues as
+/// `/rest` (query kept).
+fn path_route<B>(prefix: &str, req: &mut Request<B>) -> Option<String> {
+    let rest = req.uri().path().strip_prefix(prefix)?.strip_prefix('/')?;
+    let (name, tail) = match rest.split_once('/') {
+        Some((n, t)) => (n.to_string(), format!("/{t}")),
+        None => (rest.to_string(), "/".to_string()),
+    };
+    if !crate::identity::valid_name(&name) {
+        return None;
+    }
+    let pq = match req.uri().query() {
+        Some(q) => format!("{tail}?{q}"),
+        None => tail,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    *req.uri_mut() = http::Uri::from_parts(parts).ok()?;
+    Some(name)
+}
+
 /// Count the request against its source's and its listener's limits, or answer 429 / 503.
 fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Permits, Box<Response<Body>>> {
     let busy = |status: StatusCode, msg: String| {
@@ -229,6 +428,17 @@ fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Per
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         Box::new(r)
     };
+    if let Err(wait) = state.public.listeners.admit_rate(name, state.cfg.http_listener_rate) {
+        state.metrics.refused(Refusal::HttpListenerRate);
+        let (limit, window) = state.cfg.http_listener_rate.unwrap_or_default();
+        let mut r = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("the listener {name:?} has had its {limit} requests for this {window:?} window (http_listener_rate); retry after the Retry-After seconds"),
+        );
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+        return Err(Box::new(r));
+    }
     let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
         state.metrics.refused(Refusal::HttpSourceRequests);
         return Err(busy(
@@ -252,40 +462,67 @@ fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Per
     Ok((by_source, by_listener))
 }
 
-async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketAddr, slot: &UpstreamSlot) -> Response<Body> {
-    // A request head arrived: this connection is past its handshake (see `guard`).
-    guard::handshake_finished();
+async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, conn: &Conn, slot: &UpstreamSlot) -> Response<Body> {
     state.metrics.http_requests.fetch_add(1, Relaxed);
     let domain = &state.cfg.domain;
     let Some(host) = request_host(&req) else {
         return text(StatusCode::BAD_REQUEST, "no Host header; send Host: NAME.".to_string() + domain);
     };
-    let Some(name) = host.strip_suffix(domain.as_str()).and_then(|p| p.strip_suffix('.')).filter(|n| crate::identity::valid_name(n)) else {
-        return text(StatusCode::NOT_FOUND, format!("{host} is not served here; this relay routes NAME.{domain} to the listener registered as NAME"));
+    if let Some(sni) = conn.sni.as_deref().filter(|sni| *sni != host) {
+        // RFC 9113 9.1.1 (and RFC 9110 15.5.20): this connection was set up for another name
+        // (a client coalescing connections); the client retries on a connection of its own.
+        state.metrics.refused(Refusal::Misdirected);
+        return text(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("this TLS connection was opened for {sni}; open a new connection (with SNI {host}) for requests to {host}"),
+        );
+    }
+    let name = match name_in_domain(&host, domain) {
+        Some(n) => n.to_string(),
+        None => match state.cfg.http_path_prefix.as_deref().filter(|_| host == *domain).and_then(|p| path_route(p, &mut req)) {
+            Some(n) => n,
+            None => {
+                let paths = state.cfg.http_path_prefix.as_deref().map(|p| format!(" (or {domain}{p}/NAME/...)")).unwrap_or_default();
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("{host} is not served here; this relay routes NAME.{domain}{paths} to the listener registered as NAME"),
+                );
+            }
+        },
     };
-    let permits = match admit_request(&state, peer, name) {
+    let stats = if state.registry.contains(&name) { state.metrics.per_listener.of(&name) } else { None };
+    let started = std::time::Instant::now();
+    let resp = forward(&state, req, conn, slot, &name, stats.clone()).await;
+    if let Some(s) = &stats {
+        s.answered(resp.status().as_u16(), started.elapsed());
+    }
+    resp
+}
+
+/// Forward a routed request to the listener `name` and hand back its response (or the relay's
+/// refusal).
+async fn forward(
+    state: &Arc<RelayState>,
+    mut req: Request<Incoming>,
+    conn: &Conn,
+    slot: &UpstreamSlot,
+    name: &str,
+    stats: Option<Arc<ListenerHttp>>,
+) -> Response<Body> {
+    let peer = conn.peer;
+    let permits = match admit_request(state, peer, name) {
         Ok(p) => p,
         Err(busy) => return *busy,
     };
-    // The previous request's connection to this listener, if it is still usable.
-    let reused = match slot.lock().await.take() {
-        Some(mut up) if up.name == name => {
-            let ready = tokio::time::timeout(state.cfg.limits.http_timeout, up.sender.ready()).await;
-            matches!(ready, Ok(Ok(()))).then_some(up.sender)
-        }
-        _ => None,
-    };
-    let reused_one = reused.is_some();
-    let mut sender = match reused {
-        Some(s) => s,
-        None => match connect_upstream(&state, name, peer).await {
-            Ok(s) => s,
-            Err(refusal) => return refusal,
-        },
+    let mode = state.public.listeners.mode(name);
+    let client_version = req.version();
+    let Some(authority) = authority_of(&req) else {
+        return text(StatusCode::BAD_REQUEST, format!("no Host header; send Host: {name}.{}", state.cfg.domain));
     };
 
     // Forwarding headers: append to any X-Forwarded-For chain, and say which host and scheme the
     // client used.
+    let proto = if conn.https { "https" } else { "http" };
     let client_ip = peer.ip().to_string();
     let headers = req.headers_mut();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -293,42 +530,125 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
         None => client_ip.clone(),
     };
     let for_value = if peer.is_ipv6() { format!("\"[{client_ip}]\"") } else { client_ip.clone() };
-    let host_header = headers.get(header::HOST).cloned();
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
-    if let Some(h) = host_header {
-        headers.insert("x-forwarded-host", h.clone());
-        if let Ok(v) = HeaderValue::from_str(&format!("for={for_value};host={};proto=http", h.to_str().unwrap_or_default())) {
-            headers.append(header::FORWARDED, v);
-        }
+    if let Ok(h) = HeaderValue::from_str(&authority) {
+        headers.insert("x-forwarded-host", h);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(&format!("for={for_value};host={authority};proto={proto}")) {
+        headers.append(header::FORWARDED, v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
 
-    let upgrade_requested = req.headers().contains_key(header::UPGRADE);
+    // `TE: trailers` is the one TE an HTTP/2 peer may get (RFC 9113 8.2.2), and gRPC servers want it.
+    let te_trailers = req
+        .headers()
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
+    // `Upgrade: h2c` asks this hop to switch (RFC 7540 3.2, which RFC 9113 dropped): the relay
+    // answers over HTTP/1.1 and the header goes no further, like the others of its hop.
+    let h2c_upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("h2c"));
+    let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) && !h2c_upgrade;
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|inner| Pieces { inner, rest: Bytes::new() });
+    let req = req.map(|inner| Pieces { inner: Chunks::new(inner, PIECE), rest: Bytes::new(), stats: stats.clone() });
+    let limit = state.cfg.limits.http_timeout;
+    let timeout_response = || {
+        state.metrics.refused(Refusal::Timeout);
+        text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not answer within {limit:?} (TUNNEL_HTTP_TIMEOUT)"))
+    };
+
+    if mode == Mode::H2c {
+        if upgrade_requested {
+            return text(StatusCode::NOT_IMPLEMENTED, format!("the listener {name:?} speaks HTTP/2 (h2c); upgrades need an HTTP/1.1 listener"));
+        }
+        let mut req = req;
+        let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let Ok(uri) = format!("http://{authority}{pq}").parse::<http::Uri>() else {
+            return text(StatusCode::BAD_REQUEST, format!("{authority:?} is not a valid authority"));
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_2;
+        req.headers_mut().remove(header::HOST);
+        if te_trailers {
+            req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        let exchange = async {
+            let mut sender = h2_upstream(state, name, peer, false).await?;
+            match sender.try_send_request(req).await {
+                // The kept connection closed before the request went out: once more on a new one.
+                Err(mut e) if e.message().is_some() => {
+                    let req = e.take_message().expect("checked above");
+                    let mut sender = h2_upstream(state, name, peer, true).await?;
+                    sender.send_request(req).await.map_err(|e| bad_gateway(name, e))
+                }
+                r => r.map_err(|e| bad_gateway(name, e.into_error())),
+            }
+        };
+        let mut resp = match tokio::time::timeout(limit, exchange).await {
+            Err(_) => return timeout_response(),
+            Ok(Err(refusal)) => return refusal,
+            Ok(Ok(r)) => r,
+        };
+        // hyper writes an HTTP/1.1 client's status line from the response's version.
+        *resp.version_mut() = if client_version == http::Version::HTTP_2 { client_version } else { http::Version::HTTP_11 };
+        strip_hop_by_hop(resp.headers_mut(), false);
+        return resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }));
+    }
+
+    // An HTTP/1.1 listener: an HTTP/2 request goes out in origin form with a Host header.
+    let mut req = req;
+    if req.version() == http::Version::HTTP_2 {
+        let pq = req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
+        let Ok(uri) = pq.parse::<http::Uri>() else {
+            return text(StatusCode::BAD_REQUEST, format!("{pq:?} is not a valid path"));
+        };
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        if let Ok(h) = HeaderValue::from_str(&authority) {
+            req.headers_mut().insert(header::HOST, h);
+        }
+    }
+    // A previous request's connection to this listener, if one is free: for an HTTP/1.1
+    // client the one its last request used (waiting for it to finish that response); for an
+    // HTTP/2 client any that is ready now (else a new one: its other requests may hold them).
+    let idle = {
+        let mut pool = slot.lock().unwrap_or_else(|p| p.into_inner());
+        pool.retain(|u| u.name == name && !u.sender.is_closed());
+        let at = if client_version == http::Version::HTTP_2 { pool.iter().position(|u| u.sender.is_ready()) } else { pool.len().checked_sub(1) };
+        at.map(|i| pool.swap_remove(i))
+    };
+    let reused = match idle {
+        Some(mut up) => {
+            let ready = tokio::time::timeout(limit, up.sender.ready()).await;
+            matches!(ready, Ok(Ok(()))).then_some(up.sender)
+        }
+        None => None,
+    };
+    let reused_one = reused.is_some();
+    let mut sender = match reused {
+        Some(s) => s,
+        None => match connect_upstream(state, name, peer).await {
+            Ok(s) => s,
+            Err(refusal) => return refusal,
+        },
+    };
     let exchange = async {
         match sender.try_send_request(req).await {
             // The kept connection closed before the request went out: once more on a new one.
             Err(mut e) if reused_one && e.message().is_some() => {
                 let req = e.take_message().expect("checked above");
-                sender = connect_upstream(&state, name, peer).await?;
+                sender = connect_upstream(state, name, peer).await?;
                 sender.send_request(req).await.map_err(|e| bad_gateway(name, e))
             }
             r => r.map_err(|e| bad_gateway(name, e.into_error())),
         }
     };
-    let answer = tokio::time::timeout(state.cfg.limits.http_timeout, exchange).await;
-    let mut resp = match answer {
-        Err(_) => {
-            state.metrics.refused(Refusal::Timeout);
-            return text(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!("the listener {name:?} did not answer within {:?} (TUNNEL_HTTP_TIMEOUT)", state.cfg.limits.http_timeout),
-            );
-        }
+    let mut resp = match tokio::time::timeout(limit, exchange).await {
+        Err(_) => return timeout_response(),
         Ok(Err(refusal)) => return refusal,
         Ok(Ok(r)) => r,
     };
@@ -337,9 +657,12 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
     if !upgrade_requested && !upgrading {
         // Keep it for this client connection's next request (hyper makes it wait for this
         // response's body before sending another).
-        *slot.lock().await = Some(Upstream { name: name.to_string(), sender });
+        let mut pool = slot.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < IDLE_UPSTREAMS {
+            pool.push(Upstream { name: name.to_string(), sender });
+        }
     }
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    if upgrading {
         if let Some(client_upgrade) = client_upgrade {
             let listener_upgrade = hyper::upgrade::on(&mut resp);
             let st = state.clone();
@@ -355,5 +678,5 @@ async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, peer: SocketA
             });
         }
     }
-    resp.map(|inner| Either::Left(Counted { inner, _permits: permits }))
+    resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }))
 }

@@ -137,6 +137,9 @@ class Listener(_ListenerBase):
     replica opts in; the relay spreads connections over them). ``exit`` makes this an exit
     listener: allow rules (a list of ``{"host", "port"}`` dicts or their JSON, as the relay's
     ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``.
+    ``h2c`` says the local service speaks HTTP/2 with prior
+    knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
+    relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
     """
 
     def __init__(
@@ -153,11 +156,13 @@ class Listener(_ListenerBase):
         allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> None:
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit)
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
         self._exposed: _native.Background | None = None
 
@@ -221,12 +226,14 @@ class AsyncListener(_ListenerBase):
         allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`)."""
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit)
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
         return cls(native)
 

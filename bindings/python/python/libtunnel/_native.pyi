@@ -65,6 +65,8 @@ class Listener:
         allow_peers: list[str] = ...,
         pool: bool = False,
         exit: str | None = None,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> Listener: ...
     @staticmethod
     def bind_async(
@@ -80,6 +82,8 @@ class Listener:
         allow_peers: list[str] = ...,
         pool: bool = False,
         exit: str | None = None,
+        h2c: bool = False,
+        tls_passthrough: bool = False,
     ) -> Awaitable[Listener]: ...
     @property
     def name(self) -> str: ...
@@ -109,6 +113,8 @@ class Relay:
     def tcp_address(self) -> tuple[str, int] | None: ...
     @property
     def http_address(self) -> tuple[str, int] | None: ...
+    @property
+    def https_address(self) -> tuple[str, int] | None: ...
     @property
     def ready_text(self) -> str: ...
     def shutdown(self) -> None: ...

@@ -63,6 +63,11 @@ class _RelayInfo:
         return self._native.http_address
 
     @property
+    def https_address(self) -> tuple[str, int] | None:
+        """``(host, port)`` of the public HTTPS port (TLS, h2, TLS passthrough), when enabled."""
+        return self._native.https_address
+
+    @property
     def ready_text(self) -> str:
         """The lines ``tunnel server`` prints when it is up: ``relay listening: URL`` and the raw-TCP
         and public HTTP addresses, when enabled (the ports chosen for ``:0``)."""

@@ -1,0 +1,128 @@
+//! What the public endpoints know about each registered listener: how its local service speaks
+//! ([`Mode`]: HTTP/1.1, h2c, or raw TLS it terminates itself, from its registration), the one
+//! HTTP/2 connections the relay keeps to an h2c listener (every public request to it, from every
+//! client, is a stream of one of a few such connections, each one tunnel stream and one local
+//! connection), and its
+//! request-rate window (`http_listener_rate`: 429 with `Retry-After` past the limit).
+//!
+//! Bounded: entries exist only for registered names (added at registration, removed when it
+//! ends), and rate windows only for names that are registered.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::public_endpoint::Pieces;
+
+/// How a listener's local service speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Mode {
+    /// HTTP/1.1 (the default): one tunnel stream per client connection.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC): requests are streams of one shared connection.
+    H2c,
+    /// Raw TLS: the HTTPS port routes a connection by SNI without decrypting it.
+    TlsPassthrough,
+}
+
+pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<Pieces>;
+
+struct Entry {
+    id: u64,
+    mode: Mode,
+    h2: Vec<H2Sender>,
+    /// Round-robin position in `h2`.
+    next: usize,
+}
+
+/// HTTP/2 connections the relay opens to one h2c listener (each is one tunnel stream and one
+/// connection to the local service): requests are spread over them, so neither the relay, the
+/// listener nor the service handles all of a busy listener's traffic on one task.
+pub(crate) const H2_UPSTREAMS: usize = 4;
+
+/// Fixed request-rate windows per listener name.
+struct Window {
+    start: Instant,
+    count: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct PublicListeners {
+    table: Mutex<HashMap<String, Entry>>,
+    windows: Mutex<HashMap<String, Window>>,
+}
+
+impl PublicListeners {
+    fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A registration (`id` from the registry) of `name` in `mode`.
+    pub(crate) fn registered(&self, name: &str, id: u64, mode: Mode) {
+        self.table().insert(name.to_string(), Entry { id, mode, h2: Vec::new(), next: 0 });
+    }
+
+    /// The registration `id` ended (a newer one of the same name stays).
+    pub(crate) fn released(&self, name: &str, id: u64) {
+        let mut t = self.table();
+        if t.get(name).is_some_and(|e| e.id == id) {
+            t.remove(name);
+            self.windows.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        }
+    }
+
+    /// How the listener `name` speaks (HTTP/1.1 when unknown).
+    pub(crate) fn mode(&self, name: &str) -> Mode {
+        self.table().get(name).map(|e| e.mode).unwrap_or_default()
+    }
+
+    /// An open HTTP/2 connection to `name` (the next in turn), or `None` when fewer than
+    /// [`H2_UPSTREAMS`] are open (the caller opens one).
+    pub(crate) fn h2(&self, name: &str) -> Option<H2Sender> {
+        let mut t = self.table();
+        let e = t.get_mut(name)?;
+        e.h2.retain(|s| !s.is_closed());
+        if e.h2.len() < H2_UPSTREAMS {
+            return None;
+        }
+        e.next = e.next.wrapping_add(1);
+        Some(e.h2[e.next % e.h2.len()].clone())
+    }
+
+    /// Keep `sender` as a connection to `name` (while that registration lives), if there is room.
+    pub(crate) fn set_h2(&self, name: &str, sender: H2Sender) {
+        if let Some(e) = self.table().get_mut(name) {
+            if e.h2.len() < H2_UPSTREAMS {
+                e.h2.push(sender);
+            }
+        }
+    }
+
+    /// Stop handing out the kept HTTP/2 connections to `name` (the relay is draining).
+    pub(crate) fn forget_h2(&self, name: &str) {
+        if let Some(e) = self.table().get_mut(name) {
+            e.h2.clear();
+        }
+    }
+
+    /// Count a request to `name` against `rate` (`(count, window)`): `Err(wait)` when the
+    /// window is full, with the time until it ends.
+    pub(crate) fn admit_rate(&self, name: &str, rate: Option<(u64, Duration)>) -> Result<(), Duration> {
+        let Some((limit, window)) = rate else { return Ok(()) };
+        if !self.table().contains_key(name) {
+            return Ok(()); // not registered: the request gets 502, and costs no window
+        }
+        let now = Instant::now();
+        let mut w = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let e = w.entry(name.to_string()).or_insert(Window { start: now, count: 0 });
+        if now.duration_since(e.start) >= window {
+            *e = Window { start: now, count: 0 };
+        }
+        if e.count >= limit {
+            return Err(window.saturating_sub(now.duration_since(e.start)));
+        }
+        e.count += 1;
+        Ok(())
+    }
+}
