@@ -33,7 +33,17 @@ fn the_env_example_lists_every_setting_with_its_real_default() {
         assert!(shown.iter().any(|(k, _)| *k == var), "deploy/relay.env.example does not show {var}");
     }
     // Examples of values to fill in, not defaults.
-    let examples = ["TUNNEL_AUTH_KEYS", "TUNNEL_ALLOW", "TUNNEL_LISTENER_KEYS", "TUNNEL_TLS_CERT", "TUNNEL_TLS_KEY", "TUNNEL_ADMIN_TOKEN"];
+    let examples = [
+        "TUNNEL_AUTH_KEYS",
+        "TUNNEL_ALLOW",
+        "TUNNEL_LISTENER_KEYS",
+        "TUNNEL_TLS_CERT",
+        "TUNNEL_TLS_KEY",
+        "TUNNEL_ADMIN_TOKEN",
+        "TUNNEL_EXITS",
+        "TUNNEL_PUBLIC_TLS_CERT",
+        "TUNNEL_PUBLIC_TLS_KEY",
+    ];
     let base = with(&[]);
     for (k, v) in &shown {
         if !examples.contains(&k.as_str()) {
