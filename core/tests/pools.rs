@@ -21,6 +21,11 @@ use libtunnel::{Dialer, ErrorCode, Identity, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The tests of this file run one at a time: the process-pool test loads both cores, and the
+/// registration-order tests must not share them with it (their replaced-session notices then
+/// raced the transport's close on a loaded CI machine).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A local HTTP/1.1 server answering every request with `replica-ID` (after 300 ms for paths
 /// starting `/slow`), one request per connection.
 async fn replica_server(id: usize) -> SocketAddr {
@@ -140,6 +145,7 @@ fn replica_of(o: &Outcome) -> Option<usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_of_three_processes_spreads_survives_a_kill_and_drains_on_sigterm() {
+    let _one_at_a_time = SERIAL.lock().await;
     init_tracing();
     let mut cfg = relay_config(allow_ports(&[1]));
     cfg.http_listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
@@ -231,6 +237,7 @@ async fn a_pool_of_three_processes_spreads_survives_a_kill_and_drains_on_sigterm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_pool_a_second_registration_gets_name_taken() {
+    let _one_at_a_time = SERIAL.lock().await;
     init_tracing();
     let (a, b) = (Identity::generate(), Identity::generate());
     let mut cfg = relay_config(allow_ports(&[1]));
@@ -277,6 +284,7 @@ fn pool_relay_config() -> libtunnel::RelayConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn same_key_without_pool_replaces_and_with_pool_joins() {
+    let _one_at_a_time = SERIAL.lock().await;
     init_tracing();
     let relay = start_relay(pool_relay_config()).await;
     let id = Identity::generate();
@@ -330,6 +338,7 @@ async fn ping(d: &Dialer, name: &str) -> libtunnel::Result<libtunnel::TunnelStre
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_replica_is_skipped_and_a_retired_one_finishes_its_streams() {
+    let _one_at_a_time = SERIAL.lock().await;
     init_tracing();
     let relay = start_relay(pool_relay_config()).await;
     let id = Identity::generate();
