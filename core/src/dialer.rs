@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 
 use crate::auth::Key;
+use crate::client::events::{EventHub, Events};
 use crate::e2e::handshake::Dialing;
 use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
@@ -103,6 +104,7 @@ impl DialerBuilder {
                 via: self.via,
                 e2e,
                 session: tokio::sync::Mutex::new(None),
+                events: Arc::new(EventHub::new()),
             }),
         })
     }
@@ -121,6 +123,8 @@ struct DialerInner {
     /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
     /// session is being set up, so concurrent dials wait for one handshake instead of racing.
     session: tokio::sync::Mutex<Option<Session>>,
+    /// Connection-state events ([`Dialer::events`]); a session's watcher holds it weakly.
+    events: Arc<EventHub>,
 }
 
 /// Opens streams through a relay. Cheap to clone; clones share the session.
@@ -165,6 +169,14 @@ impl Dialer {
         self.inner.mode
     }
 
+    /// Connection-state events from now on (multiplexed mode): `Connected` whenever a session is
+    /// authenticated (on [`Dialer::connect`], or on the first dial after a loss: a dialer
+    /// reconnects on demand, not in the background), `Disconnected` with the cause when it ends
+    /// (`CLOSED` after [`Dialer::close`]). The subscription ends when the dialer is dropped.
+    pub fn events(&self) -> Events {
+        self.inner.events.subscribe()
+    }
+
     /// Whether dials are end-to-end encrypted.
     pub fn is_e2e(&self) -> bool {
         self.inner.e2e.is_some()
@@ -199,6 +211,7 @@ impl Dialer {
                 via: Some(name.to_string()),
                 e2e: i.e2e.clone(),
                 session: tokio::sync::Mutex::new(None),
+                events: Arc::new(EventHub::new()),
             }),
         })
     }
@@ -262,6 +275,7 @@ impl Dialer {
     pub async fn close(&self) {
         if let Some(s) = self.inner.session.lock().await.take() {
             s.close(ErrorCode::Closed, "the dialer was closed");
+            self.inner.events.disconnected(Some(&Error::new(ErrorCode::Closed, "the dialer was closed")));
         }
     }
 
@@ -271,9 +285,20 @@ impl Dialer {
             if !s.is_closed() {
                 return Ok(s.clone());
             }
+            // Reported here too, so its `Disconnected` comes before the next `Connected` even if
+            // its watcher has not run yet.
+            self.inner.events.disconnected(s.close_reason().as_ref());
         }
         let s = open_session(&self.inner.url, &self.inner.key, self.inner.tls.as_ref(), self.inner.mux.clone()).await?;
         *slot = Some(s.clone());
+        let number = self.inner.events.connected(self.relay(), None);
+        let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
+        tokio::spawn(async move {
+            watched.closed().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.disconnected_if(number, watched.close_reason().as_ref());
+            }
+        });
         Ok(s)
     }
 
