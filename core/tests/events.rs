@@ -5,6 +5,8 @@
 //! dropping it: the connection is closed at once and the next dial works. Every wait is bounded.
 
 mod common;
+#[path = "common/procs.rs"]
+mod procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -19,35 +21,9 @@ use tokio::process::Child;
 /// A `tunnel server` process on `listen` (port 0 for any) with open listener registration,
 /// allowing 127.0.0.1:`port`; returns it with its address once it is up.
 async fn relay_process(listen: &str, port: u16) -> (Child, SocketAddr) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
-        .arg("server")
-        .env("TUNNEL_LISTEN", listen)
-        .env("TUNNEL_AUTH_KEYS", auth_keys_json())
-        .env("TUNNEL_ALLOW", format!(r#"[{{"host":"127.0.0.1","port":{port}}}]"#))
-        .env("TUNNEL_LISTENERS_OPEN", "true")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tunnel server");
-    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let url = within(STEP, "the relay's address", async {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited before it listened");
-            if let Some(u) = line.trim().strip_prefix("relay listening: ") {
-                return u.to_string();
-            }
-        }
-    })
-    .await;
-    // Keep draining stdout so the relay never writes to a closed pipe.
-    tokio::spawn(async move {
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink).await;
-    });
+    let allow = format!(r#"[{{"host":"127.0.0.1","port":{port}}}]"#);
+    let env = [("TUNNEL_LISTEN", listen), ("TUNNEL_ALLOW", allow.as_str()), ("TUNNEL_LISTENERS_OPEN", "true")];
+    let (child, url) = procs::relay_process(&auth_keys_json(), &env).await;
     let addr = url.trim_start_matches("ws://").trim_end_matches('/').parse().expect("a socket address in the URL");
     (child, addr)
 }
