@@ -182,7 +182,8 @@ impl Dialer {
         self.inner.e2e.is_some()
     }
 
-    /// Open a stream to `target` (`host:port`) through the relay.
+    /// Open a stream to `target` (`host:port`) through the relay. Dropping the future cancels
+    /// the dial: a session still in its handshake is closed, and the next dial starts afresh.
     pub async fn dial(&self, target: &str) -> Result<TunnelStream> {
         let target = Target::parse(target)?;
         self.dial_target(&target).await
