@@ -174,3 +174,47 @@ impl Events {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn states_alternate_a_late_report_is_ignored_and_the_end_comes_after_what_was_sent() {
+        let hub = EventHub::new();
+        let mut ev = hub.subscribe();
+        let first = hub.connected("ws://r/", None);
+        hub.connected("ws://r/", None); // already connected: nothing
+        hub.disconnected(Some(&Error::new(ErrorCode::RelayUnavailable, "gone")));
+        hub.disconnected(None); // already reported
+        hub.reconnecting(1, Duration::from_millis(100));
+        let second = hub.connected("ws://r/", Some("n"));
+        hub.disconnected_if(first, None); // about the first session: ignored
+        hub.disconnected_if(second, Some(&Error::new(ErrorCode::Closed, "closed")));
+        hub.end();
+        let mut got = Vec::new();
+        while let Some(e) = ev.next().await {
+            got.push(e);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Event::Connected { relay: "ws://r/".into(), name: None },
+                Event::Disconnected { code: ErrorCode::RelayUnavailable, message: "gone".into() },
+                Event::Reconnecting { attempt: 1, delay: Duration::from_millis(100) },
+                Event::Connected { relay: "ws://r/".into(), name: Some("n".into()) },
+                Event::Disconnected { code: ErrorCode::Closed, message: "closed".into() },
+            ]
+        );
+        assert_eq!(got[1].error().map(|e| e.code()), Some(ErrorCode::RelayUnavailable));
+        assert_eq!(got.iter().map(Event::name).collect::<Vec<_>>(), ["connected", "disconnected", "reconnecting", "connected", "disconnected"]);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_ends_when_the_hub_is_dropped() {
+        let hub = EventHub::new();
+        let mut ev = hub.subscribe();
+        drop(hub);
+        assert_eq!(ev.next().await, None);
+    }
+}
