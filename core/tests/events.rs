@@ -1,8 +1,9 @@
 //! Connection-state events (`Listener::events`, `Dialer::events`) against real `tunnel server`
 //! processes on loopback: killing the relay under a listener and a dialer reports `Disconnected`
-//! with `RELAY_UNAVAILABLE`; a relay started again on the same port brings `Connected` back and
-//! hashed bytes flow again. And a dial stuck in a relay handshake that never comes is cancelled by
-//! dropping it: the connection is closed at once and the next dial works. Every wait is bounded.
+//! with `RELAY_UNAVAILABLE` (so does stopping it gracefully); a relay started again on the same
+//! port brings `Connected` back and hashed bytes flow again. And a dial stuck in a relay
+//! handshake that never comes is cancelled by dropping it: the connection is closed at once and
+//! the next dial works. Every wait is bounded.
 
 mod common;
 #[path = "common/procs.rs"]
@@ -171,4 +172,28 @@ async fn a_dial_stuck_in_the_handshake_is_cancelled_by_dropping_it_and_the_next_
     println!("a cancelled dial's connection closed {:.0} ms after the dial began", t0.elapsed().as_secs_f64() * 1e3);
     hashed_round_trip(&dialer, &target, 5).await;
     relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_gracefully_reports_relay_unavailable_too() {
+    init_tracing();
+    let echo = echo_server().await;
+    let (mut relay, addr) = relay_process("127.0.0.1:0", echo.port()).await;
+    let url = format!("ws://{addr}");
+    let listener = Listener::bind(&url, Identity::generate()).await.expect("registers");
+    let mut listener_events = listener.events();
+    let dialer = Dialer::new(&url, key()).expect("dialer");
+    within(STEP, "the dialer's session", dialer.connect()).await.expect("connects");
+    let mut dialer_events = dialer.events();
+
+    // SIGTERM: the relay drains (nothing is in flight) and exits.
+    let pid = relay.id().expect("running").to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    for (events, who) in [(&mut listener_events, "listener"), (&mut dialer_events, "dialer")] {
+        match next_state(events, &format!("the {who}'s disconnected")).await {
+            Event::Disconnected { code, message } => assert_eq!(code, ErrorCode::RelayUnavailable, "{who}: {message}"),
+            other => panic!("{who}: expected disconnected, got {other:?}"),
+        }
+    }
+    within(STEP, "the relay to exit", relay.wait()).await.expect("exit status");
 }
