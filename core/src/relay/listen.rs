@@ -66,6 +66,15 @@ pub(super) async fn serve_listener(
     };
     // From here the name is ours until the session ends.
     let _release = ReleaseOnDrop { state: state.clone(), name: name.clone(), id };
+    if let Some(cluster) = &state.cluster {
+        let mode = super::cluster::mode_of(joining, hello.h2c, hello.tls_passthrough);
+        if let Err(e) = cluster.claim(&state, &name, &public_key, mode).await {
+            state.metrics.refused(Refusal::Registration);
+            tracing::info!(%peer, %name, reason = %e, "listener registration refused by the cluster");
+            let _ = sink.send(refuse(e.code(), e.message().to_string())).await;
+            return;
+        }
+    }
     let tcp = if hello.tcp_port { bind_public_port(&state).await } else { Ok(None) };
     let tcp = match tcp {
         Ok(t) => t,
@@ -135,6 +144,11 @@ impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.state.registry.release(&self.name, self.id);
         self.state.public.listeners.released(&self.name, self.id);
+        if let Some(cluster) = &self.state.cluster {
+            if !self.state.registry.contains(&self.name) {
+                cluster.released(&self.state, &self.name);
+            }
+        }
     }
 }
 

@@ -1,0 +1,390 @@
+//! Several relays as one cluster on a real Redis, behind a real HAProxy, on loopback. A listener
+//! holds its name on one node; dials by name and public HTTP requests reach it through the other
+//! nodes (directly and through the load balancer), byte for byte; names stay exclusive across
+//! the cluster; a node killed with SIGKILL fails its streams on both ends and its listener is
+//! reachable again through the others; a Redis outage leaves local names working, fails remote
+//! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster::{Balancer, Node, Redis};
+use common::*;
+use http::{header, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use libtunnel::{Dialer, ErrorCode, Identity, Listener};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The tests start several processes each: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Serve a listener: dial streams are echoed (half-close passed on), HTTP streams get a hyper
+/// server that streams each request body back and answers `GET /x` with `x from NAME`.
+fn serve(listener: Arc<Listener>) {
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let name = listener.name();
+            tokio::spawn(async move {
+                if peer.via == libtunnel::protocol::Via::Http {
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let name = name.clone();
+                        async move {
+                            let resp = if req.method() == http::Method::POST {
+                                hyper::Response::new(req.into_body().map_err(std::io::Error::other).boxed())
+                            } else {
+                                hyper::Response::new(full(format!("{} from {name}", req.uri().path())))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                } else {
+                    let (mut r, mut w) = tokio::io::split(stream);
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn dialer(url: &str) -> Dialer {
+    Dialer::new(url, key()).expect("dialer")
+}
+
+/// 64 MiB each way through a dial by name, half-closed, hashed at both ends.
+async fn dial_64_mib(via: &str, name: &str, seed: u64) {
+    let d = dialer(via);
+    let s = within(STEP, "dial by name", d.dial(&format!("{name}:0"))).await.unwrap_or_else(|e| panic!("dial {name} via {via}: {e}"));
+    let data = payload(64 * MIB, seed);
+    let got = within(BULK, "64 MiB echo", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data), "64 MiB through {via} came back unchanged");
+}
+
+/// POST 64 MiB to the listener through a public HTTP port; the body comes back streamed.
+async fn post_64_mib(http: std::net::SocketAddr, host: &str, seed: u64) {
+    let data = Bytes::from(payload(64 * MIB, seed));
+    let tcp = within(STEP, "connect to the public port", TcpStream::connect(http)).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> =
+        (0..data.len()).step_by(256 * 1024).map(|o| Ok(hyper::body::Frame::data(data.slice(o..(o + 256 * 1024).min(data.len()))))).collect();
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(chunks)));
+    let req = Request::post("/echo").header(header::HOST, host).body(body).expect("request");
+    let resp = within(BULK, "response head", sender.send_request(req)).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut h = Sha256::new();
+    let mut n = 0;
+    let mut body = resp.into_body();
+    while let Some(f) = within(BULK, "response body", body.frame()).await {
+        if let Ok(d) = f.expect("body frame").into_data() {
+            n += d.len();
+            h.update(&d);
+        }
+    }
+    assert_eq!(n, data.len());
+    assert_eq!(<[u8; 32]>::from(h.finalize()), sha256(&data), "the 64 MiB body through {http} came back unchanged");
+}
+
+/// `GET path` with `Host: host` on a fresh connection: (status, body).
+async fn get(http: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
+    http_exchange(http, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await
+}
+
+async fn start_cluster(n: usize, extra: &[String]) -> (Redis, Vec<Node>) {
+    let redis = Redis::start(cluster::free_port().await).await;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::start(&redis.url(), extra).await);
+    }
+    (redis, nodes)
+}
+
+/// Poll `f` every 50 ms until it is true or `limit` passes; returns the time it took.
+async fn until<F: std::future::Future<Output = bool>>(limit: Duration, what: &str, mut f: impl FnMut() -> F) -> Duration {
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
+    // per-source limits sized for one source sending 1,000 at once.
+    let limits: Vec<String> =
+        ["http_max_requests_per_source=4096", "max_handshakes_per_source=4096", "max_connections_per_source=4096"].map(String::from).to_vec();
+    let (_redis, nodes) = start_cluster(3, &limits).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
+    let listener =
+        Arc::new(within(STEP, "bind on node A", Listener::builder(&a.url, Identity::generate()).backlog(1024).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let host = format!("{name}.localhost");
+
+    dial_64_mib(&b.url, &name, 1).await;
+    dial_64_mib(&c.url, &name, 2).await;
+    dial_64_mib(&lb.url, &name, 3).await;
+    post_64_mib(b.http, &host, 4).await;
+    post_64_mib(c.http, &host, 5).await;
+    post_64_mib(lb.http, &host, 6).await;
+    assert!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await >= 2);
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 4);
+    assert_eq!(a.metric("libtunnel_cluster_claims").await, 1);
+
+    // 1,000 concurrent requests spread over the nodes (the balancer and each node directly).
+    let ports = [lb.http, b.http, c.http, a.http];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (http, host) = (ports[i % ports.len()], host.clone());
+        tasks.spawn(async move { (i, get(http, &host, &format!("/r{i}")).await) });
+    }
+    let mut ok = 0;
+    while let Some(r) = within(BULK, "1,000 requests", tasks.join_next()).await {
+        let (i, (status, body)) = r.expect("task");
+        assert_eq!((status, body.as_str()), (200, format!("/r{i} from {name}").as_str()), "request {i}");
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+
+    // An unknown name is offline everywhere, with the words of a relay of its own.
+    let e = dialer(&b.url).dial("nosuchname:0").await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
+    let (status, body) = get(c.http, "nosuchname.localhost", "/").await;
+    assert_eq!(status, 502, "{body}");
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_exclusive_across_the_cluster() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (k1, k2) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"shared\"]}}, {{\"public_key\": \"{}\", \"names\": [\"shared\"]}}]",
+        k1.public_key_base64(),
+        k2.public_key_base64()
+    );
+    let (_redis, nodes) = start_cluster(3, &[grants]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let first = Arc::new(within(STEP, "k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 registers"));
+    serve(first.clone());
+
+    // Another key, another node: NAME_TAKEN, naming the cluster.
+    let e = within(STEP, "k2 on C", Listener::builder(&c.url, k2.clone()).name("shared").bind()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.to_string().contains("another relay of the cluster"), "{e}");
+    // Still held by k1 on A, reachable through B.
+    let s = within(STEP, "dial shared via B", dialer(&b.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"still k1", true)).await.expect("echo"), sha256(b"still k1"));
+
+    // The same key again on C (not a pool): the new registration wins cluster-wide, and A's
+    // listener is told why and stops.
+    let second = Arc::new(within(STEP, "k1 on C", Listener::builder(&c.url, k1.clone()).name("shared").bind()).await.expect("k1 again"));
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    serve(second.clone());
+    for via in [&a.url, &b.url] {
+        let s = within(STEP, "dial shared", dialer(via).dial("shared:0")).await.expect("dial the new holder");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"k1 on C", true)).await.expect("echo"), sha256(b"k1 on C"));
+    }
+    second.close();
+    // Once released, the other key may take it.
+    until(STEP, "k2 registers once k1 left", || {
+        let (url, k2) = (b.url.clone(), k2.clone());
+        async move {
+            match Listener::builder(&url, k2).name("shared").bind().await {
+                Ok(l) => {
+                    l.close();
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+                    false
+                }
+            }
+        }
+    })
+    .await;
+
+    // Pools span nodes: both keys as replicas, on A and on C.
+    let p1 = Arc::new(within(STEP, "pool k1 on A", Listener::builder(&a.url, k1).name("shared").pool(true).bind()).await.expect("pool 1"));
+    let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
+    serve(p1.clone());
+    serve(p2.clone());
+    for i in 0..20u8 {
+        let s = within(STEP, "dial the pool via B", dialer(&b.url).dial("shared:0")).await.expect("dial pool");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[i; 100], true)).await.expect("echo"), sha256(&[i; 100]));
+    }
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+    assert!(c.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // The listener knows one URL, the balancer's.
+    let listener = Arc::new(within(STEP, "bind through the balancer", Listener::bind(&lb.url, Identity::generate())).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let mut holder = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if n.metric("libtunnel_listeners_active").await == 1 {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("one node holds the listener");
+    let other = (holder + 1) % 3;
+    let other_url = nodes[other].url.clone();
+
+    // A stream crossing other → holder, mid-transfer when the holder dies.
+    let mut s = within(STEP, "dial", dialer(&other_url).dial(&format!("{name}:0"))).await.expect("dial");
+    s.write_all(&[7u8; 1000]).await.expect("write");
+    let mut buf = [0u8; 1000];
+    s.read_exact(&mut buf).await.expect("echoed before the kill");
+    nodes[holder].kill9().await;
+    let killed = Instant::now();
+    // The dialer's stream errors (never a clean EOF): reading it gives an error, not Ok(0).
+    let r = within(STEP, "the stream fails", async {
+        loop {
+            let _ = s.write_all(&[1u8; 1000]).await;
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_err(), "the cut-off stream must fail, not end cleanly: {r:?}");
+
+    // Reachable again through a surviving node: the listener reconnects through the balancer
+    // to a live node and claims its name there.
+    let back = until(Duration::from_secs(25), "the listener is reachable again", || {
+        let (url, name) = (other_url.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await?;
+                echo_roundtrip(s, b"again", true).await.map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            })
+            .await
+            {
+                Ok(Ok(h)) => h == sha256(b"again"),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let total = killed.elapsed();
+    println!(
+        "listener reachable again {:.2} s after the SIGKILL (first successful dial after {:.2} s of polling)",
+        total.as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(total < Duration::from_secs(25), "took {total:?}");
+    // Every request from now on succeeds, through every surviving node and the balancer.
+    let live: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
+    for round in 0..10u8 {
+        for &i in &live {
+            let s = within(STEP, "dial after recovery", dialer(&nodes[i].url).dial(&format!("{name}:0"))).await.expect("no stale route");
+            assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[round; 64], true)).await.expect("echo"), sha256(&[round; 64]));
+            let (status, body) = get(nodes[i].http, &format!("{name}.localhost"), "/after").await;
+            assert_eq!((status, body.as_str()), (200, format!("/after from {name}").as_str()));
+        }
+        let (status, _) = get(lb.http, &format!("{name}.localhost"), "/after").await;
+        assert_eq!(status, 200);
+    }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (mut redis, nodes) = start_cluster(2, &["cluster_ttl=3".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let la = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind a"));
+    let lb = Arc::new(within(STEP, "bind on B", Listener::bind(&b.url, Identity::generate())).await.expect("bind b"));
+    serve(la.clone());
+    serve(lb.clone());
+    let (na, nb) = (la.name(), lb.name());
+    let works = |url: String, name: String| async move {
+        let s = dialer(&url).dial(&format!("{name}:0")).await?;
+        echo_roundtrip(s, b"ping", true)
+            .await
+            .map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            .map(|h| assert_eq!(h, sha256(b"ping")))
+    };
+    within(STEP, "remote before the outage", works(a.url.clone(), nb.clone())).await.expect("A reaches B's listener");
+
+    let port = redis.port;
+    redis.stop().await;
+    let outage = Instant::now();
+    // Local names keep working on each node; remote ones fail with the clear error.
+    let mut checks = 0;
+    while outage.elapsed() < Duration::from_secs(10) {
+        within(STEP, "local on A", works(a.url.clone(), na.clone())).await.expect("A's own listener works without Redis");
+        within(STEP, "local on B", works(b.url.clone(), nb.clone())).await.expect("B's own listener works without Redis");
+        let e = within(STEP, "remote on A", works(a.url.clone(), nb.clone())).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+        assert!(e.to_string().contains("Redis"), "{e}");
+        let (status, body) = get(a.http, &format!("{nb}.localhost"), "/").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Redis"), "{body}");
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(checks >= 5);
+
+    // Redis returns (empty: no persistence); the nodes announce and claim again by themselves.
+    let _redis = Redis::start(port).await;
+    let healed = until(Duration::from_secs(15), "remote names work again", || {
+        let (a, b, na, nb) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone());
+        async move {
+            let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb)).await.is_ok_and(|r| r.is_ok());
+            let ba = tokio::time::timeout(Duration::from_secs(2), works(b, na)).await.is_ok_and(|r| r.is_ok());
+            ab && ba
+        }
+    })
+    .await;
+    println!("remote names reachable again {:.2} s after Redis came back", healed.as_secs_f64());
+    la.close();
+    lb.close();
+}
