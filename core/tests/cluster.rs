@@ -388,3 +388,39 @@ async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
     la.close();
     lb.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(2, &[]).await;
+    let urls = format!("{},{}", nodes[0].url, nodes[1].url);
+    let listener = Arc::new(within(STEP, "bind", Listener::bind(&urls, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let name = listener.name();
+    assert_eq!(nodes[0].metric("libtunnel_listeners_active").await, 1, "the first URL is used while it answers");
+    let d = dialer(&urls);
+    let s = within(STEP, "dial", d.dial(&format!("{name}:0"))).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"one", true)).await.expect("echo"), sha256(b"one"));
+
+    nodes[0].kill9().await;
+    let t = until(Duration::from_secs(25), "dialer and listener move to the second relay", || {
+        let (d, name) = (d.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), d.dial(&format!("{name}:0"))).await {
+                Ok(Ok(s)) => tokio::time::timeout(Duration::from_secs(2), echo_roundtrip(s, b"two", true))
+                    .await
+                    .is_ok_and(|h| h.is_ok_and(|h| h == sha256(b"two"))),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    println!("several URLs: reachable through the second relay {:.2} s after the first was killed", t.as_secs_f64());
+    assert_eq!(nodes[1].metric("libtunnel_listeners_active").await, 1);
+    assert_eq!(d.relay().trim_end_matches('/'), nodes[1].url.as_str());
+    listener.close();
+}

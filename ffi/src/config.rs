@@ -12,7 +12,7 @@ use std::path::Path;
 
 use libtunnel::client::keys::parse_key_text;
 use libtunnel::client::{checked_seconds, ClientConfig, ClientOptions, ClientRole};
-use libtunnel::{ClientTls, RelayUrl};
+use libtunnel::ClientTls;
 use libtunnel::{Identity, Mode};
 
 use crate::boundary::fallible;
@@ -125,7 +125,7 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
-        RelayUrl::parse(relay)?;
+        libtunnel::client::check_relay_urls(relay)?;
         let cfg = Config::with_options(ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() });
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };

@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
 use crate::listener::ListenerBuilder;
 use crate::stream::Mode;
-use crate::transport::{ClientTls, RelayUrl};
+use crate::transport::ClientTls;
 
 /// One client environment variable.
 #[derive(Debug, Clone, Copy)]
@@ -223,7 +223,7 @@ impl ClientOptions {
                 .var(client_var(RELAY_VAR))?
                 .ok_or_else(|| Error::argument(format!("no relay URL: pass the relay (ws://, wss:// or tcp://) or set {RELAY_VAR}")))?,
         };
-        RelayUrl::parse(&relay)?;
+        super::relays::check_relay_urls(&relay)?;
         let (key, identity) = match role {
             ClientRole::Dialer => {
                 let key = match (self.parsed_key, self.key) {
