@@ -62,6 +62,8 @@ pub(crate) struct Cluster {
     /// The last Redis command succeeded (for logging transitions once).
     redis_up: AtomicBool,
     peers: peers::Peers,
+    /// Round-robin over the nodes of a pool that spans nodes.
+    turn: std::sync::atomic::AtomicUsize,
 }
 
 /// Why a remote lookup failed.
@@ -87,6 +89,7 @@ impl Cluster {
             subscribed: AtomicBool::new(false),
             redis_up: AtomicBool::new(true),
             peers: peers::Peers::default(),
+            turn: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -192,7 +195,13 @@ impl Cluster {
         let holders = self.lookup(state, name).await.map_err(|_| RouteError::ClusterUnavailable)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut last = RouteError::Offline;
-        for (id, url) in holders.nodes.iter().filter(|(id, _)| *id != self.node_id) {
+        let mut nodes: Vec<&(String, String)> = holders.nodes.iter().filter(|(id, _)| *id != self.node_id).collect();
+        if nodes.len() > 1 {
+            // A pool on several nodes: each stream starts one node further along.
+            let turn = self.turn.fetch_add(1, Relaxed) % nodes.len();
+            nodes.rotate_left(turn);
+        }
+        for (id, url) in nodes {
             match self.peers.forward(state, &self.cfg.key, (id, url), name, header, deadline).await {
                 Ok(s) => {
                     state.metrics.cluster.forwarded_out.fetch_add(1, Relaxed);
