@@ -2,7 +2,8 @@
 # The cost of one node-to-node hop in a relay cluster: two `tunnel server` nodes on one Redis
 # (Debian's redis-server), a `tunnel listen` in front of the echo server registered on node A, and
 # two `tunnel forward`s dialing it by name, one through node A (the stream stays on one node) and
-# one through node B (B forwards it to A over their node-to-node session). Reports connect +
+# one through node B (B forwards it to A over their node-to-node session, on the raw-TCP
+# transport the nodes advertise). Reports connect +
 # first byte p50/p99 and one-stream throughput for both, and the ratios.
 #
 #   bench/cluster.sh                 full run (2,000 connects, 2 GiB)
@@ -55,14 +56,14 @@ CLIENT_KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$KEYGEN")
 RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
 CLUSTER_KEY=$("$TUNNEL" keygen | sed -n 's/^TUNNEL_KEY=//p')
 node() { # name -> the node's ws:// URL
-    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
+    TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":${ECHO##*:}}]" \
         TUNNEL_CLUSTER_REDIS="redis://127.0.0.1:$REDIS_PORT" TUNNEL_CLUSTER_KEY="$CLUSTER_KEY" \
         start_bg "node-$1" "$TUNNEL" server
     ready "node-$1" 'ws://127\.0\.0\.1:[0-9]+'
 }
-NODE_A=$(node a)
-NODE_B=$(node b)
+NODE_A=$(node a); PID_A=$LAST_PID
+NODE_B=$(node b); PID_B=$LAST_PID
 "$TUNNEL" keygen --listener --out "$OUT/echo.pem" >/dev/null
 start_bg listen "$TUNNEL" listen --to "$ECHO" --relay "$NODE_A" --key "$OUT/echo.pem"
 NAME=$(ready listen 'listening as: [a-z0-9-]+'); NAME=${NAME#listening as: }
@@ -77,13 +78,15 @@ log "nodes $NODE_A (holds $NAME) and $NODE_B; $CONNECTS connects, $BYTES bytes p
 
 declare -A R=()
 for path in same hop; do
-    addr=$SAME; [[ $path == hop ]] && addr=$HOP
+    addr=$SAME; pids=$PID_A
+    [[ $path == hop ]] && { addr=$HOP; pids="$PID_A,$PID_B"; }
     line=$("$GEN" connect --addr "$addr" --count "$CONNECTS" 2>>"$OUT/logs/gen.err" | tail -n 1)
     R[$path.p50]=$(grep -oE 'p50_us=[0-9.]+' <<<"$line" | cut -d= -f2)
     R[$path.p99]=$(grep -oE 'p99_us=[0-9.]+' <<<"$line" | cut -d= -f2)
     log "  connect $path: $line"
-    line=$("$GEN" throughput --addr "$addr" --streams 1 --bytes "$BYTES" 2>>"$OUT/logs/gen.err" | tail -n 1)
+    line=$("$GEN" throughput --addr "$addr" --streams 1 --bytes "$BYTES" --pids "$pids" 2>>"$OUT/logs/gen.err" | tail -n 1)
     R[$path.mib]=$(grep -oE 'mib_s=[0-9.]+' <<<"$line" | cut -d= -f2)
+    R[$path.cpu]=$(grep -oE 'cpu_s_per_gb=[0-9.]+' <<<"$line" | cut -d= -f2)
     log "  throughput $path: $line"
 done
 {
@@ -91,4 +94,5 @@ done
     printf '| connect + 1st byte p50 (us) | %s | %s | %s | |\n' "${R[same.p50]}" "${R[hop.p50]}" "$(awk -v a="${R[same.p50]}" -v b="${R[hop.p50]}" 'BEGIN { printf "%+.0f", b - a }')"
     printf '| connect + 1st byte p99 (us) | %s | %s | %s | |\n' "${R[same.p99]}" "${R[hop.p99]}" "$(awk -v a="${R[same.p99]}" -v b="${R[hop.p99]}" 'BEGIN { printf "%+.0f", b - a }')"
     printf '| throughput, 1 stream (MiB/s) | %s | %s | | %s |\n' "${R[same.mib]}" "${R[hop.mib]}" "$(awk -v a="${R[same.mib]}" -v b="${R[hop.mib]}" 'BEGIN { printf "%.2fx", b / a }')"
+    printf '| relay CPU (s/GB; A, then A+B) | %s | %s | %s | |\n' "${R[same.cpu]}" "${R[hop.cpu]}" "$(awk -v a="${R[same.cpu]}" -v b="${R[hop.cpu]}" 'BEGIN { printf "%+.3f", b - a }')"
 } | tee "$OUT/table.md"

@@ -164,7 +164,7 @@ pub struct ExitGrant {
 /// and a stream for a name another node holds is forwarded to it over one node-to-node session.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS).
+    /// The Redis URL (`redis://[user:password@]host:port[/db]`, or `unix:///path`).
     pub redis: String,
     /// The shared key node-to-node sessions authenticate with (the same on every node).
     pub key: Key,
@@ -697,8 +697,13 @@ fn cluster_from<'a>(get: &dyn Fn(&str) -> Option<(&'a str, &'a str)>, claim_ttl:
         }
         return Ok(None);
     };
-    if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("redis+unix://") || redis.starts_with("unix://")) {
-        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS)")));
+    if redis.starts_with("rediss://") {
+        return Err(Error::config(format!(
+            "{w}: rediss:// (Redis over TLS) is not supported yet; reach Redis over a private network (redis://), a unix socket (unix:///path), or a local TLS tunnel such as stunnel"
+        )));
+    }
+    if !(redis.starts_with("redis://") || redis.starts_with("redis+unix://") || redis.starts_with("unix://")) {
+        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (or unix:///run/redis.sock)")));
     }
     let key = match get("cluster_key") {
         Some((v, kw)) => Key::parse(v).map_err(|e| Error::config(format!("{kw}: {}", e.message())))?,
@@ -821,6 +826,32 @@ mod tests {
         assert_eq!(c.listen, Some("127.0.0.1:7835".parse().unwrap()));
         assert_eq!(c.auth_keys.kids(), vec![1]);
         assert_eq!(c.health_path, "/healthz");
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let base = [("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)];
+        let load = |extra: &[(&str, &str)]| {
+            let mut e = env(&base);
+            e.extend(env(extra));
+            RelayConfig::from_sources(None, &[], &e, &[])
+        };
+        assert!(load(&[]).unwrap().cluster.is_none());
+        let c = load(&[("TUNNEL_CLUSTER_REDIS", "redis://:pw@10.0.0.9:6379/2"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0LXNlY3JldA==")]).unwrap();
+        let cl = c.cluster.expect("cluster on");
+        assert_eq!((cl.key.kid, cl.claim_ttl, cl.namespace.as_str(), cl.advertise.as_deref()), (4, Duration::from_secs(10), "libtunnel", None));
+        assert_eq!(cl.redacted_redis(), "redis://:***@10.0.0.9:6379/2");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://127.0.0.1:6379")]).unwrap_err();
+        assert!(e.message().contains("TUNNEL_CLUSTER_KEY") && e.message().contains("keygen"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "127.0.0.1:6379"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0")]).unwrap_err();
+        assert!(e.message().contains("redis://127.0.0.1:6379"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "rediss://r:6380"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0")]).unwrap_err();
+        assert!(e.message().contains("not supported"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_TTL", "0.5")]).unwrap_err();
+        assert!(e.message().contains("at least 1 second"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_ADVERTISE", "10.0.0.5")])
+            .unwrap_err();
+        assert!(e.message().contains("TUNNEL_CLUSTER_ADVERTISE"), "{e}");
     }
 
     #[test]

@@ -260,7 +260,6 @@ async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere()
     // The listener knows one URL, the balancer's.
     let listener = Arc::new(within(STEP, "bind through the balancer", Listener::bind(&lb.url, Identity::generate())).await.expect("bind"));
     let name = listener.name();
-    serve(listener.clone());
     let mut holder = None;
     for (i, n) in nodes.iter().enumerate() {
         if n.metric("libtunnel_listeners_active").await == 1 {
@@ -271,10 +270,18 @@ async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere()
     let other = (holder + 1) % 3;
     let other_url = nodes[other].url.clone();
 
-    // A stream crossing other → holder, mid-transfer when the holder dies.
-    let mut s = within(STEP, "dial", dialer(&other_url).dial(&format!("{name}:0"))).await.expect("dial");
-    s.write_all(&[7u8; 1000]).await.expect("write");
+    // A stream crossing other → holder, mid-transfer when the holder dies; the listener's end is
+    // served here, so what it sees can be checked too.
+    let dial = tokio::spawn({
+        let (url, name) = (other_url.clone(), name.clone());
+        async move { dialer(&url).dial(&format!("{name}:0")).await }
+    });
+    let (mut ls, _) = within(STEP, "the listener accepts", listener.accept()).await.expect("accept");
+    let mut s = within(STEP, "dial", dial).await.expect("task").expect("dial");
     let mut buf = [0u8; 1000];
+    s.write_all(&[7u8; 1000]).await.expect("write");
+    ls.read_exact(&mut buf).await.expect("the listener reads");
+    ls.write_all(&buf).await.expect("the listener writes");
     s.read_exact(&mut buf).await.expect("echoed before the kill");
     nodes[holder].kill9().await;
     let killed = Instant::now();
@@ -291,6 +298,18 @@ async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere()
     })
     .await;
     assert!(r.is_err(), "the cut-off stream must fail, not end cleanly: {r:?}");
+    let l = within(STEP, "the listener's stream fails", async {
+        loop {
+            match ls.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(l.is_err(), "the listener's end must fail too, not end cleanly: {l:?}");
+    serve(listener.clone());
 
     // Reachable again through a surviving node: the listener reconnects through the balancer
     // to a live node and claims its name there.
@@ -423,4 +442,23 @@ async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
     assert_eq!(nodes[1].metric("libtunnel_listeners_active").await, 1);
     assert_eq!(d.relay().trim_end_matches('/'), nodes[1].url.as_str());
     listener.close();
+}
+
+#[tokio::test]
+async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
+    let mut cfg = relay_config(allow_ports(&[1]));
+    cfg.listen = Some("0.0.0.0:0".parse().unwrap());
+    cfg.cluster = Some(libtunnel::config::ClusterConfig {
+        redis: "redis://127.0.0.1:1".into(),
+        key: libtunnel::Key::parse(cluster::CLUSTER_KEY).unwrap(),
+        advertise: None,
+        claim_ttl: Duration::from_secs(10),
+        namespace: "t".into(),
+    });
+    let e = libtunnel::Server::bind(cfg.clone()).await.unwrap_err();
+    assert!(e.message().contains("TUNNEL_CLUSTER_ADVERTISE"), "{e}");
+    // With it, the node starts even though Redis is not there yet (it connects when it can).
+    cfg.cluster.as_mut().unwrap().advertise = Some("ws://10.0.0.5:7835".into());
+    let s = libtunnel::Server::bind(cfg).await.expect("binds without Redis");
+    drop(s);
 }

@@ -19,7 +19,7 @@ use super::super::route::{open_local, RouteError};
 use super::super::{mux_server, RelayState};
 use crate::auth::{Key, KeySet};
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{FrameSink, FrameSource, MuxConfig, MuxStream, Role, Session};
+use crate::mux::{FrameSink, FrameSource, MuxStream, Role, Session};
 use crate::protocol::{Hello, HelloAck};
 use crate::transport::RelayUrl;
 
@@ -90,19 +90,6 @@ impl Forward {
     }
 }
 
-/// The mux settings of node-to-node sessions (both ends): the relay's own limits.
-pub(crate) fn peer_mux(state: &RelayState) -> MuxConfig {
-    let l = &state.cfg.limits;
-    MuxConfig {
-        keepalive_interval: l.keepalive_interval,
-        keepalive_timeout: l.keepalive_timeout,
-        max_streams: l.max_streams_per_session,
-        max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
-        receive_budget: l.session_receive_budget,
-        ..MuxConfig::default()
-    }
-}
-
 /// B's sessions to the other nodes, by node id.
 #[derive(Default)]
 pub(crate) struct Peers {
@@ -133,7 +120,7 @@ impl Peers {
             let _ = sink.close().await;
             return Err(Error::new(code, format!("the cluster node at {} refused this node: {msg}", url.url)));
         }
-        let s = Session::new(Role::Client, source, sink, peer_mux(state));
+        let s = Session::new(Role::Client, source, sink, mux_server::relay_mux_config(state));
         tracing::info!(node = %id, url = %url.url, "node-to-node session open");
         *slot = Some(s.clone());
         Ok(s)
