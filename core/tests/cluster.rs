@@ -172,6 +172,20 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     }
     assert_eq!(ok, 1000);
 
+    // End-to-end encryption across the hop: the dialer verifies the listener's key through B.
+    let secret = Arc::new(
+        within(STEP, "e2e listener on A", Listener::builder(&a.url, Identity::generate()).e2e(libtunnel::e2e::ListenerE2e::new()).bind())
+            .await
+            .expect("bind e2e"),
+    );
+    serve(secret.clone());
+    let d = Dialer::builder(&b.url).key(key()).e2e(libtunnel::e2e::DialerE2e::new()).build().expect("e2e dialer");
+    let s = within(STEP, "e2e dial via B", d.dial(&format!("{}:0", secret.name()))).await.expect("e2e dial across nodes");
+    assert!(s.is_e2e());
+    let data = payload(MIB, 9);
+    assert_eq!(within(BULK, "e2e echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data));
+    secret.close();
+
     // An unknown name is offline everywhere, with the words of a relay of its own.
     let e = dialer(&b.url).dial("nosuchname:0").await.unwrap_err();
     assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
