@@ -92,18 +92,12 @@ impl Config {
 }
 
 impl Config {
-    /// The checked configuration for a client of `role`. A missing key also names the C setter
-    /// that gives it.
+    /// The checked configuration for a client of `role`. A missing key names the C setter that
+    /// gives it.
     pub fn resolve(&self, role: ClientRole) -> libtunnel::Result<ClientConfig> {
-        let setter = match role {
-            ClientRole::Dialer if self.options.parsed_key.is_none() => Some("tunnel_config_set_key"),
-            ClientRole::Listener if self.options.identity.is_none() => Some("tunnel_config_set_identity_file"),
-            _ => None,
-        };
-        self.options.clone().resolve(role).map_err(|e| match setter {
-            Some(s) if e.message().starts_with("no ") => libtunnel::Error::new(e.code(), format!("{} (in C: call {s} first)", e.message())),
-            _ => e,
-        })
+        let mut o = self.options.clone();
+        o.give_key = Some(("call tunnel_config_set_key", "call tunnel_config_set_identity_file"));
+        o.resolve(role)
     }
 }
 

@@ -177,6 +177,9 @@ pub struct ClientOptions {
     pub mode: Option<Mode>,
     /// Where unset values come from.
     pub env: ClientEnv,
+    /// How this face gives a key, for the error when none is given (default "pass the key";
+    /// the C face says which setter to call).
+    pub give_key: Option<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -232,9 +235,10 @@ impl ClientOptions {
                     (None, None) => match env.var(client_var(KEY_VAR))? {
                         Some(text) => parse_key_text(&text).map_err(|e| Error::new(e.code(), format!("{KEY_VAR}: {}", e.message())))?,
                         None => {
+                            let give = self.give_key.map_or("pass the key", |(dialer, _)| dialer);
                             return Err(Error::argument(format!(
-                                "no shared key: pass the key (KID:BASE64, or a file holding it) or set {KEY_VAR}; `tunnel keygen` makes one"
-                            )))
+                                "no shared key: {give} (KID:BASE64, or a file holding it) or set {KEY_VAR}; `tunnel keygen` makes one"
+                            )));
                         }
                     },
                 };
@@ -247,9 +251,10 @@ impl ClientOptions {
                     (None, None) => match env.var(client_var(LISTENER_KEY_VAR))? {
                         Some(text) => load_identity_text(&text).map_err(|e| Error::new(e.code(), format!("{LISTENER_KEY_VAR}: {}", e.message())))?,
                         None => {
+                            let give = self.give_key.map_or("pass the key", |(_, listener)| listener);
                             return Err(Error::argument(format!(
-                                "no listener key: pass the key (a PEM file or its text) or set {LISTENER_KEY_VAR}; `tunnel keygen --listener --out FILE` makes one"
-                            )))
+                                "no listener key: {give} (a PEM file or its text) or set {LISTENER_KEY_VAR}; `tunnel keygen --listener --out FILE` makes one"
+                            )));
                         }
                     },
                 };
