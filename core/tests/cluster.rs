@@ -405,21 +405,30 @@ async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     assert!(checks >= 5);
+    // A listener that registers during the outage is held locally, and claimed when Redis returns.
+    let t = Instant::now();
+    let lc = Arc::new(within(STEP, "bind on A without Redis", Listener::bind(&a.url, Identity::generate())).await.expect("bind c"));
+    println!("registration without Redis took {:.2} s", t.elapsed().as_secs_f64());
+    serve(lc.clone());
+    let nc = lc.name();
+    within(STEP, "new local name on A", works(a.url.clone(), nc.clone())).await.expect("A serves a listener registered without Redis");
 
     // Redis returns (empty: no persistence); the nodes announce and claim again by themselves.
     let _redis = Redis::start(port).await;
     let healed = until(Duration::from_secs(15), "remote names work again", || {
-        let (a, b, na, nb) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone());
+        let (a, b, na, nb, nc) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone(), nc.clone());
         async move {
             let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb)).await.is_ok_and(|r| r.is_ok());
-            let ba = tokio::time::timeout(Duration::from_secs(2), works(b, na)).await.is_ok_and(|r| r.is_ok());
-            ab && ba
+            let ba = tokio::time::timeout(Duration::from_secs(2), works(b.clone(), na)).await.is_ok_and(|r| r.is_ok());
+            let bc = tokio::time::timeout(Duration::from_secs(2), works(b, nc)).await.is_ok_and(|r| r.is_ok());
+            ab && ba && bc
         }
     })
     .await;
     println!("remote names reachable again {:.2} s after Redis came back", healed.as_secs_f64());
     la.close();
     lb.close();
+    lc.close();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
