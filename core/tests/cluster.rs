@@ -485,3 +485,40 @@ async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
     let s = libtunnel::Server::bind(cfg).await.expect("binds without Redis");
     drop(s);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_tcp_port_is_served_by_every_node() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Two nodes on one host: each binds public ports on its own loopback address, the same range.
+    let base = cluster::free_port().await;
+    let range = format!("tcp_ports={base}-{}", base + 3);
+    let redis = Redis::start(cluster::free_port().await).await;
+    let a = Node::start(&redis.url(), &[range.clone(), "tcp_ports_bind=127.0.0.2".into()]).await;
+    let b = Node::start(&redis.url(), &[range, "tcp_ports_bind=127.0.0.3".into()]).await;
+    let listener = Arc::new(
+        within(STEP, "bind with a TCP port on A", Listener::builder(&a.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind"),
+    );
+    serve(listener.clone());
+    let on_a: std::net::SocketAddr = listener.registration().tcp_addr.expect("a public TCP port").parse().expect("addr");
+    assert_eq!(on_a.ip().to_string(), "127.0.0.2");
+    let on_b = std::net::SocketAddr::from(([127, 0, 0, 3], on_a.port()));
+    // The same port on node B forwards to the listener on A (once B has read the port table).
+    until(STEP, "node B mirrors the port", || async move { TcpStream::connect(on_b).await.is_ok() }).await;
+    for addr in [on_a, on_b] {
+        let s = within(STEP, "connect", TcpStream::connect(addr)).await.expect("connect");
+        let data = payload(4 * MIB, u64::from(addr.port()));
+        assert_eq!(within(BULK, "echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data), "through {addr}");
+    }
+    // A second listener gets another port: no two listeners of the cluster share one.
+    let other = within(STEP, "bind with a TCP port on B", Listener::builder(&b.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind");
+    let other_port: std::net::SocketAddr = other.registration().tcp_addr.expect("a port").parse().expect("addr");
+    assert_ne!(other_port.port(), on_a.port());
+    // The listener leaves: its port's mirror closes.
+    listener.close();
+    until(STEP, "node B closes the mirror", || async move { TcpStream::connect(on_b).await.is_err() }).await;
+    other.close();
+}

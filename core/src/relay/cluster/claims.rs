@@ -11,8 +11,12 @@
 //!   itself expires 3 × `claim_ttl` after its last refresh (garbage from a cluster that stopped).
 //! - `NS:epoch` → a counter: every registration gets a new epoch, and a release removes a holder
 //!   only if the epoch is still its own, so a node can never delete a newer claim.
+//! - `NS:tcp` → a hash of public TCP ports to the listener name each is assigned to: the node
+//!   holding the listener binds the port, and every other node with `tcp_ports` binds it too (a
+//!   mirror) and forwards its connections, so a load balancer may send the port to any node.
 //! - channel `NS:events` ← a name, published whenever its holders change: every node drops its
-//!   cached route for it, and the node whose claim was replaced closes its listener.
+//!   cached route for it, and the node whose claim was replaced closes its listener; `:tcp` when
+//!   the port table changed.
 //!
 //! The rules are the relay's `NAME_TAKEN` rules (see `registry`), across nodes: a name belongs to
 //! one key; a pool (every holder registered with `pool`, in the same exit mode) may span nodes,
@@ -152,6 +156,31 @@ table.insert(out, 1, owner)
 return out
 "#;
 
+// KEYS: the port table. ARGV: port, name, namespace. Takes the port for `name` if it is free, held
+// by `name` already, or held by a name with no live holder. Returns 1 when taken.
+const TAKE_PORT: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and cur ~= ARGV[2] then
+  local h = ARGV[3] .. ':name:' .. cur
+  for _, f in ipairs(redis.call('HKEYS', h)) do
+    if string.sub(f, 1, 2) == 'n:' and redis.call('EXISTS', ARGV[3] .. ':node:' .. string.sub(f, 3)) == 1 then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3] .. ':events', ':tcp')
+return 1
+"#;
+
+// KEYS: the port table. ARGV: port, name, namespace. Frees the port if `name` still holds it.
+const FREE_PORT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[3] .. ':events', ':tcp')
+  return 1
+end
+return 0
+"#;
+
 /// The Redis side of the cluster: one multiplexed, self-reconnecting connection.
 pub(crate) struct Claims {
     conn: ConnectionManager,
@@ -160,6 +189,8 @@ pub(crate) struct Claims {
     claim: Script,
     release: Script,
     lookup: Script,
+    take_port: Script,
+    free_port: Script,
 }
 
 impl Claims {
@@ -177,6 +208,8 @@ impl Claims {
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
             lookup: Script::new(LOOKUP),
+            take_port: Script::new(TAKE_PORT),
+            free_port: Script::new(FREE_PORT),
         })
     }
 
@@ -253,6 +286,33 @@ impl Claims {
             nodes.push((id, url));
         }
         Ok(Holders { owner, mode, nodes })
+    }
+}
+
+impl Claims {
+    fn port_table(&self) -> String {
+        format!("{}:tcp", self.ns)
+    }
+
+    /// Assign public TCP `port` to `name` cluster-wide (false: another live listener has it).
+    pub(crate) async fn take_port(&self, port: u16, name: &str) -> redis::RedisResult<bool> {
+        let mut c = self.conn.clone();
+        let n: i64 = self.take_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
+        Ok(n == 1)
+    }
+
+    /// Free `port` if `name` still has it.
+    pub(crate) async fn free_port(&self, port: u16, name: &str) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = self.free_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Every assigned public TCP port and its listener name.
+    pub(crate) async fn ports(&self) -> redis::RedisResult<Vec<(u16, String)>> {
+        let mut c = self.conn.clone();
+        let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(self.port_table()).query_async(&mut c).await?;
+        Ok(m.into_iter().filter_map(|(p, n)| Some((p.parse().ok()?, n))).collect())
     }
 }
 

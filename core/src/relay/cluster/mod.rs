@@ -3,6 +3,7 @@
 //! - **claims** (`claims`): a listener that registers here is also claimed in Redis, under the same
 //!   `NAME_TAKEN` rules across the cluster; the claim is refreshed every third of `cluster_ttl`
 //!   and dies that long after its node does;
+//! - **public TCP ports** (`mirrors`): assigned cluster-wide, and bound by every node;
 //! - **routes**: a stream for a name no local listener holds (dial by name, public HTTP or TCP,
 //!   `via` an exit) is looked up in Redis (cached; every change is published, and each node drops
 //!   what it cached for that name) and forwarded to the node that holds it (`peers`);
@@ -14,6 +15,7 @@
 //! Bodies and stream bytes never pass through Redis: only names, node URLs and epochs.
 
 pub(crate) mod claims;
+mod mirrors;
 pub(crate) mod peers;
 
 use std::collections::HashMap;
@@ -64,6 +66,7 @@ pub(crate) struct Cluster {
     peers: peers::Peers,
     /// Round-robin over the nodes of a pool that spans nodes.
     turn: std::sync::atomic::AtomicUsize,
+    mirrors: mirrors::Mirrors,
 }
 
 /// Why a remote lookup failed.
@@ -90,6 +93,7 @@ impl Cluster {
             redis_up: AtomicBool::new(true),
             peers: peers::Peers::default(),
             turn: std::sync::atomic::AtomicUsize::new(0),
+            mirrors: mirrors::Mirrors::default(),
         })
     }
 
@@ -149,6 +153,28 @@ impl Cluster {
         state.tasks.spawn(async move {
             if let Err(e) = me.claims.release(&name, h.epoch).await {
                 me.redis_failed(&st, "releasing a listener name", &e);
+            }
+        });
+    }
+
+    /// Assign public TCP `port` to the listener `name` cluster-wide; false when a live listener
+    /// elsewhere has it (try the next port). Redis unreachable: the port is used locally only.
+    pub(crate) async fn take_port(&self, state: &RelayState, port: u16, name: &str) -> bool {
+        match self.claims.take_port(port, name).await {
+            Ok(taken) => taken,
+            Err(e) => {
+                self.redis_failed(state, "assigning a public TCP port", &e);
+                true
+            }
+        }
+    }
+
+    /// The listener `name` gave up public TCP `port`.
+    pub(crate) fn port_released(self: &Arc<Self>, state: &Arc<RelayState>, port: u16, name: &str) {
+        let (me, st, name) = (self.clone(), state.clone(), name.to_string());
+        state.tasks.spawn(async move {
+            if let Err(e) = me.claims.free_port(port, &name).await {
+                me.redis_failed(&st, "freeing a public TCP port", &e);
             }
         });
     }
@@ -310,10 +336,12 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         for name in names {
             me.reassert(&state, &name).await;
         }
+        me.mirrors.reconcile(&me, &state).await;
     }
     // A clean stop: other nodes stop routing here at once (the listeners' sessions end with the
     // relay and release their names too).
     me.peers.close_all();
+    me.mirrors.close_all();
     let _ = tokio::time::timeout(Duration::from_secs(1), me.claims.withdraw()).await;
 }
 
@@ -355,6 +383,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         for name in names {
             me.reassert(&state, &name).await;
         }
+        me.mirrors.reconcile(&me, &state).await;
         let mut stream = ps.into_on_message();
         loop {
             let msg = tokio::select! {
@@ -366,6 +395,11 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             };
             let Some(msg) = msg else { break };
             let name = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+            if name == ":tcp" {
+                let (me, st) = (me.clone(), state.clone());
+                state.tasks.spawn(async move { me.mirrors.reconcile(&me, &st).await });
+                continue;
+            }
             me.forget_route(&name);
             if me.held.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
                 me.reassert(&state, &name).await;
