@@ -522,3 +522,64 @@ async fn a_public_tcp_port_is_served_by_every_node() {
     until(STEP, "node B closes the mirror", || async move { TcpStream::connect(on_b).await.is_err() }).await;
     other.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_left_after_the_keepalive_window() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // A node that stops without closing its sockets (SIGSTOP: no RST, its port still accepts) is
+    // noticed by the listener's keepalive; here tuned to 1 s / 3 s (default 10 s / 20 s).
+    let mux = libtunnel::MuxConfig { keepalive_interval: Duration::from_secs(1), keepalive_timeout: Duration::from_secs(3), ..Default::default() };
+    let listener = Arc::new(
+        within(
+            STEP,
+            "bind through the balancer",
+            Listener::builder(&lb.url, Identity::generate()).mux_config(mux).timeout(Duration::from_secs(2)).bind(),
+        )
+        .await
+        .expect("bind"),
+    );
+    serve(listener.clone());
+    let name = listener.name();
+    let mut holder = None;
+    for (i, n) in nodes.iter().enumerate() {
+        if n.metric("libtunnel_listeners_active").await == 1 {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("one node holds the listener");
+    let other = nodes[(holder + 1) % 3].url.clone();
+    let pid = nodes[holder].child.id().expect("pid") as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let back = until(Duration::from_secs(25), "the listener is reachable through a live node", || {
+        let (url, name) = (other.clone(), name.clone());
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await.ok()?;
+                echo_roundtrip(s, b"thawed", true).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+                == Some(sha256(b"thawed"))
+        }
+    })
+    .await;
+    println!("frozen node: the listener was reachable again after {:.2} s (keepalive 1 s / 3 s)", frozen.elapsed().as_secs_f64());
+    assert!(back < Duration::from_secs(25));
+    // The frozen node wakes up: it finds its claim replaced and routes nothing back to itself.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for _ in 0..10 {
+        let s = within(STEP, "dial after the thaw", dialer(&nodes[holder].url).dial(&format!("{name}:0"))).await.expect("dial via the thawed node");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"x", true)).await.expect("echo"), sha256(b"x"));
+    }
+    listener.close();
+}
