@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::events::{EventHub, Events};
 use crate::client::handshake::connect_mux;
+use crate::client::relays::RelayList;
 use crate::e2e::handshake::Accepting;
 use crate::e2e::ListenerE2e;
 use crate::egress::allowlist::Allowlist;
@@ -188,7 +189,7 @@ impl ListenerBuilder {
     /// Connect and register. Fails (without retrying) when the first registration is refused or
     /// the relay cannot be reached; after that, lost sessions are re-established in the background.
     pub async fn bind(self) -> Result<Listener> {
-        let url = RelayUrl::parse(&self.relay)?;
+        let relays = RelayList::parse(&self.relay)?;
         let name = self.name.clone().unwrap_or_else(|| self.identity.name());
         if !crate::identity::valid_name(&name) {
             return Err(Error::argument(format!(
@@ -204,9 +205,9 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { url, name, builder: self, exit, e2e, events: Arc::new(EventHub::new()) });
+        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, events: Arc::new(EventHub::new()) });
         let (session, reg) = register(&cfg).await?;
-        cfg.events.connected(cfg.url.url.as_str(), Some(&reg.name));
+        cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
         let current = Arc::new(Mutex::new(Some(session.clone())));
@@ -227,7 +228,7 @@ impl ListenerBuilder {
 }
 
 struct Config {
-    url: RelayUrl,
+    relays: RelayList,
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -435,9 +436,14 @@ impl Drop for Listener {
 
 /// Connect, register, and return the session and what the relay granted.
 async fn register(cfg: &Config) -> Result<(Session, Registration)> {
+    cfg.relays.try_each(|url| async move { register_at(cfg, &url).await }).await
+}
+
+/// [`register`] with one relay.
+async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registration)> {
     let b = &cfg.builder;
     let attempt = async {
-        let (source, mut sink, answer) = connect_mux(&cfg.url, b.tls.as_ref(), |nonce| {
+        let (source, mut sink, answer) = connect_mux(url, b.tls.as_ref(), |nonce| {
             ListenHello {
                 public_key: b.identity.public_key().to_vec(),
                 signature: b.identity.sign_registration(nonce, &cfg.name).to_vec(),
@@ -455,7 +461,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
             Ok(a) => a,
             Err(e) => {
                 let _ = sink.close().await;
-                return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", cfg.url.url, cfg.name, e.message())));
+                return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", url.url, cfg.name, e.message())));
             }
         };
         // A relay that predates pools or exits ignores the request; say so instead of running as
@@ -463,7 +469,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
         for (asked, granted, what) in [(b.pool, ack.pool, "pools (--pool)"), (b.exit.is_some(), ack.exit, "exit listeners (--exit)")] {
             if asked && !granted {
                 let _ = sink.close().await;
-                return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", cfg.url.url)));
+                return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", url.url)));
             }
         }
         let reg = Registration {
@@ -475,7 +481,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
     };
     tokio::time::timeout(b.timeout, attempt)
         .await
-        .map_err(|_| Error::new(ErrorCode::Timeout, format!("registering with the relay at {} timed out after {:?}", cfg.url.url, b.timeout)))?
+        .map_err(|_| Error::new(ErrorCode::Timeout, format!("registering with the relay at {} timed out after {:?}", url.url, b.timeout)))?
 }
 
 /// Serve the current session; when it dies, reconnect with backoff and re-register.
@@ -525,7 +531,7 @@ async fn supervise(
             match register(&cfg).await {
                 Ok((s, reg)) => {
                     tracing::info!(name = %reg.name, "re-registered with the relay");
-                    cfg.events.connected(cfg.url.url.as_str(), Some(&reg.name));
+                    cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
                     let _ = reg_tx.send(reg);
                     break s;
                 }

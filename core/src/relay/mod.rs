@@ -23,6 +23,7 @@
 
 mod admin;
 mod classic_ws;
+mod cluster;
 mod guard;
 mod listen;
 mod memory;
@@ -85,6 +86,8 @@ pub(crate) struct RelayState {
     pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
     /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
     pub(crate) public: public_endpoint::Public,
+    /// The cluster this relay is a node of (`cluster_redis`), if any.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
@@ -212,6 +215,24 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// The URL other nodes reach this one at: `cluster_advertise`, else the raw-TCP endpoint, else
+/// the WebSocket one (bound to a specific IP: 0.0.0.0 says nothing about where to dial).
+fn cluster_advertise(c: &crate::config::ClusterConfig, tcp: Option<&TcpListener>, ws: Option<&TcpListener>, tls: bool) -> Result<String> {
+    if let Some(a) = &c.advertise {
+        return Ok(a.clone());
+    }
+    let addr = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok()).filter(|a| !a.ip().is_unspecified());
+    if let Some(a) = addr(tcp) {
+        return Ok(format!("tcp://{a}"));
+    }
+    if let Some(a) = addr(ws) {
+        return Ok(format!("{}://{a}", if tls { "wss" } else { "ws" }));
+    }
+    Err(Error::config(
+        "this cluster node listens on every address (0.0.0.0), so other nodes cannot tell where to reach it: set TUNNEL_CLUSTER_ADVERTISE to the URL they should dial, e.g. tcp://10.0.0.5:7836",
+    ))
+}
+
 async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -257,7 +278,15 @@ impl Server {
             None => None,
         };
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+        let cluster = match &cfg.cluster {
+            Some(c) => {
+                let advertise = cluster_advertise(c, tcp.as_ref(), ws.as_ref(), tls.is_some())?;
+                Some(Arc::new(cluster::Cluster::new(c.clone(), advertise)?))
+            }
+            None => None,
+        };
         let metrics = Arc::new(Metrics::default());
+        metrics.cluster.on.store(cluster.is_some(), std::sync::atomic::Ordering::Relaxed);
         let l = &cfg.limits;
         let admissions = guard::Admissions::new(
             guard::AdmissionLimits {
@@ -287,6 +316,7 @@ impl Server {
             registry: registry::Registry::default(),
             access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
+            cluster,
         });
         Ok(Server { state, ws, tcp, http, https, admin })
     }
@@ -375,6 +405,10 @@ impl Server {
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::RawTcp));
         }
         state.tasks.spawn(memory::return_after_floods(state.metrics.clone(), state.draining.clone()));
+        if let Some(c) = &state.cluster {
+            tracing::info!(node = %c.node_id, advertise = %c.advertise, redis = %c.cfg.redacted_redis(), "node of a relay cluster");
+            c.start(&state);
+        }
         shutdown.await;
         tracing::info!(drain_secs = state.cfg.limits.drain_timeout.as_secs_f64(), "relay shutting down; draining open streams");
         state.draining.cancel();
