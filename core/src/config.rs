@@ -248,6 +248,9 @@ pub struct RelayConfig {
     pub http_listener_rate: Option<(u64, Duration)>,
     /// The Redis cluster this relay is a node of; `None` (the default): a relay on its own.
     pub cluster: Option<ClusterConfig>,
+    /// Load balancers (IPs or CIDRs) whose connections start with a PROXY protocol header naming
+    /// the real client (`relay::proxy_header`); none by default.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl RelayConfig {
@@ -279,6 +282,7 @@ impl RelayConfig {
             http_path_prefix: None,
             http_listener_rate: None,
             cluster: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 
@@ -614,6 +618,19 @@ impl RelayConfig {
             }
         }
         cfg.cluster = cluster_from(&get, secs("cluster_ttl", Duration::from_secs(10))?)?;
+        if let Some((v, w)) = get("proxy_protocol_from") {
+            cfg.proxy_protocol_from = v
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty() && *s != "off")
+                .map(|s| {
+                    s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from)).map_err(|_| {
+                        Error::config(format!(
+                            "{w}: {s:?} is not an IP address or CIDR (list the load balancers' addresses, e.g. 10.0.0.0/24 10.0.1.5)"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
         let allow_var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
         cfg.check_serves_someone(&keys_var, &allow_var)?;
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
@@ -680,6 +697,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "admin_listen", help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off" },
     Setting { name: "admin_token", help: "bearer token the admin endpoint requires, at least 16 characters" },
     Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
+    Setting {
+        name: "proxy_protocol_from",
+        help: "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client",
+    },
     Setting { name: "cluster_redis", help: "Redis URL of the cluster this relay is a node of (redis://host:6379), or off" },
     Setting { name: "cluster_key", help: "KID:BASE64 key every node of the cluster shares (node-to-node sessions)" },
     Setting { name: "cluster_advertise", help: "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen" },

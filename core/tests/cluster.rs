@@ -41,10 +41,13 @@ fn serve(listener: Arc<Listener>) {
             let name = listener.name();
             tokio::spawn(async move {
                 if peer.via == libtunnel::protocol::Via::Http {
+                    let client = peer.client.clone();
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let name = name.clone();
+                        let (name, client) = (name.clone(), client.clone());
                         async move {
-                            let resp = if req.method() == http::Method::POST {
+                            let resp = if req.uri().path() == "/peer" {
+                                hyper::Response::new(full(client))
+                            } else if req.method() == http::Method::POST {
                                 hyper::Response::new(req.into_body().map_err(std::io::Error::other).boxed())
                             } else {
                                 hyper::Response::new(full(format!("{} from {name}", req.uri().path())))
@@ -135,10 +138,17 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     }
     // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
     // per-source limits sized for one source sending 1,000 at once.
-    let limits: Vec<String> =
-        ["http_max_requests_per_source=4096", "max_handshakes_per_source=4096", "max_connections_per_source=4096"].map(String::from).to_vec();
+    let limits: Vec<String> = [
+        "http_max_requests_per_source=4096",
+        "max_handshakes_per_source=4096",
+        "max_connections_per_source=4096",
+        // HAProxy names each client in a PROXY header (from 127.0.0.9; direct clients are 127.0.0.1).
+        "proxy_protocol_from=127.0.0.9",
+    ]
+    .map(String::from)
+    .to_vec();
     let (_redis, nodes) = start_cluster(3, &limits).await;
-    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    let lb = Balancer::start_with(&nodes.iter().collect::<Vec<_>>(), true).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
     let listener =
@@ -146,6 +156,15 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     let name = listener.name();
     serve(listener.clone());
     let host = format!("{name}.localhost");
+
+    // Through the balancer the listener sees the client itself, not HAProxy (PROXY protocol).
+    for http in [lb.http, b.http] {
+        let mut s = within(STEP, "connect", TcpStream::connect(http)).await.expect("connect");
+        let me = s.local_addr().expect("local addr");
+        s.write_all(format!("GET /peer HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+        let (status, body) = within(STEP, "response", read_http_response(&mut s)).await;
+        assert_eq!((status, body.as_str()), (200, me.to_string().as_str()), "the client address the listener sees through {http}");
+    }
 
     dial_64_mib(&b.url, &name, 1).await;
     dial_64_mib(&c.url, &name, 2).await;

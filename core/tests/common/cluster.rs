@@ -183,11 +183,18 @@ impl Drop for TempDir {
 
 impl Balancer {
     pub async fn start(nodes: &[&Node]) -> Balancer {
+        Balancer::start_with(nodes, false).await
+    }
+
+    /// With `proxy`, HAProxy connects to the nodes from 127.0.0.9 and sends a PROXY v2 header
+    /// naming each client (nodes trust it with `proxy_protocol_from=127.0.0.9`).
+    pub async fn start_with(nodes: &[&Node], proxy: bool) -> Balancer {
         let (tunnel_port, http_port) = (free_port().await, free_port().await);
         let dir = std::env::temp_dir().join(format!("libtunnel-haproxy-{}-{tunnel_port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let servers = |pick: &dyn Fn(&Node) -> SocketAddr| {
-            nodes.iter().enumerate().map(|(i, n)| format!("    server n{i} {} check inter 200 fall 1 rise 1\n", pick(n))).collect::<String>()
+            let extra = if proxy { " send-proxy-v2 source 127.0.0.9" } else { "" };
+            nodes.iter().enumerate().map(|(i, n)| format!("    server n{i} {} check inter 200 fall 1 rise 1{extra}\n", pick(n))).collect::<String>()
         };
         let cfg = format!(
             "global\n    maxconn 4000\n\
