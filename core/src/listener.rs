@@ -204,7 +204,7 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e });
+        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random() });
         let (session, reg) = register(&cfg).await?;
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
@@ -226,6 +226,8 @@ impl ListenerBuilder {
 
 struct Config {
     relays: RelayList,
+    /// This listener object's random id, sent in every registration (`ListenHello::instance`).
+    instance: [u8; 16],
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -438,6 +440,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
                 exit: b.exit.is_some(),
                 h2c: b.h2c,
                 tls_passthrough: b.tls_passthrough,
+                instance: cfg.instance.to_vec(),
             }
             .encode_frame()
         })

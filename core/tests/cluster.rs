@@ -8,6 +8,8 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[path = "common/raw.rs"]
+mod raw;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -238,6 +240,22 @@ async fn names_are_exclusive_across_the_cluster() {
     // Still held by k1 on A, reachable through B.
     let s = within(STEP, "dial shared via B", dialer(&b.url).dial("shared:0")).await.expect("dial");
     assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"still k1", true)).await.expect("echo"), sha256(b"still k1"));
+
+    // A stale registration of k1 on B (a process about to be replaced)...
+    let stale = |n: &[u8]| libtunnel::protocol::ListenHello { instance: vec![5; 16], ..raw::hello(&k1, n, "shared") };
+    let (_stale_ws, ack) = raw::raw_register(&b.url, stale).await;
+    assert!(ack.is_ok(), "the same key replaces A's listener: {ack:?}");
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let first = Arc::new(within(STEP, "k1 on A again", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 once more"));
+    serve(first.clone());
+    // ...that comes back (on another node) after the newer one replaced it: refused cluster-wide.
+    let (_again, ack) = raw::raw_register(&c.url, stale).await;
+    let e = ack.expect_err("a replaced instance may not take the name back on any node");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.message().contains("newer registration"), "{e}");
+    let s = within(STEP, "dial shared via C", dialer(&c.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"newer", true)).await.expect("echo"), sha256(b"newer"));
 
     // The same key again on C (not a pool): the new registration wins cluster-wide, and A's
     // listener is told why and stops.

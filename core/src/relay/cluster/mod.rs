@@ -43,6 +43,8 @@ const ROUTE_CACHE_MAX: usize = 10_000;
 #[derive(Debug, Clone)]
 struct Held {
     owner: String,
+    /// The listener instance (hex) that holds it here.
+    instance: String,
     mode: ClaimMode,
     /// The claim's epoch; 0 while it could not be claimed (Redis unreachable).
     epoch: u64,
@@ -115,9 +117,10 @@ impl Cluster {
     /// Claim `name` for a listener that just registered here. `Err` only when the cluster says
     /// another key (or an incompatible pool) holds it; an unreachable Redis keeps the claim
     /// local until it returns.
-    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], mode: ClaimMode) -> Result<()> {
+    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], instance: &[u8], mode: ClaimMode) -> Result<()> {
         let owner = data_encoding::HEXLOWER.encode(owner);
-        let res = self.claims.claim(name, &owner, mode, self.cfg.claim_ttl, false).await;
+        let instance = data_encoding::HEXLOWER.encode(instance);
+        let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
         let epoch = match res {
             Ok(Claimed::Held(e)) => {
                 self.redis_ok();
@@ -127,13 +130,17 @@ impl Cluster {
                 self.redis_ok();
                 return Err(taken_error(name, mode, theirs));
             }
+            Ok(Claimed::Retired) => {
+                self.redis_ok();
+                return Err(super::registry::retired_error(name));
+            }
             Ok(Claimed::Lost) => 0,
             Err(e) => {
                 self.redis_failed(state, "claiming a listener name", &e);
                 0
             }
         };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), Held { owner, mode, epoch });
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), Held { owner, instance, mode, epoch });
         state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
         Ok(())
     }
@@ -273,14 +280,14 @@ impl Cluster {
         let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() else { return };
         // Never claimed (Redis was down at registration): claim now, as the registration would have.
         let refresh = h.epoch != 0;
-        match self.claims.claim(name, &h.owner, h.mode, self.cfg.claim_ttl, refresh).await {
+        match self.claims.claim(name, &h.owner, &h.instance, h.mode, self.cfg.claim_ttl, refresh).await {
             Ok(Claimed::Held(epoch)) => {
                 self.redis_ok();
                 if let Some(x) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
                     x.epoch = epoch;
                 }
             }
-            Ok(Claimed::Taken { .. } | Claimed::Lost) => {
+            Ok(Claimed::Taken { .. } | Claimed::Lost | Claimed::Retired) => {
                 self.redis_ok();
                 self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
                 state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
