@@ -41,6 +41,9 @@ pub(crate) struct Joining {
     pub(crate) exit: bool,
 }
 
+/// Replaced listener instances of one name, oldest first, with when each was replaced.
+type Retired = VecDeque<(Vec<u8>, Instant)>;
+
 /// How long a replaced listener instance is refused.
 pub(crate) const RETIRED_FOR: Duration = Duration::from_secs(600);
 /// Most replaced instances remembered per name, and names with any.
@@ -85,7 +88,7 @@ pub(crate) struct Registry {
     /// Woken when a reservation is attached or released (for lookups waiting on one).
     changed: tokio::sync::Notify,
     /// Listener instances replaced by a newer registration of their key, per name.
-    retired: Mutex<HashMap<String, VecDeque<(Vec<u8>, Instant)>>>,
+    retired: Mutex<HashMap<String, Retired>>,
 }
 
 impl Registry {
