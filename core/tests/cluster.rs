@@ -306,7 +306,15 @@ async fn names_are_exclusive_across_the_cluster() {
     .await;
 
     // Pools span nodes: both keys as replicas, on A and on C.
-    let p1 = Arc::new(within(STEP, "pool k1 on A", Listener::builder(&a.url, k1).name("shared").pool(true).bind()).await.expect("pool 1"));
+    // (k2's listener above was just closed: its node releases the name a moment later.)
+    let t = Instant::now();
+    let p1 = loop {
+        match within(STEP, "pool k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind()).await {
+            Ok(l) => break Arc::new(l),
+            Err(e) if e.code() == ErrorCode::NameTaken && t.elapsed() < STEP => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("pool 1: {e}"),
+        }
+    };
     let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
     serve(p1.clone());
     serve(p2.clone());
