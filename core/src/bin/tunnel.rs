@@ -547,6 +547,7 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
 }
 
 fn main() -> ExitCode {
+    libtunnel::runtime::tune_allocator();
     let mut cli = Cli::parse();
     // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
     // interleave with the story.
