@@ -168,7 +168,7 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     ]
     .map(String::from)
     .to_vec();
-    let (_redis, nodes) = start_cluster(3, &limits).await;
+    let (redis, nodes) = start_cluster(3, &limits).await;
     let lb = Balancer::start_with(&nodes.iter().collect::<Vec<_>>(), true).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
@@ -231,7 +231,10 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
     let (status, body) = get(c.http, "nosuchname.localhost", "/").await;
     assert_eq!(status, 502, "{body}");
+    // Released names leave nothing behind in Redis.
+    assert_eq!(redis.count_keys("libtunnel:name:*").await, 1, "one name is held");
     listener.close();
+    until(STEP, "the released name's key is gone from Redis", || async { redis.count_keys("libtunnel:name:*").await == 0 }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -82,6 +82,20 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// How many keys match `pattern` (an inline `KEYS` command; the reply's array length).
+    pub async fn count_keys(&self, pattern: &str) -> usize {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect to redis");
+        s.write_all(format!("KEYS {pattern}\r\n").as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            s.read_exact(&mut b).await.expect("reply");
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        text.trim().strip_prefix('*').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("unexpected KEYS reply {text:?}"))
+    }
+
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }
