@@ -36,6 +36,8 @@ use claims::{ClaimMode, Claimed, Claims, Holders};
 /// How long a cached route may be used without a change notice (a safety net: notices are what
 /// keep the cache right, and the cache is dropped whenever the subscription is lost).
 const ROUTE_CACHE_FOR: Duration = Duration::from_secs(30);
+/// Claims re-asserted at once on each refresh.
+const REASSERT_IN_FLIGHT: usize = 64;
 /// Most routes cached (then the cache starts over).
 const ROUTE_CACHE_MAX: usize = 10_000;
 
@@ -274,6 +276,13 @@ impl Cluster {
         state.tasks.spawn(notice_loop(self.clone(), state.clone()));
     }
 
+    /// Re-assert every claim this node holds, [`REASSERT_IN_FLIGHT`] at a time (the Redis
+    /// connection pipelines them).
+    async fn reassert_all(&self, state: &RelayState) {
+        let names: Vec<String> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        futures_util::stream::iter(names).for_each_concurrent(REASSERT_IN_FLIGHT, |name| async move { self.reassert(state, &name).await }).await;
+    }
+
     /// Re-assert the claim on `name` (after a notice, or on the refresh tick); close the local
     /// listeners of a name this node lost.
     async fn reassert(&self, state: &RelayState, name: &str) {
@@ -339,10 +348,7 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
                 continue;
             }
         }
-        let names: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-        for name in names {
-            me.reassert(&state, &name).await;
-        }
+        me.reassert_all(&state).await;
         me.mirrors.reconcile(&me, &state).await;
     }
     // A clean stop: other nodes stop routing here at once (the listeners' sessions end with the
@@ -386,10 +392,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         me.subscribed.store(true, Relaxed);
         // Claims made while we were not subscribed may have replaced ours: check them all.
-        let names: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-        for name in names {
-            me.reassert(&state, &name).await;
-        }
+        me.reassert_all(&state).await;
         me.mirrors.reconcile(&me, &state).await;
         let mut stream = ps.into_on_message();
         loop {
