@@ -8,6 +8,8 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 #[path = "common/raw.rs"]
 mod raw;
 
@@ -534,6 +536,7 @@ async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
     cfg.listen = Some("0.0.0.0:0".parse().unwrap());
     cfg.cluster = Some(libtunnel::config::ClusterConfig {
         redis: "redis://127.0.0.1:1".into(),
+        redis_ca: None,
         key: libtunnel::Key::parse(cluster::CLUSTER_KEY).unwrap(),
         advertise: None,
         claim_ttl: Duration::from_secs(10),
@@ -637,4 +640,32 @@ async fn a_frozen_node_is_left_after_the_keepalive_window() {
         assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"x", true)).await.expect("echo"), sha256(b"x"));
     }
     listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("libtunnel-redis-tls-{}", std::process::id()));
+    let pki = pki::make_pki(&dir, &["127.0.0.1", "localhost"]);
+    let redis = Redis::start_tls(cluster::free_port().await, &pki.cert, &pki.key, &pki.ca).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = format!("cluster_redis_ca={}", pki.ca.display());
+    let a = Node::start(&url, std::slice::from_ref(&ca)).await;
+    let b = Node::start(&url, &[ca]).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let s = within(STEP, "dial via B", dialer(&b.url).dial(&format!("{}:0", listener.name()))).await.expect("a remote name through a TLS Redis");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"tls", true)).await.expect("echo"), sha256(b"tls"));
+    // A node that does not trust the Redis certificate cannot use the cluster registry: its
+    // remote names fail with the error naming Redis, its own listeners still work.
+    let c = Node::start(&url, &[]).await;
+    let e = within(STEP, "dial via C", dialer(&c.url).dial(&format!("{}:0", listener.name()))).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.to_string().contains("Redis"), "{e}");
+    listener.close();
+    let _ = std::fs::remove_dir_all(&dir);
 }

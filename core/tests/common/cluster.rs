@@ -78,6 +78,26 @@ impl Redis {
         Redis { child, port }
     }
 
+    /// A `redis-server` serving TLS only, on `port`, with `cert`/`key` (clients not asked for
+    /// certificates).
+    pub async fn start_tls(port: u16, cert: &Path, key: &Path, ca: &Path) -> Redis {
+        let p = |p: &Path| p.to_str().expect("utf8").to_string();
+        let child = Command::new(program("redis-server").expect("redis-server"))
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-cert-file", &p(cert), "--tls-key-file", &p(key), "--tls-ca-cert-file", &p(ca), "--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server with TLS");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "redis-server (TLS) did not listen within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Redis { child, port }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

@@ -80,8 +80,14 @@ pub(crate) struct RedisDown;
 impl Cluster {
     /// Set up (no connection is made yet: Redis may come up after the relay).
     pub(crate) fn new(cfg: ClusterConfig, advertise: String) -> Result<Cluster> {
-        let client = redis::Client::open(cfg.redis.as_str())
-            .map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis())))?;
+        let bad = |e: redis::RedisError| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis()));
+        let client = match &cfg.redis_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
+                redis::Client::build_with_tls(cfg.redis.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }).map_err(bad)?
+            }
+            None => redis::Client::open(cfg.redis.as_str()).map_err(bad)?,
+        };
         let node_id = format!("{:016x}", rand::random::<u64>());
         let claims = Claims::new(&client, &cfg.namespace, &node_id)
             .map_err(|e| Error::config(format!("cannot set up the Redis connection to {}: {e}", cfg.redacted_redis())))?;
