@@ -669,3 +669,41 @@ async fn nodes_reach_redis_over_tls() {
     listener.close();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_listener_on_another_node_gets_its_requests_over_a_few_kept_connections() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind h2c on A", Listener::builder(&a.url, Identity::generate()).h2c(true).bind()).await.expect("bind"));
+    let name = listener.name();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (listener, streams) = (listener.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!("h2 {} {:?}", req.uri().path(), req.version()))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let host = format!("{name}.localhost");
+    for i in 0..40 {
+        let (status, body) = get(b.http, &host, &format!("/g{i}")).await;
+        assert_eq!((status, body.as_str()), (200, format!("h2 /g{i} HTTP/2.0").as_str()), "request {i} through B");
+    }
+    let used = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&used), "40 requests through B took {used} HTTP/2 connections to the listener on A (kept: at most 4)");
+    listener.close();
+}
