@@ -30,12 +30,7 @@ mkdir -p "$OUT/logs"
 # shellcheck source=bench/lib.sh
 source "$HERE/lib.sh"
 
-if ! command -v redis-server >/dev/null; then
-    log "installing redis-server from Debian"
-    sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends redis-server; } >"$OUT/logs/install-debs.log" 2>&1 \
-        || { log "cannot install redis-server (see $OUT/logs/install-debs.log)"; exit 1; }
-fi
+command -v redis-server >/dev/null || install_debs redis-server
 if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
     log "building release binaries (target dir $TARGET_DIR)"
     (cd "$ROOT" && cargo build --release -q -p libtunnel --features cli --bin tunnel && cargo build --release -q -p libtunnel-bench) \

@@ -205,7 +205,7 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, events: Arc::new(EventHub::new()) });
+        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random(), events: Arc::new(EventHub::new()) });
         let (session, reg) = register(&cfg).await?;
         cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
         let (reg_tx, reg_rx) = watch::channel(reg);
@@ -229,6 +229,8 @@ impl ListenerBuilder {
 
 struct Config {
     relays: RelayList,
+    /// This listener object's random id, sent in every registration (`ListenHello::instance`).
+    instance: [u8; 16],
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -453,6 +455,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
                 exit: b.exit.is_some(),
                 h2c: b.h2c,
                 tls_passthrough: b.tls_passthrough,
+                instance: cfg.instance.to_vec(),
             }
             .encode_frame()
         })

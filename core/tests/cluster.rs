@@ -8,6 +8,10 @@
 #[path = "common/cluster.rs"]
 mod cluster;
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
+#[path = "common/raw.rs"]
+mod raw;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,10 +45,13 @@ fn serve(listener: Arc<Listener>) {
             let name = listener.name();
             tokio::spawn(async move {
                 if peer.via == libtunnel::protocol::Via::Http {
+                    let client = peer.client.clone();
                     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                        let name = name.clone();
+                        let (name, client) = (name.clone(), client.clone());
                         async move {
-                            let resp = if req.method() == http::Method::POST {
+                            let resp = if req.uri().path() == "/peer" {
+                                hyper::Response::new(full(client))
+                            } else if req.method() == http::Method::POST {
                                 hyper::Response::new(req.into_body().map_err(std::io::Error::other).boxed())
                             } else {
                                 hyper::Response::new(full(format!("{} from {name}", req.uri().path())))
@@ -116,6 +123,25 @@ async fn start_cluster(n: usize, extra: &[String]) -> (Redis, Vec<Node>) {
     (redis, nodes)
 }
 
+/// The node whose `/metrics` count the one listener (the count follows the registration's
+/// answer by a moment, so it is polled).
+async fn holder_of(nodes: &[Node]) -> usize {
+    let t = Instant::now();
+    loop {
+        let mut holding = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.metric("libtunnel_listeners_active").await == 1 {
+                holding.push(i);
+            }
+        }
+        if let [one] = holding[..] {
+            return one;
+        }
+        assert!(t.elapsed() < STEP, "no single node reports the listener: {holding:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Poll `f` every 50 ms until it is true or `limit` passes; returns the time it took.
 async fn until<F: std::future::Future<Output = bool>>(limit: Duration, what: &str, mut f: impl FnMut() -> F) -> Duration {
     let t = Instant::now();
@@ -135,10 +161,17 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     }
     // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
     // per-source limits sized for one source sending 1,000 at once.
-    let limits: Vec<String> =
-        ["http_max_requests_per_source=4096", "max_handshakes_per_source=4096", "max_connections_per_source=4096"].map(String::from).to_vec();
-    let (_redis, nodes) = start_cluster(3, &limits).await;
-    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    let limits: Vec<String> = [
+        "http_max_requests_per_source=4096",
+        "max_handshakes_per_source=4096",
+        "max_connections_per_source=4096",
+        // HAProxy names each client in a PROXY header (from 127.0.0.9; direct clients are 127.0.0.1).
+        "proxy_protocol_from=127.0.0.9",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (redis, nodes) = start_cluster(3, &limits).await;
+    let lb = Balancer::start_with(&nodes.iter().collect::<Vec<_>>(), true).await;
     let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
     // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
     let listener =
@@ -146,6 +179,15 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     let name = listener.name();
     serve(listener.clone());
     let host = format!("{name}.localhost");
+
+    // Through the balancer the listener sees the client itself, not HAProxy (PROXY protocol).
+    for http in [lb.http, b.http] {
+        let mut s = within(STEP, "connect", TcpStream::connect(http)).await.expect("connect");
+        let me = s.local_addr().expect("local addr");
+        s.write_all(format!("GET /peer HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+        let (status, body) = within(STEP, "response", read_http_response(&mut s)).await;
+        assert_eq!((status, body.as_str()), (200, me.to_string().as_str()), "the client address the listener sees through {http}");
+    }
 
     dial_64_mib(&b.url, &name, 1).await;
     dial_64_mib(&c.url, &name, 2).await;
@@ -191,7 +233,10 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
     assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
     let (status, body) = get(c.http, "nosuchname.localhost", "/").await;
     assert_eq!(status, 502, "{body}");
+    // Released names leave nothing behind in Redis.
+    assert_eq!(redis.count_keys("libtunnel:name:*").await, 1, "one name is held");
     listener.close();
+    until(STEP, "the released name's key is gone from Redis", || async { redis.count_keys("libtunnel:name:*").await == 0 }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +264,22 @@ async fn names_are_exclusive_across_the_cluster() {
     // Still held by k1 on A, reachable through B.
     let s = within(STEP, "dial shared via B", dialer(&b.url).dial("shared:0")).await.expect("dial");
     assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"still k1", true)).await.expect("echo"), sha256(b"still k1"));
+
+    // A stale registration of k1 on B (a process about to be replaced)...
+    let stale = |n: &[u8]| libtunnel::protocol::ListenHello { instance: vec![5; 16], ..raw::hello(&k1, n, "shared") };
+    let (_stale_ws, ack) = raw::raw_register(&b.url, stale).await;
+    assert!(ack.is_ok(), "the same key replaces A's listener: {ack:?}");
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let first = Arc::new(within(STEP, "k1 on A again", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 once more"));
+    serve(first.clone());
+    // ...that comes back (on another node) after the newer one replaced it: refused cluster-wide.
+    let (_again, ack) = raw::raw_register(&c.url, stale).await;
+    let e = ack.expect_err("a replaced instance may not take the name back on any node");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.message().contains("newer registration"), "{e}");
+    let s = within(STEP, "dial shared via C", dialer(&c.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"newer", true)).await.expect("echo"), sha256(b"newer"));
 
     // The same key again on C (not a pool): the new registration wins cluster-wide, and A's
     // listener is told why and stops.
@@ -250,7 +311,15 @@ async fn names_are_exclusive_across_the_cluster() {
     .await;
 
     // Pools span nodes: both keys as replicas, on A and on C.
-    let p1 = Arc::new(within(STEP, "pool k1 on A", Listener::builder(&a.url, k1).name("shared").pool(true).bind()).await.expect("pool 1"));
+    // (k2's listener above was just closed: its node releases the name a moment later.)
+    let t = Instant::now();
+    let p1 = loop {
+        match within(STEP, "pool k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind()).await {
+            Ok(l) => break Arc::new(l),
+            Err(e) if e.code() == ErrorCode::NameTaken && t.elapsed() < STEP => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("pool 1: {e}"),
+        }
+    };
     let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
     serve(p1.clone());
     serve(p2.clone());
@@ -274,13 +343,7 @@ async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere()
     // The listener knows one URL, the balancer's.
     let listener = Arc::new(within(STEP, "bind through the balancer", Listener::bind(&lb.url, Identity::generate())).await.expect("bind"));
     let name = listener.name();
-    let mut holder = None;
-    for (i, n) in nodes.iter().enumerate() {
-        if n.metric("libtunnel_listeners_active").await == 1 {
-            holder = Some(i);
-        }
-    }
-    let holder = holder.expect("one node holds the listener");
+    let holder = holder_of(&nodes).await;
     let other = (holder + 1) % 3;
     let other_url = nodes[other].url.clone();
 
@@ -443,7 +506,7 @@ async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
     let listener = Arc::new(within(STEP, "bind", Listener::bind(&urls, Identity::generate())).await.expect("bind"));
     serve(listener.clone());
     let name = listener.name();
-    assert_eq!(nodes[0].metric("libtunnel_listeners_active").await, 1, "the first URL is used while it answers");
+    assert_eq!(holder_of(&nodes).await, 0, "the first URL is used while it answers");
     let d = dialer(&urls);
     let s = within(STEP, "dial", d.dial(&format!("{name}:0"))).await.expect("dial");
     assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"one", true)).await.expect("echo"), sha256(b"one"));
@@ -462,7 +525,7 @@ async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
     })
     .await;
     println!("several URLs: reachable through the second relay {:.2} s after the first was killed", t.as_secs_f64());
-    assert_eq!(nodes[1].metric("libtunnel_listeners_active").await, 1);
+    assert_eq!(holder_of(&nodes[1..]).await, 0, "the listener moved to the second relay");
     assert_eq!(d.relay().trim_end_matches('/'), nodes[1].url.as_str());
     listener.close();
 }
@@ -473,6 +536,7 @@ async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
     cfg.listen = Some("0.0.0.0:0".parse().unwrap());
     cfg.cluster = Some(libtunnel::config::ClusterConfig {
         redis: "redis://127.0.0.1:1".into(),
+        redis_ca: None,
         key: libtunnel::Key::parse(cluster::CLUSTER_KEY).unwrap(),
         advertise: None,
         claim_ttl: Duration::from_secs(10),
@@ -546,13 +610,7 @@ async fn a_frozen_node_is_left_after_the_keepalive_window() {
     );
     serve(listener.clone());
     let name = listener.name();
-    let mut holder = None;
-    for (i, n) in nodes.iter().enumerate() {
-        if n.metric("libtunnel_listeners_active").await == 1 {
-            holder = Some(i);
-        }
-    }
-    let holder = holder.expect("one node holds the listener");
+    let holder = holder_of(&nodes).await;
     let other = nodes[(holder + 1) % 3].url.clone();
     let pid = nodes[holder].child.id().expect("pid") as i32;
     // SAFETY: signalling our own child process.
@@ -581,5 +639,71 @@ async fn a_frozen_node_is_left_after_the_keepalive_window() {
         let s = within(STEP, "dial after the thaw", dialer(&nodes[holder].url).dial(&format!("{name}:0"))).await.expect("dial via the thawed node");
         assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"x", true)).await.expect("echo"), sha256(b"x"));
     }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("libtunnel-redis-tls-{}", std::process::id()));
+    let pki = pki::make_pki(&dir, &["127.0.0.1", "localhost"]);
+    let redis = Redis::start_tls(cluster::free_port().await, &pki.cert, &pki.key, &pki.ca).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = format!("cluster_redis_ca={}", pki.ca.display());
+    let a = Node::start(&url, std::slice::from_ref(&ca)).await;
+    let b = Node::start(&url, &[ca]).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let s = within(STEP, "dial via B", dialer(&b.url).dial(&format!("{}:0", listener.name()))).await.expect("a remote name through a TLS Redis");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"tls", true)).await.expect("echo"), sha256(b"tls"));
+    // A node that does not trust the Redis certificate cannot use the cluster registry: its
+    // remote names fail with the error naming Redis, its own listeners still work.
+    let c = Node::start(&url, &[]).await;
+    let e = within(STEP, "dial via C", dialer(&c.url).dial(&format!("{}:0", listener.name()))).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.to_string().contains("Redis"), "{e}");
+    listener.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_listener_on_another_node_gets_its_requests_over_a_few_kept_connections() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind h2c on A", Listener::builder(&a.url, Identity::generate()).h2c(true).bind()).await.expect("bind"));
+    let name = listener.name();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (listener, streams) = (listener.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!("h2 {} {:?}", req.uri().path(), req.version()))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let host = format!("{name}.localhost");
+    for i in 0..40 {
+        let (status, body) = get(b.http, &host, &format!("/g{i}")).await;
+        assert_eq!((status, body.as_str()), (200, format!("h2 /g{i} HTTP/2.0").as_str()), "request {i} through B");
+    }
+    let used = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&used), "40 requests through B took {used} HTTP/2 connections to the listener on A (kept: at most 4)");
     listener.close();
 }

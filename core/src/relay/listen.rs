@@ -54,7 +54,7 @@ pub(super) async fn serve_listener(
     let reserved = state
         .access()
         .authorize(&public_key, &name)
-        .and_then(|()| state.registry.reserve(&name, public_key, joining, state.cfg.limits.max_pending_accepts));
+        .and_then(|()| state.registry.reserve(&name, public_key, &hello.instance, joining, state.cfg.limits.max_pending_accepts));
     let id = match reserved {
         Ok(id) => id,
         Err(e) => {
@@ -68,7 +68,7 @@ pub(super) async fn serve_listener(
     let mut release = ReleaseOnDrop { state: state.clone(), name: name.clone(), id, tcp_port: None };
     if let Some(cluster) = &state.cluster {
         let mode = super::cluster::mode_of(joining, hello.h2c, hello.tls_passthrough);
-        if let Err(e) = cluster.claim(&state, &name, &public_key, mode).await {
+        if let Err(e) = cluster.claim(&state, &name, &public_key, &hello.instance, mode).await {
             state.metrics.refused(Refusal::Registration);
             tracing::info!(%peer, %name, reason = %e, "listener registration refused by the cluster");
             let _ = sink.send(refuse(e.code(), e.message().to_string())).await;

@@ -29,6 +29,7 @@ mod listen;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod proxy_header;
 mod public_body;
 mod public_endpoint;
 mod public_listeners;
@@ -542,56 +543,79 @@ enum Endpoint {
 
 async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
     loop {
-        let (sock, peer) = tokio::select! {
+        let (mut sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
             x = crate::transport::accept_backoff(&listener) => x,
         };
-        // Per-source limits first: a source at its limit is refused here, before the connection
-        // costs a task or a buffer, and cannot take the global places others need.
-        let ticket = match state.admissions.admit(peer.ip()) {
-            Ok(t) => t,
-            Err(why) => {
-                state.metrics.refused(why);
-                tracing::debug!(%peer, reason = ?why, "connection refused at admission");
-                refuse_at_once(sock, speaks_plain_http(&state, endpoint), why, &state.cfg.limits);
-                continue;
-            }
-        };
-        let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
-            state.metrics.refused(Refusal::Overloaded);
-            tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
-            refuse_at_once(sock, speaks_plain_http(&state, endpoint), Refusal::Overloaded, &state.cfg.limits);
+        if state.cfg.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip())) {
+            // A trusted load balancer: the client it names is the source, so admission waits
+            // for its PROXY header (bounded by the handshake deadline).
+            let st = state.clone();
+            state.tasks.spawn(async move {
+                match proxy_header::read(&mut sock, st.cfg.limits.handshake_timeout).await {
+                    Ok(client) => admit(&st, sock, client.unwrap_or(peer), endpoint),
+                    // A TCP health check: connect, close.
+                    Err(proxy_header::ProxyError::Closed) => {}
+                    Err(why) => {
+                        st.metrics.refused(Refusal::Malformed);
+                        tracing::info!(%peer, %why, "connection from a load balancer without a valid PROXY header closed");
+                    }
+                }
+            });
             continue;
-        };
-        crate::transport::tune_session_socket(&sock);
-        let st = state.clone();
-        let finished = ticket.finished_flag();
-        let fut = guard::with_ticket(ticket, async move {
-            let _permit = permit;
-            // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
-            // first request head), whichever steps it takes.
-            let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
-                st.cfg.limits.http_header_timeout
-            } else {
-                st.cfg.limits.handshake_timeout
-            };
-            let deadline = async {
-                tokio::time::sleep(limit).await;
-                if finished.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = st.kill.cancelled() => {}
-                _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
-                _ = deadline => {
-                    st.metrics.refused(Refusal::HandshakeTimeout);
-                    tracing::debug!(%peer, "handshake deadline passed; connection closed");
-                }
-            }
-        });
-        state.tasks.spawn(fut);
+        }
+        admit(&state, sock, peer, endpoint);
     }
+}
+
+/// Admit a connection from `peer` (per-source and global limits) and serve it on its own task,
+/// or refuse it at once.
+fn admit(state: &Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+    // Per-source limits first: a source at its limit is refused here, before the connection
+    // costs a task or a buffer, and cannot take the global places others need.
+    let ticket = match state.admissions.admit(peer.ip()) {
+        Ok(t) => t,
+        Err(why) => {
+            state.metrics.refused(why);
+            tracing::debug!(%peer, reason = ?why, "connection refused at admission");
+            refuse_at_once(sock, speaks_plain_http(state, endpoint), why, &state.cfg.limits);
+            return;
+        }
+    };
+    let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
+        state.metrics.refused(Refusal::Overloaded);
+        tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
+        refuse_at_once(sock, speaks_plain_http(state, endpoint), Refusal::Overloaded, &state.cfg.limits);
+        return;
+    };
+    crate::transport::tune_session_socket(&sock);
+    let st = state.clone();
+    let finished = ticket.finished_flag();
+    let fut = guard::with_ticket(ticket, async move {
+        let _permit = permit;
+        // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
+        // first request head), whichever steps it takes.
+        let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
+            st.cfg.limits.http_header_timeout
+        } else {
+            st.cfg.limits.handshake_timeout
+        };
+        let deadline = async {
+            tokio::time::sleep(limit).await;
+            if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = st.kill.cancelled() => {}
+            _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
+            _ = deadline => {
+                st.metrics.refused(Refusal::HandshakeTimeout);
+                tracing::debug!(%peer, "handshake deadline passed; connection closed");
+            }
+        }
+    });
+    state.tasks.spawn(fut);
 }
 
 /// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).

@@ -78,8 +78,42 @@ impl Redis {
         Redis { child, port }
     }
 
+    /// A `redis-server` serving TLS only, on `port`, with `cert`/`key` (clients not asked for
+    /// certificates).
+    pub async fn start_tls(port: u16, cert: &Path, key: &Path, ca: &Path) -> Redis {
+        let p = |p: &Path| p.to_str().expect("utf8").to_string();
+        let child = Command::new(program("redis-server").expect("redis-server"))
+            .args(["--port", "0", "--tls-port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--tls-cert-file", &p(cert), "--tls-key-file", &p(key), "--tls-ca-cert-file", &p(ca), "--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server with TLS");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "redis-server (TLS) did not listen within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Redis { child, port }
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// How many keys match `pattern` (an inline `KEYS` command; the reply's array length).
+    pub async fn count_keys(&self, pattern: &str) -> usize {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect to redis");
+        s.write_all(format!("KEYS {pattern}\r\n").as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n") {
+            s.read_exact(&mut b).await.expect("reply");
+            head.push(b[0]);
+        }
+        let text = String::from_utf8_lossy(&head);
+        text.trim().strip_prefix('*').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("unexpected KEYS reply {text:?}"))
     }
 
     pub async fn stop(&mut self) {
@@ -183,11 +217,18 @@ impl Drop for TempDir {
 
 impl Balancer {
     pub async fn start(nodes: &[&Node]) -> Balancer {
+        Balancer::start_with(nodes, false).await
+    }
+
+    /// With `proxy`, HAProxy connects to the nodes from 127.0.0.9 and sends a PROXY v2 header
+    /// naming each client (nodes trust it with `proxy_protocol_from=127.0.0.9`).
+    pub async fn start_with(nodes: &[&Node], proxy: bool) -> Balancer {
         let (tunnel_port, http_port) = (free_port().await, free_port().await);
         let dir = std::env::temp_dir().join(format!("libtunnel-haproxy-{}-{tunnel_port}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
         let servers = |pick: &dyn Fn(&Node) -> SocketAddr| {
-            nodes.iter().enumerate().map(|(i, n)| format!("    server n{i} {} check inter 200 fall 1 rise 1\n", pick(n))).collect::<String>()
+            let extra = if proxy { " send-proxy-v2 source 127.0.0.9" } else { "" };
+            nodes.iter().enumerate().map(|(i, n)| format!("    server n{i} {} check inter 200 fall 1 rise 1{extra}\n", pick(n))).collect::<String>()
         };
         let cfg = format!(
             "global\n    maxconn 4000\n\

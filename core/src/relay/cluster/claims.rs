@@ -9,6 +9,9 @@
 //!   `tls` flags), and one field `n:ID` per node holding it, whose value is that node's claim
 //!   epoch. A holder whose node key has expired is dead, and the next claim removes it. The hash
 //!   itself expires 3 × `claim_ttl` after its last refresh (garbage from a cluster that stopped).
+//! - `NS:retired:NAME` → the listener instances a newer registration of the same key replaced
+//!   (for 10 minutes): one of them coming back, on any node, is refused instead of taking the
+//!   name back (`registry`'s rule, cluster-wide). Each holder's instance is its `i:ID` field.
 //! - `NS:epoch` → a counter: every registration gets a new epoch, and a release removes a holder
 //!   only if the epoch is still its own, so a node can never delete a newer claim.
 //! - `NS:tcp` → a hash of public TCP ports to the listener name each is assigned to: the node
@@ -70,6 +73,9 @@ pub(crate) enum Claimed {
     /// registration of the same key replaced ours, or another key took it while we could not
     /// reach Redis.
     Lost,
+    /// This listener instance was replaced by a newer registration of its key: it may not come
+    /// back.
+    Retired,
 }
 
 /// A name's live holders, as a lookup found them.
@@ -81,10 +87,13 @@ pub(crate) struct Holders {
     pub(crate) nodes: Vec<(String, String)>,
 }
 
-// KEYS: name hash. ARGV: node id, owner hex, mode, joining part of mode, ttl ms, namespace,
-// 'claim' (a registration: may replace the same key elsewhere; new epoch) or 'keep' (a refresh).
+// KEYS: name hash, retired set. ARGV: node id, owner hex, mode, joining part of mode, ttl ms,
+// namespace, 'claim' (a registration: may replace the same key elsewhere; new epoch) or 'keep'
+// (a refresh), the listener's instance (hex, may be empty), how long the replaced are refused (ms).
 const CLAIM: &str = r#"
 local h, me, owner, mode, joining, ttl, ns, kind = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local instance = ARGV[8]
+if instance ~= '' and redis.call('SISMEMBER', KEYS[2], instance) == 1 then return {'retired'} end
 local cur_owner = redis.call('HGET', h, 'owner')
 local cur_mode = redis.call('HGET', h, 'mode') or ''
 local mine = redis.call('HGET', h, 'n:' .. me)
@@ -94,7 +103,7 @@ for _, f in ipairs(redis.call('HKEYS', h)) do
     if redis.call('EXISTS', ns .. ':node:' .. string.sub(f, 3)) == 1 then
       table.insert(others, f)
     else
-      redis.call('HDEL', h, f)
+      redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
     end
   end
 end
@@ -114,12 +123,19 @@ if #others > 0 then
       -- same key on another node, not a pool: whichever registered last holds it
       return {'lost'}
     end
-    for _, f in ipairs(others) do redis.call('HDEL', h, f) end
+    for _, f in ipairs(others) do
+      local theirs = redis.call('HGET', h, 'i:' .. string.sub(f, 3))
+      if theirs and theirs ~= '' and theirs ~= instance then
+        redis.call('SADD', KEYS[2], theirs)
+        redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
+      end
+      redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
+    end
   end
 end
 local epoch
 if kind == 'keep' and mine then epoch = mine else epoch = redis.call('INCR', ns .. ':epoch') end
-redis.call('HSET', h, 'owner', owner, 'mode', mode, 'n:' .. me, epoch)
+redis.call('HSET', h, 'owner', owner, 'mode', mode, 'n:' .. me, epoch, 'i:' .. me, instance)
 redis.call('PEXPIRE', h, ttl * 3)
 if kind ~= 'keep' or not mine then redis.call('PUBLISH', ns .. ':events', string.sub(h, string.len(ns) + 7)) end
 return {'held', tostring(epoch)}
@@ -129,7 +145,7 @@ return {'held', tostring(epoch)}
 const RELEASE: &str = r#"
 local h = KEYS[1]
 if redis.call('HGET', h, 'n:' .. ARGV[1]) == ARGV[2] then
-  redis.call('HDEL', h, 'n:' .. ARGV[1])
+  redis.call('HDEL', h, 'n:' .. ARGV[1], 'i:' .. ARGV[1])
   if redis.call('HLEN', h) <= 2 then redis.call('DEL', h) end
   redis.call('PUBLISH', ARGV[3] .. ':events', string.sub(h, string.len(ARGV[3]) + 7))
   return 1
@@ -244,11 +260,20 @@ impl Claims {
 
     /// Claim `name` for `owner` (a registration, `refresh == false`) or re-assert an existing
     /// claim (`refresh == true`).
-    pub(crate) async fn claim(&self, name: &str, owner: &str, mode: ClaimMode, ttl: Duration, refresh: bool) -> redis::RedisResult<Claimed> {
+    pub(crate) async fn claim(
+        &self,
+        name: &str,
+        owner: &str,
+        instance: &str,
+        mode: ClaimMode,
+        ttl: Duration,
+        refresh: bool,
+    ) -> redis::RedisResult<Claimed> {
         let mut c = self.conn.clone();
         let r: Vec<String> = self
             .claim
             .key(self.name_key(name))
+            .key(format!("{}:retired:{name}", self.ns))
             .arg(&self.node)
             .arg(owner)
             .arg(mode.encode())
@@ -256,10 +281,13 @@ impl Claims {
             .arg(ttl.as_millis() as u64)
             .arg(&self.ns)
             .arg(if refresh { "keep" } else { "claim" })
+            .arg(instance)
+            .arg(crate::relay::registry::RETIRED_FOR.as_millis() as u64)
             .invoke_async(&mut c)
             .await?;
         Ok(match r.first().map(String::as_str) {
             Some("held") => Claimed::Held(r.get(1).and_then(|e| e.parse().ok()).unwrap_or(0)),
+            Some("retired") => Claimed::Retired,
             Some("taken") => {
                 Claimed::Taken { owner: r.get(1).cloned().unwrap_or_default(), mode: ClaimMode::decode(r.get(2).map(String::as_str).unwrap_or("")) }
             }

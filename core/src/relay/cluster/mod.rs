@@ -36,6 +36,8 @@ use claims::{ClaimMode, Claimed, Claims, Holders};
 /// How long a cached route may be used without a change notice (a safety net: notices are what
 /// keep the cache right, and the cache is dropped whenever the subscription is lost).
 const ROUTE_CACHE_FOR: Duration = Duration::from_secs(30);
+/// Claims re-asserted at once on each refresh.
+const REASSERT_IN_FLIGHT: usize = 64;
 /// Most routes cached (then the cache starts over).
 const ROUTE_CACHE_MAX: usize = 10_000;
 
@@ -43,6 +45,8 @@ const ROUTE_CACHE_MAX: usize = 10_000;
 #[derive(Debug, Clone)]
 struct Held {
     owner: String,
+    /// The listener instance (hex) that holds it here.
+    instance: String,
     mode: ClaimMode,
     /// The claim's epoch; 0 while it could not be claimed (Redis unreachable).
     epoch: u64,
@@ -76,8 +80,14 @@ pub(crate) struct RedisDown;
 impl Cluster {
     /// Set up (no connection is made yet: Redis may come up after the relay).
     pub(crate) fn new(cfg: ClusterConfig, advertise: String) -> Result<Cluster> {
-        let client = redis::Client::open(cfg.redis.as_str())
-            .map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis())))?;
+        let bad = |e: redis::RedisError| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis()));
+        let client = match &cfg.redis_ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
+                redis::Client::build_with_tls(cfg.redis.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }).map_err(bad)?
+            }
+            None => redis::Client::open(cfg.redis.as_str()).map_err(bad)?,
+        };
         let node_id = format!("{:016x}", rand::random::<u64>());
         let claims = Claims::new(&client, &cfg.namespace, &node_id)
             .map_err(|e| Error::config(format!("cannot set up the Redis connection to {}: {e}", cfg.redacted_redis())))?;
@@ -115,9 +125,10 @@ impl Cluster {
     /// Claim `name` for a listener that just registered here. `Err` only when the cluster says
     /// another key (or an incompatible pool) holds it; an unreachable Redis keeps the claim
     /// local until it returns.
-    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], mode: ClaimMode) -> Result<()> {
+    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], instance: &[u8], mode: ClaimMode) -> Result<()> {
         let owner = data_encoding::HEXLOWER.encode(owner);
-        let res = self.claims.claim(name, &owner, mode, self.cfg.claim_ttl, false).await;
+        let instance = data_encoding::HEXLOWER.encode(instance);
+        let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
         let epoch = match res {
             Ok(Claimed::Held(e)) => {
                 self.redis_ok();
@@ -127,13 +138,17 @@ impl Cluster {
                 self.redis_ok();
                 return Err(taken_error(name, mode, theirs));
             }
+            Ok(Claimed::Retired) => {
+                self.redis_ok();
+                return Err(super::registry::retired_error(name));
+            }
             Ok(Claimed::Lost) => 0,
             Err(e) => {
                 self.redis_failed(state, "claiming a listener name", &e);
                 0
             }
         };
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), Held { owner, mode, epoch });
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), Held { owner, instance, mode, epoch });
         state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
         Ok(())
     }
@@ -267,20 +282,27 @@ impl Cluster {
         state.tasks.spawn(notice_loop(self.clone(), state.clone()));
     }
 
+    /// Re-assert every claim this node holds, [`REASSERT_IN_FLIGHT`] at a time (the Redis
+    /// connection pipelines them).
+    async fn reassert_all(&self, state: &RelayState) {
+        let names: Vec<String> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        futures_util::stream::iter(names).for_each_concurrent(REASSERT_IN_FLIGHT, |name| async move { self.reassert(state, &name).await }).await;
+    }
+
     /// Re-assert the claim on `name` (after a notice, or on the refresh tick); close the local
     /// listeners of a name this node lost.
     async fn reassert(&self, state: &RelayState, name: &str) {
         let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() else { return };
         // Never claimed (Redis was down at registration): claim now, as the registration would have.
         let refresh = h.epoch != 0;
-        match self.claims.claim(name, &h.owner, h.mode, self.cfg.claim_ttl, refresh).await {
+        match self.claims.claim(name, &h.owner, &h.instance, h.mode, self.cfg.claim_ttl, refresh).await {
             Ok(Claimed::Held(epoch)) => {
                 self.redis_ok();
                 if let Some(x) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
                     x.epoch = epoch;
                 }
             }
-            Ok(Claimed::Taken { .. } | Claimed::Lost) => {
+            Ok(Claimed::Taken { .. } | Claimed::Lost | Claimed::Retired) => {
                 self.redis_ok();
                 self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
                 state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
@@ -332,10 +354,7 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
                 continue;
             }
         }
-        let names: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-        for name in names {
-            me.reassert(&state, &name).await;
-        }
+        me.reassert_all(&state).await;
         me.mirrors.reconcile(&me, &state).await;
     }
     // A clean stop: other nodes stop routing here at once (the listeners' sessions end with the
@@ -379,10 +398,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         me.subscribed.store(true, Relaxed);
         // Claims made while we were not subscribed may have replaced ours: check them all.
-        let names: Vec<String> = me.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
-        for name in names {
-            me.reassert(&state, &name).await;
-        }
+        me.reassert_all(&state).await;
         me.mirrors.reconcile(&me, &state).await;
         let mut stream = ps.into_on_message();
         loop {
