@@ -59,7 +59,15 @@ async fn the_admin_endpoint_needs_the_token_and_shows_no_secret() {
         assert!(body.contains("www-authenticate: Bearer") && body.contains("admin_token"), "{body}");
         assert_eq!(get(admin, path, Some("not-the-token-at-all-0000")).await.0, 401, "{path} with a wrong token");
     }
-    let (status, body) = get(admin, "/listeners", Some(TOKEN)).await;
+    // The relay answers a registration just before it lists the listener: poll, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = get(admin, "/listeners", Some(TOKEN)).await;
+        if status != 200 || body.contains(&listener.name()) || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&listener.name()) && body.contains(&id.public_key_base64()), "{body}");
     let (status, body) = get(admin, "/sessions", Some(TOKEN)).await;
