@@ -509,12 +509,7 @@ async fn supervise(
         if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
             // Another live session of our key holds the name now (reconnecting would take it back
             // and start a tug of war), or the relay no longer grants it. Stop; accept() says why.
-            tracing::error!(name = %cfg.name, reason = %e, "the relay ended this listener's registration for good; stopping");
-            *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.code(), e.message().to_string()));
-            cancel.cancel();
-            cfg.events.disconnected(Some(e));
-            cfg.events.end();
-            return;
+            return end_for_good(&cfg, &ended, &cancel, e);
         }
         if !cancel.is_cancelled() {
             cfg.events.disconnected(reason.as_ref());
@@ -538,6 +533,10 @@ async fn supervise(
                     let _ = reg_tx.send(reg);
                     break s;
                 }
+                // The name is someone else's now (another key took it while we were away, or a
+                // newer registration of our key replaced us and the relay refuses us): retrying
+                // would not change that, or would start a tug of war.
+                Err(e) if e.code() == ErrorCode::NameTaken => return end_for_good(&cfg, &ended, &cancel, &e),
                 Err(e) => {
                     tracing::warn!(name = %cfg.name, error = %e, retry_in = ?delay, "re-registering failed");
                     delay = (delay * 2).min(cfg.builder.max_backoff);
@@ -550,6 +549,15 @@ async fn supervise(
             return;
         }
     }
+}
+
+/// The relay ended this listener's registration for good: stop, and let `accept()` say why.
+fn end_for_good(cfg: &Config, ended: &Mutex<Option<(ErrorCode, String)>>, cancel: &CancellationToken, e: &Error) {
+    tracing::error!(name = %cfg.name, reason = %e, "the relay ended this listener's registration for good; stopping");
+    *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.code(), e.message().to_string()));
+    cancel.cancel();
+    cfg.events.disconnected(Some(e));
+    cfg.events.end();
 }
 
 /// Accept the relay's streams on one session until it ends.

@@ -818,6 +818,45 @@ async fn registration_rules_name_taken_not_allowed_auth_failed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_listener_whose_name_was_taken_while_it_was_away_stops() {
+    init_tracing();
+    let (a, b) = (Identity::generate(), Identity::generate());
+    let mut cfg = relay_config();
+    cfg.listeners_open = false;
+    cfg.listener_keys = vec![
+        ListenerGrant { public_key: a.public_key_base64(), names: vec!["shared".into()] },
+        ListenerGrant { public_key: b.public_key_base64(), names: vec!["shared".into()] },
+    ];
+    let relay = start(cfg.clone()).await;
+    let addr = relay.local_addr().expect("addr");
+    let url = relay.url().to_string();
+    let first = within(STEP, "bind a", Listener::builder(&url, a).name("shared").bind()).await.expect("a registers");
+    let mut events = first.events();
+    // The relay restarts; before `first` is back, another key granted the name takes it: the
+    // relay comes back while `first` waits out a retry of 300 ms or more.
+    relay.abort();
+    within(STEP, "a long retry wait", async {
+        while let Some(ev) = events.next().await {
+            if matches!(ev, libtunnel::client::events::Event::Reconnecting { delay, .. } if delay >= Duration::from_millis(300)) {
+                return;
+            }
+        }
+        panic!("the listener's events ended before a long retry");
+    })
+    .await;
+    cfg.listen = Some(addr);
+    let relay = start(cfg).await;
+    let second = within(STEP, "bind b", Listener::builder(&url, b).name("shared").bind()).await.expect("b takes the free name");
+    // `first` comes back to a taken name: it stops with NAME_TAKEN instead of retrying forever.
+    let e = within(STEP, "the first listener stops", first.accept()).await.expect_err("it must stop");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(!first.is_connected());
+    assert!(second.is_connected());
+    second.close();
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replaced_listener_that_missed_the_notice_cannot_take_its_name_back() {
     init_tracing();
     let relay = start(relay_config()).await;
