@@ -49,3 +49,20 @@ node_deps() {
     (cd bindings/node && npm ci --no-audit --no-fund)
   fi
 }
+
+# A TCP service on 127.0.0.1 (a free port) that reads each connection to EOF, then answers with the
+# SHA-256 (hex) of what it read and closes; prints "hasher listening: PORT" once it accepts. The
+# target of the round trips of scripts/test-dist.sh and deploy/verify-image.sh. Replaces the shell.
+hash_server() {
+  exec "${PYTHON:-python3}" -u -c '
+import hashlib, socketserver
+class H(socketserver.StreamRequestHandler):
+    def handle(self):
+        h = hashlib.sha256()
+        while chunk := self.rfile.read1(65536):
+            h.update(chunk)
+        self.wfile.write(h.hexdigest().encode())
+with socketserver.ThreadingTCPServer(("127.0.0.1", 0), H) as s:
+    print("hasher listening:", s.server_address[1], flush=True)
+    s.serve_forever()'
+}

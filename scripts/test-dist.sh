@@ -45,7 +45,12 @@ fail() {
 spawn() {
   local name=$1
   shift
-  exec {OUT_FD}< <(exec "$@" 2>"$T/$name.log" <"${SPAWN_IN:-/dev/null}")
+  # A function (hash_server) execs by itself.
+  if declare -F "$1" >/dev/null; then
+    exec {OUT_FD}< <("$@" 2>"$T/$name.log" <"${SPAWN_IN:-/dev/null}")
+  else
+    exec {OUT_FD}< <(exec "$@" 2>"$T/$name.log" <"${SPAWN_IN:-/dev/null}")
+  fi
   PID=$!
   pids+=("$PID")
 }
@@ -58,7 +63,7 @@ ready() {
     if [[ $line == "$prefix"* ]]; then
       echo "${line#"$prefix"}"
       (
-        for f in /proc/$BASHPID/fd/*; do
+        for f in "/proc/$BASHPID/fd/"*; do
           n=${f##*/}
           if [ "$n" -gt 2 ] && [ "$n" != "$fd" ]; then eval "exec $n>&-" 2>/dev/null || true; fi
         done
@@ -70,18 +75,8 @@ ready() {
   return 1
 }
 
-# The target every round trip dials: reads to EOF, answers with the SHA-256 (hex) of it, closes.
-spawn hasher "$PYTHON" -u -c '
-import hashlib, socketserver
-class H(socketserver.StreamRequestHandler):
-    def handle(self):
-        h = hashlib.sha256()
-        while chunk := self.rfile.read1(65536):
-            h.update(chunk)
-        self.wfile.write(h.hexdigest().encode())
-with socketserver.ThreadingTCPServer(("127.0.0.1", 0), H) as s:
-    print("hasher listening:", s.server_address[1], flush=True)
-    s.serve_forever()'
+# The target every round trip dials (scripts/lib.sh).
+spawn hasher hash_server
 HASH_PORT=$(ready "$OUT_FD" "hasher listening: ") || fail "the hashing service did not start"
 TARGET="127.0.0.1:$HASH_PORT"
 head -c 1048576 /dev/urandom >"$T/payload"
