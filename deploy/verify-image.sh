@@ -8,10 +8,10 @@
 #   deploy/verify-image.sh            # base: debootstrap'ed Debian bookworm (minbase), imported
 #   BASE_IMAGE=debian:bookworm-slim deploy/verify-image.sh    # where base images can be pulled
 #   deploy/verify-image.sh --from-source   # the Dockerfile's default path: its Rust stage compiles
-#                                          # this checkout (RUST_IMAGE, else one made with rustup)
+#                                          # this checkout (BUILD_IMAGE, else one made with rustup)
 #
 # By default the image takes the release binary from the CLI tarball of `make dist` (built first
-# when dist/ has none), through the Dockerfile's BINARY=prebuilt stage. Installs podman, runc and
+# when dist/ has none), as the Dockerfile's BINARY=prebuilt. Installs podman, runc and
 # debootstrap (Debian packages) when missing. Container options are probed, simplest first, and
 # the set that works is printed: some sandboxes lack CAP_SYS_RESOURCE (podman's default
 # RLIMIT_NOFILE/NPROC cannot be set: pass the current limits) or mount cgroups v1 and v2 side by
@@ -82,26 +82,28 @@ tar -xzf "$CLI_TGZ" -C "$T"
 CTX="$T/libtunnel-cli-$VERSION-linux-$(uname -m)"
 if [ "${1:-}" = --from-source ]; then
   # The Dockerfile's own path: its Rust stage compiles the binary from this checkout. Without
-  # RUST_IMAGE, a Rust image is made from the base (rustup's stable toolchain, like rust:1-bookworm).
-  if [ -z "${RUST_IMAGE:-}" ]; then
-    RUST_IMAGE=localhost/libtunnel-rust-bookworm:stable
-    if ! podman image exists "$RUST_IMAGE"; then
+  # BUILD_IMAGE, a Rust image is made from the base (rustup's stable toolchain, like rust:1-bookworm).
+  if [ -z "${BUILD_IMAGE:-}" ]; then
+    BUILD_IMAGE=localhost/libtunnel-rust-bookworm:stable
+    if ! podman image exists "$BUILD_IMAGE"; then
       step "image: a Rust build image on $BASE_IMAGE (rustup)"
       printf '%s\n' "FROM $BASE_IMAGE" \
         'RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl gcc libc6-dev && apt-get clean && rm -rf /var/lib/apt/lists/*' \
         'ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        'RUN curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --no-modify-path' >"$T/Rust.Containerfile"
-      podman "${GLOBAL[@]}" build --quiet --network=host "${RUN[@]}" -f "$T/Rust.Containerfile" -t "$RUST_IMAGE" "$T" >/dev/null
+        "RUN curl -fsSo /tmp/rustup-init https://static.rust-lang.org/rustup/dist/$(uname -m)-unknown-linux-gnu/rustup-init && chmod +x /tmp/rustup-init && /tmp/rustup-init -y --profile minimal --no-modify-path && rm /tmp/rustup-init && cargo --version" \
+        >"$T/Rust.Containerfile"
+      podman "${GLOBAL[@]}" build --quiet --network=host "${RUN[@]}" -f "$T/Rust.Containerfile" -t "$BUILD_IMAGE" "$T" >/dev/null
     fi
   fi
-  step "image: podman build -f deploy/Dockerfile . (the Rust stage on $RUST_IMAGE)"
+  step "image: podman build -f deploy/Dockerfile . (the Rust stage on $BUILD_IMAGE)"
   podman "${GLOBAL[@]}" build --format docker --network=host "${RUN[@]}" -f deploy/Dockerfile \
-    --build-arg RUST_IMAGE="$RUST_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" . >"$T/build.log" 2>&1 \
+    --build-arg BUILD_IMAGE="$BUILD_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" . >"$T/build.log" 2>&1 \
     || { tail -n 30 "$T/build.log" >&2; fail "podman build"; }
 else
   step "image: podman build -f deploy/Dockerfile (BINARY=prebuilt, from $CLI_TGZ)"
   podman "${GLOBAL[@]}" build --quiet --format docker --network=host "${RUN[@]}" -f deploy/Dockerfile \
-    --build-arg BINARY=prebuilt --build-arg BASE_IMAGE="$BASE_IMAGE" -t "$IMAGE" "$CTX" >/dev/null
+    --build-arg BINARY=prebuilt --build-arg BUILD_IMAGE="$BASE_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" \
+    -t "$IMAGE" "$CTX" >/dev/null
 fi
 echo "built $IMAGE: $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec) ($(podman image inspect --format '{{.Size}}' "$BASE_IMAGE" | numfmt --to=iec) of it the base)"
 
