@@ -2,6 +2,7 @@
 # Release artifacts into dist/ (`make dist`): the CLI tarball, the C tarball, the Python wheel and the npm tarball
 #
 #   dist/libtunnel-cli-VERSION-linux-ARCH.tar.gz  bin/tunnel, man page, bash/zsh/fish completions, LICENSE
+#                                                 (a prefix tree: share/man, share/doc/libtunnel, ...)
 #   dist/libtunnel-c-VERSION-linux-ARCH.tar.gz    include/tunnel.h, lib/libtunnel.so.* (+ SONAME links),
 #                                                 lib/libtunnel.a, lib/pkgconfig/tunnel.pc (relocatable)
 #   dist/libtunnel-VERSION-cp311-abi3-*.whl       the Python package (maturin build --release)
@@ -73,7 +74,7 @@ step "dist: the CLI tarball (binary, man page, completions)"
 CLI_NAME="libtunnel-cli-$VERSION-$PLATFORM"
 CLI="$STAGE/cli/$CLI_NAME"
 install -D -m 755 "$CARGO_TARGET_DIR/release/tunnel" "$CLI/bin/tunnel"
-install -D -m 644 LICENSE "$CLI/LICENSE"
+install -D -m 644 LICENSE "$CLI/share/doc/libtunnel/LICENSE"
 mkdir -p "$CLI/share/man/man1" "$CLI/share/bash-completion/completions" "$CLI/share/zsh/site-functions" \
   "$CLI/share/fish/vendor_completions.d"
 "$CLI/bin/tunnel" man >"$CLI/share/man/man1/tunnel.1"

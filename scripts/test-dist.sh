@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Release artifacts: `make dist` (scripts/dist.sh), then each artifact installed from itself in a temp dir and run
 #
-# CLI tarball: unpacked, `tunnel --version`, man page and completions present, then a relay
+# CLI tarball: unpacked into a prefix, `tunnel --version`, man page and completions present, then a relay
 # (`tunnel server` on 127.0.0.1:0) and `tunnel dial` through it to a hashing service: 1 MiB of
 # random bytes sent, the service's SHA-256 of what it received compared with ours.
 # C tarball: unpacked; examples/c/relay.c (embedded relay) and examples/c/dial.c compiled with
@@ -90,8 +90,10 @@ check() { # check WHAT GOT: GOT must be the payload's hash
 }
 
 step "dist: the CLI tarball"
-tar -xzf "$DIST/libtunnel-cli-$VERSION-$PLATFORM.tar.gz" -C "$T"
-CLI="$T/libtunnel-cli-$VERSION-$PLATFORM"
+# Into a prefix, as README.md says (~/.local there).
+CLI="$T/prefix"
+mkdir -p "$CLI"
+tar -xzf "$DIST/libtunnel-cli-$VERSION-$PLATFORM.tar.gz" -C "$CLI" --strip-components=1
 got=$("$CLI/bin/tunnel" --version)
 [ "$got" = "tunnel $VERSION" ] || fail "tunnel --version said '$got'"
 echo "ok: tunnel --version: $got"
@@ -99,7 +101,8 @@ grep -q '^\.TH' "$CLI/share/man/man1/tunnel.1" || fail "no man page in the CLI t
 for f in share/bash-completion/completions/tunnel share/zsh/site-functions/_tunnel share/fish/vendor_completions.d/tunnel.fish; do
   grep -q server "$CLI/$f" || fail "the completion $f does not know \`tunnel server\`"
 done
-echo "ok: man page and bash/zsh/fish completions"
+[ -f "$CLI/share/doc/libtunnel/LICENSE" ] || fail "no LICENSE in the CLI tarball"
+echo "ok: man page, bash/zsh/fish completions and LICENSE"
 keys=$("$CLI/bin/tunnel" keygen --kid 1)
 KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$keys")
 AUTH_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$keys")
