@@ -83,15 +83,19 @@ CTX="$T/libtunnel-cli-$VERSION-linux-$(uname -m)"
 if [ "${1:-}" = --from-source ]; then
   # The Dockerfile's own path: its Rust stage compiles the binary from this checkout. Without
   # BUILD_IMAGE, a Rust image is made from the base (rustup's stable toolchain, like rust:1-bookworm).
+  # It trusts what this host trusts (its /etc/ssl/certs bundle), so rustup and cargo get through
+  # a TLS-inspecting proxy the host is set up for; the relay image does not get that bundle.
   if [ -z "${BUILD_IMAGE:-}" ]; then
     BUILD_IMAGE=localhost/libtunnel-rust-bookworm:stable
     if ! podman image exists "$BUILD_IMAGE"; then
       step "image: a Rust build image on $BASE_IMAGE (rustup)"
       printf '%s\n' "FROM $BASE_IMAGE" \
         'RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl gcc libc6-dev && apt-get clean && rm -rf /var/lib/apt/lists/*' \
+        'COPY host-ca-certificates.crt /etc/ssl/certs/ca-certificates.crt' \
         'ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         "RUN curl -fsSo /tmp/rustup-init https://static.rust-lang.org/rustup/dist/$(uname -m)-unknown-linux-gnu/rustup-init && chmod +x /tmp/rustup-init && /tmp/rustup-init -y --profile minimal --no-modify-path && rm /tmp/rustup-init && cargo --version" \
         >"$T/Rust.Containerfile"
+      cp /etc/ssl/certs/ca-certificates.crt "$T/host-ca-certificates.crt"
       podman "${GLOBAL[@]}" build --quiet --network=host "${RUN[@]}" -f "$T/Rust.Containerfile" -t "$BUILD_IMAGE" "$T" >/dev/null
     fi
   fi
