@@ -43,12 +43,7 @@ debs=()
 command -v wrk >/dev/null || debs+=(wrk)
 command -v h2load >/dev/null || debs+=(nghttp2-client)
 command -v openssl >/dev/null || debs+=(openssl)
-if (( ${#debs[@]} )); then
-    log "installing ${debs[*]} from Debian"
-    sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
-    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${debs[@]}"; } >"$OUT/logs/install-debs.log" 2>&1 \
-        || { log "cannot install ${debs[*]} (see $OUT/logs/install-debs.log)"; exit 1; }
-fi
+(( ${#debs[@]} )) && install_debs "${debs[@]}"
 H2_CONNS=${H2_CONNS:-50}
 H2_STREAMS=${H2_STREAMS:-10}
 # A wildcard certificate for the relay's HTTPS port and the direct server (h2load does not verify).

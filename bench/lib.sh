@@ -49,3 +49,11 @@ wait_line() { # file regex timeout_s -> prints the first match
     return 1
 }
 
+
+install_debs() { # package... : install the missing Debian packages (as root or with sudo), or exit
+    local sudo=""
+    [[ $(id -u) -ne 0 ]] && sudo=sudo
+    log "installing $* from Debian"
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"; } >"$OUT/logs/install-debs.log" 2>&1 \
+        || { log "cannot install $* (see $OUT/logs/install-debs.log)"; exit 1; }
+}

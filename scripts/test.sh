@@ -15,7 +15,7 @@ mkdir -p "$LOGDIR"
 source scripts/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
-need_debs curl ca-certificates openssl
+need_debs curl ca-certificates openssl redis-server haproxy
 
 # Tests that cannot run here append a line saying why.
 export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"

@@ -160,6 +160,40 @@ pub struct ExitGrant {
     pub key_ids: Vec<u32>,
 }
 
+/// Several relays serving one namespace (`relay::cluster`): listener names are claimed in Redis,
+/// and a stream for a name another node holds is forwarded to it over one node-to-node session.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
+    /// `unix:///path`).
+    pub redis: String,
+    /// PEM CA certificates to trust for `rediss://` (default: the system's roots and the Web PKI).
+    pub redis_ca: Option<PathBuf>,
+    /// The shared key node-to-node sessions authenticate with (the same on every node).
+    pub key: Key,
+    /// The URL other nodes dial to reach this one (`tcp://` or `ws://`); derived from
+    /// `tcp_listen` (else `listen`) when unset, which needs a specific IP, not 0.0.0.0.
+    pub advertise: Option<String>,
+    /// How long a claim outlives its node: a node that dies loses its names this long after its
+    /// last refresh (refreshed every third of it).
+    pub claim_ttl: Duration,
+    /// Prefix of every Redis key and channel, so several clusters can share one Redis.
+    pub namespace: String,
+}
+
+impl ClusterConfig {
+    /// The Redis URL with any password replaced by `***` (for logs and the admin API).
+    pub fn redacted_redis(&self) -> String {
+        match url::Url::parse(&self.redis) {
+            Ok(mut u) if u.password().is_some() => {
+                let _ = u.set_password(Some("***"));
+                u.to_string()
+            }
+            _ => self.redis.clone(),
+        }
+    }
+}
+
 /// Everything the relay needs to run.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -215,6 +249,11 @@ pub struct RelayConfig {
     /// Requests each listener may receive per window on the public ports (`(count, window)`;
     /// more get 429 with `Retry-After`); `None` (the default) sets no rate.
     pub http_listener_rate: Option<(u64, Duration)>,
+    /// The Redis cluster this relay is a node of; `None` (the default): a relay on its own.
+    pub cluster: Option<ClusterConfig>,
+    /// Load balancers (IPs or CIDRs) whose connections start with a PROXY protocol header naming
+    /// the real client (`relay::proxy_header`); none by default.
+    pub proxy_protocol_from: Vec<ipnet::IpNet>,
 }
 
 impl RelayConfig {
@@ -245,6 +284,8 @@ impl RelayConfig {
             public_tls_key: Vec::new(),
             http_path_prefix: None,
             http_listener_rate: None,
+            cluster: None,
+            proxy_protocol_from: Vec::new(),
         }
     }
 
@@ -579,6 +620,20 @@ impl RelayConfig {
                 return Err(Error::config(format!("listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'")));
             }
         }
+        cfg.cluster = cluster_from(&get, secs("cluster_ttl", Duration::from_secs(10))?)?;
+        if let Some((v, w)) = get("proxy_protocol_from") {
+            cfg.proxy_protocol_from = v
+                .split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|s| !s.is_empty() && *s != "off")
+                .map(|s| {
+                    s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from)).map_err(|_| {
+                        Error::config(format!(
+                            "{w}: {s:?} is not an IP address or CIDR (list the load balancers' addresses, e.g. 10.0.0.0/24 10.0.1.5)"
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+        }
         let allow_var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
         cfg.check_serves_someone(&keys_var, &allow_var)?;
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
@@ -645,7 +700,59 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "admin_listen", help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off" },
     Setting { name: "admin_token", help: "bearer token the admin endpoint requires, at least 16 characters" },
     Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
+    Setting {
+        name: "proxy_protocol_from",
+        help: "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client",
+    },
+    Setting { name: "cluster_redis", help: "Redis URL of the cluster this relay is a node of (redis://host:6379), or off" },
+    Setting { name: "cluster_redis_ca", help: "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots" },
+    Setting { name: "cluster_key", help: "KID:BASE64 key every node of the cluster shares (node-to-node sessions)" },
+    Setting { name: "cluster_advertise", help: "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen" },
+    Setting { name: "cluster_ttl", help: "seconds a dead node's listener names stay claimed (refreshed every third of it)" },
+    Setting { name: "cluster_namespace", help: "prefix of the cluster's Redis keys and channel (several clusters on one Redis)" },
 ];
+
+/// The cluster settings: all off unless `cluster_redis` is set, which then needs `cluster_key`.
+fn cluster_from<'a>(get: &dyn Fn(&str) -> Option<(&'a str, &'a str)>, claim_ttl: Duration) -> Result<Option<ClusterConfig>> {
+    let Some((redis, w)) = get("cluster_redis").filter(|(v, _)| !matches!(*v, "" | "off")) else {
+        for k in ["cluster_key", "cluster_advertise", "cluster_namespace", "cluster_redis_ca"] {
+            if let Some((_, w)) = get(k) {
+                tracing::warn!("{w} is set but TUNNEL_CLUSTER_REDIS is not: this relay runs on its own");
+            }
+        }
+        return Ok(None);
+    };
+    if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| redis.starts_with(p)) {
+        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, or unix:///run/redis.sock)")));
+    }
+    let redis_ca = get("cluster_redis_ca").map(|(v, _)| PathBuf::from(v));
+    if let Some(ca) = &redis_ca {
+        if !redis.starts_with("rediss://") {
+            return Err(Error::config("TUNNEL_CLUSTER_REDIS_CA is set but TUNNEL_CLUSTER_REDIS is not a rediss:// (TLS) URL"));
+        }
+        std::fs::metadata(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
+    }
+    let key = match get("cluster_key") {
+        Some((v, kw)) => Key::parse(v).map_err(|e| Error::config(format!("{kw}: {}", e.message())))?,
+        None => {
+            return Err(Error::config(
+                "TUNNEL_CLUSTER_REDIS is set but TUNNEL_CLUSTER_KEY is not: give every node the same key (KID:BASE64; `tunnel keygen` prints one); nodes authenticate each other with it",
+            ))
+        }
+    };
+    let advertise = match get("cluster_advertise") {
+        Some((v, aw)) => {
+            crate::transport::RelayUrl::parse(v).map_err(|e| Error::config(format!("{aw}: {}", e.message())))?;
+            Some(v.to_string())
+        }
+        None => None,
+    };
+    if claim_ttl < Duration::from_secs(1) {
+        return Err(Error::config("TUNNEL_CLUSTER_TTL must be at least 1 second (claims are refreshed every third of it)"));
+    }
+    let namespace = get("cluster_namespace").map(|(v, _)| v.to_string()).unwrap_or_else(|| "libtunnel".into());
+    Ok(Some(ClusterConfig { redis: redis.to_string(), redis_ca, key, advertise, claim_ttl, namespace }))
+}
 
 fn lookup(name: &str) -> Option<&'static Setting> {
     SETTINGS.iter().find(|s| s.name == name)
@@ -746,6 +853,38 @@ mod tests {
         assert_eq!(c.listen, Some("127.0.0.1:7835".parse().unwrap()));
         assert_eq!(c.auth_keys.kids(), vec![1]);
         assert_eq!(c.health_path, "/healthz");
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let base = [("TUNNEL_AUTH_KEYS", KEYS), ("TUNNEL_ALLOW", ALLOW)];
+        let load = |extra: &[(&str, &str)]| {
+            let mut e = env(&base);
+            e.extend(env(extra));
+            RelayConfig::from_sources(None, &[], &e, &[])
+        };
+        assert!(load(&[]).unwrap().cluster.is_none());
+        let c = load(&[("TUNNEL_CLUSTER_REDIS", "redis://:pw@10.0.0.9:6379/2"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0LXNlY3JldA==")]).unwrap();
+        let cl = c.cluster.expect("cluster on");
+        assert_eq!((cl.key.kid, cl.claim_ttl, cl.namespace.as_str(), cl.advertise.as_deref()), (4, Duration::from_secs(10), "libtunnel", None));
+        assert_eq!(cl.redacted_redis(), "redis://:***@10.0.0.9:6379/2");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://127.0.0.1:6379")]).unwrap_err();
+        assert!(e.message().contains("TUNNEL_CLUSTER_KEY") && e.message().contains("keygen"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "127.0.0.1:6379"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0")]).unwrap_err();
+        assert!(e.message().contains("redis://127.0.0.1:6379"), "{e}");
+        assert!(load(&[("TUNNEL_CLUSTER_REDIS", "rediss://r:6380"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0")]).unwrap().cluster.is_some());
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_REDIS_CA", "/nonexistent.pem")])
+            .unwrap_err();
+        assert!(e.message().contains("rediss://"), "{e}");
+        let e =
+            load(&[("TUNNEL_CLUSTER_REDIS", "rediss://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_REDIS_CA", "/nonexistent.pem")])
+                .unwrap_err();
+        assert!(e.message().contains("/nonexistent.pem"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_TTL", "0.5")]).unwrap_err();
+        assert!(e.message().contains("at least 1 second"), "{e}");
+        let e = load(&[("TUNNEL_CLUSTER_REDIS", "redis://r"), ("TUNNEL_CLUSTER_KEY", "4:c2VjcmV0"), ("TUNNEL_CLUSTER_ADVERTISE", "10.0.0.5")])
+            .unwrap_err();
+        assert!(e.message().contains("TUNNEL_CLUSTER_ADVERTISE"), "{e}");
     }
 
     #[test]

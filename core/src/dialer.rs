@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 
 use crate::auth::Key;
+use crate::client::relays::RelayList;
 use crate::e2e::handshake::Dialing;
 use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
@@ -81,7 +82,7 @@ impl DialerBuilder {
 
     /// Check the settings; no network I/O happens until the first dial.
     pub fn build(self) -> Result<Dialer> {
-        let url = RelayUrl::parse(&self.relay)?;
+        let relays = RelayList::parse(&self.relay)?;
         let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
         if let Some(v) = &self.via {
             Target { host: "x".into(), port: 1 }.through_exit(v)?;
@@ -94,7 +95,7 @@ impl DialerBuilder {
         let e2e = self.e2e.map(Dialing::new).transpose()?;
         Ok(Dialer {
             inner: Arc::new(DialerInner {
-                url,
+                relays,
                 key,
                 mode: self.mode,
                 tls: self.tls,
@@ -109,7 +110,7 @@ impl DialerBuilder {
 }
 
 struct DialerInner {
-    url: RelayUrl,
+    relays: RelayList,
     key: Key,
     mode: Mode,
     tls: Option<ClientTls>,
@@ -131,7 +132,7 @@ pub struct Dialer {
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dialer").field("relay", &self.inner.url.url.as_str()).field("mode", &self.inner.mode).finish()
+        f.debug_struct("Dialer").field("relay", &self.inner.relays.current().url.as_str()).field("mode", &self.inner.mode).finish()
     }
 }
 
@@ -157,7 +158,7 @@ impl Dialer {
 
     /// The relay URL.
     pub fn relay(&self) -> &str {
-        self.inner.url.url.as_str()
+        self.inner.relays.current().url.as_str()
     }
 
     /// The mode.
@@ -190,7 +191,7 @@ impl Dialer {
         let i = &self.inner;
         Ok(Dialer {
             inner: Arc::new(DialerInner {
-                url: i.url.clone(),
+                relays: i.relays.clone(),
                 key: i.key.clone(),
                 mode: i.mode,
                 tls: i.tls.clone(),
@@ -231,7 +232,11 @@ impl Dialer {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 ErrorCode::Timeout,
-                format!("dialing {target} through {} took longer than {:.1}s; is the relay reachable?", self.inner.url.url, t.as_secs_f64()),
+                format!(
+                    "dialing {target} through {} took longer than {:.1}s; is the relay reachable?",
+                    self.inner.relays.current().url,
+                    t.as_secs_f64()
+                ),
             )),
         }
     }
@@ -242,7 +247,7 @@ impl Dialer {
         if self.inner.mode == Mode::Multiplexed {
             tokio::time::timeout(self.inner.timeout, self.session())
                 .await
-                .map_err(|_| Error::new(ErrorCode::Timeout, format!("connecting to {} timed out", self.inner.url.url)))??;
+                .map_err(|_| Error::new(ErrorCode::Timeout, format!("connecting to {} timed out", self.inner.relays.current().url)))??;
         }
         Ok(())
     }
@@ -272,7 +277,8 @@ impl Dialer {
                 return Ok(s.clone());
             }
         }
-        let s = open_session(&self.inner.url, &self.inner.key, self.inner.tls.as_ref(), self.inner.mux.clone()).await?;
+        let i = &self.inner;
+        let s = i.relays.try_each(|url| async move { open_session(&url, &i.key, i.tls.as_ref(), i.mux.clone()).await }).await?;
         *slot = Some(s.clone());
         Ok(s)
     }
@@ -341,14 +347,18 @@ impl Dialer {
             Ok(r) => r,
             Err(_) => Err(Error::new(
                 ErrorCode::Timeout,
-                format!("dialing {target} through {} took longer than {:.1}s; is the relay reachable?", self.inner.url.url, t.as_secs_f64()),
+                format!(
+                    "dialing {target} through {} took longer than {:.1}s; is the relay reachable?",
+                    self.inner.relays.current().url,
+                    t.as_secs_f64()
+                ),
             )),
         }
     }
 
     async fn dial_classic(&self, target: &Target) -> Result<TunnelStream> {
-        let url = &self.inner.url;
-        match transport::connect(url, false, self.inner.tls.as_ref()).await? {
+        let tls = self.inner.tls.as_ref();
+        match self.inner.relays.try_each(|url| async move { transport::connect(&url, false, tls).await }).await? {
             Connected::Ws(ws, _) => {
                 let mut io = WsByteStream::new(ws, Some(CLASSIC_PING));
                 let pre = io.read_message().await.map_err(|e| Error::from_io(e, "reading the relay's preamble"))?;

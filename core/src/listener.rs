@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::handshake::connect_mux;
+use crate::client::relays::RelayList;
 use crate::e2e::handshake::Accepting;
 use crate::e2e::ListenerE2e;
 use crate::egress::allowlist::Allowlist;
@@ -187,7 +188,7 @@ impl ListenerBuilder {
     /// Connect and register. Fails (without retrying) when the first registration is refused or
     /// the relay cannot be reached; after that, lost sessions are re-established in the background.
     pub async fn bind(self) -> Result<Listener> {
-        let url = RelayUrl::parse(&self.relay)?;
+        let relays = RelayList::parse(&self.relay)?;
         let name = self.name.clone().unwrap_or_else(|| self.identity.name());
         if !crate::identity::valid_name(&name) {
             return Err(Error::argument(format!(
@@ -203,7 +204,7 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { url, name, builder: self, exit, e2e });
+        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random() });
         let (session, reg) = register(&cfg).await?;
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
@@ -224,7 +225,9 @@ impl ListenerBuilder {
 }
 
 struct Config {
-    url: RelayUrl,
+    relays: RelayList,
+    /// This listener object's random id, sent in every registration (`ListenHello::instance`).
+    instance: [u8; 16],
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -420,9 +423,14 @@ impl Drop for Listener {
 
 /// Connect, register, and return the session and what the relay granted.
 async fn register(cfg: &Config) -> Result<(Session, Registration)> {
+    cfg.relays.try_each(|url| async move { register_at(cfg, &url).await }).await
+}
+
+/// [`register`] with one relay.
+async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registration)> {
     let b = &cfg.builder;
     let attempt = async {
-        let (source, mut sink, answer) = connect_mux(&cfg.url, b.tls.as_ref(), |nonce| {
+        let (source, mut sink, answer) = connect_mux(url, b.tls.as_ref(), |nonce| {
             ListenHello {
                 public_key: b.identity.public_key().to_vec(),
                 signature: b.identity.sign_registration(nonce, &cfg.name).to_vec(),
@@ -432,6 +440,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
                 exit: b.exit.is_some(),
                 h2c: b.h2c,
                 tls_passthrough: b.tls_passthrough,
+                instance: cfg.instance.to_vec(),
             }
             .encode_frame()
         })
@@ -440,7 +449,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
             Ok(a) => a,
             Err(e) => {
                 let _ = sink.close().await;
-                return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", cfg.url.url, cfg.name, e.message())));
+                return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", url.url, cfg.name, e.message())));
             }
         };
         // A relay that predates pools or exits ignores the request; say so instead of running as
@@ -448,7 +457,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
         for (asked, granted, what) in [(b.pool, ack.pool, "pools (--pool)"), (b.exit.is_some(), ack.exit, "exit listeners (--exit)")] {
             if asked && !granted {
                 let _ = sink.close().await;
-                return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", cfg.url.url)));
+                return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", url.url)));
             }
         }
         let reg = Registration {
@@ -460,7 +469,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
     };
     tokio::time::timeout(b.timeout, attempt)
         .await
-        .map_err(|_| Error::new(ErrorCode::Timeout, format!("registering with the relay at {} timed out after {:?}", cfg.url.url, b.timeout)))?
+        .map_err(|_| Error::new(ErrorCode::Timeout, format!("registering with the relay at {} timed out after {:?}", url.url, b.timeout)))?
 }
 
 /// Serve the current session; when it dies, reconnect with backoff and re-register.

@@ -261,6 +261,11 @@ pub struct ListenHello {
     /// ClientHello names it (SNI) to it undecrypted.
     #[prost(bool, tag = "8")]
     pub tls_passthrough: bool,
+    /// A random id of this listener object, the same in every re-registration: once a newer
+    /// registration of the same key has replaced it, the relay refuses it (`NAME_TAKEN`), so an
+    /// old listener that missed the notice cannot take its name back. Empty from older listeners.
+    #[prost(bytes = "vec", tag = "9")]
+    pub instance: Vec<u8>,
 }
 
 impl ListenHello {
@@ -279,7 +284,7 @@ impl ListenHello {
             return Err(bad());
         }
         let h = ListenHello::decode(&b[1..]).map_err(|_| bad())?;
-        if h.public_key.len() != 32 || h.signature.len() != 64 || h.name.len() > 63 {
+        if h.public_key.len() != 32 || h.signature.len() != 64 || h.name.len() > 63 || h.instance.len() > 32 {
             return Err(bad());
         }
         Ok(h)
@@ -634,8 +639,10 @@ mod tests {
             exit: false,
             h2c: true,
             tls_passthrough: false,
+            instance: vec![9; 16],
         };
         assert_eq!(ListenHello::decode_frame(&lh.encode_frame()).unwrap(), lh);
+        assert!(ListenHello::decode_frame(&ListenHello { instance: vec![9; 33], ..lh.clone() }.encode_frame()).is_err());
         assert!(ListenHello::decode_frame(&[LISTEN_HELLO_TAG, 0xff]).is_err());
         assert!(ListenHello::decode_frame(&ListenHello { public_key: vec![1; 31], ..lh.clone() }.encode_frame()).is_err());
         let ack = ListenAck::refused(ErrorCode::NameTaken, "taken");

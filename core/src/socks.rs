@@ -104,6 +104,30 @@ fn socks_err(e: socks5_proto::Error) -> Error {
     }
 }
 
+/// What a relay of a cluster puts in a failure reply's address (which RFC 1928 leaves unused on a
+/// failure, so other clients ignore it) when it cannot look up a listener name because its
+/// cluster registry (Redis) is unreachable: the dialer then reports `RELAY_UNAVAILABLE`.
+pub const CLUSTER_UNAVAILABLE_HINT: &str = "cluster-registry-unreachable";
+
+fn cluster_unavailable_error(target: &Target) -> Error {
+    Error::new(
+        ErrorCode::RelayUnavailable,
+        format!(
+            "the relay could not look up the listener {}: its cluster registry (Redis) is unreachable, so it can reach only the listeners connected to it; retry shortly, and check the relays' TUNNEL_CLUSTER_REDIS",
+            target.host
+        ),
+    )
+}
+
+/// Answer a CONNECT for a listener name with [`CLUSTER_UNAVAILABLE_HINT`] (general failure).
+pub async fn write_cluster_unavailable<S: AsyncWrite + Unpin>(io: &mut S) -> std::io::Result<()> {
+    let addr = Address::DomainAddress(CLUSTER_UNAVAILABLE_HINT.as_bytes().to_vec(), 0);
+    let mut buf = BytesMut::new();
+    Response::new(Reply::GeneralFailure, addr).write_to_buf(&mut buf);
+    io.write_all(&buf).await?;
+    io.flush().await
+}
+
 /// The typed error for a non-zero SOCKS5 reply to a CONNECT of `target`.
 pub fn reply_error(reply: Reply, target: &Target) -> Error {
     if let Some((inner, exit)) = target.exit_route() {
@@ -236,6 +260,11 @@ pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, targe
     }
     let resp = Response::read_from(io).await.map_err(socks_err)?;
     if resp.reply != Reply::Succeeded {
+        if let Address::DomainAddress(hint, _) = &resp.address {
+            if hint.as_slice() == CLUSTER_UNAVAILABLE_HINT.as_bytes() {
+                return Err(cluster_unavailable_error(target));
+            }
+        }
         return Err(reply_error(resp.reply, target));
     }
     Ok(match resp.address {

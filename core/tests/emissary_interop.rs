@@ -19,6 +19,9 @@
 //! All traffic stays on loopback (Emissary's server and our relay in Emissary mode bind every
 //! interface, as Emissary does, but only 127.0.0.1 is dialled), and every wait is bounded.
 
+#[path = "common/dns.rs"]
+mod dns;
+
 use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -34,7 +37,7 @@ use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Dialer, ErrorCode, Key, Mode, RelayConfig, Server};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 const KID: u32 = 7;
@@ -294,41 +297,9 @@ async fn http(port: u16, method: &str, path: &str) -> Option<(u16, String, Strin
 }
 
 /// A DNS responder on UDP `addr` answering A queries for `interop.test` with 127.0.0.1 and
-/// everything else with an empty answer (a mirror of `allowlist_table.rs`'s responder).
+/// everything else with an empty answer (the shared `common/dns.rs` responder).
 async fn fake_dns(addr: &str) -> io::Result<SocketAddr> {
-    let sock = UdpSocket::bind(addr).await?;
-    let local = sock.local_addr()?;
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            if let Some(answer) = dns_answer(&buf[..n]) {
-                let _ = sock.send_to(&answer, from).await;
-            }
-        }
-    });
-    Ok(local)
-}
-
-fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
-    let mut i = 12;
-    let mut labels = Vec::new();
-    while *q.get(i)? != 0 {
-        let len = usize::from(q[i]);
-        labels.push(String::from_utf8_lossy(q.get(i + 1..i + 1 + len)?).to_ascii_lowercase());
-        i += 1 + len;
-    }
-    let qtype = u16::from_be_bytes([*q.get(i + 1)?, *q.get(i + 2)?]);
-    let end = i + 5;
-    let found = labels.join(".") == "interop.test" && qtype == 1;
-    let mut r = q.get(..end)?.to_vec();
-    r[2] = 0x80 | (q[2] & 0x01);
-    r[3] = 0x80;
-    r[6..8].copy_from_slice(&u16::from(found).to_be_bytes());
-    r[8..12].fill(0);
-    if found {
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 30, 0, 4, 127, 0, 0, 1]);
-    }
-    Some(r)
+    dns::fake_dns_on(addr, std::collections::HashMap::from([("interop.test", vec![std::net::IpAddr::from([127, 0, 0, 1])])])).await
 }
 
 /// Collects failed checks so one run reports every interop problem, not just the first.

@@ -4,6 +4,9 @@
 //! TCP port, registration rules (names, keys, signatures, stale sessions), relay restarts,
 //! backpressure and many concurrent streams. Every wait is bounded.
 
+#[path = "common/raw.rs"]
+mod raw;
+
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
@@ -20,9 +23,10 @@ use hyper_util::rt::TokioIo;
 use libtunnel::auth::KeySet;
 use libtunnel::config::ListenerGrant;
 use libtunnel::egress::allowlist::Allowlist;
-use libtunnel::protocol::{ListenAck, ListenHello, ServerConnect, MUX_SUBPROTOCOL};
+use libtunnel::protocol::ListenHello;
 use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener, PeerInfo, RelayConfig, Server, ServerHandle, TunnelStream, Via};
 use rand::{RngCore, SeedableRng};
+use raw::{hello, next_binary, raw_register};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -726,44 +730,6 @@ async fn public_tcp_port_round_trip() {
 // registration rules
 // ---------------------------------------------------------------------------------------------
 
-type RawWs = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
-
-async fn next_binary(ws: &mut RawWs) -> Option<Bytes> {
-    loop {
-        match within(STEP, "a message from the relay", ws.next()).await {
-            Some(Ok(Message::Binary(b))) => return Some(b),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
-            Some(Ok(m)) => panic!("unexpected message {m:?}"),
-        }
-    }
-}
-
-/// Register by hand over a raw WebSocket: `make` builds the hello from the relay's nonce.
-async fn raw_register(relay_url: &str, make: impl FnOnce(&[u8]) -> ListenHello) -> (RawWs, libtunnel::Result<ListenAck>) {
-    let mut req = relay_url.into_client_request().expect("request");
-    req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(MUX_SUBPROTOCOL));
-    let (mut ws, resp) = within(STEP, "raw WebSocket", tokio_tungstenite::connect_async(req)).await.expect("upgrade");
-    assert_eq!(resp.headers().get(header::SEC_WEBSOCKET_PROTOCOL).map(|v| v.as_bytes()), Some(MUX_SUBPROTOCOL.as_bytes()));
-    let pre = next_binary(&mut ws).await.expect("preamble");
-    let nonce = ServerConnect::decode_checked(&pre).expect("a valid preamble");
-    ws.send(Message::Binary(make(&nonce).encode_frame())).await.expect("send hello");
-    let answer = next_binary(&mut ws).await.expect("an answer");
-    (ws, ListenAck::decode_frame(&answer))
-}
-
-fn hello(id: &Identity, nonce: &[u8], name: &str) -> ListenHello {
-    ListenHello {
-        public_key: id.public_key().to_vec(),
-        signature: id.sign_registration(nonce, name).to_vec(),
-        name: name.into(),
-        tcp_port: false,
-        pool: false,
-        exit: false,
-        ..Default::default()
-    }
-}
-
 async fn bind_err(relay_url: &str, id: &Identity, name: Option<&str>) -> libtunnel::Error {
     let mut b = Listener::builder(relay_url, id.clone());
     if let Some(n) = name {
@@ -848,6 +814,37 @@ async fn registration_rules_name_taken_not_allowed_auth_failed() {
     };
     assert_eq!(taken.name(), "shared");
     drop((api, own, taken));
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replaced_listener_that_missed_the_notice_cannot_take_its_name_back() {
+    init_tracing();
+    let relay = start(relay_config()).await;
+    let id = Identity::generate();
+    let old = |n: &[u8]| ListenHello { instance: vec![7; 16], ..hello(&id, n, &id.name()) };
+    // The old process: registered, then replaced by a newer one of the same key.
+    let (_first, ack) = raw_register(relay.url(), old).await;
+    assert_eq!(ack.expect("registered").name, id.name());
+    let newer = Arc::new(bind_listener(relay.url(), id.clone()).await);
+    serve(newer.clone(), |s, _| echo(s));
+    // The old one reconnects as if the notice had never reached it (same instance): refused.
+    let (_again, ack) = raw_register(relay.url(), old).await;
+    let e = ack.expect_err("a replaced instance may not come back");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.message().contains("replaced") && e.message().contains("newer registration"), "{e}");
+    // The newer listener keeps the name.
+    assert!(newer.is_connected());
+    let d = dialer(&relay);
+    let s = within(STEP, "dial", d.dial(&format!("{}:0", id.name()))).await.expect("dial the newer listener");
+    assert_eq!(within(STEP, "echo", exchange(s, b"newer")).await.expect("echo"), (sha(b"newer"), 5));
+    // A listener reconnecting by itself is not replaced by its own registration: the relay
+    // drops its session (a restart of the relay would too) and it re-registers.
+    let (_own, ack) = raw_register(relay.url(), |n| ListenHello { instance: vec![8; 16], ..hello(&id, n, &id.name()) }).await;
+    assert!(ack.is_ok(), "a new instance replaces the holder, as today");
+    let (_own_again, ack) = raw_register(relay.url(), |n| ListenHello { instance: vec![8; 16], ..hello(&id, n, &id.name()) }).await;
+    assert!(ack.is_ok(), "the same instance registering again (a reconnect) is not refused: {ack:?}");
+    newer.close();
     relay.abort();
 }
 

@@ -7,6 +7,8 @@
 //! Retry-After, then 200 again) and the per-listener metrics on `/metrics`.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use libtunnel::{Identity, Listener, ServerHandle};
+use pki::{make_pki, Pki};
 use tokio::net::TcpListener;
 
 const DOMAIN: &str = "test.example";
@@ -33,33 +36,6 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// A CA and a leaf certificate it signed for `names`, written as `ca.pem`, `cert.pem`,
 /// `key.pem` under `dir`.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn make_pki(dir: &Path, names: &[&str]) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    std::fs::create_dir_all(dir).expect("pki dir");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, format!("libtunnel test CA {}", dir.display()));
-    let ca_key = KeyPair::generate().expect("ca key");
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let leaf = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-        .expect("leaf params")
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf cert");
-    let pki = Pki { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
-    std::fs::write(&pki.ca, ca_cert.pem()).expect("write");
-    std::fs::write(&pki.cert, leaf.pem()).expect("write");
-    std::fs::write(&pki.key, leaf_key.serialize_pem()).expect("write");
-    pki
-}
-
 /// The local service behind the listeners (HTTP/1.1 and h2c on one port, as hyper's auto server
 /// detects): `POST /hash` answers the SHA-256 (hex) of the body; `GET /bytes?n=N` answers N
 /// deterministic bytes; every answer echoes the path it saw and the forwarding headers.

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use libtunnel::client::keys::parse_key_text;
 use libtunnel::client::{checked_seconds, ClientConfig, ClientOptions, ClientRole};
-use libtunnel::{ClientTls, RelayUrl};
+use libtunnel::ClientTls;
 use libtunnel::{Identity, Mode};
 
 use crate::boundary::fallible;
@@ -92,18 +92,12 @@ impl Config {
 }
 
 impl Config {
-    /// The checked configuration for a client of `role`. A missing key also names the C setter
-    /// that gives it.
+    /// The checked configuration for a client of `role`. A missing key names the C setter that
+    /// gives it.
     pub fn resolve(&self, role: ClientRole) -> libtunnel::Result<ClientConfig> {
-        let setter = match role {
-            ClientRole::Dialer if self.options.parsed_key.is_none() => Some("tunnel_config_set_key"),
-            ClientRole::Listener if self.options.identity.is_none() => Some("tunnel_config_set_identity_file"),
-            _ => None,
-        };
-        self.options.clone().resolve(role).map_err(|e| match setter {
-            Some(s) if e.message().starts_with("no ") => libtunnel::Error::new(e.code(), format!("{} (in C: call {s} first)", e.message())),
-            _ => e,
-        })
+        let mut o = self.options.clone();
+        o.give_key = Some(("call tunnel_config_set_key", "call tunnel_config_set_identity_file"));
+        o.resolve(role)
     }
 }
 
@@ -125,7 +119,7 @@ pub unsafe extern "C" fn tunnel_config_new(relay_url: *const c_char, out: *mut *
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a NUL-terminated string.
         let relay = unsafe { str_arg(relay_url, "relay_url") }?;
-        RelayUrl::parse(relay)?;
+        libtunnel::client::check_relay_urls(relay)?;
         let cfg = Config::with_options(ClientOptions { relay: Some(relay.to_string()), ..ClientOptions::default() });
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_config>(cfg) };

@@ -107,3 +107,31 @@ fn an_out_of_range_log_level_is_refused() {
     assert_eq!(r, tunnel_result::InvalidArgument);
     assert!(last_error().contains("tunnel_log_level"));
 }
+
+#[test]
+fn a_missing_key_names_the_c_setter_that_gives_it() {
+    let relay = CString::new("ws://127.0.0.1:9").unwrap();
+    for (listener, setter) in [(false, "call tunnel_config_set_key"), (true, "call tunnel_config_set_identity_file")] {
+        let mut cfg: *mut tunnel_config = ptr::null_mut();
+        // SAFETY: valid pointers throughout; every object made is freed.
+        let (r, msg) = unsafe {
+            assert_eq!(tunnel_config_new(relay.as_ptr(), &mut cfg), tunnel_result::Ok);
+            let r = if listener {
+                let mut l: *mut tunnel_listener = ptr::null_mut();
+                let r = tunnel_listener_bind(cfg, &mut l);
+                tunnel_listener_free(l);
+                r
+            } else {
+                let mut d: *mut tunnel_dialer = ptr::null_mut();
+                let r = tunnel_dialer_new(cfg, &mut d);
+                tunnel_dialer_free(d);
+                r
+            };
+            let msg = last_error();
+            tunnel_config_free(cfg);
+            (r, msg)
+        };
+        assert_eq!(name(r), "INVALID_ARGUMENT", "{msg}");
+        assert!(msg.contains(setter), "{msg}");
+    }
+}

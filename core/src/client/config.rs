@@ -18,7 +18,7 @@ use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
 use crate::listener::ListenerBuilder;
 use crate::stream::Mode;
-use crate::transport::{ClientTls, RelayUrl};
+use crate::transport::ClientTls;
 
 /// One client environment variable.
 #[derive(Debug, Clone, Copy)]
@@ -177,6 +177,9 @@ pub struct ClientOptions {
     pub mode: Option<Mode>,
     /// Where unset values come from.
     pub env: ClientEnv,
+    /// How this face gives a key, for the error when none is given (default "pass the key";
+    /// the C face says which setter to call).
+    pub give_key: Option<(&'static str, &'static str)>,
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -223,7 +226,7 @@ impl ClientOptions {
                 .var(client_var(RELAY_VAR))?
                 .ok_or_else(|| Error::argument(format!("no relay URL: pass the relay (ws://, wss:// or tcp://) or set {RELAY_VAR}")))?,
         };
-        RelayUrl::parse(&relay)?;
+        super::relays::check_relay_urls(&relay)?;
         let (key, identity) = match role {
             ClientRole::Dialer => {
                 let key = match (self.parsed_key, self.key) {
@@ -232,9 +235,10 @@ impl ClientOptions {
                     (None, None) => match env.var(client_var(KEY_VAR))? {
                         Some(text) => parse_key_text(&text).map_err(|e| Error::new(e.code(), format!("{KEY_VAR}: {}", e.message())))?,
                         None => {
+                            let give = self.give_key.map_or("pass the key", |(dialer, _)| dialer);
                             return Err(Error::argument(format!(
-                                "no shared key: pass the key (KID:BASE64, or a file holding it) or set {KEY_VAR}; `tunnel keygen` makes one"
-                            )))
+                                "no shared key: {give} (KID:BASE64, or a file holding it) or set {KEY_VAR}; `tunnel keygen` makes one"
+                            )));
                         }
                     },
                 };
@@ -247,9 +251,10 @@ impl ClientOptions {
                     (None, None) => match env.var(client_var(LISTENER_KEY_VAR))? {
                         Some(text) => load_identity_text(&text).map_err(|e| Error::new(e.code(), format!("{LISTENER_KEY_VAR}: {}", e.message())))?,
                         None => {
+                            let give = self.give_key.map_or("pass the key", |(_, listener)| listener);
                             return Err(Error::argument(format!(
-                                "no listener key: pass the key (a PEM file or its text) or set {LISTENER_KEY_VAR}; `tunnel keygen --listener --out FILE` makes one"
-                            )))
+                                "no listener key: {give} (a PEM file or its text) or set {LISTENER_KEY_VAR}; `tunnel keygen --listener --out FILE` makes one"
+                            )));
                         }
                     },
                 };

@@ -1,9 +1,11 @@
 //! What every client (dialer or listener, in every face) shares: how it is configured
 //! ([`config`]: explicit values, then one set of `TUNNEL_*` variables), how users give and get
-//! keys ([`keys`]), and how its session to the relay begins (`handshake`).
+//! keys ([`keys`]), which relays it uses (`relays`: one URL or several, tried in turn), and how its session to the relay begins (`handshake`).
 
 pub mod config;
 pub(crate) mod handshake;
 pub mod keys;
+pub mod relays;
 
 pub use config::{checked_millis, checked_seconds, ClientConfig, ClientEnv, ClientOptions, ClientRole};
+pub use relays::check_relay_urls;

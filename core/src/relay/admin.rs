@@ -90,6 +90,14 @@ fn config(state: &RelayState) -> Value {
         "listener_keys": cfg.listener_keys.iter().map(|g| json!({"public_key": g.public_key, "names": g.names})).collect::<Vec<_>>(),
         "listeners_open": access.listeners_open,
         "health_path": cfg.health_path,
+        "cluster": state.cluster.as_ref().map(|c| json!({
+            "node_id": c.node_id,
+            "advertise": c.advertise,
+            "redis": c.cfg.redacted_redis(),
+            "cluster_key_id": c.cfg.key.kid,
+            "claim_ttl_secs": c.cfg.claim_ttl.as_secs_f64(),
+            "namespace": c.cfg.namespace,
+        })),
         "limits": format!("{:?}", cfg.limits),
     })
 }

@@ -54,7 +54,7 @@ pub(super) async fn serve_listener(
     let reserved = state
         .access()
         .authorize(&public_key, &name)
-        .and_then(|()| state.registry.reserve(&name, public_key, joining, state.cfg.limits.max_pending_accepts));
+        .and_then(|()| state.registry.reserve(&name, public_key, &hello.instance, joining, state.cfg.limits.max_pending_accepts));
     let id = match reserved {
         Ok(id) => id,
         Err(e) => {
@@ -65,10 +65,22 @@ pub(super) async fn serve_listener(
         }
     };
     // From here the name is ours until the session ends.
-    let _release = ReleaseOnDrop { state: state.clone(), name: name.clone(), id };
-    let tcp = if hello.tcp_port { bind_public_port(&state).await } else { Ok(None) };
+    let mut release = ReleaseOnDrop { state: state.clone(), name: name.clone(), id, tcp_port: None };
+    if let Some(cluster) = &state.cluster {
+        let mode = super::cluster::mode_of(joining, hello.h2c, hello.tls_passthrough);
+        if let Err(e) = cluster.claim(&state, &name, &public_key, &hello.instance, mode).await {
+            state.metrics.refused(Refusal::Registration);
+            tracing::info!(%peer, %name, reason = %e, "listener registration refused by the cluster");
+            let _ = sink.send(refuse(e.code(), e.message().to_string())).await;
+            return;
+        }
+    }
+    let tcp = if hello.tcp_port { bind_public_port(&state, &name).await } else { Ok(None) };
     let tcp = match tcp {
-        Ok(t) => t,
+        Ok(t) => {
+            release.tcp_port = t.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+            t
+        }
         Err(e) => {
             let _ = sink.send(refuse(e.code(), e.message().to_string())).await;
             return;
@@ -129,17 +141,28 @@ struct ReleaseOnDrop {
     state: Arc<RelayState>,
     name: String,
     id: u64,
+    /// The public TCP port the session holds (freed in the cluster's port table too).
+    tcp_port: Option<u16>,
 }
 
 impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         self.state.registry.release(&self.name, self.id);
         self.state.public.listeners.released(&self.name, self.id);
+        if let Some(cluster) = &self.state.cluster {
+            if !self.state.registry.contains(&self.name) {
+                cluster.released(&self.state, &self.name);
+            }
+            if let Some(port) = self.tcp_port {
+                cluster.port_released(&self.state, port, &self.name);
+            }
+        }
     }
 }
 
-/// Bind the first free port of the configured range.
-async fn bind_public_port(state: &RelayState) -> Result<Option<TcpListener>, Error> {
+/// Bind the first free port of the configured range (on a node of a cluster: free on every
+/// node, since the port is mirrored by all of them).
+async fn bind_public_port(state: &RelayState, name: &str) -> Result<Option<TcpListener>, Error> {
     let Some((lo, hi)) = state.cfg.tcp_ports else {
         return Err(Error::new(
             ErrorCode::NotAllowed,
@@ -148,7 +171,10 @@ async fn bind_public_port(state: &RelayState) -> Result<Option<TcpListener>, Err
     };
     for port in lo..=hi {
         if let Ok(l) = TcpListener::bind(SocketAddr::new(state.cfg.tcp_ports_bind, port)).await {
-            return Ok(Some(l));
+            match &state.cluster {
+                Some(c) if !c.take_port(state, port, name).await => continue,
+                _ => return Ok(Some(l)),
+            }
         }
     }
     Err(Error::new(ErrorCode::General, format!("every public TCP port in {lo}-{hi} is in use; widen TUNNEL_TCP_PORTS on the relay")))
@@ -163,19 +189,22 @@ async fn serve_public_port(state: Arc<RelayState>, listener: TcpListener, name: 
             _ = state.draining.cancelled() => return,
             x = crate::transport::accept_backoff(&listener) => x,
         };
-        let _ = sock.set_nodelay(true);
-        let (st, name) = (state.clone(), name.clone());
-        state.tasks.spawn(async move {
-            let header = StreamHeader { via: Via::Tcp, port, client: peer.to_string() };
-            match open_to_listener(&st, &name, header, st.cfg.limits.connect_timeout).await {
-                Ok(stream) => {
-                    let _ = crate::stream::bridge(stream, sock).await;
-                }
-                Err(e) => {
-                    st.metrics.refused(e.refusal());
-                    tracing::debug!(%peer, %name, error = ?e, "public TCP connection not delivered");
-                }
-            }
-        });
+        state.tasks.spawn(forward_public_tcp(state.clone(), sock, peer, name.clone(), port));
+    }
+}
+
+/// Deliver one connection on public TCP `port` to the listener `name` (here, or on the node of
+/// the cluster that holds it).
+pub(super) async fn forward_public_tcp(state: Arc<RelayState>, sock: tokio::net::TcpStream, peer: SocketAddr, name: String, port: u16) {
+    let _ = sock.set_nodelay(true);
+    let header = StreamHeader { via: Via::Tcp, port, client: peer.to_string() };
+    match open_to_listener(&state, &name, header, state.cfg.limits.connect_timeout).await {
+        Ok(stream) => {
+            let _ = crate::stream::bridge(stream, sock).await;
+        }
+        Err(e) => {
+            state.metrics.refused(e.refusal());
+            tracing::debug!(%peer, %name, error = ?e, "public TCP connection not delivered");
+        }
     }
 }

@@ -46,9 +46,12 @@ pub enum Refusal {
     HttpListenerRate = 18,
     /// A request on a TLS connection named another host than the connection's SNI (421).
     Misdirected = 19,
+    /// A name held by no local listener could not be looked up: the cluster registry (Redis)
+    /// is unreachable.
+    ClusterUnavailable = 20,
 }
 
-const REFUSALS: usize = 20;
+const REFUSALS: usize = 21;
 
 const REFUSAL_NAMES: [&str; REFUSALS] = [
     "not_allowed",
@@ -71,6 +74,7 @@ const REFUSAL_NAMES: [&str; REFUSALS] = [
     "http_listener_requests",
     "http_listener_rate",
     "misdirected",
+    "cluster_unavailable",
 ];
 
 /// The relay's counters.
@@ -96,6 +100,25 @@ pub struct Metrics {
     pub(crate) http_requests: AtomicU64,
     /// Public HTTP requests per listener name (status, bytes, latency).
     pub(crate) per_listener: PerListener,
+    /// The cluster's counters (rendered only on a node of a cluster).
+    pub(crate) cluster: ClusterMetrics,
+}
+
+/// What one node of a cluster counts.
+#[derive(Debug, Default)]
+pub(crate) struct ClusterMetrics {
+    /// This relay is a node of a cluster.
+    pub(crate) on: std::sync::atomic::AtomicBool,
+    /// Streams this node forwarded to the node holding their listener.
+    pub(crate) forwarded_out: AtomicU64,
+    /// Streams other nodes forwarded here for a local listener.
+    pub(crate) forwarded_in: AtomicU64,
+    /// Listener names this node holds in the cluster registry now.
+    pub(crate) claims: AtomicI64,
+    /// Round trip of the last Redis command that measured one, microseconds.
+    pub(crate) redis_rtt_micros: AtomicI64,
+    /// Redis commands that failed (unreachable, timed out).
+    pub(crate) redis_errors: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the public request latency histogram (time to the response head).
@@ -262,6 +285,26 @@ impl Metrics {
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();
         let rows: Vec<(&str, i64)> = labels.iter().zip(&self.refusals).map(|(l, v)| (l.as_str(), v.load(Relaxed) as i64)).collect();
         counter("libtunnel_refusals_total", "Streams or sessions refused, by reason.", "counter", &rows);
+        let c = &self.cluster;
+        if c.on.load(Relaxed) {
+            counter(
+                "libtunnel_cluster_forwarded_streams_total",
+                "Streams forwarded between nodes of the cluster, by direction.",
+                "counter",
+                &[("{direction=\"out\"}", c.forwarded_out.load(Relaxed) as i64), ("{direction=\"in\"}", c.forwarded_in.load(Relaxed) as i64)],
+            );
+            counter("libtunnel_cluster_claims", "Listener names this node holds in the cluster registry.", "gauge", &[("", c.claims.load(Relaxed))]);
+            let rtt = c.redis_rtt_micros.load(Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                s,
+                "# HELP libtunnel_cluster_redis_rtt_seconds Round trip of the last Redis command.\n# TYPE libtunnel_cluster_redis_rtt_seconds gauge\nlibtunnel_cluster_redis_rtt_seconds {rtt}"
+            );
+            let _ = writeln!(
+                s,
+                "# HELP libtunnel_cluster_redis_errors_total Redis commands that failed.\n# TYPE libtunnel_cluster_redis_errors_total counter\nlibtunnel_cluster_redis_errors_total {}",
+                c.redis_errors.load(Relaxed)
+            );
+        }
         self.per_listener.render(&mut s);
         s
     }

@@ -23,11 +23,13 @@
 
 mod admin;
 mod classic_ws;
+mod cluster;
 mod guard;
 mod listen;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod proxy_header;
 mod public_body;
 mod public_endpoint;
 mod public_listeners;
@@ -85,6 +87,8 @@ pub(crate) struct RelayState {
     pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
     /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
     pub(crate) public: public_endpoint::Public,
+    /// The cluster this relay is a node of (`cluster_redis`), if any.
+    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
 
 /// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
@@ -212,6 +216,24 @@ impl std::fmt::Debug for Server {
     }
 }
 
+/// The URL other nodes reach this one at: `cluster_advertise`, else the raw-TCP endpoint, else
+/// the WebSocket one (bound to a specific IP: 0.0.0.0 says nothing about where to dial).
+fn cluster_advertise(c: &crate::config::ClusterConfig, tcp: Option<&TcpListener>, ws: Option<&TcpListener>, tls: bool) -> Result<String> {
+    if let Some(a) = &c.advertise {
+        return Ok(a.clone());
+    }
+    let addr = |l: Option<&TcpListener>| l.and_then(|l| l.local_addr().ok()).filter(|a| !a.ip().is_unspecified());
+    if let Some(a) = addr(tcp) {
+        return Ok(format!("tcp://{a}"));
+    }
+    if let Some(a) = addr(ws) {
+        return Ok(format!("{}://{a}", if tls { "wss" } else { "ws" }));
+    }
+    Err(Error::config(
+        "this cluster node listens on every address (0.0.0.0), so other nodes cannot tell where to reach it: set TUNNEL_CLUSTER_ADVERTISE to the URL they should dial, e.g. tcp://10.0.0.5:7836",
+    ))
+}
+
 async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
@@ -257,7 +279,15 @@ impl Server {
             None => None,
         };
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+        let cluster = match &cfg.cluster {
+            Some(c) => {
+                let advertise = cluster_advertise(c, tcp.as_ref(), ws.as_ref(), tls.is_some())?;
+                Some(Arc::new(cluster::Cluster::new(c.clone(), advertise)?))
+            }
+            None => None,
+        };
         let metrics = Arc::new(Metrics::default());
+        metrics.cluster.on.store(cluster.is_some(), std::sync::atomic::Ordering::Relaxed);
         let l = &cfg.limits;
         let admissions = guard::Admissions::new(
             guard::AdmissionLimits {
@@ -287,6 +317,7 @@ impl Server {
             registry: registry::Registry::default(),
             access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
+            cluster,
         });
         Ok(Server { state, ws, tcp, http, https, admin })
     }
@@ -375,6 +406,10 @@ impl Server {
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::RawTcp));
         }
         state.tasks.spawn(memory::return_after_floods(state.metrics.clone(), state.draining.clone()));
+        if let Some(c) = &state.cluster {
+            tracing::info!(node = %c.node_id, advertise = %c.advertise, redis = %c.cfg.redacted_redis(), "node of a relay cluster");
+            c.start(&state);
+        }
         shutdown.await;
         tracing::info!(drain_secs = state.cfg.limits.drain_timeout.as_secs_f64(), "relay shutting down; draining open streams");
         state.draining.cancel();
@@ -508,56 +543,79 @@ enum Endpoint {
 
 async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
     loop {
-        let (sock, peer) = tokio::select! {
+        let (mut sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
             x = crate::transport::accept_backoff(&listener) => x,
         };
-        // Per-source limits first: a source at its limit is refused here, before the connection
-        // costs a task or a buffer, and cannot take the global places others need.
-        let ticket = match state.admissions.admit(peer.ip()) {
-            Ok(t) => t,
-            Err(why) => {
-                state.metrics.refused(why);
-                tracing::debug!(%peer, reason = ?why, "connection refused at admission");
-                refuse_at_once(sock, speaks_plain_http(&state, endpoint), why, &state.cfg.limits);
-                continue;
-            }
-        };
-        let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
-            state.metrics.refused(Refusal::Overloaded);
-            tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
-            refuse_at_once(sock, speaks_plain_http(&state, endpoint), Refusal::Overloaded, &state.cfg.limits);
+        if state.cfg.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip())) {
+            // A trusted load balancer: the client it names is the source, so admission waits
+            // for its PROXY header (bounded by the handshake deadline).
+            let st = state.clone();
+            state.tasks.spawn(async move {
+                match proxy_header::read(&mut sock, st.cfg.limits.handshake_timeout).await {
+                    Ok(client) => admit(&st, sock, client.unwrap_or(peer), endpoint),
+                    // A TCP health check: connect, close.
+                    Err(proxy_header::ProxyError::Closed) => {}
+                    Err(why) => {
+                        st.metrics.refused(Refusal::Malformed);
+                        tracing::info!(%peer, %why, "connection from a load balancer without a valid PROXY header closed");
+                    }
+                }
+            });
             continue;
-        };
-        crate::transport::tune_session_socket(&sock);
-        let st = state.clone();
-        let finished = ticket.finished_flag();
-        let fut = guard::with_ticket(ticket, async move {
-            let _permit = permit;
-            // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
-            // first request head), whichever steps it takes.
-            let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
-                st.cfg.limits.http_header_timeout
-            } else {
-                st.cfg.limits.handshake_timeout
-            };
-            let deadline = async {
-                tokio::time::sleep(limit).await;
-                if finished.load(std::sync::atomic::Ordering::Relaxed) {
-                    std::future::pending::<()>().await;
-                }
-            };
-            tokio::select! {
-                _ = st.kill.cancelled() => {}
-                _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
-                _ = deadline => {
-                    st.metrics.refused(Refusal::HandshakeTimeout);
-                    tracing::debug!(%peer, "handshake deadline passed; connection closed");
-                }
-            }
-        });
-        state.tasks.spawn(fut);
+        }
+        admit(&state, sock, peer, endpoint);
     }
+}
+
+/// Admit a connection from `peer` (per-source and global limits) and serve it on its own task,
+/// or refuse it at once.
+fn admit(state: &Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+    // Per-source limits first: a source at its limit is refused here, before the connection
+    // costs a task or a buffer, and cannot take the global places others need.
+    let ticket = match state.admissions.admit(peer.ip()) {
+        Ok(t) => t,
+        Err(why) => {
+            state.metrics.refused(why);
+            tracing::debug!(%peer, reason = ?why, "connection refused at admission");
+            refuse_at_once(sock, speaks_plain_http(state, endpoint), why, &state.cfg.limits);
+            return;
+        }
+    };
+    let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
+        state.metrics.refused(Refusal::Overloaded);
+        tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
+        refuse_at_once(sock, speaks_plain_http(state, endpoint), Refusal::Overloaded, &state.cfg.limits);
+        return;
+    };
+    crate::transport::tune_session_socket(&sock);
+    let st = state.clone();
+    let finished = ticket.finished_flag();
+    let fut = guard::with_ticket(ticket, async move {
+        let _permit = permit;
+        // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
+        // first request head), whichever steps it takes.
+        let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
+            st.cfg.limits.http_header_timeout
+        } else {
+            st.cfg.limits.handshake_timeout
+        };
+        let deadline = async {
+            tokio::time::sleep(limit).await;
+            if finished.load(std::sync::atomic::Ordering::Relaxed) {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            _ = st.kill.cancelled() => {}
+            _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
+            _ = deadline => {
+                st.metrics.refused(Refusal::HandshakeTimeout);
+                tracing::debug!(%peer, "handshake deadline passed; connection closed");
+            }
+        }
+    });
+    state.tasks.spawn(fut);
 }
 
 /// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).

@@ -8,17 +8,22 @@ use crate::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
 /// Start the relay's side of a multiplexed session (dialer or listener) with the configured
 /// keepalive and stream limits; the guard closes it when the serving task ends.
 pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, CloseOnDrop) {
+    let session = Session::new(Role::Server, source, sink, relay_mux_config(state));
+    (session.clone(), CloseOnDrop(session))
+}
+
+/// The relay's session settings from its limits (its own sessions, and its sessions to the other
+/// nodes of a cluster).
+pub(crate) fn relay_mux_config(state: &RelayState) -> MuxConfig {
     let l = &state.cfg.limits;
-    let cfg = MuxConfig {
+    MuxConfig {
         keepalive_interval: l.keepalive_interval,
         keepalive_timeout: l.keepalive_timeout,
         max_streams: l.max_streams_per_session,
         max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
         receive_budget: l.session_receive_budget,
         ..MuxConfig::default()
-    };
-    let session = Session::new(Role::Server, source, sink, cfg);
-    (session.clone(), CloseOnDrop(session))
+    }
 }
 
 /// Closes a relay-side session when the task serving it ends or is dropped. The session's reader

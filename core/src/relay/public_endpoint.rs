@@ -197,7 +197,7 @@ pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer:
         return tracing::debug!(%peer, "no TLS ClientHello on the public HTTPS port");
     };
     if let Some(name) = sni.as_deref().and_then(|s| name_in_domain(s, &state.cfg.domain)) {
-        if state.public.listeners.mode(name) == Mode::TlsPassthrough {
+        if listener_mode(&state, name).await == Mode::TlsPassthrough {
             let name = name.to_string();
             return passthrough(state, hello, sock, peer, name).await;
         }
@@ -273,6 +273,22 @@ const H2_MAX_STREAMS: u32 = 128;
 /// `http_max_requests_per_source` times this across connections.
 const H2_SEND_BUFFER: usize = 64 * 1024;
 
+/// How the listener `name` speaks: from its registration here, else from its claim in the
+/// cluster (a listener on another node), else HTTP/1.1.
+async fn listener_mode(state: &RelayState, name: &str) -> Mode {
+    if state.registry.contains(name) {
+        return state.public.listeners.mode(name);
+    }
+    match &state.cluster {
+        Some(c) => match c.lookup(state, name).await {
+            Ok(h) if h.mode.tls => Mode::TlsPassthrough,
+            Ok(h) if h.mode.h2c => Mode::H2c,
+            _ => Mode::Http1,
+        },
+        None => Mode::Http1,
+    }
+}
+
 /// The listener name a host names: `NAME.<domain>` only.
 fn name_in_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
     host.strip_suffix(domain).and_then(|p| p.strip_suffix('.')).filter(|n| crate::identity::valid_name(n))
@@ -288,6 +304,10 @@ async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> R
         match e {
             RouteError::Offline => text(StatusCode::BAD_GATEWAY, format!("no listener named {name:?} is online; start it with `tunnel listen`")),
             RouteError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, format!("the listener {name:?} is not accepting connections right now")),
+            RouteError::ClusterUnavailable => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no listener named {name:?} is connected to this relay, and its cluster registry (Redis) is unreachable, so the relay cannot tell which node has it; retry shortly"),
+            ),
             RouteError::Timeout => text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"),
@@ -514,7 +534,7 @@ async fn forward(
         Ok(p) => p,
         Err(busy) => return *busy,
     };
-    let mode = state.public.listeners.mode(name);
+    let mode = listener_mode(state, name).await;
     let client_version = req.version();
     let Some(authority) = authority_of(&req) else {
         return text(StatusCode::BAD_REQUEST, format!("no Host header; send Host: {name}.{}", state.cfg.domain));

@@ -6,7 +6,8 @@
 //! request-rate window (`http_listener_rate`: 429 with `Retry-After` past the limit).
 //!
 //! Bounded: entries exist only for registered names (added at registration, removed when it
-//! ends), and rate windows only for names that are registered.
+//! ends), and rate windows only for names that are registered; kept connections to h2c
+//! listeners on other nodes of a cluster for at most [`REMOTE_H2_NAMES`] names.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -51,7 +52,14 @@ struct Window {
 pub(crate) struct PublicListeners {
     table: Mutex<HashMap<String, Entry>>,
     windows: Mutex<HashMap<String, Window>>,
+    /// HTTP/2 connections to h2c listeners another node of the cluster holds (each one tunnel
+    /// stream across the node-to-node hop); a connection leaves when it closes, which it does when
+    /// that listener goes away or moves.
+    remote_h2: Mutex<HashMap<String, Vec<H2Sender>>>,
 }
+
+/// Most remote h2c listener names with kept connections.
+const REMOTE_H2_NAMES: usize = 1024;
 
 impl PublicListeners {
     fn table(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -81,7 +89,17 @@ impl PublicListeners {
     /// [`H2_UPSTREAMS`] are open (the caller opens one).
     pub(crate) fn h2(&self, name: &str) -> Option<H2Sender> {
         let mut t = self.table();
-        let e = t.get_mut(name)?;
+        let Some(e) = t.get_mut(name) else {
+            drop(t);
+            let mut r = self.remote_h2.lock().unwrap_or_else(|p| p.into_inner());
+            let kept = r.get_mut(name)?;
+            kept.retain(|s| !s.is_closed());
+            if kept.len() < H2_UPSTREAMS {
+                return None;
+            }
+            let i = rand::random::<u32>() as usize % kept.len();
+            return Some(kept[i].clone());
+        };
         e.h2.retain(|s| !s.is_closed());
         if e.h2.len() < H2_UPSTREAMS {
             return None;
@@ -96,6 +114,23 @@ impl PublicListeners {
             if e.h2.len() < H2_UPSTREAMS {
                 e.h2.push(sender);
             }
+            return;
+        }
+        // A listener on another node of the cluster.
+        let mut r = self.remote_h2.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= REMOTE_H2_NAMES && !r.contains_key(name) {
+            r.retain(|_, kept| {
+                kept.retain(|s| !s.is_closed());
+                !kept.is_empty()
+            });
+            if r.len() >= REMOTE_H2_NAMES {
+                return;
+            }
+        }
+        let kept = r.entry(name.to_string()).or_default();
+        kept.retain(|s| !s.is_closed());
+        if kept.len() < H2_UPSTREAMS {
+            kept.push(sender);
         }
     }
 
@@ -104,6 +139,7 @@ impl PublicListeners {
         if let Some(e) = self.table().get_mut(name) {
             e.h2.clear();
         }
+        self.remote_h2.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
     }
 
     /// Count a request to `name` against `rate` (`(count, window)`): `Err(wait)` when the

@@ -13,14 +13,20 @@
 //! task; a closed session is also skipped by every lookup before that runs). A replica that
 //! drains (it sent `GoAway`) refuses new streams at once, and route.rs moves on to the next.
 //!
+//! **Replaced listeners stay replaced**: each registration carries its listener object's random
+//! instance id (the same in its re-registrations). When the same key's newer registration
+//! replaces a holder, the holder's instance is remembered for [`RETIRED_FOR`]; if it comes back
+//! (it reconnected before the replacement notice reached it), it is refused with `NAME_TAKEN`
+//! instead of taking the name back from the newer one.
+//!
 //! Entries are reserved before the session starts (so the answer to the listener and the claim
 //! cannot race) and attached after; a lookup that finds only reservations still being answered
 //! waits for one to attach, so a listener is reachable as soon as its `bind()` returns.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorCode};
 use crate::mux::Session;
@@ -35,9 +41,20 @@ pub(crate) struct Joining {
     pub(crate) exit: bool,
 }
 
+/// Replaced listener instances of one name, oldest first, with when each was replaced.
+type Retired = VecDeque<(Vec<u8>, Instant)>;
+
+/// How long a replaced listener instance is refused.
+pub(crate) const RETIRED_FOR: Duration = Duration::from_secs(600);
+/// Most replaced instances remembered per name, and names with any.
+const RETIRED_PER_NAME: usize = 8;
+const RETIRED_NAMES: usize = 4096;
+
 struct Replica {
     owner: [u8; 32],
     id: u64,
+    /// The listener object's instance id (empty from listeners that predate it).
+    instance: Vec<u8>,
     session: Option<Session>,
     /// Streams offered to this replica and not yet accepted (`max_pending_accepts`).
     pending: Arc<Semaphore>,
@@ -70,6 +87,8 @@ pub(crate) struct Registry {
     turn: AtomicU64,
     /// Woken when a reservation is attached or released (for lookups waiting on one).
     changed: tokio::sync::Notify,
+    /// Listener instances replaced by a newer registration of their key, per name.
+    retired: Mutex<HashMap<String, Retired>>,
 }
 
 impl Registry {
@@ -77,12 +96,46 @@ impl Registry {
         self.names.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Reserve `name` for `owner`, with room for `max_pending` streams waiting to be accepted;
-    /// returns the registration id.
-    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], joining: Joining, max_pending: usize) -> Result<u64, Error> {
+    /// Whether listener `instance` was replaced as a holder of `name` (and may not come back).
+    pub(crate) fn is_retired(&self, name: &str, instance: &[u8]) -> bool {
+        !instance.is_empty()
+            && self
+                .retired
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(name)
+                .is_some_and(|v| v.iter().any(|(i, at)| i == instance && at.elapsed() < RETIRED_FOR))
+    }
+
+    /// Remember that `instance` no longer holds `name` because a newer registration replaced it.
+    pub(crate) fn retire(&self, name: &str, instance: &[u8]) {
+        if instance.is_empty() {
+            return;
+        }
+        let mut r = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        if r.len() >= RETIRED_NAMES && !r.contains_key(name) {
+            r.retain(|_, v| v.back().is_some_and(|(_, at)| at.elapsed() < RETIRED_FOR));
+            if r.len() >= RETIRED_NAMES {
+                return;
+            }
+        }
+        let v = r.entry(name.to_string()).or_default();
+        v.retain(|(_, at)| at.elapsed() < RETIRED_FOR);
+        if v.len() >= RETIRED_PER_NAME {
+            v.pop_front();
+        }
+        v.push_back((instance.to_vec(), Instant::now()));
+    }
+
+    /// Reserve `name` for `owner` (listener object `instance`), with room for `max_pending`
+    /// streams waiting to be accepted; returns the registration id.
+    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], instance: &[u8], joining: Joining, max_pending: usize) -> Result<u64, Error> {
+        if self.is_retired(name, instance) {
+            return Err(retired_error(name));
+        }
         let mut t = self.table();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let replica = Replica { owner, id, session: None, pending: Arc::new(Semaphore::new(max_pending)) };
+        let replica = Replica { owner, id, instance: instance.to_vec(), session: None, pending: Arc::new(Semaphore::new(max_pending)) };
         if let Some(e) = t.get_mut(name) {
             e.replicas.retain(Replica::live);
             if !e.replicas.is_empty() {
@@ -102,6 +155,10 @@ impl Registry {
                 }
                 // Same key, no pool to join: today's rule, the new session replaces the old.
                 for old in &e.replicas {
+                    // (Not the listener re-registering itself: its own old session.)
+                    if old.instance != instance {
+                        self.retire(name, &old.instance);
+                    }
                     if let Some(s) = &old.session {
                         // Tell the old session why, so a listener still running there stops
                         // reconnecting instead of taking the name back in a loop.
@@ -190,6 +247,14 @@ impl Registry {
         drop(t);
         self.changed.notify_waiters();
     }
+}
+
+/// The refusal of a listener that a newer registration of its key replaced.
+pub(crate) fn retired_error(name: &str) -> Error {
+    Error::new(
+        ErrorCode::NameTaken,
+        format!("this listener was replaced as {name:?} by a newer registration of the same key (another process or session holds the name now); it stops instead of taking the name back"),
+    )
 }
 
 fn kind(j: Joining) -> &'static str {

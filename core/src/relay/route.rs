@@ -28,6 +28,9 @@ pub(crate) enum RouteError {
     Busy,
     /// The listener did not accept within the deadline.
     Timeout,
+    /// No local listener has the name, and the cluster registry (Redis) cannot be asked where
+    /// it is.
+    ClusterUnavailable,
 }
 
 impl RouteError {
@@ -35,6 +38,7 @@ impl RouteError {
         match self {
             RouteError::Offline => Refusal::ListenerOffline,
             RouteError::Busy | RouteError::Timeout => Refusal::ListenerBusy,
+            RouteError::ClusterUnavailable => Refusal::ClusterUnavailable,
         }
     }
 }
@@ -66,8 +70,18 @@ pub(crate) async fn open_to_listener(
 }
 
 /// [`open_to_listener`] with the stream's first bytes already encoded (a [`StreamHeader`] or an
-/// [`crate::protocol::ExitHeader`]).
+/// [`crate::protocol::ExitHeader`]). A name no local listener holds goes to the node of the
+/// cluster that holds it, if this relay is a node of one.
 pub(crate) async fn open_encoded(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<MuxStream, RouteError> {
+    match (open_local(state, name, header, wait).await, &state.cluster) {
+        (Err(RouteError::Offline), Some(cluster)) => cluster.open_remote(state, name, header, wait).await,
+        (r, _) => r,
+    }
+}
+
+/// [`open_encoded`] to this relay's own listeners only (what a node does for a stream another
+/// node forwarded: one hop at most).
+pub(crate) async fn open_local(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<MuxStream, RouteError> {
     let candidates = state.registry.candidates(name, state.cfg.limits.handshake_timeout).await;
     if candidates.is_empty() {
         return Err(RouteError::Offline);
@@ -121,6 +135,17 @@ async fn offer(c: &super::registry::Candidate, header: &[u8], deadline: tokio::t
     }
 }
 
+/// Answer a CONNECT for a listener that could not be reached.
+async fn write_route_error<S: AsyncWrite + Unpin>(io: &mut S, e: RouteError) -> std::io::Result<()> {
+    let reply = match e {
+        RouteError::Offline => Reply::HostUnreachable,
+        RouteError::Busy => Reply::ConnectionRefused,
+        RouteError::Timeout => Reply::TtlExpired,
+        RouteError::ClusterUnavailable => return socks::write_cluster_unavailable(io).await,
+    };
+    socks::write_reply(io, reply, None).await
+}
+
 /// Where an admitted stream goes: a TCP target, or a listener's stream.
 pub(crate) enum Connected {
     Tcp(TcpStream),
@@ -130,7 +155,7 @@ pub(crate) enum Connected {
 /// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,
 /// a bare key-derived name, or any name with port 0 (offline listeners get "host unreachable",
 /// not an allowlist refusal).
-pub(crate) fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
+pub(crate) async fn listener_route(state: &RelayState, addr: &Address) -> Option<String> {
     let Address::DomainAddress(d, port) = addr else {
         return None;
     };
@@ -141,7 +166,15 @@ pub(crate) fn listener_route(state: &RelayState, addr: &Address) -> Option<Strin
     // Port 0 is never a real target: `NAME:0` is how dialers name a listener (`localhost` excepted:
     // it names the relay's own host, which the allowlist refuses as such).
     let by_port = *port == 0 && name != "localhost";
-    (explicit || looks_derived || by_port || state.registry.contains(&name)).then_some(name)
+    if explicit || looks_derived || by_port || state.registry.contains(&name) {
+        return Some(name);
+    }
+    // A chosen name a listener on another node holds (when Redis cannot be asked, the name is
+    // taken for a target: the allowlist decides, as on a relay of its own).
+    match &state.cluster {
+        Some(c) => c.lookup(state, &name).await.ok().filter(|h| !h.nodes.is_empty()).map(|_| name),
+        None => None,
+    }
 }
 
 /// Connect to the requested target (or listener, or exit listener) and answer the CONNECT; `None`
@@ -157,7 +190,7 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
     if let Some((target, exit)) = crate::protocol::split_exit_route(addr) {
         return via_exit(state, io, &target, &exit, peer, dialer).await;
     }
-    if let Some(name) = listener_route(state, addr) {
+    if let Some(name) = listener_route(state, addr).await {
         let port = match addr {
             Address::DomainAddress(_, p) => *p,
             Address::SocketAddress(sa) => sa.port(),
@@ -175,12 +208,7 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
             Err(e) => {
                 state.metrics.refused(e.refusal());
                 tracing::debug!(%peer, listener = %name, error = ?e, "listener not reached");
-                let reply = match e {
-                    RouteError::Offline => Reply::HostUnreachable,
-                    RouteError::Busy => Reply::ConnectionRefused,
-                    RouteError::Timeout => Reply::TtlExpired,
-                };
-                let _ = socks::write_reply(io, reply, None).await;
+                let _ = write_route_error(io, e).await;
                 None
             }
         };
@@ -204,6 +232,21 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
             }
             let _ = socks::write_reply(io, f.reply, None).await;
             None
+        }
+    }
+}
+
+/// Whether the listener `name` is an exit listener (`None`: offline), here or on another node;
+/// `Err` when only the cluster registry could tell and it is unreachable.
+async fn exit_mode(state: &RelayState, name: &str) -> Result<Option<bool>, ()> {
+    if let Some(j) = state.registry.joining(name) {
+        return Ok(Some(j.exit));
+    }
+    match &state.cluster {
+        None => Ok(None),
+        Some(c) => {
+            let h = c.lookup(state, name).await.map_err(|_| ())?;
+            Ok((!h.nodes.is_empty()).then_some(h.mode.exit))
         }
     }
 }
@@ -241,10 +284,15 @@ async fn via_exit<S: AsyncWrite + Unpin>(
         Some(kid) if !access.exit_permits(exit, kid) => {
             Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "the dialer's key may not use this exit (exits setting)"))
         }
-        Some(_) => match state.registry.joining(exit) {
-            None => Err(refuse(Reply::HostUnreachable, Refusal::ListenerOffline, "no exit listener of that name is online")),
-            Some(j) if !j.exit => Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "that listener is not an exit listener")),
-            Some(_) => Ok(()),
+        Some(_) => match exit_mode(state, exit).await {
+            Err(()) => {
+                state.metrics.refused(Refusal::ClusterUnavailable);
+                let _ = socks::write_cluster_unavailable(io).await;
+                return None;
+            }
+            Ok(None) => Err(refuse(Reply::HostUnreachable, Refusal::ListenerOffline, "no exit listener of that name is online")),
+            Ok(Some(false)) => Err(refuse(Reply::ConnectionNotAllowed, Refusal::NotAllowed, "that listener is not an exit listener")),
+            Ok(Some(true)) => Ok(()),
         },
     };
     if let Err(reply) = verdict {
@@ -258,12 +306,7 @@ async fn via_exit<S: AsyncWrite + Unpin>(
         Err(e) => {
             state.metrics.refused(e.refusal());
             tracing::debug!(%peer, %exit, error = ?e, "exit listener not reached");
-            let reply = match e {
-                RouteError::Offline => Reply::HostUnreachable,
-                RouteError::Busy => Reply::ConnectionRefused,
-                RouteError::Timeout => Reply::TtlExpired,
-            };
-            let _ = socks::write_reply(io, reply, None).await;
+            let _ = write_route_error(io, e).await;
             return None;
         }
     };

@@ -237,6 +237,10 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
         return;
     }
+    if hello.first() == Some(&super::cluster::peers::CLUSTER_HELLO_TAG) {
+        super::cluster::peers::serve_peer(state, source, sink, peer, nonce, &hello).await;
+        return;
+    }
     let fail_delay = guard::failure_delay(&state, peer);
     let verdict = match Hello::decode(&hello) {
         Ok(h) => state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),

@@ -11,8 +11,13 @@ use tokio::net::UdpSocket;
 /// A DNS server on loopback UDP answering A and AAAA queries from `records` (other names get an
 /// empty answer).
 pub async fn fake_dns(records: HashMap<&'static str, Vec<IpAddr>>) -> SocketAddr {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-    let addr = sock.local_addr().expect("addr");
+    fake_dns_on("127.0.0.1:0", records).await.expect("bind dns")
+}
+
+/// [`fake_dns`] on a chosen UDP address (e.g. port 53, which Emissary's resolver needs).
+pub async fn fake_dns_on(addr: &str, records: HashMap<&'static str, Vec<IpAddr>>) -> std::io::Result<SocketAddr> {
+    let sock = UdpSocket::bind(addr).await?;
+    let local = sock.local_addr()?;
     tokio::spawn(async move {
         let mut buf = [0u8; 1500];
         while let Ok((n, from)) = sock.recv_from(&mut buf).await {
@@ -21,7 +26,7 @@ pub async fn fake_dns(records: HashMap<&'static str, Vec<IpAddr>>) -> SocketAddr
             }
         }
     });
-    addr
+    Ok(local)
 }
 
 fn dns_answer(q: &[u8], records: &HashMap<&'static str, Vec<IpAddr>>) -> Option<Vec<u8>> {

@@ -1,0 +1,364 @@
+//! The cluster's name table in Redis: which node holds which listener name, for which key, in
+//! which mode. Every change is one Lua script, so each is atomic on the Redis server, and every
+//! time is the Redis server's clock (no clock agreement between nodes is needed).
+//!
+//! Keys, under the namespace `NS`:
+//! - `NS:node:ID` → the URL other nodes reach node `ID` at, expiring `claim_ttl` after the node's
+//!   last refresh: a node that dies loses every name it held when this key expires.
+//! - `NS:name:NAME` → a hash: `owner` (the listener key, hex), `mode` (`pool`, `exit`, `h2c`,
+//!   `tls` flags), and one field `n:ID` per node holding it, whose value is that node's claim
+//!   epoch. A holder whose node key has expired is dead, and the next claim removes it. The hash
+//!   itself expires 3 × `claim_ttl` after its last refresh (garbage from a cluster that stopped).
+//! - `NS:retired:NAME` → the listener instances a newer registration of the same key replaced
+//!   (for 10 minutes): one of them coming back, on any node, is refused instead of taking the
+//!   name back (`registry`'s rule, cluster-wide). Each holder's instance is its `i:ID` field.
+//! - `NS:epoch` → a counter: every registration gets a new epoch, and a release removes a holder
+//!   only if the epoch is still its own, so a node can never delete a newer claim.
+//! - `NS:tcp` → a hash of public TCP ports to the listener name each is assigned to: the node
+//!   holding the listener binds the port, and every other node with `tcp_ports` binds it too (a
+//!   mirror) and forwards its connections, so a load balancer may send the port to any node.
+//! - channel `NS:events` ← a name, published whenever its holders change: every node drops its
+//!   cached route for it, and the node whose claim was replaced closes its listener; `:tcp` when
+//!   the port table changed.
+//!
+//! The rules are the relay's `NAME_TAKEN` rules (see `registry`), across nodes: a name belongs to
+//! one key; a pool (every holder registered with `pool`, in the same exit mode) may span nodes,
+//! with any keys the relays grant the name to; the same key registering again (not as a pool)
+//! replaces the old holder, wherever it is.
+
+use std::time::{Duration, Instant};
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+
+/// A claim's mode flags as stored in Redis (the joining rule compares `pool` and `exit` only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ClaimMode {
+    pub(crate) pool: bool,
+    pub(crate) exit: bool,
+    pub(crate) h2c: bool,
+    pub(crate) tls: bool,
+}
+
+impl ClaimMode {
+    fn encode(self) -> String {
+        let mut v = Vec::new();
+        for (on, f) in [(self.pool, "pool"), (self.exit, "exit"), (self.h2c, "h2c"), (self.tls, "tls")] {
+            if on {
+                v.push(f);
+            }
+        }
+        v.join(",")
+    }
+
+    pub(crate) fn decode(s: &str) -> ClaimMode {
+        let has = |f: &str| s.split(',').any(|x| x == f);
+        ClaimMode { pool: has("pool"), exit: has("exit"), h2c: has("h2c"), tls: has("tls") }
+    }
+
+    /// The part of the mode the joining rule compares (`pool`, `exit`).
+    fn joining(self) -> String {
+        format!("{}{}", if self.pool { "pool" } else { "-" }, if self.exit { "exit" } else { "-" })
+    }
+}
+
+/// What a claim script answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Claimed {
+    /// Held, with this epoch.
+    Held(u64),
+    /// Another key (or a pool / non-pool mismatch) holds the name on another node.
+    Taken { owner: String, mode: ClaimMode },
+    /// (Refresh only) our claim is gone and another node holds the name now: a newer
+    /// registration of the same key replaced ours, or another key took it while we could not
+    /// reach Redis.
+    Lost,
+    /// This listener instance was replaced by a newer registration of its key: it may not come
+    /// back.
+    Retired,
+}
+
+/// A name's live holders, as a lookup found them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Holders {
+    pub(crate) owner: String,
+    pub(crate) mode: ClaimMode,
+    /// (node id, URL) of each live node holding the name, excluding none.
+    pub(crate) nodes: Vec<(String, String)>,
+}
+
+// KEYS: name hash, retired set. ARGV: node id, owner hex, mode, joining part of mode, ttl ms,
+// namespace, 'claim' (a registration: may replace the same key elsewhere; new epoch) or 'keep'
+// (a refresh), the listener's instance (hex, may be empty), how long the replaced are refused (ms).
+const CLAIM: &str = r#"
+local h, me, owner, mode, joining, ttl, ns, kind = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
+local instance = ARGV[8]
+if instance ~= '' and redis.call('SISMEMBER', KEYS[2], instance) == 1 then return {'retired'} end
+local cur_owner = redis.call('HGET', h, 'owner')
+local cur_mode = redis.call('HGET', h, 'mode') or ''
+local mine = redis.call('HGET', h, 'n:' .. me)
+local others = {}
+for _, f in ipairs(redis.call('HKEYS', h)) do
+  if string.sub(f, 1, 2) == 'n:' and f ~= 'n:' .. me then
+    if redis.call('EXISTS', ns .. ':node:' .. string.sub(f, 3)) == 1 then
+      table.insert(others, f)
+    else
+      redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
+    end
+  end
+end
+local function joining_of(m)
+  local p, e = '-', '-'
+  for flag in string.gmatch(m, '[^,]+') do
+    if flag == 'pool' then p = 'pool' elseif flag == 'exit' then e = 'exit' end
+  end
+  return p .. e
+end
+if #others > 0 then
+  local pool_join = string.sub(joining, 1, 4) == 'pool' and joining_of(cur_mode) == joining
+  if not pool_join then
+    if kind == 'keep' and not mine then return {'lost'} end
+    if cur_owner ~= owner then return {'taken', cur_owner or '', cur_mode} end
+    if kind == 'keep' then
+      -- same key on another node, not a pool: whichever registered last holds it
+      return {'lost'}
+    end
+    for _, f in ipairs(others) do
+      local theirs = redis.call('HGET', h, 'i:' .. string.sub(f, 3))
+      if theirs and theirs ~= '' and theirs ~= instance then
+        redis.call('SADD', KEYS[2], theirs)
+        redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
+      end
+      redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
+    end
+  end
+end
+local epoch
+if kind == 'keep' and mine then epoch = mine else epoch = redis.call('INCR', ns .. ':epoch') end
+redis.call('HSET', h, 'owner', owner, 'mode', mode, 'n:' .. me, epoch, 'i:' .. me, instance)
+redis.call('PEXPIRE', h, ttl * 3)
+if kind ~= 'keep' or not mine then redis.call('PUBLISH', ns .. ':events', string.sub(h, string.len(ns) + 7)) end
+return {'held', tostring(epoch)}
+"#;
+
+// KEYS: name hash. ARGV: node id, epoch, namespace.
+const RELEASE: &str = r#"
+local h = KEYS[1]
+if redis.call('HGET', h, 'n:' .. ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', h, 'n:' .. ARGV[1], 'i:' .. ARGV[1])
+  if redis.call('HLEN', h) <= 2 then redis.call('DEL', h) end
+  redis.call('PUBLISH', ARGV[3] .. ':events', string.sub(h, string.len(ARGV[3]) + 7))
+  return 1
+end
+return 0
+"#;
+
+// KEYS: name hash. ARGV: namespace. Returns owner, mode, then node id / URL pairs of live holders.
+const LOOKUP: &str = r#"
+local h, ns = KEYS[1], ARGV[1]
+local t = redis.call('HGETALL', h)
+local owner, mode, out = '', '', {}
+for i = 1, #t, 2 do
+  local f = t[i]
+  if f == 'owner' then owner = t[i + 1]
+  elseif f == 'mode' then mode = t[i + 1]
+  elseif string.sub(f, 1, 2) == 'n:' then
+    local url = redis.call('GET', ns .. ':node:' .. string.sub(f, 3))
+    if url then table.insert(out, string.sub(f, 3)); table.insert(out, url) end
+  end
+end
+table.insert(out, 1, mode)
+table.insert(out, 1, owner)
+return out
+"#;
+
+// KEYS: the port table. ARGV: port, name, namespace. Takes the port for `name` if it is free, held
+// by `name` already, or held by a name with no live holder. Returns 1 when taken.
+const TAKE_PORT: &str = r#"
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur and cur ~= ARGV[2] then
+  local h = ARGV[3] .. ':name:' .. cur
+  for _, f in ipairs(redis.call('HKEYS', h)) do
+    if string.sub(f, 1, 2) == 'n:' and redis.call('EXISTS', ARGV[3] .. ':node:' .. string.sub(f, 3)) == 1 then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3] .. ':events', ':tcp')
+return 1
+"#;
+
+// KEYS: the port table. ARGV: port, name, namespace. Frees the port if `name` still holds it.
+const FREE_PORT: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('PUBLISH', ARGV[3] .. ':events', ':tcp')
+  return 1
+end
+return 0
+"#;
+
+/// The Redis side of the cluster: one multiplexed, self-reconnecting connection.
+pub(crate) struct Claims {
+    conn: ConnectionManager,
+    ns: String,
+    node: String,
+    claim: Script,
+    release: Script,
+    lookup: Script,
+    take_port: Script,
+    free_port: Script,
+}
+
+impl Claims {
+    /// A handle; the connection is made lazily and remade by itself after a failure.
+    pub(crate) fn new(client: &redis::Client, ns: &str, node: &str) -> redis::RedisResult<Claims> {
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(1)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        Ok(Claims {
+            conn: client.get_connection_manager_lazy(cfg)?,
+            ns: ns.to_string(),
+            node: node.to_string(),
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+            lookup: Script::new(LOOKUP),
+            take_port: Script::new(TAKE_PORT),
+            free_port: Script::new(FREE_PORT),
+        })
+    }
+
+    fn name_key(&self, name: &str) -> String {
+        format!("{}:name:{name}", self.ns)
+    }
+
+    /// The channel name changes are published on.
+    pub(crate) fn events_channel(&self) -> String {
+        format!("{}:events", self.ns)
+    }
+
+    /// Announce this node (its URL) for another `ttl`; returns the round trip.
+    pub(crate) async fn announce(&self, url: &str, ttl: Duration) -> redis::RedisResult<Duration> {
+        let t = Instant::now();
+        let mut c = self.conn.clone();
+        let () = redis::cmd("SET")
+            .arg(format!("{}:node:{}", self.ns, self.node))
+            .arg(url)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(t.elapsed())
+    }
+
+    /// Remove this node's announcement (a clean shutdown: its names are dead at once).
+    pub(crate) async fn withdraw(&self) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        redis::cmd("DEL").arg(format!("{}:node:{}", self.ns, self.node)).query_async(&mut c).await
+    }
+
+    /// Claim `name` for `owner` (a registration, `refresh == false`) or re-assert an existing
+    /// claim (`refresh == true`).
+    pub(crate) async fn claim(
+        &self,
+        name: &str,
+        owner: &str,
+        instance: &str,
+        mode: ClaimMode,
+        ttl: Duration,
+        refresh: bool,
+    ) -> redis::RedisResult<Claimed> {
+        let mut c = self.conn.clone();
+        let r: Vec<String> = self
+            .claim
+            .key(self.name_key(name))
+            .key(format!("{}:retired:{name}", self.ns))
+            .arg(&self.node)
+            .arg(owner)
+            .arg(mode.encode())
+            .arg(mode.joining())
+            .arg(ttl.as_millis() as u64)
+            .arg(&self.ns)
+            .arg(if refresh { "keep" } else { "claim" })
+            .arg(instance)
+            .arg(crate::relay::registry::RETIRED_FOR.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r.first().map(String::as_str) {
+            Some("held") => Claimed::Held(r.get(1).and_then(|e| e.parse().ok()).unwrap_or(0)),
+            Some("retired") => Claimed::Retired,
+            Some("taken") => {
+                Claimed::Taken { owner: r.get(1).cloned().unwrap_or_default(), mode: ClaimMode::decode(r.get(2).map(String::as_str).unwrap_or("")) }
+            }
+            _ => Claimed::Lost,
+        })
+    }
+
+    /// Give up this node's claim on `name` if it is still the one made with `epoch`.
+    pub(crate) async fn release(&self, name: &str, epoch: u64) -> redis::RedisResult<bool> {
+        let mut c = self.conn.clone();
+        let n: i64 = self.release.key(self.name_key(name)).arg(&self.node).arg(epoch.to_string()).arg(&self.ns).invoke_async(&mut c).await?;
+        Ok(n == 1)
+    }
+
+    /// The live holders of `name` (none: offline everywhere).
+    pub(crate) async fn lookup(&self, name: &str) -> redis::RedisResult<Holders> {
+        let mut c = self.conn.clone();
+        let r: Vec<String> = self.lookup.key(self.name_key(name)).arg(&self.ns).invoke_async(&mut c).await?;
+        let mut it = r.into_iter();
+        let owner = it.next().unwrap_or_default();
+        let mode = ClaimMode::decode(&it.next().unwrap_or_default());
+        let mut nodes = Vec::new();
+        while let (Some(id), Some(url)) = (it.next(), it.next()) {
+            nodes.push((id, url));
+        }
+        Ok(Holders { owner, mode, nodes })
+    }
+}
+
+impl Claims {
+    fn port_table(&self) -> String {
+        format!("{}:tcp", self.ns)
+    }
+
+    /// Assign public TCP `port` to `name` cluster-wide (false: another live listener has it).
+    pub(crate) async fn take_port(&self, port: u16, name: &str) -> redis::RedisResult<bool> {
+        let mut c = self.conn.clone();
+        let n: i64 = self.take_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
+        Ok(n == 1)
+    }
+
+    /// Free `port` if `name` still has it.
+    pub(crate) async fn free_port(&self, port: u16, name: &str) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = self.free_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Every assigned public TCP port and its listener name.
+    pub(crate) async fn ports(&self) -> redis::RedisResult<Vec<(u16, String)>> {
+        let mut c = self.conn.clone();
+        let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(self.port_table()).query_async(&mut c).await?;
+        Ok(m.into_iter().filter_map(|(p, n)| Some((p.parse().ok()?, n))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_round_trip() {
+        for m in [
+            ClaimMode::default(),
+            ClaimMode { pool: true, ..Default::default() },
+            ClaimMode { pool: true, exit: true, h2c: true, tls: true },
+            ClaimMode { tls: true, ..Default::default() },
+        ] {
+            assert_eq!(ClaimMode::decode(&m.encode()), m);
+        }
+        assert_eq!(ClaimMode { pool: true, h2c: true, ..Default::default() }.joining(), "pool-");
+        assert_eq!(ClaimMode { exit: true, ..Default::default() }.joining(), "-exit");
+    }
+}

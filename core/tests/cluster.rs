@@ -1,0 +1,709 @@
+//! Several relays as one cluster on a real Redis, behind a real HAProxy, on loopback. A listener
+//! holds its name on one node; dials by name and public HTTP requests reach it through the other
+//! nodes (directly and through the load balancer), byte for byte; names stay exclusive across
+//! the cluster; a node killed with SIGKILL fails its streams on both ends and its listener is
+//! reachable again through the others; a Redis outage leaves local names working, fails remote
+//! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+#[path = "common/pki.rs"]
+mod pki;
+#[path = "common/raw.rs"]
+mod raw;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster::{Balancer, Node, Redis};
+use common::*;
+use http::{header, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use libtunnel::{Dialer, ErrorCode, Identity, Listener};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The tests start several processes each: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Serve a listener: dial streams are echoed (half-close passed on), HTTP streams get a hyper
+/// server that streams each request body back and answers `GET /x` with `x from NAME`.
+fn serve(listener: Arc<Listener>) {
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let name = listener.name();
+            tokio::spawn(async move {
+                if peer.via == libtunnel::protocol::Via::Http {
+                    let client = peer.client.clone();
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (name, client) = (name.clone(), client.clone());
+                        async move {
+                            let resp = if req.uri().path() == "/peer" {
+                                hyper::Response::new(full(client))
+                            } else if req.method() == http::Method::POST {
+                                hyper::Response::new(req.into_body().map_err(std::io::Error::other).boxed())
+                            } else {
+                                hyper::Response::new(full(format!("{} from {name}", req.uri().path())))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                } else {
+                    let (mut r, mut w) = tokio::io::split(stream);
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn dialer(url: &str) -> Dialer {
+    Dialer::new(url, key()).expect("dialer")
+}
+
+/// 64 MiB each way through a dial by name, half-closed, hashed at both ends.
+async fn dial_64_mib(via: &str, name: &str, seed: u64) {
+    let d = dialer(via);
+    let s = within(STEP, "dial by name", d.dial(&format!("{name}:0"))).await.unwrap_or_else(|e| panic!("dial {name} via {via}: {e}"));
+    let data = payload(64 * MIB, seed);
+    let got = within(BULK, "64 MiB echo", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data), "64 MiB through {via} came back unchanged");
+}
+
+/// POST 64 MiB to the listener through a public HTTP port; the body comes back streamed.
+async fn post_64_mib(http: std::net::SocketAddr, host: &str, seed: u64) {
+    let data = Bytes::from(payload(64 * MIB, seed));
+    let tcp = within(STEP, "connect to the public port", TcpStream::connect(http)).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> =
+        (0..data.len()).step_by(256 * 1024).map(|o| Ok(hyper::body::Frame::data(data.slice(o..(o + 256 * 1024).min(data.len()))))).collect();
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(chunks)));
+    let req = Request::post("/echo").header(header::HOST, host).body(body).expect("request");
+    let resp = within(BULK, "response head", sender.send_request(req)).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut h = Sha256::new();
+    let mut n = 0;
+    let mut body = resp.into_body();
+    while let Some(f) = within(BULK, "response body", body.frame()).await {
+        if let Ok(d) = f.expect("body frame").into_data() {
+            n += d.len();
+            h.update(&d);
+        }
+    }
+    assert_eq!(n, data.len());
+    assert_eq!(<[u8; 32]>::from(h.finalize()), sha256(&data), "the 64 MiB body through {http} came back unchanged");
+}
+
+/// `GET path` with `Host: host` on a fresh connection: (status, body).
+async fn get(http: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
+    http_exchange(http, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await
+}
+
+async fn start_cluster(n: usize, extra: &[String]) -> (Redis, Vec<Node>) {
+    let redis = Redis::start(cluster::free_port().await).await;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::start(&redis.url(), extra).await);
+    }
+    (redis, nodes)
+}
+
+/// The node whose `/metrics` count the one listener (the count follows the registration's
+/// answer by a moment, so it is polled).
+async fn holder_of(nodes: &[Node]) -> usize {
+    let t = Instant::now();
+    loop {
+        let mut holding = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.metric("libtunnel_listeners_active").await == 1 {
+                holding.push(i);
+            }
+        }
+        if let [one] = holding[..] {
+            return one;
+        }
+        assert!(t.elapsed() < STEP, "no single node reports the listener: {holding:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Poll `f` every 50 ms until it is true or `limit` passes; returns the time it took.
+async fn until<F: std::future::Future<Output = bool>>(limit: Duration, what: &str, mut f: impl FnMut() -> F) -> Duration {
+    let t = Instant::now();
+    while !f().await {
+        assert!(t.elapsed() < limit, "{what} did not happen within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
+    // per-source limits sized for one source sending 1,000 at once.
+    let limits: Vec<String> = [
+        "http_max_requests_per_source=4096",
+        "max_handshakes_per_source=4096",
+        "max_connections_per_source=4096",
+        // HAProxy names each client in a PROXY header (from 127.0.0.9; direct clients are 127.0.0.1).
+        "proxy_protocol_from=127.0.0.9",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (redis, nodes) = start_cluster(3, &limits).await;
+    let lb = Balancer::start_with(&nodes.iter().collect::<Vec<_>>(), true).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
+    let listener =
+        Arc::new(within(STEP, "bind on node A", Listener::builder(&a.url, Identity::generate()).backlog(1024).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let host = format!("{name}.localhost");
+
+    // Through the balancer the listener sees the client itself, not HAProxy (PROXY protocol).
+    for http in [lb.http, b.http] {
+        let mut s = within(STEP, "connect", TcpStream::connect(http)).await.expect("connect");
+        let me = s.local_addr().expect("local addr");
+        s.write_all(format!("GET /peer HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+        let (status, body) = within(STEP, "response", read_http_response(&mut s)).await;
+        assert_eq!((status, body.as_str()), (200, me.to_string().as_str()), "the client address the listener sees through {http}");
+    }
+
+    dial_64_mib(&b.url, &name, 1).await;
+    dial_64_mib(&c.url, &name, 2).await;
+    dial_64_mib(&lb.url, &name, 3).await;
+    post_64_mib(b.http, &host, 4).await;
+    post_64_mib(c.http, &host, 5).await;
+    post_64_mib(lb.http, &host, 6).await;
+    assert!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await >= 2);
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 4);
+    assert_eq!(a.metric("libtunnel_cluster_claims").await, 1);
+
+    // 1,000 concurrent requests spread over the nodes (the balancer and each node directly).
+    let ports = [lb.http, b.http, c.http, a.http];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (http, host) = (ports[i % ports.len()], host.clone());
+        tasks.spawn(async move { (i, get(http, &host, &format!("/r{i}")).await) });
+    }
+    let mut ok = 0;
+    while let Some(r) = within(BULK, "1,000 requests", tasks.join_next()).await {
+        let (i, (status, body)) = r.expect("task");
+        assert_eq!((status, body.as_str()), (200, format!("/r{i} from {name}").as_str()), "request {i}");
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+
+    // End-to-end encryption across the hop: the dialer verifies the listener's key through B.
+    let secret = Arc::new(
+        within(STEP, "e2e listener on A", Listener::builder(&a.url, Identity::generate()).e2e(libtunnel::e2e::ListenerE2e::new()).bind())
+            .await
+            .expect("bind e2e"),
+    );
+    serve(secret.clone());
+    let d = Dialer::builder(&b.url).key(key()).e2e(libtunnel::e2e::DialerE2e::new()).build().expect("e2e dialer");
+    let s = within(STEP, "e2e dial via B", d.dial(&format!("{}:0", secret.name()))).await.expect("e2e dial across nodes");
+    assert!(s.is_e2e());
+    let data = payload(MIB, 9);
+    assert_eq!(within(BULK, "e2e echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data));
+    secret.close();
+
+    // An unknown name is offline everywhere, with the words of a relay of its own.
+    let e = dialer(&b.url).dial("nosuchname:0").await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
+    let (status, body) = get(c.http, "nosuchname.localhost", "/").await;
+    assert_eq!(status, 502, "{body}");
+    // Released names leave nothing behind in Redis.
+    assert_eq!(redis.count_keys("libtunnel:name:*").await, 1, "one name is held");
+    listener.close();
+    until(STEP, "the released name's key is gone from Redis", || async { redis.count_keys("libtunnel:name:*").await == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_exclusive_across_the_cluster() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (k1, k2) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"shared\"]}}, {{\"public_key\": \"{}\", \"names\": [\"shared\"]}}]",
+        k1.public_key_base64(),
+        k2.public_key_base64()
+    );
+    let (_redis, nodes) = start_cluster(3, &[grants]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let first = Arc::new(within(STEP, "k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 registers"));
+    serve(first.clone());
+
+    // Another key, another node: NAME_TAKEN, naming the cluster.
+    let e = within(STEP, "k2 on C", Listener::builder(&c.url, k2.clone()).name("shared").bind()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.to_string().contains("another relay of the cluster"), "{e}");
+    // Still held by k1 on A, reachable through B.
+    let s = within(STEP, "dial shared via B", dialer(&b.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"still k1", true)).await.expect("echo"), sha256(b"still k1"));
+
+    // A stale registration of k1 on B (a process about to be replaced)...
+    let stale = |n: &[u8]| libtunnel::protocol::ListenHello { instance: vec![5; 16], ..raw::hello(&k1, n, "shared") };
+    let (_stale_ws, ack) = raw::raw_register(&b.url, stale).await;
+    assert!(ack.is_ok(), "the same key replaces A's listener: {ack:?}");
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let first = Arc::new(within(STEP, "k1 on A again", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 once more"));
+    serve(first.clone());
+    // ...that comes back (on another node) after the newer one replaced it: refused cluster-wide.
+    let (_again, ack) = raw::raw_register(&c.url, stale).await;
+    let e = ack.expect_err("a replaced instance may not take the name back on any node");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.message().contains("newer registration"), "{e}");
+    let s = within(STEP, "dial shared via C", dialer(&c.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"newer", true)).await.expect("echo"), sha256(b"newer"));
+
+    // The same key again on C (not a pool): the new registration wins cluster-wide, and A's
+    // listener is told why and stops.
+    let second = Arc::new(within(STEP, "k1 on C", Listener::builder(&c.url, k1.clone()).name("shared").bind()).await.expect("k1 again"));
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    serve(second.clone());
+    for via in [&a.url, &b.url] {
+        let s = within(STEP, "dial shared", dialer(via).dial("shared:0")).await.expect("dial the new holder");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"k1 on C", true)).await.expect("echo"), sha256(b"k1 on C"));
+    }
+    second.close();
+    // Once released, the other key may take it.
+    until(STEP, "k2 registers once k1 left", || {
+        let (url, k2) = (b.url.clone(), k2.clone());
+        async move {
+            match Listener::builder(&url, k2).name("shared").bind().await {
+                Ok(l) => {
+                    l.close();
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+                    false
+                }
+            }
+        }
+    })
+    .await;
+
+    // Pools span nodes: both keys as replicas, on A and on C.
+    // (k2's listener above was just closed: its node releases the name a moment later.)
+    let t = Instant::now();
+    let p1 = loop {
+        match within(STEP, "pool k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind()).await {
+            Ok(l) => break Arc::new(l),
+            Err(e) if e.code() == ErrorCode::NameTaken && t.elapsed() < STEP => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => panic!("pool 1: {e}"),
+        }
+    };
+    let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
+    serve(p1.clone());
+    serve(p2.clone());
+    for i in 0..20u8 {
+        let s = within(STEP, "dial the pool via B", dialer(&b.url).dial("shared:0")).await.expect("dial pool");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[i; 100], true)).await.expect("echo"), sha256(&[i; 100]));
+    }
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+    assert!(c.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // The listener knows one URL, the balancer's.
+    let listener = Arc::new(within(STEP, "bind through the balancer", Listener::bind(&lb.url, Identity::generate())).await.expect("bind"));
+    let name = listener.name();
+    let holder = holder_of(&nodes).await;
+    let other = (holder + 1) % 3;
+    let other_url = nodes[other].url.clone();
+
+    // A stream crossing other → holder, mid-transfer when the holder dies; the listener's end is
+    // served here, so what it sees can be checked too.
+    let dial = tokio::spawn({
+        let (url, name) = (other_url.clone(), name.clone());
+        async move { dialer(&url).dial(&format!("{name}:0")).await }
+    });
+    let (mut ls, _) = within(STEP, "the listener accepts", listener.accept()).await.expect("accept");
+    let mut s = within(STEP, "dial", dial).await.expect("task").expect("dial");
+    let mut buf = [0u8; 1000];
+    s.write_all(&[7u8; 1000]).await.expect("write");
+    ls.read_exact(&mut buf).await.expect("the listener reads");
+    ls.write_all(&buf).await.expect("the listener writes");
+    s.read_exact(&mut buf).await.expect("echoed before the kill");
+    nodes[holder].kill9().await;
+    let killed = Instant::now();
+    // The dialer's stream errors (never a clean EOF): reading it gives an error, not Ok(0).
+    let r = within(STEP, "the stream fails", async {
+        loop {
+            let _ = s.write_all(&[1u8; 1000]).await;
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_err(), "the cut-off stream must fail, not end cleanly: {r:?}");
+    let l = within(STEP, "the listener's stream fails", async {
+        loop {
+            match ls.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(l.is_err(), "the listener's end must fail too, not end cleanly: {l:?}");
+    serve(listener.clone());
+
+    // Reachable again through a surviving node: the listener reconnects through the balancer
+    // to a live node and claims its name there.
+    let back = until(Duration::from_secs(25), "the listener is reachable again", || {
+        let (url, name) = (other_url.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await?;
+                echo_roundtrip(s, b"again", true).await.map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            })
+            .await
+            {
+                Ok(Ok(h)) => h == sha256(b"again"),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let total = killed.elapsed();
+    println!(
+        "listener reachable again {:.2} s after the SIGKILL (first successful dial after {:.2} s of polling)",
+        total.as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(total < Duration::from_secs(25), "took {total:?}");
+    // Every request from now on succeeds, through every surviving node and the balancer.
+    let live: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
+    for round in 0..10u8 {
+        for &i in &live {
+            let s = within(STEP, "dial after recovery", dialer(&nodes[i].url).dial(&format!("{name}:0"))).await.expect("no stale route");
+            assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[round; 64], true)).await.expect("echo"), sha256(&[round; 64]));
+            let (status, body) = get(nodes[i].http, &format!("{name}.localhost"), "/after").await;
+            assert_eq!((status, body.as_str()), (200, format!("/after from {name}").as_str()));
+        }
+        let (status, _) = get(lb.http, &format!("{name}.localhost"), "/after").await;
+        assert_eq!(status, 200);
+    }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (mut redis, nodes) = start_cluster(2, &["cluster_ttl=3".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let la = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind a"));
+    let lb = Arc::new(within(STEP, "bind on B", Listener::bind(&b.url, Identity::generate())).await.expect("bind b"));
+    serve(la.clone());
+    serve(lb.clone());
+    let (na, nb) = (la.name(), lb.name());
+    let works = |url: String, name: String| async move {
+        let s = dialer(&url).dial(&format!("{name}:0")).await?;
+        echo_roundtrip(s, b"ping", true)
+            .await
+            .map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            .map(|h| assert_eq!(h, sha256(b"ping")))
+    };
+    within(STEP, "remote before the outage", works(a.url.clone(), nb.clone())).await.expect("A reaches B's listener");
+
+    let port = redis.port;
+    redis.stop().await;
+    let outage = Instant::now();
+    // Local names keep working on each node; remote ones fail with the clear error.
+    let mut checks = 0;
+    while outage.elapsed() < Duration::from_secs(10) {
+        within(STEP, "local on A", works(a.url.clone(), na.clone())).await.expect("A's own listener works without Redis");
+        within(STEP, "local on B", works(b.url.clone(), nb.clone())).await.expect("B's own listener works without Redis");
+        let e = within(STEP, "remote on A", works(a.url.clone(), nb.clone())).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+        assert!(e.to_string().contains("Redis"), "{e}");
+        let (status, body) = get(a.http, &format!("{nb}.localhost"), "/").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Redis"), "{body}");
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(checks >= 5);
+    // A listener that registers during the outage is held locally, and claimed when Redis returns.
+    let t = Instant::now();
+    let lc = Arc::new(within(STEP, "bind on A without Redis", Listener::bind(&a.url, Identity::generate())).await.expect("bind c"));
+    println!("registration without Redis took {:.2} s", t.elapsed().as_secs_f64());
+    serve(lc.clone());
+    let nc = lc.name();
+    within(STEP, "new local name on A", works(a.url.clone(), nc.clone())).await.expect("A serves a listener registered without Redis");
+
+    // Redis returns (empty: no persistence); the nodes announce and claim again by themselves.
+    let _redis = Redis::start(port).await;
+    let healed = until(Duration::from_secs(15), "remote names work again", || {
+        let (a, b, na, nb, nc) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone(), nc.clone());
+        async move {
+            let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb)).await.is_ok_and(|r| r.is_ok());
+            let ba = tokio::time::timeout(Duration::from_secs(2), works(b.clone(), na)).await.is_ok_and(|r| r.is_ok());
+            let bc = tokio::time::timeout(Duration::from_secs(2), works(b, nc)).await.is_ok_and(|r| r.is_ok());
+            ab && ba && bc
+        }
+    })
+    .await;
+    println!("remote names reachable again {:.2} s after Redis came back", healed.as_secs_f64());
+    la.close();
+    lb.close();
+    lc.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(2, &[]).await;
+    let urls = format!("{},{}", nodes[0].url, nodes[1].url);
+    let listener = Arc::new(within(STEP, "bind", Listener::bind(&urls, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let name = listener.name();
+    assert_eq!(holder_of(&nodes).await, 0, "the first URL is used while it answers");
+    let d = dialer(&urls);
+    let s = within(STEP, "dial", d.dial(&format!("{name}:0"))).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"one", true)).await.expect("echo"), sha256(b"one"));
+
+    nodes[0].kill9().await;
+    let t = until(Duration::from_secs(25), "dialer and listener move to the second relay", || {
+        let (d, name) = (d.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), d.dial(&format!("{name}:0"))).await {
+                Ok(Ok(s)) => tokio::time::timeout(Duration::from_secs(2), echo_roundtrip(s, b"two", true))
+                    .await
+                    .is_ok_and(|h| h.is_ok_and(|h| h == sha256(b"two"))),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    println!("several URLs: reachable through the second relay {:.2} s after the first was killed", t.as_secs_f64());
+    assert_eq!(holder_of(&nodes[1..]).await, 0, "the listener moved to the second relay");
+    assert_eq!(d.relay().trim_end_matches('/'), nodes[1].url.as_str());
+    listener.close();
+}
+
+#[tokio::test]
+async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
+    let mut cfg = relay_config(allow_ports(&[1]));
+    cfg.listen = Some("0.0.0.0:0".parse().unwrap());
+    cfg.cluster = Some(libtunnel::config::ClusterConfig {
+        redis: "redis://127.0.0.1:1".into(),
+        redis_ca: None,
+        key: libtunnel::Key::parse(cluster::CLUSTER_KEY).unwrap(),
+        advertise: None,
+        claim_ttl: Duration::from_secs(10),
+        namespace: "t".into(),
+    });
+    let e = libtunnel::Server::bind(cfg.clone()).await.unwrap_err();
+    assert!(e.message().contains("TUNNEL_CLUSTER_ADVERTISE"), "{e}");
+    // With it, the node starts even though Redis is not there yet (it connects when it can).
+    cfg.cluster.as_mut().unwrap().advertise = Some("ws://10.0.0.5:7835".into());
+    let s = libtunnel::Server::bind(cfg).await.expect("binds without Redis");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_tcp_port_is_served_by_every_node() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Two nodes on one host: each binds public ports on its own loopback address, the same range.
+    let base = cluster::free_port().await;
+    let range = format!("tcp_ports={base}-{}", base + 3);
+    let redis = Redis::start(cluster::free_port().await).await;
+    let a = Node::start(&redis.url(), &[range.clone(), "tcp_ports_bind=127.0.0.2".into()]).await;
+    let b = Node::start(&redis.url(), &[range, "tcp_ports_bind=127.0.0.3".into()]).await;
+    let listener = Arc::new(
+        within(STEP, "bind with a TCP port on A", Listener::builder(&a.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind"),
+    );
+    serve(listener.clone());
+    let on_a: std::net::SocketAddr = listener.registration().tcp_addr.expect("a public TCP port").parse().expect("addr");
+    assert_eq!(on_a.ip().to_string(), "127.0.0.2");
+    let on_b = std::net::SocketAddr::from(([127, 0, 0, 3], on_a.port()));
+    // The same port on node B forwards to the listener on A (once B has read the port table).
+    until(STEP, "node B mirrors the port", || async move { TcpStream::connect(on_b).await.is_ok() }).await;
+    for addr in [on_a, on_b] {
+        let s = within(STEP, "connect", TcpStream::connect(addr)).await.expect("connect");
+        let data = payload(4 * MIB, u64::from(addr.port()));
+        assert_eq!(within(BULK, "echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data), "through {addr}");
+    }
+    // A second listener gets another port: no two listeners of the cluster share one.
+    let other = within(STEP, "bind with a TCP port on B", Listener::builder(&b.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind");
+    let other_port: std::net::SocketAddr = other.registration().tcp_addr.expect("a port").parse().expect("addr");
+    assert_ne!(other_port.port(), on_a.port());
+    // The listener leaves: its port's mirror closes.
+    listener.close();
+    until(STEP, "node B closes the mirror", || async move { TcpStream::connect(on_b).await.is_err() }).await;
+    other.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_left_after_the_keepalive_window() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // A node that stops without closing its sockets (SIGSTOP: no RST, its port still accepts) is
+    // noticed by the listener's keepalive; here tuned to 1 s / 3 s (default 10 s / 20 s).
+    let mux = libtunnel::MuxConfig { keepalive_interval: Duration::from_secs(1), keepalive_timeout: Duration::from_secs(3), ..Default::default() };
+    let listener = Arc::new(
+        within(
+            STEP,
+            "bind through the balancer",
+            Listener::builder(&lb.url, Identity::generate()).mux_config(mux).timeout(Duration::from_secs(2)).bind(),
+        )
+        .await
+        .expect("bind"),
+    );
+    serve(listener.clone());
+    let name = listener.name();
+    let holder = holder_of(&nodes).await;
+    let other = nodes[(holder + 1) % 3].url.clone();
+    let pid = nodes[holder].child.id().expect("pid") as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let back = until(Duration::from_secs(25), "the listener is reachable through a live node", || {
+        let (url, name) = (other.clone(), name.clone());
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await.ok()?;
+                echo_roundtrip(s, b"thawed", true).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+                == Some(sha256(b"thawed"))
+        }
+    })
+    .await;
+    println!("frozen node: the listener was reachable again after {:.2} s (keepalive 1 s / 3 s)", frozen.elapsed().as_secs_f64());
+    assert!(back < Duration::from_secs(25));
+    // The frozen node wakes up: it finds its claim replaced and routes nothing back to itself.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for _ in 0..10 {
+        let s = within(STEP, "dial after the thaw", dialer(&nodes[holder].url).dial(&format!("{name}:0"))).await.expect("dial via the thawed node");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"x", true)).await.expect("echo"), sha256(b"x"));
+    }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("libtunnel-redis-tls-{}", std::process::id()));
+    let pki = pki::make_pki(&dir, &["127.0.0.1", "localhost"]);
+    let redis = Redis::start_tls(cluster::free_port().await, &pki.cert, &pki.key, &pki.ca).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = format!("cluster_redis_ca={}", pki.ca.display());
+    let a = Node::start(&url, std::slice::from_ref(&ca)).await;
+    let b = Node::start(&url, &[ca]).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let s = within(STEP, "dial via B", dialer(&b.url).dial(&format!("{}:0", listener.name()))).await.expect("a remote name through a TLS Redis");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"tls", true)).await.expect("echo"), sha256(b"tls"));
+    // A node that does not trust the Redis certificate cannot use the cluster registry: its
+    // remote names fail with the error naming Redis, its own listeners still work.
+    let c = Node::start(&url, &[]).await;
+    let e = within(STEP, "dial via C", dialer(&c.url).dial(&format!("{}:0", listener.name()))).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.to_string().contains("Redis"), "{e}");
+    listener.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_listener_on_another_node_gets_its_requests_over_a_few_kept_connections() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind h2c on A", Listener::builder(&a.url, Identity::generate()).h2c(true).bind()).await.expect("bind"));
+    let name = listener.name();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (listener, streams) = (listener.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!("h2 {} {:?}", req.uri().path(), req.version()))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let host = format!("{name}.localhost");
+    for i in 0..40 {
+        let (status, body) = get(b.http, &host, &format!("/g{i}")).await;
+        assert_eq!((status, body.as_str()), (200, format!("h2 /g{i} HTTP/2.0").as_str()), "request {i} through B");
+    }
+    let used = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&used), "40 requests through B took {used} HTTP/2 connections to the listener on A (kept: at most 4)");
+    listener.close();
+}
