@@ -135,6 +135,35 @@ typedef uint32_t tunnel_result;
 #endif // __cplusplus
 
 /**
+ * What happened to the session to the relay.
+ */
+enum tunnel_state
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+  /**
+   * A session is up: a listener (re-)registered, or a dialer authenticated one.
+   */
+  TUNNEL_STATE_CONNECTED = 1,
+  /**
+   * The session ended; `cause` and `message` say why.
+   */
+  TUNNEL_STATE_DISCONNECTED = 2,
+  /**
+   * A listener waits `delay_ms` before its `attempt`-th try to re-register.
+   */
+  TUNNEL_STATE_RECONNECTING = 3,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum tunnel_state tunnel_state;
+#else
+typedef uint32_t tunnel_state;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
  * How an accepted stream reached the relay.
  */
 enum tunnel_via
@@ -233,6 +262,51 @@ typedef struct tunnel_server tunnel_server;
  * `tunnel_server_config_free`.
  */
 typedef struct tunnel_server_config tunnel_server_config;
+
+/**
+ * One connection-state event, valid only during the callback (copy what you keep).
+ */
+typedef struct tunnel_state_event {
+  /**
+   * Which event this is.
+   */
+  tunnel_state state;
+  /**
+   * `TUNNEL_STATE_DISCONNECTED`: why (`TUNNEL_RESULT_RELAY_UNAVAILABLE` when the relay went
+   * away, `TUNNEL_RESULT_CLOSED` after a close, `TUNNEL_RESULT_NAME_TAKEN` ...); otherwise
+   * `TUNNEL_RESULT_OK`.
+   */
+  tunnel_result cause;
+  /**
+   * `TUNNEL_STATE_CONNECTED`: the relay URL; otherwise NULL.
+   */
+  const char *relay;
+  /**
+   * `TUNNEL_STATE_CONNECTED` of a listener: the registered name; otherwise NULL.
+   */
+  const char *name;
+  /**
+   * `TUNNEL_STATE_DISCONNECTED`: the cause in words; otherwise NULL.
+   */
+  const char *message;
+  /**
+   * `TUNNEL_STATE_RECONNECTING`: which attempt comes next (from 1); otherwise 0.
+   */
+  uint32_t attempt;
+  /**
+   * `TUNNEL_STATE_RECONNECTING`: milliseconds until it; otherwise 0.
+   */
+  uint32_t delay_ms;
+} tunnel_state_event;
+
+/**
+ * Receives one connection-state event. `userdata` is what was given with the callback;
+ * `event` and its strings are valid only during the call. Called on a libtunnel runtime thread,
+ * one event at a time and in order. It must not block, must not call blocking libtunnel
+ * functions (they return `TUNNEL_RESULT_WRONG_THREAD`), and must not set a state callback or
+ * free the dialer or listener (those wait for the call in progress).
+ */
+typedef void (*tunnel_state_callback)(void *userdata, const struct tunnel_state_event *event);
 
 /**
  * Who is on the other end of an accepted stream. Filled by `tunnel_listener_accept`; plain
@@ -508,6 +582,23 @@ tunnel_result tunnel_dialer_dial_via(const struct tunnel_dialer *dialer,
                                      int *out_fd);
 
 /**
+ * Call `callback` with `userdata` on every change of the dialer's session to the relay from now
+ * on (see `tunnel_state_callback` for the thread rules): `TUNNEL_STATE_CONNECTED` when a session
+ * is authenticated (a dialer reconnects on its next dial after a loss, not in the background),
+ * `TUNNEL_STATE_DISCONNECTED` when it drops. Replaces the previous callback; NULL removes it.
+ * After this returns the previous callback is not running and is not called again;
+ * `tunnel_dialer_free` removes it the same way. Fails with `TUNNEL_RESULT_WRONG_THREAD` when
+ * called from a libtunnel callback.
+ *
+ * # Safety
+ * `dialer` must be NULL or live; `callback` NULL or a function that stays callable, with
+ * `userdata`, until it is replaced or the dialer freed.
+ */
+tunnel_result tunnel_dialer_set_state_callback(const struct tunnel_dialer *dialer,
+                                               tunnel_state_callback callback,
+                                               void *userdata);
+
+/**
  * Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until
  * they finish (both sides closed) or `crate::DRAIN` (10 s) passes, then the runtime closes the
  * session to the relay; a stream still open then reads `ECONNRESET`.
@@ -587,6 +678,22 @@ tunnel_result tunnel_listener_fd(const struct tunnel_listener *listener, int *ou
  * `listener` must be NULL or live.
  */
 tunnel_result tunnel_listener_close(const struct tunnel_listener *listener);
+
+/**
+ * Call `callback` with `userdata` on every change of the listener's session to the relay from
+ * now on (see `tunnel_state_callback` for the thread rules): `TUNNEL_STATE_DISCONNECTED` when
+ * it drops, `TUNNEL_STATE_RECONNECTING` before each retry, `TUNNEL_STATE_CONNECTED` once
+ * registered again. Replaces the previous callback; NULL removes it. After this returns the
+ * previous callback is not running and is not called again; `tunnel_listener_free` removes it
+ * the same way. Fails with `TUNNEL_RESULT_WRONG_THREAD` when called from a libtunnel callback.
+ *
+ * # Safety
+ * `listener` must be NULL or live; `callback` NULL or a function that stays callable, with
+ * `userdata`, until it is replaced or the listener freed.
+ */
+tunnel_result tunnel_listener_set_state_callback(const struct tunnel_listener *listener,
+                                                 tunnel_state_callback callback,
+                                                 void *userdata);
 
 /**
  * Close the listener (as `tunnel_listener_close`) and free it, closing its readiness fd. NULL

@@ -10,6 +10,28 @@ export interface TunnelError extends Error {
   tunnelCode: string
 }
 
+/** `'connected'`: a session to the relay is up (a listener registered `name`; a dialer's is null). */
+export interface ConnectedEvent {
+  /** The relay URL. */
+  relay: string
+  /** The registered name (listeners), or null (dialers). */
+  name: string | null
+}
+
+/** `'reconnecting'`: a listener waits `delay` ms before its `attempt`-th retry (from 1). */
+export interface ReconnectingEvent {
+  attempt: number
+  delay: number
+}
+
+/** What an aborted `dial()` rejects with. */
+export interface AbortError extends Error {
+  name: 'AbortError'
+  code: 'ABORT_ERR'
+  /** The signal's `reason`. */
+  cause?: unknown
+}
+
 /** One row of the core's error table. */
 export interface ErrorCodeInfo {
   number: number
@@ -71,7 +93,15 @@ export interface Listener extends EventEmitter {
   on(event: 'connection', listener: (socket: Socket & { tunnelPeer: PeerInfo }, peer: PeerInfo) => void): this
   on(event: 'error', listener: (err: TunnelError) => void): this
   on(event: 'close', listener: () => void): this
+  /** The session to the relay is up again (re-registered under `name`). */
+  on(event: 'connected', listener: (info: ConnectedEvent) => void): this
+  /** The session dropped; `err.code` says why (`'ERELAYUNAVAILABLE'`, `'ECLOSED'` after `close()`, `'ENAMETAKEN'`). */
+  on(event: 'disconnected', listener: (err: TunnelError) => void): this
+  on(event: 'reconnecting', listener: (info: ReconnectingEvent) => void): this
   on(event: string | symbol, listener: (...args: any[]) => void): this
+  once(event: 'connected', listener: (info: ConnectedEvent) => void): this
+  once(event: 'disconnected', listener: (err: TunnelError) => void): this
+  once(event: 'reconnecting', listener: (info: ReconnectingEvent) => void): this
   once(event: 'connection', listener: (socket: Socket & { tunnelPeer: PeerInfo }, peer: PeerInfo) => void): this
   once(event: 'error', listener: (err: TunnelError) => void): this
   once(event: 'close', listener: () => void): this
@@ -140,14 +170,26 @@ export class Forward {
   close(): Promise<void>
 }
 
-/** One authenticated session to a relay, shared by every dial. */
-export class Dialer {
+export interface Dialer extends EventEmitter {
+  /** A new session is up (on `connect()` or the first dial after a loss). */
+  on(event: 'connected', listener: (info: ConnectedEvent) => void): this
+  /** The session dropped; `err.code` says why (`'ERELAYUNAVAILABLE'`, `'ECLOSED'` after `close()`). */
+  on(event: 'disconnected', listener: (err: TunnelError) => void): this
+  on(event: string | symbol, listener: (...args: any[]) => void): this
+  once(event: 'connected', listener: (info: ConnectedEvent) => void): this
+  once(event: 'disconnected', listener: (err: TunnelError) => void): this
+  once(event: string | symbol, listener: (...args: any[]) => void): this
+}
+
+/** One authenticated session to a relay, shared by every dial; reconnects on the next dial after a loss. */
+export class Dialer extends EventEmitter {
   static connect(options?: DialerConnectOptions): Promise<Dialer>
   private constructor()
   readonly relay: string
   /** A connected `net.Socket` to `host:port` (or a listener's `NAME:0`); `socket.end()` half-closes. */
   /** `via`: reach the target through this exit listener (inside its network). */
-  dial(target: string, options?: { allowHalfOpen?: boolean, via?: string }): Promise<Socket>
+  /** `signal`: abort the dial; it then rejects with an {@link AbortError} (`code` `'ABORT_ERR'`). */
+  dial(target: string, options?: { allowHalfOpen?: boolean, via?: string, signal?: AbortSignal }): Promise<Socket>
   forward(target: string, options?: LocalAddressOptions & { via?: string }): Promise<Forward>
   socks(options?: LocalAddressOptions & { via?: string }): Promise<Forward>
   close(): Promise<void>

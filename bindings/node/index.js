@@ -39,6 +39,36 @@ const DEFAULT_BACKLOG = 511
 /** accept() calls kept in flight, so wrapping one stream overlaps with fetching the next. */
 const ACCEPTS_IN_FLIGHT = 4
 
+/** Connection-state events a Listener or Dialer emits (the core's `client::events`). */
+const STATE_EVENTS = new Set(['connected', 'disconnected', 'reconnecting'])
+
+/**
+ * Emit the core's connection-state events on `emitter` while it has a handler for one of them:
+ * the native subscription starts with the first handler and stops with the last (it never keeps
+ * the process alive). `'disconnected'` carries an `Error` whose `code` is the cause's.
+ */
+function stateEvents (emitter, raw) {
+  let watch = null
+  emitter.on('newListener', (event) => {
+    if (!STATE_EVENTS.has(event) || watch) return
+    watch = raw.watch((name, detail) => emitter.emit(name, detail))
+  })
+  emitter.on('removeListener', (event) => {
+    if (!STATE_EVENTS.has(event) || !watch) return
+    if ([...STATE_EVENTS].some((e) => emitter.listenerCount(e) > 0)) return
+    watch.stop()
+    watch = null
+  })
+}
+
+/** The `Error` an aborted dial rejects with: `name` `'AbortError'`, `code` `'ABORT_ERR'` (as Node's own). */
+function abortError (signal) {
+  const err = new Error('the dial was aborted', { cause: signal?.reason })
+  err.name = 'AbortError'
+  err.code = 'ABORT_ERR'
+  return err
+}
+
 /** A ref'd handle that keeps the event loop alive while a Server or Forward is open. */
 class KeepAlive {
   constructor () { this.timer = setInterval(() => {}, 2 ** 31 - 1) }
@@ -49,7 +79,9 @@ class KeepAlive {
 
 /**
  * A registered reverse listener: an EventEmitter emitting `'connection'` (socket, peer) for every
- * stream the relay routes to its name, `'error'` and `'close'`.
+ * stream the relay routes to its name, `'error'` and `'close'`; and the session's state:
+ * `'disconnected'` (err) when it drops, `'reconnecting'` ({ attempt, delay }) before each retry,
+ * `'connected'` ({ relay, name }) once registered again.
  */
 class Listener extends EventEmitter {
   /**
@@ -81,6 +113,7 @@ class Listener extends EventEmitter {
     this._closed = false
     /** Whether accepted sockets stay writable after the peer's FIN (like net.Server's option). */
     this.allowHalfOpen = Boolean(options.allowHalfOpen)
+    stateEvents(this, raw)
     Promise.all(Array.from({ length: ACCEPTS_IN_FLIGHT }, () => this._loop())).then(() => {
       this._closed = true
       this.emit('close')
@@ -181,8 +214,12 @@ class Forward {
   }
 }
 
-/** A dialer: one authenticated (multiplexed) session to a relay, shared by every dial. */
-class Dialer {
+/**
+ * A dialer: one authenticated (multiplexed) session to a relay, shared by every dial. An
+ * EventEmitter: `'disconnected'` (err) when the session drops, `'connected'` ({ relay, name: null })
+ * when a later dial (or `connect()`) opens a new one; it reconnects on demand, not in the background.
+ */
+class Dialer extends EventEmitter {
   /**
    * Make a dialer and authenticate its session now. `key` is `KID:BASE64` or a file holding it
    * (default: `TUNNEL_KEY`); `relay` defaults to `TUNNEL_RELAY`. Options: `timeout` (ms per
@@ -206,17 +243,43 @@ class Dialer {
     return new Dialer(raw)
   }
 
-  constructor (raw) { this._raw = raw }
+  constructor (raw) {
+    super()
+    this._raw = raw
+    stateEvents(this, raw)
+  }
 
   /** The relay URL. */
   get relay () { return this._raw.relay }
 
   /**
    * Open a stream to `host:port` (or a listener's `NAME:0`) as a connected `net.Socket`;
-   * `options.via` names an exit listener to reach the target through.
+   * `options.via` names an exit listener to reach the target through; `options.signal` (an
+   * `AbortSignal`) aborts the dial: it rejects with an `AbortError` (`code` `'ABORT_ERR'`) and
+   * whatever it had opened is closed.
    */
   async dial (target, options = {}) {
-    return socketFromFd(await this._raw.dial(target, options.via), options.allowHalfOpen)
+    const { signal } = options
+    if (signal !== undefined && typeof signal?.addEventListener !== 'function') throw invalidArgument('dial(target, { signal }) needs an AbortSignal')
+    if (signal?.aborted) throw abortError(signal)
+    const pending = this._raw.dial(target, options.via)
+    const onAbort = () => pending.cancel()
+    signal?.addEventListener('abort', onAbort, { once: true })
+    let fd
+    try {
+      fd = await pending.result()
+    } catch (err) {
+      throw signal?.aborted ? abortError(signal) : err
+    } finally {
+      signal?.removeEventListener('abort', onAbort)
+    }
+    const socket = socketFromFd(fd, options.allowHalfOpen)
+    if (signal?.aborted) {
+      // Aborted as the dial completed: the caller asked for nothing, so nothing stays open.
+      socket.destroy()
+      throw abortError(signal)
+    }
+    return socket
   }
 
   /** Forward a local port (default: a free one on 127.0.0.1) to `target` (via an exit with `options.via`). */

@@ -138,11 +138,16 @@ export declare class NativeDialer {
    */
   connect(): Promise<void>
   /**
-   * Dial `host:port` (or a listener's `NAME:0`), through the exit listener `via` when given;
-   * resolves to the fd of a connected loopback TCP socket bridged to the stream. The caller
-   * owns the fd.
+   * Start dialing `host:port` (or a listener's `NAME:0`), through the exit listener `via`
+   * when given: the dial's `result()` resolves to the fd of a connected loopback TCP socket
+   * bridged to the stream (the caller owns it), and its `cancel()` aborts it.
    */
-  dial(target: string, via?: string | undefined | null): Promise<number>
+  dial(target: string, via?: string | undefined | null): NativeDial
+  /**
+   * Call `callback(name, detail)` on every connection-state event from now on (see
+   * `events::watch`) until the returned watch is stopped.
+   */
+  watch(callback: (name: string, detail: any) => void): NativeWatch
   /**
    * Forward every connection to `local` (default `127.0.0.1:0`) to `target` through the relay
    * (and the exit listener `via` when given).
@@ -164,6 +169,21 @@ export declare class NativeForward {
   get port(): number
   /** Stop accepting; resolves once the connections in flight have finished. */
   close(): Promise<void>
+}
+/** A running subscription; `stop()` (or garbage collection) ends it. */
+export declare class NativeWatch {
+  /** Stop calling the callback. */
+  stop(): void
+}
+/**
+ * A dial in progress: `result()` settles with the socket fd, `cancel()` drops the dial (its
+ * stream or half-made session is closed) and makes `result()` reject.
+ */
+export declare class NativeDial {
+  /** Abort the dial; `result()` rejects (unless it already settled). */
+  cancel(): void
+  /** The connected socket's fd (the caller owns it). Call once. */
+  result(): Promise<number>
 }
 /** A registered listener. */
 export declare class NativeListener {
@@ -187,6 +207,11 @@ export declare class NativeListener {
    * accepted, open ones keep running (close once they are done).
    */
   retire(): void
+  /**
+   * Call `callback(name, detail)` on every connection-state event from now on (see
+   * `events::watch`); the calls end after `close()`.
+   */
+  watch(callback: (name: string, detail: any) => void): NativeWatch
   /** Unregister and stop; a pending `accept()` rejects with `ECLOSED`. */
   close(): void
 }

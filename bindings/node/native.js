@@ -310,10 +310,12 @@ if (!nativeBinding) {
   throw new Error(`Failed to load native binding`)
 }
 
-const { NativeDialer, NativeForward, generateKey, generateListenerKey, loadListenerKey, keygenText, listenerKeygenText, NativeListener, setLogger, NativeServer, errorCodes, demo } = nativeBinding
+const { NativeDialer, NativeForward, NativeWatch, NativeDial, generateKey, generateListenerKey, loadListenerKey, keygenText, listenerKeygenText, NativeListener, setLogger, NativeServer, errorCodes, demo } = nativeBinding
 
 module.exports.NativeDialer = NativeDialer
 module.exports.NativeForward = NativeForward
+module.exports.NativeWatch = NativeWatch
+module.exports.NativeDial = NativeDial
 module.exports.generateKey = generateKey
 module.exports.generateListenerKey = generateListenerKey
 module.exports.loadListenerKey = loadListenerKey

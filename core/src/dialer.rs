@@ -9,6 +9,7 @@ use std::time::Duration;
 use futures_util::SinkExt;
 
 use crate::auth::Key;
+use crate::client::events::{EventHub, Events};
 use crate::client::relays::RelayList;
 use crate::e2e::handshake::Dialing;
 use crate::e2e::DialerE2e;
@@ -104,6 +105,7 @@ impl DialerBuilder {
                 via: self.via,
                 e2e,
                 session: tokio::sync::Mutex::new(None),
+                events: Arc::new(EventHub::new()),
             }),
         })
     }
@@ -122,6 +124,8 @@ struct DialerInner {
     /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
     /// session is being set up, so concurrent dials wait for one handshake instead of racing.
     session: tokio::sync::Mutex<Option<Session>>,
+    /// Connection-state events ([`Dialer::events`]); a session's watcher holds it weakly.
+    events: Arc<EventHub>,
 }
 
 /// Opens streams through a relay. Cheap to clone; clones share the session.
@@ -166,12 +170,21 @@ impl Dialer {
         self.inner.mode
     }
 
+    /// Connection-state events from now on (multiplexed mode): `Connected` whenever a session is
+    /// authenticated (on [`Dialer::connect`], or on the first dial after a loss: a dialer
+    /// reconnects on demand, not in the background), `Disconnected` with the cause when it ends
+    /// (`CLOSED` after [`Dialer::close`]). The subscription ends when the dialer is dropped.
+    pub fn events(&self) -> Events {
+        self.inner.events.subscribe()
+    }
+
     /// Whether dials are end-to-end encrypted.
     pub fn is_e2e(&self) -> bool {
         self.inner.e2e.is_some()
     }
 
-    /// Open a stream to `target` (`host:port`) through the relay.
+    /// Open a stream to `target` (`host:port`) through the relay. Dropping the future cancels
+    /// the dial: a session still in its handshake is closed, and the next dial starts afresh.
     pub async fn dial(&self, target: &str) -> Result<TunnelStream> {
         let target = Target::parse(target)?;
         self.dial_target(&target).await
@@ -200,6 +213,7 @@ impl Dialer {
                 via: Some(name.to_string()),
                 e2e: i.e2e.clone(),
                 session: tokio::sync::Mutex::new(None),
+                events: Arc::new(EventHub::new()),
             }),
         })
     }
@@ -267,6 +281,7 @@ impl Dialer {
     pub async fn close(&self) {
         if let Some(s) = self.inner.session.lock().await.take() {
             s.close(ErrorCode::Closed, "the dialer was closed");
+            self.inner.events.disconnected(Some(&Error::new(ErrorCode::Closed, "the dialer was closed")));
         }
     }
 
@@ -276,10 +291,21 @@ impl Dialer {
             if !s.is_closed() {
                 return Ok(s.clone());
             }
+            // Reported here too, so its `Disconnected` comes before the next `Connected` even if
+            // its watcher has not run yet.
+            self.inner.events.disconnected(s.close_reason().as_ref());
         }
         let i = &self.inner;
         let s = i.relays.try_each(|url| async move { open_session(&url, &i.key, i.tls.as_ref(), i.mux.clone()).await }).await?;
         *slot = Some(s.clone());
+        let number = self.inner.events.connected(self.relay(), None);
+        let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
+        tokio::spawn(async move {
+            watched.closed().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.disconnected_if(number, watched.close_reason().as_ref());
+            }
+        });
         Ok(s)
     }
 

@@ -30,6 +30,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::client::events::{EventHub, Events};
 use crate::client::handshake::connect_mux;
 use crate::client::relays::RelayList;
 use crate::e2e::handshake::Accepting;
@@ -204,8 +205,9 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random() });
+        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random(), events: Arc::new(EventHub::new()) });
         let (session, reg) = register(&cfg).await?;
+        cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
         let (reg_tx, reg_rx) = watch::channel(reg);
         let cancel = CancellationToken::new();
         let current = Arc::new(Mutex::new(Some(session.clone())));
@@ -220,6 +222,7 @@ impl ListenerBuilder {
             draining: CancellationToken::new(),
             retiring: CancellationToken::new(),
             exit: cfg.exit.clone(),
+            events: cfg.events.clone(),
         })
     }
 }
@@ -232,6 +235,8 @@ struct Config {
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
     exit: Option<Arc<ExitState>>,
+    /// Connection-state events ([`Listener::events`]).
+    events: Arc<EventHub>,
 }
 
 struct ExitState {
@@ -284,6 +289,7 @@ pub struct Listener {
     /// Set by [`Listener::retire`]: nothing new is queued; `accept()` hands out what was.
     retiring: CancellationToken,
     exit: Option<Arc<ExitState>>,
+    events: Arc<EventHub>,
 }
 
 impl Listener {
@@ -349,6 +355,13 @@ impl Listener {
         })
     }
 
+    /// Connection-state events from now on: `Disconnected` when the session to the relay ends
+    /// (with the cause), `Reconnecting` before each retry, `Connected` once re-registered; the
+    /// subscription ends after [`Listener::close`] (whose `Disconnected` has code `CLOSED`).
+    pub fn events(&self) -> Events {
+        self.events.subscribe()
+    }
+
     /// Whether a session to the relay is up right now (it is re-established in the background).
     pub fn is_connected(&self) -> bool {
         self.current.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|s| !s.is_closed())
@@ -412,6 +425,8 @@ impl Listener {
         if let Some(s) = self.current.lock().unwrap_or_else(|p| p.into_inner()).take() {
             s.close(ErrorCode::Closed, "the listener was closed");
         }
+        self.events.disconnected(Some(&Error::new(ErrorCode::Closed, "the listener was closed")));
+        self.events.end();
     }
 }
 
@@ -497,13 +512,21 @@ async fn supervise(
             tracing::error!(name = %cfg.name, reason = %e, "the relay ended this listener's registration for good; stopping");
             *ended.lock().unwrap_or_else(|p| p.into_inner()) = Some((e.code(), e.message().to_string()));
             cancel.cancel();
+            cfg.events.disconnected(Some(e));
+            cfg.events.end();
             return;
+        }
+        if !cancel.is_cancelled() {
+            cfg.events.disconnected(reason.as_ref());
         }
         let why = reason.map(|e| e.to_string()).unwrap_or_else(|| "session ended".into());
         tracing::warn!(name = %cfg.name, reason = %why, "lost the relay session; reconnecting");
         let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
         session = loop {
             let jittered = delay.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+            attempt += 1;
+            cfg.events.reconnecting(attempt, jittered);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(jittered) => {}
@@ -511,6 +534,7 @@ async fn supervise(
             match register(&cfg).await {
                 Ok((s, reg)) => {
                     tracing::info!(name = %reg.name, "re-registered with the relay");
+                    cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
                     let _ = reg_tx.send(reg);
                     break s;
                 }

@@ -59,7 +59,15 @@ async fn the_admin_endpoint_needs_the_token_and_shows_no_secret() {
         assert!(body.contains("www-authenticate: Bearer") && body.contains("admin_token"), "{body}");
         assert_eq!(get(admin, path, Some("not-the-token-at-all-0000")).await.0, 401, "{path} with a wrong token");
     }
-    let (status, body) = get(admin, "/listeners", Some(TOKEN)).await;
+    // The relay answers a registration just before it lists the listener: poll, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let (status, body) = get(admin, "/listeners", Some(TOKEN)).await;
+        if status != 200 || body.contains(&listener.name()) || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&listener.name()) && body.contains(&id.public_key_base64()), "{body}");
     let (status, body) = get(admin, "/sessions", Some(TOKEN)).await;
@@ -104,4 +112,53 @@ fn an_admin_endpoint_without_a_strong_token_is_refused() {
     e.push(("TUNNEL_ADMIN_TOKEN".into(), "short".into()));
     let err = RelayConfig::from_sources(None, &[], &e, &[]).unwrap_err();
     assert!(err.message().contains("at least 16"), "{err}");
+}
+
+/// A relay with one dialer key (kid 3) on loopback, with or without an admin endpoint.
+async fn relay_with_admin(admin: bool) -> libtunnel::ServerHandle {
+    let key = Key::new(3, SECRET.to_vec()).expect("key");
+    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("rules");
+    let mut cfg = RelayConfig::new(KeySet::new([key]).expect("keys"), allow);
+    if admin {
+        cfg.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
+        cfg.admin_token = Some(TOKEN.into());
+    }
+    Server::bind(cfg).await.expect("relay binds").spawn()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_admin_endpoint_the_tunnel_port_serves_no_metrics() {
+    let relay = relay_with_admin(true).await;
+    let tunnel = relay.local_addr().expect("a tunnel address");
+    let (status, body) = get(tunnel, "/metrics", None).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("admin endpoint") && !body.contains("libtunnel_"), "{body}");
+    // The admin address is not given away either.
+    let admin = relay.admin_addr().expect("an admin address");
+    assert!(!body.contains(&admin.port().to_string()), "{body}");
+    let (status, body) = get(admin, "/metrics", Some(TOKEN)).await;
+    assert!(status == 200 && body.contains("libtunnel_sessions_active"), "{body}");
+    // The health path stays as Emissary has it.
+    let (status, body) = get(tunnel, "/healthz", None).await;
+    assert!(status == 200 && body.ends_with(r#"{"key_ids":[3],"ok":true}"#), "{body}");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_endpoint_the_tunnel_port_keeps_its_metrics() {
+    let relay = relay_with_admin(false).await;
+    let (status, body) = get(relay.local_addr().expect("a tunnel address"), "/metrics", None).await;
+    assert!(status == 200 && body.contains("libtunnel_sessions_active"), "{body}");
+    relay.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_key_id_is_refused_without_listing_the_relays_key_ids() {
+    let relay = relay_with_admin(true).await;
+    let stranger = Dialer::new(relay.url(), Key::new(41, b"another-secret-entirely-0123456789".to_vec()).expect("key")).expect("dialer");
+    let err = tokio::time::timeout(Duration::from_secs(10), stranger.connect()).await.expect("refused in time").unwrap_err();
+    assert_eq!(err.code(), libtunnel::ErrorCode::AuthUnknownKey, "{err}");
+    assert!(err.message().contains("41") && err.message().contains("TUNNEL_AUTH_KEYS"), "{err}");
+    assert!(!err.message().contains("key ids") && !err.message().contains("[3]"), "the relay's key ids leaked: {err}");
+    relay.abort();
 }

@@ -104,30 +104,8 @@ async fn a_frozen_relay_is_found_by_the_keepalive() {
     init_tracing();
     let echo = echo_server().await;
     // A relay process we can freeze with SIGSTOP: packets go nowhere, nothing is closed.
-    let exe = env!("CARGO_BIN_EXE_tunnel");
-    let mut relay = tokio::process::Command::new(exe)
-        .arg("server")
-        .env("TUNNEL_LISTEN", "127.0.0.1:0")
-        .env("TUNNEL_AUTH_KEYS", auth_keys_json())
-        .env("TUNNEL_ALLOW", format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, echo.port()))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tunnel server");
-    let mut out = tokio::io::BufReader::new(relay.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    let url = within(STEP, "the relay's address", async {
-        use tokio::io::AsyncBufReadExt;
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
-            if let Some(u) = line.trim().strip_prefix("relay listening: ") {
-                return u.to_string();
-            }
-        }
-    })
-    .await;
+    let allow = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, echo.port());
+    let (mut relay, url) = procs::relay_process(&auth_keys_json(), &[("TUNNEL_ALLOW", allow.as_str())]).await;
     let cfg = MuxConfig { keepalive_interval: Duration::from_millis(300), keepalive_timeout: Duration::from_secs(1), ..MuxConfig::default() };
     let d = Dialer::builder(&url).key(key()).timeout(STEP).mux_config(cfg).build().expect("dialer");
     let mut s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");

@@ -4,12 +4,13 @@
 //! `write`, `poll` and `shutdown(SHUT_WR)` on it, and a tunnel cut off mid-transfer reads as
 //! `ECONNRESET`.
 
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void};
 use std::os::fd::IntoRawFd;
 
 use crate::boundary::{fallible, infallible};
 use crate::config::tunnel_config;
 use crate::error::tunnel_result;
+use crate::events::{tunnel_state_callback, StateSlot};
 use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_ref, Castable};
 use crate::runtime::{block_on, usable};
 use libtunnel::client::ClientRole;
@@ -20,8 +21,22 @@ pub struct tunnel_dialer {
     _private: [u8; 0],
 }
 
+/// The Rust side of a `tunnel_dialer`: the core dialer and its state callback.
+pub struct DialerHandle {
+    dialer: libtunnel::Dialer,
+    /// The connection-state callback (`tunnel_dialer_set_state_callback`).
+    state: StateSlot,
+}
+
+impl std::ops::Deref for DialerHandle {
+    type Target = libtunnel::Dialer;
+    fn deref(&self) -> &libtunnel::Dialer {
+        &self.dialer
+    }
+}
+
 impl Castable for tunnel_dialer {
-    type Rust = libtunnel::Dialer;
+    type Rust = DialerHandle;
 }
 
 /// Make a dialer from `cfg` (relay URL and key required; TLS roots and timeout optional). No
@@ -44,7 +59,7 @@ pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut 
         }
         let dialer = b.build()?;
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
-        unsafe { *out = into_raw::<tunnel_dialer>(dialer) };
+        unsafe { *out = into_raw::<tunnel_dialer>(DialerHandle { dialer, state: StateSlot::default() }) };
         Ok(())
     })
 }
@@ -111,6 +126,31 @@ pub unsafe extern "C" fn tunnel_dialer_dial_via(
     })
 }
 
+/// Call `callback` with `userdata` on every change of the dialer's session to the relay from now
+/// on (see `tunnel_state_callback` for the thread rules): `TUNNEL_STATE_CONNECTED` when a session
+/// is authenticated (a dialer reconnects on its next dial after a loss, not in the background),
+/// `TUNNEL_STATE_DISCONNECTED` when it drops. Replaces the previous callback; NULL removes it.
+/// After this returns the previous callback is not running and is not called again;
+/// `tunnel_dialer_free` removes it the same way. Fails with `TUNNEL_RESULT_WRONG_THREAD` when
+/// called from a libtunnel callback.
+///
+/// # Safety
+/// `dialer` must be NULL or live; `callback` NULL or a function that stays callable, with
+/// `userdata`, until it is replaced or the dialer freed.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_dialer_set_state_callback(
+    dialer: *const tunnel_dialer,
+    callback: tunnel_state_callback,
+    userdata: *mut c_void,
+) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live dialer.
+        let d = unsafe { try_ref(dialer, "dialer") }?;
+        crate::runtime::runtime()?;
+        d.state.set(callback, userdata, || d.dialer.events())
+    })
+}
+
 /// Free the dialer. NULL is a no-op. It does not wait: streams dialed from it keep working until
 /// they finish (both sides closed) or `crate::DRAIN` (10 s) passes, then the runtime closes the
 /// session to the relay; a stream still open then reads `ECONNRESET`.
@@ -122,8 +162,9 @@ pub unsafe extern "C" fn tunnel_dialer_free(dialer: *mut tunnel_dialer) {
     infallible((), || {
         // SAFETY: the caller passes NULL or a live dialer.
         if let Ok(d) = unsafe { try_ref(dialer, "dialer") } {
+            d.state.clear();
             if let (true, Ok(rt)) = (usable(), crate::runtime::runtime()) {
-                let d = d.clone();
+                let d = d.dialer.clone();
                 rt.spawn(async move {
                     let drained = d.shutdown(crate::DRAIN).await;
                     tracing::debug!(relay = d.relay(), drained, "dialer closed");

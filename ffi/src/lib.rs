@@ -15,6 +15,8 @@
 //! - [`listener`]: `tunnel_listener_*`; an accept pump feeds a bounded queue and an eventfd.
 //! - [`server`]: `tunnel_server_*`, an embedded relay.
 //! - [`log`]: `tunnel_set_log_callback`, forwarding `tracing` events to C.
+//! - [`events`]: `tunnel_listener_set_state_callback` / `tunnel_dialer_set_state_callback`,
+//!   the core's connection-state events to a C function.
 //!
 //! # Ownership, in one paragraph
 //! Every `*_new` / `_bind` / `_start` writes a handle through its last argument only on success;
@@ -29,6 +31,7 @@ pub mod boundary;
 pub mod config;
 pub mod dialer;
 pub mod error;
+pub mod events;
 pub mod handle;
 pub mod listener;
 pub mod log;

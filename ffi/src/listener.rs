@@ -6,7 +6,7 @@
 //! backpressure towards the relay are the core's.
 
 use std::collections::VecDeque;
-use std::ffi::{c_char, c_int};
+use std::ffi::{c_char, c_int, c_void};
 use std::net::TcpStream;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 use crate::boundary::{fallible, infallible};
 use crate::config::tunnel_config;
 use crate::error::{tunnel_result, Fail};
+use crate::events::{tunnel_state_callback, StateSlot};
 use crate::handle::{free_box, into_raw, out_ptr, try_ref, write_str, Castable};
 use crate::runtime::{block_on, runtime};
 use libtunnel::client::ClientRole;
@@ -87,6 +88,8 @@ pub struct ListenerHandle {
     listener: Arc<Listener>,
     handoff: Arc<Handoff>,
     pump: tokio::task::JoinHandle<()>,
+    /// The connection-state callback (`tunnel_listener_set_state_callback`).
+    state: StateSlot,
 }
 
 impl Castable for tunnel_listener {
@@ -195,7 +198,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         });
         let pump = runtime()?.spawn(pump(listener.clone(), shared.clone()));
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
-        unsafe { *out = into_raw::<tunnel_listener>(ListenerHandle { listener, handoff: shared, pump }) };
+        unsafe { *out = into_raw::<tunnel_listener>(ListenerHandle { listener, handoff: shared, pump, state: StateSlot::default() }) };
         Ok(())
     })
 }
@@ -340,6 +343,30 @@ fn close(l: &ListenerHandle) {
     }
 }
 
+/// Call `callback` with `userdata` on every change of the listener's session to the relay from
+/// now on (see `tunnel_state_callback` for the thread rules): `TUNNEL_STATE_DISCONNECTED` when
+/// it drops, `TUNNEL_STATE_RECONNECTING` before each retry, `TUNNEL_STATE_CONNECTED` once
+/// registered again. Replaces the previous callback; NULL removes it. After this returns the
+/// previous callback is not running and is not called again; `tunnel_listener_free` removes it
+/// the same way. Fails with `TUNNEL_RESULT_WRONG_THREAD` when called from a libtunnel callback.
+///
+/// # Safety
+/// `listener` must be NULL or live; `callback` NULL or a function that stays callable, with
+/// `userdata`, until it is replaced or the listener freed.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_listener_set_state_callback(
+    listener: *const tunnel_listener,
+    callback: tunnel_state_callback,
+    userdata: *mut c_void,
+) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live listener.
+        let l = unsafe { try_ref(listener, "listener") }?;
+        crate::runtime::runtime()?;
+        l.state.set(callback, userdata, || l.listener.events())
+    })
+}
+
 /// Close the listener (as `tunnel_listener_close`) and free it, closing its readiness fd. NULL
 /// is a no-op.
 ///
@@ -350,6 +377,7 @@ pub unsafe extern "C" fn tunnel_listener_free(listener: *mut tunnel_listener) {
     infallible((), || {
         // SAFETY: the caller passes NULL or a live listener.
         if let Ok(l) = unsafe { try_ref(listener, "listener") } {
+            l.state.clear();
             close(l);
         }
         // SAFETY: the caller passes NULL or a listener from `tunnel_listener_bind`, freed once.

@@ -414,3 +414,23 @@ async fn e2e_dial_by_name_from_c() {
     assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
     relay.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_callbacks_across_a_relay_restart_from_c() {
+    let dir = scratch("events");
+    let exe = dir.join("test_events");
+    compile(&["tests/c/test_events.c"], &exe, Link::Shared, true);
+    let echo = echo_server().await;
+    let id = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&id).expect("write the listener key");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TEST_KEY_JSON", key_json())
+        .env("TEST_KEY", format!("{KID}:{SECRET_B64}"))
+        .env("TEST_IDENTITY", &id)
+        .env("TEST_ECHO", echo.to_string())
+        .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");
+    let o = run(cmd, "test_events").await;
+    println!("{}", show(&o));
+    assert!(o.status.success(), "test_events failed:\n{}", show(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
+}

@@ -2,17 +2,17 @@
 //! handing each stream to JS as a socket fd; and `NativeForward`, a local port forward or SOCKS5
 //! proxy served by the core's `forward` module on the runtime.
 
-use std::os::fd::IntoRawFd;
 use std::sync::Mutex;
 
 use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::socks::Target;
 use libtunnel::{Dialer, Error, ErrorCode, Mode};
-use napi::{Env, JsObject};
+use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::events::{NativeDial, NativeWatch};
 use crate::{millis, promise, sync};
 
 /// Options of `new NativeDialer(relay, key, options)`.
@@ -109,17 +109,20 @@ impl NativeDialer {
         })
     }
 
-    /// Dial `host:port` (or a listener's `NAME:0`), through the exit listener `via` when given;
-    /// resolves to the fd of a connected loopback TCP socket bridged to the stream. The caller
-    /// owns the fd.
-    #[napi(ts_return_type = "Promise<number>")]
-    pub fn dial(&self, env: Env, target: String, via: Option<String>) -> napi::Result<JsObject> {
+    /// Start dialing `host:port` (or a listener's `NAME:0`), through the exit listener `via`
+    /// when given: the dial's `result()` resolves to the fd of a connected loopback TCP socket
+    /// bridged to the stream (the caller owns it), and its `cancel()` aborts it.
+    #[napi]
+    pub fn dial(&self, target: String, via: Option<String>) -> NativeDial {
         let d = self.inner.clone();
-        promise(&env, async move {
-            let stream = d.dial_target(&route(&target, via.as_deref())?).await?;
-            let sock = libtunnel::fd::into_socket(stream).await?;
-            Ok(sock.into_raw_fd())
-        })
+        NativeDial::start(async move { d.dial_target(&route(&target, via.as_deref())?).await })
+    }
+
+    /// Call `callback(name, detail)` on every connection-state event from now on (see
+    /// `events::watch`) until the returned watch is stopped.
+    #[napi(ts_args_type = "callback: (name: string, detail: any) => void")]
+    pub fn watch(&self, env: Env, callback: JsFunction) -> napi::Result<NativeWatch> {
+        crate::events::watch(&env, self.inner.events(), callback)
     }
 
     /// Forward every connection to `local` (default `127.0.0.1:0`) to `target` through the relay

@@ -12,6 +12,8 @@
 //! - `listener`: `NativeListener` (register a name, accept streams as socket fds).
 //! - `server`: `NativeServer`, an embedded relay.
 //! - `logging`: routes `tracing` events to a JS callback.
+//! - `events`: connection-state events (`libtunnel::client::events`) to a JS callback, and
+//!   `NativeDial`, a dial that `cancel()` (an `AbortSignal` in `index.js`) drops.
 //!
 //! Streams reach JS as plain loopback TCP socket fds (`libtunnel::fd::into_socket`), which
 //! `index.js` wraps in real `net.Socket`s; no protocol logic lives here.
@@ -30,6 +32,7 @@ use napi::{Env, JsObject, Status};
 use napi_derive::napi;
 
 mod dialer;
+mod events;
 mod keys;
 mod listener;
 mod logging;
@@ -52,16 +55,18 @@ fn init() {
 /// Node-style code (`ENOTALLOWED`), `tunnelCode` its SCREAMING name (`NOT_ALLOWED`), as in the
 /// C and Python faces.
 pub(crate) fn js_error(env: &Env, e: &libtunnel::Error) -> napi::Error {
-    let build = || -> napi::Result<JsObject> {
-        let mut obj = env.create_error(napi::Error::new(Status::GenericFailure, e.message().to_string()))?;
-        obj.set_named_property("code", env.create_string(e.code().errno_name())?)?;
-        obj.set_named_property("tunnelCode", env.create_string(e.code().name())?)?;
-        Ok(obj)
-    };
-    match build() {
+    match js_error_object(env, e) {
         Ok(obj) => napi::Error::from(obj.into_unknown()),
         Err(err) => err,
     }
+}
+
+/// The JS `Error` object of [`js_error`], as a value (an event's argument).
+pub(crate) fn js_error_object(env: &Env, e: &libtunnel::Error) -> napi::Result<JsObject> {
+    let mut obj = env.create_error(napi::Error::new(Status::GenericFailure, e.message().to_string()))?;
+    obj.set_named_property("code", env.create_string(e.code().errno_name())?)?;
+    obj.set_named_property("tunnelCode", env.create_string(e.code().name())?)?;
+    Ok(obj)
 }
 
 /// Map a core result for a synchronous export.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use libtunnel::client::{ClientOptions, ClientRole};
 use libtunnel::Listener;
-use napi::{Env, JsObject};
+use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
 
 use crate::{millis, promise};
@@ -167,6 +167,13 @@ impl NativeListener {
     #[napi]
     pub fn retire(&self) {
         self.inner.retire();
+    }
+
+    /// Call `callback(name, detail)` on every connection-state event from now on (see
+    /// `events::watch`); the calls end after `close()`.
+    #[napi(ts_args_type = "callback: (name: string, detail: any) => void")]
+    pub fn watch(&self, env: Env, callback: JsFunction) -> napi::Result<crate::events::NativeWatch> {
+        crate::events::watch(&env, self.inner.events(), callback)
     }
 
     /// Unregister and stop; a pending `accept()` rejects with `ECLOSED`.

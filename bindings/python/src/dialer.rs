@@ -11,6 +11,7 @@ use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
 
 use crate::error::to_py;
+use crate::events::Watch;
 use crate::handles::{Background, Socket};
 use crate::{awaitable, seconds, wait};
 
@@ -139,6 +140,12 @@ impl Dialer {
     #[pyo3(signature = (target, local = "127.0.0.1:0".to_string(), via = None))]
     fn forward_async<'py>(&self, py: Python<'py>, target: String, local: String, via: Option<String>) -> PyResult<Bound<'py, PyAny>> {
         awaitable(py, start_forward(self.inner.clone(), target, local, via))
+    }
+
+    /// Call `callback(name, detail)` on every connection-state event from now on (see
+    /// `events::watch`) until the returned watch is stopped or dropped.
+    fn watch(&self, callback: Py<PyAny>) -> Watch {
+        crate::events::watch(self.inner.events(), callback)
     }
 
     /// Close the shared session (open streams on it fail).

@@ -12,12 +12,14 @@
 //! - `handles`: an owned socket handed to Python, and a background task (forward, expose).
 //! - `dialer`: `Dialer` (dial, forward). `listener`: `Listener` (bind, accept, expose).
 //! - `relay`: the embedded relay. `keys`: key generation and the text `keygen` prints.
+//! - `events`: connection-state events to a Python callable (`Watch`).
 //!
 //! Configuration is the core's (`libtunnel::client::ClientOptions`): what a constructor is not
 //! given comes from the same `TUNNEL_*` variables every face reads.
 
 mod dialer;
 mod error;
+mod events;
 mod handles;
 mod keys;
 mod listener;
@@ -115,6 +117,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(keys::listener_keygen_text, m)?)?;
     m.add_class::<handles::Socket>()?;
     m.add_class::<handles::Background>()?;
+    m.add_class::<events::Watch>()?;
     m.add_class::<dialer::Dialer>()?;
     m.add_class::<listener::Listener>()?;
     m.add_class::<relay::Relay>()?;

@@ -214,6 +214,12 @@ impl Listener {
         l.exit_stats().map(|s| (s.connected, s.not_allowed, s.failed, s.bytes_to_targets, s.bytes_from_targets))
     }
 
+    /// Call `callback(name, detail)` on every connection-state event from now on (see
+    /// `events::watch`); the calls end after `close()`.
+    fn watch(&self, callback: Py<PyAny>) -> PyResult<crate::events::Watch> {
+        Ok(crate::events::watch(self.get()?.events(), callback))
+    }
+
     /// Unregister; pending and later `accept` calls fail with `CLOSED`.
     fn close(&self) {
         if let Some(l) = self.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {

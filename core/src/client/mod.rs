@@ -1,8 +1,11 @@
 //! What every client (dialer or listener, in every face) shares: how it is configured
 //! ([`config`]: explicit values, then one set of `TUNNEL_*` variables), how users give and get
-//! keys ([`keys`]), which relays it uses (`relays`: one URL or several, tried in turn), and how its session to the relay begins (`handshake`).
+//! keys ([`keys`]), which relays it uses (`relays`: one URL or several, tried in turn), how its
+//! session to the relay begins (`handshake`), and how it reports that session's state
+//! ([`events`]).
 
 pub mod config;
+pub mod events;
 pub(crate) mod handshake;
 pub mod keys;
 pub mod relays;

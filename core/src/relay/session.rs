@@ -46,7 +46,10 @@ fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
             if kids.is_empty() {
                 format!("this relay has no dialer keys (it serves listeners only), so key id {kid} is unknown; add it to the relay's TUNNEL_AUTH_KEYS to dial through it")
             } else {
-                format!("key id {kid} is not configured on this relay (it has key ids {kids:?}); use one of those or add yours to TUNNEL_AUTH_KEYS")
+                // The relay's own key ids are not told to an unauthenticated peer (they are in its
+                // log and on the admin endpoint).
+                tracing::debug!(kid, configured = ?kids, "unknown key id");
+                format!("key id {kid} is not configured on this relay; use the key id of a key in its TUNNEL_AUTH_KEYS, or add yours there")
             }
         }
         AuthRejection::ClockSkew(d) => format!(

@@ -1,4 +1,5 @@
-//! The relay's HTTP front on the tunnel endpoint: the health path, `/metrics`, and WebSocket
+//! The relay's HTTP front on the tunnel endpoint: the health path, `/metrics` (only while no
+//! admin endpoint is configured: then it is served there, behind the token), and WebSocket
 //! upgrades, which choose the mode (`libtunnel.v1` subprotocol → multiplexed, none → Emissary
 //! classic) and hand the upgraded connection to `session`.
 
@@ -121,6 +122,11 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
             .expect("static response parts are valid");
     }
     if path == "/metrics" {
+        if state.cfg.admin_listen.is_some() {
+            // With an admin endpoint, the counters (listener names among them) are its, behind
+            // the token; this port is open to anyone.
+            return refuse(StatusCode::NOT_FOUND, "/metrics is served on this relay's admin endpoint (admin_listen), with the admin token".into());
+        }
         return Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(state.metrics.render())))

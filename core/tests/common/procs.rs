@@ -50,3 +50,39 @@ pub async fn listen_process_with(relay: &str, key: &Path, args: &[&str]) -> (Chi
         .expect("tunnel listen exited before registering");
     (child, name)
 }
+
+/// A `tunnel server` process with the test key (`common::auth_keys_json`, passed in as
+/// `auth_keys`) and the `TUNNEL_*` settings in `env`, and its URL once it listens. Its stdout is
+/// kept read for its whole life.
+pub async fn relay_process(auth_keys: &str, env: &[(&str, &str)]) -> (Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .arg("server")
+        .env("TUNNEL_LISTEN", "127.0.0.1:0")
+        .env("TUNNEL_AUTH_KEYS", auth_keys)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start tunnel server");
+    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let url = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncBufReadExt;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited before it listened");
+            if let Some(u) = line.trim().strip_prefix("relay listening: ") {
+                return u.to_string();
+            }
+        }
+    })
+    .await
+    .expect("tunnel server printed its URL within 10 s");
+    tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        let mut sink = Vec::new();
+        let _ = out.read_to_end(&mut sink).await;
+    });
+    (child, url)
+}

@@ -27,6 +27,7 @@ from ._errors import (
     TunnelTimeout,
     Unreachable,
 )
+from ._events import Connected, Reconnecting
 from ._keys import auth_keys, auth_keys_json, keygen, listener_identity, listener_keygen
 from ._listener import AsyncListener, ExitStats, Listener, ListenerServer, Peer, Registration, ThreadingListenerServer
 from ._relay import AsyncRelay, Relay, serve
@@ -52,6 +53,7 @@ __all__ = [
     "AuthError",
     "Closed",
     "ConfigError",
+    "Connected",
     "Dialer",
     "E2EError",
     "E2EIdentityError",
@@ -64,6 +66,7 @@ __all__ = [
     "ExitStats",
     "Peer",
     "ProtocolError",
+    "Reconnecting",
     "Registration",
     "Relay",
     "RelayUnavailable",

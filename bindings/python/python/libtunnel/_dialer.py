@@ -15,6 +15,7 @@ from typing import Any
 
 from . import _native
 from ._common import wrap
+from ._events import OnConnected, OnDisconnected, OnReconnecting, watch
 
 __all__ = ["Dialer", "AsyncDialer"]
 
@@ -67,6 +68,11 @@ class _DialerBase:
     (the relay can neither read nor impersonate); ``e2e_pins`` maps chosen names to their
     listener's key (base64 or key-derived name); ``e2e_identity`` (Ed25519 PEM text or file) is
     presented to listeners with ``allow_peers``.
+    ``on_connected`` (a :class:`Connected`), ``on_disconnected`` (the cause, a
+    :class:`TunnelError` with its ``.code``) and ``on_reconnecting`` (a :class:`Reconnecting`)
+    are called when the session to the relay is opened (by :meth:`connect`, or by the first dial after a loss: a dialer reconnects on
+    demand, not in the background) or drops; ``on_reconnecting`` is never called for a dialer: see
+    :mod:`libtunnel._events`.
     """
 
     def __init__(
@@ -80,8 +86,16 @@ class _DialerBase:
         e2e: bool = False,
         e2e_pins: Mapping[str, str] | None = None,
         e2e_identity: StrPath | None = None,
+        on_connected: OnConnected | None = None,
+        on_disconnected: OnDisconnected | None = None,
     ) -> None:
         self._native = _native_dialer(relay, key, timeout, ca, classic, e2e, e2e_pins, e2e_identity)
+        self._callbacks = (on_connected, on_disconnected)
+        self._watch: _native.Watch | None = None
+        self._subscribe(None)
+
+    def _subscribe(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._watch = watch(self._native, *self._callbacks, None, loop=loop)
 
     @property
     def relay(self) -> str:
@@ -125,15 +139,33 @@ class Dialer(_DialerBase):
 
 
 class AsyncDialer(_DialerBase):
-    """The asyncio twin of :class:`Dialer` (same arguments); every method is a coroutine."""
+    """The asyncio twin of :class:`Dialer` (same arguments); every method is a coroutine. The
+    ``on_*`` callbacks run on the event loop the dialer is first used on (coroutine functions as
+    tasks). Cancelling an awaited call (``task.cancel()``, :func:`asyncio.wait_for`,
+    :func:`asyncio.timeout`) cancels the dial in the core: a half-made session or stream is
+    closed, and later dials work."""
+
+    def _subscribe(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # made outside a loop: subscribed by the first coroutine call
+        super()._subscribe(loop)
+
+    def _loop_ready(self) -> None:
+        if self._watch is None and any(self._callbacks):
+            self._subscribe(asyncio.get_running_loop())
 
     async def connect(self) -> None:
         """Open the session now, so a wrong key or a dead relay fails here."""
+        self._loop_ready()
         await self._native.connect_async()
 
     async def dial(self, target: str, *, timeout: float | None = None, via: str | None = None) -> socket.socket:
         """A connected, non-blocking socket to ``target`` (for ``loop.sock_*`` or a transport);
         ``via`` names an exit listener to go through."""
+        self._loop_ready()
         return wrap(await self._native.dial_async(target, timeout, via), blocking=False)
 
     async def open_connection(
@@ -151,6 +183,7 @@ class AsyncDialer(_DialerBase):
     async def forward(self, target: str, *, local: str = "127.0.0.1:0", via: str | None = None) -> AsyncIterator[tuple[str, int]]:
         """``async with dialer.forward(target) as (host, port):`` a local port forward (for asyncpg);
         ``via`` names an exit listener to go through."""
+        self._loop_ready()
         task = await self._native.forward_async(target, local, via)
         with _stopping(task) as address:
             yield address

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 from . import _native
 from ._common import wrap
 from ._errors import Closed, TunnelTimeout
+from ._events import OnConnected, OnDisconnected, OnReconnecting, watch
 
 __all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
 
@@ -140,6 +141,10 @@ class Listener(_ListenerBase):
     ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
+    ``on_connected`` (a :class:`Connected`), ``on_disconnected`` (the cause, a
+    :class:`TunnelError` with its ``.code``) and ``on_reconnecting`` (a :class:`Reconnecting`)
+    are called (on a background thread) when the session to the relay comes back, drops, or is about to be retried: see
+    :mod:`libtunnel._events`.
     """
 
     def __init__(
@@ -158,6 +163,9 @@ class Listener(_ListenerBase):
         exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        on_connected: OnConnected | None = None,
+        on_disconnected: OnDisconnected | None = None,
+        on_reconnecting: OnReconnecting | None = None,
     ) -> None:
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
@@ -165,6 +173,7 @@ class Listener(_ListenerBase):
             pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
         self._exposed: _native.Background | None = None
+        self._watch = watch(self._native, on_connected, on_disconnected, on_reconnecting)
 
 
     def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
@@ -210,6 +219,7 @@ class AsyncListener(_ListenerBase):
     def __init__(self, native: _native.Listener) -> None:
         """Internal: use :meth:`bind`."""
         self._native = native
+        self._watch: _native.Watch | None = None
 
     @classmethod
     async def bind(
@@ -228,14 +238,20 @@ class AsyncListener(_ListenerBase):
         exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        on_connected: OnConnected | None = None,
+        on_disconnected: OnDisconnected | None = None,
+        on_reconnecting: OnReconnecting | None = None,
     ) -> AsyncListener:
-        """Connect and register (same arguments as :class:`Listener`)."""
+        """Connect and register (same arguments as :class:`Listener`; the ``on_*`` callbacks
+        run on the event loop, and may be coroutine functions)."""
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
             pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
         )
-        return cls(native)
+        listener = cls(native)
+        listener._watch = watch(native, on_connected, on_disconnected, on_reconnecting, loop=asyncio.get_running_loop())
+        return listener
 
 
     async def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
