@@ -1,7 +1,7 @@
 # The two commands of README.md, plus the pieces they are made of.
 # One Cargo target dir (./target) serves the workspace, maturin and napi builds.
 
-.PHONY: demo test test-rust build install clean
+.PHONY: demo test test-rust build install dist clean
 
 # A relay, a private demo service and dials through them, all on loopback.
 # The build shows its progress (a fresh clone compiles for a few minutes), then the story.
@@ -20,6 +20,10 @@ build:
 # The C face: header, libtunnel.so/.a and tunnel.pc under PREFIX (default /usr/local).
 install:
 	$(MAKE) -f ffi/install.mk install
+
+# Release artifacts under dist/: the CLI and C tarballs, the Python wheel, the npm tarball.
+dist:
+	bash scripts/dist.sh
 
 clean:
 	cargo clean

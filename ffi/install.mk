@@ -5,13 +5,16 @@
 #   cc app.c $(pkg-config --cflags --libs tunnel)             # PKG_CONFIG_PATH=$PREFIX/lib/pkgconfig
 #
 # Variables: PREFIX (/usr/local), LIBDIR, INCLUDEDIR, PKGCONFIGDIR, DESTDIR (staging),
-# PROFILE (release), CARGO_TARGET_DIR (./target), BUILT (where the built libraries are).
+# PROFILE (release), CARGO_TARGET_DIR (./target), BUILT (where the built libraries are),
+# PC_PREFIX (the prefix tunnel.pc names; `make dist` sets '$${pcfiledir}/../..', so an unpacked
+# tarball works wherever it lands).
 
 ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
 PREFIX ?= /usr/local
 LIBDIR ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+PC_PREFIX ?= $(PREFIX)
 DESTDIR ?=
 PROFILE ?= release
 CARGO ?= cargo
@@ -23,6 +26,8 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(ROOT)/Cargo.toml | head
 MAJOR := $(word 1,$(subst ., ,$(VERSION)))
 MINOR := $(word 2,$(subst ., ,$(VERSION)))
 SONAME := libtunnel.so.$(MAJOR).$(MINOR)
+# tunnel.pc names libdir and includedir through $${prefix} when they lie under PREFIX.
+pc_path = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
 # What a static link needs besides libtunnel.a (rustc --print native-static-libs).
 PRIVATE_LIBS := -lpthread -ldl -lm -lrt -lutil -lgcc_s
 
@@ -41,9 +46,9 @@ install: build
 	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libtunnel.so
 	$(INSTALL) -m 644 $(BUILT)/libtunnel.a $(DESTDIR)$(LIBDIR)/libtunnel.a
 	printf '%s\n' \
-	  'prefix=$(PREFIX)' \
-	  'libdir=$(LIBDIR)' \
-	  'includedir=$(INCLUDEDIR)' \
+	  'prefix=$(PC_PREFIX)' \
+	  'libdir=$(call pc_path,$(LIBDIR))' \
+	  'includedir=$(call pc_path,$(INCLUDEDIR))' \
 	  '' \
 	  'Name: tunnel' \
 	  'Description: libtunnel: reverse tunnels and relays over one authenticated WebSocket (C API)' \

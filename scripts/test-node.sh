@@ -9,13 +9,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
-command -v node >/dev/null || { echo "node not found: install Node.js 20 (https://nodejs.org)" >&2; exit 1; }
-command -v npm >/dev/null || { echo "npm not found: install Node.js 20 with npm" >&2; exit 1; }
-
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+node_deps
 cd bindings/node
-if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  npm ci --no-audit --no-fund
-fi
 
 # Debug build of the addon (cargo metadata gives napi the shared target dir); writes
 # libtunnel.<platform>.node here and regenerates native.js / native.d.ts.

@@ -21,25 +21,10 @@ GRPC_JS_VERSION=1.14.7
 # shellcheck source=scripts/lib.sh
 source "$ROOT/scripts/lib.sh"
 
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-[ -n "$PYTHON" ] || { echo "python3 not found: apt-get install python3" >&2; exit 1; }
 # The test fixture runs PostgreSQL's initdb/pg_ctl (found by glob under /usr/lib/postgresql).
 need_debs postgresql
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_debs postgresql
-if [ ! -x "$VENV/bin/python" ]; then
-  if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
-    need_debs python3-venv "python$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
-  fi
-  "$PYTHON" -m venv "$VENV"
-fi
-# shellcheck disable=SC1091
-. "$VENV/bin/activate"
-stamp="$VENV/.libtunnel-requirements"
-if [ "$(cat "$stamp" 2>/dev/null)" != "${REQUIREMENTS[*]}" ]; then
-  python -m pip install -q --upgrade pip
-  python -m pip install -q "${REQUIREMENTS[@]}"
-  echo "${REQUIREMENTS[*]}" >"$stamp"
-fi
+py_venv "$VENV" "${REQUIREMENTS[@]}"
 
 echo "building the wheel (maturin, debug profile, target dir $CARGO_TARGET_DIR)"
 rm -rf "$WHEELS"

@@ -25,8 +25,9 @@ step "Rust: core unit and integration tests, CLI, Emissary interop (Go, from the
 cargo test -p libtunnel --features cli --no-fail-fast 2>&1 | tee "$LOGDIR/rust.log"
 
 # Each language face has its own script, which installs what it needs (Debian packages, a Python
-# virtualenv, npm packages) and shares this Cargo target dir.
-for face in c python node; do
+# virtualenv, npm packages) and shares this Cargo target dir; then the release artifacts of
+# `make dist`, each installed from itself and run.
+for face in c python node dist; do
   script="scripts/test-$face.sh"
   [ -f "$script" ] || continue
   step "$face: $(sed -n 2p "$script" | sed 's/^# *//')"

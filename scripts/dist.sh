@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Release artifacts into dist/ (`make dist`): the CLI tarball, the C tarball, the Python wheel and the npm tarball
+#
+#   dist/libtunnel-cli-VERSION-linux-ARCH.tar.gz  bin/tunnel, man page, bash/zsh/fish completions, LICENSE
+#                                                 (a prefix tree: share/man, share/doc/libtunnel, ...)
+#   dist/libtunnel-c-VERSION-linux-ARCH.tar.gz    include/tunnel.h, lib/libtunnel.so.* (+ SONAME links),
+#                                                 lib/libtunnel.a, lib/pkgconfig/tunnel.pc (relocatable)
+#   dist/libtunnel-VERSION-cp311-abi3-*.whl       the Python package (maturin build --release)
+#   dist/libtunnel-node-VERSION-linux-ARCH.tgz    `npm pack` of bindings/node with the release addon
+#   dist/SHA256SUMS
+#
+# All in the release profile (stripped). The Node addon, the C libraries and the CLI come from one
+# cargo invocation; maturin's own (`cargo rustc`, one package) then rebuilds what its feature set
+# changes (pyo3's macros, tracing with `log`). Installs what it needs: maturin in a virtualenv
+# ($CARGO_TARGET_DIR/dist-venv), @napi-rs/cli from bindings/node/package-lock.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
+
+VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+PLATFORM="linux-$(uname -m)"
+OUT="$ROOT/dist"
+STAGE="$CARGO_TARGET_DIR/dist-stage"
+# Reproducible tarballs: file times from the last commit, owner root, names sorted.
+EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
+pack() { # pack DIR NAME: DIR/NAME as OUT/NAME.tar.gz
+  tar -C "$1" --sort=name --owner=0 --group=0 --numeric-owner --mtime="@$EPOCH" -czf "$OUT/$2.tar.gz" "$2"
+}
+
+need_debs make gcc pkg-config
+rm -rf "$OUT" "$STAGE"
+mkdir -p "$OUT" "$STAGE"
+
+# One cargo invocation builds the Node addon, the C libraries and the CLI together (one feature
+# set, so every shared crate is compiled once): napi's, which has to compile the addon itself to
+# write native.js / native.d.ts. The package's files (package.json `files`) are copied beside the
+# release addon in a staging dir, so the working tree keeps its debug addon.
+step "dist: cargo build --release of the Node addon, the C libraries and the CLI (napi build)"
+node_deps
+NODE="$STAGE/node"
+mkdir -p "$NODE"
+(cd bindings/node && node -e '
+  const fs = require("fs"), path = require("path"), dest = process.argv[1]
+  const pkg = require("./package.json")
+  for (const f of [...pkg.files, "package.json", "README.md"]) {
+    if (f.includes("*") || f.startsWith("native.")) continue
+    fs.cpSync(f, path.join(dest, f), { recursive: true })
+  }' "$NODE")
+install -m 644 LICENSE "$NODE/LICENSE"
+# napi takes the destination relative to bindings/node, and --js / --dts relative to it.
+(cd bindings/node && npx --no-install napi build --platform --release --js native.js --dts native.d.ts \
+  --cargo-flags="-p libtunnel-node -p libtunnel-ffi -p libtunnel --features libtunnel/cli" \
+  "$(realpath --relative-to=. "$NODE")")
+
+step "dist: the npm tarball (npm pack)"
+(cd "$NODE" && npm pack --silent --pack-destination "$OUT" >/dev/null)
+mv "$OUT/libtunnel-$VERSION.tgz" "$OUT/libtunnel-node-$VERSION-$PLATFORM.tgz"
+
+step "dist: the C tarball (ffi/install.mk into a staging dir)"
+C_NAME="libtunnel-c-$VERSION-$PLATFORM"
+# CARGO=true: the libraries were just built above, by the same cargo invocation as the addon.
+make --no-print-directory -f ffi/install.mk install CARGO=true DESTDIR="$STAGE/c" PREFIX="/$C_NAME" \
+  'PC_PREFIX=$${pcfiledir}/../..' >/dev/null
+# The release profile strips linked outputs, not an archive: drop the debug info that the
+# standard library's objects bring into libtunnel.a (symbols stay, so it links the same).
+strip --strip-debug "$STAGE/c/$C_NAME/lib/libtunnel.a"
+install -m 644 LICENSE "$STAGE/c/$C_NAME/LICENSE"
+pack "$STAGE/c" "$C_NAME"
+
+step "dist: the CLI tarball (binary, man page, completions)"
+CLI_NAME="libtunnel-cli-$VERSION-$PLATFORM"
+CLI="$STAGE/cli/$CLI_NAME"
+install -D -m 755 "$CARGO_TARGET_DIR/release/tunnel" "$CLI/bin/tunnel"
+install -D -m 644 LICENSE "$CLI/share/doc/libtunnel/LICENSE"
+mkdir -p "$CLI/share/man/man1" "$CLI/share/bash-completion/completions" "$CLI/share/zsh/site-functions" \
+  "$CLI/share/fish/vendor_completions.d"
+"$CLI/bin/tunnel" man >"$CLI/share/man/man1/tunnel.1"
+"$CLI/bin/tunnel" completions bash >"$CLI/share/bash-completion/completions/tunnel"
+"$CLI/bin/tunnel" completions zsh >"$CLI/share/zsh/site-functions/_tunnel"
+"$CLI/bin/tunnel" completions fish >"$CLI/share/fish/vendor_completions.d/tunnel.fish"
+pack "$STAGE/cli" "$CLI_NAME"
+
+step "dist: the Python wheel (maturin build --release)"
+py_venv "$CARGO_TARGET_DIR/dist-venv" maturin
+(cd bindings/python && maturin build --release --quiet --out "$OUT")
+
+(cd "$OUT" && sha256sum -- * >SHA256SUMS)
+step "dist: $OUT"
+(cd "$OUT" && ls -l --block-size=K -- *)
