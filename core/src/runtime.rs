@@ -47,20 +47,3 @@ pub fn build(default: Workers) -> Result<Runtime> {
         .build()
         .map_err(|e| Error::new(ErrorCode::Io, format!("cannot start libtunnel's runtime threads: {e}")))
 }
-
-/// Keep glibc's allocator from handing memory back to the system after every large free: with
-/// its defaults, each 128 KiB-plus buffer a busy stream frees shrinks a thread's arena
-/// (`madvise`), and the next allocation faults fresh zeroed pages in. Measured on a loopback
-/// transfer through `tunnel forward` and `tunnel server`, CPU per GB of both: 1.66-1.92 s with
-/// the defaults, 1.44-1.61 s with both tuned, 1.57-1.67 s with only `forward` tuned. The relay
-/// keeps the defaults: tuned, it held 29-35 MiB instead of 16 MiB after a flood of 200 uploads
-/// (`malloc_trim` returns less). Process-wide, so only programs call it (`tunnel`'s client
-/// commands do); a library does not change its host's allocator. Other allocators: nothing to do.
-pub fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; it is called before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-    }
-}

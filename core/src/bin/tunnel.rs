@@ -548,11 +548,6 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
 
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
-    // Client commands move one session's bytes: keep their buffers (runtime::tune_allocator). The
-    // relay keeps glibc's defaults, which hand memory back after a flood of connections.
-    if !matches!(cli.cmd, Cmd::Server(_)) {
-        libtunnel::runtime::tune_allocator();
-    }
     // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
     // interleave with the story.
     let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
