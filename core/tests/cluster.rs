@@ -1057,3 +1057,77 @@ async fn a_write_to_redis_does_not_end_a_listener() {
     assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"direct", true)).await.expect("echo"), sha256(b"direct"));
     assert_eq!(a.metric("libtunnel_listeners_active").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_progress_for_a_listener_are_counted_where_it_is_held() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &["http_max_requests_per_listener=2".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    serve(listener.clone());
+    let host = format!("{}.localhost", listener.name());
+    // Two uploads in progress through B (the listener streams each body back as it comes, so
+    // the response has begun but not ended).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = within(STEP, "connect to B", TcpStream::connect(b.http)).await.expect("connect");
+        s.write_all(format!("POST /hold HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\nx").as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            within(STEP, "response head", s.read_exact(&mut byte)).await.expect("head");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        held.push(s);
+    }
+    // The listener's two places are taken on A, whichever node the next request enters.
+    for via in [a.http, b.http] {
+        let (status, body) = get(via, &host, "/x").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("http_max_requests_per_listener = 2"), "{body}");
+    }
+    // Once the uploads end (the clients go away), the places come back.
+    drop(held);
+    until(STEP, "the places are given back", || async { get(b.http, &host, "/x").await.0 == 200 }).await;
+    assert_eq!(get(a.http, &host, "/x").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_holding_an_exit_checks_the_grant_itself() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    use base64::Engine;
+    let other = libtunnel::Key::new(4, b"another-dialer-secret-0123456789".to_vec()).expect("key");
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    let redis = Redis::start(cluster::free_port().await).await;
+    // A holds the exit and grants it to KID only; B (wrongly, or by an attacker's hand) also
+    // grants it to key 4.
+    let a = Node::start(&redis.url(), &[format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}]}}]")]).await;
+    let keys = format!(
+        r#"auth_keys=[{{"kid":{KID},"data":"{}"}},{{"kid":4,"data":"{}"}}]"#,
+        base64::engine::general_purpose::STANDARD.encode(SECRET),
+        base64::engine::general_purpose::STANDARD.encode(other.secret())
+    );
+    let b = Node::start(&redis.url(), &[keys, format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}, 4]}}]")]).await;
+    let target = echo_server().await;
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, target.port());
+    let exit = within(STEP, "exit bind on A", Listener::builder(&a.url, exit_id).exit(allow(&rules)).bind()).await.expect("the exit registers");
+    // A key both grant: through B to the exit on A.
+    let s = within(STEP, "dial via the exit through B", dialer(&b.url).dial_via(&target.to_string(), &exit_name)).await.expect("granted");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"granted", true)).await.expect("echo"), sha256(b"granted"));
+    // Key 4: B lets it through, A refuses it.
+    let d = Dialer::builder(&b.url).key(other).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "dial via the exit with key 4", d.dial_via(&target.to_string(), &exit_name)).await.expect_err("A's grant decides");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    let stats = exit.exit_stats().expect("stats");
+    assert_eq!(stats.connected, 1, "only the granted stream reached the exit: {stats:?}");
+}
