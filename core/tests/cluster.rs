@@ -932,7 +932,8 @@ async fn a_forged_forward_to_an_exit_from_an_unproved_session_never_reaches_it()
     forward.extend_from_slice(&5000u32.to_be_bytes());
     forward.extend_from_slice(&[5, 1, 0, 1, 127, 0, 0, 1]);
     forward.extend_from_slice(&target_addr.port().to_be_bytes());
-    let hellos: Vec<Box<dyn Fn(&[u8]) -> Vec<u8>>> = vec![
+    type MakeHello = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let hellos: Vec<MakeHello> = vec![
         // v1 (the dialer-only proof), made with a dialer key.
         Box::new(|n: &[u8]| {
             let (date, sig) = key().sign(n, std::time::SystemTime::now());
