@@ -4,7 +4,7 @@
 //! authenticated node-to-node session: `cluster::peers`' `Admit`), so the limits hold for the
 //! listener whichever node each request entered. When the holding node cannot be asked (Redis
 //! or the node unreachable), the request is counted here, as on a relay of its own; its route
-//! fails anyway in that case.
+//! fails anyway in that case. A TLS passthrough connection counts against the rate only.
 
 use std::sync::Arc;
 use std::time::Duration;

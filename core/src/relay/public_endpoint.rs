@@ -215,7 +215,9 @@ pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer:
 async fn passthrough(state: Arc<RelayState>, hello: Vec<u8>, sock: TcpStream, peer: SocketAddr, name: String) {
     use tokio::io::AsyncWriteExt;
     guard::handshake_finished();
-    if state.public.listeners.admit_rate(&name, state.cfg.http_listener_rate).is_err() {
+    // Counted against the listener's rate where it is held (a connection, not a request in
+    // progress: its place is given back at once).
+    if let Err(Refused::Rate(_)) = super::listener_limits::count(&state, &name).await {
         state.metrics.refused(Refusal::HttpListenerRate);
         return tracing::debug!(%peer, listener = %name, "TLS passthrough connection over the listener's rate; closed");
     }
