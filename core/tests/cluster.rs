@@ -1012,7 +1012,8 @@ async fn a_write_to_redis_does_not_end_a_listener() {
     }
     let (redis, nodes) = start_cluster(2, &[]).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    let id = Identity::generate();
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, id.clone()).bind()).await.expect("bind"));
     let name = listener.name();
     serve(listener.clone());
     let key = format!("libtunnel:name:{name}");
@@ -1057,6 +1058,17 @@ async fn a_write_to_redis_does_not_end_a_listener() {
     let s = within(STEP, "dial on A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("A still has the listener");
     assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"direct", true)).await.expect("echo"), sha256(b"direct"));
     assert_eq!(a.metric("libtunnel_listeners_active").await, 1);
+
+    // Redis's owner field rewritten to another key: the same key registering again on B still
+    // replaces A's listener, as it would without the write (A's node confirms it holds the name,
+    // but for this very key).
+    redis.cmd(&["HSET", &key, "owner", &"11".repeat(32)]).await;
+    let second = Arc::new(within(STEP, "the same key on B", Listener::builder(&b.url, id).bind()).await.expect("the same key replaces"));
+    serve(second.clone());
+    let e = within(STEP, "A's listener is replaced", listener.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let s = within(STEP, "dial via A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("reaches the listener on B");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"on B", true)).await.expect("echo"), sha256(b"on B"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -155,13 +155,15 @@ impl Cluster {
         let mut checked = false;
         let epoch = loop {
             let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
-            let refusal = match res {
+            // (Whether a holder's own key confirms the refusal: Redis's `owner` field is not
+            // believed either, so a holder of our own key is a registration to replace.)
+            let (refusal, other_key_only) = match res {
                 Ok(Claimed::Held(e)) => {
                     self.redis_ok();
                     break e;
                 }
-                Ok(Claimed::Taken { mode: theirs, .. }) => taken_error(name, mode, theirs),
-                Ok(Claimed::Retired) => super::registry::retired_error(name),
+                Ok(Claimed::Taken { mode: theirs, .. }) => (taken_error(name, mode, theirs), true),
+                Ok(Claimed::Retired) => (super::registry::retired_error(name), false),
                 Ok(Claimed::Lost) => {
                     self.redis_ok();
                     break 0;
@@ -173,7 +175,8 @@ impl Cluster {
             };
             self.redis_ok();
             // Believe Redis only once a node proving the cluster key confirms the holder.
-            match self.confirm_holders(state, name, &instance).await {
+            let confirms = |o: &[u8; 32]| !other_key_only || data_encoding::HEXLOWER.encode(o) != owner;
+            match self.confirm_holders(state, name, &instance, confirms).await {
                 Confirmation::Confirmed => return Err(refusal),
                 Confirmation::Disproved if !checked => checked = true,
                 Confirmation::Disproved => return Err(refusal),
@@ -186,10 +189,11 @@ impl Cluster {
     }
 
     /// Ask the nodes Redis lists as holders of `name` (other than this one), over authenticated
-    /// sessions, whether they hold it. Holders that are no nodes of this cluster (they failed the
-    /// cluster key) or that say they do not hold it are removed from Redis, with this node's
-    /// listener `instance` taken off the name's retired list.
-    async fn confirm_holders(&self, state: &RelayState, name: &str, instance: &str) -> Confirmation {
+    /// sessions, whether they hold it; a holder whose listener's key `confirms` says so confirms
+    /// Redis. Holders that are no nodes of this cluster (they failed the cluster key) or that do
+    /// not confirm are removed from Redis, with this node's listener `instance` taken off the
+    /// name's retired list.
+    async fn confirm_holders(&self, state: &RelayState, name: &str, instance: &str, confirms: impl Fn(&[u8; 32]) -> bool) -> Confirmation {
         let holders = match self.claims.lookup(name).await {
             Ok(h) => h,
             Err(e) => {
@@ -201,7 +205,8 @@ impl Cluster {
         let (mut disproved, mut unknown) = (Vec::new(), None);
         for (id, url) in holders.nodes.iter().filter(|(id, _)| *id != self.node_id) {
             match self.peers.holds(state, (id, url), name, deadline).await {
-                Ok(Some(_)) => return Confirmation::Confirmed,
+                Ok(Some(o)) if confirms(&o) => return Confirmation::Confirmed,
+                Ok(Some(_)) => disproved.push(id.clone()),
                 Ok(None) => disproved.push(id.clone()),
                 Err(e) if peers::disproved(&e) => disproved.push(id.clone()),
                 Err(e) => unknown = Some(e.to_string()),
@@ -398,7 +403,7 @@ impl Cluster {
                 self.redis_ok();
                 // A replacement elsewhere ends the local listener only once that node confirms
                 // it: a write to Redis alone never does.
-                match self.confirm_holders(state, name, &h.instance).await {
+                match self.confirm_holders(state, name, &h.instance, |_| true).await {
                     Confirmation::Confirmed => {}
                     Confirmation::Disproved => {
                         // Claim again (never claimed: as the registration would have).
