@@ -866,24 +866,23 @@ async fn a_node_without_the_cluster_key_gets_no_request_and_cannot_reflect_a_non
     assert!(a.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
 
     // Then an accepting answer with a made-up proof: B refuses it and closes, no stream opened.
+    // (B dials a node whose handshake failed again only a second later: wait for that.)
     *fake.mode.lock().unwrap() = Fake::ForgedAnswer;
     let before = fake.conns().len();
-    let (status, body) = get(b.http, "victim.localhost", "/secret").await;
-    assert!(status == 502 || status == 503, "{status} {body}");
-    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
-    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
-    // (Each attempt dials it anew: a node that failed is never kept.)
-    until(STEP, "the fake node's connections are over", || {
-        let n = fake.conns().len();
-        async move { n >= before + 2 }
+    until(STEP, "B dials the fake node again", || async {
+        let (status, body) = get(b.http, "victim.localhost", "/secret").await;
+        assert!(status == 502 || status == 503, "{status} {body}");
+        fake.conns().len() > before
     })
     .await;
+    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
+    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conns = fake.conns();
     for c in &conns[before..] {
         assert!(c.hello && c.closed && c.frames_after == 0, "B closed the session without a frame after the forged answer: {c:?}");
     }
-    assert!(b.metric("libtunnel_cluster_node_auth_failures_total").await >= 2);
+    assert!(b.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
     assert_eq!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await, 0);
 }
 

@@ -148,16 +148,48 @@ pub(crate) struct Peers {
     /// This node's id, which its hellos name.
     me: String,
     sessions: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Session>>>>>,
+    /// Nodes whose last handshake failed, and how: not dialed again for [`FAILED_FOR`] (a node
+    /// that hangs or fails the key, listed in Redis, costs one attempt per period, not one per
+    /// request).
+    failed: std::sync::Mutex<HashMap<String, (std::time::Instant, ErrorCode, String)>>,
 }
+
+/// How long a node whose handshake failed is not dialed again.
+const FAILED_FOR: Duration = Duration::from_secs(1);
+/// Most failed nodes remembered (then the list starts over).
+const FAILED_MAX: usize = 1024;
 
 impl Peers {
     pub(crate) fn new(key: Key, me: String) -> Peers {
-        Peers { key, me, sessions: std::sync::Mutex::default() }
+        Peers { key, me, sessions: std::sync::Mutex::default(), failed: std::sync::Mutex::default() }
+    }
+
+    /// The live session to node `id`, or its handshake's failure (remembered for [`FAILED_FOR`]).
+    async fn session(&self, state: &RelayState, id: &str, url: &str) -> Result<Session> {
+        if let Some((at, code, msg)) = self.failed.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+            if at.elapsed() < FAILED_FOR {
+                return Err(Error::new(*code, msg.clone()));
+            }
+        }
+        let r = self.handshake(state, id, url).await;
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        match &r {
+            Ok(_) => {
+                failed.remove(id);
+            }
+            Err(e) => {
+                if failed.len() >= FAILED_MAX {
+                    failed.clear();
+                }
+                failed.insert(id.to_string(), (std::time::Instant::now(), e.code(), e.message().to_string()));
+            }
+        }
+        r
     }
 
     /// The live session to node `id` at `url`, made now if there is none. A session is used only
     /// once the node has proved the cluster key over this node's nonce, as the node `id` at `url`.
-    async fn session(&self, state: &RelayState, id: &str, url: &str) -> Result<Session> {
+    async fn handshake(&self, state: &RelayState, id: &str, url: &str) -> Result<Session> {
         let slot = self.sessions.lock().unwrap_or_else(|p| p.into_inner()).entry(id.to_string()).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
