@@ -216,8 +216,10 @@ impl Cluster {
             tracing::warn!(%name, reason = %why, "the cluster registry names another holder that cannot be asked; keeping the local listener");
             return Confirmation::Unknown(why);
         }
-        tracing::warn!(%name, holders = ?disproved, "the cluster registry names holders no node of the cluster confirms (a stale entry, or a write to Redis without the cluster key); removing them");
-        state.metrics.cluster.claims_disproved.fetch_add(disproved.len() as u64, Relaxed);
+        if !disproved.is_empty() {
+            tracing::warn!(%name, holders = ?disproved, "the cluster registry names holders no node of the cluster confirms (a stale entry, or a write to Redis without the cluster key); removing them");
+            state.metrics.cluster.claims_disproved.fetch_add(disproved.len() as u64, Relaxed);
+        }
         if let Err(e) = self.claims.evict(name, instance, &disproved).await {
             self.redis_failed(state, "removing unconfirmed holders", &e);
             return Confirmation::Unknown("the cluster registry (Redis) is unreachable".into());
