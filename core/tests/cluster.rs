@@ -707,3 +707,439 @@ async fn an_h2c_listener_on_another_node_gets_its_requests_over_a_few_kept_conne
     assert!((1..=4).contains(&used), "40 requests through B took {used} HTTP/2 connections to the listener on A (kept: at most 4)");
     listener.close();
 }
+
+/// How the [`FakeNode`] answers the real node that dials it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fake {
+    /// An accepting answer with a made-up proof (it has no cluster key to make a real one).
+    ForgedAnswer,
+    /// Reflection: take a nonce from the real node at this URL, offer it to the dialing node as
+    /// its own, pass the dialing node's signed hello on to the real node and its answer back.
+    Reflect(String),
+}
+
+/// What the fake node saw on one connection from a real node.
+#[derive(Debug, Clone, Default)]
+struct FakeConn {
+    /// The real node's hello arrived.
+    hello: bool,
+    /// (Reflection) the answer of the node the hello was passed on to.
+    reflected: Option<Bytes>,
+    /// Frames the dialing node sent after the answer (a stream would start with one).
+    frames_after: usize,
+    /// The dialing node closed the connection after the answer.
+    closed: bool,
+}
+
+/// A "node" anyone with write access to the cluster's Redis can list: it speaks the relay
+/// protocol on raw TCP but has no cluster key.
+struct FakeNode {
+    url: String,
+    mode: Arc<std::sync::Mutex<Fake>>,
+    conns: Arc<std::sync::Mutex<Vec<FakeConn>>>,
+}
+
+/// The fake node's id in Redis.
+const FAKE_ID: &str = "fa4efa4efa4efa4e";
+
+impl FakeNode {
+    async fn start(mode: Fake) -> FakeNode {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("tcp://{}", l.local_addr().expect("addr"));
+        let (mode, conns) = (Arc::new(std::sync::Mutex::new(mode)), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let (m, c) = (mode.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                let (mode, c) = (m.lock().unwrap().clone(), c.clone());
+                tokio::spawn(async move {
+                    let seen = fake_conn(sock, mode).await;
+                    c.lock().unwrap().push(seen);
+                });
+            }
+        });
+        FakeNode { url, mode, conns }
+    }
+
+    fn conns(&self) -> Vec<FakeConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// List it in Redis as the holder of `name` (what a write to Redis without the key can do).
+    async fn list_as_holder(&self, redis: &Redis, name: &str, owner_hex: &str) {
+        redis.cmd(&["SET", &format!("libtunnel:node:{FAKE_ID}"), &self.url]).await;
+        redis
+            .cmd(&[
+                "HSET",
+                &format!("libtunnel:name:{name}"),
+                "owner",
+                owner_hex,
+                "mode",
+                "",
+                &format!("n:{FAKE_ID}"),
+                "1",
+                &format!("i:{FAKE_ID}"),
+                "ab",
+            ])
+            .await;
+        redis.cmd(&["PUBLISH", "libtunnel:events", name]).await;
+    }
+}
+
+async fn fake_conn(mut sock: TcpStream, mode: Fake) -> FakeConn {
+    use futures_util::{SinkExt, StreamExt};
+    let mut seen = FakeConn::default();
+    // Reflection: the real node's nonce, from a connection of our own to it.
+    let mut real = None;
+    let nonce = match &mode {
+        Fake::ForgedAnswer => vec![0x5a; 32],
+        Fake::Reflect(url) => {
+            let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("request");
+            req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(libtunnel::protocol::MUX_SUBPROTOCOL));
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws to the real node");
+            let pre = raw::next_binary(&mut ws).await.expect("the real node's preamble");
+            let n = libtunnel::protocol::ServerConnect::decode_checked(&pre).expect("preamble");
+            real = Some(ws);
+            n
+        }
+    };
+    sock.write_all(&libtunnel::protocol::ServerConnect::new(&nonce).encode_bytes()).await.expect("preamble");
+    let mut magic = [0u8; 4];
+    if sock.read_exact(&mut magic).await.is_err() {
+        return seen;
+    }
+    let (mut source, mut sink) = libtunnel::transport::tcp_frames(Box::new(sock));
+    let Some(Ok(hello)) = within(STEP, "the dialing node's hello", source.next()).await else { return seen };
+    seen.hello = true;
+    let answer = match real.as_mut() {
+        Some(ws) => {
+            ws.send(tokio_tungstenite::tungstenite::Message::Binary(hello)).await.expect("pass the hello on");
+            let a = raw::next_binary(ws).await.unwrap_or_default();
+            seen.reflected = Some(a.clone());
+            a
+        }
+        None => {
+            let mut a = libtunnel::protocol::HelloAck { refusal: None }.encode().to_vec();
+            a.extend_from_slice(&[9u8; 36]);
+            a.into()
+        }
+    };
+    let _ = sink.send(answer).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
+            Ok(Some(Ok(_))) => seen.frames_after += 1,
+            Ok(_) => {
+                seen.closed = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_cluster_key_gets_no_request_and_cannot_reflect_a_nonce() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // Reflection first: B dials the fake node, which hands B a nonce of A's and passes B's
+    // signed hello on to A, to be taken for a node there.
+    let fake = FakeNode::start(Fake::Reflect(a.url.clone())).await;
+    fake.list_as_holder(&redis, "victim", &"00".repeat(32)).await;
+    let (status, body) = get(b.http, "victim.localhost", "/secret").await;
+    assert!(status == 502 || status == 503, "a request for a name only the fake node holds is not served: {status} {body}");
+    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
+    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
+    let conns = fake.conns();
+    assert!(!conns.is_empty() && conns.iter().all(|c| c.hello), "B dialed the fake node: {conns:?}");
+    for c in &conns {
+        let refusal = libtunnel::protocol::HelloAck::decode(c.reflected.as_ref().expect("passed on")).expect("an answer").refusal;
+        let (code, msg) = refusal.expect("A refuses B's hello passed on by the fake node");
+        assert_eq!(code, ErrorCode::AuthFailed, "{msg}");
+        assert!(msg.contains("expected node"), "{msg}");
+        assert_eq!(c.frames_after, 0, "B sent nothing after the handshake: {c:?}");
+    }
+    assert!(a.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
+
+    // Then an accepting answer with a made-up proof: B refuses it and closes, no stream opened.
+    // (B dials a node whose handshake failed again only a second later: wait for that.)
+    *fake.mode.lock().unwrap() = Fake::ForgedAnswer;
+    let before = fake.conns().len();
+    until(STEP, "B dials the fake node again", || async {
+        let (status, body) = get(b.http, "victim.localhost", "/secret").await;
+        assert!(status == 502 || status == 503, "{status} {body}");
+        fake.conns().len() > before
+    })
+    .await;
+    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
+    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let conns = fake.conns();
+    for c in &conns[before..] {
+        assert!(c.hello && c.closed && c.frames_after == 0, "B closed the session without a frame after the forged answer: {c:?}");
+    }
+    assert!(b.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
+    assert_eq!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forward_to_an_exit_from_an_unproved_session_never_reaches_it() {
+    use futures_util::SinkExt;
+    use libtunnel::protocol::{ExitHeader, Frame, FrameKind};
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    let grant = format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}]}}]");
+    let (_redis, nodes) = start_cluster(1, &[grant]).await;
+    let a = &nodes[0];
+    // The target behind the exit counts every connection it gets.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let target_addr = target.local_addr().expect("addr");
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = target.accept().await {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, target_addr.port());
+    let exit = within(STEP, "exit bind", Listener::builder(&a.url, exit_id).exit(allow(&rules)).bind()).await.expect("the exit registers");
+    // The exit works for a real dialer through the node.
+    let s = within(STEP, "dial via the exit", dialer(&a.url).dial_via(&target_addr.to_string(), &exit_name)).await.expect("dial via exit");
+    drop(s);
+    until(STEP, "the target saw the real dial", || {
+        let n = hits.load(std::sync::atomic::Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+
+    // Node-to-node hellos without the cluster key (a dialer's key instead, malformed, v1), each
+    // followed at once by a Forward of an ExitHeader and the CONNECT behind it.
+    let mut forward = vec![1u8, exit_name.len() as u8];
+    forward.extend_from_slice(exit_name.as_bytes());
+    let header = ExitHeader { kid: KID, client: "203.0.113.7:4444".into() }.encode();
+    forward.extend_from_slice(&(header.len() as u16).to_be_bytes());
+    forward.extend_from_slice(&header);
+    forward.extend_from_slice(&5000u32.to_be_bytes());
+    forward.extend_from_slice(&[5, 1, 0, 1, 127, 0, 0, 1]);
+    forward.extend_from_slice(&target_addr.port().to_be_bytes());
+    type MakeHello = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let hellos: Vec<MakeHello> = vec![
+        // v1 (the dialer-only proof), made with a dialer key.
+        Box::new(|n: &[u8]| {
+            let (date, sig) = key().sign(n, std::time::SystemTime::now());
+            [&[b'C'][..], &libtunnel::protocol::Hello { date, sig }.encode()[..]].concat()
+        }),
+        // v2 with a made-up proof.
+        Box::new(|_: &[u8]| {
+            let mut b = vec![b'C', 2];
+            b.extend_from_slice(&[7u8; 32]);
+            b.push(16);
+            b.extend_from_slice(FAKE_ID.as_bytes());
+            b.push(16);
+            b.extend_from_slice(b"0000000000000000");
+            b.extend_from_slice(&(3u16).to_be_bytes());
+            b.extend_from_slice(b"x:1");
+            b.extend_from_slice(&9u32.to_be_bytes());
+            b.extend_from_slice(&[1u8; 32]);
+            b
+        }),
+    ];
+    for make in &hellos {
+        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(a.url.as_str()).expect("request");
+        req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(libtunnel::protocol::MUX_SUBPROTOCOL));
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+        let pre = raw::next_binary(&mut ws).await.expect("preamble");
+        let nonce = libtunnel::protocol::ServerConnect::decode_checked(&pre).expect("nonce");
+        use tokio_tungstenite::tungstenite::Message;
+        ws.send(Message::Binary(make(&nonce).into())).await.expect("hello");
+        let _ = ws.send(Message::Binary(Frame::encode(FrameKind::Open, 1, &[]))).await;
+        let _ = ws.send(Message::Binary(Frame::encode(FrameKind::Data, 1, &forward))).await;
+        let answer = raw::next_binary(&mut ws).await.expect("an answer");
+        let (code, msg) = libtunnel::protocol::HelloAck::decode(&answer).expect("answer").refusal.expect("refused");
+        assert!(matches!(code, ErrorCode::AuthFailed | ErrorCode::Protocol), "{code:?} {msg}");
+        assert!(msg.contains("TUNNEL_CLUSTER_KEY") || msg.contains("same libtunnel version"), "the refusal names the fix: {msg}");
+        assert!(raw::next_binary(&mut ws).await.is_none(), "the node closes the session after refusing it");
+    }
+    // Give a stream that got through every chance to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "only the real dial reached the target");
+    let stats = exit.exit_stats().expect("stats");
+    assert_eq!((stats.connected, stats.not_allowed, stats.failed), (1, 0, 0), "only the real dial reached the exit: {stats:?}");
+    assert_eq!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await, 0);
+    assert!(a.metric("libtunnel_cluster_node_auth_failures_total").await >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_rate_holds_whichever_node_requests_enter() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &["http_listener_rate=5/60".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    serve(listener.clone());
+    let host = format!("{}.localhost", listener.name());
+    let mut statuses = Vec::new();
+    // Most through the node that does not hold the listener, which alone counted none before.
+    for i in 0..12 {
+        let via = if i % 3 == 2 { a.http } else { b.http };
+        statuses.push(get(via, &host, "/x").await.0);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 5, "5 requests per 60 s for the listener in all, across both nodes: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_redis_does_not_end_a_listener() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let id = Identity::generate();
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, id.clone()).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let key = format!("libtunnel:name:{name}");
+    let fields = redis.cmd(&["HKEYS", &key]).await;
+    let a_id = fields.iter().find_map(|f| f.strip_prefix("n:")).expect("A's holder entry").to_string();
+    let owner = redis.cmd(&["HGET", &key, "owner"]).await.remove(0);
+    let reachable_via_b = || {
+        let (url, name) = (b.url.clone(), name.clone());
+        async move {
+            match dialer(&url).dial(&format!("{name}:0")).await {
+                Ok(s) => matches!(echo_roundtrip(s, b"still here", true).await, Ok(h) if h == sha256(b"still here")),
+                Err(_) => false,
+            }
+        }
+    };
+
+    // The holder entry deleted (and the change announced): A claims the name again.
+    redis.cmd(&["DEL", &key]).await;
+    redis.cmd(&["PUBLISH", "libtunnel:events", &name]).await;
+    let took = until(STEP, "reachable through B after the holder entry was deleted", reachable_via_b).await;
+    eprintln!("reachable again through B {took:?} after the holder entry was deleted");
+
+    // A's entry replaced by a node without the cluster key, "holding" it for the same key: A
+    // asks that node, which cannot prove the key; A removes it and keeps its listener.
+    let fake = FakeNode::start(Fake::ForgedAnswer).await;
+    redis.cmd(&["HDEL", &key, &format!("n:{a_id}"), &format!("i:{a_id}")]).await;
+    let t = Instant::now();
+    fake.list_as_holder(&redis, &name, &owner).await;
+    until(STEP, "A removes the forged holder and claims the name again", || {
+        let (redis, key, a_id) = (&redis, key.clone(), a_id.clone());
+        async move {
+            let fields = redis.cmd(&["HKEYS", &key]).await;
+            fields.contains(&format!("n:{a_id}")) && !fields.contains(&format!("n:{FAKE_ID}"))
+        }
+    })
+    .await;
+    until(STEP, "reachable through B after a forged holder", reachable_via_b).await;
+    eprintln!("reachable again through B {:?} after a forged holder entry", t.elapsed());
+    assert!(a.metric("libtunnel_cluster_claims_disproved_total").await >= 1);
+    assert!(fake.conns().iter().all(|c| c.frames_after == 0), "the fake node got no stream: {:?}", fake.conns());
+    // The listener never stopped: it still serves through its own node.
+    let s = within(STEP, "dial on A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("A still has the listener");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"direct", true)).await.expect("echo"), sha256(b"direct"));
+    assert_eq!(a.metric("libtunnel_listeners_active").await, 1);
+
+    // Redis's owner field rewritten to another key: the same key registering again on B still
+    // replaces A's listener, as it would without the write (A's node confirms it holds the name,
+    // but for this very key).
+    redis.cmd(&["HSET", &key, "owner", &"11".repeat(32)]).await;
+    let second = Arc::new(within(STEP, "the same key on B", Listener::builder(&b.url, id).bind()).await.expect("the same key replaces"));
+    serve(second.clone());
+    let e = within(STEP, "A's listener is replaced", listener.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let s = within(STEP, "dial via A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("reaches the listener on B");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"on B", true)).await.expect("echo"), sha256(b"on B"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_progress_for_a_listener_are_counted_where_it_is_held() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &["http_max_requests_per_listener=2".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    serve(listener.clone());
+    let host = format!("{}.localhost", listener.name());
+    // Two uploads in progress through B (the listener streams each body back as it comes, so
+    // the response has begun but not ended).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = within(STEP, "connect to B", TcpStream::connect(b.http)).await.expect("connect");
+        s.write_all(format!("POST /hold HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\nx").as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            within(STEP, "response head", s.read_exact(&mut byte)).await.expect("head");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        held.push(s);
+    }
+    // The listener's two places are taken on A, whichever node the next request enters.
+    for via in [a.http, b.http] {
+        let (status, body) = get(via, &host, "/x").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("http_max_requests_per_listener = 2"), "{body}");
+    }
+    // Once the uploads end (the clients go away), the places come back.
+    drop(held);
+    until(STEP, "the places are given back", || async { get(b.http, &host, "/x").await.0 == 200 }).await;
+    assert_eq!(get(a.http, &host, "/x").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_holding_an_exit_checks_the_grant_itself() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    use base64::Engine;
+    let other = libtunnel::Key::new(4, b"another-dialer-secret-0123456789".to_vec()).expect("key");
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    let redis = Redis::start(cluster::free_port().await).await;
+    // A holds the exit and grants it to KID only; B (wrongly, or by an attacker's hand) also
+    // grants it to key 4.
+    let a = Node::start(&redis.url(), &[format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}]}}]")]).await;
+    let keys = format!(
+        r#"auth_keys=[{{"kid":{KID},"data":"{}"}},{{"kid":4,"data":"{}"}}]"#,
+        base64::engine::general_purpose::STANDARD.encode(SECRET),
+        base64::engine::general_purpose::STANDARD.encode(other.secret())
+    );
+    let b = Node::start(&redis.url(), &[keys, format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}, 4]}}]")]).await;
+    let target = echo_server().await;
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, target.port());
+    let exit = within(STEP, "exit bind on A", Listener::builder(&a.url, exit_id).exit(allow(&rules)).bind()).await.expect("the exit registers");
+    // A key both grant: through B to the exit on A.
+    let s = within(STEP, "dial via the exit through B", dialer(&b.url).dial_via(&target.to_string(), &exit_name)).await.expect("granted");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"granted", true)).await.expect("echo"), sha256(b"granted"));
+    // Key 4: B lets it through, A refuses it.
+    let d = Dialer::builder(&b.url).key(other).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "dial via the exit with key 4", d.dial_via(&target.to_string(), &exit_name)).await.expect_err("A's grant decides");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    let stats = exit.exit_stats().expect("stats");
+    assert_eq!(stats.connected, 1, "only the granted stream reached the exit: {stats:?}");
+}

@@ -119,6 +119,11 @@ pub(crate) struct ClusterMetrics {
     pub(crate) redis_rtt_micros: AtomicI64,
     /// Redis commands that failed (unreachable, timed out).
     pub(crate) redis_errors: AtomicU64,
+    /// Node-to-node handshakes where the other side did not prove the cluster key (either
+    /// direction).
+    pub(crate) node_auth_failures: AtomicU64,
+    /// Claims in Redis that no authenticated node confirmed, removed by this node.
+    pub(crate) claims_disproved: AtomicU64,
 }
 
 /// Upper bounds (seconds) of the public request latency histogram (time to the response head).
@@ -294,6 +299,18 @@ impl Metrics {
                 &[("{direction=\"out\"}", c.forwarded_out.load(Relaxed) as i64), ("{direction=\"in\"}", c.forwarded_in.load(Relaxed) as i64)],
             );
             counter("libtunnel_cluster_claims", "Listener names this node holds in the cluster registry.", "gauge", &[("", c.claims.load(Relaxed))]);
+            counter(
+                "libtunnel_cluster_node_auth_failures_total",
+                "Node-to-node handshakes where the other side did not prove the cluster key.",
+                "counter",
+                &[("", c.node_auth_failures.load(Relaxed) as i64)],
+            );
+            counter(
+                "libtunnel_cluster_claims_disproved_total",
+                "Claims in Redis that no node proving the cluster key confirmed (removed).",
+                "counter",
+                &[("", c.claims_disproved.load(Relaxed) as i64)],
+            );
             let rtt = c.redis_rtt_micros.load(Relaxed) as f64 / 1e6;
             let _ = writeln!(
                 s,

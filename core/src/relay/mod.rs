@@ -26,6 +26,7 @@ mod classic_ws;
 mod cluster;
 mod guard;
 mod listen;
+mod listener_limits;
 mod memory;
 pub mod metrics;
 mod mux_server;

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::guard;
+use super::listener_limits::{ListenerSlot, Refused};
 use super::metrics::{ListenerHttp, Refusal};
 use super::public_body::Chunks;
 use super::public_listeners::{H2Sender, Mode, PublicListeners};
@@ -41,7 +42,7 @@ type Body = Either<Counted, Full<Bytes>>;
 const UPSTREAM_BUFFER: usize = 16 * 1024;
 
 /// The request's places in the per-source and per-listener counts.
-type Permits = (guard::InFlightPermit<IpAddr>, guard::InFlightPermit<String>);
+type Permits = (guard::InFlightPermit<IpAddr>, ListenerSlot);
 
 /// A listener's response body that keeps its request counted until the body ends.
 pub(super) struct Counted {
@@ -214,7 +215,9 @@ pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer:
 async fn passthrough(state: Arc<RelayState>, hello: Vec<u8>, sock: TcpStream, peer: SocketAddr, name: String) {
     use tokio::io::AsyncWriteExt;
     guard::handshake_finished();
-    if state.public.listeners.admit_rate(&name, state.cfg.http_listener_rate).is_err() {
+    // Counted against the listener's rate where it is held (a connection, not a request in
+    // progress: its place is given back at once).
+    if let Err(Refused::Rate(_)) = super::listener_limits::count(&state, &name).await {
         state.metrics.refused(Refusal::HttpListenerRate);
         return tracing::debug!(%peer, listener = %name, "TLS passthrough connection over the listener's rate; closed");
     }
@@ -303,7 +306,9 @@ async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> R
         state.metrics.refused(e.refusal());
         match e {
             RouteError::Offline => text(StatusCode::BAD_GATEWAY, format!("no listener named {name:?} is online; start it with `tunnel listen`")),
-            RouteError::Busy => text(StatusCode::SERVICE_UNAVAILABLE, format!("the listener {name:?} is not accepting connections right now")),
+            RouteError::Busy | RouteError::NotAllowed => {
+                text(StatusCode::SERVICE_UNAVAILABLE, format!("the listener {name:?} is not accepting connections right now"))
+            }
             RouteError::ClusterUnavailable => text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("no listener named {name:?} is connected to this relay, and its cluster registry (Redis) is unreachable, so the relay cannot tell which node has it; retry shortly"),
@@ -441,24 +446,15 @@ fn path_route<B>(prefix: &str, req: &mut Request<B>) -> Option<String> {
     Some(name)
 }
 
-/// Count the request against its source's and its listener's limits, or answer 429 / 503.
-fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Permits, Box<Response<Body>>> {
+/// Count the request against its source's and its listener's limits, or answer 429 / 503. The
+/// listener's are counted where it is held (`listener_limits`), whichever node the request
+/// entered.
+async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) -> Result<Permits, Box<Response<Body>>> {
     let busy = |status: StatusCode, msg: String| {
         let mut r = text(status, msg);
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         Box::new(r)
     };
-    if let Err(wait) = state.public.listeners.admit_rate(name, state.cfg.http_listener_rate) {
-        state.metrics.refused(Refusal::HttpListenerRate);
-        let (limit, window) = state.cfg.http_listener_rate.unwrap_or_default();
-        let mut r = text(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!("the listener {name:?} has had its {limit} requests for this {window:?} window (http_listener_rate); retry after the Retry-After seconds"),
-        );
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-        return Err(Box::new(r));
-    }
     let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
         state.metrics.refused(Refusal::HttpSourceRequests);
         return Err(busy(
@@ -469,15 +465,26 @@ fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Per
             ),
         ));
     };
-    let Some(by_listener) = state.http_per_listener.enter(name.to_string()) else {
-        state.metrics.refused(Refusal::HttpListenerRequests);
-        return Err(busy(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "the listener {name:?} has too many requests in progress (http_max_requests_per_listener = {}); retry later",
-                state.http_per_listener.limit()
-            ),
-        ));
+    let by_listener = match super::listener_limits::count(state, name).await {
+        Ok(slot) => slot,
+        Err(Refused::Rate(wait)) => {
+            state.metrics.refused(Refusal::HttpListenerRate);
+            let (limit, window) = state.cfg.http_listener_rate.unwrap_or_default();
+            let mut r = text(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("the listener {name:?} has had its {limit} requests for this {window:?} window (http_listener_rate); retry after the Retry-After seconds"),
+            );
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            return Err(Box::new(r));
+        }
+        Err(Refused::Busy(limit)) => {
+            state.metrics.refused(Refusal::HttpListenerRequests);
+            return Err(busy(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the listener {name:?} has too many requests in progress (http_max_requests_per_listener = {limit}); retry later"),
+            ));
+        }
     };
     Ok((by_source, by_listener))
 }
@@ -530,7 +537,7 @@ async fn forward(
     stats: Option<Arc<ListenerHttp>>,
 ) -> Response<Body> {
     let peer = conn.peer;
-    let permits = match admit_request(state, peer, name) {
+    let permits = match admit_request(state, peer, name).await {
         Ok(p) => p,
         Err(busy) => return *busy,
     };

@@ -187,6 +187,11 @@ impl Registry {
         self.table().contains_key(name)
     }
 
+    /// The key a live (or registering) listener holds `name` with, if any.
+    pub(crate) fn owner(&self, name: &str) -> Option<[u8; 32]> {
+        self.table().get(name).and_then(|e| e.replicas.iter().find(|r| r.live()).map(|r| r.owner))
+    }
+
     /// How `name` is held (pool, exit), if it is.
     pub(crate) fn joining(&self, name: &str) -> Option<Joining> {
         self.table().get(name).map(|e| e.joining)

@@ -31,6 +31,9 @@ pub(crate) enum RouteError {
     /// No local listener has the name, and the cluster registry (Redis) cannot be asked where
     /// it is.
     ClusterUnavailable,
+    /// The node holding an exit listener does not grant it to the dialer's key (its own `exits`
+    /// setting).
+    NotAllowed,
 }
 
 impl RouteError {
@@ -39,6 +42,7 @@ impl RouteError {
             RouteError::Offline => Refusal::ListenerOffline,
             RouteError::Busy | RouteError::Timeout => Refusal::ListenerBusy,
             RouteError::ClusterUnavailable => Refusal::ClusterUnavailable,
+            RouteError::NotAllowed => Refusal::NotAllowed,
         }
     }
 }
@@ -141,6 +145,7 @@ async fn write_route_error<S: AsyncWrite + Unpin>(io: &mut S, e: RouteError) -> 
         RouteError::Offline => Reply::HostUnreachable,
         RouteError::Busy => Reply::ConnectionRefused,
         RouteError::Timeout => Reply::TtlExpired,
+        RouteError::NotAllowed => Reply::ConnectionNotAllowed,
         RouteError::ClusterUnavailable => return socks::write_cluster_unavailable(io).await,
     };
     socks::write_reply(io, reply, None).await

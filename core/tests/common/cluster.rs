@@ -116,6 +116,48 @@ impl Redis {
         text.trim().strip_prefix('*').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("unexpected KEYS reply {text:?}"))
     }
 
+    /// Run one command as another client of the same Redis would (anyone with write access):
+    /// the reply as text lines (a status, an integer, a bulk string, or each element of an array
+    /// of them).
+    pub async fn cmd(&self, args: &[&str]) -> Vec<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).await.expect("connect to redis");
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut r = BufReader::new(s);
+        async fn line(r: &mut BufReader<TcpStream>) -> String {
+            let mut l = String::new();
+            r.read_line(&mut l).await.expect("reply line");
+            l.trim_end().to_string()
+        }
+        async fn bulk(r: &mut BufReader<TcpStream>, head: &str) -> String {
+            let n: i64 = head[1..].parse().expect("bulk length");
+            if n < 0 {
+                return String::new();
+            }
+            let mut b = vec![0u8; n as usize + 2];
+            r.read_exact(&mut b).await.expect("bulk");
+            String::from_utf8_lossy(&b[..n as usize]).into_owned()
+        }
+        let head = line(&mut r).await;
+        match head.as_bytes().first() {
+            Some(b'+' | b':') => vec![head[1..].to_string()],
+            Some(b'$') => vec![bulk(&mut r, &head).await],
+            Some(b'*') => {
+                let n: usize = head[1..].parse().unwrap_or(0);
+                let mut out = Vec::new();
+                for _ in 0..n {
+                    let h = line(&mut r).await;
+                    out.push(if h.starts_with('$') { bulk(&mut r, &h).await } else { h[1..].to_string() });
+                }
+                out
+            }
+            _ => panic!("redis answered {args:?} with {head:?}"),
+        }
+    }
+
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
     }

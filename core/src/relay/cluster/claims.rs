@@ -172,6 +172,19 @@ table.insert(out, 1, owner)
 return out
 "#;
 
+// KEYS: name hash, retired set. ARGV: namespace, this node's listener instance (hex, may be empty),
+// then the ids of the holders to remove. Removes holders no node proving the cluster key
+// confirmed, and un-retires our instance (an entry only such a holder's claim could justify).
+const EVICT: &str = r#"
+local h, ns, instance = KEYS[1], ARGV[1], ARGV[2]
+for i = 3, #ARGV do
+  redis.call('HDEL', h, 'n:' .. ARGV[i], 'i:' .. ARGV[i])
+end
+if instance ~= '' then redis.call('SREM', KEYS[2], instance) end
+redis.call('PUBLISH', ns .. ':events', string.sub(h, string.len(ns) + 7))
+return 1
+"#;
+
 // KEYS: the port table. ARGV: port, name, namespace. Takes the port for `name` if it is free, held
 // by `name` already, or held by a name with no live holder. Returns 1 when taken.
 const TAKE_PORT: &str = r#"
@@ -207,6 +220,7 @@ pub(crate) struct Claims {
     lookup: Script,
     take_port: Script,
     free_port: Script,
+    evict: Script,
 }
 
 impl Claims {
@@ -226,6 +240,7 @@ impl Claims {
             lookup: Script::new(LOOKUP),
             take_port: Script::new(TAKE_PORT),
             free_port: Script::new(FREE_PORT),
+            evict: Script::new(EVICT),
         })
     }
 
@@ -300,6 +315,19 @@ impl Claims {
         let mut c = self.conn.clone();
         let n: i64 = self.release.key(self.name_key(name)).arg(&self.node).arg(epoch.to_string()).arg(&self.ns).invoke_async(&mut c).await?;
         Ok(n == 1)
+    }
+
+    /// Remove the holders `nodes` of `name` (none of them proved it holds the name) and take
+    /// this node's listener `instance` off the name's retired list.
+    pub(crate) async fn evict(&self, name: &str, instance: &str, nodes: &[String]) -> redis::RedisResult<()> {
+        let mut c = self.conn.clone();
+        let mut inv = self.evict.key(self.name_key(name));
+        inv.key(format!("{}:retired:{name}", self.ns)).arg(&self.ns).arg(instance);
+        for n in nodes {
+            inv.arg(n);
+        }
+        let _: i64 = inv.invoke_async(&mut c).await?;
+        Ok(())
     }
 
     /// The live holders of `name` (none: offline everywhere).

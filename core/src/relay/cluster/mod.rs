@@ -13,9 +13,20 @@
 //!   node (through the load balancer, or their next relay URL) and claim again.
 //!
 //! Bodies and stream bytes never pass through Redis: only names, node URLs and epochs.
+//!
+//! **What Redis is trusted for.** Redis says *where* a name is held, never *who* may carry its
+//! traffic: only a node that proves the cluster key (`node_auth`, both directions, bound to both
+//! node ids and the URL) gets a stream, so anyone who can write Redis but lacks the cluster key
+//! can make names unreachable (or send their traffic to the wrong real node, which answers
+//! "offline"), but cannot read or answer any of it. The same holds for the decisions Redis
+//! drives: a claim that says another node took a name over is believed only once that node
+//! confirms it over an authenticated session (`confirm_holders`); until then the local listener
+//! keeps its name, and a holder no authenticated node confirms is removed. The node that holds an
+//! exit listener checks the dialer's `exits` grant itself.
 
 pub(crate) mod claims;
 mod mirrors;
+mod node_auth;
 pub(crate) mod peers;
 
 use std::collections::HashMap;
@@ -77,6 +88,17 @@ pub(crate) struct Cluster {
 #[derive(Debug)]
 pub(crate) struct RedisDown;
 
+/// What the holders Redis names for a name said over authenticated sessions.
+#[derive(Debug)]
+enum Confirmation {
+    /// A node proving the cluster key holds the name.
+    Confirmed,
+    /// None does (the unconfirmed holders were removed from Redis).
+    Disproved,
+    /// A holder could not be asked (why): decide later.
+    Unknown(String),
+}
+
 impl Cluster {
     /// Set up (no connection is made yet: Redis may come up after the relay).
     pub(crate) fn new(cfg: ClusterConfig, advertise: String) -> Result<Cluster> {
@@ -89,6 +111,7 @@ impl Cluster {
             None => redis::Client::open(cfg.redis.as_str()).map_err(bad)?,
         };
         let node_id = format!("{:016x}", rand::random::<u64>());
+        let peers = peers::Peers::new(cfg.key.clone(), node_id.clone());
         let claims = Claims::new(&client, &cfg.namespace, &node_id)
             .map_err(|e| Error::config(format!("cannot set up the Redis connection to {}: {e}", cfg.redacted_redis())))?;
         Ok(Cluster {
@@ -101,7 +124,7 @@ impl Cluster {
             routes: Mutex::default(),
             subscribed: AtomicBool::new(false),
             redis_up: AtomicBool::new(true),
-            peers: peers::Peers::default(),
+            peers,
             turn: std::sync::atomic::AtomicUsize::new(0),
             mirrors: mirrors::Mirrors::default(),
         })
@@ -123,34 +146,110 @@ impl Cluster {
     }
 
     /// Claim `name` for a listener that just registered here. `Err` only when the cluster says
-    /// another key (or an incompatible pool) holds it; an unreachable Redis keeps the claim
-    /// local until it returns.
+    /// another key (or an incompatible pool, or a newer registration of the same key) holds it
+    /// *and* a node holding it confirms that over an authenticated session; an unreachable Redis
+    /// keeps the claim local until it returns.
     pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], instance: &[u8], mode: ClaimMode) -> Result<()> {
         let owner = data_encoding::HEXLOWER.encode(owner);
         let instance = data_encoding::HEXLOWER.encode(instance);
-        let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
-        let epoch = match res {
-            Ok(Claimed::Held(e)) => {
-                self.redis_ok();
-                e
-            }
-            Ok(Claimed::Taken { mode: theirs, .. }) => {
-                self.redis_ok();
-                return Err(taken_error(name, mode, theirs));
-            }
-            Ok(Claimed::Retired) => {
-                self.redis_ok();
-                return Err(super::registry::retired_error(name));
-            }
-            Ok(Claimed::Lost) => 0,
-            Err(e) => {
-                self.redis_failed(state, "claiming a listener name", &e);
-                0
+        let mut checked = false;
+        let epoch = loop {
+            let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
+            // (Whether a holder's own key confirms the refusal: Redis's `owner` field is not
+            // believed either, so a holder of our own key is a registration to replace.)
+            let (refusal, other_key_only) = match res {
+                Ok(Claimed::Held(e)) => {
+                    self.redis_ok();
+                    break e;
+                }
+                Ok(Claimed::Taken { mode: theirs, .. }) => (taken_error(name, mode, theirs), true),
+                Ok(Claimed::Retired) => (super::registry::retired_error(name), false),
+                Ok(Claimed::Lost) => {
+                    self.redis_ok();
+                    break 0;
+                }
+                Err(e) => {
+                    self.redis_failed(state, "claiming a listener name", &e);
+                    break 0;
+                }
+            };
+            self.redis_ok();
+            // Believe Redis only once a node proving the cluster key confirms the holder.
+            let confirms = |o: &[u8; 32]| !other_key_only || data_encoding::HEXLOWER.encode(o) != owner;
+            match self.confirm_holders(state, name, &instance, confirms).await {
+                Confirmation::Confirmed => return Err(refusal),
+                Confirmation::Disproved if !checked => checked = true,
+                Confirmation::Disproved => return Err(refusal),
+                Confirmation::Unknown(why) => return Err(unconfirmed_error(name, &why)),
             }
         };
         self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), Held { owner, instance, mode, epoch });
         state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
         Ok(())
+    }
+
+    /// Ask the nodes Redis lists as holders of `name` (other than this one), over authenticated
+    /// sessions, whether they hold it; a holder whose listener's key `confirms` says so confirms
+    /// Redis. Holders that are no nodes of this cluster (they failed the cluster key) or that do
+    /// not confirm are removed from Redis, with this node's listener `instance` taken off the
+    /// name's retired list.
+    async fn confirm_holders(&self, state: &RelayState, name: &str, instance: &str, confirms: impl Fn(&[u8; 32]) -> bool) -> Confirmation {
+        let holders = match self.claims.lookup(name).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.redis_failed(state, "checking who holds a listener name", &e);
+                return Confirmation::Unknown("the cluster registry (Redis) is unreachable".into());
+            }
+        };
+        let deadline = tokio::time::Instant::now() + state.cfg.limits.handshake_timeout;
+        let (mut disproved, mut unknown) = (Vec::new(), None);
+        for (id, url) in holders.nodes.iter().filter(|(id, _)| *id != self.node_id) {
+            match self.peers.holds(state, (id, url), name, deadline).await {
+                Ok(Some(o)) if confirms(&o) => return Confirmation::Confirmed,
+                Ok(Some(_)) => disproved.push(id.clone()),
+                Ok(None) => disproved.push(id.clone()),
+                Err(e) if peers::disproved(&e) => disproved.push(id.clone()),
+                Err(e) => unknown = Some(e.to_string()),
+            }
+        }
+        if let Some(why) = unknown {
+            tracing::warn!(%name, reason = %why, "the cluster registry names another holder that cannot be asked; keeping the local listener");
+            return Confirmation::Unknown(why);
+        }
+        if !disproved.is_empty() {
+            tracing::warn!(%name, holders = ?disproved, "the cluster registry names holders no node of the cluster confirms (a stale entry, or a write to Redis without the cluster key); removing them");
+            state.metrics.cluster.claims_disproved.fetch_add(disproved.len() as u64, Relaxed);
+        }
+        if let Err(e) = self.claims.evict(name, instance, &disproved).await {
+            self.redis_failed(state, "removing unconfirmed holders", &e);
+            return Confirmation::Unknown("the cluster registry (Redis) is unreachable".into());
+        }
+        Confirmation::Disproved
+    }
+
+    /// Count one public request to `name`, which another node holds, on that node. `None` when
+    /// no node can be asked (Redis, or every holder, unreachable; or none holds it): the caller
+    /// counts it locally. A pool on several nodes is counted on one of them (the lowest id), so
+    /// every node of the cluster counts its requests in the same place.
+    pub(crate) async fn admit_remote(
+        &self,
+        state: &RelayState,
+        name: &str,
+    ) -> Option<std::result::Result<MuxStream, super::listener_limits::Refused>> {
+        use super::listener_limits::Refused;
+        let holders = self.lookup(state, name).await.ok()?;
+        let (id, url) = holders.nodes.iter().filter(|(id, _)| *id != self.node_id).min_by(|a, b| a.0.cmp(&b.0))?;
+        let deadline = tokio::time::Instant::now() + state.cfg.limits.handshake_timeout;
+        match self.peers.admit(state, (id, url), name, deadline).await {
+            Ok((peers::Admission::Admitted, Some(stream))) => Some(Ok(stream)),
+            Ok((peers::Admission::Rate(wait), _)) => Some(Err(Refused::Rate(wait))),
+            Ok((peers::Admission::Busy(limit), _)) => Some(Err(Refused::Busy(limit))),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(node = %id, %name, error = %e, "cannot count a request where its listener is held; counting it here");
+                None
+            }
+        }
     }
 
     fn held_count(&self) -> usize {
@@ -243,7 +342,7 @@ impl Cluster {
             nodes.rotate_left(turn);
         }
         for (id, url) in nodes {
-            match self.peers.forward(state, &self.cfg.key, (id, url), name, header, deadline).await {
+            match self.peers.forward(state, (id, url), name, header, deadline).await {
                 Ok(s) => {
                     state.metrics.cluster.forwarded_out.fetch_add(1, Relaxed);
                     return Ok(s);
@@ -304,12 +403,28 @@ impl Cluster {
             }
             Ok(Claimed::Taken { .. } | Claimed::Lost | Claimed::Retired) => {
                 self.redis_ok();
+                // A replacement elsewhere ends the local listener only once that node confirms
+                // it: a write to Redis alone never does.
+                match self.confirm_holders(state, name, &h.instance, |_| true).await {
+                    Confirmation::Confirmed => {}
+                    Confirmation::Disproved => {
+                        // Claim again (never claimed: as the registration would have).
+                        if let Ok(Claimed::Held(epoch)) = self.claims.claim(name, &h.owner, &h.instance, h.mode, self.cfg.claim_ttl, true).await {
+                            if let Some(x) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+                                x.epoch = epoch;
+                            }
+                        }
+                        return;
+                    }
+                    // Asked again on the next refresh.
+                    Confirmation::Unknown(_) => return,
+                }
                 self.held.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
                 state.metrics.cluster.claims.store(self.held_count() as i64, Relaxed);
                 let why = format!(
                     "the name {name:?} is now held on another relay of the cluster (registered again there by the same key, or by another key while this relay could not reach Redis); this listener stops (run one listener per key and name, or start every replica with --pool)"
                 );
-                tracing::info!(%name, "lost the cluster claim; closing the local listener");
+                tracing::info!(%name, "lost the cluster claim (the holding node confirmed it); closing the local listener");
                 for (n, _, session) in state.registry.live() {
                     if n == name {
                         session.close_with_notice(ErrorCode::NameTaken, why.clone());
@@ -319,6 +434,15 @@ impl Cluster {
             Err(e) => self.redis_failed(state, "refreshing a listener claim", &e),
         }
     }
+}
+
+/// The (retryable) refusal of a registration whose name Redis says another node holds, when
+/// that node cannot be asked to confirm it.
+fn unconfirmed_error(name: &str, why: &str) -> Error {
+    Error::new(
+        ErrorCode::RelayUnavailable,
+        format!("the cluster registry says {name:?} is held on another node, which could not be asked to confirm it ({why}); retry shortly"),
+    )
 }
 
 /// The `NAME_TAKEN` error for a claim another node holds, in the words of the local rules.
@@ -418,7 +542,10 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             }
             me.forget_route(&name);
             if me.held.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&name) {
-                me.reassert(&state, &name).await;
+                // In a task: checking a replacement with the other node takes a round trip, and
+                // other notices must not wait for it.
+                let (me, st) = (me.clone(), state.clone());
+                state.tasks.spawn(async move { me.reassert(&st, &name).await });
             }
         }
         me.subscribed.store(false, Relaxed);
