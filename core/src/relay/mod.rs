@@ -240,6 +240,19 @@ async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
         .map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it")))
 }
 
+/// At start-up: refuse to run when the host's own addresses cannot be listed and a rule could
+/// reach one, and log what each broad rule (`0.0.0.0/0`, `*`) leaves out. `who` names the
+/// allowlist's owner (the relay, an exit listener).
+pub(crate) fn note_allow_rules(allow: &allowlist::Allowlist, who: &str) -> Result<()> {
+    let listed = resolve::interface_addresses();
+    let host = listed.as_ref().map(|v| v.clone()).unwrap_or_default();
+    resolve::check_host_addresses(allow, listed, who)?;
+    for note in allow.broad_rule_notes(&host) {
+        tracing::info!(owner = who, "{note}");
+    }
+    Ok(())
+}
+
 impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
     pub async fn bind(mut cfg: RelayConfig) -> Result<Server> {
@@ -249,6 +262,7 @@ impl Server {
         }
         cfg.check_admin()?;
         let access = Access::from_config(&cfg)?;
+        note_allow_rules(&cfg.allow, "the relay")?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
