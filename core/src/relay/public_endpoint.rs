@@ -415,6 +415,34 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     Some(host.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// Why the request names its host ambiguously (RFC 9112 3.2, RFC 9113 8.3.1), or `None`: more
+/// than one `Host` header, or a `Host` that names another host or port than the absolute request
+/// target (or the HTTP/2 `:authority`). The relay routes on one of them and the service would
+/// see the other, so a service routing by `Host` could be steered where the relay did not route.
+fn host_conflict<B>(req: &Request<B>) -> Option<String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some("more than one Host header; send exactly one".to_string());
+    }
+    let target = req.uri().authority()?;
+    let default_port = if req.uri().scheme_str() == Some("https") { 443 } else { 80 };
+    let split = |raw: &str| -> (String, Option<u16>) {
+        let (h, p) = match raw.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, p.parse().ok()),
+            _ => (raw, None),
+        };
+        (h.trim_end_matches('.').to_ascii_lowercase(), p)
+    };
+    let (th, tp) = split(target.as_str());
+    let given = first.to_str().unwrap_or_default();
+    let (hh, hp) = split(given);
+    if th != hh || tp.unwrap_or(default_port) != hp.unwrap_or(default_port) {
+        return Some(format!("the Host header {given:?} names another host than the request target {:?}; send the same host in both", target.as_str()));
+    }
+    None
+}
+
 /// The `Host` value as the client sent it (`Host`, else the `:authority`, port included).
 fn authority_of<B>(req: &Request<B>) -> Option<String> {
     req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| req.uri().authority().map(|a| a.to_string()))
@@ -485,6 +513,10 @@ fn admit_request(state: &RelayState, peer: SocketAddr, name: &str) -> Result<Per
 async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, conn: &Conn, slot: &UpstreamSlot) -> Response<Body> {
     state.metrics.http_requests.fetch_add(1, Relaxed);
     let domain = &state.cfg.domain;
+    if let Some(why) = host_conflict(&req) {
+        state.metrics.refused(Refusal::Malformed);
+        return text(StatusCode::BAD_REQUEST, why);
+    }
     let Some(host) = request_host(&req) else {
         return text(StatusCode::BAD_REQUEST, "no Host header; send Host: NAME.".to_string() + domain);
     };
