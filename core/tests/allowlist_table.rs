@@ -431,7 +431,8 @@ async fn in_namespace() {
     ip_cmd(&["link", "set", "lo", "up"]);
     ip_cmd(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
     ip_cmd(&["addr", "add", "10.77.0.1/32", "dev", "lo"]);
-    let v6 = std::process::Command::new("ip").args(["-6", "addr", "add", "fd00:ec2::254/128", "dev", "lo", "nodad"]).status().is_ok_and(|s| s.success());
+    let v6 =
+        std::process::Command::new("ip").args(["-6", "addr", "add", "fd00:ec2::254/128", "dev", "lo", "nodad"]).status().is_ok_and(|s| s.success());
     let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
     let mut specials = vec![("169.254.169.254", "metadata.test"), ("127.0.0.1", "loop.test"), ("10.77.0.1", "self.test")];
     if v6 {
@@ -484,7 +485,7 @@ async fn in_namespace() {
                 } else {
                     socks5_proto::Address::DomainAddress(target.as_bytes().to_vec(), port)
                 };
-                let refused = libtunnel::egress::connect::connect_target(&socks, &rules, &resolver, STEP).await.err().expect("an exit refuses it too");
+                let refused = libtunnel::egress::connect::connect_target(&socks, &rules, &resolver, STEP).await.expect_err("an exit refuses it too");
                 assert_eq!(refused.reason, libtunnel::egress::connect::Cause::NotAllowed, "{broad}: exit {target}: {}", refused.detail);
             }
         }

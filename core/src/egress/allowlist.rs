@@ -600,7 +600,10 @@ mod tests {
         assert!(exact.broad_rule_notes(&host).is_empty());
         assert!(list(r#"[{"host":"10.0.0.0/8","port":"*"},{"host":"db.internal","port":1}]"#).broad_rule_notes(&host).is_empty());
         let note = &broad.broad_rule_notes(&host)[0];
-        assert!(note.contains("0.0.0.0/0") && note.contains("169.254.0.0/16") && note.contains("127.0.0.0/8") && note.contains("own addresses"), "{note}");
+        assert!(
+            note.contains("0.0.0.0/0") && note.contains("169.254.0.0/16") && note.contains("127.0.0.0/8") && note.contains("own addresses"),
+            "{note}"
+        );
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod mux_server;
 mod proxy_header;
 mod public_body;
 mod public_endpoint;
+mod public_h2_window;
 mod public_listeners;
 mod public_tls;
 mod registry;
@@ -85,6 +86,8 @@ pub(crate) struct RelayState {
     pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
     /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
     pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
+    /// Each source's share of a listener's public request slots.
+    pub(crate) http_source_shares: Arc<guard::SourceShares>,
     /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
     pub(crate) public: public_endpoint::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.
@@ -317,6 +320,7 @@ impl Server {
             admissions,
             http_per_source,
             http_per_listener,
+            http_source_shares: guard::SourceShares::new(l.http_max_requests_per_listener),
             public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
