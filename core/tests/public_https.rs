@@ -548,6 +548,7 @@ async fn unread_responses_on_an_h2c_listener_hold_no_one_elses_window() {
     // are reset, and the windows they held come back while its connection is still open.
     let stalled = until(HOLD + STEP, "the unread responses to be reset", || m.http_stalled_responses(), |n| *n >= 30).await;
     until(STEP, "stream windows back to full", || m.h2c_stream_window_held(), |h| *h == 0).await;
+    assert!(m.http_requests_open() <= 40 - stalled as i64, "the cut responses' request slots are free again");
     eprintln!("{stalled} unread responses reset after http_timeout ({HOLD:?})");
     drop(attacker);
     until(STEP, "requests in progress after the attacker left", || m.http_requests_open(), |n| *n == 0).await;

@@ -61,21 +61,27 @@ impl Drop for Permits {
 /// A listener's response body that keeps its request counted (and its slot on a shared h2c
 /// connection held) until the body ends, and is cut when its client stops taking it: a body
 /// that has a frame ready and is not asked for the next one within `http_timeout` is dropped
-/// ([`stall_watch`]), which resets the stream to the listener (its window goes back to the
-/// connection it shares) and fails the response to the client.
+/// with its places ([`stall_watch`]), which resets the stream to the listener (its window goes
+/// back to the connection it shares), frees its request slots, and fails the response to the
+/// client.
 pub(super) struct Counted {
     body: Arc<Watched>,
     /// Ends the body's [`stall_watch`] when the body is dropped.
     _watch: tokio_util::sync::DropGuard,
+    stats: Option<Arc<ListenerHttp>>,
+}
+
+/// What a response body holds until it ends or is cut.
+struct Held {
+    body: Chunks,
     _permits: Permits,
     _slot: Option<H2Slot>,
-    stats: Option<Arc<ListenerHttp>>,
 }
 
 /// The body a [`Counted`] and its [`stall_watch`] share.
 struct Watched {
     /// `None` once cut.
-    inner: std::sync::Mutex<Option<Chunks>>,
+    inner: std::sync::Mutex<Option<Held>>,
     /// When the body last handed on a frame (ms since `epoch`), or `WAITING` while it waits for
     /// the listener (then the client is not the one holding it up).
     last: std::sync::atomic::AtomicU64,
@@ -96,7 +102,7 @@ impl Counted {
     fn new(state: &Arc<RelayState>, inner: Incoming, permits: Permits, slot: Option<H2Slot>, stats: Option<Arc<ListenerHttp>>) -> Counted {
         // Not asked for its first frame yet: the clock runs from now.
         let body = Arc::new(Watched {
-            inner: std::sync::Mutex::new(Some(Chunks::new(inner, RESPONSE_CHUNK))),
+            inner: std::sync::Mutex::new(Some(Held { body: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, _slot: slot })),
             last: std::sync::atomic::AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             limit: state.cfg.limits.http_timeout,
@@ -110,7 +116,7 @@ impl Counted {
                 _ = dropped.cancelled() => {}
             }
         });
-        Counted { body, _watch: watch.drop_guard(), _permits: permits, _slot: slot, stats }
+        Counted { body, _watch: watch.drop_guard(), stats }
     }
 }
 
@@ -132,7 +138,7 @@ async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<super::metrics
             continue;
         }
         let cut = b.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if cut.is_some_and(|c| !c.is_end_stream()) {
+        if cut.is_some_and(|c| !c.body.is_end_stream()) {
             metrics.http_stalled_responses.fetch_add(1, Relaxed);
             tracing::debug!(?limit, "a public client took none of a response body for http_timeout; reset it");
         }
@@ -149,7 +155,7 @@ impl hyper::body::Body for Counted {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
         use std::task::Poll;
         let mut inner = self.body.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(body) = inner.as_mut() else {
+        let Some(Held { body, .. }) = inner.as_mut() else {
             return Poll::Ready(Some(Err(Stalled(self.body.limit).into())));
         };
         let r = body.poll_next(cx);
@@ -166,10 +172,10 @@ impl hyper::body::Body for Counted {
         r.map(|f| f.map(|f| f.map_err(Into::into)))
     }
     fn is_end_stream(&self) -> bool {
-        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(Chunks::is_end_stream)
+        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|h| h.body.is_end_stream())
     }
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(Chunks::size_hint).unwrap_or_default()
+        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|h| h.body.size_hint()).unwrap_or_default()
     }
 }
 
