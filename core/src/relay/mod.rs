@@ -174,6 +174,7 @@ impl RelayState {
 
     fn reload(&self, cfg: &RelayConfig) -> Result<()> {
         let access = Access::from_config(cfg)?;
+        note_allow_rules(&cfg.allow, "the relay")?;
         if let Some(tls) = &self.public.tls {
             tls.reload(cfg)?;
         }
