@@ -10,9 +10,9 @@
 //! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`), and so does a
 //! source over its share of a listener's requests while the last quarter of them is left
 //! ([`guard::SourceShares`]); a request is in progress until its response body ends, and a
-//! response whose client takes none of it for `http_timeout` is reset ([`Counted`]). A body the listener does not read waits in the mux
-//! stream's window; the relay itself holds at most its read buffer (`http_max_header_bytes`)
-//! and [`UPSTREAM_BUFFER`] of it.
+//! response whose client takes none of it for `http_timeout` is reset ([`Counted`]). A body the
+//! listener does not read waits in the mux stream's window; the relay itself holds at most its
+//! read buffer (`http_max_header_bytes`) and [`UPSTREAM_BUFFER`] of it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
