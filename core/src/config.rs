@@ -35,7 +35,8 @@ pub struct Limits {
     /// Most window all streams of one session may have granted beyond their initial 256 KiB
     /// each (bytes): what bounds the data a session buffers for slow readers.
     pub session_receive_budget: usize,
-    /// A listener must answer a public HTTP request (response headers) within this time, else 504.
+    /// A listener must answer a public HTTP request (response headers) within this time, else 504;
+    /// and a public client that takes none of a response body for this long has it reset.
     pub http_timeout: Duration,
     /// No longer limits anything: the relay streams classic WebSocket messages frame by frame, so
     /// a message of any size (Emissary's dialer sends each write as one) passes with bounded
@@ -673,7 +674,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "exits", help: "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each" },
     Setting { name: "tcp_ports", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
     Setting { name: "tcp_ports_bind", help: "IP the public TCP ports bind on" },
-    Setting { name: "http_timeout", help: "seconds a listener has to answer a public HTTP request (then 504)" },
+    Setting { name: "http_timeout", help: "seconds a listener has to answer a public request (then 504), and a client to read on (then reset)" },
     Setting { name: "tls_cert", help: "PEM certificate chain for wss://" },
     Setting { name: "tls_key", help: "PEM private key for wss://" },
     Setting { name: "health_path", help: "health check path" },

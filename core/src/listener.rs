@@ -199,6 +199,9 @@ impl ListenerBuilder {
         if self.exit.as_ref().is_some_and(|e| e.allow.is_empty()) {
             return Err(Error::argument("an exit listener needs at least one allow rule, like [{\"host\": \"db.internal\", \"port\": 5432}]"));
         }
+        if let Some(e) = &self.exit {
+            crate::relay::note_allow_rules(&e.allow, "this exit listener")?;
+        }
         let exit = match &self.exit {
             Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
             None => None,

@@ -390,3 +390,128 @@ async fn streams_to_listeners_and_the_allowlist() {
     l.close();
     relay.abort();
 }
+
+/// Inside a private network namespace (`unshare -rn`, created by this test for itself): the
+/// "host" has 169.254.169.254, 10.77.0.1 and fd00:ec2::254 on `lo` besides loopback, a server
+/// listens on each, and a fake DNS server names them. Broad rules (`0.0.0.0/0` and `::/0`, or `*`)
+/// reach none of them, by IP or by name, through the relay or an exit's connect; rules naming
+/// each address exactly reach it. Nothing leaves the namespace.
+#[test]
+fn broad_rules_never_reach_metadata_loopback_or_the_host_itself() {
+    const INNER: &str = "LIBTUNNEL_TEST_IN_NETNS";
+    if std::env::var_os(INNER).is_some() {
+        return tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime").block_on(in_namespace());
+    }
+    let exe = std::env::current_exe().expect("this test binary");
+    let probe = std::process::Command::new("unshare").args(["-rn", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        // No user (or network) namespaces here: nothing to run this in without touching the host.
+        eprintln!("SKIPPED: `unshare -rn` is not available, so no private network namespace can be made");
+        return;
+    }
+    let out = std::process::Command::new("unshare")
+        .arg("-rn")
+        .arg(&exe)
+        .args(["--exact", "broad_rules_never_reach_metadata_loopback_or_the_host_itself", "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .output()
+        .expect("run the test in a network namespace");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success() && text.contains("1 passed"), "the test in the namespace failed:\n{text}");
+}
+
+/// The body of [`broad_rules_never_reach_metadata_loopback_or_the_host_itself`], in its namespace.
+async fn in_namespace() {
+    init_tracing();
+    let ip_cmd = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().expect("run ip");
+        assert!(st.success(), "ip {args:?} failed");
+    };
+    ip_cmd(&["link", "set", "lo", "up"]);
+    ip_cmd(&["addr", "add", "169.254.169.254/32", "dev", "lo"]);
+    ip_cmd(&["addr", "add", "10.77.0.1/32", "dev", "lo"]);
+    let v6 =
+        std::process::Command::new("ip").args(["-6", "addr", "add", "fd00:ec2::254/128", "dev", "lo", "nodad"]).status().is_ok_and(|s| s.success());
+    let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+    let mut specials = vec![("169.254.169.254", "metadata.test"), ("127.0.0.1", "loop.test"), ("10.77.0.1", "self.test")];
+    if v6 {
+        specials.push(("fd00:ec2::254", "ec2v6.test"));
+    }
+    // A counting echo server on each special address, one port for all.
+    let first = TcpListener::bind("169.254.169.254:0").await.expect("bind the metadata address");
+    let port = first.local_addr().expect("addr").port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut listeners = vec![first];
+    for (addr, _) in &specials[1..] {
+        listeners.push(TcpListener::bind(SocketAddr::new(ip(addr), port)).await.expect("bind a special address"));
+    }
+    for l in listeners {
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                h.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut word = [0u8; 4];
+                    if s.read_exact(&mut word).await.is_ok() {
+                        let _ = s.write_all(&word).await;
+                    }
+                });
+            }
+        });
+    }
+    let records: HashMap<&'static str, Vec<IpAddr>> = specials.iter().map(|(a, n)| (*n, vec![ip(a)])).collect();
+    let dns = dns::fake_dns(records).await;
+    let host = libtunnel::egress::resolve::interface_addresses().expect("list this namespace's addresses");
+    assert!(host.contains(&ip("10.77.0.1")), "{host:?}");
+
+    for broad in [r#"[{"host":"0.0.0.0/0","port":"*"},{"host":"::/0","port":"*"}]"#, r#"[{"host":"*","port":"*"}]"#] {
+        let rules = allow(broad);
+        let notes = rules.broad_rule_notes(&host);
+        assert!(!notes.is_empty() && notes.iter().all(|n| n.contains("169.254.0.0/16") && n.contains("does not reach")), "{notes:?}");
+        let mut cfg = relay_config(rules.clone());
+        cfg.dns_servers = vec![dns];
+        let relay = start_relay(cfg).await;
+        let d = dialer(relay.url(), Mode::Multiplexed);
+        let resolver = libtunnel::egress::resolve::TargetResolver::new(&[dns]).expect("resolver");
+        for (addr, name) in &specials {
+            let literal = if addr.contains(':') { format!("[{addr}]") } else { addr.to_string() };
+            for target in [literal.as_str(), name] {
+                let e = dial(&d, target, &port.to_string()).await.err().unwrap_or_else(|| panic!("{broad}: {target} admitted"));
+                assert_eq!(e.code(), ErrorCode::NotAllowed, "{broad}: {target}: {e}");
+                // An exit listener checks its streams with the same code.
+                let socks = if target == literal {
+                    socks5_proto::Address::SocketAddress(SocketAddr::new(ip(addr), port))
+                } else {
+                    socks5_proto::Address::DomainAddress(target.as_bytes().to_vec(), port)
+                };
+                let refused = libtunnel::egress::connect::connect_target(&socks, &rules, &resolver, STEP).await.expect_err("an exit refuses it too");
+                assert_eq!(refused.reason, libtunnel::egress::connect::Cause::NotAllowed, "{broad}: exit {target}: {}", refused.detail);
+            }
+        }
+        relay.abort();
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "a broad rule reached a special address");
+
+    // Rules naming each address exactly reach it, by IP and by name.
+    let exact: Vec<String> = specials
+        .iter()
+        .map(|(a, _)| if a.contains(':') { format!(r#"{{"host":"{a}/128","port":{port}}}"#) } else { format!(r#"{{"host":"{a}","port":{port}}}"#) })
+        .collect();
+    let mut cfg = relay_config(allow(&format!("[{}]", exact.join(","))));
+    cfg.dns_servers = vec![dns];
+    let relay = start_relay(cfg).await;
+    let d = dialer(relay.url(), Mode::Multiplexed);
+    for (addr, name) in &specials {
+        let literal = if addr.contains(':') { format!("[{addr}]") } else { addr.to_string() };
+        for target in [literal.as_str(), name] {
+            let mut s = dial(&d, target, &port.to_string()).await.unwrap_or_else(|e| panic!("exact rule: {target}: [{}] {e}", e.code()));
+            s.write_all(b"meta").await.expect("write");
+            let mut b = [0u8; 4];
+            within(STEP, "echo", s.read_exact(&mut b)).await.expect("echo");
+            assert_eq!(&b, b"meta");
+        }
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), specials.len() * 2);
+    relay.abort();
+}

@@ -6,6 +6,8 @@
 //! Every figure is printed (`--nocapture`) for the README.
 
 mod common;
+#[path = "common/h2raw.rs"]
+mod h2raw;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const KIB: u64 = 1024;
+/// The admin token of the relays that have an admin endpoint.
+const ADMIN_TOKEN: &str = "admin-token-for-the-flood-0123456789";
 
 /// A `tunnel server` child process, killed when dropped.
 struct RelayProcess {
@@ -23,6 +27,7 @@ struct RelayProcess {
     ws: SocketAddr,
     http: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
 }
 
 impl RelayProcess {
@@ -46,10 +51,11 @@ impl RelayProcess {
         let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
         let want_http = extra.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
         let want_tcp = extra.iter().any(|(k, _)| *k == "TUNNEL_TCP_LISTEN");
-        let (ws, http, tcp) = within(STEP, "the relay's addresses", async {
-            let (mut ws, mut http, mut tcp) = (None, None, None);
+        let want_admin = extra.iter().any(|(k, _)| *k == "TUNNEL_ADMIN_LISTEN");
+        let (ws, http, tcp, admin) = within(STEP, "the relay's addresses", async {
+            let (mut ws, mut http, mut tcp, mut admin) = (None, None, None, None);
             let mut line = String::new();
-            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) {
+            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) {
                 line.clear();
                 assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
                 if let Some(u) = line.trim().strip_prefix("relay listening: ws://") {
@@ -58,12 +64,34 @@ impl RelayProcess {
                     http = Some(u.parse::<SocketAddr>().expect("http address"));
                 } else if let Some(u) = line.trim().strip_prefix("raw tcp listening: tcp://") {
                     tcp = Some(u.parse::<SocketAddr>().expect("tcp address"));
+                } else if let Some(u) = line.trim().strip_prefix("admin listening: http://") {
+                    admin = Some(u.parse::<SocketAddr>().expect("admin address"));
                 }
             }
-            (ws.expect("ws"), http, tcp)
+            (ws.expect("ws"), http, tcp, admin)
         })
         .await;
-        RelayProcess { child, ws, http, tcp }
+        RelayProcess { child, ws, http, tcp, admin }
+    }
+
+    /// File descriptors the relay has open.
+    fn fds(&self) -> usize {
+        let pid = self.child.id().expect("the relay runs");
+        std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc fd").count()
+    }
+
+    /// The relay's `/metrics` value of `series` (the request for it not counted).
+    async fn metric_now(&self, series: &str) -> i64 {
+        let text = self.metrics_text().await;
+        metric(&text, series) - i64::from(self.counts_itself(series))
+    }
+
+    /// Whether `series` counts the connection asking for `/metrics`.
+    fn counts_itself(&self, series: &str) -> bool {
+        match self.admin {
+            Some(_) => series == "libtunnel_admin_connections_open",
+            None => series == "libtunnel_connections_open" || series == "libtunnel_handshakes_open",
+        }
     }
 
     fn rss(&self) -> u64 {
@@ -78,14 +106,29 @@ impl RelayProcess {
             * KIB
     }
 
+    /// The relay's `/metrics` text: on the tunnel port, or on the admin endpoint when it is on.
+    async fn metrics_text(&self) -> String {
+        let (status, text) = match self.admin {
+            Some(admin) => {
+                http_exchange(
+                    admin,
+                    &format!("GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\nConnection: close\r\n\r\n"),
+                )
+                .await
+            }
+            None => http_get(self.ws, "/metrics").await,
+        };
+        assert_eq!(status, 200, "{text}");
+        text
+    }
+
     /// Wait until the relay's `/metrics` shows `series` at `want` (or past it, with `at_least`).
     async fn await_metric(&self, series: &str, want: i64, at_least: bool) {
         let t0 = Instant::now();
         loop {
-            let (status, text) = http_get(self.ws, "/metrics").await;
-            assert_eq!(status, 200);
-            // The /metrics request is itself an open connection in its handshake.
-            let v = metric(&text, series) - i64::from(series.contains("_open"));
+            let text = self.metrics_text().await;
+            // The /metrics request is itself an open connection (in its handshake).
+            let v = metric(&text, series) - i64::from(self.counts_itself(series));
             if v == want || (at_least && v > want) {
                 return;
             }
@@ -315,4 +358,184 @@ async fn stalled_public_uploads_cost_a_bounded_amount() {
     }
     eprintln!("upload outcomes: {counts:?}");
     assert!(answers.iter().all(|a| a == "504" || a == "stalled"), "{counts:?}");
+}
+
+/// A local HTTP/1.1 service that answers `GET` at once ("ok") and holds every `POST` until its
+/// body ends (which, for the flood below, it never does).
+async fn holding_service() -> SocketAddr {
+    use http_body_util::BodyExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    if req.method() == hyper::Method::POST {
+                        let _ = req.into_body().collect().await;
+                    }
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(sock), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nine_sources_holding_requests_leave_room_for_a_tenth_and_their_memory_comes_back() {
+    init_tracing();
+    let mut settings = flood_settings();
+    settings.extend([
+        ("TUNNEL_HTTP_LISTEN", "127.0.0.1:0".to_string()),
+        ("TUNNEL_LISTENERS_OPEN", "true".to_string()),
+        ("TUNNEL_HTTP_TIMEOUT", "120".to_string()),
+    ]);
+    let relay = RelayProcess::start(&settings).await;
+    let http = relay.http.expect("public port");
+    let listener =
+        within(STEP, "listener", Listener::builder(&format!("ws://{}", relay.ws), Identity::generate()).backlog(2048).bind()).await.expect("bind");
+    let name = listener.name();
+    let svc = holding_service().await;
+    tokio::spawn(libtunnel::forward::expose(listener, svc.to_string(), false, std::future::pending()));
+    let host = format!("{name}.localhost");
+    // The listener's session is the one connection open.
+    let base = baseline(&relay, 1).await;
+    let base_fds = relay.fds();
+
+    // 9 sources, each at its limit of 128 requests in progress (http_max_requests_per_source):
+    // 2 connections of 64 POSTs whose bodies never come, never reading the answers.
+    let mut attack = Vec::new();
+    for src in 1..=9 {
+        for c in 0..2 {
+            let frames: Vec<Vec<u8>> = (0..64u32).map(|i| h2raw::headers(2 * i + 1, "POST", &format!("/hold/{src}/{c}/{i}"), &host, false)).collect();
+            attack.push(h2raw::send(http, Some(&format!("127.0.1.{src}")), 65_535, &frames).await.expect("attacker connects"));
+        }
+    }
+    // Every one of the 1,152 requests is either held or refused (503: over its source's share).
+    let t0 = Instant::now();
+    let (held, refused) = loop {
+        let held = relay.metric_now("libtunnel_http_requests_open").await;
+        let refused = relay.metric_now("libtunnel_refusals_total{reason=\"http_listener_requests\"}").await;
+        if held + refused == 9 * 128 {
+            break (held, refused);
+        }
+        assert!(t0.elapsed() < BULK, "{held} held + {refused} refused of {}", 9 * 128);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (rss, fds) = (relay.rss(), relay.fds());
+    eprintln!("9 sources x 128 held POSTs: {held} held, {refused} refused (503); RSS {} -> {} KiB, fds {base_fds} -> {fds}", base / KIB, rss / KIB);
+    assert!((768..1024).contains(&held), "{held} held: the last quarter stays free for others");
+
+    // A tenth source is served at once.
+    let t0 = Instant::now();
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.bind("127.0.1.10:0".parse().expect("addr")).expect("bind");
+    let mut s = within(STEP, "connect", sock.connect(http)).await.expect("connect");
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("request");
+    let (status, body) = within(STEP, "the tenth source's answer", read_http_response(&mut s)).await;
+    assert_eq!((status, body.trim_end()), (200, "ok"), "{body}");
+    eprintln!("a tenth source was answered in {:?}", t0.elapsed());
+
+    // The attackers leave: every held request ends, and the memory comes back.
+    drop(attack);
+    let closed = Instant::now();
+    relay.await_metric("libtunnel_http_requests_open", 0, false).await;
+    let mut after = relay.rss();
+    while after > base + base / 5 && closed.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        after = relay.rss();
+    }
+    eprintln!("{:.1} s after they left: RSS {} KiB (baseline {} KiB), fds {}", closed.elapsed().as_secs_f64(), after / KIB, base / KIB, relay.fds());
+    assert!(after <= base + base / 5, "RSS {} KiB 10 s after the flood, baseline {} KiB", after / KIB, base / KIB);
+}
+
+/// Whether the other end closed `s` (what it sent, if anything, is left unread).
+fn closed_by_peer(s: &TcpStream) -> bool {
+    let mut probe = [0u8; 1];
+    match s.try_read(&mut probe) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_thousand_idle_admin_connections_cost_a_bounded_amount() {
+    init_tracing();
+    let mut settings = flood_settings();
+    settings.extend([
+        ("TUNNEL_HTTP_LISTEN", "127.0.0.1:0".to_string()),
+        ("TUNNEL_LISTENERS_OPEN", "true".to_string()),
+        ("TUNNEL_ADMIN_LISTEN", "127.0.0.1:0".to_string()),
+        ("TUNNEL_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
+    ]);
+    let relay = RelayProcess::start(&settings).await;
+    let (http, admin) = (relay.http.expect("public port"), relay.admin.expect("admin port"));
+    let listener = within(STEP, "listener", Listener::bind(&format!("ws://{}", relay.ws), Identity::generate())).await.expect("bind");
+    let name = listener.name();
+    let svc = holding_service().await;
+    tokio::spawn(libtunnel::forward::expose(listener, svc.to_string(), false, std::future::pending()));
+    let get = format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\nConnection: close\r\n\r\n");
+    let base = baseline(&relay, 1).await;
+    let base_fds = relay.fds();
+
+    // 20,000 idle connections from 100 source addresses, 500 at a time; the ones the relay
+    // closed at once are let go (this process has at most 20,000 descriptors itself).
+    const N: usize = 20_000;
+    let t0 = Instant::now();
+    let mut idle: Vec<TcpStream> = Vec::new();
+    let mut opened = 0;
+    while opened < N {
+        let batch = (0..500).map(|i| {
+            let src = format!("127.0.2.{}", 1 + (opened + i) % 100);
+            async move {
+                let s = tokio::net::TcpSocket::new_v4().expect("socket");
+                s.bind(format!("{src}:0").parse().expect("addr")).expect("bind");
+                s.connect(admin).await
+            }
+        });
+        idle.extend(within(BULK, "opening admin connections", futures_util::future::join_all(batch)).await.into_iter().flatten());
+        opened += 500;
+        idle.retain(|s| !closed_by_peer(s));
+    }
+    let (rss, fds) = (relay.rss(), relay.fds());
+    eprintln!(
+        "{N} admin connections in {:?}, {} still open here; relay RSS {} -> {} KiB, fds {base_fds} -> {fds}",
+        t0.elapsed(),
+        idle.len(),
+        base / KIB,
+        rss / KIB
+    );
+    assert!(fds <= base_fds + 64 + 8, "{fds} descriptors open, {base_fds} before");
+    assert!(rss.saturating_sub(base) < 16 * 1024 * KIB, "RSS grew by {} KiB", (rss - base) / KIB);
+
+    // Public traffic goes on meanwhile.
+    let t0 = Instant::now();
+    let (status, body) = http_exchange(http, &get).await;
+    assert_eq!((status, body.trim_end()), (200, "ok"));
+    eprintln!("a public request answered in {:?} during the admin flood", t0.elapsed());
+
+    // The idle ones the relay holds are closed by its head deadline (5 s) while they stay open
+    // here: the operator gets in again.
+    let t0 = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(admin).await.expect("connect");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.expect("request");
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut answer)).await;
+        if answer.starts_with(b"HTTP/1.1 200") {
+            break;
+        }
+        assert!(t0.elapsed() < STEP, "the admin endpoint stayed full");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the operator got in {:?} after the flood stopped", t0.elapsed());
+    drop(idle);
+    relay.await_metric("libtunnel_admin_connections_open", 0, false).await;
+    let refused = relay.metric_now("libtunnel_admin_connections_refused_total").await;
+    eprintln!("after: {refused} admin connections were closed at once; RSS {} KiB, fds {}", relay.rss() / KIB, relay.fds());
+    // Each admitted one was held at most 5 s, 64 at a time: most of the 20,000 were refused.
+    assert!(refused >= (N * 9 / 10) as i64, "{refused} refused");
+    assert!(relay.fds() <= base_fds + 8);
 }

@@ -371,3 +371,51 @@ async fn reload_rotates_keys_and_rechecks_rules_on_every_stream() {
     within(STEP, "the new key after a failed reload", dialer(relay.url(), new_key).dial(&echo.to_string())).await.expect("unchanged");
     relay.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_host_is_a_bad_request() {
+    init_tracing();
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.listeners_open = true;
+    let relay = start_relay(cfg).await;
+    let http = relay.http_addr().expect("http port");
+    // A listener that counts the streams it is given and never answers.
+    let listener = within(STEP, "listener", Listener::bind(relay.url(), Identity::generate())).await.expect("bind");
+    let name = listener.name();
+    let (other, _other_listener) = {
+        let l = within(STEP, "second listener", Listener::bind(relay.url(), Identity::generate())).await.expect("bind");
+        (l.name(), l)
+    };
+    let delivered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let d = delivered.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            d.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    for (request, why) in [
+        (format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\nHost: {other}.localhost\r\n\r\n"), "more than one Host"),
+        (format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\nhost: {name}.localhost\r\n\r\n"), "more than one Host"),
+        (format!("GET http://{other}.localhost/ HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n"), "another host than the request target"),
+        (format!("GET http://{name}.localhost:8080/ HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n"), "another host than the request target"),
+    ] {
+        let (status, body) = http_exchange(http, &request).await;
+        assert_eq!(status, 400, "{request:?}: {body}");
+        assert!(body.contains(why), "{request:?}: {body}");
+    }
+    assert_eq!(delivered.load(std::sync::atomic::Ordering::SeqCst), 0, "an ambiguous request reached a listener");
+    // The same host in both (the default port spelt out or not) is routed as usual.
+    let mut s = TcpStream::connect(http).await.expect("connect");
+    s.write_all(format!("GET http://{name}.localhost/ HTTP/1.1\r\nHost: {name}.LOCALHOST:80\r\n\r\n").as_bytes()).await.expect("request");
+    within(STEP, "the listener to get the request", async {
+        while delivered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(relay.metrics().refusals(Refusal::Malformed), 4);
+    relay.abort();
+}

@@ -7,6 +7,8 @@
 //! Retry-After, then 200 again) and the per-listener metrics on `/metrics`.
 
 mod common;
+#[path = "common/h2raw.rs"]
+mod h2raw;
 #[path = "common/pki.rs"]
 mod pki;
 
@@ -50,6 +52,10 @@ async fn local_service() -> SocketAddr {
                     let seen = req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default();
                     let h = |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                     let (proto, fwd, version) = (h("x-forwarded-proto"), h("forwarded"), format!("{:?}", req.version()));
+                    if req.uri().path() == "/big" {
+                        let n = req.uri().query().and_then(|q| q.strip_prefix("n=")).and_then(|n| n.parse().ok()).unwrap_or(0);
+                        return Ok::<_, Infallible>(Response::new(Big::new(n).boxed()));
+                    }
                     let body = if req.uri().path() == "/hash" {
                         let b = req.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
                         Bytes::from(hex::encode(sha256(&b)))
@@ -63,7 +69,7 @@ async fn local_service() -> SocketAddr {
                         .header("x-seen-proto", proto)
                         .header("x-seen-forwarded", fwd)
                         .header("x-seen-version", version)
-                        .body(Full::new(body))
+                        .body(Full::new(body).map_err(|e| match e {}).boxed())
                         .expect("response");
                     Ok::<_, Infallible>(resp)
                 });
@@ -73,6 +79,47 @@ async fn local_service() -> SocketAddr {
         }
     });
     addr
+}
+
+/// `GET /big?n=N`: N bytes of [`big_bytes`], made as they are sent (64 KiB at a time), so a
+/// response nobody reads costs the service nothing.
+struct Big {
+    left: usize,
+    at: usize,
+}
+
+/// Byte `i` of every `/big` body.
+fn big_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
+/// The first `n` bytes of every `/big` body.
+fn big_bytes(n: usize) -> Vec<u8> {
+    (0..n).map(big_byte).collect()
+}
+
+impl Big {
+    fn new(n: usize) -> Big {
+        Big { left: n, at: 0 }
+    }
+}
+
+impl hyper::body::Body for Big {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(64 * 1024);
+        let chunk: Bytes = (self.at..self.at + n).map(big_byte).collect::<Vec<u8>>().into();
+        self.left -= n;
+        self.at += n;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+    }
 }
 
 struct Setup {
@@ -397,5 +444,122 @@ async fn path_routing_rate_limit_and_per_listener_metrics() {
     let count = metric(&metrics, &format!("libtunnel_http_listener_latency_seconds_count{{listener=\"{name}\"}}"));
     assert_eq!(count, series(200) + series(429), "every response is in the latency histogram");
     assert!(metric(&metrics, "libtunnel_refusals_total{reason=\"http_listener_rate\"}") >= 1);
+    st.relay.shutdown().await.expect("relay stops");
+}
+
+/// An h2c (prior knowledge) client connection to the relay's plain port.
+async fn h2c_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let sock = within(STEP, "connect", tokio::net::TcpStream::connect(addr)).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(sock))
+        .await
+        .expect("h2c handshake");
+    tokio::spawn(conn);
+    sender
+}
+
+/// `GET /big?n=N` from `NAME.test.example` over `client`: the body's SHA-256.
+async fn fetch_big(client: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>, name: &str, n: usize) -> [u8; 32] {
+    let req = Request::get(format!("http://{name}.{DOMAIN}/big?n={n}")).body(http_body_util::Empty::new()).expect("request");
+    let resp = client.send_request(req).await.expect("response head");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("the whole body").to_bytes();
+    sha256(&body)
+}
+
+/// Poll `get` until `ok` holds of it (within `limit`); its last value.
+async fn until<T: std::fmt::Debug>(limit: Duration, what: &str, get: impl Fn() -> T, ok: impl Fn(&T) -> bool) -> T {
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = get();
+        if ok(&v) {
+            return v;
+        }
+        assert!(t0.elapsed() < limit, "{what}: still {v:?} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unread_responses_on_an_h2c_listener_hold_no_one_elses_window() {
+    const HOLD: Duration = Duration::from_secs(8);
+    let st = setup("h2c-isolation", |c| c.limits.http_timeout = HOLD).await;
+    let http = st.relay.http_addr().expect("http port");
+    let svc = local_service().await;
+    let name = listen(&st.relay, svc, true, false).await;
+    let authority = format!("{name}.{DOMAIN}");
+    let m = st.relay.metrics();
+    let big = |stream: u32| h2raw::headers(stream, "GET", &format!("/big?n={}", 8 * MIB), &authority, true);
+
+    // Rapid resets: 3 connections of 2,000 HEADERS + RST_STREAM each (the relay closes each one
+    // at its reset limit); then 200 responses cancelled mid-body.
+    let t0 = std::time::Instant::now();
+    for _ in 0..3 {
+        let frames: Vec<Vec<u8>> = (0..2000u32).flat_map(|i| [big(2 * i + 1), h2raw::reset(2 * i + 1)]).collect();
+        if let Ok(mut s) = h2raw::send(http, None, 1 << 30, &frames).await {
+            let mut sink = Vec::new();
+            let _ = within(STEP, "the relay to end a rapid-reset connection", tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink)).await;
+        }
+    }
+    eprintln!("3 x 2,000 rapid resets: {:?}", t0.elapsed());
+    let t0 = std::time::Instant::now();
+    // (One at a time: this client's own connection window would hold unread bodies back.)
+    for _ in 0..20 {
+        let mut c = h2c_client(http).await;
+        for _ in 0..10 {
+            let req = Request::get(format!("http://{authority}/big?n={}", 8 * MIB)).body(http_body_util::Empty::new()).expect("request");
+            let resp = within(STEP, "a response head", c.send_request(req)).await.expect("head");
+            let mut body = resp.into_body();
+            within(STEP, "the first body frame", body.frame()).await.expect("a frame").expect("data");
+            drop(body); // mid-body: the stream is reset
+        }
+    }
+    eprintln!("200 responses cancelled mid-body: {:?}", t0.elapsed());
+    until(STEP, "requests in progress after the resets", || m.http_requests_open(), |n| *n == 0).await;
+
+    // A client's normal time, before any attack.
+    let mut victim = h2c_client(http).await;
+    let want = sha256(&big_bytes(MIB));
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(fetch_big(&mut victim, &name, MIB).await, want);
+    }
+    let normal = t0.elapsed();
+
+    // One connection asks for 40 responses of 8 MiB with every window wide open, and never reads
+    // its socket.
+    let frames: Vec<Vec<u8>> = (0..40u32).map(|i| big(2 * i + 1)).collect();
+    let attacker = h2raw::send(http, None, (1 << 31) - 1, &frames).await.expect("attacker connects");
+    until(STEP, "the 40 requests in progress", || m.http_requests_open(), |n| *n == 40).await;
+    // Their data fills what the relay grants each stream, and stays there.
+    let held = until(STEP, "unread data held on the h2c connections", || m.h2c_stream_window_held(), |h| *h >= 20 * 128 * 1024).await;
+
+    // Meanwhile another client's requests complete, hashed, in about their normal time.
+    let t0 = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(within(STEP, "a 1 MiB response while the attacker holds 40", fetch_big(&mut victim, &name, MIB)).await, want);
+    }
+    let during = t0.elapsed();
+    eprintln!("10 x 1 MiB: {normal:?} before, {during:?} while one client held 40 unread responses ({held} bytes of stream windows held)");
+    assert!(during < normal * 5 + Duration::from_secs(1), "{during:?} while held, {normal:?} before");
+    assert!(t0.elapsed() < HOLD, "the requests finished before any deadline could have helped");
+
+    // The attacker still holds on: after `http_timeout` without taking anything, its responses
+    // are reset, and the windows they held come back while its connection is still open.
+    let stalled = until(HOLD + STEP, "the unread responses to be reset", || m.http_stalled_responses(), |n| *n >= 30).await;
+    until(STEP, "stream windows back to full", || m.h2c_stream_window_held(), |h| *h == 0).await;
+    assert!(m.http_requests_open() <= 40 - stalled as i64, "the cut responses' request slots are free again");
+    eprintln!("{stalled} unread responses reset after http_timeout ({HOLD:?})");
+    drop(attacker);
+    until(STEP, "requests in progress after the attacker left", || m.http_requests_open(), |n| *n == 0).await;
+    assert_eq!(m.h2c_stream_window_held(), 0);
+    // Connection windows: granted back up to h2's lazy threshold (a third of each).
+    let open = m.h2c_upstreams_open();
+    let conn_held = m.h2c_window_held();
+    eprintln!("after: {open} h2c connections, connection windows held {conn_held} bytes, stream windows held 0");
+    assert!(open >= 1 && conn_held <= open * i64::from(16u32 << 20) / 3, "{conn_held} bytes held on {open} connections");
+    assert_eq!(fetch_big(&mut victim, &name, MIB).await, want, "served after the attack");
+    // An open client connection would keep the draining relay waiting for its drain timeout.
+    drop(victim);
     st.relay.shutdown().await.expect("relay stops");
 }

@@ -15,6 +15,13 @@
 //! keeps the relay host itself and the cloud metadata services out of reach of a hostile DNS
 //! answer, and IPv6 addresses that embed an IPv4 address ([`embedded_ipv4`]) are judged as the
 //! IPv4 address they carry, by name rules and IP rules alike.
+//!
+//! Special addresses ([`special_address`]: loopback, link-local `169.254.0.0/16` and `fe80::/10`,
+//! the cloud metadata services, the relay host's own addresses) are reached by an IP rule only
+//! when that rule names the address exactly (`127.0.0.1`, `169.254.169.254/32`): a broad rule such
+//! as `0.0.0.0/0`, `::/0`, `10.0.0.0/8` or `*` means "the network", never the host itself or the
+//! cloud's credential endpoint. [`Allowlist::broad_rule_notes`] says at start-up what each broad
+//! rule leaves out.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
@@ -131,6 +138,41 @@ pub fn name_rule_reaches(ip: IpAddr, exact: bool, host: &[IpAddr]) -> bool {
     !local && (ip.is_loopback() || !host.contains(&ip))
 }
 
+/// Why `ip` is a special address, which only an IP rule naming it exactly (a `/32` or `/128`)
+/// reaches; `None` for an ordinary address. `host` is the relay host's own addresses. An IPv6
+/// address embedding an IPv4 address is judged as that IPv4 address.
+pub fn special_address(ip: IpAddr, host: &[IpAddr]) -> Option<&'static str> {
+    let ip = canonical_ip(ip);
+    if let IpAddr::V6(v6) = ip {
+        if let Some((v4, _)) = embedded_ipv4(v6) {
+            if let Some(why) = special_address(IpAddr::V4(v4), host) {
+                return Some(why);
+            }
+        }
+    }
+    if METADATA_ADDRESSES.contains(&ip) {
+        return Some("a cloud metadata service");
+    }
+    match ip {
+        IpAddr::V4(v4) if v4.is_loopback() => return Some("loopback"),
+        IpAddr::V4(v4) if v4.is_link_local() => return Some("link-local (169.254.0.0/16, where cloud metadata services live)"),
+        IpAddr::V6(v6) if v6.is_loopback() => return Some("loopback"),
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => return Some("link-local (fe80::/10)"),
+        _ => {}
+    }
+    host.contains(&ip).then_some("an address of the relay host itself")
+}
+
+/// The special ranges a broad rule leaves out, as printed at start-up.
+const SPECIAL_RANGES: [&str; 6] = [
+    "127.0.0.0/8",
+    "::1",
+    "169.254.0.0/16 (169.254.169.254 and the other cloud metadata services)",
+    "fe80::/10",
+    "fd00:ec2::254, 100.100.100.200, 192.0.0.192 (cloud metadata)",
+    "this host's own addresses",
+];
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostRule {
     Any,
@@ -232,6 +274,44 @@ impl Rule {
     fn is_ip_rule(&self) -> bool {
         matches!(self.host, HostRule::Net(_) | HostRule::Any)
     }
+
+    /// Whether this IP rule admits `ip` (canonical, not embedding an IPv4 address): an ordinary
+    /// address by any rule containing it, a special one (`special`) only by a rule naming it
+    /// exactly.
+    fn admits_ip(&self, ip: IpAddr, special: bool) -> bool {
+        match &self.host {
+            HostRule::Any => !special,
+            HostRule::Net(net) => net.contains(&ip) && (!special || net.prefix_len() == net.max_prefix_len()),
+            _ => false,
+        }
+    }
+
+    /// Whether this rule is an IP rule wide enough to contain a special address (`*`, or a CIDR
+    /// wider than one address that contains one of the special ranges or `host`).
+    fn is_broad(&self, host: &[IpAddr]) -> bool {
+        match &self.host {
+            HostRule::Any => true,
+            HostRule::Net(net) if net.prefix_len() < net.max_prefix_len() => {
+                let probes = [
+                    "127.0.0.1",
+                    "::1",
+                    "169.254.169.254",
+                    "169.254.0.1",
+                    "fe80::1",
+                    "fd00:ec2::254",
+                    "100.100.100.200",
+                    "192.0.0.192",
+                    "169.254.170.2",
+                ];
+                probes.iter().filter_map(|p| p.parse::<IpAddr>().ok()).chain(host.iter().copied()).any(|ip| net.contains(&ip))
+                    || [("127.0.0.0", 8), ("169.254.0.0", 16), ("fe80::", 10)]
+                        .iter()
+                        .filter_map(|(a, l)| IpNet::new(a.parse().ok()?, *l).ok())
+                        .any(|special| special.contains(net))
+            }
+            _ => false,
+        }
+    }
 }
 
 /// How a name target fares before DNS.
@@ -303,25 +383,54 @@ impl Allowlist {
     /// reaches the relay's own host, like loopback. An IPv6 address embedding an IPv4 address is
     /// admitted as that IPv4 address, or by a rule inside its translation prefix (such as
     /// `64:ff9b::/96`), never by a wider IPv6 rule such as `::/0`.
+    ///
+    /// A special address ([`special_address`]: loopback, link-local, cloud metadata, the relay
+    /// host's own addresses, which this reads with [`super::resolve::host_addresses`]) is admitted
+    /// only by a rule naming it exactly: `0.0.0.0/0`, `::/0` and `*` never reach it.
     pub fn ip_allowed(&self, ip: IpAddr, port: u16) -> bool {
+        self.ip_allowed_on(ip, port, &super::resolve::host_addresses())
+    }
+
+    /// [`Allowlist::ip_allowed`] with the relay host's addresses given (`host`).
+    pub fn ip_allowed_on(&self, ip: IpAddr, port: u16, host: &[IpAddr]) -> bool {
         let ip = canonical_ip(ip);
         if ip.is_unspecified() {
             return false;
         }
+        let special = special_address(ip, host).is_some();
         if let IpAddr::V6(v6) = ip {
             if let Some((v4, prefix)) = embedded_ipv4(v6) {
                 let named = self.rules.iter().filter(|r| r.port_ok(port)).any(|r| match &r.host {
-                    HostRule::Net(net) => net.prefix_len() >= prefix && net.contains(&ip),
+                    HostRule::Net(net) => net.prefix_len() >= prefix && net.contains(&ip) && (!special || net.prefix_len() == 128),
                     _ => false,
                 });
-                return named || self.ip_allowed(IpAddr::V4(v4), port);
+                return named || self.ip_allowed_on(IpAddr::V4(v4), port, host);
             }
         }
-        self.rules.iter().filter(|r| r.port_ok(port) && r.is_ip_rule()).any(|r| match &r.host {
-            HostRule::Any => true,
-            HostRule::Net(net) => net.contains(&ip),
-            _ => false,
-        })
+        self.rules.iter().filter(|r| r.port_ok(port) && r.is_ip_rule()).any(|r| r.admits_ip(ip, special))
+    }
+
+    /// One line per broad IP rule (`*`, `0.0.0.0/0`, `::/0`, a CIDR containing loopback,
+    /// link-local, metadata or one of `host`) saying which special addresses it does not reach,
+    /// for the start-up log.
+    pub fn broad_rule_notes(&self, host: &[IpAddr]) -> Vec<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.is_broad(host))
+            .map(|r| {
+                format!(
+                    "allow rule {:?} does not reach {}; a rule naming one such address exactly (like 127.0.0.1:5432 or 169.254.169.254/32:80) reaches it",
+                    r.text,
+                    SPECIAL_RANGES.join(", ")
+                )
+            })
+            .collect()
+    }
+
+    /// Whether a rule may reach an address the relay host has (any rule but one naming a single
+    /// address): then the host's addresses must be known to keep them out.
+    pub fn needs_host_addresses(&self) -> bool {
+        self.rules.iter().any(|r| !matches!(&r.host, HostRule::Net(net) if net.prefix_len() == net.max_prefix_len()))
     }
 
     /// The rules as written, for logs and error messages.
@@ -442,6 +551,59 @@ mod tests {
         ] {
             assert_eq!(name_rule_reaches(ip(addr), exact, &host), want, "{addr} exact={exact}");
         }
+    }
+
+    #[test]
+    fn broad_rules_reach_special_addresses_only_when_named_exactly() {
+        let host: Vec<IpAddr> = vec!["192.0.2.10".parse().unwrap(), "2001:db8::10".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let broad = list(r#"[{"host":"0.0.0.0/0","port":"*"},{"host":"::/0","port":"*"},{"host":"*","port":1}]"#);
+        for port in [1, 2] {
+            for addr in [
+                "169.254.169.254",
+                "169.254.1.1",
+                "169.254.170.2",
+                "fd00:ec2::254",
+                "100.100.100.200",
+                "192.0.0.192",
+                "127.0.0.1",
+                "127.9.9.9",
+                "::1",
+                "fe80::1",
+                "192.0.2.10",
+                "::ffff:192.0.2.10",
+                "2001:db8::10",
+                "64:ff9b::a9fe:a9fe",
+            ] {
+                assert!(!broad.ip_allowed_on(ip(addr), port, &host), "{addr}:{port} through a broad rule");
+            }
+            assert!(broad.ip_allowed_on(ip("192.0.2.11"), port, &host), "an ordinary address");
+            assert!(broad.ip_allowed_on(ip("2001:db8::11"), port, &host));
+        }
+        // A CIDR containing the host, or the whole link-local range, is broad too.
+        let ranges = list(r#"[{"host":"192.0.2.0/24","port":"*"},{"host":"169.254.0.0/16","port":"*"},{"host":"127.0.0.0/8","port":"*"}]"#);
+        for addr in ["192.0.2.10", "169.254.169.254", "127.0.0.1"] {
+            assert!(!ranges.ip_allowed_on(ip(addr), 1, &host), "{addr}");
+        }
+        assert!(ranges.ip_allowed_on(ip("192.0.2.11"), 1, &host));
+        // Exact rules reach them.
+        let exact = list(
+            r#"[{"host":"169.254.169.254","port":80},{"host":"127.0.0.1/32","port":"*"},{"host":"fd00:ec2::254/128","port":80},{"host":"192.0.2.10","port":"*"},{"host":"64:ff9b::a9fe:a9fe/128","port":80}]"#,
+        );
+        for addr in ["169.254.169.254", "127.0.0.1", "fd00:ec2::254", "192.0.2.10", "64:ff9b::a9fe:a9fe"] {
+            assert!(exact.ip_allowed_on(ip(addr), 80, &host), "{addr} through its exact rule");
+        }
+        assert!(!exact.ip_allowed_on(ip("169.254.169.254"), 81, &host), "the port still applies");
+        // Start-up notes: one per broad rule, none for exact or ordinary ones.
+        assert_eq!(broad.broad_rule_notes(&host).len(), 3);
+        assert_eq!(ranges.broad_rule_notes(&host).len(), 3);
+        assert!(exact.broad_rule_notes(&host).is_empty());
+        assert!(list(r#"[{"host":"10.0.0.0/8","port":"*"},{"host":"db.internal","port":1}]"#).broad_rule_notes(&host).is_empty());
+        let note = &broad.broad_rule_notes(&host)[0];
+        assert!(
+            note.contains("0.0.0.0/0") && note.contains("169.254.0.0/16") && note.contains("127.0.0.0/8") && note.contains("own addresses"),
+            "{note}"
+        );
     }
 
     #[test]

@@ -53,9 +53,10 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
     }
     let host = TargetHost::parse(&target.host).map_err(|e| fail(Reply::HostUnreachable, Cause::Unreachable, e.to_string()))?;
     let deadline = tokio::time::Instant::now() + timeout;
+    let host_addrs = super::resolve::host_addresses();
     let candidates: Vec<SocketAddr> = match host {
         TargetHost::Ip(ip) => {
-            if !allow.ip_allowed(ip, port) {
+            if !allow.ip_allowed_on(ip, port, &host_addrs) {
                 return Err(not_allowed(format!("{target} (address {ip}) matches no allow rule")));
             }
             vec![SocketAddr::new(ip, port)]
@@ -78,10 +79,12 @@ pub async fn connect_target(addr: &Address, allow: &Allowlist, resolver: &Target
                 // the admitted addresses.
                 NameDecision::Allowed => {
                     let exact = allow.names_exactly(&name, port);
-                    let host = super::resolve::host_addresses();
-                    all.iter().copied().filter(|sa| name_rule_reaches(sa.ip(), exact, &host) || allow.ip_allowed(sa.ip(), port)).collect()
+                    all.iter()
+                        .copied()
+                        .filter(|sa| name_rule_reaches(sa.ip(), exact, &host_addrs) || allow.ip_allowed_on(sa.ip(), port, &host_addrs))
+                        .collect()
                 }
-                _ => all.iter().copied().filter(|sa| allow.ip_allowed(sa.ip(), port)).collect(),
+                _ => all.iter().copied().filter(|sa| allow.ip_allowed_on(sa.ip(), port, &host_addrs)).collect(),
             };
             if admitted.is_empty() {
                 if all.is_empty() {

@@ -89,22 +89,38 @@ pub fn host_addresses() -> std::sync::Arc<Vec<IpAddr>> {
     match &*cache {
         Some((at, addrs)) if at.elapsed() < Duration::from_secs(5) => addrs.clone(),
         _ => {
-            let addrs = Arc::new(interface_addresses());
+            let addrs = Arc::new(interface_addresses().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list the host's interface addresses");
+                Vec::new()
+            }));
             *cache = Some((Instant::now(), addrs.clone()));
             addrs
         }
     }
 }
 
+/// Check at start-up that the host's own addresses can be listed when `allow` has a rule that
+/// could reach one (`listed`: the outcome of listing them). Without the list, a name that
+/// resolves to the host, or a broad rule, would reach it: that is an error, not a warning.
+pub fn check_host_addresses(allow: &crate::egress::Allowlist, listed: std::io::Result<Vec<IpAddr>>, what: &str) -> Result<()> {
+    match listed {
+        Err(e) if allow.needs_host_addresses() => Err(Error::config(format!(
+            "cannot list this host's own addresses ({e}), which {what} must keep out of reach of its allow rules; \
+             under systemd, allow AF_NETLINK in RestrictAddressFamilies= (getifaddrs needs it), or keep only rules naming single IP addresses"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The host's interface addresses, listed now (`getifaddrs`).
 #[cfg(unix)]
-fn interface_addresses() -> Vec<IpAddr> {
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
     let mut found = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list we only read, then free with freeifaddrs.
     unsafe {
         if libc::getifaddrs(&mut head) != 0 {
-            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot list the host's interface addresses");
-            return found;
+            return Err(std::io::Error::last_os_error());
         }
         let mut p = head;
         while !p.is_null() {
@@ -126,12 +142,13 @@ fn interface_addresses() -> Vec<IpAddr> {
         }
         libc::freeifaddrs(head);
     }
-    found
+    Ok(found)
 }
 
+/// The host's interface addresses: none known on this platform.
 #[cfg(not(unix))]
-fn interface_addresses() -> Vec<IpAddr> {
-    Vec::new()
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    Ok(Vec::new())
 }
 
 #[cfg(test)]
@@ -177,6 +194,19 @@ mod tests {
     fn the_host_addresses_include_loopback() {
         let addrs = host_addresses();
         assert!(addrs.contains(&IpAddr::from([127, 0, 0, 1])), "{addrs:?}");
+    }
+
+    #[test]
+    fn unlisted_host_addresses_are_an_error_only_when_a_rule_could_reach_them() {
+        let denied = || Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT));
+        let exact = crate::egress::Allowlist::from_json(r#"[{"host":"10.0.0.5","port":5432}]"#, "t").unwrap();
+        assert!(check_host_addresses(&exact, denied(), "the relay").is_ok(), "single addresses need no list");
+        for rules in [r#"[{"host":"db.internal","port":5432}]"#, r#"[{"host":"10.0.0.0/8","port":"*"}]"#, r#"[{"host":"*","port":1}]"#] {
+            let a = crate::egress::Allowlist::from_json(rules, "t").unwrap();
+            let e = check_host_addresses(&a, denied(), "the relay").unwrap_err();
+            assert!(e.message().contains("AF_NETLINK") && e.message().contains("cannot list"), "{rules}: {e}");
+            assert!(check_host_addresses(&a, Ok(vec![]), "the relay").is_ok());
+        }
     }
 
     #[tokio::test]

@@ -10,11 +10,19 @@
 //!
 //! Everything but `/healthz` answers 401 without `Authorization: Bearer <admin_token>`; the token
 //! is compared in constant time. `tunnel status --admin URL` prints these as tables.
+//!
+//! Bounded: at most [`MAX_CONNECTIONS`] connections at once and [`MAX_PER_SOURCE`] from one
+//! source (an IPv4 address or IPv6 /64; more are closed as soon as they are accepted, so a flood
+//! from one address leaves room for the operator's), each must send its request head within [`HEAD_TIMEOUT`] and is closed after
+//! [`CONNECTION_TIMEOUT`] whatever it does (one request per connection; answers are small). Open
+//! admin connections count in the load that hands memory back after a flood (`memory`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
@@ -25,6 +33,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::RelayState;
 
@@ -127,25 +136,98 @@ fn route(state: &RelayState, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// Most admin connections open at once (monitoring and an operator's `tunnel status` need a few).
+pub(super) const MAX_CONNECTIONS: usize = 64;
+/// An admin connection must send its request head within this time.
+pub(super) const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// An admin connection is closed this long after it was accepted, whatever it is doing.
+pub(super) const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest admin request head (a GET with a bearer token).
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Most admin connections open at once from one source.
+pub(super) const MAX_PER_SOURCE: usize = 8;
+
+/// Open admin connections per source.
+type PerSource = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// One open admin connection: its places in the caps, and in the metrics, until dropped.
+struct Counted {
+    metrics: Arc<super::metrics::Metrics>,
+    per_source: PerSource,
+    source: IpAddr,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Counted {
+    /// Count a connection from `peer`, or say which cap refuses it.
+    fn admit(state: &RelayState, slots: &Arc<Semaphore>, per_source: &PerSource, peer: SocketAddr) -> Result<Counted, &'static str> {
+        let source = super::guard::source_of(peer.ip());
+        let mut open = per_source.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.get(&source).copied().unwrap_or(0);
+        if n >= MAX_PER_SOURCE {
+            return Err("its source's most admin connections");
+        }
+        let slot = slots.clone().try_acquire_owned().map_err(|_| "the admin endpoint's most connections")?;
+        open.insert(source, n + 1);
+        state.metrics.admin_connections_open.fetch_add(1, Relaxed);
+        state.metrics.note_load();
+        Ok(Counted { metrics: state.metrics.clone(), per_source: per_source.clone(), source, _slot: slot })
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.metrics.admin_connections_open.fetch_sub(1, Relaxed);
+        let mut open = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
 /// Serve the admin endpoint until the relay drains.
 pub(super) async fn serve(state: Arc<RelayState>, listener: TcpListener) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_source = PerSource::default();
     loop {
-        let (sock, _peer) = tokio::select! {
+        let (sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
             x = crate::transport::accept_backoff(&listener) => x,
         };
+        let counted = match Counted::admit(&state, &slots, &per_source, peer) {
+            Ok(c) => c,
+            Err(cap) => {
+                state.metrics.admin_refused.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, "admin connection closed at once: {cap} are open");
+                continue;
+            }
+        };
         let st = state.clone();
         state.tasks.spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(route(&st, req)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .keep_alive(false)
-                .serve_connection(TokioIo::new(sock), svc);
-            let _ = conn.await;
+            let _counted = counted;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, serve_one(st, sock)).await;
         });
     }
+}
+
+/// One admin connection: its request head within [`HEAD_TIMEOUT`], then one exchange.
+async fn serve_one(st: Arc<RelayState>, mut sock: tokio::net::TcpStream) {
+    let Ok(Some(head)) = tokio::time::timeout(HEAD_TIMEOUT, crate::transport::read_request_head(&mut sock, MAX_HEAD)).await else {
+        return;
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(route(&st, req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD.max(8192))
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(crate::transport::Prefixed::new(head, sock)), svc);
+    let _ = conn.await;
 }

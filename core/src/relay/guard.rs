@@ -3,8 +3,8 @@
 //! loop before a connection costs anything), a per-source-address count of failed
 //! authentications (past the limit, that address's failures are answered slowly and logged once
 //! per minute rather than once per try; its valid proofs still pass), a count of open multiplexed
-//! sessions per shared key (`max_sessions_per_key`), and per-source / per-listener counts of
-//! public HTTP requests in progress.
+//! sessions per shared key (`max_sessions_per_key`), per-source / per-listener counts of
+//! public HTTP requests in progress, and each source's share of a listener's ([`SourceShares`]).
 //!
 //! A "source" is an IPv4 address or an IPv6 /64 (one subscriber's network: an attacker with a
 //! /64 has 2^64 addresses). A connection is "in its handshake" from accept until it
@@ -211,8 +211,8 @@ impl Admissions {
         e.open += 1;
         e.handshakes += 1;
         *handshakes += 1;
-        let open = self.metrics.connections_open.fetch_add(1, Relaxed) + 1;
-        self.metrics.connections_peak.fetch_max(open, Relaxed);
+        self.metrics.connections_open.fetch_add(1, Relaxed);
+        self.metrics.note_load();
         self.metrics.handshakes_open.fetch_add(1, Relaxed);
         Ok(Ticket { owner: self.clone(), source, handshaking: AtomicBool::new(true), finished: Arc::default() })
     }
@@ -319,6 +319,74 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
     pub(crate) fn limit(&self) -> usize {
         self.limit
     }
+
+    /// Requests in progress for `key`.
+    pub(crate) fn count(&self, key: &K) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Each source's share of a listener's request slots (`http_max_requests_per_listener`), so a
+/// handful of sources cannot take them all: a source holding at least a sixteenth of a listener's
+/// slots takes another only while more than a quarter of them are free. One busy source can still
+/// use three quarters of a listener; the last quarter serves sources that hold less than their
+/// share, and taking all of it needs at least four more sources.
+pub(crate) struct SourceShares {
+    /// `http_max_requests_per_listener`.
+    listener_limit: usize,
+    open: Mutex<HashMap<(String, IpAddr), usize>>,
+}
+
+/// One request counted in its source's share of a listener; uncounted when dropped.
+pub(crate) struct SharePermit {
+    owner: Arc<SourceShares>,
+    key: (String, IpAddr),
+}
+
+impl SourceShares {
+    pub(crate) fn new(listener_limit: usize) -> Arc<SourceShares> {
+        Arc::new(SourceShares { listener_limit, open: Mutex::new(HashMap::new()) })
+    }
+
+    /// The slots a source holds freely: a sixteenth of the listener's (at least one).
+    pub(crate) fn share(&self) -> usize {
+        (self.listener_limit / 16).max(1)
+    }
+
+    /// The slots kept for sources under their share: a quarter of the listener's.
+    pub(crate) fn reserve(&self) -> usize {
+        self.listener_limit / 4
+    }
+
+    /// Count a request from `source` to `listener`, which has `in_use` requests in progress
+    /// (this one included), unless the source is over its share and the listener's free slots
+    /// are down to the reserve.
+    pub(crate) fn enter(self: &Arc<Self>, listener: &str, source: IpAddr, in_use: usize) -> Option<SharePermit> {
+        let key = (listener.to_string(), source);
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let held = open.get(&key).copied().unwrap_or(0);
+        if held >= self.share() && in_use + self.reserve() > self.listener_limit {
+            return None;
+        }
+        *open.entry(key.clone()).or_insert(0) += 1;
+        Some(SharePermit { owner: self.clone(), key })
+    }
+}
+
+impl Drop for SharePermit {
+    fn drop(&mut self) {
+        let mut open = self.owner.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+                if open.capacity() > 64 && open.len() < open.capacity() / 4 {
+                    let len = open.len();
+                    open.shrink_to(len * 2);
+                }
+            }
+        }
+    }
 }
 
 impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Drop for InFlightPermit<K> {
@@ -416,6 +484,31 @@ mod tests {
         assert!(f.enter("b".into()).is_some());
         drop(a);
         assert!(f.enter("a".into()).is_some());
+    }
+
+    #[test]
+    fn a_source_over_its_share_leaves_the_last_quarter_to_others() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let listener = InFlight::<String>::new(64);
+        let shares = SourceShares::new(64);
+        assert_eq!((shares.share(), shares.reserve()), (4, 16));
+        let take = |from: &str| {
+            let l = listener.enter("l".into())?;
+            shares.enter("l", ip(from), listener.count(&"l".to_string())).map(|s| (l, s))
+        };
+        // One source alone takes three quarters of the slots, then stops.
+        let mut held: Vec<_> = std::iter::from_fn(|| take("192.0.2.1")).take(100).collect();
+        assert_eq!(held.len(), 48);
+        // Others, under their share, take the last quarter: four each.
+        for i in 2..=5 {
+            let got: Vec<_> = std::iter::from_fn(|| take(&format!("192.0.2.{i}"))).take(100).collect();
+            assert_eq!(got.len(), 4, "source {i}");
+            held.extend(got);
+        }
+        assert!(take("192.0.2.6").is_none(), "all 64 taken");
+        drop(held);
+        assert_eq!(listener.count(&"l".to_string()), 0);
+        assert!(shares.open.lock().unwrap().is_empty(), "entries leave at zero");
     }
 
     #[test]

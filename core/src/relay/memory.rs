@@ -1,9 +1,11 @@
 //! Handing memory back after a flood. Every per-connection buffer is freed when its connection
 //! closes, and the relay's tables shrink when they empty, but glibc's allocator keeps freed
 //! memory in its per-thread arenas: after 2,000 connections came and went, the process kept its
-//! high-water RSS. Once a second this task compares the connections open now with the most open
-//! since it last acted; when at least [`TRIM_AFTER`] have closed, it asks the allocator to return
-//! its free pages (`malloc_trim`, on a blocking thread). Other allocators: nothing to do.
+//! high-water RSS. Once a second this task compares the load now ([`Metrics::load`]: connections
+//! on every endpoint, the admin endpoint's included, and public HTTP requests in progress, which
+//! a few connections can hold by the thousand) with its peak since it last acted; when it fell by
+//! at least [`TRIM_AFTER`], it asks the allocator to return its free pages (`malloc_trim`, on a
+//! blocking thread). Other allocators: nothing to do.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 
-/// How many connections must have closed since the peak before memory is handed back.
+/// How far the load must have fallen since the peak before memory is handed back.
 const TRIM_AFTER: i64 = 128;
 
 /// Run until `stop`: hand memory back once a burst of connections has closed.
@@ -25,14 +27,14 @@ pub(super) async fn return_after_floods(metrics: Arc<Metrics>, stop: Cancellatio
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let open = metrics.connections_open.load(Relaxed);
+        let open = metrics.load();
         let peak = metrics.connections_peak.load(Relaxed);
         if peak - open >= TRIM_AFTER {
             metrics.connections_peak.store(open, Relaxed);
             let t0 = std::time::Instant::now();
             // Off the runtime's workers: on a large heap it walks a lot of memory.
             let released = tokio::task::spawn_blocking(trim).await.unwrap_or(false);
-            tracing::debug!(peak, open, released, took = ?t0.elapsed(), "connections closed since the peak; returned free memory to the system");
+            tracing::debug!(peak, open, released, took = ?t0.elapsed(), "connections or requests ended since the peak; returned free memory to the system");
         }
     }
 }

@@ -93,8 +93,25 @@ pub struct Metrics {
     pub(crate) connections_open: AtomicI64,
     /// Of those, the ones still in their handshake (not yet authenticated, or no request yet).
     pub(crate) handshakes_open: AtomicI64,
-    /// Most connections open at once since memory was last handed back (see `memory`).
+    /// Most of [`Metrics::load`] at once since memory was last handed back (see `memory`).
     pub(crate) connections_peak: AtomicI64,
+    /// Connections open now on the admin endpoint (not in `connections_open`: they have a cap of
+    /// their own).
+    pub(crate) admin_connections_open: AtomicI64,
+    /// Admin connections closed at once because the admin endpoint had its most open.
+    pub(crate) admin_refused: AtomicU64,
+    /// Public HTTP requests in progress now (each holds its buffers until its response ends).
+    pub(crate) http_requests_open: AtomicI64,
+    /// Public responses reset because their client took none of their body for `http_timeout`.
+    pub(crate) http_stalled_responses: AtomicU64,
+    /// HTTP/2 connections open now to h2c listeners (shared by every public client).
+    pub(crate) h2c_upstreams_open: AtomicI64,
+    /// Connection-level receive window the relay has not yet given back on those connections
+    /// (bytes the listeners sent that the relay has not granted again), summed.
+    pub(crate) h2c_window_held: AtomicI64,
+    /// Receive window held by the open streams of those connections (bytes a listener sent on a
+    /// stream not yet ended or reset that the relay has not granted back), summed.
+    pub(crate) h2c_stream_window_held: AtomicI64,
     pub(crate) listeners_active: AtomicI64,
     pub(crate) listener_streams: AtomicU64,
     pub(crate) http_requests: AtomicU64,
@@ -239,6 +256,47 @@ impl Metrics {
         self.handshakes_open.load(Relaxed)
     }
 
+    /// What memory is held for: connections on every endpoint (admin included) and public HTTP
+    /// requests in progress. `memory` hands memory back when this falls well below its peak.
+    pub(crate) fn load(&self) -> i64 {
+        self.connections_open.load(Relaxed) + self.admin_connections_open.load(Relaxed) + self.http_requests_open.load(Relaxed)
+    }
+
+    /// Record the current [`Metrics::load`] in the peak (after it grew).
+    pub(crate) fn note_load(&self) {
+        self.connections_peak.fetch_max(self.load(), Relaxed);
+    }
+
+    /// Connections open now on the admin endpoint.
+    pub fn admin_connections_open(&self) -> i64 {
+        self.admin_connections_open.load(Relaxed)
+    }
+
+    /// Public HTTP requests in progress now.
+    pub fn http_requests_open(&self) -> i64 {
+        self.http_requests_open.load(Relaxed)
+    }
+
+    /// Public responses reset because their client stopped reading them.
+    pub fn http_stalled_responses(&self) -> u64 {
+        self.http_stalled_responses.load(Relaxed)
+    }
+
+    /// HTTP/2 connections open now to h2c listeners.
+    pub fn h2c_upstreams_open(&self) -> i64 {
+        self.h2c_upstreams_open.load(Relaxed)
+    }
+
+    /// Receive window held (not granted back) on the HTTP/2 connections to h2c listeners, bytes.
+    pub fn h2c_window_held(&self) -> i64 {
+        self.h2c_window_held.load(Relaxed)
+    }
+
+    /// Receive window held by the open streams of the HTTP/2 connections to h2c listeners, bytes.
+    pub fn h2c_stream_window_held(&self) -> i64 {
+        self.h2c_stream_window_held.load(Relaxed)
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -285,6 +343,43 @@ impl Metrics {
             "Connections open now that have not authenticated (public port: sent no request head) yet.",
             "gauge",
             &[("", self.handshakes_open.load(Relaxed))],
+        );
+        counter(
+            "libtunnel_admin_connections_open",
+            "Connections open now on the admin endpoint.",
+            "gauge",
+            &[("", self.admin_connections_open.load(Relaxed))],
+        );
+        counter(
+            "libtunnel_admin_connections_refused_total",
+            "Admin connections closed at once because the admin endpoint had its most open.",
+            "counter",
+            &[("", self.admin_refused.load(Relaxed) as i64)],
+        );
+        counter("libtunnel_http_requests_open", "Public HTTP requests in progress now.", "gauge", &[("", self.http_requests_open.load(Relaxed))]);
+        counter(
+            "libtunnel_http_stalled_responses_total",
+            "Public responses reset because their client took none of their body for http_timeout.",
+            "counter",
+            &[("", self.http_stalled_responses.load(Relaxed) as i64)],
+        );
+        counter(
+            "libtunnel_h2c_upstreams_open",
+            "HTTP/2 connections open now to h2c listeners.",
+            "gauge",
+            &[("", self.h2c_upstreams_open.load(Relaxed))],
+        );
+        counter(
+            "libtunnel_h2c_window_held_bytes",
+            "Receive window not yet granted back on the HTTP/2 connections to h2c listeners.",
+            "gauge",
+            &[("", self.h2c_window_held.load(Relaxed))],
+        );
+        counter(
+            "libtunnel_h2c_stream_window_held_bytes",
+            "Receive window held by open streams on the HTTP/2 connections to h2c listeners.",
+            "gauge",
+            &[("", self.h2c_stream_window_held.load(Relaxed))],
         );
         counter("libtunnel_auth_failures_total", "Rejected credentials.", "counter", &[("", self.auth_failures.load(Relaxed) as i64)]);
         let labels: Vec<String> = REFUSAL_NAMES.iter().map(|n| format!("{{reason=\"{n}\"}}")).collect();

@@ -33,6 +33,7 @@ mod mux_server;
 mod proxy_header;
 mod public_body;
 mod public_endpoint;
+mod public_h2_window;
 mod public_listeners;
 mod public_tls;
 mod registry;
@@ -86,6 +87,8 @@ pub(crate) struct RelayState {
     pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
     /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
     pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
+    /// Each source's share of a listener's public request slots.
+    pub(crate) http_source_shares: Arc<guard::SourceShares>,
     /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
     pub(crate) public: public_endpoint::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.
@@ -172,6 +175,7 @@ impl RelayState {
 
     fn reload(&self, cfg: &RelayConfig) -> Result<()> {
         let access = Access::from_config(cfg)?;
+        note_allow_rules(&cfg.allow, "the relay")?;
         if let Some(tls) = &self.public.tls {
             tls.reload(cfg)?;
         }
@@ -241,6 +245,19 @@ async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
         .map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it")))
 }
 
+/// At start-up: refuse to run when the host's own addresses cannot be listed and a rule could
+/// reach one, and log what each broad rule (`0.0.0.0/0`, `*`) leaves out. `who` names the
+/// allowlist's owner (the relay, an exit listener).
+pub(crate) fn note_allow_rules(allow: &allowlist::Allowlist, who: &str) -> Result<()> {
+    let listed = resolve::interface_addresses();
+    let host = listed.as_ref().map(|v| v.clone()).unwrap_or_default();
+    resolve::check_host_addresses(allow, listed, who)?;
+    for note in allow.broad_rule_notes(&host) {
+        tracing::info!(owner = who, "{note}");
+    }
+    Ok(())
+}
+
 impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
     pub async fn bind(mut cfg: RelayConfig) -> Result<Server> {
@@ -250,6 +267,7 @@ impl Server {
         }
         cfg.check_admin()?;
         let access = Access::from_config(&cfg)?;
+        note_allow_rules(&cfg.allow, "the relay")?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
@@ -304,6 +322,7 @@ impl Server {
             admissions,
             http_per_source,
             http_per_listener,
+            http_source_shares: guard::SourceShares::new(l.http_max_requests_per_listener),
             public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),

@@ -7,10 +7,12 @@
 //! 503 when the listener refuses, 504 when it does not answer within `http_timeout`.
 //!
 //! Bounded per request: a client at `http_max_requests_per_source` requests in progress gets 429,
-//! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`); a request is in
-//! progress until its response body ends. A body the listener does not read waits in the mux
-//! stream's window; the relay itself holds at most its read buffer (`http_max_header_bytes`)
-//! and [`UPSTREAM_BUFFER`] of it.
+//! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`), and so does a
+//! source over its share of a listener's requests while the last quarter of them is left
+//! ([`guard::SourceShares`]); a request is in progress until its response body ends, and a
+//! response whose client takes none of it for `http_timeout` is reset ([`Counted`]). A body the
+//! listener does not read waits in the mux stream's window; the relay itself holds at most its
+//! read buffer (`http_max_header_bytes`) and [`UPSTREAM_BUFFER`] of it.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,7 +29,8 @@ use super::guard;
 use super::listener_limits::{ListenerSlot, Refused};
 use super::metrics::{ListenerHttp, Refusal};
 use super::public_body::Chunks;
-use super::public_listeners::{H2Sender, Mode, PublicListeners};
+use super::public_h2_window::WindowMeter;
+use super::public_listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
 use super::public_tls::{read_client_hello, PublicTls};
 use super::route::{open_to_listener, RouteError};
 use super::RelayState;
@@ -41,36 +44,139 @@ type Body = Either<Counted, Full<Bytes>>;
 /// window.
 const UPSTREAM_BUFFER: usize = 16 * 1024;
 
-/// The request's places in the per-source and per-listener counts.
-type Permits = (guard::InFlightPermit<IpAddr>, ListenerSlot);
+/// The request's places in the per-source and per-listener counts and in its source's share of
+/// the listener; counted in `http_requests_open` until dropped.
+struct Permits {
+    _by_source: guard::InFlightPermit<IpAddr>,
+    _by_listener: ListenerSlot,
+    _share: guard::SharePermit,
+    metrics: Arc<super::metrics::Metrics>,
+}
 
-/// A listener's response body that keeps its request counted until the body ends.
+impl Drop for Permits {
+    fn drop(&mut self) {
+        self.metrics.http_requests_open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A listener's response body that keeps its request counted (and its slot on a shared h2c
+/// connection held) until the body ends, and is cut when its client stops taking it: a body
+/// that has a frame ready and is not asked for the next one within `http_timeout` is dropped
+/// with its places ([`stall_watch`]), which resets the stream to the listener (its window goes
+/// back to the connection it shares), frees its request slots, and fails the response to the
+/// client.
 pub(super) struct Counted {
-    inner: Chunks,
-    _permits: Permits,
+    body: Arc<Watched>,
+    /// Ends the body's [`stall_watch`] when the body is dropped.
+    _watch: tokio_util::sync::DropGuard,
     stats: Option<Arc<ListenerHttp>>,
+}
+
+/// What a response body holds until it ends or is cut.
+struct Held {
+    body: Chunks,
+    _permits: Permits,
+    _slot: Option<H2Slot>,
+}
+
+/// The body a [`Counted`] and its [`stall_watch`] share.
+struct Watched {
+    /// `None` once cut.
+    inner: std::sync::Mutex<Option<Held>>,
+    /// When the body last handed on a frame (ms since `epoch`), or `WAITING` while it waits for
+    /// the listener (then the client is not the one holding it up).
+    last: std::sync::atomic::AtomicU64,
+    epoch: tokio::time::Instant,
+    /// `http_timeout`.
+    limit: std::time::Duration,
+}
+
+/// [`Watched::last`] while the body waits for the listener.
+const WAITING: u64 = u64::MAX;
+
+/// Why a response body was cut.
+#[derive(Debug, thiserror::Error)]
+#[error("the client took none of the response body for {0:?} (http_timeout); the response was reset")]
+struct Stalled(std::time::Duration);
+
+impl Counted {
+    fn new(state: &Arc<RelayState>, inner: Incoming, permits: Permits, slot: Option<H2Slot>, stats: Option<Arc<ListenerHttp>>) -> Counted {
+        // Not asked for its first frame yet: the clock runs from now.
+        let body = Arc::new(Watched {
+            inner: std::sync::Mutex::new(Some(Held { body: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, _slot: slot })),
+            last: std::sync::atomic::AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+            limit: state.cfg.limits.http_timeout,
+        });
+        let watch = tokio_util::sync::CancellationToken::new();
+        let (w, metrics) = (Arc::downgrade(&body), state.metrics.clone());
+        let dropped = watch.clone();
+        state.tasks.spawn(async move {
+            tokio::select! {
+                _ = stall_watch(w, metrics) => {}
+                _ = dropped.cancelled() => {}
+            }
+        });
+        Counted { body, _watch: watch.drop_guard(), stats }
+    }
+}
+
+/// Cut the body when it has had a frame ready for `http_timeout` that nobody asked for.
+async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<super::metrics::Metrics>) {
+    let Some(limit) = body.upgrade().map(|b| b.limit) else { return };
+    let mut wake = tokio::time::Instant::now() + limit;
+    loop {
+        tokio::time::sleep_until(wake).await;
+        let Some(b) = body.upgrade() else { return };
+        let last = b.last.load(Relaxed);
+        if last == WAITING {
+            wake = tokio::time::Instant::now() + limit;
+            continue;
+        }
+        let since = b.epoch + std::time::Duration::from_millis(last);
+        if since + limit > tokio::time::Instant::now() {
+            wake = since + limit;
+            continue;
+        }
+        let cut = b.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if cut.is_some_and(|c| !c.body.is_end_stream()) {
+            metrics.http_stalled_responses.fetch_add(1, Relaxed);
+            tracing::debug!(?limit, "a public client took none of a response body for http_timeout; reset it");
+        }
+        return;
+    }
 }
 
 impl hyper::body::Body for Counted {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let r = self.inner.poll_next(cx);
-        if let (std::task::Poll::Ready(Some(Ok(f))), Some(s)) = (&r, &self.stats) {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let mut inner = self.body.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Held { body, .. }) = inner.as_mut() else {
+            return Poll::Ready(Some(Err(Stalled(self.body.limit).into())));
+        };
+        let r = body.poll_next(cx);
+        let last = match &r {
+            Poll::Pending => WAITING,
+            _ => self.body.epoch.elapsed().as_millis() as u64,
+        };
+        self.body.last.store(last, Relaxed);
+        if let (Poll::Ready(Some(Ok(f))), Some(s)) = (&r, &self.stats) {
             if let Some(d) = f.data_ref() {
                 s.bytes_out.fetch_add(d.len() as u64, Relaxed);
             }
         }
-        r
+        r.map(|f| f.map(|f| f.map_err(Into::into)))
     }
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|h| h.body.is_end_stream())
     }
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.body.inner.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|h| h.body.size_hint()).unwrap_or_default()
     }
 }
 
@@ -335,18 +441,21 @@ async fn connect_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr)
     Ok(sender)
 }
 
-/// An HTTP/2 connection to the h2c listener `name`: one kept open, or a new one.
-async fn h2_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr, fresh: bool) -> Result<H2Sender, Response<Body>> {
+/// An HTTP/2 connection to the h2c listener `name` and a request slot on it: one kept open with a
+/// free slot, or a new one (kept if there is room, else this request's own).
+async fn h2_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr, fresh: bool) -> Result<(H2Sender, H2Slot), Response<Body>> {
     if !fresh {
         if let Some(s) = state.public.listeners.h2(name) {
             return Ok(s);
         }
     }
     let stream = open_stream(state, name, peer).await?;
+    let stream = WindowMeter::new(stream, state.metrics.clone());
     let (sender, conn) = hyper::client::conn::http2::Builder::new(Exec(state.tasks.clone()))
         .timer(TokioTimer::new())
-        .initial_stream_window_size(1 << 20)
-        .initial_connection_window_size(4 << 20)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_concurrent_reset_streams(H2_STREAMS)
         .max_send_buf_size(H2_SEND_BUFFER)
         .max_header_list_size(state.cfg.limits.http_max_header_bytes.min(u32::MAX as usize) as u32)
         .handshake(TokioIo::new(stream))
@@ -367,8 +476,11 @@ async fn h2_upstream(state: &Arc<RelayState>, name: &str, peer: SocketAddr, fres
             _ = st.kill.cancelled() => {}
         }
     });
-    state.public.listeners.set_h2(name, sender.clone());
-    Ok(sender)
+    let shared = Shared::new(sender.clone());
+    let slot =
+        shared.slot().ok_or_else(|| text(StatusCode::BAD_GATEWAY, format!("the HTTP/2 connection to the listener {name:?} closed at once")))?;
+    state.public.listeners.set_h2(name, shared);
+    Ok((sender, slot))
 }
 
 /// Remove the hop-by-hop headers (RFC 9110 section 7.6.1): they describe one connection, and the
@@ -418,6 +530,37 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
         _ => raw,
     };
     Some(host.trim_end_matches('.').to_ascii_lowercase())
+}
+
+/// Why the request names its host ambiguously (RFC 9112 3.2, RFC 9113 8.3.1), or `None`: more
+/// than one `Host` header, or a `Host` that names another host or port than the absolute request
+/// target (or the HTTP/2 `:authority`). The relay routes on one of them and the service would
+/// see the other, so a service routing by `Host` could be steered where the relay did not route.
+fn host_conflict<B>(req: &Request<B>) -> Option<String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next()?;
+    if hosts.next().is_some() {
+        return Some("more than one Host header; send exactly one".to_string());
+    }
+    let target = req.uri().authority()?;
+    let default_port = if req.uri().scheme_str() == Some("https") { 443 } else { 80 };
+    let split = |raw: &str| -> (String, Option<u16>) {
+        let (h, p) = match raw.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') || h.ends_with(']') => (h, p.parse().ok()),
+            _ => (raw, None),
+        };
+        (h.trim_end_matches('.').to_ascii_lowercase(), p)
+    };
+    let (th, tp) = split(target.as_str());
+    let given = first.to_str().unwrap_or_default();
+    let (hh, hp) = split(given);
+    if th != hh || tp.unwrap_or(default_port) != hp.unwrap_or(default_port) {
+        return Some(format!(
+            "the Host header {given:?} names another host than the request target {:?}; send the same host in both",
+            target.as_str()
+        ));
+    }
+    None
 }
 
 /// The `Host` value as the client sent it (`Host`, else the `:authority`, port included).
@@ -486,12 +629,40 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
             ));
         }
     };
-    Ok((by_source, by_listener))
+    let share = take_source_share(state, peer, name)?;
+    state.metrics.http_requests_open.fetch_add(1, Relaxed);
+    state.metrics.note_load();
+    Ok(Permits { _by_source: by_source, _by_listener: by_listener, _share: share, metrics: state.metrics.clone() })
+}
+
+/// Count the request in its source's share of the listener's slots (see [`guard::SourceShares`]),
+/// or answer 503: a few sources holding most of a listener's requests leave the rest to others.
+fn take_source_share(state: &RelayState, peer: SocketAddr, name: &str) -> Result<guard::SharePermit, Box<Response<Body>>> {
+    let in_use = state.http_per_listener.count(&name.to_string());
+    let shares = &state.http_source_shares;
+    shares.enter(name, guard::source_of(peer.ip()), in_use).ok_or_else(|| {
+        state.metrics.refused(Refusal::HttpListenerRequests);
+        let mut r = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "your address holds {} or more of the listener {name:?}'s requests in progress and its last {} places are kept for others (http_max_requests_per_listener = {}); retry later",
+                shares.share(),
+                shares.reserve(),
+                state.http_per_listener.limit()
+            ),
+        );
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        Box::new(r)
+    })
 }
 
 async fn route(state: Arc<RelayState>, mut req: Request<Incoming>, conn: &Conn, slot: &UpstreamSlot) -> Response<Body> {
     state.metrics.http_requests.fetch_add(1, Relaxed);
     let domain = &state.cfg.domain;
+    if let Some(why) = host_conflict(&req) {
+        state.metrics.refused(Refusal::Malformed);
+        return text(StatusCode::BAD_REQUEST, why);
+    }
     let Some(host) = request_host(&req) else {
         return text(StatusCode::BAD_REQUEST, "no Host header; send Host: NAME.".to_string() + domain);
     };
@@ -604,18 +775,18 @@ async fn forward(
             req.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
         }
         let exchange = async {
-            let mut sender = h2_upstream(state, name, peer, false).await?;
+            let (mut sender, slot) = h2_upstream(state, name, peer, false).await?;
             match sender.try_send_request(req).await {
                 // The kept connection closed before the request went out: once more on a new one.
                 Err(mut e) if e.message().is_some() => {
                     let req = e.take_message().expect("checked above");
-                    let mut sender = h2_upstream(state, name, peer, true).await?;
-                    sender.send_request(req).await.map_err(|e| bad_gateway(name, e))
+                    let (mut sender, slot) = h2_upstream(state, name, peer, true).await?;
+                    sender.send_request(req).await.map(|r| (r, slot)).map_err(|e| bad_gateway(name, e))
                 }
-                r => r.map_err(|e| bad_gateway(name, e.into_error())),
+                r => r.map(|r| (r, slot)).map_err(|e| bad_gateway(name, e.into_error())),
             }
         };
-        let mut resp = match tokio::time::timeout(limit, exchange).await {
+        let (mut resp, slot) = match tokio::time::timeout(limit, exchange).await {
             Err(_) => return timeout_response(),
             Ok(Err(refusal)) => return refusal,
             Ok(Ok(r)) => r,
@@ -623,7 +794,7 @@ async fn forward(
         // hyper writes an HTTP/1.1 client's status line from the response's version.
         *resp.version_mut() = if client_version == http::Version::HTTP_2 { client_version } else { http::Version::HTTP_11 };
         strip_hop_by_hop(resp.headers_mut(), false);
-        return resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }));
+        return resp.map(|inner| Either::Left(Counted::new(state, inner, permits, Some(slot), stats)));
     }
 
     // An HTTP/1.1 listener: an HTTP/2 request goes out in origin form with a Host header.
@@ -705,5 +876,5 @@ async fn forward(
             });
         }
     }
-    resp.map(|inner| Either::Left(Counted { inner: Chunks::new(inner, RESPONSE_CHUNK), _permits: permits, stats }))
+    resp.map(|inner| Either::Left(Counted::new(state, inner, permits, None, stats)))
 }

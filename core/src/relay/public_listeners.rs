@@ -8,10 +8,19 @@
 //! Bounded: entries exist only for registered names (added at registration, removed when it
 //! ends), and rate windows only for names that are registered; kept connections to h2c
 //! listeners on other nodes of a cluster for at most [`REMOTE_H2_NAMES`] names.
+//!
+//! Isolation on a shared connection: each carries at most [`H2_STREAMS`] requests at once (a
+//! [`Shared`] connection's slots), and its connection window is that many stream windows
+//! ([`H2_STREAM_WINDOW`], [`H2_CONNECTION_WINDOW`]). A response a client stops reading holds at
+//! most its own stream's window of the connection's, so however many a client leaves unread,
+//! every other stream on the connection still has its full window: no client can take another's
+//! share. A request finding every kept connection full gets a connection of its own.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::public_endpoint::Pieces;
 
@@ -29,10 +38,48 @@ pub(crate) enum Mode {
 
 pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<Pieces>;
 
+/// Most requests one HTTP/2 connection to an h2c listener carries at once.
+pub(crate) const H2_STREAMS: usize = 64;
+/// The relay's receive window for each stream of such a connection (what one unread response
+/// holds of the connection's window, and of relay memory).
+pub(crate) const H2_STREAM_WINDOW: u32 = 256 * 1024;
+/// The relay's receive window for such a connection: every stream's window at once, so streams
+/// never wait on each other's unread data.
+pub(crate) const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * H2_STREAMS as u32;
+
+/// An HTTP/2 connection to an h2c listener and its request slots.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) sender: H2Sender,
+    slots: Arc<Semaphore>,
+}
+
+/// A request's place on a [`Shared`] connection: held until its response body is dropped.
+pub(crate) type H2Slot = OwnedSemaphorePermit;
+
+impl Shared {
+    pub(crate) fn new(sender: H2Sender) -> Shared {
+        Shared { sender, slots: Arc::new(Semaphore::new(H2_STREAMS)) }
+    }
+
+    /// A free slot on this connection, if it is open and has one.
+    pub(crate) fn slot(&self) -> Option<H2Slot> {
+        if self.sender.is_closed() {
+            return None;
+        }
+        self.slots.clone().try_acquire_owned().ok()
+    }
+}
+
+/// The first of `kept` with a free slot, starting at `from`.
+fn with_room(kept: &[Shared], from: usize) -> Option<(H2Sender, H2Slot)> {
+    (0..kept.len()).map(|i| &kept[(from + i) % kept.len()]).find_map(|c| Some((c.sender.clone(), c.slot()?)))
+}
+
 struct Entry {
     id: u64,
     mode: Mode,
-    h2: Vec<H2Sender>,
+    h2: Vec<Shared>,
     /// Round-robin position in `h2`.
     next: usize,
 }
@@ -55,7 +102,7 @@ pub(crate) struct PublicListeners {
     /// HTTP/2 connections to h2c listeners another node of the cluster holds (each one tunnel
     /// stream across the node-to-node hop); a connection leaves when it closes, which it does when
     /// that listener goes away or moves.
-    remote_h2: Mutex<HashMap<String, Vec<H2Sender>>>,
+    remote_h2: Mutex<HashMap<String, Vec<Shared>>>,
 }
 
 /// Most remote h2c listener names with kept connections.
@@ -85,31 +132,31 @@ impl PublicListeners {
         self.table().get(name).map(|e| e.mode).unwrap_or_default()
     }
 
-    /// An open HTTP/2 connection to `name` (the next in turn), or `None` when fewer than
-    /// [`H2_UPSTREAMS`] are open (the caller opens one).
-    pub(crate) fn h2(&self, name: &str) -> Option<H2Sender> {
+    /// An open HTTP/2 connection to `name` (the next in turn with a free slot) and a slot on it,
+    /// or `None` when fewer than [`H2_UPSTREAMS`] are open or every one is full (the caller
+    /// opens one).
+    pub(crate) fn h2(&self, name: &str) -> Option<(H2Sender, H2Slot)> {
         let mut t = self.table();
         let Some(e) = t.get_mut(name) else {
             drop(t);
             let mut r = self.remote_h2.lock().unwrap_or_else(|p| p.into_inner());
             let kept = r.get_mut(name)?;
-            kept.retain(|s| !s.is_closed());
+            kept.retain(|s| !s.sender.is_closed());
             if kept.len() < H2_UPSTREAMS {
                 return None;
             }
-            let i = rand::random::<u32>() as usize % kept.len();
-            return Some(kept[i].clone());
+            return with_room(kept, rand::random::<u32>() as usize);
         };
-        e.h2.retain(|s| !s.is_closed());
+        e.h2.retain(|s| !s.sender.is_closed());
         if e.h2.len() < H2_UPSTREAMS {
             return None;
         }
         e.next = e.next.wrapping_add(1);
-        Some(e.h2[e.next % e.h2.len()].clone())
+        with_room(&e.h2, e.next)
     }
 
     /// Keep `sender` as a connection to `name` (while that registration lives), if there is room.
-    pub(crate) fn set_h2(&self, name: &str, sender: H2Sender) {
+    pub(crate) fn set_h2(&self, name: &str, sender: Shared) {
         if let Some(e) = self.table().get_mut(name) {
             if e.h2.len() < H2_UPSTREAMS {
                 e.h2.push(sender);
@@ -120,7 +167,7 @@ impl PublicListeners {
         let mut r = self.remote_h2.lock().unwrap_or_else(|p| p.into_inner());
         if r.len() >= REMOTE_H2_NAMES && !r.contains_key(name) {
             r.retain(|_, kept| {
-                kept.retain(|s| !s.is_closed());
+                kept.retain(|s| !s.sender.is_closed());
                 !kept.is_empty()
             });
             if r.len() >= REMOTE_H2_NAMES {
@@ -128,7 +175,7 @@ impl PublicListeners {
             }
         }
         let kept = r.entry(name.to_string()).or_default();
-        kept.retain(|s| !s.is_closed());
+        kept.retain(|s| !s.sender.is_closed());
         if kept.len() < H2_UPSTREAMS {
             kept.push(sender);
         }
