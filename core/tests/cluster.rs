@@ -160,9 +160,11 @@ async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
         return;
     }
     // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
-    // per-source limits sized for one source sending 1,000 at once.
+    // per-source limits sized for one source sending 1,000 at once (and a listener limit whose
+    // per-source share, 1/16 of it, is not reached by that one source).
     let limits: Vec<String> = [
         "http_max_requests_per_source=4096",
+        "http_max_requests_per_listener=4096",
         "max_handshakes_per_source=4096",
         "max_connections_per_source=4096",
         // HAProxy names each client in a PROXY header (from 127.0.0.9; direct clients are 127.0.0.1).
