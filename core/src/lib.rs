@@ -43,6 +43,7 @@ pub mod client;
 pub mod config;
 mod conn_log;
 pub mod demo;
+pub mod dotenv;
 pub mod dialer;
 pub mod e2e;
 pub mod egress;

@@ -30,6 +30,7 @@ use super::public_listeners::{H2Sender, Mode, PublicListeners};
 use super::public_tls::{read_client_hello, PublicTls};
 use super::route::{open_to_listener, RouteError};
 use super::RelayState;
+use crate::error::ErrorCode;
 use crate::protocol::{StreamHeader, Via};
 
 type Body = Either<Counted, Full<Bytes>>;
@@ -311,6 +312,20 @@ async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> R
             RouteError::Timeout => text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"),
+            ),
+            RouteError::Refused(code) => text(
+                StatusCode::FORBIDDEN,
+                match code {
+                    ErrorCode::E2eRefused => format!(
+                        "the listener {name:?} refused the request ({}): it is end-to-end encrypted, so only e2e dials reach it, never public HTTP",
+                        code.name()
+                    ),
+                    ErrorCode::NotAllowed => format!(
+                        "the listener {name:?} refused the request ({}): it is an exit listener that exposes no service",
+                        code.name()
+                    ),
+                    _ => format!("the listener {name:?} refused the request ({})", code.name()),
+                },
             ),
         }
     })

@@ -46,6 +46,8 @@ fn answer_of(e: RouteError) -> u8 {
         RouteError::Offline | RouteError::ClusterUnavailable => 1,
         RouteError::Busy => 2,
         RouteError::Timeout => 3,
+        // The listener's own refusal: its code, flagged, so the entry node hands it on.
+        RouteError::Refused(code) => 0x80 | code.number() as u8,
     }
 }
 
@@ -53,6 +55,7 @@ fn error_of(b: u8) -> RouteError {
     match b {
         1 => RouteError::Offline,
         3 => RouteError::Timeout,
+        b if b & 0x80 != 0 => RouteError::Refused(ErrorCode::from_number(u32::from(b & 0x7f)).unwrap_or(ErrorCode::Refused)),
         _ => RouteError::Busy,
     }
 }
