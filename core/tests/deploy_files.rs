@@ -61,6 +61,15 @@ fn the_env_example_lists_every_setting_with_its_real_default() {
 }
 
 #[test]
+fn the_readme_settings_table_lists_every_setting() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README.md");
+    for s in SETTINGS {
+        let var = format!("`TUNNEL_{}`", s.name.to_ascii_uppercase());
+        assert!(readme.lines().any(|l| l.starts_with("| ") && l.contains(&var)), "README.md's settings table has no row for {var}");
+    }
+}
+
+#[test]
 fn the_toml_example_loads() {
     let text = std::fs::read_to_string(deploy("relay.toml.example")).expect("deploy/relay.toml.example");
     let cfg = RelayConfig::from_sources(Some(&text), &[], &[], &[]).expect("the example loads");

@@ -232,6 +232,61 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
     drop(e2e);
 }
 
+/// An HTTP/1.1 server that answers every request `ok` and closes.
+async fn http_ok_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
+    let dir = scratch("quiet-successes");
+    let (echo, web) = (echo_server().await, http_ok_server().await);
+    let (relay, url, http) = relay(&dir, &allow_ports(&[echo.port()]), &[]).await;
+    for i in 0..3 {
+        let data = payload(64 * 1024, i);
+        let (status, out, err) = dial(&dir, &url, &[&echo.to_string()], &data).await;
+        assert!(status.success() && err.is_empty(), "{err}");
+        assert_eq!(sha256(&out), sha256(&data));
+    }
+    let (l, name) = listen(&dir, &url, &["--to", &web.to_string()]).await;
+    for _ in 0..15 {
+        assert_eq!(public_get(http, &name).await, (200, "ok".to_string()));
+    }
+    let logged = within(STEP, "15 connection lines at the listener", async {
+        loop {
+            let e = l.stderr();
+            if e.matches("exposed http connection ended").count() >= 15 {
+                return e;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(!logged.contains("error") && !logged.contains("reset the stream"), "{logged}");
+    let relayed = relay.stderr();
+    for bad in ["without a closing handshake", "transport failed", "ERROR", "WARN"] {
+        assert!(!relayed.contains(bad), "the relay logged {bad:?}:\n{relayed}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // tunnel forward: a wrong key stops it at start; --classic counts what it sent
 // ---------------------------------------------------------------------------------------------
@@ -294,7 +349,7 @@ async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
     let keyfile = dir.join("office.pem");
     id.save(&keyfile).expect("key");
     let grants = format!(r#"[{{"public_key":"{}","names":["office"]}}]"#, id.public_key_base64());
-    let (_relay, url, _) = relay(&dir, &allow_ports(&[1]), &[("TUNNEL_EXITS", &exits), ("TUNNEL_LISTENER_KEYS", &grants)]).await;
+    let (relay, url, _) = relay(&dir, &allow_ports(&[1]), &[("TUNNEL_EXITS", &exits), ("TUNNEL_LISTENER_KEYS", &grants)]).await;
     let (_exit, name) = listen_with(&dir, &url, &keyfile, &["--exit", "--name", "office", "--allow", &allow_ports(&[echo.port()])]).await;
     assert_eq!(name, "office");
     let data = payload(512 * 1024, 16);
@@ -316,6 +371,17 @@ async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
     assert!(draining.contains("retired from the pool"), "{draining}");
     let _ = replica.line("exited: ").await;
     assert!(replica.wait(STEP).await.success(), "{}", replica.stderr());
+    // The relay saw a session closed on purpose, not a failed transport.
+    let ended = within(STEP, "the relay's log of the replica's end", async {
+        loop {
+            if let Some(l) = relay.stderr().lines().find(|l| l.contains("listener session ended") && !l.contains("name=office")) {
+                return l.to_string();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(ended.contains("the peer closed the session") && !ended.contains("failed"), "{ended}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -528,6 +528,10 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 None => libtunnel::forward::exit_only(listener, stop).await,
             };
+            // The session was closed; its writer sends the WebSocket Close on its own task, which the
+            // process exit right after would cut (the relay would log a failed transport). The mux
+            // keeps no handle to await it, so give it a moment.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             if r.is_ok() {
                 say!("exited: every stream finished");
             }
