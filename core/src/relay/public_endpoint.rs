@@ -4,7 +4,8 @@
 //! stream or local connection), and opens a new one when the name changes or the old one closed. Bodies stream in both directions with bounded buffers (the mux window), WebSocket and
 //! other upgrades pass through, and the client's address goes along in `X-Forwarded-For` and
 //! `Forwarded`. Errors: 404 for a host outside the domain, 502 for an unknown or offline name,
-//! 503 when the listener refuses, 504 when it does not answer within `http_timeout`.
+//! 503 when the listener refuses, 504 when it does not answer within `http_timeout`, 403 naming
+//! the code when it refuses public requests for good (e2e listener, exit without a service).
 //!
 //! Bounded per request: a client at `http_max_requests_per_source` requests in progress gets 429,
 //! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`); a request is in
