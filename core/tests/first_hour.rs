@@ -281,6 +281,10 @@ async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
     })
     .await;
     assert!(!logged.contains("error") && !logged.contains("reset the stream"), "{logged}");
+    // `received` is what came back from the service (its 61-byte answer), as in `tunnel forward`'s
+    // lines: `sent` is the client's side.
+    let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok".len();
+    assert!(logged.lines().filter(|l| l.contains("outcome=\"closed\"")).all(|l| l.contains(&format!("received={answer} "))), "{logged}");
     let relayed = relay.stderr();
     for bad in ["without a closing handshake", "transport failed", "ERROR", "WARN"] {
         assert!(!relayed.contains(bad), "the relay logged {bad:?}:\n{relayed}");
