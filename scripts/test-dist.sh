@@ -6,7 +6,7 @@
 # those of the unpacked tree), then a relay
 # (`tunnel server` on 127.0.0.1:0) and `tunnel dial` through it to a hashing service: 1 MiB of
 # random bytes sent, the service's SHA-256 of what it received compared with ours.
-# C tarball: unpacked; examples/c/relay.c (embedded relay) and examples/c/dial.c compiled with
+# C tarball: unpacked; its README.md and examples present; examples/c/relay.c (embedded relay) and examples/c/dial.c compiled with
 # `pkg-config --cflags --libs tunnel` (PKG_CONFIG_PATH into the unpacked tree), once linked to
 # libtunnel.so (rpath) and once to libtunnel.a (`pkg-config --static`); each relay serves a dial
 # of the other link kind, same hash check.
@@ -140,6 +140,9 @@ soname=$(objdump -p "$C/lib/libtunnel.so.$VERSION" | awk '/SONAME/ {print $2}')
 [ -L "$C/lib/$soname" ] || fail "no $soname link beside libtunnel.so.$VERSION"
 export PKG_CONFIG_PATH="$C/lib/pkgconfig"
 [ "$(pkg-config --modversion tunnel)" = "$VERSION" ] || fail "pkg-config --modversion tunnel"
+cmp -s "$C/README.md" ffi/README.md || fail "the C tarball's README.md is not ffi/README.md"
+for f in examples/c/*.c; do cmp -s "$C/examples/${f##*/}" "$f" || fail "the C tarball lacks $f"; done
+echo "ok: the C tarball carries README.md and the C examples"
 read -ra shared <<<"$(pkg-config --cflags --libs tunnel)"
 read -ra static <<<"$(pkg-config --static --cflags --libs tunnel)"
 for prog in relay dial; do
