@@ -338,6 +338,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
+            // Handlers first: a supervisor may stop the relay as soon as it reads that it is ready.
+            let stop = shutdown_signal();
             // Machine-readable lines, so scripts can find the ports when listening on :0.
             say!("{}", server.ready_lines().trim_end());
             // Every endpoint is bound: tell systemd (Type=notify; nothing without NOTIFY_SOCKET).
@@ -360,7 +362,6 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     }
                 });
             }
-            let stop = shutdown_signal();
             server
                 .run(async {
                     stop.await;
@@ -377,6 +378,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            let stop = shutdown_signal();
             say!("forwarding {addr} -> {target} via {}", dialer.relay());
             if dialer.mode() == Mode::Multiplexed {
                 match dialer.connect().await {
@@ -386,7 +388,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
                 }
             }
-            libtunnel::forward::forward(listener, dialer, target, shutdown_signal()).await
+            libtunnel::forward::forward(listener, dialer, target, stop).await
         }
         Cmd::Socks { listen, via, client } => {
             let dialer = client.dialer()?;
@@ -396,6 +398,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             };
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            let stop = shutdown_signal();
             say!("socks5 proxy on {addr} via {}", dialer.relay());
             if dialer.mode() == Mode::Multiplexed {
                 match dialer.connect().await {
@@ -404,7 +407,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
                 }
             }
-            libtunnel::forward::socks_proxy(listener, dialer, shutdown_signal()).await
+            libtunnel::forward::socks_proxy(listener, dialer, stop).await
         }
         Cmd::Dial { target, via, client } => {
             let target = Target::parse(&target)?;
@@ -474,6 +477,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
+            let stop = shutdown_signal();
             // Machine-readable lines, so scripts can find what was granted.
             say!("listening as: {}", reg.name);
             // Only the ways in that this listener serves: an exit without --to serves none of
@@ -512,7 +516,6 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 say!("exit: {} (dial with --via {})", rules, reg.name);
             }
             // A stop drains: say so, and say when it is over (a pool's rolling restart).
-            let stop = shutdown_signal();
             let stop = async {
                 stop.await;
                 say!(
