@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Release artifacts into dist/ (`make dist`): the CLI tarball, the C tarball, the Python wheel and the npm tarball
 #
-#   dist/libtunnel-cli-VERSION-linux-ARCH.tar.gz  bin/tunnel, man page, bash/zsh/fish completions, LICENSE
-#                                                 (a prefix tree: share/man, share/doc/libtunnel, ...)
+#   dist/libtunnel-cli-VERSION-linux-ARCH.tar.gz  bin/tunnel, man page, bash/zsh/fish completions, README.md,
+#                                                 LICENSE, the relay's systemd unit (lib/systemd/system) and
+#                                                 its env/TOML examples (a prefix tree for /usr/local:
+#                                                 share/man, share/doc/libtunnel, ...)
 #   dist/libtunnel-c-VERSION-linux-ARCH.tar.gz    include/tunnel.h, lib/libtunnel.so.* (+ SONAME links),
-#                                                 lib/libtunnel.a, lib/pkgconfig/tunnel.pc (relocatable)
+#                                                 lib/libtunnel.a, lib/pkgconfig/tunnel.pc (relocatable),
+#                                                 README.md (ffi/README.md) and the C examples
 #   dist/libtunnel-VERSION-cp311-abi3-*.whl       the Python package (maturin build --release)
 #   dist/libtunnel-node-VERSION-linux-ARCH.tgz    `npm pack` of bindings/node with the release addon
 #   dist/SHA256SUMS
@@ -68,13 +71,18 @@ make --no-print-directory -f ffi/install.mk install CARGO=true DESTDIR="$STAGE/c
 # standard library's objects bring into libtunnel.a (symbols stay, so it links the same).
 strip --strip-debug "$STAGE/c/$C_NAME/lib/libtunnel.a"
 install -m 644 LICENSE "$STAGE/c/$C_NAME/LICENSE"
+install -m 644 ffi/README.md "$STAGE/c/$C_NAME/README.md"
+install -D -m 644 -t "$STAGE/c/$C_NAME/examples" examples/c/*.c
 pack "$STAGE/c" "$C_NAME"
 
-step "dist: the CLI tarball (binary, man page, completions)"
+step "dist: the CLI tarball (binary, man page, completions, README, systemd unit and relay config examples)"
 CLI_NAME="libtunnel-cli-$VERSION-$PLATFORM"
 CLI="$STAGE/cli/$CLI_NAME"
 install -D -m 755 "$CARGO_TARGET_DIR/release/tunnel" "$CLI/bin/tunnel"
 install -D -m 644 LICENSE "$CLI/share/doc/libtunnel/LICENSE"
+install -m 644 README.md deploy/relay.env.example deploy/relay.toml.example "$CLI/share/doc/libtunnel/"
+# Unpacked into /usr/local, the unit lands where systemd looks (/usr/local/lib/systemd/system).
+install -D -m 644 deploy/libtunnel-relay.service "$CLI/lib/systemd/system/libtunnel-relay.service"
 mkdir -p "$CLI/share/man/man1" "$CLI/share/bash-completion/completions" "$CLI/share/zsh/site-functions" \
   "$CLI/share/fish/vendor_completions.d"
 "$CLI/bin/tunnel" man >"$CLI/share/man/man1/tunnel.1"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Release artifacts: `make dist` (scripts/dist.sh), then each artifact installed from itself in a temp dir and run
 #
-# CLI tarball: unpacked into a prefix, `tunnel --version`, man page and completions present, then a relay
+# CLI tarball: unpacked into a prefix, `tunnel --version`, man page, completions, README and the deploy files
+# present, the systemd unit from the tarball checked with `systemd-analyze verify` (its binary and man page
+# those of the unpacked tree), then a relay
 # (`tunnel server` on 127.0.0.1:0) and `tunnel dial` through it to a hashing service: 1 MiB of
 # random bytes sent, the service's SHA-256 of what it received compared with ours.
-# C tarball: unpacked; examples/c/relay.c (embedded relay) and examples/c/dial.c compiled with
+# C tarball: unpacked; its README.md and examples present; examples/c/relay.c (embedded relay) and examples/c/dial.c compiled with
 # `pkg-config --cflags --libs tunnel` (PKG_CONFIG_PATH into the unpacked tree), once linked to
 # libtunnel.so (rpath) and once to libtunnel.a (`pkg-config --static`); each relay serves a dial
 # of the other link kind, same hash check.
@@ -102,7 +104,24 @@ for f in share/bash-completion/completions/tunnel share/zsh/site-functions/_tunn
   grep -q server "$CLI/$f" || fail "the completion $f does not know \`tunnel server\`"
 done
 [ -f "$CLI/share/doc/libtunnel/LICENSE" ] || fail "no LICENSE in the CLI tarball"
-echo "ok: man page, bash/zsh/fish completions and LICENSE"
+for pair in "share/doc/libtunnel/README.md README.md" "share/doc/libtunnel/relay.env.example deploy/relay.env.example" \
+  "share/doc/libtunnel/relay.toml.example deploy/relay.toml.example" "lib/systemd/system/libtunnel-relay.service deploy/libtunnel-relay.service"; do
+  read -r got want <<<"$pair"
+  cmp -s "$CLI/$got" "$ROOT/$want" || fail "$got is missing from the CLI tarball or differs from $want"
+done
+echo "ok: man page, bash/zsh/fish completions, LICENSE, README.md, the systemd unit and the relay config examples"
+# The unit as shipped, checked by systemd itself: its ExecStart pointed at the unpacked binary (it names
+# /usr/local/bin/tunnel, where the tarball goes when unpacked into /usr/local) and its man: link resolved
+# in the unpacked tree.
+need_debs systemd man-db procps
+sed "s#/usr/local/bin/tunnel#$CLI/bin/tunnel#g" "$CLI/lib/systemd/system/libtunnel-relay.service" >"$T/libtunnel-relay.service"
+grep -q '^Type=notify$' "$T/libtunnel-relay.service" || fail "the unit is not Type=notify"
+grep -q '^RestrictAddressFamilies=.*AF_NETLINK' "$T/libtunnel-relay.service" || fail "the unit does not allow AF_NETLINK"
+! grep -q curl "$T/libtunnel-relay.service" || fail "the unit still needs curl"
+said=$(MANPATH="$CLI/share/man" systemd-analyze verify "$T/libtunnel-relay.service" 2>&1) \
+  || fail "systemd-analyze verify of the tarball's unit: $said"
+! grep -q 'libtunnel-relay.service:' <<<"$said" || fail "systemd-analyze verify warns about the tarball's unit: $said"
+echo "ok: systemd-analyze verify of the tarball's unit (man page found in the tarball)"
 keys=$("$CLI/bin/tunnel" keygen --kid 1)
 KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$keys")
 AUTH_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$keys")
@@ -121,6 +140,9 @@ soname=$(objdump -p "$C/lib/libtunnel.so.$VERSION" | awk '/SONAME/ {print $2}')
 [ -L "$C/lib/$soname" ] || fail "no $soname link beside libtunnel.so.$VERSION"
 export PKG_CONFIG_PATH="$C/lib/pkgconfig"
 [ "$(pkg-config --modversion tunnel)" = "$VERSION" ] || fail "pkg-config --modversion tunnel"
+cmp -s "$C/README.md" ffi/README.md || fail "the C tarball's README.md is not ffi/README.md"
+for f in examples/c/*.c; do cmp -s "$C/examples/${f##*/}" "$f" || fail "the C tarball lacks $f"; done
+echo "ok: the C tarball carries README.md and the C examples"
 read -ra shared <<<"$(pkg-config --cflags --libs tunnel)"
 read -ra static <<<"$(pkg-config --static --cflags --libs tunnel)"
 for prog in relay dial; do

@@ -433,7 +433,18 @@ impl RelayConfig {
             let setting = lookup(k).ok_or_else(|| unknown(k, "flag"))?;
             values.insert(setting.name, (v.clone(), format!("--{}", k.replace('_', "-"))));
         }
-        RelayConfig::from_values(&values)
+        RelayConfig::from_values(&values).map_err(|e| {
+            // A value that .env kept with a quote at one end is the likely cause: say so.
+            let msg = e.to_string();
+            let hint = values.values().find_map(|(v, var)| {
+                let from_dotenv = dotenv.iter().any(|(k, _)| k == var) && !env.iter().any(|(k, _)| k == var);
+                (from_dotenv && msg.contains(var.as_str())).then(|| crate::dotenv::quoting_hint(var, v)).flatten()
+            });
+            match hint {
+                Some(h) => Error::config(format!("{msg}; {h}")),
+                None => e,
+            }
+        })
     }
 
     fn from_values(values: &BTreeMap<&'static str, (String, String)>) -> Result<RelayConfig> {
@@ -649,68 +660,100 @@ impl RelayConfig {
 pub struct Setting {
     /// Lower-case name (TOML key; `TUNNEL_` + upper-case is the env var).
     pub name: &'static str,
+    /// The value in force when it is not set, as `--set help` and `relay.env.example` show it.
+    pub default: &'static str,
     /// What it does.
     pub help: &'static str,
 }
 
 /// Every relay setting.
 pub const SETTINGS: &[Setting] = &[
-    Setting { name: "listen", help: "tunnel endpoint address (WebSocket; TLS when a cert is set), or off" },
-    Setting { name: "tcp_listen", help: "raw-TCP tunnel endpoint address, or off" },
-    Setting { name: "http_listen", help: "public HTTP port routing by Host to listeners, or off" },
-    Setting { name: "https_listen", help: "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off" },
+    Setting { name: "listen", default: "127.0.0.1:7835", help: "tunnel endpoint address (WebSocket; TLS when a cert is set), or off" },
+    Setting { name: "tcp_listen", default: "off", help: "raw-TCP tunnel endpoint address, or off" },
+    Setting { name: "http_listen", default: "off", help: "public HTTP port routing by Host to listeners, or off" },
+    Setting { name: "https_listen", default: "off", help: "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off" },
     Setting {
         name: "public_tls_cert",
+        default: "none",
         help: "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI (reloaded on SIGHUP)",
     },
-    Setting { name: "public_tls_key", help: "PEM private key(s), one per public_tls_cert, same order" },
-    Setting { name: "http_path_prefix", help: "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x (default off)" },
-    Setting { name: "http_listener_rate", help: "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off" },
-    Setting { name: "domain", help: "domain under which listener names are served" },
-    Setting { name: "auth_keys", help: "JSON list of {kid, data} shared-secret keys" },
-    Setting { name: "allow", help: "JSON list of {host, port} allow rules" },
-    Setting { name: "listener_keys", help: "JSON list of {public_key, names}: listener keys and their chosen names" },
-    Setting { name: "listeners_open", help: "let any listener key register its key-derived name (true/false)" },
-    Setting { name: "exits", help: "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each" },
-    Setting { name: "tcp_ports", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
-    Setting { name: "tcp_ports_bind", help: "IP the public TCP ports bind on" },
-    Setting { name: "http_timeout", help: "seconds a listener has to answer a public request (then 504), and a client to read on (then reset)" },
-    Setting { name: "tls_cert", help: "PEM certificate chain for wss://" },
-    Setting { name: "tls_key", help: "PEM private key for wss://" },
-    Setting { name: "health_path", help: "health check path" },
-    Setting { name: "dns_servers", help: "space-separated DNS server IPs for resolving targets" },
-    Setting { name: "handshake_timeout", help: "seconds a client has to authenticate" },
-    Setting { name: "connect_timeout", help: "seconds to connect to a target" },
-    Setting { name: "max_streams", help: "most open streams per session" },
-    Setting { name: "max_connections", help: "most open transport connections" },
-    Setting { name: "drain_timeout", help: "seconds open streams get to finish at shutdown" },
-    Setting { name: "keepalive_interval", help: "seconds of silence before a ping" },
-    Setting { name: "keepalive_timeout", help: "seconds of silence before a session is dropped" },
-    Setting { name: "max_stream_window", help: "largest receive window one stream may grow to, bytes" },
-    Setting { name: "session_receive_budget", help: "most window a session's streams may grow together, bytes" },
-    Setting { name: "classic_max_message", help: "ignored (classic messages of any size are streamed); accepted for old configs" },
-    Setting { name: "max_sessions_per_key", help: "most multiplexed sessions open at once per shared key" },
-    Setting { name: "max_pending_accepts", help: "most streams waiting for one listener to accept them" },
-    Setting { name: "http_max_header_bytes", help: "largest public HTTP request head in bytes (at least 8192)" },
-    Setting { name: "http_header_timeout", help: "seconds a public HTTP client has to send its request head" },
-    Setting { name: "auth_failures_per_minute", help: "failed authentications per source address per minute before it is refused" },
-    Setting { name: "max_connections_per_source", help: "most open connections per source address (IPv6: per /64); at most max_connections/2" },
-    Setting { name: "max_handshakes_per_source", help: "most not-yet-authenticated connections per source address (IPv6: per /64)" },
-    Setting { name: "max_handshakes", help: "most not-yet-authenticated connections in all; at most max_connections/2" },
-    Setting { name: "http_max_requests_per_source", help: "most public HTTP requests in progress per source address (then 429)" },
-    Setting { name: "admin_listen", help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off" },
-    Setting { name: "admin_token", help: "bearer token the admin endpoint requires, at least 16 characters" },
-    Setting { name: "http_max_requests_per_listener", help: "most public HTTP requests in progress per listener (then 503)" },
+    Setting { name: "public_tls_key", default: "none", help: "PEM private key(s), one per public_tls_cert, same order" },
+    Setting { name: "http_path_prefix", default: "off", help: "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x" },
+    Setting {
+        name: "http_listener_rate",
+        default: "off",
+        help: "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off",
+    },
+    Setting { name: "domain", default: "localhost", help: "domain under which listener names are served" },
+    Setting { name: "auth_keys", default: "none", help: "JSON list of {kid, data} shared-secret keys" },
+    Setting { name: "allow", default: "none", help: "JSON list of {host, port} allow rules" },
+    Setting { name: "listener_keys", default: "none", help: "JSON list of {public_key, names}: listener keys and their chosen names" },
+    Setting { name: "listeners_open", default: "false", help: "let any listener key register its key-derived name (true/false)" },
+    Setting { name: "exits", default: "none", help: "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each" },
+    Setting { name: "tcp_ports", default: "off", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
+    Setting { name: "tcp_ports_bind", default: "127.0.0.1", help: "IP the public TCP ports bind on" },
+    Setting { name: "http_timeout", default: "30", help: "seconds a listener has to answer a public request (then 504), and a client to read on (then reset)" },
+    Setting { name: "tls_cert", default: "off", help: "PEM certificate chain for wss://" },
+    Setting { name: "tls_key", default: "off", help: "PEM private key for wss://" },
+    Setting { name: "health_path", default: "/healthz", help: "health check path" },
+    Setting { name: "dns_servers", default: "system resolver", help: "space-separated DNS server IPs for resolving targets" },
+    Setting { name: "handshake_timeout", default: "10", help: "seconds a client has to authenticate" },
+    Setting { name: "connect_timeout", default: "10", help: "seconds to connect to a target" },
+    Setting { name: "max_streams", default: "4096", help: "most open streams per session" },
+    Setting { name: "max_connections", default: "10000", help: "most open transport connections" },
+    Setting { name: "drain_timeout", default: "30", help: "seconds open streams get to finish at shutdown" },
+    Setting { name: "keepalive_interval", default: "10", help: "seconds of silence before a ping" },
+    Setting { name: "keepalive_timeout", default: "20", help: "seconds of silence before a session is dropped" },
+    Setting { name: "max_stream_window", default: "16777216", help: "largest receive window one stream may grow to, bytes" },
+    Setting { name: "session_receive_budget", default: "67108864", help: "most window a session's streams may grow together, bytes" },
+    Setting {
+        name: "classic_max_message",
+        default: "ignored",
+        help: "ignored (classic messages of any size are streamed); accepted for old configs",
+    },
+    Setting { name: "max_sessions_per_key", default: "64", help: "most multiplexed sessions open at once per shared key" },
+    Setting { name: "max_pending_accepts", default: "2048", help: "most streams waiting for one listener to accept them" },
+    Setting { name: "http_max_header_bytes", default: "65536", help: "largest public HTTP request head in bytes (at least 8192)" },
+    Setting { name: "http_header_timeout", default: "10", help: "seconds a public HTTP client has to send its request head" },
+    Setting { name: "auth_failures_per_minute", default: "10", help: "failed authentications per source address per minute before it is refused" },
+    Setting {
+        name: "max_connections_per_source",
+        default: "1024",
+        help: "most open connections per source address (IPv6: per /64); at most max_connections/2",
+    },
+    Setting { name: "max_handshakes_per_source", default: "128", help: "most not-yet-authenticated connections per source address (IPv6: per /64)" },
+    Setting { name: "max_handshakes", default: "1024", help: "most not-yet-authenticated connections in all; at most max_connections/2" },
+    Setting { name: "http_max_requests_per_source", default: "128", help: "most public HTTP requests in progress per source address (then 429)" },
+    Setting {
+        name: "admin_listen",
+        default: "off",
+        help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off",
+    },
+    Setting { name: "admin_token", default: "none", help: "bearer token the admin endpoint requires, at least 16 characters" },
+    Setting { name: "http_max_requests_per_listener", default: "1024", help: "most public HTTP requests in progress per listener (then 503)" },
     Setting {
         name: "proxy_protocol_from",
+        default: "none",
         help: "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client",
     },
-    Setting { name: "cluster_redis", help: "Redis URL of the cluster this relay is a node of (redis://host:6379), or off" },
-    Setting { name: "cluster_redis_ca", help: "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots" },
-    Setting { name: "cluster_key", help: "KID:BASE64 key every node of the cluster shares (node-to-node sessions)" },
-    Setting { name: "cluster_advertise", help: "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen" },
-    Setting { name: "cluster_ttl", help: "seconds a dead node's listener names stay claimed (refreshed every third of it)" },
-    Setting { name: "cluster_namespace", help: "prefix of the cluster's Redis keys and channel (several clusters on one Redis)" },
+    Setting { name: "cluster_redis", default: "off", help: "Redis URL of the cluster this relay is a node of (redis://host:6379), or off" },
+    Setting {
+        name: "cluster_redis_ca",
+        default: "system roots",
+        help: "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots",
+    },
+    Setting { name: "cluster_key", default: "none", help: "KID:BASE64 key every node of the cluster shares (node-to-node sessions)" },
+    Setting {
+        name: "cluster_advertise",
+        default: "from tcp_listen, else listen",
+        help: "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen",
+    },
+    Setting { name: "cluster_ttl", default: "10", help: "seconds a dead node's listener names stay claimed (refreshed every third of it)" },
+    Setting {
+        name: "cluster_namespace",
+        default: "libtunnel",
+        help: "prefix of the cluster's Redis keys and channel (several clusters on one Redis)",
+    },
 ];
 
 /// The cluster settings: all off unless `cluster_redis` is set, which then needs `cluster_key`.
@@ -737,7 +780,7 @@ fn cluster_from<'a>(get: &dyn Fn(&str) -> Option<(&'a str, &'a str)>, claim_ttl:
         Some((v, kw)) => Key::parse(v).map_err(|e| Error::config(format!("{kw}: {}", e.message())))?,
         None => {
             return Err(Error::config(
-                "TUNNEL_CLUSTER_REDIS is set but TUNNEL_CLUSTER_KEY is not: give every node the same key (KID:BASE64; `tunnel keygen` prints one); nodes authenticate each other with it",
+                "TUNNEL_CLUSTER_REDIS is set but TUNNEL_CLUSTER_KEY is not: give every node the same key (KID:BASE64; `tunnel keygen --cluster` prints one); nodes authenticate each other with it",
             ))
         }
     };
@@ -828,13 +871,10 @@ fn port_to_addr(v: &str, var: &str) -> Result<String> {
     Ok(if port == 0 { "off".into() } else { format!("0.0.0.0:{port}") })
 }
 
-/// Read a `.env` file if present; a malformed file is an error naming the line.
+/// Read a `.env` file if present, as Emissary (godotenv) reads it ([`crate::dotenv`]); a
+/// malformed file is an error naming the line.
 pub fn read_dotenv(path: &Path) -> Result<Vec<(String, String)>> {
-    match dotenvy::from_path_iter(path) {
-        Ok(iter) => iter.map(|r| r.map_err(|e| Error::config(format!("{} is malformed: {e}", path.display())))).collect(),
-        Err(dotenvy::Error::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(Error::config(format!("cannot read {}: {e}", path.display()))),
-    }
+    crate::dotenv::read(path).map_err(|e| Error::config(e.to_string()))
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@
 use std::io;
 use std::time::Instant;
 
-/// Log that a bridged connection from `from` to `to` ended. `bytes` is (from → to, to → from).
+/// Log that a bridged connection from `from` to `to` ended. `bytes` is (from → to, to → from):
+/// `sent` is what the side that opened the connection sent (a local client in `tunnel forward`,
+/// the public or dialing client in `tunnel listen`, the dialer at the relay).
 pub(crate) fn closed(what: &str, from: &dyn std::fmt::Display, to: &dyn std::fmt::Display, started: Instant, result: &io::Result<(u64, u64)>) {
     let ms = started.elapsed().as_millis() as u64;
     match result {
@@ -16,4 +18,11 @@ pub(crate) fn closed(what: &str, from: &dyn std::fmt::Display, to: &dyn std::fmt
         }
         Err(e) => tracing::info!(target: "libtunnel::conn", %from, %to, ms, outcome = %e, "{what} ended with an error"),
     }
+}
+
+/// Log that a bridged connection ended the way its peer normally ends it (`how`), which the
+/// transport reports as an error (a reset), without calling it one.
+pub(crate) fn ended_by_peer(what: &str, from: &dyn std::fmt::Display, to: &dyn std::fmt::Display, started: Instant, how: &str) {
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(target: "libtunnel::conn", %from, %to, ms, outcome = how, "{what} ended");
 }

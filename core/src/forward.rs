@@ -186,8 +186,17 @@ async fn serve_exposed(stream: crate::stream::TunnelStream, peer: crate::listene
             return;
         }
     }
-    let r = stream.bridge(local).await;
-    crate::conn_log::closed(&format!("exposed {} connection", peer.via.as_str()), &peer.client, &to, started, &r);
+    // bridge counts (local → tunnel, tunnel → local); the log's are (client → service, back).
+    let r = stream.bridge(local).await.map(|(back, forth)| (forth, back));
+    let what = format!("exposed {} connection", peer.via.as_str());
+    match r {
+        // The relay ends a public HTTP exchange by resetting the stream once the response is
+        // through (its connection to the client may stay open): the normal end, not an error.
+        Err(e) if peer.via == crate::protocol::Via::Http && e.kind() == std::io::ErrorKind::ConnectionReset => {
+            crate::conn_log::ended_by_peer(&what, &peer.client, &to, started, "closed by the relay")
+        }
+        r => crate::conn_log::closed(&what, &peer.client, &to, started, &r),
+    }
 }
 
 /// Run an exit listener that exposes no service (`tunnel listen --exit` without `--to`): its exit

@@ -31,7 +31,8 @@
 //!   [`protocol::StreamHeader`] (who, how: [`Via`]). The listener's [`Listener::accept`] yields it
 //!   with a [`PeerInfo`]; [`forward::expose`] connects it to the local service.
 //!
-//! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags), [`error`]
+//! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags; [`dotenv`]
+//! reads `.env` as Emissary's godotenv does), [`error`]
 //! (one [`ErrorCode`] table every face maps), [`runtime`] (the one way to build the Tokio runtime),
 //! [`log_line`] (log events as text for the faces), [`demo`] (the narrated loopback demo).
 //!
@@ -44,6 +45,7 @@ pub mod config;
 mod conn_log;
 pub mod demo;
 pub mod dialer;
+pub mod dotenv;
 pub mod e2e;
 pub mod egress;
 pub mod error;

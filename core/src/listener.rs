@@ -73,6 +73,8 @@ pub struct Registration {
     pub name: String,
     /// Public HTTP URL routed to this listener, when the relay has an HTTP port.
     pub http_url: Option<String>,
+    /// Public HTTPS URL routed to this listener, when the relay has an HTTPS port.
+    pub https_url: Option<String>,
     /// Public TCP address, when asked for and granted.
     pub tcp_addr: Option<String>,
 }
@@ -102,6 +104,8 @@ struct ExitConfig {
     allow: Allowlist,
     dns_servers: Vec<std::net::SocketAddr>,
     connect_timeout: Duration,
+    /// Exposes no service: streams dialed to the name (and public requests) are refused.
+    only: bool,
 }
 
 impl ListenerBuilder {
@@ -117,7 +121,16 @@ impl ListenerBuilder {
     /// relay's (`TUNNEL_ALLOW` syntax) and are enforced here, in this network; the relay's own
     /// allowlist does not apply to them.
     pub fn exit(mut self, allow: Allowlist) -> Self {
-        self.exit = Some(ExitConfig { allow, dns_servers: Vec::new(), connect_timeout: Duration::from_secs(10) });
+        self.exit = Some(ExitConfig { allow, dns_servers: Vec::new(), connect_timeout: Duration::from_secs(10), only: false });
+        self
+    }
+    /// With [`ListenerBuilder::exit`]: this exit exposes no service of its own (`tunnel listen
+    /// --exit` without `--to`), so a stream dialed to its name or a public request is refused
+    /// before it is accepted, and the dialer gets `NOT_ALLOWED` (an HTTP client a 403) naming why.
+    pub fn exit_only(mut self, on: bool) -> Self {
+        if let Some(e) = &mut self.exit {
+            e.only = on;
+        }
         self
     }
     /// DNS servers the exit resolves target names with (default: the system resolver), as the
@@ -481,6 +494,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
         let reg = Registration {
             name: ack.name,
             http_url: Some(ack.http_url).filter(|s| !s.is_empty()),
+            https_url: Some(ack.https_url).filter(|s| !s.is_empty()),
             tcp_addr: Some(ack.tcp_addr).filter(|s| !s.is_empty()),
         };
         Ok((Session::new(Role::Client, source, sink, b.mux.clone()), reg))
@@ -604,6 +618,20 @@ async fn admit(
             return Err(Error::new(ErrorCode::Timeout, "the relay sent no stream header"));
         }
     };
+    // Refusals known before accepting go back to the relay as their code, which it hands on.
+    let refusal = if exit.as_ref().is_some_and(|x| x.cfg.only) {
+        Some((ErrorCode::NotAllowed, "refused a stream to this exit listener's name: it exposes no service (dial through it with --via)"))
+    } else if e2e.is_some() && header.via == Via::Http {
+        Some((ErrorCode::E2eRefused, "refused a public HTTP request: this listener is end-to-end encrypted (only e2e dials reach it)"))
+    } else {
+        None
+    };
+    if let Some((code, why)) = refusal {
+        tracing::info!(client = %header.client, via = header.via.as_str(), code = %code, "{why}");
+        let _ = stream.write_all(&[code.number() as u8]).await;
+        stream.finish();
+        return Err(Error::new(code, why));
+    }
     let permit = match queue.try_reserve() {
         Ok(p) => p,
         Err(_) => {

@@ -315,6 +315,10 @@ pub struct ListenAck {
     /// The registration is an exit listener (absent from relays that predate exits).
     #[prost(bool, tag = "7")]
     pub exit: bool,
+    /// The public HTTPS URL routed to this listener, if the relay has an HTTPS port (absent from
+    /// older relays).
+    #[prost(string, tag = "8")]
+    pub https_url: String,
 }
 
 impl ListenAck {
@@ -364,7 +368,10 @@ impl Via {
 
 /// Written by the relay at the start of every stream it opens to a listener:
 /// `version u8 (1) | via u8 | port u16 | addr_len u8 | client address (text)`. The listener
-/// answers [`STREAM_ACCEPTED`] once the stream is queued for `accept()`, or resets it.
+/// answers [`STREAM_ACCEPTED`] once the stream is queued for `accept()`; any other byte is the
+/// [`crate::ErrorCode`] number of a refusal it knows to be final (`E2E_REFUSED`: a public request
+/// to an e2e listener; `NOT_ALLOWED`: a stream to an exit listener that exposes no service), which
+/// the relay passes on to the dialer or HTTP client; or it resets the stream (queue full).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
     /// How the stream arrived.

@@ -128,6 +128,31 @@ pub async fn write_cluster_unavailable<S: AsyncWrite + Unpin>(io: &mut S) -> std
     io.flush().await
 }
 
+/// What a relay puts in a failure reply's address when the listener a CONNECT named refused the
+/// stream for good, followed by the refusal's code name (`listener-refused:E2E_REFUSED`): the
+/// dialer then fails with that code. The reply itself is "not allowed" for other SOCKS clients.
+pub const LISTENER_REFUSED_HINT: &str = "listener-refused:";
+
+/// Answer a CONNECT for a listener name that refused the stream with `code`.
+pub async fn write_listener_refused<S: AsyncWrite + Unpin>(io: &mut S, code: ErrorCode) -> std::io::Result<()> {
+    let addr = Address::DomainAddress(format!("{LISTENER_REFUSED_HINT}{}", code.name()).into_bytes(), 0);
+    let mut buf = BytesMut::new();
+    Response::new(Reply::ConnectionNotAllowed, addr).write_to_buf(&mut buf);
+    io.write_all(&buf).await?;
+    io.flush().await
+}
+
+/// The error for a listener's refusal of a stream (`code` from [`LISTENER_REFUSED_HINT`]).
+pub fn listener_refused_error(code: ErrorCode, target: &Target) -> Error {
+    let name = &target.host;
+    let why = match code {
+        ErrorCode::E2eRefused => format!("the listener {name} refused this stream: it is end-to-end encrypted and takes only e2e dials; dial it with --e2e (e2e option in the bindings)"),
+        ErrorCode::NotAllowed => format!("the listener {name} refused this stream: it is an exit listener that exposes no service; reach targets through it with --via {name}"),
+        _ => format!("the listener {name} refused this stream"),
+    };
+    Error::new(code, why)
+}
+
 /// The typed error for a non-zero SOCKS5 reply to a CONNECT of `target`.
 pub fn reply_error(reply: Reply, target: &Target) -> Error {
     if let Some((inner, exit)) = target.exit_route() {
@@ -263,6 +288,11 @@ pub async fn client_connect<S: AsyncRead + AsyncWrite + Unpin>(io: &mut S, targe
         if let Address::DomainAddress(hint, _) = &resp.address {
             if hint.as_slice() == CLUSTER_UNAVAILABLE_HINT.as_bytes() {
                 return Err(cluster_unavailable_error(target));
+            }
+            if let Some(code) =
+                hint.strip_prefix(LISTENER_REFUSED_HINT.as_bytes()).and_then(|c| std::str::from_utf8(c).ok()).and_then(ErrorCode::from_name)
+            {
+                return Err(listener_refused_error(code, target));
             }
         }
         return Err(reply_error(resp.reply, target));

@@ -148,11 +148,23 @@ async fn classic_bridge<S: LocalSocket>(ws: WsByteStream, local: S) -> io::Resul
     let (lr, mut lw) = tokio::io::split(local);
     let (tr, mut tw) = tokio::io::split(ws);
     let (mut lr, mut tr) = (BufReader::with_capacity(32 * 1024, lr), BufReader::with_capacity(32 * 1024, tr));
+    // Counted as it goes: when the far side ends first, what went up so far is still logged.
+    let sent = std::sync::atomic::AtomicU64::new(0);
     let result = {
         let up = async {
-            let n = tokio::io::copy_buf(&mut lr, &mut tw).await?;
+            use tokio::io::AsyncBufReadExt;
+            loop {
+                let chunk = lr.fill_buf().await?;
+                if chunk.is_empty() {
+                    break;
+                }
+                let n = chunk.len();
+                tw.write_all(chunk).await?;
+                lr.consume(n);
+                sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             tw.flush().await?;
-            Ok::<_, io::Error>(n)
+            Ok::<_, io::Error>(sent.load(std::sync::atomic::Ordering::Relaxed))
         };
         let down = async {
             let n = tokio::io::copy_buf(&mut tr, &mut lw).await?;
@@ -162,7 +174,7 @@ async fn classic_bridge<S: LocalSocket>(ws: WsByteStream, local: S) -> io::Resul
         tokio::pin!(up, down);
         tokio::select! {
             // The target closed the tunnel: done, whatever the local side still sends.
-            d = &mut down => d.map(|d| (0, d)),
+            d = &mut down => d.map(|d| (sent.load(std::sync::atomic::Ordering::Relaxed), d)),
             u = &mut up => match u {
                 Ok(u) => down.await.map(|d| (u, d)),
                 Err(e) => Err(e),
@@ -515,9 +527,11 @@ pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u6
         Poll::Pending
     })
     .await;
-    if result.is_err() {
-        a.reset(ErrorCode::Closed);
-        b.reset(ErrorCode::Closed);
+    if let Err(e) = &result {
+        // A side reset with a code (a listener's E2E_REFUSED) passes it on to the other side.
+        let code = e.get_ref().and_then(|i| i.downcast_ref::<crate::error::Error>()).map_or(ErrorCode::Closed, |e| e.code());
+        a.reset(code);
+        b.reset(code);
     }
     result.map(|()| (ab.moved, ba.moved))
 }

@@ -87,7 +87,7 @@ async fn the_admin_endpoint_needs_the_token_and_shows_no_secret() {
     let ok = tunnel_status(vec!["--admin".into(), url.clone(), "--token".into(), TOKEN.into()]).await;
     let text = String::from_utf8_lossy(&ok.stdout);
     assert!(
-        ok.status.success() && text.contains(&listener.name()) && text.contains("1 listener(s)"),
+        ok.status.success() && text.contains(&listener.name()) && text.contains("1 listener session(s) under 1 name(s); 1 dialer session(s)"),
         "{text}{}",
         String::from_utf8_lossy(&ok.stderr)
     );

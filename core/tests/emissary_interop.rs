@@ -62,6 +62,8 @@ struct GoTools {
     tunnel: PathBuf,
     /// The scratch copy of Emissary's source (for `example.env`).
     src: PathBuf,
+    /// Our godotenv probe, built in Emissary's server module (its godotenv version).
+    godotenv: PathBuf,
 }
 
 fn tools() -> &'static GoTools {
@@ -129,7 +131,13 @@ fn build_go_tools() -> GoTools {
     go(&probe_src, &logs, "build-probe", &["build", "-trimpath", "-o", &probe.to_string_lossy(), "./dial"], limit);
     go(&src.join("server"), &logs, "build-server", &["build", "-trimpath", "-o", &server.to_string_lossy(), "."], limit);
     go(&src, &logs, "build-cmd-tunnel", &["build", "-trimpath", "-o", &tunnel.to_string_lossy(), "./cmd/tunnel"], limit);
-    GoTools { probe, server, tunnel, src }
+    // The godotenv probe lives in Emissary's server module, so it links the godotenv Emissary does.
+    let probe_dir = src.join("server/libtunnel_godotenv");
+    std::fs::create_dir_all(&probe_dir).expect("godotenv probe dir");
+    std::fs::copy(ours.join("godotenv/main.go.txt"), probe_dir.join("main.go")).expect("copy the godotenv probe");
+    let godotenv = bin.join("godotenv-probe");
+    go(&src.join("server"), &logs, "build-godotenv-probe", &["build", "-trimpath", "-o", &godotenv.to_string_lossy(), "./libtunnel_godotenv"], limit);
+    GoTools { probe, server, tunnel, src, godotenv }
 }
 
 /// Copy a directory tree (files made writable), keeping paths `keep` accepts; `.git` is skipped.
@@ -947,6 +955,129 @@ async fn example_env_and_http_surface_on_both_servers() {
         checks.check(a == b, || format!("HTTP surface differs for {} {}: Emissary {:?}, ours {:?}", a.0 .0, a.0 .1, a.1, b.1));
     }
     checks.finish("example.env and the HTTP surface");
+}
+
+// ---------------------------------------------------------------------------------------------
+// .env files: our reader and Emissary's godotenv on the same files
+// ---------------------------------------------------------------------------------------------
+
+/// `example.env` with its JSON values' quotes taken off (`KEY='[...]'` → `KEY=[...]`), as a user
+/// who writes JSON bare does: godotenv keeps such a value as it is.
+fn unquote_json_values(text: &str) -> String {
+    text.lines()
+        .map(|l| match l.split_once("='[") {
+            Some((k, rest)) if rest.ends_with("]'") => format!("{k}=[{}", &rest[..rest.len() - 1]),
+            _ => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dotenv_files_read_as_godotenv_reads_them_and_unquoted_json_starts_both_servers() {
+    let mut checks = Checks::default();
+    let example = std::fs::read_to_string(tools().src.join("server/example.env")).expect("server/example.env");
+    let unquoted = unquote_json_values(&example);
+    assert!(unquoted.contains("EMISSARY_AUTH_KEYS=[{") && !unquoted.contains("EMISSARY_AUTH_KEYS='"), "{unquoted}");
+    let files: Vec<(&str, String)> = vec![
+        ("example.env", example.clone()),
+        ("example-unquoted-json.env", unquoted.clone()),
+        (
+            "tricky.env",
+            [
+                "# a comment line",
+                "   # an indented comment",
+                "",
+                "export A=1",
+                "export   B = two words  ",
+                "C=value # a trailing comment",
+                "D='single # not a comment'",
+                "E=\"double # not a comment either\"",
+                "F=\"line\\nbreak and \\\"quotes\\\" and \\\\ backslash\"",
+                "G='$A stays'",
+                "H=$A-${B}-\\$A-$UNSET-end",
+                "I=\"${A}x\"",
+                "J: yaml style",
+                "K=",
+                "L=''",
+                "M=[{\"kid\":1,\"data\":\"YWJj\"}]",
+                "N='half quoted",
+                "O=ends quoted'",
+                "P=a=b=c",
+                "Q=\"x\"y\"",
+                "exportR=3",
+                "S=\t tab kept",
+                "A=again",
+                "T=$A",
+                "U=url://host:1/path?x=1#frag",
+                "V=\"#\" # both",
+                "W='it''s'",
+                "X=\"a\\$A\"",
+                "Y=\\n",
+                "Z=\"\\r\\t\"",
+            ]
+            .join("\r\n"),
+        ),
+        ("no-separator.env", "A=1\nthis line has no separator\n".to_string()),
+    ];
+    let dir = work_dir().join(format!("dotenv-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let paths: Vec<PathBuf> = files
+        .iter()
+        .map(|(n, text)| {
+            let p = dir.join(n);
+            std::fs::write(&p, text).expect("write");
+            p
+        })
+        .collect();
+    let out =
+        clean_command(&tools().godotenv).args(&paths).stdout(Stdio::piped()).stderr(Stdio::piped()).output().await.expect("run the godotenv probe");
+    assert!(out.status.success(), "godotenv probe: {}", String::from_utf8_lossy(&out.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("the probe's JSON");
+    for p in &paths {
+        let key = p.to_string_lossy().into_owned();
+        let go = &theirs[&key];
+        let ours = libtunnel::config::read_dotenv(p);
+        match (go.get("error"), ours) {
+            (Some(_), Err(e)) => println!("emissary interop: {} refused by both (ours: {e})", p.display()),
+            (None, Ok(pairs)) => {
+                let ours: std::collections::BTreeMap<String, String> = pairs.into_iter().collect();
+                let go: std::collections::BTreeMap<String, String> = serde_json::from_value(go.clone()).expect("godotenv's answer is a string map");
+                for k in go.keys().chain(ours.keys()).collect::<std::collections::BTreeSet<_>>() {
+                    checks.check(go.get(k) == ours.get(k), || format!("{}: {k}: godotenv {:?}, ours {:?}", p.display(), go.get(k), ours.get(k)));
+                }
+                println!("emissary interop: {}: {} variables, same as godotenv", p.display(), go.len());
+            }
+            (go, ours) => checks.check(false, || format!("{}: godotenv {go:?}, ours {ours:?}", p.display())),
+        }
+    }
+    checks.finish("our .env reader against godotenv");
+
+    // example.env with its JSON unquoted starts both servers, with the same keys.
+    let mut checks = Checks::default();
+    // Two different ports, chosen while both are held: the first server's closed connections
+    // leave its port in TIME_WAIT, where the second could not bind it.
+    let held: Vec<std::net::TcpListener> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("addr").port()).collect();
+    drop(held);
+    for (kind, port) in BOTH.into_iter().zip(ports) {
+        let setup = ServerSetup {
+            dotenv: Some(unquoted.clone()),
+            env: vec![("EMISSARY_HTTP_PORT".into(), port.to_string())],
+            http_port: Some(port),
+            health_path: Some("/health".into()),
+            ..Default::default()
+        };
+        let server = Proc::start(kind, &setup).await;
+        let health = http(port, "GET", "/health").await;
+        println!("emissary interop: {kind} from example.env with its JSON unquoted: GET /health {health:?}");
+        checks
+            .check(matches!(&health, Some((200, _, body)) if body == r#"{"key_ids":[1],"ok":true}"#), || format!("{kind}: GET /health: {health:?}"));
+        server.stop().await;
+    }
+    checks.finish("example.env with unquoted JSON");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use libtunnel::client::config::ClientVar;
 use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientEnv, ClientOptions, ClientRole};
 use libtunnel::config::{RelayConfig, SETTINGS};
 use libtunnel::runtime::Workers;
 use libtunnel::socks::Target;
@@ -25,10 +26,34 @@ macro_rules! say {
 }
 
 #[derive(Parser)]
-#[command(name = "tunnel", version, about = "Reach private TCP services through a relay over one authenticated WebSocket")]
+#[command(
+    name = "tunnel",
+    version,
+    about = "Reach private TCP services through a relay over one authenticated WebSocket",
+    after_help = "Logs go to stderr: -v / -q set the level, or RUST_LOG does when neither is given (e.g. \
+                  RUST_LOG=info,libtunnel::conn=warn hides the per-connection lines); --log-format json for a log shipper."
+)]
 struct Cli {
+    /// More log detail on stderr: -v debug, -vv trace (wins over RUST_LOG).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Less log detail on stderr: -q warnings and errors only, -qq errors only (wins over RUST_LOG).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "verbose")]
+    quiet: u8,
+    /// Log lines as text (default) or json (one JSON object per line, for log shippers).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// How log lines are written on stderr.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields).
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -60,8 +85,12 @@ enum Cmd {
     },
     /// Connect stdin/stdout to a target (usable as ssh ProxyCommand).
     Dial {
-        /// Target (`host:port`).
+        /// Target (`host:port`), or as the exit sees it with --via.
         target: String,
+        /// Reach the target through this exit listener (`tunnel listen --exit`), inside its network
+        /// (`ProxyCommand tunnel dial --via office %h:%p`).
+        #[arg(long, value_name = "NAME")]
+        via: Option<String>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -120,11 +149,15 @@ enum Cmd {
         #[arg(long = "allow-peer", value_name = "KEY", requires = "e2e")]
         allow_peer: Vec<String>,
     },
-    /// Make a key: a shared secret for dialers (default), or an Ed25519 listener key (--listener).
+    /// Make a key: a shared secret for dialers (default), a cluster's node key (--cluster), or an
+    /// Ed25519 key (--listener) for a listener or an e2e dialer identity.
     Keygen {
         /// Key id (shared-secret keys).
         #[arg(long, default_value_t = 1)]
         kid: u32,
+        /// Print the secret as TUNNEL_CLUSTER_KEY, the key every node of one relay cluster shares.
+        #[arg(long, conflicts_with = "listener")]
+        cluster: bool,
         /// Make an Ed25519 listener key instead, written to --out with mode 0600.
         #[arg(long)]
         listener: bool,
@@ -136,10 +169,10 @@ enum Cmd {
     Demo,
     /// Show a running relay's listeners and sessions (from its admin endpoint, `admin_listen`).
     Status {
-        /// The relay's admin endpoint, e.g. http://127.0.0.1:7836.
+        /// The relay's admin endpoint: http://127.0.0.1:7836 or 127.0.0.1:7836.
         #[arg(long)]
         admin: String,
-        /// The relay's admin token (default $TUNNEL_ADMIN_TOKEN).
+        /// The relay's admin token (default $TUNNEL_ADMIN_TOKEN, from the environment or ./.env).
         #[arg(long)]
         token: Option<String>,
     },
@@ -220,7 +253,8 @@ struct ServerArgs {
     /// TOML config file (keys are the lower-case setting names).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Set any relay setting, e.g. `--set listen=0.0.0.0:7835` (repeatable; see the list below).
+    /// Set any relay setting, e.g. `--set listen=0.0.0.0:7835` (repeatable; `--help` lists the
+    /// settings, `--set help` prints them with their defaults).
     #[arg(long = "set", value_name = "NAME=VALUE")]
     set: Vec<String>,
     /// Tunnel endpoint address (TUNNEL_LISTEN).
@@ -304,8 +338,14 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let cfg = RelayConfig::load(a.config.as_deref(), &overrides)?;
             let server = Server::bind(cfg).await?;
+            // Handlers first: a supervisor may stop the relay as soon as it reads that it is ready.
+            let stop = shutdown_signal();
             // Machine-readable lines, so scripts can find the ports when listening on :0.
             say!("{}", server.ready_lines().trim_end());
+            // Every endpoint is bound: tell systemd (Type=notify; nothing without NOTIFY_SOCKET).
+            if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+                tracing::warn!("cannot tell systemd the relay is ready (NOTIFY_SOCKET): {e}");
+            }
             #[cfg(unix)]
             {
                 // SIGHUP reloads keys, allowlist, listener grants and the public TLS certificates
@@ -322,7 +362,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     }
                 });
             }
-            server.run(shutdown_signal()).await
+            server
+                .run(async {
+                    stop.await;
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                })
+                .await
         }
         Cmd::Forward { local, target, via, client } => {
             let target = Target::parse(&target)?;
@@ -333,13 +378,17 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let dialer = client.dialer()?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            let stop = shutdown_signal();
             say!("forwarding {addr} -> {target} via {}", dialer.relay());
             if dialer.mode() == Mode::Multiplexed {
-                if let Err(e) = dialer.connect().await {
-                    tracing::warn!("{e} (will retry on the first connection)");
+                match dialer.connect().await {
+                    Ok(()) => {}
+                    // A refusal (wrong key, ...) is final: stop now, as ssh -L does.
+                    Err(e) if !retryable(e.code()) => return Err(e),
+                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
                 }
             }
-            libtunnel::forward::forward(listener, dialer, target, shutdown_signal()).await
+            libtunnel::forward::forward(listener, dialer, target, stop).await
         }
         Cmd::Socks { listen, via, client } => {
             let dialer = client.dialer()?;
@@ -349,11 +398,25 @@ async fn run(cli: Cli) -> Result<(), Error> {
             };
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
+            let stop = shutdown_signal();
             say!("socks5 proxy on {addr} via {}", dialer.relay());
-            libtunnel::forward::socks_proxy(listener, dialer, shutdown_signal()).await
+            if dialer.mode() == Mode::Multiplexed {
+                match dialer.connect().await {
+                    Ok(()) => {}
+                    Err(e) if !retryable(e.code()) => return Err(e),
+                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
+                }
+            }
+            libtunnel::forward::socks_proxy(listener, dialer, stop).await
         }
-        Cmd::Dial { target, client } => {
-            let stream = client.dialer()?.dial(&target).await?;
+        Cmd::Dial { target, via, client } => {
+            let target = Target::parse(&target)?;
+            let target = match &via {
+                Some(v) => target.through_exit(v)?,
+                None => target,
+            };
+            let dialer = client.dialer()?;
+            let stream = dialer.dial_target(&target).await?;
             // Classic mode has no half-close: closing our side would close the tunnel before the
             // reply arrives, so at the end of stdin it only flushes and keeps reading.
             let classic = stream.mode() == Mode::Classic;
@@ -371,16 +434,23 @@ async fn run(cli: Cli) -> Result<(), Error> {
             };
             tokio::pin!(down);
             // The session ends when the remote side finishes, whatever stdin does.
-            tokio::select! {
-                r = &mut down => r.map(|_| ()).map_err(|e| Error::from_io(e, "reading from the tunnel")),
-                _ = up => down.await.map(|_| ()).map_err(|e| Error::from_io(e, "reading from the tunnel")),
-            }
+            let r = tokio::select! {
+                r = &mut down => r,
+                _ = up => down.await,
+            };
+            // End the session cleanly, so the relay logs a finished session, not a lost one.
+            dialer.close().await;
+            r.map(|_| ()).map_err(|e| stream_error(Error::from_io(e, "reading from the tunnel"), &target))
         }
         Cmd::Keygen { listener: true, out, .. } => {
             let out = out.ok_or_else(|| Error::new(ErrorCode::InvalidArgument, "--listener needs --out FILE to write the private key to"))?;
             let id = libtunnel::Identity::generate();
             id.save(&out)?;
             say!("{}", ListenerKeyText::of(&id).lines(Some(&out)).trim_end());
+            Ok(())
+        }
+        Cmd::Keygen { kid, cluster: true, .. } => {
+            say!("{}", SharedKeyText::generate(kid).cluster_lines().trim_end());
             Ok(())
         }
         Cmd::Keygen { kid, .. } => {
@@ -392,7 +462,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             let mut b =
                 options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
             if let (true, Some(rules)) = (exit, &allow) {
-                b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?);
+                // Without --to, streams to the name are refused (NOT_ALLOWED) before they are accepted.
+                b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?).exit_only(to.is_none());
             }
             if let Some(n) = name {
                 b = b.name(n);
@@ -406,14 +477,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
             }
             let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
+            let stop = shutdown_signal();
             // Machine-readable lines, so scripts can find what was granted.
             say!("listening as: {}", reg.name);
-            say!("dial: {}:0 (through any dialer of this relay)", reg.name);
-            if let Some(u) = &reg.http_url {
-                say!("http: {u}");
-            }
-            if let Some(t) = &reg.tcp_addr {
-                say!("tcp: {t}");
+            // Only the ways in that this listener serves: an exit without --to serves none of
+            // them, and an e2e listener only e2e dials.
+            let serves = to.is_some();
+            if serves {
+                if e2e {
+                    say!("dial: {}:0 --e2e (through any dialer of this relay; plaintext dials and public requests are refused)", reg.name);
+                } else {
+                    say!("dial: {}:0 (through any dialer of this relay)", reg.name);
+                    if let Some(u) = &reg.http_url {
+                        say!("http: {u}");
+                    }
+                    if let Some(u) = &reg.https_url {
+                        say!("https: {u}");
+                    }
+                    if let Some(t) = &reg.tcp_addr {
+                        say!("tcp: {t}");
+                    }
+                }
             }
             if e2e {
                 say!(
@@ -431,39 +515,50 @@ async fn run(cli: Cli) -> Result<(), Error> {
             if let Some(rules) = allow.filter(|_| exit) {
                 say!("exit: {} (dial with --via {})", rules, reg.name);
             }
-            match to {
+            // A stop drains: say so, and say when it is over (a pool's rolling restart).
+            let stop = async {
+                stop.await;
+                say!(
+                    "draining: {} (open streams get up to {} s; a second signal exits now)",
+                    if pool { "retired from the pool, the relay sends new streams to the other replicas" } else { "taking no new streams" },
+                    libtunnel::forward::DRAIN.as_secs()
+                );
+            };
+            let r = match to {
                 Some(to) => {
                     say!("forwarding to: {to}");
-                    libtunnel::forward::expose(listener, to, proxy_protocol, shutdown_signal()).await
+                    libtunnel::forward::expose(listener, to, proxy_protocol, stop).await
                 }
-                None => libtunnel::forward::exit_only(listener, shutdown_signal()).await,
+                None => libtunnel::forward::exit_only(listener, stop).await,
+            };
+            // The session was closed; its writer sends the WebSocket Close on its own task, which the
+            // process exit right after would cut (the relay would log a failed transport). The mux
+            // keeps no handle to await it, so give it a moment.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if r.is_ok() {
+                say!("exited: every stream finished");
             }
+            r
         }
         Cmd::Demo => libtunnel::demo::run().await,
         Cmd::Status { admin, token } => {
-            let token = token.or_else(|| std::env::var("TUNNEL_ADMIN_TOKEN").ok()).ok_or_else(|| {
-                Error::new(ErrorCode::InvalidArgument, "no admin token: pass --token or set TUNNEL_ADMIN_TOKEN (the relay's admin_token)")
+            let token = match token {
+                Some(t) => Some(t),
+                None => ClientEnv::Process.var(&ADMIN_TOKEN_VAR)?,
+            }
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorCode::InvalidArgument,
+                    "no admin token: pass --token or set TUNNEL_ADMIN_TOKEN (the relay's admin_token; ./.env is read too)",
+                )
             })?;
             let listeners = admin_get(&admin, "/listeners", &token).await?;
             let sessions = admin_get(&admin, "/sessions", &token).await?;
-            let rows = listeners.as_array().cloned().unwrap_or_default();
-            say!("{:<28} {:<46} {:>8} {:>12} {:>9}", "LISTENER", "PUBLIC KEY", "STREAMS", "QUEUED B", "RTT MS");
-            for r in &rows {
-                let rtt = r["rtt_ms"].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into());
-                say!(
-                    "{:<28} {:<46} {:>8} {:>12} {:>9}",
-                    r["name"].as_str().unwrap_or(""),
-                    r["public_key"].as_str().unwrap_or(""),
-                    r["streams"],
-                    r["queued_bytes"],
-                    rtt
-                );
-            }
-            say!("{} listener(s); {} session(s) and {} stream(s) active", rows.len(), sessions["sessions_active"], sessions["streams_active"]);
+            say!("{}", status_table(&listeners, &sessions).trim_end());
             Ok(())
         }
         Cmd::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut cmd = command();
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut cmd, "tunnel", &mut out);
             say!("{}", String::from_utf8_lossy(&out).trim_end());
@@ -471,19 +566,93 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Man => {
             let mut out = Vec::new();
-            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command())
-                .render(&mut out)
-                .map_err(|e| Error::new(ErrorCode::Io, format!("cannot render the man page: {e}")))?;
+            clap_mangen::Man::new(command()).render(&mut out).map_err(|e| Error::new(ErrorCode::Io, format!("cannot render the man page: {e}")))?;
             say!("{}", String::from_utf8_lossy(&out).trim_end());
             Ok(())
         }
     }
 }
 
-/// GET `path` from a relay's admin endpoint with the bearer token; the JSON answer.
+/// `TUNNEL_ADMIN_TOKEN`, which `tunnel status` reads like the client variables (environment, then
+/// `./.env`).
+const ADMIN_TOKEN_VAR: ClientVar = ClientVar { name: "TUNNEL_ADMIN_TOKEN", help: "the relay's admin token", old_names: &[] };
+
+/// Whether a client command may retry after `code` (the relay unreachable, a timeout, a lost
+/// connection), rather than stop (a refusal is final).
+fn retryable(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io | ErrorCode::Closed)
+}
+
+/// A dialed stream's error with its cause spelled out: a listener's refusal arrives as a reset
+/// carrying its code.
+fn stream_error(e: Error, target: &Target) -> Error {
+    match e.code() {
+        ErrorCode::E2eRefused => Error::new(
+            ErrorCode::E2eRefused,
+            format!("the listener {} refused this stream: it takes only end-to-end encrypted dials; dial it with --e2e", target.host),
+        ),
+        _ => e,
+    }
+}
+
+/// `tunnel status`'s table: one row per listener session (a pool's replicas marked), columns as
+/// wide as their widest cell, then the totals.
+fn status_table(listeners: &serde_json::Value, sessions: &serde_json::Value) -> String {
+    let rows = listeners.as_array().cloned().unwrap_or_default();
+    let count = |n: &str| rows.iter().filter(|r| r["name"].as_str() == Some(n)).count();
+    let mut seen: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    let mut table = vec![["LISTENER", "KIND", "PUBLIC KEY", "STREAMS", "QUEUED B", "RTT MS"].map(String::from).to_vec()];
+    for r in &rows {
+        let name = r["name"].as_str().unwrap_or("").to_string();
+        let replicas = count(&name);
+        let nth = seen.entry(name.clone()).and_modify(|n| *n += 1).or_insert(1);
+        let mut kind = Vec::new();
+        if r["pool"].as_bool().unwrap_or(false) || replicas > 1 {
+            kind.push(format!("pool {nth}/{replicas}"));
+        }
+        if r["exit"].as_bool().unwrap_or(false) {
+            kind.push("exit".into());
+        }
+        let num = |v: &serde_json::Value| v.as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into());
+        table.push(vec![
+            name,
+            if kind.is_empty() { "-".into() } else { kind.join(", ") },
+            r["public_key"].as_str().unwrap_or("-").to_string(),
+            num(&r["streams"]),
+            num(&r["queued_bytes"]),
+            r["rtt_ms"].as_f64().map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| table.iter().map(|row| row[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &table {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            // Text left-aligned, numbers right-aligned.
+            .map(|(c, v)| if c < 3 { format!("{v:<w$}", w = widths[c]) } else { format!("{v:>w$}", w = widths[c]) })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    let names: std::collections::HashSet<&str> = rows.iter().filter_map(|r| r["name"].as_str()).collect();
+    let n = |k: &str| sessions[k].as_i64().unwrap_or(0);
+    out.push_str(&format!(
+        "{} listener session(s) under {} name(s); {} dialer session(s); {} stream(s) open\n",
+        n("listener_sessions"),
+        names.len(),
+        n("dialer_sessions"),
+        n("streams_active")
+    ));
+    out
+}
+
+/// GET `path` from a relay's admin endpoint with the bearer token; the JSON answer. `base` may
+/// leave out the scheme (`127.0.0.1:7836`).
 async fn admin_get(base: &str, path: &str, token: &str) -> Result<serde_json::Value, Error> {
     use http_body_util::BodyExt;
-    let url = url::Url::parse(base)
+    let with_scheme = if base.contains("://") { base.to_string() } else { format!("http://{base}") };
+    let url = url::Url::parse(&with_scheme)
         .map_err(|e| Error::new(ErrorCode::InvalidArgument, format!("--admin {base:?} is not a URL ({e}); e.g. http://127.0.0.1:7836")))?;
     if url.scheme() != "http" {
         return Err(Error::new(
@@ -546,20 +715,61 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
     libtunnel::runtime::build(if matches!(cmd, Cmd::Server(_) | Cmd::Demo) { Workers::PerCore } else { Workers::One })
 }
 
+/// The relay's settings as a table: name, default, what it does (`--set help`, `server --help`).
+fn settings_table() -> String {
+    let name_w = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
+    let default_w = SETTINGS.iter().map(|s| s.default.len()).max().unwrap_or(0);
+    let mut out = format!("{:<name_w$}  {:<default_w$}  {}\n", "SETTING", "DEFAULT", "WHAT (variable: TUNNEL_ + the name in upper case)");
+    for s in SETTINGS {
+        out.push_str(&format!("{:<name_w$}  {:<default_w$}  {}\n", s.name, s.default, s.help));
+    }
+    out
+}
+
+/// The command line, with the settings listed under `tunnel server --help` (and in the man page).
+fn command() -> clap::Command {
+    let list = format!(
+        "Settings: each is `--set NAME=VALUE`, the variable TUNNEL_NAME (also in ./.env), or NAME in the --config TOML file.\n\n{}",
+        settings_table()
+    );
+    <Cli as clap::CommandFactory>::command().mut_subcommand("server", |c| c.after_long_help(list))
+}
+
+/// Log to stderr: -v/-q when given, else RUST_LOG, else `default_level`; as text or JSON.
+fn init_logging(cli: &Cli, default_level: &str) {
+    let flagged = match (cli.verbose, cli.quiet) {
+        (0, 0) => None,
+        (1, _) => Some("debug"),
+        (v, _) if v > 1 => Some("trace"),
+        (_, 1) => Some("warn"),
+        _ => Some("error"),
+    };
+    let filter = match flagged {
+        Some(level) => tracing_subscriber::EnvFilter::new(level),
+        None => tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => {
+            // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
+            let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+            builder.with_ansi(colour).init()
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
     // interleave with the story.
-    let default_level = if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    // Colour only on a terminal, and never with NO_COLOR set (https://no-color.org).
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && !std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
+    init_logging(&cli, if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" });
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
-            for s in SETTINGS {
-                say!("{:<20} TUNNEL_{:<20} {}", s.name, s.name.to_ascii_uppercase(), s.help);
-            }
+            say!("{}", settings_table().trim_end());
             return ExitCode::SUCCESS;
         }
     }
@@ -570,6 +780,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let starting_refusal = matches!(cli.cmd, Cmd::Forward { .. } | Cmd::Socks { .. });
     let result = rt.block_on(run(cli));
     // `tunnel dial` ends when the remote side finishes, even with stdin still open (ssh
     // ProxyCommand); tokio's stdin read then sits on a blocking thread, and dropping the runtime
@@ -581,6 +792,8 @@ fn main() -> ExitCode {
             eprintln!("error [{}]: {e}", e.code());
             ExitCode::from(match e.code() {
                 ErrorCode::InvalidConfig | ErrorCode::InvalidArgument => 2,
+                // Refused at start (`tunnel forward` with a wrong key), like ssh -L.
+                ErrorCode::AuthFailed if starting_refusal => 2,
                 _ => 1,
             })
         }

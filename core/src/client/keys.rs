@@ -84,8 +84,16 @@ impl SharedKeyText {
     /// The lines `keygen` prints (comments say which side each line is for).
     pub fn lines(&self) -> String {
         format!(
-            "# For clients (tunnel forward/socks/dial, the bindings): keep it secret\nTUNNEL_KEY={}\n# For the relay (add to the list to rotate keys)\nTUNNEL_AUTH_KEYS='{}'\n",
+            "# For dialers (tunnel forward/socks/dial, the bindings): keep it secret\nTUNNEL_KEY={}\n# For the relay that admits them (add to the list to rotate keys)\nTUNNEL_AUTH_KEYS='{}'\n",
             self.key, self.auth_keys
+        )
+    }
+
+    /// The lines `keygen --cluster` prints: the same secret as a cluster's node key.
+    pub fn cluster_lines(&self) -> String {
+        format!(
+            "# For every node of one relay cluster, the same on each (nodes prove it to each other; not a dialer key): keep it secret\nTUNNEL_CLUSTER_KEY={}\n",
+            self.key
         )
     }
 }
@@ -116,8 +124,10 @@ impl ListenerKeyText {
             s.push_str(&format!("# Wrote the listener's private key to {} (mode 0600)\n", p.display()));
         }
         s.push_str(&format!("name: {}\npublic key: {}\n", self.name, self.public_key));
-        s.push_str("# For the relay: allow this key (and optionally grant chosen names)\n");
+        s.push_str("# As a listener's key (tunnel listen --key FILE): the relay allows it with (grant chosen names in \"names\")\n");
         s.push_str(&format!("TUNNEL_LISTENER_KEYS='{}'\n", self.listener_keys()));
+        s.push_str("# As an e2e dialer identity (--e2e --e2e-identity FILE): a listener admits it with\n");
+        s.push_str(&format!("--allow-peer {}\n", self.public_key));
         s
     }
 }
@@ -172,6 +182,7 @@ mod tests {
     fn keygen_lines_parse_back() {
         let k = SharedKeyText::generate(3);
         assert!(k.lines().contains(&format!("TUNNEL_KEY={}", k.key)));
+        assert!(k.cluster_lines().contains(&format!("TUNNEL_CLUSTER_KEY={}", k.key)));
         assert_eq!(Key::parse(&k.key).unwrap().to_key_string(), k.key);
         let l = ListenerKeyText::of(&Identity::generate());
         assert!(l.lines(None).contains(&l.public_key));

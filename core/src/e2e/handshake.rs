@@ -316,9 +316,15 @@ impl Accepting {
                 Ok(E2eStream { tls: tokio_rustls::TlsStream::Server(tls) })
             }
             Err((e, mut io)) => {
-                let _ = io.shutdown().await;
                 let plaintext =
                     e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()).is_some_and(|r| matches!(r, rustls::Error::InvalidMessage(_)));
+                if plaintext {
+                    // A plaintext dialer cannot read a TLS alert: reset the stream with the
+                    // refusal's code, which the relay hands on, so the dial fails E2E_REFUSED.
+                    io.mux.reset(ErrorCode::E2eRefused);
+                } else {
+                    let _ = io.shutdown().await;
+                }
                 let why = if plaintext {
                     "refused a stream that is not end-to-end encrypted (a plaintext dial or public request to an e2e listener; dial it with e2e on)"
                         .to_string()

@@ -91,6 +91,7 @@ pub(super) async fn serve_listener(
         message: String::new(),
         name: name.clone(),
         http_url: state.public_http_url(&name).unwrap_or_default(),
+        https_url: state.public_https_url(&name).unwrap_or_default(),
         tcp_addr: tcp.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.to_string()).unwrap_or_default(),
         pool: joining.pool,
         exit: joining.exit,

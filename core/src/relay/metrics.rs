@@ -49,9 +49,12 @@ pub enum Refusal {
     /// A name held by no local listener could not be looked up: the cluster registry (Redis)
     /// is unreachable.
     ClusterUnavailable = 20,
+    /// The listener refused the stream for good (a public request to an e2e listener, a stream
+    /// to an exit listener that exposes no service).
+    ListenerRefused = 21,
 }
 
-const REFUSALS: usize = 21;
+const REFUSALS: usize = 22;
 
 const REFUSAL_NAMES: [&str; REFUSALS] = [
     "not_allowed",
@@ -75,6 +78,7 @@ const REFUSAL_NAMES: [&str; REFUSALS] = [
     "http_listener_rate",
     "misdirected",
     "cluster_unavailable",
+    "listener_refused",
 ];
 
 /// The relay's counters.
@@ -312,7 +316,12 @@ impl Metrics {
             "counter",
             &[("{mode=\"classic\"}", self.sessions_classic.load(Relaxed) as i64), ("{mode=\"multiplexed\"}", self.sessions_mux.load(Relaxed) as i64)],
         );
-        counter("libtunnel_sessions_active", "Tunnel sessions open now.", "gauge", &[("", self.sessions_active.load(Relaxed))]);
+        counter(
+            "libtunnel_sessions_active",
+            "Dialer sessions open now (listener sessions: libtunnel_listener_sessions_active).",
+            "gauge",
+            &[("", self.sessions_active.load(Relaxed))],
+        );
         counter("libtunnel_streams_total", "Streams connected to a target.", "counter", &[("", self.streams_total.load(Relaxed) as i64)]);
         counter("libtunnel_streams_active", "Streams open now.", "gauge", &[("", self.streams_active.load(Relaxed))]);
         counter(

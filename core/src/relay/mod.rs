@@ -77,6 +77,8 @@ pub(crate) struct RelayState {
     access: std::sync::RwLock<Arc<Access>>,
     /// The public HTTP port, when enabled.
     http_port: Option<u16>,
+    /// The public HTTPS port, when enabled.
+    https_port: Option<u16>,
     /// Failed authentications per source address (`auth_failures_per_minute`).
     pub(crate) auth_limiter: guard::AuthLimiter,
     /// Open multiplexed sessions per key id (`max_sessions_per_key`).
@@ -203,6 +205,23 @@ impl RelayState {
         let port = self.http_port?;
         Some(if port == 80 { format!("http://{name}.{}", self.cfg.domain) } else { format!("http://{name}.{}:{port}", self.cfg.domain) })
     }
+
+    /// The Prometheus text of `/metrics`: the counters, and the listener sessions from the
+    /// registry (what `/sessions` reports as `listener_sessions`).
+    pub(crate) fn metrics_text(&self) -> String {
+        let mut s = self.metrics.render();
+        s.push_str(&format!(
+            "# HELP libtunnel_listener_sessions_active Listener sessions registered now (a pool counts each replica).\n# TYPE libtunnel_listener_sessions_active gauge\nlibtunnel_listener_sessions_active {}\n",
+            self.registry.live().len()
+        ));
+        s
+    }
+
+    /// The public HTTPS URL of listener `name`, if the relay has an HTTPS port.
+    pub(crate) fn public_https_url(&self, name: &str) -> Option<String> {
+        let port = self.https_port?;
+        Some(if port == 443 { format!("https://{name}.{}", self.cfg.domain) } else { format!("https://{name}.{}:{port}", self.cfg.domain) })
+    }
 }
 
 /// A bound, not yet running relay.
@@ -298,6 +317,7 @@ impl Server {
             None => None,
         };
         let http_port = http.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
+        let https_port = https.as_ref().and_then(|l| l.local_addr().ok()).map(|a| a.port());
         let cluster = match &cfg.cluster {
             Some(c) => {
                 let advertise = cluster_advertise(c, tcp.as_ref(), ws.as_ref(), tls.is_some())?;
@@ -337,6 +357,7 @@ impl Server {
             registry: registry::Registry::default(),
             access: std::sync::RwLock::new(Arc::new(access)),
             http_port,
+            https_port,
             cluster,
         });
         Ok(Server { state, ws, tcp, http, https, admin })

@@ -4,7 +4,8 @@
 //! stream or local connection), and opens a new one when the name changes or the old one closed. Bodies stream in both directions with bounded buffers (the mux window), WebSocket and
 //! other upgrades pass through, and the client's address goes along in `X-Forwarded-For` and
 //! `Forwarded`. Errors: 404 for a host outside the domain, 502 for an unknown or offline name,
-//! 503 when the listener refuses, 504 when it does not answer within `http_timeout`.
+//! 503 when the listener refuses, 504 when it does not answer within `http_timeout`, 403 naming
+//! the code when it refuses public requests for good (e2e listener, exit without a service).
 //!
 //! Bounded per request: a client at `http_max_requests_per_source` requests in progress gets 429,
 //! a listener at `http_max_requests_per_listener` 503 (both with `Retry-After`), and so does a
@@ -34,6 +35,7 @@ use super::public_listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H
 use super::public_tls::{read_client_hello, PublicTls};
 use super::route::{open_to_listener, RouteError};
 use super::RelayState;
+use crate::error::ErrorCode;
 use crate::protocol::{StreamHeader, Via};
 
 type Body = Either<Counted, Full<Bytes>>;
@@ -422,6 +424,20 @@ async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> R
             RouteError::Timeout => text(
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("the listener {name:?} did not accept the connection within {limit:?} (TUNNEL_HTTP_TIMEOUT)"),
+            ),
+            RouteError::Refused(code) => text(
+                StatusCode::FORBIDDEN,
+                match code {
+                    ErrorCode::E2eRefused => format!(
+                        "the listener {name:?} refused the request ({}): it is end-to-end encrypted, so only e2e dials reach it, never public HTTP",
+                        code.name()
+                    ),
+                    ErrorCode::NotAllowed => format!(
+                        "the listener {name:?} refused the request ({}): it is an exit listener that exposes no service",
+                        code.name()
+                    ),
+                    _ => format!("the listener {name:?} refused the request ({})", code.name()),
+                },
             ),
         }
     })

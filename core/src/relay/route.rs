@@ -28,6 +28,9 @@ pub(crate) enum RouteError {
     Busy,
     /// The listener did not accept within the deadline.
     Timeout,
+    /// The listener refused the stream for good, with this code (`E2E_REFUSED`: a public request
+    /// to an e2e listener; `NOT_ALLOWED`: an exit listener that exposes no service).
+    Refused(ErrorCode),
     /// No local listener has the name, and the cluster registry (Redis) cannot be asked where
     /// it is.
     ClusterUnavailable,
@@ -41,6 +44,7 @@ impl RouteError {
         match self {
             RouteError::Offline => Refusal::ListenerOffline,
             RouteError::Busy | RouteError::Timeout => Refusal::ListenerBusy,
+            RouteError::Refused(_) => Refusal::ListenerRefused,
             RouteError::ClusterUnavailable => Refusal::ClusterUnavailable,
             RouteError::NotAllowed => Refusal::NotAllowed,
         }
@@ -120,10 +124,9 @@ async fn offer(c: &super::registry::Candidate, header: &[u8], deadline: tokio::t
         stream.write_all(header).await.map_err(|_| RouteError::Busy)?;
         let mut answer = [0u8; 1];
         stream.read_exact(&mut answer).await.map_err(|_| RouteError::Busy)?;
-        if answer[0] == STREAM_ACCEPTED {
-            Ok(())
-        } else {
-            Err(RouteError::Busy)
+        match answer[0] {
+            STREAM_ACCEPTED => Ok(()),
+            code => Err(ErrorCode::from_number(u32::from(code)).map_or(RouteError::Busy, RouteError::Refused)),
         }
     };
     match tokio::time::timeout_at(deadline, accept).await {
@@ -147,6 +150,7 @@ async fn write_route_error<S: AsyncWrite + Unpin>(io: &mut S, e: RouteError) -> 
         RouteError::Timeout => Reply::TtlExpired,
         RouteError::NotAllowed => Reply::ConnectionNotAllowed,
         RouteError::ClusterUnavailable => return socks::write_cluster_unavailable(io).await,
+        RouteError::Refused(code) => return socks::write_listener_refused(io, code).await,
     };
     socks::write_reply(io, reply, None).await
 }

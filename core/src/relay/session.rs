@@ -351,9 +351,12 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: S
                 r = crate::stream::splice(&mut stream, &mut l) => r.map(|(to_listener, to_dialer)| (to_dialer, to_listener)),
                 _ = killed() => Err(std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the relay shut down")),
             };
-            if r.is_err() {
-                stream.reset(ErrorCode::Closed);
-                l.reset(ErrorCode::Closed);
+            if let Err(e) = &r {
+                // A side that reset with a code (the listener's E2E_REFUSED for a plaintext dial)
+                // passes it on to the other, so the dialer learns why.
+                let code = e.get_ref().and_then(|i| i.downcast_ref::<crate::error::Error>()).map_or(ErrorCode::Closed, |e| e.code());
+                stream.reset(code);
+                l.reset(code);
             }
             r
         }

@@ -129,7 +129,7 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
         }
         return Response::builder()
             .header(header::CONTENT_TYPE, "text/plain; version=0.0.4")
-            .body(Full::new(Bytes::from(state.metrics.render())))
+            .body(Full::new(Bytes::from(state.metrics_text())))
             .expect("static response parts are valid");
     }
     let is_upgrade = req.headers().get(header::UPGRADE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("websocket"));

@@ -70,6 +70,8 @@ fn answer_of(e: RouteError) -> u8 {
         RouteError::Busy => 2,
         RouteError::Timeout => 3,
         RouteError::NotAllowed => 4,
+        // The listener's own refusal: its code, flagged, so the entry node hands it on.
+        RouteError::Refused(code) => 0x80 | code.number() as u8,
     }
 }
 
@@ -78,6 +80,7 @@ fn error_of(b: u8) -> RouteError {
         1 => RouteError::Offline,
         3 => RouteError::Timeout,
         4 => RouteError::NotAllowed,
+        b if b & 0x80 != 0 => RouteError::Refused(ErrorCode::from_number(u32::from(b & 0x7f)).unwrap_or(ErrorCode::Refused)),
         _ => RouteError::Busy,
     }
 }
