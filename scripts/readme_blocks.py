@@ -168,7 +168,10 @@ def _scratch(d: str, b: Block, env: dict[str, str]) -> dict[str, str]:
     (modules / ".bin").mkdir(parents=True)
     (modules / "libtunnel").symlink_to(ROOT / "bindings" / "node")
     (modules / ".bin" / "libtunnel").symlink_to(ROOT / "bindings" / "node" / "bin" / "libtunnel.js")
-    return {**env, "HOME": d, "PATH": f"{bin_dir}:{env['PATH']}"}
+    # A fresh $HOME, but the Rust toolchain of the real one (rustup and cargo look there).
+    home = env.get("HOME", str(Path.home()))
+    tools = {"RUSTUP_HOME": env.get("RUSTUP_HOME", f"{home}/.rustup"), "CARGO_HOME": env.get("CARGO_HOME", f"{home}/.cargo")}
+    return {**env, **tools, "HOME": d, "PATH": f"{bin_dir}:{env['PATH']}"}
 
 
 def _secrets(text: str, env: dict[str, str]) -> str:
