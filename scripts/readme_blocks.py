@@ -192,7 +192,9 @@ def _serve(b: Block, text: str, cwd: str, env: dict[str, str], until: str) -> tu
     """Run a block that starts a server, in a network namespace of its own (so its
     ``0.0.0.0:7835`` is that namespace's loopback only); pass once ``until`` is printed."""
     script = "ip link set lo up\n" + text
-    p = subprocess.Popen(["unshare", "--net", "bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # As root, a network namespace; otherwise inside a user namespace of our own too.
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+    p = subprocess.Popen([*unshare, "bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     out: list[str] = []
     deadline = time.monotonic() + 120
     try:
