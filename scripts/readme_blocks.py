@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import base64
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,9 @@ SKIP_DIRS = {".git", "target", "node_modules", ".tools", "dist", "results"}
 
 # Languages with a runner (see the module doc); others need a mark.
 RUNNERS = {"python", "c"}
+
+# How long a served block may take to print what its mark waits for (seconds).
+SERVE_LIMIT = float(os.environ.get("README_SERVE_LIMIT", "120"))
 
 MARK = re.compile(r"^\s*<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
@@ -195,12 +200,16 @@ def _serve(b: Block, text: str, cwd: str, env: dict[str, str], until: str) -> tu
     # As root, a network namespace; otherwise inside a user namespace of our own too.
     unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
     p = subprocess.Popen([*unshare, "bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout or []] + [lines.put("")], daemon=True).start()
     out: list[str] = []
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + SERVE_LIMIT
     try:
-        assert p.stdout is not None
-        while time.monotonic() < deadline:
-            line = p.stdout.readline()
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
             if not line:
                 break
             out.append(line)
