@@ -20,3 +20,6 @@ npx --no-install napi build --platform --js native.js --dts native.d.ts
 
 # Each test bounds its own waits; the outer timeout only guards against a wedged runner.
 timeout 600 node --test --test-concurrency=1 test/*.test.js
+
+# The shell blocks of this README, as pasted (scripts/readme_blocks.py; `npx libtunnel` is this build).
+python3 ../../scripts/readme_blocks.py sh bindings/node/README.md

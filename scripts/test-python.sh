@@ -48,3 +48,6 @@ export LIBTUNNEL_GRPC_NODE_MODULES="$GRPC_NODE/node_modules"
 echo "running pytest"
 cd "$PKG"
 python -m pytest -p no:cacheprovider -ra tests
+
+echo "the shell blocks of bindings/python/README.md, as pasted (scripts/readme_blocks.py)"
+python "$ROOT/scripts/readme_blocks.py" sh bindings/python/README.md

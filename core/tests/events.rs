@@ -191,7 +191,12 @@ async fn a_relay_stopped_gracefully_reports_relay_unavailable_too() {
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
     for (events, who) in [(&mut listener_events, "listener"), (&mut dialer_events, "dialer")] {
         match next_state(events, &format!("the {who}'s disconnected")).await {
-            Event::Disconnected { code, message } => assert_eq!(code, ErrorCode::RelayUnavailable, "{who}: {message}"),
+            Event::Disconnected { code, message } => {
+                assert_eq!(code, ErrorCode::RelayUnavailable, "{who}: {message}");
+                // The dialer's session was drained (a `GoAway`) before it ended: said so (issue
+                // 28 item 13), not as a session that merely ended.
+                assert!(who == "listener" || message.contains("drained"), "{who}: {message}");
+            }
             other => panic!("{who}: expected disconnected, got {other:?}"),
         }
     }

@@ -360,22 +360,39 @@ async fn make_install_then_pkg_config_build() {
         .expect("run cc");
     assert!(o.status.success(), "cc dial.c $(pkg-config --cflags --libs tunnel) failed:\n{}", String::from_utf8_lossy(&o.stderr));
 
-    // The minimal dial program of ffi/README.md builds the same way.
-    let readme = std::fs::read_to_string(root().join("ffi/README.md")).expect("ffi/README.md");
-    let snippet = readme.split("```c\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a ```c block in ffi/README.md");
-    std::fs::write(prefix.join("readme_dial.c"), snippet).expect("write snippet");
-    let o = std::process::Command::new("cc")
-        .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
-        .arg(prefix.join("readme_dial.c"))
-        .arg("-o")
-        .arg(prefix.join("readme_dial"))
-        .args(flags.split_whitespace())
-        .output()
-        .expect("run cc");
-    assert!(o.status.success(), "the README's C program does not build:\n{}", String::from_utf8_lossy(&o.stderr));
-
     let echo = echo_server().await;
     let relay = relay(&[echo.port()]).await;
+
+    // Every C program of every README, built the same way and run as pasted (its placeholders
+    // filled by scripts/readme_blocks.py, which finds the blocks): exit 0, nothing on stderr.
+    let key = format!("{KID}:{SECRET_B64}");
+    let o = std::process::Command::new("python3")
+        .arg(root().join("scripts/readme_blocks.py"))
+        .args(["c".as_ref(), prefix.join("readme").as_os_str()])
+        .args([relay.url(), key.as_str(), &echo.to_string()])
+        .output()
+        .expect("run python3 scripts/readme_blocks.py");
+    assert!(o.status.success(), "readme_blocks.py c:\n{}", show(&o));
+    let sources = String::from_utf8(o.stdout).expect("utf-8");
+    assert!(sources.lines().count() >= 2, "the C blocks of README.md and ffi/README.md: {sources}");
+    for src in sources.lines() {
+        let exe = PathBuf::from(src).with_extension("");
+        let o = std::process::Command::new("cc")
+            .args(["-Wall", "-Wextra", "-Werror", "-pedantic"])
+            .arg(src)
+            .arg("-o")
+            .arg(&exe)
+            .args(flags.split_whitespace())
+            .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
+            .output()
+            .expect("run cc");
+        assert!(o.status.success(), "the README's C program {src} does not build:\n{}", String::from_utf8_lossy(&o.stderr));
+        let mut cmd = Command::new(&exe);
+        cmd.env("TUNNEL_KEY", &key).env_remove("TUNNEL_RELAY").kill_on_drop(true).stdin(Stdio::null());
+        let o = tokio::time::timeout(RUN, cmd.output()).await.expect("the README's program exits").expect("run it");
+        assert!(o.status.success() && o.stderr.is_empty(), "the README's C program {src}:\n{}", show(&o));
+    }
+
     let mut cmd = Command::new(&exe);
     cmd.arg(echo.to_string()).env("TUNNEL_RELAY", relay.url()).env("TUNNEL_KEY", format!("{KID}:{SECRET_B64}"));
     cmd.kill_on_drop(true).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());

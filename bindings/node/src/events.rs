@@ -34,7 +34,7 @@ impl NativeWatch {
 
 /// The JS arguments of one event: `(name, detail)`, where `detail` is `{ relay, name }` for
 /// `connected`, an `Error` with `code` and `tunnelCode` for `disconnected`, and
-/// `{ attempt, delay }` (milliseconds) for `reconnecting`.
+/// `{ attempt, delay }` (whole milliseconds) for `reconnecting`.
 fn event_args(env: &Env, ev: &Event) -> napi::Result<Vec<JsUnknown>> {
     let detail = match ev {
         Event::Connected { relay, name } => {
@@ -49,7 +49,9 @@ fn event_args(env: &Env, ev: &Event) -> napi::Result<Vec<JsUnknown>> {
         Event::Reconnecting { attempt, delay } => {
             let mut o = env.create_object()?;
             o.set_named_property("attempt", env.create_uint32(*attempt)?)?;
-            o.set_named_property("delay", env.create_double(delay.as_secs_f64() * 1e3)?)?;
+            // Whole milliseconds, as setTimeout takes them (the backoff's jitter has no meaning
+            // below that).
+            o.set_named_property("delay", env.create_uint32(u32::try_from(delay.as_millis()).unwrap_or(u32::MAX))?)?;
             o.into_unknown()
         }
         other => {

@@ -115,7 +115,7 @@ test('the README snippet is examples/node/expose.js, and it runs as pasted', asy
   const code = fs.readFileSync(file, 'utf8')
   for (const readme of [path.join(__dirname, '..', '..', '..', 'README.md'), path.join(__dirname, '..', 'README.md')]) {
     const text = fs.readFileSync(readme, 'utf8')
-    const m = /<!-- examples\/node\/expose\.js[^\n]*-->\n( *)```js\n([\s\S]*?)\n\1```/.exec(text)
+    const m = /<!-- readme-test: same as examples\/node\/expose\.js -->\n( *)```js\n([\s\S]*?)\n\1```/.exec(text)
     assert.ok(m, `${readme} shows examples/node/expose.js`)
     const shown = m[2].split('\n').map((l) => l.slice(m[1].length)).join('\n') + '\n'
     assert.equal(shown, code, `${readme}'s snippet is the file, to the letter`)
@@ -132,6 +132,9 @@ test('the README snippet is examples/node/expose.js, and it runs as pasted', asy
   const env = { ...process.env, TUNNEL_RELAY: relay.url, TUNNEL_LISTENER_KEY: key, NODE_PATH: path.join(dir, 'node_modules') }
   const proc = spawn(process.execPath, [file], { env, stdio: ['ignore', 'pipe', 'pipe'] })
   t.after(() => proc.kill())
+  let err = ''
+  proc.stderr.on('data', (d) => { err += d })
+  const exited = new Promise((resolve) => proc.on('exit', (code) => resolve(code)))
   let out = ''
   const url = await within(20_000, 'the example to print its URL', new Promise((resolve, reject) => {
     proc.stdout.on('data', (d) => { out += d; const m = /reachable at (http:\/\/\S+)/.exec(out); if (m) resolve(m[1]) })
@@ -147,4 +150,24 @@ test('the README snippet is examples/node/expose.js, and it runs as pasted', asy
     req.end()
   }))
   assert.equal(body, 'hello from behind NAT\n')
+
+  // A second process of the same key takes the name over: the first one's listener emits
+  // 'error' (NAME_TAKEN) later, which the example reports as its code and exits 1 (no stack trace).
+  const second = spawn(process.execPath, [file], { env, stdio: ['ignore', 'ignore', 'ignore'] })
+  t.after(() => second.kill())
+  const status = await within(20_000, 'the first example to stop once the name is taken', exited)
+  assert.equal(status, 1, `exit code; stderr: ${err}`)
+  assert.match(err, /^error \[NAME_TAKEN\]: .+\n$/, 'one line naming the code')
+})
+
+test('examples/node/http-behind-relay.js exits 0 with nothing on stderr, 20 runs out of 20', async () => {
+  for (let i = 1; i <= 20; i++) {
+    const proc = spawn(process.execPath, [EXAMPLE], { env: { ...process.env, TUNNEL_RELAY: '' }, stdio: ['ignore', 'pipe', 'pipe'] })
+    let err = ''
+    proc.stderr.on('data', (d) => { err += d })
+    proc.stdout.resume()
+    const [code] = await within(30_000, `run ${i} of the example`, once(proc, 'exit'))
+    assert.equal(code, 0, `run ${i}: exit ${code}; stderr: ${err}`)
+    assert.equal(err, '', `run ${i}: stderr`)
+  }
 })

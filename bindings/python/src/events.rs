@@ -29,7 +29,8 @@ impl Watch {
 /// `("disconnected", TunnelError)` or `("reconnecting", (attempt, delay_seconds))`. Calls are
 /// made one at a time, in order, on a thread of the runtime's blocking pool (so a slow callback
 /// holds no runtime worker); an exception a callback raises is printed and ignored, as in
-/// `sys.unraisablehook`.
+/// `sys.unraisablehook`. Calls pass the interpreter gate: once the interpreter finalises, the
+/// subscription ends and the callable is released without Python (pyo3 defers its decref).
 pub(crate) fn watch(mut events: Events, callback: Py<PyAny>) -> Watch {
     let (tx, mut rx) = oneshot::channel::<()>();
     crate::runtime().spawn(async move {
@@ -45,7 +46,7 @@ pub(crate) fn watch(mut events: Events, callback: Py<PyAny>) -> Watch {
             };
             let cb = callback.clone();
             let delivered = tokio::task::spawn_blocking(move || {
-                Python::attach(|py| {
+                crate::interpreter::attach(|py| {
                     let called = match &ev {
                         Event::Connected { relay, name } => cb.call1(py, (ev.name(), (relay.as_str(), name.as_deref()))),
                         Event::Reconnecting { attempt, delay } => cb.call1(py, (ev.name(), (*attempt, delay.as_secs_f64()))),
@@ -60,7 +61,7 @@ pub(crate) fn watch(mut events: Events, callback: Py<PyAny>) -> Watch {
                 })
             })
             .await;
-            if delivered.is_err() {
+            if !matches!(delivered, Ok(Some(()))) {
                 break;
             }
         }

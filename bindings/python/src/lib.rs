@@ -13,6 +13,8 @@
 //! - `dialer`: `Dialer` (dial, forward). `listener`: `Listener` (bind, accept, expose).
 //! - `relay`: the embedded relay. `keys`: key generation and the text `keygen` prints.
 //! - `events`: connection-state events to a Python callable (`Watch`).
+//! - `interpreter`: the gate every libtunnel thread passes before touching Python, shut by an
+//!   `atexit` hook so nothing reaches the interpreter while it finalises.
 //!
 //! Configuration is the core's (`libtunnel::client::ClientOptions`): what a constructor is not
 //! given comes from the same `TUNNEL_*` variables every face reads.
@@ -21,6 +23,7 @@ mod dialer;
 mod error;
 mod events;
 mod handles;
+mod interpreter;
 mod keys;
 mod listener;
 mod relay;
@@ -58,7 +61,9 @@ pub(crate) fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = libtunnel:
             loop {
                 tokio::select! {
                     r = &mut fut => return Ok(r),
-                    _ = tick.tick() => Python::attach(|py| py.check_signals())?,
+                    // A daemon thread can still wait here while the interpreter finalises:
+                    // then there are no signal handlers to run.
+                    _ = tick.tick() => interpreter::attach(|py| py.check_signals()).unwrap_or(Ok(()))?,
                 }
             }
         })
@@ -67,12 +72,37 @@ pub(crate) fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = libtunnel:
 }
 
 /// Turn a core future into an asyncio awaitable running on our runtime (cancelling the awaitable
-/// drops the future).
+/// drops the future). The outcome reaches Python (and a core error becomes an exception) only
+/// through the interpreter gate: once the interpreter finalises, the awaitable never completes.
 pub(crate) fn awaitable<'py, T>(py: Python<'py>, fut: impl Future<Output = libtunnel::Result<T>> + Send + 'static) -> PyResult<Bound<'py, PyAny>>
 where
     T: for<'a> IntoPyObject<'a> + Send + 'static,
 {
-    pyo3_async_runtimes::tokio::future_into_py(py, async move { fut.await.map_err(error::to_py) })
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let outcome = fut.await;
+        match interpreter::enter() {
+            Some(pass) => Ok(Delivered { outcome, _pass: pass }),
+            None => std::future::pending().await,
+        }
+    })
+}
+
+/// An awaitable's outcome on its way to Python, holding its pass through the interpreter gate
+/// until pyo3-async-runtimes converts it (attached, on its blocking thread).
+struct Delivered<T> {
+    outcome: libtunnel::Result<T>,
+    _pass: interpreter::Pass,
+}
+
+impl<'py, T: IntoPyObject<'py>> IntoPyObject<'py> for Delivered<T> {
+    type Target = PyAny;
+    type Output = Bound<'py, PyAny>;
+    type Error = PyErr;
+
+    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        use pyo3::IntoPyObjectExt;
+        self.outcome.map_err(error::to_py)?.into_bound_py_any(py)
+    }
 }
 
 /// Seconds from Python (`None` = no limit) as a `Duration`, checked by the core (NaN, negative,
@@ -96,12 +126,18 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     // The core's events (targets `libtunnel::…`) reach the Python logger `libtunnel.…`; other
     // crates only from warnings up, so their debug chatter never takes the GIL.
+    // The bridge sits behind the interpreter gate: the runtime's threads log at any time.
     let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::LoggersAndLevels)?
         .filter(log::LevelFilter::Warn)
         .filter_target("libtunnel".to_owned(), log::LevelFilter::Trace);
-    if let Ok(handle) = logger.install() {
-        let _ = LOG_RESET.set(handle);
+    let reset = logger.reset_handle();
+    if log::set_boxed_logger(Box::new(interpreter::GatedLogger(logger))).is_ok() {
+        log::set_max_level(log::LevelFilter::Trace);
+        let _ = LOG_RESET.set(reset);
     }
+    // Registered at import, so it runs before the interpreter finalises (and after the `atexit`
+    // hooks registered later, which may still use libtunnel).
+    py.import("atexit")?.call_method1("register", (wrap_pyfunction!(interpreter::close, m)?,))?;
     if RUNTIME.get().is_none() {
         let rt = libtunnel::runtime::build(libtunnel::runtime::Workers::PerCore).map_err(error::to_py)?;
         let _ = RUNTIME.set(rt);

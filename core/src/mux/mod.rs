@@ -637,9 +637,18 @@ async fn reader_task(shared: Arc<Shared>, mut source: FrameSource) {
         }
     };
     // A peer that announced why it is closing (a `GoAway` notice) is believed over the bare
-    // transport end that follows it.
-    let (code, why) = match shared.lock().notice.take() {
+    // transport end that follows it; one that only drained (a plain `GoAway`: a relay shutting
+    // down or restarting) is named as such, not as a session that merely ended.
+    let (notice, drained) = {
+        let mut inner = shared.lock();
+        (inner.notice.take(), inner.go_away)
+    };
+    let (code, why) = match notice {
         Some((c, w)) if code == ErrorCode::RelayUnavailable => (c, w),
+        None if drained && code == ErrorCode::RelayUnavailable => {
+            let who = if shared.role == Role::Client { "the relay" } else { "the peer" };
+            (code, format!("{who} drained the session and closed it (a graceful shutdown or restart)"))
+        }
         _ => (code, why),
     };
     tracing::debug!(%code, %why, "mux session ended");

@@ -1,0 +1,319 @@
+#!/usr/bin/env python3
+"""The code blocks of every README in the repository, for the tests that run them as pasted.
+
+A block is a fenced block with a language (```python, ```js, ```c, ```sh, ```rust); a fence
+without one is program output or a diagram, not code. What runs each language:
+
+- python: bindings/python/tests/test_readme.py (scripts/test-python.sh), each block its own
+  process against a test relay and PostgreSQL: exit 0 and nothing on stderr;
+- c: ffi/tests/c.rs (scripts/test-c.sh) writes them with ``readme_blocks.py c``, compiles each
+  with the installed pkg-config flags and runs it against a relay: exit 0, nothing on stderr;
+- sh: ``python3 scripts/readme_blocks.py sh README...`` runs the blocks marked ``run``, ``serve``
+  or ``transcript`` with bash, ``set -euo pipefail``: scripts/test-c.sh those of README.md and
+  ffi/README.md (with the CLI built), scripts/test-python.sh and scripts/test-node.sh those of
+  their bindings' READMEs (in their virtualenv / with the addon built);
+- js: the Node tests (bindings/node/test/cli.test.js) run the example file a block shows.
+
+A block that is not run as it stands says so on the line before its fence, in an HTML comment
+the renderer hides:
+
+    <!-- readme-test: run -->                 (sh) run by this script; ``run (app.c: the c block
+                                              above)`` (or below) first saves that block as app.c
+    <!-- readme-test: serve until "TEXT" -->   (sh) starts a server: run in a network namespace of
+                                              its own until it prints TEXT, then stopped
+    <!-- readme-test: transcript -->          (sh) ``$ COMMAND`` lines, each followed by the
+                                              output it must print (``…`` matches any text, and
+                                              within a key, as ``0mB1…=``, any base64)
+    <!-- readme-test: same as examples/node/expose.js -->   the block is that file, to the
+                                              letter, and a test runs the file
+    <!-- readme-test: not run: REASON -->     never run; REASON says why and what covers it
+
+``python3 scripts/readme_blocks.py check`` fails when a code block has neither a runner for its
+language nor a mark. Placeholders a reader fills in (the relay URL, the key, the private
+database's address) are replaced by :func:`fill` from the one table below, nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Directories whose READMEs are not the project's (tools, dependencies, build output).
+SKIP_DIRS = {".git", "target", "node_modules", ".tools", "dist", "results"}
+
+# Languages with a runner (see the module doc); others need a mark.
+RUNNERS = {"python", "c"}
+
+# How long a served block may take to print what its mark waits for (seconds).
+SERVE_LIMIT = float(os.environ.get("README_SERVE_LIMIT", "120"))
+
+MARK = re.compile(r"^\s*<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
+FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+
+
+@dataclass
+class Block:
+    readme: Path
+    line: int  # of the opening fence, 1-based
+    lang: str
+    text: str
+    mark: str  # "" when unmarked
+
+    @property
+    def where(self) -> str:
+        return f"{self.readme.relative_to(ROOT)}:{self.line}"
+
+
+def readmes() -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        if "README.md" in filenames:
+            found.append(Path(dirpath) / "README.md")
+    return sorted(found)
+
+
+def blocks(readme: Path) -> list[Block]:
+    lines = readme.read_text().splitlines()
+    out: list[Block] = []
+    i = 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, lang = m.group(1), m.group(2)
+        j = i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            j += 1
+        body = "\n".join(line[len(indent):] if line.startswith(indent) else line for line in lines[i + 1 : j]) + "\n"
+        mark = MARK.match(lines[i - 1]) if i > 0 else None
+        out.append(Block(readme, i + 1, lang, body, mark.group(1) if mark else ""))
+        i = j + 1
+    return out
+
+
+def code_blocks(lang: str | None = None) -> list[Block]:
+    return [b for r in readmes() for b in blocks(r) if b.lang and (lang is None or b.lang == lang)]
+
+
+# What a reader fills in, as the READMEs write it: relay URLs, keys, the private database.
+RELAYS = ("ws://relay.example.com:7835", "wss://relay.example.com", "ws://relay:7835", "ws://127.0.0.1:7835")
+KEYS = ('"1:…"', "1:0mB1…=", "1:c2VjcmV0LWtleS1mcm9tLXR1bm5lbC1rZXlnZW4=")
+DB = "db.internal:5432"
+
+
+def fill(text: str, *, relay: str, key: str, db: str) -> str:
+    """The block with its placeholders filled in: what a reader replaces before running it."""
+    for url in RELAYS:
+        text = text.replace(url, relay)
+    for k in KEYS:
+        text = text.replace(k, f'"{key}"' if k.startswith('"') else key)
+    return text.replace(DB, db)
+
+
+def problems() -> list[str]:
+    """Code blocks nothing runs and nothing marks, and marks that do not hold."""
+    bad = []
+    for b in code_blocks():
+        if b.mark.startswith("not run: "):
+            continue
+        if b.mark.startswith("same as "):
+            file = b.mark.removeprefix("same as ").strip()
+            if b.text != (ROOT / file).read_text():
+                bad.append(f"{b.where}: the block differs from {file}")
+        elif b.mark.split(" ", 1)[0] in ("run", "serve", "transcript"):
+            if b.lang != "sh":
+                bad.append(f"{b.where}: {b.mark.split(' ', 1)[0]!r} marks sh blocks only")
+        elif b.mark:
+            bad.append(f'{b.where}: unknown mark {b.mark!r} (run / serve until "TEXT" / transcript / same as FILE / not run: REASON)')
+        elif b.lang not in RUNNERS:
+            bad.append(f"{b.where}: a ```{b.lang} block that no test runs: mark it (see scripts/readme_blocks.py)")
+    return bad
+
+
+def _companion(b: Block) -> Block | None:
+    """The c block a ``run (app.c: the c block above|below)`` mark names, from the same README."""
+    m = re.search(r"app\.c: the c block (above|below)", b.mark)
+    if not m:
+        return None
+    cs = [c for c in blocks(b.readme) if c.lang == "c"]
+    near = [c for c in cs if c.line < b.line] if m.group(1) == "above" else [c for c in cs if c.line > b.line]
+    if not near:
+        raise SystemExit(f"{b.where}: no c block {m.group(1)} it")
+    return near[-1] if m.group(1) == "above" else near[0]
+
+
+def _scratch(d: str, b: Block, env: dict[str, str]) -> dict[str, str]:
+    """Make the scratch directory ``d`` what a reader's shell has: ``$HOME``, ``make`` acting on
+    this clone (the READMEs run it "from a clone"), ``app.c`` when the mark names a c block, and
+    ``npx libtunnel`` as after ``npm install /path/to/libtunnel/bindings/node``."""
+    bin_dir = Path(d) / ".bin"
+    bin_dir.mkdir()
+    make = bin_dir / "make"
+    make.write_text(f'#!/bin/sh\nexec {shutil.which("make")} --no-print-directory -C "{ROOT}" "$@"\n')
+    make.chmod(0o755)
+    c = _companion(b)
+    if c:
+        (Path(d) / "app.c").write_text(c.text)
+    modules = Path(d) / "node_modules"
+    (modules / ".bin").mkdir(parents=True)
+    (modules / "libtunnel").symlink_to(ROOT / "bindings" / "node")
+    (modules / ".bin" / "libtunnel").symlink_to(ROOT / "bindings" / "node" / "bin" / "libtunnel.js")
+    # A fresh $HOME, but the Rust toolchain of the real one (rustup and cargo look there).
+    home = env.get("HOME", str(Path.home()))
+    tools = {"RUSTUP_HOME": env.get("RUSTUP_HOME", f"{home}/.rustup"), "CARGO_HOME": env.get("CARGO_HOME", f"{home}/.cargo")}
+    return {**env, **tools, "HOME": d, "PATH": f"{bin_dir}:{env['PATH']}"}
+
+
+def _secrets(text: str, env: dict[str, str]) -> str:
+    """``text`` with real keys for the placeholders of the relay examples (``0mB1…=``, ``…``)."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    for k, v in {"1:0mB1…=": f"1:{secret}", '"data":"0mB1…="': f'"data":"{secret}"', '"data":"…"': f'"data":"{secret}"'}.items():
+        text = text.replace(k, v)
+    if '"public_key":"…"' in text:  # a listener's key, as `keygen --listener` prints it
+        with tempfile.TemporaryDirectory() as d:
+            r = subprocess.run(["node", str(ROOT / "bindings/node/bin/libtunnel.js"), "keygen", "--listener", "--out", f"{d}/k.pem"], env=env, capture_output=True, text=True, timeout=60, check=True)
+        public = re.search(r'"public_key":"([^"]+)"', r.stdout)
+        assert public, f"keygen --listener printed: {r.stdout}"
+        text = text.replace('"public_key":"…"', f'"public_key":"{public.group(1)}"')
+    return text
+
+
+def _serve(b: Block, text: str, cwd: str, env: dict[str, str], until: str) -> tuple[bool, str]:
+    """Run a block that starts a server, in a network namespace of its own (so its
+    ``0.0.0.0:7835`` is that namespace's loopback only); pass once ``until`` is printed."""
+    script = "ip link set lo up\n" + text
+    # As root, a network namespace; otherwise inside a user namespace of our own too.
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+    p = subprocess.Popen([*unshare, "bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in p.stdout or []] + [lines.put("")], daemon=True).start()
+    out: list[str] = []
+    deadline = time.monotonic() + SERVE_LIMIT
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if not line:
+                break
+            out.append(line)
+            if until in line:
+                return True, "".join(out)
+        return False, "".join(out) + f"(exit {p.poll()}; never printed {until!r})\n"
+    finally:
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=30)
+
+
+def _elided(shown: str) -> str:
+    """A regex for one output line as a README shows it: ``…`` inside a key (``0mB1…=``) stands
+    for any base64 text, a ``…`` on its own for any text."""
+    out, last = [], 0
+    for m in re.finditer(r"[A-Za-z0-9+/]*…[A-Za-z0-9+/=]*", shown):
+        out.append(re.escape(shown[last : m.start()]))
+        out.append(".*" if m.group() == "…" else "[A-Za-z0-9+/=]+")
+        last = m.end()
+    out.append(re.escape(shown[last:]))
+    return "".join(out)
+
+
+def _transcript(text: str, cwd: str, env: dict[str, str]) -> tuple[bool, str]:
+    """``$ COMMAND`` lines and the output shown under each (``…`` stands for any text)."""
+    steps: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("$ "):
+            steps.append((line[2:], []))
+        elif steps:
+            steps[-1][1].append(line)
+    for cmd, want in steps:
+        r = subprocess.run(["bash", "-euo", "pipefail", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        got = r.stdout.splitlines()
+        pats = [re.compile(_elided(w) + r"\Z") for w in want]
+        if r.returncode != 0 or r.stderr or len(got) != len(pats) or not all(p.match(g) for p, g in zip(pats, got)):
+            return False, f"$ {cmd}\nexit {r.returncode}\n--- stdout:\n{r.stdout}--- stderr:\n{r.stderr}--- the README shows:\n" + "\n".join(want) + "\n"
+    return True, ""
+
+
+def run_sh(env: dict[str, str], only: list[str]) -> int:
+    """Run the sh blocks marked ``run``, ``serve until "TEXT"`` or ``transcript`` (of the READMEs
+    ``only`` names, relative to the root; all when empty), each in a fresh scratch directory.
+    Prints each result; returns the number of failures."""
+    failed = 0
+    for b in code_blocks("sh"):
+        if only and b.readme.relative_to(ROOT).as_posix() not in only:
+            continue
+        mode = b.mark.split(" ", 1)[0]
+        if mode not in ("run", "serve", "transcript"):
+            continue
+        text = b.text if mode == "transcript" else _secrets(b.text, env)
+        with tempfile.TemporaryDirectory(prefix="readme-sh-") as d:
+            run_env = _scratch(d, b, env)
+            if mode == "serve":
+                until = re.fullmatch(r'serve until "(.*)"', b.mark)
+                if not until:
+                    raise SystemExit(f'{b.where}: write the mark as: serve until "TEXT THE SERVER PRINTS"')
+                ok, log = _serve(b, text, d, run_env, until.group(1))
+            elif mode == "transcript":
+                ok, log = _transcript(text, d, run_env)
+            else:
+                r = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=d, env=run_env, capture_output=True, text=True, timeout=900)
+                ok, log = r.returncode == 0, f"exit {r.returncode}\n--- stdout:\n{r.stdout}--- stderr:\n{r.stderr}"
+        if ok:
+            print(f"ok: {b.where} runs as pasted ({mode})")
+        else:
+            failed += 1
+            print(f"FAIL {b.where}:\n{b.text}{log}")
+    return failed
+
+
+def write_c(out: Path, *, relay: str, key: str, db: str) -> None:
+    """Every c block, placeholders filled, as OUT/<readme>-<line>.c; prints each path."""
+    out.mkdir(parents=True, exist_ok=True)
+    for b in code_blocks("c"):
+        name = b.readme.relative_to(ROOT).as_posix().replace("/", "-").removesuffix(".md")
+        path = out / f"{name}-{b.line}.c"
+        path.write_text(fill(b.text, relay=relay, key=key, db=db))
+        print(path)
+
+
+def main(argv: list[str]) -> int:
+    cmd = argv[1] if len(argv) > 1 else "check"
+    if cmd == "check":
+        bad = problems()
+        for p in bad:
+            print(p)
+        n = len(code_blocks())
+        print(f"{n} code blocks in {len(readmes())} READMEs; {len(bad)} problem(s)")
+        return 1 if bad else 0
+    if cmd == "list":
+        for b in code_blocks():
+            how = b.mark or (f"run by the {b.lang} tests" if b.lang in RUNNERS else "UNMARKED")
+            print(f"{b.where}\t{b.lang}\t{how}")
+        return 0
+    if cmd == "sh":
+        return 1 if run_sh(dict(os.environ), argv[2:]) else 0
+    if cmd == "c" and len(argv) == 6:
+        write_c(Path(argv[2]), relay=argv[3], key=argv[4], db=argv[5])
+        return 0
+    print("usage: readme_blocks.py check | list | sh [README...] | c OUT_DIR RELAY_URL KEY HOST:PORT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
