@@ -57,6 +57,10 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
 info_field() { rcli INFO "$1" | tr -d '\r' | sed -n "s/^$2:\\([0-9]*\\).*/\\1/p"; }
 
+# Every listener comes from 127.0.0.1: the per-source cap must allow them all; and the relay
+# keeps one descriptor per session.
+MAXN=$(tr ' ' '\n' <<<"$COUNTS" | sort -n | tail -n 1)
+ulimit -n "$(ulimit -Hn)"
 REDIS_PORT=$(freeport)
 start_bg redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no
 ready redis 'Ready to accept connections' >/dev/null
@@ -66,7 +70,7 @@ RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
 CLUSTER_KEY=$("$TUNNEL" keygen | sed -n 's/^TUNNEL_KEY=//p')
 : "$CLIENT_KEY"
 node() { # port -> starts a node on 127.0.0.1:port; sets NODE_PID
-    TUNNEL_LISTEN=127.0.0.1:$1 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
+    TUNNEL_LISTEN=127.0.0.1:$1 TUNNEL_MAX_CONNECTIONS=$((2 * MAXN + 2000)) TUNNEL_MAX_CONNECTIONS_PER_SOURCE=$((MAXN + 1000)) TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_CLUSTER_REDIS="redis://127.0.0.1:$REDIS_PORT" TUNNEL_CLUSTER_KEY="$CLUSTER_KEY" TUNNEL_CLUSTER_TTL="$TTL" \
         start_bg "node-$1" "$TUNNEL" server
     NODE_PID=$LAST_PID
