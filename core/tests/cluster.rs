@@ -1145,3 +1145,63 @@ async fn the_node_holding_an_exit_checks_the_grant_itself() {
     let stats = exit.exit_stats().expect("stats");
     assert_eq!(stats.connected, 1, "only the granted stream reached the exit: {stats:?}");
 }
+
+/// Redis `INFO commandstats`: calls of `cmd` since the last `CONFIG RESETSTAT`.
+async fn redis_calls(redis: &Redis, cmd: &str) -> u64 {
+    let info = redis.cmd(&["INFO", "commandstats"]).await.join("\n");
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_names_cost_redis_one_refresh_per_node_and_a_dead_nodes_names_are_collected() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // cluster_ttl = 1 s: each node refreshes every 1/3 s.
+    let (redis, mut nodes) = start_cluster(2, &["cluster_ttl=1".to_string()]).await;
+    const N: usize = 50;
+    let mut listeners = Vec::new();
+    for _ in 0..N {
+        listeners.push(Arc::new(within(STEP, "bind on A", Listener::bind(&nodes[0].url, Identity::generate())).await.expect("bind")));
+    }
+    let probe = listeners[0].clone();
+    let name = probe.name();
+    serve(probe.clone());
+    until(STEP, "node A claims every name", || async { nodes[0].metric("libtunnel_cluster_claims").await == N as i64 }).await;
+
+    // Holding the names: over 3 s (9 refresh ticks per node), Redis runs a fixed number of
+    // scripts per node and tick (announce, collect), none per name. Refreshing each name would
+    // be N × 9 = 450 script calls from node A alone.
+    let _ = redis.cmd(&["CONFIG", "RESETSTAT"]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let scripts = redis_calls(&redis, "evalsha").await + redis_calls(&redis, "eval").await;
+    println!("{N} names held for 3 s with cluster_ttl=1: {scripts} script calls in all (2 nodes)");
+    assert!(scripts <= 2 * 2 * 12, "{scripts} script calls in 3 s: the refresh must not grow with the names held");
+    // Three TTLs without a per-name refresh: the names still resolve through node B.
+    let (status, body) = get(nodes[1].http, &format!("{name}.localhost"), "/held").await;
+    assert_eq!((status, body.as_str()), (200, format!("/held from {name}").as_str()));
+
+    // Node A dies (its listeners know only A's URL, so they stay away): B collects every name A
+    // held within the TTL and a few ticks, and forgets A.
+    nodes[0].kill9().await;
+    let took = until(Duration::from_secs(10), "B collects the dead node's names", || async {
+        redis.count_keys("libtunnel:name:*").await == 0 && redis.count_keys("libtunnel:held:*").await == 0
+    })
+    .await;
+    println!("a dead node's {N} names collected {:.2} s after its SIGKILL (cluster_ttl=1)", took.as_secs_f64());
+    let left = redis.cmd(&["SMEMBERS", "libtunnel:nodes"]).await;
+    assert_eq!(left.len(), 1, "only the live node stays listed: {left:?}");
+    // And the dead node's name now answers as offline, not as a route to a dead node.
+    let (status, body) = get(nodes[1].http, &format!("{name}.localhost"), "/gone").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("is online"), "{body}");
+    for l in &listeners {
+        l.close();
+    }
+}

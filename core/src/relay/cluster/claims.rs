@@ -2,13 +2,22 @@
 //! which mode. Every change is one Lua script, so each is atomic on the Redis server, and every
 //! time is the Redis server's clock (no clock agreement between nodes is needed).
 //!
+//! **Cost grows with nodes, not names.** A claim has no expiry of its own: it is valid exactly
+//! while its holder's node key lives, so a node's refresh is one `ANNOUNCE` (its node key) each
+//! third of `claim_ttl`, whatever it holds. Lookups and claims ignore a holder whose node key is
+//! gone at once; the names a dead node left are then removed by whichever node runs `COLLECT`
+//! first (every node does on its refresh tick, a batch at a time).
+//!
 //! Keys, under the namespace `NS`:
 //! - `NS:node:ID` → the URL other nodes reach node `ID` at, expiring `claim_ttl` after the node's
 //!   last refresh: a node that dies loses every name it held when this key expires.
+//! - `NS:nodes` → the set of node ids that announced themselves (live or not yet collected).
+//! - `NS:held:ID` → the set of names node `ID` claimed: what `COLLECT` removes once `ID` is dead.
 //! - `NS:name:NAME` → a hash: `owner` (the listener key, hex), `mode` (`pool`, `exit`, `h2c`,
 //!   `tls` flags), and one field `n:ID` per node holding it, whose value is that node's claim
-//!   epoch. A holder whose node key has expired is dead, and the next claim removes it. The hash
-//!   itself expires 3 × `claim_ttl` after its last refresh (garbage from a cluster that stopped).
+//!   epoch. A holder whose node key has expired is dead: lookups skip it, the next claim removes
+//!   it, and so does `COLLECT`. A cluster that stopped whole leaves its names until a node of it
+//!   starts again (its first `COLLECT` removes them).
 //! - `NS:retired:NAME` → the listener instances a newer registration of the same key replaced
 //!   (for 10 minutes): one of them coming back, on any node, is refused instead of taking the
 //!   name back (`registry`'s rule, cluster-wide). Each holder's instance is its `i:ID` field.
@@ -87,12 +96,12 @@ pub(crate) struct Holders {
     pub(crate) nodes: Vec<(String, String)>,
 }
 
-// KEYS: name hash, retired set. ARGV: node id, owner hex, mode, joining part of mode, ttl ms,
+// KEYS: name hash, retired set, this node's held set. ARGV: node id, owner hex, mode, joining part of mode,
 // namespace, 'claim' (a registration: may replace the same key elsewhere; new epoch) or 'keep'
 // (a refresh), the listener's instance (hex, may be empty), how long the replaced are refused (ms).
 const CLAIM: &str = r#"
-local h, me, owner, mode, joining, ttl, ns, kind = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local instance = ARGV[8]
+local h, me, owner, mode, joining, ns, kind = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local instance = ARGV[7]
 if instance ~= '' and redis.call('SISMEMBER', KEYS[2], instance) == 1 then return {'retired'} end
 local cur_owner = redis.call('HGET', h, 'owner')
 local cur_mode = redis.call('HGET', h, 'mode') or ''
@@ -104,6 +113,7 @@ for _, f in ipairs(redis.call('HKEYS', h)) do
       table.insert(others, f)
     else
       redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
+      redis.call('SREM', ns .. ':held:' .. string.sub(f, 3), string.sub(h, string.len(ns) + 7))
     end
   end
 end
@@ -127,30 +137,70 @@ if #others > 0 then
       local theirs = redis.call('HGET', h, 'i:' .. string.sub(f, 3))
       if theirs and theirs ~= '' and theirs ~= instance then
         redis.call('SADD', KEYS[2], theirs)
-        redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[9]))
+        redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
       end
       redis.call('HDEL', h, f, 'i:' .. string.sub(f, 3))
+      redis.call('SREM', ns .. ':held:' .. string.sub(f, 3), string.sub(h, string.len(ns) + 7))
     end
   end
 end
 local epoch
 if kind == 'keep' and mine then epoch = mine else epoch = redis.call('INCR', ns .. ':epoch') end
 redis.call('HSET', h, 'owner', owner, 'mode', mode, 'n:' .. me, epoch, 'i:' .. me, instance)
-redis.call('PEXPIRE', h, ttl * 3)
+redis.call('SADD', KEYS[3], string.sub(h, string.len(ns) + 7))
 if kind ~= 'keep' or not mine then redis.call('PUBLISH', ns .. ':events', string.sub(h, string.len(ns) + 7)) end
 return {'held', tostring(epoch)}
 "#;
 
-// KEYS: name hash. ARGV: node id, epoch, namespace.
+// KEYS: name hash, this node's held set. ARGV: node id, epoch, namespace.
 const RELEASE: &str = r#"
 local h = KEYS[1]
-if redis.call('HGET', h, 'n:' .. ARGV[1]) == ARGV[2] then
+local name = string.sub(h, string.len(ARGV[3]) + 7)
+local cur = redis.call('HGET', h, 'n:' .. ARGV[1])
+if cur == ARGV[2] then
   redis.call('HDEL', h, 'n:' .. ARGV[1], 'i:' .. ARGV[1])
+  redis.call('SREM', KEYS[2], name)
   if redis.call('HLEN', h) <= 2 then redis.call('DEL', h) end
-  redis.call('PUBLISH', ARGV[3] .. ':events', string.sub(h, string.len(ARGV[3]) + 7))
+  redis.call('PUBLISH', ARGV[3] .. ':events', name)
   return 1
 end
+if not cur then redis.call('SREM', KEYS[2], name) end
 return 0
+"#;
+
+// KEYS: this node's key, the node set. ARGV: URL, ttl ms, node id. Announces the node for another
+// ttl; returns 0 when its key was gone (first start, expired while Redis was unreachable, or a
+// Redis that lost its data): the node's claims are dead then and must be made again.
+const ANNOUNCE: &str = r#"
+local had = redis.call('EXISTS', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+redis.call('SADD', KEYS[2], ARGV[3])
+return had
+"#;
+
+// KEYS: the node set. ARGV: namespace, batch. Removes up to `batch` names of dead nodes (node key
+// gone) from their hashes (dropping a hash no node holds any more), and forgets a dead node once
+// all its names are gone (published as `:node:ID`, so nodes drop routes through it). Returns how
+// many names it took off dead nodes (`batch`: there may be more, call again).
+const COLLECT: &str = r#"
+local ns, batch = ARGV[1], tonumber(ARGV[2])
+local done = 0
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  if done >= batch then break end
+  if redis.call('EXISTS', ns .. ':node:' .. id) == 0 then
+    local set = ns .. ':held:' .. id
+    for _, name in ipairs(redis.call('SPOP', set, batch - done)) do
+      local h = ns .. ':name:' .. name
+      if redis.call('HDEL', h, 'n:' .. id, 'i:' .. id) > 0 and redis.call('HLEN', h) <= 2 then redis.call('DEL', h) end
+      done = done + 1
+    end
+    if redis.call('EXISTS', set) == 0 then
+      redis.call('SREM', KEYS[1], id)
+      redis.call('PUBLISH', ns .. ':events', ':node:' .. id)
+    end
+  end
+end
+return done
 "#;
 
 // KEYS: name hash. ARGV: namespace. Returns owner, mode, then node id / URL pairs of live holders.
@@ -179,6 +229,7 @@ const EVICT: &str = r#"
 local h, ns, instance = KEYS[1], ARGV[1], ARGV[2]
 for i = 3, #ARGV do
   redis.call('HDEL', h, 'n:' .. ARGV[i], 'i:' .. ARGV[i])
+  redis.call('SREM', ns .. ':held:' .. ARGV[i], string.sub(h, string.len(ns) + 7))
 end
 if instance ~= '' then redis.call('SREM', KEYS[2], instance) end
 redis.call('PUBLISH', ns .. ':events', string.sub(h, string.len(ns) + 7))
@@ -221,6 +272,8 @@ pub(crate) struct Claims {
     take_port: Script,
     free_port: Script,
     evict: Script,
+    announce: Script,
+    collect: Script,
 }
 
 impl Claims {
@@ -241,6 +294,8 @@ impl Claims {
             take_port: Script::new(TAKE_PORT),
             free_port: Script::new(FREE_PORT),
             evict: Script::new(EVICT),
+            announce: Script::new(ANNOUNCE),
+            collect: Script::new(COLLECT),
         })
     }
 
@@ -253,18 +308,33 @@ impl Claims {
         format!("{}:events", self.ns)
     }
 
-    /// Announce this node (its URL) for another `ttl`; returns the round trip.
-    pub(crate) async fn announce(&self, url: &str, ttl: Duration) -> redis::RedisResult<Duration> {
+    fn held_key(&self) -> String {
+        format!("{}:held:{}", self.ns, self.node)
+    }
+
+    /// Announce this node (its URL) for another `ttl`: the one refresh that keeps every claim of
+    /// this node alive. Returns the round trip, and whether the node's key was still there
+    /// (false: every claim of this node is dead and must be made again).
+    pub(crate) async fn announce(&self, url: &str, ttl: Duration) -> redis::RedisResult<(Duration, bool)> {
         let t = Instant::now();
         let mut c = self.conn.clone();
-        let () = redis::cmd("SET")
-            .arg(format!("{}:node:{}", self.ns, self.node))
+        let had: i64 = self
+            .announce
+            .key(format!("{}:node:{}", self.ns, self.node))
+            .key(format!("{}:nodes", self.ns))
             .arg(url)
-            .arg("PX")
             .arg(ttl.as_millis() as u64)
-            .query_async(&mut c)
+            .arg(&self.node)
+            .invoke_async(&mut c)
             .await?;
-        Ok(t.elapsed())
+        Ok((t.elapsed(), had == 1))
+    }
+
+    /// Remove up to `batch` names left by dead nodes; returns how many it removed.
+    pub(crate) async fn collect(&self, batch: usize) -> redis::RedisResult<usize> {
+        let mut c = self.conn.clone();
+        let n: i64 = self.collect.key(format!("{}:nodes", self.ns)).arg(&self.ns).arg(batch).invoke_async(&mut c).await?;
+        Ok(n.max(0) as usize)
     }
 
     /// Remove this node's announcement (a clean shutdown: its names are dead at once).
@@ -275,25 +345,17 @@ impl Claims {
 
     /// Claim `name` for `owner` (a registration, `refresh == false`) or re-assert an existing
     /// claim (`refresh == true`).
-    pub(crate) async fn claim(
-        &self,
-        name: &str,
-        owner: &str,
-        instance: &str,
-        mode: ClaimMode,
-        ttl: Duration,
-        refresh: bool,
-    ) -> redis::RedisResult<Claimed> {
+    pub(crate) async fn claim(&self, name: &str, owner: &str, instance: &str, mode: ClaimMode, refresh: bool) -> redis::RedisResult<Claimed> {
         let mut c = self.conn.clone();
         let r: Vec<String> = self
             .claim
             .key(self.name_key(name))
             .key(format!("{}:retired:{name}", self.ns))
+            .key(self.held_key())
             .arg(&self.node)
             .arg(owner)
             .arg(mode.encode())
             .arg(mode.joining())
-            .arg(ttl.as_millis() as u64)
             .arg(&self.ns)
             .arg(if refresh { "keep" } else { "claim" })
             .arg(instance)
@@ -313,7 +375,15 @@ impl Claims {
     /// Give up this node's claim on `name` if it is still the one made with `epoch`.
     pub(crate) async fn release(&self, name: &str, epoch: u64) -> redis::RedisResult<bool> {
         let mut c = self.conn.clone();
-        let n: i64 = self.release.key(self.name_key(name)).arg(&self.node).arg(epoch.to_string()).arg(&self.ns).invoke_async(&mut c).await?;
+        let n: i64 = self
+            .release
+            .key(self.name_key(name))
+            .key(self.held_key())
+            .arg(&self.node)
+            .arg(epoch.to_string())
+            .arg(&self.ns)
+            .invoke_async(&mut c)
+            .await?;
         Ok(n == 1)
     }
 

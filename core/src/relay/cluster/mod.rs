@@ -1,8 +1,10 @@
 //! A relay as one node of a cluster on Redis (`cluster_redis`; off by default). What it adds to a
 //! relay on its own:
 //! - **claims** (`claims`): a listener that registers here is also claimed in Redis, under the same
-//!   `NAME_TAKEN` rules across the cluster; the claim is refreshed every third of `cluster_ttl`
-//!   and dies that long after its node does;
+//!   `NAME_TAKEN` rules across the cluster; a claim lives exactly as long as its node's key in
+//!   Redis, which the node refreshes every third of `cluster_ttl` (one command per node, however
+//!   many names it holds), so the claims of a node that dies die `cluster_ttl` after it; nodes
+//!   collect the names dead nodes left;
 //! - **public TCP ports** (`mirrors`): assigned cluster-wide, and bound by every node;
 //! - **routes**: a stream for a name no local listener holds (dial by name, public HTTP or TCP,
 //!   `via` an exit) is looked up in Redis (cached; every change is published, and each node drops
@@ -47,8 +49,13 @@ use claims::{ClaimMode, Claimed, Claims, Holders};
 /// How long a cached route may be used without a change notice (a safety net: notices are what
 /// keep the cache right, and the cache is dropped whenever the subscription is lost).
 const ROUTE_CACHE_FOR: Duration = Duration::from_secs(30);
-/// Claims re-asserted at once on each refresh.
+/// Claims re-asserted at once (after the node's key was lost, or the change notices were).
 const REASSERT_IN_FLIGHT: usize = 64;
+/// Names of dead nodes removed by one `COLLECT` call (bounds how long one script holds Redis).
+const COLLECT_BATCH: usize = 500;
+/// Most `COLLECT` calls per refresh tick (the rest waits for the next tick: lookups already
+/// ignore a dead node's names).
+const COLLECT_CALLS_PER_TICK: usize = 20;
 /// Most routes cached (then the cache starts over).
 const ROUTE_CACHE_MAX: usize = 10_000;
 
@@ -154,7 +161,7 @@ impl Cluster {
         let instance = data_encoding::HEXLOWER.encode(instance);
         let mut checked = false;
         let epoch = loop {
-            let res = self.claims.claim(name, &owner, &instance, mode, self.cfg.claim_ttl, false).await;
+            let res = self.claims.claim(name, &owner, &instance, mode, false).await;
             // (Whether a holder's own key confirms the refusal: Redis's `owner` field is not
             // believed either, so a holder of our own key is a registration to replace.)
             let (refusal, other_key_only) = match res {
@@ -374,18 +381,40 @@ impl Cluster {
         self.routes.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, (h, _)| !h.nodes.iter().any(|(n, _)| n == id));
     }
 
-    /// Run the node's background work until the relay drains: announce this node and refresh
-    /// every claim each third of `cluster_ttl`; follow change notices.
+    /// Run the node's background work until the relay drains: announce this node each third of
+    /// `cluster_ttl` (which keeps all its claims alive), claim what could not be claimed yet,
+    /// collect dead nodes' names; follow change notices.
     pub(crate) fn start(self: &Arc<Self>, state: &Arc<RelayState>) {
         state.tasks.spawn(refresh_loop(self.clone(), state.clone()));
         state.tasks.spawn(notice_loop(self.clone(), state.clone()));
     }
 
-    /// Re-assert every claim this node holds, [`REASSERT_IN_FLIGHT`] at a time (the Redis
-    /// connection pipelines them).
-    async fn reassert_all(&self, state: &RelayState) {
-        let names: Vec<String> = self.held.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+    /// Re-assert every claim this node holds (`unclaimed_only`: those not claimed yet, because
+    /// Redis was unreachable), [`REASSERT_IN_FLIGHT`] at a time (the Redis connection pipelines
+    /// them). Only needed when this node's key was lost (all its claims died with it), after
+    /// change notices were missed, and for registrations made while Redis was unreachable.
+    async fn reassert_all(&self, state: &RelayState, unclaimed_only: bool) {
+        let names: Vec<String> = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, h)| !unclaimed_only || h.epoch == 0)
+            .map(|(n, _)| n.clone())
+            .collect();
         futures_util::stream::iter(names).for_each_concurrent(REASSERT_IN_FLIGHT, |name| async move { self.reassert(state, &name).await }).await;
+    }
+
+    /// Remove the names dead nodes left, [`COLLECT_BATCH`] at a time, at most
+    /// [`COLLECT_CALLS_PER_TICK`] batches.
+    async fn collect_dead(&self, state: &RelayState) {
+        for _ in 0..COLLECT_CALLS_PER_TICK {
+            match self.claims.collect(COLLECT_BATCH).await {
+                Ok(n) if n < COLLECT_BATCH => return,
+                Ok(_) => {}
+                Err(e) => return self.redis_failed(state, "removing the names of dead nodes", &e),
+            }
+        }
     }
 
     /// Re-assert the claim on `name` (after a notice, or on the refresh tick); close the local
@@ -394,7 +423,7 @@ impl Cluster {
         let Some(h) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get(name).cloned() else { return };
         // Never claimed (Redis was down at registration): claim now, as the registration would have.
         let refresh = h.epoch != 0;
-        match self.claims.claim(name, &h.owner, &h.instance, h.mode, self.cfg.claim_ttl, refresh).await {
+        match self.claims.claim(name, &h.owner, &h.instance, h.mode, refresh).await {
             Ok(Claimed::Held(epoch)) => {
                 self.redis_ok();
                 if let Some(x) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
@@ -409,7 +438,7 @@ impl Cluster {
                     Confirmation::Confirmed => {}
                     Confirmation::Disproved => {
                         // Claim again (never claimed: as the registration would have).
-                        if let Ok(Claimed::Held(epoch)) = self.claims.claim(name, &h.owner, &h.instance, h.mode, self.cfg.claim_ttl, true).await {
+                        if let Ok(Claimed::Held(epoch)) = self.claims.claim(name, &h.owner, &h.instance, h.mode, true).await {
                             if let Some(x) = self.held.lock().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
                                 x.epoch = epoch;
                             }
@@ -468,17 +497,23 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             _ = tick.tick() => {}
             _ = state.draining.cancelled() => break,
         }
-        match me.claims.announce(&me.advertise, me.cfg.claim_ttl).await {
-            Ok(rtt) => {
+        let alive = match me.claims.announce(&me.advertise, me.cfg.claim_ttl).await {
+            Ok((rtt, alive)) => {
                 me.redis_ok();
                 state.metrics.cluster.redis_rtt_micros.store(rtt.as_micros() as i64, Relaxed);
+                alive
             }
             Err(e) => {
                 me.redis_failed(&state, "announcing this node", &e);
                 continue;
             }
+        };
+        if !alive && me.held_count() > 0 {
+            tracing::warn!(names = me.held_count(), "this node's key had expired in the cluster registry (Redis unreachable for longer than cluster_ttl, or Redis lost its data): claiming its names again");
         }
-        me.reassert_all(&state).await;
+        // The node's key was gone: every claim of this node died with it.
+        me.reassert_all(&state, alive).await;
+        me.collect_dead(&state).await;
         me.mirrors.reconcile(&me, &state).await;
     }
     // A clean stop: other nodes stop routing here at once (the listeners' sessions end with the
@@ -522,7 +557,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         me.subscribed.store(true, Relaxed);
         // Claims made while we were not subscribed may have replaced ours: check them all.
-        me.reassert_all(&state).await;
+        me.reassert_all(&state, false).await;
         me.mirrors.reconcile(&me, &state).await;
         let mut stream = ps.into_on_message();
         loop {
@@ -535,6 +570,12 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             };
             let Some(msg) = msg else { break };
             let name = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
+            if let Some(id) = name.strip_prefix(":node:") {
+                // A dead node's names were collected: no route goes through it any more.
+                me.peers.forget(id);
+                me.forget_node(id);
+                continue;
+            }
             if name == ":tcp" {
                 let (me, st) = (me.clone(), state.clone());
                 state.tasks.spawn(async move { me.mirrors.reconcile(&me, &st).await });
