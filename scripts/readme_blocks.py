@@ -2,7 +2,11 @@
 """The code blocks of every README in the repository, for the tests that run them as pasted.
 
 A block is a fenced block with a language (```python, ```js, ```c, ```sh, ```rust); a fence
-without one is program output or a diagram, not code. What runs each language:
+without one, or marked ```text, is program output or a diagram, not code. What runs each language:
+- rust: the top-level README.md is a doctest module of the core (``ReadmeDoctests`` in
+  core/src/lib.rs), so ``cargo test -p libtunnel`` compiles each of its Rust blocks as pasted
+  (lines starting with ``# `` are rustdoc's hidden lines: the async wrapper); an unlabelled fence
+  there would be compiled as Rust, hence ```text for output and diagrams;
 
 - python: bindings/python/tests/test_readme.py (scripts/test-python.sh), each block its own
   process against a test relay and PostgreSQL: exit 0 and nothing on stderr;
@@ -55,7 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SKIP_DIRS = {".git", "target", "node_modules", ".tools", "dist", "results"}
 
 # Languages with a runner (see the module doc); others need a mark.
-RUNNERS = {"python", "c"}
+RUNNERS = {"python", "c", "rust"}
 
 # How long a served block may take to print what its mark waits for (seconds).
 SERVE_LIMIT = float(os.environ.get("README_SERVE_LIMIT", "120"))
@@ -107,7 +111,7 @@ def blocks(readme: Path) -> list[Block]:
 
 
 def code_blocks(lang: str | None = None) -> list[Block]:
-    return [b for r in readmes() for b in blocks(r) if b.lang and (lang is None or b.lang == lang)]
+    return [b for r in readmes() for b in blocks(r) if b.lang and b.lang != "text" and (lang is None or b.lang == lang)]
 
 
 # What a reader fills in, as the READMEs write it: relay URLs, keys, the private database.
@@ -140,6 +144,8 @@ def problems() -> list[str]:
                 bad.append(f"{b.where}: {b.mark.split(' ', 1)[0]!r} marks sh blocks only")
         elif b.mark:
             bad.append(f'{b.where}: unknown mark {b.mark!r} (run / serve until "TEXT" / transcript / same as FILE / not run: REASON)')
+        elif b.lang == "rust" and b.readme != ROOT / "README.md":
+            bad.append(f"{b.where}: only README.md's Rust blocks are doctests (core/src/lib.rs): mark this one")
         elif b.lang not in RUNNERS:
             bad.append(f"{b.where}: a ```{b.lang} block that no test runs: mark it (see scripts/readme_blocks.py)")
     return bad

@@ -80,3 +80,9 @@ pub use protocol::Via;
 pub use relay::{Reloader, Server, ServerHandle};
 pub use stream::{Mode, TunnelStream};
 pub use transport::{ClientTls, RelayUrl};
+
+/// The README's Rust blocks, compiled as doctests by `cargo test -p libtunnel` (as pasted; the
+/// `# ` lines are the hidden async wrapper), so the API they show cannot drift from the code.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
