@@ -3,12 +3,13 @@
 
 use super::RelayState;
 use crate::error::ErrorCode;
-use crate::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
+use crate::mux::{FrameSink, FrameSource, MuxConfig, Role};
+use crate::session::Session;
 
 /// Start the relay's side of a multiplexed session (dialer or listener) with the configured
 /// keepalive and stream limits; the guard closes it when the serving task ends.
 pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, CloseOnDrop) {
-    let session = Session::new(Role::Server, source, sink, relay_mux_config(state));
+    let session = Session::mux(Role::Server, source, sink, relay_mux_config(state));
     (session.clone(), CloseOnDrop(session))
 }
 

@@ -30,7 +30,7 @@ use super::route::RouteError;
 use super::RelayState;
 use crate::config::ClusterConfig;
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::MuxStream;
+use crate::session::SessionStream;
 use claims::{ClaimMode, Claimed, Claims, Holders};
 
 /// How long a cached route may be used without a change notice (a safety net: notices are what
@@ -232,7 +232,7 @@ impl Cluster {
         name: &str,
         header: &[u8],
         wait: Duration,
-    ) -> std::result::Result<MuxStream, RouteError> {
+    ) -> std::result::Result<SessionStream, RouteError> {
         let holders = self.lookup(state, name).await.map_err(|_| RouteError::ClusterUnavailable)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut last = RouteError::Offline;

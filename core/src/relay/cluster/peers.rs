@@ -19,8 +19,9 @@ use super::super::route::{open_local, RouteError};
 use super::super::{mux_server, RelayState};
 use crate::auth::{Key, KeySet};
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{FrameSink, FrameSource, MuxStream, Role, Session};
+use crate::mux::{FrameSink, FrameSource, Role};
 use crate::protocol::{Hello, HelloAck};
+use crate::session::{Session, SessionStream};
 use crate::transport::RelayUrl;
 
 /// First byte of a node-to-node session's hello (a dialer's is `HELLO_VERSION`, a listener's
@@ -69,7 +70,7 @@ impl Forward {
         b
     }
 
-    pub(crate) async fn read_from(s: &mut MuxStream) -> std::io::Result<Forward> {
+    pub(crate) async fn read_from(s: &mut SessionStream) -> std::io::Result<Forward> {
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed forward request");
         let mut h = [0u8; 2];
         s.read_exact(&mut h).await?;
@@ -120,7 +121,7 @@ impl Peers {
             let _ = sink.close().await;
             return Err(Error::new(code, format!("the cluster node at {} refused this node: {msg}", url.url)));
         }
-        let s = Session::new(Role::Client, source, sink, mux_server::relay_mux_config(state));
+        let s = Session::mux(Role::Client, source, sink, mux_server::relay_mux_config(state));
         tracing::info!(node = %id, url = %url.url, "node-to-node session open");
         *slot = Some(s.clone());
         Ok(s)
@@ -153,7 +154,7 @@ impl Peers {
         name: &str,
         header: &[u8],
         deadline: tokio::time::Instant,
-    ) -> std::result::Result<MuxStream, PeerError> {
+    ) -> std::result::Result<SessionStream, PeerError> {
         let session = match tokio::time::timeout_at(deadline, self.session(state, key, id, url)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(PeerError::Node(e)),
@@ -235,7 +236,7 @@ pub(crate) async fn serve_peer(state: Arc<RelayState>, source: FrameSource, mut 
     }
 }
 
-async fn serve_forward(state: Arc<RelayState>, mut stream: MuxStream) {
+async fn serve_forward(state: Arc<RelayState>, mut stream: SessionStream) {
     let req = match tokio::time::timeout(state.cfg.limits.handshake_timeout, Forward::read_from(&mut stream)).await {
         Ok(Ok(r)) => r,
         _ => {
