@@ -43,7 +43,7 @@ use std::time::Duration;
 
 pub use connection::{Connection, Event, Recv, Reserve};
 pub use flow::WINDOW;
-pub use session::{FrameSink, FrameSource, Session};
+pub use session::{FrameSink, FrameSource, Session, SessionTask};
 pub use stream::MuxStream;
 
 /// Largest payload of one `Data` frame.

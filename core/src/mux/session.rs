@@ -169,16 +169,45 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// The driver task of a session, held by whoever decides how long the session lives (the relay's
+/// task serving a connection). Dropping it ends the session, as [`Session::close`] does: every
+/// stream fails, the frames queued before the end still go out (within a second), then the driver
+/// frees the transport.
+pub struct SessionTask {
+    shared: Arc<Shared>,
+    /// The driver; it ends by itself once the session has ended.
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for SessionTask {
+    fn drop(&mut self) {
+        self.shared.lock().conn.close(ErrorCode::RelayUnavailable, "the session ended with the task that owned it");
+    }
+}
+
 impl Session {
-    /// Start a session over an authenticated transport: spawns its driver task.
+    /// Start a session over an authenticated transport: spawns its driver task, which lives until
+    /// the session ends (the peer leaves, the transport fails, a deadline passes, or it is closed).
     pub fn new(role: Role, source: FrameSource, sink: FrameSink, config: MuxConfig) -> Session {
+        let (shared, _detached) = Session::start(role, source, sink, config);
+        Session { shared }
+    }
+
+    /// Start a session whose lifetime is the returned [`SessionTask`]'s: dropping the task handle
+    /// ends the session.
+    pub fn owned(role: Role, source: FrameSource, sink: FrameSink, config: MuxConfig) -> (Session, SessionTask) {
+        let (shared, task) = Session::start(role, source, sink, config);
+        (Session { shared: shared.clone() }, SessionTask { shared, _task: task })
+    }
+
+    fn start(role: Role, source: FrameSource, sink: FrameSink, config: MuxConfig) -> (Arc<Shared>, tokio::task::JoinHandle<()>) {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { conn: Connection::new(role, config, Instant::now()), wakers: Wakers::default() }),
             closed: CancellationToken::new(),
             idle: Notify::new(),
         });
-        tokio::spawn(drive(shared.clone(), source, sink));
-        Session { shared }
+        let task = tokio::spawn(drive(shared.clone(), source, sink));
+        (shared, task)
     }
 
     /// Open a stream to the peer. Costs no round trip: the `Open` frame goes out with the first data.
@@ -285,6 +314,14 @@ struct Driver {
     unflushed: bool,
     timer: Pin<Box<tokio::time::Sleep>>,
     timer_at: Option<Instant>,
+}
+
+impl Drop for Driver {
+    /// A driver dropped before the end (its runtime shut down) ends the session, so no stream
+    /// waits for a transport nobody polls.
+    fn drop(&mut self) {
+        self.shared.lock().conn.close(ErrorCode::RelayUnavailable, "the task driving the session stopped");
+    }
 }
 
 impl Driver {

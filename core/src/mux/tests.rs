@@ -114,13 +114,15 @@ async fn tiny_frames_do_not_pin_the_transport_buffers_they_came_in() {
     tx.send(Ok(Frame::encode(FrameKind::Open, 1, &[]))).expect("send");
     let mut s = session.accept().await.expect("a stream");
     // Each 1-byte frame is cut from its own 1 MiB "read buffer", as a transport would deliver it.
-    let mut buffers = Vec::new();
+    // The test keeps every buffer alive, so its memory cannot be reused for a copy.
+    let (mut buffers, mut alive) = (Vec::new(), Vec::new());
     for i in 0..64u8 {
         let mut big = BytesMut::zeroed(1024 * 1024);
         big[..FRAME_HEADER].copy_from_slice(&Frame::encode(FrameKind::Data, 1, &[])[..]);
         big[FRAME_HEADER] = i;
         let big = big.freeze();
         buffers.push(big.as_ptr_range());
+        alive.push(big.clone());
         tx.send(Ok(big.slice(..FRAME_HEADER + 1))).expect("send");
     }
     let mut got = Vec::new();
