@@ -127,8 +127,11 @@ pub struct Connection {
     control: VecDeque<Bytes>,
     /// Streams with frames queued, served round-robin.
     ready: VecDeque<u32>,
-    /// Data bytes queued or reserved across streams (bounded by `write_budget`).
+    /// Data bytes queued or reserved across streams, or handed to the transport and not yet
+    /// written (bounded by `write_budget`).
     queued_total: usize,
+    /// Data bytes handed out by `poll_transmit` that the transport has not taken yet.
+    transmitting: usize,
     /// A writer waits for room in the write budget.
     budget_waiting: bool,
     /// Sum of the live streams' receive windows.
@@ -166,6 +169,7 @@ impl Connection {
             control: VecDeque::new(),
             ready: VecDeque::new(),
             queued_total: 0,
+            transmitting: 0,
             budget_waiting: false,
             granted: 0,
             buffered: 0,
@@ -239,7 +243,7 @@ impl Connection {
             return Err(format!("{} streams open, {} waiting for accept", self.live, self.incoming.len()));
         }
         let buffered: usize = self.streams.values().map(|s| s.recv.bytes).sum();
-        let queued: usize = self.streams.values().map(|s| s.send.queued).sum();
+        let queued: usize = self.streams.values().map(|s| s.send.queued).sum::<usize>() + self.transmitting;
         if buffered != self.buffered || queued != self.queued_total {
             return Err(format!("totals drifted: buffered {buffered} vs {}, queued {queued} vs {}", self.buffered, self.queued_total));
         }
@@ -270,6 +274,7 @@ impl Connection {
             self.forget_if_done(id);
         }
         self.queued_total = 0;
+        self.transmitting = 0;
         self.closed = Some((code, why));
         self.events.push_back(Event::BudgetFreed);
         self.events.push_back(Event::Incoming);
@@ -504,9 +509,14 @@ impl Connection {
         self.writing_since.get_or_insert(now);
     }
 
-    /// The transport took every frame handed out so far.
+    /// The transport took every frame handed out so far: their bytes leave the write budget.
     pub fn on_transmitted(&mut self) {
         self.writing_since = None;
+        self.queued_total -= std::mem::take(&mut self.transmitting);
+        if self.budget_waiting && self.queued_total < self.cfg.write_budget {
+            self.budget_waiting = false;
+            self.events.push_back(Event::BudgetFreed);
+        }
     }
 
     fn next_frame(&mut self) -> Option<Bytes> {
@@ -524,7 +534,7 @@ impl Connection {
                     let n = frame.len() - FRAME_HEADER;
                     let had_room = st.send.has_room();
                     st.send.queued -= n;
-                    self.queued_total -= n;
+                    self.transmitting += n;
                     if !had_room && st.send.has_room() {
                         self.events.push_back(Event::Writable(id));
                     }
@@ -535,10 +545,6 @@ impl Connection {
             let more = !st.send.queue.is_empty();
             if !more {
                 st.send.scheduled = false;
-            }
-            if self.budget_waiting && self.queued_total < self.cfg.write_budget {
-                self.budget_waiting = false;
-                self.events.push_back(Event::BudgetFreed);
             }
             if more {
                 self.ready.push_back(id);

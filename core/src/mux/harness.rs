@@ -598,3 +598,29 @@ fn the_round_trip_is_measured_from_pings_on_the_virtual_clock() {
     let rtt = p.client.conn.stats().rtt.unwrap();
     assert!(rtt >= Duration::from_millis(50) && rtt < Duration::from_micros(50_100), "{rtt:?}");
 }
+
+#[test]
+fn frames_handed_to_a_transport_that_has_not_written_them_stay_in_the_write_budget() {
+    let cfg = MuxConfig::default();
+    let mut p = Pair::new(Duration::from_millis(1), 1e9, 1 << 20, cfg.clone());
+    p.client.stuck = true;
+    let ids: Vec<u32> = (0..40).map(|_| p.client.conn.open(p.now).unwrap()).collect();
+    let chunk = vec![5u8; MAX_DATA];
+    let mut written = 0;
+    for _ in 0..3 {
+        for &id in &ids {
+            loop {
+                let n = write(&mut p.client.conn, id, &chunk);
+                if n == 0 {
+                    break;
+                }
+                written += n;
+            }
+        }
+        p.idle_for(Duration::from_millis(5)); // the stuck transport takes one batch, then nothing
+    }
+    let queued = p.client.conn.stats().queued;
+    assert!(written <= cfg.write_budget + MAX_DATA, "{written} bytes accepted with a write budget of {}", cfg.write_budget);
+    assert!(queued >= cfg.write_budget / 2 && queued <= cfg.write_budget + MAX_DATA, "{queued} bytes queued");
+    p.client.conn.check_bounds().unwrap();
+}
