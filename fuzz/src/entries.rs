@@ -243,7 +243,7 @@ pub fn mux_frames(data: &[u8]) {
             }
         }
         out.clear();
-        conn.poll_transmit(now, &mut out, usize::MAX);
+        conn.poll_transmit(now, &mut out, usize::MAX, usize::MAX);
         conn.on_transmitted();
         if conn.poll_timeout().is_some_and(|t| t <= now) {
             conn.handle_timeout(now);

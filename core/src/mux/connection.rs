@@ -486,14 +486,17 @@ impl Connection {
         !self.control.is_empty() || !self.ready.is_empty()
     }
 
-    /// Append up to `max` ready frames to `out` (control frames first, then one frame of each
-    /// ready stream in turn); returns how many. Once the session has ended only the control
-    /// frames queued before the end (a `GoAway` notice) remain. The write-stall deadline runs
-    /// from `now` until [`Connection::on_transmitted`].
-    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Bytes>, max: usize) -> usize {
-        let mut n = 0;
-        while n < max {
+    /// Append ready frames to `out` (control frames first, then one frame of each ready stream in
+    /// turn) until it holds `max_frames` frames or `max_bytes` bytes (at least one frame); returns
+    /// how many. A small batch keeps fairness: a frame queued later waits behind one batch at
+    /// most. Once the session has ended only the control frames queued before the end (a
+    /// `GoAway` notice) remain. The write-stall deadline runs from `now` until
+    /// [`Connection::on_transmitted`].
+    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<Bytes>, max_frames: usize, max_bytes: usize) -> usize {
+        let (mut n, mut bytes) = (0, 0);
+        while n < max_frames && (n == 0 || bytes < max_bytes) {
             let Some(f) = self.next_frame() else { break };
+            bytes += f.len();
             out.push(f);
             n += 1;
         }

@@ -89,7 +89,7 @@ impl Pair {
             let e = self.end(from);
             if e.stuck {
                 if !e.stalled {
-                    e.conn.poll_transmit(now, &mut out, usize::MAX);
+                    e.conn.poll_transmit(now, &mut out, usize::MAX, usize::MAX);
                     e.stalled = !out.is_empty();
                 }
                 return;
@@ -98,7 +98,7 @@ impl Pair {
                 return;
             }
             out.clear();
-            if e.conn.poll_transmit(now, &mut out, 1) == 0 {
+            if e.conn.poll_transmit(now, &mut out, 1, 1) == 0 {
                 return;
             }
             e.conn.on_transmitted();
@@ -583,7 +583,7 @@ fn a_full_accept_backlog_refuses_with_a_reset_and_tolerates_the_early_data() {
     c.handle_input(now, Frame::encode(FrameKind::Data, 3, &[1; 1000]));
     assert!(!c.is_closed());
     let mut out = Vec::new();
-    c.poll_transmit(now, &mut out, 100);
+    c.poll_transmit(now, &mut out, 100, usize::MAX);
     let rsts: Vec<Frame> = out.into_iter().map(|f| Frame::decode(f).unwrap()).filter(|f| f.kind == FrameKind::Rst).collect();
     assert_eq!(rsts.len(), 2, "the refusal, and the answer to the late data");
     assert!(rsts.iter().all(|f| f.stream == 3));
