@@ -14,8 +14,9 @@ use crate::client::relays::RelayList;
 use crate::e2e::handshake::Dialing;
 use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{MuxConfig, Role, Session};
+use crate::mux::{MuxConfig, Role};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
+use crate::session::Session;
 use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
 use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
@@ -414,5 +415,5 @@ pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientT
         let _ = sink.close().await;
         return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
     }
-    Ok(Session::new(Role::Client, source, sink, cfg))
+    Ok(Session::mux(Role::Client, source, sink, cfg))
 }

@@ -14,6 +14,8 @@
 //! - [`dialer`] keeps one multiplexed session per relay: [`transport`] connects (WebSocket over TCP
 //!   or TLS, or raw TCP), `client::handshake` reads the relay's nonce and sends the signed hello
 //!   ([`auth`], [`protocol`]), and [`mux`] carries every stream over that session with flow control.
+//!   Everything above the transport sees the session through [`session`] (one variant per
+//!   transport: the mux today, QUIC next).
 //! - Each dial is a SOCKS5 CONNECT inside a new mux stream ([`socks`]); the result is a
 //!   [`TunnelStream`] ([`stream`]), which [`forward`] bridges to a local socket and [`fd`] hands to
 //!   the faces as a plain socket descriptor.
@@ -36,7 +38,7 @@
 //! (one [`ErrorCode`] table every face maps), [`runtime`] (the one way to build the Tokio runtime),
 //! [`log_line`] (log events as text for the faces), [`demo`] (the narrated loopback demo).
 //!
-//! `mux`, `protocol` and `transport` are public for the fuzz targets, the benchmarks and the
+//! `mux`, `protocol`, `session` and `transport` are public for the fuzz targets, the benchmarks and the
 //! tests, not as an API: they are hidden from the docs and may change in any release. The types
 //! users need from them are re-exported here.
 pub mod auth;
@@ -61,6 +63,8 @@ pub mod mux;
 pub mod protocol;
 pub mod relay;
 pub mod runtime;
+#[doc(hidden)]
+pub mod session;
 pub mod socks;
 pub mod stream;
 mod tls_pin;

@@ -40,8 +40,9 @@ use crate::egress::connect::{connect_target, Cause};
 use crate::egress::resolve::TargetResolver;
 use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
-use crate::mux::{MuxConfig, MuxStream, Role, Session};
+use crate::mux::{MuxConfig, Role};
 use crate::protocol::{ExitHeader, Incoming, ListenAck, ListenHello, Via, STREAM_ACCEPTED};
+use crate::session::{Session, SessionStream};
 use crate::socks::Target;
 use crate::stream::{Inner, TunnelStream};
 use crate::transport::{ClientTls, RelayUrl};
@@ -497,7 +498,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
             https_url: Some(ack.https_url).filter(|s| !s.is_empty()),
             tcp_addr: Some(ack.tcp_addr).filter(|s| !s.is_empty()),
         };
-        Ok((Session::new(Role::Client, source, sink, b.mux.clone()), reg))
+        Ok((Session::mux(Role::Client, source, sink, b.mux.clone()), reg))
     };
     tokio::time::timeout(b.timeout, attempt)
         .await
@@ -595,7 +596,7 @@ async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, Pe
 /// (holding the queue slot, so at most `backlog` handshakes are in progress). Exit streams are
 /// served here (`serve_exit`) and never queued.
 async fn admit(
-    mut stream: MuxStream,
+    mut stream: SessionStream,
     queue: &mpsc::Sender<(TunnelStream, PeerInfo)>,
     exit: Option<Arc<ExitState>>,
     e2e: Option<&Accepting>,
@@ -667,7 +668,7 @@ async fn admit(
 /// An exit stream: accept it, read the dialer's CONNECT, check it against the exit's allowlist
 /// (the relay's code: rules before DNS and again on every resolved address), connect, answer with
 /// the SOCKS5 reply, and carry the bytes.
-async fn serve_exit(mut stream: MuxStream, h: ExitHeader, exit: &ExitState) -> Result<()> {
+async fn serve_exit(mut stream: SessionStream, h: ExitHeader, exit: &ExitState) -> Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     stream.write_all(&[STREAM_ACCEPTED]).await.map_err(|e| Error::from_io(e, "accepting an exit stream"))?;
     let req = match tokio::time::timeout(Duration::from_secs(10), socks5_proto::Request::read_from(&mut stream)).await {

@@ -1,8 +1,6 @@
 //! Wire messages: Emissary's `ServerConnect` preamble, the multiplexed session hello and its
-//! answer, and the mux frame codec. Pure encode/decode, no I/O beyond the raw-TCP preamble reader.
-//!
-//! A mux frame is one WebSocket binary message (or one `u32`-length-prefixed record on the raw-TCP
-//! transport): `kind: u8 | stream_id: u32 BE | payload`.
+//! answer (the mux frame codec lives in `mux::frame` and is re-exported here). Pure
+//! encode/decode, no I/O beyond the raw-TCP preamble reader.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message as _;
@@ -495,99 +493,7 @@ pub fn split_exit_route(addr: &socks5_proto::Address) -> Option<(crate::socks::T
     Some((crate::socks::Target { host: host.to_string(), port: *port }, exit.to_ascii_lowercase()))
 }
 
-/// Kinds of mux frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum FrameKind {
-    /// Open a stream (odd ids from the session's client side, even from the relay side).
-    Open = 1,
-    /// Stream bytes; consumes the receiver's window.
-    Data = 2,
-    /// Grant `u32` more bytes of window.
-    Window = 3,
-    /// The sender will write no more (half-close).
-    Fin = 4,
-    /// Abort the stream; payload is an optional `u32` error code.
-    Rst = 5,
-    /// Keepalive probe (stream 0, 8-byte payload echoed in `Pong`).
-    Ping = 6,
-    /// Keepalive answer.
-    Pong = 7,
-    /// The sender accepts no new streams (graceful shutdown); existing ones continue.
-    GoAway = 8,
-}
-
-impl FrameKind {
-    /// The kind of an encoded frame.
-    pub fn of(frame: &[u8]) -> Option<FrameKind> {
-        frame.first().copied().and_then(FrameKind::from_u8)
-    }
-
-    fn from_u8(b: u8) -> Option<FrameKind> {
-        Some(match b {
-            1 => FrameKind::Open,
-            2 => FrameKind::Data,
-            3 => FrameKind::Window,
-            4 => FrameKind::Fin,
-            5 => FrameKind::Rst,
-            6 => FrameKind::Ping,
-            7 => FrameKind::Pong,
-            8 => FrameKind::GoAway,
-            _ => return None,
-        })
-    }
-}
-
-/// Bytes in a frame header.
-pub const FRAME_HEADER: usize = 5;
-
-/// A decoded mux frame; `payload` shares the received buffer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frame {
-    /// What the frame does.
-    pub kind: FrameKind,
-    /// Stream it belongs to (0 for session-level frames).
-    pub stream: u32,
-    /// Frame body.
-    pub payload: Bytes,
-}
-
-impl Frame {
-    /// Decode one frame; errors on an unknown kind or a short header.
-    pub fn decode(mut b: Bytes) -> Result<Frame> {
-        if b.len() < FRAME_HEADER {
-            return Err(Error::protocol(format!("mux frame of {} bytes is shorter than its header", b.len())));
-        }
-        let kind = FrameKind::from_u8(b[0]).ok_or_else(|| Error::protocol(format!("unknown mux frame kind {}", b[0])))?;
-        let stream = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
-        b.advance(FRAME_HEADER);
-        Ok(Frame { kind, stream, payload: b })
-    }
-
-    /// Encode a frame with a small payload.
-    pub fn encode(kind: FrameKind, stream: u32, payload: &[u8]) -> Bytes {
-        let mut b = BytesMut::with_capacity(FRAME_HEADER + payload.len());
-        b.put_u8(kind as u8);
-        b.put_u32(stream);
-        b.put_slice(payload);
-        b.freeze()
-    }
-
-    /// `Window` frame granting `n` bytes.
-    pub fn window(stream: u32, n: u32) -> Bytes {
-        Frame::encode(FrameKind::Window, stream, &n.to_be_bytes())
-    }
-
-    /// `Rst` frame carrying an error code.
-    pub fn rst(stream: u32, code: ErrorCode) -> Bytes {
-        Frame::encode(FrameKind::Rst, stream, &code.number().to_be_bytes())
-    }
-
-    /// Read the `u32` in a `Window`/`Rst` payload.
-    pub fn payload_u32(&self) -> Option<u32> {
-        (self.payload.len() == 4).then(|| u32::from_be_bytes(self.payload[..4].try_into().expect("len 4")))
-    }
-}
+pub use crate::mux::frame::{Frame, FrameKind, FRAME_HEADER};
 
 #[cfg(test)]
 mod tests {
@@ -691,14 +597,5 @@ mod tests {
         let new = ListenHello { pool: true, exit: true, ..old.clone() };
         assert_eq!(ListenHello::decode_frame(&old.encode_frame()).unwrap(), old);
         assert_eq!(ListenHello::decode_frame(&new.encode_frame()).unwrap(), new);
-    }
-
-    #[test]
-    fn frame_round_trip_and_garbage() {
-        let f = Frame::decode(Frame::encode(FrameKind::Data, 7, b"hi")).unwrap();
-        assert_eq!((f.kind, f.stream, &f.payload[..]), (FrameKind::Data, 7, &b"hi"[..]));
-        assert_eq!(Frame::decode(Frame::window(3, 99)).unwrap().payload_u32(), Some(99));
-        assert!(Frame::decode(Bytes::from_static(b"\x01\x00")).is_err());
-        assert!(Frame::decode(Bytes::from_static(b"\x63\x00\x00\x00\x01")).is_err());
     }
 }

@@ -12,8 +12,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::error::ErrorCode;
-use crate::mux::{MuxStream, MAX_DATA};
+use crate::mux::MAX_DATA;
 use crate::protocol::FRAME_HEADER;
+use crate::session::SessionStream;
 use crate::socks::Target;
 use crate::transport::{BoxIo, WsByteStream};
 
@@ -27,7 +28,7 @@ pub enum Mode {
 }
 
 pub(crate) enum Inner {
-    Mux(MuxStream),
+    Mux(SessionStream),
     Ws(Box<WsByteStream>),
     Raw(BoxIo),
     /// End-to-end encrypted (TLS inside a mux stream, `crate::e2e`).
@@ -285,7 +286,7 @@ enum StepError {
 fn poll_local_to_tunnel<S: LocalSocket>(
     cx: &mut Context<'_>,
     local: &S,
-    mux: &mut MuxStream,
+    mux: &mut SessionStream,
     arena: &mut FrameArena,
 ) -> Poll<Result<Step, StepError>> {
     match local.poll_readable(cx) {
@@ -326,7 +327,7 @@ fn poll_local_to_tunnel<S: LocalSocket>(
 /// Join a mux stream and a local socket, honouring half-close both ways. On error (or when the
 /// stream dies with its session, whatever the bridge was waiting for) the stream is reset and the
 /// local socket aborted, so neither end takes a cut-off transfer for a finished one.
-pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Result<(u64, u64)> {
+pub async fn bridge<S: LocalSocket>(mut mux: SessionStream, mut local: S) -> io::Result<(u64, u64)> {
     let (mut up, mut down) = (0u64, 0u64);
     let (mut up_done, mut down_done, mut shutting) = (false, false, false);
     let mut out = Bytes::new();
@@ -402,7 +403,7 @@ pub async fn bridge<S: LocalSocket>(mut mux: MuxStream, mut local: S) -> io::Res
 /// the target is connected). Saves one round trip to the relay per connection for protocols whose
 /// client speaks first (HTTP, PostgreSQL, TLS). `early` counts the local bytes already taken (and
 /// sent); on a refusal they are dropped with the stream.
-pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut MuxStream, local: &S, target: &Target, early: &mut u64) -> crate::error::Result<()> {
+pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut SessionStream, local: &S, target: &Target, early: &mut u64) -> crate::error::Result<()> {
     use crate::error::Error;
     let request = crate::socks::pipelined_connect_request(target)?;
     let lost = |e: io::Error| Error::from_io(e, "sending the CONNECT request");
@@ -461,7 +462,7 @@ struct Leg {
 
 impl Leg {
     /// Move what can be moved now; `Ok(true)` when it did a full turn and should run again.
-    fn poll_move(&mut self, cx: &mut Context<'_>, from: &mut MuxStream, to: &mut MuxStream) -> Poll<io::Result<bool>> {
+    fn poll_move(&mut self, cx: &mut Context<'_>, from: &mut SessionStream, to: &mut SessionStream) -> Poll<io::Result<bool>> {
         for _ in 0..TURN {
             if self.done {
                 return Poll::Ready(Ok(false));
@@ -498,7 +499,7 @@ impl Leg {
 /// each chunk received on one is sent on the other, so each side's flow control (and its
 /// auto-tuned window) reaches through the relay and the splice adds no fixed-window hop. Returns
 /// bytes (a → b, b → a). When either stream is cut off, both are reset.
-pub async fn splice(a: &mut MuxStream, b: &mut MuxStream) -> io::Result<(u64, u64)> {
+pub async fn splice(a: &mut SessionStream, b: &mut SessionStream) -> io::Result<(u64, u64)> {
     let mut ab = Leg { pending: Bytes::new(), done: false, moved: 0 };
     let mut ba = Leg { pending: Bytes::new(), done: false, moved: 0 };
     let result = poll_fn(|cx| {

@@ -15,16 +15,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use futures_util::FutureExt;
 use libtunnel::auth::KeySet;
 use libtunnel::egress::allowlist::{Allowlist, NameDecision, TargetHost};
 use libtunnel::identity::{derived_name, valid_name, verify_registration, DERIVED_NAME_LEN};
-use libtunnel::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
+use libtunnel::mux::{Connection, MuxConfig, Recv, Reserve, Role};
 use libtunnel::protocol::{self, Frame, Hello, HelloAck, ListenAck, ListenHello, ServerConnect, StreamHeader};
 use libtunnel::socks::{self, ServerAuth, Target};
 use libtunnel::{Dialer, Key, Mode, RelayConfig};
 use socks5_proto::Address;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The key every entry's relay side accepts.
 pub const KID: u32 = 7;
@@ -172,8 +172,10 @@ fn check_target(addr: &Address) {
 // ---------------------------------------------------------------------------------------------
 
 /// `mux_frames`: first byte picks the role (bit 0: we are the client side); the rest is records
-/// `len u16 BE | frame bytes`, fed as transport messages to a live [`Session`] whose accepted
-/// streams are read and answered. The session must end once the input does.
+/// `len u16 BE | frame bytes`, fed as transport messages, 1 ms of virtual time apart, to a sans-IO
+/// [`Connection`] whose accepted streams are read to their end and answered. No runtime, no
+/// timeout: the connection's memory bounds are checked after every input, no stream yields more
+/// than the input carried, and every stream ends (cleanly or with an error) once the input does.
 pub fn mux_frames(data: &[u8]) {
     let Some((&flags, mut rest)) = data.split_first() else {
         return;
@@ -190,61 +192,77 @@ pub fn mux_frames(data: &[u8]) {
         }
     }
     let role = if flags & 1 == 1 { Role::Client } else { Role::Server };
-    with_runtime(|rt| {
-        rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(10), run_session(role, frames))
-                .await
-                .expect("a mux session fed a finite input must end within 10 s")
-        })
-    });
-}
-
-async fn run_session(role: Role, frames: Vec<Bytes>) {
     let total: usize = frames.iter().map(|f| f.len()).sum();
-    let source: FrameSource = Box::pin(futures_util::stream::iter(frames).then(|f| async move {
-        tokio::task::yield_now().await;
-        Ok::<_, io::Error>(f)
-    }));
-    let sink: FrameSink = Box::pin(futures_util::sink::drain::<Bytes>().sink_map_err(|e| match e {}));
     let cfg = MuxConfig { max_streams: 8, accept_backlog: 4, write_budget: 256 * 1024, ..MuxConfig::default() };
-    let session = Session::new(role, source, sink, cfg);
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut now = std::time::Instant::now();
+    let mut conn = Connection::new(role, cfg, now);
+    // Streams we hold: id, bytes read, whether it ended (and was answered).
+    let mut streams: Vec<(u32, usize, bool)> = Vec::new();
     // One stream of our own, so frames for our id parity find a stream too.
-    if let Ok(mut s) = session.open() {
-        tasks.spawn(async move {
-            let _ = s.write_all(&[0x42; 1024]).await;
-            drain(&mut s, total).await;
-        });
+    if let Ok(id) = conn.open(now) {
+        if let Ok(Reserve::Ready(n)) = conn.reserve(id, 1024) {
+            let mut f = bytes::BytesMut::zeroed(libtunnel::protocol::FRAME_HEADER);
+            f.extend_from_slice(&vec![0x42; n]);
+            conn.send_data(id, f).expect("reserved");
+        }
+        streams.push((id, 0, false));
     }
-    while let Some(mut s) = session.accept().await {
-        tasks.spawn(async move {
-            drain(&mut s, total).await;
-            let _ = s.write_all(b"answer").await;
-            s.finish();
-        });
-    }
-    while let Some(r) = tasks.join_next().await {
-        if let Err(e) = r {
-            if e.is_panic() {
-                std::panic::resume_unwind(e.into_panic());
+    let mut out = Vec::new();
+    for f in frames {
+        now += Duration::from_millis(1);
+        conn.handle_input(now, f);
+        if let Err(e) = conn.check_bounds() {
+            panic!("memory bound broken after an input: {e}");
+        }
+        while let Some(id) = conn.accept() {
+            streams.push((id, 0, false));
+        }
+        for (id, got, ended) in streams.iter_mut().filter(|s| !s.2) {
+            loop {
+                match conn.recv(*id, now) {
+                    Ok(Recv::Chunk(c)) => {
+                        *got += c.len();
+                        assert!(*got <= total, "a stream yielded {got} bytes from {total} bytes of frames");
+                    }
+                    Ok(Recv::End) => {
+                        if let Ok(Reserve::Ready(n)) = conn.reserve(*id, 6) {
+                            let mut f = bytes::BytesMut::zeroed(libtunnel::protocol::FRAME_HEADER);
+                            f.extend_from_slice(&b"answer"[..n]);
+                            let _ = conn.send_data(*id, f);
+                        }
+                        conn.finish(*id);
+                        *ended = true;
+                        break;
+                    }
+                    Ok(Recv::Blocked) => break,
+                    Err(_) => {
+                        *ended = true;
+                        break;
+                    }
+                }
             }
         }
-    }
-    assert!(session.is_closed(), "the session outlived its transport");
-}
-
-/// Read a stream to its end; it can never yield more than the input carried.
-async fn drain<S: AsyncRead + Unpin>(s: &mut S, limit: usize) {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut got = 0usize;
-    loop {
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                got += n;
-                assert!(got <= limit, "a stream yielded {got} bytes from {limit} bytes of frames");
-            }
+        out.clear();
+        conn.poll_transmit(now, &mut out, usize::MAX, usize::MAX);
+        conn.on_transmitted();
+        if conn.poll_timeout().is_some_and(|t| t <= now) {
+            conn.handle_timeout(now);
         }
+        while conn.poll_event().is_some() {}
+        if let Err(e) = conn.check_bounds() {
+            panic!("memory bound broken after serving an input: {e}");
+        }
+    }
+    conn.transport_ended(None);
+    assert!(conn.is_closed(), "the session outlived its transport");
+    for (id, _, ended) in &streams {
+        if !ended {
+            assert!(!matches!(conn.recv(*id, now), Ok(Recv::Blocked)), "stream {id} still waits after the session ended");
+        }
+        conn.stream_dropped(*id);
+    }
+    if let Err(e) = conn.check_bounds() {
+        panic!("memory bound broken at the end: {e}");
     }
 }
 

@@ -24,8 +24,9 @@ use super::verify::{DialerCheck, DialerKey, ListenerCheck};
 use super::{DialerE2e, ListenerE2e};
 use crate::error::{Error, ErrorCode, Result};
 use crate::identity::Identity;
-use crate::mux::{MuxStream, MAX_DATA};
+use crate::mux::MAX_DATA;
 use crate::protocol::FRAME_HEADER;
+use crate::session::SessionStream;
 use crate::socks::{self, Target};
 
 /// The listener's answer after a mutual handshake: the dialer's key is admitted.
@@ -34,7 +35,7 @@ const ADMITTED: u8 = 0;
 /// The transport under an E2E stream's TLS: the tunnel stream, with (dialer side) the relay's
 /// SOCKS5 reply taken off its front before TLS reads anything.
 pub(crate) struct E2eIo {
-    mux: MuxStream,
+    mux: SessionStream,
     reply: Option<(Target, BytesMut)>,
 }
 
@@ -215,7 +216,7 @@ impl Dialing {
 
     /// Run the E2E handshake on a fresh stream to `target`: the CONNECT request and the
     /// ClientHello leave together; the relay's reply is read before the listener's first flight.
-    pub(crate) async fn dial(&self, mut mux: MuxStream, target: &Target, expect: String) -> Result<E2eStream> {
+    pub(crate) async fn dial(&self, mut mux: SessionStream, target: &Target, expect: String) -> Result<E2eStream> {
         let name = target.host.to_ascii_lowercase();
         let check = Arc::new(ListenerCheck { dialed: name.clone(), expect, failure: Mutex::new(None) });
         let me = Arc::new(DialerKey { key: self.key.clone(), asked: AtomicBool::new(false) });
@@ -306,7 +307,7 @@ impl Accepting {
     /// Terminate TLS on a stream the relay opened. A stream that is not a TLS handshake (a
     /// plaintext dial, a public HTTP request) or whose dialer is not admitted is refused: the
     /// alert (if any) goes out, then the stream ends.
-    pub(crate) async fn accept(&self, mux: MuxStream) -> Result<E2eStream> {
+    pub(crate) async fn accept(&self, mux: SessionStream) -> Result<E2eStream> {
         match self.acceptor.accept(E2eIo { mux, reply: None }).into_fallible().await {
             Ok(mut tls) => {
                 if self.mutual {

@@ -13,9 +13,10 @@ use std::time::Instant;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{Inner, Shared, StreamState, MAX_DATA, STREAM_QUEUE};
-use crate::error::{Error, ErrorCode};
-use crate::protocol::{Frame, FrameKind, FRAME_HEADER};
+use super::connection::{Recv, Reserve};
+use super::session::Shared;
+use crate::error::ErrorCode;
+use crate::protocol::FRAME_HEADER;
 
 /// One stream of a [`super::Session`]: `AsyncRead + AsyncWrite` with half-close via `shutdown`.
 ///
@@ -34,17 +35,6 @@ impl std::fmt::Debug for MuxStream {
     }
 }
 
-fn closed_io(inner: &Inner) -> io::Error {
-    match &inner.closed {
-        Some((code, why)) => Error::new(*code, why.clone()).into_io(),
-        None => io::Error::new(io::ErrorKind::ConnectionReset, "the stream is closed"),
-    }
-}
-
-fn reset_io(st: &StreamState) -> Option<io::Error> {
-    st.reset.as_ref().map(|(code, why)| Error::new(*code, why.clone()).into_io())
-}
-
 impl MuxStream {
     pub(super) fn new(shared: Arc<Shared>, id: u32) -> MuxStream {
         MuxStream { shared, id, partial: Bytes::new() }
@@ -57,94 +47,43 @@ impl MuxStream {
 
     /// The stream's current receive window (grows while its reader keeps up; see `flow`).
     pub fn window(&self) -> u32 {
-        self.shared.lock().streams.get(&self.id).map_or(0, |st| st.flow.window())
+        self.shared.lock().conn.window(self.id)
     }
 
     /// Abort the stream: the peer's reads and writes fail with `code`. Unsent data is dropped; a
     /// stream whose `Open` never left is forgotten without a word to the peer.
     pub fn reset(&mut self, code: ErrorCode) {
-        let mut inner = self.shared.lock();
-        let inner = &mut *inner;
-        let Some(st) = inner.streams.get_mut(&self.id) else { return };
-        if st.reset.is_some() {
-            return;
-        }
-        st.reset = Some((ErrorCode::Closed, "the stream was reset locally".into()));
-        st.sent_fin = true;
-        st.wake_all();
-        let announce = st.open_sent;
-        inner.discard_queue(self.id);
-        inner.discard_received(self.id);
-        if announce {
-            inner.push_control(Frame::rst(self.id, code));
-        }
-        inner.forget_if_done(self.id);
+        self.shared.lock().conn.reset(self.id, code);
     }
 
     /// Wait until up to `want` bytes may be sent (window credit, room in the stream's queue and
     /// in the session's write budget). Returns how many; the reservation is spent by
     /// [`MuxStream::send_frame`] or returned by [`MuxStream::release_reservation`].
     pub fn poll_reserve(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
-        let want = want.clamp(1, MAX_DATA);
-        let budget = self.shared.cfg.write_budget;
-        let mut inner = self.shared.lock();
-        let inner = &mut *inner;
-        let Some(st) = inner.streams.get_mut(&self.id) else { return Poll::Ready(Err(closed_io(inner))) };
-        if let Some(e) = write_error(st) {
-            return Poll::Ready(Err(e));
+        let mut st = self.shared.lock();
+        match st.conn.reserve(self.id, want) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(Reserve::Ready(n)) => Poll::Ready(Ok(n)),
+            Ok(Reserve::WaitStream) => {
+                st.wait_write(self.id, cx);
+                Poll::Pending
+            }
+            Ok(Reserve::WaitBudget) => {
+                st.wait_budget(cx);
+                Poll::Pending
+            }
         }
-        if st.send_credit == 0 {
-            // The reader task raises the credit under this same lock, then wakes us.
-            st.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let n = want.min(st.send_credit as usize);
-        if st.reserved >= n {
-            return Poll::Ready(Ok(n));
-        }
-        if st.queued - st.reserved >= STREAM_QUEUE {
-            st.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
-        let extra = n - st.reserved;
-        if inner.queued_total + extra > budget && inner.queued_total > 0 {
-            inner.budget_waiters.push(cx.waker().clone());
-            return Poll::Pending;
-        }
-        st.reserved += extra;
-        st.queued += extra;
-        inner.queued_total += extra;
-        Poll::Ready(Ok(n))
     }
 
     /// Send a `Data` frame built in place: `frame` holds [`FRAME_HEADER`] bytes of room followed by
     /// at most the reserved number of payload bytes. Zero-copy path used by the bridge.
-    pub fn send_frame(&mut self, mut frame: BytesMut) -> io::Result<()> {
-        let n = frame.len() - FRAME_HEADER;
-        frame[0] = FrameKind::Data as u8;
-        frame[1..FRAME_HEADER].copy_from_slice(&self.id.to_be_bytes());
-        let mut inner = self.shared.lock();
-        let Some(st) = inner.streams.get_mut(&self.id) else { return Err(closed_io(&inner)) };
-        if let Some(e) = write_error(st) {
-            return Err(e);
-        }
-        assert!(n <= st.send_credit as usize && n <= st.reserved, "send_frame beyond reservation");
-        st.send_credit -= n as u32;
-        st.reserved -= n;
-        inner.enqueue(self.id, frame.freeze());
-        Ok(())
+    pub fn send_frame(&mut self, frame: BytesMut) -> io::Result<()> {
+        self.shared.lock().conn.send_data(self.id, frame)
     }
 
     /// Give back budget reserved but not used.
     pub fn release_reservation(&mut self) {
-        let mut inner = self.shared.lock();
-        let Some(st) = inner.streams.get_mut(&self.id) else { return };
-        let r = std::mem::take(&mut st.reserved);
-        if r > 0 {
-            st.queued -= r;
-            inner.queued_total -= r;
-            inner.wake_budget_waiters();
-        }
+        self.shared.lock().conn.release_reservation(self.id);
     }
 
     /// The next received chunk, without copying; `None` at end of stream.
@@ -152,39 +91,16 @@ impl MuxStream {
         if !self.partial.is_empty() {
             return Poll::Ready(Ok(Some(std::mem::take(&mut self.partial))));
         }
-        let (max, budget) = (self.shared.cfg.max_stream_window, self.shared.cfg.receive_budget);
-        let mut inner = self.shared.lock();
-        let inner = &mut *inner;
-        let Some(st) = inner.streams.get_mut(&self.id) else { return Poll::Ready(Err(closed_io(inner))) };
-        let chunk = match st.recv.pop_front() {
-            Some((c, pinned)) => {
-                st.pinned -= usize::from(pinned);
-                Some(c)
+        let mut st = self.shared.lock();
+        match st.conn.recv(self.id, Instant::now()) {
+            Err(e) => Poll::Ready(Err(e)),
+            Ok(Recv::Chunk(c)) => Poll::Ready(Ok(Some(c))),
+            Ok(Recv::End) => Poll::Ready(Ok(None)),
+            Ok(Recv::Blocked) => {
+                st.wait_read(self.id, cx);
+                Poll::Pending
             }
-            None if !st.tail.is_empty() => Some(st.tail.split().freeze()),
-            None => None,
-        };
-        if let Some(chunk) = chunk {
-            let n = chunk.len();
-            st.recv_bytes -= n;
-            inner.buffered -= n;
-            if st.reset.is_none() {
-                let budget_left = budget.saturating_sub(inner.granted);
-                if let Some(g) = st.flow.on_consumed(n as u32, Instant::now(), inner.rtt.for_growth(), max, budget_left) {
-                    inner.granted += g.growth as usize;
-                    inner.push_control(Frame::window(self.id, g.grant));
-                }
-            }
-            return Poll::Ready(Ok(Some(chunk)));
         }
-        if st.recv_fin {
-            return Poll::Ready(Ok(None));
-        }
-        if let Some(e) = reset_io(st) {
-            return Poll::Ready(Err(e));
-        }
-        st.read_waker = Some(cx.waker().clone());
-        Poll::Pending
     }
 
     /// Put bytes back in front of what the stream yields next (the rest of a chunk a caller
@@ -203,12 +119,11 @@ impl MuxStream {
     /// the peer finished sending. A task blocked on something else (a local socket that does not
     /// drain) polls this to learn that the stream is gone, and tears down.
     pub fn poll_cut_off(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        let mut inner = self.shared.lock();
-        let Some(st) = inner.streams.get_mut(&self.id) else { return Poll::Ready(closed_io(&inner)) };
-        match reset_io(st) {
-            Some(e) if !st.recv_fin => Poll::Ready(e),
-            _ => {
-                st.cut_waker = Some(cx.waker().clone());
+        let mut st = self.shared.lock();
+        match st.conn.cut_off(self.id) {
+            Some(e) => Poll::Ready(e),
+            None => {
+                st.wait_cut(self.id, cx);
                 Poll::Pending
             }
         }
@@ -216,26 +131,8 @@ impl MuxStream {
 
     /// Half-close: tell the peer we will write no more.
     pub fn finish(&mut self) {
-        self.release_reservation();
-        let mut inner = self.shared.lock();
-        let Some(st) = inner.streams.get_mut(&self.id) else { return };
-        if st.sent_fin || st.reset.is_some() {
-            return;
-        }
-        st.sent_fin = true;
-        inner.enqueue(self.id, Frame::encode(FrameKind::Fin, self.id, &[]));
-        inner.forget_if_done(self.id);
+        self.shared.lock().conn.finish(self.id);
     }
-}
-
-fn write_error(st: &StreamState) -> Option<io::Error> {
-    if let Some(e) = reset_io(st) {
-        return Some(e);
-    }
-    if st.sent_fin {
-        return Some(io::Error::new(io::ErrorKind::BrokenPipe, "write after shutdown on a tunnel stream"));
-    }
-    None
 }
 
 impl AsyncRead for MuxStream {
@@ -284,32 +181,8 @@ impl AsyncWrite for MuxStream {
 
 impl Drop for MuxStream {
     fn drop(&mut self) {
-        let mut inner = self.shared.lock();
-        let inner = &mut *inner;
-        let Some(st) = inner.streams.get_mut(&self.id) else { return };
-        st.handle = false;
-        let r = std::mem::take(&mut st.reserved);
-        st.queued -= r;
-        inner.queued_total -= r;
-        let st = inner.streams.get_mut(&self.id).expect("present");
-        if st.reset.is_none() {
-            let recv_done = st.recv_fin;
-            if !st.sent_fin {
-                st.sent_fin = true;
-                inner.enqueue(self.id, Frame::encode(FrameKind::Fin, self.id, &[]));
-            }
-            if !recv_done {
-                // The peer is still sending and nobody will read: tell it to stop, after the data
-                // and `Fin` already queued.
-                inner.enqueue(self.id, Frame::rst(self.id, ErrorCode::Closed));
-                inner.discard_received(self.id);
-                let st = inner.streams.get_mut(&self.id).expect("present");
-                st.reset = Some((ErrorCode::Closed, "the stream was dropped".into()));
-            }
-        }
-        inner.forget_if_done(self.id);
-        if r > 0 {
-            inner.wake_budget_waiters();
-        }
+        let mut st = self.shared.lock();
+        st.forget(self.id);
+        st.conn.stream_dropped(self.id);
     }
 }

@@ -18,8 +18,9 @@ use super::route::open_to_listener;
 use super::RelayState;
 use crate::error::{Error, ErrorCode};
 use crate::identity::verify_registration;
-use crate::mux::{FrameSink, FrameSource, Session};
+use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{ListenAck, ListenHello, StreamHeader, Via};
+use crate::session::Session;
 
 /// Serve a listener session from its registration to its end.
 pub(super) async fn serve_listener(

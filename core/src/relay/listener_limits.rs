@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::guard::InFlightPermit;
 use super::RelayState;
-use crate::mux::MuxStream;
+use crate::session::SessionStream;
 
 /// Why a listener cannot take one more request now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub(crate) enum ListenerSlot {
     /// Counted on this relay.
     Here { _permit: InFlightPermit<String> },
     /// Counted on the node that holds the listener, until this stream closes.
-    Held { _stream: MuxStream },
+    Held { _stream: SessionStream },
 }
 
 /// Count one request to `name` on this relay.

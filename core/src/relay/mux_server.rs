@@ -1,15 +1,17 @@
 //! The relay's end of a multiplexed session (a dialer's or a listener's): its settings from the
-//! relay's limits, and the guard that closes it with the task serving it.
+//! relay's limits, and its driver owned by the task serving it.
 
 use super::RelayState;
-use crate::error::ErrorCode;
-use crate::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
+use crate::mux::{self, FrameSink, FrameSource, MuxConfig, Role, SessionTask};
+use crate::session::Session;
 
 /// Start the relay's side of a multiplexed session (dialer or listener) with the configured
-/// keepalive and stream limits; the guard closes it when the serving task ends.
-pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, CloseOnDrop) {
-    let session = Session::new(Role::Server, source, sink, relay_mux_config(state));
-    (session.clone(), CloseOnDrop(session))
+/// keepalive and stream limits. The session lives as long as the returned driver handle: the task
+/// serving the connection holds it, so a task that ends or is dropped (on `kill`, or by
+/// `ServerHandle::abort`) ends the session and frees its transport.
+pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, SessionTask) {
+    let (session, task) = mux::Session::owned(Role::Server, source, sink, relay_mux_config(state));
+    (Session::Mux(session), task)
 }
 
 /// The relay's session settings from its limits (its own sessions, and its sessions to the other
@@ -23,15 +25,5 @@ pub(crate) fn relay_mux_config(state: &RelayState) -> MuxConfig {
         max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
         receive_budget: l.session_receive_budget,
         ..MuxConfig::default()
-    }
-}
-
-/// Closes a relay-side session when the task serving it ends or is dropped. The session's reader
-/// and writer run as their own tasks, so without this a connection task dropped on `kill` (or by
-/// `ServerHandle::abort`) would leave the transport open, answering pings but refusing streams.
-pub(crate) struct CloseOnDrop(pub(crate) Session);
-impl Drop for CloseOnDrop {
-    fn drop(&mut self) {
-        self.0.close(ErrorCode::RelayUnavailable, "the relay closed the session");
     }
 }

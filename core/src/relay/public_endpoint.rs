@@ -407,7 +407,7 @@ fn name_in_domain<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
 
 /// Open a tunnel stream to the listener `name`; the error is the response the client gets
 /// (502/503/504).
-async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> Result<crate::mux::MuxStream, Response<Body>> {
+async fn open_stream(state: &Arc<RelayState>, name: &str, peer: SocketAddr) -> Result<crate::session::SessionStream, Response<Body>> {
     let header = StreamHeader { via: Via::Http, port: 0, client: peer.to_string() };
     let limit = state.cfg.limits.http_timeout;
     open_to_listener(state, name, header, limit).await.map_err(|e| {

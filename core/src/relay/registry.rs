@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, ErrorCode};
-use crate::mux::Session;
+use crate::session::Session;
 use tokio::sync::Semaphore;
 
 /// How a listener asked to hold its name.

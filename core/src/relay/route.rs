@@ -15,8 +15,8 @@ use super::RelayState;
 use crate::egress::connect::{connect_target, Cause};
 use crate::error::ErrorCode;
 use crate::identity::valid_name;
-use crate::mux::MuxStream;
 use crate::protocol::{ExitHeader, StreamHeader, STREAM_ACCEPTED};
+use crate::session::SessionStream;
 use crate::socks::{self, Target};
 
 /// Why a stream could not be delivered to a listener.
@@ -73,14 +73,14 @@ pub(crate) async fn open_to_listener(
     name: &str,
     header: StreamHeader,
     wait: std::time::Duration,
-) -> Result<MuxStream, RouteError> {
+) -> Result<SessionStream, RouteError> {
     open_encoded(state, name, &header.encode(), wait).await
 }
 
 /// [`open_to_listener`] with the stream's first bytes already encoded (a [`StreamHeader`] or an
 /// [`crate::protocol::ExitHeader`]). A name no local listener holds goes to the node of the
 /// cluster that holds it, if this relay is a node of one.
-pub(crate) async fn open_encoded(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<MuxStream, RouteError> {
+pub(crate) async fn open_encoded(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<SessionStream, RouteError> {
     match (open_local(state, name, header, wait).await, &state.cluster) {
         (Err(RouteError::Offline), Some(cluster)) => cluster.open_remote(state, name, header, wait).await,
         (r, _) => r,
@@ -89,7 +89,7 @@ pub(crate) async fn open_encoded(state: &RelayState, name: &str, header: &[u8], 
 
 /// [`open_encoded`] to this relay's own listeners only (what a node does for a stream another
 /// node forwarded: one hop at most).
-pub(crate) async fn open_local(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<MuxStream, RouteError> {
+pub(crate) async fn open_local(state: &RelayState, name: &str, header: &[u8], wait: std::time::Duration) -> Result<SessionStream, RouteError> {
     let candidates = state.registry.candidates(name, state.cfg.limits.handshake_timeout).await;
     if candidates.is_empty() {
         return Err(RouteError::Offline);
@@ -115,7 +115,7 @@ pub(crate) async fn open_local(state: &RelayState, name: &str, header: &[u8], wa
 }
 
 /// Offer a stream to one replica and wait until `deadline` for it to accept.
-async fn offer(c: &super::registry::Candidate, header: &[u8], deadline: tokio::time::Instant) -> Result<MuxStream, RouteError> {
+async fn offer(c: &super::registry::Candidate, header: &[u8], deadline: tokio::time::Instant) -> Result<SessionStream, RouteError> {
     // Held until the listener answers: a listener that stops accepting costs the relay at most
     // `max_pending_accepts` waiting streams.
     let _waiting = c.pending.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
@@ -158,7 +158,7 @@ async fn write_route_error<S: AsyncWrite + Unpin>(io: &mut S, e: RouteError) -> 
 /// Where an admitted stream goes: a TCP target, or a listener's stream.
 pub(crate) enum Connected {
     Tcp(TcpStream),
-    Listener(MuxStream),
+    Listener(SessionStream),
 }
 
 /// The listener a CONNECT names, if it should be routed to one: a registered name, `NAME.<domain>`,

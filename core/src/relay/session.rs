@@ -20,8 +20,9 @@ use super::RelayState;
 use super::{guard, mux_server};
 use crate::auth::{fresh_nonce, AuthRejection};
 use crate::error::ErrorCode;
-use crate::mux::{FrameSink, FrameSource, MuxStream, Session};
+use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
+use crate::session::{Session, SessionStream};
 use crate::socks::{self, ServerAuth, ServerHandshakeError};
 use crate::transport::{tcp_frames, ws_frames, BoxIo};
 
@@ -311,7 +312,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
 }
 
-async fn serve_mux_stream(state: Arc<RelayState>, mut stream: MuxStream, peer: SocketAddr, session: Session, kid: u32) {
+async fn serve_mux_stream(state: Arc<RelayState>, mut stream: SessionStream, peer: SocketAddr, session: Session, kid: u32) {
     let addr = match tokio::time::timeout(state.cfg.limits.handshake_timeout, socks::server_handshake(&mut stream, ServerAuth::Session)).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);

@@ -43,7 +43,7 @@ use super::route::RouteError;
 use super::RelayState;
 use crate::config::ClusterConfig;
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::MuxStream;
+use crate::session::SessionStream;
 use claims::{ClaimMode, Claimed, Claims, Holders};
 
 /// How long a cached route may be used without a change notice (a safety net: notices are what
@@ -242,7 +242,7 @@ impl Cluster {
         &self,
         state: &RelayState,
         name: &str,
-    ) -> Option<std::result::Result<MuxStream, super::listener_limits::Refused>> {
+    ) -> Option<std::result::Result<SessionStream, super::listener_limits::Refused>> {
         use super::listener_limits::Refused;
         let holders = self.lookup(state, name).await.ok()?;
         let (id, url) = holders.nodes.iter().filter(|(id, _)| *id != self.node_id).min_by(|a, b| a.0.cmp(&b.0))?;
@@ -338,7 +338,7 @@ impl Cluster {
         name: &str,
         header: &[u8],
         wait: Duration,
-    ) -> std::result::Result<MuxStream, RouteError> {
+    ) -> std::result::Result<SessionStream, RouteError> {
         let holders = self.lookup(state, name).await.map_err(|_| RouteError::ClusterUnavailable)?;
         let deadline = tokio::time::Instant::now() + wait;
         let mut last = RouteError::Offline;

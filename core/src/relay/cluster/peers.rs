@@ -27,7 +27,8 @@ use super::super::{mux_server, RelayState};
 use super::node_auth::{self, DialHello, NodeAuthError};
 use crate::auth::Key;
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{FrameSink, FrameSource, MuxStream, Role, Session};
+use crate::mux::{FrameSink, FrameSource, Role};
+use crate::session::{Session, SessionStream};
 use crate::protocol::{HelloAck, EXIT_HEADER_VERSION};
 use crate::transport::RelayUrl;
 
@@ -118,7 +119,7 @@ fn named(kind: u8, name: &str) -> Vec<u8> {
 }
 
 impl PeerRequest {
-    pub(crate) async fn read_from(s: &mut MuxStream) -> std::io::Result<PeerRequest> {
+    pub(crate) async fn read_from(s: &mut SessionStream) -> std::io::Result<PeerRequest> {
         let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed node-to-node request");
         let mut h = [0u8; 2];
         s.read_exact(&mut h).await?;
@@ -225,7 +226,7 @@ impl Peers {
             tracing::warn!(node = %id, %url, error = %e, "a node listed in the cluster registry did not prove the cluster key; nothing is routed to it");
             return Err(Error::new(e.code(), format!("the cluster node {id} at {url} did not prove the cluster key: {e}")));
         }
-        let s = Session::new(Role::Client, source, sink, mux_server::relay_mux_config(state));
+        let s = Session::mux(Role::Client, source, sink, mux_server::relay_mux_config(state));
         tracing::info!(node = %id, %url, "node-to-node session open (both nodes proved the cluster key)");
         *slot = Some(s.clone());
         Ok(s)
@@ -257,7 +258,7 @@ impl Peers {
         name: &str,
         header: &[u8],
         deadline: tokio::time::Instant,
-    ) -> std::result::Result<MuxStream, PeerError> {
+    ) -> std::result::Result<SessionStream, PeerError> {
         let session = match tokio::time::timeout_at(deadline, self.session(state, id, url)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(PeerError::Node(e)),
@@ -293,7 +294,7 @@ impl Peers {
 
 impl Peers {
     /// Open a stream to node `id` and send it `request` (within `deadline`).
-    async fn ask(&self, state: &RelayState, (id, url): (&str, &str), request: &[u8], deadline: tokio::time::Instant) -> Result<MuxStream> {
+    async fn ask(&self, state: &RelayState, (id, url): (&str, &str), request: &[u8], deadline: tokio::time::Instant) -> Result<SessionStream> {
         let timeout = || Error::new(ErrorCode::Timeout, format!("the cluster node {id} at {url} did not answer in time"));
         let session = tokio::time::timeout_at(deadline, self.session(state, id, url)).await.map_err(|_| timeout())??;
         let mut stream = session.open()?;
@@ -312,7 +313,7 @@ impl Peers {
         node: (&str, &str),
         name: &str,
         deadline: tokio::time::Instant,
-    ) -> Result<(Admission, Option<MuxStream>)> {
+    ) -> Result<(Admission, Option<SessionStream>)> {
         let mut stream = self.ask(state, node, &named(KIND_ADMIT, name), deadline).await?;
         let answer = async {
             let a = match stream.read_u8().await? {
@@ -407,7 +408,7 @@ pub(crate) async fn serve_peer(state: Arc<RelayState>, source: FrameSource, mut 
     }
 }
 
-async fn serve_request(state: Arc<RelayState>, mut stream: MuxStream) {
+async fn serve_request(state: Arc<RelayState>, mut stream: SessionStream) {
     let req = match tokio::time::timeout(state.cfg.limits.handshake_timeout, PeerRequest::read_from(&mut stream)).await {
         Ok(Ok(r)) => r,
         _ => {
@@ -431,7 +432,7 @@ async fn serve_request(state: Arc<RelayState>, mut stream: MuxStream) {
 
 /// Count a request entering another node against this node's listener limits; keep it counted
 /// until that node closes the stream (the response ended, or the session died).
-async fn serve_admit(state: Arc<RelayState>, mut stream: MuxStream, name: &str) {
+async fn serve_admit(state: Arc<RelayState>, mut stream: SessionStream, name: &str) {
     use super::super::listener_limits::{count_here, Refused};
     if !state.registry.contains(name) {
         let _ = stream.write_all(&[3]).await;
@@ -463,7 +464,7 @@ async fn serve_admit(state: Arc<RelayState>, mut stream: MuxStream, name: &str) 
     drop(permit);
 }
 
-async fn serve_forward(state: Arc<RelayState>, mut stream: MuxStream, req: Forward) {
+async fn serve_forward(state: Arc<RelayState>, mut stream: SessionStream, req: Forward) {
     // An exit stream: this node checks the grant itself, as it would for a dialer of its own.
     if req.header.first() == Some(&EXIT_HEADER_VERSION) {
         let kid = req.header.get(1..5).map(|k| u32::from_be_bytes(k.try_into().expect("four bytes")));
