@@ -175,7 +175,7 @@ async function main (argv) {
   try {
     const { values, positionals } = parseArgs({ args: rest, options: COMMANDS[cmd], allowPositionals: true })
     lib.setLogger((level, target, message) => {
-      if (cmd !== 'demo' || level === 'warn' || level === 'error') console.error(`${level.toUpperCase().padStart(5)} ${target}: ${message}`)
+      if (cmd !== 'demo' || level === 'warn' || level === 'error') console.error(`${new Date().toISOString()} ${level.toUpperCase().padStart(5)} ${target}: ${message}`)
     }, process.env.RUST_LOG || (cmd === 'demo' ? 'warn' : 'info'))
     await run(cmd, values, positionals)
     return 0

@@ -171,3 +171,23 @@ test('examples/node/http-behind-relay.js exits 0 with nothing on stderr, 20 runs
     assert.equal(err, '', `run ${i}: stderr`)
   }
 })
+
+test('the relay\'s log lines start with a timestamp, as the Rust CLI\'s do', async () => {
+  // A broad allow rule makes the relay log, at start, what that rule leaves out.
+  const { stdout } = await run(process.execPath, [BIN, 'keygen'])
+  const authKeys = /^TUNNEL_AUTH_KEYS='(.*)'$/m.exec(stdout)[1]
+  const proc = spawn(process.execPath, [BIN, 'server', '--listen', '127.0.0.1:0', '--auth-keys', authKeys, '--allow', JSON.stringify([{ host: '0.0.0.0/0', port: 80 }])], { stdio: ['ignore', 'ignore', 'pipe'] })
+  try {
+    let err = ''
+    const line = await within(20_000, 'a log line on stderr', new Promise((resolve, reject) => {
+      proc.stderr.on('data', (d) => {
+        err += d
+        if (err.includes('\n')) resolve(err.split('\n')[0])
+      })
+      proc.on('exit', (code) => reject(new Error(`the relay exited (${code}): ${err}`)))
+    }))
+    assert.match(line, /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z +(INFO|WARN) libtunnel/)
+  } finally {
+    proc.kill()
+  }
+})
