@@ -12,7 +12,11 @@
 # of the other link kind, same hash check.
 # Wheel: pip-installed into a fresh virtualenv (no index); an embedded libtunnel.Relay and a
 # Dialer round trip, same hash check. npm tarball: `npm install`ed into a fresh project (offline);
-# Server.start, Dialer.connect and a dial, same hash check. Prints every artifact's size.
+# Server.start, Dialer.connect and a dial, same hash check. Old Linux: `auditwheel show` names the
+# wheel's manylinux tag (DIST_GLIBC, 2.17 by default), `objdump -T` finds no glibc symbol version
+# newer than that in the CLI, libtunnel.so, the wheel's module and the addon; then
+# scripts/test-old-linux.sh runs them on Debian 11 (unless LIBTUNNEL_SKIP_OLD_LINUX=1). Prints
+# every artifact's size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -25,6 +29,7 @@ bash scripts/dist.sh
 built=$((SECONDS - started))
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 PLATFORM="linux-$(uname -m)"
+GLIBC="${DIST_GLIBC:-2.17}"
 DIST="$ROOT/dist"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 
@@ -215,9 +220,31 @@ main().catch((err) => { console.error(err); process.exit(1) })' "$TARGET" "$T/pa
   || fail "the npm package's round trip failed"
 check "npm package: Server.start, Dialer.connect, dial" "$(cat "$T/node.out")"
 
+step "dist: glibc $GLIBC at most (objdump -T, auditwheel show)"
+# newest_glibc FILE: the newest GLIBC_x.y version FILE's dynamic symbols need.
+newest_glibc() { objdump -T "$1" | grep -o 'GLIBC_[0-9][0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n 1; }
+for f in "$CLI/bin/tunnel" "$C/lib/libtunnel.so.$VERSION" "$T"/venv/lib/python*/site-packages/libtunnel/_native*.so \
+  "$T/app/node_modules/libtunnel/libtunnel.linux-x64-gnu.node"; do
+  got=$(newest_glibc "$f")
+  [ "$(printf '%s\n' "$got" "$GLIBC" | sort -V | tail -n 1)" = "$GLIBC" ] \
+    || fail "${f##*/} needs GLIBC_$got, newer than the target $GLIBC: objdump -T $f | grep GLIBC_$got"
+  echo "ok: ${f##*/} needs glibc $got at most"
+done
+py_venv "$CARGO_TARGET_DIR/dist-venv" maturin ziglang auditwheel
+shown=$(auditwheel show "${wheels[0]}")
+tag="manylinux_${GLIBC//./_}_$(uname -m)"
+grep -q "\"$tag\"" <<<"$shown" || fail "auditwheel show does not find the wheel consistent with $tag: $shown"
+echo "ok: auditwheel show: $(tr '\n' ' ' <<<"$shown" | grep -o 'consistent with the following platform tag: "[^"]*"')"
+deactivate
+
 step "dist: artifact sizes"
 (cd "$DIST" && for f in *; do [ "$f" = SHA256SUMS ] || printf '%8s  %s\n' "$(du -h --apparent-size "$f" | cut -f1)" "$f"; done)
 printf '%8s  %s\n' "$(du -h --apparent-size "$CLI/bin/tunnel" | cut -f1)" "tunnel (unpacked)"
 for f in "$C/lib/libtunnel.so.$VERSION" "$C/lib/libtunnel.a" "$T"/venv/lib/python*/site-packages/libtunnel/_native*.so \
   "$T/app/node_modules/libtunnel/libtunnel.linux-x64-gnu.node"; do printf '%8s  %s\n' "$(du -h --apparent-size "$f" | cut -f1)" "${f##*/} (unpacked)"; done
 echo "dist built in ${built}s, artifacts checked in $((SECONDS - started - built))s"
+if [ "${LIBTUNNEL_SKIP_OLD_LINUX:-}" != 1 ]; then
+  old=$SECONDS
+  bash scripts/test-old-linux.sh
+  echo "Debian 11 check in $((SECONDS - old))s"
+fi

@@ -11,7 +11,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Union
 
 from . import _native
 from ._common import wrap
@@ -19,7 +19,8 @@ from ._events import OnConnected, OnDisconnected, OnReconnecting, watch
 
 __all__ = ["Dialer", "AsyncDialer"]
 
-StrPath = str | os.PathLike[str]
+# Union, not `|`: module-level aliases are evaluated at import, and Python 3.9 has no `X | Y`.
+StrPath = Union[str, os.PathLike[str]]
 
 
 def _native_dialer(

@@ -65,7 +65,7 @@ class _Dispatch:
             return
         arg: object = detail
         if name == "connected":
-            arg = Connected(*cast(tuple[str, str | None], detail))
+            arg = Connected(*cast("tuple[str, str | None]", detail))  # a string: 3.9 cannot evaluate `X | None`
         elif name == "reconnecting":
             arg = Reconnecting(*cast(tuple[int, float], detail))
         if self._loop is None:

@@ -13,7 +13,7 @@ import socket
 import socketserver
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Union
 
 from . import _native
 from ._common import wrap
@@ -22,7 +22,8 @@ from ._events import OnConnected, OnDisconnected, OnReconnecting, watch
 
 __all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
 
-StrPath = str | os.PathLike[str]
+# Union, not `|`: module-level aliases are evaluated at import, and Python 3.9 has no `X | Y`.
+StrPath = Union[str, os.PathLike[str]]
 
 
 class Peer(NamedTuple):
@@ -65,7 +66,7 @@ class ExitStats(NamedTuple):
 
 
 #: An exit listener's allow rules: ``[{"host": "db.internal", "port": 5432}, ...]`` or that JSON.
-ExitRules = str | list[dict[str, Any]]
+ExitRules = Union[str, list[dict[str, Any]]]
 
 
 def _exit_json(rules: ExitRules | None) -> str | None:

@@ -10,13 +10,14 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Union
 
 from . import _native
 
 __all__ = ["Relay", "AsyncRelay", "serve"]
 
-StrPath = str | os.PathLike[str]
+# Union, not `|`: module-level aliases are evaluated at import, and Python 3.9 has no `X | Y`.
+StrPath = Union[str, os.PathLike[str]]
 
 
 def _settings(config: Mapping[str, Any] | None) -> list[tuple[str, str]]:
