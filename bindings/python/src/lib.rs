@@ -3,7 +3,7 @@
 //!
 //! Data flow: Python calls a method here; blocking methods run the core's future on the
 //! process-wide Tokio runtime through [`wait`] with the GIL released, async methods hand the same
-//! future to asyncio through pyo3-async-runtimes. Every tunnel stream leaves Rust as a plain
+//! future to asyncio through `asyncio_bridge`. Every tunnel stream leaves Rust as a plain
 //! socket file descriptor (`libtunnel::fd::into_socket`), so Python gets a real `socket.socket`.
 //!
 //! # Layout
@@ -13,12 +13,14 @@
 //! - `dialer`: `Dialer` (dial, forward). `listener`: `Listener` (bind, accept, expose).
 //! - `relay`: the embedded relay. `keys`: key generation and the text `keygen` prints.
 //! - `events`: connection-state events to a Python callable (`Watch`).
+//! - `asyncio_bridge`: core futures as asyncio awaitables, delivered through the gate.
 //! - `interpreter`: the gate every libtunnel thread passes before touching Python, shut by an
 //!   `atexit` hook so nothing reaches the interpreter while it finalises.
 //!
 //! Configuration is the core's (`libtunnel::client::ClientOptions`): what a constructor is not
 //! given comes from the same `TUNNEL_*` variables every face reads.
 
+mod asyncio_bridge;
 mod dialer;
 mod error;
 mod events;
@@ -34,6 +36,8 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use tokio::runtime::Runtime;
+
+pub(crate) use asyncio_bridge::awaitable;
 
 /// The one runtime of the process (ARCHITECTURE section 3), built by the core's
 /// `libtunnel::runtime` when the module is imported (`TUNNEL_WORKER_THREADS` workers, default one
@@ -69,40 +73,6 @@ pub(crate) fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = libtunnel:
         })
     });
     outcome?.map_err(error::to_py)
-}
-
-/// Turn a core future into an asyncio awaitable running on our runtime (cancelling the awaitable
-/// drops the future). The outcome reaches Python (and a core error becomes an exception) only
-/// through the interpreter gate: once the interpreter finalises, the awaitable never completes.
-pub(crate) fn awaitable<'py, T>(py: Python<'py>, fut: impl Future<Output = libtunnel::Result<T>> + Send + 'static) -> PyResult<Bound<'py, PyAny>>
-where
-    T: for<'a> IntoPyObject<'a> + Send + 'static,
-{
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let outcome = fut.await;
-        match interpreter::enter() {
-            Some(pass) => Ok(Delivered { outcome, _pass: pass }),
-            None => std::future::pending().await,
-        }
-    })
-}
-
-/// An awaitable's outcome on its way to Python, holding its pass through the interpreter gate
-/// until pyo3-async-runtimes converts it (attached, on its blocking thread).
-struct Delivered<T> {
-    outcome: libtunnel::Result<T>,
-    _pass: interpreter::Pass,
-}
-
-impl<'py, T: IntoPyObject<'py>> IntoPyObject<'py> for Delivered<T> {
-    type Target = PyAny;
-    type Output = Bound<'py, PyAny>;
-    type Error = PyErr;
-
-    fn into_pyobject(self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        use pyo3::IntoPyObjectExt;
-        self.outcome.map_err(error::to_py)?.into_bound_py_any(py)
-    }
 }
 
 /// Seconds from Python (`None` = no limit) as a `Duration`, checked by the core (NaN, negative,
@@ -142,8 +112,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         let rt = libtunnel::runtime::build(libtunnel::runtime::Workers::PerCore).map_err(error::to_py)?;
         let _ = RUNTIME.set(rt);
     }
-    // Fails only when already initialised with this same runtime (a second module import).
-    let _ = pyo3_async_runtimes::tokio::init_with_runtime(runtime());
     m.add("ERROR_CODES", libtunnel::ErrorCode::ALL.iter().map(|c| c.name()).collect::<Vec<_>>())?;
     m.add_function(wrap_pyfunction!(reset_logging, m)?)?;
     m.add_function(wrap_pyfunction!(keys::keygen, m)?)?;
