@@ -222,7 +222,16 @@ impl ListenerBuilder {
         };
         let e2e = self.e2e.clone().map(|e| Accepting::new(&self.identity, e)).transpose()?;
         let (queue_tx, queue_rx) = mpsc::channel(self.backlog);
-        let cfg = Arc::new(Config { relays, name, builder: self, exit, e2e, instance: rand::random(), events: Arc::new(EventHub::new()) });
+        let cfg = Arc::new(Config {
+            relays,
+            name,
+            builder: self,
+            exit,
+            e2e,
+            instance: rand::random(),
+            events: Arc::new(EventHub::new()),
+            retiring: CancellationToken::new(),
+        });
         let (session, reg) = register(&cfg).await?;
         cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
         let (reg_tx, reg_rx) = watch::channel(reg);
@@ -237,7 +246,7 @@ impl ListenerBuilder {
             current,
             ended,
             draining: CancellationToken::new(),
-            retiring: CancellationToken::new(),
+            retiring: cfg.retiring.clone(),
             exit: cfg.exit.clone(),
             events: cfg.events.clone(),
         })
@@ -248,6 +257,9 @@ struct Config {
     relays: RelayList,
     /// This listener object's random id, sent in every registration (`ListenHello::instance`).
     instance: [u8; 16],
+    /// Cancelled by [`Listener::retire`]: from then on a stream the relay offers is refused before
+    /// it is accepted, so the relay moves it to another replica of the pool.
+    retiring: CancellationToken,
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -521,7 +533,7 @@ async fn supervise(
                 session.close(ErrorCode::Closed, "the listener was closed");
                 return;
             }
-            _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref()) => {}
+            _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref(), &cfg.retiring) => {}
         }
         let reason = session.close_reason();
         if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
@@ -579,12 +591,18 @@ fn end_for_good(cfg: &Config, ended: &Mutex<Option<(ErrorCode, String)>>, cancel
 }
 
 /// Accept the relay's streams on one session until it ends.
-async fn serve_session(session: &Session, queue: &mpsc::Sender<(TunnelStream, PeerInfo)>, exit: Option<&Arc<ExitState>>, e2e: Option<&Accepting>) {
+async fn serve_session(
+    session: &Session,
+    queue: &mpsc::Sender<(TunnelStream, PeerInfo)>,
+    exit: Option<&Arc<ExitState>>,
+    e2e: Option<&Accepting>,
+    retiring: &CancellationToken,
+) {
     while let Some(stream) = session.accept().await {
-        let (queue, exit) = (queue.clone(), exit.cloned());
+        let (queue, exit, retiring) = (queue.clone(), exit.cloned(), retiring.clone());
         let e2e = e2e.cloned();
         tokio::spawn(async move {
-            if let Err(e) = admit(stream, &queue, exit, e2e.as_ref()).await {
+            if let Err(e) = admit(stream, &queue, exit, e2e.as_ref(), &retiring).await {
                 tracing::debug!(error = %e, "incoming stream dropped");
             }
         });
@@ -600,6 +618,7 @@ async fn admit(
     queue: &mpsc::Sender<(TunnelStream, PeerInfo)>,
     exit: Option<Arc<ExitState>>,
     e2e: Option<&Accepting>,
+    retiring: &CancellationToken,
 ) -> Result<()> {
     let header = match tokio::time::timeout(Duration::from_secs(10), Incoming::read_from(&mut stream)).await {
         Ok(Ok(Incoming::Stream(h))) => h,
@@ -632,6 +651,12 @@ async fn admit(
         let _ = stream.write_all(&[code.number() as u8]).await;
         stream.finish();
         return Err(Error::new(code, why));
+    }
+    // A retired replica takes nothing new, even a stream the relay offered before it heard the
+    // retirement: refused before accepting, it moves to another replica.
+    if retiring.is_cancelled() {
+        stream.reset(ErrorCode::Refused);
+        return Err(Error::new(ErrorCode::Refused, "refused a stream: this replica retired from its pool"));
     }
     let permit = match queue.try_reserve() {
         Ok(p) => p,
