@@ -39,7 +39,7 @@ GLIBC="${DIST_GLIBC:-2.17}"
 TRIPLE="$ARCH-unknown-linux-gnu"
 PLATFORM="linux-$ARCH"
 BUILT="$CARGO_TARGET_DIR/$TRIPLE/release"
-OUT="${DIST_OUT:-$ROOT/dist}"
+OUT="$(realpath -m "${DIST_OUT:-$ROOT/dist}")"  # absolute: steps below run in other directories
 STAGE="$CARGO_TARGET_DIR/dist-stage-$ARCH"
 # Reproducible tarballs: file times from the last commit, owner root, names sorted.
 EPOCH=$(git log -1 --format=%ct 2>/dev/null || date +%s)
