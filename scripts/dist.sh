@@ -91,7 +91,10 @@ make --no-print-directory -f ffi/install.mk install CARGO=true BUILT="$BUILT" DE
   'PC_PREFIX=$${pcfiledir}/../..' >/dev/null
 # The release profile strips linked outputs, not an archive: drop the debug info that the
 # standard library's objects bring into libtunnel.a (symbols stay, so it links the same).
-strip --strip-debug "$STAGE/c/$C_NAME/lib/libtunnel.a"
+# The host's strip reads only its own architecture: another one's archive ships with its debug info.
+if [ "$ARCH" = "$(uname -m)" ]; then
+  strip --strip-debug "$STAGE/c/$C_NAME/lib/libtunnel.a"
+fi
 install -m 644 LICENSE "$STAGE/c/$C_NAME/LICENSE"
 install -m 644 ffi/README.md "$STAGE/c/$C_NAME/README.md"
 install -D -m 644 -t "$STAGE/c/$C_NAME/examples" examples/c/*.c
