@@ -66,6 +66,11 @@ SERVE_LIMIT = float(os.environ.get("README_SERVE_LIMIT", "120"))
 
 MARK = re.compile(r"^\s*<!--\s*readme-test:\s*(.*?)\s*-->\s*$")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+# ``terminal N of GROUP`` and ``terminal N of GROUP until "TEXT"`` (see :func:`run_group`).
+TERMINAL = re.compile(r'terminal (\d+) of ([\w-]+)(?: until "(.*)")?')
+# A hidden step of a group: ``<!-- readme-test: setup GROUP`` (or ``check GROUP``), a script on the
+# following lines, ``-->``.
+HIDDEN = re.compile(r"^\s*<!--\s*readme-test:\s*(setup|check) ([\w-]+)\s*$")
 
 
 @dataclass
@@ -82,12 +87,20 @@ class Block:
 
 
 def readmes() -> list[Path]:
+    """Every page whose code blocks must run: each README.md, and every page under docs/."""
     found = []
     for dirpath, dirnames, filenames in os.walk(ROOT):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        if "README.md" in filenames:
-            found.append(Path(dirpath) / "README.md")
+        under_docs = Path(dirpath).is_relative_to(ROOT / "docs")
+        found += [Path(dirpath) / f for f in filenames if f == "README.md" or (under_docs and f.endswith(".md"))]
     return sorted(found)
+
+
+def doctest_pages() -> set[Path]:
+    """The pages core/src/lib.rs includes as doctest modules (``#[doc = include_str!(…)]``):
+    cargo test compiles their Rust blocks."""
+    lib = ROOT / "core" / "src" / "lib.rs"
+    return {(lib.parent / m).resolve() for m in re.findall(r'include_str!\("([^"]+\.md)"\)', lib.read_text())}
 
 
 def blocks(readme: Path) -> list[Block]:
@@ -107,6 +120,58 @@ def blocks(readme: Path) -> list[Block]:
         mark = MARK.match(lines[i - 1]) if i > 0 else None
         out.append(Block(readme, i + 1, lang, body, mark.group(1) if mark else ""))
         i = j + 1
+    return out
+
+
+@dataclass
+class Hidden:
+    readme: Path
+    line: int
+    kind: str  # "setup" or "check"
+    group: str
+    text: str
+
+
+def hidden(readme: Path) -> list[Hidden]:
+    lines = readme.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = HIDDEN.match(line)
+        if m:
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "-->"), None)
+            if end is None:
+                raise SystemExit(f"{readme.relative_to(ROOT)}:{i + 1}: a hidden {m.group(1)} without its closing -->")
+            out.append(Hidden(readme, i + 1, m.group(1), m.group(2), "\n".join(lines[i + 1 : end]) + "\n"))
+    return out
+
+
+@dataclass
+class Group:
+    """Blocks a reader runs at once in several terminals (or on several hosts), with the hidden
+    setup that stands in for the machines the page assumes and the hidden check of the result."""
+
+    readme: Path
+    terminals: list[Block]
+    hidden: list[Hidden]
+
+    @property
+    def where(self) -> str:
+        line = min([b.line for b in self.terminals] + [h.line for h in self.hidden])
+        return f"{self.readme.relative_to(ROOT)}:{line}"
+
+    def step(self, kind: str) -> str:
+        return "".join(h.text for h in self.hidden if h.kind == kind)
+
+
+def groups() -> dict[str, Group]:
+    out: dict[str, Group] = {}
+    for r in readmes():
+        for b in blocks(r):
+            m = TERMINAL.fullmatch(b.mark)
+            if m:
+                out.setdefault(m.group(2), Group(r, [], [])).terminals.append(b)
+        for h in hidden(r):
+            out.setdefault(h.group, Group(r, [], [])).hidden.append(h)
     return out
 
 
@@ -139,15 +204,26 @@ def problems() -> list[str]:
             file = b.mark.removeprefix("same as ").strip()
             if b.text != (ROOT / file).read_text():
                 bad.append(f"{b.where}: the block differs from {file}")
-        elif b.mark.split(" ", 1)[0] in ("run", "serve", "transcript"):
+        elif b.mark.split(" ", 1)[0] in ("run", "serve", "transcript", "terminal"):
             if b.lang != "sh":
                 bad.append(f"{b.where}: {b.mark.split(' ', 1)[0]!r} marks sh blocks only")
+            elif b.mark.startswith("terminal") and not TERMINAL.fullmatch(b.mark):
+                bad.append(f'{b.where}: write the mark as: terminal N of GROUP [until "TEXT"]')
         elif b.mark:
-            bad.append(f'{b.where}: unknown mark {b.mark!r} (run / serve until "TEXT" / transcript / same as FILE / not run: REASON)')
-        elif b.lang == "rust" and b.readme != ROOT / "README.md":
-            bad.append(f"{b.where}: only README.md's Rust blocks are doctests (core/src/lib.rs): mark this one")
+            bad.append(f'{b.where}: unknown mark {b.mark!r} (run / serve until "TEXT" / transcript / terminal N of GROUP / same as FILE / not run: REASON)')
+        elif b.lang == "rust" and b.readme.resolve() not in doctest_pages():
+            bad.append(f"{b.where}: a Rust block of a page core/src/lib.rs does not include as a doctest module (ReadmeDoctests): add the page there")
         elif b.lang not in RUNNERS:
             bad.append(f"{b.where}: a ```{b.lang} block that no test runs: mark it (see scripts/readme_blocks.py)")
+    for name, g in groups().items():
+        kinds = [h.kind for h in g.hidden]
+        if not g.terminals:
+            bad.append(f"{g.where}: group {name!r} has a {'/'.join(kinds)} but no terminal block")
+        if kinds.count("setup") > 1 or kinds.count("check") > 1:
+            bad.append(f"{g.where}: group {name!r} has more than one setup or check")
+        numbers = [int(TERMINAL.fullmatch(b.mark).group(1)) for b in g.terminals]  # type: ignore[union-attr]
+        if numbers != list(range(1, len(numbers) + 1)):
+            bad.append(f"{g.where}: the terminals of group {name!r} are numbered {numbers}, not 1..{len(numbers)} in page order")
     return bad
 
 
@@ -185,9 +261,10 @@ def _scratch(d: str, b: Block, env: dict[str, str]) -> dict[str, str]:
     return {**env, **tools, "HOME": d, "PATH": f"{bin_dir}:{env['PATH']}"}
 
 
-def _secrets(text: str, env: dict[str, str]) -> str:
-    """``text`` with real keys for the placeholders of the relay examples (``0mB1…=``, ``…``)."""
-    secret = base64.b64encode(os.urandom(32)).decode()
+def _secrets(text: str, env: dict[str, str], secret: str | None = None) -> str:
+    """``text`` with real keys for the placeholders of the relay examples (``0mB1…=``, ``…``):
+    ``secret``, or a fresh one."""
+    secret = secret or base64.b64encode(os.urandom(32)).decode()
     for k, v in {"1:0mB1…=": f"1:{secret}", '"data":"0mB1…="': f'"data":"{secret}"', '"data":"…"': f'"data":"{secret}"'}.items():
         text = text.replace(k, v)
     if '"public_key":"…"' in text:  # a listener's key, as `keygen --listener` prints it
@@ -256,13 +333,20 @@ def _transcript(text: str, cwd: str, env: dict[str, str]) -> tuple[bool, str]:
     return True, ""
 
 
-def run_sh(env: dict[str, str], only: list[str]) -> int:
-    """Run the sh blocks marked ``run``, ``serve until "TEXT"`` or ``transcript`` (of the READMEs
-    ``only`` names, relative to the root; all when empty), each in a fresh scratch directory.
-    Prints each result; returns the number of failures."""
+def _selected(page: Path, only: list[str]) -> bool:
+    """Whether ``only`` (pages relative to the root, or directories ending in ``/``) names the page."""
+    rel = page.relative_to(ROOT).as_posix()
+    return not only or any(rel == o or (o.endswith("/") and rel.startswith(o)) for o in only)
+
+
+def run_sh(env: dict[str, str], only: list[str], group: str | None = None) -> int:
+    """Run the sh blocks marked ``run``, ``serve until "TEXT"`` or ``transcript``, each in a fresh
+    scratch directory, then the groups of ``terminal`` blocks (:func:`run_group`), of the pages
+    ``only`` names (all when empty); with ``group``, that group only. Prints each result; returns
+    the number of failures."""
     failed = 0
     for b in code_blocks("sh"):
-        if only and b.readme.relative_to(ROOT).as_posix() not in only:
+        if group or not _selected(b.readme, only):
             continue
         mode = b.mark.split(" ", 1)[0]
         if mode not in ("run", "serve", "transcript"):
@@ -285,7 +369,99 @@ def run_sh(env: dict[str, str], only: list[str]) -> int:
         else:
             failed += 1
             print(f"FAIL {b.where}:\n{b.text}{log}")
+    for name, g in groups().items():
+        if not _selected(g.readme, only) or (group and name != group):
+            continue
+        ok, log = run_group(name, g, env)
+        if ok:
+            print(f"ok: {g.where} group {name!r} runs as pasted ({len(g.terminals)} terminal(s))\n{log}", end="")
+        else:
+            failed += 1
+            print(f"FAIL {g.where} group {name!r}:\n{log}")
     return failed
+
+
+HOSTS = """127.0.0.1 localhost relay.example.com relay
+127.0.0.2 db.internal internal-api.db.internal bastion.internal
+::1 localhost ip6-localhost ip6-loopback
+"""
+
+
+def run_group(name: str, g: Group, env: dict[str, str]) -> tuple[bool, str]:
+    """Run a group's blocks as a reader would in several terminals, each as pasted: in a network,
+    mount and PID namespace of its own (loopback up; a private /etc/hosts puts ``relay.example.com``
+    on 127.0.0.1 and ``db.internal`` and the other private hosts on 127.0.0.2), in one scratch
+    directory that is every terminal's working directory and ``$HOME``. First the hidden setup
+    (it sources scripts/readme_setup.sh: the relay, the databases, keys; exit 0), then the
+    terminals in their order: ``until "TEXT"`` starts one that keeps running (a server, a forward)
+    and waits, bounded, for TEXT on its output; without ``until`` a terminal must end by itself
+    with exit 0 and nothing on stderr, as a user would see it. Then the hidden check (exit 0,
+    nothing on stderr); every terminal still running must not have exited meanwhile. The key
+    placeholders are one secret for the whole group; ``fill OLD NEW`` in the setup replaces
+    what a reader types in (a name, a key) in the terminals and the check."""
+    secret = base64.b64encode(os.urandom(32)).decode()
+    with tempfile.TemporaryDirectory(prefix=f"readme-{name}-") as d:
+        run_env = _scratch(d, g.terminals[0], env)
+        plan = Path(d) / ".readme-plan"
+        steps = [("setup", "", f'source "{ROOT}/scripts/readme_setup.sh"\n' + _secrets(g.step("setup"), env, secret))]
+        for b in g.terminals:
+            m = TERMINAL.fullmatch(b.mark)
+            assert m
+            steps.append((f"terminal {m.group(1)} ({b.where})", m.group(3) or "", _secrets(b.text, env, secret)))
+        steps.append(("check", "", f'source "{ROOT}/scripts/readme_setup.sh"\n' + _secrets(g.step("check"), env, secret)))
+        import json
+
+        plan.write_text(json.dumps(steps))
+        (Path(d) / ".readme-hosts").write_text(HOSTS)
+        unshare = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child"]
+        if os.geteuid() != 0:
+            unshare.insert(1, "--map-root-user")
+        run_env["README_SECRET"] = secret
+        r = subprocess.run([*unshare, sys.executable, __file__, "_group", d], cwd=d, env=run_env, capture_output=True, text=True, timeout=SERVE_LIMIT * (len(steps) + 2))
+        return r.returncode == 0, r.stdout + r.stderr
+
+
+def _group_inside(d: str) -> int:
+    """The part of :func:`run_group` that runs inside the namespaces (PID 1 there: every process
+    the group started dies when this returns)."""
+    import json
+
+    subprocess.run(["mount", "--bind", f"{d}/.readme-hosts", "/etc/hosts"], check=True)
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    steps = json.loads(Path(d, ".readme-plan").read_text())
+    fills: list[tuple[str, str]] = []
+    running: list[tuple[str, subprocess.Popen[str]]] = []
+    for what, until, text in steps:
+        for old, new in fills:
+            text = text.replace(old, new)
+        if until:
+            log = Path(d) / f".{what.split(' (')[0].replace(' ', '-')}.log"
+            out = open(log, "w")
+            p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", text], cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True)
+            running.append((what, p))
+            w = subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/readme_setup.sh"; README_WAIT={SERVE_LIMIT:.0f} await_line "$1" "$2" "$3"', "-", str(log), until, str(p.pid)], capture_output=True, text=True)
+            if w.returncode != 0 or p.poll() is not None:
+                print(f"{what} never printed {until!r} (exit {p.poll()}); its output:\n{log.read_text()}")
+                return 1
+            print(f"  {what}: printed {until!r}")
+        elif text.strip():
+            r = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=d, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SERVE_LIMIT)
+            # The setup's servers log to files; its own stderr is only a failure's message.
+            if r.returncode != 0 or (r.stderr and what != "setup"):
+                print(f"{what}: exit {r.returncode}\n--- script:\n{text}--- stdout:\n{r.stdout}--- stderr:\n{r.stderr}")
+                for name in sorted(os.listdir(d)):
+                    if name.endswith(".log"):
+                        print(f"--- {name}:\n{Path(d, name).read_text()[-4000:]}")
+                return 1
+            print(f"  {what}: exit 0" + (", nothing on stderr" if what != "setup" else ""))
+        fill = Path(d) / ".readme-fill"
+        if fill.exists():
+            fills = [tuple(line.split("\t", 1)) for line in fill.read_text().splitlines() if "\t" in line]  # type: ignore[misc]
+    for what, p in running:
+        if p.poll() is not None:
+            print(f"{what} exited ({p.returncode}) before the group was done")
+            return 1
+    return 0
 
 
 def write_c(out: Path, *, relay: str, key: str, db: str) -> None:
@@ -314,10 +490,17 @@ def main(argv: list[str]) -> int:
         return 0
     if cmd == "sh":
         return 1 if run_sh(dict(os.environ), argv[2:]) else 0
+    if cmd == "_group" and len(argv) == 3:
+        return _group_inside(argv[2])
+    if cmd == "group" and len(argv) == 3:
+        if argv[2] not in groups():
+            print(f"no group {argv[2]!r}; the groups: {' '.join(groups())}", file=sys.stderr)
+            return 2
+        return 1 if run_sh(dict(os.environ), [], argv[2]) else 0
     if cmd == "c" and len(argv) == 6:
         write_c(Path(argv[2]), relay=argv[3], key=argv[4], db=argv[5])
         return 0
-    print("usage: readme_blocks.py check | list | sh [README...] | c OUT_DIR RELAY_URL KEY HOST:PORT", file=sys.stderr)
+    print("usage: readme_blocks.py check | list | sh [PAGE|DIR/...] | group NAME | c OUT_DIR RELAY_URL KEY HOST:PORT", file=sys.stderr)
     return 2
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# C ABI: header check, C programs with ASan (shared + static), examples under valgrind, make install + pkg-config, the READMEs' C and shell blocks
+# C ABI: header check, C programs with ASan (shared + static), examples under valgrind, make install + pkg-config, the C and shell blocks of the READMEs and docs/
 # Builds libtunnel.so / libtunnel.a, then runs ffi/tests (header regeneration, the C programs in
 # tests/c and examples/c against a live loopback relay, the install story). Installs the Debian
 # packages it needs when missing (valgrind, pkg-config, make, gcc); cbindgen is a pinned Rust
@@ -17,9 +17,12 @@ need_debs valgrind pkg-config make gcc libc6-dev
 cargo build -p libtunnel-ffi
 cargo test -p libtunnel-ffi --no-fail-fast -- --test-threads=2
 
-# Every README code block is run by a test or marked with why not (scripts/readme_blocks.py);
-# the shell blocks of README.md and ffi/README.md run here as pasted, with the CLI on PATH and
-# `make install` reusing the debug build above.
+# Every code block of every README and docs/ page is run by a test or marked with why not
+# (scripts/readme_blocks.py); the shell blocks of README.md, ffi/README.md, docs/ and
+# bench/README.md run here as pasted, with the CLI on PATH and `make install` reusing the debug
+# build above. The docs' terminal groups run in namespaces of their own (unshare, as root) against
+# a relay, PostgreSQL (psql) and HTTP servers their hidden setup starts (scripts/readme_setup.sh).
+need_debs postgresql postgresql-client curl openssl iproute2 util-linux
 python3 scripts/readme_blocks.py check
 cargo build -p libtunnel --features cli --bin tunnel
-PATH="$CARGO_TARGET_DIR/debug:$PATH" PROFILE=debug python3 scripts/readme_blocks.py sh README.md ffi/README.md
+PATH="$CARGO_TARGET_DIR/debug:$PATH" PROFILE=debug python3 scripts/readme_blocks.py sh README.md ffi/README.md docs/ bench/README.md

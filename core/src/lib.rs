@@ -85,8 +85,22 @@ pub use relay::{Reloader, Server, ServerHandle};
 pub use stream::{Mode, TunnelStream};
 pub use transport::{ClientTls, RelayUrl};
 
-/// The README's Rust blocks, compiled as doctests by `cargo test -p libtunnel` (as pasted; the
-/// `# ` lines are the hidden async wrapper), so the API they show cannot drift from the code.
+/// The Rust blocks of the README and of the docs pages that have some, compiled as doctests by
+/// `cargo test -p libtunnel` (as pasted; the `# ` lines are the hidden async wrapper), so the API
+/// they show cannot drift from the code. `scripts/readme_blocks.py check` reads this list: a page
+/// with a Rust block that is not here fails it.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]
 pub struct ReadmeDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/client.md")]
+pub struct ClientGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/listeners.md")]
+pub struct ListenersGuideDoctests;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/guide/relay.md")]
+pub struct RelayGuideDoctests;

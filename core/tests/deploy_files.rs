@@ -61,11 +61,11 @@ fn the_env_example_lists_every_setting_with_its_real_default() {
 }
 
 #[test]
-fn the_readme_settings_table_lists_every_setting() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README.md");
+fn the_relay_guide_settings_table_lists_every_setting() {
+    let guide = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/guide/relay.md")).expect("docs/guide/relay.md");
     for s in SETTINGS {
         let var = format!("`TUNNEL_{}`", s.name.to_ascii_uppercase());
-        assert!(readme.lines().any(|l| l.starts_with("| ") && l.contains(&var)), "README.md's settings table has no row for {var}");
+        assert!(guide.lines().any(|l| l.starts_with("| ") && l.contains(&var)), "docs/guide/relay.md's settings table has no row for {var}");
     }
 }
 
