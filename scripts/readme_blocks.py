@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""The code blocks of every README in the repository, for the tests that run them as pasted.
+"""The code blocks of every README and of every page under docs/, for the tests that run them
+as pasted.
 
 A block is a fenced block with a language (```python, ```js, ```c, ```sh, ```rust); a fence
 without one, or marked ```text, is program output or a diagram, not code. What runs each language:
-- rust: the top-level README.md is a doctest module of the core (``ReadmeDoctests`` in
-  core/src/lib.rs), so ``cargo test -p libtunnel`` compiles each of its Rust blocks as pasted
-  (lines starting with ``# `` are rustdoc's hidden lines: the async wrapper); an unlabelled fence
-  there would be compiled as Rust, hence ```text for output and diagrams;
+- rust: README.md and the docs pages with Rust blocks are doctest modules of the core (the
+  ``include_str!`` list next to ``ReadmeDoctests`` in core/src/lib.rs, which ``check`` reads),
+  so ``cargo test -p libtunnel`` compiles each of their Rust blocks as pasted (lines starting
+  with ``# `` are rustdoc's hidden lines: the async wrapper); an unlabelled fence there would be
+  compiled as Rust, hence ```text for output and diagrams;
 
 - python: bindings/python/tests/test_readme.py (scripts/test-python.sh), each block its own
   process against a test relay and PostgreSQL: exit 0 and nothing on stderr;
 - c: ffi/tests/c.rs (scripts/test-c.sh) writes them with ``readme_blocks.py c``, compiles each
   with the installed pkg-config flags and runs it against a relay: exit 0, nothing on stderr;
-- sh: ``python3 scripts/readme_blocks.py sh README...`` runs the blocks marked ``run``, ``serve``
-  or ``transcript`` with bash, ``set -euo pipefail``: scripts/test-c.sh those of README.md and
-  ffi/README.md (with the CLI built), scripts/test-python.sh and scripts/test-node.sh those of
+- sh: ``python3 scripts/readme_blocks.py sh PAGE|DIR/...`` runs the blocks marked ``run``,
+  ``serve``, ``transcript`` or ``terminal`` with bash, ``set -euo pipefail``: scripts/test-c.sh
+  those of README.md, ffi/README.md, docs/ and bench/README.md (with the CLI built), scripts/test-python.sh and scripts/test-node.sh those of
   their bindings' READMEs (in their virtualenv / with the addon built);
 - js: the Node tests (bindings/node/test/cli.test.js) run the example file a block shows.
 
@@ -28,18 +30,31 @@ the renderer hides:
     <!-- readme-test: transcript -->          (sh) ``$ COMMAND`` lines, each followed by the
                                               output it must print (``…`` matches any text, and
                                               within a key, as ``0mB1…=``, any base64)
+    <!-- readme-test: terminal N of GROUP until "TEXT" -->   (sh) one of several terminals (or
+                                              hosts) a reader runs at once; see run_group: the
+                                              group runs in network, mount and PID namespaces
+                                              of its own, where relay.example.com, db.internal
+                                              … are loopback; ``until`` waits for a long-running
+                                              one to print TEXT, without it the block must exit
+                                              0 with nothing on stderr
+    <!-- readme-test: setup GROUP                 a hidden script (lines up to ``-->``): the
+    …script…                                       machines the page assumes (relay, database,
+    -->                                            keys; scripts/readme_setup.sh); ``check GROUP``
+                                              likewise runs after the terminals
     <!-- readme-test: same as examples/node/expose.js -->   the block is that file, to the
                                               letter, and a test runs the file
     <!-- readme-test: not run: REASON -->     never run; REASON says why and what covers it
 
 ``python3 scripts/readme_blocks.py check`` fails when a code block has neither a runner for its
-language nor a mark. Placeholders a reader fills in (the relay URL, the key, the private
+language nor a mark, when a group is malformed, and when a relative link names a file or heading
+that does not exist. ``group NAME`` runs one group. Placeholders a reader fills in (the relay URL, the key, the private
 database's address) are replaced by :func:`fill` from the one table below, nothing else.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import queue
 import re
@@ -215,6 +230,7 @@ def problems() -> list[str]:
             bad.append(f"{b.where}: a Rust block of a page core/src/lib.rs does not include as a doctest module (ReadmeDoctests): add the page there")
         elif b.lang not in RUNNERS:
             bad.append(f"{b.where}: a ```{b.lang} block that no test runs: mark it (see scripts/readme_blocks.py)")
+    bad += broken_links()
     for name, g in groups().items():
         kinds = [h.kind for h in g.hidden]
         if not g.terminals:
@@ -224,6 +240,47 @@ def problems() -> list[str]:
         numbers = [int(TERMINAL.fullmatch(b.mark).group(1)) for b in g.terminals]  # type: ignore[union-attr]
         if numbers != list(range(1, len(numbers) + 1)):
             bad.append(f"{g.where}: the terminals of group {name!r} are numbered {numbers}, not 1..{len(numbers)} in page order")
+    return bad
+
+
+# Pages other branches add (their links are checked once they exist): the settings reference is
+# generated by the settings table's own test, the walkthrough written with the relay's rooms.
+PENDING = {"docs/reference/settings.md", "docs/design/walkthrough.md"}
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    return "".join(c for c in heading.strip().lower() if c.isalnum() or c in " -_").replace(" ", "-")
+
+
+def broken_links() -> list[str]:
+    """Relative links of the pages (README.md, docs/, face READMEs) to a file that does not exist,
+    or to a heading the file does not have."""
+    bad = []
+    for page in readmes():
+        text = page.read_text()
+        fenced = False
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            if fenced:
+                continue
+            for target in LINK.findall(line):
+                if re.match(r"[a-z]+:", target):
+                    continue
+                file, _, anchor = target.partition("#")
+                dest = (page.parent / file).resolve() if file else page
+                rel = dest.relative_to(ROOT).as_posix() if dest.is_relative_to(ROOT) else str(dest)
+                if not dest.exists():
+                    if rel not in PENDING:
+                        bad.append(f"{page.relative_to(ROOT)}:{n}: a link to {target}, which does not exist")
+                    continue
+                if anchor and dest.suffix == ".md":
+                    anchors = {slug(h.lstrip("#").replace("`", "")) for h in dest.read_text().splitlines() if re.match(r"#+ ", h)}
+                    if anchor not in anchors:
+                        bad.append(f"{page.relative_to(ROOT)}:{n}: a link to {target}: {rel} has no heading #{anchor}")
     return bad
 
 
@@ -409,8 +466,6 @@ def run_group(name: str, g: Group, env: dict[str, str]) -> tuple[bool, str]:
             assert m
             steps.append((f"terminal {m.group(1)} ({b.where})", m.group(3) or "", _secrets(b.text, env, secret)))
         steps.append(("check", "", f'source "{ROOT}/scripts/readme_setup.sh"\n' + _secrets(g.step("check"), env, secret)))
-        import json
-
         plan.write_text(json.dumps(steps))
         (Path(d) / ".readme-hosts").write_text(HOSTS)
         unshare = ["unshare", "--mount", "--net", "--pid", "--fork", "--kill-child"]
@@ -424,8 +479,6 @@ def run_group(name: str, g: Group, env: dict[str, str]) -> tuple[bool, str]:
 def _group_inside(d: str) -> int:
     """The part of :func:`run_group` that runs inside the namespaces (PID 1 there: every process
     the group started dies when this returns)."""
-    import json
-
     subprocess.run(["mount", "--bind", f"{d}/.readme-hosts", "/etc/hosts"], check=True)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     steps = json.loads(Path(d, ".readme-plan").read_text())

@@ -76,3 +76,21 @@ key_name() { sed -n 's/^name: //p' "$1.txt"; }
 fill() {
   printf '%s\t%s\n' "$1" "$2" >> .readme-fill
 }
+
+# sshd_at ADDRESS USER: an OpenSSH server on ADDRESS:22 that lets USER in with the key it makes for
+# the reader (~/.ssh/id_ed25519, its host key already in ~/.ssh/known_hosts). A private
+# /etc/passwd (this mount namespace only) adds USER and makes the working directory root's home,
+# which is where ssh looks for ~/.ssh (not $HOME).
+sshd_at() {
+  sed "s|^root:\([^:]*\):0:0:\([^:]*\):[^:]*:|root:\1:0:0:\2:$PWD:|" /etc/passwd > passwd
+  echo "$2:x:0:0:$2:$PWD:/bin/bash" >> passwd
+  mount --bind passwd /etc/passwd
+  mkdir -p ~/.ssh /run/sshd
+  ssh-keygen -q -t ed25519 -N '' -f ~/.ssh/id_ed25519
+  ssh-keygen -q -t ed25519 -N '' -f ssh_host_key
+  echo "bastion.internal $(cut -d' ' -f1,2 ssh_host_key.pub)" > ~/.ssh/known_hosts
+  /usr/sbin/sshd -D -e -f /dev/null -h "$PWD/ssh_host_key" -o ListenAddress="$1" -o Port=22 \
+    -o AuthorizedKeysFile="$PWD/.ssh/id_ed25519.pub" -o StrictModes=no -o UsePAM=no \
+    -o PasswordAuthentication=no -o PidFile=none > sshd.log 2>&1 &
+  await_line sshd.log "Server listening on $1 port 22" $!
+}

@@ -22,7 +22,7 @@ cargo test -p libtunnel-ffi --no-fail-fast -- --test-threads=2
 # bench/README.md run here as pasted, with the CLI on PATH and `make install` reusing the debug
 # build above. The docs' terminal groups run in namespaces of their own (unshare, as root) against
 # a relay, PostgreSQL (psql) and HTTP servers their hidden setup starts (scripts/readme_setup.sh).
-need_debs postgresql postgresql-client curl openssl iproute2 util-linux
+need_debs postgresql postgresql-client curl openssl iproute2 util-linux openssh-client openssh-server
 python3 scripts/readme_blocks.py check
 cargo build -p libtunnel --features cli --bin tunnel
 PATH="$CARGO_TARGET_DIR/debug:$PATH" PROFILE=debug python3 scripts/readme_blocks.py sh README.md ffi/README.md docs/ bench/README.md
