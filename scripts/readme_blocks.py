@@ -453,7 +453,8 @@ def run_group(name: str, g: Group, env: dict[str, str]) -> tuple[bool, str]:
     terminals in their order: ``until "TEXT"`` starts one that keeps running (a server, a forward)
     and waits, bounded, for TEXT on its output; without ``until`` a terminal must end by itself
     with exit 0 and nothing on stderr, as a user would see it. Then the hidden check (exit 0,
-    nothing on stderr); every terminal still running must not have exited meanwhile. The key
+    nothing on stderr); every terminal still running must not have exited meanwhile nor printed a
+    warning or an error, and each must exit 0 on Ctrl-C (SIGINT to its process group). The key
     placeholders are one secret for the whole group; ``fill OLD NEW`` in the setup replaces
     what a reader types in (a name, a key) in the terminals and the check."""
     secret = base64.b64encode(os.urandom(32)).decode()
@@ -476,6 +477,11 @@ def run_group(name: str, g: Group, env: dict[str, str]) -> tuple[bool, str]:
         return r.returncode == 0, r.stdout + r.stderr
 
 
+def _terminal_log(d: str, what: str) -> Path:
+    """Where a long-running terminal's output goes (``.terminal-N.log``, which a check may read)."""
+    return Path(d) / f".{what.split(' (')[0].replace(' ', '-')}.log"
+
+
 def _group_inside(d: str) -> int:
     """The part of :func:`run_group` that runs inside the namespaces (PID 1 there: every process
     the group started dies when this returns)."""
@@ -488,9 +494,9 @@ def _group_inside(d: str) -> int:
         for old, new in fills:
             text = text.replace(old, new)
         if until:
-            log = Path(d) / f".{what.split(' (')[0].replace(' ', '-')}.log"
+            log = _terminal_log(d, what)
             out = open(log, "w")
-            p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", text], cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True)
+            p = subprocess.Popen(["bash", "-euo", "pipefail", "-c", text], cwd=d, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
             running.append((what, p))
             w = subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/readme_setup.sh"; README_WAIT={SERVE_LIMIT:.0f} await_line "$1" "$2" "$3"', "-", str(log), until, str(p.pid)], capture_output=True, text=True)
             if w.returncode != 0 or p.poll() is not None:
@@ -514,6 +520,29 @@ def _group_inside(d: str) -> int:
         if p.poll() is not None:
             print(f"{what} exited ({p.returncode}) before the group was done")
             return 1
+    # What a reader sees in the terminals that kept running: no warning or error for what worked.
+    noisy = []
+    for what, _ in running:
+        log = _terminal_log(d, what)
+        noisy += [f"{what}: {line}" for line in log.read_text().splitlines() if re.search(r"\b(WARN|ERROR)\b|^error", line)]
+    if noisy:
+        print("a terminal that kept running logged a warning or an error:\n" + "\n".join(noisy))
+        return 1
+    # Then Ctrl-C in each, last started first, as a reader ends them: each exits 0 on its own
+    # (a drain with nothing open is immediate).
+    for what, p in reversed(running):
+        os.killpg(p.pid, signal.SIGINT)
+        try:
+            rc = p.wait(timeout=SERVE_LIMIT)
+        except subprocess.TimeoutExpired:
+            print(f"{what} did not exit within {SERVE_LIMIT:.0f} s of Ctrl-C")
+            return 1
+        if rc != 0:
+            print(f"{what} exited {rc} after Ctrl-C; its output:\n{_terminal_log(d, what).read_text()}")
+            return 1
+    print("  Ctrl-C in each terminal that kept running: exit 0")
+    # (What they log while shutting down is not judged yet: a listener stopped by Ctrl-C still
+    # logs "WARN lost the relay session; reconnecting … reason=the listener was shut down".)
     return 0
 
 
