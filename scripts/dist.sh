@@ -100,12 +100,14 @@ install -m 644 ffi/README.md "$STAGE/c/$C_NAME/README.md"
 install -D -m 644 -t "$STAGE/c/$C_NAME/examples" examples/c/*.c
 pack "$STAGE/c" "$C_NAME"
 
-step "dist: the CLI tarball (binary, man page, completions, README, systemd unit and relay config examples)"
+step "dist: the CLI tarball (binary, man page, completions, README and docs/, systemd unit and relay config examples)"
 CLI_NAME="libtunnel-cli-$VERSION-$PLATFORM"
 CLI="$STAGE/cli/$CLI_NAME"
 install -D -m 755 "$BUILT/tunnel" "$CLI/bin/tunnel"
 install -D -m 644 LICENSE "$CLI/share/doc/libtunnel/LICENSE"
 install -m 644 README.md deploy/relay.env.example deploy/relay.toml.example "$CLI/share/doc/libtunnel/"
+# The guides, references and design notes README.md links to, at the same relative paths.
+cp -r docs "$CLI/share/doc/libtunnel/docs"
 # Unpacked into /usr/local, the unit lands where systemd looks (/usr/local/lib/systemd/system).
 install -D -m 644 deploy/libtunnel-relay.service "$CLI/lib/systemd/system/libtunnel-relay.service"
 mkdir -p "$CLI/share/man/man1" "$CLI/share/bash-completion/completions" "$CLI/share/zsh/site-functions" \

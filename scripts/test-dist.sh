@@ -109,12 +109,13 @@ for f in share/bash-completion/completions/tunnel share/zsh/site-functions/_tunn
   grep -q server "$CLI/$f" || fail "the completion $f does not know \`tunnel server\`"
 done
 [ -f "$CLI/share/doc/libtunnel/LICENSE" ] || fail "no LICENSE in the CLI tarball"
+diff -r "$CLI/share/doc/libtunnel/docs" "$ROOT/docs" >/dev/null || fail "share/doc/libtunnel/docs of the CLI tarball differs from docs/ (README.md links there)"
 for pair in "share/doc/libtunnel/README.md README.md" "share/doc/libtunnel/relay.env.example deploy/relay.env.example" \
   "share/doc/libtunnel/relay.toml.example deploy/relay.toml.example" "lib/systemd/system/libtunnel-relay.service deploy/libtunnel-relay.service"; do
   read -r got want <<<"$pair"
   cmp -s "$CLI/$got" "$ROOT/$want" || fail "$got is missing from the CLI tarball or differs from $want"
 done
-echo "ok: man page, bash/zsh/fish completions, LICENSE, README.md, the systemd unit and the relay config examples"
+echo "ok: man page, bash/zsh/fish completions, LICENSE, README.md and docs/, the systemd unit and the relay config examples"
 # The unit as shipped, checked by systemd itself: its ExecStart pointed at the unpacked binary (it names
 # /usr/local/bin/tunnel, where the tarball goes when unpacked into /usr/local) and its man: link resolved
 # in the unpacked tree.
