@@ -42,7 +42,6 @@ const COUNT: Bounds = Bounds::Count(1, MAX_COUNT);
 /// A duration that rounds to zero would time everything out, and one near `Duration::MAX` would
 /// overflow the deadlines computed from it.
 const SECONDS: Bounds = Bounds::Seconds(0.001, MAX_SECONDS);
-const ANY: Bounds = Bounds::Any;
 
 impl Bounds {
     /// The range in words, for `--set help`-like texts and the reference page.
@@ -63,20 +62,6 @@ pub struct Flags {
     pub reload: bool,
     /// Never shown (`/config` leaves it out).
     pub secret: bool,
-}
-
-const PLAIN: Flags = Flags { reload: false, secret: false };
-const RELOADS: Flags = Flags { reload: true, secret: false };
-const SECRET: Flags = Flags { reload: false, secret: true };
-const RELOADS_SECRET: Flags = Flags { reload: true, secret: true };
-
-/// The value a setting has when nothing sets it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Initial {
-    /// This text, parsed as if it were set.
-    Value(&'static str),
-    /// No value (the field stays empty/off); the text says what that means.
-    Unset(&'static str),
 }
 
 /// Where the settings are grouped in `relay.env.example` and the reference page.
@@ -174,24 +159,41 @@ impl Setting {
     }
 }
 
-impl Initial {
-    const fn text(self) -> &'static str {
-        match self {
-            Initial::Value(t) | Initial::Unset(t) => t,
-        }
-    }
-
-    const fn is_value(self) -> bool {
-        matches!(self, Initial::Value(_))
-    }
-}
-
 macro_rules! opt {
     () => {
         None
     };
     ($e:expr) => {
         Some($e)
+    };
+}
+
+/// The first expression if there is one, else the one after `;`.
+macro_rules! or {
+    (; $d:expr) => {
+        $d
+    };
+    ($e:expr; $d:expr) => {
+        $e
+    };
+    ($e:expr; $v:expr; $d:expr) => {
+        $v
+    };
+}
+
+/// `[reload]`, `[secret]`, `[reload, secret]` or nothing.
+macro_rules! flags {
+    () => {
+        Flags { reload: false, secret: false }
+    };
+    (reload) => {
+        Flags { reload: true, secret: false }
+    };
+    (secret) => {
+        Flags { reload: false, secret: true }
+    };
+    (reload secret) => {
+        Flags { reload: true, secret: true }
     };
 }
 
@@ -213,17 +215,22 @@ macro_rules! show_of {
     };
 }
 
-/// The table: `relay { ... }` rows put their value at a path of the draft (`cfg.` the config,
-/// `cluster.` the cluster settings); `limits { ... }` rows declare the fields of [`Limits`] (with
-/// `field as name` where the setting's name differs from the field's).
+/// The table. A `relay { ... }` row: its help line; `name: Group, path <- parser`, the path in the
+/// draft its value goes to (`cfg.` the config, `cluster.` the cluster settings); `default "text"`
+/// (parsed like a value) or `unset "what that means"`; then, when they apply, `range BOUNDS`,
+/// `[reload, secret]`, `emissary "NAME"`, `example "value to fill in"`. A `limits { ... }` row
+/// declares a field of [`Limits`] (`field as name` where the setting's name differs), its parser,
+/// default and help line, and `range` where it is not the type's ([`Clamp::BOUNDS`]).
 macro_rules! settings {
     (
         relay {
-            $( $help:literal $name:ident: $group:ident, $root:ident $(. $f:ident)+ <- $parse:path, $default:expr, $bounds:expr, $flags:expr
-               $(, emissary $em:literal)? $(, example $ex:literal)?; )*
+            $( $help:literal
+               $name:ident: $group:ident, $root:ident $(. $f:ident)+ <- $parse:path, $(default $dv:literal)? $(unset $du:literal)?
+               $(, range $bounds:expr)? $(, [$($flag:ident),*])? $(, emissary $em:literal)? $(, example $ex:literal)?; )*
         }
         limits {
-            $( $(#[$doc:meta])* $field:ident $(as $alias:ident)?: $ty:ty = $lparse:path, $ldefault:literal, $lbounds:expr, $lflags:expr, $lhelp:literal; )*
+            $( $(#[$doc:meta])* $field:ident $(as $alias:ident)?: $ty:ty = $lparse:path, default $ldefault:literal, $lhelp:literal
+               $(, range $lbounds:expr)?; )*
         }
     ) => {
         /// Every relay setting, in the order `--set help` lists them.
@@ -231,10 +238,10 @@ macro_rules! settings {
             $(Setting {
                 name: stringify!($name),
                 emissary: opt!($($em)?),
-                default: $default.text(),
-                default_is_value: $default.is_value(),
-                bounds: $bounds,
-                flags: $flags,
+                default: or!($($dv)? $($du)?; ""),
+                default_is_value: or!($($dv; true)?; false),
+                bounds: or!($($bounds)?; Bounds::Any),
+                flags: flags!($($($flag)*)?),
                 help: $help,
                 field: &[$(stringify!($f)),+],
                 group: Group::$group,
@@ -250,11 +257,11 @@ macro_rules! settings {
                 emissary: None,
                 default: $ldefault,
                 default_is_value: true,
-                bounds: $lbounds,
-                flags: $lflags,
+                bounds: or!($($lbounds)?; <$ty as Clamp>::BOUNDS),
+                flags: flags!(),
                 help: $lhelp,
                 field: &["limits", stringify!($field)],
-                group: if matches!($lbounds, Bounds::Seconds(..)) { Group::Timeouts } else { Group::Limits },
+                group: if matches!(or!($($lbounds)?; <$ty as Clamp>::BOUNDS), Bounds::Seconds(..)) { Group::Timeouts } else { Group::Limits },
                 example: None,
                 apply: |d, text, var, s| {
                     d.cfg.limits.$field = $lparse(text, var, s)?;
@@ -289,7 +296,7 @@ macro_rules! settings {
             /// computation); then no source, and no handshake flood, can take more than half
             /// the relay.
             pub fn clamped(self) -> Limits {
-                let mut l = Limits { $( $field: Clamp::clamp(self.$field, $lbounds), )* };
+                let mut l = Limits { $( $field: Clamp::clamp(self.$field, or!($($lbounds)?; <$ty as Clamp>::BOUNDS)), )* };
                 let half = (l.max_connections / 2).max(1);
                 l.max_connections_per_source = l.max_connections_per_source.min(half);
                 l.max_handshakes = l.max_handshakes.min(half);
@@ -303,127 +310,130 @@ macro_rules! settings {
 settings! {
     relay {
         "tunnel endpoint address (WebSocket; TLS when a cert is set), or off"
-        listen: Endpoints, cfg.listen <- addr_or_off, Initial::Value("127.0.0.1:7835"), ANY, PLAIN, emissary "HTTP_PORT";
+        listen: Endpoints, cfg.listen <- addr_or_off, default "127.0.0.1:7835", emissary "HTTP_PORT";
         "raw-TCP tunnel endpoint address, or off"
-        tcp_listen: Endpoints, cfg.tcp_listen <- addr_or_off, Initial::Value("off"), ANY, PLAIN, emissary "TCP_PORT";
+        tcp_listen: Endpoints, cfg.tcp_listen <- addr_or_off, default "off", emissary "TCP_PORT";
         "public HTTP port routing by Host to listeners, or off"
-        http_listen: Endpoints, cfg.http_listen <- addr_or_off, Initial::Value("off"), ANY, PLAIN;
+        http_listen: Endpoints, cfg.http_listen <- addr_or_off, default "off";
         "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off"
-        https_listen: Endpoints, cfg.https_listen <- addr_or_off, Initial::Value("off"), ANY, PLAIN;
+        https_listen: Endpoints, cfg.https_listen <- addr_or_off, default "off";
         "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI"
-        public_tls_cert: Endpoints, cfg.public_tls_cert <- path_list, Initial::Unset("none"), ANY, RELOADS, example "/etc/libtunnel/wildcard.crt";
+        public_tls_cert: Endpoints, cfg.public_tls_cert <- path_list, unset "none", [reload], example "/etc/libtunnel/wildcard.crt";
         "PEM private key(s), one per public_tls_cert, same order"
-        public_tls_key: Endpoints, cfg.public_tls_key <- path_list, Initial::Unset("none"), ANY, RELOADS, example "/etc/libtunnel/wildcard.key";
+        public_tls_key: Endpoints, cfg.public_tls_key <- path_list, unset "none", [reload], example "/etc/libtunnel/wildcard.key";
         "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x"
-        http_path_prefix: Endpoints, cfg.http_path_prefix <- path_prefix, Initial::Value("off"), ANY, PLAIN;
+        http_path_prefix: Endpoints, cfg.http_path_prefix <- path_prefix, default "off";
         "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off"
-        http_listener_rate: Endpoints, cfg.http_listener_rate <- rate, Initial::Value("off"), ANY, PLAIN;
+        http_listener_rate: Endpoints, cfg.http_listener_rate <- rate, default "off";
         "domain under which listener names are served"
-        domain: Endpoints, cfg.domain <- domain, Initial::Value("localhost"), ANY, PLAIN;
+        domain: Endpoints, cfg.domain <- domain, default "localhost";
         "JSON list of {kid, data} shared-secret keys"
-        auth_keys: Access, cfg.auth_keys <- auth_keys, Initial::Unset("none"), ANY, RELOADS_SECRET, emissary "AUTH_KEYS", example r#"[{"kid":1,"data":"<base64 secret>"}]"#;
+        auth_keys: Access, cfg.auth_keys <- auth_keys, unset "none", [reload, secret], emissary "AUTH_KEYS",
+            example r#"[{"kid":1,"data":"<base64 secret>"}]"#;
         "JSON list of {host, port} allow rules"
-        allow: Access, cfg.allow <- allowlist, Initial::Unset("none"), ANY, RELOADS, emissary "ALLOWED_PROXY_TARGETS", example r#"[{"host":"db.internal","port":5432}]"#;
+        allow: Access, cfg.allow <- allowlist, unset "none", [reload], emissary "ALLOWED_PROXY_TARGETS",
+            example r#"[{"host":"db.internal","port":5432}]"#;
         "JSON list of {public_key, names}: listener keys and their chosen names"
-        listener_keys: Access, cfg.listener_keys <- listener_grants, Initial::Unset("none"), ANY, RELOADS, example r#"[{"public_key":"<base64>","names":["api"]}]"#;
+        listener_keys: Access, cfg.listener_keys <- listener_grants, unset "none", [reload],
+            example r#"[{"public_key":"<base64>","names":["api"]}]"#;
         "let any listener key register its key-derived name (true/false)"
-        listeners_open: Access, cfg.listeners_open <- boolean, Initial::Value("false"), ANY, RELOADS;
+        listeners_open: Access, cfg.listeners_open <- boolean, default "false", [reload];
         "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each"
-        exits: Access, cfg.exits <- exit_grants, Initial::Unset("none"), ANY, RELOADS, example r#"[{"name":"office","key_ids":[1]}]"#;
+        exits: Access, cfg.exits <- exit_grants, unset "none", [reload], example r#"[{"name":"office","key_ids":[1]}]"#;
         "public TCP port range for listeners, e.g. 20000-20099, or off"
-        tcp_ports: Endpoints, cfg.tcp_ports <- port_range, Initial::Value("off"), ANY, PLAIN;
+        tcp_ports: Endpoints, cfg.tcp_ports <- port_range, default "off";
         "IP the public TCP ports bind on"
-        tcp_ports_bind: Endpoints, cfg.tcp_ports_bind <- ip, Initial::Value("127.0.0.1"), ANY, PLAIN;
+        tcp_ports_bind: Endpoints, cfg.tcp_ports_bind <- ip, default "127.0.0.1";
         "PEM certificate chain for wss://"
-        tls_cert: Endpoints, cfg.tls_cert <- path, Initial::Value("off"), ANY, PLAIN, example "/etc/libtunnel/relay.crt";
+        tls_cert: Endpoints, cfg.tls_cert <- path, default "off", example "/etc/libtunnel/relay.crt";
         "PEM private key for wss://"
-        tls_key: Endpoints, cfg.tls_key <- path, Initial::Value("off"), ANY, PLAIN, example "/etc/libtunnel/relay.key";
+        tls_key: Endpoints, cfg.tls_key <- path, default "off", example "/etc/libtunnel/relay.key";
         "health check path"
-        health_path: Endpoints, cfg.health_path <- health_path, Initial::Value("/healthz"), ANY, PLAIN, emissary "HEALTH_PATH";
+        health_path: Endpoints, cfg.health_path <- health_path, default "/healthz", emissary "HEALTH_PATH";
         "space-separated DNS server IPs for resolving targets"
-        dns_servers: Endpoints, cfg.dns_servers <- dns_servers, Initial::Unset("system resolver"), ANY, PLAIN, emissary "DNS_SERVERS";
+        dns_servers: Endpoints, cfg.dns_servers <- dns_servers, unset "system resolver", emissary "DNS_SERVERS";
         "admin endpoint address (listeners, sessions, config, metrics as JSON; token required; /metrics moves there), or off"
-        admin_listen: Endpoints, cfg.admin_listen <- addr_or_off, Initial::Value("off"), ANY, PLAIN;
+        admin_listen: Endpoints, cfg.admin_listen <- addr_or_off, default "off";
         "bearer token the admin endpoint requires, at least 16 characters"
-        admin_token: Endpoints, cfg.admin_token <- text_or_none, Initial::Unset("none"), ANY, SECRET, example "<at least 16 characters; required with TUNNEL_ADMIN_LISTEN>";
+        admin_token: Endpoints, cfg.admin_token <- text_or_none, unset "none", [secret],
+            example "<at least 16 characters; required with TUNNEL_ADMIN_LISTEN>";
         "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client"
-        proxy_protocol_from: Endpoints, cfg.proxy_protocol_from <- nets, Initial::Unset("none"), ANY, PLAIN;
+        proxy_protocol_from: Endpoints, cfg.proxy_protocol_from <- nets, unset "none";
         "Redis URL of the cluster this relay is a node of (redis://host:6379), or off"
-        cluster_redis: Cluster, cluster.redis <- redis_url, Initial::Value("off"), ANY, SECRET;
+        cluster_redis: Cluster, cluster.redis <- redis_url, default "off", [secret];
         "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots"
-        cluster_redis_ca: Cluster, cluster.redis_ca <- path, Initial::Unset("system roots"), ANY, PLAIN;
+        cluster_redis_ca: Cluster, cluster.redis_ca <- path, unset "system roots";
         "KID:BASE64 key every node of the cluster shares (`tunnel keygen --cluster` prints one)"
-        cluster_key: Cluster, cluster.key <- key, Initial::Unset("none"), ANY, SECRET;
+        cluster_key: Cluster, cluster.key <- key, unset "none", [secret];
         "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen"
-        cluster_advertise: Cluster, cluster.advertise <- relay_url, Initial::Unset("from tcp_listen, else listen"), ANY, PLAIN;
+        cluster_advertise: Cluster, cluster.advertise <- relay_url, unset "from tcp_listen, else listen";
         "seconds a dead node's listener names stay claimed (refreshed every third of it)"
-        cluster_ttl: Cluster, cluster.claim_ttl <- seconds, Initial::Value("10"), Bounds::Seconds(1.0, MAX_SECONDS), PLAIN;
+        cluster_ttl: Cluster, cluster.claim_ttl <- seconds, default "10", range Bounds::Seconds(1.0, MAX_SECONDS);
         "prefix of the cluster's Redis keys and channel (several clusters on one Redis)"
-        cluster_namespace: Cluster, cluster.namespace <- text, Initial::Value("libtunnel"), ANY, PLAIN;
+        cluster_namespace: Cluster, cluster.namespace <- text, default "libtunnel";
     }
     limits {
         /// A client must finish the WebSocket upgrade and authentication within this time.
-        handshake_timeout: Duration = seconds, "10", SECONDS, PLAIN, "seconds a client has to authenticate";
+        handshake_timeout: Duration = seconds, default "10", "seconds a client has to authenticate";
         /// Connecting to a target (DNS included) may take this long before reply 0x06.
-        connect_timeout: Duration = seconds, "10", SECONDS, PLAIN, "seconds to connect to a target";
+        connect_timeout: Duration = seconds, default "10", "seconds to connect to a target";
         /// On shutdown, open streams get this long to finish.
-        drain_timeout: Duration = seconds, "30", SECONDS, PLAIN, "seconds open streams get to finish at shutdown";
+        drain_timeout: Duration = seconds, default "30", "seconds open streams get to finish at shutdown";
         /// Ping a silent session after this long.
-        keepalive_interval: Duration = seconds, "10", SECONDS, PLAIN, "seconds of silence before a ping";
+        keepalive_interval: Duration = seconds, default "10", "seconds of silence before a ping";
         /// Drop a session silent for this long.
-        keepalive_timeout: Duration = seconds, "20", SECONDS, PLAIN, "seconds of silence before a session is dropped";
+        keepalive_timeout: Duration = seconds, default "20", "seconds of silence before a session is dropped";
         /// A listener must answer a public HTTP request (response headers) within this time, else
         /// 504; and a public client that takes none of a response body for this long has it reset.
-        http_timeout: Duration = seconds, "30", SECONDS, PLAIN,
+        http_timeout: Duration = seconds, default "30",
             "seconds a listener has to answer a public request (then 504), and a client to read on (then reset)";
         /// A public HTTP client must send a request head within this time (slowloris).
-        http_header_timeout: Duration = seconds, "10", SECONDS, PLAIN, "seconds a public HTTP client has to send its request head";
+        http_header_timeout: Duration = seconds, default "10", "seconds a public HTTP client has to send its request head";
         /// Most streams open at once on one multiplexed session.
-        max_streams_per_session as max_streams: usize = count, "4096", COUNT, PLAIN, "most open streams per session";
+        max_streams_per_session as max_streams: usize = count, default "4096", "most open streams per session";
         /// Most transport connections open at once.
-        max_connections: usize = count, "10000", COUNT, PLAIN, "most open transport connections";
+        max_connections: usize = count, default "10000", "most open transport connections";
         /// Largest receive window one stream may grow to on a long link (bytes). At least the
-        /// window every stream starts with ([`crate::mux::flow::WINDOW`], 256 KiB: a smaller one
+        /// window every stream starts with (`mux::flow::WINDOW`, 256 KiB: a smaller one
         /// cannot be honoured), at most the largest `session_receive_budget` (2^28: a stream
         /// could never grow past what its session may grant).
-        max_stream_window: usize = count, "16777216", Bounds::Count(256 * 1024, MAX_COUNT), PLAIN,
-            "largest receive window one stream may grow to, bytes";
+        max_stream_window: usize = count, default "16777216",
+            "largest receive window one stream may grow to, bytes", range Bounds::Count(256 * 1024, MAX_COUNT);
         /// Most window all streams of one session may have granted beyond their initial 256 KiB
         /// each (bytes): what bounds the data a session buffers for slow readers.
-        session_receive_budget: usize = count, "67108864", COUNT, PLAIN, "most window a session's streams may grow together, bytes";
+        session_receive_budget: usize = count, default "67108864", "most window a session's streams may grow together, bytes";
         /// No longer limits anything: the relay streams classic WebSocket messages frame by frame,
         /// so a message of any size (Emissary's dialer sends each write as one) passes with
         /// bounded memory. Kept so configs that set it still load.
-        classic_max_message: usize = count, "16777216", COUNT, PLAIN,
+        classic_max_message: usize = count, default "16777216",
             "ignored (classic messages of any size are streamed); accepted for old configs";
         /// Most multiplexed sessions open at once with one shared key (a leaked key cannot take
         /// the whole relay).
-        max_sessions_per_key: usize = count, "64", COUNT, PLAIN, "most multiplexed sessions open at once per shared key";
+        max_sessions_per_key: usize = count, default "64", "most multiplexed sessions open at once per shared key";
         /// Most streams the relay has offered one listener session and not yet had accepted; more
         /// are refused at once (503 on the HTTP port, REFUSED for dialers).
-        max_pending_accepts: usize = count, "2048", COUNT, PLAIN, "most streams waiting for one listener to accept them";
+        max_pending_accepts: usize = count, default "2048", "most streams waiting for one listener to accept them";
         /// Largest request head (request line and headers) on the public HTTP port, in bytes.
-        http_max_header_bytes: usize = count, "65536", Bounds::Count(8192, MAX_COUNT), PLAIN, "largest public HTTP request head in bytes";
+        http_max_header_bytes: usize = count, default "65536",
+            "largest public HTTP request head in bytes", range Bounds::Count(8192, MAX_COUNT);
         /// Failed authentications one source address may make per minute; past that its attempts
         /// are refused without being checked until the minute is over.
-        auth_failures_per_minute: usize = count, "10", COUNT, PLAIN,
-            "failed authentications per source address per minute before it is refused";
+        auth_failures_per_minute: usize = count, default "10", "failed authentications per source address per minute before it is refused";
         /// Most connections one source (an IPv4 address, an IPv6 /64) may hold open,
         /// authenticated or not, on all endpoints together; at most half of `max_connections`.
-        max_connections_per_source: usize = count, "1024", COUNT, PLAIN,
+        max_connections_per_source: usize = count, default "1024",
             "most open connections per source address (IPv6: per /64); at most max_connections/2";
         /// Most connections one source may have in their handshake (not yet authenticated; on
         /// the public HTTP port: no request head yet); at most `max_handshakes`.
-        max_handshakes_per_source: usize = count, "128", COUNT, PLAIN,
+        max_handshakes_per_source: usize = count, default "128",
             "most not-yet-authenticated connections per source address (IPv6: per /64)";
         /// Most connections in their handshake at once, from all sources; at most half of
         /// `max_connections`, so authenticated sessions always keep the other half.
-        max_handshakes: usize = count, "1024", COUNT, PLAIN, "most not-yet-authenticated connections in all; at most max_connections/2";
+        max_handshakes: usize = count, default "1024", "most not-yet-authenticated connections in all; at most max_connections/2";
         /// Most public HTTP requests one source may have in progress (more: 429).
-        http_max_requests_per_source: usize = count, "128", COUNT, PLAIN, "most public HTTP requests in progress per source address (then 429)";
+        http_max_requests_per_source: usize = count, default "128", "most public HTTP requests in progress per source address (then 429)";
         /// Most public HTTP requests one listener may have in progress (more: 503).
-        http_max_requests_per_listener: usize = count, "1024", COUNT, PLAIN,
-            "most public HTTP requests in progress per listener (then 503)";
+        http_max_requests_per_listener: usize = count, default "1024", "most public HTTP requests in progress per listener (then 503)";
     }
 }
 
@@ -732,10 +742,13 @@ impl Show for Key {
 
 /// A value brought into its row's bounds.
 trait Clamp {
+    /// The range of a setting of this type unless its row names another.
+    const BOUNDS: Bounds;
     fn clamp(self, bounds: Bounds) -> Self;
 }
 
 impl Clamp for usize {
+    const BOUNDS: Bounds = COUNT;
     fn clamp(self, bounds: Bounds) -> Self {
         match bounds {
             Bounds::Count(a, b) => Ord::clamp(self, a, b),
@@ -745,6 +758,7 @@ impl Clamp for usize {
 }
 
 impl Clamp for Duration {
+    const BOUNDS: Bounds = SECONDS;
     fn clamp(self, bounds: Bounds) -> Self {
         match bounds {
             Bounds::Seconds(a, b) => Ord::clamp(self, Duration::from_secs_f64(a), Duration::from_secs_f64(b)),
