@@ -1,6 +1,8 @@
 //! Relay configuration: typed, validated, and loaded from (lowest to highest precedence) a TOML
 //! file, a `.env` file in the working directory, the process environment (`TUNNEL_*`, plus
 //! Emissary's `EMISSARY_*` names), and command-line flags. Every error names the setting to fix.
+//! What each setting is (name, parser, default, bounds, ...) is one row of [`settings::SETTINGS`];
+//! this module merges the sources and checks the rules that span several settings.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -9,135 +11,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::auth::{Key, KeyJson, KeySet};
+use crate::auth::{Key, KeySet};
 use crate::egress::allowlist::Allowlist;
 use crate::error::{Error, Result};
 
-/// Safety limits of the relay. Defaults suit a relay on the edge of a private network.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// A client must finish the WebSocket upgrade and authentication within this time.
-    pub handshake_timeout: Duration,
-    /// Connecting to a target (DNS included) may take this long before reply 0x06.
-    pub connect_timeout: Duration,
-    /// Most streams open at once on one multiplexed session.
-    pub max_streams_per_session: usize,
-    /// Most transport connections open at once.
-    pub max_connections: usize,
-    /// On shutdown, open streams get this long to finish.
-    pub drain_timeout: Duration,
-    /// Ping a silent session after this long.
-    pub keepalive_interval: Duration,
-    /// Drop a session silent for this long.
-    pub keepalive_timeout: Duration,
-    /// Largest receive window one stream may grow to on a long link (bytes).
-    pub max_stream_window: usize,
-    /// Most window all streams of one session may have granted beyond their initial 256 KiB
-    /// each (bytes): what bounds the data a session buffers for slow readers.
-    pub session_receive_budget: usize,
-    /// A listener must answer a public HTTP request (response headers) within this time, else 504;
-    /// and a public client that takes none of a response body for this long has it reset.
-    pub http_timeout: Duration,
-    /// No longer limits anything: the relay streams classic WebSocket messages frame by frame, so
-    /// a message of any size (Emissary's dialer sends each write as one) passes with bounded
-    /// memory. Kept so configs that set it still load.
-    pub classic_max_message: usize,
-    /// Most multiplexed sessions open at once with one shared key (a leaked key cannot take the
-    /// whole relay).
-    pub max_sessions_per_key: usize,
-    /// Most streams the relay has offered one listener session and not yet had accepted; more
-    /// are refused at once (503 on the HTTP port, REFUSED for dialers).
-    pub max_pending_accepts: usize,
-    /// Largest request head (request line and headers) on the public HTTP port, in bytes.
-    pub http_max_header_bytes: usize,
-    /// A public HTTP client must send a request head within this time (slowloris).
-    pub http_header_timeout: Duration,
-    /// Failed authentications one source address may make per minute; past that its attempts
-    /// are refused without being checked until the minute is over.
-    pub auth_failures_per_minute: usize,
-    /// Most connections one source (an IPv4 address, an IPv6 /64) may hold open, authenticated or
-    /// not, on all endpoints together; at most half of `max_connections`.
-    pub max_connections_per_source: usize,
-    /// Most connections one source may have in their handshake (not yet authenticated; on the
-    /// public HTTP port: no request head yet); at most `max_handshakes`.
-    pub max_handshakes_per_source: usize,
-    /// Most connections in their handshake at once, from all sources; at most half of
-    /// `max_connections`, so authenticated sessions always keep the other half.
-    pub max_handshakes: usize,
-    /// Most public HTTP requests one source may have in progress (more: 429).
-    pub http_max_requests_per_source: usize,
-    /// Most public HTTP requests one listener may have in progress (more: 503).
-    pub http_max_requests_per_listener: usize,
-}
+pub mod settings;
 
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            handshake_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            max_streams_per_session: 4096,
-            max_connections: 10_000,
-            drain_timeout: Duration::from_secs(30),
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(20),
-            max_stream_window: 16 * 1024 * 1024,
-            session_receive_budget: 64 * 1024 * 1024,
-            classic_max_message: 16 * 1024 * 1024,
-            http_timeout: Duration::from_secs(30),
-            max_sessions_per_key: 64,
-            max_pending_accepts: 2048,
-            http_max_header_bytes: 64 * 1024,
-            http_header_timeout: Duration::from_secs(10),
-            auth_failures_per_minute: 10,
-            max_connections_per_source: 1024,
-            max_handshakes_per_source: 128,
-            max_handshakes: 1024,
-            http_max_requests_per_source: 128,
-            http_max_requests_per_listener: 1024,
-        }
-    }
-}
-
-impl Limits {
-    /// Every limit within what the relay can use: durations between 1 ms and 30 days, counts
-    /// between 1 and 2^28 (a config built in code skips the loaders' checks; an out-of-range
-    /// value would otherwise panic in a semaphore or a deadline computation).
-    pub fn clamped(self) -> Limits {
-        let d = |v: Duration| v.clamp(Duration::from_millis(1), MAX_SECONDS);
-        let n = |v: usize| v.clamp(1, MAX_COUNT);
-        // One source, or all handshakes together, can never take more than half the relay.
-        let half = (n(self.max_connections) / 2).max(1);
-        let handshakes = n(self.max_handshakes).min(half);
-        Limits {
-            handshake_timeout: d(self.handshake_timeout),
-            connect_timeout: d(self.connect_timeout),
-            max_streams_per_session: n(self.max_streams_per_session),
-            max_connections: n(self.max_connections),
-            drain_timeout: d(self.drain_timeout),
-            keepalive_interval: d(self.keepalive_interval),
-            keepalive_timeout: d(self.keepalive_timeout),
-            max_stream_window: self.max_stream_window.clamp(256 * 1024, 1 << 30),
-            session_receive_budget: n(self.session_receive_budget),
-            http_timeout: d(self.http_timeout),
-            classic_max_message: n(self.classic_max_message),
-            max_sessions_per_key: n(self.max_sessions_per_key),
-            max_pending_accepts: n(self.max_pending_accepts),
-            http_max_header_bytes: self.http_max_header_bytes.clamp(8192, MAX_COUNT),
-            http_header_timeout: d(self.http_header_timeout),
-            auth_failures_per_minute: n(self.auth_failures_per_minute),
-            max_connections_per_source: n(self.max_connections_per_source).min(half),
-            max_handshakes_per_source: n(self.max_handshakes_per_source).min(handshakes),
-            max_handshakes: handshakes,
-            http_max_requests_per_source: n(self.http_max_requests_per_source),
-            http_max_requests_per_listener: n(self.http_max_requests_per_listener),
-        }
-    }
-}
-
-/// Largest duration setting (30 days): deadlines are computed as `now + setting`.
-const MAX_SECONDS: Duration = Duration::from_secs(crate::client::config::MAX_SECONDS as u64);
-/// Largest count setting: below tokio's semaphore limit on 32- and 64-bit targets.
-const MAX_COUNT: usize = 1 << 28;
+pub use crate::env::read_dotenv;
+pub use settings::{help_table, lookup, Bounds, Limits, Setting, SETTINGS};
+use settings::{ClusterDraft, Draft};
 
 /// A chosen-name grant for a listener key (`TUNNEL_LISTENER_KEYS`).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -261,33 +143,23 @@ impl RelayConfig {
     /// A config with these keys and rules and defaults elsewhere, listening on `127.0.0.1:0` (for
     /// embedding and tests).
     pub fn new(auth_keys: KeySet, allow: Allowlist) -> RelayConfig {
-        RelayConfig {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
-            tcp_listen: None,
-            http_listen: None,
-            domain: "localhost".into(),
-            auth_keys,
-            allow,
-            listener_keys: Vec::new(),
-            listeners_open: false,
-            exits: Vec::new(),
-            tcp_ports: None,
-            tcp_ports_bind: IpAddr::from([127, 0, 0, 1]),
-            tls_cert: None,
-            tls_key: None,
-            health_path: "/healthz".into(),
-            admin_listen: None,
-            admin_token: None,
-            dns_servers: Vec::new(),
-            limits: Limits::default(),
-            https_listen: None,
-            public_tls_cert: Vec::new(),
-            public_tls_key: Vec::new(),
-            http_path_prefix: None,
-            http_listener_rate: None,
-            cluster: None,
-            proxy_protocol_from: Vec::new(),
+        let mut cfg = Draft::defaults().cfg;
+        cfg.listen = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        cfg.auth_keys = auth_keys;
+        cfg.allow = allow;
+        cfg
+    }
+
+    /// The settings in force as typed JSON (the admin endpoint's `/config`): each setting under
+    /// its name (the limits under `limits`), secrets left out.
+    pub fn settings_json(&self) -> serde_json::Value {
+        let (mut top, mut limits) = (serde_json::Map::new(), serde_json::Map::new());
+        for s in SETTINGS.iter().filter(|s| !s.flags.secret) {
+            let into = if s.field[0] == "limits" { &mut limits } else { &mut top };
+            into.insert(s.name.to_string(), s.show(self));
         }
+        top.insert("limits".into(), limits.into());
+        top.into()
     }
 
     /// Load from the process environment, `./.env`, an optional TOML file and flag overrides
@@ -387,7 +259,7 @@ impl RelayConfig {
         let mut listen_given = false;
         for (var, val) in &merged {
             if let Some(name) = var.strip_prefix("TUNNEL_") {
-                if crate::client::config::is_client_var(var) {
+                if crate::env::is_client_var(var) {
                     continue;
                 }
                 let setting = lookup(&name.to_ascii_lowercase()).ok_or_else(|| unknown(var, "environment variable"))?;
@@ -397,18 +269,15 @@ impl RelayConfig {
         }
         for (var, val) in &merged {
             if let Some(name) = var.strip_prefix("EMISSARY_") {
-                let (setting, value) = match name {
-                    "HTTP_PORT" => ("listen", port_to_addr(val, var)?),
-                    "TCP_PORT" => ("tcp_listen", port_to_addr(val, var)?),
-                    "AUTH_KEYS" => ("auth_keys", val.clone()),
-                    "ALLOWED_PROXY_TARGETS" => ("allow", val.clone()),
-                    "DNS_SERVERS" => ("dns_servers", val.clone()),
-                    "HEALTH_PATH" => ("health_path", val.clone()),
+                // Emissary gives ports where the relay takes addresses (`EMISSARY_HTTP_PORT`).
+                let (setting, value) = match SETTINGS.iter().find(|s| s.emissary == Some(name)) {
+                    Some(s) if name.ends_with("_PORT") => (s.name, port_to_addr(val, var)?),
+                    Some(s) => (s.name, val.clone()),
                     // Emissary ignores names it does not know, and Kubernetes injects service
                     // links (EMISSARY_PORT, EMISSARY_SERVICE_HOST, ...) into every pod of a
                     // namespace with a Service named `emissary`.
-                    _ if is_service_link(name) => continue,
-                    _ => {
+                    None if is_service_link(name) => continue,
+                    None => {
                         tracing::warn!(
                             "ignoring unknown environment variable {var} (Emissary ignores it too; `tunnel server --set help` lists the settings)"
                         );
@@ -422,7 +291,7 @@ impl RelayConfig {
                     }
                 }
                 listen_given |= setting == "listen";
-                values.insert(lookup(setting).expect("mapped names exist").name, (value, var.clone()));
+                values.insert(setting, (value, var.clone()));
             }
         }
         if emissary_used && !listen_given && !values.contains_key("listen") {
@@ -447,26 +316,14 @@ impl RelayConfig {
         })
     }
 
+    /// Parse every value with its row of the table, then check the rules that span settings.
     fn from_values(values: &BTreeMap<&'static str, (String, String)>) -> Result<RelayConfig> {
-        let get = |k: &str| values.get(k).map(|(v, w)| (v.trim(), w.as_str()));
-        let mut cfg = RelayConfig::new(KeySet::default(), Allowlist::default());
-        cfg.listen = Some("127.0.0.1:7835".parse().expect("valid default"));
-        if let Some((v, w)) = get("listen") {
-            cfg.listen = parse_opt_addr(v, w)?;
+        let mut d = Draft::defaults();
+        for (name, (v, var)) in values {
+            lookup(name).expect("values are keyed by row names").apply(&mut d, v, var)?;
         }
-        if let Some((v, w)) = get("tcp_listen") {
-            cfg.tcp_listen = parse_opt_addr(v, w)?;
-        }
-        if let Some((v, w)) = get("http_listen") {
-            cfg.http_listen = parse_opt_addr(v, w)?;
-        }
-        if let Some((v, w)) = get("https_listen") {
-            cfg.https_listen = parse_opt_addr(v, w)?;
-        }
-        let paths =
-            |k: &str| get(k).map(|(v, _)| v.split(',').map(str::trim).filter(|p| !p.is_empty()).map(PathBuf::from).collect()).unwrap_or_default();
-        cfg.public_tls_cert = paths("public_tls_cert");
-        cfg.public_tls_key = paths("public_tls_key");
+        let Draft { mut cfg, cluster } = d;
+        let set = |k: &str| set_by(values, k);
         if cfg.public_tls_cert.len() != cfg.public_tls_key.len() {
             return Err(Error::config(format!(
                 "TUNNEL_PUBLIC_TLS_CERT lists {} certificate(s) and TUNNEL_PUBLIC_TLS_KEY {} key(s); list one key per certificate, in the same order (comma separated)",
@@ -479,175 +336,12 @@ impl RelayConfig {
                 "TUNNEL_HTTPS_LISTEN is set but no certificate: set TUNNEL_PUBLIC_TLS_CERT and TUNNEL_PUBLIC_TLS_KEY (PEM files)",
             ));
         }
-        if let Some((v, w)) = get("http_path_prefix") {
-            if !matches!(v, "" | "off") {
-                let p = v.trim_end_matches('/');
-                if !p.starts_with('/') || p.len() < 2 || p[1..].contains('/') {
-                    return Err(Error::config(format!("{w} must be one path segment like /t (or off), got {v:?}")));
-                }
-                cfg.http_path_prefix = Some(p.to_string());
-            }
-        }
-        if let Some((v, w)) = get("http_listener_rate") {
-            if !matches!(v, "" | "off") {
-                let bad = || {
-                    Error::config(format!("{w} must be REQUESTS/SECONDS like 500/300 (500 requests per 5 minutes per listener), or off; got {v:?}"))
-                };
-                let (n, secs) = v.split_once('/').ok_or_else(bad)?;
-                let n: u64 = n.trim().parse().ok().filter(|n| *n > 0).ok_or_else(bad)?;
-                let secs: u64 = secs.trim().parse().ok().filter(|s| *s > 0 && *s <= MAX_SECONDS.as_secs()).ok_or_else(bad)?;
-                cfg.http_listener_rate = Some((n, Duration::from_secs(secs)));
-            }
-        }
-        if let Some((v, _)) = get("domain") {
-            cfg.domain = v.trim_matches('.').to_ascii_lowercase();
-        }
-        let keys_var = values.get("auth_keys").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_AUTH_KEYS".into());
-        if let Some((v, w)) = get("auth_keys") {
-            let list: Vec<KeyJson> = serde_json::from_str(v).map_err(|e| {
-                Error::config(format!("{w} must be a JSON list like [{{\"kid\": 1, \"data\": \"<base64>\"}}] ({e}); `tunnel keygen` prints one"))
-            })?;
-            let keys =
-                list.iter().map(|k| Key::from_json(k).map_err(|e| Error::config(format!("{w}: {}", e.message())))).collect::<Result<Vec<_>>>()?;
-            cfg.auth_keys = KeySet::new(keys).map_err(|e| Error::config(format!("{w}: {}", e.message())))?;
-        }
-        if let Some((v, w)) = get("allow") {
-            cfg.allow = Allowlist::from_json(v, w)?;
-        }
-        if let Some((v, w)) = get("listener_keys") {
-            cfg.listener_keys = serde_json::from_str(v)
-                .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"public_key\": \"<base64>\", \"names\": [\"api\"]}}] ({e})")))?;
-        }
-        if let Some((v, w)) = get("exits") {
-            cfg.exits = serde_json::from_str(v)
-                .map_err(|e| Error::config(format!("{w} must be a JSON list like [{{\"name\": \"corp\", \"key_ids\": [1]}}] ({e})")))?;
-            if let Some(bad) = cfg.exits.iter().find(|g| !crate::identity::valid_name(&g.name)) {
-                return Err(Error::config(format!(
-                    "{w}: exit name {:?} is not a valid listener name; use 1-63 lowercase letters, digits and '-'",
-                    bad.name
-                )));
-            }
-        }
-        cfg.tls_cert = get("tls_cert").map(|(v, _)| PathBuf::from(v));
-        cfg.tls_key = get("tls_key").map(|(v, _)| PathBuf::from(v));
         if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
             return Err(Error::config("set both TUNNEL_TLS_CERT and TUNNEL_TLS_KEY (or neither)"));
         }
-        if let Some((v, w)) = get("admin_listen") {
-            cfg.admin_listen = parse_opt_addr(v, w)?;
-        }
-        if let Some((v, _)) = get("admin_token") {
-            cfg.admin_token = Some(v.to_string()).filter(|t| !t.is_empty());
-        }
         cfg.check_admin()?;
-        if let Some((v, w)) = get("health_path") {
-            if !v.starts_with('/') {
-                return Err(Error::config(format!("{w} must start with '/', like /healthz")));
-            }
-            cfg.health_path = v.to_string();
-        }
-        if let Some((v, w)) = get("dns_servers") {
-            cfg.dns_servers = v
-                .split_whitespace()
-                .map(|s| {
-                    s.parse::<IpAddr>()
-                        .map(|ip| SocketAddr::new(ip, 53))
-                        .or_else(|_| s.parse::<SocketAddr>())
-                        .map_err(|_| Error::config(format!("{w}: {s:?} is not an IP address (list IPs, or IP:PORT, separated by spaces)")))
-                })
-                .collect::<Result<_>>()?;
-        }
-        // Bounded both ways: a duration that rounds to zero would time every handshake out, and
-        // one near `Duration::MAX` would overflow the deadlines computed from it (and
-        // `Duration::from_secs_f64` panics past that).
-        let secs =
-            |k: &str, d: Duration| -> Result<Duration> {
-                match get(k) {
-                    None => Ok(d),
-                    // The same check as every face's timeouts (`client::checked_seconds`).
-                    Some((v, w)) => v.parse::<f64>().ok().and_then(|s| crate::client::checked_seconds(w, s).ok()).ok_or_else(|| {
-                        Error::config(format!("{w} must be a positive number of seconds (at most {}), got {v:?}", MAX_SECONDS.as_secs()))
-                    }),
-                }
-            };
-        // Counts size semaphores and buffers, which panic or abort past their limits.
-        let count = |k: &str, d: usize| -> Result<usize> {
-            match get(k) {
-                None => Ok(d),
-                Some((v, w)) => v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| *n > 0 && *n <= MAX_COUNT)
-                    .ok_or_else(|| Error::config(format!("{w} must be a positive whole number (at most {MAX_COUNT}), got {v:?}"))),
-            }
-        };
-        let l = Limits::default();
-        cfg.limits = Limits {
-            handshake_timeout: secs("handshake_timeout", l.handshake_timeout)?,
-            connect_timeout: secs("connect_timeout", l.connect_timeout)?,
-            max_streams_per_session: count("max_streams", l.max_streams_per_session)?,
-            max_connections: count("max_connections", l.max_connections)?,
-            drain_timeout: secs("drain_timeout", l.drain_timeout)?,
-            keepalive_interval: secs("keepalive_interval", l.keepalive_interval)?,
-            keepalive_timeout: secs("keepalive_timeout", l.keepalive_timeout)?,
-            max_stream_window: count("max_stream_window", l.max_stream_window)?,
-            session_receive_budget: count("session_receive_budget", l.session_receive_budget)?,
-            classic_max_message: count("classic_max_message", l.classic_max_message)?,
-            http_timeout: secs("http_timeout", l.http_timeout)?,
-            max_sessions_per_key: count("max_sessions_per_key", l.max_sessions_per_key)?,
-            max_pending_accepts: count("max_pending_accepts", l.max_pending_accepts)?,
-            http_max_header_bytes: count("http_max_header_bytes", l.http_max_header_bytes)?.max(8192),
-            http_header_timeout: secs("http_header_timeout", l.http_header_timeout)?,
-            auth_failures_per_minute: count("auth_failures_per_minute", l.auth_failures_per_minute)?,
-            max_connections_per_source: count("max_connections_per_source", l.max_connections_per_source)?,
-            max_handshakes_per_source: count("max_handshakes_per_source", l.max_handshakes_per_source)?,
-            max_handshakes: count("max_handshakes", l.max_handshakes)?,
-            http_max_requests_per_source: count("http_max_requests_per_source", l.http_max_requests_per_source)?,
-            http_max_requests_per_listener: count("http_max_requests_per_listener", l.http_max_requests_per_listener)?,
-        };
-        if let Some((v, w)) = get("listeners_open") {
-            cfg.listeners_open = match v.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => return Err(Error::config(format!("{w} must be true or false, got {v:?}"))),
-            };
-        }
-        if let Some((v, w)) = get("tcp_ports") {
-            if !matches!(v, "" | "off") {
-                let bad = || Error::config(format!("{w} must be a port range like 20000-20099 (or off), got {v:?}"));
-                let (a, b) = v.split_once('-').unwrap_or((v, v));
-                let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
-                if a == 0 || b < a {
-                    return Err(bad());
-                }
-                cfg.tcp_ports = Some((a, b));
-            }
-        }
-        if let Some((v, w)) = get("tcp_ports_bind") {
-            cfg.tcp_ports_bind = v.parse().map_err(|_| Error::config(format!("{w} must be an IP address like 0.0.0.0, got {v:?}")))?;
-        }
-        for g in &cfg.listener_keys {
-            crate::identity::parse_public_key(&g.public_key).map_err(|e| Error::config(format!("listener_keys: {}", e.message())))?;
-            if let Some(bad) = g.names.iter().find(|n| !crate::identity::valid_name(n)) {
-                return Err(Error::config(format!("listener_keys: name {bad:?} is not valid; use 1-63 lowercase letters, digits and '-'")));
-            }
-        }
-        cfg.cluster = cluster_from(&get, secs("cluster_ttl", Duration::from_secs(10))?)?;
-        if let Some((v, w)) = get("proxy_protocol_from") {
-            cfg.proxy_protocol_from = v
-                .split(|c: char| c == ',' || c.is_whitespace())
-                .filter(|s| !s.is_empty() && *s != "off")
-                .map(|s| {
-                    s.parse::<ipnet::IpNet>().or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from)).map_err(|_| {
-                        Error::config(format!(
-                            "{w}: {s:?} is not an IP address or CIDR (list the load balancers' addresses, e.g. 10.0.0.0/24 10.0.1.5)"
-                        ))
-                    })
-                })
-                .collect::<Result<_>>()?;
-        }
-        let allow_var = values.get("allow").map(|(_, w)| w.clone()).unwrap_or_else(|| "TUNNEL_ALLOW".into());
-        cfg.check_serves_someone(&keys_var, &allow_var)?;
+        cfg.cluster = cluster_from(cluster, values)?;
+        cfg.check_serves_someone(set("auth_keys").unwrap_or("TUNNEL_AUTH_KEYS"), set("allow").unwrap_or("TUNNEL_ALLOW"))?;
         if cfg.listen.is_none() && cfg.tcp_listen.is_none() {
             return Err(Error::config("both tunnel endpoints are disabled: set TUNNEL_LISTEN (or TUNNEL_TCP_LISTEN)"));
         }
@@ -655,151 +349,72 @@ impl RelayConfig {
     }
 }
 
-/// One recognised setting.
-#[derive(Debug)]
-pub struct Setting {
-    /// Lower-case name (TOML key; `TUNNEL_` + upper-case is the env var).
-    pub name: &'static str,
-    /// The value in force when it is not set, as `--set help` and `relay.env.example` show it.
-    pub default: &'static str,
-    /// What it does.
-    pub help: &'static str,
+impl Draft {
+    /// Every setting at its default: the rows whose default is a value, parsed by their parser.
+    pub(crate) fn defaults() -> Draft {
+        let cfg = RelayConfig {
+            listen: None,
+            tcp_listen: None,
+            http_listen: None,
+            domain: String::new(),
+            auth_keys: KeySet::default(),
+            allow: Allowlist::default(),
+            listener_keys: Vec::new(),
+            listeners_open: false,
+            exits: Vec::new(),
+            tcp_ports: None,
+            tcp_ports_bind: IpAddr::from([127, 0, 0, 1]),
+            tls_cert: None,
+            tls_key: None,
+            health_path: String::new(),
+            admin_listen: None,
+            admin_token: None,
+            dns_servers: Vec::new(),
+            limits: Limits::default(),
+            https_listen: None,
+            public_tls_cert: Vec::new(),
+            public_tls_key: Vec::new(),
+            http_path_prefix: None,
+            http_listener_rate: None,
+            cluster: None,
+            proxy_protocol_from: Vec::new(),
+        };
+        let mut d = Draft { cfg, cluster: ClusterDraft::default() };
+        for s in SETTINGS.iter().filter(|s| s.default_is_value) {
+            s.apply(&mut d, s.default, s.name).expect("every default in the table parses (tested)");
+        }
+        d
+    }
 }
 
-/// Every relay setting.
-pub const SETTINGS: &[Setting] = &[
-    Setting { name: "listen", default: "127.0.0.1:7835", help: "tunnel endpoint address (WebSocket; TLS when a cert is set), or off" },
-    Setting { name: "tcp_listen", default: "off", help: "raw-TCP tunnel endpoint address, or off" },
-    Setting { name: "http_listen", default: "off", help: "public HTTP port routing by Host to listeners, or off" },
-    Setting { name: "https_listen", default: "off", help: "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off" },
-    Setting {
-        name: "public_tls_cert",
-        default: "none",
-        help: "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI (reloaded on SIGHUP)",
-    },
-    Setting { name: "public_tls_key", default: "none", help: "PEM private key(s), one per public_tls_cert, same order" },
-    Setting { name: "http_path_prefix", default: "off", help: "path routing: with /t, <domain>/t/NAME/x reaches NAME as /x" },
-    Setting {
-        name: "http_listener_rate",
-        default: "off",
-        help: "public requests per listener per window as REQUESTS/SECONDS, e.g. 500/300 (then 429), or off",
-    },
-    Setting { name: "domain", default: "localhost", help: "domain under which listener names are served" },
-    Setting { name: "auth_keys", default: "none", help: "JSON list of {kid, data} shared-secret keys" },
-    Setting { name: "allow", default: "none", help: "JSON list of {host, port} allow rules" },
-    Setting { name: "listener_keys", default: "none", help: "JSON list of {public_key, names}: listener keys and their chosen names" },
-    Setting { name: "listeners_open", default: "false", help: "let any listener key register its key-derived name (true/false)" },
-    Setting { name: "exits", default: "none", help: "JSON list of {name, key_ids}: exit listeners and the dialer key ids that may dial via each" },
-    Setting { name: "tcp_ports", default: "off", help: "public TCP port range for listeners, e.g. 20000-20099, or off" },
-    Setting { name: "tcp_ports_bind", default: "127.0.0.1", help: "IP the public TCP ports bind on" },
-    Setting { name: "http_timeout", default: "30", help: "seconds a listener has to answer a public request (then 504), and a client to read on (then reset)" },
-    Setting { name: "tls_cert", default: "off", help: "PEM certificate chain for wss://" },
-    Setting { name: "tls_key", default: "off", help: "PEM private key for wss://" },
-    Setting { name: "health_path", default: "/healthz", help: "health check path" },
-    Setting { name: "dns_servers", default: "system resolver", help: "space-separated DNS server IPs for resolving targets" },
-    Setting { name: "handshake_timeout", default: "10", help: "seconds a client has to authenticate" },
-    Setting { name: "connect_timeout", default: "10", help: "seconds to connect to a target" },
-    Setting { name: "max_streams", default: "4096", help: "most open streams per session" },
-    Setting { name: "max_connections", default: "10000", help: "most open transport connections" },
-    Setting { name: "drain_timeout", default: "30", help: "seconds open streams get to finish at shutdown" },
-    Setting { name: "keepalive_interval", default: "10", help: "seconds of silence before a ping" },
-    Setting { name: "keepalive_timeout", default: "20", help: "seconds of silence before a session is dropped" },
-    Setting { name: "max_stream_window", default: "16777216", help: "largest receive window one stream may grow to, bytes" },
-    Setting { name: "session_receive_budget", default: "67108864", help: "most window a session's streams may grow together, bytes" },
-    Setting {
-        name: "classic_max_message",
-        default: "ignored",
-        help: "ignored (classic messages of any size are streamed); accepted for old configs",
-    },
-    Setting { name: "max_sessions_per_key", default: "64", help: "most multiplexed sessions open at once per shared key" },
-    Setting { name: "max_pending_accepts", default: "2048", help: "most streams waiting for one listener to accept them" },
-    Setting { name: "http_max_header_bytes", default: "65536", help: "largest public HTTP request head in bytes (at least 8192)" },
-    Setting { name: "http_header_timeout", default: "10", help: "seconds a public HTTP client has to send its request head" },
-    Setting { name: "auth_failures_per_minute", default: "10", help: "failed authentications per source address per minute before it is refused" },
-    Setting {
-        name: "max_connections_per_source",
-        default: "1024",
-        help: "most open connections per source address (IPv6: per /64); at most max_connections/2",
-    },
-    Setting { name: "max_handshakes_per_source", default: "128", help: "most not-yet-authenticated connections per source address (IPv6: per /64)" },
-    Setting { name: "max_handshakes", default: "1024", help: "most not-yet-authenticated connections in all; at most max_connections/2" },
-    Setting { name: "http_max_requests_per_source", default: "128", help: "most public HTTP requests in progress per source address (then 429)" },
-    Setting {
-        name: "admin_listen",
-        default: "off",
-        help: "admin endpoint address (listeners, sessions, config, metrics as JSON; token required), or off",
-    },
-    Setting { name: "admin_token", default: "none", help: "bearer token the admin endpoint requires, at least 16 characters" },
-    Setting { name: "http_max_requests_per_listener", default: "1024", help: "most public HTTP requests in progress per listener (then 503)" },
-    Setting {
-        name: "proxy_protocol_from",
-        default: "none",
-        help: "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client",
-    },
-    Setting { name: "cluster_redis", default: "off", help: "Redis URL of the cluster this relay is a node of (redis://host:6379), or off" },
-    Setting {
-        name: "cluster_redis_ca",
-        default: "system roots",
-        help: "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots",
-    },
-    Setting { name: "cluster_key", default: "none", help: "KID:BASE64 key every node of the cluster shares (node-to-node sessions)" },
-    Setting {
-        name: "cluster_advertise",
-        default: "from tcp_listen, else listen",
-        help: "URL other nodes reach this one at (tcp:// or ws://); default from tcp_listen, else listen",
-    },
-    Setting { name: "cluster_ttl", default: "10", help: "seconds a dead node's listener names stay claimed (refreshed every third of it)" },
-    Setting {
-        name: "cluster_namespace",
-        default: "libtunnel",
-        help: "prefix of the cluster's Redis keys and channel (several clusters on one Redis)",
-    },
-];
-
 /// The cluster settings: all off unless `cluster_redis` is set, which then needs `cluster_key`.
-fn cluster_from<'a>(get: &dyn Fn(&str) -> Option<(&'a str, &'a str)>, claim_ttl: Duration) -> Result<Option<ClusterConfig>> {
-    let Some((redis, w)) = get("cluster_redis").filter(|(v, _)| !matches!(*v, "" | "off")) else {
+/// `values` say which variable set a setting, if any.
+fn cluster_from(c: ClusterDraft, values: &BTreeMap<&'static str, (String, String)>) -> Result<Option<ClusterConfig>> {
+    let Some(redis) = c.redis else {
         for k in ["cluster_key", "cluster_advertise", "cluster_namespace", "cluster_redis_ca"] {
-            if let Some((_, w)) = get(k) {
+            if let Some(w) = set_by(values, k) {
                 tracing::warn!("{w} is set but TUNNEL_CLUSTER_REDIS is not: this relay runs on its own");
             }
         }
         return Ok(None);
     };
-    if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| redis.starts_with(p)) {
-        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, or unix:///run/redis.sock)")));
-    }
-    let redis_ca = get("cluster_redis_ca").map(|(v, _)| PathBuf::from(v));
-    if let Some(ca) = &redis_ca {
+    if let Some(ca) = &c.redis_ca {
         if !redis.starts_with("rediss://") {
             return Err(Error::config("TUNNEL_CLUSTER_REDIS_CA is set but TUNNEL_CLUSTER_REDIS is not a rediss:// (TLS) URL"));
         }
         std::fs::metadata(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
     }
-    let key = match get("cluster_key") {
-        Some((v, kw)) => Key::parse(v).map_err(|e| Error::config(format!("{kw}: {}", e.message())))?,
-        None => {
-            return Err(Error::config(
-                "TUNNEL_CLUSTER_REDIS is set but TUNNEL_CLUSTER_KEY is not: give every node the same key (KID:BASE64; `tunnel keygen --cluster` prints one); nodes authenticate each other with it",
-            ))
-        }
+    let Some(key) = c.key else {
+        return Err(Error::config(
+            "TUNNEL_CLUSTER_REDIS is set but TUNNEL_CLUSTER_KEY is not: give every node the same key (KID:BASE64; `tunnel keygen --cluster` prints one); nodes authenticate each other with it",
+        ));
     };
-    let advertise = match get("cluster_advertise") {
-        Some((v, aw)) => {
-            crate::transport::RelayUrl::parse(v).map_err(|e| Error::config(format!("{aw}: {}", e.message())))?;
-            Some(v.to_string())
-        }
-        None => None,
-    };
-    if claim_ttl < Duration::from_secs(1) {
-        return Err(Error::config("TUNNEL_CLUSTER_TTL must be at least 1 second (claims are refreshed every third of it)"));
-    }
-    let namespace = get("cluster_namespace").map(|(v, _)| v.to_string()).unwrap_or_else(|| "libtunnel".into());
-    Ok(Some(ClusterConfig { redis: redis.to_string(), redis_ca, key, advertise, claim_ttl, namespace }))
+    Ok(Some(ClusterConfig { redis, redis_ca: c.redis_ca, key, advertise: c.advertise, claim_ttl: c.claim_ttl, namespace: c.namespace }))
 }
 
-fn lookup(name: &str) -> Option<&'static Setting> {
-    SETTINGS.iter().find(|s| s.name == name)
+/// The variable (or file key, or flag) that set the setting `k`, if any.
+fn set_by<'a>(values: &'a BTreeMap<&'static str, (String, String)>, k: &str) -> Option<&'a str> {
+    values.get(k).map(|(_, w)| w.as_str())
 }
 
 fn unknown(what: &str, kind: &str) -> Error {
@@ -832,13 +447,6 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-fn parse_opt_addr(v: &str, w: &str) -> Result<Option<SocketAddr>> {
-    if v.is_empty() || v.eq_ignore_ascii_case("off") {
-        return Ok(None);
-    }
-    v.parse::<SocketAddr>().map(Some).map_err(|_| Error::config(format!("{w} must be an address like 127.0.0.1:7835 (or off), got {v:?}")))
-}
-
 /// Whether `EMISSARY_<name>` has the shape of a Kubernetes service-link variable: `PORT`,
 /// `SERVICE_HOST`, `SERVICE_PORT[_NAME]`, `PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR]`, or the same for a
 /// Service whose name starts with `emissary-` (`EMISSARY_FOO_SERVICE_HOST`, ...).
@@ -869,12 +477,6 @@ fn port_to_addr(v: &str, var: &str) -> Result<String> {
     }
     let port: u16 = v.trim().parse().map_err(|_| Error::config(format!("{var} must be a port number, got {v:?}")))?;
     Ok(if port == 0 { "off".into() } else { format!("0.0.0.0:{port}") })
-}
-
-/// Read a `.env` file if present, as Emissary (godotenv) reads it ([`crate::dotenv`]); a
-/// malformed file is an error naming the line.
-pub fn read_dotenv(path: &Path) -> Result<Vec<(String, String)>> {
-    crate::dotenv::read(path).map_err(|e| Error::config(e.to_string()))
 }
 
 #[cfg(test)]

@@ -33,8 +33,9 @@
 //!   [`protocol::StreamHeader`] (who, how: [`Via`]). The listener's [`Listener::accept`] yields it
 //!   with a [`PeerInfo`]; [`forward::expose`] connects it to the local service.
 //!
-//! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags; [`dotenv`]
-//! reads `.env` as Emissary's godotenv does), [`error`]
+//! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags; one row
+//! each in [`config::settings`]; [`dotenv`] reads `.env` as Emissary's godotenv does; [`env`] is
+//! what relay and clients share: `.env` reading, client variables, numeric checks), [`error`]
 //! (one [`ErrorCode`] table every face maps), [`runtime`] (the one way to build the Tokio runtime),
 //! [`log_line`] (log events as text for the faces), [`demo`] (the narrated loopback demo).
 //!
@@ -50,6 +51,7 @@ pub mod dialer;
 pub mod dotenv;
 pub mod e2e;
 pub mod egress;
+pub mod env;
 pub mod error;
 #[cfg(unix)]
 pub mod fd;

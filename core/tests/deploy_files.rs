@@ -1,6 +1,7 @@
-//! The deployment files in `deploy/` stay true: `relay.env.example` lists every setting of the
-//! relay and each default it shows is the real default; `relay.toml.example` loads; the systemd
-//! unit passes `systemd-analyze verify` (when systemd is installed) with the built binary.
+//! The deployment files in `deploy/` stay true: the files generated from the settings table
+//! (`relay.env.example`, `docs/reference/settings.md`) are current, `relay.env.example` lists every
+//! setting of the relay and each default it shows is the real default; `relay.toml.example` loads;
+//! the systemd unit passes `systemd-analyze verify` (when systemd is installed) with the built binary.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,26 @@ fn with(extra: &[(&str, &str)]) -> String {
     let mut env = vec![("TUNNEL_AUTH_KEYS".to_string(), KEYS.to_string()), ("TUNNEL_ALLOW".to_string(), ALLOW.to_string())];
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     format!("{:?}", RelayConfig::from_sources(None, &[], &env, &[]).unwrap_or_else(|e| panic!("{extra:?}: {e}")))
+}
+
+/// `LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files` rewrites them.
+#[test]
+fn the_files_generated_from_the_settings_table_are_current() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let regenerate = std::env::var_os("LIBTUNNEL_REGENERATE").is_some_and(|v| v == "1");
+    for (path, text) in libtunnel::config::settings::generated_files() {
+        let file = root.join(path);
+        if regenerate {
+            std::fs::create_dir_all(file.parent().expect("a folder")).expect("mkdir");
+            std::fs::write(&file, &text).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+        let now = std::fs::read_to_string(&file).unwrap_or_default();
+        assert!(
+            now == text,
+            "{path} is stale: the settings table (core/src/config/settings.rs) changed; regenerate it with \
+             LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files"
+        );
+    }
 }
 
 #[test]
@@ -54,18 +75,19 @@ fn the_env_example_lists_every_setting_with_its_real_default() {
     }
     let base = with(&[]);
     for (k, v) in &shown {
-        if !examples.contains(&k.as_str()) {
+        if !examples.contains(&k.as_str()) && !v.starts_with('<') {
             assert_eq!(with(&[(k, v)]), base, "{k}={v} in deploy/relay.env.example is not the default");
         }
     }
 }
 
 #[test]
-fn the_relay_guide_settings_table_lists_every_setting() {
-    let guide = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/guide/relay.md")).expect("docs/guide/relay.md");
+fn the_settings_reference_lists_every_setting() {
+    let page =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/reference/settings.md")).expect("docs/reference/settings.md");
     for s in SETTINGS {
         let var = format!("`TUNNEL_{}`", s.name.to_ascii_uppercase());
-        assert!(guide.lines().any(|l| l.starts_with("| ") && l.contains(&var)), "docs/guide/relay.md's settings table has no row for {var}");
+        assert!(page.lines().any(|l| l.starts_with("| ") && l.contains(&var)), "docs/reference/settings.md has no row for {var}");
     }
 }
 

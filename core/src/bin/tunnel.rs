@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use libtunnel::client::config::ClientVar;
 use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
 use libtunnel::client::{ClientEnv, ClientOptions, ClientRole};
-use libtunnel::config::{RelayConfig, SETTINGS};
+use libtunnel::config::{help_table, RelayConfig};
 use libtunnel::runtime::Workers;
 use libtunnel::socks::Target;
 use libtunnel::{Dialer, Error, ErrorCode, Mode, Server};
@@ -715,22 +715,11 @@ fn runtime(cmd: &Cmd) -> Result<tokio::runtime::Runtime, Error> {
     libtunnel::runtime::build(if matches!(cmd, Cmd::Server(_) | Cmd::Demo) { Workers::PerCore } else { Workers::One })
 }
 
-/// The relay's settings as a table: name, default, what it does (`--set help`, `server --help`).
-fn settings_table() -> String {
-    let name_w = SETTINGS.iter().map(|s| s.name.len()).max().unwrap_or(0);
-    let default_w = SETTINGS.iter().map(|s| s.default.len()).max().unwrap_or(0);
-    let mut out = format!("{:<name_w$}  {:<default_w$}  {}\n", "SETTING", "DEFAULT", "WHAT (variable: TUNNEL_ + the name in upper case)");
-    for s in SETTINGS {
-        out.push_str(&format!("{:<name_w$}  {:<default_w$}  {}\n", s.name, s.default, s.help));
-    }
-    out
-}
-
 /// The command line, with the settings listed under `tunnel server --help` (and in the man page).
 fn command() -> clap::Command {
     let list = format!(
         "Settings: each is `--set NAME=VALUE`, the variable TUNNEL_NAME (also in ./.env), or NAME in the --config TOML file.\n\n{}",
-        settings_table()
+        help_table()
     );
     <Cli as clap::CommandFactory>::command().mut_subcommand("server", |c| c.after_long_help(list))
 }
@@ -769,7 +758,7 @@ fn main() -> ExitCode {
     init_logging(&cli, if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" });
     if let Cmd::Server(a) = &mut cli.cmd {
         if a.set.iter().any(|s| s == "help") {
-            say!("{}", settings_table().trim_end());
+            say!("{}", help_table().trim_end());
             return ExitCode::SUCCESS;
         }
     }

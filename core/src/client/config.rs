@@ -20,81 +20,13 @@ use crate::listener::ListenerBuilder;
 use crate::stream::Mode;
 use crate::transport::ClientTls;
 
-/// One client environment variable.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientVar {
-    /// The name (`TUNNEL_RELAY`).
-    pub name: &'static str,
-    /// What it holds, for help texts.
-    pub help: &'static str,
-    /// Older names still read, with a deprecation warning.
-    pub old_names: &'static [&'static str],
-}
-
-/// `TUNNEL_RELAY`: the relay URL.
-pub const RELAY_VAR: &str = "TUNNEL_RELAY";
-/// `TUNNEL_KEY`: a dialer's shared key.
-pub const KEY_VAR: &str = "TUNNEL_KEY";
-/// `TUNNEL_LISTENER_KEY`: a listener's Ed25519 key.
-pub const LISTENER_KEY_VAR: &str = "TUNNEL_LISTENER_KEY";
-/// `TUNNEL_CA`: CA certificates for `wss://`.
-pub const CA_VAR: &str = "TUNNEL_CA";
-/// `TUNNEL_TIMEOUT`: seconds one dial or registration may take.
-pub const TIMEOUT_VAR: &str = "TUNNEL_TIMEOUT";
-/// `TUNNEL_MODE`: `multiplexed` or `classic`.
-pub const MODE_VAR: &str = "TUNNEL_MODE";
-/// `TUNNEL_WORKER_THREADS`: worker threads of the runtime (see [`crate::runtime`]).
-pub const WORKER_THREADS_VAR: &str = "TUNNEL_WORKER_THREADS";
-
-/// Every variable a client reads, in every face.
-pub const CLIENT_VARS: &[ClientVar] = &[
-    ClientVar { name: RELAY_VAR, help: "relay URL: ws://, wss:// or tcp://", old_names: &[] },
-    ClientVar { name: KEY_VAR, help: "a dialer's shared key KID:BASE64, or a file holding it (`tunnel keygen`)", old_names: &[] },
-    ClientVar {
-        name: LISTENER_KEY_VAR,
-        help: "a listener's Ed25519 key: a PEM file or its text (`tunnel keygen --listener --out FILE`)",
-        old_names: &[],
-    },
-    ClientVar { name: CA_VAR, help: "PEM file of CA certificates to trust for wss:// (default: the public Web PKI)", old_names: &[] },
-    ClientVar { name: TIMEOUT_VAR, help: "seconds one dial or listener registration may take (default 20)", old_names: &[] },
-    ClientVar { name: MODE_VAR, help: "multiplexed (default) or classic (Emissary's one connection per stream)", old_names: &[] },
-    ClientVar {
-        name: WORKER_THREADS_VAR,
-        help: "worker threads of libtunnel's runtime (default: one per core; CLI client commands: 1)",
-        old_names: &["LIBTUNNEL_WORKER_THREADS"],
-    },
-];
-
-/// Whether `var` is one a client reads (current or old name): the relay ignores these.
-pub fn is_client_var(var: &str) -> bool {
-    CLIENT_VARS.iter().any(|v| v.name == var || v.old_names.contains(&var))
-}
+pub use crate::env::{
+    checked_millis, checked_seconds, is_client_var, ClientVar, CA_VAR, CLIENT_VARS, KEY_VAR, LISTENER_KEY_VAR, MAX_SECONDS, MODE_VAR, RELAY_VAR,
+    TIMEOUT_VAR, WORKER_THREADS_VAR,
+};
 
 /// The default time one dial (or a listener's registration) may take.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The longest timeout any face accepts (30 days), as for the relay's settings: a larger one
-/// would overflow the deadlines computed from it.
-pub const MAX_SECONDS: f64 = 30.0 * 24.0 * 3600.0;
-
-/// Seconds given by a caller (a flag, a keyword argument, an option in milliseconds / 1000, a
-/// relay setting) as a `Duration`: refuses NaN, negative, infinite, absurd (over 30 days) values
-/// and ones under a millisecond (which would time everything out) with `INVALID_ARGUMENT`, where
-/// `Duration::from_secs_f64` would panic.
-pub fn checked_seconds(what: &str, secs: f64) -> Result<Duration> {
-    if secs.is_finite() && (0.001..=MAX_SECONDS).contains(&secs) {
-        return Ok(Duration::from_secs_f64(secs));
-    }
-    Err(Error::argument(format!("{what} must be a positive number of seconds, from 0.001 to {MAX_SECONDS} (30 days); got {secs}")))
-}
-
-/// Milliseconds given by a caller (Node's options) as a `Duration`, with [`checked_seconds`]'s
-/// rules and a message in milliseconds.
-pub fn checked_millis(what: &str, ms: f64) -> Result<Duration> {
-    checked_seconds(what, ms / 1000.0).map_err(|_| {
-        Error::argument(format!("{what} must be a positive number of milliseconds, from 1 to {} (30 days); got {ms}", MAX_SECONDS * 1000.0))
-    })
-}
 
 /// Which kind of client is being configured (it decides which key variable applies).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,7 +56,7 @@ impl ClientEnv {
             ClientEnv::None => return Ok(None),
             ClientEnv::Fixed(p) => p.clone(),
             ClientEnv::Process => {
-                let mut p: Vec<(String, String)> = crate::config::read_dotenv(Path::new(".env"))?;
+                let mut p: Vec<(String, String)> = crate::env::read_dotenv(Path::new(".env"))?;
                 // The real environment wins over .env: later pairs are found first below.
                 p.extend(std::env::vars());
                 p

@@ -58,7 +58,9 @@ pub enum Role {
     Server,
 }
 
-/// Tunables of a session.
+/// Tunables of a session. Its defaults are the relay settings' defaults (`impl Default` and
+/// `From<&Limits>` are in `config/settings.rs`, the one table of them, so that `mux` needs no
+/// `config`).
 #[derive(Debug, Clone)]
 pub struct MuxConfig {
     /// Send a ping after this long without hearing from the peer.
@@ -77,20 +79,6 @@ pub struct MuxConfig {
     /// Most window all streams of the session may have granted together beyond their initial
     /// [`WINDOW`] each (bytes): the bound on received data waiting for readers.
     pub receive_budget: usize,
-}
-
-impl Default for MuxConfig {
-    fn default() -> Self {
-        MuxConfig {
-            keepalive_interval: Duration::from_secs(10),
-            keepalive_timeout: Duration::from_secs(20),
-            max_streams: 4096,
-            accept_backlog: 1024,
-            write_budget: 4 * 1024 * 1024,
-            max_stream_window: 16 * 1024 * 1024,
-            receive_budget: 64 * 1024 * 1024,
-        }
-    }
 }
 
 /// Figures of one session, for tests, metrics and the benchmark.

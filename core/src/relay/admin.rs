@@ -85,69 +85,27 @@ fn sessions(state: &RelayState) -> Value {
     })
 }
 
-/// The settings in force, with every secret left out (key ids and public keys only).
+/// The settings in force as typed JSON ([`RelayConfig::settings_json`](crate::RelayConfig::settings_json):
+/// every setting under its name, secrets left out), with the reloadable access rules as they are
+/// now and the cluster node this relay is.
 fn config(state: &RelayState) -> Value {
-    let cfg = &state.cfg;
     let access = state.access();
-    let addr = |a: Option<SocketAddr>| a.map(|a| a.to_string());
     let mut exits: Vec<Value> = access.exits.iter().map(|(name, kids)| json!({"name": name, "key_ids": kids})).collect();
     exits.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-    json!({
-        "listen": addr(cfg.listen),
-        "tcp_listen": addr(cfg.tcp_listen),
-        "http_listen": addr(cfg.http_listen),
-        "https_listen": addr(cfg.https_listen),
-        "admin_listen": addr(cfg.admin_listen),
-        "tcp_ports": cfg.tcp_ports.map(|(a, b)| format!("{a}-{b}")),
-        "tcp_ports_bind": cfg.tcp_ports_bind.to_string(),
-        "http_path_prefix": cfg.http_path_prefix,
-        "http_listener_rate": cfg.http_listener_rate.map(|(n, w)| format!("{n}/{}", w.as_secs())),
-        "public_tls_certs": cfg.public_tls_cert.len(),
-        "domain": cfg.domain,
-        "tls": cfg.tls_cert.is_some(),
-        "auth_key_ids": access.auth_keys.kids(),
-        "allow_rules": access.allow.len(),
-        "listener_keys": cfg.listener_keys.iter().map(|g| json!({"public_key": g.public_key, "names": g.names})).collect::<Vec<_>>(),
-        "listeners_open": access.listeners_open,
-        "exits": exits,
-        "health_path": cfg.health_path,
-        "cluster": state.cluster.as_ref().map(|c| json!({
-            "node_id": c.node_id,
-            "advertise": c.advertise,
-            "redis": c.cfg.redacted_redis(),
-            "cluster_key_id": c.cfg.key.kid,
-            "claim_ttl_secs": c.cfg.claim_ttl.as_secs_f64(),
-            "namespace": c.cfg.namespace,
-        })),
-        "limits": limits(&cfg.limits),
-    })
-}
-
-/// The limits under their setting names (`--set help`), durations in seconds.
-fn limits(l: &crate::config::Limits) -> Value {
-    let s = |d: std::time::Duration| d.as_secs_f64();
-    json!({
-        "handshake_timeout": s(l.handshake_timeout),
-        "connect_timeout": s(l.connect_timeout),
-        "drain_timeout": s(l.drain_timeout),
-        "keepalive_interval": s(l.keepalive_interval),
-        "keepalive_timeout": s(l.keepalive_timeout),
-        "http_timeout": s(l.http_timeout),
-        "http_header_timeout": s(l.http_header_timeout),
-        "max_streams": l.max_streams_per_session,
-        "max_connections": l.max_connections,
-        "max_stream_window": l.max_stream_window,
-        "session_receive_budget": l.session_receive_budget,
-        "max_sessions_per_key": l.max_sessions_per_key,
-        "max_pending_accepts": l.max_pending_accepts,
-        "http_max_header_bytes": l.http_max_header_bytes,
-        "auth_failures_per_minute": l.auth_failures_per_minute,
-        "max_connections_per_source": l.max_connections_per_source,
-        "max_handshakes_per_source": l.max_handshakes_per_source,
-        "max_handshakes": l.max_handshakes,
-        "http_max_requests_per_source": l.http_max_requests_per_source,
-        "http_max_requests_per_listener": l.http_max_requests_per_listener,
-    })
+    let mut v = state.cfg.settings_json();
+    v["auth_key_ids"] = json!(access.auth_keys.kids());
+    v["allow"] = json!(access.allow.len());
+    v["listeners_open"] = json!(access.listeners_open);
+    v["exits"] = json!(exits);
+    v["cluster"] = json!(state.cluster.as_ref().map(|c| json!({
+        "node_id": c.node_id,
+        "advertise": c.advertise,
+        "redis": c.cfg.redacted_redis(),
+        "cluster_key_id": c.cfg.key.kid,
+        "claim_ttl_secs": c.cfg.claim_ttl.as_secs_f64(),
+        "namespace": c.cfg.namespace,
+    })));
+    v
 }
 
 fn route(state: &RelayState, req: Request<Incoming>) -> Response<Body> {

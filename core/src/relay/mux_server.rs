@@ -17,13 +17,5 @@ pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: Fram
 /// The relay's session settings from its limits (its own sessions, and its sessions to the other
 /// nodes of a cluster).
 pub(crate) fn relay_mux_config(state: &RelayState) -> MuxConfig {
-    let l = &state.cfg.limits;
-    MuxConfig {
-        keepalive_interval: l.keepalive_interval,
-        keepalive_timeout: l.keepalive_timeout,
-        max_streams: l.max_streams_per_session,
-        max_stream_window: u32::try_from(l.max_stream_window).unwrap_or(u32::MAX),
-        receive_budget: l.session_receive_budget,
-        ..MuxConfig::default()
-    }
+    MuxConfig::from(&state.cfg.limits)
 }
