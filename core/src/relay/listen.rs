@@ -103,9 +103,9 @@ pub(super) async fn serve_listener(
     let (session, _close) = super::mux_server::server_session(&state, source, sink);
     state.registry.attach(&name, id, session.clone());
     let mode = match (hello.h2c, hello.tls_passthrough) {
-        (_, true) => super::public_listeners::Mode::TlsPassthrough,
-        (true, false) => super::public_listeners::Mode::H2c,
-        _ => super::public_listeners::Mode::Http1,
+        (_, true) => super::public::listeners::Mode::TlsPassthrough,
+        (true, false) => super::public::listeners::Mode::H2c,
+        _ => super::public::listeners::Mode::Http1,
     };
     state.public.listeners.registered(&name, id, mode);
     state.metrics.listeners_active.fetch_add(1, Relaxed);

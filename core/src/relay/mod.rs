@@ -3,7 +3,7 @@
 //!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
 //!   multiplexed sessions;
 //! - the **raw-TCP tunnel endpoint** (`tcp_listen`): the same sessions without HTTP;
-//! - the **public HTTP endpoint** (`http_listen`; `public_endpoint`): requests whose `Host` names a
+//! - the **public HTTP endpoint** (`http_listen`; `public::endpoint`): requests whose `Host` names a
 //!   listener, forwarded to it;
 //! - and, off by default, the **admin endpoint** (`admin_listen`; `admin`): listeners, sessions and
 //!   the config in force as JSON, behind a bearer token.
@@ -31,11 +31,7 @@ mod memory;
 pub mod metrics;
 mod mux_server;
 mod proxy_header;
-mod public_body;
-mod public_endpoint;
-mod public_h2_window;
-mod public_listeners;
-mod public_tls;
+mod public;
 mod registry;
 mod route;
 mod session;
@@ -92,7 +88,7 @@ pub(crate) struct RelayState {
     /// Each source's share of a listener's public request slots.
     pub(crate) http_source_shares: Arc<guard::SourceShares>,
     /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
-    pub(crate) public: public_endpoint::Public,
+    pub(crate) public: public::endpoint::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.
     pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }
@@ -304,7 +300,7 @@ impl Server {
             Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
             None => None,
         };
-        let public_tls = public_tls::PublicTls::from_config(&cfg)?;
+        let public_tls = public::tls::PublicTls::from_config(&cfg)?;
         let https = match (cfg.https_listen, &public_tls) {
             (Some(a), Some(_)) => Some(bind(a, "TUNNEL_HTTPS_LISTEN").await?),
             (Some(_), None) => {
@@ -343,7 +339,7 @@ impl Server {
             http_per_source,
             http_per_listener,
             http_source_shares: guard::SourceShares::new(l.http_max_requests_per_listener),
-            public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
+            public: public::endpoint::Public { listeners: Default::default(), tls: public_tls },
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
@@ -726,8 +722,8 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     let serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match endpoint {
         Endpoint::Tunnel => Box::pin(serve_tunnel_endpoint(state, sock, peer)),
         Endpoint::RawTcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
-        Endpoint::PublicHttp => Box::pin(public_endpoint::serve(state, sock, peer)),
-        Endpoint::PublicHttps => Box::pin(public_endpoint::serve_tls(state, sock, peer)),
+        Endpoint::PublicHttp => Box::pin(public::endpoint::serve(state, sock, peer)),
+        Endpoint::PublicHttps => Box::pin(public::endpoint::serve_tls(state, sock, peer)),
     };
     serve.await
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::public_endpoint::Pieces;
+use super::endpoint::Pieces;
 
 /// How a listener's local service speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

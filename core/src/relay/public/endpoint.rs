@@ -26,15 +26,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::guard;
-use super::listener_limits::{ListenerSlot, Refused};
-use super::metrics::{ListenerHttp, Refusal};
-use super::public_body::Chunks;
-use super::public_h2_window::WindowMeter;
-use super::public_listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
-use super::public_tls::{read_client_hello, PublicTls};
-use super::route::{open_to_listener, RouteError};
-use super::RelayState;
+use crate::relay::guard;
+use crate::relay::listener_limits::{ListenerSlot, Refused};
+use crate::relay::metrics::{ListenerHttp, Refusal};
+use super::body::Chunks;
+use super::h2_window::WindowMeter;
+use super::listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
+use super::tls::{read_client_hello, PublicTls};
+use crate::relay::route::{open_to_listener, RouteError};
+use crate::relay::RelayState;
 use crate::error::ErrorCode;
 use crate::protocol::{StreamHeader, Via};
 
@@ -52,7 +52,7 @@ struct Permits {
     _by_source: guard::InFlightPermit<IpAddr>,
     _by_listener: ListenerSlot,
     _share: guard::SharePermit,
-    metrics: Arc<super::metrics::Metrics>,
+    metrics: Arc<crate::relay::metrics::Metrics>,
 }
 
 impl Drop for Permits {
@@ -124,7 +124,7 @@ impl Counted {
 }
 
 /// Cut the body when it has had a frame ready for `http_timeout` that nobody asked for.
-async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<super::metrics::Metrics>) {
+async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<crate::relay::metrics::Metrics>) {
     let Some(limit) = body.upgrade().map(|b| b.limit) else { return };
     let mut wake = tokio::time::Instant::now() + limit;
     loop {
@@ -288,7 +288,7 @@ where
 
 /// Serve one public plain-HTTP connection: HTTP/1.1 (keep-alive, upgrades) or h2c with prior
 /// knowledge.
-pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+pub(in crate::relay) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
     // The first request head before hyper's buffers (see `read_request_head`; an h2c preface
     // `PRI * HTTP/2.0` is one too): a slow client holds what it sent, no more.
     let Some(head) = crate::transport::read_request_head(&mut sock, state.cfg.limits.http_max_header_bytes).await else { return };
@@ -299,7 +299,7 @@ pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: Soc
 /// Serve one connection on the public HTTPS port: a ClientHello naming a TLS-passthrough
 /// listener is routed to it undecrypted; any other is answered with the relay's certificate for
 /// its SNI, then HTTP/2 or HTTP/1.1 as ALPN chose.
-pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+pub(in crate::relay) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
     let Some(tls) = state.public.tls.as_ref() else { return };
     let acceptor = tls.acceptor().clone();
     let Some((hello, sni)) = read_client_hello(&mut sock, state.cfg.limits.http_max_header_bytes).await else {
@@ -325,7 +325,7 @@ async fn passthrough(state: Arc<RelayState>, hello: Vec<u8>, sock: TcpStream, pe
     guard::handshake_finished();
     // Counted against the listener's rate where it is held (a connection, not a request in
     // progress: its place is given back at once).
-    if let Err(Refused::Rate(_)) = super::listener_limits::count(&state, &name).await {
+    if let Err(Refused::Rate(_)) = crate::relay::listener_limits::count(&state, &name).await {
         state.metrics.refused(Refusal::HttpListenerRate);
         return tracing::debug!(%peer, listener = %name, "TLS passthrough connection over the listener's rate; closed");
     }
@@ -624,7 +624,7 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
             ),
         ));
     };
-    let by_listener = match super::listener_limits::count(state, name).await {
+    let by_listener = match crate::relay::listener_limits::count(state, name).await {
         Ok(slot) => slot,
         Err(Refused::Rate(wait)) => {
             state.metrics.refused(Refusal::HttpListenerRate);
