@@ -214,7 +214,7 @@ impl ListenerBuilder {
             return Err(Error::argument("an exit listener needs at least one allow rule, like [{\"host\": \"db.internal\", \"port\": 5432}]"));
         }
         if let Some(e) = &self.exit {
-            crate::relay::note_allow_rules(&e.allow, "this exit listener")?;
+            crate::egress::resolve::note_allow_rules(&e.allow, "this exit listener")?;
         }
         let exit = match &self.exit {
             Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
