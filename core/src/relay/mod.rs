@@ -32,6 +32,7 @@ mod listener_limits;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod names;
 mod proxy_header;
 mod public;
 mod registry;

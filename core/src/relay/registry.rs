@@ -28,18 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::names::Registration;
 use crate::error::{Error, ErrorCode};
 use crate::session::Session;
 use tokio::sync::Semaphore;
 
-/// How a listener asked to hold its name.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Joining {
-    /// Join other replicas of the name instead of replacing them.
-    pub(crate) pool: bool,
-    /// An exit listener: it connects dialers' `via` streams to targets in its own network.
-    pub(crate) exit: bool,
-}
 
 /// Replaced listener instances of one name, oldest first, with when each was replaced.
 type Retired = VecDeque<(Vec<u8>, Instant)>;
@@ -67,7 +60,8 @@ impl Replica {
 }
 
 struct Entry {
-    joining: Joining,
+    /// How the name is held (the latest replica's registration).
+    registration: Registration,
     replicas: Vec<Replica>,
 }
 
@@ -129,7 +123,7 @@ impl Registry {
 
     /// Reserve `name` for `owner` (listener object `instance`), with room for `max_pending`
     /// streams waiting to be accepted; returns the registration id.
-    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], instance: &[u8], joining: Joining, max_pending: usize) -> Result<u64, Error> {
+    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], instance: &[u8], joining: Registration, max_pending: usize) -> Result<u64, Error> {
         if self.is_retired(name, instance) {
             return Err(retired_error(name));
         }
@@ -139,15 +133,16 @@ impl Registry {
         if let Some(e) = t.get_mut(name) {
             e.replicas.retain(Replica::live);
             if !e.replicas.is_empty() {
-                if joining.pool && e.joining == joining {
+                if joining.joins(e.registration) {
+                    e.registration = joining;
                     e.replicas.push(replica);
                     return Ok(id);
                 }
                 if e.replicas.iter().any(|r| r.owner != owner) {
-                    let why = if e.joining.pool && !joining.pool {
+                    let why = if e.registration.pool && !joining.pool {
                         format!("the name {name:?} is served by a pool of listeners; start this one with --pool (pool=True) to join it")
-                    } else if e.joining.pool && joining.pool {
-                        format!("the name {name:?} is served by a pool of {} listeners; replicas must all be exits or all not", kind(e.joining))
+                    } else if e.registration.pool && joining.pool {
+                        format!("the name {name:?} is served by a pool of {} listeners; replicas must all be exits or all not", kind(e.registration))
                     } else {
                         format!("the name {name:?} is registered by another key; pick another name, use that key, or start every replica with --pool")
                     };
@@ -170,7 +165,7 @@ impl Registry {
                 }
             }
         }
-        t.insert(name.to_string(), Entry { joining, replicas: vec![replica] });
+        t.insert(name.to_string(), Entry { registration: joining, replicas: vec![replica] });
         Ok(id)
     }
 
@@ -192,9 +187,9 @@ impl Registry {
         self.table().get(name).and_then(|e| e.replicas.iter().find(|r| r.live()).map(|r| r.owner))
     }
 
-    /// How `name` is held (pool, exit), if it is.
-    pub(crate) fn joining(&self, name: &str) -> Option<Joining> {
-        self.table().get(name).map(|e| e.joining)
+    /// How `name` is held (pool, exit, how it speaks), if it is.
+    pub(crate) fn registration(&self, name: &str) -> Option<Registration> {
+        self.table().get(name).map(|e| e.registration)
     }
 
     /// The live replicas of `name`, in the order to offer them a stream (round-robin: each call
@@ -262,7 +257,7 @@ pub(crate) fn retired_error(name: &str) -> Error {
     )
 }
 
-fn kind(j: Joining) -> &'static str {
+fn kind(j: Registration) -> &'static str {
     if j.exit {
         "exit"
     } else {

@@ -29,9 +29,10 @@ use tokio::net::TcpStream;
 use crate::relay::guard;
 use crate::relay::listener_limits::{ListenerSlot, Refused};
 use crate::relay::metrics::{ListenerHttp, Refusal};
-use super::body::Chunks;
+use crate::relay::names::{self, Speaks};
+use super::body::{Chunks, Pieces};
 use super::h2_window::WindowMeter;
-use super::listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
+use super::listeners::{H2Sender, H2Slot, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
 use super::tls::{read_client_hello, PublicTls};
 use crate::relay::route::{open_to_listener, RouteError};
 use crate::relay::RelayState;
@@ -193,61 +194,6 @@ struct Upstream {
 
 type Sender = hyper::client::conn::http1::SendRequest<Pieces>;
 
-/// Largest piece of a request body handed to the listener connection at once. hyper's client
-/// copies each piece into its write buffer whole (the mux stream takes no vectored writes), and
-/// the pieces came as large as the public connection's read buffer (64 KiB): bounding them
-/// bounds that buffer to [`UPSTREAM_BUFFER`] plus one piece.
-const PIECE: usize = 16 * 1024;
-
-/// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
-/// buffers: nothing is copied), small frames joined (see [`Chunks`]).
-pub(crate) struct Pieces {
-    inner: Chunks,
-    rest: Bytes,
-    stats: Option<Arc<ListenerHttp>>,
-}
-
-impl hyper::body::Body for Pieces {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if this.rest.is_empty() {
-            match std::task::ready!(this.inner.poll_next(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if let Some(s) = &this.stats {
-                            s.bytes_in.fetch_add(data.len() as u64, Relaxed);
-                        }
-                        this.rest = data
-                    }
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
-                },
-                other => return Poll::Ready(other),
-            }
-        }
-        let n = this.rest.len().min(PIECE);
-        Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        let inner = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        let mut h = hyper::body::SizeHint::new();
-        h.set_lower(inner.lower() + rest);
-        if let Some(upper) = inner.upper() {
-            h.set_upper(upper + rest);
-        }
-        h
-    }
-}
-
 /// A client connection's idle HTTP/1.1 connections to listeners, for its next requests: one for
 /// an HTTP/1.1 client (keep-alive), up to [`IDLE_UPSTREAMS`] for an HTTP/2 client whose
 /// concurrent requests each need one.
@@ -306,7 +252,7 @@ pub(in crate::relay) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStr
         return tracing::debug!(%peer, "no TLS ClientHello on the public HTTPS port");
     };
     if let Some(name) = sni.as_deref().and_then(|s| name_in_domain(s, &state.cfg.domain)) {
-        if listener_mode(&state, name).await == Mode::TlsPassthrough {
+        if listener_mode(&state, name).await == Speaks::TlsPassthrough {
             let name = name.to_string();
             return passthrough(state, hello, sock, peer, name).await;
         }
@@ -386,18 +332,8 @@ const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// How the listener `name` speaks: from its registration here, else from its claim in the
 /// cluster (a listener on another node), else HTTP/1.1.
-async fn listener_mode(state: &RelayState, name: &str) -> Mode {
-    if state.registry.contains(name) {
-        return state.public.listeners.mode(name);
-    }
-    match &state.cluster {
-        Some(c) => match c.lookup(state, name).await {
-            Ok(h) if h.mode.tls => Mode::TlsPassthrough,
-            Ok(h) if h.mode.h2c => Mode::H2c,
-            _ => Mode::Http1,
-        },
-        None => Mode::Http1,
-    }
+async fn listener_mode(state: &RelayState, name: &str) -> Speaks {
+    names::lookup(state, name).await.registration().map(|r| r.speaks).unwrap_or_default()
 }
 
 /// The listener name a host names: `NAME.<domain>` only.
@@ -768,14 +704,14 @@ async fn forward(
     let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) && !h2c_upgrade;
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|inner| Pieces { inner: Chunks::new(inner, PIECE), rest: Bytes::new(), stats: stats.clone() });
+    let req = req.map(|inner| Pieces::new(inner, stats.clone()));
     let limit = state.cfg.limits.http_timeout;
     let timeout_response = || {
         state.metrics.refused(Refusal::Timeout);
         text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not answer within {limit:?} (TUNNEL_HTTP_TIMEOUT)"))
     };
 
-    if mode == Mode::H2c {
+    if mode == Speaks::H2c {
         if upgrade_requested {
             return text(StatusCode::NOT_IMPLEMENTED, format!("the listener {name:?} speaks HTTP/2 (h2c); upgrades need an HTTP/1.1 listener"));
         }
