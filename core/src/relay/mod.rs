@@ -1,25 +1,32 @@
-//! The relay server. It has three endpoints, each an accept loop of its own (`Endpoint`):
+//! The relay server: this file is its API ([`Server`], [`ServerHandle`], [`Reloader`]); each
+//! job has a room of its own.
+//!
+//! Endpoints, each an accept loop (`accept`: admission by `guard`, the handshake deadline, a
+//! trusted load balancer's PROXY header in `proxy_header`):
 //! - the **tunnel endpoint** (`listen`, WebSocket over TCP or TLS; `tunnel_endpoint`): the health
-//!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
-//!   multiplexed sessions;
+//!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections
+//!   (`classic_ws`) or multiplexed sessions;
 //! - the **raw-TCP tunnel endpoint** (`tcp_listen`): the same sessions without HTTP;
-//! - the **public HTTP endpoint** (`http_listen`; `public::endpoint`): requests whose `Host` names a
-//!   listener, forwarded to it;
+//! - the **public HTTP and HTTPS ports** (`http_listen`, `https_listen`; `public`): requests whose
+//!   `Host` names a listener, h2c, TLS passthrough by SNI, and listeners' public TCP ports;
 //! - and, off by default, the **admin endpoint** (`admin_listen`; `admin`): listeners, sessions and
 //!   the config in force as JSON, behind a bearer token.
 //!
-//! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
-//! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
-//! (`crate::egress`: allowlist, resolver, connect), a listener name (`route`), or `HOST@EXIT`, a
-//! target behind an exit listener (`route`: the relay checks the key's `exits` grant and passes
-//! the CONNECT to the exit, whose own allowlist decides); a session whose hello registers a
-//! listener is handed to `listen`, which holds the name in `registry` (alone, or as one replica
-//! of a pool).
-//! Public HTTP requests and public TCP ports reach listeners through the same `route`.
+//! After admission, `session` authenticates a client (the keys and grants in force: `access`) and
+//! serves its streams: a SOCKS5 CONNECT is either a real target (`crate::egress`: allowlist,
+//! resolver, connect), a listener name (`route`), or `HOST@EXIT`, a target behind an exit
+//! listener (`route`: the relay checks the key's `exits` grant and passes the CONNECT to the
+//! exit, whose own allowlist decides); a session whose hello registers a listener is handed to
+//! `listen`, which holds the name in `registry` (alone, or as one replica of a pool). Where a
+//! name is held (here, on another node of the `cluster`, nowhere) is asked one way: `names`.
+//! Public HTTP requests and public TCP ports reach listeners through the same `route`. Every
+//! room shares one `state::RelayState`; `metrics` counts, `memory` returns freed memory.
 //!
 //! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests
 //! bind port 0), or [`Server::spawn`] for a handle. Shutdown drains: accept loops stop, sessions
-//! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
+//! get `GoAway` (listeners a notice naming the drain), streams have `drain_timeout` to finish,
+//! each session's last frames are flushed before its task ends, then everything still open is
+//! closed.
 
 mod accept;
 mod access;
@@ -157,14 +164,9 @@ impl Server {
             },
             metrics.clone(),
         );
-        let (http_per_source, http_per_listener) =
-            (guard::InFlight::new(l.http_max_requests_per_source), guard::InFlight::new(l.http_max_requests_per_listener));
         let state = Arc::new(RelayState {
             admissions,
-            http_per_source,
-            http_per_listener,
-            http_source_shares: guard::SourceShares::new(l.http_max_requests_per_listener),
-            public: public::endpoint::Public { listeners: Default::default(), tls: public_tls },
+            public: public::Public::new(l, public_tls),
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),

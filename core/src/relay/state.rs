@@ -46,14 +46,8 @@ pub(crate) struct RelayState {
     pub(crate) key_sessions: guard::KeySessions,
     /// Open connections and handshakes per source, and handshakes in all.
     pub(super) admissions: Arc<guard::Admissions>,
-    /// Public HTTP requests in progress per source (`http_max_requests_per_source`).
-    pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
-    /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
-    pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
-    /// Each source's share of a listener's public request slots.
-    pub(crate) http_source_shares: Arc<guard::SourceShares>,
-    /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
-    pub(crate) public: public::endpoint::Public,
+    /// The public endpoints' own state: request counts, h2 connections, rate windows, TLS.
+    pub(crate) public: public::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.
     pub(crate) cluster: Option<Arc<cluster::Cluster>>,
 }

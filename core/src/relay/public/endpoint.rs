@@ -32,8 +32,8 @@ use crate::relay::metrics::{ListenerHttp, Refusal};
 use crate::relay::names::{self, Speaks};
 use super::body::{Chunks, Pieces};
 use super::h2_window::WindowMeter;
-use super::listeners::{H2Sender, H2Slot, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
-use super::tls::{read_client_hello, PublicTls};
+use super::listeners::{H2Sender, H2Slot, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
+use super::tls::read_client_hello;
 use crate::relay::route::{open_to_listener, RouteError};
 use crate::relay::RelayState;
 use crate::error::ErrorCode;
@@ -201,12 +201,6 @@ type UpstreamSlot = Arc<std::sync::Mutex<Vec<Upstream>>>;
 
 /// Most idle listener connections one client connection keeps.
 const IDLE_UPSTREAMS: usize = 16;
-
-/// The public endpoints' own state: listener modes, h2 connections and rate windows, and TLS.
-pub(crate) struct Public {
-    pub(crate) listeners: PublicListeners,
-    pub(crate) tls: Option<PublicTls>,
-}
 
 /// How a client connection reached the relay.
 struct Conn {
@@ -550,13 +544,13 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         Box::new(r)
     };
-    let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
+    let Some(by_source) = state.public.per_source.enter(guard::source_of(peer.ip())) else {
         state.metrics.refused(Refusal::HttpSourceRequests);
         return Err(busy(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "too many requests in progress from your address (http_max_requests_per_source = {}); retry later",
-                state.http_per_source.limit()
+                state.public.per_source.limit()
             ),
         ));
     };
@@ -590,8 +584,8 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
 /// Count the request in its source's share of the listener's slots (see [`guard::SourceShares`]),
 /// or answer 503: a few sources holding most of a listener's requests leave the rest to others.
 fn take_source_share(state: &RelayState, peer: SocketAddr, name: &str) -> Result<guard::SharePermit, Box<Response<Body>>> {
-    let in_use = state.http_per_listener.count(&name.to_string());
-    let shares = &state.http_source_shares;
+    let in_use = state.public.per_listener.count(&name.to_string());
+    let shares = &state.public.source_shares;
     shares.enter(name, guard::source_of(peer.ip()), in_use).ok_or_else(|| {
         state.metrics.refused(Refusal::HttpListenerRequests);
         let mut r = text(
@@ -600,7 +594,7 @@ fn take_source_share(state: &RelayState, peer: SocketAddr, name: &str) -> Result
                 "your address holds {} or more of the listener {name:?}'s requests in progress and its last {} places are kept for others (http_max_requests_per_listener = {}); retry later",
                 shares.share(),
                 shares.reserve(),
-                state.http_per_listener.limit()
+                state.public.per_listener.limit()
             ),
         );
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
