@@ -97,7 +97,7 @@ pub(super) async fn serve_listener(
     if sink.send(ack.encode_frame()).await.is_err() {
         return;
     }
-    let (session, _close) = super::mux_server::server_session(&state, source, sink);
+    let (session, mut driver) = super::mux_server::server_session(&state, source, sink);
     state.registry.attach(&name, id, session.clone());
     state.public.listeners.registered(&name, id);
     state.metrics.listeners_active.fetch_add(1, Relaxed);
@@ -115,18 +115,22 @@ pub(super) async fn serve_listener(
                 None => break,
             },
             _ = state.kill.cancelled() => {
-                session.close(ErrorCode::RelayUnavailable, "the relay shut down");
+                session.close_with_notice(ErrorCode::RelayUnavailable, "the relay shut down before its streams finished");
                 break;
             }
             _ = state.draining.cancelled(), if !draining => draining = true,
             _ = drain_tick.tick(), if draining => {
                 if session.stream_count() == 0 {
-                    session.close(ErrorCode::RelayUnavailable, "the relay shut down (drained)");
+                    // Said in a notice, so the listener reports the drain, not a bare end.
+                    session.close_with_notice(ErrorCode::RelayUnavailable, "the relay shut down (drained)");
                     break;
                 }
             }
         }
     }
+    // The notice goes out on the driver's task: wait for it (bounded), or a relay that exits
+    // next would cut it.
+    driver.finished().await;
     state.metrics.listeners_active.fetch_sub(1, Relaxed);
     tracing::info!(%peer, %name, reason = %session.close_reason().map(|e| e.to_string()).unwrap_or_default(), "listener session ended");
 }

@@ -282,7 +282,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
     state.metrics.sessions_mux.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let (session, _close) = mux_server::server_session(&state, source, sink);
+    let (session, mut driver) = mux_server::server_session(&state, source, sink);
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
@@ -310,6 +310,9 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
             }
         }
     }
+    // Its last frames go out on the driver's task: wait for them (bounded) before this task,
+    // which a shutting-down relay waits for, ends.
+    driver.finished().await;
 }
 
 async fn serve_mux_stream(state: Arc<RelayState>, mut stream: SessionStream, peer: SocketAddr, session: Session, kid: u32) {
