@@ -33,7 +33,6 @@ use crate::error::{Error, ErrorCode};
 use crate::session::Session;
 use tokio::sync::Semaphore;
 
-
 /// Replaced listener instances of one name, oldest first, with when each was replaced.
 type Retired = VecDeque<(Vec<u8>, Instant)>;
 

@@ -38,12 +38,12 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+use super::names::{Holders, Registration};
 use super::route::RouteError;
 use super::RelayState;
 use crate::config::ClusterConfig;
 use crate::error::{Error, ErrorCode, Result};
 use crate::session::SessionStream;
-use super::names::{Holders, Registration};
 use claims::{Claimed, Claims};
 
 /// How long a cached route may be used without a change notice (a safety net: notices are what

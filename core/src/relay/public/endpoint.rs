@@ -26,18 +26,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::relay::guard;
-use crate::relay::listener_limits::{ListenerSlot, Refused};
-use crate::relay::metrics::{ListenerHttp, Refusal};
-use crate::relay::names::{self, Speaks};
 use super::body::{Chunks, Pieces};
 use super::h2_window::WindowMeter;
 use super::listeners::{H2Sender, H2Slot, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
 use super::tls::read_client_hello;
-use crate::relay::route::{open_to_listener, RouteError};
-use crate::relay::RelayState;
 use crate::error::ErrorCode;
 use crate::protocol::{StreamHeader, Via};
+use crate::relay::guard;
+use crate::relay::listener_limits::{ListenerSlot, Refused};
+use crate::relay::metrics::{ListenerHttp, Refusal};
+use crate::relay::names::{self, Speaks};
+use crate::relay::route::{open_to_listener, RouteError};
+use crate::relay::RelayState;
 
 type Body = Either<Counted, Full<Bytes>>;
 
