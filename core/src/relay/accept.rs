@@ -57,7 +57,7 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, e
 fn admit(state: &Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
     // Per-source limits first: a source at its limit is refused here, before the connection
     // costs a task or a buffer, and cannot take the global places others need.
-    let ticket = match state.admissions.admit(peer.ip()) {
+    let ticket = match state.guards.admissions.admit(peer.ip()) {
         Ok(t) => t,
         Err(why) => {
             state.metrics.refused(why);
@@ -66,7 +66,7 @@ fn admit(state: &Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: E
             return;
         }
     };
-    let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
+    let Ok(permit) = state.guards.connections.clone().try_acquire_owned() else {
         state.metrics.refused(Refusal::Overloaded);
         tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
         refuse_at_once(sock, speaks_plain_http(state, endpoint), Refusal::Overloaded, &state.cfg.limits);

@@ -53,7 +53,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -155,21 +154,9 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::default());
         metrics.cluster.on.store(cluster.is_some(), std::sync::atomic::Ordering::Relaxed);
-        let l = &cfg.limits;
-        let admissions = guard::Admissions::new(
-            guard::AdmissionLimits {
-                per_source_connections: l.max_connections_per_source,
-                per_source_handshakes: l.max_handshakes_per_source,
-                handshakes: l.max_handshakes,
-            },
-            metrics.clone(),
-        );
         let state = Arc::new(RelayState {
-            admissions,
-            public: public::Public::new(l, public_tls),
-            auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
-            key_sessions: guard::KeySessions::default(),
-            conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            guards: guard::Guards::new(&cfg.limits, metrics.clone()),
+            public: public::Public::new(&cfg.limits, public_tls),
             cfg,
             metrics,
             tls,

@@ -268,7 +268,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     };
     super::guard::handshake_finished();
     let limit = state.cfg.limits.max_sessions_per_key;
-    let Some(_counted) = state.key_sessions.enter(kid, limit) else {
+    let Some(_counted) = state.guards.key_sessions.enter(kid, limit) else {
         state.metrics.refused(Refusal::KeySessions);
         tracing::warn!(%peer, kid, limit, "session refused: its key already has the most sessions allowed");
         let why = format!("key id {kid} already has {limit} open sessions on this relay (max_sessions_per_key); close some, or raise the limit");

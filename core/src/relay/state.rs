@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -22,8 +21,6 @@ pub(crate) struct RelayState {
     pub(crate) metrics: Arc<Metrics>,
     /// TLS for the WebSocket endpoint, when a certificate is configured.
     pub(super) tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Bounds open transport connections (`max_connections`).
-    pub(super) conn_limit: Arc<Semaphore>,
     /// Cancelled when shutdown begins: stop accepting, send `GoAway`.
     pub(crate) draining: CancellationToken,
     /// Cancelled when the drain deadline passes: close everything.
@@ -40,12 +37,9 @@ pub(crate) struct RelayState {
     pub(super) http_port: Option<u16>,
     /// The public HTTPS port, when enabled.
     pub(super) https_port: Option<u16>,
-    /// Failed authentications per source address (`auth_failures_per_minute`).
-    pub(crate) auth_limiter: guard::AuthLimiter,
-    /// Open multiplexed sessions per key id (`max_sessions_per_key`).
-    pub(crate) key_sessions: guard::KeySessions,
-    /// Open connections and handshakes per source, and handshakes in all.
-    pub(super) admissions: Arc<guard::Admissions>,
+    /// Admission: connections and handshakes per source and in all, failed authentications,
+    /// sessions per key.
+    pub(crate) guards: guard::Guards,
     /// The public endpoints' own state: request counts, h2 connections, rate windows, TLS.
     pub(crate) public: public::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.
