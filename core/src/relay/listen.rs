@@ -98,7 +98,10 @@ pub(super) async fn serve_listener(
         return;
     }
     let (session, mut driver) = super::mux_server::server_session(&state, source, sink);
-    state.registry.attach(&name, id, session.clone());
+    if !state.registry.attach(&name, id, session.clone()) {
+        // Replaced by a newer registration of the same key while this one was being answered.
+        session.close_with_notice(ErrorCode::NameTaken, super::registry::replaced_notice(&name));
+    }
     state.public.listeners.registered(&name, id);
     state.metrics.listeners_active.fetch_add(1, Relaxed);
     tracing::info!(%peer, %name, tcp = %ack.tcp_addr, pool = registration.pool, exit = registration.exit, "listener registered");

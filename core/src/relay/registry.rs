@@ -156,10 +156,7 @@ impl Registry {
                     if let Some(s) = &old.session {
                         // Tell the old session why, so a listener still running there stops
                         // reconnecting instead of taking the name back in a loop.
-                        s.close_with_notice(
-                            ErrorCode::NameTaken,
-                            format!("the name {name:?} was registered again by the same key from another session; this listener stops (run one listener per key and name, or start every replica with --pool)"),
-                        );
+                        s.close_with_notice(ErrorCode::NameTaken, replaced_notice(name));
                     }
                 }
             }
@@ -168,12 +165,19 @@ impl Registry {
         Ok(id)
     }
 
-    /// Attach the live session to a reservation (no-op if it was replaced meanwhile).
-    pub(crate) fn attach(&self, name: &str, id: u64, session: Session) {
-        if let Some(r) = self.table().get_mut(name).and_then(|e| e.replicas.iter_mut().find(|r| r.id == id)) {
-            r.session = Some(session);
-        }
+    /// Attach the live session to a reservation. `false` when a newer registration of the same
+    /// key replaced the reservation in between (its session was not there to be told): the
+    /// caller closes the session with [`replaced_notice`].
+    pub(crate) fn attach(&self, name: &str, id: u64, session: Session) -> bool {
+        let attached = match self.table().get_mut(name).and_then(|e| e.replicas.iter_mut().find(|r| r.id == id)) {
+            Some(r) => {
+                r.session = Some(session);
+                true
+            }
+            None => false,
+        };
         self.changed.notify_waiters();
+        attached
     }
 
     /// Whether `name` is registered or being registered.
@@ -248,6 +252,11 @@ impl Registry {
     }
 }
 
+/// What a listener session replaced by a newer registration of its key is told as it is closed.
+pub(crate) fn replaced_notice(name: &str) -> String {
+    format!("the name {name:?} was registered again by the same key from another session; this listener stops (run one listener per key and name, or start every replica with --pool)")
+}
+
 /// The refusal of a listener that a newer registration of its key replaced.
 pub(crate) fn retired_error(name: &str) -> Error {
     Error::new(
@@ -261,5 +270,33 @@ fn kind(j: Registration) -> &'static str {
         "exit"
     } else {
         "(non-exit)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reservation_replaced_before_its_session_attaches_is_not_attached() {
+        let r = Registry::default();
+        let key = [7u8; 32];
+        let old = r.reserve("api", key, b"old", Registration::default(), 4).expect("reserved");
+        // The same key registers again before the first session is attached: it replaces the
+        // reservation, and the first session has nothing to attach to.
+        let new = r.reserve("api", key, b"new", Registration::default(), 4).expect("replaced");
+        assert_ne!(old, new);
+        let (session, _task) = idle_session();
+        assert!(!r.attach("api", old, session.clone()), "a replaced reservation must not take the session");
+        assert!(r.attach("api", new, session), "the newer reservation takes its session");
+    }
+
+    /// A live session over a transport that never delivers anything.
+    fn idle_session() -> (Session, crate::mux::SessionTask) {
+        use futures_util::SinkExt;
+        let source: crate::mux::FrameSource = Box::pin(futures_util::stream::pending());
+        let sink: crate::mux::FrameSink = Box::pin(futures_util::sink::drain().sink_map_err(|e: std::convert::Infallible| match e {}));
+        let (s, t) = crate::mux::Session::owned(crate::mux::Role::Server, source, sink, Default::default());
+        (Session::Mux(s), t)
     }
 }
