@@ -24,6 +24,7 @@ export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"
 rm -f "$LIBTUNNEL_SKIP_LOG"
 
 step "Rust: core unit and integration tests, CLI, Emissary interop (Go, from the snapshot in ../shared/emissary)"
+python3 scripts/check-import-circles.py 2>&1 | tee "$LOGDIR/import-circles.log"
 cargo test -p libtunnel --features cli --no-fail-fast 2>&1 | tee "$LOGDIR/rust.log"
 
 # Each language face has its own script, which installs what it needs (Debian packages, a Python

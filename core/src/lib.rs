@@ -19,19 +19,26 @@
 //! - Each dial is a SOCKS5 CONNECT inside a new mux stream ([`socks`]); the result is a
 //!   [`TunnelStream`] ([`stream`]), which [`forward`] bridges to a local socket and [`fd`] hands to
 //!   the faces as a plain socket descriptor.
-//! - On the relay ([`relay`]): the tunnel endpoint admits the connection (`relay::guard`),
-//!   `relay::session` checks the hello and serves each stream's CONNECT: a real target goes through
-//!   [`egress`] (allowlist before and after DNS, resolver, connect); a listener's name goes through
-//!   `relay::route` to that listener's session. Bytes then move frame to frame.
+//! - On the relay ([`relay`]): `relay::accept` takes the connection and admits it
+//!   (`relay::guard`: per-source and global limits), the tunnel endpoint (`relay::tunnel_endpoint`)
+//!   upgrades it, and `relay::session` checks the hello (keys in `relay::access`) and serves each
+//!   stream's CONNECT through `relay::route`: a real target goes through [`egress`] (allowlist
+//!   before and after DNS, resolver, connect); a listener's name goes to that listener's session
+//!   (where the name is held: `relay::names`). Bytes then move frame to frame.
 //!
 //! Follow one **listener request** (`tunnel listen --to 127.0.0.1:3000`, `Listener.bind`):
 //! - [`listener`] connects like a dialer, but its hello registers a name signed by its Ed25519
 //!   [`Identity`] ([`identity`]: names are base32 of the key's SHA-256); `relay::listen` verifies it
-//!   and holds the name in `relay::registry` while the session lives.
-//! - A public HTTP request on the relay's public port (`relay::public_endpoint`) or a dial by name
-//!   is routed by `relay::route::open_to_listener`: a new mux stream to the listener, headed by a
-//!   [`protocol::StreamHeader`] (who, how: [`Via`]). The listener's [`Listener::accept`] yields it
-//!   with a [`PeerInfo`]; [`forward::expose`] connects it to the local service.
+//!   and holds the name in `relay::registry` while the session lives (one
+//!   `relay::names::Registration`: pool, exit, how its service speaks).
+//! - Everything public is in `relay::public`: a request on the relay's public HTTP or HTTPS port
+//!   (`relay::public::endpoint`), a public TCP port (`relay::public::tcp_ports`) or a dial by name
+//!   is routed by `relay::route::open_to_listener` (the local registry, else the node of the
+//!   cluster, `relay::cluster`, that holds the name): a new mux stream to the listener, headed by
+//!   a [`protocol::StreamHeader`] (who, how: [`Via`]). The listener's [`Listener::accept`] yields
+//!   it with a [`PeerInfo`]; [`forward::expose`] connects it to the local service.
+//!
+//! `docs/design/walkthrough.md` follows both paths step by step, naming each function.
 //!
 //! Around them: [`config`] (the relay's settings from TOML, `.env`, environment, flags; one row
 //! each in [`config::settings`]; [`dotenv`] reads `.env` as Emissary's godotenv does; [`env`] is

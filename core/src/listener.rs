@@ -214,7 +214,7 @@ impl ListenerBuilder {
             return Err(Error::argument("an exit listener needs at least one allow rule, like [{\"host\": \"db.internal\", \"port\": 5432}]"));
         }
         if let Some(e) = &self.exit {
-            crate::relay::note_allow_rules(&e.allow, "this exit listener")?;
+            crate::egress::resolve::note_allow_rules(&e.allow, "this exit listener")?;
         }
         let exit = match &self.exit {
             Some(e) => Some(Arc::new(ExitState { resolver: TargetResolver::new(&e.dns_servers)?, cfg: e.clone(), stats: ExitCounters::default() })),
@@ -451,11 +451,27 @@ impl Listener {
     /// Unregister and stop; pending and future `accept()` calls fail with `CLOSED`.
     pub fn close(&self) {
         self.cancel.cancel();
-        if let Some(s) = self.current.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        // Kept (closed) for `finished`.
+        if let Some(s) = self.current.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             s.close(ErrorCode::Closed, "the listener was closed");
         }
         self.events.disconnected(Some(&Error::new(ErrorCode::Closed, "the listener was closed")));
         self.events.end();
+    }
+}
+
+impl Listener {
+    /// Resolves once the listener is closed and its session's close has gone out to the relay
+    /// (bounded): what a process awaits before it exits, so the relay sees a clean close.
+    pub fn finished(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (cancel, current) = (self.cancel.clone(), self.current.clone());
+        async move {
+            cancel.cancelled().await;
+            let session = current.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(s) = session {
+                s.finished().await;
+            }
+        }
     }
 }
 

@@ -478,21 +478,6 @@ impl Incoming {
     }
 }
 
-/// Separates a target from the exit listener named in a dial: a dialer reaches `HOST:PORT`
-/// through the exit `EXIT` with a SOCKS5 CONNECT to the domain `HOST@EXIT`, port `PORT`. `@`
-/// never occurs in a host name or a listener name, so the form cannot be taken for a real target
-/// (a relay that predates exits refuses it as an invalid host name).
-pub const EXIT_ROUTE_SEPARATOR: char = '@';
-
-/// The target and exit name of a `HOST@EXIT` CONNECT, if it is one.
-pub fn split_exit_route(addr: &socks5_proto::Address) -> Option<(crate::socks::Target, String)> {
-    let socks5_proto::Address::DomainAddress(d, port) = addr else { return None };
-    let text = std::str::from_utf8(d).ok()?;
-    let (host, exit) = text.rsplit_once(EXIT_ROUTE_SEPARATOR)?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    Some((crate::socks::Target { host: host.to_string(), port: *port }, exit.to_ascii_lowercase()))
-}
-
 pub use crate::mux::frame::{Frame, FrameKind, FRAME_HEADER};
 
 #[cfg(test)]
@@ -571,19 +556,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn exit_headers_and_routes() {
+    async fn exit_headers() {
         let h = StreamHeader { via: Via::Http, port: 8, client: "127.0.0.1:9".into() };
         let mut r = &h.encode()[..];
         assert_eq!(Incoming::read_from(&mut r).await.unwrap(), Incoming::Stream(h));
         let e = ExitHeader { kid: 7, client: "127.0.0.1:1".into() };
         let mut r = &e.encode()[..];
         assert_eq!(Incoming::read_from(&mut r).await.unwrap(), Incoming::Exit(e));
-        let a = socks5_proto::Address::DomainAddress(b"db.internal@Corp".to_vec(), 5432);
-        let (t, exit) = split_exit_route(&a).unwrap();
-        assert_eq!((t.host.as_str(), t.port, exit.as_str()), ("db.internal", 5432, "corp"));
-        let a = socks5_proto::Address::DomainAddress(b"[::1]@corp".to_vec(), 80);
-        assert_eq!(split_exit_route(&a).unwrap().0.host, "::1");
-        assert!(split_exit_route(&socks5_proto::Address::DomainAddress(b"db.internal".to_vec(), 1)).is_none());
         // Old listeners' registrations decode with pool/exit off; old relays' answers likewise.
         let old = ListenHello {
             public_key: vec![1; 32],

@@ -89,6 +89,14 @@ impl Session {
         }
     }
 
+    /// Resolves once the session's driver has ended (bounded): its close went out and the
+    /// transport closed.
+    pub async fn finished(&self) {
+        match self {
+            Session::Mux(s) => s.finished().await,
+        }
+    }
+
     /// Streams open now.
     pub fn stream_count(&self) -> usize {
         match self {

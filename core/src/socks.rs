@@ -40,7 +40,7 @@ impl Target {
 
     /// This target reached through the exit listener `exit` (the `via` dial option): the
     /// relay routes the CONNECT to that exit, which connects it inside its own network. On the
-    /// wire the host becomes `HOST@EXIT` ([`crate::protocol::split_exit_route`]).
+    /// wire the host becomes `HOST@EXIT` ([`split_exit_route`]).
     pub fn through_exit(&self, exit: &str) -> Result<Target> {
         let raw = exit.trim();
         let exit = raw.to_ascii_lowercase();
@@ -51,7 +51,7 @@ impl Target {
             return Err(Error::argument(format!("{self} already names an exit listener; give one via")));
         }
         let host = if self.host.contains(':') { format!("[{}]", self.host) } else { self.host.clone() };
-        let host = format!("{host}{}{exit}", crate::protocol::EXIT_ROUTE_SEPARATOR);
+        let host = format!("{host}{}{exit}", EXIT_ROUTE_SEPARATOR);
         if host.len() > 255 {
             return Err(Error::argument(format!("{self} via {exit}: host and exit name together must fit 255 bytes")));
         }
@@ -60,7 +60,7 @@ impl Target {
 
     /// The (target, exit) of a target made by [`Target::through_exit`].
     pub fn exit_route(&self) -> Option<(Target, String)> {
-        crate::protocol::split_exit_route(&Address::DomainAddress(self.host.as_bytes().to_vec(), self.port))
+        split_exit_route(&Address::DomainAddress(self.host.as_bytes().to_vec(), self.port))
     }
 
     /// As a SOCKS5 address (IP literals use the IP address types).
@@ -440,6 +440,21 @@ pub async fn write_reply<S: AsyncWrite + Unpin>(io: &mut S, reply: Reply, bound:
     io.flush().await
 }
 
+/// Separates a target from the exit listener named in a dial: a dialer reaches `HOST:PORT`
+/// through the exit `EXIT` with a SOCKS5 CONNECT to the domain `HOST@EXIT`, port `PORT`. `@`
+/// never occurs in a host name or a listener name, so the form cannot be taken for a real target
+/// (a relay that predates exits refuses it as an invalid host name).
+pub const EXIT_ROUTE_SEPARATOR: char = '@';
+
+/// The target and exit name of a `HOST@EXIT` CONNECT, if it is one.
+pub fn split_exit_route(addr: &socks5_proto::Address) -> Option<(Target, String)> {
+    let socks5_proto::Address::DomainAddress(d, port) = addr else { return None };
+    let text = std::str::from_utf8(d).ok()?;
+    let (host, exit) = text.rsplit_once(EXIT_ROUTE_SEPARATOR)?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    Some((Target { host: host.to_string(), port: *port }, exit.to_ascii_lowercase()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +488,15 @@ mod tests {
         assert_eq!(reply_error(Reply::TtlExpired, &t).code(), ErrorCode::Timeout);
         assert_eq!(reply_error(Reply::GeneralFailure, &t).code(), ErrorCode::General);
         assert!(reply_error(Reply::ConnectionNotAllowed, &t).message().contains("TUNNEL_ALLOW"));
+    }
+
+    #[test]
+    fn exit_routes() {
+        let a = Address::DomainAddress(b"db.internal@Corp".to_vec(), 5432);
+        let (t, exit) = split_exit_route(&a).unwrap();
+        assert_eq!((t.host.as_str(), t.port, exit.as_str()), ("db.internal", 5432, "corp"));
+        let a = Address::DomainAddress(b"[::1]@corp".to_vec(), 80);
+        assert_eq!(split_exit_route(&a).unwrap().0.host, "::1");
+        assert!(split_exit_route(&Address::DomainAddress(b"db.internal".to_vec(), 1)).is_none());
     }
 }

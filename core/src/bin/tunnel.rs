@@ -524,6 +524,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     libtunnel::forward::DRAIN.as_secs()
                 );
             };
+            let finished = listener.finished();
             let r = match to {
                 Some(to) => {
                     say!("forwarding to: {to}");
@@ -531,10 +532,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 }
                 None => libtunnel::forward::exit_only(listener, stop).await,
             };
-            // The session was closed; its writer sends the WebSocket Close on its own task, which the
-            // process exit right after would cut (the relay would log a failed transport). The mux
-            // keeps no handle to await it, so give it a moment.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The listener was closed; its session's driver sends the WebSocket Close on its own
+            // task, which exiting now would cut (the relay would log a failed transport).
+            finished.await;
             if r.is_ok() {
                 say!("exited: every stream finished");
             }

@@ -112,6 +112,19 @@ pub fn check_host_addresses(allow: &crate::egress::Allowlist, listed: std::io::R
     }
 }
 
+/// At start-up: refuse to run when the host's own addresses cannot be listed and a rule could
+/// reach one, and log what each broad rule (`0.0.0.0/0`, `*`) leaves out. `who` names the
+/// allowlist's owner (the relay, an exit listener).
+pub(crate) fn note_allow_rules(allow: &crate::egress::Allowlist, who: &str) -> Result<()> {
+    let listed = interface_addresses();
+    let host = listed.as_ref().map(|v| v.clone()).unwrap_or_default();
+    check_host_addresses(allow, listed, who)?;
+    for note in allow.broad_rule_notes(&host) {
+        tracing::info!(owner = who, "{note}");
+    }
+    Ok(())
+}
+
 /// The host's interface addresses, listed now (`getifaddrs`).
 #[cfg(unix)]
 pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {

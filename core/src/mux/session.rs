@@ -99,6 +99,9 @@ pub(super) struct Shared {
     state: Mutex<State>,
     /// Cancelled when the session ends.
     closed: CancellationToken,
+    /// Cancelled when the driver has ended: after `closed`, once the last frames went out (or
+    /// [`CLOSE_FLUSH`] passed) and the transport closed.
+    finished: CancellationToken,
     /// Notified when the last open stream ends (drain).
     idle: Notify,
 }
@@ -182,6 +185,24 @@ pub struct SessionTask {
     _task: tokio::task::JoinHandle<()>,
 }
 
+impl SessionTask {
+    /// Wait for the driver to end, at most twice [`CLOSE_FLUSH`]: once the session is closed, the
+    /// frames queued before its end (a `GoAway` notice) go out and the transport closes. A relay
+    /// awaits this before it exits, so its last words reach the peer.
+    pub async fn finished(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_FLUSH * 2, &mut self._task).await;
+    }
+}
+
+impl Session {
+    /// Resolves when the session's driver has ended (see [`SessionTask::finished`]; bounded the
+    /// same way): after [`Session::closed`], once its last frames went out and the transport
+    /// closed. A process awaits it before exiting, so its close reaches the peer.
+    pub async fn finished(&self) {
+        let _ = tokio::time::timeout(CLOSE_FLUSH * 2, self.shared.finished.cancelled()).await;
+    }
+}
+
 impl Drop for SessionTask {
     fn drop(&mut self) {
         self.shared.lock().conn.close(ErrorCode::RelayUnavailable, "the session ended with the task that owned it");
@@ -207,6 +228,7 @@ impl Session {
         let shared = Arc::new(Shared {
             state: Mutex::new(State { conn: Connection::new(role, config, Instant::now()), wakers: Wakers::default() }),
             closed: CancellationToken::new(),
+            finished: CancellationToken::new(),
             idle: Notify::new(),
         });
         let task = tokio::spawn(drive(shared.clone(), source, sink));
@@ -505,4 +527,5 @@ async fn drive(shared: Arc<Shared>, source: FrameSource, sink: FrameSink) {
     // closed session: only what the connection still yields (control frames) goes out.
     d.outbox.clear();
     d.finish().await;
+    d.shared.finished.cancel();
 }

@@ -59,7 +59,7 @@ fn listeners(state: &RelayState) -> Value {
         .into_iter()
         .map(|(name, owner, session)| {
             let stats = session.stats();
-            let joining = state.registry.joining(&name);
+            let joining = state.registry.registration(&name);
             json!({
                 "pool": joining.as_ref().is_some_and(|j| j.pool),
                 "exit": joining.as_ref().is_some_and(|j| j.exit),

@@ -5,6 +5,7 @@
 //! per minute rather than once per try; its valid proofs still pass), a count of open multiplexed
 //! sessions per shared key (`max_sessions_per_key`), per-source / per-listener counts of
 //! public HTTP requests in progress, and each source's share of a listener's ([`SourceShares`]).
+//! [`Guards`] holds the tunnel connections' guards for the relay's shared state.
 //!
 //! A "source" is an IPv4 address or an IPv6 /64 (one subscriber's network: an attacker with a
 //! /64 has 2^64 addresses). A connection is "in its handshake" from accept until it
@@ -20,6 +21,34 @@ use std::time::{Duration, Instant};
 
 use super::metrics::{Metrics, Refusal};
 use super::RelayState;
+
+/// The guards every tunnel connection passes (one part of the relay's shared state).
+pub(crate) struct Guards {
+    /// Open connections and handshakes per source, and handshakes in all.
+    pub(crate) admissions: Arc<Admissions>,
+    /// Open transport connections (`max_connections`).
+    pub(crate) connections: Arc<tokio::sync::Semaphore>,
+    /// Failed authentications per source address (`auth_failures_per_minute`).
+    pub(crate) auth_failures: AuthLimiter,
+    /// Open multiplexed sessions per key id (`max_sessions_per_key`).
+    pub(crate) key_sessions: KeySessions,
+}
+
+impl Guards {
+    pub(crate) fn new(l: &crate::config::Limits, metrics: Arc<Metrics>) -> Guards {
+        let limits = AdmissionLimits {
+            per_source_connections: l.max_connections_per_source,
+            per_source_handshakes: l.max_handshakes_per_source,
+            handshakes: l.max_handshakes,
+        };
+        Guards {
+            admissions: Admissions::new(limits, metrics),
+            connections: Arc::new(tokio::sync::Semaphore::new(l.max_connections)),
+            auth_failures: AuthLimiter::new(l.auth_failures_per_minute),
+            key_sessions: KeySessions::default(),
+        }
+    }
+}
 
 /// The window failures are counted in.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -409,10 +438,10 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Drop for InFlightP
 /// the first `auth_failures_per_minute`, one more when the address goes over, then debug only.
 pub(crate) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std::fmt::Display) {
     state.metrics.auth_failures.fetch_add(1, Relaxed);
-    if state.auth_limiter.failed(peer.ip()) {
+    if state.guards.auth_failures.failed(peer.ip()) {
         tracing::warn!(%peer, reason = %r, limit = state.cfg.limits.auth_failures_per_minute,
             "too many failed authentications from this address; refusing its attempts unchecked for the rest of the minute");
-    } else if state.auth_limiter.admit(peer.ip()) == Admission::Check {
+    } else if state.guards.auth_failures.admit(peer.ip()) == Admission::Check {
         tracing::warn!(%peer, reason = %r, "authentication failed");
     } else {
         tracing::debug!(%peer, reason = %r, "authentication failed (address rate limited)");
@@ -424,7 +453,7 @@ pub(crate) fn log_auth_failure(state: &RelayState, peer: SocketAddr, r: &dyn std
 /// are checked either way, so a valid key is never refused for what others did from its address;
 /// a guesser only gets slower answers, and its failures are no longer logged one by one.
 pub(crate) fn failure_delay(state: &RelayState, peer: SocketAddr) -> std::time::Duration {
-    match state.auth_limiter.admit(peer.ip()) {
+    match state.guards.auth_failures.admit(peer.ip()) {
         Admission::Check => std::time::Duration::ZERO,
         Admission::Refuse(_) => FAILURE_DELAY,
     }

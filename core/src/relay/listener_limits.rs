@@ -33,7 +33,7 @@ pub(crate) enum ListenerSlot {
 /// Count one request to `name` on this relay.
 pub(crate) fn count_here(state: &RelayState, name: &str) -> Result<InFlightPermit<String>, Refused> {
     state.public.listeners.admit_rate(name, state.cfg.http_listener_rate).map_err(Refused::Rate)?;
-    state.http_per_listener.enter(name.to_string()).ok_or(Refused::Busy(state.http_per_listener.limit().min(u32::MAX as usize) as u32))
+    state.public.per_listener.enter(name.to_string()).ok_or(Refused::Busy(state.public.per_listener.limit().min(u32::MAX as usize) as u32))
 }
 
 /// Count one request to `name` where its listener is held (this relay, or the node of the

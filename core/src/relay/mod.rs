@@ -1,26 +1,35 @@
-//! The relay server. It has three endpoints, each an accept loop of its own (`Endpoint`):
+//! The relay server: this file is its API ([`Server`], [`ServerHandle`], [`Reloader`]); each
+//! job has a room of its own.
+//!
+//! Endpoints, each an accept loop (`accept`: admission by `guard`, the handshake deadline, a
+//! trusted load balancer's PROXY header in `proxy_header`):
 //! - the **tunnel endpoint** (`listen`, WebSocket over TCP or TLS; `tunnel_endpoint`): the health
-//!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections or
-//!   multiplexed sessions;
+//!   path, `/metrics`, and WebSocket upgrades that become Emissary classic connections
+//!   (`classic_ws`) or multiplexed sessions;
 //! - the **raw-TCP tunnel endpoint** (`tcp_listen`): the same sessions without HTTP;
-//! - the **public HTTP endpoint** (`http_listen`; `public_endpoint`): requests whose `Host` names a
-//!   listener, forwarded to it;
+//! - the **public HTTP and HTTPS ports** (`http_listen`, `https_listen`; `public`): requests whose
+//!   `Host` names a listener, h2c, TLS passthrough by SNI, and listeners' public TCP ports;
 //! - and, off by default, the **admin endpoint** (`admin_listen`; `admin`): listeners, sessions and
 //!   the config in force as JSON, behind a bearer token.
 //!
-//! After admission (`guard`: per-source and global limits, auth rate limiting), `session`
-//! authenticates a client and serves its streams: a SOCKS5 CONNECT is either a real target
-//! (`crate::egress`: allowlist, resolver, connect), a listener name (`route`), or `HOST@EXIT`, a
-//! target behind an exit listener (`route`: the relay checks the key's `exits` grant and passes
-//! the CONNECT to the exit, whose own allowlist decides); a session whose hello registers a
-//! listener is handed to `listen`, which holds the name in `registry` (alone, or as one replica
-//! of a pool).
-//! Public HTTP requests and public TCP ports reach listeners through the same `route`.
+//! After admission, `session` authenticates a client (the keys and grants in force: `access`) and
+//! serves its streams: a SOCKS5 CONNECT is either a real target (`crate::egress`: allowlist,
+//! resolver, connect), a listener name (`route`), or `HOST@EXIT`, a target behind an exit
+//! listener (`route`: the relay checks the key's `exits` grant and passes the CONNECT to the
+//! exit, whose own allowlist decides); a session whose hello registers a listener is handed to
+//! `listen`, which holds the name in `registry` (alone, or as one replica of a pool). Where a
+//! name is held (here, on another node of the `cluster`, nowhere) is asked one way: `names`.
+//! Public HTTP requests and public TCP ports reach listeners through the same `route`. Every
+//! room shares one `state::RelayState`; `metrics` counts, `memory` returns freed memory.
 //!
 //! Entry points: [`Server::bind`] then [`Server::run`] with a shutdown future (embeddable, tests
 //! bind port 0), or [`Server::spawn`] for a handle. Shutdown drains: accept loops stop, sessions
-//! get `GoAway`, streams have `drain_timeout` to finish, then everything still open is closed.
+//! get `GoAway` (listeners a notice naming the drain), streams have `drain_timeout` to finish,
+//! each session's last frames are flushed before its task ends, then everything still open is
+//! closed.
 
+mod accept;
+mod access;
 mod admin;
 mod classic_ws;
 mod cluster;
@@ -30,199 +39,30 @@ mod listener_limits;
 mod memory;
 pub mod metrics;
 mod mux_server;
+mod names;
 mod proxy_header;
-mod public_body;
-mod public_endpoint;
-mod public_h2_window;
-mod public_listeners;
-mod public_tls;
+mod public;
 mod registry;
 mod route;
 mod session;
+mod state;
 mod tunnel_endpoint;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RelayConfig;
-use crate::egress::{allowlist, resolve};
+use crate::egress::resolve;
 use crate::error::{Error, ErrorCode, Result};
-use metrics::{Metrics, Refusal};
-
-/// State shared by every connection task of one relay.
-pub(crate) struct RelayState {
-    pub(crate) cfg: RelayConfig,
-    pub(crate) metrics: Arc<Metrics>,
-    /// TLS for the WebSocket endpoint, when a certificate is configured.
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Bounds open transport connections (`max_connections`).
-    conn_limit: Arc<Semaphore>,
-    /// Cancelled when shutdown begins: stop accepting, send `GoAway`.
-    pub(crate) draining: CancellationToken,
-    /// Cancelled when the drain deadline passes: close everything.
-    pub(crate) kill: CancellationToken,
-    /// Every connection and stream task, so shutdown can wait for them.
-    pub(crate) tasks: TaskTracker,
-    /// Resolves target names (custom DNS servers or the system resolver).
-    pub(crate) resolver: resolve::TargetResolver,
-    /// Listener names and their sessions.
-    pub(crate) registry: registry::Registry,
-    /// Who may do what (keys, allowlist, listener grants): replaced whole by a reload.
-    access: std::sync::RwLock<Arc<Access>>,
-    /// The public HTTP port, when enabled.
-    http_port: Option<u16>,
-    /// The public HTTPS port, when enabled.
-    https_port: Option<u16>,
-    /// Failed authentications per source address (`auth_failures_per_minute`).
-    pub(crate) auth_limiter: guard::AuthLimiter,
-    /// Open multiplexed sessions per key id (`max_sessions_per_key`).
-    pub(crate) key_sessions: guard::KeySessions,
-    /// Open connections and handshakes per source, and handshakes in all.
-    admissions: Arc<guard::Admissions>,
-    /// Public HTTP requests in progress per source (`http_max_requests_per_source`).
-    pub(crate) http_per_source: Arc<guard::InFlight<std::net::IpAddr>>,
-    /// Public HTTP requests in progress per listener name (`http_max_requests_per_listener`).
-    pub(crate) http_per_listener: Arc<guard::InFlight<String>>,
-    /// Each source's share of a listener's public request slots.
-    pub(crate) http_source_shares: Arc<guard::SourceShares>,
-    /// The public endpoints' listener modes, h2 connections, rate windows and TLS.
-    pub(crate) public: public_endpoint::Public,
-    /// The cluster this relay is a node of (`cluster_redis`), if any.
-    pub(crate) cluster: Option<Arc<cluster::Cluster>>,
-}
-
-/// The part of the config a running relay can reload (SIGHUP, [`ServerHandle::reload`]): every
-/// new session, registration and stream is checked against the current one.
-pub(crate) struct Access {
-    pub(crate) auth_keys: crate::auth::KeySet,
-    pub(crate) allow: allowlist::Allowlist,
-    /// Listener public keys, with the chosen names each may register.
-    pub(crate) listener_grants: std::collections::HashMap<[u8; 32], Vec<String>>,
-    pub(crate) listeners_open: bool,
-    /// Exit listener names, with the dialer key ids that may use each.
-    pub(crate) exits: std::collections::HashMap<String, Vec<u32>>,
-}
-
-impl Access {
-    fn from_config(cfg: &RelayConfig) -> Result<Access> {
-        cfg.check_serves_someone("TUNNEL_AUTH_KEYS", "TUNNEL_ALLOW")?;
-        let mut listener_grants = std::collections::HashMap::new();
-        for g in &cfg.listener_keys {
-            let pk = crate::identity::parse_public_key(&g.public_key)?;
-            listener_grants.entry(pk).or_insert_with(Vec::new).extend(g.names.iter().cloned());
-        }
-        let mut exits = std::collections::HashMap::new();
-        for g in &cfg.exits {
-            exits.entry(g.name.clone()).or_insert_with(Vec::new).extend(g.key_ids.iter().copied());
-        }
-        Ok(Access { auth_keys: cfg.auth_keys.clone(), allow: cfg.allow.clone(), listener_grants, listeners_open: cfg.listeners_open, exits })
-    }
-}
-
-impl Access {
-    /// Whether sessions of key id `kid` may reach targets through the exit listener `exit`.
-    pub(crate) fn exit_permits(&self, exit: &str, kid: u32) -> bool {
-        self.exits.get(exit).is_some_and(|kids| kids.contains(&kid))
-    }
-
-    /// Decide whether `public_key` may register `name`.
-    pub(crate) fn authorize(&self, public_key: &[u8; 32], name: &str) -> Result<()> {
-        if !crate::identity::valid_name(name) {
-            return Err(Error::new(
-                ErrorCode::InvalidArgument,
-                format!("{name:?} is not a valid listener name: use 1-63 lowercase letters, digits and '-'"),
-            ));
-        }
-        let granted = self.listener_grants.get(public_key);
-        if name == crate::identity::derived_name(public_key) {
-            if granted.is_some() || self.listeners_open {
-                return Ok(());
-            }
-            return Err(Error::new(
-                ErrorCode::NotAllowed,
-                "this listener key is not listed on the relay; add its public key to TUNNEL_LISTENER_KEYS (or set TUNNEL_LISTENERS_OPEN=true)",
-            ));
-        }
-        if granted.is_some_and(|names| names.iter().any(|n| n == name)) {
-            return Ok(());
-        }
-        let owned_by_other = self
-            .listener_grants
-            .iter()
-            .any(|(k, names)| k != public_key && (crate::identity::derived_name(k) == name || names.iter().any(|n| n == name)));
-        if owned_by_other || name.len() == crate::identity::DERIVED_NAME_LEN {
-            return Err(Error::new(
-                ErrorCode::NameTaken,
-                format!("the name {name:?} belongs to another key; register your key's own name or one the relay grants you"),
-            ));
-        }
-        Err(Error::new(
-            ErrorCode::NotAllowed,
-            format!("the relay does not grant the name {name:?} to this key; list it under this key in TUNNEL_LISTENER_KEYS"),
-        ))
-    }
-}
-
-impl RelayState {
-    /// The current keys, allowlist and listener grants.
-    pub(crate) fn access(&self) -> Arc<Access> {
-        self.access.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    fn reload(&self, cfg: &RelayConfig) -> Result<()> {
-        let access = Access::from_config(cfg)?;
-        note_allow_rules(&cfg.allow, "the relay")?;
-        if let Some(tls) = &self.public.tls {
-            tls.reload(cfg)?;
-        }
-        tracing::info!(
-            key_ids = ?access.auth_keys.kids(),
-            listener_keys = access.listener_grants.len(),
-            "reloaded keys, allowlist and listener grants; new sessions, registrations and streams use them"
-        );
-        *self.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
-        // Listeners whose key lost its name are told why and closed.
-        for (name, owner, session) in self.registry.live() {
-            if let Err(e) = self.access().authorize(&owner, &name) {
-                tracing::info!(%name, reason = %e, "closing a listener whose key no longer holds its name");
-                session.close_with_notice(
-                    ErrorCode::NotAllowed,
-                    format!("the relay's configuration no longer grants {name:?} to this key: {}", e.message()),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The public URL routed to a listener name, when the relay has an HTTP port.
-    pub(crate) fn public_http_url(&self, name: &str) -> Option<String> {
-        let port = self.http_port?;
-        Some(if port == 80 { format!("http://{name}.{}", self.cfg.domain) } else { format!("http://{name}.{}:{port}", self.cfg.domain) })
-    }
-
-    /// The Prometheus text of `/metrics`: the counters, and the listener sessions from the
-    /// registry (what `/sessions` reports as `listener_sessions`).
-    pub(crate) fn metrics_text(&self) -> String {
-        let mut s = self.metrics.render();
-        s.push_str(&format!(
-            "# HELP libtunnel_listener_sessions_active Listener sessions registered now (a pool counts each replica).\n# TYPE libtunnel_listener_sessions_active gauge\nlibtunnel_listener_sessions_active {}\n",
-            self.registry.live().len()
-        ));
-        s
-    }
-
-    /// The public HTTPS URL of listener `name`, if the relay has an HTTPS port.
-    pub(crate) fn public_https_url(&self, name: &str) -> Option<String> {
-        let port = self.https_port?;
-        Some(if port == 443 { format!("https://{name}.{}", self.cfg.domain) } else { format!("https://{name}.{}:{port}", self.cfg.domain) })
-    }
-}
+use accept::{accept_loop, Endpoint};
+use access::Access;
+use metrics::Metrics;
+pub(crate) use state::RelayState;
 
 /// A bound, not yet running relay.
 pub struct Server {
@@ -264,19 +104,6 @@ async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener> {
         .map_err(|e| Error::new(ErrorCode::Io, format!("cannot listen on {addr} ({var}): {e}; pick a free address or stop what uses it")))
 }
 
-/// At start-up: refuse to run when the host's own addresses cannot be listed and a rule could
-/// reach one, and log what each broad rule (`0.0.0.0/0`, `*`) leaves out. `who` names the
-/// allowlist's owner (the relay, an exit listener).
-pub(crate) fn note_allow_rules(allow: &allowlist::Allowlist, who: &str) -> Result<()> {
-    let listed = resolve::interface_addresses();
-    let host = listed.as_ref().map(|v| v.clone()).unwrap_or_default();
-    resolve::check_host_addresses(allow, listed, who)?;
-    for note in allow.broad_rule_notes(&host) {
-        tracing::info!(owner = who, "{note}");
-    }
-    Ok(())
-}
-
 impl Server {
     /// Validate the config, load TLS, and bind every endpoint.
     pub async fn bind(mut cfg: RelayConfig) -> Result<Server> {
@@ -286,7 +113,7 @@ impl Server {
         }
         cfg.check_admin()?;
         let access = Access::from_config(&cfg)?;
-        note_allow_rules(&cfg.allow, "the relay")?;
+        resolve::note_allow_rules(&cfg.allow, "the relay")?;
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
@@ -304,7 +131,7 @@ impl Server {
             Some(a) => Some(bind(a, "TUNNEL_HTTP_LISTEN").await?),
             None => None,
         };
-        let public_tls = public_tls::PublicTls::from_config(&cfg)?;
+        let public_tls = public::tls::PublicTls::from_config(&cfg)?;
         let https = match (cfg.https_listen, &public_tls) {
             (Some(a), Some(_)) => Some(bind(a, "TUNNEL_HTTPS_LISTEN").await?),
             (Some(_), None) => {
@@ -327,26 +154,9 @@ impl Server {
         };
         let metrics = Arc::new(Metrics::default());
         metrics.cluster.on.store(cluster.is_some(), std::sync::atomic::Ordering::Relaxed);
-        let l = &cfg.limits;
-        let admissions = guard::Admissions::new(
-            guard::AdmissionLimits {
-                per_source_connections: l.max_connections_per_source,
-                per_source_handshakes: l.max_handshakes_per_source,
-                handshakes: l.max_handshakes,
-            },
-            metrics.clone(),
-        );
-        let (http_per_source, http_per_listener) =
-            (guard::InFlight::new(l.http_max_requests_per_source), guard::InFlight::new(l.http_max_requests_per_listener));
         let state = Arc::new(RelayState {
-            admissions,
-            http_per_source,
-            http_per_listener,
-            http_source_shares: guard::SourceShares::new(l.http_max_requests_per_listener),
-            public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
-            auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
-            key_sessions: guard::KeySessions::default(),
-            conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
+            guards: guard::Guards::new(&cfg.limits, metrics.clone()),
+            public: public::Public::new(&cfg.limits, public_tls),
             cfg,
             metrics,
             tls,
@@ -567,186 +377,4 @@ impl ServerHandle {
         self.kill.cancel();
         self.join.abort();
     }
-}
-
-/// Which of the relay's three ports a connection arrived on.
-#[derive(Clone, Copy)]
-enum Endpoint {
-    /// `listen`: WebSocket (over TLS when configured), health and metrics.
-    Tunnel,
-    /// `tcp_listen`: sessions on raw TCP.
-    RawTcp,
-    /// `http_listen`: public HTTP requests routed to listeners by `Host`.
-    PublicHttp,
-    /// `https_listen`: the same over TLS (h2 by ALPN), and TLS passthrough by SNI.
-    PublicHttps,
-}
-
-async fn accept_loop(state: Arc<RelayState>, listener: TcpListener, endpoint: Endpoint) {
-    loop {
-        let (mut sock, peer) = tokio::select! {
-            _ = state.draining.cancelled() => return,
-            x = crate::transport::accept_backoff(&listener) => x,
-        };
-        if state.cfg.proxy_protocol_from.iter().any(|n| n.contains(&peer.ip())) {
-            // A trusted load balancer: the client it names is the source, so admission waits
-            // for its PROXY header (bounded by the handshake deadline).
-            let st = state.clone();
-            state.tasks.spawn(async move {
-                match proxy_header::read(&mut sock, st.cfg.limits.handshake_timeout).await {
-                    Ok(client) => admit(&st, sock, client.unwrap_or(peer), endpoint),
-                    // A TCP health check: connect, close.
-                    Err(proxy_header::ProxyError::Closed) => {}
-                    Err(why) => {
-                        st.metrics.refused(Refusal::Malformed);
-                        tracing::info!(%peer, %why, "connection from a load balancer without a valid PROXY header closed");
-                    }
-                }
-            });
-            continue;
-        }
-        admit(&state, sock, peer, endpoint);
-    }
-}
-
-/// Admit a connection from `peer` (per-source and global limits) and serve it on its own task,
-/// or refuse it at once.
-fn admit(state: &Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
-    // Per-source limits first: a source at its limit is refused here, before the connection
-    // costs a task or a buffer, and cannot take the global places others need.
-    let ticket = match state.admissions.admit(peer.ip()) {
-        Ok(t) => t,
-        Err(why) => {
-            state.metrics.refused(why);
-            tracing::debug!(%peer, reason = ?why, "connection refused at admission");
-            refuse_at_once(sock, speaks_plain_http(state, endpoint), why, &state.cfg.limits);
-            return;
-        }
-    };
-    let Ok(permit) = state.conn_limit.clone().try_acquire_owned() else {
-        state.metrics.refused(Refusal::Overloaded);
-        tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; dropping connection");
-        refuse_at_once(sock, speaks_plain_http(state, endpoint), Refusal::Overloaded, &state.cfg.limits);
-        return;
-    };
-    crate::transport::tune_session_socket(&sock);
-    let st = state.clone();
-    let finished = ticket.finished_flag();
-    let fut = guard::with_ticket(ticket, async move {
-        let _permit = permit;
-        // One deadline for the whole handshake (TLS, upgrade, hello; on the public port the
-        // first request head), whichever steps it takes.
-        let limit = if matches!(endpoint, Endpoint::PublicHttp | Endpoint::PublicHttps) {
-            st.cfg.limits.http_header_timeout
-        } else {
-            st.cfg.limits.handshake_timeout
-        };
-        let deadline = async {
-            tokio::time::sleep(limit).await;
-            if finished.load(std::sync::atomic::Ordering::Relaxed) {
-                std::future::pending::<()>().await;
-            }
-        };
-        tokio::select! {
-            _ = st.kill.cancelled() => {}
-            _ = serve_connection(st.clone(), sock, peer, endpoint) => {}
-            _ = deadline => {
-                st.metrics.refused(Refusal::HandshakeTimeout);
-                tracing::debug!(%peer, "handshake deadline passed; connection closed");
-            }
-        }
-    });
-    state.tasks.spawn(fut);
-}
-
-/// Whether an endpoint's clients speak plain HTTP first (not raw TCP, not TLS).
-fn speaks_plain_http(state: &RelayState, endpoint: Endpoint) -> bool {
-    match endpoint {
-        Endpoint::Tunnel => state.tls.is_none(),
-        Endpoint::PublicHttp => true,
-        Endpoint::RawTcp | Endpoint::PublicHttps => false,
-    }
-}
-
-/// Refuse a just-accepted connection without reading it: plain HTTP endpoints get a one-packet
-/// 429 (a per-source limit) or 503 (a global one) naming the setting, raw TCP and TLS a close.
-/// Nothing waits: the answer goes out only if the socket takes it at once (a new socket does).
-fn refuse_at_once(sock: TcpStream, plain_http: bool, why: Refusal, l: &crate::config::Limits) {
-    if plain_http {
-        let (status, msg) = match why {
-            Refusal::SourceConnections => (
-                "429 Too Many Requests",
-                format!("too many connections from your address (max_connections_per_source = {})", l.max_connections_per_source),
-            ),
-            Refusal::SourceHandshakes => (
-                "429 Too Many Requests",
-                format!("too many unauthenticated connections from your address (max_handshakes_per_source = {})", l.max_handshakes_per_source),
-            ),
-            Refusal::Handshakes => {
-                ("503 Service Unavailable", format!("the relay has too many unauthenticated connections (max_handshakes = {})", l.max_handshakes))
-            }
-            _ => ("503 Service Unavailable", format!("the relay is at its connection limit (max_connections = {})", l.max_connections)),
-        };
-        let body = format!("{msg}; retry later\n");
-        let answer = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 10\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        // Take what the client already sent (one small read, never waiting), so closing does not
-        // turn into a reset that could destroy the answer before the client reads it.
-        let mut scratch = [0u8; 2048];
-        let _ = sock.try_read(&mut scratch);
-        let _ = sock.try_write(answer.as_bytes());
-    }
-    drop(sock);
-}
-
-async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
-    // Clients speak first on the HTTP endpoints (TLS included): until their first byte arrives,
-    // a connection costs this small task and its socket, not hyper's or rustls's buffers. Each
-    // endpoint's state is boxed when it is reached, so the task stays small until then.
-    // (The handshake deadline is the caller's.) `peek`, not `readable`: readiness may be
-    // reported before any byte is there.
-    let mut first = [0u8; 1];
-    if !matches!(endpoint, Endpoint::RawTcp) && !matches!(sock.peek(&mut first).await, Ok(1)) {
-        return;
-    }
-    // A TLS ClientHello (record type 0x16, never the first byte of an HTTP request) on a plain
-    // tunnel endpoint: a `wss://` client of a `ws://` relay. Closing at once lets it say so now,
-    // instead of after the handshake deadline.
-    if matches!(endpoint, Endpoint::Tunnel) && state.tls.is_none() && first[0] == 0x16 {
-        state.metrics.refused(Refusal::Malformed);
-        // Take the ClientHello first, so the close is a FIN (the client sees the end of the
-        // handshake), not a reset.
-        let _ = sock.try_read(&mut vec![0u8; 16 * 1024]);
-        return tracing::info!(%peer, "a TLS handshake on the plain (ws://) tunnel endpoint: the client must use ws://, not wss://");
-    }
-    // Boxed in a statement of its own: a temporary in the awaiting statement would keep its
-    // room in this task's state (debug builds lay out every temporary).
-    let serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = match endpoint {
-        Endpoint::Tunnel => Box::pin(serve_tunnel_endpoint(state, sock, peer)),
-        Endpoint::RawTcp => Box::pin(session::serve_raw_tcp(state, sock, peer)),
-        Endpoint::PublicHttp => Box::pin(public_endpoint::serve(state, sock, peer)),
-        Endpoint::PublicHttps => Box::pin(public_endpoint::serve_tls(state, sock, peer)),
-    };
-    serve.await
-}
-
-/// The tunnel endpoint: TLS when configured, then HTTP (health, metrics, WebSocket upgrades).
-async fn serve_tunnel_endpoint(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
-    let io: crate::transport::BoxIo = match state.tls.clone() {
-        Some(tls) => {
-            let accept = Box::pin(tls.accept(sock));
-            match tokio::time::timeout(state.cfg.limits.handshake_timeout, accept).await {
-                Ok(Ok(s)) => Box::new(s),
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => {
-                    state.metrics.refused(Refusal::HandshakeTimeout);
-                    return tracing::debug!(%peer, "TLS handshake timed out");
-                }
-            }
-        }
-        None => Box::new(sock),
-    };
-    tunnel_endpoint::serve(state, io, peer).await
 }

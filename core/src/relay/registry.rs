@@ -28,18 +28,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::names::Registration;
 use crate::error::{Error, ErrorCode};
 use crate::session::Session;
 use tokio::sync::Semaphore;
-
-/// How a listener asked to hold its name.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Joining {
-    /// Join other replicas of the name instead of replacing them.
-    pub(crate) pool: bool,
-    /// An exit listener: it connects dialers' `via` streams to targets in its own network.
-    pub(crate) exit: bool,
-}
 
 /// Replaced listener instances of one name, oldest first, with when each was replaced.
 type Retired = VecDeque<(Vec<u8>, Instant)>;
@@ -67,7 +59,8 @@ impl Replica {
 }
 
 struct Entry {
-    joining: Joining,
+    /// How the name is held (the latest replica's registration).
+    registration: Registration,
     replicas: Vec<Replica>,
 }
 
@@ -129,7 +122,7 @@ impl Registry {
 
     /// Reserve `name` for `owner` (listener object `instance`), with room for `max_pending`
     /// streams waiting to be accepted; returns the registration id.
-    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], instance: &[u8], joining: Joining, max_pending: usize) -> Result<u64, Error> {
+    pub(crate) fn reserve(&self, name: &str, owner: [u8; 32], instance: &[u8], joining: Registration, max_pending: usize) -> Result<u64, Error> {
         if self.is_retired(name, instance) {
             return Err(retired_error(name));
         }
@@ -139,15 +132,16 @@ impl Registry {
         if let Some(e) = t.get_mut(name) {
             e.replicas.retain(Replica::live);
             if !e.replicas.is_empty() {
-                if joining.pool && e.joining == joining {
+                if joining.joins(e.registration) {
+                    e.registration = joining;
                     e.replicas.push(replica);
                     return Ok(id);
                 }
                 if e.replicas.iter().any(|r| r.owner != owner) {
-                    let why = if e.joining.pool && !joining.pool {
+                    let why = if e.registration.pool && !joining.pool {
                         format!("the name {name:?} is served by a pool of listeners; start this one with --pool (pool=True) to join it")
-                    } else if e.joining.pool && joining.pool {
-                        format!("the name {name:?} is served by a pool of {} listeners; replicas must all be exits or all not", kind(e.joining))
+                    } else if e.registration.pool && joining.pool {
+                        format!("the name {name:?} is served by a pool of {} listeners; replicas must all be exits or all not", kind(e.registration))
                     } else {
                         format!("the name {name:?} is registered by another key; pick another name, use that key, or start every replica with --pool")
                     };
@@ -162,24 +156,28 @@ impl Registry {
                     if let Some(s) = &old.session {
                         // Tell the old session why, so a listener still running there stops
                         // reconnecting instead of taking the name back in a loop.
-                        s.close_with_notice(
-                            ErrorCode::NameTaken,
-                            format!("the name {name:?} was registered again by the same key from another session; this listener stops (run one listener per key and name, or start every replica with --pool)"),
-                        );
+                        s.close_with_notice(ErrorCode::NameTaken, replaced_notice(name));
                     }
                 }
             }
         }
-        t.insert(name.to_string(), Entry { joining, replicas: vec![replica] });
+        t.insert(name.to_string(), Entry { registration: joining, replicas: vec![replica] });
         Ok(id)
     }
 
-    /// Attach the live session to a reservation (no-op if it was replaced meanwhile).
-    pub(crate) fn attach(&self, name: &str, id: u64, session: Session) {
-        if let Some(r) = self.table().get_mut(name).and_then(|e| e.replicas.iter_mut().find(|r| r.id == id)) {
-            r.session = Some(session);
-        }
+    /// Attach the live session to a reservation. `false` when a newer registration of the same
+    /// key replaced the reservation in between (its session was not there to be told): the
+    /// caller closes the session with [`replaced_notice`].
+    pub(crate) fn attach(&self, name: &str, id: u64, session: Session) -> bool {
+        let attached = match self.table().get_mut(name).and_then(|e| e.replicas.iter_mut().find(|r| r.id == id)) {
+            Some(r) => {
+                r.session = Some(session);
+                true
+            }
+            None => false,
+        };
         self.changed.notify_waiters();
+        attached
     }
 
     /// Whether `name` is registered or being registered.
@@ -192,9 +190,9 @@ impl Registry {
         self.table().get(name).and_then(|e| e.replicas.iter().find(|r| r.live()).map(|r| r.owner))
     }
 
-    /// How `name` is held (pool, exit), if it is.
-    pub(crate) fn joining(&self, name: &str) -> Option<Joining> {
-        self.table().get(name).map(|e| e.joining)
+    /// How `name` is held (pool, exit, how it speaks), if it is.
+    pub(crate) fn registration(&self, name: &str) -> Option<Registration> {
+        self.table().get(name).map(|e| e.registration)
     }
 
     /// The live replicas of `name`, in the order to offer them a stream (round-robin: each call
@@ -254,6 +252,11 @@ impl Registry {
     }
 }
 
+/// What a listener session replaced by a newer registration of its key is told as it is closed.
+pub(crate) fn replaced_notice(name: &str) -> String {
+    format!("the name {name:?} was registered again by the same key from another session; this listener stops (run one listener per key and name, or start every replica with --pool)")
+}
+
 /// The refusal of a listener that a newer registration of its key replaced.
 pub(crate) fn retired_error(name: &str) -> Error {
     Error::new(
@@ -262,10 +265,38 @@ pub(crate) fn retired_error(name: &str) -> Error {
     )
 }
 
-fn kind(j: Joining) -> &'static str {
+fn kind(j: Registration) -> &'static str {
     if j.exit {
         "exit"
     } else {
         "(non-exit)"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reservation_replaced_before_its_session_attaches_is_not_attached() {
+        let r = Registry::default();
+        let key = [7u8; 32];
+        let old = r.reserve("api", key, b"old", Registration::default(), 4).expect("reserved");
+        // The same key registers again before the first session is attached: it replaces the
+        // reservation, and the first session has nothing to attach to.
+        let new = r.reserve("api", key, b"new", Registration::default(), 4).expect("replaced");
+        assert_ne!(old, new);
+        let (session, _task) = idle_session();
+        assert!(!r.attach("api", old, session.clone()), "a replaced reservation must not take the session");
+        assert!(r.attach("api", new, session), "the newer reservation takes its session");
+    }
+
+    /// A live session over a transport that never delivers anything.
+    fn idle_session() -> (Session, crate::mux::SessionTask) {
+        use futures_util::SinkExt;
+        let source: crate::mux::FrameSource = Box::pin(futures_util::stream::pending());
+        let sink: crate::mux::FrameSink = Box::pin(futures_util::sink::drain().sink_map_err(|e: std::convert::Infallible| match e {}));
+        let (s, t) = crate::mux::Session::owned(crate::mux::Role::Server, source, sink, Default::default());
+        (Session::Mux(s), t)
     }
 }

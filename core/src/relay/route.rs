@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::metrics::Refusal;
+use super::names::{self, Found};
 use super::RelayState;
 use crate::egress::connect::{connect_target, Cause};
 use crate::error::ErrorCode;
@@ -175,15 +176,12 @@ pub(crate) async fn listener_route(state: &RelayState, addr: &Address) -> Option
     // Port 0 is never a real target: `NAME:0` is how dialers name a listener (`localhost` excepted:
     // it names the relay's own host, which the allowlist refuses as such).
     let by_port = *port == 0 && name != "localhost";
-    if explicit || looks_derived || by_port || state.registry.contains(&name) {
+    if explicit || looks_derived || by_port {
         return Some(name);
     }
-    // A chosen name a listener on another node holds (when Redis cannot be asked, the name is
-    // taken for a target: the allowlist decides, as on a relay of its own).
-    match &state.cluster {
-        Some(c) => c.lookup(state, &name).await.ok().filter(|h| !h.nodes.is_empty()).map(|_| name),
-        None => None,
-    }
+    // A chosen name a listener holds, here or on another node (when Redis cannot be asked, the
+    // name is taken for a target: the allowlist decides, as on a relay of its own).
+    names::lookup(state, &name).await.registration().map(|_| name)
 }
 
 /// Connect to the requested target (or listener, or exit listener) and answer the CONNECT; `None`
@@ -196,7 +194,7 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
     peer: SocketAddr,
     dialer: Option<u32>,
 ) -> Option<Connected> {
-    if let Some((target, exit)) = crate::protocol::split_exit_route(addr) {
+    if let Some((target, exit)) = socks::split_exit_route(addr) {
         return via_exit(state, io, &target, &exit, peer, dialer).await;
     }
     if let Some(name) = listener_route(state, addr).await {
@@ -248,15 +246,9 @@ pub(crate) async fn connect_and_reply<S: AsyncWrite + Unpin>(
 /// Whether the listener `name` is an exit listener (`None`: offline), here or on another node;
 /// `Err` when only the cluster registry could tell and it is unreachable.
 async fn exit_mode(state: &RelayState, name: &str) -> Result<Option<bool>, ()> {
-    if let Some(j) = state.registry.joining(name) {
-        return Ok(Some(j.exit));
-    }
-    match &state.cluster {
-        None => Ok(None),
-        Some(c) => {
-            let h = c.lookup(state, name).await.map_err(|_| ())?;
-            Ok((!h.nodes.is_empty()).then_some(h.mode.exit))
-        }
+    match names::lookup(state, name).await {
+        Found::Unknown => Err(()),
+        found => Ok(found.registration().map(|r| r.exit)),
     }
 }
 

@@ -268,7 +268,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     };
     super::guard::handshake_finished();
     let limit = state.cfg.limits.max_sessions_per_key;
-    let Some(_counted) = state.key_sessions.enter(kid, limit) else {
+    let Some(_counted) = state.guards.key_sessions.enter(kid, limit) else {
         state.metrics.refused(Refusal::KeySessions);
         tracing::warn!(%peer, kid, limit, "session refused: its key already has the most sessions allowed");
         let why = format!("key id {kid} already has {limit} open sessions on this relay (max_sessions_per_key); close some, or raise the limit");
@@ -282,7 +282,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
     }
     state.metrics.sessions_mux.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let (session, _close) = mux_server::server_session(&state, source, sink);
+    let (session, mut driver) = mux_server::server_session(&state, source, sink);
     tracing::debug!(%peer, "multiplexed session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
@@ -310,6 +310,9 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
             }
         }
     }
+    // Its last frames go out on the driver's task: wait for them (bounded) before this task,
+    // which a shutting-down relay waits for, ends.
+    driver.finished().await;
 }
 
 async fn serve_mux_stream(state: Arc<RelayState>, mut stream: SessionStream, peer: SocketAddr, session: Session, kid: u32) {

@@ -40,35 +40,35 @@ use std::time::{Duration, Instant};
 use redis::aio::ConnectionManager;
 use redis::Script;
 
-/// A claim's mode flags as stored in Redis (the joining rule compares `pool` and `exit` only).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct ClaimMode {
-    pub(crate) pool: bool,
-    pub(crate) exit: bool,
-    pub(crate) h2c: bool,
-    pub(crate) tls: bool,
+use crate::relay::names::{Holders, Registration, Speaks};
+
+/// A registration as a claim stores it in Redis (`pool`, `exit`, and `h2c` or `tls`); the
+/// joining rule compares `pool` and `exit` only.
+fn encode(r: Registration) -> String {
+    let speaks = match r.speaks {
+        Speaks::Http1 => None,
+        Speaks::H2c => Some("h2c"),
+        Speaks::TlsPassthrough => Some("tls"),
+    };
+    [r.pool.then_some("pool"), r.exit.then_some("exit"), speaks].into_iter().flatten().collect::<Vec<_>>().join(",")
 }
 
-impl ClaimMode {
-    fn encode(self) -> String {
-        let mut v = Vec::new();
-        for (on, f) in [(self.pool, "pool"), (self.exit, "exit"), (self.h2c, "h2c"), (self.tls, "tls")] {
-            if on {
-                v.push(f);
-            }
-        }
-        v.join(",")
-    }
+/// A stored claim's registration (`tls` wins over `h2c`, as at registration).
+pub(crate) fn decode(s: &str) -> Registration {
+    let has = |f: &str| s.split(',').any(|x| x == f);
+    let speaks = if has("tls") {
+        Speaks::TlsPassthrough
+    } else if has("h2c") {
+        Speaks::H2c
+    } else {
+        Speaks::Http1
+    };
+    Registration { pool: has("pool"), exit: has("exit"), speaks }
+}
 
-    pub(crate) fn decode(s: &str) -> ClaimMode {
-        let has = |f: &str| s.split(',').any(|x| x == f);
-        ClaimMode { pool: has("pool"), exit: has("exit"), h2c: has("h2c"), tls: has("tls") }
-    }
-
-    /// The part of the mode the joining rule compares (`pool`, `exit`).
-    fn joining(self) -> String {
-        format!("{}{}", if self.pool { "pool" } else { "-" }, if self.exit { "exit" } else { "-" })
-    }
+/// The part of a registration the joining rule compares (`pool`, `exit`).
+fn joining(r: Registration) -> String {
+    format!("{}{}", if r.pool { "pool" } else { "-" }, if r.exit { "exit" } else { "-" })
 }
 
 /// What a claim script answered.
@@ -77,7 +77,7 @@ pub(crate) enum Claimed {
     /// Held, with this epoch.
     Held(u64),
     /// Another key (or a pool / non-pool mismatch) holds the name on another node.
-    Taken { owner: String, mode: ClaimMode },
+    Taken { owner: String, mode: Registration },
     /// (Refresh only) our claim is gone and another node holds the name now: a newer
     /// registration of the same key replaced ours, or another key took it while we could not
     /// reach Redis.
@@ -85,15 +85,6 @@ pub(crate) enum Claimed {
     /// This listener instance was replaced by a newer registration of its key: it may not come
     /// back.
     Retired,
-}
-
-/// A name's live holders, as a lookup found them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Holders {
-    pub(crate) owner: String,
-    pub(crate) mode: ClaimMode,
-    /// (node id, URL) of each live node holding the name, excluding none.
-    pub(crate) nodes: Vec<(String, String)>,
 }
 
 // KEYS: name hash, retired set, this node's held set. ARGV: node id, owner hex, mode, joining part of mode,
@@ -345,7 +336,7 @@ impl Claims {
 
     /// Claim `name` for `owner` (a registration, `refresh == false`) or re-assert an existing
     /// claim (`refresh == true`).
-    pub(crate) async fn claim(&self, name: &str, owner: &str, instance: &str, mode: ClaimMode, refresh: bool) -> redis::RedisResult<Claimed> {
+    pub(crate) async fn claim(&self, name: &str, owner: &str, instance: &str, mode: Registration, refresh: bool) -> redis::RedisResult<Claimed> {
         let mut c = self.conn.clone();
         let r: Vec<String> = self
             .claim
@@ -354,8 +345,8 @@ impl Claims {
             .key(self.held_key())
             .arg(&self.node)
             .arg(owner)
-            .arg(mode.encode())
-            .arg(mode.joining())
+            .arg(encode(mode))
+            .arg(joining(mode))
             .arg(&self.ns)
             .arg(if refresh { "keep" } else { "claim" })
             .arg(instance)
@@ -366,7 +357,7 @@ impl Claims {
             Some("held") => Claimed::Held(r.get(1).and_then(|e| e.parse().ok()).unwrap_or(0)),
             Some("retired") => Claimed::Retired,
             Some("taken") => {
-                Claimed::Taken { owner: r.get(1).cloned().unwrap_or_default(), mode: ClaimMode::decode(r.get(2).map(String::as_str).unwrap_or("")) }
+                Claimed::Taken { owner: r.get(1).cloned().unwrap_or_default(), mode: decode(r.get(2).map(String::as_str).unwrap_or("")) }
             }
             _ => Claimed::Lost,
         })
@@ -406,12 +397,12 @@ impl Claims {
         let r: Vec<String> = self.lookup.key(self.name_key(name)).arg(&self.ns).invoke_async(&mut c).await?;
         let mut it = r.into_iter();
         let owner = it.next().unwrap_or_default();
-        let mode = ClaimMode::decode(&it.next().unwrap_or_default());
+        let registration = decode(&it.next().unwrap_or_default());
         let mut nodes = Vec::new();
         while let (Some(id), Some(url)) = (it.next(), it.next()) {
             nodes.push((id, url));
         }
-        Ok(Holders { owner, mode, nodes })
+        Ok(Holders { owner, registration, nodes })
     }
 }
 
@@ -449,14 +440,16 @@ mod tests {
     #[test]
     fn modes_round_trip() {
         for m in [
-            ClaimMode::default(),
-            ClaimMode { pool: true, ..Default::default() },
-            ClaimMode { pool: true, exit: true, h2c: true, tls: true },
-            ClaimMode { tls: true, ..Default::default() },
+            Registration::default(),
+            Registration { pool: true, ..Default::default() },
+            Registration { pool: true, exit: true, speaks: Speaks::H2c },
+            Registration { speaks: Speaks::TlsPassthrough, ..Default::default() },
         ] {
-            assert_eq!(ClaimMode::decode(&m.encode()), m);
+            assert_eq!(decode(&encode(m)), m);
         }
-        assert_eq!(ClaimMode { pool: true, h2c: true, ..Default::default() }.joining(), "pool-");
-        assert_eq!(ClaimMode { exit: true, ..Default::default() }.joining(), "-exit");
+        // Claims stored before `tls` replaced `h2c` when both were asked for.
+        assert_eq!(decode("pool,h2c,tls").speaks, Speaks::TlsPassthrough);
+        assert_eq!(joining(Registration { pool: true, speaks: Speaks::H2c, ..Default::default() }), "pool-");
+        assert_eq!(joining(Registration { exit: true, ..Default::default() }), "-exit");
     }
 }

@@ -13,6 +13,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::Cluster;
+use crate::relay::names::{self, Found};
+use crate::relay::public::tcp_ports;
 use crate::relay::RelayState;
 
 /// The mirrors a node serves: port → (listener name, stop).
@@ -35,13 +37,8 @@ impl Mirrors {
         };
         let mut wanted: HashMap<u16, String> = HashMap::new();
         for (port, name) in table {
-            if (lo..=hi).contains(&port) && !state.registry.contains(&name) {
-                match cluster.lookup(state, &name).await {
-                    Ok(h) if !h.nodes.is_empty() => {
-                        wanted.insert(port, name);
-                    }
-                    _ => {}
-                }
+            if (lo..=hi).contains(&port) && matches!(names::lookup(state, &name).await, Found::Remote(_)) {
+                wanted.insert(port, name);
             }
         }
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -87,6 +84,6 @@ async fn serve(state: Arc<RelayState>, listener: TcpListener, name: String, port
             _ = state.draining.cancelled() => return,
             x = crate::transport::accept_backoff(&listener) => x,
         };
-        state.tasks.spawn(crate::relay::listen::forward_public_tcp(state.clone(), sock, peer, name.clone(), port));
+        state.tasks.spawn(tcp_ports::forward(state.clone(), sock, peer, name.clone(), port));
     }
 }

@@ -38,13 +38,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::registry::Joining;
+use super::names::{Holders, Registration};
 use super::route::RouteError;
 use super::RelayState;
 use crate::config::ClusterConfig;
 use crate::error::{Error, ErrorCode, Result};
 use crate::session::SessionStream;
-use claims::{ClaimMode, Claimed, Claims, Holders};
+use claims::{Claimed, Claims};
 
 /// How long a cached route may be used without a change notice (a safety net: notices are what
 /// keep the cache right, and the cache is dropped whenever the subscription is lost).
@@ -65,7 +65,7 @@ struct Held {
     owner: String,
     /// The listener instance (hex) that holds it here.
     instance: String,
-    mode: ClaimMode,
+    mode: Registration,
     /// The claim's epoch; 0 while it could not be claimed (Redis unreachable).
     epoch: u64,
 }
@@ -156,7 +156,7 @@ impl Cluster {
     /// another key (or an incompatible pool, or a newer registration of the same key) holds it
     /// *and* a node holding it confirms that over an authenticated session; an unreachable Redis
     /// keeps the claim local until it returns.
-    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], instance: &[u8], mode: ClaimMode) -> Result<()> {
+    pub(crate) async fn claim(&self, state: &RelayState, name: &str, owner: &[u8; 32], instance: &[u8], mode: Registration) -> Result<()> {
         let owner = data_encoding::HEXLOWER.encode(owner);
         let instance = data_encoding::HEXLOWER.encode(instance);
         let mut checked = false;
@@ -475,7 +475,7 @@ fn unconfirmed_error(name: &str, why: &str) -> Error {
 }
 
 /// The `NAME_TAKEN` error for a claim another node holds, in the words of the local rules.
-fn taken_error(name: &str, ours: ClaimMode, theirs: ClaimMode) -> Error {
+fn taken_error(name: &str, ours: Registration, theirs: Registration) -> Error {
     let why = if theirs.pool && !ours.pool {
         format!(
             "the name {name:?} is served by a pool of listeners on another relay of the cluster; start this one with --pool (pool=True) to join it"
@@ -593,9 +593,4 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::debug!("lost the cluster's change notices; resubscribing");
     }
-}
-
-/// The claim mode of a registration.
-pub(crate) fn mode_of(joining: Joining, h2c: bool, tls: bool) -> ClaimMode {
-    ClaimMode { pool: joining.pool, exit: joining.exit, h2c, tls }
 }

@@ -468,7 +468,7 @@ async fn serve_forward(state: Arc<RelayState>, mut stream: SessionStream, req: F
     // An exit stream: this node checks the grant itself, as it would for a dialer of its own.
     if req.header.first() == Some(&EXIT_HEADER_VERSION) {
         let kid = req.header.get(1..5).map(|k| u32::from_be_bytes(k.try_into().expect("four bytes")));
-        let is_exit = state.registry.joining(&req.name).is_some_and(|j| j.exit);
+        let is_exit = state.registry.registration(&req.name).is_some_and(|j| j.exit);
         if !(is_exit && kid.is_some_and(|kid| state.access().exit_permits(&req.name, kid))) {
             tracing::info!(listener = %req.name, ?kid, is_exit, "exit stream from another node refused: this node's exits setting does not grant it");
             state.metrics.refused(super::super::metrics::Refusal::NotAllowed);

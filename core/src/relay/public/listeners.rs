@@ -1,6 +1,4 @@
-//! What the public endpoints know about each registered listener: how its local service speaks
-//! ([`Mode`]: HTTP/1.1, h2c, or raw TLS it terminates itself, from its registration), the one
-//! HTTP/2 connections the relay keeps to an h2c listener (every public request to it, from every
+//! What the public endpoints keep for each registered listener: the HTTP/2 connections the relay keeps to an h2c listener (every public request to it, from every
 //! client, is a stream of one of a few such connections, each one tunnel stream and one local
 //! connection), and its
 //! request-rate window (`http_listener_rate`: 429 with `Retry-After` past the limit).
@@ -22,19 +20,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::public_endpoint::Pieces;
-
-/// How a listener's local service speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) enum Mode {
-    /// HTTP/1.1 (the default): one tunnel stream per client connection.
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge (gRPC): requests are streams of one shared connection.
-    H2c,
-    /// Raw TLS: the HTTPS port routes a connection by SNI without decrypting it.
-    TlsPassthrough,
-}
+use super::body::Pieces;
 
 pub(crate) type H2Sender = hyper::client::conn::http2::SendRequest<Pieces>;
 
@@ -78,7 +64,6 @@ fn with_room(kept: &[Shared], from: usize) -> Option<(H2Sender, H2Slot)> {
 
 struct Entry {
     id: u64,
-    mode: Mode,
     h2: Vec<Shared>,
     /// Round-robin position in `h2`.
     next: usize,
@@ -113,9 +98,9 @@ impl PublicListeners {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A registration (`id` from the registry) of `name` in `mode`.
-    pub(crate) fn registered(&self, name: &str, id: u64, mode: Mode) {
-        self.table().insert(name.to_string(), Entry { id, mode, h2: Vec::new(), next: 0 });
+    /// A registration (`id` from the registry) of `name`.
+    pub(crate) fn registered(&self, name: &str, id: u64) {
+        self.table().insert(name.to_string(), Entry { id, h2: Vec::new(), next: 0 });
     }
 
     /// The registration `id` ended (a newer one of the same name stays).
@@ -125,11 +110,6 @@ impl PublicListeners {
             t.remove(name);
             self.windows.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
         }
-    }
-
-    /// How the listener `name` speaks (HTTP/1.1 when unknown).
-    pub(crate) fn mode(&self, name: &str) -> Mode {
-        self.table().get(name).map(|e| e.mode).unwrap_or_default()
     }
 
     /// An open HTTP/2 connection to `name` (the next in turn with a free slot) and a slot on it,

@@ -5,12 +5,17 @@
 //! memory beyond its bytes, which h2 bounds by closing a connection that keeps too many of them
 //! buffered (`ENHANCE_YOUR_CALM`, "too_many_data_frames"). Draining whatever is ready at each
 //! poll keeps what the relay holds down to its bytes, and the next hop gets fewer, larger frames.
+//! [`Pieces`] is a client's request body on its way to a listener, cut into bounded pieces.
 
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, Incoming};
+
+use crate::relay::metrics::ListenerHttp;
 
 type Next = Option<Result<Frame<Bytes>, hyper::Error>>;
 
@@ -87,5 +92,67 @@ impl Chunks {
             return hyper::body::SizeHint::default();
         }
         self.inner.size_hint()
+    }
+}
+
+/// Largest piece of a request body handed to the listener connection at once. hyper's client
+/// copies each piece into its write buffer whole (the mux stream takes no vectored writes), and
+/// the pieces came as large as the public connection's read buffer (64 KiB): bounding them
+/// bounds that buffer to the endpoint's `UPSTREAM_BUFFER` plus one piece.
+const PIECE: usize = 16 * 1024;
+
+/// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
+/// buffers: nothing is copied), small frames joined (see [`Chunks`]).
+pub(crate) struct Pieces {
+    inner: Chunks,
+    rest: Bytes,
+    stats: Option<Arc<ListenerHttp>>,
+}
+
+impl Pieces {
+    /// A client's request body, counted in the listener's `bytes_in` when `stats` is given.
+    pub(crate) fn new(body: Incoming, stats: Option<Arc<ListenerHttp>>) -> Pieces {
+        Pieces { inner: Chunks::new(body, PIECE), rest: Bytes::new(), stats }
+    }
+}
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.rest.is_empty() {
+            match std::task::ready!(this.inner.poll_next(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(s) = &this.stats {
+                            s.bytes_in.fetch_add(data.len() as u64, Relaxed);
+                        }
+                        this.rest = data
+                    }
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+                other => return Poll::Ready(other),
+            }
+        }
+        let n = this.rest.len().min(PIECE);
+        Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
+    }
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_empty() && self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut h = hyper::body::SizeHint::new();
+        h.set_lower(inner.lower() + rest);
+        if let Some(upper) = inner.upper() {
+            h.set_upper(upper + rest);
+        }
+        h
     }
 }

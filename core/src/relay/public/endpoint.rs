@@ -26,17 +26,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::guard;
-use super::listener_limits::{ListenerSlot, Refused};
-use super::metrics::{ListenerHttp, Refusal};
-use super::public_body::Chunks;
-use super::public_h2_window::WindowMeter;
-use super::public_listeners::{H2Sender, H2Slot, Mode, PublicListeners, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
-use super::public_tls::{read_client_hello, PublicTls};
-use super::route::{open_to_listener, RouteError};
-use super::RelayState;
+use super::body::{Chunks, Pieces};
+use super::h2_window::WindowMeter;
+use super::listeners::{H2Sender, H2Slot, Shared, H2_CONNECTION_WINDOW, H2_STREAMS, H2_STREAM_WINDOW};
+use super::tls::read_client_hello;
 use crate::error::ErrorCode;
 use crate::protocol::{StreamHeader, Via};
+use crate::relay::guard;
+use crate::relay::listener_limits::{ListenerSlot, Refused};
+use crate::relay::metrics::{ListenerHttp, Refusal};
+use crate::relay::names::{self, Speaks};
+use crate::relay::route::{open_to_listener, RouteError};
+use crate::relay::RelayState;
 
 type Body = Either<Counted, Full<Bytes>>;
 
@@ -52,7 +53,7 @@ struct Permits {
     _by_source: guard::InFlightPermit<IpAddr>,
     _by_listener: ListenerSlot,
     _share: guard::SharePermit,
-    metrics: Arc<super::metrics::Metrics>,
+    metrics: Arc<crate::relay::metrics::Metrics>,
 }
 
 impl Drop for Permits {
@@ -124,7 +125,7 @@ impl Counted {
 }
 
 /// Cut the body when it has had a frame ready for `http_timeout` that nobody asked for.
-async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<super::metrics::Metrics>) {
+async fn stall_watch(body: std::sync::Weak<Watched>, metrics: Arc<crate::relay::metrics::Metrics>) {
     let Some(limit) = body.upgrade().map(|b| b.limit) else { return };
     let mut wake = tokio::time::Instant::now() + limit;
     loop {
@@ -193,61 +194,6 @@ struct Upstream {
 
 type Sender = hyper::client::conn::http1::SendRequest<Pieces>;
 
-/// Largest piece of a request body handed to the listener connection at once. hyper's client
-/// copies each piece into its write buffer whole (the mux stream takes no vectored writes), and
-/// the pieces came as large as the public connection's read buffer (64 KiB): bounding them
-/// bounds that buffer to [`UPSTREAM_BUFFER`] plus one piece.
-const PIECE: usize = 16 * 1024;
-
-/// A client's request body cut into pieces of at most [`PIECE`] bytes (slices of the same
-/// buffers: nothing is copied), small frames joined (see [`Chunks`]).
-pub(crate) struct Pieces {
-    inner: Chunks,
-    rest: Bytes,
-    stats: Option<Arc<ListenerHttp>>,
-}
-
-impl hyper::body::Body for Pieces {
-    type Data = Bytes;
-    type Error = hyper::Error;
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        use std::task::Poll;
-        let this = &mut *self;
-        if this.rest.is_empty() {
-            match std::task::ready!(this.inner.poll_next(cx)) {
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if let Some(s) = &this.stats {
-                            s.bytes_in.fetch_add(data.len() as u64, Relaxed);
-                        }
-                        this.rest = data
-                    }
-                    Err(other) => return Poll::Ready(Some(Ok(other))),
-                },
-                other => return Poll::Ready(other),
-            }
-        }
-        let n = this.rest.len().min(PIECE);
-        Poll::Ready(Some(Ok(hyper::body::Frame::data(this.rest.split_to(n)))))
-    }
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        let inner = self.inner.size_hint();
-        let rest = self.rest.len() as u64;
-        let mut h = hyper::body::SizeHint::new();
-        h.set_lower(inner.lower() + rest);
-        if let Some(upper) = inner.upper() {
-            h.set_upper(upper + rest);
-        }
-        h
-    }
-}
-
 /// A client connection's idle HTTP/1.1 connections to listeners, for its next requests: one for
 /// an HTTP/1.1 client (keep-alive), up to [`IDLE_UPSTREAMS`] for an HTTP/2 client whose
 /// concurrent requests each need one.
@@ -255,12 +201,6 @@ type UpstreamSlot = Arc<std::sync::Mutex<Vec<Upstream>>>;
 
 /// Most idle listener connections one client connection keeps.
 const IDLE_UPSTREAMS: usize = 16;
-
-/// The public endpoints' own state: listener modes, h2 connections and rate windows, and TLS.
-pub(crate) struct Public {
-    pub(crate) listeners: PublicListeners,
-    pub(crate) tls: Option<PublicTls>,
-}
 
 /// How a client connection reached the relay.
 struct Conn {
@@ -288,7 +228,7 @@ where
 
 /// Serve one public plain-HTTP connection: HTTP/1.1 (keep-alive, upgrades) or h2c with prior
 /// knowledge.
-pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+pub(in crate::relay) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
     // The first request head before hyper's buffers (see `read_request_head`; an h2c preface
     // `PRI * HTTP/2.0` is one too): a slow client holds what it sent, no more.
     let Some(head) = crate::transport::read_request_head(&mut sock, state.cfg.limits.http_max_header_bytes).await else { return };
@@ -299,14 +239,14 @@ pub(super) async fn serve(state: Arc<RelayState>, mut sock: TcpStream, peer: Soc
 /// Serve one connection on the public HTTPS port: a ClientHello naming a TLS-passthrough
 /// listener is routed to it undecrypted; any other is answered with the relay's certificate for
 /// its SNI, then HTTP/2 or HTTP/1.1 as ALPN chose.
-pub(super) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
+pub(in crate::relay) async fn serve_tls(state: Arc<RelayState>, mut sock: TcpStream, peer: SocketAddr) {
     let Some(tls) = state.public.tls.as_ref() else { return };
     let acceptor = tls.acceptor().clone();
     let Some((hello, sni)) = read_client_hello(&mut sock, state.cfg.limits.http_max_header_bytes).await else {
         return tracing::debug!(%peer, "no TLS ClientHello on the public HTTPS port");
     };
     if let Some(name) = sni.as_deref().and_then(|s| name_in_domain(s, &state.cfg.domain)) {
-        if listener_mode(&state, name).await == Mode::TlsPassthrough {
+        if listener_mode(&state, name).await == Speaks::TlsPassthrough {
             let name = name.to_string();
             return passthrough(state, hello, sock, peer, name).await;
         }
@@ -325,7 +265,7 @@ async fn passthrough(state: Arc<RelayState>, hello: Vec<u8>, sock: TcpStream, pe
     guard::handshake_finished();
     // Counted against the listener's rate where it is held (a connection, not a request in
     // progress: its place is given back at once).
-    if let Err(Refused::Rate(_)) = super::listener_limits::count(&state, &name).await {
+    if let Err(Refused::Rate(_)) = crate::relay::listener_limits::count(&state, &name).await {
         state.metrics.refused(Refusal::HttpListenerRate);
         return tracing::debug!(%peer, listener = %name, "TLS passthrough connection over the listener's rate; closed");
     }
@@ -386,18 +326,8 @@ const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// How the listener `name` speaks: from its registration here, else from its claim in the
 /// cluster (a listener on another node), else HTTP/1.1.
-async fn listener_mode(state: &RelayState, name: &str) -> Mode {
-    if state.registry.contains(name) {
-        return state.public.listeners.mode(name);
-    }
-    match &state.cluster {
-        Some(c) => match c.lookup(state, name).await {
-            Ok(h) if h.mode.tls => Mode::TlsPassthrough,
-            Ok(h) if h.mode.h2c => Mode::H2c,
-            _ => Mode::Http1,
-        },
-        None => Mode::Http1,
-    }
+async fn listener_mode(state: &RelayState, name: &str) -> Speaks {
+    names::lookup(state, name).await.registration().map(|r| r.speaks).unwrap_or_default()
 }
 
 /// The listener name a host names: `NAME.<domain>` only.
@@ -614,17 +544,17 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         Box::new(r)
     };
-    let Some(by_source) = state.http_per_source.enter(guard::source_of(peer.ip())) else {
+    let Some(by_source) = state.public.per_source.enter(guard::source_of(peer.ip())) else {
         state.metrics.refused(Refusal::HttpSourceRequests);
         return Err(busy(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "too many requests in progress from your address (http_max_requests_per_source = {}); retry later",
-                state.http_per_source.limit()
+                state.public.per_source.limit()
             ),
         ));
     };
-    let by_listener = match super::listener_limits::count(state, name).await {
+    let by_listener = match crate::relay::listener_limits::count(state, name).await {
         Ok(slot) => slot,
         Err(Refused::Rate(wait)) => {
             state.metrics.refused(Refusal::HttpListenerRate);
@@ -654,8 +584,8 @@ async fn admit_request(state: &Arc<RelayState>, peer: SocketAddr, name: &str) ->
 /// Count the request in its source's share of the listener's slots (see [`guard::SourceShares`]),
 /// or answer 503: a few sources holding most of a listener's requests leave the rest to others.
 fn take_source_share(state: &RelayState, peer: SocketAddr, name: &str) -> Result<guard::SharePermit, Box<Response<Body>>> {
-    let in_use = state.http_per_listener.count(&name.to_string());
-    let shares = &state.http_source_shares;
+    let in_use = state.public.per_listener.count(&name.to_string());
+    let shares = &state.public.source_shares;
     shares.enter(name, guard::source_of(peer.ip()), in_use).ok_or_else(|| {
         state.metrics.refused(Refusal::HttpListenerRequests);
         let mut r = text(
@@ -664,7 +594,7 @@ fn take_source_share(state: &RelayState, peer: SocketAddr, name: &str) -> Result
                 "your address holds {} or more of the listener {name:?}'s requests in progress and its last {} places are kept for others (http_max_requests_per_listener = {}); retry later",
                 shares.share(),
                 shares.reserve(),
-                state.http_per_listener.limit()
+                state.public.per_listener.limit()
             ),
         );
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -768,14 +698,14 @@ async fn forward(
     let upgrade_requested = req.version() <= http::Version::HTTP_11 && req.headers().contains_key(header::UPGRADE) && !h2c_upgrade;
     strip_hop_by_hop(req.headers_mut(), upgrade_requested);
     let client_upgrade = upgrade_requested.then(|| hyper::upgrade::on(&mut req));
-    let req = req.map(|inner| Pieces { inner: Chunks::new(inner, PIECE), rest: Bytes::new(), stats: stats.clone() });
+    let req = req.map(|inner| Pieces::new(inner, stats.clone()));
     let limit = state.cfg.limits.http_timeout;
     let timeout_response = || {
         state.metrics.refused(Refusal::Timeout);
         text(StatusCode::GATEWAY_TIMEOUT, format!("the listener {name:?} did not answer within {limit:?} (TUNNEL_HTTP_TIMEOUT)"))
     };
 
-    if mode == Mode::H2c {
+    if mode == Speaks::H2c {
         if upgrade_requested {
             return text(StatusCode::NOT_IMPLEMENTED, format!("the listener {name:?} speaks HTTP/2 (h2c); upgrades need an HTTP/1.1 listener"));
         }

@@ -24,8 +24,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::metrics::Metrics;
-use super::public_listeners::H2_CONNECTION_WINDOW;
+use super::listeners::H2_CONNECTION_WINDOW;
+use crate::relay::metrics::Metrics;
 
 /// The window every HTTP/2 connection starts with (RFC 9113 6.9.2).
 const INITIAL_WINDOW: i64 = 65_535;
