@@ -235,10 +235,11 @@ impl ClientArgs {
         }
     }
 
-    fn dialer(&self) -> Result<Dialer, Error> {
+    /// The dialer these flags describe; every dial goes through the exit listener `via` when given.
+    fn dialer(&self, via: Option<String>) -> Result<Dialer, Error> {
         DialerOptions {
             client: self.options(),
-            via: None,
+            via,
             e2e: self.e2e,
             e2e_pins: self.e2e_pin.clone(),
             e2e_identity: self.e2e_identity.as_ref().map(|p| p.to_string_lossy().into_owned()),
@@ -370,43 +371,26 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }
         Cmd::Forward { local, target, via, client } => {
             let target = libtunnel::dialer::route(&target, via.as_deref())?;
-            let dialer = client.dialer()?;
+            let dialer = client.dialer(None)?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
             let stop = shutdown_signal();
             say!("forwarding {addr} -> {target} via {}", dialer.relay());
-            if dialer.mode() == Mode::Multiplexed {
-                match dialer.connect().await {
-                    Ok(()) => {}
-                    // A refusal (wrong key, ...) is final: stop now, as ssh -L does.
-                    Err(e) if e.code().is_final() => return Err(e),
-                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
-                }
-            }
+            connect_at_start(&dialer).await?;
             libtunnel::forward::forward(listener, dialer, target, stop).await
         }
         Cmd::Socks { listen, via, client } => {
-            let dialer = client.dialer()?;
-            let dialer = match via {
-                Some(v) => dialer.with_via(&v)?,
-                None => dialer,
-            };
+            let dialer = client.dialer(via)?;
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
             let stop = shutdown_signal();
             say!("socks5 proxy on {addr} via {}", dialer.relay());
-            if dialer.mode() == Mode::Multiplexed {
-                match dialer.connect().await {
-                    Ok(()) => {}
-                    Err(e) if e.code().is_final() => return Err(e),
-                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
-                }
-            }
+            connect_at_start(&dialer).await?;
             libtunnel::forward::socks_proxy(listener, dialer, stop).await
         }
         Cmd::Dial { target, via, client } => {
             let target = libtunnel::dialer::route(&target, via.as_deref())?;
-            let dialer = client.dialer()?;
+            let dialer = client.dialer(None)?;
             let stream = dialer.dial_target(&target).await?;
             // Classic mode has no half-close: closing our side would close the tunnel before the
             // reply arrives, so at the end of stdin it only flushes and keeps reading.
@@ -565,6 +549,20 @@ async fn run(cli: Cli) -> Result<(), Error> {
 /// `TUNNEL_ADMIN_TOKEN`, which `tunnel status` reads like the client variables (environment, then
 /// `./.env`).
 const ADMIN_TOKEN_VAR: ClientVar = ClientVar { name: "TUNNEL_ADMIN_TOKEN", help: "the relay's admin token", old_names: &[] };
+
+/// Open a forward's or proxy's session at start (multiplexed mode): a refusal (a wrong key, ...)
+/// is final and ends the command, as `ssh -L` does; a relay that cannot be reached yet is
+/// retried on the first connection.
+async fn connect_at_start(dialer: &Dialer) -> Result<(), Error> {
+    if dialer.mode() == Mode::Multiplexed {
+        match dialer.connect().await {
+            Ok(()) => {}
+            Err(e) if e.code().is_final() => return Err(e),
+            Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
+        }
+    }
+    Ok(())
+}
 
 /// A dialed stream's error with its cause spelled out: a listener's refusal arrives as a reset
 /// carrying its code.
