@@ -682,12 +682,7 @@ async fn admit(
         Some(e2e) => {
             let tls = match tokio::time::timeout(E2E_HANDSHAKE, e2e.accept(stream, E2E_FIRST_BYTES)).await {
                 Ok(r) => r?,
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorCode::E2eRefused,
-                        "dropped a stream whose end-to-end handshake did not finish within 10 s",
-                    ))
-                }
+                Err(_) => return Err(Error::new(ErrorCode::E2eRefused, "dropped a stream whose end-to-end handshake did not finish within 10 s")),
             };
             peer.e2e = true;
             peer.dialer_key = tls.peer_key();

@@ -432,7 +432,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, backlog, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
+        Cmd::Listen {
+            to,
+            pool,
+            exit,
+            allow,
+            relay,
+            key,
+            name,
+            tcp_port,
+            backlog,
+            proxy_protocol,
+            h2c,
+            tls_passthrough,
+            ca,
+            timeout,
+            e2e,
+            allow_peer,
+        } => {
             let b = ListenerOptions {
                 client: ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() },
                 name,

@@ -120,7 +120,9 @@ impl DialerOptions {
     /// Check the options against each other and the environment, and return the builder.
     pub fn builder(self) -> Result<DialerBuilder> {
         if !self.e2e && (!self.e2e_pins.is_empty() || self.e2e_identity.is_some()) {
-            return Err(Error::argument("e2e pins and an e2e identity (--e2e-pin, --e2e-identity) only apply to an end-to-end encrypted dialer: turn e2e on"));
+            return Err(Error::argument(
+                "e2e pins and an e2e identity (--e2e-pin, --e2e-identity) only apply to an end-to-end encrypted dialer: turn e2e on",
+            ));
         }
         let loaded = self.client.identity.clone();
         let mut b = self.client.resolve(ClientRole::Dialer)?.dialer_builder()?;
