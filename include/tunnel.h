@@ -498,12 +498,13 @@ tunnel_result tunnel_config_add_e2e_pin(struct tunnel_config *cfg, const char *p
 /**
  * Listener, e2e: require dialers' own keys and admit this one (base64 public key or key-derived
  * name); others fail with `TUNNEL_RESULT_E2E_REFUSED` at their end. Checked now; may be called
- * several times.
+ * several times. Binding fails with `TUNNEL_RESULT_INVALID_ARGUMENT` unless e2e is on
+ * (`tunnel_config_set_e2e`).
  *
  * # Safety
  * `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
  */
-tunnel_result tunnel_config_add_allow_peer(struct tunnel_config *cfg, const char *key);
+tunnel_result tunnel_config_add_listener_allow_peer(struct tunnel_config *cfg, const char *key);
 
 /**
  * Make a listener bound from this config join its name's pool of replicas (`tunnel listen
@@ -513,7 +514,7 @@ tunnel_result tunnel_config_add_allow_peer(struct tunnel_config *cfg, const char
  * # Safety
  * `cfg` must be NULL or a live config.
  */
-tunnel_result tunnel_config_set_pool(struct tunnel_config *cfg, bool pool);
+tunnel_result tunnel_config_set_listener_pool(struct tunnel_config *cfg, bool pool);
 
 /**
  * Make a listener bound from this config an exit listener (`tunnel listen --exit --allow`):
@@ -524,7 +525,71 @@ tunnel_result tunnel_config_set_pool(struct tunnel_config *cfg, bool pool);
  * # Safety
  * `cfg` must be NULL or a live config; `allow_json` NULL or NUL-terminated.
  */
-tunnel_result tunnel_config_set_exit(struct tunnel_config *cfg, const char *allow_json);
+tunnel_result tunnel_config_set_listener_exit(struct tunnel_config *cfg, const char *allow_json);
+
+/**
+ * With `tunnel_config_set_listener_exit`: this exit listener exposes no service of its own (it
+ * never calls `tunnel_listener_accept`), so a stream dialed to its name is refused before it is
+ * accepted and the dialer gets `TUNNEL_RESULT_NOT_ALLOWED` naming why (`tunnel listen --exit`
+ * without `--to`). Default false. Binding fails with `TUNNEL_RESULT_INVALID_ARGUMENT` without
+ * exit rules.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_listener_exit_only(struct tunnel_config *cfg, bool on);
+
+/**
+ * Ask the relay for a public TCP port from its `tcp_ports` range for a listener bound from this
+ * config (`tunnel listen --tcp-port`). Default false.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_listener_tcp_port(struct tunnel_config *cfg, bool on);
+
+/**
+ * Set how many accepted streams may wait for `tunnel_listener_accept` (beyond the listener's
+ * own small queue of ready sockets) before the relay refuses more (default 128, the core's
+ * `DEFAULT_BACKLOG`; `tunnel listen --backlog`). 0 is `TUNNEL_RESULT_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config.
+ */
+tunnel_result tunnel_config_set_listener_backlog(struct tunnel_config *cfg, size_t backlog);
+
+/**
+ * Deprecated name of `tunnel_config_add_listener_allow_peer` (kept so the ABI stays; removed in
+ * a later release).
+ *
+ * # Safety
+ * As `tunnel_config_add_listener_allow_peer`.
+ */
+__attribute__((deprecated("use tunnel_config_add_listener_allow_peer")))
+tunnel_result tunnel_config_add_allow_peer(struct tunnel_config *cfg,
+                                           const char *key);
+
+/**
+ * Deprecated name of `tunnel_config_set_listener_pool` (kept so the ABI stays; removed in a
+ * later release).
+ *
+ * # Safety
+ * As `tunnel_config_set_listener_pool`.
+ */
+__attribute__((deprecated("use tunnel_config_set_listener_pool")))
+tunnel_result tunnel_config_set_pool(struct tunnel_config *cfg,
+                                     bool pool);
+
+/**
+ * Deprecated name of `tunnel_config_set_listener_exit` (kept so the ABI stays; removed in a
+ * later release).
+ *
+ * # Safety
+ * As `tunnel_config_set_listener_exit`.
+ */
+__attribute__((deprecated("use tunnel_config_set_listener_exit")))
+tunnel_result tunnel_config_set_exit(struct tunnel_config *cfg,
+                                     const char *allow_json);
 
 /**
  * Free a config made by `tunnel_config_new`. NULL is a no-op. Dialers and listeners made from
@@ -567,7 +632,7 @@ tunnel_result tunnel_dialer_dial(const struct tunnel_dialer *dialer,
 
 /**
  * Like `tunnel_dialer_dial`, but through the exit listener `via` (a listener registered with
- * `tunnel_config_set_exit`): the relay routes the stream to it and it connects `target` inside
+ * `tunnel_config_set_listener_exit`): the relay routes the stream to it and it connects `target` inside
  * its own network, checked against its own allowlist. Refusals keep their codes:
  * `TUNNEL_RESULT_NOT_ALLOWED` (outside the exit's rules, or the relay does not let this key use
  * that exit), `TUNNEL_RESULT_UNREACHABLE` (the exit is offline), ...

@@ -37,6 +37,8 @@ export interface ErrorCodeInfo {
   number: number
   name: string
   code: string
+  /** Whether retrying cannot help until something changes (a refusal); the same rule in every face. */
+  final: boolean
 }
 
 /** Who is on the other end of an accepted stream. */
@@ -70,7 +72,7 @@ export interface ListenerBindOptions {
   tlsPassthrough?: boolean
   /** Milliseconds connecting and registering may take (default 20 000). */
   timeout?: number
-  /** Streams waiting for 'connection' before the relay refuses more (default 511). */
+  /** Streams waiting for 'connection' before the relay refuses more (default 128, the core's). */
   backlog?: number
   /** PEM file of CA certificates to trust for `wss://`. */
   ca?: string
@@ -83,6 +85,8 @@ export interface ListenerBindOptions {
    * relay's `allow` syntax) for targets dialers reach through it with `dial(target, { via })`.
    */
   exit?: string | Array<{ host: string, port: number | string }>
+  /** With `exit`: this listener exposes no service, so dials to its name are refused (`'ENOTALLOWED'`) instead of reaching nobody. */
+  exitOnly?: boolean
   /** End-to-end encryption: terminate TLS on every stream (the relay sees only ciphertext) and refuse plaintext ones. */
   e2e?: boolean
   /** With `e2e`: require dialers' own keys and admit these (base64 public keys or key-derived names). */

@@ -12,8 +12,11 @@ const { EventEmitter } = require('node:events')
 const net = require('node:net')
 const native = require('./native.js')
 
-/** Error codes: `{ number, name, code }` rows of the core's table, in numeric order. */
+/** Error codes: `{ number, name, code, final }` rows of the core's table, in numeric order. */
 const errorCodes = native.errorCodes()
+
+/** The `err.code`s that retrying cannot fix (the core's `ErrorCode::is_final`). */
+const FINAL_CODES = new Set(errorCodes.filter((c) => c.final).map((c) => c.code))
 
 /** Wrap a native socket fd in a `net.Socket`; libuv recognises it as TCP. */
 function socketFromFd (fd, allowHalfOpen) {
@@ -32,9 +35,6 @@ function addressInfo (addr) {
   const { address, port } = splitHostPort(addr)
   return { address, family: net.isIPv6(address) ? 'IPv6' : 'IPv4', port }
 }
-
-/** Streams waiting for 'connection' before the relay refuses more (net.Server's default). */
-const DEFAULT_BACKLOG = 511
 
 /** accept() calls kept in flight, so wrapping one stream overlaps with fetching the next. */
 const ACCEPTS_IN_FLIGHT = 4
@@ -91,18 +91,12 @@ class Listener extends EventEmitter {
   static async bind (options = {}) {
     // What is not given comes from TUNNEL_RELAY, TUNNEL_LISTENER_KEY, TUNNEL_CA and
     // TUNNEL_TIMEOUT (and ./.env), read by the core as in every face.
-    const raw = await native.NativeListener.bind(options.relay, keyText(options.key), {
-      name: options.name,
-      tcpPort: options.tcpPort,
-      h2c: options.h2c,
-      tlsPassthrough: options.tlsPassthrough,
-      timeoutMs: options.timeout,
-      backlog: options.backlog ?? DEFAULT_BACKLOG,
-      ca: options.ca,
-      e2e: options.e2e,
-      allowPeers: options.allowPeers,
-      pool: options.pool,
-      exit: options.exit === undefined || typeof options.exit === 'string' ? options.exit : JSON.stringify(options.exit)
+    // The other options pass through by name to the native `ListenerOptions` (the core's).
+    const { relay, key, timeout, exit, allowHalfOpen, ...rest } = options
+    const raw = await native.NativeListener.bind(relay, keyText(key), {
+      ...rest,
+      timeoutMs: timeout,
+      exit: exit === undefined || typeof exit === 'string' ? exit : JSON.stringify(exit)
     })
     return new Listener(raw, options)
   }
@@ -138,7 +132,7 @@ class Listener extends EventEmitter {
         if (err.code === 'ECLOSED') return
         // The relay ended the registration for good (another session of the key took the name,
         // or a reload withdrew it): say so once, then stop like a close.
-        if (err.code === 'ENAMETAKEN' || err.code === 'ENOTALLOWED') {
+        if (FINAL_CODES.has(err.code)) {
           if (!this._ended) {
             this._ended = true
             this.emit('error', err)

@@ -194,8 +194,7 @@ impl Dialer {
     /// Open a stream to `target` through the exit listener `via` (the `via=NAME` option): the
     /// relay routes it to that exit, which checks its own allowlist and connects in its network.
     pub async fn dial_via(&self, target: &str, via: &str) -> Result<TunnelStream> {
-        let target = Target::parse(target)?.through_exit(via)?;
-        self.dial_target(&target).await
+        self.dial_target(&route(target, Some(via))?).await
     }
 
     /// A dialer with the same settings whose dials all go through the exit listener `name`
@@ -401,6 +400,16 @@ impl Dialer {
                 Ok(TunnelStream::new(Inner::Raw(io), target.clone()))
             }
         }
+    }
+}
+
+/// `target` (`host:port`) as every face dials or forwards to it: through the exit listener `via`
+/// when one is given (`--via NAME`, `via=NAME`, `{ via }`, `tunnel_dialer_dial_via`).
+pub fn route(target: &str, via: Option<&str>) -> Result<Target> {
+    let t = Target::parse(target)?;
+    match via {
+        Some(v) => t.through_exit(v),
+        None => Ok(t),
     }
 }
 

@@ -122,6 +122,28 @@ impl ErrorCode {
         }
     }
 
+    /// Whether trying the same thing again cannot succeed until something changes: a refusal of
+    /// who we are or what we asked (a wrong or unknown key, a clock off, a target or name not
+    /// allowed, a name another key holds, bad input, an end-to-end refusal). The rest (the relay
+    /// unreachable, a timeout, a lost connection, a busy or failed target, a protocol hiccup) may
+    /// pass on their own. The one rule every face and the CLI use to decide between retrying and
+    /// stopping: a listener stops reconnecting on a final close or registration refusal, `tunnel
+    /// forward`/`listen` stop at start, Node emits `'error'` once and stops.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::AuthFailed
+                | ErrorCode::AuthUnknownKey
+                | ErrorCode::AuthClockSkew
+                | ErrorCode::NotAllowed
+                | ErrorCode::InvalidConfig
+                | ErrorCode::InvalidArgument
+                | ErrorCode::NameTaken
+                | ErrorCode::E2eIdentity
+                | ErrorCode::E2eRefused
+        )
+    }
+
     /// The code with this stable number (a wire `Rst` or `GoAway` payload, a C result).
     pub fn from_number(n: u32) -> Option<ErrorCode> {
         Self::ALL.iter().copied().find(|c| c.number() == n)
@@ -237,6 +259,16 @@ mod tests {
             assert_eq!(c.number(), i as u32 + 1, "codes are dense and ordered");
             assert!(seen.insert(c.name()));
             assert_eq!(ErrorCode::from_name(c.name()), Some(*c));
+        }
+    }
+
+    #[test]
+    fn refusals_are_final_and_transient_failures_are_not() {
+        for c in [ErrorCode::AuthFailed, ErrorCode::NotAllowed, ErrorCode::NameTaken, ErrorCode::InvalidArgument, ErrorCode::E2eRefused] {
+            assert!(c.is_final(), "{c}");
+        }
+        for c in [ErrorCode::RelayUnavailable, ErrorCode::Timeout, ErrorCode::Io, ErrorCode::Closed, ErrorCode::Refused, ErrorCode::Protocol] {
+            assert!(!c.is_final(), "{c}");
         }
     }
 

@@ -50,6 +50,15 @@ use crate::transport::{ClientTls, RelayUrl};
 /// Longest an accepted stream may take to complete its E2E handshake.
 const E2E_HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Longest an accepted e2e stream may stay silent before it is refused as plaintext
+/// (`E2E_REFUSED`): the dialer's ClientHello travels with its CONNECT, so it arrives one
+/// listener-relay round trip after the accept; 2 s leaves room for a slow link.
+const E2E_FIRST_BYTES: Duration = Duration::from_secs(2);
+
+/// Streams waiting for `accept()` before more are refused, unless a face or
+/// [`ListenerBuilder::backlog`] says otherwise: the one default of every face.
+pub const DEFAULT_BACKLOG: usize = 128;
+
 /// Who is on the other end of an accepted stream, and how they arrived.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
@@ -176,7 +185,7 @@ impl ListenerBuilder {
         self.timeout = timeout;
         self
     }
-    /// Most accepted streams waiting for `accept()` (default 128); more are refused.
+    /// Most accepted streams waiting for `accept()` (default [`DEFAULT_BACKLOG`]); more are refused.
     pub fn backlog(mut self, backlog: usize) -> Self {
         self.backlog = backlog.max(1);
         self
@@ -338,7 +347,7 @@ impl Listener {
             tls_passthrough: false,
             tls: None,
             timeout: Duration::from_secs(20),
-            backlog: 128,
+            backlog: DEFAULT_BACKLOG,
             mux: MuxConfig::default(),
             max_backoff: Duration::from_secs(10),
             pool: false,
@@ -552,7 +561,7 @@ async fn supervise(
             _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref(), &cfg.retiring) => {}
         }
         let reason = session.close_reason();
-        if let Some(e) = reason.as_ref().filter(|e| matches!(e.code(), ErrorCode::NameTaken | ErrorCode::NotAllowed)) {
+        if let Some(e) = reason.as_ref().filter(|e| e.code().is_final()) {
             // Another live session of our key holds the name now (reconnecting would take it back
             // and start a tug of war), or the relay no longer grants it. Stop; accept() says why.
             return end_for_good(&cfg, &ended, &cancel, e);
@@ -579,10 +588,10 @@ async fn supervise(
                     let _ = reg_tx.send(reg);
                     break s;
                 }
-                // The name is someone else's now (another key took it while we were away, or a
-                // newer registration of our key replaced us and the relay refuses us): retrying
-                // would not change that, or would start a tug of war.
-                Err(e) if e.code() == ErrorCode::NameTaken => return end_for_good(&cfg, &ended, &cancel, &e),
+                // A refusal (the name is someone else's now, or a newer registration of our key
+                // replaced us; the key or the name is no longer granted): retrying would not
+                // change that, or would start a tug of war.
+                Err(e) if e.code().is_final() => return end_for_good(&cfg, &ended, &cancel, &e),
                 Err(e) => {
                     tracing::warn!(name = %cfg.name, error = %e, retry_in = ?delay, "re-registering failed");
                     delay = (delay * 2).min(cfg.builder.max_backoff);
@@ -687,14 +696,9 @@ async fn admit(
     let inner = match e2e {
         None => Inner::Mux(stream),
         Some(e2e) => {
-            let tls = match tokio::time::timeout(E2E_HANDSHAKE, e2e.accept(stream)).await {
+            let tls = match tokio::time::timeout(E2E_HANDSHAKE, e2e.accept(stream, E2E_FIRST_BYTES)).await {
                 Ok(r) => r?,
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorCode::E2eRefused,
-                        "refused a stream that sent no TLS handshake within 10 s (a plaintext dial to an e2e listener?)",
-                    ))
-                }
+                Err(_) => return Err(Error::new(ErrorCode::E2eRefused, "dropped a stream whose end-to-end handshake did not finish within 10 s")),
             };
             peer.e2e = true;
             peer.dialer_key = tls.peer_key();

@@ -203,6 +203,19 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
     assert_eq!(status.code(), Some(1), "stderr: {err}");
     assert!(out.is_empty(), "stdout got {out:?}");
     assert!(err.contains("error [E2E_REFUSED]") && err.contains("--e2e"), "{err}");
+    // A silent plaintext dialer (an ssh ProxyCommand waiting for the server to speak first):
+    // E2E_REFUSED as well, after the listener's 2 s wait for a handshake, not CLOSED after 10 s.
+    let started = std::time::Instant::now();
+    let mut cmd = tunnel(&dir, &["dial", &format!("{e2e_name}:0")]);
+    cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", client_key()).stdin(Stdio::piped());
+    let mut child = cmd.spawn().expect("start tunnel dial");
+    let stdin = child.stdin.take(); // held open, nothing written
+    let out = within(Duration::from_secs(30), "silent tunnel dial", child.wait_with_output()).await.expect("tunnel dial");
+    drop(stdin);
+    let (err, took) = (String::from_utf8_lossy(&out.stderr), started.elapsed());
+    assert_eq!(out.status.code(), Some(1), "stderr: {err}");
+    assert!(out.stdout.is_empty() && err.contains("error [E2E_REFUSED]") && err.contains("--e2e"), "{err}");
+    assert!(took < Duration::from_secs(6), "refused after {took:?}");
     // ...while an e2e dial goes through (hashed echo).
     let data = payload(256 * 1024, 28);
     let (status, out, err) = dial(&dir, &url, &[&format!("{e2e_name}:0"), "--e2e"], &data).await;
@@ -222,6 +235,11 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
     assert_eq!(status.code(), Some(1), "stderr: {err}");
     assert!(out.is_empty());
     assert!(err.contains("error [NOT_ALLOWED]") && err.contains("exposes no service") && err.contains("--via"), "{err}");
+    // Emissary's classic wire carries the refusal too: it comes before the stream is accepted,
+    // as the CONNECT's SOCKS5 reply.
+    let (status, out, err) = dial(&dir, &url, &[&format!("{exit_name}:0"), "--classic"], b"hello").await;
+    assert_eq!(status.code(), Some(1), "stderr: {err}");
+    assert!(out.is_empty() && err.contains("error [NOT_ALLOWED]") && err.contains("exposes no service"), "{err}");
     let (code, body) = public_get(http, &exit_name).await;
     assert_eq!(code, 403, "{body}");
     assert!(body.contains("NOT_ALLOWED") && body.contains("exit listener"), "{body}");

@@ -6,12 +6,18 @@
 //! environment, then `./.env`). Setters check their input at once, so a bad key or CA file fails
 //! where it was given. Dialers and listeners copy what they need, so a config can be freed (or
 //! reused) right after `tunnel_dialer_new` / `tunnel_listener_bind`.
+//!
+//! Setter names: `tunnel_config_set_NAME` for a value both roles read (key, CA, timeout, e2e),
+//! `tunnel_config_set_listener_NAME` / `tunnel_config_add_listener_NAME` for a listener's own
+//! options, each one field of the core's `client::ListenerOptions`. The older
+//! `tunnel_config_set_pool`, `tunnel_config_set_exit` and `tunnel_config_add_allow_peer` stay as
+//! deprecated wrappers, so programs linked against them keep working.
 
 use std::ffi::c_char;
 use std::path::Path;
 
 use libtunnel::client::keys::parse_key_text;
-use libtunnel::client::{checked_seconds, ClientConfig, ClientOptions, ClientRole};
+use libtunnel::client::{checked_seconds, ClientOptions, DialerOptions, ListenerOptions};
 use libtunnel::ClientTls;
 use libtunnel::{Identity, Mode};
 
@@ -25,79 +31,39 @@ pub struct tunnel_config {
     _private: [u8; 0],
 }
 
-/// The Rust side of a `tunnel_config`: the core's client options plus a listener's chosen name.
-#[derive(Debug, Clone)]
+/// The Rust side of a `tunnel_config`: the core's listener options (whose `client` part, the
+/// relay, key, trust, timeout and mode, dialers share) plus a dialer's e2e pins. Setters rename
+/// fields; the core checks the rules between them (`ListenerOptions::builder`,
+/// `DialerOptions::builder`) when the dialer or listener is made.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
-    /// Explicit values; the rest come from the environment when resolved.
-    pub options: ClientOptions,
-    /// A listener's chosen name (default: derived from the identity).
-    pub name: Option<String>,
-    /// A listener joins its name's pool of replicas.
-    pub pool: bool,
-    /// A listener is an exit listener with these allow rules.
-    pub exit: Option<libtunnel::egress::Allowlist>,
-    /// A listener's local service speaks h2c (`tunnel_config_set_listener_h2c`).
-    pub h2c: bool,
-    /// A listener takes raw TLS by SNI (`tunnel_config_set_listener_tls_passthrough`).
-    pub tls_passthrough: bool,
-    /// End-to-end encryption (dialer: dials to names; listener: every stream).
-    pub e2e: bool,
+    /// Every listener option; `listener.client` and `listener.e2e` serve dialers too.
+    pub listener: ListenerOptions,
     /// Dialer, e2e: `NAME=KEY` pins for chosen names.
     pub e2e_pins: Vec<String>,
-    /// Listener, e2e: admitted dialer keys (mutual mode when not empty).
-    pub allow_peers: Vec<String>,
 }
+
+/// How a C program gives a key, for the core's error when none is given.
+const GIVE_KEY: (&str, &str) = ("call tunnel_config_set_key", "call tunnel_config_set_identity_file");
 
 impl Config {
     fn with_options(options: ClientOptions) -> Config {
-        Config {
-            options,
-            name: None,
-            e2e: false,
-            e2e_pins: Vec::new(),
-            allow_peers: Vec::new(),
-            pool: false,
-            exit: None,
-            h2c: false,
-            tls_passthrough: false,
-        }
+        Config { listener: ListenerOptions { client: options, ..ListenerOptions::default() }, e2e_pins: Vec::new() }
     }
 
-    /// The dialer's E2E settings (pins, and the config's identity presented in mutual mode).
-    pub fn dialer_e2e(&self) -> Result<Option<libtunnel::e2e::DialerE2e>, libtunnel::Error> {
-        if !self.e2e {
-            return Ok(None);
-        }
-        let mut e = libtunnel::e2e::DialerE2e::new();
-        for p in &self.e2e_pins {
-            e = e.pin_spec(p)?;
-        }
-        if let Some(id) = &self.options.identity {
-            e = e.identity(id.clone());
-        }
-        Ok(Some(e))
+    /// The dialer's options: the shared client part, e2e, pins, and (mutual mode) the config's
+    /// identity. A missing key names the C setter that gives it.
+    pub fn dialer(&self) -> DialerOptions {
+        let mut client = self.listener.client.clone();
+        client.give_key = Some(GIVE_KEY);
+        DialerOptions { client, via: None, e2e: self.listener.e2e, e2e_pins: self.e2e_pins.clone(), e2e_identity: None }
     }
 
-    /// The listener's E2E settings.
-    pub fn listener_e2e(&self) -> Result<Option<libtunnel::e2e::ListenerE2e>, libtunnel::Error> {
-        if !self.e2e {
-            return Ok(None);
-        }
-        let mut e = libtunnel::e2e::ListenerE2e::new();
-        for k in &self.allow_peers {
-            e = e.allow_peer(k)?;
-        }
-        Ok(Some(e))
-    }
-}
-
-impl Config {
-    /// The checked configuration for a client of `role`. A missing key names the C setter that
-    /// gives it.
-    pub fn resolve(&self, role: ClientRole) -> libtunnel::Result<ClientConfig> {
-        let mut o = self.options.clone();
-        o.give_key = Some(("call tunnel_config_set_key", "call tunnel_config_set_identity_file"));
-        o.resolve(role)
+    /// The listener's options. A missing key names the C setter that gives it.
+    pub fn listener(&self) -> ListenerOptions {
+        let mut o = self.listener.clone();
+        o.client.give_key = Some(GIVE_KEY);
+        o
     }
 }
 
@@ -159,6 +125,18 @@ unsafe fn set(cfg: *mut tunnel_config, value: *const c_char, what: &str, apply: 
     })
 }
 
+/// Run a setter that takes a flag or a number on a config.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+unsafe fn set_value(cfg: *mut tunnel_config, apply: impl FnOnce(&mut Config) -> Result<(), Fail>) -> tunnel_result {
+    fallible(|| {
+        // SAFETY: the caller passes NULL or a live config that nobody else is using.
+        let cfg = unsafe { try_mut(cfg, "cfg") }?;
+        apply(cfg)
+    })
+}
+
 /// Set the shared key a dialer authenticates with, written `KID:BASE64` (what `tunnel keygen`
 /// prints as `TUNNEL_KEY`) or the path of a file holding it. Copied; the caller keeps `key`.
 /// Default: `TUNNEL_KEY`.
@@ -170,7 +148,7 @@ pub unsafe extern "C" fn tunnel_config_set_key(cfg: *mut tunnel_config, key: *co
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, key, "key", |c, v| {
-            c.options.parsed_key = Some(parse_key_text(v)?);
+            c.listener.client.parsed_key = Some(parse_key_text(v)?);
             Ok(())
         })
     }
@@ -188,7 +166,7 @@ pub unsafe extern "C" fn tunnel_config_set_ca_file(cfg: *mut tunnel_config, path
     unsafe {
         set(cfg, path, "path", |c, v| {
             ClientTls::from_pem_file(Path::new(v))?;
-            c.options.ca = Some(v.into());
+            c.listener.client.ca = Some(v.into());
             Ok(())
         })
     }
@@ -206,7 +184,7 @@ pub unsafe extern "C" fn tunnel_config_set_timeout_ms(cfg: *mut tunnel_config, t
         // SAFETY: the caller passes NULL or a live config that nobody else is using.
         let cfg = unsafe { try_mut(cfg, "cfg") }?;
         checked_seconds("timeout_ms / 1000", timeout_ms as f64 / 1000.0)?;
-        cfg.options.timeout = Some(timeout_ms as f64 / 1000.0);
+        cfg.listener.client.timeout = Some(timeout_ms as f64 / 1000.0);
         Ok(())
     })
 }
@@ -228,7 +206,7 @@ pub unsafe extern "C" fn tunnel_config_set_identity_file(cfg: *mut tunnel_config
             }
             // The core's rule for key text, so a shared key passed here by mistake is named as
             // such (and never echoed).
-            c.options.identity = Some(libtunnel::client::keys::load_identity_text(v)?);
+            c.listener.client.identity = Some(libtunnel::client::keys::load_identity_text(v)?);
             Ok(())
         })
     }
@@ -244,7 +222,7 @@ pub unsafe extern "C" fn tunnel_config_set_listener_name(cfg: *mut tunnel_config
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, name, "name", |c, v| {
-            c.name = Some(v.to_string());
+            c.listener.name = Some(v.to_string());
             Ok(())
         })
     }
@@ -258,12 +236,13 @@ pub unsafe extern "C" fn tunnel_config_set_listener_name(cfg: *mut tunnel_config
 /// `cfg` must be NULL or a live config.
 #[no_mangle]
 pub unsafe extern "C" fn tunnel_config_set_listener_h2c(cfg: *mut tunnel_config, h2c: bool) -> tunnel_result {
-    fallible(|| {
-        // SAFETY: the caller passes NULL or a live config that nobody else is using.
-        let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        cfg.h2c = h2c;
-        Ok(())
-    })
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.h2c = h2c;
+            Ok(())
+        })
+    }
 }
 
 /// Have the relay's public HTTPS port pass connections whose SNI names this listener through
@@ -274,12 +253,13 @@ pub unsafe extern "C" fn tunnel_config_set_listener_h2c(cfg: *mut tunnel_config,
 /// `cfg` must be NULL or a live config.
 #[no_mangle]
 pub unsafe extern "C" fn tunnel_config_set_listener_tls_passthrough(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
-    fallible(|| {
-        // SAFETY: the caller passes NULL or a live config that nobody else is using.
-        let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        cfg.tls_passthrough = on;
-        Ok(())
-    })
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.tls_passthrough = on;
+            Ok(())
+        })
+    }
 }
 
 /// Make dialers speak Emissary's classic protocol (one connection per stream, no half-close)
@@ -290,12 +270,13 @@ pub unsafe extern "C" fn tunnel_config_set_listener_tls_passthrough(cfg: *mut tu
 /// `cfg` must be NULL or a live config.
 #[no_mangle]
 pub unsafe extern "C" fn tunnel_config_set_classic(cfg: *mut tunnel_config, classic: bool) -> tunnel_result {
-    fallible(|| {
-        // SAFETY: the caller passes NULL or a live config that nobody else is using.
-        let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        cfg.options.mode = Some(if classic { Mode::Classic } else { Mode::Multiplexed });
-        Ok(())
-    })
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.client.mode = Some(if classic { Mode::Classic } else { Mode::Multiplexed });
+            Ok(())
+        })
+    }
 }
 
 /// Turn end-to-end encryption on or off (default off). A dialer then runs TLS 1.3 inside every
@@ -308,12 +289,13 @@ pub unsafe extern "C" fn tunnel_config_set_classic(cfg: *mut tunnel_config, clas
 /// `cfg` must be NULL or a live config.
 #[no_mangle]
 pub unsafe extern "C" fn tunnel_config_set_e2e(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
-    fallible(|| {
-        // SAFETY: the caller passes NULL or a live config that nobody else is using.
-        let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        cfg.e2e = on;
-        Ok(())
-    })
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.e2e = on;
+            Ok(())
+        })
+    }
 }
 
 /// Dialer, e2e: pin a chosen (relay-granted) listener name to its key, written `NAME=KEY` (KEY:
@@ -336,17 +318,18 @@ pub unsafe extern "C" fn tunnel_config_add_e2e_pin(cfg: *mut tunnel_config, pin:
 
 /// Listener, e2e: require dialers' own keys and admit this one (base64 public key or key-derived
 /// name); others fail with `TUNNEL_RESULT_E2E_REFUSED` at their end. Checked now; may be called
-/// several times.
+/// several times. Binding fails with `TUNNEL_RESULT_INVALID_ARGUMENT` unless e2e is on
+/// (`tunnel_config_set_e2e`).
 ///
 /// # Safety
 /// `cfg` must be NULL or a live config; `key` NULL or NUL-terminated.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_config_add_allow_peer(cfg: *mut tunnel_config, key: *const c_char) -> tunnel_result {
+pub unsafe extern "C" fn tunnel_config_add_listener_allow_peer(cfg: *mut tunnel_config, key: *const c_char) -> tunnel_result {
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, key, "key", |c, v| {
             libtunnel::e2e::keys::peer_name(v)?;
-            c.allow_peers.push(v.to_string());
+            c.listener.allow_peers.push(v.to_string());
             Ok(())
         })
     }
@@ -359,13 +342,14 @@ pub unsafe extern "C" fn tunnel_config_add_allow_peer(cfg: *mut tunnel_config, k
 /// # Safety
 /// `cfg` must be NULL or a live config.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_config_set_pool(cfg: *mut tunnel_config, pool: bool) -> tunnel_result {
-    fallible(|| {
-        // SAFETY: the caller passes NULL or a live config that nobody else is using.
-        let cfg = unsafe { try_mut(cfg, "cfg") }?;
-        cfg.pool = pool;
-        Ok(())
-    })
+pub unsafe extern "C" fn tunnel_config_set_listener_pool(cfg: *mut tunnel_config, pool: bool) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.pool = pool;
+            Ok(())
+        })
+    }
 }
 
 /// Make a listener bound from this config an exit listener (`tunnel listen --exit --allow`):
@@ -376,18 +360,106 @@ pub unsafe extern "C" fn tunnel_config_set_pool(cfg: *mut tunnel_config, pool: b
 /// # Safety
 /// `cfg` must be NULL or a live config; `allow_json` NULL or NUL-terminated.
 #[no_mangle]
-pub unsafe extern "C" fn tunnel_config_set_exit(cfg: *mut tunnel_config, allow_json: *const c_char) -> tunnel_result {
+pub unsafe extern "C" fn tunnel_config_set_listener_exit(cfg: *mut tunnel_config, allow_json: *const c_char) -> tunnel_result {
     // SAFETY: forwarded caller guarantees.
     unsafe {
         set(cfg, allow_json, "allow_json", |c, v| {
-            let rules = libtunnel::egress::Allowlist::from_json(v, "exit allow")?;
-            if rules.is_empty() {
-                return Err(Fail::new(tunnel_result::InvalidArgument, "an exit listener needs at least one allow rule"));
-            }
-            c.exit = Some(rules);
+            libtunnel::client::options::exit_rules(v)?;
+            c.listener.exit = Some(v.to_string());
             Ok(())
         })
     }
+}
+
+/// With `tunnel_config_set_listener_exit`: this exit listener exposes no service of its own (it
+/// never calls `tunnel_listener_accept`), so a stream dialed to its name is refused before it is
+/// accepted and the dialer gets `TUNNEL_RESULT_NOT_ALLOWED` naming why (`tunnel listen --exit`
+/// without `--to`). Default false. Binding fails with `TUNNEL_RESULT_INVALID_ARGUMENT` without
+/// exit rules.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_exit_only(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.exit_only = on;
+            Ok(())
+        })
+    }
+}
+
+/// Ask the relay for a public TCP port from its `tcp_ports` range for a listener bound from this
+/// config (`tunnel listen --tcp-port`). Default false.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_tcp_port(cfg: *mut tunnel_config, on: bool) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            c.listener.tcp_port = on;
+            Ok(())
+        })
+    }
+}
+
+/// Set how many accepted streams may wait for `tunnel_listener_accept` (beyond the listener's
+/// own small queue of ready sockets) before the relay refuses more (default 128, the core's
+/// `DEFAULT_BACKLOG`; `tunnel listen --backlog`). 0 is `TUNNEL_RESULT_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_listener_backlog(cfg: *mut tunnel_config, backlog: usize) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set_value(cfg, |c| {
+            if backlog == 0 {
+                return Err(Fail::new(tunnel_result::InvalidArgument, "backlog must be at least 1"));
+            }
+            c.listener.backlog = Some(backlog);
+            Ok(())
+        })
+    }
+}
+
+/// Deprecated name of `tunnel_config_add_listener_allow_peer` (kept so the ABI stays; removed in
+/// a later release).
+///
+/// # Safety
+/// As `tunnel_config_add_listener_allow_peer`.
+#[no_mangle]
+#[deprecated(note = "use tunnel_config_add_listener_allow_peer")]
+pub unsafe extern "C" fn tunnel_config_add_allow_peer(cfg: *mut tunnel_config, key: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe { tunnel_config_add_listener_allow_peer(cfg, key) }
+}
+
+/// Deprecated name of `tunnel_config_set_listener_pool` (kept so the ABI stays; removed in a
+/// later release).
+///
+/// # Safety
+/// As `tunnel_config_set_listener_pool`.
+#[no_mangle]
+#[deprecated(note = "use tunnel_config_set_listener_pool")]
+pub unsafe extern "C" fn tunnel_config_set_pool(cfg: *mut tunnel_config, pool: bool) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe { tunnel_config_set_listener_pool(cfg, pool) }
+}
+
+/// Deprecated name of `tunnel_config_set_listener_exit` (kept so the ABI stays; removed in a
+/// later release).
+///
+/// # Safety
+/// As `tunnel_config_set_listener_exit`.
+#[no_mangle]
+#[deprecated(note = "use tunnel_config_set_listener_exit")]
+pub unsafe extern "C" fn tunnel_config_set_exit(cfg: *mut tunnel_config, allow_json: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe { tunnel_config_set_listener_exit(cfg, allow_json) }
 }
 
 /// Free a config made by `tunnel_config_new`. NULL is a no-op. Dialers and listeners made from

@@ -13,7 +13,6 @@ use crate::error::tunnel_result;
 use crate::events::{tunnel_state_callback, StateSlot};
 use crate::handle::{free_box, into_raw, out_ptr, str_arg, try_ref, Castable};
 use crate::runtime::{block_on, usable};
-use libtunnel::client::ClientRole;
 
 /// A dialer (opaque). Made by `tunnel_dialer_new`, ended by `tunnel_dialer_free`. Thread-safe:
 /// several threads may dial at once; they share one session to the relay.
@@ -53,11 +52,7 @@ pub unsafe extern "C" fn tunnel_dialer_new(cfg: *const tunnel_config, out: *mut 
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let mut b = cfg.resolve(ClientRole::Dialer)?.dialer_builder()?;
-        if let Some(e) = cfg.dialer_e2e()? {
-            b = b.e2e(e);
-        }
-        let dialer = b.build()?;
+        let dialer = cfg.dialer().dialer()?;
         // SAFETY: `out` is non-NULL and writable (caller's guarantee).
         unsafe { *out = into_raw::<tunnel_dialer>(DialerHandle { dialer, state: StateSlot::default() }) };
         Ok(())
@@ -95,7 +90,7 @@ pub unsafe extern "C" fn tunnel_dialer_dial(dialer: *const tunnel_dialer, target
 }
 
 /// Like `tunnel_dialer_dial`, but through the exit listener `via` (a listener registered with
-/// `tunnel_config_set_exit`): the relay routes the stream to it and it connects `target` inside
+/// `tunnel_config_set_listener_exit`): the relay routes the stream to it and it connects `target` inside
 /// its own network, checked against its own allowlist. Refusals keep their codes:
 /// `TUNNEL_RESULT_NOT_ALLOWED` (outside the exit's rules, or the relay does not let this key use
 /// that exit), `TUNNEL_RESULT_UNREACHABLE` (the exit is offline), ...

@@ -21,7 +21,6 @@ use crate::error::{tunnel_result, Fail};
 use crate::events::{tunnel_state_callback, StateSlot};
 use crate::handle::{free_box, into_raw, out_ptr, try_ref, write_str, Castable};
 use crate::runtime::{block_on, runtime};
-use libtunnel::client::ClientRole;
 
 /// Streams converted to sockets and waiting for `tunnel_listener_accept`; more wait in the
 /// core's own backlog, and beyond that the relay refuses them.
@@ -173,16 +172,7 @@ pub unsafe extern "C" fn tunnel_listener_bind(cfg: *const tunnel_config, out: *m
         let out = out_ptr(out, "out")?;
         // SAFETY: the caller passes NULL or a live config.
         let cfg = unsafe { try_ref(cfg, "cfg") }?;
-        let mut b = cfg.resolve(ClientRole::Listener)?.listener_builder()?.pool(cfg.pool).h2c(cfg.h2c).tls_passthrough(cfg.tls_passthrough);
-        if let Some(rules) = &cfg.exit {
-            b = b.exit(rules.clone());
-        }
-        if let Some(n) = &cfg.name {
-            b = b.name(n.clone());
-        }
-        if let Some(e) = cfg.listener_e2e()? {
-            b = b.e2e(e);
-        }
+        let b = cfg.listener().builder()?;
         let listener = Arc::new(block_on(b.bind())??);
         // SAFETY: plain syscall; the result is checked before use.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };

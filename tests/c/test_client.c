@@ -266,7 +266,8 @@ static void listener(tunnel_dialer *d, const char *relay, const char *identity) 
   tunnel_listener_free(l);
 }
 
-/* An exit listener (tunnel_config_set_exit, in a pool) and dials through it. */
+/* An exit listener exposing no service (tunnel_config_set_listener_exit + _exit_only, in a pool)
+ * and dials through it; a dial to its name is refused NOT_ALLOWED. */
 static void exit_listener(tunnel_dialer *d, const char *relay, const char *identity, const char *echo, const char *denied) {
   tunnel_config *cfg = NULL;
   tunnel_listener *l = NULL;
@@ -277,10 +278,20 @@ static void exit_listener(tunnel_dialer *d, const char *relay, const char *ident
   const char *port = strrchr(echo, ':');
 
   tunnel_config_new(relay, &cfg);
-  check_code(tunnel_config_set_exit(cfg, "[{\"host\": 1}]"), TUNNEL_RESULT_INVALID_CONFIG, "exit allow", "a malformed exit rule");
+  check_code(tunnel_config_set_listener_exit(cfg, "[{\"host\": 1}]"), TUNNEL_RESULT_INVALID_CONFIG, "exit allow", "a malformed exit rule");
+  check_code(tunnel_config_set_listener_exit(cfg, "[]"), TUNNEL_RESULT_INVALID_ARGUMENT, "at least one allow rule", "no exit rules");
   snprintf(rules, sizeof rules, "[{\"host\":\"127.0.0.1\",\"port\":%s}]", port ? port + 1 : "0");
-  check(tunnel_config_set_exit(cfg, rules) == TUNNEL_RESULT_OK, "exit rules %s (%s)", rules, last_err());
-  check(tunnel_config_set_pool(cfg, true) == TUNNEL_RESULT_OK, "pool on");
+  check(tunnel_config_set_listener_exit(cfg, rules) == TUNNEL_RESULT_OK, "exit rules %s (%s)", rules, last_err());
+  check(tunnel_config_set_listener_exit_only(cfg, true) == TUNNEL_RESULT_OK, "exit only");
+  check(tunnel_config_set_listener_pool(cfg, false) == TUNNEL_RESULT_OK, "pool off");
+  /* The old name stays in the ABI as a deprecated wrapper. */
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+  check(tunnel_config_set_pool(cfg, true) == TUNNEL_RESULT_OK, "pool on (deprecated name)");
+#pragma GCC diagnostic pop
+  check_code(tunnel_config_set_listener_backlog(cfg, 0), TUNNEL_RESULT_INVALID_ARGUMENT, "backlog", "a zero backlog");
+  check(tunnel_config_set_listener_backlog(cfg, 64) == TUNNEL_RESULT_OK, "backlog 64");
+  check(tunnel_config_set_listener_tcp_port(cfg, false) == TUNNEL_RESULT_OK, "no tcp port");
   check(tunnel_config_set_identity_file(cfg, identity, false) == TUNNEL_RESULT_OK, "exit identity (%s)", last_err());
   r = tunnel_listener_bind(cfg, &l);
   tunnel_config_free(cfg);
@@ -294,6 +305,11 @@ static void exit_listener(tunnel_dialer *d, const char *relay, const char *ident
     close(fd);
   }
   check_code(tunnel_dialer_dial_via(d, denied, name, &fd), TUNNEL_RESULT_NOT_ALLOWED, name, "outside the exit's rules");
+  {
+    char by_name[96];
+    snprintf(by_name, sizeof by_name, "%s:0", name);
+    check_code(tunnel_dialer_dial(d, by_name, &fd), TUNNEL_RESULT_NOT_ALLOWED, "exposes no service", "a dial to an exit-only listener's name");
+  }
   check_code(tunnel_dialer_dial_via(d, echo, NULL, &fd), TUNNEL_RESULT_NULL_PARAMETER, "via", "dial_via(NULL via)");
   check_code(tunnel_dialer_dial_via(d, echo, "Not A Name", &fd), TUNNEL_RESULT_INVALID_ARGUMENT, "Not A Name", "dial_via(bad name)");
   tunnel_listener_close(l);

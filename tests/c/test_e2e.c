@@ -1,6 +1,6 @@
 /*
  * End-to-end encryption from C: a listener with tunnel_config_set_e2e and one admitted dialer key
- * (tunnel_config_add_allow_peer), a dialer presenting that key, 4 MiB dialed by name and echoed
+ * (tunnel_config_add_listener_allow_peer), a dialer presenting that key, 4 MiB dialed by name and echoed
  * by the listener's side, hashed (FNV-1a) as sent, as the listener read it, and as echoed, with
  * half-close both ways; the peer reports e2e and the dialer's name; a dialer without the key
  * gets TUNNEL_RESULT_E2E_REFUSED and a bad pin TUNNEL_RESULT_INVALID_ARGUMENT.
@@ -92,9 +92,9 @@ int main(void) {
   tunnel_result r;
 
   check(tunnel_config_set_identity_file(lc, lid, false) == TUNNEL_RESULT_OK && tunnel_config_set_e2e(lc, true) == TUNNEL_RESULT_OK &&
-            tunnel_config_add_allow_peer(lc, dkey) == TUNNEL_RESULT_OK,
+            tunnel_config_add_listener_allow_peer(lc, dkey) == TUNNEL_RESULT_OK,
         "listener config: identity, e2e, allowed dialer key");
-  check_code(tunnel_config_add_allow_peer(lc, "not-a-key"), TUNNEL_RESULT_INVALID_ARGUMENT, "keygen", "a malformed peer key");
+  check_code(tunnel_config_add_listener_allow_peer(lc, "not-a-key"), TUNNEL_RESULT_INVALID_ARGUMENT, "keygen", "a malformed peer key");
   check_code(tunnel_config_add_e2e_pin(dc, "api"), TUNNEL_RESULT_INVALID_ARGUMENT, "NAME=KEY", "a pin without '='");
   r = tunnel_listener_bind(lc, &l);
   check(r == TUNNEL_RESULT_OK, "e2e listener binds (%s)", r == TUNNEL_RESULT_OK ? "ok" : last_err());

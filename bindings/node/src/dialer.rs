@@ -4,8 +4,8 @@
 
 use std::sync::Mutex;
 
-use libtunnel::client::{ClientOptions, ClientRole};
-use libtunnel::socks::Target;
+use libtunnel::client::ClientOptions;
+use libtunnel::dialer::route;
 use libtunnel::{Dialer, Error, ErrorCode, Mode};
 use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
@@ -15,17 +15,9 @@ use tokio::task::JoinHandle;
 use crate::events::{NativeDial, NativeWatch};
 use crate::{millis, promise, sync};
 
-/// Options of `new NativeDialer(relay, key, options)`.
-/// `target` (`host:port`), through the exit listener `via` when given.
-fn route(target: &str, via: Option<&str>) -> libtunnel::Result<Target> {
-    let t = Target::parse(target)?;
-    match via {
-        Some(v) => t.through_exit(v),
-        None => Ok(t),
-    }
-}
-
+/// Options of `new NativeDialer(relay, key, options)`: the core's `client::DialerOptions`.
 #[napi(object)]
+#[derive(Default)]
 pub struct DialerOptions {
     /// Milliseconds one dial (including connecting the session) may take (core default: 20 s).
     pub timeout_ms: Option<f64>,
@@ -59,33 +51,23 @@ impl NativeDialer {
     #[napi(constructor, catch_unwind)]
     pub fn new(env: Env, relay: Option<String>, key: Option<String>, options: Option<DialerOptions>) -> napi::Result<Self> {
         let build = || -> libtunnel::Result<Dialer> {
-            let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
-            let mut e2e_cfg = None;
-            if let Some(opts) = options {
-                if let Some(ms) = opts.timeout_ms {
-                    o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
-                }
-                o.ca = opts.ca.map(Into::into);
-                o.mode = opts.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed });
-                if opts.e2e != Some(true) && (opts.e2e_pins.is_some() || opts.e2e_identity.is_some()) {
-                    return Err(Error::new(ErrorCode::InvalidArgument, "e2ePins and e2eIdentity only apply with e2e: true"));
-                }
-                if opts.e2e == Some(true) {
-                    let mut e2e = libtunnel::e2e::DialerE2e::new();
-                    for (name, key) in opts.e2e_pins.iter().flatten() {
-                        e2e = e2e.pin(name, key)?;
-                    }
-                    if let Some(id) = &opts.e2e_identity {
-                        e2e = e2e.identity(libtunnel::client::keys::load_identity_text(id)?);
-                    }
-                    e2e_cfg = Some(e2e);
-                }
+            let o = options.unwrap_or_default();
+            let timeout = o.timeout_ms.map(|ms| millis("timeout", ms).map(|d| d.as_secs_f64())).transpose()?;
+            libtunnel::client::DialerOptions {
+                client: ClientOptions {
+                    relay,
+                    key,
+                    ca: o.ca.map(Into::into),
+                    timeout,
+                    mode: o.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+                    ..ClientOptions::default()
+                },
+                via: None,
+                e2e: o.e2e.unwrap_or(false),
+                e2e_pins: o.e2e_pins.unwrap_or_default().into_iter().map(|(name, key)| format!("{name}={key}")).collect(),
+                e2e_identity: o.e2e_identity,
             }
-            let mut b = o.resolve(ClientRole::Dialer)?.dialer_builder()?;
-            if let Some(e) = e2e_cfg {
-                b = b.e2e(e);
-            }
-            b.build()
+            .dialer()
         };
         Ok(NativeDialer { inner: sync(&env, build())? })
     }

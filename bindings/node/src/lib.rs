@@ -107,6 +107,10 @@ pub struct ErrorCodeInfo {
     pub name: String,
     /// Node-style code (`ENOTALLOWED`): what `err.code` holds.
     pub code: String,
+    /// Whether retrying cannot help until something changes (a refusal): the core's
+    /// `ErrorCode::is_final`, the one rule every face uses.
+    #[napi(js_name = "final")]
+    pub is_final: bool,
 }
 
 /// The core's error table, in numeric order.
@@ -114,7 +118,7 @@ pub struct ErrorCodeInfo {
 pub fn error_codes() -> Vec<ErrorCodeInfo> {
     libtunnel::ErrorCode::ALL
         .iter()
-        .map(|c| ErrorCodeInfo { number: c.number(), name: c.name().to_string(), code: c.errno_name().to_string() })
+        .map(|c| ErrorCodeInfo { number: c.number(), name: c.name().to_string(), code: c.errno_name().to_string(), is_final: c.is_final() })
         .collect()
 }
 

@@ -5,15 +5,16 @@
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::ClientOptions;
 use libtunnel::Listener;
 use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
 
 use crate::{millis, promise};
 
-/// Options of `NativeListener.bind(relay, key, options)`.
+/// Options of `NativeListener.bind(relay, key, options)`: the core's `client::ListenerOptions`.
 #[napi(object)]
+#[derive(Default)]
 pub struct ListenerOptions {
     /// Register this name instead of the key-derived one (the relay must grant it to the key).
     pub name: Option<String>,
@@ -21,7 +22,8 @@ pub struct ListenerOptions {
     pub tcp_port: Option<bool>,
     /// Milliseconds connecting and registering may take (core default: 20 s).
     pub timeout_ms: Option<f64>,
-    /// Most accepted streams waiting for `accept()` (core default: 128); more are refused.
+    /// Most accepted streams waiting for `accept()` (default: the core's `DEFAULT_BACKLOG`, 128);
+    /// more are refused.
     pub backlog: Option<u32>,
     /// PEM file of CA certificates to trust for `wss://`.
     pub ca: Option<String>,
@@ -29,6 +31,9 @@ pub struct ListenerOptions {
     pub pool: Option<bool>,
     /// Be an exit listener with these allow rules (JSON, the relay's `allow` syntax).
     pub exit: Option<String>,
+    /// With `exit`: this listener exposes no service, so streams dialed to its name are refused
+    /// (`ENOTALLOWED`) instead of reaching nobody.
+    pub exit_only: Option<bool>,
     /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server).
     #[napi(js_name = "h2c")]
     pub h2c: Option<bool>,
@@ -73,49 +78,24 @@ impl NativeListener {
     /// not given comes from `TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`.
     #[napi(ts_return_type = "Promise<NativeListener>")]
     pub fn bind(env: Env, relay: Option<String>, key: Option<String>, options: Option<ListenerOptions>) -> napi::Result<JsObject> {
+        // The core's `ListenerOptions` field by field; it checks the rules between them.
+        let o = options.unwrap_or_default();
+        let timeout = o.timeout_ms.map(|ms| millis("timeout", ms).map(|d| d.as_secs_f64())).transpose();
         promise(&env, async move {
-            let mut o = ClientOptions { relay, key, ..ClientOptions::default() };
-            let mut name = None;
-            let (mut tcp_port, mut backlog) = (false, None);
-            let (mut pool, mut exit) = (false, None);
-            let (mut h2c, mut tls_passthrough) = (false, false);
-            let mut e2e_cfg = None;
-            if let Some(opts) = options {
-                if let Some(ms) = opts.timeout_ms {
-                    o.timeout = Some(millis("timeout", ms)?.as_secs_f64());
-                }
-                if opts.e2e != Some(true) && opts.allow_peers.as_ref().is_some_and(|p| !p.is_empty()) {
-                    return Err(libtunnel::Error::new(libtunnel::ErrorCode::InvalidArgument, "allowPeers only applies with e2e: true"));
-                }
-                if opts.e2e == Some(true) {
-                    let mut e2e = libtunnel::e2e::ListenerE2e::new();
-                    for k in opts.allow_peers.iter().flatten() {
-                        e2e = e2e.allow_peer(k)?;
-                    }
-                    e2e_cfg = Some(e2e);
-                }
-                o.ca = opts.ca.map(Into::into);
-                name = opts.name;
-                tcp_port = opts.tcp_port.unwrap_or(false);
-                h2c = opts.h2c.unwrap_or(false);
-                tls_passthrough = opts.tls_passthrough.unwrap_or(false);
-                backlog = opts.backlog;
-                pool = opts.pool.unwrap_or(false);
-                exit = opts.exit;
+            let b = libtunnel::client::ListenerOptions {
+                client: ClientOptions { relay, key, ca: o.ca.map(Into::into), timeout: timeout?, ..ClientOptions::default() },
+                name: o.name,
+                tcp_port: o.tcp_port.unwrap_or(false),
+                pool: o.pool.unwrap_or(false),
+                h2c: o.h2c.unwrap_or(false),
+                tls_passthrough: o.tls_passthrough.unwrap_or(false),
+                backlog: o.backlog.map(|n| n as usize),
+                exit: o.exit,
+                exit_only: o.exit_only.unwrap_or(false),
+                e2e: o.e2e.unwrap_or(false),
+                allow_peers: o.allow_peers.unwrap_or_default(),
             }
-            let mut b = o.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
-            if let Some(n) = name {
-                b = b.name(n);
-            }
-            if let Some(n) = backlog {
-                b = b.backlog(n as usize);
-            }
-            if let Some(rules) = exit {
-                b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit")?);
-            }
-            if let Some(e) = e2e_cfg {
-                b = b.e2e(e);
-            }
+            .builder()?;
             Ok(NativeListener { inner: Arc::new(b.bind().await?) })
         })
     }

@@ -25,9 +25,10 @@ function assertCode (err, code, tunnelCode) {
 
 test('the error table is the core one', () => {
   assert.equal(errorCodes.length, 17)
-  assert.deepEqual(errorCodes[3], { number: 4, name: 'NOT_ALLOWED', code: 'ENOTALLOWED' })
-  assert.deepEqual(errorCodes[15], { number: 16, name: 'E2E_IDENTITY', code: 'EE2EIDENTITY' })
-  assert.deepEqual(errorCodes[16], { number: 17, name: 'E2E_REFUSED', code: 'EE2EREFUSED' })
+  assert.deepEqual(errorCodes[3], { number: 4, name: 'NOT_ALLOWED', code: 'ENOTALLOWED', final: true })
+  assert.deepEqual(errorCodes[8], { number: 9, name: 'RELAY_UNAVAILABLE', code: 'ERELAYUNAVAILABLE', final: false })
+  assert.deepEqual(errorCodes[15], { number: 16, name: 'E2E_IDENTITY', code: 'EE2EIDENTITY', final: true })
+  assert.deepEqual(errorCodes[16], { number: 17, name: 'E2E_REFUSED', code: 'EE2EREFUSED', final: true })
 })
 
 test('wrong key: EAUTH', async () => {

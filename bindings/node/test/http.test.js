@@ -18,7 +18,8 @@ let env, listener, server, wss, dispatcher
 
 before(async () => {
   env = await startRelay()
-  listener = await Listener.bind({ relay: env.url, key: generateListenerKey().pem })
+  // Room for the 500 concurrent requests below (the default backlog, 128, answers the rest 503).
+  listener = await Listener.bind({ relay: env.url, key: generateListenerKey().pem, backlog: 512 })
   server = http.createServer(async (req, res) => {
     if (req.url === '/hello') {
       res.setHeader('x-tunnel-test', 'yes')

@@ -63,7 +63,8 @@ test('exit: dial via an exit listener; its own allowlist decides', async () => {
   const exitKey = generateListenerKey()
   // The relay's allowlist admits neither echo server.
   const env = await startRelay({ exits: [{ name: exitKey.name, key_ids: [7] }] })
-  const exit = await Listener.bind({ relay: env.url, key: exitKey.pem, exit: [{ host: '127.0.0.1', port: echo.address().port }] })
+  // It serves nothing itself (no 'connection' handler): exitOnly, so a dial to its name is refused.
+  const exit = await Listener.bind({ relay: env.url, key: exitKey.pem, exit: [{ host: '127.0.0.1', port: echo.address().port }], exitOnly: true })
   const dialer = await Dialer.connect({ relay: env.url, key: env.key })
   await ping(dialer, `127.0.0.1:${echo.address().port}`, { via: exitKey.name })
   // A local port forward through the exit.
@@ -80,6 +81,12 @@ test('exit: dial via an exit listener; its own allowlist decides', async () => {
   err = await rejection(dialer.dial(`127.0.0.1:${echo.address().port}`), 'without via')
   assert.equal(err.code, 'ENOTALLOWED')
   assert.match(err.message, /TUNNEL_ALLOW/)
+  err = await rejection(dialer.dial(`${exitKey.name}:0`), 'the exit-only name')
+  assert.equal(err.code, 'ENOTALLOWED')
+  assert.match(err.message, /exposes no service/)
+  // The options' rules are the core's, the same in every face.
+  err = await rejection(Listener.bind({ relay: env.url, key: exitKey.pem, exitOnly: true }), 'exitOnly without exit')
+  assert.equal(err.code, 'EINVAL')
   exit.close()
   await dialer.close()
   echo.close()

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, ClientRole};
-use libtunnel::socks::Target;
+use libtunnel::client::{ClientOptions, DialerOptions};
+use libtunnel::dialer::route;
 use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
 
@@ -20,15 +20,6 @@ use crate::{awaitable, seconds, wait};
 pub(crate) struct Dialer {
     /// Cheap to clone (an `Arc` inside); each call clones it into its future.
     inner: libtunnel::Dialer,
-}
-
-/// `target` (`host:port`), through the exit listener `via` when given.
-fn route(target: &str, via: Option<&str>) -> libtunnel::Result<Target> {
-    let t = Target::parse(target)?;
-    match via {
-        Some(v) => t.through_exit(v),
-        None => Ok(t),
-    }
 }
 
 /// Dial (through the exit listener `via` when given) and bridge the stream to a local socket,
@@ -75,29 +66,21 @@ impl Dialer {
         e2e_pins: Vec<(String, String)>,
         e2e_identity: Option<String>,
     ) -> PyResult<Self> {
-        let options = ClientOptions {
-            relay,
-            key,
-            ca,
-            timeout,
-            mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
-            ..ClientOptions::default()
+        let options = DialerOptions {
+            client: ClientOptions {
+                relay,
+                key,
+                ca,
+                timeout,
+                mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+                ..ClientOptions::default()
+            },
+            via: None,
+            e2e,
+            e2e_pins: e2e_pins.iter().map(|(name, key)| format!("{name}={key}")).collect(),
+            e2e_identity,
         };
-        if !e2e && (!e2e_pins.is_empty() || e2e_identity.is_some()) {
-            return Err(to_py(Error::new(ErrorCode::InvalidArgument, "e2e_pins and e2e_identity only apply with e2e=True")));
-        }
-        let mut b = options.resolve(ClientRole::Dialer).and_then(|c| c.dialer_builder()).map_err(to_py)?;
-        if e2e {
-            let mut cfg = libtunnel::e2e::DialerE2e::new();
-            for (name, key) in &e2e_pins {
-                cfg = cfg.pin(name, key).map_err(to_py)?;
-            }
-            if let Some(id) = e2e_identity {
-                cfg = cfg.identity(libtunnel::client::keys::load_identity_text(&id).map_err(to_py)?);
-            }
-            b = b.e2e(cfg);
-        }
-        Ok(Dialer { inner: b.build().map_err(to_py)? })
+        Ok(Dialer { inner: options.dialer().map_err(to_py)? })
     }
 
     /// The relay URL.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientOptions, ListenerOptions};
 use libtunnel::{Error, ErrorCode};
 use pyo3::prelude::*;
 
@@ -50,50 +50,44 @@ impl Listener {
     }
 }
 
-/// The core listener builder from explicit values; what is `None` comes from the `TUNNEL_*`
-/// variables (`TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`).
-#[allow(clippy::too_many_arguments)]
-fn builder(
+/// `Listener.bind`'s options, a dict with every key (the Python layer fills it from its keyword
+/// arguments): the core's `ListenerOptions` field by field. What is `None` comes from the
+/// `TUNNEL_*` variables (`TUNNEL_RELAY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+pub(crate) struct BindOptions {
     relay: Option<String>,
     key: Option<String>,
-    name: Option<String>,
-    tcp_port: bool,
     ca: Option<PathBuf>,
     timeout: Option<f64>,
-    backlog: usize,
+    name: Option<String>,
+    tcp_port: bool,
+    pool: bool,
+    h2c: bool,
+    tls_passthrough: bool,
+    backlog: Option<usize>,
+    exit: Option<String>,
+    exit_only: bool,
     e2e: bool,
     allow_peers: Vec<String>,
-    pool: bool,
-    exit: Option<String>,
-    modes: (bool, bool),
-) -> PyResult<libtunnel::ListenerBuilder> {
-    let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-    let mut b = options
-        .resolve(ClientRole::Listener)
-        .and_then(|c| c.listener_builder())
-        .map_err(to_py)?
-        .tcp_port(tcp_port)
-        .backlog(backlog)
-        .pool(pool)
-        .h2c(modes.0)
-        .tls_passthrough(modes.1);
-    if let Some(rules) = exit {
-        b = b.exit(libtunnel::egress::Allowlist::from_json(&rules, "exit").map_err(to_py)?);
+}
+
+fn builder(o: BindOptions) -> PyResult<libtunnel::ListenerBuilder> {
+    ListenerOptions {
+        client: ClientOptions { relay: o.relay, key: o.key, ca: o.ca, timeout: o.timeout, ..ClientOptions::default() },
+        name: o.name,
+        tcp_port: o.tcp_port,
+        pool: o.pool,
+        h2c: o.h2c,
+        tls_passthrough: o.tls_passthrough,
+        backlog: o.backlog,
+        exit: o.exit,
+        exit_only: o.exit_only,
+        e2e: o.e2e,
+        allow_peers: o.allow_peers,
     }
-    if let Some(n) = name {
-        b = b.name(n);
-    }
-    if !e2e && !allow_peers.is_empty() {
-        return Err(to_py(Error::new(ErrorCode::InvalidArgument, "allow_peers only applies with e2e=True")));
-    }
-    if e2e {
-        let mut cfg = libtunnel::e2e::ListenerE2e::new();
-        for k in &allow_peers {
-            cfg = cfg.allow_peer(k).map_err(to_py)?;
-        }
-        b = b.e2e(cfg);
-    }
-    Ok(b)
+    .builder()
+    .map_err(to_py)
 }
 
 async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
@@ -103,51 +97,16 @@ async fn bind(b: libtunnel::ListenerBuilder) -> libtunnel::Result<Listener> {
 
 #[pymethods]
 impl Listener {
-    /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
-    /// default to their `TUNNEL_*` variables).
+    /// Connect to the relay and register (see [`BindOptions`]).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
-    #[allow(clippy::too_many_arguments)]
-    fn bind(
-        py: Python<'_>,
-        relay: Option<String>,
-        key: Option<String>,
-        name: Option<String>,
-        tcp_port: bool,
-        ca: Option<PathBuf>,
-        timeout: Option<f64>,
-        backlog: usize,
-        e2e: bool,
-        allow_peers: Vec<String>,
-        pool: bool,
-        exit: Option<String>,
-        h2c: bool,
-        tls_passthrough: bool,
-    ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
+    fn bind(py: Python<'_>, options: BindOptions) -> PyResult<Listener> {
+        let b = builder(options)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
-    #[allow(clippy::too_many_arguments)]
-    fn bind_async<'py>(
-        py: Python<'py>,
-        relay: Option<String>,
-        key: Option<String>,
-        name: Option<String>,
-        tcp_port: bool,
-        ca: Option<PathBuf>,
-        timeout: Option<f64>,
-        backlog: usize,
-        e2e: bool,
-        allow_peers: Vec<String>,
-        pool: bool,
-        exit: Option<String>,
-        h2c: bool,
-        tls_passthrough: bool,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
+    fn bind_async(py: Python<'_>, options: BindOptions) -> PyResult<Bound<'_, PyAny>> {
+        let b = builder(options)?;
         awaitable(py, bind(b))
     }
 

@@ -10,8 +10,8 @@ use pyo3::prelude::*;
 
 use crate::{awaitable, wait};
 
-/// A running relay.
-#[pyclass(module = "libtunnel._native", frozen)]
+/// A running relay (`Server` in Python, as in every face).
+#[pyclass(module = "libtunnel._native", name = "Server", frozen)]
 pub(crate) struct Relay {
     /// Taken by `shutdown`; `abort` works through a shared reference.
     handle: Mutex<Option<ServerHandle>>,

@@ -86,7 +86,7 @@ def pg_port() -> int:
 
 @dataclass
 class Relay:
-    relay: libtunnel.Relay
+    relay: libtunnel.Server
     url: str
     key: str
 
@@ -102,7 +102,7 @@ def relay(key: str, echo: tuple[str, int], hasher: tuple[str, int], pg_port: int
         "listeners_open": True,
         "drain_timeout": 2,
     }
-    r = libtunnel.Relay(config, env=False)
+    r = libtunnel.Server(config, env=False)
     yield Relay(r, r.url, key)
     r.shutdown()
 

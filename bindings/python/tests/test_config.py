@@ -1,6 +1,6 @@
 """The client configuration every face shares (the core's ``libtunnel::client``): the bad-input
 table of ``tests/fixtures/client_config_cases.json`` (the CLI, Node and C faces run the same
-table), and one ``.env`` holding the relay's and the clients' variables that starts ``Relay(env=True)``
+table), and one ``.env`` holding the relay's and the clients' variables that starts ``Server(env=True)``
 and configures ``Dialer()`` and ``Listener()`` with no argument at all."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_one_dotenv_serves_the_relay_and_the_clients(clean_env: pathlib.Path, ha
         f"TUNNEL_LISTENER_KEY={listener_key}\n"
         "TUNNEL_CA=\nTUNNEL_TIMEOUT=15\nTUNNEL_MODE=multiplexed\nTUNNEL_WORKER_THREADS=2\nLIBTUNNEL_WORKER_THREADS=2\n"
     )
-    with libtunnel.Relay(env=True) as relay:
+    with libtunnel.Server(env=True) as relay:
         # The relay's port is only known now: the clients' TUNNEL_RELAY comes from the process
         # environment, which wins over .env as for the relay.
         os.environ["TUNNEL_RELAY"] = relay.url

@@ -62,7 +62,7 @@ def test_e2e_dial_by_name_hashed_both_ways(relay: object, tmp_path: object) -> N
         assert h.hexdigest() == hashlib.sha256(down).hexdigest(), "the dialer read the listener's bytes intact"
         assert served["up"] == hashlib.sha256(up).hexdigest(), "the listener's side read the dialer's bytes in plaintext, intact"
         peer = served["peer"]
-        assert isinstance(peer, libtunnel.Peer) and peer.e2e and peer.dialer_name == dialer_name
+        assert isinstance(peer, libtunnel.PeerInfo) and peer.e2e and peer.dialer_name == dialer_name
 
         with libtunnel.Dialer(url, key=key, timeout=10, e2e=True) as keyless:
             with pytest.raises(libtunnel.E2ERefused) as refused:

@@ -78,16 +78,16 @@ def test_bad_arguments_are_config_errors(relay: object) -> None:
     with pytest.raises(ValueError):
         d.dial("no-port-here")
     with pytest.raises(libtunnel.ConfigError) as info:
-        libtunnel.Relay({"listen": "127.0.0.1:0", "allow": [{"host": "x", "port": 1}]}, env=False)
+        libtunnel.Server({"listen": "127.0.0.1:0", "allow": [{"host": "x", "port": 1}]}, env=False)
     assert info.value.code == "INVALID_CONFIG" and "TUNNEL_AUTH_KEYS" in info.value.message
     with pytest.raises(libtunnel.ConfigError) as info:
-        libtunnel.Relay({"lisen": "127.0.0.1:0"}, env=False)
+        libtunnel.Server({"lisen": "127.0.0.1:0"}, env=False)
     assert "listen" in info.value.message
 
 
 def test_relay_killed_mid_transfer_resets_the_socket(key: str, echo: tuple[str, int]) -> None:
     config = {"listen": "127.0.0.1:0", "auth_keys": libtunnel.auth_keys(key), "allow": [{"host": "127.0.0.1", "port": echo[1]}]}
-    relay = libtunnel.Relay(config, env=False)
+    relay = libtunnel.Server(config, env=False)
     d = libtunnel.Dialer(relay.url, key=key, timeout=10)
     with d.dial(f"127.0.0.1:{echo[1]}") as sock:
         sock.settimeout(10)
@@ -99,3 +99,13 @@ def test_relay_killed_mid_transfer_resets_the_socket(key: str, echo: tuple[str, 
                 pass
     with pytest.raises((libtunnel.RelayUnavailable, libtunnel.Closed)):
         d.dial(f"127.0.0.1:{echo[1]}")
+
+
+def test_old_names_still_work_with_a_deprecation_warning() -> None:
+    # Every face calls the relay Server and an accepted connection's details PeerInfo; the old
+    # Python names stay for one release.
+    for old, new in (("Relay", libtunnel.Server), ("AsyncRelay", libtunnel.AsyncServer), ("Peer", libtunnel.PeerInfo)):
+        with pytest.warns(DeprecationWarning, match=f"libtunnel.{old} is deprecated"):
+            assert getattr(libtunnel, old) is new
+    with pytest.raises(AttributeError):
+        getattr(libtunnel, "NoSuchName")

@@ -78,7 +78,7 @@ class _Events:
 
 def test_blocking_listener_and_dialer_report_the_relay_going_and_coming_back(echo: tuple[str, int], listener_key: str) -> None:
     key = libtunnel.keygen(7)
-    relay = libtunnel.Relay(_config(key, echo), env=False)
+    relay = libtunnel.Server(_config(key, echo), env=False)
     addr = relay.address
     assert addr is not None
     events = _Events()
@@ -112,7 +112,7 @@ def test_blocking_listener_and_dialer_report_the_relay_going_and_coming_back(ech
         retry = events.next("listener.reconnecting")
         assert isinstance(retry, libtunnel.Reconnecting) and retry.attempt >= 1 and retry.delay > 0
 
-        relay2 = libtunnel.Relay(_config(key, echo, f"{addr[0]}:{addr[1]}"), env=False)
+        relay2 = libtunnel.Server(_config(key, echo, f"{addr[0]}:{addr[1]}"), env=False)
         back = events.next("listener.connected")
         assert back == libtunnel.Connected(back.relay, listener.name)
         _round_trip(dialer.dial(target))
@@ -131,7 +131,7 @@ def test_blocking_listener_and_dialer_report_the_relay_going_and_coming_back(ech
 def test_async_listener_callbacks_run_on_the_loop(echo: tuple[str, int], listener_key: str) -> None:
     async def main() -> None:
         key = libtunnel.keygen(7)
-        relay = await libtunnel.AsyncRelay.start(_config(key, echo), env=False)
+        relay = await libtunnel.AsyncServer.start(_config(key, echo), env=False)
         addr = relay.address
         assert addr is not None
         loop = asyncio.get_running_loop()
@@ -153,7 +153,7 @@ def test_async_listener_callbacks_run_on_the_loop(echo: tuple[str, int], listene
         relay.abort()
         err = await asyncio.wait_for(lost, STEP)
         assert isinstance(err, libtunnel.RelayUnavailable)
-        relay2 = await libtunnel.AsyncRelay.start(_config(key, echo, f"{addr[0]}:{addr[1]}"), env=False)
+        relay2 = await libtunnel.AsyncServer.start(_config(key, echo, f"{addr[0]}:{addr[1]}"), env=False)
         try:
             info = await asyncio.wait_for(back, STEP)
             assert info.name == listener.name
@@ -214,7 +214,7 @@ class _SilentFront:
 def test_cancelling_an_awaited_dial_cancels_it_in_the_core(echo: tuple[str, int], how: str) -> None:
     async def main() -> None:
         key = libtunnel.keygen(7)
-        relay = await libtunnel.AsyncRelay.start(_config(key, echo), env=False)
+        relay = await libtunnel.AsyncServer.start(_config(key, echo), env=False)
         assert relay.address is not None
         front = _SilentFront(relay.address, {1})
         dialer = libtunnel.AsyncDialer(f"ws://127.0.0.1:{front.port}", key=key, timeout=STEP)

@@ -39,9 +39,10 @@ def exit_setup(tmp_path: object, postgres: object, echo: tuple[str, int]) -> Ite
         "exits": [{"name": name, "key_ids": [21]}],
         "drain_timeout": 2,
     }
-    relay = libtunnel.Relay(config, env=False)
+    relay = libtunnel.Server(config, env=False)
     exit_rules = [{"host": "127.0.0.1", "port": postgres.port}]  # type: ignore[attr-defined]
-    listener = libtunnel.Listener(relay.url, key=key_file, exit=exit_rules, timeout=10)
+    # It serves nothing itself: exit_only, so a dial to its name is refused, not swallowed.
+    listener = libtunnel.Listener(relay.url, key=key_file, exit=exit_rules, exit_only=True, timeout=10)
     try:
         yield ExitSetup(relay.url, key, other, name, listener)
     finally:
@@ -98,6 +99,14 @@ def test_refusals_keep_their_codes(exit_setup: ExitSetup, postgres: object, echo
         for host in ("[::1]", "0.0.0.0", "[::ffff:0.0.0.0]"):
             with pytest.raises(libtunnel.NotAllowed):
                 d.dial(f"{host}:{pg.port}", via=exit_setup.exit_name)  # type: ignore[attr-defined]
+        # The exit's own name: it exposes no service (exit_only), so NOT_ALLOWED naming why.
+        with pytest.raises(libtunnel.NotAllowed) as info:
+            d.dial(f"{exit_setup.exit_name}:0")
+        assert "exposes no service" in info.value.message
+        # The options' rules are the core's, the same in every face.
+        with pytest.raises(libtunnel.ConfigError) as bad:
+            libtunnel.Listener(exit_setup.url, key=os.devnull, exit_only=True)
+        assert bad.value.code == "INVALID_ARGUMENT" and "exit" in bad.value.message
     # A key the relay does not let use the exit: refused by the relay, the exit never sees it.
     with libtunnel.Dialer(exit_setup.url, key=exit_setup.other_key, timeout=10) as d:
         before = exit_setup.listener.exit_stats

@@ -29,7 +29,7 @@ MAX_MESSAGE = 64 << 20
 
 @dataclass
 class Target:
-    relay: libtunnel.Relay
+    relay: libtunnel.Server
     host: str
     ca_pem: bytes
 
@@ -71,7 +71,7 @@ def target(key: str, node_grpc_server: int, tmp_path_factory: pytest.TempPathFac
         "listeners_open": True,
         "drain_timeout": 2,
     }
-    relay = libtunnel.Relay(config, env=False)
+    relay = libtunnel.Server(config, env=False)
     listener_key = str(d / "listener.pem")
     libtunnel.listener_keygen(listener_key)
     listener = libtunnel.Listener(relay.url, key=listener_key, h2c=True)

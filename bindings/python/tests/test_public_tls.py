@@ -22,7 +22,7 @@ DOMAIN = "test.example"
 
 @dataclass
 class Setup:
-    relay: libtunnel.Relay
+    relay: libtunnel.Server
     relay_ca: trustme.CA
     service_ca: trustme.CA
     name: str
@@ -57,7 +57,7 @@ def setup(key: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
     relay_cert = relay_ca.issue_cert(f"*.{DOMAIN}", DOMAIN)
     relay_cert.cert_chain_pems[0].write_to_path(str(d / "relay.pem"))
     relay_cert.private_key_pem.write_to_path(str(d / "relay.key"))
-    relay = libtunnel.Relay(
+    relay = libtunnel.Server(
         {
             "listen": "127.0.0.1:0",
             "https_listen": "127.0.0.1:0",

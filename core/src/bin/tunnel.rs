@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use libtunnel::client::config::ClientVar;
 use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
-use libtunnel::client::{ClientEnv, ClientOptions, ClientRole};
+use libtunnel::client::{ClientEnv, ClientOptions, DialerOptions, ListenerOptions};
 use libtunnel::config::{help_table, RelayConfig};
 use libtunnel::runtime::Workers;
 use libtunnel::socks::Target;
@@ -123,12 +123,15 @@ enum Cmd {
         /// Ask the relay for a public TCP port too.
         #[arg(long)]
         tcp_port: bool,
+        /// Streams waiting to be forwarded to --to before the relay refuses more (default 128).
+        #[arg(long, value_name = "N")]
+        backlog: Option<usize>,
         /// Send a PROXY protocol v2 header with the original client address to the local service.
         #[arg(long)]
         proxy_protocol: bool,
         /// The local service speaks HTTP/2 with prior knowledge (h2c; a gRPC server): public
         /// HTTP/1.1 and HTTP/2 requests reach it as HTTP/2.
-        #[arg(long, conflicts_with = "tls_passthrough")]
+        #[arg(long)]
         h2c: bool,
         /// The local service terminates TLS itself: the relay's HTTPS port passes connections
         /// whose SNI names this listener through undecrypted.
@@ -146,7 +149,7 @@ enum Cmd {
         e2e: bool,
         /// With --e2e, require dialers' own keys and admit this one (base64 public key or
         /// key-derived name). Repeatable.
-        #[arg(long = "allow-peer", value_name = "KEY", requires = "e2e")]
+        #[arg(long = "allow-peer", value_name = "KEY")]
         allow_peer: Vec<String>,
     },
     /// Make a key: a shared secret for dialers (default), a cluster's node key (--cluster), or an
@@ -212,11 +215,11 @@ struct ClientArgs {
     e2e: bool,
     /// With --e2e, the key a chosen (relay-granted) name must have: NAME=KEY (base64 public key
     /// or key-derived name). Repeatable.
-    #[arg(long = "e2e-pin", value_name = "NAME=KEY", requires = "e2e")]
+    #[arg(long = "e2e-pin", value_name = "NAME=KEY")]
     e2e_pin: Vec<String>,
     /// With --e2e, present this Ed25519 key file (`tunnel keygen --listener` makes one) to
     /// listeners that admit listed dialer keys (`--allow-peer`).
-    #[arg(long = "e2e-identity", value_name = "FILE", requires = "e2e")]
+    #[arg(long = "e2e-identity", value_name = "FILE")]
     e2e_identity: Option<PathBuf>,
 }
 
@@ -232,19 +235,16 @@ impl ClientArgs {
         }
     }
 
-    fn dialer(&self) -> Result<Dialer, Error> {
-        let config = self.options().resolve(ClientRole::Dialer)?;
-        if !self.e2e {
-            return config.dialer();
+    /// The dialer these flags describe; every dial goes through the exit listener `via` when given.
+    fn dialer(&self, via: Option<String>) -> Result<Dialer, Error> {
+        DialerOptions {
+            client: self.options(),
+            via,
+            e2e: self.e2e,
+            e2e_pins: self.e2e_pin.clone(),
+            e2e_identity: self.e2e_identity.as_ref().map(|p| p.to_string_lossy().into_owned()),
         }
-        let mut e2e = libtunnel::e2e::DialerE2e::new();
-        for pin in &self.e2e_pin {
-            e2e = e2e.pin_spec(pin)?;
-        }
-        if let Some(path) = &self.e2e_identity {
-            e2e = e2e.identity(libtunnel::Identity::load(path)?);
-        }
-        config.dialer_builder()?.e2e(e2e).build()
+        .dialer()
     }
 }
 
@@ -370,52 +370,27 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 .await
         }
         Cmd::Forward { local, target, via, client } => {
-            let target = Target::parse(&target)?;
-            let target = match &via {
-                Some(v) => target.through_exit(v)?,
-                None => target,
-            };
-            let dialer = client.dialer()?;
+            let target = libtunnel::dialer::route(&target, via.as_deref())?;
+            let dialer = client.dialer(None)?;
             let listener = libtunnel::forward::bind_local(&local).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
             let stop = shutdown_signal();
             say!("forwarding {addr} -> {target} via {}", dialer.relay());
-            if dialer.mode() == Mode::Multiplexed {
-                match dialer.connect().await {
-                    Ok(()) => {}
-                    // A refusal (wrong key, ...) is final: stop now, as ssh -L does.
-                    Err(e) if !retryable(e.code()) => return Err(e),
-                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
-                }
-            }
+            connect_at_start(&dialer).await?;
             libtunnel::forward::forward(listener, dialer, target, stop).await
         }
         Cmd::Socks { listen, via, client } => {
-            let dialer = client.dialer()?;
-            let dialer = match via {
-                Some(v) => dialer.with_via(&v)?,
-                None => dialer,
-            };
+            let dialer = client.dialer(via)?;
             let listener = libtunnel::forward::bind_local(&listen).await?;
             let addr = listener.local_addr().map_err(|e| Error::from_io(e, "local address"))?;
             let stop = shutdown_signal();
             say!("socks5 proxy on {addr} via {}", dialer.relay());
-            if dialer.mode() == Mode::Multiplexed {
-                match dialer.connect().await {
-                    Ok(()) => {}
-                    Err(e) if !retryable(e.code()) => return Err(e),
-                    Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
-                }
-            }
+            connect_at_start(&dialer).await?;
             libtunnel::forward::socks_proxy(listener, dialer, stop).await
         }
         Cmd::Dial { target, via, client } => {
-            let target = Target::parse(&target)?;
-            let target = match &via {
-                Some(v) => target.through_exit(v)?,
-                None => target,
-            };
-            let dialer = client.dialer()?;
+            let target = libtunnel::dialer::route(&target, via.as_deref())?;
+            let dialer = client.dialer(None)?;
             let stream = dialer.dial_target(&target).await?;
             // Classic mode has no half-close: closing our side would close the tunnel before the
             // reply arrives, so at the end of stdin it only flushes and keeps reading.
@@ -457,24 +432,39 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
-            let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
-            let mut b =
-                options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
-            if let (true, Some(rules)) = (exit, &allow) {
+        Cmd::Listen {
+            to,
+            pool,
+            exit,
+            allow,
+            relay,
+            key,
+            name,
+            tcp_port,
+            backlog,
+            proxy_protocol,
+            h2c,
+            tls_passthrough,
+            ca,
+            timeout,
+            e2e,
+            allow_peer,
+        } => {
+            let b = ListenerOptions {
+                client: ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() },
+                name,
+                tcp_port,
+                pool,
+                h2c,
+                tls_passthrough,
+                backlog,
+                exit: allow.clone().filter(|_| exit),
                 // Without --to, streams to the name are refused (NOT_ALLOWED) before they are accepted.
-                b = b.exit(libtunnel::egress::Allowlist::from_json(rules, "--allow")?).exit_only(to.is_none());
+                exit_only: exit && to.is_none(),
+                e2e,
+                allow_peers: allow_peer.clone(),
             }
-            if let Some(n) = name {
-                b = b.name(n);
-            }
-            if e2e {
-                let mut cfg = libtunnel::e2e::ListenerE2e::new();
-                for k in &allow_peer {
-                    cfg = cfg.allow_peer(k)?;
-                }
-                b = b.e2e(cfg);
-            }
+            .builder()?;
             let listener = bind_with_retries(b).await?;
             let reg = listener.registration();
             let stop = shutdown_signal();
@@ -577,10 +567,18 @@ async fn run(cli: Cli) -> Result<(), Error> {
 /// `./.env`).
 const ADMIN_TOKEN_VAR: ClientVar = ClientVar { name: "TUNNEL_ADMIN_TOKEN", help: "the relay's admin token", old_names: &[] };
 
-/// Whether a client command may retry after `code` (the relay unreachable, a timeout, a lost
-/// connection), rather than stop (a refusal is final).
-fn retryable(code: ErrorCode) -> bool {
-    matches!(code, ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io | ErrorCode::Closed)
+/// Open a forward's or proxy's session at start (multiplexed mode): a refusal (a wrong key, ...)
+/// is final and ends the command, as `ssh -L` does; a relay that cannot be reached yet is
+/// retried on the first connection.
+async fn connect_at_start(dialer: &Dialer) -> Result<(), Error> {
+    if dialer.mode() == Mode::Multiplexed {
+        match dialer.connect().await {
+            Ok(()) => {}
+            Err(e) if e.code().is_final() => return Err(e),
+            Err(e) => tracing::warn!("{e} (will retry on the first connection)"),
+        }
+    }
+    Ok(())
 }
 
 /// A dialed stream's error with its cause spelled out: a listener's refusal arrives as a reset
@@ -697,7 +695,7 @@ async fn bind_with_retries(b: libtunnel::ListenerBuilder) -> Result<libtunnel::L
     loop {
         match b.clone().bind().await {
             Ok(l) => return Ok(l),
-            Err(e) if matches!(e.code(), ErrorCode::RelayUnavailable | ErrorCode::Timeout | ErrorCode::Io) => {
+            Err(e) if !e.code().is_final() => {
                 tracing::warn!(attempt, retry_in_secs = delay.as_secs(), "cannot register with the relay yet: {e}");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(30));

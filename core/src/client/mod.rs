@@ -1,14 +1,17 @@
 //! What every client (dialer or listener, in every face) shares: how it is configured
 //! ([`config`]: explicit values, then one set of `TUNNEL_*` variables), how users give and get
 //! keys ([`keys`]), which relays it uses (`relays`: one URL or several, tried in turn), how its
-//! session to the relay begins (`handshake`), and how it reports that session's state
-//! ([`events`]).
+//! session to the relay begins (`handshake`), how it reports that session's state
+//! ([`events`]), and every option of a dialer or listener as plain values ([`options`]), which
+//! each face fills and the core checks.
 
 pub mod config;
 pub mod events;
 pub(crate) mod handshake;
 pub mod keys;
+pub mod options;
 pub mod relays;
 
 pub use config::{checked_millis, checked_seconds, ClientConfig, ClientEnv, ClientOptions, ClientRole};
+pub use options::{DialerOptions, ListenerOptions, DEFAULT_BACKLOG};
 pub use relays::check_relay_urls;

@@ -306,8 +306,26 @@ impl Accepting {
 
     /// Terminate TLS on a stream the relay opened. A stream that is not a TLS handshake (a
     /// plaintext dial, a public HTTP request) or whose dialer is not admitted is refused: the
-    /// alert (if any) goes out, then the stream ends.
-    pub(crate) async fn accept(&self, mux: SessionStream) -> Result<E2eStream> {
+    /// alert (if any) goes out, then the stream ends. A stream that sends nothing within
+    /// `first_bytes` is refused too, reset with `E2E_REFUSED`: an e2e dialer's ClientHello rides
+    /// with its CONNECT, so the relay hands it on as soon as the stream is accepted, and a silent
+    /// stream is a plaintext client waiting for the service to speak first (ssh, SMTP).
+    pub(crate) async fn accept(&self, mut mux: SessionStream, first_bytes: std::time::Duration) -> Result<E2eStream> {
+        match tokio::time::timeout(first_bytes, std::future::poll_fn(|cx| mux.poll_recv_chunk(cx))).await {
+            Ok(Ok(Some(chunk))) => mux.unread(chunk),
+            // The end of the stream or an error: the handshake below reports it.
+            Ok(_) => {}
+            Err(_) => {
+                mux.reset(ErrorCode::E2eRefused);
+                let why = format!(
+                    "refused a stream that sent no end-to-end handshake within {} s (a plaintext dial to an e2e listener, \
+                     waiting for the service to speak first; dial it with e2e on)",
+                    first_bytes.as_secs_f64()
+                );
+                tracing::info!(reason = %why, "e2e listener refused a stream");
+                return Err(Error::new(ErrorCode::E2eRefused, why));
+            }
+        }
         match self.acceptor.accept(E2eIo { mux, reply: None }).into_fallible().await {
             Ok(mut tls) => {
                 if self.mutual {

@@ -12,7 +12,7 @@ from ._dialer import Dialer
 from ._errors import ConfigError, TunnelError
 from . import _native
 from ._listener import Listener
-from ._relay import Relay, serve
+from ._relay import Server, serve
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -93,7 +93,7 @@ def _server(a: argparse.Namespace) -> None:
         if value is not None:
             config[name] = value
 
-    def ready(relay: Relay) -> None:
+    def ready(relay: Server) -> None:
         # The core's lines, so they are exactly what `tunnel server` prints.
         print(relay.ready_text, end="", flush=True)
 

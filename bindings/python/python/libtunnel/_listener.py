@@ -20,14 +20,15 @@ from ._common import wrap
 from ._errors import Closed, TunnelTimeout
 from ._events import OnConnected, OnDisconnected, OnReconnecting, watch
 
-__all__ = ["ExitStats", "Peer", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
+__all__ = ["ExitStats", "PeerInfo", "Registration", "Listener", "AsyncListener", "ListenerServer", "ThreadingListenerServer"]
 
 # Union, not `|`: module-level aliases are evaluated at import, and Python 3.9 has no `X | Y`.
 StrPath = Union[str, os.PathLike[str]]
 
 
-class Peer(NamedTuple):
-    """Who is on the other end of an accepted connection."""
+class PeerInfo(NamedTuple):
+    """Who is on the other end of an accepted connection (``PeerInfo`` in Rust and Node,
+    ``tunnel_peer`` in C; ``Peer`` is its deprecated old name)."""
 
     #: The original client's ``ip:port`` as the relay saw it.
     client: str
@@ -75,15 +76,24 @@ def _exit_json(rules: ExitRules | None) -> str | None:
     return json.dumps(rules)
 
 
-def _native_args(relay: str | None, key: StrPath | None, ca: StrPath | None) -> tuple[str | None, str | None, str | None]:
-    """Relay URL, key text (or file) and CA path; what is None comes from the TUNNEL_* variables
-    (and ./.env), read by the core."""
-    return relay, None if key is None else os.fspath(key), None if ca is None else os.fspath(ca)
+def _bind_options(
+    relay: str | None, key: StrPath | None, ca: StrPath | None, exit: ExitRules | None, allow_peers: Iterable[str], **options: Any
+) -> dict[str, Any]:
+    """The native ``bind``'s options (the core's ``ListenerOptions`` field by field); what is None
+    comes from the TUNNEL_* variables (and ./.env), read by the core, or is the core's default."""
+    return dict(
+        relay=relay,
+        key=None if key is None else os.fspath(key),
+        ca=None if ca is None else os.fspath(ca),
+        exit=_exit_json(exit),
+        allow_peers=list(allow_peers),
+        **options,
+    )
 
 
-def _accepted(raw: tuple[_native.Socket, str, str, int, bool, str | None], *, blocking: bool) -> tuple[socket.socket, Peer]:
+def _accepted(raw: tuple[_native.Socket, str, str, int, bool, str | None], *, blocking: bool) -> tuple[socket.socket, PeerInfo]:
     sock, client, via, port, e2e, dialer_name = raw
-    return wrap(sock, blocking=blocking), Peer(client, via, port, e2e, dialer_name)
+    return wrap(sock, blocking=blocking), PeerInfo(client, via, port, e2e, dialer_name)
 
 
 class _ListenerBase:
@@ -132,13 +142,16 @@ class Listener(_ListenerBase):
     ``relay`` defaults to ``$TUNNEL_RELAY``; ``key`` is the Ed25519 key as PEM text or a file
     (default ``$TUNNEL_LISTENER_KEY``); ``name`` registers a chosen name the relay grants this
     key; ``tcp_port`` asks for a public TCP port; ``backlog`` bounds connections waiting for
-    :meth:`accept` (more are refused). ``e2e`` terminates end-to-end TLS on every connection
-    (the relay sees only ciphertext; plaintext connections are refused); ``allow_peers`` (base64
-    public keys or key-derived names) then requires dialers' own keys and admits only these.
-    ``pool=True`` joins the name's pool of replicas (every
-    replica opts in; the relay spreads connections over them). ``exit`` makes this an exit
+    :meth:`accept` (more are refused; ``None``: the core's default, 128). ``e2e`` terminates
+    end-to-end TLS on every connection (the relay sees only ciphertext; plaintext connections are
+    refused); ``allow_peers`` (base64 public keys or key-derived names) then requires dialers' own
+    keys and admits only these. ``pool=True`` joins the name's pool of replicas (every replica
+    opts in; the relay spreads connections over them). The options are ``tunnel listen``'s, and
+    the core checks them (one that needs another raises :class:`ConfigError`). ``exit`` makes this an exit
     listener: allow rules (a list of ``{"host", "port"}`` dicts or their JSON, as the relay's
-    ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``.
+    ``allow``) for targets dialers reach through it with ``dial(target, via=NAME)``;
+    ``exit_only=True`` says it exposes no service of its own (it never accepts), so a connection
+    dialed to its name is refused with :class:`NotAllowed` instead of reaching nobody.
     ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
@@ -157,32 +170,34 @@ class Listener(_ListenerBase):
         tcp_port: bool = False,
         ca: StrPath | None = None,
         timeout: float | None = None,
-        backlog: int = 128,
+        backlog: int | None = None,
         e2e: bool = False,
         allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
+        exit_only: bool = False,
         h2c: bool = False,
         tls_passthrough: bool = False,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
         on_reconnecting: OnReconnecting | None = None,
     ) -> None:
-        relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
+            _bind_options(
+                relay, key, ca, exit, allow_peers, timeout=timeout, name=name, tcp_port=tcp_port, pool=pool, h2c=h2c,
+                tls_passthrough=tls_passthrough, backlog=backlog, exit_only=exit_only, e2e=e2e,
+            )
         )
         self._exposed: _native.Background | None = None
         self._watch = watch(self._native, on_connected, on_disconnected, on_reconnecting)
 
 
-    def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
+    def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, PeerInfo]:
         """Wait for the next connection. Raises :class:`TunnelTimeout` after ``timeout`` seconds
         and :class:`Closed` once the listener is closed."""
         return _accepted(self._native.accept(timeout), blocking=True)
 
-    def __iter__(self) -> Iterator[tuple[socket.socket, Peer]]:
+    def __iter__(self) -> Iterator[tuple[socket.socket, PeerInfo]]:
         """Accepted connections until the listener is closed."""
         while True:
             try:
@@ -232,11 +247,12 @@ class AsyncListener(_ListenerBase):
         tcp_port: bool = False,
         ca: StrPath | None = None,
         timeout: float | None = None,
-        backlog: int = 128,
+        backlog: int | None = None,
         e2e: bool = False,
         allow_peers: Iterable[str] = (),
         pool: bool = False,
         exit: ExitRules | None = None,
+        exit_only: bool = False,
         h2c: bool = False,
         tls_passthrough: bool = False,
         on_connected: OnConnected | None = None,
@@ -245,21 +261,22 @@ class AsyncListener(_ListenerBase):
     ) -> AsyncListener:
         """Connect and register (same arguments as :class:`Listener`; the ``on_*`` callbacks
         run on the event loop, and may be coroutine functions)."""
-        relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
-            relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
+            _bind_options(
+                relay, key, ca, exit, allow_peers, timeout=timeout, name=name, tcp_port=tcp_port, pool=pool, h2c=h2c,
+                tls_passthrough=tls_passthrough, backlog=backlog, exit_only=exit_only, e2e=e2e,
+            )
         )
         listener = cls(native)
         listener._watch = watch(native, on_connected, on_disconnected, on_reconnecting, loop=asyncio.get_running_loop())
         return listener
 
 
-    async def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, Peer]:
+    async def accept(self, *, timeout: float | None = None) -> tuple[socket.socket, PeerInfo]:
         """The next connection, as a non-blocking socket."""
         return _accepted(await self._native.accept_async(timeout), blocking=False)
 
-    async def __aiter__(self) -> AsyncIterator[tuple[socket.socket, Peer]]:
+    async def __aiter__(self) -> AsyncIterator[tuple[socket.socket, PeerInfo]]:
         while True:
             try:
                 yield await self.accept()

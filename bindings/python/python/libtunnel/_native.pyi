@@ -1,8 +1,8 @@
 # Stub of the private native module (bindings/python/src); checked by mypy.stubtest in the test run.
 from collections.abc import Awaitable, Callable
-from typing import final
+from typing import Any, final
 
-__all__ = ["ERROR_CODES", "Background", "Dialer", "Listener", "Relay", "Socket", "Watch", "identity_name", "keygen", "keygen_text", "listener_keygen", "listener_keygen_text", "reset_logging"]
+__all__ = ["ERROR_CODES", "Background", "Dialer", "Listener", "Server", "Socket", "Watch", "identity_name", "keygen", "keygen_text", "listener_keygen", "listener_keygen_text", "reset_logging"]
 
 ERROR_CODES: list[str]
 
@@ -61,39 +61,9 @@ class Dialer:
 @final
 class Listener:
     @staticmethod
-    def bind(
-        relay: str | None = None,
-        key: str | None = None,
-        *,
-        name: str | None = None,
-        tcp_port: bool = False,
-        ca: str | None = None,
-        timeout: float | None = None,
-        backlog: int = 128,
-        e2e: bool = False,
-        allow_peers: list[str] = ...,
-        pool: bool = False,
-        exit: str | None = None,
-        h2c: bool = False,
-        tls_passthrough: bool = False,
-    ) -> Listener: ...
+    def bind(options: dict[str, Any]) -> Listener: ...
     @staticmethod
-    def bind_async(
-        relay: str | None = None,
-        key: str | None = None,
-        *,
-        name: str | None = None,
-        tcp_port: bool = False,
-        ca: str | None = None,
-        timeout: float | None = None,
-        backlog: int = 128,
-        e2e: bool = False,
-        allow_peers: list[str] = ...,
-        pool: bool = False,
-        exit: str | None = None,
-        h2c: bool = False,
-        tls_passthrough: bool = False,
-    ) -> Awaitable[Listener]: ...
+    def bind_async(options: dict[str, Any]) -> Awaitable[Listener]: ...
     @property
     def name(self) -> str: ...
     @property
@@ -110,11 +80,11 @@ class Listener:
     def close(self) -> None: ...
 
 @final
-class Relay:
+class Server:
     @staticmethod
-    def start(settings: list[tuple[str, str]], config_file: str | None = None, use_env: bool = True) -> Relay: ...
+    def start(settings: list[tuple[str, str]], config_file: str | None = None, use_env: bool = True) -> Server: ...
     @staticmethod
-    def start_async(settings: list[tuple[str, str]], config_file: str | None = None, use_env: bool = True) -> Awaitable[Relay]: ...
+    def start_async(settings: list[tuple[str, str]], config_file: str | None = None, use_env: bool = True) -> Awaitable[Server]: ...
     @property
     def url(self) -> str: ...
     @property

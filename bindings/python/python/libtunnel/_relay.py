@@ -1,7 +1,9 @@
-"""The relay, embedded: :class:`Relay` (blocking), :class:`AsyncRelay` (asyncio) and
+"""The relay, embedded: :class:`Server` (blocking), :class:`AsyncServer` (asyncio) and
 :func:`serve` (run until Ctrl-C or SIGTERM, like ``tunnel server``). Settings are the names of
 ``tunnel server --set help`` (``listen``, ``auth_keys``, ``allow``, ...); they win over
-``TUNNEL_*`` variables and ``./.env`` (read unless ``env=False``), which win over ``config_file``."""
+``TUNNEL_*`` variables and ``./.env`` (read unless ``env=False``), which win over ``config_file``.
+``Server`` is the relay's name in every face (Rust ``libtunnel::Server``, C ``tunnel_server``, Node
+``Server``); ``Relay`` and ``AsyncRelay`` are its deprecated old names here."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Any, Union
 
 from . import _native
 
-__all__ = ["Relay", "AsyncRelay", "serve"]
+__all__ = ["Server", "AsyncServer", "serve"]
 
 # Union, not `|`: module-level aliases are evaluated at import, and Python 3.9 has no `X | Y`.
 StrPath = Union[str, os.PathLike[str]]
@@ -41,7 +43,7 @@ def _path(p: StrPath | None) -> str | None:
 
 
 class _RelayInfo:
-    _native: _native.Relay
+    _native: _native.Server
 
     @property
     def url(self) -> str:
@@ -82,12 +84,12 @@ class _RelayInfo:
         return f"{type(self).__name__}({self.url!r})"
 
 
-class Relay(_RelayInfo):
+class Server(_RelayInfo):
     """A relay running in the background of this process; the constructor binds and starts it.
     Raises :class:`ConfigError` naming the setting to fix."""
 
     def __init__(self, config: Mapping[str, Any] | None = None, *, config_file: StrPath | None = None, env: bool = True) -> None:
-        self._native = _native.Relay.start(_settings(config), _path(config_file), env)
+        self._native = _native.Server.start(_settings(config), _path(config_file), env)
 
     def shutdown(self) -> None:
         """Stop accepting, let open streams drain (``drain_timeout``), then return."""
@@ -95,30 +97,30 @@ class Relay(_RelayInfo):
 
     close = shutdown
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
 
-class AsyncRelay(_RelayInfo):
-    """The asyncio twin of :class:`Relay`: ``relay = await AsyncRelay.start(config)``."""
+class AsyncServer(_RelayInfo):
+    """The asyncio twin of :class:`Server`: ``relay = await AsyncServer.start(config)``."""
 
-    def __init__(self, native: _native.Relay) -> None:
+    def __init__(self, native: _native.Server) -> None:
         """Internal: use :meth:`start`."""
         self._native = native
 
     @classmethod
-    async def start(cls, config: Mapping[str, Any] | None = None, *, config_file: StrPath | None = None, env: bool = True) -> AsyncRelay:
+    async def start(cls, config: Mapping[str, Any] | None = None, *, config_file: StrPath | None = None, env: bool = True) -> AsyncServer:
         """Bind and start a relay."""
-        return cls(await _native.Relay.start_async(_settings(config), _path(config_file), env))
+        return cls(await _native.Server.start_async(_settings(config), _path(config_file), env))
 
     async def shutdown(self) -> None:
         """Stop accepting, let open streams drain, then return."""
         await self._native.shutdown_async()
 
-    async def __aenter__(self) -> AsyncRelay:
+    async def __aenter__(self) -> AsyncServer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -132,7 +134,7 @@ class _Terminate(Exception):
 def serve(config: Mapping[str, Any] | None = None, *, config_file: StrPath | None = None, env: bool = True, on_ready: Any = None) -> None:
     """Run a relay until Ctrl-C or SIGTERM, then drain (what ``python -m libtunnel server`` runs).
     ``on_ready(relay)`` is called once it listens."""
-    relay = Relay(config, config_file=config_file, env=env)
+    relay = Server(config, config_file=config_file, env=env)
     previous = None
     if threading.current_thread() is threading.main_thread():
 
