@@ -3,9 +3,8 @@
 //! tasks, aborted sessions whose targets stopped reading, and floods of tiny and junk frames.
 //! Every wait is bounded; figures (time to fail, RSS, fds) are printed for the issue notes.
 
-mod common;
-#[path = "common/procs.rs"]
-mod procs;
+use crate::common;
+use crate::common::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};

@@ -4,7 +4,7 @@
 //! name the variable to set. Every child process is killed when its guard drops, and every wait is
 //! bounded.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

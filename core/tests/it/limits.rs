@@ -4,7 +4,7 @@
 //! listener that never accepts, the public HTTP port's request-head deadline (slowloris) and
 //! size, and public requests in progress per source.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! relay. Protocol misbehaviour (stale dates, replayed proofs, malformed SOCKS5, oversized frames)
 //! is produced by speaking the wire protocol by hand through the crate's public codec types.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -9,9 +9,8 @@
 //! Names that resolve to forbidden addresses come from a small DNS responder on loopback UDP,
 //! set as the relay's `dns_servers`. Streams to listeners are covered at the end.
 
-mod common;
-#[path = "common/dns.rs"]
-mod dns;
+use crate::common;
+use crate::common::dns;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -5,9 +5,8 @@
 //! handshake that never comes is cancelled by dropping it: the connection is closed at once and
 //! the next dial works. Every wait is bounded.
 
-mod common;
-#[path = "common/procs.rs"]
-mod procs;
+use crate::common;
+use crate::common::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -6,9 +6,8 @@
 //! that a full replica is skipped, that a retired one gets nothing new while its open streams
 //! finish, and that registering without `--pool` keeps today's NAME_TAKEN rules.
 
-mod common;
-#[path = "common/procs.rs"]
-mod procs;
+use crate::common;
+use crate::common::procs;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

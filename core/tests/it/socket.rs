@@ -2,7 +2,7 @@
 //! bindings hand to programs: bytes hashed both ways through blocking std sockets, half-close with
 //! `shutdown(Write)`, and a relay cut off mid-transfer read as a reset, never as a clean EOF.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::Shutdown;

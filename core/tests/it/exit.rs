@@ -4,11 +4,9 @@
 //! The relay's own allowlist admits none of the targets here, so everything that connects went
 //! through the exit and was judged by the exit's rules (the relay's allowlist code, run there).
 
-mod common;
-#[path = "common/dns.rs"]
-mod dns;
-#[path = "common/procs.rs"]
-mod procs;
+use crate::common;
+use crate::common::dns;
+use crate::common::procs;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -6,7 +6,7 @@
 //! plaintext dial to an e2e listener is refused; an e2e dial to a plaintext listener fails).
 //! Every wait is bounded.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -6,11 +6,9 @@
 //! verifies, not the relay's), path routing `/t/NAME/x`, the per-listener rate (429 +
 //! Retry-After, then 200 again) and the per-listener metrics on `/metrics`.
 
-mod common;
-#[path = "common/h2raw.rs"]
-mod h2raw;
-#[path = "common/pki.rs"]
-mod pki;
+use crate::common;
+use crate::common::h2raw;
+use crate::common::pki;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -4,7 +4,7 @@
 //! (`fuzz/src/entries.rs`, included here). Each entry asserts that nothing panics, answers stay
 //! bounded, and garbage is refused rather than accepted.
 
-#[path = "../../fuzz/src/entries.rs"]
+#[path = "../../../fuzz/src/entries.rs"]
 #[allow(dead_code)]
 mod entries;
 

@@ -4,8 +4,7 @@
 //! TCP port, registration rules (names, keys, signatures, stale sessions), relay restarts,
 //! backpressure and many concurrent streams. Every wait is bounded.
 
-#[path = "common/raw.rs"]
-mod raw;
+use crate::common::raw;
 
 use std::convert::Infallible;
 use std::io;

@@ -5,9 +5,8 @@
 //! uploads to a listener that never reads cost a bounded amount while the relay keeps answering.
 //! Every figure is printed (`--nocapture`) for the README.
 
-mod common;
-#[path = "common/h2raw.rs"]
-mod h2raw;
+use crate::common;
+use crate::common::h2raw;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -2,9 +2,8 @@
 //! whose reader stops (its writer blocks; the session's other streams keep flowing), and a
 //! half-open transport (a relay process frozen with SIGSTOP) found by the keepalive.
 
-mod common;
-#[path = "common/procs.rs"]
-mod procs;
+use crate::common;
+use crate::common::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

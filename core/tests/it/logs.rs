@@ -3,7 +3,7 @@
 //! shared secret (raw and base64) and the listener's private key. Its own test binary, because it
 //! installs the process-wide tracing subscriber.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! `E2E_REFUSED`, and a chosen name refused without `--e2e-pin` (`E2E_IDENTITY`). Every child is
 //! killed when dropped and every wait is bounded.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;

@@ -6,9 +6,8 @@
 //! readiness notice to systemd (with a TLS endpoint) and `.env` files written for Emissary.
 //! Real processes on loopback; every wait is bounded.
 
-mod common;
-#[path = "common/pki.rs"]
-mod pki;
+use crate::common;
+use crate::common::pki;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -5,13 +5,10 @@
 //! reachable again through the others; a Redis outage leaves local names working, fails remote
 //! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
 
-#[path = "common/cluster.rs"]
-mod cluster;
-mod common;
-#[path = "common/pki.rs"]
-mod pki;
-#[path = "common/raw.rs"]
-mod raw;
+use crate::common::cluster;
+use crate::common;
+use crate::common::pki;
+use crate::common::raw;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -289,3 +289,10 @@ pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<std::sync::at
     });
     (addr, hits)
 }
+
+pub mod cluster;
+pub mod dns;
+pub mod h2raw;
+pub mod pki;
+pub mod procs;
+pub mod raw;
