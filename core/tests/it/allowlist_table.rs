@@ -9,14 +9,13 @@
 //! Names that resolve to forbidden addresses come from a small DNS responder on loopback UDP,
 //! set as the relay's `dns_servers`. Streams to listeners are covered at the end.
 
-use crate::common;
-use crate::common::dns;
+use testkit::dns;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
-use common::*;
+use testkit::*;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::socks::Target;
 use libtunnel::{Dialer, ErrorCode, Identity, Listener, Mode};

@@ -5,17 +5,16 @@
 //! reachable again through the others; a Redis outage leaves local names working, fails remote
 //! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
 
-use crate::common::cluster;
-use crate::common;
-use crate::common::pki;
-use crate::common::raw;
+use testkit::cluster;
+use testkit::pki;
+use testkit::raw;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cluster::{Balancer, Node, Redis};
-use common::*;
+use testkit::*;
 use http::{header, Request, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;

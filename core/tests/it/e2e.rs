@@ -6,13 +6,12 @@
 //! plaintext dial to an e2e listener is refused; an e2e dial to a plaintext listener fails).
 //! Every wait is bounded.
 
-use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use testkit::*;
 use libtunnel::config::ListenerGrant;
 use libtunnel::e2e::{DialerE2e, ListenerE2e};
 use libtunnel::{Dialer, ErrorCode, Identity, Listener, ServerHandle, TunnelStream};

@@ -19,7 +19,7 @@
 //! All traffic stays on loopback (Emissary's server and our relay in Emissary mode bind every
 //! interface, as Emissary does, but only 127.0.0.1 is dialled), and every wait is bounded.
 
-use crate::common::dns;
+use testkit::dns;
 
 use std::io;
 use std::net::SocketAddr;

@@ -5,13 +5,12 @@
 //! handshake that never comes is cancelled by dropping it: the connection is closed at once and
 //! the next dial works. Every wait is bounded.
 
-use crate::common;
-use crate::common::procs;
+use testkit::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use libtunnel::client::events::{Event, Events};
 use libtunnel::{Dialer, ErrorCode, Identity, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

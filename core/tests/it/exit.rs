@@ -4,15 +4,14 @@
 //! The relay's own allowlist admits none of the targets here, so everything that connects went
 //! through the exit and was judged by the exit's rules (the relay's allowlist code, run there).
 
-use crate::common;
-use crate::common::dns;
-use crate::common::procs;
+use testkit::dns;
+use testkit::procs;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
-use common::*;
+use testkit::*;
 use libtunnel::config::ExitGrant;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener};

@@ -2,13 +2,12 @@
 //! whose reader stops (its writer blocks; the session's other streams keep flowing), and a
 //! half-open transport (a relay process frozen with SIGSTOP) found by the keepalive.
 
-use crate::common;
-use crate::common::procs;
+use testkit::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use libtunnel::mux::MuxConfig;
 use libtunnel::{Dialer, ErrorCode, Mode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

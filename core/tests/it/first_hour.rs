@@ -6,8 +6,7 @@
 //! readiness notice to systemd (with a TLS endpoint) and `.env` files written for Emissary.
 //! Real processes on loopback; every wait is bounded.
 
-use crate::common;
-use crate::common::pki;
+use testkit::pki;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,7 +14,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use testkit::*;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

@@ -5,13 +5,12 @@
 //! uploads to a listener that never reads cost a bounded amount while the relay keeps answering.
 //! Every figure is printed (`--nocapture`) for the README.
 
-use crate::common;
-use crate::common::h2raw;
+use testkit::h2raw;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use libtunnel::{Identity, Listener};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -4,11 +4,10 @@
 //! listener that never accepts, the public HTTP port's request-head deadline (slowloris) and
 //! size, and public requests in progress per source.
 
-use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener, Mode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -4,7 +4,7 @@
 //! TCP port, registration rules (names, keys, signatures, stale sessions), relay restarts,
 //! backpressure and many concurrent streams. Every wait is bounded.
 
-use crate::common::raw;
+use testkit::raw;
 
 use std::convert::Infallible;
 use std::io;

@@ -1,6 +1,6 @@
 //! The integration tests of `libtunnel`, one binary (linked once): a module per area, each
 //! driving real relays, listeners, dialers and `tunnel` processes on loopback. Helpers shared
-//! by every module live in `common`. Run one area with `cargo test -p libtunnel --features cli
+//! with the C tests live in the `testkit` crate. Run one area with `cargo test -p libtunnel --features cli
 //! --test it AREA::`.
 
 mod admin;
@@ -27,4 +27,3 @@ mod public_https;
 mod session_faults;
 mod socket;
 mod tunnel;
-mod common;

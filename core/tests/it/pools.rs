@@ -6,15 +6,14 @@
 //! that a full replica is skipped, that a retired one gets nothing new while its open streams
 //! finish, and that registering without `--pool` keeps today's NAME_TAKEN rules.
 
-use crate::common;
-use crate::common::procs;
+use testkit::procs;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use testkit::*;
 use libtunnel::config::ListenerGrant;
 use libtunnel::{Dialer, ErrorCode, Identity, Listener};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

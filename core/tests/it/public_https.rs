@@ -6,9 +6,8 @@
 //! verifies, not the relay's), path routing `/t/NAME/x`, the per-listener rate (429 +
 //! Retry-After, then 200 again) and the per-listener metrics on `/metrics`.
 
-use crate::common;
-use crate::common::h2raw;
-use crate::common::pki;
+use testkit::h2raw;
+use testkit::pki;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
+use testkit::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};

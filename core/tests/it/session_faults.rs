@@ -3,13 +3,12 @@
 //! tasks, aborted sessions whose targets stopped reading, and floods of tiny and junk frames.
 //! Every wait is bounded; figures (time to fail, RSS, fds) are printed for the issue notes.
 
-use crate::common;
-use crate::common::procs;
+use testkit::procs;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::*;
+use testkit::*;
 use futures_util::{SinkExt, StreamExt};
 use libtunnel::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
 use libtunnel::protocol::{Frame, FrameKind, Hello, HelloAck, ServerConnect};

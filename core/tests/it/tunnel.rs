@@ -4,7 +4,6 @@
 //! relay. Protocol misbehaviour (stale dates, replayed proofs, malformed SOCKS5, oversized frames)
 //! is produced by speaking the wire protocol by hand through the crate's public codec types.
 
-use crate::common;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -12,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use common::*;
+use testkit::*;
 use futures_util::{SinkExt, StreamExt};
 use libtunnel::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
 use libtunnel::protocol::{self, Hello, HelloAck, ServerConnect, MUX_SUBPROTOCOL, MUX_TCP_MAGIC};

@@ -3,7 +3,6 @@
 //! (tunnel port and public HTTP port), with health checks so a dead node leaves the rotation.
 //! Everything is a child process killed on drop.
 
-#![allow(dead_code)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -176,7 +175,7 @@ impl Node {
     /// Start a node with the cluster settings for `redis` and any `extra` settings
     /// (`name=value`), on ports chosen by the OS; waits for its ready lines.
     pub async fn start(redis_url: &str, extra: &[String]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tunnel"));
+        let mut cmd = Command::new(crate::procs::tunnel_bin());
         cmd.arg("server");
         let mut set = vec![
             "listen=127.0.0.1:0".to_string(),

@@ -1,6 +1,15 @@
-//! Helpers shared by the end-to-end tests: keys, relays on loopback, local targets (echo, "hash
-//! after EOF", "reply then close"), payloads and hashed round trips. Every wait is bounded.
-#![allow(dead_code)]
+//! The helpers libtunnel's Rust tests share (`core/tests/it`, `ffi/tests`): the test key, relays
+//! on loopback (in process here, as `tunnel` processes in [`procs`], a Redis + HAProxy cluster in
+//! [`cluster`]), local targets (echo, "hash after EOF", "reply then close"), payloads and hashed
+//! round trips, HTTP/1 exchanges, metrics, and bounded waits ([`within`], [`eventually`]).
+//! Test-only: a dev-dependency, never published. Every wait is bounded.
+
+pub mod cluster;
+pub mod dns;
+pub mod h2raw;
+pub mod pki;
+pub mod procs;
+pub mod raw;
 
 use std::future::Future;
 use std::io;
@@ -290,9 +299,56 @@ pub async fn counting_echo_server() -> (SocketAddr, std::sync::Arc<std::sync::at
     (addr, hits)
 }
 
-pub mod cluster;
-pub mod dns;
-pub mod h2raw;
-pub mod pki;
-pub mod procs;
-pub mod raw;
+/// How long [`eventually`] waits for something that should follow quickly from what a test did.
+pub const EVENTUALLY: Duration = Duration::from_secs(10);
+
+/// Await a state the test cannot be told about (a metric, a log line, a registration that lands
+/// a moment after its answer): `attempt` is polled (5 ms, backing off to 100 ms) until it returns
+/// `Ok(value)`, within [`EVENTUALLY`]. `Err(observed)` means "not yet" and carries what it saw,
+/// so the failure reads "`what` did not happen within 10.0s; last observed: …". An attempt that
+/// itself hangs past the deadline fails the same way.
+pub async fn eventually<T, E, F, Fut>(what: &str, attempt: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    eventually_within(EVENTUALLY, what, attempt).await
+}
+
+/// [`eventually`] with another bound (a cluster's TTL, a keepalive timeout).
+pub async fn eventually_within<T, E, F, Fut>(limit: Duration, what: &str, mut attempt: F) -> T
+where
+    E: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(5);
+    let mut last: Option<E> = None;
+    loop {
+        match tokio::time::timeout_at(deadline, attempt()).await {
+            Ok(Ok(v)) => return v,
+            Ok(Err(seen)) => last = Some(seen),
+            Err(_) => {}
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last {
+                Some(seen) => panic!("{what} did not happen within {:.1}s; last observed: {seen:?}", limit.as_secs_f64()),
+                None => panic!("{what} did not happen within {:.1}s (no attempt returned)", limit.as_secs_f64()),
+            }
+        }
+        tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// `Ok(v)` when `pred(&v)` holds, else `Err(v)`: the usual body of an [`eventually`] attempt
+/// (`eventually("3 listeners", || async { holds(count().await, |n| *n == 3) })`).
+pub fn holds<V>(v: V, pred: impl FnOnce(&V) -> bool) -> Result<V, V> {
+    if pred(&v) {
+        Ok(v)
+    } else {
+        Err(v)
+    }
+}

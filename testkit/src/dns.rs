@@ -1,7 +1,6 @@
 //! A tiny DNS responder on loopback UDP for tests whose names must resolve to chosen (often
 //! forbidden) addresses: set its address as a relay's `dns_servers` or an exit listener's
-//! `exit_dns_servers`. Included with `#[path = "common/dns.rs"] mod dns;`.
-#![allow(dead_code)]
+//! `exit_dns_servers`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

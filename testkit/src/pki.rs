@@ -1,6 +1,4 @@
-//! A test CA and a certificate it signs, written as PEM files (rcgen). Included with
-//! `#[path = "common/pki.rs"] mod pki;`.
-#![allow(dead_code)]
+//! A test CA and a certificate it signs, written as PEM files (rcgen).
 
 use std::path::{Path, PathBuf};
 

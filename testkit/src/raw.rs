@@ -1,7 +1,5 @@
 //! Listener registrations made by hand over a raw WebSocket (what a stale or misbehaving
-//! listener sends), for tests of the relay's registration rules. Included with
-//! `#[path = "common/raw.rs"] mod raw;`.
-#![allow(dead_code)]
+//! listener sends), for tests of the relay's registration rules.
 
 use std::time::Duration;
 
