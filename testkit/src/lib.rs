@@ -46,6 +46,11 @@ pub fn key() -> Key {
     Key::new(KID, SECRET.to_vec()).expect("non-empty secret")
 }
 
+/// [`key`] as `KID:BASE64`, the form of `TUNNEL_KEY` and of `--key`.
+pub fn key_string() -> String {
+    key().to_key_string()
+}
+
 /// `TUNNEL_AUTH_KEYS` JSON for [`key`].
 pub fn auth_keys_json() -> String {
     use base64::Engine;
@@ -62,8 +67,13 @@ pub fn allow(json: &str) -> Allowlist {
 
 /// Allow exactly these loopback ports on 127.0.0.1.
 pub fn allow_ports(ports: &[u16]) -> Allowlist {
+    allow(&allow_json(ports))
+}
+
+/// `TUNNEL_ALLOW` JSON admitting exactly these ports on 127.0.0.1.
+pub fn allow_json(ports: &[u16]) -> String {
     let rules: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-    allow(&format!("[{}]", rules.join(",")))
+    format!("[{}]", rules.join(","))
 }
 
 pub fn relay_config(allow: Allowlist) -> RelayConfig {

@@ -234,6 +234,16 @@ impl Proc {
         .await
     }
 
+    /// The first stdout line so far for which `pick` returns something (within 10 s); unlike
+    /// [`Proc::line`] it does not consume lines.
+    pub async fn stdout_line<T>(&self, what: &str, pick: impl Fn(&str) -> Option<T>) -> T {
+        crate::eventually(what, || async {
+            let o = self.stdout();
+            o.lines().find_map(&pick).ok_or(Tail(o))
+        })
+        .await
+    }
+
     /// Wait for stderr to hold `needle` `count` times (within 10 s); returns the stderr.
     pub async fn stderr_count(&self, what: &str, needle: &str, count: usize) -> String {
         crate::eventually(what, || async {

@@ -8,13 +8,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use testkit::procs::{self, Proc};
 use testkit::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::mpsc;
 
 // ---------------------------------------------------------------------------------------------
@@ -23,111 +24,13 @@ use tokio::sync::mpsc;
 
 /// A working directory without a `.env`, so the binary sees only the variables a test sets.
 fn clean_dir() -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cli-cwd");
-    std::fs::create_dir_all(&d).expect("create the CLI working dir");
-    assert!(!d.join(".env").exists(), "{} must not hold a .env", d.display());
-    d
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| procs::scratch("cli-cwd")).clone()
 }
 
-/// `tunnel ARGS` with a clean environment: no inherited TUNNEL_*/EMISSARY_*/proxy variables.
+/// `tunnel ARGS` in [`clean_dir`] with a clean environment.
 fn tunnel(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tunnel"));
-    c.args(args).current_dir(clean_dir()).kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// A running child process; killed (SIGKILL) when dropped, so no test leaks a process.
-struct Proc {
-    name: String,
-    child: Child,
-    /// Lines the process printed on stdout (when not taken for raw use).
-    lines: Option<mpsc::UnboundedReceiver<String>>,
-    /// Everything it printed on stderr so far (logs; shown when a test fails).
-    stderr: Arc<Mutex<String>>,
-    /// The task collecting stderr; it ends at the pipe's EOF.
-    stderr_task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        // Reap it if it is already gone; otherwise tokio's orphan reaper does.
-        let _ = self.child.try_wait();
-    }
-}
-
-impl Proc {
-    /// Spawn; stdout is read as lines unless `raw_stdout` (then take `child.stdout`).
-    fn spawn(name: &str, mut cmd: Command, raw_stdout: bool) -> Proc {
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start `tunnel` for {name}: {e}"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err_pipe = child.stderr.take().expect("stderr is piped");
-        let sink = stderr.clone();
-        let stderr_task = tokio::spawn(async move {
-            let mut r = BufReader::new(err_pipe).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
-        let lines = if raw_stdout {
-            None
-        } else {
-            let out = child.stdout.take().expect("stdout is piped");
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                let mut r = BufReader::new(out).lines();
-                while let Ok(Some(l)) = r.next_line().await {
-                    if tx.send(l).is_err() {
-                        break;
-                    }
-                }
-            });
-            Some(rx)
-        };
-        Proc { name: name.to_string(), child, lines, stderr, stderr_task: Some(stderr_task) }
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Wait (bounded) for a stdout line starting with `prefix`; returns the rest of the line.
-    async fn line_after(&mut self, prefix: &str) -> String {
-        let rx = self.lines.as_mut().expect("stdout is read as lines");
-        let found = tokio::time::timeout(STEP, async {
-            while let Some(l) = rx.recv().await {
-                if let Some(rest) = l.strip_prefix(prefix) {
-                    return Some(rest.to_string());
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(rest)) => rest,
-            Ok(None) => panic!("{} exited before printing {prefix:?}; stderr:\n{}", self.name, self.stderr()),
-            Err(_) => panic!("{} did not print {prefix:?} within {STEP:?}; stderr:\n{}", self.name, self.stderr()),
-        }
-    }
-
-    /// Wait (bounded) for the process to exit, and for its stderr to be collected.
-    async fn exit(&mut self, limit: Duration) -> ExitStatus {
-        let status = match tokio::time::timeout(limit, self.child.wait()).await {
-            Ok(s) => s.expect("wait for the child"),
-            Err(_) => panic!("{} did not exit within {limit:?}; stderr:\n{}", self.name, self.stderr()),
-        };
-        if let Some(t) = self.stderr_task.take() {
-            within(STEP, "collecting stderr", t).await.expect("the stderr task");
-        }
-        status
-    }
+    procs::tunnel(&clean_dir(), args)
 }
 
 /// The address part of `ws://127.0.0.1:PORT` (or `tcp://…`).
@@ -146,19 +49,10 @@ fn first_addr(rest: &str) -> SocketAddr {
 async fn start_server(auth_keys: &str, allow_json: &str) -> (Proc, String) {
     let mut cmd = tunnel(&["server"]);
     cmd.env("TUNNEL_LISTEN", "127.0.0.1:0").env("TUNNEL_AUTH_KEYS", auth_keys).env("TUNNEL_ALLOW", allow_json);
-    let mut p = Proc::spawn("tunnel server", cmd, false);
-    let url = p.line_after("relay listening: ").await.trim().to_string();
+    let mut p = Proc::spawn("tunnel server", cmd);
+    let url = p.line("relay listening: ").await.trim().to_string();
     assert!(url.starts_with("ws://127.0.0.1:"), "unexpected relay URL {url:?}");
     (p, url)
-}
-
-fn allow_json(ports: &[u16]) -> String {
-    let rules: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-    format!("[{}]", rules.join(","))
-}
-
-fn client_key() -> String {
-    key().to_key_string()
 }
 
 /// The relay's `/metrics`, fetched over HTTP from the child process.
@@ -239,9 +133,9 @@ async fn curl_through_tunnel_socks_reaches_a_local_http_server() {
     let rules = format!(r#"[{{"host":"localhost","port":{}}}]"#, web.port());
     let (server, url) = start_server(&auth_keys_json(), &rules).await;
     let mut socks_cmd = tunnel(&["socks", "--listen", "127.0.0.1:0", "--relay", &url]);
-    socks_cmd.env("TUNNEL_KEY", client_key());
-    let mut socks = Proc::spawn("tunnel socks", socks_cmd, false);
-    let proxy = first_addr(&socks.line_after("socks5 proxy on ").await);
+    socks_cmd.env("TUNNEL_KEY", key_string());
+    let mut socks = Proc::spawn("tunnel socks", socks_cmd);
+    let proxy = first_addr(&socks.line("socks5 proxy on ").await);
 
     let (status, out, err) = curl_socks(proxy, &format!("http://localhost:{}/through/the/tunnel", web.port())).await;
     assert!(status.success(), "curl failed ({status}): {err}\nsocks stderr:\n{}\nserver stderr:\n{}", socks.stderr(), server.stderr());
@@ -274,9 +168,9 @@ async fn tunnel_forward_carries_hashed_tcp_round_trips_in_both_modes() {
             args.push("--classic");
         }
         let mut cmd = tunnel(&args);
-        cmd.env("TUNNEL_KEY", client_key());
-        let mut fwd = Proc::spawn("tunnel forward", cmd, false);
-        let rest = fwd.line_after("forwarding ").await;
+        cmd.env("TUNNEL_KEY", key_string());
+        let mut fwd = Proc::spawn("tunnel forward", cmd);
+        let rest = fwd.line("forwarding ").await;
         let local = first_addr(&rest);
         assert!(rest.contains(&target), "{rest}");
         // Several clients at once, each with its own data.
@@ -306,7 +200,7 @@ async fn dial_stdio(url: &str, key: &str, target: &str, extra: &[&str], input: &
     args.extend_from_slice(extra);
     let mut cmd = tunnel(&args);
     cmd.env("TUNNEL_KEY", key).stdin(Stdio::piped());
-    let mut p = Proc::spawn("tunnel dial", cmd, true);
+    let mut p = Proc::spawn_raw_stdout("tunnel dial", cmd);
     let mut stdin = p.child.stdin.take().expect("stdin is piped");
     let mut stdout = p.child.stdout.take().expect("stdout is piped");
     let write = async {
@@ -338,18 +232,18 @@ async fn tunnel_dial_pipes_stdin_and_stdout() {
     let (server, url) = start_server(&auth_keys_json(), &allow_json(&[echo.port(), replier.port()])).await;
     // Multiplexed: stdin EOF half-closes; the whole echo still comes back, then dial exits 0.
     let data = payload(4 * MIB + 3, 800);
-    let (status, out, err) = dial_stdio(&url, &client_key(), &echo.to_string(), &[], &data, true).await;
+    let (status, out, err) = dial_stdio(&url, &key_string(), &echo.to_string(), &[], &data, true).await;
     assert!(status.success(), "tunnel dial failed ({status}): {err}");
     assert_eq!(out.len(), data.len(), "stderr: {err}");
     assert_eq!(sha256(&out), sha256(&data));
     // Classic, ProxyCommand style: stdin stays open; the target finishing ends the session.
     for extra in [&[][..], &["--classic"][..]] {
-        let (status, out, err) = dial_stdio(&url, &client_key(), &replier.to_string(), extra, b"ping", false).await;
+        let (status, out, err) = dial_stdio(&url, &key_string(), &replier.to_string(), extra, b"ping", false).await;
         assert!(status.success(), "tunnel dial {extra:?} failed ({status}): {err}");
         assert_eq!(out, b"bye from the target\n", "{extra:?}");
     }
     // A refused target: non-zero exit and the code on stderr.
-    let (status, out, err) = dial_stdio(&url, &client_key(), &format!("127.0.0.1:{}", closed_port().await), &[], b"", true).await;
+    let (status, out, err) = dial_stdio(&url, &key_string(), &format!("127.0.0.1:{}", closed_port().await), &[], b"", true).await;
     assert!(!status.success() && out.is_empty(), "{status}");
     assert!(err.contains("NOT_ALLOWED"), "stderr should carry the error code: {err}");
     drop(server);
@@ -395,7 +289,7 @@ async fn server_refuses(envs: &[(&str, &str)], needle: &str) {
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut p = Proc::spawn("tunnel server (bad config)", cmd, false);
+    let mut p = Proc::spawn("tunnel server (bad config)", cmd);
     let status = p.exit(STEP).await;
     let err = p.stderr();
     assert!(!status.success(), "the server started with {envs:?}");
@@ -432,18 +326,13 @@ async fn server_config_errors_name_the_variable_to_set() {
 
 /// Wait (bounded) until the relay at `url` refuses new connections.
 async fn stopped_accepting(url: &str) {
-    within(STEP, "the relay to stop accepting", async {
-        while TcpStream::connect(url_addr(url)).await.is_ok() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    eventually("the relay to stop accepting", || async {
+        match TcpStream::connect(url_addr(url)).await {
+            Ok(_) => Err("a new connection was accepted"),
+            Err(_) => Ok(()),
         }
     })
     .await;
-}
-
-fn signal(p: &Proc, sig: &str) {
-    let pid = p.child.id().expect("the process runs").to_string();
-    let ok = std::process::Command::new("kill").args([sig, &pid]).status().expect("run kill").success();
-    assert!(ok, "kill {sig} {pid} failed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,7 +345,7 @@ async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
     s.write_all(b"before").await.expect("write");
     within(STEP, "echo", s.read_exact(&mut buf)).await.expect("echo before SIGTERM");
 
-    signal(&relay, "-TERM");
+    relay.signal("TERM");
     // New connections are refused once the relay stops accepting...
     stopped_accepting(&url).await;
     // ...while the open stream keeps working, in both directions.
@@ -485,9 +374,9 @@ async fn sigterm_drains_open_streams_and_a_second_signal_exits_at_once() {
     let mut s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
     s.write_all(b"before").await.expect("write");
     within(STEP, "echo", s.read_exact(&mut buf)).await.expect("echo");
-    signal(&relay, "-TERM");
+    relay.signal("TERM");
     stopped_accepting(&url).await;
-    signal(&relay, "-TERM");
+    relay.signal("TERM");
     let status = relay.exit(Duration::from_secs(3)).await;
     assert_eq!(status.code(), Some(130), "a second signal exits at once with 130; stderr:\n{}", relay.stderr());
     let r = within(STEP, "the stream to fail", s.read(&mut buf)).await;
@@ -511,19 +400,14 @@ async fn sighup_reloads_keys_from_the_config_file() {
         std::fs::write(&file, text).expect("write config");
     };
     write_config(KID, SECRET);
-    let mut relay = Proc::spawn("tunnel server --config", tunnel(&["server", "--config", file.to_str().expect("utf8")]), false);
-    let url = relay.line_after("relay listening: ").await.trim().to_string();
+    let mut relay = Proc::spawn("tunnel server --config", tunnel(&["server", "--config", file.to_str().expect("utf8")]));
+    let url = relay.line("relay listening: ").await.trim().to_string();
     let d = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
     within(STEP, "dial with the first key", d.dial(&echo.to_string())).await.expect("first key works");
 
     write_config(KID + 1, new_secret);
-    signal(&relay, "-HUP");
-    within(STEP, "the reload", async {
-        while !relay.stderr().contains("reloaded keys") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    relay.signal("HUP");
+    relay.stderr_count("the reload", "reloaded keys", 1).await;
     let old = libtunnel::Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
     let e = within(STEP, "dial with the removed key", old.dial(&echo.to_string())).await.expect_err("removed key");
     assert_eq!(e.code(), libtunnel::ErrorCode::AuthUnknownKey, "{e}");
@@ -533,13 +417,8 @@ async fn sighup_reloads_keys_from_the_config_file() {
 
     // A broken file is refused and the running keys stay.
     std::fs::write(&file, "auth_keys = [").expect("write");
-    signal(&relay, "-HUP");
-    within(STEP, "the failed reload", async {
-        while !relay.stderr().contains("reload failed") {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    relay.signal("HUP");
+    relay.stderr_count("the failed reload", "reload failed", 1).await;
     within(STEP, "dial after a failed reload", new.dial(&echo.to_string())).await.expect("keys unchanged");
     let _ = std::fs::remove_dir_all(&dir);
 }

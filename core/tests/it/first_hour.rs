@@ -9,119 +9,15 @@
 use testkit::pki;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use testkit::procs::{run, scratch, tunnel, Proc};
 use testkit::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
-
-/// A fresh working directory (no `.env` unless a test writes one).
-fn scratch(name: &str) -> PathBuf {
-    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("first-hour-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).expect("scratch dir");
-    d
-}
-
-/// `tunnel ARGS` in `dir`, with none of the caller's TUNNEL_*/EMISSARY_*/RUST_LOG variables.
-fn tunnel(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tunnel"));
-    c.args(args).current_dir(dir).kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k == "RUST_LOG" || k == "NOTIFY_SOCKET" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// Run to completion (bounded): (status, stdout, stderr).
-async fn run(cmd: &mut Command) -> (ExitStatus, String, String) {
-    let out = within(Duration::from_secs(30), "a tunnel command", cmd.output()).await.expect("run tunnel");
-    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-/// A running `tunnel` process: stdout as lines, stderr collected; killed when dropped.
-struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd.spawn().expect("start tunnel");
-        let (out, err) = (Arc::new(Mutex::new(String::new())), Arc::new(Mutex::new(String::new())));
-        let (tx, lines) = mpsc::unbounded_channel();
-        let (stdout, stderr) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
-        let o = out.clone();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                o.lock().unwrap().push_str(&format!("{l}\n"));
-                let _ = tx.send(l);
-            }
-        });
-        let e = err.clone();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stderr).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                e.lock().unwrap().push_str(&format!("{l}\n"));
-            }
-        });
-        Proc { child, lines, out, err }
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap().clone()
-    }
-
-    fn stdout(&self) -> String {
-        self.out.lock().unwrap().clone()
-    }
-
-    /// The rest of the first stdout line starting with `prefix` (bounded).
-    async fn line(&mut self, prefix: &str) -> String {
-        let found = tokio::time::timeout(STEP, async {
-            while let Some(l) = self.lines.recv().await {
-                if let Some(rest) = l.strip_prefix(prefix) {
-                    return Some(rest.to_string());
-                }
-            }
-            None
-        })
-        .await;
-        match found {
-            Ok(Some(r)) => r,
-            _ => panic!("no {prefix:?} line on stdout; stdout:\n{}\nstderr:\n{}", self.stdout(), self.stderr()),
-        }
-    }
-
-    async fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let s =
-            tokio::time::timeout(limit, self.child.wait()).await.unwrap_or_else(|_| panic!("no exit within {limit:?}; stderr:\n{}", self.stderr()));
-        // Let the pipe readers catch the last lines.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        s.expect("wait")
-    }
-
-    fn signal(&self, sig: &str) {
-        let pid = self.child.id().expect("running").to_string();
-        assert!(std::process::Command::new("kill").args([&format!("-{sig}"), &pid]).status().expect("kill").success());
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
 
 /// A relay process (`tunnel server`) with the test key, open listeners, a public HTTP port and
 /// `env`; returns it with its tunnel URL and public HTTP address.
@@ -133,14 +29,10 @@ async fn relay(dir: &Path, allow: &str, env: &[(&str, &str)]) -> (Proc, String, 
         .env("TUNNEL_ALLOW", allow)
         .env("TUNNEL_LISTENERS_OPEN", "true")
         .envs(env.iter().copied());
-    let mut p = Proc::spawn(cmd);
+    let mut p = Proc::spawn("tunnel", cmd);
     let url = p.line("relay listening: ").await;
     let http = p.line("public http listening: http://").await.parse().expect("http addr");
     (p, url, http)
-}
-
-fn client_key() -> String {
-    key().to_key_string()
 }
 
 /// `tunnel listen ARGS` with a fresh key under `dir`; returns it and its name.
@@ -154,7 +46,7 @@ async fn listen(dir: &Path, url: &str, args: &[&str]) -> (Proc, String) {
 async fn listen_with(dir: &Path, url: &str, keyfile: &Path, args: &[&str]) -> (Proc, String) {
     let mut cmd = tunnel(dir, &["listen", "--relay", url, "--key", keyfile.to_str().expect("utf8")]);
     cmd.args(args);
-    let mut p = Proc::spawn(cmd);
+    let mut p = Proc::spawn("tunnel", cmd);
     let name = p.line("listening as: ").await;
     (p, name)
 }
@@ -162,7 +54,7 @@ async fn listen_with(dir: &Path, url: &str, keyfile: &Path, args: &[&str]) -> (P
 /// `tunnel dial` with the test key, `input` on stdin: (status, stdout bytes, stderr).
 async fn dial(dir: &Path, url: &str, args: &[&str], input: &[u8]) -> (ExitStatus, Vec<u8>, String) {
     let mut cmd = tunnel(dir, &["dial"]);
-    cmd.args(args).env("TUNNEL_RELAY", url).env("TUNNEL_KEY", client_key()).stdin(Stdio::piped());
+    cmd.args(args).env("TUNNEL_RELAY", url).env("TUNNEL_KEY", key_string()).stdin(Stdio::piped());
     let mut child = cmd.spawn().expect("start tunnel dial");
     let mut stdin = child.stdin.take().expect("stdin");
     let data = input.to_vec();
@@ -172,11 +64,6 @@ async fn dial(dir: &Path, url: &str, args: &[&str], input: &[u8]) -> (ExitStatus
     });
     let out = within(Duration::from_secs(30), "tunnel dial", child.wait_with_output()).await.expect("tunnel dial");
     (out.status, out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn allow_ports(ports: &[u16]) -> String {
-    let rules: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-    format!("[{}]", rules.join(","))
 }
 
 /// A public HTTP request for `name` at the relay's HTTP port: (status, body).
@@ -190,9 +77,9 @@ async fn public_get(http: SocketAddr, name: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_the_cause() {
-    let dir = scratch("refusals");
+    let dir = scratch("first-hour-refusals");
     let echo = echo_server().await;
-    let (_relay, url, http) = relay(&dir, &allow_ports(&[echo.port()]), &[]).await;
+    let (_relay, url, http) = relay(&dir, &allow_json(&[echo.port()]), &[]).await;
 
     // A plaintext dial to an --e2e listener: E2E_REFUSED, exit 1, nothing on stdout (no TLS
     // alert bytes).
@@ -215,7 +102,7 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
     assert!(printed.contains("--e2e") && !printed.contains("http:"), "{printed}");
 
     // An exit listener without --to: a dial to its name is NOT_ALLOWED, exit 1.
-    let (mut exit, exit_name) = listen(&dir, &url, &["--exit", "--allow", &allow_ports(&[echo.port()])]).await;
+    let (mut exit, exit_name) = listen(&dir, &url, &["--exit", "--allow", &allow_json(&[echo.port()])]).await;
     let (status, out, err) = dial(&dir, &url, &[&format!("{exit_name}:0")], b"hello").await;
     assert_eq!(status.code(), Some(1), "stderr: {err}");
     assert!(out.is_empty());
@@ -255,9 +142,9 @@ async fn http_ok_server() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
-    let dir = scratch("quiet-successes");
+    let dir = scratch("first-hour-quiet-successes");
     let (echo, web) = (echo_server().await, http_ok_server().await);
-    let (relay, url, http) = relay(&dir, &allow_ports(&[echo.port()]), &[]).await;
+    let (relay, url, http) = relay(&dir, &allow_json(&[echo.port()]), &[]).await;
     for i in 0..3 {
         let data = payload(64 * 1024, i);
         let (status, out, err) = dial(&dir, &url, &[&echo.to_string()], &data).await;
@@ -268,16 +155,7 @@ async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
     for _ in 0..15 {
         assert_eq!(public_get(http, &name).await, (200, "ok".to_string()));
     }
-    let logged = within(STEP, "15 connection lines at the listener", async {
-        loop {
-            let e = l.stderr();
-            if e.matches("exposed http connection ended").count() >= 15 {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let logged = l.stderr_count("15 connection lines at the listener", "exposed http connection ended", 15).await;
     assert!(!logged.contains("error") && !logged.contains("reset the stream"), "{logged}");
     // `received` is what came back from the service (its 61-byte answer), as in `tunnel forward`'s
     // lines: `sent` is the client's side.
@@ -295,9 +173,9 @@ async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forward_with_a_wrong_key_exits_2_at_start() {
-    let dir = scratch("forward-wrong-key");
+    let dir = scratch("first-hour-forward-wrong-key");
     let echo = echo_server().await;
-    let (_relay, url, _) = relay(&dir, &allow_ports(&[echo.port()]), &[]).await;
+    let (_relay, url, _) = relay(&dir, &allow_json(&[echo.port()]), &[]).await;
     let wrong = libtunnel::Key::new(KID, b"not-the-secret-the-relay-knows!!".to_vec()).expect("key").to_key_string();
     let mut cmd = tunnel(&dir, &["forward", "127.0.0.1:0", &echo.to_string()]);
     cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", wrong);
@@ -308,13 +186,13 @@ async fn forward_with_a_wrong_key_exits_2_at_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn classic_forward_logs_the_bytes_it_sent_when_the_target_closes_first() {
-    let dir = scratch("classic-sent");
+    let dir = scratch("first-hour-classic-sent");
     let upload = 100 * 1024;
     let target = reply_then_close_server(upload, b"thanks".to_vec()).await;
-    let (_relay, url, _) = relay(&dir, &allow_ports(&[target.port()]), &[]).await;
+    let (_relay, url, _) = relay(&dir, &allow_json(&[target.port()]), &[]).await;
     let mut cmd = tunnel(&dir, &["forward", "--classic", "127.0.0.1:0", &target.to_string()]);
-    cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", client_key());
-    let mut fwd = Proc::spawn(cmd);
+    cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", key_string());
+    let mut fwd = Proc::spawn("tunnel", cmd);
     let local: SocketAddr = fwd.line("forwarding ").await.split_whitespace().next().expect("addr").parse().expect("addr");
     let mut s = within(STEP, "connect", TcpStream::connect(local)).await.expect("connect");
     // Keep our side open until the target has answered and closed (as a client that waits for
@@ -324,16 +202,7 @@ async fn classic_forward_logs_the_bytes_it_sent_when_the_target_closes_first() {
     within(STEP, "the reply", s.read_to_end(&mut reply)).await.expect("read");
     assert_eq!(reply, b"thanks");
     drop(s);
-    let logged = within(STEP, "the connection log line", async {
-        loop {
-            let e = fwd.stderr();
-            if e.contains("forwarded connection ended") {
-                return e;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let logged = fwd.stderr_count("the connection log line", "forwarded connection ended", 1).await;
     assert!(logged.contains(&format!("sent={upload}")) && logged.contains("received=6"), "{logged}");
 }
 
@@ -343,7 +212,7 @@ async fn classic_forward_logs_the_bytes_it_sent_when_the_target_closes_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
-    let dir = scratch("via");
+    let dir = scratch("first-hour-via");
     let echo = echo_server().await;
     // The relay may not reach the echo itself: only the exit can.
     let exits = format!(r#"[{{"name":"office","key_ids":[{KID}]}}]"#);
@@ -351,8 +220,8 @@ async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
     let keyfile = dir.join("office.pem");
     id.save(&keyfile).expect("key");
     let grants = format!(r#"[{{"public_key":"{}","names":["office"]}}]"#, id.public_key_base64());
-    let (relay, url, _) = relay(&dir, &allow_ports(&[1]), &[("TUNNEL_EXITS", &exits), ("TUNNEL_LISTENER_KEYS", &grants)]).await;
-    let (_exit, name) = listen_with(&dir, &url, &keyfile, &["--exit", "--name", "office", "--allow", &allow_ports(&[echo.port()])]).await;
+    let (relay, url, _) = relay(&dir, &allow_json(&[1]), &[("TUNNEL_EXITS", &exits), ("TUNNEL_LISTENER_KEYS", &grants)]).await;
+    let (_exit, name) = listen_with(&dir, &url, &keyfile, &["--exit", "--name", "office", "--allow", &allow_json(&[echo.port()])]).await;
     assert_eq!(name, "office");
     let data = payload(512 * 1024, 16);
     let (status, out, err) = dial(&dir, &url, &["--via", "office", &echo.to_string()], &data).await;
@@ -372,24 +241,20 @@ async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
     let draining = replica.line("draining: ").await;
     assert!(draining.contains("retired from the pool"), "{draining}");
     let _ = replica.line("exited: ").await;
-    assert!(replica.wait(STEP).await.success(), "{}", replica.stderr());
+    assert!(replica.exit(STEP).await.success(), "{}", replica.stderr());
     // The relay saw a session closed on purpose, not a failed transport.
-    let ended = within(STEP, "the relay's log of the replica's end", async {
-        loop {
-            if let Some(l) = relay.stderr().lines().find(|l| l.contains("listener session ended") && !l.contains("name=office")) {
-                return l.to_string();
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let ended = relay
+        .stderr_line("the relay's log of the replica's end", |l| {
+            (l.contains("listener session ended") && !l.contains("name=office")).then(|| l.to_string())
+        })
+        .await;
     // A pool replica drains (it says so with a GoAway before closing): the relay names that.
     assert!(ended.contains("the peer drained the session and closed it") && !ended.contains("failed"), "{ended}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_prints_the_https_url_when_the_relay_has_an_https_port() {
-    let dir = scratch("https-url");
+    let dir = scratch("first-hour-https-url");
     let pki = pki::make_pki(&dir.join("pki"), &["*.localhost", "localhost"]);
     let echo = echo_server().await;
     let mut cmd = tunnel(&dir, &["server"]);
@@ -398,7 +263,7 @@ async fn listen_prints_the_https_url_when_the_relay_has_an_https_port() {
         .env("TUNNEL_PUBLIC_TLS_CERT", &pki.cert)
         .env("TUNNEL_PUBLIC_TLS_KEY", &pki.key)
         .env("TUNNEL_LISTENERS_OPEN", "true");
-    let mut relay = Proc::spawn(cmd);
+    let mut relay = Proc::spawn("tunnel", cmd);
     let url = relay.line("relay listening: ").await;
     let https: SocketAddr = relay.line("public https listening: https://").await.parse().expect("addr");
     let (mut l, name) = listen(&dir, &url, &["--to", &echo.to_string()]).await;
@@ -412,27 +277,19 @@ async fn listen_prints_the_https_url_when_the_relay_has_an_https_port() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reads_the_token_from_dotenv_takes_an_address_without_scheme_and_marks_pools() {
-    let dir = scratch("status");
+    let dir = scratch("first-hour-status");
     let echo = echo_server().await;
     let token = "first-hour-admin-token-0123456789";
-    let (_relay, url, _) = relay(&dir, &allow_ports(&[echo.port()]), &[("TUNNEL_ADMIN_LISTEN", "127.0.0.1:0"), ("TUNNEL_ADMIN_TOKEN", token)]).await;
+    let (_relay, url, _) = relay(&dir, &allow_json(&[echo.port()]), &[("TUNNEL_ADMIN_LISTEN", "127.0.0.1:0"), ("TUNNEL_ADMIN_TOKEN", token)]).await;
     // The admin line comes after the others; read the relay's stdout so far.
-    let admin = within(STEP, "the admin line", async {
-        loop {
-            if let Some(a) = _relay.stdout().lines().find_map(|l| l.strip_prefix("admin listening: http://").map(str::to_string)) {
-                return a;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let admin = _relay.stdout_line("the admin line", |l| l.strip_prefix("admin listening: http://").map(str::to_string)).await;
     let keyfile = dir.join("pool.pem");
     libtunnel::Identity::generate().save(&keyfile).expect("key");
     let mut replicas = Vec::new();
     for _ in 0..2 {
         let mut cmd = tunnel(&dir, &["listen", "--relay", &url, "--key", keyfile.to_str().unwrap(), "--pool", "--to", &echo.to_string()]);
         cmd.env_remove("TUNNEL_KEY");
-        let mut p = Proc::spawn(cmd);
+        let mut p = Proc::spawn("tunnel", cmd);
         let _ = p.line("pool: joined").await;
         replicas.push(p);
     }
@@ -474,7 +331,7 @@ async fn status_reads_the_token_from_dotenv_takes_an_address_without_scheme_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_lists_every_setting_with_its_default_aligned() {
-    let dir = scratch("help");
+    let dir = scratch("first-hour-help");
     let (status, out, err) = run(&mut tunnel(&dir, &["server", "--set", "help"])).await;
     assert!(status.success() && err.is_empty(), "{err}");
     let lines: Vec<&str> = out.lines().collect();
@@ -498,7 +355,7 @@ async fn help_lists_every_setting_with_its_default_aligned() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygen_labels_each_use_of_its_key() {
-    let dir = scratch("keygen");
+    let dir = scratch("first-hour-keygen");
     let (status, out, err) = run(&mut tunnel(&dir, &["keygen", "--cluster", "--kid", "9"])).await;
     assert!(status.success() && err.is_empty(), "{err}");
     let key = out.lines().find_map(|l| l.strip_prefix("TUNNEL_CLUSTER_KEY=")).expect("a cluster key");
@@ -515,34 +372,26 @@ async fn keygen_labels_each_use_of_its_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_flags_set_the_level_and_the_format() {
-    let dir = scratch("logging");
+    let dir = scratch("first-hour-logging");
     // An unknown EMISSARY_ variable makes the relay warn at start.
     let start = |args: &[&str]| {
         let mut cmd = tunnel(&dir, args);
         cmd.env("TUNNEL_LISTEN", "127.0.0.1:0").env("TUNNEL_LISTENERS_OPEN", "true").env("EMISSARY_NOT_A_SETTING", "1");
-        Proc::spawn(cmd)
+        Proc::spawn("tunnel", cmd)
     };
     let mut json = start(&["--log-format", "json", "server"]);
     let _ = json.line("relay listening: ").await;
-    let warned = within(STEP, "the warning", async {
-        loop {
-            if let Some(l) = json.stderr().lines().find(|l| l.contains("EMISSARY_NOT_A_SETTING")).map(str::to_string) {
-                return l;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let warned = json.stderr_line("the warning", |l| l.contains("EMISSARY_NOT_A_SETTING").then(|| l.to_string())).await;
     let v: serde_json::Value = serde_json::from_str(&warned).unwrap_or_else(|e| panic!("not JSON ({e}): {warned}"));
     assert_eq!(v["level"], "WARN", "{warned}");
     assert!(v["timestamp"].is_string(), "{warned}");
     // -qq: errors only, so nothing at all here; RUST_LOG does not override it.
     let mut cmd = tunnel(&dir, &["-qq", "server"]);
     cmd.env("TUNNEL_LISTEN", "127.0.0.1:0").env("TUNNEL_LISTENERS_OPEN", "true").env("EMISSARY_NOT_A_SETTING", "1").env("RUST_LOG", "trace");
-    let mut quiet = Proc::spawn(cmd);
+    let mut quiet = Proc::spawn("tunnel", cmd);
     let _ = quiet.line("relay listening: ").await;
     quiet.signal("TERM");
-    assert!(quiet.wait(STEP).await.success());
+    assert!(quiet.exit(STEP).await.success());
     assert!(quiet.stderr().is_empty(), "-qq printed: {}", quiet.stderr());
 }
 
@@ -552,7 +401,7 @@ async fn log_flags_set_the_level_and_the_format() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_tells_systemd_it_is_ready_once_its_tls_endpoint_is_bound() {
-    let dir = scratch("notify");
+    let dir = scratch("first-hour-notify");
     let pki = pki::make_pki(&dir.join("pki"), &["localhost", "127.0.0.1"]);
     let socket = dir.join("notify.sock");
     let sock = tokio::net::UnixDatagram::bind(&socket).expect("bind the notify socket");
@@ -562,7 +411,7 @@ async fn the_relay_tells_systemd_it_is_ready_once_its_tls_endpoint_is_bound() {
         .env("TUNNEL_TLS_KEY", &pki.key)
         .env("TUNNEL_LISTENERS_OPEN", "true")
         .env("NOTIFY_SOCKET", &socket);
-    let mut relay = Proc::spawn(cmd);
+    let mut relay = Proc::spawn("tunnel", cmd);
     let mut buf = [0u8; 256];
     let n = within(STEP, "READY=1 from the relay", sock.recv(&mut buf)).await.expect("recv");
     assert_eq!(buf[..n].trim_ascii(), b"READY=1");
@@ -575,7 +424,7 @@ async fn the_relay_tells_systemd_it_is_ready_once_its_tls_endpoint_is_bound() {
     relay.signal("TERM");
     let n = within(STEP, "STOPPING=1 from the relay", sock.recv(&mut buf)).await.expect("recv");
     assert_eq!(buf[..n].trim_ascii(), b"STOPPING=1");
-    assert!(relay.wait(Duration::from_secs(40)).await.success(), "{}", relay.stderr());
+    assert!(relay.exit(Duration::from_secs(40)).await.success(), "{}", relay.stderr());
 
     // A relay that cannot start never says it is ready: systemd sees the exit.
     let mut cmd = tunnel(&dir, &["server"]);
@@ -618,7 +467,7 @@ async fn tls_health(addr: SocketAddr, ca: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dotenv_with_unquoted_json_export_and_comments_starts_the_relay() {
-    let dir = scratch("dotenv");
+    let dir = scratch("first-hour-dotenv");
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
@@ -633,7 +482,7 @@ async fn a_dotenv_with_unquoted_json_export_and_comments_starts_the_relay() {
         ),
     )
     .expect(".env");
-    let mut relay = Proc::spawn(tunnel(&dir, &["server"]));
+    let mut relay = Proc::spawn("tunnel", tunnel(&dir, &["server"]));
     let url = relay.line("relay listening: ").await;
     assert!(url.ends_with(&format!(":{port}")), "{url}");
     let (code, body) = http_get(SocketAddr::from(([127, 0, 0, 1], port)), "/health").await;

@@ -5,8 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,122 +13,18 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use libtunnel::auth::KeySet;
-use libtunnel::egress::allowlist::Allowlist;
-use libtunnel::{Identity, Key, RelayConfig, Server, ServerHandle};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use libtunnel::{Identity, Server, ServerHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use testkit::procs::{self, tunnel, Proc};
 use tokio::sync::mpsc;
-
-const STEP: Duration = Duration::from_secs(10);
-
-async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {:.1}s", limit.as_secs_f64()),
-    }
-}
-
-/// A fresh scratch directory (no `.env`), removed when dropped.
-struct Scratch(PathBuf);
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("listener-cli-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).expect("create scratch dir");
-        Scratch(d)
-    }
-}
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `tunnel ARGS` in `dir` with no inherited TUNNEL_*/EMISSARY_* variables.
-fn tunnel(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tunnel"));
-    c.args(args).current_dir(dir).kill_on_drop(true).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k == "RUST_LOG" {
-            c.env_remove(k);
-        }
-    }
-    c
-}
-
-/// A running `tunnel` process: stdout as lines, stderr collected; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command) -> Proc {
-        let mut child = cmd.spawn().expect("start `tunnel`");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err = child.stderr.take().expect("piped");
-        let sink = stderr.clone();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(err).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                let mut s = sink.lock().unwrap_or_else(|p| p.into_inner());
-                s.push_str(&l);
-                s.push('\n');
-            }
-        });
-        let out = child.stdout.take().expect("piped");
-        let (tx, lines) = mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(out).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines, stderr }
-    }
-
-    /// Read stdout lines until one starts with `prefix`; returns the rest of that line.
-    async fn line_starting(&mut self, prefix: &str) -> String {
-        let r = tokio::time::timeout(STEP, async {
-            while let Some(l) = self.lines.recv().await {
-                if let Some(rest) = l.strip_prefix(prefix) {
-                    return Some(rest.trim().to_string());
-                }
-            }
-            None
-        })
-        .await;
-        match r {
-            Ok(Some(v)) => v,
-            _ => panic!("`tunnel` printed no {prefix:?} line; stderr:\n{}", self.stderr.lock().unwrap_or_else(|p| p.into_inner())),
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.try_wait();
-    }
-}
-
-fn key() -> Key {
-    Key::new(5, b"listener-cli-tests-secret-0123456789".to_vec()).expect("key")
-}
+use testkit::{allow_ports, relay_config, start_relay, within, STEP};
 
 async fn relay() -> ServerHandle {
-    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("rules");
-    let mut cfg = RelayConfig::new(KeySet::new([key()]).expect("keys"), allow);
+    let mut cfg = relay_config(allow_ports(&[9]));
     cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.listeners_open = true;
-    Server::bind(cfg).await.expect("relay binds").spawn()
+    start_relay(cfg).await
 }
 
 async fn keygen(dir: &Path) -> (PathBuf, String) {
@@ -158,8 +53,8 @@ async fn fetch(relay_http: SocketAddr, host: &str, path: &str) -> (Response<Inco
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygen_listener_writes_a_private_key_and_prints_its_name() {
-    let dir = Scratch::new("keygen");
-    let (path, name) = keygen(&dir.0).await;
+    let dir = procs::scratch("listener-cli-keygen");
+    let (path, name) = keygen(&dir).await;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -171,18 +66,18 @@ async fn keygen_listener_writes_a_private_key_and_prints_its_name() {
 
     // It never overwrites a key, and --listener needs --out.
     let again =
-        within(STEP, "keygen again", tunnel(&dir.0, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output()).await.expect("run");
+        within(STEP, "keygen again", tunnel(&dir, &["keygen", "--listener", "--out", path.to_str().expect("utf8")]).output()).await.expect("run");
     assert!(!again.status.success(), "keygen overwrote an existing key");
     assert_eq!(Identity::load(&path).expect("key").public_key(), id.public_key(), "the key file is unchanged");
-    let no_out = within(STEP, "keygen without --out", tunnel(&dir.0, &["keygen", "--listener"]).output()).await.expect("run");
+    let no_out = within(STEP, "keygen without --out", tunnel(&dir, &["keygen", "--listener"]).output()).await.expect("run");
     assert_eq!(no_out.status.code(), Some(2), "stderr: {}", String::from_utf8_lossy(&no_out.stderr));
     assert!(String::from_utf8_lossy(&no_out.stderr).contains("--out"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_exposes_a_local_http_service() {
-    let dir = Scratch::new("listen");
-    let (key_path, name) = keygen(&dir.0).await;
+    let dir = procs::scratch("listener-cli-listen");
+    let (key_path, name) = keygen(&dir).await;
     let relay = relay().await;
     let http = relay.http_addr().expect("http port");
 
@@ -206,9 +101,9 @@ async fn listen_exposes_a_local_http_service() {
     });
 
     let mut p =
-        Proc::spawn(tunnel(&dir.0, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]));
-    assert_eq!(p.line_starting("listening as:").await, name);
-    let url = p.line_starting("http:").await;
+        Proc::spawn("tunnel", tunnel(&dir, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]));
+    assert_eq!(p.line("listening as:").await.trim().to_string(), name);
+    let url = p.line("http:").await.trim().to_string();
     let expected_host = format!("{name}.localhost:{}", http.port());
     assert_eq!(url, format!("http://{expected_host}"));
 
@@ -221,8 +116,8 @@ async fn listen_exposes_a_local_http_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_with_proxy_protocol_sends_a_v2_header() {
-    let dir = Scratch::new("proxy");
-    let (key_path, name) = keygen(&dir.0).await;
+    let dir = procs::scratch("listener-cli-proxy");
+    let (key_path, name) = keygen(&dir).await;
     let relay = relay().await;
     let http = relay.http_addr().expect("http port");
 
@@ -261,11 +156,11 @@ async fn listen_with_proxy_protocol_sends_a_v2_header() {
         }
     });
 
-    let mut p = Proc::spawn(tunnel(
-        &dir.0,
+    let mut p = Proc::spawn("tunnel", tunnel(
+        &dir,
         &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8"), "--proxy-protocol"],
     ));
-    assert_eq!(p.line_starting("listening as:").await, name);
+    assert_eq!(p.line("listening as:").await.trim().to_string(), name);
     let (resp, client) = fetch(http, &format!("{name}.localhost:{}", http.port()), "/").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body = within(STEP, "body", resp.into_body().collect()).await.expect("body").to_bytes();
@@ -350,17 +245,17 @@ fn tokio_stream_from<T>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gib_upload_through_public_http_keeps_relay_memory_flat() {
     use sha2::{Digest, Sha256};
-    let dir = Scratch::new("gib");
+    let dir = procs::scratch("listener-cli-gib");
     let auth = format!(r#"[{{"kid":5,"data":"{}"}}]"#, base64_of(b"listener-cli-tests-secret-0123456789"));
-    let mut cmd = tunnel(&dir.0, &["server"]);
+    let mut cmd = tunnel(&dir, &["server"]);
     cmd.env("TUNNEL_LISTEN", "127.0.0.1:0")
         .env("TUNNEL_HTTP_LISTEN", "127.0.0.1:0")
         .env("TUNNEL_AUTH_KEYS", auth)
         .env("TUNNEL_ALLOW", r#"[{"host":"127.0.0.1","port":9}]"#)
         .env("TUNNEL_LISTENERS_OPEN", "true");
-    let mut relay = Proc::spawn(cmd);
-    let url = relay.line_starting("relay listening:").await;
-    let http: SocketAddr = relay.line_starting("public http listening: http://").await.parse().expect("ip:port");
+    let mut relay = Proc::spawn("tunnel", cmd);
+    let url = relay.line("relay listening:").await.trim().to_string();
+    let http: SocketAddr = relay.line("public http listening: http://").await.trim().to_string().parse().expect("ip:port");
     let pid = relay.child.id().expect("the relay runs");
 
     // The service behind the listener: hashes the request body as it streams in.
@@ -427,9 +322,9 @@ fn base64_of(b: &[u8]) -> String {
 /// registers once the relay comes up; `keygen --out` creates a missing folder (0700).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_waits_for_a_relay_that_starts_later() {
-    let dir = Scratch::new("late-relay");
-    let key_path = dir.0.join("new").join("folder").join("listener.pem");
-    let out = within(STEP, "tunnel keygen", tunnel(&dir.0, &["keygen", "--listener", "--out", key_path.to_str().expect("utf8")]).output())
+    let dir = procs::scratch("listener-cli-late-relay");
+    let key_path = dir.join("new").join("folder").join("listener.pem");
+    let out = within(STEP, "tunnel keygen", tunnel(&dir, &["keygen", "--listener", "--out", key_path.to_str().expect("utf8")]).output())
         .await
         .expect("run keygen");
     assert!(out.status.success(), "keygen into a missing folder: {}", String::from_utf8_lossy(&out.stderr));
@@ -443,20 +338,14 @@ async fn listen_waits_for_a_relay_that_starts_later() {
     let port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
     let relay_url = format!("ws://127.0.0.1:{port}");
     let mut listen =
-        Proc::spawn(tunnel(&dir.0, &["listen", "--to", "127.0.0.1:9", "--relay", &relay_url, "--key", key_path.to_str().expect("utf8")]));
+        Proc::spawn("tunnel", tunnel(&dir, &["listen", "--to", "127.0.0.1:9", "--relay", &relay_url, "--key", key_path.to_str().expect("utf8")]));
     // Its first attempt fails and is logged; it does not exit.
-    within(STEP, "a logged failed attempt", async {
-        while !listen.stderr.lock().unwrap_or_else(|p| p.into_inner()).contains("cannot register with the relay yet") {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    listen.stderr_count("a logged failed attempt", "cannot register with the relay yet", 1).await;
     assert!(listen.child.try_wait().expect("wait").is_none(), "tunnel listen exited while the relay was down");
-    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("rules");
-    let mut cfg = RelayConfig::new(KeySet::new([key()]).expect("keys"), allow);
+    let mut cfg = relay_config(allow_ports(&[9]));
     cfg.listen = Some(format!("127.0.0.1:{port}").parse().expect("addr"));
     cfg.listeners_open = true;
     let _relay = Server::bind(cfg).await.expect("relay binds the port").spawn();
-    let name = within(Duration::from_secs(5), "registration after the relay came up", listen.line_starting("listening as:")).await;
+    let name = within(Duration::from_secs(5), "registration after the relay came up", listen.line("listening as:")).await.trim().to_string();
     assert_eq!(name, Identity::load(&key_path).expect("key").name());
 }
