@@ -63,17 +63,14 @@ impl Redis {
             .kill_on_drop(true)
             .spawn()
             .expect("start redis-server");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await {
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").await.is_ok() && s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n" {
-                    break;
-                }
-            }
-            assert!(tokio::time::Instant::now() < deadline, "redis-server did not answer PING within 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::eventually("redis-server to answer PING", || async {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+            let mut buf = [0u8; 7];
+            s.write_all(b"PING\r\n").await?;
+            s.read_exact(&mut buf).await?;
+            crate::holds(buf, |b| b == b"+PONG\r\n").map_err(|b| std::io::Error::other(String::from_utf8_lossy(&b).into_owned()))
+        })
+        .await;
         Redis { child, port }
     }
 
@@ -89,11 +86,7 @@ impl Redis {
             .kill_on_drop(true)
             .spawn()
             .expect("start redis-server with TLS");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "redis-server (TLS) did not listen within 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::eventually("redis-server (TLS) to listen", || TcpStream::connect(("127.0.0.1", port))).await;
         Redis { child, port }
     }
 
@@ -290,11 +283,11 @@ impl Balancer {
             .kill_on_drop(true)
             .spawn()
             .expect("start haproxy");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", http_port)).await.is_err() || TcpStream::connect(("127.0.0.1", tunnel_port)).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "haproxy did not listen within 10 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        crate::eventually("haproxy to listen on its HTTP and tunnel ports", || async {
+            TcpStream::connect(("127.0.0.1", http_port)).await?;
+            TcpStream::connect(("127.0.0.1", tunnel_port)).await
+        })
+        .await;
         Balancer { child, url: format!("ws://127.0.0.1:{tunnel_port}"), http: SocketAddr::from(([127, 0, 0, 1], http_port)), _dir: TempDir(dir) }
     }
 }

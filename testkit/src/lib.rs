@@ -152,6 +152,20 @@ pub async fn hash_after_eof_server() -> SocketAddr {
     addr
 }
 
+/// On `ip` (a loopback address such as 127.0.0.2, to tell it from targets on 127.0.0.1): answers
+/// each connection's first four bytes with the same four bytes.
+pub async fn word_echo(ip: &str) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).await.unwrap_or_else(|e| panic!("bind {ip}: {e}"));
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(serve_forever(l, |mut s| async move {
+        let mut word = [0u8; 4];
+        if s.read_exact(&mut word).await.is_ok() {
+            let _ = s.write_all(&word).await;
+        }
+    }));
+    addr
+}
+
 /// Reads `expect` bytes, writes `reply`, and closes its side (it never waits for the client's EOF).
 pub async fn reply_then_close_server(expect: usize, reply: Vec<u8>) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -91,17 +91,17 @@ pub async fn relay_process(auth_keys: &str, env: &[(&str, &str)]) -> (Child, Str
     (child, url)
 }
 
-/// The `tunnel` binary cargo built for this test run: `$TUNNEL_BIN`, else `target/debug/tunnel`
+/// The `tunnel` binary cargo built for this test run: `$LIBTUNNEL_TUNNEL_BIN`, else `target/debug/tunnel`
 /// beside the test executable (`target/debug/deps/…`). Tests of `libtunnel` with the `cli`
 /// feature always have it; others fail here with the command that builds it.
 pub fn tunnel_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("TUNNEL_BIN") {
+    if let Some(p) = std::env::var_os("LIBTUNNEL_TUNNEL_BIN") {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("the test executable's path");
     let profile = exe.parent().and_then(Path::parent).expect("the test executable lives in target/PROFILE/deps");
     let bin = profile.join("tunnel");
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p libtunnel --features cli --bin tunnel` (or set TUNNEL_BIN)", bin.display());
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p libtunnel --features cli --bin tunnel` (or set LIBTUNNEL_TUNNEL_BIN)", bin.display());
     bin
 }
 

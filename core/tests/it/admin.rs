@@ -8,6 +8,7 @@ use libtunnel::auth::KeySet;
 use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Dialer, Identity, Key, Listener, RelayConfig, Server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use testkit::{eventually, holds};
 use tokio::net::TcpStream;
 
 const TOKEN: &str = "admin-token-for-the-tests-0123456789";
@@ -60,14 +61,10 @@ async fn the_admin_endpoint_needs_the_token_and_shows_no_secret() {
         assert_eq!(get(admin, path, Some("not-the-token-at-all-0000")).await.0, 401, "{path} with a wrong token");
     }
     // The relay answers a registration just before it lists the listener: poll, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let (status, body) = loop {
-        let (status, body) = get(admin, "/listeners", Some(TOKEN)).await;
-        if status != 200 || body.contains(&listener.name()) || std::time::Instant::now() > deadline {
-            break (status, body);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let (status, body) = eventually("the listener in /listeners", || async {
+        holds(get(admin, "/listeners", Some(TOKEN)).await, |(status, body)| *status != 200 || body.contains(&listener.name()))
+    })
+    .await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&listener.name()) && body.contains(&id.public_key_base64()), "{body}");
     let (status, body) = get(admin, "/sessions", Some(TOKEN)).await;

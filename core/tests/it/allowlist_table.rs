@@ -108,24 +108,6 @@ async fn fake_dns() -> SocketAddr {
     dns::fake_dns(dns_records()).await
 }
 
-/// The one target the relay admits: 127.0.0.2 (not 127.0.0.1), one port. Answers each
-/// connection's first four bytes with the same four bytes.
-async fn allowed_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut word = [0u8; 4];
-                if s.read_exact(&mut word).await.is_ok() {
-                    let _ = s.write_all(&word).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Every spelling, as (host, port text, expected outcome). `pa` is the allowed port on 127.0.0.2,
 /// `pb` the port of the forbidden server on 127.0.0.1.
 fn table(pa: u16, pb: u16) -> Vec<(String, String, Want)> {
@@ -292,7 +274,7 @@ async fn still_serves(d: &Dialer, allowed: SocketAddr) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_spellings_are_refused_through_the_relay() {
     init_tracing();
-    let allowed = allowed_echo().await;
+    let allowed = word_echo("127.0.0.2").await;
     let (forbidden, hits) = counting_echo_server().await;
     let (pa, pb) = (allowed.port(), forbidden.port());
     let rules = format!(
@@ -346,7 +328,7 @@ async fn forbidden_spellings_are_refused_through_the_relay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_to_listeners_and_the_allowlist() {
     init_tracing();
-    let allowed = allowed_echo().await;
+    let allowed = word_echo("127.0.0.2").await;
     let (forbidden, hits) = counting_echo_server().await;
     let (pa, pb) = (allowed.port(), forbidden.port());
     let mut cfg = relay_config(allow(&format!(r#"[{{"host":"127.0.0.2","port":{pa}}}]"#)));
@@ -410,7 +392,7 @@ fn broad_rules_never_reach_metadata_loopback_or_the_host_itself() {
     let out = std::process::Command::new("unshare")
         .arg("-rn")
         .arg(&exe)
-        .args(["--exact", "broad_rules_never_reach_metadata_loopback_or_the_host_itself", "--nocapture", "--test-threads=1"])
+        .args(["--exact", "allowlist_table::broad_rules_never_reach_metadata_loopback_or_the_host_itself", "--nocapture", "--test-threads=1"])
         .env(INNER, "1")
         .output()
         .expect("run the test in a network namespace");

@@ -122,29 +122,29 @@ async fn start_cluster(n: usize, extra: &[String]) -> (Redis, Vec<Node>) {
 /// The node whose `/metrics` count the one listener (the count follows the registration's
 /// answer by a moment, so it is polled).
 async fn holder_of(nodes: &[Node]) -> usize {
-    let t = Instant::now();
-    loop {
+    eventually("a single node to report the listener", || async {
         let mut holding = Vec::new();
         for (i, n) in nodes.iter().enumerate() {
             if n.metric("libtunnel_listeners_active").await == 1 {
                 holding.push(i);
             }
         }
-        if let [one] = holding[..] {
-            return one;
+        match holding[..] {
+            [one] => Ok(one),
+            _ => Err(holding),
         }
-        assert!(t.elapsed() < STEP, "no single node reports the listener: {holding:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
-/// Poll `f` every 50 ms until it is true or `limit` passes; returns the time it took.
+/// Wait until `f` is true (within `limit`); returns the time it took.
 async fn until<F: std::future::Future<Output = bool>>(limit: Duration, what: &str, mut f: impl FnMut() -> F) -> Duration {
     let t = Instant::now();
-    while !f().await {
-        assert!(t.elapsed() < limit, "{what} did not happen within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually_within(limit, what, || {
+        let check = f();
+        async move { holds(check.await, |ok| *ok) }
+    })
+    .await;
     t.elapsed()
 }
 
@@ -310,14 +310,14 @@ async fn names_are_exclusive_across_the_cluster() {
 
     // Pools span nodes: both keys as replicas, on A and on C.
     // (k2's listener above was just closed: its node releases the name a moment later.)
-    let t = Instant::now();
-    let p1 = loop {
-        match within(STEP, "pool k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind()).await {
-            Ok(l) => break Arc::new(l),
-            Err(e) if e.code() == ErrorCode::NameTaken && t.elapsed() < STEP => tokio::time::sleep(Duration::from_millis(50)).await,
+    let p1 = eventually("pool k1 on A once the name is released", || async {
+        match Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind().await {
+            Ok(l) => Ok(Arc::new(l)),
+            Err(e) if e.code() == ErrorCode::NameTaken => Err(e),
             Err(e) => panic!("pool 1: {e}"),
         }
-    };
+    })
+    .await;
     let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
     serve(p1.clone());
     serve(p2.clone());

@@ -603,13 +603,7 @@ async fn emissary_end_to_end_tests_and_cmd_tunnel_on_both_servers() {
         let (kid_s, key_s, port_s) = (kid.to_string(), STANDARD.encode(secret), port.to_string());
         cmd.args(["-url", &url, "-kid", &kid_s, "-key", &key_s, "-target", &to, "-port", &port_s]).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut tunnel = cmd.spawn().expect("start Emissary's cmd/tunnel");
-        let up = timeout(Duration::from_secs(10), async {
-            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        assert!(up.is_ok(), "Emissary's cmd/tunnel did not listen on {port} within 10 s");
+        testkit::eventually(&format!("Emissary's cmd/tunnel to listen on {port}"), || TcpStream::connect(("127.0.0.1", port))).await;
         target.connections.store(0, Ordering::SeqCst);
         // The readiness probe above was one (empty) connection through the tunnel.
         let before = 1;

@@ -75,23 +75,6 @@ fn forbidden_rows(pb: u16) -> Vec<(String, u16)> {
     .collect()
 }
 
-/// Answers each connection's first four bytes with the same four bytes, on 127.0.0.2.
-async fn word_echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.2:0").await.expect("bind 127.0.0.2");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut word = [0u8; 4];
-                if s.read_exact(&mut word).await.is_ok() {
-                    let _ = s.write_all(&word).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 fn relay_with_exit(exit: &str) -> libtunnel::RelayConfig {
     // The relay's allowlist admits nothing used here: targets behind an exit are the exit's to judge.
     let mut cfg = relay_config(allow(r#"[{"host":"127.0.0.3","port":1}]"#));
@@ -108,7 +91,7 @@ fn dialer(url: &str, key: Key) -> Dialer {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exit_connects_inside_its_network_and_enforces_its_own_allowlist() {
     init_tracing();
-    let word = word_echo().await;
+    let word = word_echo("127.0.0.2").await;
     let echo = echo_server().await;
     let (forbidden, hits) = counting_echo_server().await;
     let refused_port = closed_port().await;

@@ -136,44 +136,23 @@ async fn a_killed_or_frozen_listener_process_frees_its_name() {
     cfg.limits.keepalive_interval = Duration::from_millis(300);
     cfg.limits.keepalive_timeout = Duration::from_secs(1);
     let relay = start_relay(cfg).await;
-    let gone = |relay: &libtunnel::ServerHandle| relay.metrics().listeners_active() == 0;
 
     // Killed: the kernel closes its connection, the relay frees the name at once.
     let (mut killed, _) = procs::listen_process(relay.url(), "127.0.0.1:9", &dir.join("a")).await;
     // The relay answers the registration before it counts the listener as active.
-    within(STEP, "the listener to count as active", async {
-        while relay.metrics().listeners_active() != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually("the listener to count as active", || async { holds(relay.metrics().listeners_active(), |n| *n == 1) }).await;
     killed.kill().await.expect("SIGKILL");
     let t0 = Instant::now();
-    within(STEP, "the killed listener's name to be freed", async {
-        while !gone(&relay) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    eventually("the killed listener's name to be freed", || async { holds(relay.metrics().listeners_active(), |n| *n == 0) }).await;
     eprintln!("killed listener freed after {:?}", t0.elapsed());
 
     // Frozen (SIGSTOP): nothing is closed; the keepalive finds it within its timeout.
     let (mut frozen, name) = procs::listen_process(relay.url(), "127.0.0.1:9", &dir.join("b")).await;
-    within(STEP, "the second listener to count as active", async {
-        while relay.metrics().listeners_active() != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually("the second listener to count as active", || async { holds(relay.metrics().listeners_active(), |n| *n == 1) }).await;
     let pid = frozen.id().expect("running").to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
     let t0 = Instant::now();
-    within(STEP, "the frozen listener's name to be freed", async {
-        while !gone(&relay) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    eventually("the frozen listener's name to be freed", || async { holds(relay.metrics().listeners_active(), |n| *n == 0) }).await;
     let waited = t0.elapsed();
     let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
     assert!(waited < Duration::from_secs(5), "the relay took {waited:?} to drop a silent listener (timeout 1 s)");

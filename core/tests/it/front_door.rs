@@ -122,17 +122,13 @@ impl RelayProcess {
 
     /// Wait until the relay's `/metrics` shows `series` at `want` (or past it, with `at_least`).
     async fn await_metric(&self, series: &str, want: i64, at_least: bool) {
-        let t0 = Instant::now();
-        loop {
+        eventually_within(BULK, &format!("{series} to reach {want}"), || async {
             let text = self.metrics_text().await;
             // The /metrics request is itself an open connection (in its handshake).
             let v = metric(&text, series) - i64::from(self.counts_itself(series));
-            if v == want || (at_least && v > want) {
-                return;
-            }
-            assert!(t0.elapsed() < BULK, "{series} stayed at {v}, want {want}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            holds(v, |v| *v == want || (at_least && *v > want))
+        })
+        .await;
     }
 }
 

@@ -32,12 +32,7 @@ async fn connect_from(from: &str, to: std::net::SocketAddr) -> TcpStream {
 
 /// Wait until the relay counts `want` connections in their handshake.
 async fn handshakes_reach(relay: &libtunnel::ServerHandle, want: i64) {
-    within(STEP, "the relay to count the handshakes", async {
-        while relay.metrics().handshakes_open() != want {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually("the relay to count the handshakes", || async { holds(relay.metrics().handshakes_open(), |n| *n == want) }).await;
 }
 
 /// A connection the relay must refuse at once: it ends within a second, with nothing or an
@@ -175,11 +170,7 @@ async fn public_requests_in_progress_are_bounded_per_source_and_per_listener() {
     };
     let held_reach = |n: usize| {
         let held = held.clone();
-        within(STEP, "the listener to hold the requests", async move {
-            while held.lock().expect("held").len() < n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
+        async move { eventually("the listener to hold the requests", || async { holds(held.lock().expect("held").len(), |h| *h >= n) }).await }
     };
     // Two requests from 127.0.0.1 in progress; its third is refused at once.
     let mut a = send_from("127.0.0.1").await;
@@ -262,13 +253,11 @@ async fn sessions_per_key_are_bounded() {
     // Streams on an admitted session are not limited by it, and a closed session frees its place.
     let _more = within(STEP, "a second stream on the first session", a.dial(&echo.to_string())).await.expect("same session");
     a.close().await;
-    within(STEP, "a place to free up", async {
-        loop {
-            match c.dial(&echo.to_string()).await {
-                Ok(_) => return,
-                Err(e) if e.code() == ErrorCode::Refused => tokio::time::sleep(Duration::from_millis(20)).await,
-                Err(e) => panic!("unexpected error {e}"),
-            }
+    eventually("a place to free up", || async {
+        match c.dial(&echo.to_string()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == ErrorCode::Refused => Err(e),
+            Err(e) => panic!("unexpected error {e}"),
         }
     })
     .await;
@@ -409,12 +398,7 @@ async fn an_ambiguous_host_is_a_bad_request() {
     // The same host in both (the default port spelt out or not) is routed as usual.
     let mut s = TcpStream::connect(http).await.expect("connect");
     s.write_all(format!("GET http://{name}.localhost/ HTTP/1.1\r\nHost: {name}.LOCALHOST:80\r\n\r\n").as_bytes()).await.expect("request");
-    within(STEP, "the listener to get the request", async {
-        while delivered.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually("the listener to get the request", || async { holds(delivered.load(std::sync::atomic::Ordering::SeqCst), |n| *n > 0) }).await;
     assert_eq!(relay.metrics().refusals(Refusal::Malformed), 4);
     relay.abort();
 }

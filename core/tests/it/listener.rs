@@ -5,6 +5,7 @@
 //! backpressure and many concurrent streams. Every wait is bounded.
 
 use testkit::raw;
+use testkit::*;
 
 use std::convert::Infallible;
 use std::io;
@@ -23,8 +24,7 @@ use libtunnel::auth::KeySet;
 use libtunnel::config::ListenerGrant;
 use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::protocol::ListenHello;
-use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener, PeerInfo, RelayConfig, Server, ServerHandle, TunnelStream, Via};
-use rand::{RngCore, SeedableRng};
+use libtunnel::{Dialer, ErrorCode, Identity, Listener, PeerInfo, RelayConfig, Server, ServerHandle, TunnelStream, Via};
 use raw::{hello, next_binary, raw_register};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,48 +37,12 @@ use tokio_tungstenite::tungstenite::Message;
 // helpers
 // ---------------------------------------------------------------------------------------------
 
-const STEP: Duration = Duration::from_secs(10);
-const BULK: Duration = Duration::from_secs(60);
-const MIB: usize = 1024 * 1024;
-
-fn init_tracing() {
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
-    }
-}
-
-fn key() -> Key {
-    Key::new(11, b"listener-tests-shared-secret-0123456789".to_vec()).expect("non-empty secret")
-}
-
-/// A relay config with a public HTTP port, open listener registration, and a dialer key.
-fn relay_config() -> RelayConfig {
-    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("valid rules");
-    let mut cfg = RelayConfig::new(KeySet::new([key()]).expect("one key"), allow);
+/// A relay config with a public HTTP port, open listener registration, and the test key.
+fn listener_relay_config() -> RelayConfig {
+    let mut cfg = relay_config(allow_ports(&[9]));
     cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.listeners_open = true;
     cfg
-}
-
-async fn start(cfg: RelayConfig) -> ServerHandle {
-    Server::bind(cfg).await.expect("relay binds on loopback").spawn()
-}
-
-async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {:.1}s", limit.as_secs_f64()),
-    }
-}
-
-fn payload(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-fn sha(b: &[u8]) -> [u8; 32] {
-    Sha256::digest(b).into()
 }
 
 fn dialer(relay: &ServerHandle) -> Dialer {
@@ -189,7 +153,7 @@ async fn app(mut req: Request<Incoming>, peer: PeerInfo) -> Result<Response<Body
             let len = query(&req, "len").unwrap_or(0) as usize;
             let data = Bytes::from(payload(len, query(&req, "seed").unwrap_or(0)));
             let mut r = Response::new(streamed(data.clone(), 64 * 1024));
-            r.headers_mut().insert("x-body-sha256", HeaderValue::from_str(&hex::encode(sha(&data))).expect("hex"));
+            r.headers_mut().insert("x-body-sha256", HeaderValue::from_str(&hex::encode(sha256(&data))).expect("hex"));
             r
         }
         ("POST", "/upload") => {
@@ -297,7 +261,7 @@ async fn hash_body(mut body: Incoming) -> ([u8; 32], usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let http = relay.http_addr().expect("http port");
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
     let name = listener.name();
@@ -316,7 +280,7 @@ async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
     assert_eq!(hdr(&resp, "x-seen-forwarded-proto"), "http");
     assert_eq!(hdr(&resp, "x-peer-via"), "Http");
     assert_eq!(hdr(&resp, "x-peer-client"), local.to_string(), "PeerInfo.client is this HTTP client's address");
-    let expect = sha(&payload(10 * MIB, 21));
+    let expect = sha256(&payload(10 * MIB, 21));
     assert_eq!(hdr(&resp, "x-body-sha256"), hex::encode(expect));
     let got = within(BULK, "downloading 10 MiB", hash_body(resp.into_body())).await;
     assert_eq!(got, (expect, 10 * MIB), "the downloaded body arrived intact");
@@ -338,7 +302,7 @@ async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
     let body = within(BULK, "uploading 10 MiB", resp.into_body().collect()).await.expect("body").to_bytes();
     let text = String::from_utf8(body.to_vec()).expect("utf8");
     let parts: Vec<&str> = text.split(' ').collect();
-    assert_eq!(parts[0], hex::encode(sha(&up)), "the service hashed the uploaded body: {text}");
+    assert_eq!(parts[0], hex::encode(sha256(&up)), "the service hashed the uploaded body: {text}");
     assert_eq!(parts[1], (10 * MIB).to_string());
     assert!(parts[2].parse::<usize>().expect("frame count") > 1, "the upload reached the service as a stream, not one buffer: {text}");
 
@@ -351,7 +315,7 @@ async fn public_http_streams_10_mib_each_way_with_forwarding_headers() {
         let resp =
             within(STEP, "keep-alive request", sender.send_request(get(&host, &format!("/download?len=1000&seed={i}")))).await.expect("response");
         assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(within(STEP, "small body", hash_body(resp.into_body())).await, (sha(&payload(1000, i)), 1000));
+        assert_eq!(within(STEP, "small body", hash_body(resp.into_body())).await, (sha256(&payload(1000, i)), 1000));
     }
     listener.close();
     relay.abort();
@@ -392,7 +356,7 @@ fn serve_named(listener: Arc<Listener>, streams: Arc<std::sync::atomic::AtomicUs
 async fn keep_alive_requests_reuse_one_stream_per_listener() {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let http = relay.http_addr().expect("http port");
     let (a, b) = (Arc::new(bind_listener(relay.url(), Identity::generate()).await), Arc::new(bind_listener(relay.url(), Identity::generate()).await));
     let (a_streams, b_streams) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -426,7 +390,7 @@ async fn keep_alive_requests_reuse_one_stream_per_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn websocket_echo_through_the_public_http_port() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let http = relay.http_addr().expect("http port");
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
     let name = listener.name();
@@ -450,7 +414,7 @@ async fn websocket_echo_through_the_public_http_port() {
         m => panic!("expected the text echo, got {m:?}"),
     }
     match next_msg(&mut ws).await {
-        Message::Binary(b) => assert_eq!(sha(&b), sha(&big), "the 3 MiB binary message came back intact"),
+        Message::Binary(b) => assert_eq!(sha256(&b), sha256(&big), "the 3 MiB binary message came back intact"),
         m => panic!("expected the binary echo, got {m:?}"),
     }
     for i in 0..50u64 {
@@ -467,9 +431,9 @@ async fn websocket_echo_through_the_public_http_port() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn public_http_errors_502_504_404() {
     init_tracing();
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.limits.http_timeout = Duration::from_secs(1);
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let http = relay.http_addr().expect("http port");
     let port = http.port();
 
@@ -499,15 +463,10 @@ async fn public_http_errors_502_504_404() {
     // Once a listener is gone, its name answers 502 again.
     let gone = answering.name();
     answering.close();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = status_of(http, &format!("{gone}.localhost:{port}"), "/").await;
-        if s == StatusCode::BAD_GATEWAY {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a closed listener's name still answers {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(Duration::from_secs(5), "a closed listener's name to answer 502", || async {
+        holds(status_of(http, &format!("{gone}.localhost:{port}"), "/").await, |s| *s == StatusCode::BAD_GATEWAY)
+    })
+    .await;
     relay.abort();
 }
 
@@ -518,7 +477,7 @@ async fn public_http_errors_502_504_404() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dial_by_name_64_mib_both_ways_and_half_close() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
     let name = listener.name();
     let from_listener = Arc::new(payload(64 * MIB, 42));
@@ -562,9 +521,9 @@ async fn dial_by_name_64_mib_both_ways_and_half_close() {
     let t0 = Instant::now();
     let got = within(BULK, "64 MiB both ways", exchange(s, &to_listener)).await.expect("exchange");
     let took = t0.elapsed();
-    assert_eq!(got, (sha(&from_listener), 64 * MIB), "the dialer received the listener's 64 MiB intact");
+    assert_eq!(got, (sha256(&from_listener), 64 * MIB), "the dialer received the listener's 64 MiB intact");
     let (peer, there) = within(STEP, "the listener's report", report.recv()).await.expect("report");
-    assert_eq!(there.expect("listener side"), (sha(&to_listener), 64 * MIB), "the listener received the dialer's 64 MiB intact");
+    assert_eq!(there.expect("listener side"), (sha256(&to_listener), 64 * MIB), "the listener received the dialer's 64 MiB intact");
     assert_eq!((peer.via, peer.port), (Via::Dial, 1));
     assert_loopback_client(&peer);
     eprintln!("64 MiB each way through the relay by name: {took:?}");
@@ -576,10 +535,10 @@ async fn dial_by_name_64_mib_both_ways_and_half_close() {
     within(STEP, "write then shutdown", write_all_then_shutdown(&mut w, &data)).await.expect("write");
     let mut digest = [0u8; 32];
     within(STEP, "the reply after EOF", r.read_exact(&mut digest)).await.expect("hash reply");
-    assert_eq!(digest, sha(&data), "the listener saw exactly our bytes, then EOF");
+    assert_eq!(digest, sha256(&data), "the listener saw exactly our bytes, then EOF");
     assert_eq!(
         within(STEP, "the tail and EOF", hash_to_eof(&mut r)).await.expect("tail"),
-        (sha(&tail), MIB),
+        (sha256(&tail), MIB),
         "writes after our shutdown arrive, then EOF"
     );
     let (peer, _) = within(STEP, "report", report.recv()).await.expect("report");
@@ -588,7 +547,7 @@ async fn dial_by_name_64_mib_both_ways_and_half_close() {
     // Port label 0 (the default) is passed through as 0.
     let s = within(STEP, "dial", d.dial(&format!("{name}:0"))).await.expect("dial");
     let echoed = within(STEP, "small echo", exchange(s, b"ping")).await.expect("echo");
-    assert_eq!(echoed, (sha(b"ping"), 4));
+    assert_eq!(echoed, (sha256(b"ping"), 4));
     let (peer, _) = within(STEP, "report", report.recv()).await.expect("report");
     assert_eq!((peer.via, peer.port), (Via::Dial, 0));
 
@@ -603,7 +562,7 @@ async fn dial_by_name_64_mib_both_ways_and_half_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn thousand_concurrent_streams_to_one_listener() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let listener = within(STEP, "bind", Listener::builder(relay.url(), Identity::generate()).backlog(2048).bind()).await.expect("bind");
     let listener = Arc::new(listener);
     let name = listener.name();
@@ -618,7 +577,7 @@ async fn thousand_concurrent_streams_to_one_listener() {
             let data = payload(16 * 1024 + (i as usize * 37) % 16_384, 1000 + i);
             let s = d.dial(&format!("{name}:7")).await.map_err(|e| format!("dial {i}: {e}"))?;
             let got = exchange(s, &data).await.map_err(|e| format!("stream {i}: {e}"))?;
-            if got != (sha(&data), data.len()) {
+            if got != (sha256(&data), data.len()) {
                 return Err(format!("stream {i}: echo differs ({} of {} bytes)", got.1, data.len()));
             }
             Ok::<_, String>(())
@@ -646,7 +605,7 @@ async fn thousand_concurrent_streams_to_one_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn full_backlog_refuses_fast_with_refused_and_503() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let http = relay.http_addr().expect("http port");
     let listener = within(STEP, "bind", Listener::builder(relay.url(), Identity::generate()).backlog(2).bind()).await.expect("bind");
     let name = listener.name();
@@ -687,9 +646,9 @@ async fn full_backlog_refuses_fast_with_refused_and_503() {
 async fn public_tcp_port_round_trip() {
     init_tracing();
     let free = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.tcp_ports = Some((free, free.saturating_add(50)));
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let listener = Arc::new(
         within(STEP, "bind", Listener::builder(relay.url(), Identity::generate()).tcp_port(true).bind()).await.expect("bind with a TCP port"),
     );
@@ -710,14 +669,14 @@ async fn public_tcp_port_round_trip() {
     })
     .await;
     wr.expect("write");
-    assert_eq!(rd.expect("read"), (sha(&data), data.len()));
+    assert_eq!(rd.expect("read"), (sha256(&data), data.len()));
     let peer = within(STEP, "peer info", peers.recv()).await.expect("peer");
     assert_eq!(peer.via, Via::Tcp);
     assert_eq!(peer.client, local.to_string(), "PeerInfo.client is the TCP client's address");
     assert_eq!(peer.port, tcp_addr.port());
 
     // Asking for a TCP port on a relay without a range is refused.
-    let plain = start(relay_config()).await;
+    let plain = start_relay(listener_relay_config()).await;
     let e = within(STEP, "bind", Listener::builder(plain.url(), Identity::generate()).tcp_port(true).bind()).await.expect_err("no range");
     assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
     listener.close();
@@ -741,13 +700,13 @@ async fn bind_err(relay_url: &str, id: &Identity, name: Option<&str>) -> libtunn
 async fn registration_rules_name_taken_not_allowed_auth_failed() {
     init_tracing();
     let (a, b, c) = (Identity::generate(), Identity::generate(), Identity::generate());
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.listeners_open = false;
     cfg.listener_keys = vec![
         ListenerGrant { public_key: a.public_key_base64(), names: vec!["api".into(), "shared".into()] },
         ListenerGrant { public_key: b.public_key_base64(), names: vec!["shared".into()] },
     ];
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let http = relay.http_addr().expect("http");
     let url = relay.url().to_string();
 
@@ -803,14 +762,14 @@ async fn registration_rules_name_taken_not_allowed_auth_failed() {
 
     // Released when the holder goes: B may take "shared" then.
     shared.close();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let taken = loop {
+    let taken = eventually_within(Duration::from_secs(5), "B to take the released name", || async {
         match Listener::builder(&url, b.clone()).name("shared").bind().await {
-            Ok(l) => break l,
-            Err(e) if e.code() == ErrorCode::NameTaken && Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            Ok(l) => Ok(l),
+            Err(e) if e.code() == ErrorCode::NameTaken => Err(e),
             Err(e) => panic!("B could not take the released name: {e}"),
         }
-    };
+    })
+    .await;
     assert_eq!(taken.name(), "shared");
     drop((api, own, taken));
     relay.abort();
@@ -820,13 +779,13 @@ async fn registration_rules_name_taken_not_allowed_auth_failed() {
 async fn a_listener_whose_name_was_taken_while_it_was_away_stops() {
     init_tracing();
     let (a, b) = (Identity::generate(), Identity::generate());
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.listeners_open = false;
     cfg.listener_keys = vec![
         ListenerGrant { public_key: a.public_key_base64(), names: vec!["shared".into()] },
         ListenerGrant { public_key: b.public_key_base64(), names: vec!["shared".into()] },
     ];
-    let relay = start(cfg.clone()).await;
+    let relay = start_relay(cfg.clone()).await;
     let addr = relay.local_addr().expect("addr");
     let url = relay.url().to_string();
     let first = within(STEP, "bind a", Listener::builder(&url, a).name("shared").bind()).await.expect("a registers");
@@ -844,7 +803,7 @@ async fn a_listener_whose_name_was_taken_while_it_was_away_stops() {
     })
     .await;
     cfg.listen = Some(addr);
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let second = within(STEP, "bind b", Listener::builder(&url, b).name("shared").bind()).await.expect("b takes the free name");
     // `first` comes back to a taken name: it stops with NAME_TAKEN instead of retrying forever.
     let e = within(STEP, "the first listener stops", first.accept()).await.expect_err("it must stop");
@@ -858,7 +817,7 @@ async fn a_listener_whose_name_was_taken_while_it_was_away_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replaced_listener_that_missed_the_notice_cannot_take_its_name_back() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let id = Identity::generate();
     let old = |n: &[u8]| ListenHello { instance: vec![7; 16], ..hello(&id, n, &id.name()) };
     // The old process: registered, then replaced by a newer one of the same key.
@@ -875,7 +834,7 @@ async fn a_replaced_listener_that_missed_the_notice_cannot_take_its_name_back() 
     assert!(newer.is_connected());
     let d = dialer(&relay);
     let s = within(STEP, "dial", d.dial(&format!("{}:0", id.name()))).await.expect("dial the newer listener");
-    assert_eq!(within(STEP, "echo", exchange(s, b"newer")).await.expect("echo"), (sha(b"newer"), 5));
+    assert_eq!(within(STEP, "echo", exchange(s, b"newer")).await.expect("echo"), (sha256(b"newer"), 5));
     // A listener reconnecting by itself is not replaced by its own registration: the relay
     // drops its session (a restart of the relay would too) and it re-registers.
     let (_own, ack) = raw_register(relay.url(), |n| ListenHello { instance: vec![8; 16], ..hello(&id, n, &id.name()) }).await;
@@ -889,7 +848,7 @@ async fn a_replaced_listener_that_missed_the_notice_cannot_take_its_name_back() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn same_key_replaces_its_stale_session() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let id = Identity::generate();
     // A stale registration that will never serve anything.
     let (mut stale, ack) = raw_register(relay.url(), |n| hello(&id, n, &id.name())).await;
@@ -912,7 +871,7 @@ async fn same_key_replaces_its_stale_session() {
     serve(listener.clone(), |s, _| echo(s));
     let d = dialer(&relay);
     let s = within(STEP, "dial", d.dial(&format!("{}:0", id.name()))).await.expect("dial the new session");
-    assert_eq!(within(STEP, "echo", exchange(s, b"fresh")).await.expect("echo"), (sha(b"fresh"), 5));
+    assert_eq!(within(STEP, "echo", exchange(s, b"fresh")).await.expect("echo"), (sha256(b"fresh"), 5));
     listener.close();
 
     // Two real listeners with one key: the second bind succeeds and closes the first one's
@@ -941,7 +900,7 @@ async fn same_key_replaces_its_stale_session() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(second.is_connected(), "the second listener lost its session (round {i})");
         let s = within(STEP, "dial", d.dial(&format!("{}:0", other.name()))).await.expect("dial the second");
-        assert_eq!(within(STEP, "echo", exchange(s, &[i; 3])).await.expect("echo"), (sha(&[i; 3]), 3));
+        assert_eq!(within(STEP, "echo", exchange(s, &[i; 3])).await.expect("echo"), (sha256(&[i; 3]), 3));
     }
     relay.abort();
 }
@@ -953,7 +912,7 @@ async fn same_key_replaces_its_stale_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_killed_mid_transfer_listener_returns_on_the_same_port() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let ws_addr = relay.local_addr().expect("ws addr");
     let http_addr = relay.http_addr().expect("http addr");
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
@@ -1004,49 +963,30 @@ async fn relay_killed_mid_transfer_listener_returns_on_the_same_port() {
     assert!(l_res.is_err(), "the listener's read must fail, not end cleanly: {l_res:?}");
 
     // A new relay on the same ports.
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.listen = Some(ws_addr);
     cfg.http_listen = Some(http_addr);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let server = loop {
-        match Server::bind(cfg.clone()).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "cannot rebind the relay's ports: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let server = eventually_within(Duration::from_secs(5), "re-binding the relay's ports", || Server::bind(cfg.clone())).await;
     let relay2 = server.spawn();
     assert_eq!(relay2.url(), relay.url());
     // The listener is back under the same name within 5 s of the crash.
-    loop {
-        if listener.is_connected() && listener.name() == name {
-            break;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "the listener did not come back within 5 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(Duration::from_secs(5).saturating_sub(t0.elapsed()), "the listener to come back under its name", || async {
+        holds((listener.is_connected(), listener.name()), |(up, n)| *up && *n == name)
+    })
+    .await;
     serve_http_app(listener.clone());
-    let s = loop {
-        match d.dial(&format!("{name}:0")).await {
-            Ok(s) => break s,
-            Err(e) => {
-                assert!(t0.elapsed() < Duration::from_secs(5), "dial by name after the restart: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    };
+    let by_name = format!("{name}:0");
+    let s = eventually_within(Duration::from_secs(5).saturating_sub(t0.elapsed()), "a dial by name after the restart", || d.dial(&by_name)).await;
     eprintln!("listener reachable again {:?} after the relay was killed", t0.elapsed());
     // New requests succeed: raw HTTP over the dialed stream, and through the public HTTP port.
     let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(s)).await.expect("handshake");
     tokio::spawn(conn);
     let resp = within(STEP, "request over a dialed stream", sender.send_request(get(&name, "/download?len=100000&seed=62"))).await.expect("response");
     assert_eq!(hdr(&resp, "x-peer-via"), "Dial");
-    assert_eq!(within(STEP, "body", hash_body(resp.into_body())).await, (sha(&payload(100_000, 62)), 100_000));
+    assert_eq!(within(STEP, "body", hash_body(resp.into_body())).await, (sha256(&payload(100_000, 62)), 100_000));
     let (resp, _) = http_request(http_addr, get(&format!("{name}.localhost"), "/download?len=1000&seed=63")).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(within(STEP, "body", hash_body(resp.into_body())).await, (sha(&payload(1000, 63)), 1000));
+    assert_eq!(within(STEP, "body", hash_body(resp.into_body())).await, (sha256(&payload(1000, 63)), 1000));
     listener.close();
     relay2.abort();
 }
@@ -1055,9 +995,9 @@ async fn relay_killed_mid_transfer_listener_returns_on_the_same_port() {
 async fn a_bound_listener_is_reachable_at_once() {
     init_tracing();
     let chosen = Identity::generate();
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.listener_keys = vec![ListenerGrant { public_key: chosen.public_key_base64(), names: vec!["quick".into()] }];
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let http = relay.http_addr().expect("http");
     let d = dialer(&relay);
     d.connect().await.expect("session");
@@ -1067,7 +1007,7 @@ async fn a_bound_listener_is_reachable_at_once() {
         serve(listener.clone(), |s, _| echo(s));
         // No wait between bind() returning and the first dial: the name must already route.
         let s = within(STEP, "dial right after bind", d.dial(&format!("{name}:0"))).await.unwrap_or_else(|e| panic!("round {i}: {e}"));
-        assert_eq!(within(STEP, "echo", exchange(s, b"now")).await.expect("echo"), (sha(b"now"), 3));
+        assert_eq!(within(STEP, "echo", exchange(s, b"now")).await.expect("echo"), (sha256(b"now"), 3));
         listener.close();
         let other = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
         serve_http_app(other.clone());
@@ -1079,7 +1019,7 @@ async fn a_bound_listener_is_reachable_at_once() {
         );
         serve(named.clone(), |s, _| echo(s));
         let s = within(STEP, "dial a chosen name", d.dial("quick:0")).await.unwrap_or_else(|e| panic!("round {i}: {e}"));
-        assert_eq!(within(STEP, "echo", exchange(s, b"named")).await.expect("echo"), (sha(b"named"), 5));
+        assert_eq!(within(STEP, "echo", exchange(s, b"named")).await.expect("echo"), (sha256(b"named"), 5));
         named.close();
     }
     relay.abort();
@@ -1090,7 +1030,7 @@ async fn a_bound_listener_is_reachable_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dead_session_fails_the_stream_at_the_other_end() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
 
     // The dialer goes away: the listener's read fails.
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
@@ -1136,9 +1076,9 @@ async fn a_dead_session_fails_the_stream_at_the_other_end() {
 async fn a_dead_listener_resets_its_public_tcp_connections() {
     init_tracing();
     let free = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.tcp_ports = Some((free, free.saturating_add(50)));
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let listener = within(STEP, "bind", Listener::builder(relay.url(), Identity::generate()).tcp_port(true).bind()).await.expect("bind");
     let tcp_addr: SocketAddr = listener.registration().tcp_addr.expect("a public TCP address").parse().expect("ip:port");
     let mut sock = within(STEP, "connect to the public port", TcpStream::connect(tcp_addr)).await.expect("connect");
@@ -1160,10 +1100,10 @@ async fn a_dead_listener_resets_its_public_tcp_connections() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_waiting_on_a_silent_listener_are_bounded() {
     init_tracing();
-    let mut cfg = relay_config();
+    let mut cfg = listener_relay_config();
     cfg.limits.max_pending_accepts = 2;
     cfg.limits.connect_timeout = Duration::from_secs(3);
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     // A registered session that never answers the streams offered to it.
     let id = Identity::generate();
     let (mut silent, ack) = raw_register(relay.url(), |n| hello(&id, n, &id.name())).await;
@@ -1213,7 +1153,7 @@ async fn a_listeners_only_relay_needs_no_keys_and_no_allowlist() {
     let mut cfg = RelayConfig::new(KeySet::default(), Allowlist::default());
     cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
     cfg.listeners_open = true;
-    let relay = start(cfg).await;
+    let relay = start_relay(cfg).await;
     let http = relay.http_addr().expect("http port");
     let listener = Arc::new(bind_listener(relay.url(), Identity::generate()).await);
     serve_http_app(listener.clone());
@@ -1232,7 +1172,7 @@ async fn a_listeners_only_relay_needs_no_keys_and_no_allowlist() {
 #[tokio::test]
 async fn dialing_an_unknown_or_offline_name_says_no_listener_is_online() {
     init_tracing();
-    let relay = start(relay_config()).await;
+    let relay = start_relay(listener_relay_config()).await;
     let d = dialer(&relay);
     let offline = Identity::generate().name();
     for name in ["nosuch", offline.as_str()] {

@@ -93,7 +93,9 @@ where
     Fut: std::future::Future<Output = Instant> + Send + 'static,
 {
     let next = Arc::new(AtomicUsize::new(0));
-    let done = Arc::new(AtomicUsize::new(0));
+    // How many requests have finished; the mid-run event awaits a count.
+    let (done, mut finished) = tokio::sync::watch::channel(0usize);
+    let done = Arc::new(done);
     let outcomes = Arc::new(Mutex::new(Vec::with_capacity(total)));
     let host = host.to_string();
     let mut tasks = Vec::new();
@@ -109,17 +111,13 @@ where
                 let started = Instant::now();
                 let result = try_get(http, &host, path).await;
                 outcomes.lock().unwrap().push(Outcome { started, result });
-                done.fetch_add(1, Ordering::SeqCst);
+                done.send_modify(|n| *n += 1);
             }
         }));
     }
-    let done2 = done.clone();
     let event = (at < total).then(|| {
         tokio::spawn(async move {
-            // Polls a counter the workers bump; the event has no notification of its own.
-            while done2.load(Ordering::SeqCst) < at {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+            finished.wait_for(|n| *n >= at).await.expect("the counter lives while the workers run");
             event().await
         })
     });

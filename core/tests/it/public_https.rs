@@ -423,15 +423,11 @@ async fn path_routing_rate_limit_and_per_listener_metrics() {
     let retry: u64 = header_of(&out, "retry-after").expect("Retry-After").parse().expect("seconds");
     assert_eq!(retry, 1);
     // After the window, 200 again (bounded: a few windows at most).
-    let mut code = String::new();
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        code = curl(&[vec![s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args(&name, https, &st.pki.ca, "/")].concat()).await.1;
-        if code.trim() == "200" {
-            break;
-        }
-    }
-    assert_eq!(code.trim(), "200", "the next window admits requests again");
+    eventually("the next window to admit requests again", || async {
+        let code = curl(&[vec![s("-o"), s("/dev/null"), s("-w"), s("%{http_code}")], https_args(&name, https, &st.pki.ca, "/")].concat()).await.1;
+        holds(code.trim().to_string(), |c| c == "200")
+    })
+    .await;
 
     let metrics = curl(&[format!("http://{}/metrics", st.relay.local_addr().expect("tunnel endpoint"))]).await.1;
     let series = |code: u16| metric(&metrics, &format!("libtunnel_http_listener_responses_total{{listener=\"{name}\",code=\"{code}\"}}"));
@@ -466,15 +462,7 @@ async fn fetch_big(client: &mut hyper::client::conn::http2::SendRequest<http_bod
 
 /// Poll `get` until `ok` holds of it (within `limit`); its last value.
 async fn until<T: std::fmt::Debug>(limit: Duration, what: &str, get: impl Fn() -> T, ok: impl Fn(&T) -> bool) -> T {
-    let t0 = std::time::Instant::now();
-    loop {
-        let v = get();
-        if ok(&v) {
-            return v;
-        }
-        assert!(t0.elapsed() < limit, "{what}: still {v:?} after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(limit, what, || async { holds(get(), &ok) }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

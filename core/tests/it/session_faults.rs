@@ -6,6 +6,7 @@
 use testkit::procs;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use testkit::*;
@@ -98,10 +99,9 @@ impl RelayProc {
     /// Wait until the relay holds no stream and at most `fds` descriptors.
     async fn settles_to(&self, fds: usize, what: &str) -> Duration {
         let t0 = Instant::now();
-        within(STEP, what, async {
-            while self.metric("libtunnel_streams_active").await != 0 || self.fds() > fds {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        eventually(what, || async {
+            let (streams, open) = (self.metric("libtunnel_streams_active").await, self.fds());
+            holds((streams, open), |(s, o)| *s == 0 && *o <= fds).map_err(|(s, o)| format!("{s} streams, {o} descriptors (want 0 and at most {fds})"))
         })
         .await;
         t0.elapsed()
@@ -162,18 +162,25 @@ async fn a_frozen_relay_fails_every_upload_in_flight_and_new_dials_work_once_it_
     let d = dialer(&relay.url);
     // 200 uploads on one session, each writing without end.
     let mut uploads = tokio::task::JoinSet::new();
+    // Every upload meets here once its first chunk is written: data in flight on all 200.
+    let in_flight = Arc::new(tokio::sync::Barrier::new(201));
     for _ in 0..200 {
         let mut s = within(STEP, "dial", d.dial(&sink.to_string())).await.expect("dial");
+        let in_flight = in_flight.clone();
         uploads.spawn(async move {
             let chunk = vec![5u8; 64 * 1024];
+            let mut first = true;
             loop {
                 if let Err(e) = s.write_all(&chunk).await {
                     return (Instant::now(), e);
                 }
+                if std::mem::take(&mut first) {
+                    in_flight.wait().await;
+                }
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await; // data in flight, socket buffers full
+    within(STEP, "every upload to have data in flight", in_flight.wait()).await;
     relay.signal("-STOP");
     let t0 = Instant::now();
     let mut worst = Duration::ZERO;
@@ -214,17 +221,23 @@ async fn a_stream_split_into_reader_and_writer_tasks_fails_in_both_when_the_rela
             }
         }
     });
+    let (flowing, echoed) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
+        let mut flowing = Some(flowing);
         loop {
             match r.read(&mut buf).await {
                 Ok(0) => panic!("a stream cut off by a dying relay read as a clean end"),
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(f) = flowing.take() {
+                        let _ = f.send(());
+                    }
+                }
                 Err(e) => return e,
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    within(STEP, "the echo to flow back", echoed).await.expect("the reader got bytes");
     relay.abort();
     let we = within(STEP, "the writer task to fail", writer).await.expect("writer");
     let re = within(STEP, "the reader task to fail", reader).await.expect("reader");
@@ -364,12 +377,7 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
     let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("session-faults-{}", std::process::id()));
     let (mut listener, name) = procs::listen_process(&relay.url, &service.to_string(), &dir).await;
     // The relay answers the registration just before it routes the name.
-    within(STEP, "the listener to count as active", async {
-        while relay.metric("libtunnel_listeners_active").await != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    eventually("the listener to count as active", || async { holds(relay.metric("libtunnel_listeners_active").await, |n| *n == 1) }).await;
     let (base_fds, base_rss) = (relay.fds(), relay.rss_kib());
     // 200 uploads through the public port, each with a body that never ends.
     let mut clients = tokio::task::JoinSet::new();
@@ -391,13 +399,7 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
         });
     }
     // Every upload has reached the service behind the listener, and bytes are flowing.
-    let reached = tokio::time::timeout(STEP, async {
-        while accepted.load(std::sync::atomic::Ordering::Relaxed) < 200 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(reached.is_ok(), "only {} of 200 uploads reached the listener's service", accepted.load(std::sync::atomic::Ordering::Relaxed));
+    eventually("200 uploads to reach the listener's service", || async { holds(accepted.load(std::sync::atomic::Ordering::Relaxed), |n| *n >= 200) }).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let loaded_rss = relay.rss_kib();
     let pid = listener.id().expect("running").to_string();

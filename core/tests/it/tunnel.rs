@@ -799,13 +799,11 @@ async fn abort_mid_transfer(relay: &ServerHandle, d: &Dialer, echo: SocketAddr) 
 
 /// Bind a relay on a given address, retrying while the previous relay's socket is still closing.
 async fn rebind(cfg: RelayConfig) -> ServerHandle {
-    within(STEP, "re-binding the relay's port", async {
-        loop {
-            match Server::bind(cfg.clone()).await {
-                Ok(s) => break s.spawn(),
-                Err(e) if e.code() == ErrorCode::Io => tokio::time::sleep(Duration::from_millis(20)).await,
-                Err(e) => panic!("bind: {e}"),
-            }
+    eventually("re-binding the relay's port", || async {
+        match Server::bind(cfg.clone()).await {
+            Ok(s) => Ok(s.spawn()),
+            Err(e) if e.code() == ErrorCode::Io => Err(e),
+            Err(e) => panic!("bind: {e}"),
         }
     })
     .await
