@@ -241,6 +241,33 @@ where
     Ok(digest)
 }
 
+/// Read one HTTP/1.1 request head (through the blank line) for a tiny test server; `None` when
+/// the client goes first.
+pub async fn read_http_head<R: AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(head)
+}
+
+/// Accept every stream `listener` gets and hold it, never reading: a service that stalls. The
+/// streams stay open while the returned list lives.
+pub fn hold_streams(listener: libtunnel::Listener) -> std::sync::Arc<std::sync::Mutex<Vec<libtunnel::TunnelStream>>> {
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            h.lock().expect("held").push(s);
+        }
+    });
+    held
+}
+
 /// Read until EOF (bounded by the caller).
 pub async fn read_to_end<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Vec<u8>> {
     let mut v = Vec::new();

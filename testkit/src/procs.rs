@@ -3,6 +3,7 @@
 //! or name, any `tunnel` command with a clean environment in a scratch directory, and [`Proc`], a
 //! running child whose output is kept for assertions and failure messages.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -55,40 +56,84 @@ pub async fn listen_process_with(relay: &str, key: &Path, args: &[&str]) -> (Chi
     (child, name)
 }
 
-/// A `tunnel server` process with the test key (`common::auth_keys_json`, passed in as
-/// `auth_keys`) and the `TUNNEL_*` settings in `env`, and its URL once it listens. Its stdout is
-/// kept read for its whole life.
-pub async fn relay_process(auth_keys: &str, env: &[(&str, &str)]) -> (Child, String) {
-    let mut child = Command::new(tunnel_bin())
-        .arg("server")
-        .env("TUNNEL_LISTEN", "127.0.0.1:0")
-        .env("TUNNEL_AUTH_KEYS", auth_keys)
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start tunnel server");
-    let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-    let url = tokio::time::timeout(Duration::from_secs(10), async {
-        use tokio::io::AsyncBufReadExt;
-        let mut line = String::new();
-        loop {
-            line.clear();
-            assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited before it listened");
-            if let Some(u) = line.trim().strip_prefix("relay listening: ") {
-                return u.to_string();
+/// A `tunnel server` process on loopback port 0 with the test key ([`crate::auth_keys_json`])
+/// and the `TUNNEL_*` settings in `env` (a clean environment otherwise), once it printed the
+/// address of every endpoint `env` asks for (`TUNNEL_HTTP_LISTEN`, `TUNNEL_TCP_LISTEN`,
+/// `TUNNEL_ADMIN_LISTEN`). Its stdout is kept read for its whole life; killed when dropped.
+pub struct RelayProcess {
+    pub child: Child,
+    /// `ws://127.0.0.1:PORT`.
+    pub url: String,
+    /// The tunnel port's address.
+    pub ws: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub tcp: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+impl RelayProcess {
+    pub async fn start(env: &[(&str, &str)]) -> RelayProcess {
+        let mut cmd = Command::new(tunnel_bin());
+        cmd.arg("server").env("TUNNEL_LISTEN", "127.0.0.1:0").env("TUNNEL_AUTH_KEYS", crate::auth_keys_json());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k == "RUST_LOG" || k == "NOTIFY_SOCKET" {
+                cmd.env_remove(k);
             }
         }
-    })
-    .await
-    .expect("tunnel server printed its URL within 10 s");
-    tokio::spawn(async move {
-        use tokio::io::AsyncReadExt;
-        let mut sink = Vec::new();
-        let _ = out.read_to_end(&mut sink).await;
-    });
-    (child, url)
+        let mut child = cmd
+            .envs(env.iter().copied())
+            .current_dir(std::env::temp_dir())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start tunnel server");
+        let wants = |k: &str| env.iter().any(|(key, _)| *key == k);
+        let (want_http, want_tcp, want_admin) = (wants("TUNNEL_HTTP_LISTEN"), wants("TUNNEL_TCP_LISTEN"), wants("TUNNEL_ADMIN_LISTEN"));
+        let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let (mut ws, mut http, mut tcp, mut admin) = (None, None, None, None);
+        crate::within(crate::STEP, "tunnel server to print its addresses", async {
+            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) {
+                let line = out.next_line().await.expect("stdout").expect("the relay exited before it listened");
+                let addr = |prefix: &str| line.trim().strip_prefix(prefix).map(|a| a.trim_end_matches('/').parse::<SocketAddr>().expect("an address"));
+                ws = ws.or(addr("relay listening: ws://"));
+                http = http.or(addr("public http listening: http://"));
+                tcp = tcp.or(addr("raw tcp listening: tcp://"));
+                admin = admin.or(addr("admin listening: http://"));
+            }
+        })
+        .await;
+        tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+        let ws = ws.expect("the tunnel address");
+        RelayProcess { child, url: format!("ws://{ws}"), ws, http, tcp, admin }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the relay runs")
+    }
+
+    /// Send a signal by name (`TERM`, `STOP`, `-CONT`, …).
+    pub fn signal(&self, sig: &str) {
+        let sig = sig.trim_start_matches('-');
+        assert!(std::process::Command::new("kill").args([format!("-{sig}"), self.pid().to_string()]).status().expect("kill").success());
+    }
+
+    /// File descriptors the relay has open.
+    pub fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// The relay's resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+    }
+}
+
+/// A `tunnel server` process ([`RelayProcess`]) with the settings in `env`: the child and its URL.
+pub async fn relay_process(env: &[(&str, &str)]) -> (Child, String) {
+    let r = RelayProcess::start(env).await;
+    (r.child, r.url)
 }
 
 /// The `tunnel` binary cargo built for this test run: `$LIBTUNNEL_TUNNEL_BIN`, else `target/debug/tunnel`

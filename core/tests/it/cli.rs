@@ -71,14 +71,7 @@ async fn http_server(body: Arc<Vec<u8>>) -> (SocketAddr, mpsc::UnboundedReceiver
         while let Ok((mut s, _)) = l.accept().await {
             let (tx, body) = (tx.clone(), body.clone());
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_http_head(&mut s).await else { return };
                 let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

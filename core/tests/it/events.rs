@@ -22,7 +22,7 @@ use tokio::process::Child;
 async fn relay_process(listen: &str, port: u16) -> (Child, SocketAddr) {
     let allow = format!(r#"[{{"host":"127.0.0.1","port":{port}}}]"#);
     let env = [("TUNNEL_LISTEN", listen), ("TUNNEL_ALLOW", allow.as_str()), ("TUNNEL_LISTENERS_OPEN", "true")];
-    let (child, url) = procs::relay_process(&auth_keys_json(), &env).await;
+    let (child, url) = procs::relay_process(&env).await;
     let addr = url.trim_start_matches("ws://").trim_end_matches('/').parse().expect("a socket address in the URL");
     (child, addr)
 }

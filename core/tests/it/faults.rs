@@ -103,7 +103,7 @@ async fn a_frozen_relay_is_found_by_the_keepalive() {
     let echo = echo_server().await;
     // A relay process we can freeze with SIGSTOP: packets go nowhere, nothing is closed.
     let allow = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, echo.port());
-    let (mut relay, url) = procs::relay_process(&auth_keys_json(), &[("TUNNEL_ALLOW", allow.as_str())]).await;
+    let (mut relay, url) = procs::relay_process(&[("TUNNEL_ALLOW", allow.as_str())]).await;
     let cfg = MuxConfig { keepalive_interval: Duration::from_millis(300), keepalive_timeout: Duration::from_secs(1), ..MuxConfig::default() };
     let d = Dialer::builder(&url).key(key()).timeout(STEP).mux_config(cfg).build().expect("dialer");
     let mut s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use testkit::*;
 use libtunnel::{Identity, Listener};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const KIB: u64 = 1024;
@@ -20,62 +20,21 @@ const KIB: u64 = 1024;
 const ADMIN_TOKEN: &str = "admin-token-for-the-flood-0123456789";
 
 /// A `tunnel server` child process, killed when dropped.
-struct RelayProcess {
-    child: tokio::process::Child,
-    ws: SocketAddr,
-    http: Option<SocketAddr>,
-    tcp: Option<SocketAddr>,
-    admin: Option<SocketAddr>,
+struct RelayProcess(procs::RelayProcess);
+
+impl std::ops::Deref for RelayProcess {
+    type Target = procs::RelayProcess;
+    fn deref(&self) -> &procs::RelayProcess {
+        &self.0
+    }
 }
 
 impl RelayProcess {
     async fn start(extra: &[(&str, String)]) -> RelayProcess {
         raise_fd_limit();
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"));
-        cmd.arg("server")
-            .env_clear()
-            .env("TUNNEL_LISTEN", "127.0.0.1:0")
-            .env("TUNNEL_AUTH_KEYS", auth_keys_json())
-            .env("TUNNEL_ALLOW", r#"[{"host":"127.0.0.1","port":9}]"#)
-            .env("RUST_LOG", "warn")
-            .current_dir(std::env::temp_dir())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true);
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("start tunnel server");
-        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let want_http = extra.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
-        let want_tcp = extra.iter().any(|(k, _)| *k == "TUNNEL_TCP_LISTEN");
-        let want_admin = extra.iter().any(|(k, _)| *k == "TUNNEL_ADMIN_LISTEN");
-        let (ws, http, tcp, admin) = within(STEP, "the relay's addresses", async {
-            let (mut ws, mut http, mut tcp, mut admin) = (None, None, None, None);
-            let mut line = String::new();
-            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) {
-                line.clear();
-                assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
-                if let Some(u) = line.trim().strip_prefix("relay listening: ws://") {
-                    ws = Some(u.parse::<SocketAddr>().expect("ws address"));
-                } else if let Some(u) = line.trim().strip_prefix("public http listening: http://") {
-                    http = Some(u.parse::<SocketAddr>().expect("http address"));
-                } else if let Some(u) = line.trim().strip_prefix("raw tcp listening: tcp://") {
-                    tcp = Some(u.parse::<SocketAddr>().expect("tcp address"));
-                } else if let Some(u) = line.trim().strip_prefix("admin listening: http://") {
-                    admin = Some(u.parse::<SocketAddr>().expect("admin address"));
-                }
-            }
-            (ws.expect("ws"), http, tcp, admin)
-        })
-        .await;
-        RelayProcess { child, ws, http, tcp, admin }
-    }
-
-    /// File descriptors the relay has open.
-    fn fds(&self) -> usize {
-        let pid = self.child.id().expect("the relay runs");
-        std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc fd").count()
+        let mut env: Vec<(&str, &str)> = vec![("TUNNEL_ALLOW", r#"[{"host":"127.0.0.1","port":9}]"#), ("RUST_LOG", "warn")];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+        RelayProcess(procs::RelayProcess::start(&env).await)
     }
 
     /// The relay's `/metrics` value of `series` (the request for it not counted).
@@ -93,15 +52,7 @@ impl RelayProcess {
     }
 
     fn rss(&self) -> u64 {
-        let pid = self.child.id().expect("the relay runs");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<u64>().ok())
-            .expect("VmRSS")
-            * KIB
+        self.rss_kib() * KIB
     }
 
     /// The relay's `/metrics` text: on the tunnel port, or on the admin endpoint when it is on.
@@ -264,11 +215,10 @@ async fn memory_returns_after_a_flood_of_silent_websockets() {
     let closed = Instant::now();
     relay.await_metric("libtunnel_connections_open", 0, false).await;
     // Back within 20% of the baseline within 10 s of the close.
-    let mut after = relay.rss();
-    while after > base + base / 5 && closed.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        after = relay.rss();
-    }
+    let after = eventually_within(Duration::from_secs(10), "RSS back within 20% of the baseline", || async {
+        holds(relay.rss(), |r| *r <= base + base / 5).map_err(|r| format!("{} KiB, baseline {} KiB", r / KIB, base / KIB))
+    })
+    .await;
     eprintln!("{:.1} s after closing them: {} KiB (baseline {} KiB)", closed.elapsed().as_secs_f64(), after / KIB, base / KIB);
     assert!(after <= base + base / 5, "RSS {} KiB 10 s after the flood, baseline {} KiB", after / KIB, base / KIB);
 }
@@ -289,13 +239,7 @@ async fn stalled_public_uploads_cost_a_bounded_amount() {
     let listener =
         within(STEP, "listener", Listener::builder(&format!("ws://{}", relay.ws), Identity::generate()).backlog(1024).bind()).await.expect("bind");
     let name = listener.name();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let h = held.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            h.lock().expect("held").push(s);
-        }
-    });
+    let _held = hold_streams(listener);
     // The listener's session is the one connection open.
     let base = baseline(&relay, 1).await;
     const N: usize = 200;
@@ -408,16 +352,12 @@ async fn nine_sources_holding_requests_leave_room_for_a_tenth_and_their_memory_c
         }
     }
     // Every one of the 1,152 requests is either held or refused (503: over its source's share).
-    let t0 = Instant::now();
-    let (held, refused) = loop {
+    let (held, refused) = eventually_within(BULK, "every request to be held or refused", || async {
         let held = relay.metric_now("libtunnel_http_requests_open").await;
         let refused = relay.metric_now("libtunnel_refusals_total{reason=\"http_listener_requests\"}").await;
-        if held + refused == 9 * 128 {
-            break (held, refused);
-        }
-        assert!(t0.elapsed() < BULK, "{held} held + {refused} refused of {}", 9 * 128);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        holds((held, refused), |(h, r)| h + r == 9 * 128)
+    })
+    .await;
     let (rss, fds) = (relay.rss(), relay.fds());
     eprintln!("9 sources x 128 held POSTs: {held} held, {refused} refused (503); RSS {} -> {} KiB, fds {base_fds} -> {fds}", base / KIB, rss / KIB);
     assert!((768..1024).contains(&held), "{held} held: the last quarter stays free for others");
@@ -436,11 +376,10 @@ async fn nine_sources_holding_requests_leave_room_for_a_tenth_and_their_memory_c
     drop(attack);
     let closed = Instant::now();
     relay.await_metric("libtunnel_http_requests_open", 0, false).await;
-    let mut after = relay.rss();
-    while after > base + base / 5 && closed.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        after = relay.rss();
-    }
+    let after = eventually_within(Duration::from_secs(10), "RSS back within 20% of the baseline", || async {
+        holds(relay.rss(), |r| *r <= base + base / 5).map_err(|r| format!("{} KiB, baseline {} KiB", r / KIB, base / KIB))
+    })
+    .await;
     eprintln!("{:.1} s after they left: RSS {} KiB (baseline {} KiB), fds {}", closed.elapsed().as_secs_f64(), after / KIB, base / KIB, relay.fds());
     assert!(after <= base + base / 5, "RSS {} KiB 10 s after the flood, baseline {} KiB", after / KIB, base / KIB);
 }
@@ -513,17 +452,14 @@ async fn twenty_thousand_idle_admin_connections_cost_a_bounded_amount() {
     // The idle ones the relay holds are closed by its head deadline (5 s) while they stay open
     // here: the operator gets in again.
     let t0 = Instant::now();
-    loop {
+    eventually("the admin endpoint to answer /healthz again", || async {
         let mut s = TcpStream::connect(admin).await.expect("connect");
         s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").await.expect("request");
         let mut answer = Vec::new();
-        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut answer)).await;
-        if answer.starts_with(b"HTTP/1.1 200") {
-            break;
-        }
-        assert!(t0.elapsed() < STEP, "the admin endpoint stayed full");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let _ = s.read_to_end(&mut answer).await;
+        holds(String::from_utf8_lossy(&answer).into_owned(), |a| a.starts_with("HTTP/1.1 200"))
+    })
+    .await;
     eprintln!("the operator got in {:?} after the flood stopped", t0.elapsed());
     drop(idle);
     relay.await_metric("libtunnel_admin_connections_open", 0, false).await;

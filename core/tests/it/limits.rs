@@ -152,13 +152,7 @@ async fn public_requests_in_progress_are_bounded_per_source_and_per_listener() {
     // A listener that takes every stream and never answers: each request stays in progress.
     let listener = within(STEP, "listener", Listener::bind(relay.url(), Identity::generate())).await.expect("bind");
     let name = listener.name();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let h = held.clone();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            h.lock().expect("held").push(s);
-        }
-    });
+    let held = hold_streams(listener);
     let request = format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n");
     let send_from = |from: &'static str| {
         let request = request.clone();

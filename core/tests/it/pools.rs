@@ -32,14 +32,7 @@ async fn replica_server(id: usize) -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
+                let Some(head) = read_http_head(&mut s).await else { return };
                 if head.starts_with(b"GET /slow") {
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }

@@ -17,18 +17,17 @@ use libtunnel::transport::{self, Connected, RelayUrl};
 use libtunnel::{Dialer, ErrorCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::process::Child;
+use testkit::procs::RelayProcess;
 
-const STEP: Duration = Duration::from_secs(10);
-const MIB: usize = 1024 * 1024;
 
 /// A `tunnel server` process allowing `ports` on 127.0.0.1, with a 0.3 s / 1 s keepalive.
-struct RelayProc {
-    child: Child,
-    url: String,
-    addr: SocketAddr,
-    /// The public HTTP port, when one was asked for.
-    http: Option<SocketAddr>,
+struct RelayProc(RelayProcess);
+
+impl std::ops::Deref for RelayProc {
+    type Target = RelayProcess;
+    fn deref(&self) -> &RelayProcess {
+        &self.0
+    }
 }
 
 impl RelayProc {
@@ -37,62 +36,14 @@ impl RelayProc {
     }
 
     async fn start_with(ports: &[u16], env: &[(&str, &str)]) -> RelayProc {
-        let allow: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
-            .arg("server")
-            .env("TUNNEL_LISTEN", "127.0.0.1:0")
-            .env("TUNNEL_AUTH_KEYS", auth_keys_json())
-            .env("TUNNEL_ALLOW", format!("[{}]", allow.join(",")))
-            .env("TUNNEL_KEEPALIVE_INTERVAL", "0.3")
-            .env("TUNNEL_KEEPALIVE_TIMEOUT", "1")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start tunnel server");
-        let mut out = tokio::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let want_http = env.iter().any(|(k, _)| *k == "TUNNEL_HTTP_LISTEN");
-        let (url, http) = within(STEP, "the relay's address", async {
-            use tokio::io::AsyncBufReadExt;
-            let (mut url, mut http) = (None, None);
-            let mut line = String::new();
-            while url.is_none() || (want_http && http.is_none()) {
-                line.clear();
-                assert!(out.read_line(&mut line).await.expect("stdout") > 0, "the relay exited");
-                if let Some(u) = line.trim().strip_prefix("relay listening: ") {
-                    url = Some(u.to_string());
-                }
-                if let Some(h) = line.trim().strip_prefix("public http listening: http://") {
-                    http = Some(h.parse::<SocketAddr>().expect("public http address"));
-                }
-            }
-            (url.expect("url"), http)
-        })
-        .await;
-        let addr = url.trim_start_matches("ws://").trim_end_matches('/').parse().expect("a socket address in the URL");
-        RelayProc { child, url, addr, http }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("running")
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(std::process::Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("kill").success());
-    }
-
-    fn fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+        let allow = allow_json(ports);
+        let mut all = vec![("TUNNEL_ALLOW", allow.as_str()), ("TUNNEL_KEEPALIVE_INTERVAL", "0.3"), ("TUNNEL_KEEPALIVE_TIMEOUT", "1")];
+        all.extend_from_slice(env);
+        RelayProc(RelayProcess::start(&all).await)
     }
 
     async fn metric(&self, series: &str) -> i64 {
-        let (_, body) = http_get(self.addr, "/metrics").await;
+        let (_, body) = http_get(self.ws, "/metrics").await;
         metric(&body, series)
     }
 
@@ -420,12 +371,10 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
     let t = relay.settles_to(base_fds.saturating_sub(1), "the relay to free the frozen listener's session and its uploads").await;
     // The relay hands freed memory back to the system within a second or so of a burst of
     // closes (relay/memory.rs); wait for that, bounded.
-    let t1 = Instant::now();
-    let mut after_rss = relay.rss_kib();
-    while after_rss > base_rss + 8 * 1024 && t1.elapsed() < Duration::from_secs(5) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        after_rss = relay.rss_kib();
-    }
+    let after_rss = eventually_within(Duration::from_secs(5), "the relay's RSS back near its baseline", || async {
+        holds(relay.rss_kib(), |r| *r <= base_rss + 8 * 1024).map_err(|r| format!("{r} KiB, baseline {base_rss} KiB"))
+    })
+    .await;
     eprintln!(
         "frozen listener under 200 public uploads: all ended within {worst:?} ({answered} with a 502/504 answer, the rest reset); \
          relay RSS {base_rss} -> {loaded_rss} (loaded) -> {after_rss} KiB, fds {base_fds} -> {} after {t:?}",
