@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target for a bounded time, one after another, and prints executions and coverage
 # per target. Needs nightly and cargo-fuzz (`cargo install cargo-fuzz --locked`); CI does not run
-# this, it replays the committed corpus instead (core/tests/fuzz_regressions.rs).
+# this, it replays the committed corpus instead (core/tests/it/fuzz_regressions.rs).
 #
 #   FUZZ_SECONDS=60 fuzz/run.sh            # every target, 60 s each (the default)
 #   FUZZ_SECONDS=30 fuzz/run.sh socks5     # some targets

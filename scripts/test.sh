@@ -16,7 +16,7 @@ source scripts/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
 need_debs curl ca-certificates openssl redis-server haproxy
-# systemd-analyze verify of the relay's unit, with its man: link (core/tests/deploy_files.rs).
+# systemd-analyze verify of the relay's unit, with its man: link (core/tests/it/deploy_files.rs).
 need_debs systemd man-db procps
 
 # Tests that cannot run here append a line saying why.

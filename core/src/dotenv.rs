@@ -11,7 +11,7 @@
 //! - outside single quotes, `$NAME` / `${NAME}` take the value of a name set earlier in the same
 //!   file (empty when unknown), and `\$` is a literal `$`.
 //!
-//! `core/tests/emissary_interop.rs` runs godotenv itself (from Emissary's own module) on the same
+//! `core/tests/it/emissary_interop.rs` runs godotenv itself (from Emissary's own module) on the same
 //! files and compares the two results.
 
 use std::collections::HashMap;

@@ -11,15 +11,13 @@ use std::process::{Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use libtunnel::auth::KeySet;
-use libtunnel::egress::allowlist::Allowlist;
-use libtunnel::{Key, RelayConfig, Server, ServerHandle};
+use libtunnel::ServerHandle;
+use testkit::{allow_ports, auth_keys_json, closed_port, echo_server, key_string, relay_config, start_relay, KID};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 use tokio::process::Command;
 
-const KID: u32 = 5;
-const SECRET_B64: &str = "bGlidHVubmVsLWMtdGVzdHMtc2VjcmV0LTAxMjM0NTY3ODk="; // "libtunnel-c-tests-secret-0123456789"
+/// A secret the relay does not hold, under the test key's id.
 const WRONG_B64: &str = "bm90LXRoZS1yaWdodC1zZWNyZXQ=";
 /// Bound for one C program (valgrind is slow).
 const RUN: Duration = Duration::from_secs(180);
@@ -108,14 +106,6 @@ fn show(o: &Output) -> String {
     format!("status: {}\n--- stdout\n{}\n--- stderr\n{}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
-fn key() -> Key {
-    Key::parse(&format!("{KID}:{SECRET_B64}")).expect("valid key")
-}
-
-fn key_json() -> String {
-    format!(r#"[{{"kid":{KID},"data":"{SECRET_B64}"}}]"#)
-}
-
 /// 64-bit FNV-1a, as tests/c/check.h computes it.
 fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
@@ -123,22 +113,6 @@ fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x100000001b3);
     }
     h
-}
-
-/// Echoes what it reads; half-closes after the client's EOF.
-async fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 /// Reads until EOF, then answers `LEN FNVHEX\n` and closes.
@@ -169,16 +143,9 @@ async fn sink_server() -> SocketAddr {
 
 /// A relay on loopback that allows exactly `ports` on 127.0.0.1 and any listener key.
 async fn relay(ports: &[u16]) -> ServerHandle {
-    let rules: Vec<String> = ports.iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-    let allow = Allowlist::from_json(&format!("[{}]", rules.join(",")), "TUNNEL_ALLOW").expect("rules");
-    let mut cfg = RelayConfig::new(KeySet::new([key()]).expect("one key"), allow);
+    let mut cfg = relay_config(allow_ports(ports));
     cfg.listeners_open = true;
-    Server::bind(cfg).await.expect("relay binds").spawn()
-}
-
-/// A loopback port nobody listens on.
-async fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port()
+    start_relay(cfg).await
 }
 
 async fn client_suite(link: Link) {
@@ -191,11 +158,7 @@ async fn client_suite(link: Link) {
     let exit_key = dir.join("exit.pem");
     let exit_id = libtunnel::Identity::generate();
     exit_id.save(&exit_key).expect("write the exit key");
-    let rules: Vec<String> = [echo.port(), sink.port()].iter().map(|p| format!(r#"{{"host":"127.0.0.1","port":{p}}}"#)).collect();
-    let mut cfg = RelayConfig::new(
-        KeySet::new([key()]).expect("one key"),
-        Allowlist::from_json(&format!("[{}]", rules.join(",")), "TUNNEL_ALLOW").expect("rules"),
-    );
+    let mut cfg = relay_config(allow_ports(&[echo.port(), sink.port()]));
     cfg.listeners_open = true;
     cfg.exits = vec![libtunnel::config::ExitGrant { name: exit_id.name(), key_ids: vec![KID] }];
     relay.reload(&cfg).expect("reload with the exit grant");
@@ -203,7 +166,7 @@ async fn client_suite(link: Link) {
     let down = format!("ws://127.0.0.1:{}", closed_port().await);
     let mut cmd = Command::new(&exe);
     cmd.env("TEST_RELAY", relay.url())
-        .env("TEST_KEY", format!("{KID}:{SECRET_B64}"))
+        .env("TEST_KEY", key_string())
         .env("TEST_WRONG_KEY", format!("{KID}:{WRONG_B64}"))
         .env("TEST_ECHO", echo.to_string())
         .env("TEST_SINK", sink.to_string())
@@ -236,7 +199,7 @@ async fn embedded_relay_start_stop_100_times_shared_and_static() {
         let exe = dir.join("test_server");
         compile(&["tests/c/test_server.c"], &exe, link, true);
         let mut cmd = Command::new(&exe);
-        cmd.env("TEST_KEY_JSON", key_json()).env("TEST_KEY", format!("{KID}:{SECRET_B64}"));
+        cmd.env("TEST_KEY_JSON", auth_keys_json()).env("TEST_KEY", key_string());
         let o = run(cmd, "test_server").await;
         println!("{}", show(&o));
         assert!(o.status.success(), "test_server ({link:?}) failed:\n{}", show(&o));
@@ -254,7 +217,7 @@ fn valgrind(exe: &Path) -> Command {
 async fn start_relay_example(exe: &Path, echo: SocketAddr) -> (tokio::process::Child, String) {
     let mut cmd = valgrind(exe);
     cmd.arg("listen=127.0.0.1:0")
-        .arg(format!("auth_keys={}", key_json()))
+        .arg(format!("auth_keys={}", auth_keys_json()))
         .arg(format!(r#"allow=[{{"host":"127.0.0.1","port":{}}}]"#, echo.port()))
         .arg("listeners_open=true")
         .kill_on_drop(true)
@@ -271,7 +234,7 @@ async fn start_relay_example(exe: &Path, echo: SocketAddr) -> (tokio::process::C
 /// Run the dial example (under valgrind) with `input` on stdin; returns its output.
 async fn dial_example(exe: &Path, relay: &str, target: &str, input: &[u8]) -> Output {
     let mut cmd = valgrind(exe);
-    cmd.arg(target).env("TUNNEL_RELAY", relay).env("TUNNEL_KEY", format!("{KID}:{SECRET_B64}"));
+    cmd.arg(target).env("TUNNEL_RELAY", relay).env("TUNNEL_KEY", key_string());
     cmd.kill_on_drop(true).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run dial");
     let mut stdin = child.stdin.take().expect("stdin");
@@ -365,7 +328,7 @@ async fn make_install_then_pkg_config_build() {
 
     // Every C program of every README, built the same way and run as pasted (its placeholders
     // filled by scripts/readme_blocks.py, which finds the blocks): exit 0, nothing on stderr.
-    let key = format!("{KID}:{SECRET_B64}");
+    let key = key_string();
     let o = std::process::Command::new("python3")
         .arg(root().join("scripts/readme_blocks.py"))
         .args(["c".as_ref(), prefix.join("readme").as_os_str()])
@@ -394,7 +357,7 @@ async fn make_install_then_pkg_config_build() {
     }
 
     let mut cmd = Command::new(&exe);
-    cmd.arg(echo.to_string()).env("TUNNEL_RELAY", relay.url()).env("TUNNEL_KEY", format!("{KID}:{SECRET_B64}"));
+    cmd.arg(echo.to_string()).env("TUNNEL_RELAY", relay.url()).env("TUNNEL_KEY", key_string());
     cmd.kill_on_drop(true).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("run installed dial");
     let mut stdin = child.stdin.take().expect("stdin");
@@ -419,7 +382,7 @@ async fn e2e_dial_by_name_from_c() {
     dialer.save(&did).expect("write dialer key");
     let mut cmd = Command::new(&exe);
     cmd.env("TEST_RELAY", relay.url())
-        .env("TEST_KEY", format!("{KID}:{SECRET_B64}"))
+        .env("TEST_KEY", key_string())
         .env("TEST_LISTENER_ID", &lid)
         .env("TEST_DIALER_ID", &did)
         .env("TEST_DIALER_KEY", dialer.public_key_base64())
@@ -441,8 +404,8 @@ async fn state_callbacks_across_a_relay_restart_from_c() {
     let id = dir.join("listener.pem");
     libtunnel::Identity::generate().save(&id).expect("write the listener key");
     let mut cmd = Command::new(&exe);
-    cmd.env("TEST_KEY_JSON", key_json())
-        .env("TEST_KEY", format!("{KID}:{SECRET_B64}"))
+    cmd.env("TEST_KEY_JSON", auth_keys_json())
+        .env("TEST_KEY", key_string())
         .env("TEST_IDENTITY", &id)
         .env("TEST_ECHO", echo.to_string())
         .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");

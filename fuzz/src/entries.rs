@@ -1,5 +1,5 @@
 //! One function per fuzz target, each taking raw peer bytes. Shared by the cargo-fuzz targets
-//! (`fuzz/fuzz_targets/*.rs`) and the stable regression test `core/tests/fuzz_regressions.rs`,
+//! (`fuzz/fuzz_targets/*.rs`) and the stable regression test `core/tests/it/fuzz_regressions.rs`,
 //! which includes this file with `#[path]`, so it may use only `libtunnel` and the crates libtunnel
 //! itself depends on.
 //!

@@ -1,0 +1,1203 @@
+//! Several relays as one cluster on a real Redis, behind a real HAProxy, on loopback. A listener
+//! holds its name on one node; dials by name and public HTTP requests reach it through the other
+//! nodes (directly and through the load balancer), byte for byte; names stay exclusive across
+//! the cluster; a node killed with SIGKILL fails its streams on both ends and its listener is
+//! reachable again through the others; a Redis outage leaves local names working, fails remote
+//! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
+
+use testkit::cluster;
+use testkit::pki;
+use testkit::raw;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cluster::{Balancer, Node, Redis};
+use testkit::*;
+use http::{header, Request, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use libtunnel::{Dialer, ErrorCode, Identity, Listener};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The tests start several processes each: one at a time.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Serve a listener: dial streams are echoed (half-close passed on), HTTP streams get a hyper
+/// server that streams each request body back and answers `GET /x` with `x from NAME`.
+fn serve(listener: Arc<Listener>) {
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            let name = listener.name();
+            tokio::spawn(async move {
+                if peer.via == libtunnel::protocol::Via::Http {
+                    let client = peer.client.clone();
+                    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (name, client) = (name.clone(), client.clone());
+                        async move {
+                            let resp = if req.uri().path() == "/peer" {
+                                hyper::Response::new(full(client))
+                            } else if req.method() == http::Method::POST {
+                                hyper::Response::new(req.into_body().map_err(std::io::Error::other).boxed())
+                            } else {
+                                hyper::Response::new(full(format!("{} from {name}", req.uri().path())))
+                            };
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                } else {
+                    let (mut r, mut w) = tokio::io::split(stream);
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = w.shutdown().await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn dialer(url: &str) -> Dialer {
+    Dialer::new(url, key()).expect("dialer")
+}
+
+/// 64 MiB each way through a dial by name, half-closed, hashed at both ends.
+async fn dial_64_mib(via: &str, name: &str, seed: u64) {
+    let d = dialer(via);
+    let s = within(STEP, "dial by name", d.dial(&format!("{name}:0"))).await.unwrap_or_else(|e| panic!("dial {name} via {via}: {e}"));
+    let data = payload(64 * MIB, seed);
+    let got = within(BULK, "64 MiB echo", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data), "64 MiB through {via} came back unchanged");
+}
+
+/// POST 64 MiB to the listener through a public HTTP port; the body comes back streamed.
+async fn post_64_mib(http: std::net::SocketAddr, host: &str, seed: u64) {
+    let data = Bytes::from(payload(64 * MIB, seed));
+    let tcp = within(STEP, "connect to the public port", TcpStream::connect(http)).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tcp)).await.expect("handshake");
+    tokio::spawn(conn);
+    let chunks: Vec<Result<hyper::body::Frame<Bytes>, std::io::Error>> =
+        (0..data.len()).step_by(256 * 1024).map(|o| Ok(hyper::body::Frame::data(data.slice(o..(o + 256 * 1024).min(data.len()))))).collect();
+    let body = BodyExt::boxed(http_body_util::StreamBody::new(futures_util::stream::iter(chunks)));
+    let req = Request::post("/echo").header(header::HOST, host).body(body).expect("request");
+    let resp = within(BULK, "response head", sender.send_request(req)).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut h = Sha256::new();
+    let mut n = 0;
+    let mut body = resp.into_body();
+    while let Some(f) = within(BULK, "response body", body.frame()).await {
+        if let Ok(d) = f.expect("body frame").into_data() {
+            n += d.len();
+            h.update(&d);
+        }
+    }
+    assert_eq!(n, data.len());
+    assert_eq!(<[u8; 32]>::from(h.finalize()), sha256(&data), "the 64 MiB body through {http} came back unchanged");
+}
+
+/// `GET path` with `Host: host` on a fresh connection: (status, body).
+async fn get(http: std::net::SocketAddr, host: &str, path: &str) -> (u16, String) {
+    http_exchange(http, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await
+}
+
+async fn start_cluster(n: usize, extra: &[String]) -> (Redis, Vec<Node>) {
+    let redis = Redis::start(cluster::free_port().await).await;
+    let mut nodes = Vec::new();
+    for _ in 0..n {
+        nodes.push(Node::start(&redis.url(), extra).await);
+    }
+    (redis, nodes)
+}
+
+/// The node whose `/metrics` count the one listener (the count follows the registration's
+/// answer by a moment, so it is polled).
+async fn holder_of(nodes: &[Node]) -> usize {
+    eventually("a single node to report the listener", || async {
+        let mut holding = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            if n.metric("libtunnel_listeners_active").await == 1 {
+                holding.push(i);
+            }
+        }
+        match holding[..] {
+            [one] => Ok(one),
+            _ => Err(holding),
+        }
+    })
+    .await
+}
+
+/// Wait until `f` is true (within `limit`); returns the time it took.
+async fn until<F: std::future::Future<Output = bool>>(limit: Duration, what: &str, mut f: impl FnMut() -> F) -> Duration {
+    let t = Instant::now();
+    eventually_within(limit, what, || {
+        let check = f();
+        async move { holds(check.await, |ok| *ok) }
+    })
+    .await;
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dials_and_http_cross_nodes_directly_and_through_the_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Every request comes from 127.0.0.1 (and, through the balancer, from HAProxy's address):
+    // per-source limits sized for one source sending 1,000 at once (and a listener limit whose
+    // per-source share, 1/16 of it, is not reached by that one source).
+    let limits: Vec<String> = [
+        "http_max_requests_per_source=4096",
+        "http_max_requests_per_listener=4096",
+        "max_handshakes_per_source=4096",
+        "max_connections_per_source=4096",
+        // HAProxy names each client in a PROXY header (from 127.0.0.9; direct clients are 127.0.0.1).
+        "proxy_protocol_from=127.0.0.9",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (redis, nodes) = start_cluster(3, &limits).await;
+    let lb = Balancer::start_with(&nodes.iter().collect::<Vec<_>>(), true).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // A backlog for 1,000 requests at once (the default 128 answers the rest 503, by design).
+    let listener =
+        Arc::new(within(STEP, "bind on node A", Listener::builder(&a.url, Identity::generate()).backlog(1024).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let host = format!("{name}.localhost");
+
+    // Through the balancer the listener sees the client itself, not HAProxy (PROXY protocol).
+    for http in [lb.http, b.http] {
+        let mut s = within(STEP, "connect", TcpStream::connect(http)).await.expect("connect");
+        let me = s.local_addr().expect("local addr");
+        s.write_all(format!("GET /peer HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).await.expect("send");
+        let (status, body) = within(STEP, "response", read_http_response(&mut s)).await;
+        assert_eq!((status, body.as_str()), (200, me.to_string().as_str()), "the client address the listener sees through {http}");
+    }
+
+    dial_64_mib(&b.url, &name, 1).await;
+    dial_64_mib(&c.url, &name, 2).await;
+    dial_64_mib(&lb.url, &name, 3).await;
+    post_64_mib(b.http, &host, 4).await;
+    post_64_mib(c.http, &host, 5).await;
+    post_64_mib(lb.http, &host, 6).await;
+    assert!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await >= 2);
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 4);
+    assert_eq!(a.metric("libtunnel_cluster_claims").await, 1);
+
+    // 1,000 concurrent requests spread over the nodes (the balancer and each node directly).
+    let ports = [lb.http, b.http, c.http, a.http];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..1000 {
+        let (http, host) = (ports[i % ports.len()], host.clone());
+        tasks.spawn(async move { (i, get(http, &host, &format!("/r{i}")).await) });
+    }
+    let mut ok = 0;
+    while let Some(r) = within(BULK, "1,000 requests", tasks.join_next()).await {
+        let (i, (status, body)) = r.expect("task");
+        assert_eq!((status, body.as_str()), (200, format!("/r{i} from {name}").as_str()), "request {i}");
+        ok += 1;
+    }
+    assert_eq!(ok, 1000);
+
+    // End-to-end encryption across the hop: the dialer verifies the listener's key through B.
+    let secret = Arc::new(
+        within(STEP, "e2e listener on A", Listener::builder(&a.url, Identity::generate()).e2e(libtunnel::e2e::ListenerE2e::new()).bind())
+            .await
+            .expect("bind e2e"),
+    );
+    serve(secret.clone());
+    let d = Dialer::builder(&b.url).key(key()).e2e(libtunnel::e2e::DialerE2e::new()).build().expect("e2e dialer");
+    let s = within(STEP, "e2e dial via B", d.dial(&format!("{}:0", secret.name()))).await.expect("e2e dial across nodes");
+    assert!(s.is_e2e());
+    let data = payload(MIB, 9);
+    assert_eq!(within(BULK, "e2e echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data));
+    secret.close();
+
+    // An unknown name is offline everywhere, with the words of a relay of its own.
+    let e = dialer(&b.url).dial("nosuchname:0").await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::Unreachable, "{e}");
+    let (status, body) = get(c.http, "nosuchname.localhost", "/").await;
+    assert_eq!(status, 502, "{body}");
+    // Released names leave nothing behind in Redis.
+    assert_eq!(redis.count_keys("libtunnel:name:*").await, 1, "one name is held");
+    listener.close();
+    until(STEP, "the released name's key is gone from Redis", || async { redis.count_keys("libtunnel:name:*").await == 0 }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_exclusive_across_the_cluster() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (k1, k2) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"shared\"]}}, {{\"public_key\": \"{}\", \"names\": [\"shared\"]}}]",
+        k1.public_key_base64(),
+        k2.public_key_base64()
+    );
+    let (_redis, nodes) = start_cluster(3, &[grants]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let first = Arc::new(within(STEP, "k1 on A", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 registers"));
+    serve(first.clone());
+
+    // Another key, another node: NAME_TAKEN, naming the cluster.
+    let e = within(STEP, "k2 on C", Listener::builder(&c.url, k2.clone()).name("shared").bind()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.to_string().contains("another relay of the cluster"), "{e}");
+    // Still held by k1 on A, reachable through B.
+    let s = within(STEP, "dial shared via B", dialer(&b.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"still k1", true)).await.expect("echo"), sha256(b"still k1"));
+
+    // A stale registration of k1 on B (a process about to be replaced)...
+    let stale = |n: &[u8]| libtunnel::protocol::ListenHello { instance: vec![5; 16], ..raw::hello(&k1, n, "shared") };
+    let (_stale_ws, ack) = raw::raw_register(&b.url, stale).await;
+    assert!(ack.is_ok(), "the same key replaces A's listener: {ack:?}");
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let first = Arc::new(within(STEP, "k1 on A again", Listener::builder(&a.url, k1.clone()).name("shared").bind()).await.expect("k1 once more"));
+    serve(first.clone());
+    // ...that comes back (on another node) after the newer one replaced it: refused cluster-wide.
+    let (_again, ack) = raw::raw_register(&c.url, stale).await;
+    let e = ack.expect_err("a replaced instance may not take the name back on any node");
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert!(e.message().contains("newer registration"), "{e}");
+    let s = within(STEP, "dial shared via C", dialer(&c.url).dial("shared:0")).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"newer", true)).await.expect("echo"), sha256(b"newer"));
+
+    // The same key again on C (not a pool): the new registration wins cluster-wide, and A's
+    // listener is told why and stops.
+    let second = Arc::new(within(STEP, "k1 on C", Listener::builder(&c.url, k1.clone()).name("shared").bind()).await.expect("k1 again"));
+    let e = within(STEP, "A's listener is replaced", first.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    serve(second.clone());
+    for via in [&a.url, &b.url] {
+        let s = within(STEP, "dial shared", dialer(via).dial("shared:0")).await.expect("dial the new holder");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"k1 on C", true)).await.expect("echo"), sha256(b"k1 on C"));
+    }
+    second.close();
+    // Once released, the other key may take it.
+    until(STEP, "k2 registers once k1 left", || {
+        let (url, k2) = (b.url.clone(), k2.clone());
+        async move {
+            match Listener::builder(&url, k2).name("shared").bind().await {
+                Ok(l) => {
+                    l.close();
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+                    false
+                }
+            }
+        }
+    })
+    .await;
+
+    // Pools span nodes: both keys as replicas, on A and on C.
+    // (k2's listener above was just closed: its node releases the name a moment later.)
+    let p1 = eventually("pool k1 on A once the name is released", || async {
+        match Listener::builder(&a.url, k1.clone()).name("shared").pool(true).bind().await {
+            Ok(l) => Ok(Arc::new(l)),
+            Err(e) if e.code() == ErrorCode::NameTaken => Err(e),
+            Err(e) => panic!("pool 1: {e}"),
+        }
+    })
+    .await;
+    let p2 = Arc::new(within(STEP, "pool k2 on C", Listener::builder(&c.url, k2).name("shared").pool(true).bind()).await.expect("pool 2 joins"));
+    serve(p1.clone());
+    serve(p2.clone());
+    for i in 0..20u8 {
+        let s = within(STEP, "dial the pool via B", dialer(&b.url).dial("shared:0")).await.expect("dial pool");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[i; 100], true)).await.expect("echo"), sha256(&[i; 100]));
+    }
+    assert!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+    assert!(c.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_fails_its_streams_and_its_listener_comes_back_elsewhere() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // The listener knows one URL, the balancer's.
+    let listener = Arc::new(within(STEP, "bind through the balancer", Listener::bind(&lb.url, Identity::generate())).await.expect("bind"));
+    let name = listener.name();
+    let holder = holder_of(&nodes).await;
+    let other = (holder + 1) % 3;
+    let other_url = nodes[other].url.clone();
+
+    // A stream crossing other → holder, mid-transfer when the holder dies; the listener's end is
+    // served here, so what it sees can be checked too.
+    let dial = tokio::spawn({
+        let (url, name) = (other_url.clone(), name.clone());
+        async move { dialer(&url).dial(&format!("{name}:0")).await }
+    });
+    let (mut ls, _) = within(STEP, "the listener accepts", listener.accept()).await.expect("accept");
+    let mut s = within(STEP, "dial", dial).await.expect("task").expect("dial");
+    let mut buf = [0u8; 1000];
+    s.write_all(&[7u8; 1000]).await.expect("write");
+    ls.read_exact(&mut buf).await.expect("the listener reads");
+    ls.write_all(&buf).await.expect("the listener writes");
+    s.read_exact(&mut buf).await.expect("echoed before the kill");
+    nodes[holder].kill9().await;
+    let killed = Instant::now();
+    // The dialer's stream errors (never a clean EOF): reading it gives an error, not Ok(0).
+    let r = within(STEP, "the stream fails", async {
+        loop {
+            let _ = s.write_all(&[1u8; 1000]).await;
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(r.is_err(), "the cut-off stream must fail, not end cleanly: {r:?}");
+    let l = within(STEP, "the listener's stream fails", async {
+        loop {
+            match ls.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(l.is_err(), "the listener's end must fail too, not end cleanly: {l:?}");
+    serve(listener.clone());
+
+    // Reachable again through a surviving node: the listener reconnects through the balancer
+    // to a live node and claims its name there.
+    let back = until(Duration::from_secs(25), "the listener is reachable again", || {
+        let (url, name) = (other_url.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await?;
+                echo_roundtrip(s, b"again", true).await.map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            })
+            .await
+            {
+                Ok(Ok(h)) => h == sha256(b"again"),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let total = killed.elapsed();
+    println!(
+        "listener reachable again {:.2} s after the SIGKILL (first successful dial after {:.2} s of polling)",
+        total.as_secs_f64(),
+        back.as_secs_f64()
+    );
+    assert!(total < Duration::from_secs(25), "took {total:?}");
+    // Every request from now on succeeds, through every surviving node and the balancer.
+    let live: Vec<usize> = (0..3).filter(|i| *i != holder).collect();
+    for round in 0..10u8 {
+        for &i in &live {
+            let s = within(STEP, "dial after recovery", dialer(&nodes[i].url).dial(&format!("{name}:0"))).await.expect("no stale route");
+            assert_eq!(within(STEP, "echo", echo_roundtrip(s, &[round; 64], true)).await.expect("echo"), sha256(&[round; 64]));
+            let (status, body) = get(nodes[i].http, &format!("{name}.localhost"), "/after").await;
+            assert_eq!((status, body.as_str()), (200, format!("/after from {name}").as_str()));
+        }
+        let (status, _) = get(lb.http, &format!("{name}.localhost"), "/after").await;
+        assert_eq!(status, 200);
+    }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (mut redis, nodes) = start_cluster(2, &["cluster_ttl=3".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let la = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind a"));
+    let lb = Arc::new(within(STEP, "bind on B", Listener::bind(&b.url, Identity::generate())).await.expect("bind b"));
+    serve(la.clone());
+    serve(lb.clone());
+    let (na, nb) = (la.name(), lb.name());
+    let works = |url: String, name: String| async move {
+        let s = dialer(&url).dial(&format!("{name}:0")).await?;
+        echo_roundtrip(s, b"ping", true)
+            .await
+            .map_err(|e| libtunnel::Error::new(ErrorCode::Io, e.to_string()))
+            .map(|h| assert_eq!(h, sha256(b"ping")))
+    };
+    within(STEP, "remote before the outage", works(a.url.clone(), nb.clone())).await.expect("A reaches B's listener");
+
+    let port = redis.port;
+    redis.stop().await;
+    let outage = Instant::now();
+    // Local names keep working on each node; remote ones fail with the clear error.
+    let mut checks = 0;
+    while outage.elapsed() < Duration::from_secs(10) {
+        within(STEP, "local on A", works(a.url.clone(), na.clone())).await.expect("A's own listener works without Redis");
+        within(STEP, "local on B", works(b.url.clone(), nb.clone())).await.expect("B's own listener works without Redis");
+        let e = within(STEP, "remote on A", works(a.url.clone(), nb.clone())).await.unwrap_err();
+        assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+        assert!(e.to_string().contains("Redis"), "{e}");
+        let (status, body) = get(a.http, &format!("{nb}.localhost"), "/").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("Redis"), "{body}");
+        checks += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(checks >= 5);
+    // A listener that registers during the outage is held locally, and claimed when Redis returns.
+    let t = Instant::now();
+    let lc = Arc::new(within(STEP, "bind on A without Redis", Listener::bind(&a.url, Identity::generate())).await.expect("bind c"));
+    println!("registration without Redis took {:.2} s", t.elapsed().as_secs_f64());
+    serve(lc.clone());
+    let nc = lc.name();
+    within(STEP, "new local name on A", works(a.url.clone(), nc.clone())).await.expect("A serves a listener registered without Redis");
+
+    // Redis returns (empty: no persistence); the nodes announce and claim again by themselves.
+    let _redis = Redis::start(port).await;
+    let healed = until(Duration::from_secs(15), "remote names work again", || {
+        let (a, b, na, nb, nc) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone(), nc.clone());
+        async move {
+            let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb)).await.is_ok_and(|r| r.is_ok());
+            let ba = tokio::time::timeout(Duration::from_secs(2), works(b.clone(), na)).await.is_ok_and(|r| r.is_ok());
+            let bc = tokio::time::timeout(Duration::from_secs(2), works(b, nc)).await.is_ok_and(|r| r.is_ok());
+            ab && ba && bc
+        }
+    })
+    .await;
+    println!("remote names reachable again {:.2} s after Redis came back", healed.as_secs_f64());
+    la.close();
+    lb.close();
+    lc.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_with_several_relay_urls_fail_over_without_a_balancer() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, mut nodes) = start_cluster(2, &[]).await;
+    let urls = format!("{},{}", nodes[0].url, nodes[1].url);
+    let listener = Arc::new(within(STEP, "bind", Listener::bind(&urls, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let name = listener.name();
+    assert_eq!(holder_of(&nodes).await, 0, "the first URL is used while it answers");
+    let d = dialer(&urls);
+    let s = within(STEP, "dial", d.dial(&format!("{name}:0"))).await.expect("dial");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"one", true)).await.expect("echo"), sha256(b"one"));
+
+    nodes[0].kill9().await;
+    let t = until(Duration::from_secs(25), "dialer and listener move to the second relay", || {
+        let (d, name) = (d.clone(), name.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), d.dial(&format!("{name}:0"))).await {
+                Ok(Ok(s)) => tokio::time::timeout(Duration::from_secs(2), echo_roundtrip(s, b"two", true))
+                    .await
+                    .is_ok_and(|h| h.is_ok_and(|h| h == sha256(b"two"))),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    println!("several URLs: reachable through the second relay {:.2} s after the first was killed", t.as_secs_f64());
+    assert_eq!(holder_of(&nodes[1..]).await, 0, "the listener moved to the second relay");
+    assert_eq!(d.relay().trim_end_matches('/'), nodes[1].url.as_str());
+    listener.close();
+}
+
+#[tokio::test]
+async fn a_node_on_every_address_must_say_where_other_nodes_reach_it() {
+    let mut cfg = relay_config(allow_ports(&[1]));
+    cfg.listen = Some("0.0.0.0:0".parse().unwrap());
+    cfg.cluster = Some(libtunnel::config::ClusterConfig {
+        redis: "redis://127.0.0.1:1".into(),
+        redis_ca: None,
+        key: libtunnel::Key::parse(cluster::CLUSTER_KEY).unwrap(),
+        advertise: None,
+        claim_ttl: Duration::from_secs(10),
+        namespace: "t".into(),
+    });
+    let e = libtunnel::Server::bind(cfg.clone()).await.unwrap_err();
+    assert!(e.message().contains("TUNNEL_CLUSTER_ADVERTISE"), "{e}");
+    // With it, the node starts even though Redis is not there yet (it connects when it can).
+    cfg.cluster.as_mut().unwrap().advertise = Some("ws://10.0.0.5:7835".into());
+    let s = libtunnel::Server::bind(cfg).await.expect("binds without Redis");
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_tcp_port_is_served_by_every_node() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // Two nodes on one host: each binds public ports on its own loopback address, the same range.
+    let base = cluster::free_port().await;
+    let range = format!("tcp_ports={base}-{}", base + 3);
+    let redis = Redis::start(cluster::free_port().await).await;
+    let a = Node::start(&redis.url(), &[range.clone(), "tcp_ports_bind=127.0.0.2".into()]).await;
+    let b = Node::start(&redis.url(), &[range, "tcp_ports_bind=127.0.0.3".into()]).await;
+    let listener = Arc::new(
+        within(STEP, "bind with a TCP port on A", Listener::builder(&a.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind"),
+    );
+    serve(listener.clone());
+    let on_a: std::net::SocketAddr = listener.registration().tcp_addr.expect("a public TCP port").parse().expect("addr");
+    assert_eq!(on_a.ip().to_string(), "127.0.0.2");
+    let on_b = std::net::SocketAddr::from(([127, 0, 0, 3], on_a.port()));
+    // The same port on node B forwards to the listener on A (once B has read the port table).
+    until(STEP, "node B mirrors the port", || async move { TcpStream::connect(on_b).await.is_ok() }).await;
+    for addr in [on_a, on_b] {
+        let s = within(STEP, "connect", TcpStream::connect(addr)).await.expect("connect");
+        let data = payload(4 * MIB, u64::from(addr.port()));
+        assert_eq!(within(BULK, "echo", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data), "through {addr}");
+    }
+    // A second listener gets another port: no two listeners of the cluster share one.
+    let other = within(STEP, "bind with a TCP port on B", Listener::builder(&b.url, Identity::generate()).tcp_port(true).bind()).await.expect("bind");
+    let other_port: std::net::SocketAddr = other.registration().tcp_addr.expect("a port").parse().expect("addr");
+    assert_ne!(other_port.port(), on_a.port());
+    // The listener leaves: its port's mirror closes.
+    listener.close();
+    until(STEP, "node B closes the mirror", || async move { TcpStream::connect(on_b).await.is_err() }).await;
+    other.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_is_left_after_the_keepalive_window() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(3, &[]).await;
+    let lb = Balancer::start(&nodes.iter().collect::<Vec<_>>()).await;
+    // A node that stops without closing its sockets (SIGSTOP: no RST, its port still accepts) is
+    // noticed by the listener's keepalive; here tuned to 1 s / 3 s (default 10 s / 20 s).
+    let mux = libtunnel::MuxConfig { keepalive_interval: Duration::from_secs(1), keepalive_timeout: Duration::from_secs(3), ..Default::default() };
+    let listener = Arc::new(
+        within(
+            STEP,
+            "bind through the balancer",
+            Listener::builder(&lb.url, Identity::generate()).mux_config(mux).timeout(Duration::from_secs(2)).bind(),
+        )
+        .await
+        .expect("bind"),
+    );
+    serve(listener.clone());
+    let name = listener.name();
+    let holder = holder_of(&nodes).await;
+    let other = nodes[(holder + 1) % 3].url.clone();
+    let pid = nodes[holder].child.id().expect("pid") as i32;
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = Instant::now();
+    let back = until(Duration::from_secs(25), "the listener is reachable through a live node", || {
+        let (url, name) = (other.clone(), name.clone());
+        async move {
+            tokio::time::timeout(Duration::from_secs(2), async {
+                let s = dialer(&url).dial(&format!("{name}:0")).await.ok()?;
+                echo_roundtrip(s, b"thawed", true).await.ok()
+            })
+            .await
+            .ok()
+            .flatten()
+                == Some(sha256(b"thawed"))
+        }
+    })
+    .await;
+    println!("frozen node: the listener was reachable again after {:.2} s (keepalive 1 s / 3 s)", frozen.elapsed().as_secs_f64());
+    assert!(back < Duration::from_secs(25));
+    // The frozen node wakes up: it finds its claim replaced and routes nothing back to itself.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    for _ in 0..10 {
+        let s = within(STEP, "dial after the thaw", dialer(&nodes[holder].url).dial(&format!("{name}:0"))).await.expect("dial via the thawed node");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"x", true)).await.expect("echo"), sha256(b"x"));
+    }
+    listener.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_reach_redis_over_tls() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("libtunnel-redis-tls-{}", std::process::id()));
+    let pki = pki::make_pki(&dir, &["127.0.0.1", "localhost"]);
+    let redis = Redis::start_tls(cluster::free_port().await, &pki.cert, &pki.key, &pki.ca).await;
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = format!("cluster_redis_ca={}", pki.ca.display());
+    let a = Node::start(&url, std::slice::from_ref(&ca)).await;
+    let b = Node::start(&url, &[ca]).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::bind(&a.url, Identity::generate())).await.expect("bind"));
+    serve(listener.clone());
+    let s = within(STEP, "dial via B", dialer(&b.url).dial(&format!("{}:0", listener.name()))).await.expect("a remote name through a TLS Redis");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"tls", true)).await.expect("echo"), sha256(b"tls"));
+    // A node that does not trust the Redis certificate cannot use the cluster registry: its
+    // remote names fail with the error naming Redis, its own listeners still work.
+    let c = Node::start(&url, &[]).await;
+    let e = within(STEP, "dial via C", dialer(&c.url).dial(&format!("{}:0", listener.name()))).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.to_string().contains("Redis"), "{e}");
+    listener.close();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_listener_on_another_node_gets_its_requests_over_a_few_kept_connections() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind h2c on A", Listener::builder(&a.url, Identity::generate()).h2c(true).bind()).await.expect("bind"));
+    let name = listener.name();
+    let streams = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let (listener, streams) = (listener.clone(), streams.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                streams.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(full(format!("h2 {} {:?}", req.uri().path(), req.version()))))
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    let host = format!("{name}.localhost");
+    for i in 0..40 {
+        let (status, body) = get(b.http, &host, &format!("/g{i}")).await;
+        assert_eq!((status, body.as_str()), (200, format!("h2 /g{i} HTTP/2.0").as_str()), "request {i} through B");
+    }
+    let used = streams.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((1..=4).contains(&used), "40 requests through B took {used} HTTP/2 connections to the listener on A (kept: at most 4)");
+    listener.close();
+}
+
+/// How the [`FakeNode`] answers the real node that dials it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Fake {
+    /// An accepting answer with a made-up proof (it has no cluster key to make a real one).
+    ForgedAnswer,
+    /// Reflection: take a nonce from the real node at this URL, offer it to the dialing node as
+    /// its own, pass the dialing node's signed hello on to the real node and its answer back.
+    Reflect(String),
+}
+
+/// What the fake node saw on one connection from a real node.
+#[derive(Debug, Clone, Default)]
+struct FakeConn {
+    /// The real node's hello arrived.
+    hello: bool,
+    /// (Reflection) the answer of the node the hello was passed on to.
+    reflected: Option<Bytes>,
+    /// Frames the dialing node sent after the answer (a stream would start with one).
+    frames_after: usize,
+    /// The dialing node closed the connection after the answer.
+    closed: bool,
+}
+
+/// A "node" anyone with write access to the cluster's Redis can list: it speaks the relay
+/// protocol on raw TCP but has no cluster key.
+struct FakeNode {
+    url: String,
+    mode: Arc<std::sync::Mutex<Fake>>,
+    conns: Arc<std::sync::Mutex<Vec<FakeConn>>>,
+}
+
+/// The fake node's id in Redis.
+const FAKE_ID: &str = "fa4efa4efa4efa4e";
+
+impl FakeNode {
+    async fn start(mode: Fake) -> FakeNode {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("tcp://{}", l.local_addr().expect("addr"));
+        let (mode, conns) = (Arc::new(std::sync::Mutex::new(mode)), Arc::new(std::sync::Mutex::new(Vec::new())));
+        let (m, c) = (mode.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = l.accept().await {
+                let (mode, c) = (m.lock().unwrap().clone(), c.clone());
+                tokio::spawn(async move {
+                    let seen = fake_conn(sock, mode).await;
+                    c.lock().unwrap().push(seen);
+                });
+            }
+        });
+        FakeNode { url, mode, conns }
+    }
+
+    fn conns(&self) -> Vec<FakeConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// List it in Redis as the holder of `name` (what a write to Redis without the key can do).
+    async fn list_as_holder(&self, redis: &Redis, name: &str, owner_hex: &str) {
+        redis.cmd(&["SET", &format!("libtunnel:node:{FAKE_ID}"), &self.url]).await;
+        redis
+            .cmd(&[
+                "HSET",
+                &format!("libtunnel:name:{name}"),
+                "owner",
+                owner_hex,
+                "mode",
+                "",
+                &format!("n:{FAKE_ID}"),
+                "1",
+                &format!("i:{FAKE_ID}"),
+                "ab",
+            ])
+            .await;
+        redis.cmd(&["PUBLISH", "libtunnel:events", name]).await;
+    }
+}
+
+async fn fake_conn(mut sock: TcpStream, mode: Fake) -> FakeConn {
+    use futures_util::{SinkExt, StreamExt};
+    let mut seen = FakeConn::default();
+    // Reflection: the real node's nonce, from a connection of our own to it.
+    let mut real = None;
+    let nonce = match &mode {
+        Fake::ForgedAnswer => vec![0x5a; 32],
+        Fake::Reflect(url) => {
+            let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url.as_str()).expect("request");
+            req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(libtunnel::protocol::MUX_SUBPROTOCOL));
+            let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws to the real node");
+            let pre = raw::next_binary(&mut ws).await.expect("the real node's preamble");
+            let n = libtunnel::protocol::ServerConnect::decode_checked(&pre).expect("preamble");
+            real = Some(ws);
+            n
+        }
+    };
+    sock.write_all(&libtunnel::protocol::ServerConnect::new(&nonce).encode_bytes()).await.expect("preamble");
+    let mut magic = [0u8; 4];
+    if sock.read_exact(&mut magic).await.is_err() {
+        return seen;
+    }
+    let (mut source, mut sink) = libtunnel::transport::tcp_frames(Box::new(sock));
+    let Some(Ok(hello)) = within(STEP, "the dialing node's hello", source.next()).await else { return seen };
+    seen.hello = true;
+    let answer = match real.as_mut() {
+        Some(ws) => {
+            ws.send(tokio_tungstenite::tungstenite::Message::Binary(hello)).await.expect("pass the hello on");
+            let a = raw::next_binary(ws).await.unwrap_or_default();
+            seen.reflected = Some(a.clone());
+            a
+        }
+        None => {
+            let mut a = libtunnel::protocol::HelloAck { refusal: None }.encode().to_vec();
+            a.extend_from_slice(&[9u8; 36]);
+            a.into()
+        }
+    };
+    let _ = sink.send(answer).await;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(3), source.next()).await {
+            Ok(Some(Ok(_))) => seen.frames_after += 1,
+            Ok(_) => {
+                seen.closed = true;
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_cluster_key_gets_no_request_and_cannot_reflect_a_nonce() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // Reflection first: B dials the fake node, which hands B a nonce of A's and passes B's
+    // signed hello on to A, to be taken for a node there.
+    let fake = FakeNode::start(Fake::Reflect(a.url.clone())).await;
+    fake.list_as_holder(&redis, "victim", &"00".repeat(32)).await;
+    let (status, body) = get(b.http, "victim.localhost", "/secret").await;
+    assert!(status == 502 || status == 503, "a request for a name only the fake node holds is not served: {status} {body}");
+    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
+    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
+    let conns = fake.conns();
+    assert!(!conns.is_empty() && conns.iter().all(|c| c.hello), "B dialed the fake node: {conns:?}");
+    for c in &conns {
+        let refusal = libtunnel::protocol::HelloAck::decode(c.reflected.as_ref().expect("passed on")).expect("an answer").refusal;
+        let (code, msg) = refusal.expect("A refuses B's hello passed on by the fake node");
+        assert_eq!(code, ErrorCode::AuthFailed, "{msg}");
+        assert!(msg.contains("expected node"), "{msg}");
+        assert_eq!(c.frames_after, 0, "B sent nothing after the handshake: {c:?}");
+    }
+    assert!(a.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
+
+    // Then an accepting answer with a made-up proof: B refuses it and closes, no stream opened.
+    // (B dials a node whose handshake failed again only a second later: wait for that.)
+    *fake.mode.lock().unwrap() = Fake::ForgedAnswer;
+    let before = fake.conns().len();
+    until(STEP, "B dials the fake node again", || async {
+        let (status, body) = get(b.http, "victim.localhost", "/secret").await;
+        assert!(status == 502 || status == 503, "{status} {body}");
+        fake.conns().len() > before
+    })
+    .await;
+    let e = within(STEP, "dial by name", dialer(&b.url).dial("victim:0")).await.expect_err("no stream reaches the fake node");
+    assert!(matches!(e.code(), ErrorCode::Refused | ErrorCode::Unreachable), "{e}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let conns = fake.conns();
+    for c in &conns[before..] {
+        assert!(c.hello && c.closed && c.frames_after == 0, "B closed the session without a frame after the forged answer: {c:?}");
+    }
+    assert!(b.metric("libtunnel_cluster_node_auth_failures_total").await >= 1);
+    assert_eq!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_forward_to_an_exit_from_an_unproved_session_never_reaches_it() {
+    use futures_util::SinkExt;
+    use libtunnel::protocol::{ExitHeader, Frame, FrameKind};
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    let grant = format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}]}}]");
+    let (_redis, nodes) = start_cluster(1, &[grant]).await;
+    let a = &nodes[0];
+    // The target behind the exit counts every connection it gets.
+    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let target_addr = target.local_addr().expect("addr");
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = target.accept().await {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, target_addr.port());
+    let exit = within(STEP, "exit bind", Listener::builder(&a.url, exit_id).exit(allow(&rules)).bind()).await.expect("the exit registers");
+    // The exit works for a real dialer through the node.
+    let s = within(STEP, "dial via the exit", dialer(&a.url).dial_via(&target_addr.to_string(), &exit_name)).await.expect("dial via exit");
+    drop(s);
+    until(STEP, "the target saw the real dial", || {
+        let n = hits.load(std::sync::atomic::Ordering::SeqCst);
+        async move { n == 1 }
+    })
+    .await;
+
+    // Node-to-node hellos without the cluster key (a dialer's key instead, malformed, v1), each
+    // followed at once by a Forward of an ExitHeader and the CONNECT behind it.
+    let mut forward = vec![1u8, exit_name.len() as u8];
+    forward.extend_from_slice(exit_name.as_bytes());
+    let header = ExitHeader { kid: KID, client: "203.0.113.7:4444".into() }.encode();
+    forward.extend_from_slice(&(header.len() as u16).to_be_bytes());
+    forward.extend_from_slice(&header);
+    forward.extend_from_slice(&5000u32.to_be_bytes());
+    forward.extend_from_slice(&[5, 1, 0, 1, 127, 0, 0, 1]);
+    forward.extend_from_slice(&target_addr.port().to_be_bytes());
+    type MakeHello = Box<dyn Fn(&[u8]) -> Vec<u8>>;
+    let hellos: Vec<MakeHello> = vec![
+        // v1 (the dialer-only proof), made with a dialer key.
+        Box::new(|n: &[u8]| {
+            let (date, sig) = key().sign(n, std::time::SystemTime::now());
+            [&[b'C'][..], &libtunnel::protocol::Hello { date, sig }.encode()[..]].concat()
+        }),
+        // v2 with a made-up proof.
+        Box::new(|_: &[u8]| {
+            let mut b = vec![b'C', 2];
+            b.extend_from_slice(&[7u8; 32]);
+            b.push(16);
+            b.extend_from_slice(FAKE_ID.as_bytes());
+            b.push(16);
+            b.extend_from_slice(b"0000000000000000");
+            b.extend_from_slice(&(3u16).to_be_bytes());
+            b.extend_from_slice(b"x:1");
+            b.extend_from_slice(&9u32.to_be_bytes());
+            b.extend_from_slice(&[1u8; 32]);
+            b
+        }),
+    ];
+    for make in &hellos {
+        let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(a.url.as_str()).expect("request");
+        req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, http::HeaderValue::from_static(libtunnel::protocol::MUX_SUBPROTOCOL));
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("ws");
+        let pre = raw::next_binary(&mut ws).await.expect("preamble");
+        let nonce = libtunnel::protocol::ServerConnect::decode_checked(&pre).expect("nonce");
+        use tokio_tungstenite::tungstenite::Message;
+        ws.send(Message::Binary(make(&nonce).into())).await.expect("hello");
+        let _ = ws.send(Message::Binary(Frame::encode(FrameKind::Open, 1, &[]))).await;
+        let _ = ws.send(Message::Binary(Frame::encode(FrameKind::Data, 1, &forward))).await;
+        let answer = raw::next_binary(&mut ws).await.expect("an answer");
+        let (code, msg) = libtunnel::protocol::HelloAck::decode(&answer).expect("answer").refusal.expect("refused");
+        assert!(matches!(code, ErrorCode::AuthFailed | ErrorCode::Protocol), "{code:?} {msg}");
+        assert!(msg.contains("TUNNEL_CLUSTER_KEY") || msg.contains("same libtunnel version"), "the refusal names the fix: {msg}");
+        assert!(raw::next_binary(&mut ws).await.is_none(), "the node closes the session after refusing it");
+    }
+    // Give a stream that got through every chance to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1, "only the real dial reached the target");
+    let stats = exit.exit_stats().expect("stats");
+    assert_eq!((stats.connected, stats.not_allowed, stats.failed), (1, 0, 0), "only the real dial reached the exit: {stats:?}");
+    assert_eq!(a.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await, 0);
+    assert!(a.metric("libtunnel_cluster_node_auth_failures_total").await >= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_rate_holds_whichever_node_requests_enter() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &["http_listener_rate=5/60".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    serve(listener.clone());
+    let host = format!("{}.localhost", listener.name());
+    let mut statuses = Vec::new();
+    // Most through the node that does not hold the listener, which alone counted none before.
+    for i in 0..12 {
+        let via = if i % 3 == 2 { a.http } else { b.http };
+        statuses.push(get(via, &host, "/x").await.0);
+    }
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(ok, 5, "5 requests per 60 s for the listener in all, across both nodes: {statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 429), "{statuses:?}");
+    assert!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"out\"}").await >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_redis_does_not_end_a_listener() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (redis, nodes) = start_cluster(2, &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let id = Identity::generate();
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, id.clone()).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let key = format!("libtunnel:name:{name}");
+    let fields = redis.cmd(&["HKEYS", &key]).await;
+    let a_id = fields.iter().find_map(|f| f.strip_prefix("n:")).expect("A's holder entry").to_string();
+    let owner = redis.cmd(&["HGET", &key, "owner"]).await.remove(0);
+    let reachable_via_b = || {
+        let (url, name) = (b.url.clone(), name.clone());
+        async move {
+            match dialer(&url).dial(&format!("{name}:0")).await {
+                Ok(s) => matches!(echo_roundtrip(s, b"still here", true).await, Ok(h) if h == sha256(b"still here")),
+                Err(_) => false,
+            }
+        }
+    };
+
+    // The holder entry deleted (and the change announced): A claims the name again.
+    redis.cmd(&["DEL", &key]).await;
+    redis.cmd(&["PUBLISH", "libtunnel:events", &name]).await;
+    let took = until(STEP, "reachable through B after the holder entry was deleted", reachable_via_b).await;
+    eprintln!("reachable again through B {took:?} after the holder entry was deleted");
+
+    // A's entry replaced by a node without the cluster key, "holding" it for the same key: A
+    // asks that node, which cannot prove the key; A removes it and keeps its listener.
+    let fake = FakeNode::start(Fake::ForgedAnswer).await;
+    redis.cmd(&["HDEL", &key, &format!("n:{a_id}"), &format!("i:{a_id}")]).await;
+    let t = Instant::now();
+    fake.list_as_holder(&redis, &name, &owner).await;
+    until(STEP, "A removes the forged holder and claims the name again", || {
+        let (redis, key, a_id) = (&redis, key.clone(), a_id.clone());
+        async move {
+            let fields = redis.cmd(&["HKEYS", &key]).await;
+            fields.contains(&format!("n:{a_id}")) && !fields.contains(&format!("n:{FAKE_ID}"))
+        }
+    })
+    .await;
+    until(STEP, "reachable through B after a forged holder", reachable_via_b).await;
+    eprintln!("reachable again through B {:?} after a forged holder entry", t.elapsed());
+    assert!(a.metric("libtunnel_cluster_claims_disproved_total").await >= 1);
+    assert!(fake.conns().iter().all(|c| c.frames_after == 0), "the fake node got no stream: {:?}", fake.conns());
+    // The listener never stopped: it still serves through its own node.
+    let s = within(STEP, "dial on A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("A still has the listener");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"direct", true)).await.expect("echo"), sha256(b"direct"));
+    assert_eq!(a.metric("libtunnel_listeners_active").await, 1);
+
+    // Redis's owner field rewritten to another key: the same key registering again on B still
+    // replaces A's listener, as it would without the write (A's node confirms it holds the name,
+    // but for this very key).
+    redis.cmd(&["HSET", &key, "owner", &"11".repeat(32)]).await;
+    let second = Arc::new(within(STEP, "the same key on B", Listener::builder(&b.url, id).bind()).await.expect("the same key replaces"));
+    serve(second.clone());
+    let e = within(STEP, "A's listener is replaced", listener.accept()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    let s = within(STEP, "dial via A", dialer(&a.url).dial(&format!("{name}:0"))).await.expect("reaches the listener on B");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"on B", true)).await.expect("echo"), sha256(b"on B"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_progress_for_a_listener_are_counted_where_it_is_held() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (_redis, nodes) = start_cluster(2, &["http_max_requests_per_listener=2".to_string()]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, Identity::generate()).bind()).await.expect("bind"));
+    serve(listener.clone());
+    let host = format!("{}.localhost", listener.name());
+    // Two uploads in progress through B (the listener streams each body back as it comes, so
+    // the response has begun but not ended).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = within(STEP, "connect to B", TcpStream::connect(b.http)).await.expect("connect");
+        s.write_all(format!("POST /hold HTTP/1.1\r\nHost: {host}\r\nContent-Length: 1000\r\n\r\nx").as_bytes()).await.expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            within(STEP, "response head", s.read_exact(&mut byte)).await.expect("head");
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+        held.push(s);
+    }
+    // The listener's two places are taken on A, whichever node the next request enters.
+    for via in [a.http, b.http] {
+        let (status, body) = get(via, &host, "/x").await;
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("http_max_requests_per_listener = 2"), "{body}");
+    }
+    // Once the uploads end (the clients go away), the places come back.
+    drop(held);
+    until(STEP, "the places are given back", || async { get(b.http, &host, "/x").await.0 == 200 }).await;
+    assert_eq!(get(a.http, &host, "/x").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_holding_an_exit_checks_the_grant_itself() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    use base64::Engine;
+    let other = libtunnel::Key::new(4, b"another-dialer-secret-0123456789".to_vec()).expect("key");
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    let redis = Redis::start(cluster::free_port().await).await;
+    // A holds the exit and grants it to KID only; B (wrongly, or by an attacker's hand) also
+    // grants it to key 4.
+    let a = Node::start(&redis.url(), &[format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}]}}]")]).await;
+    let keys = format!(
+        r#"auth_keys=[{{"kid":{KID},"data":"{}"}},{{"kid":4,"data":"{}"}}]"#,
+        base64::engine::general_purpose::STANDARD.encode(SECRET),
+        base64::engine::general_purpose::STANDARD.encode(other.secret())
+    );
+    let b = Node::start(&redis.url(), &[keys, format!("exits=[{{\"name\": \"{exit_name}\", \"key_ids\": [{KID}, 4]}}]")]).await;
+    let target = echo_server().await;
+    let rules = format!(r#"[{{"host":"127.0.0.1","port":{}}}]"#, target.port());
+    let exit = within(STEP, "exit bind on A", Listener::builder(&a.url, exit_id).exit(allow(&rules)).bind()).await.expect("the exit registers");
+    // A key both grant: through B to the exit on A.
+    let s = within(STEP, "dial via the exit through B", dialer(&b.url).dial_via(&target.to_string(), &exit_name)).await.expect("granted");
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, b"granted", true)).await.expect("echo"), sha256(b"granted"));
+    // Key 4: B lets it through, A refuses it.
+    let d = Dialer::builder(&b.url).key(other).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "dial via the exit with key 4", d.dial_via(&target.to_string(), &exit_name)).await.expect_err("A's grant decides");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    let stats = exit.exit_stats().expect("stats");
+    assert_eq!(stats.connected, 1, "only the granted stream reached the exit: {stats:?}");
+}
+
+/// Redis `INFO commandstats`: calls of `cmd` since the last `CONFIG RESETSTAT`.
+async fn redis_calls(redis: &Redis, cmd: &str) -> u64 {
+    let info = redis.cmd(&["INFO", "commandstats"]).await.join("\n");
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_names_cost_redis_one_refresh_per_node_and_a_dead_nodes_names_are_collected() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // cluster_ttl = 1 s: each node refreshes every 1/3 s.
+    let (redis, mut nodes) = start_cluster(2, &["cluster_ttl=1".to_string()]).await;
+    const N: usize = 50;
+    let mut listeners = Vec::new();
+    for _ in 0..N {
+        listeners.push(Arc::new(within(STEP, "bind on A", Listener::bind(&nodes[0].url, Identity::generate())).await.expect("bind")));
+    }
+    let probe = listeners[0].clone();
+    let name = probe.name();
+    serve(probe.clone());
+    until(STEP, "node A claims every name", || async { nodes[0].metric("libtunnel_cluster_claims").await == N as i64 }).await;
+
+    // Holding the names: over 3 s (9 refresh ticks per node), Redis runs a fixed number of
+    // scripts per node and tick (announce, collect), none per name. Refreshing each name would
+    // be N × 9 = 450 script calls from node A alone.
+    let _ = redis.cmd(&["CONFIG", "RESETSTAT"]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let scripts = redis_calls(&redis, "evalsha").await + redis_calls(&redis, "eval").await;
+    println!("{N} names held for 3 s with cluster_ttl=1: {scripts} script calls in all (2 nodes)");
+    assert!(scripts <= 2 * 2 * 12, "{scripts} script calls in 3 s: the refresh must not grow with the names held");
+    // Three TTLs without a per-name refresh: the names still resolve through node B.
+    let (status, body) = get(nodes[1].http, &format!("{name}.localhost"), "/held").await;
+    assert_eq!((status, body.as_str()), (200, format!("/held from {name}").as_str()));
+
+    // Node A dies (its listeners know only A's URL, so they stay away): B collects every name A
+    // held within the TTL and a few ticks, and forgets A.
+    nodes[0].kill9().await;
+    let took = until(Duration::from_secs(10), "B collects the dead node's names", || async {
+        redis.count_keys("libtunnel:name:*").await == 0 && redis.count_keys("libtunnel:held:*").await == 0
+    })
+    .await;
+    println!("a dead node's {N} names collected {:.2} s after its SIGKILL (cluster_ttl=1)", took.as_secs_f64());
+    let left = redis.cmd(&["SMEMBERS", "libtunnel:nodes"]).await;
+    assert_eq!(left.len(), 1, "only the live node stays listed: {left:?}");
+    // And the dead node's name now answers as offline, not as a route to a dead node.
+    let (status, body) = get(nodes[1].http, &format!("{name}.localhost"), "/gone").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("is online"), "{body}");
+    for l in &listeners {
+        l.close();
+    }
+}
