@@ -8,7 +8,7 @@
 //! ([`super::RelayConfig::from_sources`]), [`Limits::default`] and [`Limits::clamped`] (and through
 //! them [`crate::mux::MuxConfig`]'s defaults), `tunnel server --set help` ([`help_table`]), the
 //! admin endpoint's `/config` ([`super::RelayConfig::settings_json`]), `deploy/relay.env.example`
-//! ([`env_example`]) and `docs/reference/settings.md` ([`reference_page`]); `core/tests/deploy_files.rs`
+//! ([`env_example`]) and `docs/reference/settings.md` ([`reference_page`]); `core/tests/it/deploy_files.rs`
 //! fails when a generated file is stale (`LIBTUNNEL_REGENERATE=1` rewrites them).
 //!
 //! A new setting is one row here, plus the code that uses its value.
@@ -797,8 +797,8 @@ pub fn env_example() -> String {
         "# Every setting of `tunnel server`, with its default. Copy to /etc/libtunnel/relay.env (the\n\
          # systemd unit reads it) or to ./.env beside the relay, and uncomment what you change.\n\
          # Each TUNNEL_X is also `x` in a TOML --config file and `--set x=VALUE` on the command line.\n\
-         # Generated from the settings table (core/src/config/settings.rs); core/tests/deploy_files.rs\n\
-         # fails when it is stale: LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files\n",
+         # Generated from the settings table (core/src/config/settings.rs); core/tests/it/deploy_files.rs\n\
+         # fails when it is stale: LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --features cli --test it deploy_files::\n",
     );
     for (g, rows) in groups() {
         out.push_str(&format!("\n# --- {}\n", g.title()));
@@ -820,8 +820,8 @@ pub fn env_example() -> String {
 pub fn reference_page() -> String {
     let mut out = String::from(
         "# Relay settings\n\n\
-         <!-- Generated from core/src/config/settings.rs; core/tests/deploy_files.rs fails when it is stale:\n     \
-         LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files -->\n\n\
+         <!-- Generated from core/src/config/settings.rs; core/tests/it/deploy_files.rs fails when it is stale:\n     \
+         LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --features cli --test it deploy_files:: -->\n\n\
          Every setting of `tunnel server` (and of the relay embedded in C, Python and Node). Each is set, lowest\n\
          precedence first, as `name` in a TOML `--config` file, as `TUNNEL_NAME` in `./.env`, as `TUNNEL_NAME` in the\n\
          environment (or its Emissary name where one is listed), or as `--set name=VALUE`. `tunnel server --set help`\n\

@@ -20,7 +20,7 @@ fn with(extra: &[(&str, &str)]) -> String {
     format!("{:?}", RelayConfig::from_sources(None, &[], &env, &[]).unwrap_or_else(|e| panic!("{extra:?}: {e}")))
 }
 
-/// `LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files` rewrites them.
+/// `LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --features cli --test it deploy_files::` rewrites them.
 #[test]
 fn the_files_generated_from_the_settings_table_are_current() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -35,7 +35,7 @@ fn the_files_generated_from_the_settings_table_are_current() {
         assert!(
             now == text,
             "{path} is stale: the settings table (core/src/config/settings.rs) changed; regenerate it with \
-             LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --test deploy_files"
+             LIBTUNNEL_REGENERATE=1 cargo test -p libtunnel --features cli --test it deploy_files::"
         );
     }
 }
@@ -148,13 +148,13 @@ fn the_systemd_unit_verifies() {
 // metrics.md from the Prometheus series the relay's source writes (`# HELP` lines and the
 // `counter(name, help, kind, …)` calls, wherever they are under core/src), cli.md from the
 // `--help` of `tunnel` and each subcommand. The test fails when a checked-in page differs;
-// `UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test deploy_files reference` rewrites them.
+// `UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test it deploy_files::reference` rewrites them.
 
 fn core_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-const GENERATED: &str = "<!-- generated from the code by core/tests/deploy_files.rs (reference pages); do not edit: run\n     UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test deploy_files reference -->\n";
+const GENERATED: &str = "<!-- generated from the code by core/tests/it/deploy_files.rs (reference pages); do not edit: run\n     UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test it deploy_files::reference -->\n";
 
 /// The `///` lines right above `Variant = N,` in error.rs, joined.
 fn variant_docs(source: &str) -> Vec<(u32, String)> {
@@ -315,7 +315,7 @@ fn reference_pages_are_up_to_date() {
     }
     assert!(
         stale.is_empty(),
-        "docs/reference/{{{}}} differ from what the code generates: run\n  UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test deploy_files reference\nand commit the result",
+        "docs/reference/{{{}}} differ from what the code generates: run\n  UPDATE_DOCS=1 cargo test -p libtunnel --features cli --test it deploy_files::reference\nand commit the result",
         stale.join(",")
     );
 }

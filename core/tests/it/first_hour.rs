@@ -92,7 +92,7 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
     // E2E_REFUSED as well, after the listener's 2 s wait for a handshake, not CLOSED after 10 s.
     let started = std::time::Instant::now();
     let mut cmd = tunnel(&dir, &["dial", &format!("{e2e_name}:0")]);
-    cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", client_key()).stdin(Stdio::piped());
+    cmd.env("TUNNEL_RELAY", &url).env("TUNNEL_KEY", key_string()).stdin(Stdio::piped());
     let mut child = cmd.spawn().expect("start tunnel dial");
     let stdin = child.stdin.take(); // held open, nothing written
     let out = within(Duration::from_secs(30), "silent tunnel dial", child.wait_with_output()).await.expect("tunnel dial");

@@ -122,7 +122,23 @@ impl hyper::body::Body for Big {
 struct Setup {
     relay: ServerHandle,
     pki: Pki,
-    dir: PathBuf,
+    dir: ScratchDir,
+}
+
+/// A scratch directory (certificates, 10 MiB transfer files) removed when the test ends.
+struct ScratchDir(PathBuf);
+
+impl std::ops::Deref for ScratchDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 async fn setup(tag: &str, tweak: impl FnOnce(&mut libtunnel::RelayConfig)) -> Setup {
@@ -137,7 +153,7 @@ async fn setup(tag: &str, tweak: impl FnOnce(&mut libtunnel::RelayConfig)) -> Se
     cfg.public_tls_cert = vec![pki.cert.clone()];
     cfg.public_tls_key = vec![pki.key.clone()];
     tweak(&mut cfg);
-    Setup { relay: start_relay(cfg).await, pki, dir }
+    Setup { relay: start_relay(cfg).await, pki, dir: ScratchDir(dir) }
 }
 
 /// Register a listener (HTTP/1.1, h2c or TLS passthrough) serving `to`; its name.
