@@ -240,6 +240,7 @@ impl ListenerBuilder {
             instance: rand::random(),
             events: Arc::new(EventHub::new()),
             retiring: CancellationToken::new(),
+            draining: CancellationToken::new(),
         });
         let (session, reg) = register(&cfg).await?;
         cfg.events.connected(cfg.relays.current().url.as_str(), Some(&reg.name));
@@ -254,7 +255,7 @@ impl ListenerBuilder {
             cancel,
             current,
             ended,
-            draining: CancellationToken::new(),
+            draining: cfg.draining.clone(),
             retiring: cfg.retiring.clone(),
             exit: cfg.exit.clone(),
             events: cfg.events.clone(),
@@ -269,6 +270,9 @@ struct Config {
     /// Cancelled by [`Listener::retire`]: from then on a stream the relay offers is refused before
     /// it is accepted, so the relay moves it to another replica of the pool.
     retiring: CancellationToken,
+    /// Cancelled by [`Listener::shutdown`]: the session it drains ends by our own wish, so the
+    /// supervisor neither reports a lost session nor reconnects.
+    draining: CancellationToken,
     name: String,
     builder: ListenerBuilder,
     e2e: Option<Accepting>,
@@ -559,6 +563,9 @@ async fn supervise(
                 return;
             }
             _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref(), &cfg.retiring) => {}
+        }
+        if cfg.draining.is_cancelled() {
+            return; // Listener::shutdown drained this session and closes the listener next
         }
         let reason = session.close_reason();
         if let Some(e) = reason.as_ref().filter(|e| e.code().is_final()) {

@@ -223,7 +223,7 @@ impl Connection {
         SessionStats { streams: self.live, buffered: self.buffered, granted: self.granted, queued: self.queued_total, rtt: self.rtt.get() }
     }
 
-    /// Check the memory bounds the README states; `Err` names the one broken (tests and fuzzing).
+    /// Check the memory bounds docs/design/sessions.md states; `Err` names the one broken (tests and fuzzing).
     pub fn check_bounds(&self) -> Result<(), String> {
         let held = self.streams.len();
         let recv_bound = self.cfg.receive_budget + held * WINDOW as usize;

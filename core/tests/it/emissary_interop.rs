@@ -20,6 +20,7 @@
 //! interface, as Emissary does, but only 127.0.0.1 is dialled), and every wait is bounded.
 
 use testkit::dns;
+use testkit::init_tracing; // RUST_LOG=libtunnel=debug shows the in-process relay's and dialer's logs
 
 use std::io;
 use std::net::SocketAddr;
@@ -327,11 +328,6 @@ impl Checks {
     fn finish(self, what: &str) {
         assert!(self.failed.is_empty(), "{what}: {} check(s) failed:\n- {}", self.failed.len(), self.failed.join("\n- "));
     }
-}
-
-/// `RUST_LOG=libtunnel=debug` shows the in-process relay's and dialer's logs.
-fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -253,6 +253,15 @@ async fn dial_via_an_exit_and_a_pool_replica_says_when_it_drains() {
     assert!(draining.contains("retired from the pool"), "{draining}");
     let _ = replica.line("exited: ").await;
     assert!(replica.exit(STEP).await.success(), "{}", replica.stderr());
+    assert!(!replica.stderr().contains("WARN"), "a drained replica logs no warning:\n{}", replica.stderr());
+    // A plain listener stopped with Ctrl-C neither warns of a lost session nor reconnects.
+    for _ in 0..3 {
+        let (mut plain, _) = listen(&dir, &url, &["--to", &echo.to_string()]).await;
+        let _ = plain.line("forwarding to: ").await;
+        plain.signal("INT");
+        assert!(plain.exit(STEP).await.success(), "{}", plain.stderr());
+        assert!(!plain.stderr().contains("WARN"), "Ctrl-C logs no warning:\n{}", plain.stderr());
+    }
     // The relay saw a session closed on purpose, not a failed transport.
     let ended = relay
         .stderr_line("the relay's log of the replica's end", |l| {

@@ -3,15 +3,15 @@
 //! (idle TCP, a slowloris request head, an upgraded WebSocket that never authenticates), that
 //! the memory of 2,000 such WebSockets comes back once they close, and that stalled public HTTP
 //! uploads to a listener that never reads cost a bounded amount while the relay keeps answering.
-//! Every figure is printed (`--nocapture`) for the README.
+//! Every figure is printed (`--nocapture`) for bench/README.md.
 
 use testkit::h2raw;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use testkit::*;
 use libtunnel::{Identity, Listener};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

@@ -21,7 +21,6 @@ mod fuzz_regressions;
 mod limits;
 mod listener;
 mod listener_cli;
-mod logs;
 mod pools;
 mod public_https;
 mod session_faults;

@@ -3,13 +3,12 @@
 //! shared secret (raw and base64) and the listener's private key. Its own test binary, because it
 //! installs the process-wide tracing subscriber.
 
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use testkit::*;
 use libtunnel::{Dialer, Identity, Key, Listener, Mode};
+use testkit::*;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
