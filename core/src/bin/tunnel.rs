@@ -140,6 +140,11 @@ enum Cmd {
         /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Reach the relay through this proxy: http://[user:pass@]host:port (CONNECT), https://…
+        /// (TLS to the proxy), socks5://… (remote DNS), or `none` for a direct connection (default
+        /// $TUNNEL_PROXY, else $HTTPS_PROXY / $HTTP_PROXY / $ALL_PROXY with $NO_PROXY, as curl).
+        #[arg(long, value_name = "URL|none")]
+        proxy: Option<String>,
         /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
         /// stream and refuse plaintext ones, so the relay sees only ciphertext.
         #[arg(long)]
@@ -206,6 +211,11 @@ struct ClientArgs {
     /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Reach the relay through this proxy: http://[user:pass@]host:port (CONNECT), https://…
+    /// (TLS to the proxy), socks5://… (remote DNS), or `none` for a direct connection (default
+    /// $TUNNEL_PROXY, else $HTTPS_PROXY / $HTTP_PROXY / $ALL_PROXY with $NO_PROXY, as curl).
+    #[arg(long, value_name = "URL|none")]
+    proxy: Option<String>,
     /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
     /// must prove the name dialed, so the relay can neither read nor impersonate).
     #[arg(long)]
@@ -220,20 +230,26 @@ struct ClientArgs {
     e2e_identity: Option<PathBuf>,
 }
 
+/// `--proxy URL|none`; a bad URL is named by its flag (never echoed: it may hold a password).
+fn proxy_flag(text: &str) -> Result<libtunnel::client::Proxy, Error> {
+    libtunnel::client::Proxy::parse(text).map_err(|e| Error::new(e.code(), format!("--proxy: {}", e.message())))
+}
+
 impl ClientArgs {
-    fn options(&self) -> ClientOptions {
-        ClientOptions {
+    fn options(&self) -> Result<ClientOptions, Error> {
+        Ok(ClientOptions {
             relay: self.relay.clone(),
             key: self.key.clone(),
             ca: self.ca.clone(),
             timeout: self.timeout,
             mode: self.classic.then_some(Mode::Classic),
+            proxy: self.proxy.as_deref().map(proxy_flag).transpose()?,
             ..ClientOptions::default()
-        }
+        })
     }
 
     fn dialer(&self) -> Result<Dialer, Error> {
-        let config = self.options().resolve(ClientRole::Dialer)?;
+        let config = self.options()?.resolve(ClientRole::Dialer)?;
         if !self.e2e {
             return config.dialer();
         }
@@ -457,8 +473,9 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, e2e, allow_peer } => {
-            let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, proxy, e2e, allow_peer } => {
+            let proxy = proxy.as_deref().map(proxy_flag).transpose()?;
+            let options = ClientOptions { relay, key, ca, timeout, proxy, ..ClientOptions::default() };
             let mut b =
                 options.resolve(ClientRole::Listener)?.listener_builder()?.tcp_port(tcp_port).pool(pool).h2c(h2c).tls_passthrough(tls_passthrough);
             if let (true, Some(rules)) = (exit, &allow) {
