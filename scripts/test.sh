@@ -18,6 +18,9 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust from https:
 need_debs curl ca-certificates openssl redis-server haproxy
 # systemd-analyze verify of the relay's unit, with its man: link (core/tests/deploy_files.rs).
 need_debs systemd man-db procps
+# Upstream proxies in front of the relay (core/tests/client_config.rs): squid (HTTP CONNECT with
+# Basic auth, and HTTPS), microsocks (SOCKS5 with a password).
+need_debs squid microsocks
 
 # Tests that cannot run here append a line saying why.
 export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"

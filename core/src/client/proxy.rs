@@ -378,9 +378,9 @@ async fn http_connect(mut io: BoxIo, proxy: &ProxyUrl, relay: &RelayUrl) -> Resu
         Some(407) => Err(Error::new(
             ErrorCode::AuthFailed,
             if proxy.user.is_some() {
-                format!("the proxy {proxy} refused the credentials in its URL ({status_line}): check the user name and password (http://user:pass@host:port)")
+                format!("the proxy {proxy} refused the credentials in its URL: check the user name and password (http://user:pass@host:port); it answered {status_line}")
             } else {
-                format!("the proxy {proxy} wants credentials ({status_line}): put them in the proxy URL (http://user:pass@host:port)")
+                format!("the proxy {proxy} wants credentials: put them in the proxy URL (http://user:pass@host:port); it answered {status_line}")
             },
         )),
         Some(_) => Err(Error::new(
@@ -420,11 +420,10 @@ async fn socks5_connect(mut tcp: TcpStream, proxy: &ProxyUrl, relay: &RelayUrl) 
             return Err(Error::new(ErrorCode::AuthFailed, format!("the SOCKS5 proxy {proxy} wants credentials: put them in the proxy URL (socks5://user:pass@host:port)")));
         };
         password::Request::new(user.as_bytes().to_vec(), pass.as_bytes().to_vec()).write_to(&mut tcp).await.map_err(|e| lost(proxy, e))?;
-        let ok = password::Response::read_from(&mut tcp).await.map_err(|e| match e {
-            password::Error::Io(e) => lost(proxy, e),
-            e => Error::protocol(format!("the SOCKS5 proxy {proxy} sent a malformed password answer ({e})")),
-        })?;
-        if !ok.status {
+        // RFC 1929: any status but 0 is a refusal (socks5-proto's reader only accepts 0 and 1).
+        let mut answer = [0u8; 2];
+        tcp.read_exact(&mut answer).await.map_err(|e| lost(proxy, e))?;
+        if answer[1] != 0 {
             return Err(Error::new(
                 ErrorCode::AuthFailed,
                 format!("the SOCKS5 proxy {proxy} refused the credentials in its URL: check the user name and password (socks5://user:pass@host:port)"),
