@@ -231,7 +231,24 @@ const PROXY_VARS: &[&str] =
 
 /// `tunnel ARGS` with neither TUNNEL_* nor proxy variables inherited.
 fn tunnel_clean(dir: &Path, args: &[&str]) -> Command {
-    let mut c = tunnel(dir, args);
+    tunnel_in(None, dir, args)
+}
+
+/// [`tunnel_clean`], run inside the network namespace of process `netns` if given.
+fn tunnel_in(netns: Option<u32>, dir: &Path, args: &[&str]) -> Command {
+    let mut c = match netns {
+        None => tunnel(dir, args),
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.args(["-t", &pid.to_string(), "-n", "--", env!("CARGO_BIN_EXE_tunnel")]).args(args).current_dir(dir).stdin(Stdio::null());
+            for (k, _) in std::env::vars() {
+                if k.starts_with("TUNNEL_") || k.starts_with("EMISSARY_") || k.starts_with("LIBTUNNEL_") {
+                    c.env_remove(k);
+                }
+            }
+            c
+        }
+    };
     for v in PROXY_VARS {
         c.env_remove(v);
     }
@@ -279,7 +296,24 @@ fn watch_for(r: impl Read + Send + 'static, wanted: &str) -> std::sync::mpsc::Re
 
 /// An echo server on loopback (a target the relay allows).
 fn echo_server() -> SocketAddr {
-    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_echo(TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// An echo server on the loopback of the network namespace of process `pid` (a thread joins
+/// that namespace to bind it; the socket stays there).
+fn echo_server_in(pid: u32) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        // SAFETY: setns on this thread only, with a namespace fd that stays open for the call.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        let _ = tx.send(TcpListener::bind("127.0.0.1:0").unwrap());
+    });
+    serve_echo(rx.recv_timeout(Duration::from_secs(10)).expect("a listener in the namespace"))
+}
+
+fn serve_echo(echo: TcpListener) -> SocketAddr {
     let addr = echo.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in echo.incoming().flatten() {
@@ -313,9 +347,14 @@ fn proxy_test_relay(dir: &Path, echo: SocketAddr, keys: &libtunnel::client::keys
 
 /// `tunnel dial TARGET ARGS` with `payload` on stdin: (exit code, stdout, stderr), within 60 s.
 fn dial_with(dir: &Path, target: &str, args: &[&str], env: &[(&str, &str)], payload: &[u8]) -> (Option<i32>, Vec<u8>, String) {
+    dial_in(None, dir, target, args, env, payload)
+}
+
+/// [`dial_with`] inside the network namespace of process `netns`, if given.
+fn dial_in(netns: Option<u32>, dir: &Path, target: &str, args: &[&str], env: &[(&str, &str)], payload: &[u8]) -> (Option<i32>, Vec<u8>, String) {
     let mut all = vec!["dial", target, "--timeout", "20"];
     all.extend_from_slice(args);
-    let mut child = tunnel_clean(dir, &all)
+    let mut child = tunnel_in(netns, dir, &all)
         .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .stdin(Stdio::piped())
@@ -343,8 +382,13 @@ fn sha(b: &[u8]) -> String {
 
 /// 1 MiB through the relay to the echo server and back, hashed both ways.
 fn mib_roundtrip(dir: &Path, target: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    mib_roundtrip_in(None, dir, target, args, env)
+}
+
+/// [`mib_roundtrip`] inside the network namespace of process `netns`, if given.
+fn mib_roundtrip_in(netns: Option<u32>, dir: &Path, target: &str, args: &[&str], env: &[(&str, &str)]) -> String {
     let payload: Vec<u8> = (0..1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let (code, back, stderr) = dial_with(dir, target, args, env, &payload);
+    let (code, back, stderr) = dial_in(netns, dir, target, args, env, &payload);
     assert_eq!(code, Some(0), "dial failed: {stderr}");
     assert_eq!(sha(&back), sha(&payload), "{} of {} bytes back; stderr: {stderr}", back.len(), payload.len());
     stderr
@@ -366,7 +410,12 @@ fn wait_count(file: &Path, n: usize, count: impl Fn(&str) -> usize) -> String {
 
 /// squid on a free loopback port with Basic auth (alice / `password`), refusing CONNECT to port
 /// 9, speaking TLS with `tls` (certificate, key) if given; its port and access log.
-fn start_squid(squid: &Path, dir: &Path, password: &str, tls: Option<(&Path, &Path)>) -> (Running, u16, PathBuf) {
+fn start_squid(squid: &Path, dir: &Path, password: &str, tls: Option<(&Path, &Path)>) -> (Squid, u16, PathBuf) {
+    start_squid_on("127.0.0.1", squid, dir, password, tls)
+}
+
+/// [`start_squid`] listening on `ip`.
+fn start_squid_on(ip: &str, squid: &Path, dir: &Path, password: &str, tls: Option<(&Path, &Path)>) -> (Squid, u16, PathBuf) {
     // squid drops root for its `proxy` user, which must write the logs and read the password file.
     let sq = dir.join(if tls.is_some() { "squid-tls" } else { "squid" });
     std::fs::create_dir_all(&sq).unwrap();
@@ -383,17 +432,42 @@ fn start_squid(squid: &Path, dir: &Path, password: &str, tls: Option<(&Path, &Pa
          auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\nauth_param basic realm libtunnel-test\n\
          acl authed proxy_auth REQUIRED\nacl blocked port 9\nhttp_access deny blocked\nhttp_access allow authed\nhttp_access deny all\n",
         match tls {
-            Some((cert, key)) => format!("https_port 127.0.0.1:{port} tls-cert={} tls-key={}\n", cert.display(), key.display()),
-            None => format!("http_port 127.0.0.1:{port}\n"),
+            Some((cert, key)) => format!("https_port {ip}:{port} tls-cert={} tls-key={}\n", cert.display(), key.display()),
+            None => format!("http_port {ip}:{port}\n"),
         }
     );
     std::fs::write(sq.join("squid.conf"), conf).unwrap();
-    let mut child =
-        Command::new(squid).args(["-N", "-d", "1", "-f"]).arg(sq.join("squid.conf")).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    // squid names its shared-memory segments after its service name (/dev/shm/NAME-cf__*.shm):
+    // one per instance, so squids of parallel tests (and other checkouts) never collide.
+    let service = format!("lt{}p{port}", std::process::id());
+    let mut child = Command::new(squid)
+        .args(["-N", "-d", "1", "-n", &service, "-f"])
+        .arg(sq.join("squid.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let ready = watch_for(child.stderr.take().unwrap(), if tls.is_some() { "Accepting HTTPS Socket" } else { "Accepting HTTP Socket" });
-    let running = Running(child);
-    ready.recv_timeout(Duration::from_secs(30)).expect("squid started within 30 s");
+    let running = Squid(Running(child), service);
+    if let Err(e) = ready.recv_timeout(Duration::from_secs(30)) {
+        panic!("squid did not start within 30 s ({e}): {}", std::fs::read_to_string(sq.join("cache.log")).unwrap_or_default());
+    }
     (running, port, sq.join("access.log"))
+}
+
+/// A running squid; killed (SIGKILL) on drop, its shared-memory segments removed after it.
+struct Squid(Running, String);
+impl Drop for Squid {
+    fn drop(&mut self) {
+        let _ = self.0 .0.kill();
+        let _ = self.0 .0.wait();
+        for e in std::fs::read_dir("/dev/shm").into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&format!("{}-", self.1)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 fn connects(log: &str) -> usize {
@@ -455,7 +529,10 @@ fn squid_with_basic_auth_carries_dialers_and_listeners() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("error [AUTH_FAILED]") && stderr.contains(&format!("the proxy http://alice:***@127.0.0.1:{port} refused the credentials")), "{stderr}");
+    assert!(
+        stderr.contains("error [AUTH_FAILED]") && stderr.contains(&format!("the proxy http://alice:***@127.0.0.1:{port} refused the credentials")),
+        "{stderr}"
+    );
     assert!(stderr.contains("407") && !stderr.contains("hunter2"), "{stderr}");
     // No credentials at all: the fix is named.
     let (code, _, stderr) = dial_with(&dir, &target, &[&base[..], &["--proxy", &format!("http://127.0.0.1:{port}")]].concat(), &[], b"");
@@ -467,7 +544,8 @@ fn squid_with_basic_auth_carries_dialers_and_listeners() {
     assert!(stderr.contains("error [RELAY_UNAVAILABLE]") && stderr.contains("HTTP/1.1 403 Forbidden") && !stderr.contains("s3cret"), "{stderr}");
     // An unreachable proxy is named, not the relay.
     let closed = free_port();
-    let (code, _, stderr) = dial_with(&dir, &target, &[&base[..], &["--proxy", &format!("http://alice:s3cret@127.0.0.1:{closed}")]].concat(), &[], b"");
+    let (code, _, stderr) =
+        dial_with(&dir, &target, &[&base[..], &["--proxy", &format!("http://alice:s3cret@127.0.0.1:{closed}")]].concat(), &[], b"");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains(&format!("cannot reach the proxy http://alice:***@127.0.0.1:{closed}")) && !stderr.contains("s3cret"), "{stderr}");
     // A malformed proxy URL is refused before any network I/O, without echoing it.
@@ -529,13 +607,15 @@ fn socks5_with_a_password_resolves_the_relay_remotely() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
-        stderr.contains("error [AUTH_FAILED]") && stderr.contains(&format!("the SOCKS5 proxy socks5://bob:***@127.0.0.1:{port} refused the credentials")),
+        stderr.contains("error [AUTH_FAILED]")
+            && stderr.contains(&format!("the SOCKS5 proxy socks5://bob:***@127.0.0.1:{port} refused the credentials")),
         "{stderr}"
     );
     assert!(!stderr.contains("hunter2"), "{stderr}");
     // A relay the proxy cannot reach: its SOCKS5 reply, by name.
     let closed = free_port();
-    let (code, _, stderr) = dial_with(&dir, &target, &["--relay", &format!("ws://127.0.0.1:{closed}"), "--key", &keys.key, "--proxy", &proxy], &[], b"");
+    let (code, _, stderr) =
+        dial_with(&dir, &target, &["--relay", &format!("ws://127.0.0.1:{closed}"), "--key", &keys.key, "--proxy", &proxy], &[], b"");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("error [RELAY_UNAVAILABLE]") && stderr.contains("connection refused (reply 5)"), "{stderr}");
 }
@@ -570,6 +650,93 @@ fn an_https_proxy_is_reached_over_tls_with_the_given_ca() {
     // Without the proxy's CA: a TLS error naming the proxy and the fix.
     let (code, _, stderr) = dial_with(&dir, &echo.to_string(), &base, &[], b"");
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains(&format!("TLS handshake with the proxy https://alice:***@localhost:{port} failed")) && stderr.contains("--ca"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("TLS handshake with the proxy https://alice:***@localhost:{port} failed")) && stderr.contains("--ca"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("s3cret"), "{stderr}");
+}
+
+/// A network namespace whose only way out is squid: a veth pair links it to this one, and the
+/// proxy listens on this side's address. A client inside cannot reach the relay (on this
+/// namespace's loopback) directly; through the proxy, a dialer moves 1 MiB and a listener
+/// serves a dialer outside.
+#[test]
+fn from_a_network_namespace_whose_only_way_out_is_the_proxy() {
+    let Some(squid) = proxy_program("squid", "squid") else { return };
+    let skip = |why: &str| {
+        let why = format!("proxy namespace test skipped: {why} (needs root, unshare, nsenter and ip)");
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("{why}");
+        if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+            if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+                let _ = writeln!(f, "{why}");
+            }
+        }
+    };
+    let Ok(ns) = Command::new("unshare").args(["-n", "--", "sleep", "600"]).stdin(Stdio::null()).spawn() else {
+        return skip("unshare did not start");
+    };
+    let pid = ns.id();
+    let ns = Running(ns);
+    // unshare creates the namespace before it runs sleep: wait for the switch.
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(format!("/proc/{pid}/ns/net")).map_or(true, |l| l == own) {
+        assert!(Instant::now() < deadline, "unshare -n did not create a namespace");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (outside, inside) = (format!("pxo{}", pid % 100_000), format!("pxi{}", pid % 100_000));
+    let ip = |args: &[&str]| Command::new("ip").args(args).stderr(Stdio::null()).status().is_ok_and(|s| s.success());
+    if !ip(&["link", "add", &outside, "type", "veth", "peer", "name", &inside, "netns", &pid.to_string()]) {
+        return skip("cannot create a veth pair");
+    }
+    // Deleting one end deletes both (and the namespace's end goes with the namespace anyway).
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["link", "del", &self.0]).stderr(Stdio::null()).status();
+        }
+    }
+    let _link = Link(outside.clone());
+    let net = format!("10.213.{}.", pid % 250);
+    assert!(ip(&["addr", "add", &format!("{net}1/30"), "dev", &outside]) && ip(&["link", "set", &outside, "up"]));
+    let inns =
+        |args: &[&str]| Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "--", "ip"]).args(args).status().is_ok_and(|s| s.success());
+    assert!(
+        inns(&["addr", "add", &format!("{net}2/30"), "dev", &inside]) && inns(&["link", "set", &inside, "up"]) && inns(&["link", "set", "lo", "up"])
+    );
+
+    let dir = scratch("netns");
+    let (_squid, port, access) = start_squid_on(&format!("{net}1"), &squid, &dir, "s3cret", None);
+    let echo = echo_server();
+    let keys = libtunnel::client::keys::SharedKeyText::generate(7);
+    let (_relay, relay) = proxy_test_relay(&dir, echo, &keys);
+    let proxy = format!("http://alice:s3cret@{net}1:{port}");
+    let base = ["--relay", relay.as_str(), "--key", keys.key.as_str()];
+    let target = echo.to_string();
+
+    // Directly: the relay is not there.
+    let (code, _, stderr) = dial_in(Some(pid), &dir, &target, &base, &[], b"");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("error [RELAY_UNAVAILABLE]") && stderr.contains("cannot reach the relay"), "{stderr}");
+    // Through the proxy (from TUNNEL_PROXY, as in a CI job's environment).
+    mib_roundtrip_in(Some(pid), &dir, &target, &base, &[("TUNNEL_PROXY", &proxy)]);
+    // A listener inside, a dialer outside (direct).
+    let key_file = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&key_file).unwrap();
+    let service = echo_server_in(pid).to_string();
+    let mut listen =
+        tunnel_in(Some(pid), &dir, &["listen", "--relay", &relay, "--key", key_file.to_str().unwrap(), "--to", &service, "--proxy", &proxy])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    let name = line_starting(&mut listen, "listening as:").trim_start_matches("listening as:").trim().to_string();
+    let listener = Running(listen);
+    mib_roundtrip(&dir, &format!("{name}:80"), &base, &[]);
+    drop(listener);
+    let log = wait_count(&access, 2, connects);
+    assert_eq!(connects(&log), 2, "{log}");
+    drop(ns);
 }

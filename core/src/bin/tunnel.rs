@@ -473,7 +473,24 @@ async fn run(cli: Cli) -> Result<(), Error> {
             say!("{}", SharedKeyText::generate(kid).lines().trim_end());
             Ok(())
         }
-        Cmd::Listen { to, pool, exit, allow, relay, key, name, tcp_port, proxy_protocol, h2c, tls_passthrough, ca, timeout, proxy, e2e, allow_peer } => {
+        Cmd::Listen {
+            to,
+            pool,
+            exit,
+            allow,
+            relay,
+            key,
+            name,
+            tcp_port,
+            proxy_protocol,
+            h2c,
+            tls_passthrough,
+            ca,
+            timeout,
+            proxy,
+            e2e,
+            allow_peer,
+        } => {
             let proxy = proxy.as_deref().map(proxy_flag).transpose()?;
             let options = ClientOptions { relay, key, ca, timeout, proxy, ..ClientOptions::default() };
             let mut b =

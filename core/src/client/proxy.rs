@@ -80,9 +80,7 @@ impl ProxyUrl {
             "https" => (ProxyKind::Https, 443),
             "socks5" | "socks5h" => (ProxyKind::Socks5, 1080),
             other => {
-                return Err(Error::argument(format!(
-                    "proxy URL scheme {other:?} is not supported; use http://, https://, socks5:// or socks5h://"
-                )))
+                return Err(Error::argument(format!("proxy URL scheme {other:?} is not supported; use http://, https://, socks5:// or socks5h://")))
             }
         };
         let host = url.host_str().filter(|h| !h.is_empty()).ok_or_else(|| Error::argument("the proxy URL has no host"))?;
@@ -166,8 +164,11 @@ pub struct ProxyRules {
 }
 
 /// `TUNNEL_PROXY`'s row in the client variable table.
-pub(crate) const PROXY_ROW: ClientVar =
-    ClientVar { name: PROXY_VAR, help: "proxy to reach the relay through: http://[user:pass@]host:port, https://…, socks5://…, or none", old_names: &[] };
+pub(crate) const PROXY_ROW: ClientVar = ClientVar {
+    name: PROXY_VAR,
+    help: "proxy to reach the relay through: http://[user:pass@]host:port, https://…, socks5://…, or none",
+    old_names: &[],
+};
 
 /// The conventional variables' rows (each also read in lower case, which wins).
 pub(crate) const CONVENTIONAL_ROWS: &[ClientVar] = &[
@@ -199,7 +200,7 @@ impl ProxyRules {
         let mut rules = ProxyRules { explicit, ..Default::default() };
         let read = |names: &[&'static str]| -> Result<Option<ProxyUrl>> {
             for n in names {
-                if let Some(v) = env.var(&ClientVar { name: *n, help: "", old_names: &[] })? {
+                if let Some(v) = env.var(&ClientVar { name: n, help: "", old_names: &[] })? {
                     if v.trim().is_empty() {
                         continue;
                     }
@@ -214,7 +215,7 @@ impl ProxyRules {
             rules.all = read(ALL_NAMES)?;
         }
         for n in NO_NAMES {
-            if let Some(v) = env.var(&ClientVar { name: *n, help: "", old_names: &[] })? {
+            if let Some(v) = env.var(&ClientVar { name: n, help: "", old_names: &[] })? {
                 rules.no_proxy = v.split(',').filter_map(NoProxy::parse).collect();
                 break;
             }
@@ -383,11 +384,12 @@ async fn http_connect(mut io: BoxIo, proxy: &ProxyUrl, relay: &RelayUrl) -> Resu
                 format!("the proxy {proxy} wants credentials: put them in the proxy URL (http://user:pass@host:port); it answered {status_line}")
             },
         )),
-        Some(_) => Err(Error::new(
-            ErrorCode::RelayUnavailable,
-            format!("the proxy {proxy} refused to connect to the relay at {target}: {status_line}"),
-        )),
-        None => Err(Error::protocol(format!("the proxy {proxy} did not answer CONNECT with HTTP ({status_line:?}); is it an HTTP proxy? (socks5:// for a SOCKS5 one)"))),
+        Some(_) => {
+            Err(Error::new(ErrorCode::RelayUnavailable, format!("the proxy {proxy} refused to connect to the relay at {target}: {status_line}")))
+        }
+        None => Err(Error::protocol(format!(
+            "the proxy {proxy} did not answer CONNECT with HTTP ({status_line:?}); is it an HTTP proxy? (socks5:// for a SOCKS5 one)"
+        ))),
     }
 }
 
@@ -417,7 +419,10 @@ async fn socks5_connect(mut tcp: TcpStream, proxy: &ProxyUrl, relay: &RelayUrl) 
     let chosen = handshake::Response::read_from(&mut tcp).await.map_err(not_socks)?.method;
     if chosen == Method::PASSWORD {
         let (Some(user), pass) = (&proxy.user, proxy.password.as_deref().unwrap_or("")) else {
-            return Err(Error::new(ErrorCode::AuthFailed, format!("the SOCKS5 proxy {proxy} wants credentials: put them in the proxy URL (socks5://user:pass@host:port)")));
+            return Err(Error::new(
+                ErrorCode::AuthFailed,
+                format!("the SOCKS5 proxy {proxy} wants credentials: put them in the proxy URL (socks5://user:pass@host:port)"),
+            ));
         };
         password::Request::new(user.as_bytes().to_vec(), pass.as_bytes().to_vec()).write_to(&mut tcp).await.map_err(|e| lost(proxy, e))?;
         // RFC 1929: any status but 0 is a refusal (socks5-proto's reader only accepts 0 and 1).
@@ -426,7 +431,9 @@ async fn socks5_connect(mut tcp: TcpStream, proxy: &ProxyUrl, relay: &RelayUrl) 
         if answer[1] != 0 {
             return Err(Error::new(
                 ErrorCode::AuthFailed,
-                format!("the SOCKS5 proxy {proxy} refused the credentials in its URL: check the user name and password (socks5://user:pass@host:port)"),
+                format!(
+                    "the SOCKS5 proxy {proxy} refused the credentials in its URL: check the user name and password (socks5://user:pass@host:port)"
+                ),
             ));
         }
     } else if chosen != Method::NONE {
@@ -449,7 +456,12 @@ async fn socks5_connect(mut tcp: TcpStream, proxy: &ProxyUrl, relay: &RelayUrl) 
     if head[1] != 0 {
         return Err(Error::new(
             ErrorCode::RelayUnavailable,
-            format!("the SOCKS5 proxy {proxy} could not connect to the relay at {}: {} (reply {})", authority(relay), socks_reply_name(head[1]), head[1]),
+            format!(
+                "the SOCKS5 proxy {proxy} could not connect to the relay at {}: {} (reply {})",
+                authority(relay),
+                socks_reply_name(head[1]),
+                head[1]
+            ),
         ));
     }
     let rest = match head[3] {
@@ -503,7 +515,12 @@ mod tests {
     fn curl_rules_pick_the_proxy() {
         let r = ProxyRules::resolve(
             &Proxy::Environment,
-            &env(&[("HTTPS_PROXY", "http://upper:1"), ("https_proxy", "http://lower:2"), ("http_proxy", "http://h:3"), ("ALL_PROXY", "socks5://a:4")]),
+            &env(&[
+                ("HTTPS_PROXY", "http://upper:1"),
+                ("https_proxy", "http://lower:2"),
+                ("http_proxy", "http://h:3"),
+                ("ALL_PROXY", "socks5://a:4"),
+            ]),
         )
         .unwrap();
         assert_eq!(pick(&r, "wss://relay.example").as_deref(), Some("lower:2"));
@@ -548,7 +565,8 @@ mod tests {
         }
         assert_eq!(pick(&rules("*"), "wss://anything.example"), None);
         // no_proxy (lower case) wins over NO_PROXY.
-        let r = ProxyRules::resolve(&Proxy::Environment, &env(&[("TUNNEL_PROXY", "http://p:1"), ("NO_PROXY", "a.test"), ("no_proxy", "b.test")])).unwrap();
+        let r = ProxyRules::resolve(&Proxy::Environment, &env(&[("TUNNEL_PROXY", "http://p:1"), ("NO_PROXY", "a.test"), ("no_proxy", "b.test")]))
+            .unwrap();
         assert_eq!(pick(&r, "ws://a.test").as_deref(), Some("p:1"));
         assert_eq!(pick(&r, "ws://b.test"), None);
     }
