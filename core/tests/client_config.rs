@@ -487,8 +487,10 @@ fn squid_with_basic_auth_carries_dialers_and_listeners() {
     let base = ["--relay", relay.as_str(), "--key", keys.key.as_str()];
 
     // --proxy, then TUNNEL_PROXY: 1 MiB each way, one CONNECT per session.
-    let stderr = mib_roundtrip(&dir, &target, &[&base[..], &["--proxy", &proxy]].concat(), &[]);
-    assert!(!stderr.contains("s3cret"), "the proxy password leaked: {stderr}");
+    // At trace level the proxy is logged, its password masked (neither plain nor as Basic credentials).
+    let stderr = mib_roundtrip(&dir, &target, &[&base[..], &["-vv", "--proxy", &proxy]].concat(), &[]);
+    assert!(stderr.contains(&format!("http://alice:***@127.0.0.1:{port}")), "the proxy is not in the trace log: {stderr}");
+    assert!(!stderr.contains("s3cret") && !stderr.contains("YWxpY2U6czNjcmV0"), "the proxy password leaked: {stderr}");
     mib_roundtrip(&dir, &target, &base, &[("TUNNEL_PROXY", &proxy)]);
     let log = wait_count(&access, 2, connects);
     assert_eq!(connects(&log), 2, "{log}");
@@ -508,15 +510,19 @@ fn squid_with_basic_auth_carries_dialers_and_listeners() {
     // A listener registers through the proxy; a dialer (also proxied) reaches it by name.
     let key_file = dir.join("listener.pem");
     libtunnel::Identity::generate().save(&key_file).unwrap();
-    let mut listen = tunnel_clean(&dir, &["listen", "--relay", &relay, "--key", key_file.to_str().unwrap(), "--to", &target, "--proxy", &proxy])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let listen_log = dir.join("listen.log");
+    let mut listen =
+        tunnel_clean(&dir, &["listen", "-vv", "--relay", &relay, "--key", key_file.to_str().unwrap(), "--to", &target, "--proxy", &proxy])
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&listen_log).unwrap())
+            .spawn()
+            .unwrap();
     let name = line_starting(&mut listen, "listening as:").trim_start_matches("listening as:").trim().to_string();
     let listener = Running(listen);
     mib_roundtrip(&dir, &format!("{name}:80"), &base, &[("TUNNEL_PROXY", &proxy)]);
     drop(listener);
+    let listen_log = std::fs::read_to_string(&listen_log).unwrap();
+    assert!(listen_log.contains("alice:***@") && !listen_log.contains("s3cret") && !listen_log.contains("YWxpY2U6czNjcmV0"), "{listen_log}");
     let log = wait_count(&access, 5, connects);
     assert_eq!(connects(&log), 5, "{log}");
 
@@ -586,8 +592,8 @@ fn socks5_with_a_password_resolves_the_relay_remotely() {
     let proxy = format!("socks5://bob:pw0rd@127.0.0.1:{port}");
     let base = ["--relay", by_name.as_str(), "--key", keys.key.as_str()];
     let target = echo.to_string();
-    let stderr = mib_roundtrip(&dir, &target, &[&base[..], &["--proxy", &proxy]].concat(), &[]);
-    assert!(!stderr.contains("pw0rd"), "{stderr}");
+    let stderr = mib_roundtrip(&dir, &target, &[&base[..], &["-vv", "--proxy", &proxy]].concat(), &[]);
+    assert!(stderr.contains(&format!("socks5://bob:***@127.0.0.1:{port}")) && !stderr.contains("pw0rd"), "{stderr}");
     mib_roundtrip(&dir, &target, &base, &[("TUNNEL_PROXY", &proxy)]);
     let count = |l: &str| l.lines().filter(|l| l.contains("connected to")).count();
     let log = wait_count(&log_path, 2, count);
