@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientOptions, ClientRole, Proxy};
 use libtunnel::socks::Target;
 use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
@@ -63,7 +63,7 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String,
 impl Dialer {
     /// A dialer from explicit values; what is `None` comes from the `TUNNEL_*` variables.
     #[new]
-    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
+    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         relay: Option<String>,
@@ -74,6 +74,7 @@ impl Dialer {
         e2e: bool,
         e2e_pins: Vec<(String, String)>,
         e2e_identity: Option<String>,
+        proxy: Option<String>,
     ) -> PyResult<Self> {
         let options = ClientOptions {
             relay,
@@ -81,6 +82,7 @@ impl Dialer {
             ca,
             timeout,
             mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+            proxy: proxy.as_deref().map(Proxy::parse).transpose().map_err(to_py)?,
             ..ClientOptions::default()
         };
         if !e2e && (!e2e_pins.is_empty() || e2e_identity.is_some()) {

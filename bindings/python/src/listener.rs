@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientOptions, ClientRole, Proxy};
 use libtunnel::{Error, ErrorCode};
 use pyo3::prelude::*;
 
@@ -66,8 +66,10 @@ fn builder(
     pool: bool,
     exit: Option<String>,
     modes: (bool, bool),
+    proxy: Option<String>,
 ) -> PyResult<libtunnel::ListenerBuilder> {
-    let options = ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() };
+    let proxy = proxy.as_deref().map(Proxy::parse).transpose().map_err(to_py)?;
+    let options = ClientOptions { relay, key, ca, timeout, proxy, ..ClientOptions::default() };
     let mut b = options
         .resolve(ClientRole::Listener)
         .and_then(|c| c.listener_builder())
@@ -106,7 +108,7 @@ impl Listener {
     /// Connect to `relay` and register; `key` is an Ed25519 PEM text or a file holding it (both
     /// default to their `TUNNEL_*` variables).
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind(
         py: Python<'_>,
@@ -123,13 +125,14 @@ impl Listener {
         exit: Option<String>,
         h2c: bool,
         tls_passthrough: bool,
+        proxy: Option<String>,
     ) -> PyResult<Listener> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough), proxy)?;
         wait(py, bind(b))
     }
 
     #[staticmethod]
-    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false))]
+    #[pyo3(signature = (relay = None, key = None, *, name = None, tcp_port = false, ca = None, timeout = None, backlog = 128, e2e = false, allow_peers = Vec::new(), pool = false, exit = None, h2c = false, tls_passthrough = false, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn bind_async<'py>(
         py: Python<'py>,
@@ -146,8 +149,9 @@ impl Listener {
         exit: Option<String>,
         h2c: bool,
         tls_passthrough: bool,
+        proxy: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough))?;
+        let b = builder(relay, key, name, tcp_port, ca, timeout, backlog, e2e, allow_peers, pool, exit, (h2c, tls_passthrough), proxy)?;
         awaitable(py, bind(b))
     }
 

@@ -142,6 +142,9 @@ class Listener(_ListenerBase):
     ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
+    ``proxy`` is the upstream proxy to reach the relay through (``http://user:pass@host:port``,
+    ``https://…``, ``socks5://…``, or ``"none"``; default ``$TUNNEL_PROXY``, else the
+    conventional ``https_proxy``/``http_proxy``/``all_proxy`` with ``no_proxy``, as curl).
     ``on_connected`` (a :class:`Connected`), ``on_disconnected`` (the cause, a
     :class:`TunnelError` with its ``.code``) and ``on_reconnecting`` (a :class:`Reconnecting`)
     are called (on a background thread) when the session to the relay comes back, drops, or is about to be retried: see
@@ -164,6 +167,7 @@ class Listener(_ListenerBase):
         exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
         on_reconnecting: OnReconnecting | None = None,
@@ -171,7 +175,7 @@ class Listener(_ListenerBase):
         relay, key_text, ca_path = _native_args(relay, key, ca)
         self._native = _native.Listener.bind(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough, proxy=proxy,
         )
         self._exposed: _native.Background | None = None
         self._watch = watch(self._native, on_connected, on_disconnected, on_reconnecting)
@@ -239,6 +243,7 @@ class AsyncListener(_ListenerBase):
         exit: ExitRules | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
         on_reconnecting: OnReconnecting | None = None,
@@ -248,7 +253,7 @@ class AsyncListener(_ListenerBase):
         relay, key_text, ca_path = _native_args(relay, key, ca)
         native = await _native.Listener.bind_async(
             relay, key_text, name=name, tcp_port=tcp_port, ca=ca_path, timeout=timeout, backlog=backlog, e2e=e2e, allow_peers=list(allow_peers),
-            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough
+            pool=pool, exit=_exit_json(exit), h2c=h2c, tls_passthrough=tls_passthrough, proxy=proxy,
         )
         listener = cls(native)
         listener._watch = watch(native, on_connected, on_disconnected, on_reconnecting, loop=asyncio.get_running_loop())

@@ -45,6 +45,7 @@ class Dialer:
         e2e: bool = False,
         e2e_pins: list[tuple[str, str]] = ...,
         e2e_identity: str | None = None,
+        proxy: str | None = None,
     ) -> Dialer: ...
     @property
     def relay(self) -> str: ...
@@ -76,6 +77,7 @@ class Listener:
         exit: str | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
     ) -> Listener: ...
     @staticmethod
     def bind_async(
@@ -93,6 +95,7 @@ class Listener:
         exit: str | None = None,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
     ) -> Awaitable[Listener]: ...
     @property
     def name(self) -> str: ...

@@ -1,0 +1,166 @@
+"""Upstream proxies from Python: a real squid (HTTP CONNECT with Basic auth) between the client
+and the relay. A ``Dialer`` and a ``Listener`` given ``proxy=`` (and a dialer given only
+``TUNNEL_PROXY``) reach the relay through it, one CONNECT per session in squid's access log;
+a wrong password is an ``AuthError`` that never shows the password."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+import libtunnel
+
+from conftest import Relay, free_port
+
+PASSWORD = "s3cret-py"
+
+
+@dataclass
+class Squid:
+    port: int
+    access_log: str
+
+    def url(self, password: str = PASSWORD) -> str:
+        return f"http://alice:{password}@127.0.0.1:{self.port}"
+
+    def connects(self, n: int) -> list[str]:
+        """The access log's CONNECT lines, once there are at least ``n`` (squid writes a line
+        when a session ends), within 10 s."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with open(self.access_log) as f:
+                    lines = [line for line in f if " CONNECT " in line]
+            except FileNotFoundError:
+                lines = []
+            if len(lines) >= n or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def squid() -> Iterator[Squid]:
+    exe = shutil.which("squid") or shutil.which("squid", path="/usr/sbin:/sbin")
+    if exe is None:
+        why = "squid not installed (apt-get install squid; scripts/test-python.sh does)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    # squid drops root for its `proxy` user, which must write here and read the password file.
+    d = tempfile.mkdtemp(prefix="libtunnel-squid-")
+    os.chmod(d, 0o777)
+    hashed = subprocess.run(["openssl", "passwd", "-apr1", PASSWORD], check=True, capture_output=True, text=True).stdout.strip()
+    with open(os.path.join(d, "passwd"), "w") as f:
+        f.write(f"alice:{hashed}\n")
+    port = free_port()
+    with open(os.path.join(d, "squid.conf"), "w") as f:
+        f.write(
+            f"http_port 127.0.0.1:{port}\npid_filename {d}/squid.pid\naccess_log stdio:{d}/access.log\n"
+            f"cache_log {d}/cache.log\ncache_store_log none\ncoredump_dir {d}\ncache deny all\n"
+            "shutdown_lifetime 0 seconds\npinger_enable off\n"
+            f"auth_param basic program /usr/lib/squid/basic_ncsa_auth {d}/passwd\n"
+            "acl authed proxy_auth REQUIRED\nhttp_access allow authed\nhttp_access deny all\n"
+        )
+    # Its own service name: squid names its shared-memory segments after it.
+    service = f"ltpy{os.getpid()}p{port}"
+    proc = subprocess.Popen(
+        [exe, "-N", "-d", "1", "-n", service, "-f", os.path.join(d, "squid.conf")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    ready = threading.Event()
+
+    def watch() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Accepting HTTP Socket" in line:
+                ready.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    try:
+        if not ready.wait(30):
+            with open(os.path.join(d, "cache.log")) as f:
+                pytest.fail(f"squid did not start within 30 s: {f.read()}")
+        yield Squid(port, os.path.join(d, "access.log"))
+    finally:
+        proc.kill()
+        proc.wait()
+        for seg in glob.glob(f"/dev/shm/{service}-*"):
+            os.remove(seg)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+MIB = bytes((i * 2654435761 >> 13) & 0xFF for i in range(1 << 20))
+
+
+def roundtrip(sock: socket.socket) -> None:
+    """1 MiB to the echo server and back, hashed."""
+    with sock:
+        sock.settimeout(20)
+        threading.Thread(target=lambda: (sock.sendall(MIB), sock.shutdown(socket.SHUT_WR)), daemon=True).start()
+        back = sock.makefile("rb").read()
+    assert hashlib.sha256(back).hexdigest() == hashlib.sha256(MIB).hexdigest(), f"{len(back)} bytes back"
+
+
+def test_dialer_and_listener_through_squid(
+    squid: Squid, relay: Relay, echo: tuple[str, int], listener_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = len(squid.connects(0))
+    target = f"{echo[0]}:{echo[1]}"
+    # proxy= on the dialer.
+    with libtunnel.Dialer(relay.url, key=relay.key, timeout=10, proxy=squid.url()) as d:
+        roundtrip(d.dial(target))
+    # TUNNEL_PROXY, read by the core when the dialer is made.
+    monkeypatch.setenv("TUNNEL_PROXY", squid.url())
+    with libtunnel.Dialer(relay.url, key=relay.key, timeout=10) as d:
+        roundtrip(d.dial(target))
+    # proxy="none" wins over TUNNEL_PROXY: no CONNECT for this one.
+    with libtunnel.Dialer(relay.url, key=relay.key, timeout=10, proxy="none") as d:
+        roundtrip(d.dial(target))
+    monkeypatch.delenv("TUNNEL_PROXY")
+    lines = squid.connects(before + 2)
+    assert len(lines) == before + 2 and all(" alice " in line for line in lines), lines
+
+    # A listener registered through the proxy, dialed directly by name.
+    with libtunnel.Listener(relay.url, key=listener_key, proxy=squid.url()) as listener:
+        with libtunnel.Dialer(relay.url, key=relay.key, timeout=10, proxy="none") as d:
+            client = d.dial(f"{listener.name}:0")
+            server, _peer = listener.accept(timeout=10)
+            with server:
+                client.sendall(b"through squid")
+                client.shutdown(socket.SHUT_WR)
+                server.settimeout(10)
+                assert server.makefile("rb").read() == b"through squid"
+                server.sendall(b"back")
+                server.shutdown(socket.SHUT_WR)
+            with client:
+                client.settimeout(10)
+                assert client.makefile("rb").read() == b"back"
+    lines = squid.connects(before + 3)
+    assert len(lines) == before + 3, lines
+
+
+def test_a_wrong_proxy_password_is_an_auth_error_without_it(squid: Squid, relay: Relay, listener_key: str) -> None:
+    with libtunnel.Dialer(relay.url, key=relay.key, timeout=10, proxy=squid.url("hunter2")) as d:
+        with pytest.raises(libtunnel.AuthError) as e:
+            d.connect()
+    assert e.value.code == "AUTH_FAILED"
+    assert f"alice:***@127.0.0.1:{squid.port}" in e.value.message and "407" in e.value.message, e.value.message
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(libtunnel.AuthError) as e:
+        libtunnel.Listener(relay.url, key=listener_key, timeout=10, proxy=squid.url("hunter2"))
+    assert "hunter2" not in str(e.value) and "refused the credentials" in e.value.message, e.value.message
+    # A malformed proxy URL is refused when the dialer is made, without echoing it.
+    with pytest.raises(libtunnel.TunnelError) as e:
+        libtunnel.Dialer(relay.url, key=relay.key, proxy="gopher://alice:hunter2@127.0.0.1:1")
+    assert "gopher" in e.value.message and "hunter2" not in str(e.value), e.value.message
