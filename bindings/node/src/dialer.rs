@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientOptions, ClientRole, Proxy};
 use libtunnel::socks::Target;
 use libtunnel::{Dialer, Error, ErrorCode, Mode};
 use napi::{Env, JsFunction, JsObject};
@@ -43,6 +43,10 @@ pub struct DialerOptions {
     /// With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`.
     #[napi(js_name = "e2eIdentity")]
     pub e2e_identity: Option<String>,
+    /// Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+    /// `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+    /// `ALL_PROXY` with `NO_PROXY`, as curl).
+    pub proxy: Option<String>,
 }
 
 /// A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures.
@@ -67,6 +71,7 @@ impl NativeDialer {
                 }
                 o.ca = opts.ca.map(Into::into);
                 o.mode = opts.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed });
+                o.proxy = opts.proxy.as_deref().map(Proxy::parse).transpose()?;
                 if opts.e2e != Some(true) && (opts.e2e_pins.is_some() || opts.e2e_identity.is_some()) {
                     return Err(Error::new(ErrorCode::InvalidArgument, "e2ePins and e2eIdentity only apply with e2e: true"));
                 }

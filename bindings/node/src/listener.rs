@@ -5,7 +5,7 @@
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 
-use libtunnel::client::{ClientOptions, ClientRole};
+use libtunnel::client::{ClientOptions, ClientRole, Proxy};
 use libtunnel::Listener;
 use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
@@ -40,6 +40,10 @@ pub struct ListenerOptions {
     pub e2e: Option<bool>,
     /// With `e2e`: require dialers' keys and admit these (base64 or key-derived names).
     pub allow_peers: Option<Vec<String>>,
+    /// Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+    /// `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+    /// `ALL_PROXY` with `NO_PROXY`, as curl).
+    pub proxy: Option<String>,
 }
 
 /// One accepted stream.
@@ -95,6 +99,7 @@ impl NativeListener {
                     e2e_cfg = Some(e2e);
                 }
                 o.ca = opts.ca.map(Into::into);
+                o.proxy = opts.proxy.as_deref().map(Proxy::parse).transpose()?;
                 name = opts.name;
                 tcp_port = opts.tcp_port.unwrap_or(false);
                 h2c = opts.h2c.unwrap_or(false);
