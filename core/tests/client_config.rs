@@ -453,6 +453,12 @@ fn start_squid_on(ip: &str, squid: &Path, dir: &Path, password: &str, tls: Optio
     if let Err(e) = ready.recv_timeout(Duration::from_secs(30)) {
         panic!("squid did not start within 30 s ({e}): {}", std::fs::read_to_string(sq.join("cache.log")).unwrap_or_default());
     }
+    // squid logs that line before its listen() has run: wait until a connection is accepted.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect((ip, port)).is_err() {
+        assert!(Instant::now() < deadline, "squid did not accept connections on {ip}:{port} within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     (running, port, sq.join("access.log"))
 }
 
