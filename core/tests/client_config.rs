@@ -632,6 +632,112 @@ fn socks5_with_a_password_resolves_the_relay_remotely() {
     assert!(stderr.contains("error [RELAY_UNAVAILABLE]") && stderr.contains("connection refused (reply 5)"), "{stderr}");
 }
 
+/// dante (`danted`), the SOCKS5 server the issue names, with `socksmethod: username`: it checks
+/// RFC 1929 credentials against the system's password files, so it runs in a private mount
+/// namespace (`unshare -m`) where /etc/passwd and /etc/shadow are bind-mounted copies holding
+/// only root, nobody and the test user `dave` (the machine's accounts are neither read nor
+/// changed). Dialers (by --proxy and TUNNEL_PROXY) and a listener reach the relay through it,
+/// one `tcp/connect` pass per session in its log; a wrong password is AUTH_FAILED, exit 2.
+#[test]
+fn dante_with_a_password_carries_dialers_and_a_listener() {
+    let Some(danted) = proxy_program("danted", "dante-server") else { return };
+    let dir = scratch("dante");
+    let hash = Command::new("openssl").args(["passwd", "-6", "d4nte-pw"]).output().expect("openssl passwd");
+    let hash = String::from_utf8_lossy(&hash.stdout).trim().to_string();
+    std::fs::write(
+        dir.join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\ndave:x:4242:4242::/nonexistent:/usr/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("shadow"), format!("root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\ndave:{hash}:19000:0:99999:7:::\n")).unwrap();
+    let port = free_port();
+    let log_path = dir.join("danted.log");
+    std::fs::write(
+        dir.join("danted.conf"),
+        format!(
+            "logoutput: {log}\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\nclientmethod: none\nsocksmethod: username\n\
+             user.privileged: root\nuser.unprivileged: nobody\n\
+             client pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  log: error\n}}\n\
+             socks pass {{\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  command: connect\n  log: connect error\n}}\n",
+            log = log_path.display()
+        ),
+    )
+    .unwrap();
+    let d = dir.display();
+    let script =
+        format!("mount --bind {d}/passwd /etc/passwd && mount --bind {d}/shadow /etc/shadow && exec {} -f {d}/danted.conf", danted.display());
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    // danted's processes end with their mother; SIGTERM lets it stop them.
+    struct Dante(Child);
+    impl Drop for Dante {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let mut dante = Dante(child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = dante.0.try_wait() {
+            let mut err = String::new();
+            let _ = dante.0.stderr.take().unwrap().read_to_string(&mut err);
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            panic!("danted exited ({status}) (it needs root and unshare -m): {err}{log}");
+        }
+        assert!(Instant::now() < deadline, "danted did not listen within 10 s: {}", std::fs::read_to_string(&log_path).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let echo = echo_server();
+    let keys = libtunnel::client::keys::SharedKeyText::generate(9);
+    let (_relay, relay) = proxy_test_relay(&dir, echo, &keys);
+    let proxy = format!("socks5://dave:d4nte-pw@127.0.0.1:{port}");
+    let base = ["--relay", relay.as_str(), "--key", keys.key.as_str()];
+    let target = echo.to_string();
+    let stderr = mib_roundtrip(&dir, &target, &[&base[..], &["-vv", "--proxy", &proxy]].concat(), &[]);
+    assert!(stderr.contains(&format!("socks5://dave:***@127.0.0.1:{port}")) && !stderr.contains("d4nte-pw"), "{stderr}");
+    mib_roundtrip(&dir, &target, &base, &[("TUNNEL_PROXY", &proxy)]);
+    // A listener through dante, a dialer straight to the relay.
+    let key_file = dir.join("listener.pem");
+    libtunnel::Identity::generate().save(&key_file).unwrap();
+    let mut listen = tunnel_clean(&dir, &["listen", "--relay", &relay, "--key", key_file.to_str().unwrap(), "--to", &target, "--proxy", &proxy])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let name = line_starting(&mut listen, "listening as:").trim_start_matches("listening as:").trim().to_string();
+    let listener = Running(listen);
+    mib_roundtrip(&dir, &format!("{name}:80"), &base, &[]);
+    drop(listener);
+    let relay_port = relay.rsplit(':').next().unwrap();
+    let count =
+        |l: &str| l.lines().filter(|l| l.contains("tcp/connect [: username%dave@") && l.ends_with(&format!("127.0.0.1.{relay_port}"))).count();
+    let log = wait_count(&log_path, 3, count);
+    assert_eq!(count(&log), 3, "{log}");
+
+    // Wrong password: AUTH_FAILED, exit 2, the password nowhere.
+    let wrong = format!("socks5://dave:hunter2@127.0.0.1:{port}");
+    let out = tunnel_clean(&dir, &["forward", "127.0.0.1:0", &target, "--proxy", &wrong, "--relay", &relay, "--key", &keys.key])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("error [AUTH_FAILED]")
+            && stderr.contains(&format!("the SOCKS5 proxy socks5://dave:***@127.0.0.1:{port} refused the credentials"))
+            && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn an_https_proxy_is_reached_over_tls_with_the_given_ca() {
     let Some(squid) = proxy_program("squid", "squid") else { return };
