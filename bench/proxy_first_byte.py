@@ -2,8 +2,9 @@
 row): for each path, N times, a fresh Dialer opens its session (TCP, the proxy's CONNECT or SOCKS5
 exchange if any, WebSocket, authentication), dials an echo server through the relay, sends one
 byte and reads it back. Prints the median and 90th percentile of that whole sequence, and of the
-session open alone. Loopback only: squid (HTTP CONNECT, Basic auth) and microsocks (SOCKS5 with
-a password) from Debian, the relay embedded, the libtunnel Python package from the wheel.
+session open alone. Loopback only: squid (HTTP CONNECT, Basic auth), microsocks and dante
+(SOCKS5 with a password; dante only as root, its password files bind-mounted in a private mount
+namespace) from Debian, the relay embedded, the libtunnel Python package from the wheel.
 
     python bench/proxy_first_byte.py [N]      (default N = 200; nothing here asserts a timing)
 """
@@ -70,6 +71,29 @@ def start_squid(d: str) -> tuple[subprocess.Popen[bytes], int]:
     return p, port
 
 
+def start_dante(d: str) -> tuple[subprocess.Popen[bytes], int] | None:
+    """danted with the username method, its password files bind-mounted in a private mount
+    namespace (needs root; None without it or without danted)."""
+    exe = shutil.which("danted") or ("/usr/sbin/danted" if os.path.exists("/usr/sbin/danted") else None)
+    if exe is None or os.geteuid() != 0:
+        return None
+    hashed = subprocess.run(["openssl", "passwd", "-6", "pw"], check=True, capture_output=True, text=True).stdout.strip()
+    with open(f"{d}/passwd", "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+                "dave:x:4242:4242::/nonexistent:/usr/sbin/nologin\n")
+    with open(f"{d}/shadow", "w") as f:
+        f.write(f"root:*:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\ndave:{hashed}:19000:0:99999:7:::\n")
+    port = free_port()
+    with open(f"{d}/danted.conf", "w") as f:
+        f.write(f"logoutput: {d}/danted.log\ninternal: 127.0.0.1 port = {port}\nexternal: 127.0.0.1\n"
+                "clientmethod: none\nsocksmethod: username\nuser.privileged: root\nuser.unprivileged: nobody\n"
+                "client pass {\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n}\nsocks pass {\n  from: 127.0.0.0/8 to: 0.0.0.0/0\n  command: connect\n}\n")
+    script = f"mount --bind {d}/passwd /etc/passwd && mount --bind {d}/shadow /etc/shadow && exec {exe} -f {d}/danted.conf"
+    p = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdin=subprocess.DEVNULL)
+    wait_listening(port)
+    return p, port
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 200
     echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
@@ -87,12 +111,18 @@ def main() -> None:
     socks = subprocess.Popen(["microsocks", "-i", "127.0.0.1", "-p", str(socks_port), "-u", "bob", "-P", "pw"],
                              stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_listening(socks_port)
+    dante_dir = tempfile.mkdtemp(prefix="libtunnel-bench-dante-")
+    dante = start_dante(dante_dir)
     target = f"127.0.0.1:{echo.server_address[1]}"
     paths = [
         ("direct", "none"),
         ("squid (HTTP CONNECT, Basic)", f"http://alice:pw@127.0.0.1:{squid_port}"),
         ("microsocks (SOCKS5, password)", f"socks5://bob:pw@127.0.0.1:{socks_port}"),
     ]
+    if dante is not None:
+        paths.append(("dante (SOCKS5, password)", f"socks5://dave:pw@127.0.0.1:{dante[1]}"))
+    else:
+        print("dante row left out: needs root and danted (apt-get install dante-server)")
     try:
         def measure(proxy: str, count: int) -> tuple[list[float], list[float]]:
             session, total = [], []
@@ -121,6 +151,10 @@ def main() -> None:
     finally:
         squid.kill()
         socks.kill()
+        if dante is not None:
+            dante[0].terminate()
+            dante[0].wait()
+        shutil.rmtree(dante_dir, ignore_errors=True)
         squid.wait()
         for seg in os.listdir("/dev/shm"):
             if seg.startswith(f"ltbench{os.getpid()}-"):
