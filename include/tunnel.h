@@ -413,6 +413,20 @@ tunnel_result tunnel_config_set_key(struct tunnel_config *cfg, const char *key);
 tunnel_result tunnel_config_set_ca_file(struct tunnel_config *cfg, const char *path);
 
 /**
+ * Reach the relay through the upstream proxy at `proxy_url`: `http://user:pass@host:port` (HTTP
+ * CONNECT with Basic credentials), `https://...` (TLS to the proxy, trusting the config's CA
+ * file, else the public Web PKI), `socks5://user:pass@host:port` (SOCKS5, the relay's name
+ * resolved by the proxy), or `none` for a direct connection whatever the environment says.
+ * Default: `TUNNEL_PROXY`, else `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` with `NO_PROXY`, as
+ * curl reads them. A malformed URL is `TUNNEL_RESULT_INVALID_ARGUMENT`; the password never
+ * appears in an error message or a log line.
+ *
+ * # Safety
+ * `cfg` must be NULL or a live config; `proxy_url` NULL or NUL-terminated.
+ */
+tunnel_result tunnel_config_set_proxy(struct tunnel_config *cfg, const char *proxy_url);
+
+/**
  * Set how long one dial (or a listener's registration) may take, in milliseconds (default
  * `TUNNEL_TIMEOUT` seconds, else 20000). 0 and more than 30 days are
  * `TUNNEL_RESULT_INVALID_ARGUMENT`.

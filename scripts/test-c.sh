@@ -11,6 +11,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 need_debs valgrind pkg-config make gcc libc6-dev
+# tests/c/test_client.c reaches the relay through a SOCKS5 proxy with a password.
+need_debs microsocks
 
 # The C programs link the libraries cargo builds here (target/debug); build them first, since
 # `cargo test` alone does not refresh the cdylib when only a dependency changed.

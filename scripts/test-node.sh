@@ -12,6 +12,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 # shellcheck source=scripts/lib.sh
 source scripts/lib.sh
 node_deps
+# test/proxy.test.js puts a real squid (HTTP CONNECT with Basic auth) between client and relay.
+need_debs squid openssl
 cd bindings/node
 
 # Debug build of the addon (cargo metadata gives napi the shared target dir); writes

@@ -23,6 +23,8 @@ source "$ROOT/scripts/lib.sh"
 
 # The test fixture runs PostgreSQL's initdb/pg_ctl (found by glob under /usr/lib/postgresql).
 need_debs postgresql
+# tests/test_proxy.py puts a real squid (HTTP CONNECT with Basic auth) between client and relay.
+need_debs squid openssl
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_debs postgresql
 py_venv "$VENV" "${REQUIREMENTS[@]}"
 

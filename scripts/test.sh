@@ -18,6 +18,11 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust from https:
 need_debs curl ca-certificates openssl redis-server haproxy
 # systemd-analyze verify of the relay's unit, with its man: link (core/tests/it/deploy_files.rs).
 need_debs systemd man-db procps
+# Upstream proxies in front of the relay (core/tests/client_config.rs): squid (HTTP CONNECT with
+# Basic auth, and HTTPS; also the only way out of a network namespace), dante (SOCKS5 with a
+# system-account password, run in a private mount namespace) and microsocks (SOCKS5 with a
+# password on its command line, also used by the C test); unshare/nsenter/ip for the namespaces.
+need_debs squid dante-server microsocks util-linux iproute2 openssl
 
 # Tests that cannot run here append a line saying why.
 export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"

@@ -81,6 +81,12 @@ export interface ListenerBindOptions {
   /** Join the name's pool of replicas (every replica opts in; the relay spreads connections). */
   pool?: boolean
   /**
+   * Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+   * `socks5://…`, or `'none'`. Default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`
+   * with `NO_PROXY` (curl's rules). The password never appears in errors or logs.
+   */
+  proxy?: string
+  /**
    * Be an exit listener: allow rules (`[{ host: 'db.internal', port: 5432 }]` or their JSON, the
    * relay's `allow` syntax) for targets dialers reach through it with `dial(target, { via })`.
    */
@@ -152,6 +158,12 @@ export interface DialerConnectOptions {
   e2ePins?: Record<string, string>
   /** With `e2e`: this dialer's Ed25519 key (PEM text, file path or `{ pem }`), for listeners with `allowPeers`. */
   e2eIdentity?: string | { pem: string }
+  /**
+   * Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+   * `socks5://…`, or `'none'`. Default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY`
+   * with `NO_PROXY` (curl's rules). The password never appears in errors or logs.
+   */
+  proxy?: string
 }
 
 export interface LocalAddressOptions {

@@ -220,7 +220,8 @@ class Dialer extends EventEmitter {
    * dial), `ca` (PEM file for private-CA `wss://`), `classic` (Emissary's protocol), `e2e`
    * (TLS end to end inside dials to listener names; the listener's key must prove the name),
    * `e2ePins` (`{ name: key }` for chosen names), `e2eIdentity` (this dialer's Ed25519 key, for
-   * listeners with `allowPeers`).
+   * listeners with `allowPeers`), `proxy` (upstream proxy URL or `'none'`; default
+   * `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`).
    */
   static async connect (options = {}) {
     // What is not given comes from TUNNEL_RELAY, TUNNEL_KEY, TUNNEL_CA, TUNNEL_TIMEOUT and
@@ -231,7 +232,8 @@ class Dialer extends EventEmitter {
       classic: options.classic,
       e2e: options.e2e,
       e2ePins: options.e2ePins,
-      e2eIdentity: options.e2eIdentity === undefined ? undefined : keyText(options.e2eIdentity)
+      e2eIdentity: options.e2eIdentity === undefined ? undefined : keyText(options.e2eIdentity),
+      proxy: options.proxy
     })
     await raw.connect()
     return new Dialer(raw)

@@ -20,6 +20,12 @@ export interface DialerOptions {
   e2ePins?: Record<string, string>
   /** With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`. */
   e2eIdentity?: string
+  /**
+   * Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+   * `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+   * `ALL_PROXY` with `NO_PROXY`, as curl).
+   */
+  proxy?: string
 }
 /** A shared-secret key for dialers, and the relay's matching `auth_keys` entry. */
 export interface SharedKey {
@@ -88,6 +94,12 @@ export interface ListenerOptions {
   e2e?: boolean
   /** With `e2e`: require dialers' keys and admit these (base64 or key-derived names). */
   allowPeers?: Array<string>
+  /**
+   * Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+   * `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+   * `ALL_PROXY` with `NO_PROXY`, as curl).
+   */
+  proxy?: string
 }
 /** One accepted stream. */
 export interface Accepted {

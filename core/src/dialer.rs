@@ -10,7 +10,9 @@ use futures_util::SinkExt;
 
 use crate::auth::Key;
 use crate::client::events::{EventHub, Events};
+use crate::client::proxy::{Proxy, ProxyRules};
 use crate::client::relays::RelayList;
+use crate::client::ClientEnv;
 use crate::e2e::handshake::Dialing;
 use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
@@ -35,6 +37,8 @@ pub struct DialerBuilder {
     mux: MuxConfig,
     via: Option<String>,
     e2e: Option<DialerE2e>,
+    proxy: Proxy,
+    proxy_rules: Option<ProxyRules>,
 }
 
 impl DialerBuilder {
@@ -54,6 +58,21 @@ impl DialerBuilder {
     /// Multiplexed (default) or classic Emissary mode.
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// The upstream proxy to reach the relay through: [`Proxy::Url`] (HTTP CONNECT, HTTPS or
+    /// SOCKS5, credentials in the URL), [`Proxy::Off`], or (the default) [`Proxy::Environment`]:
+    /// `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, as curl does.
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = proxy;
+        self.proxy_rules = None;
+        self
+    }
+
+    /// Proxy rules already read (a [`crate::client::ClientConfig`]'s).
+    pub(crate) fn proxy_rules(mut self, rules: ProxyRules) -> Self {
+        self.proxy_rules = Some(rules);
         self
     }
 
@@ -84,7 +103,11 @@ impl DialerBuilder {
 
     /// Check the settings; no network I/O happens until the first dial.
     pub fn build(self) -> Result<Dialer> {
-        let relays = RelayList::parse(&self.relay)?;
+        let rules = match &self.proxy_rules {
+            Some(r) => r.clone(),
+            None => ProxyRules::resolve(&self.proxy, &ClientEnv::Process)?,
+        };
+        let relays = RelayList::parse(&self.relay)?.with_proxy(&rules);
         let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
         if let Some(v) = &self.via {
             Target { host: "x".into(), port: 1 }.through_exit(v)?;
@@ -157,6 +180,8 @@ impl Dialer {
             timeout: Duration::from_secs(20),
             mux: MuxConfig::default(),
             via: None,
+            proxy: Proxy::Environment,
+            proxy_rules: None,
             e2e: None,
         }
     }

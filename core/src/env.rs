@@ -65,6 +65,27 @@ pub const TIMEOUT_VAR: &str = "TUNNEL_TIMEOUT";
 pub const MODE_VAR: &str = "TUNNEL_MODE";
 /// `TUNNEL_WORKER_THREADS`: worker threads of the runtime (see [`crate::runtime`]).
 pub const WORKER_THREADS_VAR: &str = "TUNNEL_WORKER_THREADS";
+/// `TUNNEL_PROXY`: the upstream proxy to reach the relay through (see [`crate::client::proxy`]).
+pub const PROXY_VAR: &str = "TUNNEL_PROXY";
+
+/// `TUNNEL_PROXY`'s row in the client variable table.
+pub const PROXY_ROW: ClientVar = ClientVar {
+    name: PROXY_VAR,
+    help: "proxy to reach the relay through: http://[user:pass@]host:port, https://…, socks5://…, or none",
+    old_names: &[],
+};
+
+/// The conventional proxy variables' rows (each also read in lower case, which wins).
+pub const CONVENTIONAL_PROXY_ROWS: [ClientVar; 4] = [
+    ClientVar { name: "HTTPS_PROXY", help: "proxy for wss:// relays (https_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
+    ClientVar { name: "HTTP_PROXY", help: "proxy for ws:// relays (http_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
+    ClientVar { name: "ALL_PROXY", help: "proxy for relays the two above do not cover, tcp:// ones included (all_proxy wins)", old_names: &[] },
+    ClientVar {
+        name: "NO_PROXY",
+        help: "relays reached directly: host names (with their subdomains), .suffixes, IPs, CIDRs, host:port, or * (no_proxy wins)",
+        old_names: &[],
+    },
+];
 
 /// Every variable a client reads, in every face.
 pub const CLIENT_VARS: &[ClientVar] = &[
@@ -83,6 +104,11 @@ pub const CLIENT_VARS: &[ClientVar] = &[
         help: "worker threads of libtunnel's runtime (default: one per core; CLI client commands: 1)",
         old_names: &["LIBTUNNEL_WORKER_THREADS"],
     },
+    PROXY_ROW,
+    CONVENTIONAL_PROXY_ROWS[0],
+    CONVENTIONAL_PROXY_ROWS[1],
+    CONVENTIONAL_PROXY_ROWS[2],
+    CONVENTIONAL_PROXY_ROWS[3],
 ];
 
 /// Whether `var` is one a client reads (current or old name): the relay ignores these.

@@ -13,7 +13,8 @@ use std::io;
 #[non_exhaustive]
 #[repr(u32)]
 pub enum ErrorCode {
-    /// The relay rejected our credentials (wrong secret, replayed proof).
+    /// The relay rejected our credentials (wrong secret, replayed proof), or an upstream proxy
+    /// refused (or asked for) the credentials of its URL.
     AuthFailed = 1,
     /// The relay has no key with our key id.
     AuthUnknownKey = 2,

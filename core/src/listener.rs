@@ -32,7 +32,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::events::{EventHub, Events};
 use crate::client::handshake::connect_mux;
+use crate::client::proxy::{Proxy, ProxyRules};
 use crate::client::relays::RelayList;
+use crate::client::ClientEnv;
 use crate::e2e::handshake::Accepting;
 use crate::e2e::ListenerE2e;
 use crate::egress::allowlist::Allowlist;
@@ -106,6 +108,8 @@ pub struct ListenerBuilder {
     e2e: Option<ListenerE2e>,
     pool: bool,
     exit: Option<ExitConfig>,
+    proxy: Proxy,
+    proxy_rules: Option<ProxyRules>,
 }
 
 /// An exit listener's rules: the targets it connects to and how it resolves their names.
@@ -180,6 +184,21 @@ impl ListenerBuilder {
         self.tls = Some(tls);
         self
     }
+    /// The upstream proxy to reach the relay through: [`Proxy::Url`] (HTTP CONNECT, HTTPS or
+    /// SOCKS5, credentials in the URL), [`Proxy::Off`], or (the default) [`Proxy::Environment`]:
+    /// `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY`, as curl does.
+    pub fn proxy(mut self, proxy: Proxy) -> Self {
+        self.proxy = proxy;
+        self.proxy_rules = None;
+        self
+    }
+
+    /// Proxy rules already read (a [`crate::client::ClientConfig`]'s).
+    pub(crate) fn proxy_rules(mut self, rules: ProxyRules) -> Self {
+        self.proxy_rules = Some(rules);
+        self
+    }
+
     /// How long connecting and registering may take (default 20 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -212,7 +231,11 @@ impl ListenerBuilder {
     /// Connect and register. Fails (without retrying) when the first registration is refused or
     /// the relay cannot be reached; after that, lost sessions are re-established in the background.
     pub async fn bind(self) -> Result<Listener> {
-        let relays = RelayList::parse(&self.relay)?;
+        let rules = match &self.proxy_rules {
+            Some(r) => r.clone(),
+            None => ProxyRules::resolve(&self.proxy, &ClientEnv::Process)?,
+        };
+        let relays = RelayList::parse(&self.relay)?.with_proxy(&rules);
         let name = self.name.clone().unwrap_or_else(|| self.identity.name());
         if !crate::identity::valid_name(&name) {
             return Err(Error::argument(format!(
@@ -356,6 +379,8 @@ impl Listener {
             max_backoff: Duration::from_secs(10),
             pool: false,
             exit: None,
+            proxy: Proxy::Environment,
+            proxy_rules: None,
             e2e: None,
         }
     }

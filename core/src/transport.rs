@@ -251,6 +251,8 @@ pub struct RelayUrl {
     pub port: u16,
     /// The URL as given (the WebSocket request target).
     pub url: url::Url,
+    /// The upstream proxy to reach it through (`crate::client::proxy`), if any.
+    pub proxy: Option<Arc<crate::client::proxy::ProxyUrl>>,
 }
 
 impl RelayUrl {
@@ -282,14 +284,14 @@ impl RelayUrl {
         } else if url.scheme() == "https" {
             let _ = url.set_scheme("wss");
         }
-        Ok(RelayUrl { scheme, host, port, url })
+        Ok(RelayUrl { scheme, host, port, url, proxy: None })
     }
 }
 
 /// TLS trust for `wss://` relays.
 #[derive(Clone)]
 pub struct ClientTls {
-    config: Arc<rustls::ClientConfig>,
+    pub(crate) config: Arc<rustls::ClientConfig>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -381,7 +383,7 @@ pub enum Connected {
     Tcp(BoxIo),
 }
 
-fn unavailable(url: &RelayUrl, e: impl std::fmt::Display) -> Error {
+pub(crate) fn unavailable(url: &RelayUrl, e: impl std::fmt::Display) -> Error {
     Error::new(ErrorCode::RelayUnavailable, format!("cannot reach the relay at {}: {e}; check that it runs and that the URL is right", url.url))
 }
 
@@ -411,8 +413,8 @@ fn tls_failure(url: &RelayUrl, e: io::Error) -> Error {
 
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
 pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Result<Connected> {
-    let tcp = TcpStream::connect((url.host.as_str(), url.port)).await.map_err(|e| unavailable(url, e))?;
-    tune_session_socket(&tcp);
+    // Directly or through the upstream proxy.
+    let tcp = crate::client::proxy::open(url, tls).await?;
     let io: BoxIo = match url.scheme {
         Scheme::Wss => {
             let tls = tls.cloned().unwrap_or_else(ClientTls::webpki);

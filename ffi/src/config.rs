@@ -1,8 +1,8 @@
 //! `tunnel_config`: what a dialer or listener needs to reach a relay (URL, shared key, TLS
-//! roots, timeout, mode, listener identity and name), the C face of the core's
+//! roots, timeout, mode, upstream proxy, listener identity and name), the C face of the core's
 //! `libtunnel::client::ClientOptions`: what a setter does not give is read, when the dialer or
 //! listener is made, from the same `TUNNEL_*` variables every face reads (`TUNNEL_RELAY`,
-//! `TUNNEL_KEY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`, `TUNNEL_MODE`; the process
+//! `TUNNEL_KEY`, `TUNNEL_LISTENER_KEY`, `TUNNEL_CA`, `TUNNEL_TIMEOUT`, `TUNNEL_MODE`, `TUNNEL_PROXY`; the process
 //! environment, then `./.env`). Setters check their input at once, so a bad key or CA file fails
 //! where it was given. Dialers and listeners copy what they need, so a config can be freed (or
 //! reused) right after `tunnel_dialer_new` / `tunnel_listener_bind`.
@@ -17,7 +17,7 @@ use std::ffi::c_char;
 use std::path::Path;
 
 use libtunnel::client::keys::parse_key_text;
-use libtunnel::client::{checked_seconds, ClientOptions, DialerOptions, ListenerOptions};
+use libtunnel::client::{checked_seconds, ClientOptions, DialerOptions, ListenerOptions, Proxy};
 use libtunnel::ClientTls;
 use libtunnel::{Identity, Mode};
 
@@ -167,6 +167,27 @@ pub unsafe extern "C" fn tunnel_config_set_ca_file(cfg: *mut tunnel_config, path
         set(cfg, path, "path", |c, v| {
             ClientTls::from_pem_file(Path::new(v))?;
             c.listener.client.ca = Some(v.into());
+            Ok(())
+        })
+    }
+}
+
+/// Reach the relay through the upstream proxy at `proxy_url`: `http://user:pass@host:port` (HTTP
+/// CONNECT with Basic credentials), `https://...` (TLS to the proxy, trusting the config's CA
+/// file, else the public Web PKI), `socks5://user:pass@host:port` (SOCKS5, the relay's name
+/// resolved by the proxy), or `none` for a direct connection whatever the environment says.
+/// Default: `TUNNEL_PROXY`, else `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` with `NO_PROXY`, as
+/// curl reads them. A malformed URL is `TUNNEL_RESULT_INVALID_ARGUMENT`; the password never
+/// appears in an error message or a log line.
+///
+/// # Safety
+/// `cfg` must be NULL or a live config; `proxy_url` NULL or NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn tunnel_config_set_proxy(cfg: *mut tunnel_config, proxy_url: *const c_char) -> tunnel_result {
+    // SAFETY: forwarded caller guarantees.
+    unsafe {
+        set(cfg, proxy_url, "proxy_url", |c, v| {
+            c.listener.client.proxy = Some(Proxy::parse(v)?);
             Ok(())
         })
     }

@@ -148,6 +148,41 @@ async fn relay(ports: &[u16]) -> ServerHandle {
     start_relay(cfg).await
 }
 
+/// microsocks (a SOCKS5 proxy) on a free loopback port, user `carol` with `password`; `None`
+/// (and the reason, on stderr and in `LIBTUNNEL_SKIP_LOG`) when it is not installed, a failure
+/// under CI. Killed when dropped.
+async fn microsocks(password: &str) -> Option<(tokio::process::Child, u16)> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let Some(exe) = path.split(':').map(|d| Path::new(d).join("microsocks")).find(|p| p.is_file()) else {
+        let why = "C proxy checks skipped: microsocks not installed (apt-get install microsocks; scripts/test-c.sh does)";
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        eprintln!("{why}");
+        if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+            let _ = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map(|mut f| std::io::Write::write_all(&mut f, format!("{why}\n").as_bytes()));
+        }
+        return None;
+    };
+    let port = closed_port().await;
+    let child = Command::new(exe)
+        .args(["-i", "127.0.0.1", "-p", &port.to_string(), "-u", "carol", "-P", password])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start microsocks");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline, "microsocks did not listen within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Some((child, port))
+}
+
 async fn client_suite(link: Link) {
     let dir = scratch(&format!("client-{link:?}"));
     let exe = dir.join("test_client");
@@ -175,10 +210,20 @@ async fn client_suite(link: Link) {
         .env("TEST_IDENTITY", dir.join("listener.pem"))
         .env("TEST_EXIT_IDENTITY", &exit_key)
         .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");
+    // The relay through a SOCKS5 proxy with a password (tunnel_config_set_proxy).
+    let socks = microsocks("c-pr0xy-pw").await;
+    if let Some((_, port)) = &socks {
+        cmd.env("TEST_PROXY", format!("socks5://carol:c-pr0xy-pw@127.0.0.1:{port}"))
+            .env("TEST_BAD_PROXY", format!("socks5://carol:wr0ng-pw@127.0.0.1:{port}"))
+            .env("TEST_BAD_PROXY_PASSWORD", "wr0ng-pw");
+    }
     let o = run(cmd, "test_client").await;
     println!("{}", show(&o));
     assert!(o.status.success(), "test_client ({link:?}) failed:\n{}", show(&o));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
+    if socks.is_some() {
+        assert!(String::from_utf8_lossy(&o.stdout).contains("wrong proxy password"), "the proxy checks did not run:\n{}", show(&o));
+    }
     relay.abort();
 }
 

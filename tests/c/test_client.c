@@ -330,6 +330,41 @@ static void forked_child(tunnel_dialer *d, const char *echo) {
 static tunnel_dialer *g_dialer;
 static int g_pipe[2];
 static volatile int g_inner = -1, g_messages;
+/* Through the SOCKS5 proxy TEST_PROXY (socks5://user:pass@host:port, with a password): a dialer
+ * given it by tunnel_config_set_proxy moves 1 MiB hashed; TEST_BAD_PROXY (the same proxy, a
+ * wrong password, TEST_BAD_PROXY_PASSWORD) fails AUTH_FAILED with an error that names the
+ * proxy but not the password;
+ * a malformed proxy URL fails at its setter without echoing it. */
+static void through_proxy(const char *relay, const char *key, const char *echo) {
+  const char *proxy = getenv("TEST_PROXY"), *bad_proxy = getenv("TEST_BAD_PROXY");
+  tunnel_config *cfg = NULL;
+  tunnel_dialer *d = NULL;
+  int fd = -7;
+  tunnel_result r;
+  if (proxy == NULL || bad_proxy == NULL) return; /* ffi/tests/c.rs says why it did not set them */
+  tunnel_config_new(relay, &cfg);
+  tunnel_config_set_key(cfg, key);
+  tunnel_config_set_timeout_ms(cfg, 10000);
+  r = tunnel_config_set_proxy(cfg, proxy);
+  check(r == TUNNEL_RESULT_OK, "set_proxy %s", r == TUNNEL_RESULT_OK ? "" : last_err());
+  r = tunnel_dialer_new(cfg, &d);
+  check(r == TUNNEL_RESULT_OK, "dialer through the proxy %s", r == TUNNEL_RESULT_OK ? "" : last_err());
+  echo_hashed(d, echo, 1u << 20);
+  tunnel_dialer_free(d);
+  d = NULL;
+  check(tunnel_config_set_proxy(cfg, bad_proxy) == TUNNEL_RESULT_OK, "set_proxy (wrong password)");
+  check(tunnel_dialer_new(cfg, &d) == TUNNEL_RESULT_OK, "dialer through the proxy, wrong password");
+  check_code(tunnel_dialer_dial(d, echo, &fd), TUNNEL_RESULT_AUTH_FAILED, "refused the credentials", "wrong proxy password");
+  check(strstr(last_err(), "***@") != NULL && strstr(last_err(), env("TEST_BAD_PROXY_PASSWORD")) == NULL,
+        "the error masks the password: %s", last_err());
+  tunnel_dialer_free(d);
+  check_code(tunnel_config_set_proxy(cfg, "gopher://bob:hunter2@127.0.0.1:1"), TUNNEL_RESULT_INVALID_ARGUMENT, "gopher",
+             "malformed proxy URL");
+  check(strstr(last_err(), "hunter2") == NULL, "a malformed proxy URL is not echoed");
+  check(tunnel_config_set_proxy(cfg, "none") == TUNNEL_RESULT_OK, "set_proxy(\"none\")");
+  tunnel_config_free(cfg);
+}
+
 static void on_log(void *userdata, tunnel_log_level level, const char *message) {
   int fd = -1;
   (void)level;
@@ -372,6 +407,7 @@ int main(void) {
   exit_listener(d, relay, env("TEST_EXIT_IDENTITY"), echo, env("TEST_DENIED"));
   forked_child(d, echo);
   log_callback(relay, key, echo);
+  through_proxy(relay, key, echo);
   tunnel_dialer_free(d);
   return checks_summary();
 }

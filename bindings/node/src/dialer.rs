@@ -4,7 +4,7 @@
 
 use std::sync::Mutex;
 
-use libtunnel::client::ClientOptions;
+use libtunnel::client::{ClientOptions, Proxy};
 use libtunnel::dialer::route;
 use libtunnel::{Dialer, Error, ErrorCode, Mode};
 use napi::{Env, JsFunction, JsObject};
@@ -35,6 +35,10 @@ pub struct DialerOptions {
     /// With `e2e`: this dialer's Ed25519 key (PEM text or file), for listeners with `allowPeers`.
     #[napi(js_name = "e2eIdentity")]
     pub e2e_identity: Option<String>,
+    /// Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+    /// `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+    /// `ALL_PROXY` with `NO_PROXY`, as curl).
+    pub proxy: Option<String>,
 }
 
 /// A dialer. Cloning the core `Dialer` shares its session, so exports clone it into futures.
@@ -60,6 +64,7 @@ impl NativeDialer {
                     ca: o.ca.map(Into::into),
                     timeout,
                     mode: o.classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+                    proxy: o.proxy.as_deref().map(Proxy::parse).transpose()?,
                     ..ClientOptions::default()
                 },
                 via: None,

@@ -5,7 +5,7 @@
 use std::os::fd::IntoRawFd;
 use std::sync::Arc;
 
-use libtunnel::client::ClientOptions;
+use libtunnel::client::{ClientOptions, Proxy};
 use libtunnel::Listener;
 use napi::{Env, JsFunction, JsObject};
 use napi_derive::napi;
@@ -45,6 +45,10 @@ pub struct ListenerOptions {
     pub e2e: Option<bool>,
     /// With `e2e`: require dialers' keys and admit these (base64 or key-derived names).
     pub allow_peers: Option<Vec<String>>,
+    /// Upstream proxy to reach the relay through: `http://user:pass@host:port`, `https://…`,
+    /// `socks5://…`, or `none` (default: `TUNNEL_PROXY`, else `HTTPS_PROXY`/`HTTP_PROXY`/
+    /// `ALL_PROXY` with `NO_PROXY`, as curl).
+    pub proxy: Option<String>,
 }
 
 /// One accepted stream.
@@ -81,9 +85,10 @@ impl NativeListener {
         // The core's `ListenerOptions` field by field; it checks the rules between them.
         let o = options.unwrap_or_default();
         let timeout = o.timeout_ms.map(|ms| millis("timeout", ms).map(|d| d.as_secs_f64())).transpose();
+        let proxy = o.proxy.as_deref().map(Proxy::parse).transpose();
         promise(&env, async move {
             let b = libtunnel::client::ListenerOptions {
-                client: ClientOptions { relay, key, ca: o.ca.map(Into::into), timeout: timeout?, ..ClientOptions::default() },
+                client: ClientOptions { relay, key, ca: o.ca.map(Into::into), timeout: timeout?, proxy: proxy?, ..ClientOptions::default() },
                 name: o.name,
                 tcp_port: o.tcp_port.unwrap_or(false),
                 pool: o.pool.unwrap_or(false),

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, DialerOptions};
+use libtunnel::client::{ClientOptions, DialerOptions, Proxy};
 use libtunnel::dialer::route;
 use libtunnel::{Error, ErrorCode, Mode};
 use pyo3::prelude::*;
@@ -54,7 +54,7 @@ async fn start_forward(dialer: libtunnel::Dialer, target: String, local: String,
 impl Dialer {
     /// A dialer from explicit values; what is `None` comes from the `TUNNEL_*` variables.
     #[new]
-    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None))]
+    #[pyo3(signature = (relay = None, key = None, *, timeout = None, ca = None, classic = None, e2e = false, e2e_pins = Vec::new(), e2e_identity = None, proxy = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         relay: Option<String>,
@@ -65,6 +65,7 @@ impl Dialer {
         e2e: bool,
         e2e_pins: Vec<(String, String)>,
         e2e_identity: Option<String>,
+        proxy: Option<String>,
     ) -> PyResult<Self> {
         let options = DialerOptions {
             client: ClientOptions {
@@ -73,6 +74,7 @@ impl Dialer {
                 ca,
                 timeout,
                 mode: classic.map(|c| if c { Mode::Classic } else { Mode::Multiplexed }),
+                proxy: proxy.as_deref().map(Proxy::parse).transpose().map_err(to_py)?,
                 ..ClientOptions::default()
             },
             via: None,

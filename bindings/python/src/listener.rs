@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use libtunnel::client::{ClientOptions, ListenerOptions};
+use libtunnel::client::{ClientOptions, ListenerOptions, Proxy};
 use libtunnel::{Error, ErrorCode};
 use pyo3::prelude::*;
 
@@ -70,11 +70,13 @@ pub(crate) struct BindOptions {
     exit_only: bool,
     e2e: bool,
     allow_peers: Vec<String>,
+    proxy: Option<String>,
 }
 
 fn builder(o: BindOptions) -> PyResult<libtunnel::ListenerBuilder> {
+    let proxy = o.proxy.as_deref().map(Proxy::parse).transpose().map_err(to_py)?;
     ListenerOptions {
-        client: ClientOptions { relay: o.relay, key: o.key, ca: o.ca, timeout: o.timeout, ..ClientOptions::default() },
+        client: ClientOptions { relay: o.relay, key: o.key, ca: o.ca, timeout: o.timeout, proxy, ..ClientOptions::default() },
         name: o.name,
         tcp_port: o.tcp_port,
         pool: o.pool,

@@ -143,6 +143,11 @@ enum Cmd {
         /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
         #[arg(long)]
         timeout: Option<f64>,
+        /// Reach the relay through this proxy: http://[user:pass@]host:port (CONNECT), https://…
+        /// (TLS to the proxy), socks5://… (remote DNS), or `none` for a direct connection (default
+        /// $TUNNEL_PROXY, else $HTTPS_PROXY / $HTTP_PROXY / $ALL_PROXY with $NO_PROXY, as curl).
+        #[arg(long, value_name = "URL|none")]
+        proxy: Option<String>,
         /// End-to-end encryption: terminate TLS 1.3 (with this key, which the name proves) on every
         /// stream and refuse plaintext ones, so the relay sees only ciphertext.
         #[arg(long)]
@@ -209,6 +214,11 @@ struct ClientArgs {
     /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).
     #[arg(long)]
     timeout: Option<f64>,
+    /// Reach the relay through this proxy: http://[user:pass@]host:port (CONNECT), https://…
+    /// (TLS to the proxy), socks5://… (remote DNS), or `none` for a direct connection (default
+    /// $TUNNEL_PROXY, else $HTTPS_PROXY / $HTTP_PROXY / $ALL_PROXY with $NO_PROXY, as curl).
+    #[arg(long, value_name = "URL|none")]
+    proxy: Option<String>,
     /// End-to-end encrypt dials to listener names (TLS 1.3 inside the tunnel; the listener's key
     /// must prove the name dialed, so the relay can neither read nor impersonate).
     #[arg(long)]
@@ -223,22 +233,28 @@ struct ClientArgs {
     e2e_identity: Option<PathBuf>,
 }
 
+/// `--proxy URL|none`; a bad URL is named by its flag (never echoed: it may hold a password).
+fn proxy_flag(text: &str) -> Result<libtunnel::client::Proxy, Error> {
+    libtunnel::client::Proxy::parse(text).map_err(|e| Error::new(e.code(), format!("--proxy: {}", e.message())))
+}
+
 impl ClientArgs {
-    fn options(&self) -> ClientOptions {
-        ClientOptions {
+    fn options(&self) -> Result<ClientOptions, Error> {
+        Ok(ClientOptions {
             relay: self.relay.clone(),
             key: self.key.clone(),
             ca: self.ca.clone(),
             timeout: self.timeout,
             mode: self.classic.then_some(Mode::Classic),
+            proxy: self.proxy.as_deref().map(proxy_flag).transpose()?,
             ..ClientOptions::default()
-        }
+        })
     }
 
     /// The dialer these flags describe; every dial goes through the exit listener `via` when given.
     fn dialer(&self, via: Option<String>) -> Result<Dialer, Error> {
         DialerOptions {
-            client: self.options(),
+            client: self.options()?,
             via,
             e2e: self.e2e,
             e2e_pins: self.e2e_pin.clone(),
@@ -447,11 +463,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
             tls_passthrough,
             ca,
             timeout,
+            proxy,
             e2e,
             allow_peer,
         } => {
+            let proxy = proxy.as_deref().map(proxy_flag).transpose()?;
             let b = ListenerOptions {
-                client: ClientOptions { relay, key, ca, timeout, ..ClientOptions::default() },
+                client: ClientOptions { relay, key, ca, timeout, proxy, ..ClientOptions::default() },
                 name,
                 tcp_port,
                 pool,

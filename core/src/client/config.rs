@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::keys::{load_identity_text, parse_key_text};
+use super::proxy::{Proxy, ProxyRules};
 use crate::auth::Key;
 use crate::dialer::{Dialer, DialerBuilder};
 use crate::error::{Error, ErrorCode, Result};
@@ -21,7 +22,7 @@ use crate::stream::Mode;
 use crate::transport::ClientTls;
 
 pub use crate::env::{
-    checked_millis, checked_seconds, is_client_var, ClientVar, CA_VAR, CLIENT_VARS, KEY_VAR, LISTENER_KEY_VAR, MAX_SECONDS, MODE_VAR, RELAY_VAR,
+    checked_millis, checked_seconds, is_client_var, ClientVar, CA_VAR, CLIENT_VARS, KEY_VAR, LISTENER_KEY_VAR, MAX_SECONDS, MODE_VAR, PROXY_VAR, RELAY_VAR,
     TIMEOUT_VAR, WORKER_THREADS_VAR,
 };
 
@@ -107,6 +108,9 @@ pub struct ClientOptions {
     pub timeout: Option<f64>,
     /// Emissary classic mode (dialers).
     pub mode: Option<Mode>,
+    /// The upstream proxy (`--proxy URL|none`); unset: `TUNNEL_PROXY`, then the conventional
+    /// `HTTPS_PROXY`/`HTTP_PROXY`/`ALL_PROXY` with `NO_PROXY` (see [`super::proxy`]).
+    pub proxy: Option<Proxy>,
     /// Where unset values come from.
     pub env: ClientEnv,
     /// How this face gives a key, for the error when none is given (default "pass the key";
@@ -122,6 +126,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("ca", &self.ca)
             .field("timeout", &self.timeout)
             .field("mode", &self.mode)
+            .field("proxy", &self.proxy)
             .finish_non_exhaustive()
     }
 }
@@ -141,6 +146,8 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Multiplexed or Emissary classic.
     pub mode: Mode,
+    /// Which upstream proxy each relay URL is reached through.
+    pub proxy: ProxyRules,
 }
 
 impl ClientOptions {
@@ -215,7 +222,8 @@ impl ClientOptions {
                 None => Mode::Multiplexed,
             },
         };
-        Ok(ClientConfig { relay, key, identity, tls, timeout, mode })
+        let proxy = ProxyRules::resolve(&self.proxy.unwrap_or_default(), env)?;
+        Ok(ClientConfig { relay, key, identity, tls, timeout, mode, proxy })
     }
 }
 
@@ -236,7 +244,7 @@ impl ClientConfig {
     /// A dialer builder with this relay, key, trust, timeout and mode (add options, then build).
     pub fn dialer_builder(&self) -> Result<DialerBuilder> {
         let key = self.key.clone().ok_or_else(|| Error::argument("this client configuration has no shared key; a dialer needs one"))?;
-        let mut b = Dialer::builder(&self.relay).key(key).mode(self.mode).timeout(self.timeout);
+        let mut b = Dialer::builder(&self.relay).key(key).mode(self.mode).timeout(self.timeout).proxy_rules(self.proxy.clone());
         if let Some(tls) = &self.tls {
             b = b.tls(tls.clone());
         }
@@ -251,7 +259,7 @@ impl ClientConfig {
     /// A listener builder with this relay, identity, trust and timeout (add options, then bind).
     pub fn listener_builder(&self) -> Result<ListenerBuilder> {
         let id = self.identity.clone().ok_or_else(|| Error::argument("this client configuration has no listener key; a listener needs one"))?;
-        let mut b = crate::listener::Listener::builder(&self.relay, id).timeout(self.timeout);
+        let mut b = crate::listener::Listener::builder(&self.relay, id).timeout(self.timeout).proxy_rules(self.proxy.clone());
         if let Some(tls) = &self.tls {
             b = b.tls(tls.clone());
         }

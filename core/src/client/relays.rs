@@ -43,6 +43,12 @@ impl RelayList {
         Ok(RelayList { urls, current: AtomicUsize::new(0) })
     }
 
+    /// Reach each relay through the proxy `rules` pick for it.
+    pub(crate) fn with_proxy(mut self, rules: &super::proxy::ProxyRules) -> RelayList {
+        super::proxy::apply(&mut self.urls, rules);
+        self
+    }
+
     /// The relay in use now (the first until one fails).
     pub(crate) fn current(&self) -> &RelayUrl {
         &self.urls[self.current.load(Relaxed) % self.urls.len()]

@@ -32,6 +32,7 @@ def _native_dialer(
     e2e: bool = False,
     e2e_pins: Mapping[str, str] | None = None,
     e2e_identity: StrPath | None = None,
+    proxy: str | None = None,
 ) -> _native.Dialer:
     # What is None comes from the TUNNEL_* variables (and ./.env), read by the core.
     return _native.Dialer(
@@ -43,6 +44,7 @@ def _native_dialer(
         e2e=e2e,
         e2e_pins=list((e2e_pins or {}).items()),
         e2e_identity=None if e2e_identity is None else os.fspath(e2e_identity),
+        proxy=proxy,
     )
 
 
@@ -68,7 +70,10 @@ class _DialerBase:
     inside every dial to a listener name, accepting the listener only if its key proves the name
     (the relay can neither read nor impersonate); ``e2e_pins`` maps chosen names to their
     listener's key (base64 or key-derived name); ``e2e_identity`` (Ed25519 PEM text or file) is
-    presented to listeners with ``allow_peers``.
+    presented to listeners with ``allow_peers``. ``proxy`` is the upstream proxy to reach the relay
+    through (``http://user:pass@host:port``, ``https://…``, ``socks5://…``, or ``"none"`` for a direct
+    connection; default ``$TUNNEL_PROXY``, else ``https_proxy``/``http_proxy``/``all_proxy`` with
+    ``no_proxy``, as curl).
     ``on_connected`` (a :class:`Connected`), ``on_disconnected`` (the cause, a
     :class:`TunnelError` with its ``.code``) and ``on_reconnecting`` (a :class:`Reconnecting`)
     are called when the session to the relay is opened (by :meth:`connect`, or by the first dial after a loss: a dialer reconnects on
@@ -87,10 +92,11 @@ class _DialerBase:
         e2e: bool = False,
         e2e_pins: Mapping[str, str] | None = None,
         e2e_identity: StrPath | None = None,
+        proxy: str | None = None,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
     ) -> None:
-        self._native = _native_dialer(relay, key, timeout, ca, classic, e2e, e2e_pins, e2e_identity)
+        self._native = _native_dialer(relay, key, timeout, ca, classic, e2e, e2e_pins, e2e_identity, proxy)
         self._callbacks = (on_connected, on_disconnected)
         self._watch: _native.Watch | None = None
         self._subscribe(None)

@@ -155,6 +155,9 @@ class Listener(_ListenerBase):
     ``h2c`` says the local service speaks HTTP/2 with prior
     knowledge (a gRPC server: public requests reach it as HTTP/2); ``tls_passthrough`` has the
     relay's HTTPS port pass connections whose SNI names this listener through undecrypted.
+    ``proxy`` is the upstream proxy to reach the relay through (``http://user:pass@host:port``,
+    ``https://…``, ``socks5://…``, or ``"none"``; default ``$TUNNEL_PROXY``, else the
+    conventional ``https_proxy``/``http_proxy``/``all_proxy`` with ``no_proxy``, as curl).
     ``on_connected`` (a :class:`Connected`), ``on_disconnected`` (the cause, a
     :class:`TunnelError` with its ``.code``) and ``on_reconnecting`` (a :class:`Reconnecting`)
     are called (on a background thread) when the session to the relay comes back, drops, or is about to be retried: see
@@ -178,6 +181,7 @@ class Listener(_ListenerBase):
         exit_only: bool = False,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
         on_reconnecting: OnReconnecting | None = None,
@@ -186,6 +190,7 @@ class Listener(_ListenerBase):
             _bind_options(
                 relay, key, ca, exit, allow_peers, timeout=timeout, name=name, tcp_port=tcp_port, pool=pool, h2c=h2c,
                 tls_passthrough=tls_passthrough, backlog=backlog, exit_only=exit_only, e2e=e2e,
+                proxy=proxy,
             )
         )
         self._exposed: _native.Background | None = None
@@ -255,6 +260,7 @@ class AsyncListener(_ListenerBase):
         exit_only: bool = False,
         h2c: bool = False,
         tls_passthrough: bool = False,
+        proxy: str | None = None,
         on_connected: OnConnected | None = None,
         on_disconnected: OnDisconnected | None = None,
         on_reconnecting: OnReconnecting | None = None,
@@ -265,6 +271,7 @@ class AsyncListener(_ListenerBase):
             _bind_options(
                 relay, key, ca, exit, allow_peers, timeout=timeout, name=name, tcp_port=tcp_port, pool=pool, h2c=h2c,
                 tls_passthrough=tls_passthrough, backlog=backlog, exit_only=exit_only, e2e=e2e,
+                proxy=proxy,
             )
         )
         listener = cls(native)

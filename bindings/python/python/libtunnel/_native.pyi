@@ -45,6 +45,7 @@ class Dialer:
         e2e: bool = False,
         e2e_pins: list[tuple[str, str]] = ...,
         e2e_identity: str | None = None,
+        proxy: str | None = None,
     ) -> Dialer: ...
     @property
     def relay(self) -> str: ...
