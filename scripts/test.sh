@@ -15,7 +15,9 @@ mkdir -p "$LOGDIR"
 source scripts/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
-need_debs curl ca-certificates openssl redis-server haproxy
+# The cluster tests (core/tests/cluster.rs): Redis with Sentinel, HAProxy, and headless Chromium for
+# the dashboard.
+need_debs curl ca-certificates openssl redis-server redis-sentinel haproxy chromium
 # systemd-analyze verify of the relay's unit, with its man: link (core/tests/deploy_files.rs).
 need_debs systemd man-db procps
 

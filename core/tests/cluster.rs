@@ -1205,3 +1205,171 @@ async fn held_names_cost_redis_one_refresh_per_node_and_a_dead_nodes_names_are_c
         l.close();
     }
 }
+
+/// The admin token of the fleet-view test's nodes.
+const ADMIN_TOKEN: &str = "fleet-view-admin-token-0123456789";
+
+/// `GET path` on an admin endpoint (with `Authorization: Bearer` when `token`): status, the raw
+/// response (head and body).
+async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let mut s = within(STEP, "connect to the admin endpoint", TcpStream::connect(addr)).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await.expect("send");
+    let mut out = String::new();
+    within(STEP, "the admin answer", s.read_to_string(&mut out)).await.expect("read");
+    (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+}
+
+/// The JSON body of an admin answer.
+fn json_body(raw: &str) -> serde_json::Value {
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("no JSON in {raw:?}: {e}"))
+}
+
+/// Headless Chromium (Debian's `chromium`), or `None` with the reason in the skip log.
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(p) = cluster::program("chromium").or_else(|| cluster::program("chromium-browser")) {
+        return Some(p);
+    }
+    let why = "dashboard browser check skipped: chromium not installed (apt-get install chromium; scripts/test.sh does)";
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("{why}");
+    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopback_only() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (k, k_solo) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"shared\"]}}, {{\"public_key\": \"{}\", \"names\": [\"solo\"]}}]",
+        k.public_key_base64(),
+        k_solo.public_key_base64()
+    );
+    let redis = Redis::start(cluster::free_port().await).await;
+    let mut nodes = Vec::new();
+    let mut admins = Vec::new();
+    for _ in 0..2 {
+        let port = cluster::free_port().await;
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        nodes.push(Node::start(&redis.url(), &[grants.clone(), format!("admin_listen={admin}"), format!("admin_token={ADMIN_TOKEN}")]).await);
+        admins.push(admin);
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // One plain listener on A; a pool with a replica on each node.
+    let solo = Arc::new(within(STEP, "bind solo on A", Listener::builder(&a.url, k_solo).name("solo").bind()).await.expect("bind solo"));
+    let p1 = within(STEP, "pool on A", Listener::builder(&a.url, k.clone()).name("shared").pool(true).bind()).await.expect("pool on A");
+    let p2 = within(STEP, "pool on B", Listener::builder(&b.url, k).name("shared").pool(true).bind()).await.expect("pool on B");
+    serve(solo.clone());
+
+    // Each node answers for the whole cluster (asked on B, which holds only a replica).
+    let t = Instant::now();
+    let listeners = loop {
+        let (status, raw) = admin_get(admins[1], "/cluster/listeners", Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 200, "{raw}");
+        let listeners = json_body(&raw);
+        if listeners.as_array().is_some_and(|l| l.len() == 2 && l[0]["replicas"] == 2) {
+            break listeners;
+        }
+        assert!(t.elapsed() < STEP, "both names with their holders in /cluster/listeners: {listeners:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (status, raw) = admin_get(admins[1], "/cluster/nodes", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    let fleet = json_body(&raw);
+    let fleet_nodes = fleet.as_array().expect("an array of nodes");
+    assert_eq!(fleet_nodes.len(), 2, "{fleet:#}");
+    assert!(fleet_nodes.iter().all(|n| n["alive"] == true && n["url"].as_str().is_some_and(|u| u.starts_with("ws"))), "{fleet:#}");
+    assert_eq!(fleet_nodes.iter().filter(|n| n["this"] == true).count(), 1, "{fleet:#}");
+    let id_of = |url: &str| fleet_nodes.iter().find(|n| n["url"] == url).map(|n| n["id"].as_str().unwrap_or("").to_string());
+    let a_id = id_of(&a.url).unwrap_or_else(|| panic!("node A ({}) in {fleet:#}", a.url));
+    assert_eq!(fleet_nodes.iter().find(|n| n["id"] == a_id.as_str()).map(|n| n["names"].clone()), Some(serde_json::json!(2)));
+    let (shared, solo_row) = (&listeners[0], &listeners[1]);
+    assert_eq!((shared["name"].as_str(), shared["pool"].as_bool(), shared["exit"].as_bool()), (Some("shared"), Some(true), Some(false)));
+    assert_eq!((solo_row["name"].as_str(), solo_row["replicas"].as_u64(), solo_row["pool"].as_bool()), (Some("solo"), Some(1), Some(false)));
+    assert_eq!(solo_row["nodes"][0]["id"].as_str(), Some(a_id.as_str()), "{listeners:#}");
+    // Without the token: refused.
+    assert_eq!(admin_get(admins[0], "/cluster/nodes", None).await.0, 401);
+
+    // `tunnel status --cluster`: aligned tables from either node.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["status", "--cluster", "--admin", &admins[0].to_string(), "--token", ADMIN_TOKEN])
+        .env_remove("TUNNEL_ADMIN_TOKEN")
+        .output()
+        .await
+        .expect("run tunnel status --cluster");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && out.stderr.is_empty(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NODE") && lines[0].ends_with("NAMES"), "{text}");
+    let header = lines.iter().position(|l| l.starts_with("LISTENER")).expect("the listeners table");
+    let col = lines[header].find("REPLICAS").expect("a REPLICAS column");
+    let shared_line = lines[header + 1];
+    assert!(shared_line.starts_with("shared") && shared_line.contains("pool"), "{text}");
+    // Right-aligned under its header: the count ends where the header ends.
+    assert_eq!(&shared_line[col..col + "REPLICAS".len()], "       2", "{text}");
+    assert!(text.trim_end().ends_with("2 of 2 node(s) alive (* the node asked); 2 listener name(s) in the cluster"), "{text}");
+
+    // Some traffic and a refusal, for the charts.
+    let (status, _) = get(a.http, "solo.localhost", "/x").await;
+    assert_eq!(status, 200);
+    assert_eq!(get(b.http, "nobody.localhost", "/x").await.0, 502);
+
+    // The dashboard: behind the token, compiled in, kept on its own origin.
+    assert_eq!(admin_get(admins[0], "/dashboard", None).await.0, 401);
+    let (status, raw) = admin_get(admins[0], &format!("/dashboard?token={ADMIN_TOKEN}"), None).await;
+    assert_eq!(status, 200, "{raw}");
+    let csp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:")).unwrap_or_else(|| panic!("a CSP in {raw}"));
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let mut assets = raw.clone();
+    for path in ["/dashboard/app.js", "/dashboard/app.css"] {
+        let (status, raw) = admin_get(admins[0], path, None).await;
+        assert_eq!(status, 200, "{path}: {raw}");
+        assets.push_str(&raw);
+    }
+    // No address of any other origin anywhere in the page or its assets.
+    assert!(!assets.contains("://") && !assets.contains("src=\"//") && !assets.contains("href=\"//"), "an external reference in the dashboard");
+    let (status, raw) = admin_get(admins[1], "/dashboard/data", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    let data = json_body(&raw);
+    assert_eq!(data["cluster"]["listeners"].as_array().map(Vec::len), Some(2), "{data:#}");
+    assert_eq!(data["errors"], serde_json::json!([{"reason": "listener_offline", "count": 1}]), "{data:#}");
+    assert!(data["history"].as_array().is_some_and(|h| !h.is_empty()), "{data:#}");
+
+    if let Some(browser) = chromium() {
+        let profile = std::env::temp_dir().join(format!("libtunnel-chromium-{}", std::process::id()));
+        let url = format!("http://{}/dashboard?token={ADMIN_TOKEN}", admins[1]);
+        let run = tokio::process::Command::new(browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
+            .args(["--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps"])
+            // Any name but loopback fails to resolve: a request leaving loopback would fail.
+            .arg("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--virtual-time-budget=10000", "--dump-dom", &url])
+            .kill_on_drop(true)
+            .output();
+        let out = within(Duration::from_secs(90), "chromium --dump-dom", run).await.expect("run chromium");
+        let _ = std::fs::remove_dir_all(&profile);
+        let dom = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(dom.contains("data-loaded=\"1\""), "the page drew its data: {dom}");
+        assert!(dom.contains("id=\"listener-count\">2<") && dom.contains("id=\"node-count\">2<"), "2 names on 2 nodes: {dom}");
+        for chart in ["chart-traffic", "chart-streams", "chart-refusals", "chart-sessions"] {
+            let at = dom.find(&format!("id=\"{chart}\"")).unwrap_or_else(|| panic!("{chart} in {dom}"));
+            let svg = &dom[at..at + dom[at..].find("</svg>").expect("the chart's end")];
+            assert!(svg.contains("<rect class=\"bar"), "{chart} has bars: {svg}");
+        }
+        assert!(dom.contains(">solo<") && dom.contains(">shared<") && dom.contains(">listener_offline<"), "{dom}");
+    }
+    drop((p1, p2, solo));
+}

@@ -235,6 +235,11 @@ impl Metrics {
         self.refusals[why as usize].load(Relaxed)
     }
 
+    /// Every refusal reason (its `libtunnel_refusals_total` label) and its count so far.
+    pub(crate) fn refusal_counts(&self) -> Vec<(&'static str, u64)> {
+        REFUSAL_NAMES.iter().zip(&self.refusals).map(|(n, v)| (*n, v.load(Relaxed))).collect()
+    }
+
     /// Authentication failures so far.
     pub fn auth_failures(&self) -> u64 {
         self.auth_failures.load(Relaxed)

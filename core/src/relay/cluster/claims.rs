@@ -299,6 +299,11 @@ impl Claims {
         })
     }
 
+    /// The shared connection and the namespace, for reads of the whole table (`fleet`).
+    pub(super) fn connection(&self) -> (ConnectionManager, &str) {
+        (self.conn.clone(), &self.ns)
+    }
+
     fn name_key(&self, name: &str) -> String {
         format!("{}:name:{name}", self.ns)
     }

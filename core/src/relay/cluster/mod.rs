@@ -27,6 +27,7 @@
 //! exit listener checks the dialer's `exits` grant itself.
 
 pub(crate) mod claims;
+pub(crate) mod fleet;
 mod mirrors;
 mod node_auth;
 pub(crate) mod peers;
