@@ -165,8 +165,8 @@ pub struct ExitGrant {
 /// and a stream for a name another node holds is forwarded to it over one node-to-node session.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
-    /// `unix:///path`).
+    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS,
+    /// `unix:///path`, or `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER[?db=N]`).
     pub redis: String,
     /// PEM CA certificates to trust for `rediss://` (default: the system's roots and the Web PKI).
     pub redis_ca: Option<PathBuf>,
@@ -190,7 +190,11 @@ impl ClusterConfig {
                 let _ = u.set_password(Some("***"));
                 u.to_string()
             }
-            _ => self.redis.clone(),
+            // `redis+sentinel://user:pw@h:1,h:2/m` is no URL the parser takes: cut the password out.
+            _ => match self.redis.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+                Some((scheme, (user, rest))) if user.contains(':') => format!("{scheme}://{}:***@{rest}", user.split(':').next().unwrap_or("")),
+                _ => self.redis.clone(),
+            },
         }
     }
 }
@@ -766,8 +770,8 @@ fn cluster_from<'a>(get: &dyn Fn(&str) -> Option<(&'a str, &'a str)>, claim_ttl:
         }
         return Ok(None);
     };
-    if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| redis.starts_with(p)) {
-        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, or unix:///run/redis.sock)")));
+    if !["redis://", "rediss://", "redis+unix://", "unix://", "redis+sentinel://"].iter().any(|p| redis.starts_with(p)) {
+        return Err(Error::config(format!("{w} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, unix:///run/redis.sock, or redis+sentinel://host:26379,host:26379/MASTER)")));
     }
     let redis_ca = get("cluster_redis_ca").map(|(v, _)| PathBuf::from(v));
     if let Some(ca) = &redis_ca {

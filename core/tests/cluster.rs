@@ -1373,3 +1373,139 @@ async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopba
     }
     drop((p1, p2, solo));
 }
+
+/// A field of a flat `SENTINEL MASTER` reply.
+fn field<'a>(reply: &'a [String], name: &str) -> Option<&'a str> {
+    reply.chunks(2).find(|kv| kv[0] == name).and_then(|kv| kv.get(1)).map(String::as_str)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_the_cluster_follows_a_failover_and_claims_nothing_twice() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() || !cluster::sentinel_program() {
+        return;
+    }
+    const MASTER: &str = "relays";
+    let dir = std::env::temp_dir().join(format!("libtunnel-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut primary = Redis::start(cluster::free_port().await).await;
+    let replica = Redis::start_replica(cluster::free_port().await, primary.port, &dir).await;
+    let mut sentinels = Vec::new();
+    for _ in 0..3 {
+        sentinels.push(Redis::start_sentinel(cluster::free_port().await, primary.port, MASTER, &dir).await);
+    }
+    // Each sentinel knows the replica and the two other sentinels (they find each other through
+    // the primary), so a failover can be agreed.
+    let t = Instant::now();
+    for s in &sentinels {
+        loop {
+            let m = s.cmd(&["SENTINEL", "MASTER", MASTER]).await;
+            if field(&m, "num-slaves") == Some("1") && field(&m, "num-other-sentinels") == Some("2") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "the sentinels did not find the replica and each other within 30 s: {m:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (k1, k2) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"survivor\"]}}, {{\"public_key\": \"{}\", \"names\": [\"survivor\"]}}]",
+        k1.public_key_base64(),
+        k2.public_key_base64()
+    );
+    let url = format!("redis+sentinel://{}/{MASTER}", sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(","));
+    // The default cluster_ttl (10 s): node keys outlive the failover (about 2.5 s here).
+    let settings = [grants];
+    let a = Node::start(&url, &settings).await;
+    let b = Node::start(&url, &settings).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, k1).name("survivor").bind()).await.expect("bind"));
+    serve(listener.clone());
+    // Claimed on the primary and passed on to the replica before the primary dies (the first
+    // claim may wait for the nodes to ask the sentinels where the primary is).
+    async fn holders(r: &Redis) -> usize {
+        r.cmd_ok(&["HKEYS", "libtunnel:name:survivor"]).await.unwrap_or_default().iter().filter(|f| f.starts_with("n:")).count()
+    }
+    let r = &replica;
+    until(
+        STEP,
+        "the claim and both node keys reach the replica",
+        || async move { holders(r).await == 1 && r.count_keys("libtunnel:node:*").await == 2 },
+    )
+    .await;
+
+    // Dials by name through B (the listener is on A) and through A, every 20 ms, until told to
+    // stop: (when, through B?, the error code if it failed).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut traffic = Vec::new();
+    for (via, through_b) in [(b.url.clone(), true), (a.url.clone(), false)] {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        traffic.push(tokio::spawn(async move {
+            let d = dialer(&via);
+            let mut log = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r: Result<(), ErrorCode> = within(STEP, "a dial by name", async {
+                    let s = d.dial("survivor:0").await.map_err(|e| e.code())?;
+                    echo_roundtrip(s, b"through the failover", true).await.map(|_| ()).map_err(|_| ErrorCode::Io)
+                })
+                .await;
+                if r.is_ok() {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                log.push((Instant::now(), through_b, r.err()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            log
+        }));
+    }
+    let ok_count = &ok;
+    until(STEP, "dials flow", || async move { ok_count.load(std::sync::atomic::Ordering::Relaxed) >= 10 }).await;
+
+    primary.stop().await;
+    // The sentinels promote the replica...
+    let port = replica.port.to_string();
+    let promoted = until(Duration::from_secs(30), "the sentinels promote the replica", || {
+        let (s, port) = (&sentinels[0], port.clone());
+        async move { s.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER]).await.get(1) == Some(&port) }
+    })
+    .await;
+    // ...and the cluster follows: dials through B succeed again, without the listener
+    // registering anew.
+    let through_b = &dialer(&b.url);
+    let healed = until(Duration::from_secs(30), "a dial through B succeeds after the failover", || async move {
+        match through_b.dial("survivor:0").await {
+            Ok(s) => echo_roundtrip(s, b"after", true).await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut log = Vec::new();
+    for t in traffic {
+        log.extend(t.await.expect("traffic task"));
+    }
+    let (via_a, via_b): (Vec<_>, Vec<_>) = log.iter().partition(|(_, through_b, _)| !through_b);
+    // The local name never failed on A; through B, only while no primary was reachable, and
+    // then as RELAY_UNAVAILABLE (never offline, never taken).
+    assert!(via_a.iter().all(|(_, _, e)| e.is_none()), "dials through A failed: {via_a:?}");
+    let failed: Vec<_> = via_b.iter().filter_map(|(_, _, e)| *e).collect();
+    assert!(failed.iter().all(|c| *c == ErrorCode::RelayUnavailable), "dials through B failed otherwise: {failed:?}");
+    eprintln!(
+        "sentinel failover: promoted {:.2} s after the kill, dials through B back {:.2} s after the kill; {} of {} dials through B failed (RELAY_UNAVAILABLE), {} through A, none failed",
+        promoted.as_secs_f64(),
+        (promoted + healed).as_secs_f64(),
+        failed.len(),
+        via_b.len(),
+        via_a.len(),
+    );
+
+    // Nothing claimed twice: one holder on the new primary, and another key is refused the name.
+    assert_eq!(holders(r).await, 1);
+    let e = within(STEP, "k2 on B", Listener::builder(&b.url, k2).name("survivor").bind()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert_eq!(a.metric("libtunnel_cluster_claims").await, 1);
+    assert_eq!(b.metric("libtunnel_cluster_claims").await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -62,7 +62,7 @@ type Reply = (Vec<(String, String, i64, i64)>, Vec<Vec<String>>, i64);
 impl Cluster {
     /// Read the whole fleet from Redis (one script call).
     pub(crate) async fn fleet(&self) -> redis::RedisResult<Fleet> {
-        let (mut conn, ns) = self.claims.connection();
+        let (mut conn, ns) = self.claims.connection()?;
         let (nodes, names, truncated): Reply = redis::Script::new(FLEET).arg(ns).arg(MAX_NAMES).invoke_async(&mut conn).await?;
         let url_of: std::collections::HashMap<&str, &str> = nodes.iter().map(|(id, url, _, _)| (id.as_str(), url.as_str())).collect();
         let listeners = names
