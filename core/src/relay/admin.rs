@@ -296,6 +296,8 @@ pub(super) async fn serve(state: Arc<RelayState>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source = PerSource::default();
     let history = Arc::new(dashboard::History::default());
+    // The first sample before the first request: every answer has a bar up to now.
+    history.sample(&state.metrics);
     state.tasks.spawn(dashboard::sample_loop(state.clone(), history.clone()));
     loop {
         let (sock, peer) = tokio::select! {

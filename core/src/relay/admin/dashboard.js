@@ -127,7 +127,8 @@
     chart("chart-streams", h, ["streams", "http_requests"]);
     chart("chart-refusals", h, ["refusals"]);
     chart("chart-sessions", h.map((p) => ({ at: p.at, listeners: p.listeners, dialers: p.dialer_sessions })), ["listeners", "dialers"]);
-    rows("errors", d.errors || [], (e) => [e.reason, e.count]);
+    const errors = d.errors || [];
+    rows("errors", errors.length ? errors : [{ reason: "none in the last hour", count: 0 }], (e) => [e.reason, e.count]);
     const st = $("status");
     st.className = "";
     st.textContent = "updated " + new Date().toLocaleTimeString();

@@ -57,7 +57,8 @@ impl Sample {
     fn take(m: &Metrics) -> Sample {
         Sample {
             at: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            bytes: m.bytes_to_targets.load(Relaxed) + m.bytes_from_targets.load(Relaxed),
+            // Dialed streams count when they end; public HTTP bodies as they pass.
+            bytes: m.bytes_to_targets.load(Relaxed) + m.bytes_from_targets.load(Relaxed) + m.per_listener.bytes_total(),
             streams: m.streams_total.load(Relaxed) + m.listener_streams.load(Relaxed),
             http_requests: m.http_requests.load(Relaxed),
             refusals: m.refusal_counts(),
@@ -121,10 +122,10 @@ impl History {
     }
 }
 
-/// Sample the counters every [`SAMPLE_EVERY`] until the relay drains (one at start, so the first
-/// minute already has a bar).
+/// Sample the counters every [`SAMPLE_EVERY`] until the relay drains (the first sample is taken
+/// before the endpoint serves, so the first minute already has a bar).
 pub(super) async fn sample_loop(state: Arc<RelayState>, history: Arc<History>) {
-    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + SAMPLE_EVERY, SAMPLE_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
