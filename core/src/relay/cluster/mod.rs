@@ -9,9 +9,12 @@
 //! - **routes**: a stream for a name no local listener holds (dial by name, public HTTP or TCP,
 //!   `via` an exit) is looked up in Redis (cached; every change is published, and each node drops
 //!   what it cached for that name) and forwarded to the node that holds it (`peers`);
-//! - **failure rules**: Redis unreachable → local listeners keep working, registrations are held
-//!   locally and claimed when Redis returns, remote names fail with `RELAY_UNAVAILABLE` naming
-//!   Redis; a node that dies → its streams fail on both ends, its listeners reconnect to another
+//! - **failure rules**: Redis unreachable (down, or failing over behind Sentinel) → local
+//!   listeners keep working, registrations are held locally and claimed when Redis returns, a
+//!   remote name this node routed in the last [`ROUTE_CACHE_FOR`] keeps that route (the holder
+//!   still confirms every stream over its authenticated session, and answers offline if it no
+//!   longer holds the name), other remote names fail with `RELAY_UNAVAILABLE` naming Redis; a
+//!   node that dies → its streams fail on both ends, its listeners reconnect to another
 //!   node (through the load balancer, or their next relay URL) and claim again.
 //!
 //! Bodies and stream bytes never pass through Redis: only names, node URLs and epochs.
@@ -351,7 +354,12 @@ impl Cluster {
             }
             Err(e) => {
                 self.redis_failed(state, "looking up a listener name", &e);
-                Err(RedisDown)
+                // Redis is down or moving: a route known a moment ago is better than none.
+                let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+                match routes.get(name) {
+                    Some((h, at)) if !h.nodes.is_empty() && at.elapsed() < ROUTE_CACHE_FOR => Ok(h.clone()),
+                    _ => Err(RedisDown),
+                }
             }
         }
     }
@@ -584,6 +592,8 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
                 tracing::debug!(error = %e, "cannot subscribe to the cluster's change notices; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
+                    // Behind Sentinel: a new primary was named, subscribe there at once.
+                    _ = me.primary.moved() => {}
                     _ = state.draining.cancelled() => return,
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -626,8 +636,9 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
                 state.tasks.spawn(async move { me.reassert(&st, &name).await });
             }
         }
+        // The cached routes are no longer kept right by notices: not used while Redis answers,
+        // only in its place while it does not (`lookup`), and dropped once resubscribed.
         me.subscribed.store(false, Relaxed);
-        me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::debug!("lost the cluster's change notices; resubscribing");
     }
 }

@@ -115,6 +115,8 @@ pub(crate) struct Primary {
     master: String,
     resolving: AtomicBool,
     last_resolve: Mutex<Option<Instant>>,
+    /// Woken when the connection moved to a new primary (the change subscription waits on it).
+    moved: tokio::sync::Notify,
 }
 
 fn manager_config() -> ConnectionManagerConfig {
@@ -140,6 +142,7 @@ impl Primary {
             master: String::new(),
             resolving: AtomicBool::new(false),
             last_resolve: Mutex::new(None),
+            moved: tokio::sync::Notify::new(),
         })
     }
 
@@ -160,6 +163,7 @@ impl Primary {
             master: url.master.clone(),
             resolving: AtomicBool::new(false),
             last_resolve: Mutex::new(None),
+            moved: tokio::sync::Notify::new(),
         })
     }
 
@@ -196,6 +200,11 @@ impl Primary {
                 Err(self.not_yet())
             }
         }
+    }
+
+    /// Until the connection moves to a new primary (never, for a fixed server).
+    pub(crate) async fn moved(&self) {
+        self.moved.notified().await
     }
 
     /// With Sentinel, ask the sentinels where the primary is now (at start, and whenever a
@@ -243,6 +252,7 @@ impl Primary {
             }
         };
         let old = self.current.lock().unwrap_or_else(|p| p.into_inner()).replace(Current { client, conn, addr: addr.clone() });
+        self.moved.notify_waiters();
         match old {
             Some(o) => {
                 tracing::warn!(master = %self.master, from = %o.addr, to = %addr, "the sentinels named a new Redis primary (failover); the cluster registry moves there")
