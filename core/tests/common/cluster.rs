@@ -340,7 +340,7 @@ impl Redis {
     }
 
     /// A `redis-sentinel` on `port` monitoring the primary on `primary` as `master` (quorum 2,
-    /// down after 1 s), its config file in `dir`.
+    /// down after 1 s, a failed election retried after 4 s), its config file in `dir`.
     pub async fn start_sentinel(port: u16, primary: u16, master: &str, dir: &Path) -> Redis {
         let conf = dir.join(format!("sentinel-{port}.conf"));
         std::fs::write(
@@ -349,7 +349,7 @@ impl Redis {
                 "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {}\n\
                  sentinel monitor {master} 127.0.0.1 {primary} 2\n\
                  sentinel down-after-milliseconds {master} 1000\n\
-                 sentinel failover-timeout {master} 5000\n\
+                 sentinel failover-timeout {master} 2000\n\
                  sentinel parallel-syncs {master} 1\n",
                 dir.display()
             ),

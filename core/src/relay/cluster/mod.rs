@@ -92,9 +92,14 @@ pub(crate) struct Cluster {
     /// Where Redis is (a fixed server, or the primary the sentinels name).
     primary: Arc<sentinel::Primary>,
     held: Mutex<HashMap<String, Held>>,
+    /// Cached routes, with when their lookup started.
     routes: Mutex<HashMap<String, (Holders, Instant)>>,
-    /// The change subscription is live, so cached routes can be trusted.
+    /// The change subscription is live, so cached routes can be trusted...
     subscribed: AtomicBool,
+    /// ...those looked up since it was last made. Older ones stand in only while Redis does
+    /// not answer (kept, not dropped, so a lookup that fails as the primary moves still finds
+    /// the route it knew).
+    subscribed_at: Mutex<Instant>,
     /// The last Redis command succeeded (for logging transitions once).
     redis_up: AtomicBool,
     peers: peers::Peers,
@@ -154,6 +159,7 @@ impl Cluster {
             held: Mutex::default(),
             routes: Mutex::default(),
             subscribed: AtomicBool::new(false),
+            subscribed_at: Mutex::new(Instant::now()),
             redis_up: AtomicBool::new(true),
             peers,
             turn: std::sync::atomic::AtomicUsize::new(0),
@@ -332,8 +338,9 @@ impl Cluster {
     /// Where `name` is held in the cluster (cached while the change subscription is live).
     pub(crate) async fn lookup(&self, state: &RelayState, name: &str) -> std::result::Result<Holders, RedisDown> {
         if self.subscribed.load(Relaxed) {
+            let since = *self.subscribed_at.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((h, at)) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
-                if at.elapsed() < if h.nodes.is_empty() { OFFLINE_CACHE_FOR } else { ROUTE_CACHE_FOR } {
+                if *at >= since && at.elapsed() < if h.nodes.is_empty() { OFFLINE_CACHE_FOR } else { ROUTE_CACHE_FOR } {
                     return Ok(h.clone());
                 }
             }
@@ -348,7 +355,9 @@ impl Cluster {
                     if routes.len() >= ROUTE_CACHE_MAX {
                         routes.clear();
                     }
-                    routes.insert(name.to_string(), (h.clone(), Instant::now()));
+                    // Dated from before the read: a read that raced a resubscription is not
+                    // trusted after it.
+                    routes.insert(name.to_string(), (h.clone(), t));
                 }
                 Ok(h)
             }
@@ -569,7 +578,8 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
 
 /// Follow change notices: drop the cached route of each name that changed, re-assert our claim
 /// on a name we hold (a replacement elsewhere closes our listener). Without a subscription the
-/// cache is not used, and it is dropped whenever the subscription is remade.
+/// cache only stands in for Redis while it does not answer, and what it held before the
+/// subscription was remade is not trusted after.
 async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
     let mut delay = Duration::from_millis(100);
     loop {
@@ -590,6 +600,9 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             Ok(ps) => ps,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot subscribe to the cluster's change notices; retrying");
+                // Behind Sentinel, ask where the primary is now: a node that makes no other
+                // call to Redis (no lookups) would otherwise learn only at its next announcement.
+                me.primary.recheck();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     // Behind Sentinel: a new primary was named, subscribe there at once.
@@ -601,7 +614,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             }
         };
         delay = Duration::from_millis(100);
-        me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *me.subscribed_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         me.subscribed.store(true, Relaxed);
         // Claims made while we were not subscribed may have replaced ours: check them all.
         me.reassert_all(&state, false).await;
@@ -637,7 +650,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             }
         }
         // The cached routes are no longer kept right by notices: not used while Redis answers,
-        // only in its place while it does not (`lookup`), and dropped once resubscribed.
+        // only in its place while it does not (`lookup`), and not trusted after resubscribing.
         me.subscribed.store(false, Relaxed);
         tracing::debug!("lost the cluster's change notices; resubscribing");
     }
