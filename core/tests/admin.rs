@@ -198,6 +198,7 @@ async fn a_single_relays_dashboard_and_cluster_paths() {
     let data: serde_json::Value = serde_json::from_str(body.split_once("\r\n\r\n").expect("a body").1).expect("JSON");
     assert_eq!(data["cluster"], serde_json::Value::Null);
     assert_eq!(data["listeners"][0]["name"].as_str(), Some(listener.name().as_str()), "{data:#}");
+    assert_eq!(data["listener_names"], 1, "{data:#}");
     assert_eq!(data["sample_secs"], 60);
     assert_eq!(data["history"].as_array().map(Vec::len), Some(1), "one sample at start, then up to now: {data:#}");
     assert_eq!(data["errors"], serde_json::json!([]));

@@ -1351,6 +1351,7 @@ async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopba
     assert_eq!(status, 200, "{raw}");
     let data = json_body(&raw);
     assert_eq!(data["cluster"]["listeners"].as_array().map(Vec::len), Some(2), "{data:#}");
+    assert_eq!((&data["cluster"]["listener_count"], &data["cluster"]["truncated"]), (&serde_json::json!(2), &serde_json::json!(false)), "{data:#}");
     assert_eq!(data["errors"], serde_json::json!([{"reason": "listener_offline", "count": 1}]), "{data:#}");
     assert!(data["history"].as_array().is_some_and(|h| !h.is_empty()), "{data:#}");
 

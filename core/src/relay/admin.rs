@@ -87,7 +87,8 @@ fn not_clustered() -> Response<Body> {
 /// `/cluster/nodes` or `/cluster/listeners`: the whole cluster, from Redis.
 async fn cluster(state: &RelayState, nodes: bool) -> Response<Body> {
     let Some(c) = &state.cluster else { return not_clustered() };
-    match c.fleet().await {
+    // The nodes need no name's row: only the count of names each holds.
+    match c.fleet(if nodes { 0 } else { super::cluster::fleet::MAX_NAMES }).await {
         Ok(f) if nodes => respond(StatusCode::OK, Value::Array(f.nodes)),
         Ok(f) => {
             let mut r = respond(StatusCode::OK, Value::Array(f.listeners));

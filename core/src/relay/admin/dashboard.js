@@ -85,7 +85,7 @@
   function render(d) {
     const c = d.cluster;
     const local = d.listeners || [];
-    let names;
+    let names, count, note;
     if (c && c.listeners) {
       const alive = c.nodes.filter((n) => n.alive);
       text("where", "cluster node " + c.node_id + " · " + alive.length + " of " + c.nodes.length + " nodes alive");
@@ -99,7 +99,8 @@
         name: l.name, pool: l.pool, exit: l.exit, replicas: l.replicas,
         nodes: l.nodes.map((n) => n.id).join(", "), key: l.public_key,
       }));
-      text("listeners-note", c.truncated ? "only the first names are listed (the registry holds more)" : "");
+      count = c.listener_count ?? names.length;
+      note = c.truncated ? "the first " + names.length + " of " + count + " names; GET /cluster/listeners lists them all" : "";
     } else {
       text("where", c && c.error ? c.error : "single relay (no cluster)");
       text("node-count", 1);
@@ -112,9 +113,11 @@
         by.set(l.name, e);
       }
       names = [...by.values()];
-      text("listeners-note", "");
+      count = d.listener_names ?? names.length;
+      note = count > names.length ? "the first " + names.length + " of " + count + " names; GET /listeners lists them all" : "";
     }
-    text("listener-count", names.length);
+    text("listeners-note", note);
+    text("listener-count", count);
     rows("listeners", names, (l) => [
       l.name, [l.pool ? "pool" : "", l.exit ? "exit" : ""].filter(Boolean).join(", ") || "-", l.replicas, l.nodes, l.key,
     ]);

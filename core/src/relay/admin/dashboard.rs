@@ -10,8 +10,8 @@
 //!   it as a bearer token on its data requests). `/dashboard/app.js` and `/dashboard/app.css`
 //!   carry no data and are served without it (a `<script src>` cannot send a header).
 //! - `/dashboard/data` is what the page draws, refreshed every few seconds: the fleet from Redis
-//!   (`cluster::fleet`) on a node of a cluster, this relay's listeners and sessions, and the
-//!   [`History`] ring.
+//!   (`cluster::fleet`) on a node of a cluster, this relay's listeners and sessions (at most
+//!   [`ROWS`] listener rows each, with whole counts), and the [`History`] ring.
 //! - [`History`]: a sample of this relay's counters every minute, the last hour kept in memory
 //!   (61 samples); each chart bar is the difference between two samples, the last one up to now.
 
@@ -38,6 +38,10 @@ pub(super) const CSP: &str = "default-src 'self'; base-uri 'none'; form-action '
 pub(super) const SAMPLE_EVERY: Duration = Duration::from_secs(60);
 /// Samples kept: an hour of minutes, plus the one each difference starts from.
 const SAMPLES: usize = 61;
+/// Most listener rows one refresh of the page carries (cluster-wide, and this relay's): the
+/// page refreshes every 5 s, and 1,000 names were 650 kB each time; the counts stay whole, and
+/// `/cluster/listeners` (or `/listeners`) lists every one.
+const ROWS: usize = 100;
 
 /// The counters one sample records.
 #[derive(Debug, Clone, Default)]
@@ -140,14 +144,20 @@ pub(super) async fn data(state: &RelayState, history: &History) -> Value {
     let (points, errors) = history.series(&state.metrics);
     let cluster = match &state.cluster {
         None => json!(null),
-        Some(c) => match c.fleet().await {
-            Ok(f) => json!({"node_id": c.node_id, "nodes": f.nodes, "listeners": f.listeners, "truncated": f.truncated}),
+        Some(c) => match c.fleet(ROWS).await {
+            Ok(f) => json!({"node_id": c.node_id, "nodes": f.nodes, "listeners": f.listeners, "listener_count": f.names, "truncated": f.truncated}),
             Err(e) => json!({"node_id": c.node_id, "error": format!("cannot read the cluster registry (Redis at {}): {e}", c.cfg.redacted_redis())}),
         },
     };
+    let mut local = super::listeners(state);
+    let local_names = local.as_array().map_or(0, |l| l.iter().filter_map(|r| r["name"].as_str()).collect::<std::collections::HashSet<_>>().len());
+    if let Some(rows) = local.as_array_mut() {
+        rows.truncate(ROWS);
+    }
     json!({
         "cluster": cluster,
-        "listeners": super::listeners(state),
+        "listeners": local,
+        "listener_names": local_names,
         "sessions": super::sessions(state),
         "sample_secs": SAMPLE_EVERY.as_secs(),
         "history": points,
