@@ -1328,9 +1328,11 @@ async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopba
     assert_eq!(&shared_line[col..col + "REPLICAS".len()], "       2", "{text}");
     assert!(text.trim_end().ends_with("2 of 2 node(s) alive (* the node asked); 2 listener name(s) in the cluster"), "{text}");
 
-    // Some traffic and a refusal, for the charts.
+    // Some traffic and a refusal on A, for the charts of A's page below (a node counts the
+    // bodies of the listeners it holds), and a refusal on B.
     let (status, _) = get(a.http, "solo.localhost", "/x").await;
     assert_eq!(status, 200);
+    assert_eq!(get(a.http, "nobody.localhost", "/x").await.0, 502);
     assert_eq!(get(b.http, "nobody.localhost", "/x").await.0, 502);
 
     // The dashboard: behind the token, compiled in, kept on its own origin.
@@ -1358,7 +1360,7 @@ async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopba
     if let Some(browser) = chromium() {
         let profile = std::env::temp_dir().join(format!("libtunnel-chromium-{}", std::process::id()));
         let netlog = profile.with_extension("netlog.json");
-        let origin = format!("http://{}", admins[1]);
+        let origin = format!("http://{}", admins[0]);
         let url = format!("{origin}/dashboard?token={ADMIN_TOKEN}");
         let chromium = |out: &[String]| {
             let mut cmd = tokio::process::Command::new(&browser);
@@ -1401,12 +1403,73 @@ async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopba
         assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
         let png = std::fs::read(&shot).expect("the screenshot");
         assert_eq!((&png[..8], &png[16..24]), (&b"\x89PNG\r\n\x1a\n"[..], &[0, 0, 5, 0, 0, 0, 3, 232][..]), "a 1280x1000 PNG at {}", shot.display());
-        eprintln!("dashboard screenshot: {} ({} bytes); {} requests from the page, all to {origin}", shot.display(), png.len(), asked.len());
+        // The screenshot read back by the browser (a canvas stands in for a PNG decoder): the
+        // bars' colours (dashboard.css) in four separate panels, two columns of two, as the
+        // page lays its charts out at this width.
+        let check = profile.with_extension("check.html");
+        let png_b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        };
+        std::fs::write(&check, format!("<!doctype html><pre id=\"out\">none</pre><script>{SCREENSHOT_BARS}</script><img id=\"shot\" src=\"data:image/png;base64,{png_b64}\">"))
+            .expect("write the check page");
+        let out = tokio::process::Command::new(&browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--virtual-time-budget=5000", "--dump-dom"])
+            .arg(format!("file://{}", check.display()))
+            .kill_on_drop(true)
+            .output();
+        let out = within(Duration::from_secs(90), "chromium reading the screenshot", out).await.expect("run chromium");
+        let _ = std::fs::remove_file(&check);
+        let dom = String::from_utf8_lossy(&out.stdout);
+        let panels = dom.split_once("<pre id=\"out\">").and_then(|(_, r)| r.split_once('<')).map_or("", |(p, _)| p);
+        // Per column (left, right), the vertical runs of bar pixels: "y0-y1" each.
+        let columns: Vec<Vec<&str>> = panels.split('|').map(|c| c.split(' ').filter(|r| !r.is_empty()).collect()).collect();
+        assert!(columns.len() == 2 && columns.iter().all(|runs| runs.len() == 2), "bars in two charts per column in {}: {panels:?}", shot.display());
+        eprintln!(
+            "dashboard screenshot: {} ({} bytes), bars at {panels}; {} requests from the page, all to {origin}",
+            shot.display(),
+            png.len(),
+            asked.len()
+        );
         let _ = std::fs::remove_dir_all(&profile);
         let _ = std::fs::remove_file(&netlog);
     }
     drop((p1, p2, solo));
 }
+
+/// Run in a page holding a screenshot (`<img id="shot">`): finds the pixels of the chart bars'
+/// colours (#3a6ea5, #e08a2c), and writes, for the left and the right half of the image, the
+/// vertical runs they form ("y0-y1 y0-y1|y0-y1 ..."; a gap of 20 rows ends a run).
+const SCREENSHOT_BARS: &str = r#"
+addEventListener("load", () => {
+  const img = document.getElementById("shot");
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth;
+  c.height = img.naturalHeight;
+  const g = c.getContext("2d");
+  g.drawImage(img, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  const rows = [new Set(), new Set()];
+  for (let y = 0; y < c.height; y++) {
+    for (let x = 0; x < c.width; x++) {
+      const i = (y * c.width + x) * 4;
+      const [r, gr, b] = [d[i], d[i + 1], d[i + 2]];
+      if ((r === 0x3a && gr === 0x6e && b === 0xa5) || (r === 0xe0 && gr === 0x8a && b === 0x2c)) rows[x < c.width / 2 ? 0 : 1].add(y);
+    }
+  }
+  document.getElementById("out").textContent = rows.map((set) => {
+    const ys = [...set].sort((a, b) => a - b);
+    const runs = [];
+    for (const y of ys) {
+      if (runs.length && y - runs[runs.length - 1][1] <= 20) runs[runs.length - 1][1] = y;
+      else runs.push([y, y]);
+    }
+    return runs.map(([a, b]) => a + "-" + b).join(" ");
+  }).join("|");
+});
+"#;
 
 /// The URLs a page asked for, from a Chromium net log (`--log-net-log`): the requests its
 /// origin started, and every request under its top frame (keyed by the page's site), as opposed
