@@ -15,10 +15,12 @@ mkdir -p "$LOGDIR"
 source scripts/lib.sh
 
 command -v cargo >/dev/null || { echo "cargo not found: install Rust from https://rustup.rs" >&2; exit 1; }
-need_debs curl ca-certificates openssl redis-server haproxy
+# The cluster tests (core/tests/it/cluster.rs): Redis with Sentinel, HAProxy, and headless Chromium for
+# the dashboard.
+need_debs curl ca-certificates openssl redis-server redis-sentinel haproxy chromium
 # systemd-analyze verify of the relay's unit, with its man: link (core/tests/it/deploy_files.rs).
 need_debs systemd man-db procps
-# Upstream proxies in front of the relay (core/tests/client_config.rs): squid (HTTP CONNECT with
+# Upstream proxies in front of the relay (core/tests/it/client_config.rs): squid (HTTP CONNECT with
 # Basic auth, and HTTPS; also the only way out of a network namespace), dante (SOCKS5 with a
 # system-account password, run in a private mount namespace) and microsocks (SOCKS5 with a
 # password on its command line, also used by the C test); unshare/nsenter/ip for the namespaces.

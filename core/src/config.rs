@@ -47,8 +47,8 @@ pub struct ExitGrant {
 /// and a stream for a name another node holds is forwarded to it over one node-to-node session.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS, or
-    /// `unix:///path`).
+    /// The Redis URL (`redis://[user:password@]host:port[/db]`, `rediss://` for TLS,
+    /// `unix:///path`, or `redis+sentinel://[user:password@]host:port[,host:port…]/MASTER[?db=N]`).
     pub redis: String,
     /// PEM CA certificates to trust for `rediss://` (default: the system's roots and the Web PKI).
     pub redis_ca: Option<PathBuf>,
@@ -72,7 +72,11 @@ impl ClusterConfig {
                 let _ = u.set_password(Some("***"));
                 u.to_string()
             }
-            _ => self.redis.clone(),
+            // `redis+sentinel://user:pw@h:1,h:2/m` is no URL the parser takes: cut the password out.
+            _ => match self.redis.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.split_once('@')?))) {
+                Some((scheme, (user, rest))) if user.contains(':') => format!("{scheme}://{}:***@{rest}", user.split(':').next().unwrap_or("")),
+                _ => self.redis.clone(),
+            },
         }
     }
 }

@@ -291,3 +291,81 @@ impl Balancer {
         Balancer { child, url: format!("ws://127.0.0.1:{tunnel_port}"), http: SocketAddr::from(([127, 0, 0, 1], http_port)), _dir: TempDir(dir) }
     }
 }
+
+/// Whether Debian's `redis-sentinel` is installed; when not, the test is skipped with a line in
+/// the skip log (`scripts/test.sh` installs it).
+pub fn sentinel_program() -> bool {
+    if program("redis-sentinel").is_some() {
+        return true;
+    }
+    let why = "sentinel failover test skipped: redis-sentinel not installed (apt-get install redis-sentinel; scripts/test.sh does)";
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("{why}");
+    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+    false
+}
+
+impl Redis {
+    /// A `redis-server` replicating `primary` (port), on `port`; the copy it receives is written
+    /// in `dir`.
+    pub async fn start_replica(port: u16, primary: u16, dir: &Path) -> Redis {
+        let child = Command::new(program("redis-server").expect("redis-server"))
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--replicaof", "127.0.0.1", &primary.to_string(), "--dir", dir.to_str().expect("utf8")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-server as a replica");
+        let r = Redis { child, port };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !r.cmd_ok(&["INFO", "replication"]).await.is_some_and(|i| i.concat().contains("master_link_status:up")) {
+            assert!(tokio::time::Instant::now() < deadline, "the replica did not sync with its primary within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        r
+    }
+
+    /// A `redis-sentinel` on `port` monitoring the primary on `primary` as `master` (quorum 2,
+    /// down after 1 s, a failed election retried after 4 s), its config file in `dir`.
+    pub async fn start_sentinel(port: u16, primary: u16, master: &str, dir: &Path) -> Redis {
+        let conf = dir.join(format!("sentinel-{port}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\ndir {}\n\
+                 sentinel monitor {master} 127.0.0.1 {primary} 2\n\
+                 sentinel down-after-milliseconds {master} 1000\n\
+                 sentinel failover-timeout {master} 2000\n\
+                 sentinel parallel-syncs {master} 1\n",
+                dir.display()
+            ),
+        )
+        .expect("write the sentinel's config");
+        let child = Command::new(program("redis-sentinel").expect("redis-sentinel"))
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start redis-sentinel");
+        let r = Redis { child, port };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.cmd_ok(&["PING"]).await.is_none() {
+            assert!(tokio::time::Instant::now() < deadline, "redis-sentinel did not answer within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r
+    }
+
+    /// [`Redis::cmd`], or `None` when the server cannot be reached (yet, or any more).
+    pub async fn cmd_ok(&self, args: &[&str]) -> Option<Vec<String>> {
+        TcpStream::connect(("127.0.0.1", self.port)).await.ok()?;
+        Some(self.cmd(args).await)
+    }
+}

@@ -5,6 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "tunnel/status_cluster.rs"]
+mod status_cluster;
+
 use clap::{Args, Parser, Subcommand};
 use libtunnel::client::config::ClientVar;
 use libtunnel::client::keys::{ListenerKeyText, SharedKeyText};
@@ -183,6 +186,9 @@ enum Cmd {
         /// The relay's admin token (default $TUNNEL_ADMIN_TOKEN, from the environment or ./.env).
         #[arg(long)]
         token: Option<String>,
+        /// Show the whole cluster (every node and listener name, from Redis) instead of this relay.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Print a shell completion script (`tunnel completions bash > /etc/bash_completion.d/tunnel`).
     Completions {
@@ -549,7 +555,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             r
         }
         Cmd::Demo => libtunnel::demo::run().await,
-        Cmd::Status { admin, token } => {
+        Cmd::Status { admin, token, cluster } => {
             let token = match token {
                 Some(t) => Some(t),
                 None => ClientEnv::Process.var(&ADMIN_TOKEN_VAR)?,
@@ -560,6 +566,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     "no admin token: pass --token or set TUNNEL_ADMIN_TOKEN (the relay's admin_token; ./.env is read too)",
                 )
             })?;
+            if cluster {
+                let nodes = admin_get(&admin, "/cluster/nodes", &token).await?;
+                let listeners = admin_get(&admin, "/cluster/listeners", &token).await?;
+                say!("{}", status_cluster::table(&nodes, &listeners).trim_end());
+                return Ok(());
+            }
             let listeners = admin_get(&admin, "/listeners", &token).await?;
             let sessions = admin_get(&admin, "/sessions", &token).await?;
             say!("{}", status_table(&listeners, &sessions).trim_end());

@@ -359,7 +359,7 @@ settings! {
             example "<at least 16 characters; required with TUNNEL_ADMIN_LISTEN>";
         "load balancers (IPs/CIDRs, space separated) whose connections start with a PROXY header (v1 or v2) naming the client"
         proxy_protocol_from: Endpoints, cfg.proxy_protocol_from <- nets, unset "none";
-        "Redis URL of the cluster this relay is a node of (redis://host:6379), or off"
+        "Redis URL of the cluster this relay is a node of (redis://host:6379, rediss://, or redis+sentinel://host:26379,host:26379/MASTER to follow a Sentinel-managed primary), or off"
         cluster_redis: Cluster, cluster.redis <- redis_url, default "off", [secret];
         "PEM CA file to trust for a rediss:// (TLS) cluster_redis; default: system roots"
         cluster_redis_ca: Cluster, cluster.redis_ca <- path, unset "system roots";
@@ -639,8 +639,10 @@ fn redis_url(text: &str, var: &str, _: &Setting) -> Result<Option<String>> {
     if off(text) {
         return Ok(None);
     }
-    if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| text.starts_with(p)) {
-        return Err(Error::config(format!("{var} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, or unix:///run/redis.sock)")));
+    if !["redis://", "rediss://", "redis+unix://", "unix://", "redis+sentinel://"].iter().any(|p| text.starts_with(p)) {
+        return Err(Error::config(format!(
+            "{var} must be a Redis URL like redis://127.0.0.1:6379 (rediss:// for TLS, unix:///run/redis.sock, or redis+sentinel://host:26379,host:26379/MASTER)"
+        )));
     }
     Ok(Some(text.to_string()))
 }

@@ -7,6 +7,11 @@
 //! - `GET /sessions`: session and stream counts.
 //! - `GET /config`: the settings in force, secrets redacted (key ids, never secrets).
 //! - `GET /metrics`: the Prometheus text of the tunnel endpoint's `/metrics`.
+//! - `GET /cluster/nodes`, `GET /cluster/listeners` (a node of a cluster): the whole cluster as
+//!   Redis holds it, whichever node is asked (`cluster::fleet`): nodes with their liveness, names
+//!   with their key, mode (pool, exit) and the nodes holding them.
+//! - `GET /dashboard`: the web dashboard (`dashboard`), compiled in, under a CSP that keeps it on
+//!   this origin.
 //!
 //! Everything but `/healthz` answers 401 without `Authorization: Bearer <admin_token>`; the token
 //! is compared in constant time. `tunnel status --admin URL` prints these as tables.
@@ -37,6 +42,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::RelayState;
 
+mod dashboard;
+
 type Body = Full<Bytes>;
 
 fn respond(status: StatusCode, body: Value) -> Response<Body> {
@@ -49,7 +56,53 @@ fn respond(status: StatusCode, body: Value) -> Response<Body> {
 fn authorized(state: &RelayState, req: &Request<Incoming>) -> bool {
     let Some(token) = state.cfg.admin_token.as_deref() else { return false };
     let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // A browser opening the dashboard cannot send a header: `/dashboard?token=` (that page only).
+    let given = given.map(str::to_string).or_else(|| {
+        (req.uri().path() == "/dashboard")
+            .then(|| req.uri().query())
+            .flatten()
+            .and_then(|q| url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned()))
+    });
     given.is_some_and(|g| bool::from(g.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
+/// A dashboard answer: `body` as `content_type`, kept on this origin by its CSP.
+fn page(body: &'static str, content_type: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    h.insert(header::CONTENT_SECURITY_POLICY, header::HeaderValue::from_static(dashboard::CSP));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, header::HeaderValue::from_static("nosniff"));
+    // The page's address may carry the token: never send it on as a referrer.
+    h.insert(header::REFERRER_POLICY, header::HeaderValue::from_static("no-referrer"));
+    h.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The answer for a `/cluster/...` path on a relay that is no node of a cluster.
+fn not_clustered() -> Response<Body> {
+    respond(StatusCode::NOT_FOUND, json!({"error": "this relay is not a node of a cluster (cluster_redis is unset): /listeners lists its listeners"}))
+}
+
+/// `/cluster/nodes` or `/cluster/listeners`: the whole cluster, from Redis.
+async fn cluster(state: &RelayState, nodes: bool) -> Response<Body> {
+    let Some(c) = &state.cluster else { return not_clustered() };
+    // The nodes need no name's row: only the count of names each holds.
+    match c.fleet(if nodes { 0 } else { super::cluster::fleet::MAX_NAMES }).await {
+        Ok(f) if nodes => respond(StatusCode::OK, Value::Array(f.nodes)),
+        Ok(f) => {
+            let mut r = respond(StatusCode::OK, Value::Array(f.listeners));
+            if f.truncated {
+                let n = header::HeaderValue::from(super::cluster::fleet::MAX_NAMES);
+                r.headers_mut().insert("x-truncated-at", n);
+            }
+            r
+        }
+        Err(e) => respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": format!("cannot read the cluster registry (Redis at {}): {e}; this node's own listeners: /listeners", c.cfg.redacted_redis())}),
+        ),
+    }
 }
 
 fn listeners(state: &RelayState) -> Value {
@@ -108,12 +161,16 @@ fn config(state: &RelayState) -> Value {
     v
 }
 
-fn route(state: &RelayState, req: Request<Incoming>) -> Response<Body> {
+async fn route(state: &RelayState, history: &dashboard::History, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
         return respond(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "the admin endpoint serves GET only"}));
     }
-    if req.uri().path() == "/healthz" {
-        return respond(StatusCode::OK, json!({"ok": true}));
+    match req.uri().path() {
+        "/healthz" => return respond(StatusCode::OK, json!({"ok": true})),
+        // The dashboard's code and style: no data, so no token (a `<script src>` sends none).
+        "/dashboard/app.js" => return page(dashboard::SCRIPT, "text/javascript; charset=utf-8"),
+        "/dashboard/app.css" => return page(dashboard::STYLE, "text/css; charset=utf-8"),
+        _ => {}
     }
     if !authorized(state, &req) {
         let mut r = respond(StatusCode::UNAUTHORIZED, json!({"error": "send Authorization: Bearer <admin_token> (the relay's admin_token setting)"}));
@@ -124,12 +181,19 @@ fn route(state: &RelayState, req: Request<Incoming>) -> Response<Body> {
         "/listeners" => respond(StatusCode::OK, listeners(state)),
         "/sessions" => respond(StatusCode::OK, sessions(state)),
         "/config" => respond(StatusCode::OK, config(state)),
+        "/cluster/nodes" => cluster(state, true).await,
+        "/cluster/listeners" => cluster(state, false).await,
+        "/dashboard" => page(dashboard::PAGE, "text/html; charset=utf-8"),
+        "/dashboard/data" => respond(StatusCode::OK, dashboard::data(state, history).await),
         "/metrics" => {
             let mut r = Response::new(Full::new(Bytes::from(state.metrics_text())));
             r.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; version=0.0.4"));
             r
         }
-        _ => respond(StatusCode::NOT_FOUND, json!({"error": "admin paths: /listeners, /sessions, /config, /metrics, /healthz"})),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            json!({"error": "admin paths: /listeners, /sessions, /config, /metrics, /cluster/nodes, /cluster/listeners, /dashboard, /healthz"}),
+        ),
     }
 }
 
@@ -190,6 +254,10 @@ impl Drop for Counted {
 pub(super) async fn serve(state: Arc<RelayState>, listener: TcpListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_source = PerSource::default();
+    let history = Arc::new(dashboard::History::default());
+    // The first sample before the first request: every answer has a bar up to now.
+    history.sample(&state.metrics);
+    state.tasks.spawn(dashboard::sample_loop(state.clone(), history.clone()));
     loop {
         let (sock, peer) = tokio::select! {
             _ = state.draining.cancelled() => return,
@@ -203,22 +271,22 @@ pub(super) async fn serve(state: Arc<RelayState>, listener: TcpListener) {
                 continue;
             }
         };
-        let st = state.clone();
+        let (st, h) = (state.clone(), history.clone());
         state.tasks.spawn(async move {
             let _counted = counted;
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, serve_one(st, sock)).await;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, serve_one(st, h, sock)).await;
         });
     }
 }
 
 /// One admin connection: its request head within [`HEAD_TIMEOUT`], then one exchange.
-async fn serve_one(st: Arc<RelayState>, mut sock: tokio::net::TcpStream) {
+async fn serve_one(st: Arc<RelayState>, history: Arc<dashboard::History>, mut sock: tokio::net::TcpStream) {
     let Ok(Some(head)) = tokio::time::timeout(HEAD_TIMEOUT, crate::transport::read_request_head(&mut sock, MAX_HEAD)).await else {
         return;
     };
     let svc = hyper::service::service_fn(move |req| {
-        let st = st.clone();
-        async move { Ok::<_, Infallible>(route(&st, req)) }
+        let (st, history) = (st.clone(), history.clone());
+        async move { Ok::<_, Infallible>(route(&st, &history, req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

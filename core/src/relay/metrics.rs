@@ -194,6 +194,12 @@ impl PerListener {
         Some(t.entry(name.to_string()).or_default().clone())
     }
 
+    /// Public HTTP body bytes of every listener with a series, both directions.
+    pub(crate) fn bytes_total(&self) -> u64 {
+        let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        t.values().map(|l| l.bytes_in.load(Relaxed) + l.bytes_out.load(Relaxed)).sum()
+    }
+
     fn render(&self, s: &mut String) {
         let t = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let _ = writeln!(s, "# HELP libtunnel_http_listener_responses_total Public HTTP responses per listener, by status code.");
@@ -233,6 +239,11 @@ impl Metrics {
     /// Refusals counted for a reason.
     pub fn refusals(&self, why: Refusal) -> u64 {
         self.refusals[why as usize].load(Relaxed)
+    }
+
+    /// Every refusal reason (its `libtunnel_refusals_total` label) and its count so far.
+    pub(crate) fn refusal_counts(&self) -> Vec<(&'static str, u64)> {
+        REFUSAL_NAMES.iter().zip(&self.refusals).map(|(n, v)| (*n, v.load(Relaxed))).collect()
     }
 
     /// Authentication failures so far.

@@ -159,3 +159,44 @@ async fn an_unknown_key_id_is_refused_without_listing_the_relays_key_ids() {
     assert!(!err.message().contains("key ids") && !err.message().contains("[3]"), "the relay's key ids leaked: {err}");
     relay.abort();
 }
+
+/// A relay on its own: `/cluster/*` says it is no node of a cluster; the dashboard's page needs
+/// the token (header or `?token=`), its script and style do not, and its data lists this relay's
+/// listeners with no cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_relays_dashboard_and_cluster_paths() {
+    let key = Key::new(3, SECRET.to_vec()).expect("key");
+    let allow = Allowlist::from_json(r#"[{"host":"127.0.0.1","port":9}]"#, "TUNNEL_ALLOW").expect("rules");
+    let mut cfg = RelayConfig::new(KeySet::new([key]).expect("keys"), allow);
+    cfg.listeners_open = true;
+    cfg.admin_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.admin_token = Some(TOKEN.into());
+    let relay = Server::bind(cfg).await.expect("relay binds").spawn();
+    let admin = relay.admin_addr().expect("an admin address");
+    let listener = Listener::builder(relay.url(), Identity::generate()).bind().await.expect("listener registers");
+
+    for path in ["/cluster/nodes", "/cluster/listeners"] {
+        let (status, body) = get(admin, path, Some(TOKEN)).await;
+        assert_eq!(status, 404, "{body}");
+        assert!(body.contains("not a node of a cluster (cluster_redis is unset)"), "{body}");
+    }
+    assert_eq!(get(admin, "/dashboard", None).await.0, 401);
+    assert_eq!(get(admin, "/dashboard?token=not-the-token-at-all-0000", None).await.0, 401);
+    // The query token opens the page only, not the data.
+    assert_eq!(get(admin, &format!("/dashboard/data?token={TOKEN}"), None).await.0, 401);
+    for (path, token) in [("/dashboard", Some(TOKEN)), ("/dashboard/app.js", None), ("/dashboard/app.css", None)] {
+        let (status, body) = get(admin, path, token).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.to_ascii_lowercase().contains("content-security-policy: default-src 'self'"), "{path}: {body}");
+        assert!(body.to_ascii_lowercase().contains("referrer-policy: no-referrer"), "{path}: {body}");
+    }
+    let (status, body) = get(admin, "/dashboard/data", Some(TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let data: serde_json::Value = serde_json::from_str(body.split_once("\r\n\r\n").expect("a body").1).expect("JSON");
+    assert_eq!(data["cluster"], serde_json::Value::Null);
+    assert_eq!(data["listeners"][0]["name"].as_str(), Some(listener.name().as_str()), "{data:#}");
+    assert_eq!(data["listener_names"], 1, "{data:#}");
+    assert_eq!(data["sample_secs"], 60);
+    assert_eq!(data["history"].as_array().map(Vec::len), Some(1), "one sample at start, then up to now: {data:#}");
+    assert_eq!(data["errors"], serde_json::json!([]));
+}

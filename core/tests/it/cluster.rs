@@ -2,8 +2,9 @@
 //! holds its name on one node; dials by name and public HTTP requests reach it through the other
 //! nodes (directly and through the load balancer), byte for byte; names stay exclusive across
 //! the cluster; a node killed with SIGKILL fails its streams on both ends and its listener is
-//! reachable again through the others; a Redis outage leaves local names working, fails remote
-//! ones with RELAY_UNAVAILABLE naming Redis, and heals by itself.
+//! reachable again through the others; a Redis outage leaves local names (and remote ones routed
+//! a moment before) working, fails other remote ones with RELAY_UNAVAILABLE naming Redis, and
+//! heals by itself; behind Sentinel, the cluster follows a failover.
 
 use testkit::cluster;
 use testkit::pki;
@@ -447,19 +448,25 @@ async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
             .map(|h| assert_eq!(h, sha256(b"ping")))
     };
     within(STEP, "remote before the outage", works(a.url.clone(), nb.clone())).await.expect("A reaches B's listener");
+    // A second listener on B that A never routed to.
+    let lb2 = Arc::new(within(STEP, "bind on B", Listener::bind(&b.url, Identity::generate())).await.expect("bind b2"));
+    serve(lb2.clone());
+    let nb2 = lb2.name();
 
     let port = redis.port;
     redis.stop().await;
     let outage = Instant::now();
-    // Local names keep working on each node; remote ones fail with the clear error.
+    // Local names keep working on each node; a remote name A routed a moment ago keeps its
+    // route (B still confirms each stream); other remote ones fail with the clear error.
     let mut checks = 0;
     while outage.elapsed() < Duration::from_secs(10) {
         within(STEP, "local on A", works(a.url.clone(), na.clone())).await.expect("A's own listener works without Redis");
         within(STEP, "local on B", works(b.url.clone(), nb.clone())).await.expect("B's own listener works without Redis");
-        let e = within(STEP, "remote on A", works(a.url.clone(), nb.clone())).await.unwrap_err();
+        within(STEP, "routed on A", works(a.url.clone(), nb.clone())).await.expect("A keeps the route it knew to B's listener");
+        let e = within(STEP, "remote on A", works(a.url.clone(), nb2.clone())).await.unwrap_err();
         assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
         assert!(e.to_string().contains("Redis"), "{e}");
-        let (status, body) = get(a.http, &format!("{nb}.localhost"), "/").await;
+        let (status, body) = get(a.http, &format!("{nb2}.localhost"), "/").await;
         assert_eq!(status, 503, "{body}");
         assert!(body.contains("Redis"), "{body}");
         checks += 1;
@@ -477,9 +484,9 @@ async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
     // Redis returns (empty: no persistence); the nodes announce and claim again by themselves.
     let _redis = Redis::start(port).await;
     let healed = until(Duration::from_secs(15), "remote names work again", || {
-        let (a, b, na, nb, nc) = (a.url.clone(), b.url.clone(), na.clone(), nb.clone(), nc.clone());
+        let (a, b, na, nb2, nc) = (a.url.clone(), b.url.clone(), na.clone(), nb2.clone(), nc.clone());
         async move {
-            let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb)).await.is_ok_and(|r| r.is_ok());
+            let ab = tokio::time::timeout(Duration::from_secs(2), works(a, nb2)).await.is_ok_and(|r| r.is_ok());
             let ba = tokio::time::timeout(Duration::from_secs(2), works(b.clone(), na)).await.is_ok_and(|r| r.is_ok());
             let bc = tokio::time::timeout(Duration::from_secs(2), works(b, nc)).await.is_ok_and(|r| r.is_ok());
             ab && ba && bc
@@ -489,6 +496,7 @@ async fn redis_outage_keeps_local_names_fails_remote_ones_clearly_and_heals() {
     println!("remote names reachable again {:.2} s after Redis came back", healed.as_secs_f64());
     la.close();
     lb.close();
+    lb2.close();
     lc.close();
 }
 
@@ -1200,4 +1208,428 @@ async fn held_names_cost_redis_one_refresh_per_node_and_a_dead_nodes_names_are_c
     for l in &listeners {
         l.close();
     }
+}
+
+/// The admin token of the fleet-view test's nodes.
+const ADMIN_TOKEN: &str = "fleet-view-admin-token-0123456789";
+
+/// `GET path` on an admin endpoint (with `Authorization: Bearer` when `token`): status, the raw
+/// response (head and body).
+async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let mut s = within(STEP, "connect to the admin endpoint", TcpStream::connect(addr)).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await.expect("send");
+    let mut out = String::new();
+    within(STEP, "the admin answer", s.read_to_string(&mut out)).await.expect("read");
+    (out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0), out)
+}
+
+/// The JSON body of an admin answer.
+fn json_body(raw: &str) -> serde_json::Value {
+    let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("no JSON in {raw:?}: {e}"))
+}
+
+/// Headless Chromium (Debian's `chromium`), or `None` with the reason in the skip log.
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(p) = cluster::program("chromium").or_else(|| cluster::program("chromium-browser")) {
+        return Some(p);
+    }
+    let why = "dashboard browser check skipped: chromium not installed (apt-get install chromium; scripts/test.sh does)";
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("{why}");
+    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_shows_the_whole_fleet_and_the_dashboard_draws_it_from_loopback_only() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let (k, k_solo) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"shared\"]}}, {{\"public_key\": \"{}\", \"names\": [\"solo\"]}}]",
+        k.public_key_base64(),
+        k_solo.public_key_base64()
+    );
+    let redis = Redis::start(cluster::free_port().await).await;
+    let mut nodes = Vec::new();
+    let mut admins = Vec::new();
+    for _ in 0..2 {
+        let port = cluster::free_port().await;
+        let admin: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        nodes.push(Node::start(&redis.url(), &[grants.clone(), format!("admin_listen={admin}"), format!("admin_token={ADMIN_TOKEN}")]).await);
+        admins.push(admin);
+    }
+    let (a, b) = (&nodes[0], &nodes[1]);
+    // One plain listener on A; a pool with a replica on each node.
+    let solo = Arc::new(within(STEP, "bind solo on A", Listener::builder(&a.url, k_solo).name("solo").bind()).await.expect("bind solo"));
+    let p1 = within(STEP, "pool on A", Listener::builder(&a.url, k.clone()).name("shared").pool(true).bind()).await.expect("pool on A");
+    let p2 = within(STEP, "pool on B", Listener::builder(&b.url, k).name("shared").pool(true).bind()).await.expect("pool on B");
+    serve(solo.clone());
+
+    // Each node answers for the whole cluster (asked on B, which holds only a replica).
+    let t = Instant::now();
+    let listeners = loop {
+        let (status, raw) = admin_get(admins[1], "/cluster/listeners", Some(ADMIN_TOKEN)).await;
+        assert_eq!(status, 200, "{raw}");
+        let listeners = json_body(&raw);
+        if listeners.as_array().is_some_and(|l| l.len() == 2 && l[0]["replicas"] == 2) {
+            break listeners;
+        }
+        assert!(t.elapsed() < STEP, "both names with their holders in /cluster/listeners: {listeners:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (status, raw) = admin_get(admins[1], "/cluster/nodes", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    let fleet = json_body(&raw);
+    let fleet_nodes = fleet.as_array().expect("an array of nodes");
+    assert_eq!(fleet_nodes.len(), 2, "{fleet:#}");
+    assert!(fleet_nodes.iter().all(|n| n["alive"] == true && n["url"].as_str().is_some_and(|u| u.starts_with("ws"))), "{fleet:#}");
+    assert_eq!(fleet_nodes.iter().filter(|n| n["this"] == true).count(), 1, "{fleet:#}");
+    let id_of = |url: &str| fleet_nodes.iter().find(|n| n["url"] == url).map(|n| n["id"].as_str().unwrap_or("").to_string());
+    let a_id = id_of(&a.url).unwrap_or_else(|| panic!("node A ({}) in {fleet:#}", a.url));
+    assert_eq!(fleet_nodes.iter().find(|n| n["id"] == a_id.as_str()).map(|n| n["names"].clone()), Some(serde_json::json!(2)));
+    let (shared, solo_row) = (&listeners[0], &listeners[1]);
+    assert_eq!((shared["name"].as_str(), shared["pool"].as_bool(), shared["exit"].as_bool()), (Some("shared"), Some(true), Some(false)));
+    assert_eq!((solo_row["name"].as_str(), solo_row["replicas"].as_u64(), solo_row["pool"].as_bool()), (Some("solo"), Some(1), Some(false)));
+    assert_eq!(solo_row["nodes"][0]["id"].as_str(), Some(a_id.as_str()), "{listeners:#}");
+    // Without the token: refused.
+    assert_eq!(admin_get(admins[0], "/cluster/nodes", None).await.0, 401);
+
+    // `tunnel status --cluster`: aligned tables from either node.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+        .args(["status", "--cluster", "--admin", &admins[0].to_string(), "--token", ADMIN_TOKEN])
+        .env_remove("TUNNEL_ADMIN_TOKEN")
+        .output()
+        .await
+        .expect("run tunnel status --cluster");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && out.stderr.is_empty(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].starts_with("NODE") && lines[0].ends_with("NAMES"), "{text}");
+    let header = lines.iter().position(|l| l.starts_with("LISTENER")).expect("the listeners table");
+    let col = lines[header].find("REPLICAS").expect("a REPLICAS column");
+    let shared_line = lines[header + 1];
+    assert!(shared_line.starts_with("shared") && shared_line.contains("pool"), "{text}");
+    // Right-aligned under its header: the count ends where the header ends.
+    assert_eq!(&shared_line[col..col + "REPLICAS".len()], "       2", "{text}");
+    assert!(text.trim_end().ends_with("2 of 2 node(s) alive (* the node asked); 2 listener name(s) in the cluster"), "{text}");
+
+    // Some traffic and a refusal on A, for the charts of A's page below (a node counts the
+    // bodies of the listeners it holds), and a refusal on B.
+    let (status, _) = get(a.http, "solo.localhost", "/x").await;
+    assert_eq!(status, 200);
+    assert_eq!(get(a.http, "nobody.localhost", "/x").await.0, 502);
+    assert_eq!(get(b.http, "nobody.localhost", "/x").await.0, 502);
+
+    // The dashboard: behind the token, compiled in, kept on its own origin.
+    assert_eq!(admin_get(admins[0], "/dashboard", None).await.0, 401);
+    let (status, raw) = admin_get(admins[0], &format!("/dashboard?token={ADMIN_TOKEN}"), None).await;
+    assert_eq!(status, 200, "{raw}");
+    let csp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-security-policy:")).unwrap_or_else(|| panic!("a CSP in {raw}"));
+    assert!(csp.contains("default-src 'self'"), "{csp}");
+    let mut assets = raw.clone();
+    for path in ["/dashboard/app.js", "/dashboard/app.css"] {
+        let (status, raw) = admin_get(admins[0], path, None).await;
+        assert_eq!(status, 200, "{path}: {raw}");
+        assets.push_str(&raw);
+    }
+    // No address of any other origin anywhere in the page or its assets.
+    assert!(!assets.contains("://") && !assets.contains("src=\"//") && !assets.contains("href=\"//"), "an external reference in the dashboard");
+    let (status, raw) = admin_get(admins[1], "/dashboard/data", Some(ADMIN_TOKEN)).await;
+    assert_eq!(status, 200, "{raw}");
+    let data = json_body(&raw);
+    assert_eq!(data["cluster"]["listeners"].as_array().map(Vec::len), Some(2), "{data:#}");
+    assert_eq!((&data["cluster"]["listener_count"], &data["cluster"]["truncated"]), (&serde_json::json!(2), &serde_json::json!(false)), "{data:#}");
+    assert_eq!(data["errors"], serde_json::json!([{"reason": "listener_offline", "count": 1}]), "{data:#}");
+    assert!(data["history"].as_array().is_some_and(|h| !h.is_empty()), "{data:#}");
+
+    if let Some(browser) = chromium() {
+        let profile = std::env::temp_dir().join(format!("libtunnel-chromium-{}", std::process::id()));
+        let netlog = profile.with_extension("netlog.json");
+        let origin = format!("http://{}", admins[0]);
+        let url = format!("{origin}/dashboard?token={ADMIN_TOKEN}");
+        let chromium = |out: &[String]| {
+            let mut cmd = tokio::process::Command::new(&browser);
+            cmd.args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions"])
+                .args(["--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-default-apps"])
+                // Any name but loopback fails to resolve (an address literal still would not:
+                // the net log below is what shows where the page went).
+                .arg("--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1")
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .args(["--window-size=1280,1000", "--virtual-time-budget=10000"])
+                .args(out)
+                .arg(&url)
+                .kill_on_drop(true);
+            cmd
+        };
+        let mut run = chromium(&[format!("--log-net-log={}", netlog.display()), "--dump-dom".into()]);
+        let out = within(Duration::from_secs(90), "chromium --dump-dom", run.output()).await.expect("run chromium");
+        let dom = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        // Every request the page made (its own document, assets, data polls, and anything it
+        // would have fetched elsewhere) went to the admin endpoint on loopback.
+        let log: serde_json::Value = serde_json::from_slice(&std::fs::read(&netlog).expect("chromium's net log")).expect("a whole JSON net log");
+        let asked = page_requests(&log, &origin);
+        assert!(asked.iter().all(|u| u.starts_with(&format!("{origin}/"))), "the page asked beyond {origin}: {asked:#?}");
+        for path in ["/dashboard?", "/dashboard/app.js", "/dashboard/app.css", "/dashboard/data"] {
+            assert!(asked.iter().any(|u| u.starts_with(&format!("{origin}{path}"))), "{path} among the page's requests: {asked:#?}");
+        }
+        assert!(dom.contains("data-loaded=\"1\""), "the page drew its data: {dom}");
+        assert!(dom.contains("id=\"listener-count\">2<") && dom.contains("id=\"node-count\">2<"), "2 names on 2 nodes: {dom}");
+        for chart in ["chart-traffic", "chart-streams", "chart-refusals", "chart-sessions"] {
+            let at = dom.find(&format!("id=\"{chart}\"")).unwrap_or_else(|| panic!("{chart} in {dom}"));
+            let svg = &dom[at..at + dom[at..].find("</svg>").expect("the chart's end")];
+            assert!(svg.contains("<rect class=\"bar"), "{chart} has bars: {svg}");
+        }
+        assert!(dom.contains(">solo<") && dom.contains(">shared<") && dom.contains(">listener_offline<"), "{dom}");
+        // A screenshot, kept for a person to look at: the page renders at the window's size.
+        let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+        let mut run = chromium(&[format!("--screenshot={}", shot.display())]);
+        let out = within(Duration::from_secs(90), "chromium --screenshot", run.output()).await.expect("run chromium");
+        assert!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        let png = std::fs::read(&shot).expect("the screenshot");
+        assert_eq!((&png[..8], &png[16..24]), (&b"\x89PNG\r\n\x1a\n"[..], &[0, 0, 5, 0, 0, 0, 3, 232][..]), "a 1280x1000 PNG at {}", shot.display());
+        // The screenshot read back by the browser (a canvas stands in for a PNG decoder): the
+        // bars' colours (dashboard.css) in four separate panels, two columns of two, as the
+        // page lays its charts out at this width.
+        let check = profile.with_extension("check.html");
+        let png_b64 = {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD.encode(&png)
+        };
+        std::fs::write(&check, format!("<!doctype html><pre id=\"out\">none</pre><script>{SCREENSHOT_BARS}</script><img id=\"shot\" src=\"data:image/png;base64,{png_b64}\">"))
+            .expect("write the check page");
+        let out = tokio::process::Command::new(&browser)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions", "--disable-background-networking"])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(["--virtual-time-budget=5000", "--dump-dom"])
+            .arg(format!("file://{}", check.display()))
+            .kill_on_drop(true)
+            .output();
+        let out = within(Duration::from_secs(90), "chromium reading the screenshot", out).await.expect("run chromium");
+        let _ = std::fs::remove_file(&check);
+        let dom = String::from_utf8_lossy(&out.stdout);
+        let panels = dom.split_once("<pre id=\"out\">").and_then(|(_, r)| r.split_once('<')).map_or("", |(p, _)| p);
+        // Per column (left, right), the vertical runs of bar pixels: "y0-y1" each.
+        let columns: Vec<Vec<&str>> = panels.split('|').map(|c| c.split(' ').filter(|r| !r.is_empty()).collect()).collect();
+        assert!(columns.len() == 2 && columns.iter().all(|runs| runs.len() == 2), "bars in two charts per column in {}: {panels:?}", shot.display());
+        eprintln!(
+            "dashboard screenshot: {} ({} bytes), bars at {panels}; {} requests from the page, all to {origin}",
+            shot.display(),
+            png.len(),
+            asked.len()
+        );
+        let _ = std::fs::remove_dir_all(&profile);
+        let _ = std::fs::remove_file(&netlog);
+    }
+    drop((p1, p2, solo));
+}
+
+/// Run in a page holding a screenshot (`<img id="shot">`): finds the pixels of the chart bars'
+/// colours (#3a6ea5, #e08a2c), and writes, for the left and the right half of the image, the
+/// vertical runs they form ("y0-y1 y0-y1|y0-y1 ..."; a gap of 20 rows ends a run).
+const SCREENSHOT_BARS: &str = r#"
+addEventListener("load", () => {
+  const img = document.getElementById("shot");
+  const c = document.createElement("canvas");
+  c.width = img.naturalWidth;
+  c.height = img.naturalHeight;
+  const g = c.getContext("2d");
+  g.drawImage(img, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  const rows = [new Set(), new Set()];
+  for (let y = 0; y < c.height; y++) {
+    for (let x = 0; x < c.width; x++) {
+      const i = (y * c.width + x) * 4;
+      const [r, gr, b] = [d[i], d[i + 1], d[i + 2]];
+      if ((r === 0x3a && gr === 0x6e && b === 0xa5) || (r === 0xe0 && gr === 0x8a && b === 0x2c)) rows[x < c.width / 2 ? 0 : 1].add(y);
+    }
+  }
+  document.getElementById("out").textContent = rows.map((set) => {
+    const ys = [...set].sort((a, b) => a - b);
+    const runs = [];
+    for (const y of ys) {
+      if (runs.length && y - runs[runs.length - 1][1] <= 20) runs[runs.length - 1][1] = y;
+      else runs.push([y, y]);
+    }
+    return runs.map(([a, b]) => a + "-" + b).join(" ");
+  }).join("|");
+});
+"#;
+
+/// The URLs a page asked for, from a Chromium net log (`--log-net-log`): the requests its
+/// origin started, and every request under its top frame (keyed by the page's site), as opposed
+/// to the browser's own background requests.
+fn page_requests(netlog: &serde_json::Value, origin: &str) -> Vec<String> {
+    let start = netlog["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"].as_u64().expect("URL_REQUEST_START_JOB in the net log's constants");
+    let site = format!("{} ", origin.rsplit_once(':').map_or(origin, |(s, _)| s));
+    let events = netlog["events"].as_array().expect("the net log's events");
+    events
+        .iter()
+        .filter(|e| e["type"].as_u64() == Some(start))
+        .map(|e| &e["params"])
+        .filter(|p| p["initiator"] == origin || p["network_isolation_key"].as_str().is_some_and(|k| k.starts_with(&site)))
+        .filter_map(|p| p["url"].as_str().map(String::from))
+        .collect()
+}
+
+/// A field of a flat `SENTINEL MASTER` reply.
+fn field<'a>(reply: &'a [String], name: &str) -> Option<&'a str> {
+    reply.chunks(2).find(|kv| kv[0] == name).and_then(|kv| kv.get(1)).map(String::as_str)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_sentinel_the_cluster_follows_a_failover_and_claims_nothing_twice() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() || !cluster::sentinel_program() {
+        return;
+    }
+    const MASTER: &str = "relays";
+    let dir = std::env::temp_dir().join(format!("libtunnel-sentinel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut primary = Redis::start(cluster::free_port().await).await;
+    let replica = Redis::start_replica(cluster::free_port().await, primary.port, &dir).await;
+    let mut sentinels = Vec::new();
+    for _ in 0..3 {
+        sentinels.push(Redis::start_sentinel(cluster::free_port().await, primary.port, MASTER, &dir).await);
+    }
+    // Each sentinel knows the replica and the two other sentinels (they find each other through
+    // the primary), so a failover can be agreed.
+    let t = Instant::now();
+    for s in &sentinels {
+        loop {
+            let m = s.cmd(&["SENTINEL", "MASTER", MASTER]).await;
+            if field(&m, "num-slaves") == Some("1") && field(&m, "num-other-sentinels") == Some("2") {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "the sentinels did not find the replica and each other within 30 s: {m:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let (k1, k2) = (Identity::generate(), Identity::generate());
+    let grants = format!(
+        "listener_keys=[{{\"public_key\": \"{}\", \"names\": [\"survivor\"]}}, {{\"public_key\": \"{}\", \"names\": [\"survivor\"]}}]",
+        k1.public_key_base64(),
+        k2.public_key_base64()
+    );
+    let url = format!("redis+sentinel://{}/{MASTER}", sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect::<Vec<_>>().join(","));
+    // Node keys must outlive the failover: about 2.5 s here, but a split vote among the
+    // sentinels adds twice their failover-timeout (2 s) per round. A node key that expires
+    // meanwhile takes its names with it until the node claims them again.
+    let settings = [grants, "cluster_ttl=30".to_string()];
+    let a = Node::start(&url, &settings).await;
+    let b = Node::start(&url, &settings).await;
+    let listener = Arc::new(within(STEP, "bind on A", Listener::builder(&a.url, k1).name("survivor").bind()).await.expect("bind"));
+    serve(listener.clone());
+    // Claimed on the primary and passed on to the replica before the primary dies (the first
+    // claim may wait for the nodes to ask the sentinels where the primary is).
+    async fn holders(r: &Redis) -> usize {
+        r.cmd_ok(&["HKEYS", "libtunnel:name:survivor"]).await.unwrap_or_default().iter().filter(|f| f.starts_with("n:")).count()
+    }
+    let r = &replica;
+    until(
+        STEP,
+        "the claim and both node keys reach the replica",
+        || async move { holders(r).await == 1 && r.count_keys("libtunnel:node:*").await == 2 },
+    )
+    .await;
+
+    // Dials by name through B (the listener is on A) and through A, every 20 ms, until told to
+    // stop: (when it started, how long it took, through B?, the error code if it failed).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut traffic = Vec::new();
+    for (via, through_b) in [(b.url.clone(), true), (a.url.clone(), false)] {
+        let (stop, ok) = (stop.clone(), ok.clone());
+        traffic.push(tokio::spawn(async move {
+            let d = dialer(&via);
+            let mut log = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let r: Result<(), ErrorCode> = within(STEP, "a dial by name", async {
+                    let s = d.dial("survivor:0").await.map_err(|e| e.code())?;
+                    echo_roundtrip(s, b"through the failover", true).await.map(|_| ()).map_err(|_| ErrorCode::Io)
+                })
+                .await;
+                if r.is_ok() {
+                    ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                log.push((started, started.elapsed(), through_b, r.err()));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            log
+        }));
+    }
+    let ok_count = &ok;
+    until(STEP, "dials flow", || async move { ok_count.load(std::sync::atomic::Ordering::Relaxed) >= 10 }).await;
+
+    let killed = Instant::now();
+    primary.stop().await;
+    // The sentinels promote the replica...
+    let port = replica.port.to_string();
+    until(Duration::from_secs(30), "the sentinels promote the replica", || {
+        let (s, port) = (&sentinels[0], port.clone());
+        async move { s.cmd(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER]).await.get(1) == Some(&port) }
+    })
+    .await;
+    let promoted = killed.elapsed();
+    // ...and the cluster follows: both nodes subscribe to the change notices on the new primary.
+    until(Duration::from_secs(30), "both nodes follow to the new primary", || async move {
+        r.cmd(&["PUBSUB", "NUMSUB", "libtunnel:events"]).await.get(1).map(String::as_str) == Some("2")
+    })
+    .await;
+    let followed = killed.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut log: Vec<(Instant, Duration, bool, Option<ErrorCode>)> = Vec::new();
+    for t in traffic {
+        log.extend(t.await.expect("traffic task"));
+    }
+    type Dial<'a> = &'a (Instant, Duration, bool, Option<ErrorCode>);
+    let (via_a, via_b): (Vec<Dial>, Vec<Dial>) = log.iter().partition(|(_, _, through_b, _)| !through_b);
+    // The name kept resolving through the failover: on A (its own listener), and on B (the route
+    // it knew, used while no primary answered; A confirmed each stream).
+    assert!(via_a.iter().all(|(.., e)| e.is_none()), "dials through A failed: {via_a:?}");
+    let since_kill =
+        |at: &Instant| at.checked_duration_since(killed).map_or(-(killed.duration_since(*at).as_millis() as i128), |d| d.as_millis() as i128);
+    let failed: Vec<_> = via_b.iter().filter_map(|(at, took, _, e)| e.map(|e| (since_kill(at), took.as_millis(), e))).collect();
+    assert!(
+        failed.is_empty(),
+        "dials through B failed (ms after the kill, ms taken, code); promoted {promoted:?}, followed {followed:?}: {failed:?}"
+    );
+    // ...and it was asked to, all through the time no primary answered (from the kill until both
+    // nodes were on the new one).
+    let during: Vec<_> = via_b.iter().filter(|(at, ..)| *at >= killed).collect();
+    assert!(during.len() >= 20, "only {} dials through B after the kill: {via_b:?}", during.len());
+    let before_promotion = during.iter().filter(|(at, ..)| at.duration_since(killed) < promoted).count();
+    assert!(before_promotion >= 10, "only {before_promotion} dials through B before the promotion: {during:?}");
+    let slowest = during.iter().map(|(_, took, ..)| *took).max().unwrap_or_default();
+    eprintln!(
+        "sentinel failover: promoted {:.2} s after the kill, both nodes on the new primary {:.2} s after the kill; {} dials through B after the kill ({} before the promotion, slowest {} ms) and {} through A in all, none failed",
+        promoted.as_secs_f64(),
+        followed.as_secs_f64(),
+        during.len(),
+        before_promotion,
+        slowest.as_millis(),
+        via_a.len(),
+    );
+
+    // Nothing claimed twice: one holder on the new primary, and another key is refused the name.
+    assert_eq!(holders(r).await, 1);
+    let e = within(STEP, "k2 on B", Listener::builder(&b.url, k2).name("survivor").bind()).await.unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NameTaken, "{e}");
+    assert_eq!(a.metric("libtunnel_cluster_claims").await, 1);
+    assert_eq!(b.metric("libtunnel_cluster_claims").await, 0);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -37,9 +37,12 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use redis::aio::ConnectionManager;
 use redis::Script;
 
+use super::sentinel::Primary;
 use crate::relay::names::{Holders, Registration, Speaks};
 
 /// A registration as a claim stores it in Redis (`pool`, `exit`, and `h2c` or `tls`); the
@@ -252,9 +255,10 @@ end
 return 0
 "#;
 
-/// The Redis side of the cluster: one multiplexed, self-reconnecting connection.
+/// The Redis side of the cluster: one multiplexed, self-reconnecting connection to the primary
+/// (`sentinel`).
 pub(crate) struct Claims {
-    conn: ConnectionManager,
+    primary: Arc<Primary>,
     ns: String,
     node: String,
     claim: Script,
@@ -269,14 +273,9 @@ pub(crate) struct Claims {
 
 impl Claims {
     /// A handle; the connection is made lazily and remade by itself after a failure.
-    pub(crate) fn new(client: &redis::Client, ns: &str, node: &str) -> redis::RedisResult<Claims> {
-        let cfg = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(1)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        Ok(Claims {
-            conn: client.get_connection_manager_lazy(cfg)?,
+    pub(crate) fn new(primary: Arc<Primary>, ns: &str, node: &str) -> Claims {
+        Claims {
+            primary,
             ns: ns.to_string(),
             node: node.to_string(),
             claim: Script::new(CLAIM),
@@ -287,7 +286,12 @@ impl Claims {
             evict: Script::new(EVICT),
             announce: Script::new(ANNOUNCE),
             collect: Script::new(COLLECT),
-        })
+        }
+    }
+
+    /// The shared connection and the namespace, for reads of the whole table (`fleet`).
+    pub(super) fn connection(&self) -> redis::RedisResult<(ConnectionManager, &str)> {
+        Ok((self.primary.conn()?, &self.ns))
     }
 
     fn name_key(&self, name: &str) -> String {
@@ -308,7 +312,7 @@ impl Claims {
     /// (false: every claim of this node is dead and must be made again).
     pub(crate) async fn announce(&self, url: &str, ttl: Duration) -> redis::RedisResult<(Duration, bool)> {
         let t = Instant::now();
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let had: i64 = self
             .announce
             .key(format!("{}:node:{}", self.ns, self.node))
@@ -323,21 +327,21 @@ impl Claims {
 
     /// Remove up to `batch` names left by dead nodes; returns how many it removed.
     pub(crate) async fn collect(&self, batch: usize) -> redis::RedisResult<usize> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let n: i64 = self.collect.key(format!("{}:nodes", self.ns)).arg(&self.ns).arg(batch).invoke_async(&mut c).await?;
         Ok(n.max(0) as usize)
     }
 
     /// Remove this node's announcement (a clean shutdown: its names are dead at once).
     pub(crate) async fn withdraw(&self) -> redis::RedisResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         redis::cmd("DEL").arg(format!("{}:node:{}", self.ns, self.node)).query_async(&mut c).await
     }
 
     /// Claim `name` for `owner` (a registration, `refresh == false`) or re-assert an existing
     /// claim (`refresh == true`).
     pub(crate) async fn claim(&self, name: &str, owner: &str, instance: &str, mode: Registration, refresh: bool) -> redis::RedisResult<Claimed> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let r: Vec<String> = self
             .claim
             .key(self.name_key(name))
@@ -365,7 +369,7 @@ impl Claims {
 
     /// Give up this node's claim on `name` if it is still the one made with `epoch`.
     pub(crate) async fn release(&self, name: &str, epoch: u64) -> redis::RedisResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let n: i64 = self
             .release
             .key(self.name_key(name))
@@ -381,7 +385,7 @@ impl Claims {
     /// Remove the holders `nodes` of `name` (none of them proved it holds the name) and take
     /// this node's listener `instance` off the name's retired list.
     pub(crate) async fn evict(&self, name: &str, instance: &str, nodes: &[String]) -> redis::RedisResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let mut inv = self.evict.key(self.name_key(name));
         inv.key(format!("{}:retired:{name}", self.ns)).arg(&self.ns).arg(instance);
         for n in nodes {
@@ -393,7 +397,7 @@ impl Claims {
 
     /// The live holders of `name` (none: offline everywhere).
     pub(crate) async fn lookup(&self, name: &str) -> redis::RedisResult<Holders> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let r: Vec<String> = self.lookup.key(self.name_key(name)).arg(&self.ns).invoke_async(&mut c).await?;
         let mut it = r.into_iter();
         let owner = it.next().unwrap_or_default();
@@ -413,21 +417,21 @@ impl Claims {
 
     /// Assign public TCP `port` to `name` cluster-wide (false: another live listener has it).
     pub(crate) async fn take_port(&self, port: u16, name: &str) -> redis::RedisResult<bool> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let n: i64 = self.take_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
         Ok(n == 1)
     }
 
     /// Free `port` if `name` still has it.
     pub(crate) async fn free_port(&self, port: u16, name: &str) -> redis::RedisResult<()> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let _: i64 = self.free_port.key(self.port_table()).arg(port).arg(name).arg(&self.ns).invoke_async(&mut c).await?;
         Ok(())
     }
 
     /// Every assigned public TCP port and its listener name.
     pub(crate) async fn ports(&self) -> redis::RedisResult<Vec<(u16, String)>> {
-        let mut c = self.conn.clone();
+        let mut c = self.primary.conn()?;
         let m: std::collections::HashMap<String, String> = redis::cmd("HGETALL").arg(self.port_table()).query_async(&mut c).await?;
         Ok(m.into_iter().filter_map(|(p, n)| Some((p.parse().ok()?, n))).collect())
     }

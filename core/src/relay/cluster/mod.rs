@@ -9,9 +9,12 @@
 //! - **routes**: a stream for a name no local listener holds (dial by name, public HTTP or TCP,
 //!   `via` an exit) is looked up in Redis (cached; every change is published, and each node drops
 //!   what it cached for that name) and forwarded to the node that holds it (`peers`);
-//! - **failure rules**: Redis unreachable → local listeners keep working, registrations are held
-//!   locally and claimed when Redis returns, remote names fail with `RELAY_UNAVAILABLE` naming
-//!   Redis; a node that dies → its streams fail on both ends, its listeners reconnect to another
+//! - **failure rules**: Redis unreachable (down, or failing over behind Sentinel) → local
+//!   listeners keep working, registrations are held locally and claimed when Redis returns, a
+//!   remote name this node routed in the last [`ROUTE_CACHE_FOR`] keeps that route (the holder
+//!   still confirms every stream over its authenticated session, and answers offline if it no
+//!   longer holds the name), other remote names fail with `RELAY_UNAVAILABLE` naming Redis; a
+//!   node that dies → its streams fail on both ends, its listeners reconnect to another
 //!   node (through the load balancer, or their next relay URL) and claim again.
 //!
 //! Bodies and stream bytes never pass through Redis: only names, node URLs and epochs.
@@ -27,9 +30,11 @@
 //! exit listener checks the dialer's `exits` grant itself.
 
 pub(crate) mod claims;
+pub(crate) mod fleet;
 mod mirrors;
 mod node_auth;
 pub(crate) mod peers;
+pub(crate) mod sentinel;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
@@ -49,6 +54,12 @@ use claims::{Claimed, Claims};
 /// How long a cached route may be used without a change notice (a safety net: notices are what
 /// keep the cache right, and the cache is dropped whenever the subscription is lost).
 const ROUTE_CACHE_FOR: Duration = Duration::from_secs(30);
+/// How long a lookup that found no live holder may be used: a holder whose node key comes back
+/// (its announcement reached Redis again, e.g. after a Sentinel failover) publishes no notice.
+const OFFLINE_CACHE_FOR: Duration = Duration::from_secs(1);
+/// After a failed announcement the next one is tried this soon (doubling up to the normal
+/// period): a node's key must not expire because one refresh met a Redis that was moving.
+const ANNOUNCE_RETRY: Duration = Duration::from_millis(200);
 /// Claims re-asserted at once (after the node's key was lost, or the change notices were).
 const REASSERT_IN_FLIGHT: usize = 64;
 /// Names of dead nodes removed by one `COLLECT` call (bounds how long one script holds Redis).
@@ -78,11 +89,17 @@ pub(crate) struct Cluster {
     /// The URL other nodes reach this one at.
     pub(crate) advertise: String,
     claims: Claims,
-    client: redis::Client,
+    /// Where Redis is (a fixed server, or the primary the sentinels name).
+    primary: Arc<sentinel::Primary>,
     held: Mutex<HashMap<String, Held>>,
+    /// Cached routes, with when their lookup started.
     routes: Mutex<HashMap<String, (Holders, Instant)>>,
-    /// The change subscription is live, so cached routes can be trusted.
+    /// The change subscription is live, so cached routes can be trusted...
     subscribed: AtomicBool,
+    /// ...those looked up since it was last made. Older ones stand in only while Redis does
+    /// not answer (kept, not dropped, so a lookup that fails as the primary moves still finds
+    /// the route it knew).
+    subscribed_at: Mutex<Instant>,
     /// The last Redis command succeeded (for logging transitions once).
     redis_up: AtomicBool,
     peers: peers::Peers,
@@ -109,27 +126,40 @@ enum Confirmation {
 impl Cluster {
     /// Set up (no connection is made yet: Redis may come up after the relay).
     pub(crate) fn new(cfg: ClusterConfig, advertise: String) -> Result<Cluster> {
-        let bad = |e: redis::RedisError| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis()));
-        let client = match &cfg.redis_ca {
-            Some(ca) => {
-                let pem = std::fs::read(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
-                redis::Client::build_with_tls(cfg.redis.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }).map_err(bad)?
+        let bad =
+            |e: &dyn std::fmt::Display| Error::config(format!("TUNNEL_CLUSTER_REDIS {:?} is not a usable Redis URL: {e}", cfg.redacted_redis()));
+        let primary = if cfg.redis.starts_with(sentinel::SCHEME) {
+            let url = sentinel::SentinelUrl::parse(&cfg.redis).map_err(|e| bad(&e))?;
+            if cfg.redis_ca.is_some() {
+                return Err(Error::config("TUNNEL_CLUSTER_REDIS_CA applies to rediss:// only; redis+sentinel:// connects without TLS"));
             }
-            None => redis::Client::open(cfg.redis.as_str()).map_err(bad)?,
+            sentinel::Primary::sentinel(&url).map_err(|e| bad(&e))?
+        } else {
+            let client = match &cfg.redis_ca {
+                Some(ca) => {
+                    let pem = std::fs::read(ca).map_err(|e| Error::config(format!("TUNNEL_CLUSTER_REDIS_CA {}: {e}", ca.display())))?;
+                    redis::Client::build_with_tls(cfg.redis.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+                        .map_err(|e| bad(&e))?
+                }
+                None => redis::Client::open(cfg.redis.as_str()).map_err(|e| bad(&e))?,
+            };
+            sentinel::Primary::fixed(client)
+                .map_err(|e| Error::config(format!("cannot set up the Redis connection to {}: {e}", cfg.redacted_redis())))?
         };
+        let primary = Arc::new(primary);
         let node_id = format!("{:016x}", rand::random::<u64>());
         let peers = peers::Peers::new(cfg.key.clone(), node_id.clone());
-        let claims = Claims::new(&client, &cfg.namespace, &node_id)
-            .map_err(|e| Error::config(format!("cannot set up the Redis connection to {}: {e}", cfg.redacted_redis())))?;
+        let claims = Claims::new(primary.clone(), &cfg.namespace, &node_id);
         Ok(Cluster {
             cfg,
             node_id,
             advertise,
             claims,
-            client,
+            primary,
             held: Mutex::default(),
             routes: Mutex::default(),
             subscribed: AtomicBool::new(false),
+            subscribed_at: Mutex::new(Instant::now()),
             redis_up: AtomicBool::new(true),
             peers,
             turn: std::sync::atomic::AtomicUsize::new(0),
@@ -139,7 +169,12 @@ impl Cluster {
 
     fn redis_failed(&self, state: &RelayState, what: &str, e: &redis::RedisError) {
         state.metrics.cluster.redis_errors.fetch_add(1, Relaxed);
-        if self.redis_up.swap(false, Relaxed) {
+        // Behind Sentinel: the primary may have moved (it died, or answers READONLY now).
+        self.primary.recheck();
+        let was_up = self.redis_up.swap(false, Relaxed);
+        if was_up && matches!(e.code(), Some("CROSSSLOT" | "MOVED" | "ASK" | "CLUSTERDOWN")) {
+            tracing::error!(redis = %self.cfg.redacted_redis(), error = %e, "cluster_redis is a Redis Cluster, which the relay cluster does not support: a name's claim script also reads the liveness key of each node holding it, and those keys live in other hash slots; use a standalone Redis, or a primary with replicas behind Sentinel (redis+sentinel://host:26379,…/MASTER)");
+        } else if was_up {
             tracing::warn!(redis = %self.cfg.redacted_redis(), error = %e, "cluster registry (Redis) unreachable while {what}; serving local listeners only until it returns");
         } else {
             tracing::debug!(error = %e, "Redis still unreachable ({what})");
@@ -303,8 +338,9 @@ impl Cluster {
     /// Where `name` is held in the cluster (cached while the change subscription is live).
     pub(crate) async fn lookup(&self, state: &RelayState, name: &str) -> std::result::Result<Holders, RedisDown> {
         if self.subscribed.load(Relaxed) {
+            let since = *self.subscribed_at.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((h, at)) = self.routes.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
-                if at.elapsed() < ROUTE_CACHE_FOR {
+                if *at >= since && at.elapsed() < if h.nodes.is_empty() { OFFLINE_CACHE_FOR } else { ROUTE_CACHE_FOR } {
                     return Ok(h.clone());
                 }
             }
@@ -319,13 +355,20 @@ impl Cluster {
                     if routes.len() >= ROUTE_CACHE_MAX {
                         routes.clear();
                     }
-                    routes.insert(name.to_string(), (h.clone(), Instant::now()));
+                    // Dated from before the read: a read that raced a resubscription is not
+                    // trusted after it.
+                    routes.insert(name.to_string(), (h.clone(), t));
                 }
                 Ok(h)
             }
             Err(e) => {
                 self.redis_failed(state, "looking up a listener name", &e);
-                Err(RedisDown)
+                // Redis is down or moving: a route known a moment ago is better than none.
+                let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+                match routes.get(name) {
+                    Some((h, at)) if !h.nodes.is_empty() && at.elapsed() < ROUTE_CACHE_FOR => Ok(h.clone()),
+                    _ => Err(RedisDown),
+                }
             }
         }
     }
@@ -385,6 +428,8 @@ impl Cluster {
     /// `cluster_ttl` (which keeps all its claims alive), claim what could not be claimed yet,
     /// collect dead nodes' names; follow change notices.
     pub(crate) fn start(self: &Arc<Self>, state: &Arc<RelayState>) {
+        // Behind Sentinel: find the primary before the first command needs it.
+        self.primary.recheck();
         state.tasks.spawn(refresh_loop(self.clone(), state.clone()));
         state.tasks.spawn(notice_loop(self.clone(), state.clone()));
     }
@@ -492,6 +537,8 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
     let every = me.cfg.claim_ttl / 3;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry = ANNOUNCE_RETRY;
+    let mut announced = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -501,16 +548,22 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             Ok((rtt, alive)) => {
                 me.redis_ok();
                 state.metrics.cluster.redis_rtt_micros.store(rtt.as_micros() as i64, Relaxed);
+                retry = ANNOUNCE_RETRY;
                 alive
             }
             Err(e) => {
                 me.redis_failed(&state, "announcing this node", &e);
+                tick.reset_after(retry.min(every));
+                retry = (retry * 2).min(every);
                 continue;
             }
         };
-        if !alive && me.held_count() > 0 {
+        // (The first announcement of a node that started while Redis was unreachable, or before
+        // the sentinels named the primary, finds no key either: nothing had expired.)
+        if !alive && me.held_count() > 0 && announced {
             tracing::warn!(names = me.held_count(), "this node's key had expired in the cluster registry (Redis unreachable for longer than cluster_ttl, or Redis lost its data): claiming its names again");
         }
+        announced = true;
         // The node's key was gone: every claim of this node died with it.
         me.reassert_all(&state, alive).await;
         me.collect_dead(&state).await;
@@ -525,12 +578,14 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
 
 /// Follow change notices: drop the cached route of each name that changed, re-assert our claim
 /// on a name we hold (a replacement elsewhere closes our listener). Without a subscription the
-/// cache is not used, and it is dropped whenever the subscription is remade.
+/// cache only stands in for Redis while it does not answer, and what it held before the
+/// subscription was remade is not trusted after.
 async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
     let mut delay = Duration::from_millis(100);
     loop {
         let subscribed = async {
-            let mut ps = tokio::time::timeout(Duration::from_secs(2), me.client.get_async_pubsub())
+            let client = me.primary.client().map_err(|e| e.to_string())?;
+            let mut ps = tokio::time::timeout(Duration::from_secs(2), client.get_async_pubsub())
                 .await
                 .map_err(|_| "timed out".to_string())?
                 .map_err(|e| e.to_string())?;
@@ -545,8 +600,13 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             Ok(ps) => ps,
             Err(e) => {
                 tracing::debug!(error = %e, "cannot subscribe to the cluster's change notices; retrying");
+                // Behind Sentinel, ask where the primary is now: a node that makes no other
+                // call to Redis (no lookups) would otherwise learn only at its next announcement.
+                me.primary.recheck();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
+                    // Behind Sentinel: a new primary was named, subscribe there at once.
+                    _ = me.primary.moved() => {}
                     _ = state.draining.cancelled() => return,
                 }
                 delay = (delay * 2).min(Duration::from_secs(2));
@@ -554,7 +614,7 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
             }
         };
         delay = Duration::from_millis(100);
-        me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *me.subscribed_at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         me.subscribed.store(true, Relaxed);
         // Claims made while we were not subscribed may have replaced ours: check them all.
         me.reassert_all(&state, false).await;
@@ -589,8 +649,9 @@ async fn notice_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
                 state.tasks.spawn(async move { me.reassert(&st, &name).await });
             }
         }
+        // The cached routes are no longer kept right by notices: not used while Redis answers,
+        // only in its place while it does not (`lookup`), and not trusted after resubscribing.
         me.subscribed.store(false, Relaxed);
-        me.routes.lock().unwrap_or_else(|p| p.into_inner()).clear();
         tracing::debug!("lost the cluster's change notices; resubscribing");
     }
 }
