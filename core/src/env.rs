@@ -1,7 +1,7 @@
 //! What the relay's settings (`config`) and the clients' options (`client::config`) both read, in
-//! a leaf so that neither imports the other: `./.env` files
-//! (through [`crate::dotenv`]), the table of client variables (which the relay tolerates in a
-//! shared environment), and the numeric checks every duration and count passes.
+//! a leaf so that neither imports the other: `./.env` files (through [`crate::dotenv`]), the
+//! table of client variables (which the relay tolerates in a shared environment), where a client
+//! reads them from ([`ClientEnv`]), and the numeric checks every duration and count passes.
 
 use std::path::Path;
 use std::time::Duration;
@@ -114,4 +114,53 @@ pub const CLIENT_VARS: &[ClientVar] = &[
 /// Whether `var` is one a client reads (current or old name): the relay ignores these.
 pub fn is_client_var(var: &str) -> bool {
     CLIENT_VARS.iter().any(|v| v.name == var || v.old_names.contains(&var))
+}
+
+/// Where environment variables come from: the process environment and `./.env`, or a fixed list
+/// (tests, and faces that were told not to read the environment).
+#[derive(Debug, Clone, Default)]
+pub enum ClientEnv {
+    /// The process environment, then `./.env` in the working directory.
+    #[default]
+    Process,
+    /// Only these pairs.
+    Fixed(Vec<(String, String)>),
+    /// No environment at all: explicit values only.
+    None,
+}
+
+impl ClientEnv {
+    fn lookup(&self, names: &[&str]) -> Result<Option<(String, String)>> {
+        let pairs = match self {
+            ClientEnv::None => return Ok(None),
+            ClientEnv::Fixed(p) => p.clone(),
+            ClientEnv::Process => {
+                let mut p: Vec<(String, String)> = crate::env::read_dotenv(Path::new(".env"))?;
+                // The real environment wins over .env: later pairs are found first below.
+                p.extend(std::env::vars());
+                p
+            }
+        };
+        for name in names {
+            if let Some((k, v)) = pairs.iter().rev().find(|(k, _)| k == name) {
+                return Ok(Some((k.clone(), v.clone())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The value of `var` (or one of its old names, with a deprecation warning).
+    pub fn var(&self, var: &ClientVar) -> Result<Option<String>> {
+        let mut names = vec![var.name];
+        names.extend_from_slice(var.old_names);
+        match self.lookup(&names)? {
+            Some((k, v)) => {
+                if k != var.name {
+                    tracing::warn!("{k} is deprecated and will stop working in the next release; set {} instead", var.name);
+                }
+                Ok(Some(v))
+            }
+            None => Ok(None),
+        }
+    }
 }

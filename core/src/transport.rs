@@ -5,6 +5,8 @@
 //! Emissary's classic mode where message boundaries mean nothing) and a frame source/sink (for the
 //! multiplexed session, one frame per WebSocket message or per length-prefixed TCP record).
 
+pub mod proxy;
+
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -251,8 +253,8 @@ pub struct RelayUrl {
     pub port: u16,
     /// The URL as given (the WebSocket request target).
     pub url: url::Url,
-    /// The upstream proxy to reach it through (`crate::client::proxy`), if any.
-    pub proxy: Option<Arc<crate::client::proxy::ProxyUrl>>,
+    /// The upstream proxy to reach it through ([`proxy`]; chosen by `client::proxy`), if any.
+    pub proxy: Option<Arc<proxy::ProxyUrl>>,
 }
 
 impl RelayUrl {
@@ -414,7 +416,7 @@ fn tls_failure(url: &RelayUrl, e: io::Error) -> Error {
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
 pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Result<Connected> {
     // Directly or through the upstream proxy.
-    let tcp = crate::client::proxy::open(url, tls).await?;
+    let tcp = proxy::open(url, tls).await?;
     let io: BoxIo = match url.scheme {
         Scheme::Wss => {
             let tls = tls.cloned().unwrap_or_else(ClientTls::webpki);

@@ -8,7 +8,7 @@
 //! `INVALID_ARGUMENT` (or `INVALID_CONFIG` for a bad variable), names the option or variable to
 //! fix, and never contains a secret.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::keys::{load_identity_text, parse_key_text};
@@ -22,8 +22,8 @@ use crate::stream::Mode;
 use crate::transport::ClientTls;
 
 pub use crate::env::{
-    checked_millis, checked_seconds, is_client_var, ClientVar, CA_VAR, CLIENT_VARS, KEY_VAR, LISTENER_KEY_VAR, MAX_SECONDS, MODE_VAR, PROXY_VAR, RELAY_VAR,
-    TIMEOUT_VAR, WORKER_THREADS_VAR,
+    checked_millis, checked_seconds, is_client_var, ClientEnv, ClientVar, CA_VAR, CLIENT_VARS, KEY_VAR, LISTENER_KEY_VAR, MAX_SECONDS, MODE_VAR,
+    PROXY_VAR, RELAY_VAR, TIMEOUT_VAR, WORKER_THREADS_VAR,
 };
 
 /// The default time one dial (or a listener's registration) may take.
@@ -36,55 +36,6 @@ pub enum ClientRole {
     Dialer,
     /// Registers a name with an Ed25519 identity.
     Listener,
-}
-
-/// Where environment variables come from: the process environment and `./.env`, or a fixed list
-/// (tests, and faces that were told not to read the environment).
-#[derive(Debug, Clone, Default)]
-pub enum ClientEnv {
-    /// The process environment, then `./.env` in the working directory.
-    #[default]
-    Process,
-    /// Only these pairs.
-    Fixed(Vec<(String, String)>),
-    /// No environment at all: explicit values only.
-    None,
-}
-
-impl ClientEnv {
-    fn lookup(&self, names: &[&str]) -> Result<Option<(String, String)>> {
-        let pairs = match self {
-            ClientEnv::None => return Ok(None),
-            ClientEnv::Fixed(p) => p.clone(),
-            ClientEnv::Process => {
-                let mut p: Vec<(String, String)> = crate::env::read_dotenv(Path::new(".env"))?;
-                // The real environment wins over .env: later pairs are found first below.
-                p.extend(std::env::vars());
-                p
-            }
-        };
-        for name in names {
-            if let Some((k, v)) = pairs.iter().rev().find(|(k, _)| k == name) {
-                return Ok(Some((k.clone(), v.clone())));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The value of `var` (or one of its old names, with a deprecation warning).
-    pub fn var(&self, var: &ClientVar) -> Result<Option<String>> {
-        let mut names = vec![var.name];
-        names.extend_from_slice(var.old_names);
-        match self.lookup(&names)? {
-            Some((k, v)) => {
-                if k != var.name {
-                    tracing::warn!("{k} is deprecated and will stop working in the next release; set {} instead", var.name);
-                }
-                Ok(Some(v))
-            }
-            None => Ok(None),
-        }
-    }
 }
 
 fn client_var(name: &str) -> &'static ClientVar {
