@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::SinkExt;
 
 use crate::auth::Key;
 use crate::client::events::{EventHub, Events};
@@ -16,10 +15,10 @@ use crate::e2e::DialerE2e;
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{MuxConfig, Role};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
-use crate::session::Session;
+use crate::session::{Session, SessionStream};
 use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
-use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
+use crate::transport::{self, ClientTls, Connected, WsByteStream};
 
 /// Emissary's client keepalive period in classic mode.
 pub const CLASSIC_PING: Duration = Duration::from_secs(30);
@@ -287,17 +286,52 @@ impl Dialer {
     }
 
     async fn session(&self) -> Result<Session> {
+        Ok(self.session_then(|_| std::future::ready(Ok(()))).await?.0)
+    }
+
+    /// The live session, or a new one; a new one also runs `first` on it at once, while the
+    /// relay's answer to the hello is on its way (so the first stream's frames leave in the
+    /// hello's flight), and returns its result once the relay accepted the session.
+    async fn session_then<T, F, Fut>(&self, first: F) -> Result<(Session, Option<Result<T>>)>
+    where
+        F: FnOnce(Session) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut slot = self.inner.session.lock().await;
         if let Some(s) = slot.as_ref() {
             if !s.is_closed() {
-                return Ok(s.clone());
+                return Ok((s.clone(), None));
             }
             // Reported here too, so its `Disconnected` comes before the next `Connected` even if
             // its watcher has not run yet.
             self.inner.events.disconnected(s.close_reason().as_ref());
         }
         let i = &self.inner;
-        let s = i.relays.try_each(|url| async move { open_session(&url, &i.key, i.tls.as_ref(), i.mux.clone()).await }).await?;
+        let (url, source, sink) = i
+            .relays
+            .try_each(|url| async move {
+                let (source, sink) = crate::client::handshake::send_hello(&url, i.tls.as_ref(), |nonce| {
+                    let (date, sig) = i.key.sign(nonce, std::time::SystemTime::now());
+                    Hello { date, sig }.encode()
+                })
+                .await?;
+                Ok((url, source, sink))
+            })
+            .await?;
+        let (source, answer) = crate::client::handshake::answer_first(source);
+        let s = Session::mux(Role::Client, source, sink, i.mux.clone());
+        let verdict = async {
+            let answer = answer.get(&url).await?;
+            if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
+                return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
+            }
+            Ok(())
+        };
+        let (verdict, first) = tokio::join!(verdict, first(s.clone()));
+        if let Err(e) = verdict {
+            s.close(e.code(), e.message());
+            return Err(e);
+        }
         *slot = Some(s.clone());
         let number = self.inner.events.connected(self.relay(), None);
         let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
@@ -307,7 +341,7 @@ impl Dialer {
                 hub.disconnected_if(number, watched.close_reason().as_ref());
             }
         });
-        Ok(s)
+        Ok((s, Some(first)))
     }
 
     async fn dial_mux(&self, target: &Target) -> Result<TunnelStream> {
@@ -352,14 +386,13 @@ impl Dialer {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let session = self.session().await?;
                 let mut early = 0;
-                let result = async {
-                    let mut stream = session.open()?;
-                    crate::stream::connect_early(&mut stream, local, target, &mut early).await?;
-                    Ok(stream)
-                }
-                .await;
+                // A new session runs the CONNECT with its hello (one flight, see `handshake`).
+                let (session, first) = self.session_then(|s| open_early(s, local, target, &mut early)).await?;
+                let result = match first {
+                    Some(r) => r,
+                    None => open_early(session.clone(), local, target, &mut early).await,
+                };
                 match result {
                     Ok(stream) => return Ok((TunnelStream::new(Inner::Mux(stream), target.clone()), early)),
                     // The session died before any local byte was taken: one fresh try.
@@ -404,16 +437,10 @@ impl Dialer {
     }
 }
 
-/// Connect and authenticate a multiplexed dialer session.
-pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientTls>, cfg: MuxConfig) -> Result<Session> {
-    let (source, mut sink, answer) = crate::client::handshake::connect_mux(url, tls, |nonce| {
-        let (date, sig) = key.sign(nonce, std::time::SystemTime::now());
-        Hello { date, sig }.encode()
-    })
-    .await?;
-    if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
-        let _ = sink.close().await;
-        return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
-    }
-    Ok(Session::mux(Role::Client, source, sink, cfg))
+/// Open a stream on `session` and send its CONNECT with the local client's first bytes
+/// ([`crate::stream::connect_early`]); `early` counts the bytes sent.
+async fn open_early<S: LocalSocket>(session: Session, local: &S, target: &Target, early: &mut u64) -> Result<SessionStream> {
+    let mut stream = session.open()?;
+    crate::stream::connect_early(&mut stream, local, target, early).await?;
+    Ok(stream)
 }

@@ -33,6 +33,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// A boxed transport byte stream (TCP or TLS).
 pub type BoxIo = Box<dyn Io>;
 
+/// How to switch a dialer to classic mode, in every face (the fix named by errors from a
+/// classic-only relay).
+pub(crate) const USE_CLASSIC: &str =
+    "dial it in classic mode: `--classic` (CLI), `Mode::Classic` (Rust), `classic=True` (Python), `{classic: true}` (Node)";
+
 /// Largest WebSocket message a classic-mode client accepts.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// Largest WebSocket message or TCP record of a multiplexed session: a mux frame is at most
@@ -444,7 +449,7 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
         Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
             "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); {}",
             url.url,
-            crate::client::handshake::USE_CLASSIC
+            USE_CLASSIC
         ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();

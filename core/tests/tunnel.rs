@@ -889,3 +889,89 @@ async fn tls_errors_name_the_fix_and_an_openssl_style_self_signed_cert_works() {
     let e = expect_dial_error(&d, &echo.to_string(), ErrorCode::RelayUnavailable).await;
     assert!(e.message().contains("use ws://"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// round trips to the first byte
+// ---------------------------------------------------------------------------------------------
+
+/// A forwarder in front of `to` that delivers every byte `one_way` after it was read, each way
+/// (a long link; order kept). Its own TCP handshake is loopback-fast, so round trips counted
+/// through it are those after the TCP connect.
+async fn delayed_link(to: SocketAddr, one_way: Duration) -> SocketAddr {
+    async fn pump(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, one_way: Duration) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+        let writer = tokio::spawn(async move {
+            while let Some((due, b)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                if w.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            let _ = tx.send((tokio::time::Instant::now() + one_way, buf[..n].to_vec()));
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the link");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let Ok(b) = TcpStream::connect(to).await else { continue };
+            let _ = (a.set_nodelay(true), b.set_nodelay(true));
+            let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+            tokio::spawn(pump(ar, bw, one_way));
+            tokio::spawn(pump(br, aw, one_way));
+        }
+    });
+    addr
+}
+
+/// Flights (one-way trips) from a local client's connect to its first echoed byte through
+/// `tunnel forward`'s code, counted over a link with a fixed 50 ms one-way delay between the
+/// dialer and the relay (after the TCP connect, which the link does not delay): the first
+/// connection opens the session, and its hello, CONNECT and first bytes leave in one flight (the
+/// relay's answer, the CONNECT's reply and the echo come back in the next), so it takes 4 flights
+/// over WebSocket (2 round trips) and 3 over raw TCP (the relay speaks first); a connection on the
+/// live session takes 2. Before the pipelining a new session took 2 flights more (6 and 5): the
+/// dialer awaited the hello's answer before sending the CONNECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_byte_comes_back_one_flight_after_the_hello() {
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config_with_tcp(allow_ports(&[echo.port()]))).await;
+    let one_way = Duration::from_millis(50);
+    let target = Target::parse(&echo.to_string()).expect("target");
+    for (scheme, addr) in [("ws", relay.local_addr()), ("tcp", relay.tcp_addr())] {
+        let link = delayed_link(addr.expect("endpoint"), one_way).await;
+        let d = dialer(&format!("{scheme}://{link}"), Mode::Multiplexed);
+        let listener = libtunnel::forward::bind_local("127.0.0.1:0").await.expect("bind");
+        let local = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let fwd = tokio::spawn(libtunnel::forward::forward(listener, d, target.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let mut trips = Vec::new();
+        for i in 0..2u8 {
+            let start = Instant::now();
+            let mut c = TcpStream::connect(local).await.expect("connect to the forward");
+            c.write_all(&[i; 5]).await.expect("write");
+            let mut back = [0u8; 5];
+            within(STEP, "the first echoed bytes", c.read_exact(&mut back)).await.expect("read");
+            assert_eq!(back, [i; 5]);
+            let took = start.elapsed();
+            let flights = took.as_secs_f64() / one_way.as_secs_f64();
+            trips.push(flights.floor() as u32);
+            eprintln!("{scheme}: connection {i}: first byte after {:.1} ms ({flights:.2} one-way flights)", took.as_secs_f64() * 1e3);
+        }
+        // Over WebSocket: upgrade, 101 + preamble, hello + CONNECT + bytes, answer + reply + echo.
+        // Over raw TCP: the relay's preamble, hello + CONNECT + bytes, answer + reply + echo.
+        let want = if scheme == "ws" { [4, 2] } else { [3, 2] };
+        assert_eq!(trips, want, "{scheme}: one-way flights to the first byte (new session, then on it)");
+        let _ = stop.send(());
+        within(STEP, "the forward to stop", fwd).await.expect("forward task").expect("forward");
+    }
+}

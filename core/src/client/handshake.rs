@@ -1,19 +1,27 @@
 //! The first steps of every client session, dialer's or listener's: connect the transport,
 //! read the relay's preamble, send the hello built from its nonce, and return the frames with
 //! the relay's answer. Errors say when the relay is an Emissary (classic-only) server.
+//!
+//! A dialer does not wait for the answer before using the session ([`send_hello`] +
+//! [`answer_first`]): its first stream's `Open`, CONNECT and early data follow the hello in the
+//! same flight, and the relay's answer, the CONNECT's reply and the first echoed bytes come back
+//! in one. Any `libtunnel.v1` relay serves this unchanged: it reads the hello, answers, then
+//! reads the frames already queued behind it (they wait in its transport buffer). A refused
+//! hello ends the connection, and the frames behind it are dropped unread.
 
-use futures_util::{SinkExt, StreamExt};
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::error::{Error, ErrorCode, Result};
+use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{self, ServerConnect};
-use crate::transport::{self, ClientTls, Connected, RelayUrl};
-
-/// How to switch a dialer to classic mode, in every face (the fix named by errors from a
-/// classic-only relay).
-pub(crate) const USE_CLASSIC: &str =
-    "dial it in classic mode: `--classic` (CLI), `Mode::Classic` (Rust), `classic=True` (Python), `{classic: true}` (Node)";
+use crate::transport::{self, ClientTls, Connected, RelayUrl, Scheme, USE_CLASSIC};
 
 /// Open a multiplexed transport: connect, read the relay's preamble, send the hello that
 /// `make_hello` builds from the relay's nonce, and return the frames plus the relay's answer
@@ -21,12 +29,25 @@ pub(crate) const USE_CLASSIC: &str =
 pub(crate) async fn connect_mux(
     url: &RelayUrl,
     tls: Option<&ClientTls>,
-    make_hello: impl FnOnce(&[u8]) -> bytes::Bytes,
-) -> Result<(crate::mux::FrameSource, crate::mux::FrameSink, bytes::Bytes)> {
+    make_hello: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<(FrameSource, FrameSink, Bytes)> {
+    let (mut source, sink) = send_hello(url, tls, make_hello).await?;
+    let answer = match source.next().await {
+        Some(Ok(b)) => Ok(b),
+        Some(Err(e)) => Err(e),
+        None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+    };
+    let answer = answer.map_err(|e| answer_lost(url, e))?;
+    Ok((source, sink, answer))
+}
+
+/// Connect, read the relay's preamble and send the hello `make_hello` builds from its nonce,
+/// without waiting for the answer: it is the next message `source` yields.
+pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hello: impl FnOnce(&[u8]) -> Bytes) -> Result<(FrameSource, FrameSink)> {
     let lost = |e: std::io::Error| {
         Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
     };
-    let (mut source, sink) = match transport::connect(url, true, tls).await? {
+    match transport::connect(url, true, tls).await? {
         Connected::Ws(mut ws, chosen) => {
             if !chosen {
                 return Err(Error::protocol(format!(
@@ -46,33 +67,77 @@ pub(crate) async fn connect_mux(
             };
             let nonce = ServerConnect::decode_checked(&pre)?;
             ws.send(Message::Binary(make_hello(&nonce))).await.map_err(|e| lost(std::io::Error::other(e)))?;
-            transport::ws_frames(ws)
+            Ok(transport::ws_frames(ws))
         }
         Connected::Tcp(mut io) => {
             let nonce = protocol::read_server_connect(&mut io).await?;
-            // A libtunnel relay answers the magic and hello (if only with a refusal); an Emissary
-            // server takes the magic for a bad SOCKS5 version and hangs up.
-            let classic_only = |e: std::io::Error| {
-                Error::protocol(format!(
-                    "the relay at {} sent Emissary's preamble, then closed the connection at libtunnel's multiplexed hello ({e}): it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
-                    url.url
-                ))
-            };
-            io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(classic_only)?;
-            let (mut source, mut sink) = transport::tcp_frames(io);
-            sink.send(make_hello(&nonce)).await.map_err(classic_only)?;
-            let answer = match source.next().await {
-                Some(Ok(b)) => b,
-                Some(Err(e)) => return Err(classic_only(e)),
-                None => return Err(classic_only(std::io::ErrorKind::UnexpectedEof.into())),
-            };
-            return Ok((source, sink, answer));
+            io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(|e| classic_only(url, e))?;
+            let (source, mut sink) = transport::tcp_frames(io);
+            sink.send(make_hello(&nonce)).await.map_err(|e| classic_only(url, e))?;
+            Ok((source, sink))
         }
-    };
-    let answer = match source.next().await {
-        Some(Ok(b)) => b,
-        Some(Err(e)) => return Err(lost(e)),
-        None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
-    };
-    Ok((source, sink, answer))
+    }
+}
+
+/// A libtunnel relay answers the magic and hello (if only with a refusal); an Emissary server
+/// takes the magic for a bad SOCKS5 version and hangs up.
+fn classic_only(url: &RelayUrl, e: std::io::Error) -> Error {
+    Error::protocol(format!(
+        "the relay at {} sent Emissary's preamble, then closed the connection at libtunnel's multiplexed hello ({e}): it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
+        url.url
+    ))
+}
+
+/// The connection ended (or failed) where the relay's answer to the hello was due.
+fn answer_lost(url: &RelayUrl, e: std::io::Error) -> Error {
+    if url.scheme == Scheme::Tcp {
+        return classic_only(url, e);
+    }
+    Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
+}
+
+/// The relay's answer to a hello sent by [`send_hello`], taken off the front of the session's
+/// frames by [`answer_first`].
+pub(crate) struct Answer(oneshot::Receiver<std::io::Result<Bytes>>);
+
+impl Answer {
+    /// Wait for the answer; errors name the relay (and Emissary, on the raw-TCP transport).
+    pub(crate) async fn get(self, url: &RelayUrl) -> Result<Bytes> {
+        let r = self.0.await.unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the session ended")));
+        r.map_err(|e| answer_lost(url, e))
+    }
+}
+
+/// Split the relay's answer off the front of `source`: the returned source yields the frames
+/// after it (the session's), the [`Answer`] the answer itself, or how the transport ended first.
+pub(crate) fn answer_first(source: FrameSource) -> (FrameSource, Answer) {
+    let (tx, rx) = oneshot::channel();
+    (Box::pin(AnswerFirst { inner: source, answer: Some(tx) }), Answer(rx))
+}
+
+struct AnswerFirst {
+    inner: FrameSource,
+    answer: Option<oneshot::Sender<std::io::Result<Bytes>>>,
+}
+
+impl Stream for AnswerFirst {
+    type Item = std::io::Result<Bytes>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let item = ready!(self.inner.as_mut().poll_next(cx));
+        let Some(tx) = self.answer.take() else { return Poll::Ready(item) };
+        match item {
+            Some(Ok(answer)) => {
+                let _ = tx.send(Ok(answer));
+                self.poll_next(cx)
+            }
+            Some(Err(e)) => {
+                let _ = tx.send(Err(std::io::Error::new(e.kind(), e.to_string())));
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                let _ = tx.send(Err(std::io::ErrorKind::UnexpectedEof.into()));
+                Poll::Ready(None)
+            }
+        }
+    }
 }
