@@ -327,7 +327,17 @@ impl Dialer {
             }
             Ok(())
         };
-        let (verdict, first) = tokio::join!(verdict, first(s.clone()));
+        // The first stream runs while the answer is awaited; the session is shared (and the lock
+        // released) once the relay accepted it, so other dials need not wait for this one.
+        let first = first(s.clone());
+        tokio::pin!(first, verdict);
+        let mut first_done = None;
+        let verdict = loop {
+            tokio::select! {
+                v = &mut verdict => break v,
+                r = &mut first, if first_done.is_none() => first_done = Some(r),
+            }
+        };
         if let Err(e) = verdict {
             s.close(e.code(), e.message());
             return Err(e);
@@ -341,6 +351,11 @@ impl Dialer {
                 hub.disconnected_if(number, watched.close_reason().as_ref());
             }
         });
+        drop(slot);
+        let first = match first_done {
+            Some(r) => r,
+            None => first.await,
+        };
         Ok((s, Some(first)))
     }
 
@@ -350,16 +365,12 @@ impl Dialer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let session = self.session().await?;
-            let result = async {
-                let mut stream = session.open()?;
-                if let (Some(e2e), Some(expect)) = (&self.inner.e2e, &expect) {
-                    return Ok(Inner::E2e(Box::new(e2e.dial(stream, target, expect.clone()).await?)));
-                }
-                socks::client_connect(&mut stream, target, true).await?;
-                Ok(Inner::Mux(stream))
-            }
-            .await;
+            // A new session runs the CONNECT with its hello (one flight, see `handshake`).
+            let (session, first) = self.session_then(|s| self.connect_on(s, target, expect.as_deref())).await?;
+            let result = match first {
+                Some(r) => r,
+                None => self.connect_on(session.clone(), target, expect.as_deref()).await,
+            };
             match result {
                 Ok(inner) => return Ok(TunnelStream::new(inner, target.clone())),
                 // The session died under us (relay restarted, idle LB cut it): one fresh try.
@@ -369,6 +380,17 @@ impl Dialer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Open a stream on `session` and connect it to `target` (through the E2E handshake when
+    /// `expect` names the listener's identity).
+    async fn connect_on(&self, session: Session, target: &Target, expect: Option<&str>) -> Result<Inner> {
+        let mut stream = session.open()?;
+        if let (Some(e2e), Some(expect)) = (&self.inner.e2e, expect) {
+            return Ok(Inner::E2e(Box::new(e2e.dial(stream, target, expect.to_string()).await?)));
+        }
+        socks::client_connect(&mut stream, target, true).await?;
+        Ok(Inner::Mux(stream))
     }
 
     /// Dial `target` for a local connection that is about to be bridged: in multiplexed mode its

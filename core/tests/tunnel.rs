@@ -894,15 +894,46 @@ async fn tls_errors_name_the_fix_and_an_openssl_style_self_signed_cert_works() {
 // round trips to the first byte
 // ---------------------------------------------------------------------------------------------
 
+/// Flights through a [`delayed_link`], by causal depth: bytes read in one direction are one
+/// flight deeper than the deepest bytes already delivered the other way (anything delivered
+/// before may have caused them), the first bytes are flight 1. The depth of the bytes a client
+/// waits for is the number of one-way trips on its critical path, whatever the machine's load.
+#[derive(Default)]
+struct Flights(std::sync::Mutex<[u32; 2]>);
+
+impl Flights {
+    /// The depth of bytes read now, going towards the relay or not.
+    fn read(&self, towards_relay: bool) -> u32 {
+        self.0.lock().unwrap()[usize::from(!towards_relay)] + 1
+    }
+    fn delivered(&self, towards_relay: bool, depth: u32) {
+        let mut d = self.0.lock().unwrap();
+        d[usize::from(towards_relay)] = d[usize::from(towards_relay)].max(depth);
+    }
+    /// The deepest flight delivered to the client so far.
+    fn to_client(&self) -> u32 {
+        self.0.lock().unwrap()[0]
+    }
+}
+
 /// A forwarder in front of `to` that delivers every byte `one_way` after it was read, each way
-/// (a long link; order kept). Its own TCP handshake is loopback-fast, so round trips counted
-/// through it are those after the TCP connect.
-async fn delayed_link(to: SocketAddr, one_way: Duration) -> SocketAddr {
-    async fn pump(mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, one_way: Duration) {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+/// (a long link; order kept), and counts [`Flights`] (one link per connection counted). Its own TCP handshake is loopback-fast, so what it counts comes after
+/// the TCP connect.
+async fn delayed_link(to: SocketAddr, one_way: Duration) -> (SocketAddr, std::sync::Arc<Flights>) {
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        one_way: Duration,
+        flights: std::sync::Arc<Flights>,
+        towards_relay: bool,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, u32)>();
+        let counted = flights.clone();
         let writer = tokio::spawn(async move {
-            while let Some((due, b)) = rx.recv().await {
+            while let Some((due, b, depth)) = rx.recv().await {
                 tokio::time::sleep_until(due).await;
+                // Marked before the write: the other end may answer before it returns.
+                counted.delivered(towards_relay, depth);
                 if w.write_all(&b).await.is_err() {
                     return;
                 }
@@ -911,33 +942,38 @@ async fn delayed_link(to: SocketAddr, one_way: Duration) -> SocketAddr {
         });
         let mut buf = vec![0u8; 64 * 1024];
         while let Ok(n @ 1..) = r.read(&mut buf).await {
-            let _ = tx.send((tokio::time::Instant::now() + one_way, buf[..n].to_vec()));
+            let depth = flights.read(towards_relay);
+            let _ = tx.send((tokio::time::Instant::now() + one_way, buf[..n].to_vec(), depth));
         }
         drop(tx);
         let _ = writer.await;
     }
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the link");
     let addr = l.local_addr().expect("addr");
+    let flights = std::sync::Arc::new(Flights::default());
+    let counted = flights.clone();
     tokio::spawn(async move {
         while let Ok((a, _)) = l.accept().await {
             let Ok(b) = TcpStream::connect(to).await else { continue };
             let _ = (a.set_nodelay(true), b.set_nodelay(true));
             let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
-            tokio::spawn(pump(ar, bw, one_way));
-            tokio::spawn(pump(br, aw, one_way));
+            tokio::spawn(pump(ar, bw, one_way, counted.clone(), true));
+            tokio::spawn(pump(br, aw, one_way, counted.clone(), false));
         }
     });
-    addr
+    (addr, flights)
 }
 
 /// Flights (one-way trips) from a local client's connect to its first echoed byte through
-/// `tunnel forward`'s code, counted over a link with a fixed 50 ms one-way delay between the
-/// dialer and the relay (after the TCP connect, which the link does not delay): the first
-/// connection opens the session, and its hello, CONNECT and first bytes leave in one flight (the
-/// relay's answer, the CONNECT's reply and the echo come back in the next), so it takes 4 flights
-/// over WebSocket (2 round trips) and 3 over raw TCP (the relay speaks first); a connection on the
-/// live session takes 2. Before the pipelining a new session took 2 flights more (6 and 5): the
-/// dialer awaited the hello's answer before sending the CONNECT.
+/// `tunnel forward`'s code, counted by a link with a 50 ms one-way delay between the dialer and
+/// the relay (after the TCP connect, which the link does not delay): the first connection opens
+/// the session, and its hello, CONNECT and first bytes leave in one flight (the relay's answer,
+/// the CONNECT's reply and the echo come back in the next), so it takes 4 flights over WebSocket
+/// (2 round trips) and 3 over raw TCP (the relay speaks first); a connection on the live session
+/// takes 2; `Dialer::dial` on a new session, whose bytes follow the CONNECT's reply, 6 and 5.
+/// Before the pipelining a new session took 2 flights more (6 and 5 for the forward, 8 and 7 for
+/// `dial`): the dialer awaited the hello's answer before sending the CONNECT. The times are
+/// printed (they include the machine's load); the assertions are on the counted flights.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_byte_comes_back_one_flight_after_the_hello() {
     init_tracing();
@@ -946,31 +982,43 @@ async fn the_first_byte_comes_back_one_flight_after_the_hello() {
     let one_way = Duration::from_millis(50);
     let target = Target::parse(&echo.to_string()).expect("target");
     for (scheme, addr) in [("ws", relay.local_addr()), ("tcp", relay.tcp_addr())] {
-        let link = delayed_link(addr.expect("endpoint"), one_way).await;
+        let addr = addr.expect("endpoint");
+        let (link, flights) = delayed_link(addr, one_way).await;
         let d = dialer(&format!("{scheme}://{link}"), Mode::Multiplexed);
+        // The forward's connections share one session (one link connection): the second one's
+        // flights are counted from the deepest delivered before it.
         let listener = libtunnel::forward::bind_local("127.0.0.1:0").await.expect("bind");
         let local = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let fwd = tokio::spawn(libtunnel::forward::forward(listener, d, target.clone(), async move {
             let _ = stopped.await;
         }));
-        let mut trips = Vec::new();
+        let mut counted = Vec::new();
         for i in 0..2u8 {
-            let start = Instant::now();
+            let (start, before) = (Instant::now(), flights.to_client());
             let mut c = TcpStream::connect(local).await.expect("connect to the forward");
             c.write_all(&[i; 5]).await.expect("write");
             let mut back = [0u8; 5];
             within(STEP, "the first echoed bytes", c.read_exact(&mut back)).await.expect("read");
             assert_eq!(back, [i; 5]);
-            let took = start.elapsed();
-            let flights = took.as_secs_f64() / one_way.as_secs_f64();
-            trips.push(flights.floor() as u32);
-            eprintln!("{scheme}: connection {i}: first byte after {:.1} ms ({flights:.2} one-way flights)", took.as_secs_f64() * 1e3);
+            counted.push(flights.to_client() - before);
+            eprintln!("{scheme}: forward, connection {i}: first byte after {:.1} ms, {} flights", start.elapsed().as_secs_f64() * 1e3, counted[i as usize]);
         }
-        // Over WebSocket: upgrade, 101 + preamble, hello + CONNECT + bytes, answer + reply + echo.
-        // Over raw TCP: the relay's preamble, hello + CONNECT + bytes, answer + reply + echo.
-        let want = if scheme == "ws" { [4, 2] } else { [3, 2] };
-        assert_eq!(trips, want, "{scheme}: one-way flights to the first byte (new session, then on it)");
+        // `Dialer::dial` (as `tunnel dial` and the SOCKS proxy) returns once the CONNECT is
+        // answered, and its bytes follow: one round trip more.
+        let (link, flights) = delayed_link(addr, one_way).await;
+        let start = Instant::now();
+        let mut s = dialer(&format!("{scheme}://{link}"), Mode::Multiplexed).dial(&echo.to_string()).await.expect("dial");
+        s.write_all(b"dial!").await.expect("write");
+        let mut back = [0u8; 5];
+        within(STEP, "the first echoed bytes", s.read_exact(&mut back)).await.expect("read");
+        assert_eq!(&back, b"dial!");
+        counted.push(flights.to_client());
+        eprintln!("{scheme}: Dialer::dial on a new session: first byte after {:.1} ms, {} flights", start.elapsed().as_secs_f64() * 1e3, counted[2]);
+        // Over WebSocket: the upgrade; the 101 and the preamble; the hello, CONNECT and bytes;
+        // the answer, the reply and the echo. Over raw TCP the relay's preamble comes first.
+        let want = if scheme == "ws" { [4, 2, 6] } else { [3, 2, 5] };
+        assert_eq!(counted, want, "{scheme}: flights to the first byte (forward: new session, then on it; dial: new session)");
         let _ = stop.send(());
         within(STEP, "the forward to stop", fwd).await.expect("forward task").expect("forward");
     }
