@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use crate::auth::Key;
 use crate::client::events::{EventHub, Events};
 use crate::client::relays::RelayList;

@@ -16,7 +16,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, Stream, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{FrameSink, FrameSource};
@@ -47,28 +46,28 @@ pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hel
     let lost = |e: std::io::Error| {
         Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
     };
-    match transport::connect(url, true, tls).await? {
-        Connected::Ws(mut ws, chosen) => {
-            if !chosen {
-                return Err(Error::protocol(format!(
-                    "the relay at {} did not accept the {} subprotocol: it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
-                    url.url,
-                    protocol::MUX_SUBPROTOCOL
-                )));
+    if url.scheme != Scheme::Tcp {
+        let Some((mut source, mut sink)) = transport::connect_ws_mux(url, tls).await? else {
+            return Err(Error::protocol(format!(
+                "the relay at {} did not accept the {} subprotocol: it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
+                url.url,
+                protocol::MUX_SUBPROTOCOL
+            )));
+        };
+        let pre = match source.next().await {
+            Some(Ok(b)) => b,
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(Error::protocol(format!("the relay sent an unexpected message instead of its preamble ({e})")))
             }
-            let pre = loop {
-                match ws.next().await {
-                    Some(Ok(Message::Binary(b))) => break b,
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                    Some(Ok(_)) => return Err(Error::protocol("the relay sent an unexpected message instead of its preamble")),
-                    Some(Err(e)) => return Err(lost(std::io::Error::other(e))),
-                    None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
-                }
-            };
-            let nonce = ServerConnect::decode_checked(&pre)?;
-            ws.send(Message::Binary(make_hello(&nonce))).await.map_err(|e| lost(std::io::Error::other(e)))?;
-            Ok(transport::ws_frames(ws))
-        }
+            Some(Err(e)) => return Err(lost(e)),
+            None => return Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
+        };
+        let nonce = ServerConnect::decode_checked(&pre)?;
+        sink.send(make_hello(&nonce)).await.map_err(lost)?;
+        return Ok((source, sink));
+    }
+    match transport::connect(url, true, tls).await? {
+        Connected::Ws(..) => Err(Error::protocol(format!("the relay at {} answered a tcp:// connection with a WebSocket", url.url))),
         Connected::Tcp(mut io) => {
             let nonce = protocol::read_server_connect(&mut io).await?;
             io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(|e| classic_only(url, e))?;
