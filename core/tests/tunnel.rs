@@ -1002,7 +1002,11 @@ async fn the_first_byte_comes_back_one_flight_after_the_hello() {
             within(STEP, "the first echoed bytes", c.read_exact(&mut back)).await.expect("read");
             assert_eq!(back, [i; 5]);
             counted.push(flights.to_client() - before);
-            eprintln!("{scheme}: forward, connection {i}: first byte after {:.1} ms, {} flights", start.elapsed().as_secs_f64() * 1e3, counted[i as usize]);
+            eprintln!(
+                "{scheme}: forward, connection {i}: first byte after {:.1} ms, {} flights",
+                start.elapsed().as_secs_f64() * 1e3,
+                counted[i as usize]
+            );
         }
         // `Dialer::dial` (as `tunnel dial` and the SOCKS proxy) returns once the CONNECT is
         // answered, and its bytes follow: one round trip more.
