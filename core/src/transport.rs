@@ -764,7 +764,7 @@ pub(crate) async fn connect_ws_mux(url: &RelayUrl, tls: Option<&ClientTls>) -> R
 /// the payload is shared). `rest` holds bytes already read after the upgrade's answer.
 fn ws_client_frames(io: BoxIo, rest: Vec<u8>) -> (FrameSource, FrameSink) {
     let (r, w) = tokio::io::split(io);
-    let reader = WsReader { io: r, buf: bytes::BytesMut::from(&rest[..]), done: false };
+    let reader = WsReader { io: r, buf: bytes::BytesMut::from(&rest[..]), done: false, head: None };
     let writer = WsWriter { io: w, queue: std::collections::VecDeque::new(), queued: 0, close_sent: false };
     (Box::pin(reader), Box::pin(writer))
 }
@@ -776,6 +776,119 @@ struct WsReader {
     io: tokio::io::ReadHalf<BoxIo>,
     buf: bytes::BytesMut,
     done: bool,
+    /// The upgrade's answer, still to be read and checked before the first frame (early hello).
+    head: Option<AnswerCheck>,
+}
+
+/// What a relay made of an early hello ([`crate::protocol::EARLY_HELLO_HEADER`]), read off its
+/// answer to the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EarlyAnswer {
+    /// It judged the hello; its answer is the session's first message.
+    Taken,
+    /// It declined to judge it (it then closes): sign its nonce on a new connection.
+    Declined,
+    /// A multiplexed 101 without the header: the relay predates early hellos.
+    Absent,
+    /// No multiplexed 101 at all (an HTTP error, another subprotocol, a closed connection).
+    Failed,
+}
+
+struct AnswerCheck {
+    /// The `Sec-WebSocket-Accept` the relay must send.
+    accept: String,
+    answer: tokio::sync::watch::Sender<Option<EarlyAnswer>>,
+}
+
+/// The largest upgrade answer the client reads.
+const ANSWER_HEAD_MAX: usize = 16 * 1024;
+
+/// Upgrade to the multiplexed WebSocket with an early hello: the request (with `early_hello` as
+/// [`crate::protocol::EARLY_HELLO_HEADER`]) is written and the frames are returned at once, so the
+/// session's first frames follow the request without waiting for its answer. The returned
+/// receiver tells what the relay made of the early hello once its answer is read (checked as
+/// tungstenite would: 101, `Sec-WebSocket-Accept`, the subprotocol); the frames start after it.
+pub(crate) async fn connect_ws_mux_early(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    early_hello: &str,
+) -> Result<(FrameSource, FrameSink, tokio::sync::watch::Receiver<Option<EarlyAnswer>>)> {
+    use tokio::io::AsyncWriteExt;
+    let mut io = open(url, tls).await?;
+    let key = tungstenite::handshake::client::generate_key();
+    let u = &url.url;
+    let target = match &u[url::Position::BeforePath..url::Position::AfterQuery] {
+        "" => "/",
+        t => t,
+    };
+    let host = &u[url::Position::BeforeHost..url::Position::AfterPort];
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n{}: {early_hello}\r\n\r\n",
+        crate::protocol::MUX_SUBPROTOCOL,
+        crate::protocol::EARLY_HELLO_HEADER,
+    );
+    io.write_all(request.as_bytes()).await.map_err(|e| unavailable(url, e))?;
+    io.flush().await.map_err(|e| unavailable(url, e))?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (r, w) = tokio::io::split(io);
+    let check = AnswerCheck { accept: tungstenite::handshake::derive_accept_key(key.as_bytes()), answer: tx };
+    let reader = WsReader { io: r, buf: bytes::BytesMut::with_capacity(4096), done: false, head: Some(check) };
+    let writer = WsWriter { io: w, queue: std::collections::VecDeque::new(), queued: 0, close_sent: false };
+    Ok((Box::pin(reader), Box::pin(writer), rx))
+}
+
+impl AnswerCheck {
+    /// Check the upgrade's answer `head` (through its blank line).
+    fn check(&self, head: &[u8]) -> std::result::Result<(), (EarlyAnswer, String)> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let failed = |why: String| (EarlyAnswer::Failed, why);
+        match resp.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err(failed("a truncated answer to the WebSocket upgrade".into())),
+            Err(e) => return Err(failed(format!("a malformed answer to the WebSocket upgrade ({e})"))),
+        }
+        if resp.code != Some(101) {
+            return Err(failed(format!("HTTP {} instead of the WebSocket upgrade", resp.code.unwrap_or(0))));
+        }
+        let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        if header("sec-websocket-accept") != Some(self.accept.as_bytes()) {
+            return Err(failed("a WebSocket upgrade answer with a wrong Sec-WebSocket-Accept".into()));
+        }
+        if header("sec-websocket-protocol") != Some(crate::protocol::MUX_SUBPROTOCOL.as_bytes()) {
+            return Err(failed(format!("a WebSocket upgrade without the {} subprotocol", crate::protocol::MUX_SUBPROTOCOL)));
+        }
+        match header(crate::protocol::EARLY_HELLO_HEADER) {
+            Some(v) if v == crate::protocol::EARLY_TAKEN.as_bytes() => Ok(()),
+            Some(v) if v == crate::protocol::EARLY_DECLINED.as_bytes() => Err((EarlyAnswer::Declined, "the relay declined the early hello".into())),
+            _ => Err((EarlyAnswer::Absent, "the relay does not take early hellos".into())),
+        }
+    }
+
+    /// Read and check the answer at the front of `buf`: `Ok(true)` once it is taken off, `Ok(false)`
+    /// while it is incomplete.
+    fn take_answer(&self, buf: &mut bytes::BytesMut) -> io::Result<bool> {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+            if buf.len() > ANSWER_HEAD_MAX {
+                self.answer.send_replace(Some(EarlyAnswer::Failed));
+                return Err(invalid(format!("the relay's answer to the WebSocket upgrade is over {ANSWER_HEAD_MAX} bytes")));
+            }
+            return Ok(false);
+        };
+        let verdict = self.check(&buf[..end]);
+        buf.advance(end);
+        match verdict {
+            Ok(()) => {
+                self.answer.send_replace(Some(EarlyAnswer::Taken));
+                Ok(true)
+            }
+            Err((answer, why)) => {
+                self.answer.send_replace(Some(answer));
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, why))
+            }
+        }
+    }
 }
 
 fn invalid(why: String) -> io::Error {
@@ -825,7 +938,18 @@ impl Stream for WsReader {
             if this.done {
                 return Poll::Ready(None);
             }
-            match this.parse() {
+            let parsed = match &this.head {
+                None => this.parse(),
+                Some(check) => match check.take_answer(&mut this.buf) {
+                    Ok(true) => {
+                        this.head = None;
+                        continue;
+                    }
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                },
+            };
+            match parsed {
                 Err(e) => {
                     this.done = true;
                     return Poll::Ready(Some(Err(e)));
@@ -846,6 +970,13 @@ impl Stream for WsReader {
                     let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))?;
                     if n == 0 {
                         this.done = true;
+                        if let Some(check) = this.head.take() {
+                            check.answer.send_replace(Some(EarlyAnswer::Failed));
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the relay closed the connection before answering the WebSocket upgrade",
+                            ))));
+                        }
                         if !this.buf.is_empty() {
                             return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the relay closed the WebSocket in a frame"))));
                         }

@@ -2,6 +2,13 @@
 //! read the relay's preamble, send the hello built from its nonce, and return the frames with
 //! the relay's answer. Errors say when the relay is an Emissary (classic-only) server.
 //!
+//! Over a multiplexed WebSocket a dialer does not wait for the relay's nonce either
+//! ([`send_early_hello`]): its hello, signed over a nonce of its own, rides in the upgrade request
+//! (see [`crate::protocol::EARLY_HELLO_HEADER`]), so the session's first frames follow the request
+//! and the relay's 101, its answer, the CONNECT's reply and the first echoed bytes come back in the
+//! next flight. A relay that predates this (no header in its 101), or declines, costs one new
+//! connection that signs its nonce; a relay found without it is remembered for the process.
+//!
 //! A dialer does not wait for the answer before using the session ([`send_hello`] +
 //! [`answer_first`]): its first stream's `Open`, CONNECT and early data follow the hello in the
 //! same flight, and the relay's answer, the CONNECT's reply and the first echoed bytes come back
@@ -20,7 +27,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{self, ServerConnect};
-use crate::transport::{self, ClientTls, Connected, RelayUrl, Scheme, USE_CLASSIC};
+use crate::transport::{self, ClientTls, Connected, EarlyAnswer, RelayUrl, Scheme, USE_CLASSIC};
 
 /// Open a multiplexed transport: connect, read the relay's preamble, send the hello that
 /// `make_hello` builds from the relay's nonce, and return the frames plus the relay's answer
@@ -75,6 +82,54 @@ pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hel
             sink.send(make_hello(&nonce)).await.map_err(|e| classic_only(url, e))?;
             Ok((source, sink))
         }
+    }
+}
+
+/// Connect over a multiplexed WebSocket and send the hello `make_hello` builds from a nonce of
+/// the client's own in the upgrade request, without waiting for anything: the relay's answer to
+/// the hello is the next message `source` yields once the relay took it ([`EarlyGate`]).
+pub(crate) async fn send_early_hello(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    make_hello: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<(FrameSource, FrameSink, EarlyGate)> {
+    use base64::Engine;
+    let nonce = crate::auth::fresh_nonce();
+    let mut raw = nonce.to_vec();
+    raw.extend_from_slice(&make_hello(&nonce));
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
+    let (source, sink, answer) = transport::connect_ws_mux_early(url, tls, &value).await?;
+    Ok((source, sink, EarlyGate(answer)))
+}
+
+/// Whether `url` may be sent an early hello: not over raw TCP (its relay speaks first), nor to a
+/// relay found in this process to predate them.
+pub(crate) fn early_hello_for(url: &RelayUrl) -> bool {
+    url.scheme != Scheme::Tcp && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
+}
+
+/// Relays (URLs) that answered an early hello's upgrade without the header: they predate it.
+static NO_EARLY_HELLO: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// What the relay made of an early hello, once its answer to the upgrade has been read.
+#[derive(Clone)]
+pub(crate) struct EarlyGate(tokio::sync::watch::Receiver<Option<EarlyAnswer>>);
+
+impl EarlyGate {
+    /// Wait for the relay's answer to the upgrade: whether it took the early hello. Until then a
+    /// caller sends nothing it could not send again on another connection (a local client's bytes).
+    pub(crate) async fn taken(&mut self) -> bool {
+        matches!(self.0.wait_for(|a| a.is_some()).await.map(|a| *a), Ok(Some(EarlyAnswer::Taken)))
+    }
+
+    /// After a failed session: whether to try again with the relay's nonce (it did not take the
+    /// early hello), remembering a relay that predates it.
+    pub(crate) fn retry_with_nonce(&self, url: &RelayUrl) -> bool {
+        let answer = *self.0.borrow();
+        if answer == Some(EarlyAnswer::Absent) {
+            NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).insert(url.url.as_str().to_string());
+        }
+        !matches!(answer, Some(EarlyAnswer::Taken))
     }
 }
 

@@ -83,6 +83,8 @@ pub(crate) struct RelayState {
     pub(crate) auth_limiter: guard::AuthLimiter,
     /// Open multiplexed sessions per key id (`max_sessions_per_key`).
     pub(crate) key_sessions: guard::KeySessions,
+    /// The nonces of the early hellos taken recently (each is taken once).
+    pub(crate) early_nonces: session::EarlyNonces,
     /// Open connections and handshakes per source, and handshakes in all.
     admissions: Arc<guard::Admissions>,
     /// Public HTTP requests in progress per source (`http_max_requests_per_source`).
@@ -346,6 +348,7 @@ impl Server {
             public: public_endpoint::Public { listeners: Default::default(), tls: public_tls },
             auth_limiter: guard::AuthLimiter::new(cfg.limits.auth_failures_per_minute),
             key_sessions: guard::KeySessions::default(),
+            early_nonces: Default::default(),
             conn_limit: Arc::new(Semaphore::new(cfg.limits.max_connections)),
             cfg,
             metrics,
