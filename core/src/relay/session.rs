@@ -295,7 +295,9 @@ pub(super) fn judge_early(state: &RelayState, value: &[u8], now: SystemTime) -> 
         return Early::Taken(Ok(Err(AuthRejection::Malformed)));
     };
     let skew = now.duration_since(date).unwrap_or_else(|e| e.duration());
-    if skew > EARLY_MAX_SKEW {
+    // A cluster's nodes share their keys but not their taken nonces: a hello taken by one could
+    // be replayed to another, so a node declines early hellos.
+    if skew > EARLY_MAX_SKEW || state.cfg.cluster.is_some() {
         return Early::Declined;
     }
     match state.access().auth_keys.verify(&nonce, &hello.date, &hello.sig, now) {
