@@ -249,29 +249,44 @@ pub(super) enum Early {
 
 /// The nonces of the early hellos this relay accepted, each kept until its date is
 /// [`EARLY_MAX_SKEW`] past (after that its date is refused anyway), so each is taken once. At most
-/// [`EARLY_NONCES`] are kept (about 40 bytes each); beyond that early hellos are declined.
+/// [`EARLY_NONCES`] are kept; beyond that early hellos are declined. Only a valid proof adds one.
 #[derive(Default)]
-pub(crate) struct EarlyNonces(std::sync::Mutex<std::collections::HashMap<[u8; 32], SystemTime>>);
+pub(crate) struct EarlyNonces(std::sync::Mutex<NonceStore>);
 
-/// The most early-hello nonces a relay remembers (about 10 MiB): 2,000 new sessions a second
-/// for two minutes.
+#[derive(Default)]
+pub(crate) struct NonceStore {
+    /// The nonce's first 16 bytes (a collision needs 2^64 hellos) → until when (Unix seconds).
+    until: std::collections::HashMap<[u8; 16], u64>,
+    /// When expired nonces were last dropped (Unix seconds): at most once a second while full.
+    pruned: u64,
+}
+
+/// The most early-hello nonces a relay remembers (at most ~13 MiB): 2,000 new sessions a second
+/// for two minutes (a nonce is kept at most that long: its date may be a minute ahead).
 const EARLY_NONCES: usize = 256 * 1024;
 
 impl EarlyNonces {
     /// Record `nonce` (its hello dated `date`); `None` when the store is full, `Some(false)`
     /// when it was already taken.
     fn take(&self, nonce: [u8; 32], date: SystemTime, now: SystemTime) -> Option<bool> {
-        let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.contains_key(&nonce) {
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let key: [u8; 16] = nonce[..16].try_into().expect("16 bytes");
+        let mut store = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if store.until.contains_key(&key) {
             return Some(false);
         }
-        if seen.len() >= EARLY_NONCES {
-            seen.retain(|_, until| *until > now);
-            if seen.len() >= EARLY_NONCES {
+        if store.until.len() >= EARLY_NONCES {
+            let now = secs(now);
+            if store.pruned < now {
+                store.pruned = now;
+                store.until.retain(|_, until| *until >= now);
+            }
+            if store.until.len() >= EARLY_NONCES {
                 return None;
             }
         }
-        seen.insert(nonce, date + EARLY_MAX_SKEW);
+        // Rounded up, so a nonce is never dropped before its date is refused.
+        store.until.insert(key, secs(date + EARLY_MAX_SKEW) + 1);
         Some(true)
     }
 }
@@ -460,5 +475,33 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: SessionStream, pee
     crate::conn_log::closed("relayed stream", &peer, &to, started, &logged);
     if let Ok((down, up)) = bridged {
         count_bytes(&state, up, down);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn early_nonces_are_taken_once_kept_until_their_date_is_refused_and_bounded() {
+        let store = EarlyNonces::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let nonce = |i: u32| {
+            let mut n = [0u8; 32];
+            n[..4].copy_from_slice(&i.to_be_bytes());
+            n
+        };
+        assert_eq!(store.take(nonce(0), now, now), Some(true));
+        assert_eq!(store.take(nonce(0), now, now), Some(false), "a replay");
+        // Full: declined, until the oldest dates are refused anyway (then they are dropped).
+        for i in 1..EARLY_NONCES as u32 {
+            assert_eq!(store.take(nonce(i), now, now), Some(true));
+        }
+        assert_eq!(store.take(nonce(u32::MAX), now, now), None, "full");
+        assert_eq!(store.take(nonce(0), now, now), Some(false), "still a replay while full");
+        let later = now + EARLY_MAX_SKEW + Duration::from_secs(2);
+        assert_eq!(store.take(nonce(u32::MAX), later, later), Some(true), "expired nonces made room");
+        assert_eq!(store.0.lock().unwrap().until.len(), 1);
     }
 }
