@@ -22,6 +22,11 @@ use crate::error::{Error, ErrorCode, Result};
 /// How far the client's date may be from the relay's clock (Emissary's window).
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(15 * 60);
 
+/// How far an early hello's date (signed over the client's own nonce) may be from the relay's
+/// clock: the relay remembers each one's nonce this long either side, so a replay is refused. A
+/// client further off is declined and signs the relay's nonce (with [`MAX_CLOCK_SKEW`]).
+pub const EARLY_MAX_SKEW: Duration = Duration::from_secs(60);
+
 /// Length of the relay's per-connection nonce.
 pub const NONCE_LEN: usize = 32;
 
@@ -200,6 +205,9 @@ pub enum AuthRejection {
     /// The HMAC does not match.
     #[error("signature for key {0} does not match")]
     BadSignature(u32),
+    /// An early hello (signed over the client's own nonce) whose nonce this relay already took.
+    #[error("early hello for key {0} replayed (its nonce was already used)")]
+    Replayed(u32),
 }
 
 impl AuthRejection {
@@ -208,7 +216,7 @@ impl AuthRejection {
         match self {
             AuthRejection::UnknownKey(_) => ErrorCode::AuthUnknownKey,
             AuthRejection::ClockSkew(_) => ErrorCode::AuthClockSkew,
-            AuthRejection::Malformed | AuthRejection::BadSignature(_) => ErrorCode::AuthFailed,
+            AuthRejection::Malformed | AuthRejection::BadSignature(_) | AuthRejection::Replayed(_) => ErrorCode::AuthFailed,
         }
     }
 }

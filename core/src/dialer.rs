@@ -6,10 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::SinkExt;
-
 use crate::auth::Key;
 use crate::client::events::{EventHub, Events};
+use crate::client::handshake::{self, EarlyGate};
 use crate::client::proxy::{Proxy, ProxyRules};
 use crate::client::relays::RelayList;
 use crate::e2e::handshake::Dialing;
@@ -18,10 +17,10 @@ use crate::env::ClientEnv;
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{MuxConfig, Role};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
-use crate::session::Session;
+use crate::session::{Session, SessionStream};
 use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
-use crate::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
+use crate::transport::{self, ClientTls, Connected, WsByteStream};
 
 /// Emissary's client keepalive period in classic mode.
 pub const CLASSIC_PING: Duration = Duration::from_secs(30);
@@ -311,27 +310,96 @@ impl Dialer {
     }
 
     async fn session(&self) -> Result<Session> {
+        Ok(self.session_then(|_, _| std::future::ready(Ok(()))).await?.0)
+    }
+
+    /// The live session, or a new one; a new one also runs `first` on it at once, while the
+    /// relay's answer to the hello is on its way (so the first stream's frames leave in the
+    /// hello's flight), and returns its result once the relay accepted the session. Over a
+    /// multiplexed WebSocket the hello is an early one (see `handshake`), and `first` is given its
+    /// [`EarlyGate`] (to hold back what it could not send again); if the relay did not take it,
+    /// `first` runs again on a session that signs the relay's nonce.
+    async fn session_then<T, F, Fut>(&self, mut first: F) -> Result<(Session, Option<Result<T>>)>
+    where
+        F: FnMut(Session, Option<EarlyGate>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut slot = self.inner.session.lock().await;
         if let Some(s) = slot.as_ref() {
             if !s.is_closed() {
-                return Ok(s.clone());
+                return Ok((s.clone(), None));
             }
             // Reported here too, so its `Disconnected` comes before the next `Connected` even if
             // its watcher has not run yet.
             self.inner.events.disconnected(s.close_reason().as_ref());
         }
         let i = &self.inner;
-        let s = i.relays.try_each(|url| async move { open_session(&url, &i.key, i.tls.as_ref(), i.mux.clone()).await }).await?;
-        *slot = Some(s.clone());
-        let number = self.inner.events.connected(self.relay(), None);
-        let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
-        tokio::spawn(async move {
-            watched.closed().await;
-            if let Some(hub) = hub.upgrade() {
-                hub.disconnected_if(number, watched.close_reason().as_ref());
+        let mut with_nonce = false;
+        loop {
+            let (url, source, sink, gate) = i
+                .relays
+                .try_each(|url| async move {
+                    let hello = |nonce: &[u8]| {
+                        let (date, sig) = i.key.sign(nonce, std::time::SystemTime::now());
+                        Hello { date, sig }.encode()
+                    };
+                    if !with_nonce && handshake::early_hello_for(&url) {
+                        let (source, sink, gate) = handshake::send_early_hello(&url, i.tls.as_ref(), hello).await?;
+                        return Ok((url, source, sink, Some(gate)));
+                    }
+                    let (source, sink) = handshake::send_hello(&url, i.tls.as_ref(), hello).await?;
+                    Ok((url, source, sink, None))
+                })
+                .await?;
+            let (source, answer) = handshake::answer_first(source);
+            let s = Session::mux(Role::Client, source, sink, i.mux.clone());
+            // A dial dropped before the relay's answer (cancelled) closes the session: its driver
+            // would otherwise hold the connection until the keepalive gives up.
+            let mut unanswered = CloseOnDrop(Some(s.clone()));
+            let verdict = async {
+                let answer = answer.get(&url).await?;
+                if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
+                    return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
+                }
+                Ok(())
+            };
+            // The first stream runs while the answer is awaited; the session is shared (and the
+            // lock released) once the relay accepted it, so other dials need not wait for this one.
+            let run = first(s.clone(), gate.clone());
+            tokio::pin!(run, verdict);
+            let mut first_done = None;
+            let verdict = loop {
+                tokio::select! {
+                    v = &mut verdict => break v,
+                    r = &mut run, if first_done.is_none() => first_done = Some(r),
+                }
+            };
+            if let Err(e) = verdict {
+                s.close(e.code(), e.message());
+                if gate.is_some_and(|g| g.retry_with_nonce(&url)) {
+                    tracing::debug!(relay = %url.url, error = %e, "the relay did not take the early hello; signing its nonce");
+                    with_nonce = true;
+                    continue;
+                }
+                return Err(e);
             }
-        });
-        Ok(s)
+            unanswered.0 = None;
+            *slot = Some(s.clone());
+            let number = self.inner.events.connected(self.relay(), None);
+            let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
+            tokio::spawn(async move {
+                watched.closed().await;
+                if let Some(hub) = hub.upgrade() {
+                    hub.disconnected_if(number, watched.close_reason().as_ref());
+                }
+            });
+            drop(slot);
+            let first = match first_done {
+                Some(r) => r,
+                None => run.await,
+            };
+            return Ok((s, Some(first)));
+        }
     }
 
     async fn dial_mux(&self, target: &Target) -> Result<TunnelStream> {
@@ -340,16 +408,12 @@ impl Dialer {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let session = self.session().await?;
-            let result = async {
-                let mut stream = session.open()?;
-                if let (Some(e2e), Some(expect)) = (&self.inner.e2e, &expect) {
-                    return Ok(Inner::E2e(Box::new(e2e.dial(stream, target, expect.clone()).await?)));
-                }
-                socks::client_connect(&mut stream, target, true).await?;
-                Ok(Inner::Mux(stream))
-            }
-            .await;
+            // A new session runs the CONNECT with its hello (one flight, see `handshake`).
+            let (session, first) = self.session_then(|s, _| self.connect_on(s, target, expect.as_deref())).await?;
+            let result = match first {
+                Some(r) => r,
+                None => self.connect_on(session.clone(), target, expect.as_deref()).await,
+            };
             match result {
                 Ok(inner) => return Ok(TunnelStream::new(inner, target.clone())),
                 // The session died under us (relay restarted, idle LB cut it): one fresh try.
@@ -359,6 +423,17 @@ impl Dialer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Open a stream on `session` and connect it to `target` (through the E2E handshake when
+    /// `expect` names the listener's identity).
+    async fn connect_on(&self, session: Session, target: &Target, expect: Option<&str>) -> Result<Inner> {
+        let mut stream = session.open()?;
+        if let (Some(e2e), Some(expect)) = (&self.inner.e2e, expect) {
+            return Ok(Inner::E2e(Box::new(e2e.dial(stream, target, expect.to_string()).await?)));
+        }
+        socks::client_connect(&mut stream, target, true).await?;
+        Ok(Inner::Mux(stream))
     }
 
     /// Dial `target` for a local connection that is about to be bridged: in multiplexed mode its
@@ -376,14 +451,14 @@ impl Dialer {
             let mut attempt = 0;
             loop {
                 attempt += 1;
-                let session = self.session().await?;
-                let mut early = 0;
-                let result = async {
-                    let mut stream = session.open()?;
-                    crate::stream::connect_early(&mut stream, local, target, &mut early).await?;
-                    Ok(stream)
-                }
-                .await;
+                let early = std::sync::atomic::AtomicU64::new(0);
+                // A new session runs the CONNECT with its hello (one flight, see `handshake`).
+                let (session, first) = self.session_then(|s, gate| open_early(s, local, target, &early, gate)).await?;
+                let result = match first {
+                    Some(r) => r,
+                    None => open_early(session.clone(), local, target, &early, None).await,
+                };
+                let early = early.into_inner();
                 match result {
                     Ok(stream) => return Ok((TunnelStream::new(Inner::Mux(stream), target.clone()), early)),
                     // The session died before any local byte was taken: one fresh try.
@@ -438,16 +513,31 @@ pub fn route(target: &str, via: Option<&str>) -> Result<Target> {
     }
 }
 
-/// Connect and authenticate a multiplexed dialer session.
-pub(crate) async fn open_session(url: &RelayUrl, key: &Key, tls: Option<&ClientTls>, cfg: MuxConfig) -> Result<Session> {
-    let (source, mut sink, answer) = crate::client::handshake::connect_mux(url, tls, |nonce| {
-        let (date, sig) = key.sign(nonce, std::time::SystemTime::now());
-        Hello { date, sig }.encode()
-    })
-    .await?;
-    if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
-        let _ = sink.close().await;
-        return Err(Error::new(code, format!("the relay at {} refused the session: {msg}", url.url)));
+/// Closes a session that is dropped while still held (a dial cancelled in its handshake).
+struct CloseOnDrop(Option<Session>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            s.close(ErrorCode::Closed, "the dial was cancelled before the relay answered the session's hello");
+        }
     }
-    Ok(Session::mux(Role::Client, source, sink, cfg))
+}
+
+/// Open a stream on `session` and send its CONNECT with the local client's first bytes
+/// ([`crate::stream::connect_early`]); `early` counts the bytes sent. With a `gate` (a new
+/// session's early hello) no local byte is taken before the relay took the hello.
+async fn open_early<S: LocalSocket>(
+    session: Session,
+    local: &S,
+    target: &Target,
+    early: &std::sync::atomic::AtomicU64,
+    gate: Option<EarlyGate>,
+) -> Result<SessionStream> {
+    let mut stream = session.open()?;
+    let mut sent = early.load(std::sync::atomic::Ordering::Relaxed);
+    let r = crate::stream::connect_early(&mut stream, local, target, &mut sent, gate).await;
+    early.store(sent, std::sync::atomic::Ordering::Relaxed);
+    r?;
+    Ok(stream)
 }

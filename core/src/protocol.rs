@@ -23,6 +23,19 @@ pub const MUX_TCP_MAGIC: &[u8; 4] = b"LTM1";
 /// Version byte of the multiplexed session hello.
 pub const HELLO_VERSION: u8 = 1;
 
+/// The early hello of a multiplexed WebSocket session (request header): `base64_nopad(client
+/// nonce (32 bytes) ‖ Hello)`, the hello's proof signed over the client's nonce. The client's
+/// session frames follow the upgrade request without waiting. A relay that takes it answers the
+/// 101 with this header set to [`EARLY_TAKEN`], sends no preamble, and its first message is the
+/// [`HelloAck`]; set to [`EARLY_DECLINED`], it closes after the 101 (the client reconnects and
+/// signs the relay's nonce). Without the header in the 101 the relay predates it (the same).
+pub const EARLY_HELLO_HEADER: &str = "libtunnel-hello";
+/// [`EARLY_HELLO_HEADER`] in a 101: the relay judged the early hello; its answer comes first.
+pub const EARLY_TAKEN: &str = "taken";
+/// [`EARLY_HELLO_HEADER`] in a 101: the relay did not judge it (date more than
+/// [`crate::auth::EARLY_MAX_SKEW`] away, or too many recent early hellos); sign its nonce instead.
+pub const EARLY_DECLINED: &str = "declined";
+
 /// Emissary's `emissaryproto.ServerConnect`.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ServerConnect {

@@ -403,7 +403,16 @@ pub async fn bridge<S: LocalSocket>(mut mux: SessionStream, mut local: S) -> io:
 /// the target is connected). Saves one round trip to the relay per connection for protocols whose
 /// client speaks first (HTTP, PostgreSQL, TLS). `early` counts the local bytes already taken (and
 /// sent); on a refusal they are dropped with the stream.
-pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut SessionStream, local: &S, target: &Target, early: &mut u64) -> crate::error::Result<()> {
+///
+/// With a `gate` (the stream rides with a new session's early hello) the local bytes wait until
+/// the relay took that hello: a relay that did not would drop them, and they cannot be read again.
+pub(crate) async fn connect_early<S: LocalSocket>(
+    mux: &mut SessionStream,
+    local: &S,
+    target: &Target,
+    early: &mut u64,
+    gate: Option<crate::client::handshake::EarlyGate>,
+) -> crate::error::Result<()> {
     use crate::error::Error;
     let request = crate::socks::pipelined_connect_request(target)?;
     let lost = |e: io::Error| Error::from_io(e, "sending the CONNECT request");
@@ -413,6 +422,11 @@ pub(crate) async fn connect_early<S: LocalSocket>(mux: &mut SessionStream, local
     let n = poll_fn(|cx| mux.poll_reserve(cx, request.len())).await.map_err(lost)?;
     debug_assert!(n >= request.len(), "a fresh stream has a whole window of credit");
     mux.send_frame(frame).map_err(lost)?;
+    if let Some(mut gate) = gate {
+        if !gate.taken().await {
+            return Err(Error::new(crate::error::ErrorCode::RelayUnavailable, "the relay did not take the session's early hello"));
+        }
+    }
     let mut reply = BytesMut::new();
     let mut local_quiet = false;
     let mut arena = FrameArena::new();

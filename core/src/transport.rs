@@ -35,6 +35,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 /// A boxed transport byte stream (TCP or TLS).
 pub type BoxIo = Box<dyn Io>;
 
+/// How to switch a dialer to classic mode, in every face (the fix named by errors from a
+/// classic-only relay).
+pub(crate) const USE_CLASSIC: &str =
+    "dial it in classic mode: `--classic` (CLI), `Mode::Classic` (Rust), `classic=True` (Python), `{classic: true}` (Node)";
+
 /// Largest WebSocket message a classic-mode client accepts.
 pub const MAX_MESSAGE: usize = 1024 * 1024;
 /// Largest WebSocket message or TCP record of a multiplexed session: a mux frame is at most
@@ -415,7 +420,16 @@ fn tls_failure(url: &RelayUrl, e: io::Error) -> Error {
 
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
 pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Result<Connected> {
-    // Directly or through the upstream proxy.
+    let io = open(url, tls).await?;
+    if url.scheme == Scheme::Tcp {
+        return Ok(Connected::Tcp(io));
+    }
+    let (ws, chosen) = upgrade(url, io, mux).await?;
+    Ok(Connected::Ws(ws, chosen))
+}
+
+/// The TCP (and TLS, for `wss://`) connection to a relay, directly or through its upstream proxy.
+async fn open(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<BoxIo> {
     let tcp = proxy::open(url, tls).await?;
     let io: BoxIo = match url.scheme {
         Scheme::Wss => {
@@ -427,9 +441,12 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
         }
         _ => Box::new(tcp),
     };
-    if url.scheme == Scheme::Tcp {
-        return Ok(Connected::Tcp(io));
-    }
+    Ok(io)
+}
+
+/// The WebSocket upgrade on `io` (`mux` offers the multiplexed subprotocol): the WebSocket and
+/// whether the relay chose that subprotocol.
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(url: &RelayUrl, io: S, mux: bool) -> Result<(WebSocketStream<S>, bool)> {
     use tungstenite::client::IntoClientRequest;
     let mut req = url.url.as_str().into_client_request().map_err(|e| Error::argument(format!("bad relay URL: {e}")))?;
     if mux {
@@ -443,12 +460,11 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
                 .get(http::header::SEC_WEBSOCKET_PROTOCOL)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v == crate::protocol::MUX_SUBPROTOCOL);
-            Ok(Connected::Ws(ws, chosen))
+            Ok((ws, chosen))
         }
         Err(tungstenite::Error::Protocol(tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_))) => Err(Error::protocol(format!(
             "the relay at {} does not speak libtunnel's multiplexed mode (it may be an Emissary server); {}",
-            url.url,
-            crate::client::handshake::USE_CLASSIC
+            url.url, USE_CLASSIC
         ))),
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
@@ -657,6 +673,427 @@ pub fn tcp_frames(io: BoxIo) -> (FrameSource, FrameSink) {
     (Box::pin(source), Box::pin(sink))
 }
 
+// ---------------------------------------------------------------------------------------------
+// The client's multiplexed WebSocket after the upgrade
+// ---------------------------------------------------------------------------------------------
+
+/// A client transport during tungstenite's upgrade handshake that hands tungstenite the bytes of
+/// the relay's response head and nothing after it: what follows (the preamble, maybe more) stays
+/// here, for [`ws_client_frames`] to read once the handshake is done.
+struct UntilHead {
+    io: Option<BoxIo>,
+    /// Bytes read so far, and where the response head ends once that is known.
+    read: Vec<u8>,
+    head_end: Option<usize>,
+    /// Bytes of the head handed to tungstenite.
+    served: usize,
+}
+
+impl UntilHead {
+    fn new(io: BoxIo) -> UntilHead {
+        UntilHead { io: Some(io), read: Vec::new(), head_end: None, served: 0 }
+    }
+
+    /// The transport and the bytes read after the response head.
+    fn take(&mut self) -> Option<(BoxIo, Vec<u8>)> {
+        let end = self.head_end?;
+        Some((self.io.take()?, self.read.split_off(end)))
+    }
+
+    fn io(&mut self) -> io::Result<&mut BoxIo> {
+        self.io.as_mut().ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "the transport was taken"))
+    }
+}
+
+impl AsyncRead for UntilHead {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.head_end.is_none() {
+            let mut chunk = [0u8; 2048];
+            let mut rb = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(this.io()?).poll_read(cx, &mut rb))?;
+            if rb.filled().is_empty() {
+                // The relay closed: let tungstenite see the end (and say so).
+                let n = (this.read.len() - this.served).min(out.remaining());
+                out.put_slice(&this.read[this.served..this.served + n]);
+                this.served += n;
+                return Poll::Ready(Ok(()));
+            }
+            let from = this.read.len().saturating_sub(3);
+            this.read.extend_from_slice(rb.filled());
+            this.head_end = this.read[from..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| from + p + 4);
+        }
+        let end = this.head_end.expect("found");
+        if this.served == end {
+            // tungstenite stops reading once the head is complete; a read past it would take
+            // frames meant for `ws_client_frames`.
+            return Poll::Pending;
+        }
+        let n = (end - this.served).min(out.remaining());
+        out.put_slice(&this.read[this.served..this.served + n]);
+        this.served += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for UntilHead {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(self.io()?).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io()?).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(self.io()?).poll_shutdown(cx)
+    }
+}
+
+/// Upgrade `io` to the multiplexed WebSocket (tungstenite checks the handshake) and return its
+/// frames, read and written by [`ws_client_frames`]; `None` when the relay did not choose the
+/// multiplexed subprotocol.
+pub(crate) async fn connect_ws_mux(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<Option<(FrameSource, FrameSink)>> {
+    let io = open(url, tls).await?;
+    let (mut ws, chosen) = upgrade(url, UntilHead::new(io), true).await?;
+    if !chosen {
+        return Ok(None);
+    }
+    let (io, rest) = ws.get_mut().take().ok_or_else(|| unavailable(url, "the WebSocket handshake ended early"))?;
+    Ok(Some(ws_client_frames(io, rest)))
+}
+
+/// Frames of the client's multiplexed WebSocket, without tungstenite's codec: messages are read
+/// into one growing buffer (no zero-fill before each read) and cut out of it without a copy;
+/// frames are written as header + payload with vectored writes, masked in place (a copy only if
+/// the payload is shared). `rest` holds bytes already read after the upgrade's answer.
+fn ws_client_frames(io: BoxIo, rest: Vec<u8>) -> (FrameSource, FrameSink) {
+    let (r, w) = tokio::io::split(io);
+    let reader = WsReader { io: r, buf: bytes::BytesMut::from(&rest[..]), done: false, head: None };
+    let writer = WsWriter { io: w, queue: std::collections::VecDeque::new(), queued: 0, close_sent: false };
+    (Box::pin(reader), Box::pin(writer))
+}
+
+/// Socket reads of the client's WebSocket: one transport carries every stream (few, large reads).
+const WS_CLIENT_READ: usize = 128 * 1024;
+
+struct WsReader {
+    io: tokio::io::ReadHalf<BoxIo>,
+    buf: bytes::BytesMut,
+    done: bool,
+    /// The upgrade's answer, still to be read and checked before the first frame (early hello).
+    head: Option<AnswerCheck>,
+}
+
+/// What a relay made of an early hello ([`crate::protocol::EARLY_HELLO_HEADER`]), read off its
+/// answer to the upgrade.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EarlyAnswer {
+    /// It judged the hello; its answer is the session's first message.
+    Taken,
+    /// It declined to judge it (it then closes): sign its nonce on a new connection.
+    Declined,
+    /// A multiplexed 101 without the header: the relay predates early hellos.
+    Absent,
+    /// No multiplexed 101 at all (an HTTP error, another subprotocol, a closed connection).
+    Failed,
+}
+
+struct AnswerCheck {
+    /// The `Sec-WebSocket-Accept` the relay must send.
+    accept: String,
+    answer: tokio::sync::watch::Sender<Option<EarlyAnswer>>,
+}
+
+/// The largest upgrade answer the client reads.
+const ANSWER_HEAD_MAX: usize = 16 * 1024;
+
+/// Upgrade to the multiplexed WebSocket with an early hello: the request (with `early_hello` as
+/// [`crate::protocol::EARLY_HELLO_HEADER`]) is written and the frames are returned at once, so the
+/// session's first frames follow the request without waiting for its answer. The returned
+/// receiver tells what the relay made of the early hello once its answer is read (checked as
+/// tungstenite would: 101, `Sec-WebSocket-Accept`, the subprotocol); the frames start after it.
+pub(crate) async fn connect_ws_mux_early(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    early_hello: &str,
+) -> Result<(FrameSource, FrameSink, tokio::sync::watch::Receiver<Option<EarlyAnswer>>)> {
+    use tokio::io::AsyncWriteExt;
+    let mut io = open(url, tls).await?;
+    let key = tungstenite::handshake::client::generate_key();
+    let u = &url.url;
+    let target = match &u[url::Position::BeforePath..url::Position::AfterQuery] {
+        "" => "/",
+        t => t,
+    };
+    let host = &u[url::Position::BeforeHost..url::Position::AfterPort];
+    let request = format!(
+        "GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Protocol: {}\r\n{}: {early_hello}\r\n\r\n",
+        crate::protocol::MUX_SUBPROTOCOL,
+        crate::protocol::EARLY_HELLO_HEADER,
+    );
+    io.write_all(request.as_bytes()).await.map_err(|e| unavailable(url, e))?;
+    io.flush().await.map_err(|e| unavailable(url, e))?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let (r, w) = tokio::io::split(io);
+    let check = AnswerCheck { accept: tungstenite::handshake::derive_accept_key(key.as_bytes()), answer: tx };
+    let reader = WsReader { io: r, buf: bytes::BytesMut::with_capacity(4096), done: false, head: Some(check) };
+    let writer = WsWriter { io: w, queue: std::collections::VecDeque::new(), queued: 0, close_sent: false };
+    Ok((Box::pin(reader), Box::pin(writer), rx))
+}
+
+impl AnswerCheck {
+    /// Check the upgrade's answer `head` (through its blank line).
+    fn check(&self, head: &[u8]) -> std::result::Result<(), (EarlyAnswer, String)> {
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut resp = httparse::Response::new(&mut headers);
+        let failed = |why: String| (EarlyAnswer::Failed, why);
+        match resp.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err(failed("a truncated answer to the WebSocket upgrade".into())),
+            Err(e) => return Err(failed(format!("a malformed answer to the WebSocket upgrade ({e})"))),
+        }
+        if resp.code != Some(101) {
+            return Err(failed(format!("HTTP {} instead of the WebSocket upgrade", resp.code.unwrap_or(0))));
+        }
+        let header = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value);
+        if header("sec-websocket-accept") != Some(self.accept.as_bytes()) {
+            return Err(failed("a WebSocket upgrade answer with a wrong Sec-WebSocket-Accept".into()));
+        }
+        if header("sec-websocket-protocol") != Some(crate::protocol::MUX_SUBPROTOCOL.as_bytes()) {
+            return Err(failed(format!("a WebSocket upgrade without the {} subprotocol", crate::protocol::MUX_SUBPROTOCOL)));
+        }
+        match header(crate::protocol::EARLY_HELLO_HEADER) {
+            Some(v) if v == crate::protocol::EARLY_TAKEN.as_bytes() => Ok(()),
+            Some(v) if v == crate::protocol::EARLY_DECLINED.as_bytes() => Err((EarlyAnswer::Declined, "the relay declined the early hello".into())),
+            _ => Err((EarlyAnswer::Absent, "the relay does not take early hellos".into())),
+        }
+    }
+
+    /// Read and check the answer at the front of `buf`: `Ok(true)` once it is taken off, `Ok(false)`
+    /// while it is incomplete.
+    fn take_answer(&self, buf: &mut bytes::BytesMut) -> io::Result<bool> {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4) else {
+            if buf.len() > ANSWER_HEAD_MAX {
+                self.answer.send_replace(Some(EarlyAnswer::Failed));
+                return Err(invalid(format!("the relay's answer to the WebSocket upgrade is over {ANSWER_HEAD_MAX} bytes")));
+            }
+            return Ok(false);
+        };
+        let verdict = self.check(&buf[..end]);
+        buf.advance(end);
+        match verdict {
+            Ok(()) => {
+                self.answer.send_replace(Some(EarlyAnswer::Taken));
+                Ok(true)
+            }
+            Err((answer, why)) => {
+                self.answer.send_replace(Some(answer));
+                Err(io::Error::new(io::ErrorKind::ConnectionRefused, why))
+            }
+        }
+    }
+}
+
+fn invalid(why: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, why)
+}
+
+impl WsReader {
+    /// The next whole frame in `buf`: `Ok(None)` until it has arrived.
+    fn parse(&mut self) -> io::Result<Option<(u8, Bytes)>> {
+        let b = &self.buf[..];
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let (fin, rsv, opcode) = (b[0] & 0x80 != 0, b[0] & 0x70, b[0] & 0x0f);
+        if b[1] & 0x80 != 0 {
+            return Err(invalid("the relay sent a masked WebSocket frame".into()));
+        }
+        let (len, head) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (u64::from(u16::from_be_bytes([b[2], b[3]])), 4),
+            127 if b.len() >= 10 => (u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")), 10),
+            126 | 127 => return Ok(None),
+            n => (u64::from(n), 2),
+        };
+        if !fin || rsv != 0 {
+            return Err(invalid("the relay sent a fragmented or extended WebSocket frame in a multiplexed session".into()));
+        }
+        if len > MUX_MAX_MESSAGE as u64 {
+            return Err(invalid(format!(
+                "oversized WebSocket message ({len} bytes, at most {MUX_MAX_MESSAGE}); libtunnel peers send at most 1 MiB per message (the relay streams classic messages of any size)"
+            )));
+        }
+        let total = head + len as usize;
+        if self.buf.len() < total {
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        self.buf.advance(head);
+        Ok(Some((opcode, self.buf.split_to(len as usize).freeze())))
+    }
+}
+
+impl Stream for WsReader {
+    type Item = io::Result<Bytes>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let parsed = match &this.head {
+                None => this.parse(),
+                Some(check) => match check.take_answer(&mut this.buf) {
+                    Ok(true) => {
+                        this.head = None;
+                        continue;
+                    }
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                },
+            };
+            match parsed {
+                Err(e) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Some((0x2, payload))) => return Poll::Ready(Some(Ok(payload))),
+                Ok(Some((0x8, _))) => this.done = true,
+                // Pings and pongs: the relay sends none on a multiplexed session (the session
+                // has its own keepalive); nothing to answer.
+                Ok(Some((0x9 | 0xa, _))) => {}
+                Ok(Some((op, _))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(invalid(format!("WebSocket opcode {op} in a multiplexed session")))));
+                }
+                Ok(None) => {
+                    if this.buf.capacity() - this.buf.len() < WS_HEADER_MAX {
+                        this.buf.reserve(WS_CLIENT_READ);
+                    }
+                    let n = ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))?;
+                    if n == 0 {
+                        this.done = true;
+                        if let Some(check) = this.head.take() {
+                            check.answer.send_replace(Some(EarlyAnswer::Failed));
+                            return Poll::Ready(Some(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the relay closed the connection before answering the WebSocket upgrade",
+                            ))));
+                        }
+                        if !this.buf.is_empty() {
+                            return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the relay closed the WebSocket in a frame"))));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes the writer gathers before it asks for a flush (one vectored write per batch).
+const WS_CLIENT_WRITE: usize = 128 * 1024;
+
+struct WsWriter {
+    io: tokio::io::WriteHalf<BoxIo>,
+    /// Headers and payloads not yet written, in order (the front one maybe partly).
+    queue: std::collections::VecDeque<Bytes>,
+    queued: usize,
+    close_sent: bool,
+}
+
+/// XOR `data` with the 4-byte `key` repeated (RFC 6455 masking), eight bytes at a time.
+fn apply_mask(data: &mut [u8], key: [u8; 4]) {
+    let wide = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
+    let mut chunks = data.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes(c.try_into().expect("8 bytes")) ^ wide;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= key[i % 4];
+    }
+}
+
+impl WsWriter {
+    /// Queue one masked frame.
+    fn push(&mut self, opcode: u8, payload: Bytes) {
+        let key: [u8; 4] = rand::random();
+        let mut payload = payload.try_into_mut().unwrap_or_else(|shared| bytes::BytesMut::from(&shared[..]));
+        apply_mask(&mut payload, key);
+        let mut head = bytes::BytesMut::with_capacity(WS_HEADER_MAX);
+        head.extend_from_slice(&[0x80 | opcode]);
+        match payload.len() {
+            n if n < 126 => head.extend_from_slice(&[0x80 | n as u8]),
+            n if n <= 0xffff => {
+                head.extend_from_slice(&[0x80 | 126]);
+                head.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                head.extend_from_slice(&[0x80 | 127]);
+                head.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        head.extend_from_slice(&key);
+        self.queued += head.len() + payload.len();
+        self.queue.push_back(head.freeze());
+        if !payload.is_empty() {
+            self.queue.push_back(payload.freeze());
+        }
+    }
+
+    fn poll_write_all(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.queue.is_empty() {
+            let slices: Vec<io::IoSlice<'_>> = self.queue.iter().take(64).map(|b| io::IoSlice::new(b)).collect();
+            let mut n = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.queued -= n;
+            while n > 0 {
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if n >= front.len() {
+                    n -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(n);
+                    n = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Sink<Bytes> for WsWriter {
+    type Error = io::Error;
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.queued >= WS_CLIENT_WRITE {
+            ready!(self.poll_write_all(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+    fn start_send(mut self: Pin<&mut Self>, item: Bytes) -> io::Result<()> {
+        if self.close_sent {
+            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "the WebSocket is closed"));
+        }
+        self.push(0x2, item);
+        Ok(())
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_all(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.close_sent {
+            // Close 1000, as tungstenite sent it.
+            self.push(0x8, Bytes::from_static(&[0x03, 0xe8]));
+            self.close_sent = true;
+        }
+        ready!(self.poll_write_all(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Accept the next connection; on errors (EMFILE and friends) log, back off 50 ms and retry
 /// instead of spinning. Shared by every accept loop (forwards, the SOCKS proxy, the relay).
 pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, std::net::SocketAddr) {
@@ -674,6 +1111,65 @@ pub(crate) async fn accept_backoff(listener: &tokio::net::TcpListener) -> (tokio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The client's own WebSocket frames against tungstenite's server side (the relay's codec):
+    /// every length encoding both ways, masked from the client, bytes already read after the
+    /// upgrade served first, and the limits enforced.
+    #[tokio::test]
+    async fn client_frames_interoperate_with_the_relays_codec() {
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let mut relay = WebSocketStream::from_raw_socket(server, Role::Server, Some(ws_server_config(MUX_MAX_MESSAGE))).await;
+        // A frame the relay sent right behind the upgrade's answer, read along with it.
+        let rest = vec![0x82, 3, b'p', b'r', b'e'];
+        let (mut source, mut sink) = ws_client_frames(Box::new(client), rest);
+        assert_eq!(&source.next().await.unwrap().unwrap()[..], b"pre");
+        let sizes = [0usize, 1, 125, 126, 127, 65535, 65536, 64 * 1024 + 5, MUX_MAX_MESSAGE];
+        let msg = |n: usize| Bytes::from((0..n).map(|i| (i * 7 + n) as u8).collect::<Vec<u8>>());
+        for &n in &sizes {
+            sink.feed(msg(n)).await.unwrap();
+        }
+        sink.flush().await.unwrap();
+        for &n in &sizes {
+            match relay.next().await.unwrap().unwrap() {
+                Message::Binary(b) => assert_eq!(b, msg(n), "client -> relay, {n} bytes"),
+                m => panic!("unexpected {m:?}"),
+            }
+        }
+        for &n in &sizes {
+            relay.feed(Message::Binary(msg(n))).await.unwrap();
+        }
+        relay.flush().await.unwrap();
+        for &n in &sizes {
+            assert_eq!(source.next().await.unwrap().unwrap(), msg(n), "relay -> client, {n} bytes");
+        }
+        // Over the limit: an error that names it, and the end.
+        relay.send(Message::Binary(msg(MUX_MAX_MESSAGE + 1))).await.unwrap();
+        let e = source.next().await.unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("oversized WebSocket message"), "{e}");
+        assert!(source.next().await.is_none());
+        // Closing sends Close 1000, as tungstenite did.
+        sink.close().await.unwrap();
+        match relay.next().await.unwrap().unwrap() {
+            Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 1000),
+            m => panic!("expected Close 1000, got {m:?}"),
+        }
+    }
+
+    #[test]
+    fn masking_matches_the_byte_by_byte_rule() {
+        let key = [0x12, 0x34, 0x56, 0x78];
+        for n in [0, 1, 7, 8, 9, 63, 64, 1000] {
+            let data: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let mut masked = data.clone();
+            apply_mask(&mut masked, key);
+            let want: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ key[i % 4]).collect();
+            assert_eq!(masked, want, "{n} bytes");
+        }
+    }
 
     #[test]
     fn relay_urls() {

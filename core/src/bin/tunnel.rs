@@ -776,7 +776,30 @@ fn init_logging(cli: &Cli, default_level: &str) {
     }
 }
 
+/// glibc's allocator returns freed memory to the kernel eagerly by default (blocks of 128 KiB and
+/// more are mapped and unmapped one by one, and a free heap top over 128 KiB is trimmed), so on
+/// the data path every transport read buffer and frame batch came back as fresh pages: the
+/// profile of `tunnel forward` + `tunnel server` moving 1 GiB through one stream counted 54,000 to
+/// 184,000 page faults in the relay (the kernel zeroing each page) and about a third of its CPU.
+/// Blocks under 1 MiB now come from the heap and up to 8 MiB of free heap is kept: ~400 faults
+/// per GiB. `GLIBC_TUNABLES` (glibc.malloc.*), when set, is left to decide.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    if std::env::var_os("GLIBC_TUNABLES").is_some() {
+        return;
+    }
+    // SAFETY: mallopt only sets the allocator's parameters; it runs before any other thread.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -90,11 +90,16 @@ struct StreamState {
     handle: bool,
     /// Finished both ways or reset: no longer counted as open.
     retired: bool,
+    /// Of a retired stream, the received bytes still unread and still counted in the session's
+    /// `granted`: retiring returns only the part of the window that holds no data, and the rest
+    /// comes back as the reader takes it (or drops it), so what unread finished streams buffer
+    /// stays within the session budget.
+    held: usize,
 }
 
 impl StreamState {
     fn new(now: Instant, open_sent: bool) -> StreamState {
-        StreamState { recv: RecvState::new(now), send: SendState::new(open_sent), reset: None, handle: true, retired: false }
+        StreamState { recv: RecvState::new(now), send: SendState::new(open_sent), reset: None, handle: true, retired: false, held: 0 }
     }
 
     fn finished(&self) -> bool {
@@ -230,7 +235,12 @@ impl Connection {
         if self.buffered > recv_bound {
             return Err(format!("{} bytes buffered for readers, more than the bound {recv_bound}", self.buffered));
         }
-        if self.granted > self.cfg.receive_budget + self.live * WINDOW as usize {
+        // Every buffered byte lies within a window the session still counts (a finished, unread
+        // stream's bytes included), and windows grow only within the budget.
+        if self.buffered > self.granted {
+            return Err(format!("{} bytes buffered for readers, more than the {} bytes of window counted", self.buffered, self.granted));
+        }
+        if self.granted > self.cfg.receive_budget + held * WINDOW as usize {
             return Err(format!("{} bytes of window granted, more than the budget allows", self.granted));
         }
         if self.queued_total > self.cfg.write_budget + MAX_DATA {
@@ -752,7 +762,12 @@ impl Connection {
         if let Some(chunk) = st.recv.pop() {
             let n = chunk.len();
             self.buffered -= n;
-            if st.reset.is_none() {
+            if st.retired {
+                // Nothing more can arrive: the bytes read leave the budget, no grant is due.
+                let freed = n.min(st.held);
+                st.held -= freed;
+                self.granted -= freed;
+            } else if st.reset.is_none() {
                 let budget_left = budget.saturating_sub(self.granted);
                 if let Some(g) = st.recv.flow.on_consumed(n as u32, now, self.rtt.for_growth(), max, budget_left) {
                     self.granted += g.growth as usize;
@@ -848,7 +863,10 @@ impl Connection {
         if st.finished() && !st.retired {
             st.retired = true;
             self.live -= 1;
-            self.granted -= st.recv.flow.window() as usize;
+            // The window's room that holds no data goes back to the budget now; the unread bytes
+            // stay counted until they are read or dropped.
+            st.held = st.recv.bytes.min(st.recv.flow.window() as usize);
+            self.granted -= st.recv.flow.window() as usize - st.held;
             if self.live == 0 {
                 self.events.push_back(Event::Idle);
             }
@@ -856,6 +874,7 @@ impl Connection {
         if st.retired && !st.handle && st.send.queue.is_empty() {
             let st = self.streams.remove(&id).expect("present");
             self.buffered -= st.recv.bytes;
+            self.granted -= st.held;
             self.queued_total -= st.send.queued;
             if !st.recv.fin {
                 self.late_credit += u64::from(st.recv.flow.credit());
@@ -875,5 +894,6 @@ impl Connection {
     fn discard_received(&mut self, id: u32) {
         let Some(st) = self.streams.get_mut(&id) else { return };
         self.buffered -= st.recv.discard();
+        self.granted -= std::mem::take(&mut st.held);
     }
 }

@@ -328,6 +328,90 @@ fn the_session_budget_bounds_what_stalled_readers_hold_and_another_stream_keeps_
     assert!(got == data && back == data, "bytes differ");
 }
 
+/// A stream that received `Fin` and whose reader stopped keeps its unread bytes counted in the
+/// session budget after it retires: another stream cannot grow its window into that room, so
+/// what the session buffers stays within the budget (the hole was: retiring returned the whole
+/// window while its data stayed buffered). Reading the finished stream, then dropping it, gives
+/// the room back.
+#[test]
+fn a_finished_unread_stream_keeps_its_bytes_in_the_session_budget() {
+    let budget = 8 * 1024 * 1024;
+    let cfg = MuxConfig { receive_budget: budget, ..MuxConfig::default() };
+    let mut p = Pair::new(Duration::from_millis(5), 400e6, 512 * 1024, cfg);
+    p.run(Duration::from_secs(1), |p| p.server.conn.stats().rtt.is_some());
+    let chunk = vec![5u8; MAX_DATA];
+    // Stream A: the server finishes its side at once and reads fast until A's window has taken
+    // the whole budget, then stops reading; the client fills the window and finishes.
+    let a = p.client.conn.open(p.now).unwrap();
+    write(&mut p.client.conn, a, b"a");
+    let mut a_in = None;
+    p.run(Duration::from_secs(5), |p| {
+        write(&mut p.client.conn, a, &chunk);
+        if a_in.is_none() {
+            a_in = p.server.conn.accept();
+            if let Some(id) = a_in {
+                p.server.conn.finish(id);
+            }
+        }
+        if let Some(id) = a_in {
+            sink(&mut p.server.conn, id, p.now);
+            return p.server.conn.window(id) as usize >= budget;
+        }
+        false
+    });
+    let a_in = a_in.expect("accepted");
+    let t = p.now;
+    p.run(Duration::from_secs(5), |p| {
+        write(&mut p.client.conn, a, &chunk);
+        p.now >= t + Duration::from_millis(100)
+    });
+    p.client.conn.finish(a);
+    p.run(Duration::from_secs(1), |p| p.server.conn.stream_count() == 0);
+    let held = p.server.conn.stats().buffered;
+    assert!(held >= budget / 2, "the finished stream A buffers {held} bytes unread");
+    // Stream B reads fast for 200 ms (it would grow into whatever room the budget shows), then
+    // stops for 200 ms while its writer keeps pushing.
+    let b = p.client.conn.open(p.now).unwrap();
+    write(&mut p.client.conn, b, b"b");
+    let (mut b_in, mut b_read, mut peak) = (None, 0, 0);
+    let t = p.now;
+    p.run(Duration::from_secs(5), |p| {
+        write(&mut p.client.conn, b, &chunk);
+        if b_in.is_none() {
+            b_in = p.server.conn.accept();
+        }
+        if let Some(id) = b_in {
+            if p.now < t + Duration::from_millis(200) {
+                b_read += sink(&mut p.server.conn, id, p.now);
+            }
+        }
+        let st = p.server.conn.stats();
+        peak = peak.max(st.buffered);
+        p.server.conn.check_bounds().unwrap();
+        p.now >= t + Duration::from_millis(400)
+    });
+    let b_in = b_in.expect("accepted");
+    assert!(b_read >= 2 * 1024 * 1024, "B moved only {b_read} bytes while A sat unread");
+    assert!(peak <= budget + 2 * WINDOW as usize, "A unread and B stalled buffer {peak} bytes with a budget of {budget}");
+    // Reading A to its end returns its room, and B grows into it once its reader is back.
+    let granted = p.server.conn.stats().granted;
+    let mut got = Vec::new();
+    assert!(read(&mut p.server.conn, a_in, p.now, &mut got), "A reads to its end");
+    assert_eq!(got.len(), held);
+    assert_eq!(p.server.conn.stats().granted, granted - held, "A's bytes leave the budget as they are read");
+    let before = p.server.conn.window(b_in);
+    let t = p.now;
+    p.run(Duration::from_secs(5), |p| {
+        write(&mut p.client.conn, b, &chunk);
+        sink(&mut p.server.conn, b_in, p.now);
+        p.server.conn.check_bounds().unwrap();
+        p.now >= t + Duration::from_millis(300)
+    });
+    assert!(p.server.conn.window(b_in) > before, "B's window stayed at {before} after A was read");
+    p.server.conn.stream_dropped(a_in);
+    p.server.conn.check_bounds().unwrap();
+}
+
 /// The exact fairness bound: a ping's frame waits behind at most what the link already holds
 /// (`queue` bytes and the frame being serialised) plus one frame of each bulk stream ahead of it in
 /// the ring, each way; without round-robin it would wait behind the bulk streams' whole queues.

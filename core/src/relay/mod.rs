@@ -157,6 +157,7 @@ impl Server {
         let state = Arc::new(RelayState {
             guards: guard::Guards::new(&cfg.limits, metrics.clone()),
             public: public::Public::new(&cfg.limits, public_tls),
+            early_nonces: Default::default(),
             cfg,
             metrics,
             tls,

@@ -18,7 +18,7 @@ use super::metrics::Refusal;
 use super::route::{self, Connected};
 use super::RelayState;
 use super::{guard, mux_server};
-use crate::auth::{fresh_nonce, AuthRejection};
+use crate::auth::{fresh_nonce, AuthRejection, EARLY_MAX_SKEW};
 use crate::error::ErrorCode;
 use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
@@ -56,6 +56,9 @@ fn rejection_message(r: &AuthRejection, state: &RelayState) -> String {
         AuthRejection::ClockSkew(d) => format!(
             "your clock is {}s away from the relay's (at most 900s allowed); synchronise the clocks (NTP)",
             d.as_secs()
+        ),
+        AuthRejection::Replayed(kid) => format!(
+            "this early hello for key id {kid} was already used: a replay; a libtunnel client signs a fresh nonce for every connection"
         ),
         AuthRejection::BadSignature(kid) => format!(
             "the proof for key id {kid} does not match: the secret is wrong (or the proof was replayed); check TUNNEL_KEY against the relay's TUNNEL_AUTH_KEYS"
@@ -217,8 +220,14 @@ fn count_bytes(state: &RelayState, up: u64, down: u64) {
     state.metrics.bytes_from_targets.fetch_add(down, Relaxed);
 }
 
-/// Multiplexed mode over a WebSocket.
-pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream<BoxIo>, peer: SocketAddr) {
+/// Multiplexed mode over a WebSocket. `early` is the judgement of the early hello its upgrade
+/// request carried (then no preamble is sent and the answer to it is the first message).
+pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream<BoxIo>, peer: SocketAddr, early: Option<Verdict>) {
+    if let Some(verdict) = early {
+        let (source, sink) = ws_frames(ws);
+        serve_dialer(state, source, sink, peer, verdict).await;
+        return;
+    }
     let nonce = fresh_nonce();
     if ws.send(Message::Binary(ServerConnect::new(&nonce).encode_bytes().into())).await.is_err() {
         return;
@@ -227,7 +236,96 @@ pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream
     serve_mux(state, source, sink, peer, nonce).await;
 }
 
-async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: FrameSink, peer: SocketAddr, nonce: [u8; 32]) {
+/// A dialer's hello, judged: the key id, a refused proof, or a malformed hello (its message).
+pub(super) type Verdict = Result<Result<u32, AuthRejection>, String>;
+
+/// What the relay makes of an early hello ([`crate::protocol::EARLY_HELLO_HEADER`]).
+pub(super) enum Early {
+    /// Judged: the answer is the session's first message.
+    Taken(Verdict),
+    /// Not judged: the client signs the relay's nonce on a new connection.
+    Declined,
+}
+
+/// The nonces of the early hellos this relay accepted, each kept until its date is
+/// [`EARLY_MAX_SKEW`] past (after that its date is refused anyway), so each is taken once. At most
+/// [`EARLY_NONCES`] are kept; beyond that early hellos are declined. Only a valid proof adds one.
+#[derive(Default)]
+pub(crate) struct EarlyNonces(std::sync::Mutex<NonceStore>);
+
+#[derive(Default)]
+pub(crate) struct NonceStore {
+    /// The nonce's first 16 bytes (a collision needs 2^64 hellos) → until when (Unix seconds).
+    until: std::collections::HashMap<[u8; 16], u64>,
+    /// When expired nonces were last dropped (Unix seconds): at most once a second while full.
+    pruned: u64,
+}
+
+/// The most early-hello nonces a relay remembers (at most ~13 MiB): 2,000 new sessions a second
+/// for two minutes (a nonce is kept at most that long: its date may be a minute ahead).
+const EARLY_NONCES: usize = 256 * 1024;
+
+impl EarlyNonces {
+    /// Record `nonce` (its hello dated `date`); `None` when the store is full, `Some(false)`
+    /// when it was already taken.
+    fn take(&self, nonce: [u8; 32], date: SystemTime, now: SystemTime) -> Option<bool> {
+        let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let key: [u8; 16] = nonce[..16].try_into().expect("16 bytes");
+        let mut store = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if store.until.contains_key(&key) {
+            return Some(false);
+        }
+        if store.until.len() >= EARLY_NONCES {
+            let now = secs(now);
+            if store.pruned < now {
+                store.pruned = now;
+                store.until.retain(|_, until| *until >= now);
+            }
+            if store.until.len() >= EARLY_NONCES {
+                return None;
+            }
+        }
+        // Rounded up, so a nonce is never dropped before its date is refused.
+        store.until.insert(key, secs(date + EARLY_MAX_SKEW) + 1);
+        Some(true)
+    }
+}
+
+/// Judge the early hello `value` of an upgrade request (see [`crate::protocol::EARLY_HELLO_HEADER`]).
+pub(super) fn judge_early(state: &RelayState, value: &[u8], now: SystemTime) -> Early {
+    use base64::Engine;
+    let malformed = |why: &str| Early::Taken(Err(format!("malformed early hello ({why})")));
+    let Ok(raw) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(value) else {
+        return malformed("not unpadded base64");
+    };
+    if raw.len() <= 32 {
+        return malformed("shorter than its nonce");
+    }
+    let nonce: [u8; 32] = raw[..32].try_into().expect("length checked");
+    let hello = match Hello::decode(&raw[32..]) {
+        Ok(h) => h,
+        Err(e) => return Early::Taken(Err(e.message().to_string())),
+    };
+    let Ok(date) = httpdate::parse_http_date(&hello.date) else {
+        return Early::Taken(Ok(Err(AuthRejection::Malformed)));
+    };
+    let skew = now.duration_since(date).unwrap_or_else(|e| e.duration());
+    // A cluster's nodes share their keys but not their taken nonces: a hello taken by one could
+    // be replayed to another, so a node declines early hellos.
+    if skew > EARLY_MAX_SKEW || state.cfg.cluster.is_some() {
+        return Early::Declined;
+    }
+    match state.access().auth_keys.verify(&nonce, &hello.date, &hello.sig, now) {
+        Ok(kid) => match state.early_nonces.take(nonce, date, now) {
+            Some(true) => Early::Taken(Ok(Ok(kid))),
+            Some(false) => Early::Taken(Ok(Err(AuthRejection::Replayed(kid)))),
+            None => Early::Declined,
+        },
+        Err(r) => Early::Taken(Ok(Err(r))),
+    }
+}
+
+async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, sink: FrameSink, peer: SocketAddr, nonce: [u8; 32]) {
     let hello = match tokio::time::timeout(state.cfg.limits.handshake_timeout, source.next()).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
@@ -245,12 +343,21 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, mut sink: Fr
         super::cluster::peers::serve_peer(state, source, sink, peer, nonce, &hello).await;
         return;
     }
-    let fail_delay = guard::failure_delay(&state, peer);
     let verdict = match Hello::decode(&hello) {
-        Ok(h) => state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now()),
-        Err(e) => {
+        Ok(h) => Ok(state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now())),
+        Err(e) => Err(e.message().to_string()),
+    };
+    serve_dialer(state, source, sink, peer, verdict).await;
+}
+
+/// A dialer's session once its hello is judged: the answer, then its streams.
+async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, verdict: Verdict) {
+    let fail_delay = guard::failure_delay(&state, peer);
+    let verdict = match verdict {
+        Ok(v) => v,
+        Err(why) => {
             state.metrics.refused(Refusal::Malformed);
-            let ack = HelloAck { refusal: Some((ErrorCode::Protocol, e.message().to_string())) };
+            let ack = HelloAck { refusal: Some((ErrorCode::Protocol, why)) };
             let _ = sink.send(ack.encode()).await;
             return;
         }
@@ -371,5 +478,33 @@ async fn serve_mux_stream(state: Arc<RelayState>, mut stream: SessionStream, pee
     crate::conn_log::closed("relayed stream", &peer, &to, started, &logged);
     if let Ok((down, up)) = bridged {
         count_bytes(&state, up, down);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn early_nonces_are_taken_once_kept_until_their_date_is_refused_and_bounded() {
+        let store = EarlyNonces::default();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let nonce = |i: u32| {
+            let mut n = [0u8; 32];
+            n[..4].copy_from_slice(&i.to_be_bytes());
+            n
+        };
+        assert_eq!(store.take(nonce(0), now, now), Some(true));
+        assert_eq!(store.take(nonce(0), now, now), Some(false), "a replay");
+        // Full: declined, until the oldest dates are refused anyway (then they are dropped).
+        for i in 1..EARLY_NONCES as u32 {
+            assert_eq!(store.take(nonce(i), now, now), Some(true));
+        }
+        assert_eq!(store.take(nonce(u32::MAX), now, now), None, "full");
+        assert_eq!(store.take(nonce(0), now, now), Some(false), "still a replay while full");
+        let later = now + EARLY_MAX_SKEW + Duration::from_secs(2);
+        assert_eq!(store.take(nonce(u32::MAX), later, later), Some(true), "expired nonces made room");
+        assert_eq!(store.0.lock().unwrap().until.len(), 1);
     }
 }

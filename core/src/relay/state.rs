@@ -40,6 +40,8 @@ pub(crate) struct RelayState {
     /// Admission: connections and handshakes per source and in all, failed authentications,
     /// sessions per key.
     pub(crate) guards: guard::Guards,
+    /// The nonces of the early hellos taken recently (each is taken once).
+    pub(crate) early_nonces: super::session::EarlyNonces,
     /// The public endpoints' own state: request counts, h2 connections, rate windows, TLS.
     pub(crate) public: public::Public,
     /// The cluster this relay is a node of (`cluster_redis`), if any.

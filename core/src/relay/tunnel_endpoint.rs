@@ -19,7 +19,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use super::metrics::Refusal;
 use super::{session, RelayState};
-use crate::protocol::MUX_SUBPROTOCOL;
+use crate::protocol::{EARLY_DECLINED, EARLY_HELLO_HEADER, EARLY_TAKEN, MUX_SUBPROTOCOL};
 use crate::transport::{ws_server_config, BoxIo, GrowingReads, CLASSIC_READ_AHEAD, MUX_MAX_MESSAGE, MUX_READ_AHEAD};
 
 type Body = Full<Bytes>;
@@ -30,6 +30,8 @@ const HEAD_MAX: usize = 64 * 1024;
 struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
     mux: bool,
+    /// The judged early hello of the request, if it carried one (multiplexed only).
+    early: Option<session::Early>,
 }
 
 /// Serve HTTP/1.1 on one connection; if it upgrades to a WebSocket, run the tunnel session on it.
@@ -38,13 +40,13 @@ struct Upgrade {
 pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
     // Each boxed in a statement of its own (a temporary would keep its room in this state).
     let http = Box::pin(serve_http(state.clone(), io, peer));
-    let Some((upgraded, mux)) = http.await else { return };
-    let session = Box::pin(serve_upgraded(state, upgraded, mux, peer));
+    let Some((upgraded, mux, early)) = http.await else { return };
+    let session = Box::pin(serve_upgraded(state, upgraded, mux, early, peer));
     session.await;
 }
 
 /// The HTTP phase: health, metrics, or an upgrade (returned with its mode).
-async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> Option<(hyper::upgrade::Upgraded, bool)> {
+async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> Option<(hyper::upgrade::Upgraded, bool, Option<session::Early>)> {
     // The request head first, into a buffer as large as what arrived: hyper's buffers (24 KiB)
     // exist only once there is a whole request to parse (see `read_request_head`).
     let head = crate::transport::read_request_head(&mut io, HEAD_MAX).await?;
@@ -71,7 +73,7 @@ async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> 
     }
     let up = rx.await.ok()?;
     match up.on_upgrade.await {
-        Ok(u) => Some((u, up.mux)),
+        Ok(u) => Some((u, up.mux, up.early)),
         Err(e) => {
             tracing::debug!(%peer, error = %e, "WebSocket upgrade failed");
             None
@@ -80,13 +82,20 @@ async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> 
 }
 
 /// The session on an upgraded connection.
-async fn serve_upgraded(state: Arc<RelayState>, upgraded: hyper::upgrade::Upgraded, mux: bool, peer: SocketAddr) {
+async fn serve_upgraded(state: Arc<RelayState>, upgraded: hyper::upgrade::Upgraded, mux: bool, early: Option<session::Early>, peer: SocketAddr) {
+    let early = match early {
+        // The client reconnects and signs this relay's nonce; the frames it sent behind the
+        // request are dropped unread.
+        Some(session::Early::Declined) => return,
+        Some(session::Early::Taken(verdict)) => Some(verdict),
+        None => None,
+    };
     // Small reads until the peer authenticates, large ones after (see `GrowingReads`).
     let read_ahead = if mux { MUX_READ_AHEAD } else { CLASSIC_READ_AHEAD };
     let io: BoxIo = Box::new(GrowingReads::new(Box::new(TokioIo::new(upgraded)), read_ahead, super::guard::finished_flag()));
     if mux {
         let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_server_config(MUX_MAX_MESSAGE))).await;
-        session::serve_ws_mux(state, ws, peer).await;
+        session::serve_ws_mux(state, ws, peer, early).await;
     } else {
         // Classic WebSockets are read frame by frame (`classic_ws`), not by tungstenite.
         session::serve_ws_classic(state, io, peer).await;
@@ -165,8 +174,18 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
     let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() else {
         return refuse(StatusCode::BAD_REQUEST, "this connection was already upgraded".into());
     };
+    // An early hello (multiplexed only; classic mode ignores the header, as Emissary would).
+    let early = match req.headers().get(EARLY_HELLO_HEADER) {
+        Some(v) if mux => Some(session::judge_early(state, v.as_bytes(), std::time::SystemTime::now())),
+        _ => None,
+    };
+    let early_header = match &early {
+        Some(session::Early::Taken(_)) => Some(EARLY_TAKEN),
+        Some(session::Early::Declined) => Some(EARLY_DECLINED),
+        None => None,
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let _ = tx.send(Upgrade { on_upgrade, mux });
+    let _ = tx.send(Upgrade { on_upgrade, mux, early });
     let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "Upgrade")
@@ -174,6 +193,9 @@ fn route(state: &RelayState, mut req: Request<Incoming>, tx: &Mutex<Option<onesh
         .header(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()));
     if mux {
         resp = resp.header(header::SEC_WEBSOCKET_PROTOCOL, MUX_SUBPROTOCOL);
+    }
+    if let Some(v) = early_header {
+        resp = resp.header(EARLY_HELLO_HEADER, v);
     }
     resp.body(Full::new(Bytes::new())).expect("static response parts are valid")
 }

@@ -118,6 +118,26 @@ async fn send_hello(source: &mut FrameSource, sink: &mut FrameSink, date: String
     HelloAck::decode(&b).expect("a well-formed answer")
 }
 
+/// A multiplexed WebSocket opened with an early hello (its proof over the client's own `nonce`,
+/// dated `when`): what the 101 says of it, and the relay's first message (its answer), if any.
+async fn early_hello(url: &str, nonce: [u8; 32], when: SystemTime) -> (Option<String>, Option<HelloAck>) {
+    use base64::Engine;
+    let (date, sig) = key().sign(&nonce, when);
+    let mut raw = nonce.to_vec();
+    raw.extend_from_slice(&Hello { date, sig }.encode());
+    let mut req = url.into_client_request().expect("request");
+    req.headers_mut().insert("sec-websocket-protocol", MUX_SUBPROTOCOL.parse().expect("header"));
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
+    req.headers_mut().insert(protocol::EARLY_HELLO_HEADER, value.parse().expect("header"));
+    let (mut ws, resp) = within(STEP, "the upgrade", tokio_tungstenite::connect_async(req)).await.expect("the upgrade");
+    let said = resp.headers().get(protocol::EARLY_HELLO_HEADER).map(|v| v.to_str().expect("text").to_string());
+    let ack = match within(STEP, "the relay's first message", ws.next()).await {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(b))) => Some(HelloAck::decode(&b).expect("a well-formed answer")),
+        _ => None,
+    };
+    (said, ack)
+}
+
 fn refusal_code(ack: &HelloAck) -> Option<ErrorCode> {
     ack.refusal.as_ref().map(|(c, _)| *c)
 }
@@ -379,6 +399,7 @@ async fn stale_dates_and_replayed_proofs_are_refused() {
     let twenty_min = Duration::from_secs(20 * 60);
     let mut failures = 0;
     let classic_good = dialer(relay.url(), Mode::Classic);
+    let good_ws = dialer(relay.url(), Mode::Multiplexed);
     for url in [relay.url().to_string(), tcp_url(&relay)] {
         let good = dialer(&url, Mode::Multiplexed);
         // Multiplexed: dates 20 minutes off either way → AuthClockSkew, and the transport is closed.
@@ -405,6 +426,21 @@ async fn stale_dates_and_replayed_proofs_are_refused() {
         drop((source1, sink1));
         still_serves(&good, echo).await;
     }
+    // An early hello (the proof over the client's own nonce, in the upgrade request) is taken
+    // once: the same hello again is refused as a replay. One dated more than a minute away is
+    // declined (the client then signs the relay's nonce, within the usual 15 minutes).
+    let nonce: [u8; 32] = std::array::from_fn(|i| i as u8 + 1);
+    let (said, ack) = early_hello(relay.url(), nonce, SystemTime::now()).await;
+    assert_eq!((said.as_deref(), ack.map(|a| a.refusal)), (Some(protocol::EARLY_TAKEN), Some(None)), "a fresh early hello");
+    let (said, ack) = early_hello(relay.url(), nonce, SystemTime::now()).await;
+    assert_eq!(said.as_deref(), Some(protocol::EARLY_TAKEN));
+    let ack = ack.expect("an answer to the replayed early hello");
+    assert_eq!(refusal_code(&ack), Some(ErrorCode::AuthFailed), "replayed early hello: {ack:?}");
+    assert!(ack.refusal.as_ref().is_some_and(|(_, m)| m.contains("replay")), "{ack:?}");
+    failures += 1;
+    let (said, ack) = early_hello(relay.url(), [7; 32], SystemTime::now() - Duration::from_secs(5 * 60)).await;
+    assert_eq!((said.as_deref(), ack.is_none()), (Some(protocol::EARLY_DECLINED), true), "an early hello 5 minutes old");
+    still_serves(&good_ws, echo).await;
     // Classic (RFC 1929 answers yes/no): stale and future dates and a replayed proof get 0x01,
     // on both transports; a fresh proof gets 0x00.
     let (mut first, nonce) = classic_tcp(&relay).await;
@@ -885,4 +921,176 @@ async fn tls_errors_name_the_fix_and_an_openssl_style_self_signed_cert_works() {
     let d = Dialer::builder(&format!("wss://localhost:{plain_port}")).key(key()).timeout(STEP).build().expect("dialer");
     let e = expect_dial_error(&d, &echo.to_string(), ErrorCode::RelayUnavailable).await;
     assert!(e.message().contains("use ws://"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// round trips to the first byte
+// ---------------------------------------------------------------------------------------------
+
+/// Flights through a [`delayed_link`], by causal depth: bytes read in one direction are one
+/// flight deeper than the deepest bytes already delivered the other way (anything delivered
+/// before may have caused them), the first bytes are flight 1. The depth of the bytes a client
+/// waits for is the number of one-way trips on its critical path, whatever the machine's load.
+#[derive(Default)]
+struct Flights(std::sync::Mutex<[u32; 2]>);
+
+impl Flights {
+    /// The depth of bytes read now, going towards the relay or not.
+    fn read(&self, towards_relay: bool) -> u32 {
+        self.0.lock().unwrap()[usize::from(!towards_relay)] + 1
+    }
+    fn delivered(&self, towards_relay: bool, depth: u32) {
+        let mut d = self.0.lock().unwrap();
+        d[usize::from(towards_relay)] = d[usize::from(towards_relay)].max(depth);
+    }
+    /// The deepest flight delivered to the client so far.
+    fn to_client(&self) -> u32 {
+        self.0.lock().unwrap()[0]
+    }
+}
+
+/// A forwarder in front of `to` that delivers every byte `one_way` after it was read, each way
+/// (a long link; order kept), and counts [`Flights`] (one link per connection counted). Its own TCP handshake is loopback-fast, so what it counts comes after
+/// the TCP connect. With `strip_early` it drops the early-hello header from each request, so the
+/// relay answers as one that predates it would.
+async fn delayed_link(to: SocketAddr, one_way: Duration, strip_early: bool) -> (SocketAddr, std::sync::Arc<Flights>) {
+    async fn pump(
+        mut r: tokio::net::tcp::OwnedReadHalf,
+        mut w: tokio::net::tcp::OwnedWriteHalf,
+        one_way: Duration,
+        flights: std::sync::Arc<Flights>,
+        towards_relay: bool,
+        mut strip_early: bool,
+    ) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>, u32)>();
+        let counted = flights.clone();
+        let writer = tokio::spawn(async move {
+            while let Some((due, b, depth)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                // Marked before the write: the other end may answer before it returns.
+                counted.delivered(towards_relay, depth);
+                if w.write_all(&b).await.is_err() {
+                    return;
+                }
+            }
+            let _ = w.shutdown().await;
+        });
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut head = Vec::new();
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            let depth = flights.read(towards_relay);
+            let mut bytes = buf[..n].to_vec();
+            if strip_early {
+                head.extend_from_slice(&bytes);
+                let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                let text = String::from_utf8(head[..end + 4].to_vec()).expect("a text head");
+                let kept: Vec<&str> = text.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with(protocol::EARLY_HELLO_HEADER)).collect();
+                bytes = kept.join("\r\n").into_bytes();
+                bytes.extend_from_slice(&head[end + 4..]);
+                strip_early = false;
+            }
+            let _ = tx.send((tokio::time::Instant::now() + one_way, bytes, depth));
+        }
+        drop(tx);
+        let _ = writer.await;
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the link");
+    let addr = l.local_addr().expect("addr");
+    let flights = std::sync::Arc::new(Flights::default());
+    let counted = flights.clone();
+    tokio::spawn(async move {
+        while let Ok((a, _)) = l.accept().await {
+            let Ok(b) = TcpStream::connect(to).await else { continue };
+            let _ = (a.set_nodelay(true), b.set_nodelay(true));
+            let ((ar, aw), (br, bw)) = (a.into_split(), b.into_split());
+            tokio::spawn(pump(ar, bw, one_way, counted.clone(), true, strip_early));
+            tokio::spawn(pump(br, aw, one_way, counted.clone(), false, false));
+        }
+    });
+    (addr, flights)
+}
+
+/// Flights (one-way trips) from a local client's connect to its first echoed byte through
+/// `tunnel forward`'s code, counted by a link with a 50 ms one-way delay between the dialer and
+/// the relay (after the TCP connect, which the link does not delay).
+///
+/// Over WebSocket the hello is an early one: the upgrade request carries it, and the first
+/// stream's CONNECT follows the request at once, so the 101, the relay's answer and the CONNECT's
+/// reply come back in flight 2. `Dialer::dial` on a new session (`tunnel dial`, SOCKS) then sends
+/// its bytes: 4 flights (was 6 with the relay's nonce, 8 before the pipelining). The forward
+/// holds its local client's bytes until the relay took the early hello (a relay that predates it
+/// would drop them): 4 (was 4). Over raw TCP the relay speaks first (its nonce): the forward's
+/// hello, CONNECT and bytes leave in one flight, 3; `dial` 5. A connection on the live session
+/// takes 2. A relay that predates early hellos (here: a link that strips the request header, so
+/// the relay answers as an old one) costs one more connection: 4 + 4 flights for `dial`, and
+/// the next session of the process signs the relay's nonce at once (6). The times are printed
+/// (they include the machine's load); the assertions are on the counted flights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_byte_comes_back_one_flight_after_the_hello() {
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config_with_tcp(allow_ports(&[echo.port()]))).await;
+    let one_way = Duration::from_millis(50);
+    let target = Target::parse(&echo.to_string()).expect("target");
+    for (scheme, addr) in [("ws", relay.local_addr()), ("tcp", relay.tcp_addr())] {
+        let addr = addr.expect("endpoint");
+        let (link, flights) = delayed_link(addr, one_way, false).await;
+        let d = dialer(&format!("{scheme}://{link}"), Mode::Multiplexed);
+        // The forward's connections share one session (one link connection): the second one's
+        // flights are counted from the deepest delivered before it.
+        let listener = libtunnel::forward::bind_local("127.0.0.1:0").await.expect("bind");
+        let local = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let fwd = tokio::spawn(libtunnel::forward::forward(listener, d, target.clone(), async move {
+            let _ = stopped.await;
+        }));
+        let mut counted = Vec::new();
+        for i in 0..2u8 {
+            let (start, before) = (Instant::now(), flights.to_client());
+            let mut c = TcpStream::connect(local).await.expect("connect to the forward");
+            c.write_all(&[i; 5]).await.expect("write");
+            let mut back = [0u8; 5];
+            within(STEP, "the first echoed bytes", c.read_exact(&mut back)).await.expect("read");
+            assert_eq!(back, [i; 5]);
+            counted.push(flights.to_client() - before);
+            eprintln!(
+                "{scheme}: forward, connection {i}: first byte after {:.1} ms, {} flights",
+                start.elapsed().as_secs_f64() * 1e3,
+                counted[i as usize]
+            );
+        }
+        // `Dialer::dial` (as `tunnel dial` and the SOCKS proxy) returns once the CONNECT is
+        // answered, and its bytes follow: one round trip more.
+        let (link, flights) = delayed_link(addr, one_way, false).await;
+        let start = Instant::now();
+        let mut s = dialer(&format!("{scheme}://{link}"), Mode::Multiplexed).dial(&echo.to_string()).await.expect("dial");
+        s.write_all(b"dial!").await.expect("write");
+        let mut back = [0u8; 5];
+        within(STEP, "the first echoed bytes", s.read_exact(&mut back)).await.expect("read");
+        assert_eq!(&back, b"dial!");
+        counted.push(flights.to_client());
+        eprintln!("{scheme}: Dialer::dial on a new session: first byte after {:.1} ms, {} flights", start.elapsed().as_secs_f64() * 1e3, counted[2]);
+        // Over WebSocket: the upgrade with the early hello and the CONNECT; the 101, the answer
+        // and the reply; the bytes; the echo. Over raw TCP the relay's preamble comes first.
+        let want = if scheme == "ws" { [4, 2, 4] } else { [3, 2, 5] };
+        assert_eq!(counted, want, "{scheme}: flights to the first byte (forward: new session, then on it; dial: new session)");
+        if scheme == "ws" {
+            // A relay that predates early hellos: one connection more (the 101 without the
+            // header, then the relay's nonce), and the process remembers it.
+            let (old, flights) = delayed_link(addr, one_way, true).await;
+            let mut fallback = Vec::new();
+            for _ in 0..2 {
+                let before = flights.to_client();
+                let mut s = dialer(&format!("ws://{old}"), Mode::Multiplexed).dial(&echo.to_string()).await.expect("dial an old relay");
+                s.write_all(b"old!!").await.expect("write");
+                let mut back = [0u8; 5];
+                within(STEP, "the first echoed bytes", s.read_exact(&mut back)).await.expect("read");
+                assert_eq!(&back, b"old!!");
+                fallback.push(flights.to_client() - before);
+            }
+            assert_eq!(fallback, [2 + 6, 6], "flights through a relay that predates early hellos (first and next session)");
+        }
+        let _ = stop.send(());
+        within(STEP, "the forward to stop", fwd).await.expect("forward task").expect("forward");
+    }
 }
