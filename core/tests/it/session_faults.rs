@@ -321,7 +321,14 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
     let (service, accepted) = counting_sink_server().await;
     let relay = RelayProc::start_with(
         &[9],
-        &[("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"), ("TUNNEL_LISTENERS_OPEN", "true"), ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000")],
+        &[
+            ("TUNNEL_HTTP_LISTEN", "127.0.0.1:0"),
+            ("TUNNEL_LISTENERS_OPEN", "true"),
+            ("TUNNEL_HTTP_MAX_REQUESTS_PER_SOURCE", "1000"),
+            // The 200 connections come from one address faster than a loaded relay may read their
+            // heads; until it has, each counts as a handshake (default 128 per source).
+            ("TUNNEL_MAX_HANDSHAKES_PER_SOURCE", "1000"),
+        ],
     )
     .await;
     let http = relay.http.expect("public http port");
