@@ -100,7 +100,7 @@ def main() -> None:
     echo.daemon_threads = True
     threading.Thread(target=echo.serve_forever, daemon=True).start()
     key = libtunnel.keygen(1)
-    relay = libtunnel.Relay(
+    relay = libtunnel.Server(
         {"listen": "127.0.0.1:0", "auth_keys": libtunnel.auth_keys(key), "allow": [{"host": "127.0.0.1", "port": echo.server_address[1]}],
          "max_handshakes_per_source": 100000},
         env=False,

@@ -10,7 +10,7 @@
 # `pkg-config --cflags --libs tunnel` (PKG_CONFIG_PATH into the unpacked tree), once linked to
 # libtunnel.so (rpath) and once to libtunnel.a (`pkg-config --static`); each relay serves a dial
 # of the other link kind, same hash check.
-# Wheel: pip-installed into a fresh virtualenv (no index); an embedded libtunnel.Relay and a
+# Wheel: pip-installed into a fresh virtualenv (no index); an embedded libtunnel.Server and a
 # Dialer round trip, same hash check. npm tarball: `npm install`ed into a fresh project (offline);
 # Server.start, Dialer.connect and a dial, same hash check. Old Linux: `auditwheel show` names the
 # wheel's manylinux tag (DIST_GLIBC, 2.17 by default), `objdump -T` finds no glibc symbol version
@@ -181,7 +181,7 @@ wheels=("$DIST"/libtunnel-"$VERSION"-*.whl)
   && cd "$T" && python -c '
 import hashlib, sys, libtunnel
 target, payload, key = sys.argv[1], open(sys.argv[2], "rb").read(), libtunnel.keygen(3)
-relay = libtunnel.Relay({"listen": "127.0.0.1:0", "auth_keys": libtunnel.auth_keys(key),
+relay = libtunnel.Server({"listen": "127.0.0.1:0", "auth_keys": libtunnel.auth_keys(key),
                          "allow": [{"host": "127.0.0.1", "port": int(target.rsplit(":", 1)[1])}]}, env=False)
 assert libtunnel.__file__.startswith(sys.prefix), libtunnel.__file__
 with libtunnel.Dialer(relay.url, key=key, timeout=30) as dialer, dialer.dial(target) as s:
@@ -191,7 +191,7 @@ with libtunnel.Dialer(relay.url, key=key, timeout=30) as dialer, dialer.dial(tar
 relay.shutdown()
 print(got.decode())' "$TARGET" "$T/payload" ) >"$T/py.out" 2>"$T/py.log" \
   || fail "the wheel's round trip failed"
-check "wheel: import libtunnel, embedded Relay, Dialer.dial" "$(cat "$T/py.out")"
+check "wheel: import libtunnel, embedded Server, Dialer.dial" "$(cat "$T/py.out")"
 
 step "dist: the npm tarball"
 mkdir -p "$T/app"
