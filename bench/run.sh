@@ -144,12 +144,14 @@ fi
 LINK_MS=${RTT_LIST[0]:-}
 if [[ -n $LINK_MS ]]; then
     ONE_WAY=$(awk -v r="$LINK_MS" 'BEGIN { print r / 2 }')
-    # Long links: tunnels and direct only (the peers and the proxy floor are loopback figures).
-    PATHS=${BENCH_PATHS:-"direct mux classic"}
+    # Long links: direct, the tunnels and the two peers (the link sits on each one's tunnel hop);
+    # the proxy floor, rathole and bore are loopback figures.
+    D_LINK_PATHS="direct mux classic wstunnel frp"
+    [[ $PEERS == 1 ]] || D_LINK_PATHS="direct mux classic"
+    PATHS=${BENCH_PATHS:-$D_LINK_PATHS}
     for p in $PATHS; do
-        [[ " direct mux classic muxtcp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
+        [[ " direct mux classic muxtcp wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
     done
-    PEERS=0
 fi
 
 TOOLS="$HERE/.tools"
@@ -180,11 +182,12 @@ if [[ $PEERS == 1 ]]; then
     if [[ " $PATHS " == *" bore "* ]]; then
         BORE=$(install_peer bore-cli bore) || SKIP[bore]="cargo install bore-cli failed (see $OUT/logs/install-bore-cli.log)"
     fi
-elif [[ -z $LINK_MS ]]; then
+else
     for p in rathole bore wstunnel frp; do SKIP[$p]="--no-peers"; done
 fi
 
-# ---------------------------------------------------------------sic forwarder 20,000 fds.
+# ---------------------------------------------------------------------------------------------
+# Descriptors: holding 10,000 connections costs a classic forwarder 20,000 fds.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 FD_LIMIT=$(ulimit -n)
 NCPU=$(nproc)
@@ -344,27 +347,35 @@ start_wstunnel() {
     local port lport
     port=$("$GEN" freeport); lport=$("$GEN" freeport)
     RUST_LOG=warn start_bg wstunnel-server "$WSTUNNEL" server "ws://127.0.0.1:$port"
-    local s=$LAST_PID
-    RUST_LOG=warn start_bg wstunnel-client "$WSTUNNEL" client -L "tcp://127.0.0.1:$lport:$ECHO" "ws://127.0.0.1:$port"
+    local s=$LAST_PID server=127.0.0.1:$port link=()
+    if [[ -n $LINK_MS ]]; then # the link between the wstunnel client and its server
+        start_link wstunnel "$server" "$LINK_MS" || { SKIP[wstunnel]="the delay line did not start"; stop_pid "$s"; return 1; }
+        server=$LINK_ADDR; link=("$LINK_PID")
+    fi
+    RUST_LOG=warn start_bg wstunnel-client "$WSTUNNEL" client -L "tcp://127.0.0.1:$lport:$ECHO" "ws://$server"
     local c=$LAST_PID
-    ADDR=127.0.0.1:$lport; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s")
+    ADDR=127.0.0.1:$lport; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s" "${link[@]}")
 }
 
 # frp: client -> frps (the proxy's remote port) -> frpc -> echo server; one TCP connection between
 # frpc and frps carrying yamux streams (tcpMux, frp's default), token authentication.
 start_frp() {
     [[ -n "$FRP" ]] || return 1
-    local ctrl svc
-    ctrl=$("$GEN" freeport); svc=$("$GEN" freeport)
+    local ctrl svc cport link=()
+    ctrl=$("$GEN" freeport); svc=$("$GEN" freeport); cport=$ctrl
+    if [[ -n $LINK_MS ]]; then # the link between frpc and frps (their one yamux connection)
+        start_link frp "127.0.0.1:$ctrl" "$LINK_MS" || { SKIP[frp]="the delay line did not start"; return 1; }
+        cport=${LINK_ADDR##*:}; link=("$LINK_PID")
+    fi
     printf '%s\n' "bindAddr = \"127.0.0.1\"" "bindPort = $ctrl" "auth.token = \"$SECRET\"" 'log.level = "warn"' >"$OUT/frps.toml"
-    printf '%s\n' "serverAddr = \"127.0.0.1\"" "serverPort = $ctrl" "auth.token = \"$SECRET\"" 'log.level = "warn"' 'loginFailExit = false' \
+    printf '%s\n' "serverAddr = \"127.0.0.1\"" "serverPort = $cport" "auth.token = \"$SECRET\"" 'log.level = "warn"' 'loginFailExit = false' \
         '[[proxies]]' 'name = "echo"' 'type = "tcp"' 'localIP = "127.0.0.1"' "localPort = $ECHO_PORT" "remotePort = $svc" >"$OUT/frpc.toml"
     start_bg frps "$FRP/frps" -c "$OUT/frps.toml"
     local s=$LAST_PID
     for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$ctrl") 2>/dev/null && break; sleep 0.1; done
     start_bg frpc "$FRP/frpc" -c "$OUT/frpc.toml"
     local c=$LAST_PID
-    ADDR=127.0.0.1:$svc; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s")
+    ADDR=127.0.0.1:$svc; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s" "${link[@]}")
 }
 
 start_path() { # path -> 0 when ready
@@ -626,6 +637,44 @@ ROWS+=(
     "stall.written_mib|  written by the clients (MiB)|0"
 )
 
+# The loopback targets of issue 29, read off this run: libtunnel's multiplexed paths against
+# wstunnel's figure of the same run (or a fixed bound), "meets" or "misses" per path.
+target_row() { # label key of_direct(1|0) cmp(ge|le) bound(wstunnel|number) unit
+    local label=$1 key=$2 rel=$3 cmp=$4 bound=$5 unit=$6 b v p line
+    fig() { # path -> the figure compared: the value, or its ratio to direct
+        local x=${R[$1.$key]:-} d=${R[direct.$key]:-}
+        [[ -z $x ]] && return
+        if [[ $rel == 1 ]]; then [[ -n $d ]] && awk -v x="$x" -v d="$d" 'BEGIN { if (d > 0) printf "%.2f", x / d }'
+        else echo "$x"; fi
+    }
+    if [[ $bound == wstunnel ]]; then
+        b=$(fig wstunnel); [[ -z $b ]] && return
+        line=$(printf '%-32s | %-4s wstunnel %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
+    else
+        b=$bound; line=$(printf '%-32s | %-4s %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
+    fi
+    for p in mux muxtcp; do
+        [[ " $PATHS " == *" $p "* ]] || continue
+        v=$(fig "$p"); [[ -z $v ]] && continue
+        line+=$(awk -v v="$v" -v b="$b" -v c="$cmp" -v n="${NAMES[$p]}" -v u="$unit" \
+            'BEGIN { ok = (c == "ge") ? v >= b : v <= b; printf " | %s %s%s %s", n, v, u, ok ? "meets" : "MISSES" }')
+    done
+    echo "$line"
+}
+targets() {
+    echo
+    echo "issue 29 targets (loopback; x = of direct; libtunnel against wstunnel in this run):"
+    target_row "1 stream, of direct" tp1.mib_s 1 ge wstunnel x
+    target_row "CPU-s per GB, both processes" tp1.cpu_s_per_gb 0 le wstunnel ""
+    target_row "$STREAMS streams, of direct" tpN.mib_s 1 ge wstunnel x
+    target_row "ping-pong p50 (us)" ping.p50_us 0 le wstunnel ""
+    target_row "connect + 1st byte p50 (us)" connect.p50_us 0 le wstunnel ""
+    local n
+    for n in $HOLDS; do
+        [[ $n == 1000 ]] && target_row "RSS per held conn @1000 (KiB)" hold1000.kib_per_conn 0 le 12 ""
+    done
+}
+
 cell() { # path key ratio
     local p=$1 key=$2 ratio=$3 v d mark="" tag=${2%%.*}
     v=${R[$p.$key]:-}
@@ -686,6 +735,7 @@ cell() { # path key ratio
         echo "(fd limit $FD_LIMIT: a process with one upstream socket per client connection (classic, rathole, bore)"
         echo " needs 2 descriptors per held connection, so $max_hold cannot all be held; the hard limit here cannot be raised.)"
     fi
+    [[ -z $LINK_MS ]] && targets
     echo "raw results and logs: $OUT"
 } | tee "$OUT/table.txt"
 cp "$OUT/table.txt" "$HERE/results/latest${LINK_MS:+-link${LINK_MS}ms}.txt" 2>/dev/null || true
