@@ -21,8 +21,9 @@
 # frp both are streams of one session; direct, classic and wstunnel: two TCP connections).
 #
 # Cold start (default RTT 100 ms, 1 Gbit/s, no loss): wall time of a new `tunnel dial` process
-# (ws://, wss://, tcp://) that sends 5 bytes to the echo server and reads them back; direct = a new
-# TCP connection from a running process.
+# (ws://, wss://, tcp://), and of a new `wstunnel client -L stdio://` (ws://, wss://), that sends 5
+# bytes to the echo server and reads them back; direct = a new TCP connection from a running
+# process. frp has no one-shot client (its visitors run inside a long-lived frpc): no frp row.
 #
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
@@ -310,14 +311,34 @@ if ((DO_COLD)); then
         cold wss "$RELAY_URL" --ca "$OUT/relay-cert.pem"
         stop_pid "$RELAY_PID"
     fi
+    # wstunnel's one-shot client: `wstunnel client -L stdio://TARGET` (its ssh ProxyCommand mode)
+    # against a running `wstunnel server` in B, plain and with TLS (the same certificate; the
+    # wstunnel client does not verify certificates unless told, and has no option for a private CA).
+    cold_wstunnel() { # name scheme [server flags...]
+        local name=$1 scheme=$2 port=$((20000 + RANDOM % 20000)) s; shift 2
+        RUST_LOG=warn start_bg "wstunnel-server-$name" "${NB[@]}" "$WSTUNNEL" server "$scheme://$IPB:$port" "$@"
+        s=$LAST_PID
+        for _ in $(seq 1 100); do "${NA[@]}" bash -c "exec 3<>/dev/tcp/$IPB/$port" 2>/dev/null && break; sleep 0.1; done
+        gen "cold.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env RUST_LOG=warn "$WSTUNNEL" client -L "stdio://$ECHO" "$scheme://$IPB:$port"
+        stop_pid "$s"
+    }
+    if [[ -n $WSTUNNEL ]]; then
+        cold_wstunnel wstunnel-ws ws
+        [[ -s "$OUT/relay-cert.pem" ]] && cold_wstunnel wstunnel-wss wss --tls-certificate "$OUT/relay-cert.pem" --tls-private-key "$OUT/relay-key.pem"
+    fi
     {
         echo
         echo "cold start at RTT $COLD_RTT ms (1 Gbit/s, no loss): a new process sends 5 bytes to the echo server and reads them back, wall time from spawn, $COLD_COUNT tries"
         echo "(direct = a new TCP connection from a running process: one RTT for the handshake, one for the echo)"
         printf '%-28s | %-10s | %-10s | %-10s | %s\n' path "p50 ms" "min ms" "max ms" "RTTs (p50 / RTT)"
-        for n in direct ws wss tcp; do
+        for n in direct ws wss tcp wstunnel-ws wstunnel-wss; do
             v=${R[cold.$n.p50_ms]:-}
-            printf '%-28s | %-10s | %-10s | %-10s | %s\n' "$([[ $n == direct ]] && echo direct || echo "tunnel dial ($n://)")" "${v:-${R[cold.$n.error]:+failed}}" \
+            case $n in
+                direct) label=direct ;;
+                wstunnel-*) label="wstunnel $WSTUNNEL_VERSION (${n#wstunnel-}://)"; [[ -z $WSTUNNEL ]] && continue ;;
+                *) label="tunnel dial ($n://)" ;;
+            esac
+            printf '%-28s | %-10s | %-10s | %-10s | %s\n' "$label" "${v:-${R[cold.$n.error]:+failed}}" \
                 "${R[cold.$n.min_ms]:-}" "${R[cold.$n.max_ms]:-}" "$([[ -n $v ]] && awk -v v="$v" -v r="$COLD_RTT" 'BEGIN { printf "%.1f", v / r }')"
         done
         for k in "${!R[@]}"; do [[ $k == cold.*.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort

@@ -1,6 +1,7 @@
-//! `tunnel-bench`: the load generator of libtunnel's benchmark suite. `bench/run.sh` drives it;
-//! every path under test (direct, libtunnel classic and multiplexed, rathole, bore) is measured
-//! with the same client code against the same server, so only the path in between differs.
+//! `tunnel-bench`: the load generator of libtunnel's benchmark suite. `bench/run.sh`,
+//! `bench/lossy.sh` and `bench/http.sh` drive it; every path under test (direct, libtunnel classic
+//! and multiplexed, the peers wstunnel and frp, rathole, bore) is measured with the same client
+//! code against the same server, so only the path in between differs.
 //!
 //! Subcommands:
 //! - `server`: an echo/sink server. The first byte of a connection picks its job: `S` + u64 BE
@@ -27,6 +28,8 @@
 //!   (`tun_link`).
 //! - `coldstart`: wall time of a new process (e.g. `tunnel dial`) that sends 5 bytes to an echo
 //!   target through its stdin and reads them back on its stdout; or of a new direct connection.
+//! - `proxy`: a plain TCP forwarder; two chained are the hop-count-matched floor of run.sh.
+//! - `http-server`: a minimal HTTP/1.1 keep-alive target for bench/http.sh.
 //! - `hyper-server`: HTTP/1.1 + HTTP/2 target (TLS or h2c) for bench/http.sh (`hyper_server`).
 //! - `settle`, `freeport`: helpers for the driver.
 //!
