@@ -8,14 +8,17 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 STARTED=()
 LAST_PID=""
+# Extra clean-up commands (e.g. deleting network namespaces), run after the processes are killed.
+EXIT_CMDS=()
 cleanup() {
-    local p
+    local p c
     for p in "${STARTED[@]}"; do kill "$p" 2>/dev/null; done
     for p in "${STARTED[@]}"; do
         for _ in $(seq 1 30); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$p" 2>/dev/null
     done
     wait 2>/dev/null
+    for c in "${EXIT_CMDS[@]}"; do eval "$c" >/dev/null 2>&1; done
 }
 trap cleanup EXIT
 trap 'log "interrupted"; exit 130' INT TERM
@@ -56,4 +59,53 @@ install_debs() { # package... : install the missing Debian packages (as root or 
     log "installing $* from Debian"
     { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"; } >"$OUT/logs/install-debs.log" 2>&1 \
         || { log "cannot install $* (see $OUT/logs/install-debs.log)"; exit 1; }
+}
+
+# ---------------------------------------------------------------------------------------------
+# Peers built from their public source, once, into $PEER_DIR (default <target>/bench-peers).
+# Pinned versions; a peer that cannot be built is skipped by the caller with the log's path.
+
+WSTUNNEL_VERSION=${WSTUNNEL_VERSION:-10.6.2}
+FRP_VERSION=v0.70.1 # pinned in bench/peers/frp/go.mod (+ go.sum)
+
+build_wstunnel() { # -> prints the binary's path
+    local dir="$PEER_DIR/wstunnel-$WSTUNNEL_VERSION" src log="$OUT/logs/build-wstunnel.log"
+    if [[ -x "$dir/wstunnel" ]]; then echo "$dir/wstunnel"; return 0; fi
+    mkdir -p "$dir"
+    src="$dir/src"
+    log "building wstunnel $WSTUNNEL_VERSION from source into $dir (once; several minutes)"
+    {
+        if [[ ! -f "$src/Cargo.toml" ]]; then
+            rm -rf "$src"; mkdir -p "$src"
+            # WSTUNNEL_SRC: a git repository of erebe/wstunnel (bare or not) or an unpacked source
+            # tree of the version; by default a shallow clone of the release tag from GitHub (the
+            # crate is not published on crates.io, only its source).
+            if [[ -n ${WSTUNNEL_SRC:-} && -f "$WSTUNNEL_SRC/Cargo.toml" && ! -d "$WSTUNNEL_SRC/.git" ]]; then
+                cp -a "$WSTUNNEL_SRC/." "$src/"
+            elif [[ -n ${WSTUNNEL_SRC:-} ]]; then
+                git -C "$WSTUNNEL_SRC" archive "v$WSTUNNEL_VERSION" | tar -x -C "$src"
+            else
+                git clone -q --depth 1 --branch "v$WSTUNNEL_VERSION" https://github.com/erebe/wstunnel "$src"
+            fi
+        fi
+        # The upstream release profile (fat LTO, one codegen unit), as its released binaries.
+        (cd "$src" && cargo build --release --locked -p wstunnel-cli --target-dir "$dir/build") \
+            && cp "$dir/build/release/wstunnel" "$dir/wstunnel"
+    } >"$log" 2>&1 || { rm -rf "$src"; return 1; }
+    echo "$dir/wstunnel"
+}
+
+build_frp() { # -> prints the directory holding frps and frpc
+    local dir="$PEER_DIR/frp-$FRP_VERSION" log="$OUT/logs/build-frp.log" b
+    if [[ -x "$dir/frps" && -x "$dir/frpc" ]]; then echo "$dir"; return 0; fi
+    mkdir -p "$dir"
+    log "building frp $FRP_VERSION from source (Go module proxy) into $dir (once)"
+    # go install pkg@version would ask the proxy for the module's version list (deprecation
+    # check), which not every proxy serves; a pinned go.mod + go.sum builds the same source.
+    # noweb: the dashboard's assets are built with npm upstream and are not in the module.
+    for b in frps frpc; do
+        (cd "$HERE/peers/frp" && CGO_ENABLED=0 go build -trimpath -tags "$b,noweb" -o "$dir/$b" "github.com/fatedier/frp/cmd/$b") \
+            >>"$log" 2>&1 || return 1
+    done
+    echo "$dir"
 }

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# libtunnel benchmark suite: direct loopback vs libtunnel (multiplexed and classic, through
-# `tunnel forward` + `tunnel server`) and, where they install from crates.io, rathole and bore.
-# Prints one table with absolute figures and ratios to direct. See bench/README.md.
+# libtunnel benchmark suite: direct loopback vs libtunnel (multiplexed over WebSocket and raw TCP,
+# and classic, through `tunnel forward` + `tunnel server`) and two peers built from their public
+# source: wstunnel (`-L`, a WebSocket per connection) and frp (a tcp proxy, yamux over one TCP
+# connection); rathole and bore on request. Interleaved rounds, medians, one table with absolute
+# figures and ratios to direct. See bench/README.md.
 #
 #   bench/run.sh                 full run (2 GiB transfers, 2,000 connects, 20,000 round trips,
 #                                1,000 and 10,000 held connections)
 #   BENCH_QUICK=1 bench/run.sh   smoke run with small sizes (about a minute)
-#   bench/run.sh --no-peers      skip rathole and bore
+#   bench/run.sh --rounds 3      interleaved rounds (every path once per round), medians
+#   bench/run.sh --no-peers      skip wstunnel, frp, rathole and bore
+#   bench/run.sh --lossy         the lossy-link and cold-start rows (bench/lossy.sh: network
+#                                namespaces, TUN devices, the tun-link forwarder; needs root)
 #   bench/run.sh --link 50,100   long-link mode: the same client over an emulated link (RTT 50 ms,
 #                                then 100 ms; 1 Gbit/s each way) between client and server (direct)
 #                                and between `tunnel forward` and the relay (fixed-duration rows)
@@ -30,11 +35,14 @@ while (($#)); do
     arg=$1; shift
     case "$arg" in
         --no-peers) PEERS=0 ;;
+        --rounds) ROUNDS=${1:-}; shift ;;
+        --rounds=*) ROUNDS=${arg#--rounds=} ;;
+        --lossy) exec "$HERE/lossy.sh" "$@" ;;
         --link) LINK_RTTS=${1:-}; shift ;;
         --link=*) LINK_RTTS=${arg#--link=} ;;
         --rate) LINK_MBIT=${1:-}; shift ;;
         --rate=*) LINK_MBIT=${arg#--rate=} ;;
-        -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
 
 Long-link mode (--link RTTS, or LINK_RTT=RTTS): RTTS is a comma-separated list of round-trip times
 in ms ("50", "50ms", "50,100"); each gets its own run and table. --rate MBIT (LINK_MBIT) is the cap
@@ -50,8 +58,11 @@ Environment (all optional):
   BENCH_CONNECTS=N     sequential connects (default 2000; quick 200)
   BENCH_PINGS=N        ping-pong round trips (default 20000; quick 2000)
   BENCH_HOLD="N M"     held-connection counts (default "1000 10000"; quick "100 1000")
-  BENCH_PATHS="..."    which of: direct proxy mux classic rathole bore (default all), and
-                       muxtcp (multiplexed over the raw-TCP transport, to isolate WebSocket costs)
+  BENCH_ROUNDS=N       interleaved rounds, medians (default 3; quick 1); same as --rounds
+  BENCH_PATHS="..."    which of: direct proxy mux muxtcp classic wstunnel frp rathole bore
+                       (default: all but rathole and bore; muxtcp = multiplexed over raw TCP)
+  PEER_DIR=DIR         where the peers are built and cached (default <target>/bench-peers)
+  WSTUNNEL_SRC=DIR     a git repository or source tree of wstunnel (default: clone the tag)
   BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
   BENCH_NO_BUILD=1     use the binaries already built
   BENCH_TUNNEL_BIN=P   benchmark this `tunnel` binary instead (e.g. an older build)
@@ -70,10 +81,12 @@ for r in $LINK_RTTS $LINK_MBIT; do
 done
 
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
-    D_BYTES=$((64 << 20)); D_CONNECTS=200; D_PINGS=2000; D_HOLD="100 1000"
+    D_BYTES=$((64 << 20)); D_CONNECTS=200; D_PINGS=2000; D_HOLD="100 1000"; D_ROUNDS=1
 else
-    D_BYTES=$((2 << 30)); D_CONNECTS=2000; D_PINGS=20000; D_HOLD="1000 10000"
+    D_BYTES=$((2 << 30)); D_CONNECTS=2000; D_PINGS=20000; D_HOLD="1000 10000"; D_ROUNDS=3
 fi
+ROUNDS=${ROUNDS:-${BENCH_ROUNDS:-$D_ROUNDS}}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "--rounds takes a positive count: $ROUNDS" >&2; exit 2; }
 BYTES=${BENCH_BYTES:-$D_BYTES}
 STREAMS=${BENCH_STREAMS:-8}
 CONNECTS=${BENCH_CONNECTS:-$D_CONNECTS}
@@ -83,7 +96,7 @@ STALL_SECS=${BENCH_STALL_SECS:-8}
 LINK_SECS=${LINK_SECS:-$([[ "${BENCH_QUICK:-0}" == 1 ]] && echo 3 || echo 8)}
 LINK_PINGS=${LINK_PINGS:-100}
 LINK_CONNECTS=${LINK_CONNECTS:-20}
-PATHS=${BENCH_PATHS:-"direct proxy mux classic rathole bore"}
+PATHS=${BENCH_PATHS:-"direct proxy mux muxtcp classic wstunnel frp"}
 # The per-connection log lines (target libtunnel::conn) would cost each connect a write to the
 # log file; the figures measure the tunnel, so they are off here.
 # shellcheck disable=SC2206
@@ -108,7 +121,7 @@ if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
     (cd "$ROOT" && cargo build --release -q -p libtunnel-bench) || { log "building tunnel-bench failed"; exit 1; }
 fi
 TUNNEL=${BENCH_TUNNEL_BIN:-$TARGET_DIR/release/tunnel}
-GEN=$TARGET_DIR/release/tunnel-bench
+GEN=${BENCH_GEN_BIN:-$TARGET_DIR/release/tunnel-bench}
 for b in "$TUNNEL" "$GEN"; do
     [[ -x "$b" ]] || { log "missing binary $b"; exit 1; }
 done
@@ -121,7 +134,7 @@ if ((${#RTT_LIST[@]} > 1)); then
     for r in "${RTT_LIST[@]}"; do
         keep=()
         for a in "${ARGS[@]}"; do [[ $a == --no-peers ]] && keep+=("$a"); done
-        BENCH_NO_BUILD=1 BENCH_OUT="$OUT/link-${r}ms" LINK_RTT=$r LINK_MBIT=$LINK_MBIT "$0" "${keep[@]}"
+        BENCH_ROUNDS=$ROUNDS BENCH_NO_BUILD=1 BENCH_OUT="$OUT/link-${r}ms" LINK_RTT=$r LINK_MBIT=$LINK_MBIT "$0" "${keep[@]}"
         cat "$OUT/link-${r}ms/table.txt" >>"$OUT/table.txt"
     done
     cp "$OUT/table.txt" "$HERE/results/latest-link.txt" 2>/dev/null || true
@@ -131,18 +144,27 @@ fi
 LINK_MS=${RTT_LIST[0]:-}
 if [[ -n $LINK_MS ]]; then
     ONE_WAY=$(awk -v r="$LINK_MS" 'BEGIN { print r / 2 }')
-    # Long links: tunnels and direct only (the peers and the proxy floor are loopback figures).
-    PATHS=${BENCH_PATHS:-"direct mux classic"}
+    # Long links: direct, the tunnels and the two peers (the link sits on each one's tunnel hop);
+    # the proxy floor, rathole and bore are loopback figures.
+    D_LINK_PATHS="direct mux classic wstunnel frp"
+    [[ $PEERS == 1 ]] || D_LINK_PATHS="direct mux classic"
+    PATHS=${BENCH_PATHS:-$D_LINK_PATHS}
     for p in $PATHS; do
-        [[ " direct mux classic muxtcp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
+        [[ " direct mux classic muxtcp wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
     done
-    PEERS=0
 fi
 
 TOOLS="$HERE/.tools"
-RATHOLE=""; BORE=""
+PEER_DIR=${PEER_DIR:-$TARGET_DIR/bench-peers}
+RATHOLE=""; BORE=""; WSTUNNEL=""; FRP=""
 declare -A SKIP=()
 if [[ $PEERS == 1 ]]; then
+    if [[ " $PATHS " == *" wstunnel "* ]]; then
+        WSTUNNEL=$(build_wstunnel) || SKIP[wstunnel]="building wstunnel $WSTUNNEL_VERSION failed (see $OUT/logs/build-wstunnel.log)"
+    fi
+    if [[ " $PATHS " == *" frp "* ]]; then
+        FRP=$(build_frp) || SKIP[frp]="building frp $FRP_VERSION failed (see $OUT/logs/build-frp.log)"
+    fi
     install_peer() { # crate binary
         local crate=$1 bin=$2
         if [[ -x "$TOOLS/bin/$bin" ]]; then echo "$TOOLS/bin/$bin"; return 0; fi
@@ -160,11 +182,12 @@ if [[ $PEERS == 1 ]]; then
     if [[ " $PATHS " == *" bore "* ]]; then
         BORE=$(install_peer bore-cli bore) || SKIP[bore]="cargo install bore-cli failed (see $OUT/logs/install-bore-cli.log)"
     fi
-elif [[ -z $LINK_MS ]]; then
-    SKIP[rathole]="--no-peers"; SKIP[bore]="--no-peers"
+else
+    for p in rathole bore wstunnel frp; do SKIP[$p]="--no-peers"; done
 fi
 
-# ---------------------------------------------------------------sic forwarder 20,000 fds.
+# ---------------------------------------------------------------------------------------------
+# Descriptors: holding 10,000 connections costs a classic forwarder 20,000 fds.
 ulimit -n 200000 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null
 FD_LIMIT=$(ulimit -n)
 NCPU=$(nproc)
@@ -184,8 +207,9 @@ fi
 
 settle() { "$GEN" settle --addr "$ECHO" --timeout 30 >>"$RAW" 2>&1; }
 
-# Results: R[path.key] = value
-declare -A R=()
+# Results: R[path.key] = value; RL[path.key] = the values of every round (medians at the end).
+declare -A R=() RL=()
+put() { R[$1]=$2; RL[$1]="${RL[$1]:-}${RL[$1]:+ }$2"; }
 
 gen() { # path tag [taskset...] -- generator args ; parses key=value output into R[path.tag.key]
     local path=$1 tag=$2; shift 2
@@ -201,7 +225,7 @@ gen() { # path tag [taskset...] -- generator args ; parses key=value output into
     local kv
     # shellcheck disable=SC2086
     for kv in $(sed 's/ error=.*//' <<<"$line"); do
-        [[ "$kv" == *=* ]] && R[$path.$tag.${kv%%=*}]=${kv#*=}
+        [[ "$kv" == *=* ]] && put "$path.$tag.${kv%%=*}" "${kv#*=}"
     done
     [[ "$line" == *" error="* ]] && R[$path.$tag.error]=${line#* error=}
     log "  $path $tag: $line"
@@ -316,6 +340,44 @@ start_bore() {
     ADDR=127.0.0.1:$port; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s")
 }
 
+# wstunnel: client -> `wstunnel client -L` -> `wstunnel server` -> echo server; a WebSocket per
+# connection (fastwebsockets), no authentication beyond the upgrade.
+start_wstunnel() {
+    [[ -n "$WSTUNNEL" ]] || return 1
+    local port lport
+    port=$("$GEN" freeport); lport=$("$GEN" freeport)
+    RUST_LOG=warn start_bg wstunnel-server "$WSTUNNEL" server "ws://127.0.0.1:$port"
+    local s=$LAST_PID server=127.0.0.1:$port link=()
+    if [[ -n $LINK_MS ]]; then # the link between the wstunnel client and its server
+        start_link wstunnel "$server" "$LINK_MS" || { SKIP[wstunnel]="the delay line did not start"; stop_pid "$s"; return 1; }
+        server=$LINK_ADDR; link=("$LINK_PID")
+    fi
+    RUST_LOG=warn start_bg wstunnel-client "$WSTUNNEL" client -L "tcp://127.0.0.1:$lport:$ECHO" "ws://$server"
+    local c=$LAST_PID
+    ADDR=127.0.0.1:$lport; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s" "${link[@]}")
+}
+
+# frp: client -> frps (the proxy's remote port) -> frpc -> echo server; one TCP connection between
+# frpc and frps carrying yamux streams (tcpMux, frp's default), token authentication.
+start_frp() {
+    [[ -n "$FRP" ]] || return 1
+    local ctrl svc cport link=()
+    ctrl=$("$GEN" freeport); svc=$("$GEN" freeport); cport=$ctrl
+    if [[ -n $LINK_MS ]]; then # the link between frpc and frps (their one yamux connection)
+        start_link frp "127.0.0.1:$ctrl" "$LINK_MS" || { SKIP[frp]="the delay line did not start"; return 1; }
+        cport=${LINK_ADDR##*:}; link=("$LINK_PID")
+    fi
+    printf '%s\n' "bindAddr = \"127.0.0.1\"" "bindPort = $ctrl" "auth.token = \"$SECRET\"" 'log.level = "warn"' >"$OUT/frps.toml"
+    printf '%s\n' "serverAddr = \"127.0.0.1\"" "serverPort = $cport" "auth.token = \"$SECRET\"" 'log.level = "warn"' 'loginFailExit = false' \
+        '[[proxies]]' 'name = "echo"' 'type = "tcp"' 'localIP = "127.0.0.1"' "localPort = $ECHO_PORT" "remotePort = $svc" >"$OUT/frpc.toml"
+    start_bg frps "$FRP/frps" -c "$OUT/frps.toml"
+    local s=$LAST_PID
+    for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$ctrl") 2>/dev/null && break; sleep 0.1; done
+    start_bg frpc "$FRP/frpc" -c "$OUT/frpc.toml"
+    local c=$LAST_PID
+    ADDR=127.0.0.1:$svc; TPIDS="$s,$c"; PATH_PIDS=("$c" "$s" "${link[@]}")
+}
+
 start_path() { # path -> 0 when ready
     local p=$1
     "start_$p" || { [[ -n "${SKIP[$p]:-}" ]] || SKIP[$p]="could not start"; return 1; }
@@ -377,6 +439,8 @@ measure() {
         gen "$p" pingload "$GEN" pingpong --addr "$ADDR" --count $((PINGS / 10)) --warmup 100 --secs 10 --load 1
     fi
     settle
+    # Dial by name, stalled streams and held connections: once, in the first round.
+    if ((ROUND > 1)); then stop_path; return; fi
     [[ $p == mux || $p == classic || $p == muxtcp ]] && measure_byname "$p"
     stop_path
     # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
@@ -474,15 +538,26 @@ if [[ -n $LINK_MS ]]; then
 else
     log "sizes: throughput $BYTES bytes (1 and $STREAMS streams), $CONNECTS connects, $PINGS round trips, hold: $HOLDS"
 fi
-for p in $PATHS; do
-    if [[ -n "${SKIP[$p]:-}" ]]; then log "== $p skipped: ${SKIP[$p]}"; continue; fi
-    measure "$p"
+# Interleaved rounds: every path once per round, so a change in the machine's load hits all of
+# them alike; each figure is the median of its rounds.
+for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+    ((ROUNDS > 1)) && log "=== round $ROUND of $ROUNDS"
+    for p in $PATHS; do
+        if [[ -n "${SKIP[$p]:-}" ]]; then log "== $p skipped: ${SKIP[$p]}"; continue; fi
+        measure "$p"
+    done
+done
+for k in "${!RL[@]}"; do
+    # shellcheck disable=SC2086
+    set -- ${RL[$k]}
+    (($# > 1)) || continue
+    R[$k]=$(printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print m }')
 done
 
 # ---------------------------------------------------------------------------------------------
 # The table
 
-declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore")
+declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
 
 # Derived figures: fairness (p50 under a bulk stream / idle p50, same path) and the direct
 # reference of the dial-by-name row (a direct stream: direct has no names).
@@ -562,6 +637,44 @@ ROWS+=(
     "stall.written_mib|  written by the clients (MiB)|0"
 )
 
+# The loopback targets of issue 29, read off this run: libtunnel's multiplexed paths against
+# wstunnel's figure of the same run (or a fixed bound), "meets" or "misses" per path.
+target_row() { # label key of_direct(1|0) cmp(ge|le) bound(wstunnel|number) unit
+    local label=$1 key=$2 rel=$3 cmp=$4 bound=$5 unit=$6 b v p line
+    fig() { # path -> the figure compared: the value, or its ratio to direct
+        local x=${R[$1.$key]:-} d=${R[direct.$key]:-}
+        [[ -z $x ]] && return
+        if [[ $rel == 1 ]]; then [[ -n $d ]] && awk -v x="$x" -v d="$d" 'BEGIN { if (d > 0) printf "%.2f", x / d }'
+        else echo "$x"; fi
+    }
+    if [[ $bound == wstunnel ]]; then
+        b=$(fig wstunnel); [[ -z $b ]] && return
+        line=$(printf '%-32s | %-4s wstunnel %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
+    else
+        b=$bound; line=$(printf '%-32s | %-4s %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
+    fi
+    for p in mux muxtcp; do
+        [[ " $PATHS " == *" $p "* ]] || continue
+        v=$(fig "$p"); [[ -z $v ]] && continue
+        line+=$(awk -v v="$v" -v b="$b" -v c="$cmp" -v n="${NAMES[$p]}" -v u="$unit" \
+            'BEGIN { ok = (c == "ge") ? v >= b : v <= b; printf " | %s %s%s %s", n, v, u, ok ? "meets" : "MISSES" }')
+    done
+    echo "$line"
+}
+targets() {
+    echo
+    echo "issue 29 targets (loopback; x = of direct; libtunnel against wstunnel in this run):"
+    target_row "1 stream, of direct" tp1.mib_s 1 ge wstunnel x
+    target_row "CPU-s per GB, both processes" tp1.cpu_s_per_gb 0 le wstunnel ""
+    target_row "$STREAMS streams, of direct" tpN.mib_s 1 ge wstunnel x
+    target_row "ping-pong p50 (us)" ping.p50_us 0 le wstunnel ""
+    target_row "connect + 1st byte p50 (us)" connect.p50_us 0 le wstunnel ""
+    local n
+    for n in $HOLDS; do
+        [[ $n == 1000 ]] && target_row "RSS per held conn @1000 (KiB)" hold1000.kib_per_conn 0 le 12 ""
+    done
+}
+
 cell() { # path key ratio
     local p=$1 key=$2 ratio=$3 v d mark="" tag=${2%%.*}
     v=${R[$p.$key]:-}
@@ -592,6 +705,7 @@ cell() { # path key ratio
         echo "sizes: $BYTES bytes per throughput run, $CONNECTS connects, $PINGS round trips ($((PINGS / 10)) under bulk); pinned = every process on CPU $PIN_CPU; ratios are to direct"
     fi
     echo "kernel: $(sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' ') = tcp_rmem, $(sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ') = tcp_wmem, rmem_max $(sysctl -n net.core.rmem_max), wmem_max $(sysctl -n net.core.wmem_max)"
+    echo "rounds: $ROUNDS, interleaved (every path once per round), figures are medians of the rounds; dial by name, stalled and held: first round only"
     echo "load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg); fd limit $FD_LIMIT${BENCH_TUNNEL_ENV:+; tunnel env: $BENCH_TUNNEL_ENV}"
     printf '%-34s' "metric"
     for p in $PATHS; do printf ' | %-20s' "${NAMES[$p]:-$p}"; done
@@ -621,6 +735,7 @@ cell() { # path key ratio
         echo "(fd limit $FD_LIMIT: a process with one upstream socket per client connection (classic, rathole, bore)"
         echo " needs 2 descriptors per held connection, so $max_hold cannot all be held; the hard limit here cannot be raised.)"
     fi
+    [[ -z $LINK_MS ]] && targets
     echo "raw results and logs: $OUT"
 } | tee "$OUT/table.txt"
 cp "$OUT/table.txt" "$HERE/results/latest${LINK_MS:+-link${LINK_MS}ms}.txt" 2>/dev/null || true

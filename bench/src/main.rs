@@ -1,6 +1,7 @@
-//! `tunnel-bench`: the load generator of libtunnel's benchmark suite. `bench/run.sh` drives it;
-//! every path under test (direct, libtunnel classic and multiplexed, rathole, bore) is measured
-//! with the same client code against the same server, so only the path in between differs.
+//! `tunnel-bench`: the load generator of libtunnel's benchmark suite. `bench/run.sh`,
+//! `bench/lossy.sh` and `bench/http.sh` drive it; every path under test (direct, libtunnel classic
+//! and multiplexed, the peers wstunnel and frp, rathole, bore) is measured with the same client
+//! code against the same server, so only the path in between differs.
 //!
 //! Subcommands:
 //! - `server`: an echo/sink server. The first byte of a connection picks its job: `S` + u64 BE
@@ -22,6 +23,13 @@
 //!   one-way delay after it crossed a shared per-direction rate cap.
 //! - `hold`: open N idle connections (each proven end to end by one echoed byte) and report the
 //!   growth of the tunnel processes' resident memory per connection.
+//! - `tun-link`: the lossy link of `bench/lossy.sh`, an IP-level forwarder between two TUN devices
+//!   in two network namespaces: random loss, a drop-tail queue in front of a rate cap, a delay
+//!   (`tun_link`).
+//! - `coldstart`: wall time of a new process (e.g. `tunnel dial`) that sends 5 bytes to an echo
+//!   target through its stdin and reads them back on its stdout; or of a new direct connection.
+//! - `proxy`: a plain TCP forwarder; two chained are the hop-count-matched floor of run.sh.
+//! - `http-server`: a minimal HTTP/1.1 keep-alive target for bench/http.sh.
 //! - `hyper-server`: HTTP/1.1 + HTTP/2 target (TLS or h2c) for bench/http.sh (`hyper_server`).
 //! - `settle`, `freeport`: helpers for the driver.
 //!
@@ -37,6 +45,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 
 mod hyper_server;
+mod tun_link;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Parser)]
@@ -175,6 +184,47 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         threads: usize,
     },
+    /// The lossy link: forward IP packets between TUN device `--dev-a` in network namespace
+    /// `--netns-a` and `--dev-b` in `--netns-b`, each way with random loss, a drop-tail queue in
+    /// front of a rate cap, and a delay. Prints `link up ...`, then counters every 10 s.
+    TunLink {
+        #[arg(long)]
+        netns_a: String,
+        #[arg(long, default_value = "lt0")]
+        dev_a: String,
+        #[arg(long)]
+        netns_b: String,
+        #[arg(long, default_value = "lt0")]
+        dev_b: String,
+        /// One-way delay in milliseconds, each direction (RTT = 2x).
+        #[arg(long, default_value_t = 25.0)]
+        delay_ms: f64,
+        /// Line rate per direction in Mbit/s.
+        #[arg(long, default_value_t = 100.0)]
+        rate_mbit: f64,
+        /// Drop-tail queue per direction in bytes (0 = one RTT at the rate).
+        #[arg(long, default_value_t = 0)]
+        queue_bytes: usize,
+        /// Random loss per direction, in percent.
+        #[arg(long, default_value_t = 0.0)]
+        loss_pct: f64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Cold start: `--count` times, start the command after `--` (or, without one, open a new TCP
+    /// connection to `--addr`), write 5 bytes to it and read them back echoed; wall time from
+    /// spawn (or connect) to the last byte, percentiles.
+    Coldstart {
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+        /// Seconds one try may take.
+        #[arg(long, default_value_t = 20.0)]
+        timeout: f64,
+        #[arg(last = true)]
+        cmd: Vec<String>,
+    },
     /// Print a free loopback TCP port.
     Freeport,
 }
@@ -197,6 +247,11 @@ fn main() {
         Cmd::Proxy { listen, to } => proxy(listen, to),
         Cmd::HttpServer { listen, threads } => http_server(listen, threads),
         Cmd::HyperServer { listen, cert, key, threads } => hyper_server::run(listen, cert.zip(key), threads),
+        Cmd::TunLink { netns_a, dev_a, netns_b, dev_b, delay_ms, rate_mbit, queue_bytes, loss_pct, seed } => {
+            let queue_bytes = if queue_bytes > 0 { queue_bytes } else { (rate_mbit * 1e6 / 8.0 * 2.0 * delay_ms / 1e3) as usize };
+            tun_link::run(tun_link::Options { netns_a, dev_a, netns_b, dev_b, delay_ms, rate_mbit, queue_bytes, loss_pct, seed })
+        }
+        Cmd::Coldstart { addr, count, timeout, cmd } => coldstart(addr, &cmd, count.max(1), Duration::from_secs_f64(timeout)),
         Cmd::Freeport => std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| println!("{}", a.port())),
     };
     if let Err(e) = r {
@@ -795,6 +850,60 @@ fn settle(addr: SocketAddr, timeout: Duration) -> std::io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cold start
+
+/// Wall time of one new client: spawn `cmd` (stdin/stdout piped) or connect to `addr`, write 5
+/// bytes, read the 5 echoed bytes. The child is killed after each try.
+fn coldstart(addr: Option<SocketAddr>, cmd: &[String], count: usize, timeout: Duration) -> std::io::Result<()> {
+    const MSG: &[u8] = b"hello";
+    let mut times = Vec::with_capacity(count);
+    for i in 0..count {
+        let t0 = Instant::now();
+        let mut back = [0u8; 5];
+        if let Some(program) = cmd.first() {
+            let mut child = std::process::Command::new(program)
+                .args(&cmd[1..])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .map_err(ctx(format!("start {program}")))?;
+            let mut stdin = child.stdin.take().expect("piped stdin");
+            let mut stdout = child.stdout.take().expect("piped stdout");
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let r = stdin.write_all(MSG).and_then(|_| stdin.flush()).and_then(|_| stdout.read_exact(&mut back));
+                let _ = tx.send(r.map(|_| back));
+                drop(stdin);
+            });
+            let r = rx.recv_timeout(timeout);
+            let _ = child.kill();
+            let status = child.wait();
+            match r {
+                Ok(Ok(b)) => back = b,
+                Ok(Err(e)) => return Err(std::io::Error::other(format!("try {i}: {program} did not echo 5 bytes: {e} (exit {status:?})"))),
+                Err(_) => return Err(std::io::Error::other(format!("try {i}: no echo from {program} within {timeout:?}"))),
+            }
+        } else {
+            let addr = addr.ok_or_else(|| std::io::Error::other("coldstart needs --addr or a command after --"))?;
+            let mut s = dial(addr, timeout)?;
+            s.set_read_timeout(Some(timeout))?;
+            s.write_all(MSG)?;
+            s.read_exact(&mut back).map_err(ctx(format!("try {i}: read the echo from {addr}")))?;
+        }
+        let dt = t0.elapsed();
+        if back != MSG {
+            return Err(std::io::Error::other(format!("try {i}: echoed {back:?}, not {MSG:?}")));
+        }
+        times.push(dt.as_secs_f64() * 1e3);
+    }
+    let min = times.iter().cloned().fold(f64::INFINITY, f64::min);
+    let mut sorted = times.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    println!("count={count} p50_ms={:.1} min_ms={min:.1} max_ms={:.1}", sorted[sorted.len() / 2], sorted[sorted.len() - 1]);
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

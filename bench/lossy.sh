@@ -1,0 +1,350 @@
+#!/usr/bin/env bash
+# libtunnel benchmark, lossy-link and cold-start rows (also `bench/run.sh --lossy ...`).
+#
+# A real IP link in user space: two network namespaces (A: the client's side, B: the server's),
+# each with a TUN device, joined by `tunnel-bench tun-link` (per direction: random loss, a drop-tail
+# queue in front of a rate cap, a one-way delay), so real kernel TCP on both sides reacts to real
+# loss and queueing. Needs root (ip netns, /dev/net/tun). Everything is torn down on exit.
+#
+#   bench/lossy.sh                 both parts: lossy link at 0 % and 1 % loss, then cold start
+#   bench/lossy.sh --no-cold       the lossy link only
+#   bench/lossy.sh --no-lossy      cold start only
+#   bench/lossy.sh --rounds 3      interleaved rounds of the lossy rows (table: median [each round])
+#
+# Lossy link (defaults: RTT 50 ms, 100 Mbit/s each way, drop-tail queue of one RTT = 625,000 bytes,
+# random loss 0 % then 1 % each way). Paths: direct (client in A -> echo server in B), libtunnel
+# mux over WebSocket and raw TCP and classic (client -> `tunnel forward` in A -> link -> `tunnel
+# server` in B -> echo), wstunnel (client -> `wstunnel client -L` in A -> link -> server in B ->
+# echo), frp (client -> frps in A -> link -> frpc in B -> echo). Rows: bulk of one stream alone
+# (fixed duration, counted by the server), idle ping-pong, and ping-pong p50/p99 of one connection
+# while a second connection to the same address runs a bulk transfer (through `tunnel forward` or
+# frp both are streams of one session; direct, classic and wstunnel: two TCP connections).
+#
+# Cold start (default RTT 100 ms, 1 Gbit/s, no loss): wall time of a new `tunnel dial` process
+# (ws://, wss://, tcp://), and of a new `wstunnel client -L stdio://` (ws://, wss://), that sends 5
+# bytes to the echo server and reads them back; direct = a new TCP connection from a running
+# process. frp has no one-shot client (its visitors run inside a long-lived frpc): no frp row.
+#
+# Benchmarks report figures; nothing here asserts a timing.
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+
+DO_LOSSY=1; DO_COLD=1
+ROUNDS=${LOSSY_ROUNDS:-1}
+while (($#)); do
+    arg=$1; shift
+    case "$arg" in
+        --no-cold) DO_COLD=0 ;;
+        --no-lossy) DO_LOSSY=0 ;;
+        --rounds) ROUNDS=${1:-}; shift ;;
+        --rounds=*) ROUNDS=${arg#--rounds=} ;;
+        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+
+Environment (all optional):
+  LOSSY_RTT=MS         RTT of the lossy link (default 50)
+  LOSSY_MBIT=R         its rate per direction (default 100)
+  LOSSY_LOSS="0 1"     random loss per direction in percent, one table section each
+  LOSSY_QUEUE=BYTES    drop-tail queue per direction (default one RTT at the rate)
+  LOSSY_SECS=S         seconds of the bulk-alone row (default 10)
+  LOSSY_PINGS=N        round trips under bulk (default 200, at most LOSSY_PING_SECS)
+  LOSSY_PING_SECS=S    (default 20); the bulk runs LOSSY_LOAD_SECS (3) before the first ping
+  LOSSY_PATHS="..."    of: direct mux muxtcp classic wstunnel frp (default all)
+  LOSSY_ROUNDS=N       same as --rounds (default 1)
+  COLD_RTT=MS          RTT of the cold-start link (default 100); COLD_COUNT=N tries (default 5)
+  BENCH_NO_BUILD=1, BENCH_TUNNEL_BIN, BENCH_OUT, PEER_DIR, WSTUNNEL_SRC: as bench/run.sh
+EOF
+            exit 0 ;;
+        *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
+    esac
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "--rounds takes a positive count: $ROUNDS" >&2; exit 2; }
+[[ $(id -u) == 0 ]] || { echo "bench/lossy.sh needs root (network namespaces and TUN devices)" >&2; exit 1; }
+
+RTT=${LOSSY_RTT:-50}
+MBIT=${LOSSY_MBIT:-100}
+LOSSES=${LOSSY_LOSS:-0 1}
+LOSSES=${LOSSES//,/ }
+QUEUE=${LOSSY_QUEUE:-$(awk -v r="$MBIT" -v t="$RTT" 'BEGIN { printf "%d", r * 1e6 / 8 * t / 1e3 }')}
+SECS=${LOSSY_SECS:-10}
+PINGS=${LOSSY_PINGS:-200}
+PING_SECS=${LOSSY_PING_SECS:-20}
+LOAD_SECS=${LOSSY_LOAD_SECS:-3}
+PATHS=${LOSSY_PATHS:-"direct mux muxtcp classic wstunnel frp"}
+COLD_RTT=${COLD_RTT:-100}
+COLD_COUNT=${COLD_COUNT:-5}
+OUT=${BENCH_OUT:-$HERE/results/lossy-$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT/logs"
+RAW="$OUT/raw.txt"
+: >"$RAW"
+# shellcheck source=bench/lib.sh
+source "$HERE/lib.sh"
+
+if [[ "${BENCH_NO_BUILD:-0}" != 1 ]]; then
+    log "building release binaries (target dir $TARGET_DIR)"
+    (cd "$ROOT" && cargo build --release -q -p libtunnel --features cli --bin tunnel) || { log "building tunnel failed"; exit 1; }
+    (cd "$ROOT" && cargo build --release -q -p libtunnel-bench) || { log "building tunnel-bench failed"; exit 1; }
+fi
+TUNNEL=${BENCH_TUNNEL_BIN:-$TARGET_DIR/release/tunnel}
+GEN=${BENCH_GEN_BIN:-$TARGET_DIR/release/tunnel-bench}
+for b in "$TUNNEL" "$GEN"; do [[ -x "$b" ]] || { log "missing binary $b"; exit 1; }; done
+
+PEER_DIR=${PEER_DIR:-$TARGET_DIR/bench-peers}
+WSTUNNEL=""; FRP=""
+declare -A SKIP=()
+if [[ " $PATHS " == *" wstunnel "* ]]; then
+    WSTUNNEL=$(build_wstunnel) || SKIP[wstunnel]="building wstunnel failed (see $OUT/logs/build-wstunnel.log)"
+fi
+if [[ " $PATHS " == *" frp "* ]]; then
+    FRP=$(build_frp) || SKIP[frp]="building frp failed (see $OUT/logs/build-frp.log)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# The two namespaces and their TUN devices (addresses exist only inside them).
+
+NSA=ltbench-a-$$; NSB=ltbench-b-$$
+IPA=10.231.0.1; IPB=10.231.0.2
+NA=(ip netns exec "$NSA"); NB=(ip netns exec "$NSB")
+EXIT_CMDS+=("ip netns del $NSA" "ip netns del $NSB")
+{
+    ip netns add "$NSA" && ip netns add "$NSB" &&
+        for ns in "$NSA" "$NSB"; do
+            ip -n "$ns" link set lo up && ip -n "$ns" tuntap add dev lt0 mode tun || exit 1
+        done &&
+        ip -n "$NSA" addr add "$IPA" peer "$IPB/32" dev lt0 && ip -n "$NSA" link set lt0 up &&
+        ip -n "$NSB" addr add "$IPB" peer "$IPA/32" dev lt0 && ip -n "$NSB" link set lt0 up
+} >"$OUT/logs/netns.log" 2>&1 || { log "cannot set up the network namespaces (see $OUT/logs/netns.log)"; exit 1; }
+
+LINK_PID=""
+start_tun_link() { # rtt_ms mbit queue_bytes loss_pct
+    [[ -n $LINK_PID ]] && stop_pid "$LINK_PID"
+    local oneway
+    oneway=$(awk -v r="$1" 'BEGIN { print r / 2 }')
+    start_bg "tun-link-${1}ms-${4}pct" "$GEN" tun-link --netns-a "/run/netns/$NSA" --netns-b "/run/netns/$NSB" \
+        --delay-ms "$oneway" --rate-mbit "$2" --queue-bytes "$3" --loss-pct "$4"
+    LINK_PID=$LAST_PID
+    wait_line "$LOG" 'link up' 10 >/dev/null || { log "the tun link did not start (see $LOG)"; exit 1; }
+}
+
+start_bg echo "${NB[@]}" "$GEN" server --listen "$IPB:0"
+ECHO=$(wait_line "$LOG" '10\.231\.0\.2:[0-9]+' 10) || { log "echo server did not start"; exit 1; }
+ECHO_PORT=${ECHO##*:}
+# Until the echo server holds no connection (at most 10 s: after a classic connection over this link
+# the relay's connection to the target can stay open longer; see raw.txt's settle lines).
+settle() { "${NB[@]}" "$GEN" settle --addr "$ECHO" --timeout 10 >>"$RAW" 2>&1; }
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "namespaces $NSA ($IPA) and $NSB ($IPB); echo server $ECHO; load average $LOAD_START"
+
+declare -A R=() RL=()
+put() { R[$1]=$2; RL[$1]="${RL[$1]:-}${RL[$1]:+ }$2"; }
+gen() { # key-prefix cmd... : runs in namespace A, parses key=value into R[prefix.key]
+    local pre=$1 line kv; shift
+    line=$("${NA[@]}" "$@" 2>>"$OUT/logs/gen.err" | tail -n 1)
+    echo "$pre $line" >>"$RAW"
+    if [[ "$line" == error* || -z "$line" ]]; then
+        R[$pre.error]=${line:-no output}; log "  $pre: FAILED ${R[$pre.error]}"; return 1
+    fi
+    # shellcheck disable=SC2086
+    for kv in $line; do [[ "$kv" == *=* ]] && put "$pre.${kv%%=*}" "${kv#*=}"; done
+    log "  $pre: $line"
+}
+
+KEYGEN=$("$TUNNEL" keygen)
+CLIENT_KEY=$(sed -n 's/^TUNNEL_KEY=//p' <<<"$KEYGEN")
+RELAY_KEYS=$(sed -n "s/^TUNNEL_AUTH_KEYS='\(.*\)'$/\1/p" <<<"$KEYGEN")
+SECRET=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
+TUNNEL_ENV=(RUST_LOG=${RUST_LOG:-info,libtunnel::conn=warn} ${BENCH_TUNNEL_ENV:-})
+
+ADDR=""; PATH_PIDS=()
+start_relay() { # name scheme [env...] : a `tunnel server` in B; sets RELAY_URL and RELAY_PID
+    local name=$1 scheme=$2; shift 2
+    start_bg "relay-$name" "${NB[@]}" env "${TUNNEL_ENV[@]}" "$@" TUNNEL_LISTEN="$IPB:0" TUNNEL_TCP_LISTEN="$IPB:0" \
+        TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_ALLOW="[{\"host\":\"$IPB\",\"port\":$ECHO_PORT}]" "$TUNNEL" server
+    RELAY_PID=$LAST_PID
+    RELAY_URL=$(wait_line "$LOG" "$scheme://10\.231\.0\.2:[0-9]+" 10)
+}
+
+start_direct() { ADDR=$ECHO; PATH_PIDS=(); }
+start_libtunnel() { # mux|muxtcp|classic
+    local scheme=ws flag=() fwd
+    [[ $1 == muxtcp ]] && scheme=tcp
+    [[ $1 == classic ]] && flag=(--classic)
+    start_relay "$1" "$scheme" || { SKIP[$1]="tunnel server did not start (see $LOG)"; stop_pid "$RELAY_PID"; return 1; }
+    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$1" "${NA[@]}" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$RELAY_URL" "${flag[@]}"
+    local f=$LAST_PID
+    fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 20) || { SKIP[$1]="tunnel forward did not start (see $LOG)"; stop_pid "$f"; stop_pid "$RELAY_PID"; return 1; }
+    ADDR=${fwd#forwarding }; PATH_PIDS=("$f" "$RELAY_PID")
+}
+start_mux() { start_libtunnel mux; }
+start_muxtcp() { start_libtunnel muxtcp; }
+start_classic() { start_libtunnel classic; }
+start_wstunnel() {
+    [[ -n $WSTUNNEL ]] || return 1
+    local port=$((20000 + RANDOM % 20000)) lport=$((40000 + RANDOM % 20000))
+    RUST_LOG=warn start_bg wstunnel-server "${NB[@]}" "$WSTUNNEL" server "ws://$IPB:$port"
+    local s=$LAST_PID
+    RUST_LOG=warn start_bg wstunnel-client "${NA[@]}" "$WSTUNNEL" client -L "tcp://127.0.0.1:$lport:$ECHO" "ws://$IPB:$port"
+    ADDR=127.0.0.1:$lport; PATH_PIDS=("$LAST_PID" "$s")
+}
+start_frp() { # frps on the client's side, frpc next to the server: the yamux session crosses the link
+    [[ -n $FRP ]] || return 1
+    local ctrl=$((20000 + RANDOM % 20000)) svc=$((40000 + RANDOM % 20000))
+    printf '%s\n' "bindAddr = \"$IPA\"" "bindPort = $ctrl" "auth.token = \"$SECRET\"" 'log.level = "warn"' >"$OUT/frps.toml"
+    printf '%s\n' "serverAddr = \"$IPA\"" "serverPort = $ctrl" "auth.token = \"$SECRET\"" 'log.level = "warn"' 'loginFailExit = false' \
+        '[[proxies]]' 'name = "echo"' 'type = "tcp"' "localIP = \"$IPB\"" "localPort = $ECHO_PORT" "remotePort = $svc" >"$OUT/frpc.toml"
+    start_bg frps "${NA[@]}" "$FRP/frps" -c "$OUT/frps.toml"
+    local s=$LAST_PID
+    start_bg frpc "${NB[@]}" "$FRP/frpc" -c "$OUT/frpc.toml"
+    ADDR=$IPA:$svc; PATH_PIDS=("$LAST_PID" "$s")
+}
+start_path() {
+    local p=$1
+    "start_$p" || { [[ -n "${SKIP[$p]:-}" ]] || SKIP[$p]="could not start"; return 1; }
+    for _ in $(seq 1 150); do
+        "${NA[@]}" "$GEN" connect --addr "$ADDR" --count 1 --warmup 0 >/dev/null 2>&1 && { settle; return 0; }
+        sleep 0.2
+    done
+    SKIP[$p]="no echo through the path within 30 s (see $OUT/logs)"; stop_path; return 1
+}
+stop_path() { local x; for x in "${PATH_PIDS[@]}"; do stop_pid "$x"; done; PATH_PIDS=(); settle; }
+
+declare -A NAMES=([direct]="direct" [mux]="libtunnel mux ws" [muxtcp]="libtunnel mux tcp" [classic]="libtunnel classic" [wstunnel]="wstunnel $WSTUNNEL_VERSION" [frp]="frp ${FRP_VERSION#v}")
+
+cellv() { # key: median, with each round's value when there are several
+    local v=${R[$1]:-} all=${RL[$1]:-}
+    [[ -z $v ]] && { [[ -n ${R[${1%.*}.error]:-} ]] && echo failed || echo -; return; }
+    if [[ $all == *" "* ]]; then echo "$v [${all// /,}]"; else echo "$v"; fi
+}
+medians() {
+    local k
+    for k in "${!RL[@]}"; do
+        # shellcheck disable=SC2086
+        set -- ${RL[$k]}
+        (($# > 1)) || continue
+        R[$k]=$(printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }')
+    done
+}
+
+TABLE="$OUT/table.txt"
+{
+    echo
+    echo "libtunnel bench (bench/lossy.sh): $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $(nproc) CPUs; load average at start $LOAD_START"
+    echo "namespace kernel: tcp_congestion_control $("${NA[@]}" sysctl -n net.ipv4.tcp_congestion_control), tcp_rmem $("${NA[@]}" sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' '), tcp_wmem $("${NA[@]}" sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')"
+} >"$TABLE"
+
+# ---------------------------------------------------------------------------------------------
+# Lossy link
+
+if ((DO_LOSSY)); then
+    log "lossy link: RTT $RTT ms, $MBIT Mbit/s, queue $QUEUE bytes, loss ${LOSSES// /, } % each way; $ROUNDS round(s)"
+    for loss in $LOSSES; do
+        start_tun_link "$RTT" "$MBIT" "$QUEUE" "$loss"
+        for ((ROUND = 1; ROUND <= ROUNDS; ROUND++)); do
+            for p in $PATHS; do
+                [[ -n ${SKIP[$p]:-} ]] && continue
+                log "== loss $loss %, round $ROUND: $p"
+                start_path "$p" || { log "  $p skipped: ${SKIP[$p]}"; continue; }
+                gen "$loss.$p.bulk" "$GEN" throughput --addr "$ADDR" --streams 1 --secs "$SECS"
+                settle
+                gen "$loss.$p.ping" "$GEN" pingpong --addr "$ADDR" --count 50 --warmup 3 --secs 10
+                settle
+                gen "$loss.$p.load" "$GEN" pingpong --addr "$ADDR" --count "$PINGS" --warmup 3 --secs "$PING_SECS" --load "$LOAD_SECS"
+                stop_path
+            done
+        done
+        log "link counters: $(tail -n 1 "$OUT"/logs/*tun-link-"${RTT}"ms-"${loss}"pct.log)"
+    done
+    medians
+    {
+        echo
+        echo "lossy link: RTT $RTT ms, $MBIT Mbit/s each way, drop-tail queue $QUEUE bytes (one RTT) each way, real kernel TCP in two namespaces (tunnel-bench tun-link)"
+        echo "bulk = one stream alone, $SECS s, counted by the server; ping = 64 B round trips, idle; under bulk = $PINGS round trips (at most $PING_SECS s) on one connection while a"
+        echo "second connection to the same address pushes bulk, started $LOAD_SECS s before (mux, muxtcp, frp: two streams of one session; direct, classic, wstunnel: two TCP connections)"
+        [[ $ROUNDS -gt 1 ]] && echo "$ROUNDS interleaved rounds: median [each round]"
+        for loss in $LOSSES; do
+            echo
+            echo "random loss $loss % each way"
+            printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-14s | %-12s | %-10s\n' path "bulk MiB/s" "of direct" "ping p50 ms" "under bulk p50" "under bulk p99" "p99 / direct" "bulk meanwhile MiB/s"
+            for p in $PATHS; do
+                b=${R[$loss.$p.bulk.mib_s]:-}; d=${R[$loss.direct.bulk.mib_s]:-}
+                u99=${R[$loss.$p.load.p99_us]:-}; d99=${R[$loss.direct.load.p99_us]:-}
+                printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-14s | %-12s | %-10s\n' "${NAMES[$p]:-$p}" \
+                    "$(cellv "$loss.$p.bulk.mib_s")" \
+                    "$([[ -n $b && -n $d ]] && awk -v b="$b" -v d="$d" 'BEGIN { printf "%.2fx", b / d }')" \
+                    "$(awk -v v="${R[$loss.$p.ping.p50_us]:-}" 'BEGIN { if (v != "") printf "%.1f", v / 1000 }')" \
+                    "$(awk -v v="${R[$loss.$p.load.p50_us]:-}" 'BEGIN { if (v != "") printf "%.1f ms", v / 1000 }')" \
+                    "$(awk -v v="$u99" 'BEGIN { if (v != "") printf "%.1f ms", v / 1000 }')" \
+                    "$([[ -n $u99 && -n $d99 ]] && awk -v u="$u99" -v d="$d99" 'BEGIN { printf "%.2fx", u / d }')" \
+                    "${R[$loss.$p.load.load_mib_s]:-}"
+            done
+        done
+        for p in $PATHS; do [[ -n ${SKIP[$p]:-} ]] && echo "note: $p skipped: ${SKIP[$p]}"; done
+        for k in "${!R[@]}"; do [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort
+        echo "link counters (packets, random losses, queue drops, per direction; last 10 s report of each link):"
+        for loss in $LOSSES; do echo "  $loss %: $(tail -n 1 "$OUT"/logs/*tun-link-"${RTT}"ms-"${loss}"pct.log)"; done
+    } >>"$TABLE"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Cold start
+
+if ((DO_COLD)); then
+    log "cold start: RTT $COLD_RTT ms, 1000 Mbit/s, no loss; $COLD_COUNT tries each"
+    start_tun_link "$COLD_RTT" 1000 "$(awk -v t="$COLD_RTT" 'BEGIN { printf "%d", 1e9 / 8 * t / 1e3 }')" 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=relay \
+        -addext "subjectAltName=IP:$IPB" -keyout "$OUT/relay-key.pem" -out "$OUT/relay-cert.pem" >"$OUT/logs/openssl.log" 2>&1 \
+        || log "openssl failed: no wss row (see $OUT/logs/openssl.log)"
+    cold() { # name relay-url [dial flags...]
+        local name=$1 url=$2; shift 2
+        gen "cold.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env "${TUNNEL_ENV[@]}" TUNNEL_KEY="$CLIENT_KEY" "$TUNNEL" dial "$ECHO" --relay "$url" "$@"
+    }
+    gen cold.direct "$GEN" coldstart --count "$COLD_COUNT" --addr "$ECHO"
+    if start_relay cold ws; then
+        ws=$RELAY_URL; tcp=$(wait_line "$LOG" "tcp://10\.231\.0\.2:[0-9]+" 5)
+        cold ws "$ws"
+        [[ -n $tcp ]] && cold tcp "$tcp"
+        stop_pid "$RELAY_PID"
+    fi
+    if [[ -s "$OUT/relay-cert.pem" ]] && start_relay cold-tls wss TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem"; then
+        cold wss "$RELAY_URL" --ca "$OUT/relay-cert.pem"
+        stop_pid "$RELAY_PID"
+    fi
+    # wstunnel's one-shot client: `wstunnel client -L stdio://TARGET` (its ssh ProxyCommand mode)
+    # against a running `wstunnel server` in B, plain and with TLS (the same certificate; the
+    # wstunnel client does not verify certificates unless told, and has no option for a private CA).
+    cold_wstunnel() { # name scheme [server flags...]
+        local name=$1 scheme=$2 port=$((20000 + RANDOM % 20000)) s; shift 2
+        RUST_LOG=warn start_bg "wstunnel-server-$name" "${NB[@]}" "$WSTUNNEL" server "$scheme://$IPB:$port" "$@"
+        s=$LAST_PID
+        for _ in $(seq 1 100); do "${NA[@]}" bash -c "exec 3<>/dev/tcp/$IPB/$port" 2>/dev/null && break; sleep 0.1; done
+        gen "cold.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env RUST_LOG=warn "$WSTUNNEL" client -L "stdio://$ECHO" "$scheme://$IPB:$port"
+        stop_pid "$s"
+    }
+    if [[ -n $WSTUNNEL ]]; then
+        cold_wstunnel wstunnel-ws ws
+        [[ -s "$OUT/relay-cert.pem" ]] && cold_wstunnel wstunnel-wss wss --tls-certificate "$OUT/relay-cert.pem" --tls-private-key "$OUT/relay-key.pem"
+    fi
+    {
+        echo
+        echo "cold start at RTT $COLD_RTT ms (1 Gbit/s, no loss): a new process sends 5 bytes to the echo server and reads them back, wall time from spawn, $COLD_COUNT tries"
+        echo "(direct = a new TCP connection from a running process: one RTT for the handshake, one for the echo)"
+        printf '%-28s | %-10s | %-10s | %-10s | %s\n' path "p50 ms" "min ms" "max ms" "RTTs (p50 / RTT)"
+        for n in direct ws wss tcp wstunnel-ws wstunnel-wss; do
+            v=${R[cold.$n.p50_ms]:-}
+            case $n in
+                direct) label=direct ;;
+                wstunnel-*) label="wstunnel $WSTUNNEL_VERSION (${n#wstunnel-}://)"; [[ -z $WSTUNNEL ]] && continue ;;
+                *) label="tunnel dial ($n://)" ;;
+            esac
+            printf '%-28s | %-10s | %-10s | %-10s | %s\n' "$label" "${v:-${R[cold.$n.error]:+failed}}" \
+                "${R[cold.$n.min_ms]:-}" "${R[cold.$n.max_ms]:-}" "$([[ -n $v ]] && awk -v v="$v" -v r="$COLD_RTT" 'BEGIN { printf "%.1f", v / r }')"
+        done
+        for k in "${!R[@]}"; do [[ $k == cold.*.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort
+    } >>"$TABLE"
+fi
+
+echo "load average at end $(cut -d' ' -f1-3 /proc/loadavg); raw results and logs: $OUT" >>"$TABLE"
+cat "$TABLE"
+cp "$TABLE" "$HERE/results/latest-lossy.txt" 2>/dev/null || true
