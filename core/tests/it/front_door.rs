@@ -72,14 +72,38 @@ impl RelayProcess {
     }
 
     /// Wait until the relay's `/metrics` shows `series` at `want` (or past it, with `at_least`).
+    /// A request the relay refuses meanwhile (a flood's connections still hold its places, so it
+    /// closes ours at once) is one more try, not a failure.
     async fn await_metric(&self, series: &str, want: i64, at_least: bool) {
         eventually_within(BULK, &format!("{series} to reach {want}"), || async {
-            let text = self.metrics_text().await;
+            let text = self.try_metrics_text().await?;
             // The /metrics request is itself an open connection (in its handshake).
             let v = metric(&text, series) - i64::from(self.counts_itself(series));
-            holds(v, |v| *v == want || (at_least && *v > want))
+            holds(v, |v| *v == want || (at_least && *v > want)).map_err(|v| format!("{series} = {v}"))
         })
         .await;
+    }
+
+    /// The `/metrics` body, or why there is none (refused, closed, another status).
+    async fn try_metrics_text(&self) -> Result<String, String> {
+        let (addr, auth) = match self.admin {
+            Some(admin) => (admin, format!("Authorization: Bearer {ADMIN_TOKEN}\r\n")),
+            None => (self.ws, String::new()),
+        };
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: relay\r\n{auth}Connection: close\r\n\r\n");
+        let mut s = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        s.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
+        let mut raw = Vec::new();
+        match tokio::time::timeout(STEP, s.read_to_end(&mut raw)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(format!("read: {e}")),
+            Err(_) => return Err("no answer within STEP".into()),
+        }
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        match text.split_once("\r\n\r\n") {
+            Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+            _ => Err(format!("answer {:?}", text.chars().take(120).collect::<String>())),
+        }
     }
 }
 
