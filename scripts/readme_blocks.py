@@ -521,10 +521,7 @@ def _group_inside(d: str) -> int:
             print(f"{what} exited ({p.returncode}) before the group was done")
             return 1
     # What a reader sees in the terminals that kept running: no warning or error for what worked.
-    noisy = []
-    for what, _ in running:
-        log = _terminal_log(d, what)
-        noisy += [f"{what}: {line}" for line in log.read_text().splitlines() if re.search(r"\b(WARN|ERROR)\b|^error", line)]
+    noisy = _noisy_lines(d, running)
     if noisy:
         print("a terminal that kept running logged a warning or an error:\n" + "\n".join(noisy))
         return 1
@@ -541,15 +538,21 @@ def _group_inside(d: str) -> int:
             print(f"{what} exited {rc} after Ctrl-C; its output:\n{_terminal_log(d, what).read_text()}")
             return 1
     # Nor while shutting down: a reader's Ctrl-C is a success, not something to warn about.
-    noisy = []
-    for what, _ in running:
-        log = _terminal_log(d, what)
-        noisy += [f"{what}: {line}" for line in log.read_text().splitlines() if re.search(r"\b(WARN|ERROR)\b|^error", line)]
+    noisy = _noisy_lines(d, running)
     if noisy:
         print("a terminal logged a warning or an error when Ctrl-C stopped it:\n" + "\n".join(noisy))
         return 1
     print("  Ctrl-C in each terminal that kept running: exit 0, no warning")
     return 0
+
+
+def _noisy_lines(d: str, running: list) -> list[str]:
+    """The warning and error lines the running terminals of a group have logged so far."""
+    noisy = []
+    for what, _ in running:
+        log = _terminal_log(d, what).read_text()
+        noisy += [f"{what}: {line}" for line in log.splitlines() if re.search(r"\b(WARN|ERROR)\b|^error", line)]
+    return noisy
 
 
 def write_c(out: Path, *, relay: str, key: str, db: str) -> None:
