@@ -781,29 +781,35 @@ fn init_logging(cli: &Cli, default_level: &str) {
 /// the data path every transport read buffer and frame batch came back as fresh pages: the
 /// profile of `tunnel forward` + `tunnel server` moving 1 GiB through one stream counted 54,000 to
 /// 184,000 page faults in the relay (the kernel zeroing each page) and about a third of its CPU.
-/// Blocks under 1 MiB now come from the heap and up to 8 MiB of free heap is kept: ~400 faults
-/// per GiB. `GLIBC_TUNABLES` (glibc.malloc.*), when set, is left to decide.
+/// Blocks under 1 MiB now come from the heap, and a free heap top is kept up to `keep_top`:
+/// 8 MiB for the client commands (~400 faults per GiB), 1 MiB for a relay, because
+/// `malloc_trim` (relay/memory.rs, after a flood) cannot shrink a thread arena's top and a relay
+/// with 8 MiB kept up to 8 MiB per arena after its connections closed. Measured with
+/// `tunnel-bench throughput` through `forward` + `server`, 512 MiB: relay faults 470 / 2,800 /
+/// 5,900 at 1 / 8 / 32 streams with 1 MiB (550 / 930 at 1 / 8 with 8 MiB); the forward with 1 MiB
+/// took 70,000 at 8 streams, hence 8 MiB there. `GLIBC_TUNABLES` (glibc.malloc.*), when set, is
+/// left to decide.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
+fn tune_allocator(keep_top: i32) {
     if std::env::var_os("GLIBC_TUNABLES").is_some() {
         return;
     }
     // SAFETY: mallopt only sets the allocator's parameters; it runs before any other thread.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, keep_top);
     }
 }
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
+fn tune_allocator(_keep_top: i32) {}
 
 fn main() -> ExitCode {
-    tune_allocator();
     let mut cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command().get_matches()) {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    tune_allocator(if matches!(cli.cmd, Cmd::Server(_) | Cmd::Demo) { 1 << 20 } else { 8 << 20 });
     // The demo narrates on stdout; its relay's logs (the refusals it stages included) would only
     // interleave with the story.
     init_logging(&cli, if matches!(cli.cmd, Cmd::Demo) { "error" } else { "info" });
