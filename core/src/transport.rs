@@ -1,10 +1,12 @@
-//! Transports: how bytes reach the relay. A WebSocket over TCP or TLS (`ws://`, `wss://`), or raw
-//! TCP (`tcp://`, same bytes without WebSocket). TLS and WebSocket details live only here.
+//! Transports: how bytes reach the relay. A WebSocket over TCP or TLS (`ws://`, `wss://`), raw
+//! TCP (`tcp://`, same bytes without WebSocket), or a gRPC call over HTTP/2 (`grpc://`,
+//! `grpcs://`, in [`grpc`]). TLS, WebSocket and HTTP/2 details live only here.
 //!
 //! Two views of a connected transport are offered: a byte stream ([`WsByteStream`], for
 //! Emissary's classic mode where message boundaries mean nothing) and a frame source/sink (for the
 //! multiplexed session, one frame per WebSocket message or per length-prefixed TCP record).
 
+pub mod grpc;
 pub mod proxy;
 
 use std::io;
@@ -245,6 +247,22 @@ pub enum Scheme {
     Wss,
     /// Raw TCP.
     Tcp,
+    /// A gRPC call over HTTP/2 over TCP (prior knowledge).
+    Grpc,
+    /// A gRPC call over HTTP/2 over TLS (ALPN `h2`).
+    Grpcs,
+}
+
+impl Scheme {
+    /// Whether the transport runs over TLS to the relay.
+    pub fn is_tls(self) -> bool {
+        matches!(self, Scheme::Wss | Scheme::Grpcs)
+    }
+
+    /// Whether the transport is a gRPC call.
+    pub fn is_grpc(self) -> bool {
+        matches!(self, Scheme::Grpc | Scheme::Grpcs)
+    }
 }
 
 /// A parsed relay URL.
@@ -263,7 +281,7 @@ pub struct RelayUrl {
 }
 
 impl RelayUrl {
-    /// Parse `ws://`, `wss://` or `tcp://` URLs.
+    /// Parse `ws://`, `wss://`, `tcp://`, `grpc://` or `grpcs://` URLs.
     pub fn parse(s: &str) -> Result<RelayUrl> {
         let url = url::Url::parse(s.trim())
             .map_err(|e| Error::argument(format!("relay URL {s:?} is not a URL ({e}); write it like ws://relay.example:7835")))?;
@@ -271,7 +289,9 @@ impl RelayUrl {
             "ws" | "http" => Scheme::Ws,
             "wss" | "https" => Scheme::Wss,
             "tcp" => Scheme::Tcp,
-            other => return Err(Error::argument(format!("relay URL scheme {other:?} is not supported; use ws://, wss:// or tcp://"))),
+            "grpc" => Scheme::Grpc,
+            "grpcs" => Scheme::Grpcs,
+            other => return Err(Error::argument(format!("relay URL scheme {other:?} is not supported; use ws://, wss://, tcp://, grpc:// or grpcs://"))),
         };
         let host = url
             .host_str()
@@ -280,8 +300,8 @@ impl RelayUrl {
             .trim_end_matches(']')
             .to_string();
         let port = url.port_or_known_default().or(match scheme {
-            Scheme::Ws => Some(80),
-            Scheme::Wss => Some(443),
+            Scheme::Ws | Scheme::Grpc => Some(80),
+            Scheme::Wss | Scheme::Grpcs => Some(443),
             Scheme::Tcp => None,
         });
         let port = port.ok_or_else(|| Error::argument(format!("relay URL {s:?} needs a port (tcp://host:port)")))?;
@@ -371,12 +391,14 @@ pub fn server_tls(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAcceptor> 
     }
     let key =
         PrivateKeyDer::from_pem_file(key).map_err(|e| Error::config(format!("TUNNEL_TLS_KEY {} holds no usable private key: {e}", key.display())))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| Error::config(format!("TLS certificate and key do not fit together: {e}")))?;
+    // HTTP/2 for `grpcs://` clients; WebSocket clients offer no ALPN or `http/1.1`.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -420,6 +442,14 @@ fn tls_failure(url: &RelayUrl, e: io::Error) -> Error {
 
 /// Open the transport to a relay; `mux` asks for the multiplexed subprotocol.
 pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Result<Connected> {
+    if url.scheme.is_grpc() {
+        // The multiplexed session goes through `grpc::connect`; classic mode is Emissary's
+        // WebSocket protocol.
+        return Err(Error::argument(format!(
+            "{} is a gRPC relay URL, which carries multiplexed sessions only; classic mode (Emissary's protocol) needs ws:// or wss://",
+            url.url
+        )));
+    }
     let io = open(url, tls).await?;
     if url.scheme == Scheme::Tcp {
         return Ok(Connected::Tcp(io));
@@ -428,20 +458,25 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
     Ok(Connected::Ws(ws, chosen))
 }
 
-/// The TCP (and TLS, for `wss://`) connection to a relay, directly or through its upstream proxy.
+/// The TCP (and TLS, for `wss://` and `grpcs://`) connection to a relay, directly or through its
+/// upstream proxy. TLS for `grpcs://` offers ALPN `h2` only.
 async fn open(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<BoxIo> {
     let tcp = proxy::open(url, tls).await?;
-    let io: BoxIo = match url.scheme {
-        Scheme::Wss => {
-            let tls = tls.cloned().unwrap_or_else(ClientTls::webpki);
-            let name =
-                ServerName::try_from(url.host.clone()).map_err(|_| Error::argument(format!("{:?} is not a valid TLS server name", url.host)))?;
-            let conn = tokio_rustls::TlsConnector::from(tls.config).connect(name, tcp).await.map_err(|e| tls_failure(url, e))?;
-            Box::new(conn)
-        }
-        _ => Box::new(tcp),
-    };
-    Ok(io)
+    if !url.scheme.is_tls() {
+        return Ok(Box::new(tcp));
+    }
+    let mut config = tls.cloned().unwrap_or_else(ClientTls::webpki).config;
+    if url.scheme == Scheme::Grpcs {
+        let mut h2 = (*config).clone();
+        h2.alpn_protocols = vec![b"h2".to_vec()];
+        config = Arc::new(h2);
+    }
+    let name = ServerName::try_from(url.host.clone()).map_err(|_| Error::argument(format!("{:?} is not a valid TLS server name", url.host)))?;
+    let conn = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.map_err(|e| tls_failure(url, e))?;
+    if url.scheme == Scheme::Grpcs && conn.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(unavailable(url, "the TLS server there did not agree to HTTP/2 (ALPN h2); a grpcs:// relay URL needs a relay or proxy that serves gRPC, otherwise use wss://"));
+    }
+    Ok(Box::new(conn))
 }
 
 /// The WebSocket upgrade on `io` (`mux` offers the multiplexed subprotocol): the WebSocket and

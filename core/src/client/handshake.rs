@@ -54,7 +54,8 @@ pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hel
         Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
     };
     if url.scheme != Scheme::Tcp {
-        let Some((mut source, mut sink)) = transport::connect_ws_mux(url, tls).await? else {
+        let framed = if url.scheme.is_grpc() { Some(transport::grpc::connect(url, tls).await?) } else { transport::connect_ws_mux(url, tls).await? };
+        let Some((mut source, mut sink)) = framed else {
             return Err(Error::protocol(format!(
                 "the relay at {} did not accept the {} subprotocol: it is an Emissary server (or another classic-only relay); {USE_CLASSIC}",
                 url.url,
@@ -102,10 +103,11 @@ pub(crate) async fn send_early_hello(
     Ok((source, sink, EarlyGate(answer)))
 }
 
-/// Whether `url` may be sent an early hello: not over raw TCP (its relay speaks first), nor to a
-/// relay found in this process to predate them.
+/// Whether `url` may be sent an early hello: over a WebSocket only (a raw TCP relay speaks first;
+/// the gRPC transport reads the relay's preamble), and not to a relay found in this process to
+/// predate them.
 pub(crate) fn early_hello_for(url: &RelayUrl) -> bool {
-    url.scheme != Scheme::Tcp && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
+    matches!(url.scheme, Scheme::Ws | Scheme::Wss) && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
 }
 
 /// Relays (URLs) that answered an early hello's upgrade without the header: they predate it.

@@ -125,8 +125,8 @@ impl ProxyRules {
             return None;
         }
         let by_scheme = match relay.scheme {
-            Scheme::Wss => self.https.as_ref(),
-            Scheme::Ws => self.http.as_ref(),
+            Scheme::Wss | Scheme::Grpcs => self.https.as_ref(),
+            Scheme::Ws | Scheme::Grpc => self.http.as_ref(),
             Scheme::Tcp => None,
         };
         by_scheme.or(self.all.as_ref()).cloned()

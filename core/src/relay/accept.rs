@@ -175,12 +175,17 @@ async fn serve_connection(state: Arc<RelayState>, sock: TcpStream, peer: SocketA
     serve.await
 }
 
-/// The tunnel endpoint: TLS when configured, then HTTP (health, metrics, WebSocket upgrades).
+/// The tunnel endpoint: TLS when configured, then HTTP (health, metrics, WebSocket upgrades), or
+/// HTTP/2 for the gRPC transport when ALPN chose `h2`.
 async fn serve_tunnel_endpoint(state: Arc<RelayState>, sock: TcpStream, peer: SocketAddr) {
     let io: crate::transport::BoxIo = match state.tls.clone() {
         Some(tls) => {
             let accept = Box::pin(tls.accept(sock));
             match tokio::time::timeout(state.cfg.limits.handshake_timeout, accept).await {
+                // ALPN chose HTTP/2: the gRPC transport.
+                Ok(Ok(s)) if s.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                    return Box::pin(super::grpc_endpoint::serve(state, Box::new(s), peer)).await;
+                }
                 Ok(Ok(s)) => Box::new(s),
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => {

@@ -33,6 +33,7 @@ mod access;
 mod admin;
 mod classic_ws;
 mod cluster;
+mod grpc_endpoint;
 mod guard;
 mod listen;
 mod listener_limits;

@@ -236,6 +236,16 @@ pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream
     serve_mux(state, source, sink, peer, nonce).await;
 }
 
+/// A multiplexed session over a frame transport that has no handshake of its own (a gRPC call):
+/// the preamble as its first frame, then the hello.
+pub(super) async fn serve_framed_mux(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr) {
+    let nonce = fresh_nonce();
+    if sink.send(ServerConnect::new(&nonce).encode_bytes().into()).await.is_err() {
+        return;
+    }
+    serve_mux(state, source, sink, peer, nonce).await;
+}
+
 /// A dialer's hello, judged: the key id, a refused proof, or a malformed hello (its message).
 pub(super) type Verdict = Result<Result<u32, AuthRejection>, String>;
 

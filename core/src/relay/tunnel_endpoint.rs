@@ -1,7 +1,8 @@
 //! The relay's HTTP front on the tunnel endpoint: the health path, `/metrics` (only while no
 //! admin endpoint is configured: then it is served there, behind the token), and WebSocket
 //! upgrades, which choose the mode (`libtunnel.v1` subprotocol → multiplexed, none → Emissary
-//! classic) and hand the upgraded connection to `session`.
+//! classic) and hand the upgraded connection to `session`. A connection that opens with HTTP/2's
+//! preface goes to `grpc_endpoint` (the gRPC transport).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,9 @@ use crate::protocol::{EARLY_DECLINED, EARLY_HELLO_HEADER, EARLY_TAKEN, MUX_SUBPR
 use crate::transport::{ws_server_config, BoxIo, GrowingReads, CLASSIC_READ_AHEAD, MUX_MAX_MESSAGE, MUX_READ_AHEAD};
 
 type Body = Full<Bytes>;
+
+/// How an HTTP/2 connection with prior knowledge opens (RFC 9113 §3.4), up to its first blank line.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
 
 /// Largest request head on the tunnel endpoint.
 const HEAD_MAX: usize = 64 * 1024;
@@ -50,7 +54,13 @@ async fn serve_http(state: Arc<RelayState>, mut io: BoxIo, peer: SocketAddr) -> 
     // The request head first, into a buffer as large as what arrived: hyper's buffers (24 KiB)
     // exist only once there is a whole request to parse (see `read_request_head`).
     let head = crate::transport::read_request_head(&mut io, HEAD_MAX).await?;
+    let h2 = head.starts_with(HTTP2_PREFACE);
     let io: BoxIo = Box::new(crate::transport::Prefixed::new(head, io));
+    if h2 {
+        // HTTP/2 with prior knowledge: the gRPC transport (as nginx's grpc_pass connects).
+        Box::pin(super::grpc_endpoint::serve(state, io, peer)).await;
+        return None;
+    }
     let (tx, rx) = oneshot::channel::<Upgrade>();
     let tx = Arc::new(Mutex::new(Some(tx)));
     let st = state.clone();

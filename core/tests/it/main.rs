@@ -18,6 +18,7 @@ mod faults;
 mod first_hour;
 mod front_door;
 mod fuzz_regressions;
+mod grpc;
 mod limits;
 mod listener;
 mod listener_cli;

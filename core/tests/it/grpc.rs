@@ -1,0 +1,181 @@
+//! The gRPC transport (`grpc://`, `grpcs://`) against a real relay on loopback: a dialer's and a
+//! listener's sessions carried in one HTTP/2 call each, bytes hashed both ways, half-close, TLS by
+//! ALPN beside WebSocket on the same port, and every refusal with its code and fix. The relay's
+//! HTTP/2 side is also spoken by hand (the `h2` crate as a bare gRPC client) for what our own
+//! client never sends.
+
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use libtunnel::{Dialer, ErrorCode, Identity, Listener, Mode};
+use testkit::*;
+use tokio::io::AsyncWriteExt;
+
+fn grpc_url(relay: &libtunnel::ServerHandle, scheme: &str, host: &str) -> String {
+    format!("{scheme}://{host}:{}", relay.local_addr().expect("relay address").port())
+}
+
+fn dialer(url: &str) -> Dialer {
+    Dialer::builder(url).key(key()).timeout(STEP).build().expect("dialer")
+}
+
+async fn echo_through(d: &Dialer, echo: std::net::SocketAddr, len: usize, seed: u64) {
+    let data = payload(len, seed);
+    let s = within(STEP, "dial", d.dial(&echo.to_string())).await.unwrap_or_else(|e| panic!("dial via {}: [{}] {e}", d.relay(), e.code()));
+    let got = within(BULK, "echo", echo_roundtrip(s, &data, true)).await.expect("echo round trip");
+    assert_eq!(got, sha256(&data), "echoed bytes differ ({len} bytes via {})", d.relay());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_over_grpc_moves_64_mib_both_ways_and_half_closes() {
+    init_tracing();
+    let echo = echo_server().await;
+    let hasher = hash_after_eof_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port(), hasher.port()]))).await;
+    let d = dialer(&grpc_url(&relay, "grpc", "127.0.0.1"));
+    let t0 = std::time::Instant::now();
+    echo_through(&d, echo, 64 * MIB, 1).await;
+    eprintln!("64 MiB each way over grpc://: {:?}", t0.elapsed());
+    // Half-close: the target reads to EOF, then answers with the hash of what it read.
+    let data = payload(3 * MIB + 17, 5);
+    let mut s = within(STEP, "dial", d.dial(&hasher.to_string())).await.expect("dial the hashing target");
+    within(BULK, "writing", s.write_all(&data)).await.expect("write");
+    within(STEP, "half-close", s.shutdown()).await.expect("shutdown");
+    let reply = within(STEP, "the reply after our EOF", read_to_end(&mut s)).await.expect("read side open after shutdown");
+    assert_eq!(reply, sha256(&data));
+    // Many streams share the one call.
+    let runs: Vec<_> = (0..8).map(|i| echo_through(&d, echo, 256 * 1024, 10 + i)).collect();
+    futures_util::future::join_all(runs).await;
+    let m = relay.metrics().render();
+    assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"multiplexed\"}"), 1, "one session carried every stream: {m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_over_grpc_is_dialed_by_name() {
+    init_tracing();
+    let echo = echo_server().await;
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.listeners_open = true;
+    let relay = start_relay(cfg).await;
+    let url = grpc_url(&relay, "grpc", "127.0.0.1");
+    let listener = within(STEP, "listener binds over grpc://", Listener::builder(&url, Identity::generate()).bind()).await.expect("bind");
+    let name = listener.name();
+    tokio::spawn(libtunnel::forward::expose(listener, echo.to_string(), false, std::future::pending()));
+    // The dialer over WebSocket, the listener over gRPC: both are sessions of one relay.
+    let d = dialer(relay.url());
+    let data = payload(16 * MIB, 7);
+    let s = within(STEP, "dial by name", d.dial(&format!("{name}:80"))).await.expect("dial the listener by name");
+    let got = within(BULK, "echo through the listener", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data));
+}
+
+fn self_signed_cert() -> (PathBuf, PathBuf, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen makes a cert");
+    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_nanos();
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("grpc-tls-{}-{nanos}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let pem = ck.cert.pem();
+    std::fs::write(&cert, &pem).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    (cert, key, pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcs_and_wss_share_the_tls_port_by_alpn() {
+    init_tracing();
+    let echo = echo_server().await;
+    let (cert, tls_key, pem) = self_signed_cert();
+    let mut cfg = relay_config(allow_ports(&[echo.port()]));
+    cfg.tls_cert = Some(cert);
+    cfg.tls_key = Some(tls_key);
+    let relay = start_relay(cfg).await;
+    let trust = libtunnel::transport::ClientTls::from_pem(pem.as_bytes()).expect("CA bundle");
+    for scheme in ["grpcs", "wss"] {
+        let url = grpc_url(&relay, scheme, "localhost");
+        let d = Dialer::builder(&url).key(key()).tls(trust.clone()).timeout(STEP).build().expect("dialer");
+        echo_through(&d, echo, 8 * MIB, 20).await;
+    }
+    // grpc:// (no TLS) at the TLS port: a clear refusal, not a hang.
+    let e = within(STEP, "a refused dial", dialer(&grpc_url(&relay, "grpc", "127.0.0.1")).dial(&echo.to_string())).await.expect_err("plain HTTP/2 at a TLS port");
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_over_grpc_carry_their_code_and_fix() {
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let url = grpc_url(&relay, "grpc", "127.0.0.1");
+    // A wrong key: refused by the hello, as over a WebSocket.
+    let wrong = Dialer::builder(&url).key(libtunnel::Key::new(KID, b"not the relay's secret".to_vec()).expect("key")).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "wrong key", wrong.dial(&echo.to_string())).await.expect_err("a wrong key is refused");
+    assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
+    // A target outside the allowlist.
+    let d = dialer(&url);
+    let e = within(STEP, "not allowed", d.dial("127.0.0.1:1")).await.expect_err("outside the allowlist");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    // Classic mode is Emissary's WebSocket protocol: a gRPC URL says so.
+    let classic = Dialer::builder(&url).key(key()).mode(Mode::Classic).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "classic over grpc", classic.dial(&echo.to_string())).await.expect_err("classic mode needs a WebSocket");
+    assert!(e.message().contains("ws://"), "{e}");
+    // A plain HTTP/1.1 server where the relay should be: the error names the fix.
+    let http1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = http1.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = http1.accept().await {
+            let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+        }
+    });
+    let e = within(STEP, "an HTTP/1.1 server", dialer(&format!("grpc://{addr}")).dial(&echo.to_string())).await.expect_err("no HTTP/2 there");
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.message().contains("HTTP/2"), "{e}");
+    // Still serving.
+    echo_through(&d, echo, 64 * 1024, 3).await;
+}
+
+/// A bare HTTP/2 client: another method on the relay's port is answered UNIMPLEMENTED (12) with a
+/// message naming the service; a session call whose messages are garbage ends the call, and the
+/// relay serves the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_answers_other_methods_unimplemented_and_survives_garbage() {
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let tcp = tokio::net::TcpStream::connect(relay.local_addr().expect("addr")).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("HTTP/2 with prior knowledge");
+    tokio::spawn(conn);
+    let mut client = client.ready().await.expect("ready");
+    let call = |path: &str| {
+        http::Request::post(format!("http://127.0.0.1{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("request")
+    };
+    let (answer, _send) = client.send_request(call("/grpc.health.v1.Health/Check"), true).expect("send");
+    let answer = within(STEP, "the answer", answer).await.expect("an answer");
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers().get("grpc-status").map(|v| v.as_bytes()), Some(&b"12"[..]), "{:?}", answer.headers());
+    let message = answer.headers().get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(message.contains("libtunnel.v1.Tunnel/Session"), "{message}");
+
+    // Garbage on the session call: a compressed-flag message.
+    let mut client = client.ready().await.expect("ready");
+    let (answer, mut send) = client.send_request(call("/libtunnel.v1.Tunnel/Session"), false).expect("send");
+    let answer = within(STEP, "the answer", answer).await.expect("an answer");
+    let mut body = answer.into_body();
+    let preamble = within(STEP, "the preamble", body.data()).await.expect("a message").expect("data");
+    assert!(preamble.len() > 5, "the relay speaks first: {preamble:?}");
+    send.send_data(Bytes::from_static(&[1, 0, 0, 0, 2, 0x0a, 0]), true).expect("send garbage");
+    let end = within(STEP, "the call to end", async {
+        while let Some(d) = body.data().await {
+            if d.is_err() {
+                return;
+            }
+        }
+    });
+    end.await;
+    echo_through(&dialer(&grpc_url(&relay, "grpc", "127.0.0.1")), echo, 64 * 1024, 4).await;
+}
