@@ -25,6 +25,9 @@ need_debs systemd man-db procps
 # system-account password, run in a private mount namespace) and microsocks (SOCKS5 with a
 # password on its command line, also used by the C test); unshare/nsenter/ip for the namespaces.
 need_debs squid dante-server microsocks util-linux iproute2 openssl
+# The gRPC transport (core/tests/it/grpc*.rs): nginx with grpc_pass in front of the relay, and
+# protoc for the Go client generated from proto/libtunnel/v1/tunnel.proto.
+need_debs nginx-light protobuf-compiler
 
 # Tests that cannot run here append a line saying why.
 export LIBTUNNEL_SKIP_LOG="$LOGDIR/skipped.txt"
