@@ -21,6 +21,7 @@ use crate::session::{Session, SessionStream};
 use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
 use crate::transport::{self, ClientTls, Connected, WsByteStream};
+use futures_util::future::Either;
 
 /// Emissary's client keepalive period in classic mode.
 pub const CLASSIC_PING: Duration = Duration::from_secs(30);
@@ -38,9 +39,19 @@ pub struct DialerBuilder {
     e2e: Option<DialerE2e>,
     proxy: Proxy,
     proxy_rules: Option<ProxyRules>,
+    relay_timing: Option<(Duration, Duration)>,
 }
 
 impl DialerBuilder {
+    /// With several relay URLs: try the first again after `again` on a later one (default
+    /// [`crate::client::relays::PREFERRED_AGAIN_AFTER`]) and give up an attempt after `attempt`
+    /// ([`crate::client::relays::ATTEMPT_BOUND`]). For tests.
+    #[doc(hidden)]
+    pub fn relay_timing(mut self, again: Duration, attempt: Duration) -> Self {
+        self.relay_timing = Some((again, attempt));
+        self
+    }
+
     /// Reach every target through the exit listener `name` (the `via` option; `tunnel socks
     /// --via NAME`): the relay routes each dial to that exit, which connects inside its network.
     pub fn via(mut self, name: impl Into<String>) -> Self {
@@ -106,7 +117,10 @@ impl DialerBuilder {
             Some(r) => r.clone(),
             None => ProxyRules::resolve(&self.proxy, &ClientEnv::Process)?,
         };
-        let relays = RelayList::parse(&self.relay)?.with_proxy(&rules);
+        let mut relays = RelayList::parse(&self.relay)?.with_proxy(&rules);
+        if let Some((again, attempt)) = self.relay_timing {
+            relays = relays.with_timing(again, attempt);
+        }
         let key = self.key.ok_or_else(|| Error::argument("the dialer needs a shared key (KID:BASE64); set TUNNEL_KEY or pass --key"))?;
         if let Some(v) = &self.via {
             Target { host: "x".into(), port: 1 }.through_exit(v)?;
@@ -128,11 +142,15 @@ impl DialerBuilder {
                 via: self.via,
                 e2e,
                 session: tokio::sync::Mutex::new(None),
+                moving: std::sync::atomic::AtomicBool::new(false),
                 events: Arc::new(EventHub::new()),
             }),
         })
     }
 }
+
+/// How long the streams of a session the dialer moved away from may take to finish.
+const DRAIN_AFTER_MOVE: Duration = Duration::from_secs(600);
 
 struct DialerInner {
     relays: RelayList,
@@ -147,6 +165,8 @@ struct DialerInner {
     /// The shared session (multiplexed mode); replaced when it dies. The lock is held while a new
     /// session is being set up, so concurrent dials wait for one handshake instead of racing.
     session: tokio::sync::Mutex<Option<Session>>,
+    /// A move to the preferred relay URL is under way ([`Dialer::move_to_preferred`]).
+    moving: std::sync::atomic::AtomicBool,
     /// Connection-state events ([`Dialer::events`]); a session's watcher holds it weakly.
     events: Arc<EventHub>,
 }
@@ -182,6 +202,7 @@ impl Dialer {
             proxy: Proxy::Environment,
             proxy_rules: None,
             e2e: None,
+            relay_timing: None,
         }
     }
 
@@ -237,6 +258,7 @@ impl Dialer {
                 via: Some(name.to_string()),
                 e2e: i.e2e.clone(),
                 session: tokio::sync::Mutex::new(None),
+                moving: std::sync::atomic::AtomicBool::new(false),
                 events: Arc::new(EventHub::new()),
             }),
         })
@@ -319,7 +341,7 @@ impl Dialer {
     /// multiplexed WebSocket the hello is an early one (see `handshake`), and `first` is given its
     /// [`EarlyGate`] (to hold back what it could not send again); if the relay did not take it,
     /// `first` runs again on a session that signs the relay's nonce.
-    async fn session_then<T, F, Fut>(&self, mut first: F) -> Result<(Session, Option<Result<T>>)>
+    async fn session_then<T, F, Fut>(&self, first: F) -> Result<(Session, Option<Result<T>>)>
     where
         F: FnMut(Session, Option<EarlyGate>) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
@@ -327,12 +349,78 @@ impl Dialer {
         let mut slot = self.inner.session.lock().await;
         if let Some(s) = slot.as_ref() {
             if !s.is_closed() {
+                if self.inner.relays.preferred_due() {
+                    self.move_to_preferred();
+                }
                 return Ok((s.clone(), None));
             }
             // Reported here too, so its `Disconnected` comes before the next `Connected` even if
             // its watcher has not run yet.
             self.inner.events.disconnected(s.close_reason().as_ref());
         }
+        let (s, first) = self.establish(first).await?;
+        *slot = Some(s.clone());
+        self.watch(&s, false);
+        drop(slot);
+        let first = match first {
+            Either::Left(r) => r,
+            Either::Right(run) => run.await,
+        };
+        Ok((s, Some(first)))
+    }
+
+    /// Report `s` as the session in use (`moved`: it replaces a live one) and its end when it ends.
+    fn watch(&self, s: &Session, moved: bool) {
+        let hub = &self.inner.events;
+        let number = if moved { hub.moved(self.relay()) } else { hub.connected(self.relay(), None) };
+        let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
+        tokio::spawn(async move {
+            watched.closed().await;
+            if let Some(hub) = hub.upgrade() {
+                hub.disconnected_if(number, watched.close_reason().as_ref());
+            }
+        });
+    }
+
+    /// The dialer runs on a later relay URL than its first, and the first is due for another try
+    /// (see `client::relays`): open a session there in the background; if it works, new dials use
+    /// it and the old session closes once its streams have finished. At most one move at a time.
+    fn move_to_preferred(&self) {
+        let this = self.clone();
+        if this.inner.moving.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(async move {
+            let before = this.relay().to_string();
+            match this.establish(|_, _| std::future::ready(Ok(()))).await {
+                Ok((s, _)) if this.relay() != before => {
+                    let old = this.inner.session.lock().await.replace(s.clone());
+                    this.watch(&s, true);
+                    tracing::info!(relay = %this.relay(), from = %before, "moved the session to the preferred relay URL");
+                    if let Some(old) = old {
+                        old.drain(DRAIN_AFTER_MOVE, "the dialer moved to its preferred relay URL").await;
+                    }
+                }
+                // Still on the same URL (the preferred one did not answer): the spare goes.
+                Ok((s, _)) => s.close(ErrorCode::Closed, "a spare session: the preferred relay URL did not answer"),
+                Err(e) => tracing::debug!(error = %e, "the preferred relay URL is still unusable"),
+            }
+            this.inner.moving.store(false, std::sync::atomic::Ordering::Release);
+        });
+    }
+
+    /// Open a new session (the relay list decides which URL) and run `first` on it while the
+    /// relay's answer to the hello is on its way (so the first stream's frames leave in the
+    /// hello's flight). Over a multiplexed WebSocket the hello is an early one (see `handshake`),
+    /// and `first` is given its [`EarlyGate`] (to hold back what it could not send again); if the
+    /// relay did not take it, `first` runs again on a session that signs the relay's nonce.
+    /// Returns the session once the relay accepted it, with `first`'s result, or `first` itself
+    /// when it has not finished by then.
+    async fn establish<T, F, Fut>(&self, mut first: F) -> Result<(Session, Either<Result<T>, std::pin::Pin<Box<Fut>>>)>
+    where
+        F: FnMut(Session, Option<EarlyGate>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let i = &self.inner;
         let mut with_nonce = false;
         loop {
@@ -365,8 +453,8 @@ impl Dialer {
             };
             // The first stream runs while the answer is awaited; the session is shared (and the
             // lock released) once the relay accepted it, so other dials need not wait for this one.
-            let run = first(s.clone(), gate.clone());
-            tokio::pin!(run, verdict);
+            let mut run = Box::pin(first(s.clone(), gate.clone()));
+            tokio::pin!(verdict);
             let mut first_done = None;
             let verdict = loop {
                 tokio::select! {
@@ -384,21 +472,10 @@ impl Dialer {
                 return Err(e);
             }
             unanswered.0 = None;
-            *slot = Some(s.clone());
-            let number = self.inner.events.connected(self.relay(), None);
-            let (watched, hub) = (s.clone(), Arc::downgrade(&self.inner.events));
-            tokio::spawn(async move {
-                watched.closed().await;
-                if let Some(hub) = hub.upgrade() {
-                    hub.disconnected_if(number, watched.close_reason().as_ref());
-                }
-            });
-            drop(slot);
-            let first = match first_done {
-                Some(r) => r,
-                None => run.await,
-            };
-            return Ok((s, Some(first)));
+            return Ok((s, match first_done {
+                Some(r) => Either::Left(r),
+                None => Either::Right(run),
+            }));
         }
     }
 

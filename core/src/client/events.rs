@@ -26,7 +26,9 @@ pub const CAPACITY: usize = 64;
 #[non_exhaustive]
 pub enum Event {
     /// A session to the relay is up: a dialer authenticated one (on `connect()` or on the first
-    /// dial after a loss), or a listener (re-)registered.
+    /// dial after a loss), or a listener (re-)registered. `relay` names the URL, and so the
+    /// transport, in use; a `Connected` that follows another without a `Disconnected` between
+    /// them says a dialer moved its session to that URL (back to its preferred transport).
     Connected {
         /// The relay URL.
         relay: String,
@@ -99,6 +101,15 @@ impl EventHub {
             *st = (true, st.1 + 1);
             let _ = self.tx.send(Event::Connected { relay: relay.to_string(), name: name.map(str::to_string) });
         }
+        st.1
+    }
+
+    /// Report a session that replaced the live one (the client moved to another relay URL): a
+    /// `Connected` naming the new URL, without a `Disconnected` before it.
+    pub(crate) fn moved(&self, relay: &str) -> u64 {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *st = (true, st.1 + 1);
+        let _ = self.tx.send(Event::Connected { relay: relay.to_string(), name: None });
         st.1
     }
 

@@ -179,3 +179,101 @@ async fn the_relay_answers_other_methods_unimplemented_and_survives_garbage() {
     end.await;
     echo_through(&dialer(&grpc_url(&relay, "grpc", "127.0.0.1")), echo, 64 * 1024, 4).await;
 }
+
+/// What [`gate`] does with each new connection.
+const OPEN: u8 = 0;
+const REFUSE: u8 = 1;
+const SILENT: u8 = 2;
+
+/// A forwarder to `to` standing for a network path: `OPEN` forwards, `REFUSE` closes each new
+/// connection at once (a firewall's reset, a middlebox that refuses HTTP/2), `SILENT` holds it and
+/// says nothing (packets dropped).
+async fn gate(to: std::net::SocketAddr) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU8>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let state = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(OPEN));
+    let st = state.clone();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            match st.load(std::sync::atomic::Ordering::SeqCst) {
+                REFUSE => drop(c),
+                SILENT => {
+                    tokio::spawn(async move {
+                        let mut sink = Vec::new();
+                        let _ = tokio::io::AsyncReadExt::read_to_end(&mut c, &mut sink).await;
+                    });
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    (addr, state)
+}
+
+async fn next_connected(events: &mut libtunnel::client::events::Events) -> String {
+    loop {
+        match within(STEP, "a connection event", events.next()).await.expect("events") {
+            libtunnel::client::events::Event::Connected { relay, .. } => return relay,
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialer_falls_back_to_websocket_and_returns_to_grpc_once_it_passes_again() {
+    use std::sync::atomic::Ordering::SeqCst;
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let (path, state) = gate(relay.local_addr().expect("addr")).await;
+    // The preferred transport first, WebSocket second; gRPC's path refuses for now.
+    let urls = format!("grpc://{path},{}", relay.url());
+    let again = std::time::Duration::from_millis(500);
+    let bound = std::time::Duration::from_secs(1);
+    let d = Dialer::builder(&urls).key(key()).timeout(STEP).relay_timing(again, bound).build().expect("dialer");
+    let mut events = d.events();
+    state.store(REFUSE, SeqCst);
+    let t0 = std::time::Instant::now();
+    echo_through(&d, echo, MIB, 1).await;
+    let fell_back = t0.elapsed();
+    assert!(next_connected(&mut events).await.starts_with("ws://"), "the event names the transport in use");
+    eprintln!("gRPC refused: a dial over WebSocket in {fell_back:?}");
+    assert!(fell_back < bound, "a refused transport is skipped at once, not after the attempt bound: {fell_back:?}");
+
+    // A stream that is open on the WebSocket session across the move.
+    let data = payload(4 * MIB, 2);
+    let mut long = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
+    within(STEP, "first half", long.write_all(&data[..data.len() / 2])).await.expect("write");
+
+    // gRPC passes again: once the wait is over, a dial moves the dialer back to it.
+    state.store(OPEN, SeqCst);
+    let t1 = std::time::Instant::now();
+    eventually("the dialer to move back to grpc://", || async {
+        echo_through(&d, echo, 1024, 3).await;
+        holds(d.relay().to_string(), |r| r.starts_with("grpc://"))
+    })
+    .await;
+    assert!(next_connected(&mut events).await.starts_with("grpc://"), "a Connected names the preferred transport again");
+    eprintln!("gRPC open again: moved back {:?} later (wait {again:?})", t1.elapsed());
+    echo_through(&d, echo, MIB, 4).await;
+    // The stream opened before the move finishes on the old session, intact.
+    within(STEP, "second half", long.write_all(&data[data.len() / 2..])).await.expect("write");
+    within(STEP, "half-close", long.shutdown()).await.expect("shutdown");
+    let back = within(STEP, "the echo", read_to_end(&mut long)).await.expect("read");
+    assert_eq!(sha256(&back), sha256(&data), "the stream across the move lost or changed bytes");
+
+    // A path that drops packets (nothing answers): a new dialer gives up on it after the bound.
+    state.store(SILENT, SeqCst);
+    let d2 = Dialer::builder(&urls).key(key()).timeout(STEP).relay_timing(std::time::Duration::from_secs(60), bound).build().expect("dialer");
+    let t2 = std::time::Instant::now();
+    echo_through(&d2, echo, 64 * 1024, 5).await;
+    let took = t2.elapsed();
+    eprintln!("gRPC silent: a dial over WebSocket in {took:?} (attempt bound {bound:?})");
+    assert!(took >= bound && took < bound * 3, "{took:?}");
+}
