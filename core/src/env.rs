@@ -77,8 +77,8 @@ pub const PROXY_ROW: ClientVar = ClientVar {
 
 /// The conventional proxy variables' rows (each also read in lower case, which wins).
 pub const CONVENTIONAL_PROXY_ROWS: [ClientVar; 4] = [
-    ClientVar { name: "HTTPS_PROXY", help: "proxy for wss:// relays (https_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
-    ClientVar { name: "HTTP_PROXY", help: "proxy for ws:// relays (http_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
+    ClientVar { name: "HTTPS_PROXY", help: "proxy for wss:// and grpcs:// relays (https_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
+    ClientVar { name: "HTTP_PROXY", help: "proxy for ws:// and grpc:// relays (http_proxy wins), unless TUNNEL_PROXY is set", old_names: &[] },
     ClientVar { name: "ALL_PROXY", help: "proxy for relays the two above do not cover, tcp:// ones included (all_proxy wins)", old_names: &[] },
     ClientVar {
         name: "NO_PROXY",
@@ -89,7 +89,7 @@ pub const CONVENTIONAL_PROXY_ROWS: [ClientVar; 4] = [
 
 /// Every variable a client reads, in every face.
 pub const CLIENT_VARS: &[ClientVar] = &[
-    ClientVar { name: RELAY_VAR, help: "relay URL: ws://, wss:// or tcp://", old_names: &[] },
+    ClientVar { name: RELAY_VAR, help: "relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference", old_names: &[] },
     ClientVar { name: KEY_VAR, help: "a dialer's shared key KID:BASE64, or a file holding it (`tunnel keygen`)", old_names: &[] },
     ClientVar {
         name: LISTENER_KEY_VAR,

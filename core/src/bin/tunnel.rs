@@ -113,7 +113,7 @@ enum Cmd {
         /// The exit's allow rules, JSON as TUNNEL_ALLOW (`[{"host":"db.internal","port":5432}]`).
         #[arg(long, requires = "exit", value_name = "JSON")]
         allow: Option<String>,
-        /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+        /// Relay URL (ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
         #[arg(long)]
         relay: Option<String>,
         /// Listener key: a PEM file (`tunnel keygen --listener --out FILE` makes one), default
@@ -203,7 +203,7 @@ enum Cmd {
 /// (from the environment or `./.env`), as in every other face: `libtunnel::client::config`.
 #[derive(Args)]
 struct ClientArgs {
-    /// Relay URL (ws://, wss:// or tcp://; default $TUNNEL_RELAY).
+    /// Relay URL (ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
     #[arg(long)]
     relay: Option<String>,
     /// Shared key `KID:BASE64`, or a file containing it (default $TUNNEL_KEY). Prefer the

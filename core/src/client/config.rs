@@ -114,7 +114,7 @@ impl ClientOptions {
             Some(r) => r,
             None => env
                 .var(client_var(RELAY_VAR))?
-                .ok_or_else(|| Error::argument(format!("no relay URL: pass the relay (ws://, wss:// or tcp://) or set {RELAY_VAR}")))?,
+                .ok_or_else(|| Error::argument(format!("no relay URL: pass the relay (ws://, wss://, tcp://, grpc:// or grpcs://) or set {RELAY_VAR}")))?,
         };
         super::relays::check_relay_urls(&relay)?;
         let (key, identity) = match role {

@@ -16,7 +16,7 @@ from ._relay import Server, serve
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--relay", help="relay URL: ws://, wss:// or tcp:// (default $TUNNEL_RELAY)")
+    p.add_argument("--relay", help="relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several comma-separated in order of preference (default $TUNNEL_RELAY)")
     p.add_argument("--key", help="shared key KID:BASE64, or a file holding it (default $TUNNEL_KEY)")
     p.add_argument("--classic", action="store_true", help="speak Emissary's classic protocol")
     p.add_argument("--ca", help="PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA)")
