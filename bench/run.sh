@@ -46,7 +46,7 @@ while (($#)); do
 
 Long-link mode (--link RTTS, or LINK_RTT=RTTS): RTTS is a comma-separated list of round-trip times
 in ms ("50", "50ms", "50,100"); each gets its own run and table. --rate MBIT (LINK_MBIT) is the cap
-per direction, default 1000. Paths: direct, mux, classic (and muxtcp). Knobs:
+per direction, default 1000. Paths: direct, mux, classic (and muxtcp, muxgrpc). Knobs:
   LINK_SECS=S          seconds per throughput row (default 8; quick 3)
   LINK_PINGS=N         round trips of the latency rows (default 100; at most 10 s each)
   LINK_CONNECTS=N      sequential connects (default 20)
@@ -59,8 +59,9 @@ Environment (all optional):
   BENCH_PINGS=N        ping-pong round trips (default 20000; quick 2000)
   BENCH_HOLD="N M"     held-connection counts (default "1000 10000"; quick "100 1000")
   BENCH_ROUNDS=N       interleaved rounds, medians (default 3; quick 1); same as --rounds
-  BENCH_PATHS="..."    which of: direct proxy mux muxtcp classic wstunnel frp rathole bore
-                       (default: all but rathole and bore; muxtcp = multiplexed over raw TCP)
+  BENCH_PATHS="..."    which of: direct proxy mux muxtcp muxgrpc classic wstunnel frp rathole bore
+                       (default: all but muxgrpc, rathole and bore; muxtcp = multiplexed over raw
+                       TCP, muxgrpc = over the gRPC transport, grpc://)
   PEER_DIR=DIR         where the peers are built and cached (default <target>/bench-peers)
   WSTUNNEL_SRC=DIR     a git repository or source tree of wstunnel (default: clone the tag)
   BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
@@ -150,7 +151,7 @@ if [[ -n $LINK_MS ]]; then
     [[ $PEERS == 1 ]] || D_LINK_PATHS="direct mux classic"
     PATHS=${BENCH_PATHS:-$D_LINK_PATHS}
     for p in $PATHS; do
-        [[ " direct mux classic muxtcp wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
+        [[ " direct mux classic muxtcp muxgrpc wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
     done
 fi
 
@@ -271,7 +272,7 @@ start_proxy() {
     TPIDS="$c,$b"; PATH_PIDS=("$c" "$b")
 }
 
-start_libtunnel() { # mux|classic|muxtcp
+start_libtunnel() { # mux|classic|muxtcp|muxgrpc
     local mode=$1 relay_url fwd scheme=ws
     [[ $mode == muxtcp ]] && scheme=tcp
     TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
@@ -280,6 +281,8 @@ start_libtunnel() { # mux|classic|muxtcp
     local relay=$LAST_PID
     relay_url=$(wait_line "$LOG" "$scheme://127\.0\.0\.1:[0-9]+" 10) \
         || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }
+    # The gRPC transport is served on the WebSocket port.
+    [[ $mode == muxgrpc ]] && { scheme=grpc; relay_url=grpc://${relay_url#*://}; }
     RELAY_SCHEME=$scheme; RELAY_ADDR=${relay_url#*://}; RELAY_PID=$relay
     local link=()
     if [[ -n $LINK_MS ]]; then
@@ -298,6 +301,7 @@ start_libtunnel() { # mux|classic|muxtcp
 start_mux() { start_libtunnel mux; }
 start_classic() { start_libtunnel classic; }
 start_muxtcp() { start_libtunnel muxtcp; }
+start_muxgrpc() { start_libtunnel muxgrpc; }
 
 start_rathole() {
     [[ -n "$RATHOLE" ]] || return 1
@@ -441,7 +445,7 @@ measure() {
     settle
     # Dial by name, stalled streams and held connections: once, in the first round.
     if ((ROUND > 1)); then stop_path; return; fi
-    [[ $p == mux || $p == classic || $p == muxtcp ]] && measure_byname "$p"
+    [[ $p == mux || $p == classic || $p == muxtcp || $p == muxgrpc ]] && measure_byname "$p"
     stop_path
     # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
     [[ $p == direct || $p == proxy ]] && return
@@ -557,7 +561,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # The table
 
-declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
+declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [muxgrpc]="libtunnel mux grpc://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
 
 # Derived figures: fairness (p50 under a bulk stream / idle p50, same path) and the direct
 # reference of the dial-by-name row (a direct stream: direct has no names).
@@ -653,7 +657,7 @@ target_row() { # label key of_direct(1|0) cmp(ge|le) bound(wstunnel|number) unit
     else
         b=$bound; line=$(printf '%-32s | %-4s %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
     fi
-    for p in mux muxtcp; do
+    for p in mux muxtcp muxgrpc; do
         [[ " $PATHS " == *" $p "* ]] || continue
         v=$(fig "$p"); [[ -z $v ]] && continue
         line+=$(awk -v v="$v" -v b="$b" -v c="$cmp" -v n="${NAMES[$p]}" -v u="$unit" \
