@@ -1,6 +1,6 @@
 """Connect and first byte through an upstream proxy vs direct to the relay (issue 31's benchmark
 row): for each path, N times, a fresh Dialer opens its session (TCP, the proxy's CONNECT or SOCKS5
-exchange if any, WebSocket, authentication), dials an echo server through the relay, sends one
+exchange if any, WebSocket or the gRPC call, authentication), dials an echo server through the relay, sends one
 byte and reads it back. Prints the median and 90th percentile of that whole sequence, and of the
 session open alone. Loopback only: squid (HTTP CONNECT, Basic auth), microsocks and dante
 (SOCKS5 with a password; dante only as root, its password files bind-mounted in a private mount
@@ -114,21 +114,25 @@ def main() -> None:
     dante_dir = tempfile.mkdtemp(prefix="libtunnel-bench-dante-")
     dante = start_dante(dante_dir)
     target = f"127.0.0.1:{echo.server_address[1]}"
+    ws, grpc = relay.url, relay.url.replace("ws://", "grpc://", 1)
+    squid_url = f"http://alice:pw@127.0.0.1:{squid_port}"
     paths = [
-        ("direct", "none"),
-        ("squid (HTTP CONNECT, Basic)", f"http://alice:pw@127.0.0.1:{squid_port}"),
-        ("microsocks (SOCKS5, password)", f"socks5://bob:pw@127.0.0.1:{socks_port}"),
+        ("direct", ws, "none"),
+        ("squid (HTTP CONNECT, Basic)", ws, squid_url),
+        ("microsocks (SOCKS5, password)", ws, f"socks5://bob:pw@127.0.0.1:{socks_port}"),
+        ("direct, grpc://", grpc, "none"),
+        ("squid, grpc://", grpc, squid_url),
     ]
     if dante is not None:
-        paths.append(("dante (SOCKS5, password)", f"socks5://dave:pw@127.0.0.1:{dante[1]}"))
+        paths.append(("dante (SOCKS5, password)", ws, f"socks5://dave:pw@127.0.0.1:{dante[1]}"))
     else:
         print("dante row left out: needs root and danted (apt-get install dante-server)")
     try:
-        def measure(proxy: str, count: int) -> tuple[list[float], list[float]]:
+        def measure(url: str, proxy: str, count: int) -> tuple[list[float], list[float]]:
             session, total = [], []
             for _ in range(count):
                 t0 = time.perf_counter()
-                with libtunnel.Dialer(relay.url, key=key, proxy=proxy, timeout=10) as dialer:
+                with libtunnel.Dialer(url, key=key, proxy=proxy, timeout=10) as dialer:
                     dialer.connect()
                     t1 = time.perf_counter()
                     with dialer.dial(target) as s:
@@ -139,9 +143,9 @@ def main() -> None:
                 total.append((t2 - t0) * 1000)
             return session, total
 
-        for _name, proxy in paths:  # warm-up (squid starts its auth helper on first use)
-            measure(proxy, 3)
-        rows = [(name, *measure(proxy, n)) for name, proxy in paths]
+        for _name, url, proxy in paths:  # warm-up (squid starts its auth helper on first use)
+            measure(url, proxy, 3)
+        rows = [(name, *measure(url, proxy, n)) for name, url, proxy in paths]
         print(f"{'path':32} {'session open ms (median / p90)':>32} {'connect + first byte ms (median / p90)':>40}")
         for name, session, total in rows:
             q = lambda xs: (statistics.median(xs), statistics.quantiles(xs, n=10)[-1])  # noqa: E731

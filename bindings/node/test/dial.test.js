@@ -73,6 +73,25 @@ test('dial a listener by name: bytes both ways and half-close', async (t) => {
   await within(STEP_MS, 'listener close', listener.closed())
 })
 
+test('a listener over the gRPC transport (grpc://) is dialed by name: bytes both ways and half-close', async (t) => {
+  const listener = await Listener.bind({ relay: env.url.replace('ws://', 'grpc://'), key: generateListenerKey().pem, allowHalfOpen: true })
+  t.after(() => listener.close())
+  listener.on('connection', (socket) => {
+    hashStream(socket).then(({ hash }) => socket.end(hash))
+  })
+  const socket = await dialer.dial(`${listener.name}:0`)
+  const data = payload(4 * MIB)
+  const reply = async () => {
+    let text = ''
+    for await (const chunk of socket) text += chunk
+    return text
+  }
+  const [text] = await within(STEP_MS, 'hash reply', Promise.all([reply(), sendAndEnd(socket, data)]))
+  assert.equal(text, sha256(data))
+  listener.close()
+  await within(STEP_MS, 'listener close', listener.closed())
+})
+
 test('relay killed mid-transfer: the socket errors with ECONNRESET, never a clean end', async () => {
   const own = await startRelay({ allow: [{ host: '127.0.0.1', port: echo.address().port }] })
   const d = await Dialer.connect({ relay: own.url, key: own.key })

@@ -153,3 +153,20 @@ def test_async_dials_concurrently(relay: object, echo: tuple[str, int]) -> None:
         await d.close()
 
     asyncio.run(main())
+
+
+def test_grpc_transport_64_mib_hashed_with_half_close(relay: object, hasher: tuple[str, int]) -> None:
+    # The same relay port serves the gRPC transport (HTTP/2 with prior knowledge).
+    url = relay.url.replace("ws://", "grpc://", 1)  # type: ignore[attr-defined]
+    chunk = os.urandom(MIB)
+    expect = hashlib.sha256()
+    with libtunnel.Dialer(url, key=relay.key, timeout=10) as d:  # type: ignore[attr-defined]
+        with d.dial(target(hasher)) as sock:
+            for i in range(64):
+                block = bytes([i]) + chunk[1:]
+                expect.update(block)
+                sock.sendall(block)
+            sock.shutdown(socket.SHUT_WR)
+            sock.settimeout(30)
+            got = sock.makefile("rb").read()
+    assert got == expect.digest()
