@@ -10,6 +10,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"crypto/tls"
@@ -127,7 +128,7 @@ func run(relay, keyText, target string, n int, limit time.Duration) error {
 			break
 		}
 	}
-	if s.received != int64(len(payload)) || hex.EncodeToString(back) != hex.EncodeToString(sent[:]) {
+	if s.received != int64(len(payload)) || !bytes.Equal(back, sent[:]) {
 		return errors.New("the echoed bytes differ from the bytes sent")
 	}
 	fmt.Println("ok")

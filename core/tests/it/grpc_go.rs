@@ -83,9 +83,13 @@ fn go_client() -> Option<PathBuf> {
     static CLIENT: OnceLock<Option<PathBuf>> = OnceLock::new();
     CLIENT
         .get_or_init(|| {
-            for (tool, arg, hint) in [("go", "version", "https://go.dev/dl/"), ("protoc", "--version", "apt-get install protobuf-compiler")] {
+            let tools = [
+                ("go", "version", "install Go 1.26 or later: https://go.dev/dl/"),
+                ("protoc", "--version", "apt-get install protobuf-compiler; scripts/test.sh does"),
+            ];
+            for (tool, arg, hint) in tools {
                 if !have(tool, arg) {
-                    skip(&format!("gRPC Go client checks skipped: `{tool}` is not on PATH ({hint}; scripts/test.sh installs it)"));
+                    skip(&format!("gRPC Go client checks skipped: `{tool}` is not on PATH ({hint})"));
                     return None;
                 }
             }
@@ -170,15 +174,13 @@ fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().expect("a build step's output");
-    assert!(
-        out.status.success(),
-        "`{program} {}` in {} failed ({}):\n{}{}",
-        args.join(" "),
-        dir.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let hint = if text.contains("dial tcp") || text.contains("proxy.golang.org") {
+        " (the Go modules come from the Go module proxy: check network access or GOPROXY)"
+    } else {
+        ""
+    };
+    assert!(out.status.success(), "`{program} {}` in {} failed ({}){hint}:\n{text}", args.join(" "), dir.display(), out.status);
 }
 
 /// The client's payload (xorshift64* from a fixed seed, as `makePayload` in main.go).
