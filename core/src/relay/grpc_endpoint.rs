@@ -14,11 +14,11 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 
 use super::metrics::Refusal;
 use super::{session, RelayState};
-use crate::transport::grpc::{self, End, GrpcSink, GrpcSource};
+use crate::transport::grpc::{self, End, Fault, GrpcSink, GrpcSource};
 use crate::transport::BoxIo;
 
 /// Most sessions at once on one HTTP/2 connection (a proxy's connection may carry many clients').
@@ -75,7 +75,7 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
 /// One call: a session when it is the session method, else UNIMPLEMENTED.
 fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>, peer: SocketAddr) -> Option<SessionFuture> {
     let grpc_call = req.method() == Method::POST
-        && req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with(grpc::CONTENT_TYPE));
+        && req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_grpc_proto);
     if !grpc_call || req.uri().path() != grpc::SESSION_PATH {
         state.metrics.refused(Refusal::Malformed);
         let why = if grpc_call {
@@ -83,13 +83,12 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
         } else {
             format!("this is a libtunnel relay's HTTP/2 port: it serves the gRPC call {} (content-type application/grpc)", grpc::SESSION_PATH)
         };
-        let answer = Response::builder()
+        let mut answer = Response::builder()
             .status(StatusCode::OK)
             .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-            .header("grpc-status", grpc::GRPC_UNIMPLEMENTED.to_string())
-            .header("grpc-message", HeaderValue::from_str(&percent_encode(&why)).unwrap_or(HeaderValue::from_static("unimplemented")))
             .body(())
             .expect("static response parts are valid");
+        answer.headers_mut().extend(grpc::status_headers(grpc::GRPC_UNIMPLEMENTED, Some(&why)));
         let _ = respond.send_response(answer, true);
         return None;
     }
@@ -106,20 +105,28 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
             return None;
         }
     };
-    let source = Box::pin(GrpcSource::new(req.into_body()));
-    let sink = Box::pin(GrpcSink::new(send, End::Trailers));
+    let fault = Fault::default();
+    let source = Box::pin(GrpcSource::new(req.into_body()).reporting_to(fault.clone()));
+    let sink = Box::pin(GrpcSink::new(send, End::Trailers).reporting_from(fault));
     Some(Box::pin(session::serve_framed_mux(state.clone(), source, sink, peer)))
 }
 
-/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%` as is, the rest as `%XX`.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+/// Whether a content type is gRPC with protobuf messages (`application/grpc`, `application/grpc+proto`,
+/// with parameters); gRPC-Web (`application/grpc-web…`) frames messages otherwise and is not served.
+fn is_grpc_proto(v: &str) -> bool {
+    let t = v.split(';').next().unwrap_or("").trim();
+    t.eq_ignore_ascii_case(grpc::CONTENT_TYPE) || t.eq_ignore_ascii_case("application/grpc+proto")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grpc_content_types() {
+        for ok in ["application/grpc", "application/grpc+proto", "application/grpc; charset=utf-8"] {
+            assert!(super::is_grpc_proto(ok), "{ok}");
+        }
+        for no in ["application/grpc-web", "application/grpc-web+proto", "application/grpc+json", "text/plain", ""] {
+            assert!(!super::is_grpc_proto(no), "{no}");
         }
     }
-    out
 }

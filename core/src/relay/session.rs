@@ -369,6 +369,7 @@ async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mut sink: Fra
             state.metrics.refused(Refusal::Malformed);
             let ack = HelloAck { refusal: Some((ErrorCode::Protocol, why)) };
             let _ = sink.send(ack.encode()).await;
+            let _ = sink.close().await;
             return;
         }
     };

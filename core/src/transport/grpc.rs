@@ -142,6 +142,8 @@ fn frame_of(mut msg: Bytes) -> io::Result<Bytes> {
 /// trailers (if any) decide between a clean end and an error.
 pub struct GrpcSource {
     body: h2::RecvStream,
+    /// Where a malformed message is reported for the sink's closing status (the relay's side).
+    fault: Option<Fault>,
     buf: BytesMut,
     /// Data ended; trailers next.
     data_done: bool,
@@ -151,7 +153,21 @@ pub struct GrpcSource {
 impl GrpcSource {
     /// Read frames from `body`.
     pub fn new(body: h2::RecvStream) -> GrpcSource {
-        GrpcSource { body, buf: BytesMut::new(), data_done: false, done: false }
+        GrpcSource { body, fault: None, buf: BytesMut::new(), data_done: false, done: false }
+    }
+
+    /// Report what was wrong with the peer's messages to `fault` too, for the call's end status.
+    pub fn reporting_to(mut self, fault: Fault) -> GrpcSource {
+        self.fault = Some(fault);
+        self
+    }
+
+    fn failed(&mut self, e: io::Error) -> Poll<Option<io::Result<Bytes>>> {
+        self.done = true;
+        if let Some(f) = &self.fault {
+            f.set(&e);
+        }
+        Poll::Ready(Some(Err(e)))
     }
 
     /// A whole message at the front of the buffer, if there is one.
@@ -222,18 +238,14 @@ impl Stream for GrpcSource {
             match this.next_message() {
                 Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
                 Ok(None) => {}
-                Err(e) => {
-                    this.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => return this.failed(e),
             }
             if !this.data_done {
                 match ready!(this.body.poll_data(cx)) {
                     Some(Ok(chunk)) => {
                         let _ = this.body.flow_control().release_capacity(chunk.len());
                         if this.buf.len() + chunk.len() > 2 * MAX_MESSAGE + 5 {
-                            this.done = true;
-                            return Poll::Ready(Some(Err(invalid("a gRPC message larger than a session frame"))));
+                            return this.failed(invalid("a gRPC message larger than a session frame"));
                         }
                         this.buf.extend_from_slice(&chunk);
                         continue;
@@ -248,7 +260,7 @@ impl Stream for GrpcSource {
             this.done = true;
             let trailers = ready!(this.body.poll_trailers(cx));
             if !this.buf.is_empty() {
-                return Poll::Ready(Some(Err(invalid("the gRPC stream ended inside a message"))));
+                return this.failed(invalid("the gRPC stream ended inside a message"));
             }
             return Poll::Ready(match trailers {
                 Ok(Some(t)) => status_error(&t).map(Err),
@@ -257,6 +269,52 @@ impl Stream for GrpcSource {
             });
         }
     }
+}
+
+/// What the peer did wrong on a call, shared by the relay's source (which finds it) and sink
+/// (which ends the call with it as `grpc-status: 3`, INVALID_ARGUMENT, and its `grpc-message`).
+#[derive(Clone, Default)]
+pub struct Fault(std::sync::Arc<std::sync::Mutex<Option<String>>>);
+
+impl Fault {
+    fn set(&self, e: &io::Error) {
+        let mut f = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f.get_or_insert_with(|| e.to_string());
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+/// gRPC's INVALID_ARGUMENT: the client sent what the session cannot read.
+pub const GRPC_INVALID_ARGUMENT: u32 = 3;
+/// gRPC's UNAVAILABLE: the session ended without closing (the relay dropped it).
+pub const GRPC_UNAVAILABLE: u32 = 14;
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII but `%` as is, the rest as `%XX`.
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Trailers (or a trailers-only answer's headers) carrying `status` and `message`.
+pub fn status_headers(status: u32, message: Option<&str>) -> HeaderMap {
+    let mut t = HeaderMap::new();
+    t.insert("grpc-status", HeaderValue::from(status));
+    if let Some(m) = message {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(m)) {
+            t.insert("grpc-message", v);
+        }
+    }
+    t
 }
 
 /// How a sink ends its side of the stream.
@@ -274,6 +332,8 @@ pub enum End {
 /// bytes wait here.
 pub struct GrpcSink {
     stream: h2::SendStream<Bytes>,
+    /// The source's findings, for the end status (the relay's side).
+    fault: Option<Fault>,
     queue: VecDeque<Bytes>,
     queued: usize,
     end: End,
@@ -283,7 +343,21 @@ pub struct GrpcSink {
 impl GrpcSink {
     /// Write frames to `stream`, ending it as `end` says.
     pub fn new(stream: h2::SendStream<Bytes>, end: End) -> GrpcSink {
-        GrpcSink { stream, queue: VecDeque::new(), queued: 0, end, ended: false }
+        GrpcSink { stream, fault: None, queue: VecDeque::new(), queued: 0, end, ended: false }
+    }
+
+    /// End the call with what `fault` holds, if anything, instead of `grpc-status: 0`.
+    pub fn reporting_from(mut self, fault: Fault) -> GrpcSink {
+        self.fault = Some(fault);
+        self
+    }
+
+    /// The relay's trailers: OK, or INVALID_ARGUMENT naming what the client sent wrong.
+    fn trailers(&self, otherwise: (u32, Option<&str>)) -> HeaderMap {
+        match self.fault.as_ref().and_then(Fault::take) {
+            Some(why) => status_headers(GRPC_INVALID_ARGUMENT, Some(&why)),
+            None => status_headers(otherwise.0, otherwise.1),
+        }
     }
 
     /// Hand queued bytes to `h2` while it has capacity; ready once the queue is empty.
@@ -347,13 +421,23 @@ impl Sink<Bytes> for GrpcSink {
             match self.end {
                 End::Data => self.stream.send_data(Bytes::new(), true).map_err(h2_io)?,
                 End::Trailers => {
-                    let mut t = HeaderMap::new();
-                    t.insert("grpc-status", HeaderValue::from_static("0"));
+                    let t = self.trailers((GRPC_OK, None));
                     self.stream.send_trailers(t).map_err(h2_io)?;
                 }
             }
         }
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for GrpcSink {
+    /// A sink dropped without `close` (the session ended on an error, or before its hello): the
+    /// relay still ends the call with a status a gRPC client can read, instead of a reset.
+    fn drop(&mut self) {
+        if !self.ended && self.end == End::Trailers {
+            let t = self.trailers((GRPC_UNAVAILABLE, Some("the relay ended the session")));
+            let _ = self.stream.send_trailers(t);
+        }
     }
 }
 

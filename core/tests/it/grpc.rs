@@ -169,14 +169,54 @@ async fn the_relay_answers_other_methods_unimplemented_and_survives_garbage() {
     let preamble = within(STEP, "the preamble", body.data()).await.expect("a message").expect("data");
     assert!(preamble.len() > 5, "the relay speaks first: {preamble:?}");
     send.send_data(Bytes::from_static(&[1, 0, 0, 0, 2, 0x0a, 0]), true).expect("send garbage");
-    let end = within(STEP, "the call to end", async {
+    // The call ends with INVALID_ARGUMENT naming what was wrong, not with a reset.
+    let trailers = within(STEP, "the call to end", async {
         while let Some(d) = body.data().await {
-            if d.is_err() {
-                return;
-            }
+            d.expect("no reset: the relay ends the call with trailers");
         }
-    });
-    end.await;
+        body.trailers().await.expect("trailers").expect("grpc-status trailers")
+    })
+    .await;
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"3"[..]), "{trailers:?}");
+    let message = trailers.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(message.contains("compressed"), "{message}");
+
+    // A session call whose first message is not a hello: the relay's refusal (a HelloAck) comes
+    // back as a message, then the call ends cleanly.
+    let mut client = client.ready().await.expect("ready");
+    let (answer, mut send) = client.send_request(call("/libtunnel.v1.Tunnel/Session"), false).expect("send");
+    let mut body = within(STEP, "the answer", answer).await.expect("an answer").into_body();
+    let _preamble = within(STEP, "the preamble", body.data()).await.expect("a message").expect("data");
+    // A Frame of 3 bytes that no hello decodes to.
+    send.send_data(Bytes::from_static(&[0, 0, 0, 0, 5, 0x0a, 3, 0xee, 0xee, 0xee]), false).expect("send");
+    let (refusal, trailers) = within(STEP, "the refusal and the end", async {
+        let mut got = Vec::new();
+        while let Some(d) = body.data().await {
+            got.extend_from_slice(&d.expect("no reset"));
+        }
+        (got, body.trailers().await.expect("trailers").expect("grpc-status trailers"))
+    })
+    .await;
+    assert!(String::from_utf8_lossy(&refusal).to_lowercase().contains("hello"), "the refusal names the hello: {refusal:?}");
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]), "{trailers:?}");
+    // A message larger than a session frame: INVALID_ARGUMENT too.
+    let mut client = client.ready().await.expect("ready");
+    let (answer, mut send) = client.send_request(call("/libtunnel.v1.Tunnel/Session"), false).expect("send");
+    let mut body = within(STEP, "the answer", answer).await.expect("an answer").into_body();
+    let _preamble = within(STEP, "the preamble", body.data()).await.expect("a message").expect("data");
+    let len: u32 = 300 * 1024;
+    let mut big = vec![0u8];
+    big.extend_from_slice(&len.to_be_bytes());
+    big.resize(5 + len as usize, 7);
+    send.send_data(Bytes::from(big), false).expect("send");
+    let trailers = within(STEP, "the call to end", async {
+        while let Some(d) = body.data().await {
+            d.expect("no reset");
+        }
+        body.trailers().await.expect("trailers").expect("grpc-status trailers")
+    })
+    .await;
+    assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"3"[..]), "{trailers:?}");
     echo_through(&dialer(&grpc_url(&relay, "grpc", "127.0.0.1")), echo, 64 * 1024, 4).await;
 }
 
