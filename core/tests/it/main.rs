@@ -19,6 +19,7 @@ mod first_hour;
 mod front_door;
 mod fuzz_regressions;
 mod grpc;
+mod grpc_nginx;
 mod limits;
 mod listener;
 mod listener_cli;
