@@ -37,24 +37,21 @@ pub fn nginx_program() -> bool {
 /// HTTP/2). The same block is in `docs/guide/grpc-nginx-snippet.md`.
 pub const LOCATION: &str = r#"location /libtunnel.v1.Tunnel/ {
     grpc_pass grpc://RELAY;
-    # A session is one call that lives as long as the tunnel: no body size limit, and no
-    # timeout shorter than the tunnel's keepalive (it pings after 10 s of silence).
+    # A session is one call that carries all the client sends, as long as the tunnel lives.
+    # No body size limit: the default (1m) resets a session once it has sent 1 MiB.
     client_max_body_size 0;
+    # nginx resets a call silent this long (default 60s); the tunnel pings after 10 s of silence.
     client_body_timeout 1h;
     grpc_read_timeout 1h;
+    # ... or whose reader took nothing this long.
     grpc_send_timeout 1h;
     send_timeout 1h;
     grpc_socket_keepalive on;
-    # Throughput: nginx relays a call's bytes through buffers this large.
+    # Throughput: with the default buffers (16k, 4k) a session moves a fraction of the bytes.
     client_body_buffer_size 1m;
     grpc_buffer_size 1m;
 }
 "#;
-
-/// [`LOCATION`] for the relay at `relay`.
-pub fn location_block(relay: &str) -> String {
-    LOCATION.replace("RELAY", relay)
-}
 
 /// nginx (1.22 and older spell HTTP/2 as a `listen` parameter; 1.25.1 and newer as `http2 on;`).
 pub struct Nginx {
@@ -77,6 +74,12 @@ impl Nginx {
     /// With `tls`, also a TLS port (certificate for `localhost`, ALPN h2) passing to the same
     /// relay over plain HTTP/2: nginx terminates TLS.
     pub async fn start_with(relay: SocketAddr, tls: bool) -> Nginx {
+        Nginx::start_with_location(relay, tls, LOCATION).await
+    }
+
+    /// With another `location` block than [`LOCATION`] (`RELAY` in it stands for the relay's
+    /// address): to show what nginx does to a tunnel without some of its settings.
+    pub async fn start_with_location(relay: SocketAddr, tls: bool, location: &str) -> Nginx {
         let bin = program("nginx").expect("nginx (check nginx_program() first)");
         let plain = SocketAddr::from(([127, 0, 0, 1], free_port().await));
         let tls_addr = if tls { Some(SocketAddr::from(([127, 0, 0, 1], free_port().await))) } else { None };
@@ -117,7 +120,7 @@ impl Nginx {
              {location}\
              \x20   }}\n\
              }}\n",
-            location = location_block(&relay.to_string()).lines().map(|l| format!("        {l}\n")).collect::<String>(),
+            location = location.replace("RELAY", &relay.to_string()).lines().map(|l| format!("        {l}\n")).collect::<String>(),
         );
         let conf = dir.join("nginx.conf");
         std::fs::write(&conf, cfg).expect("write nginx.conf");
