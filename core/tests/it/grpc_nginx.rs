@@ -15,11 +15,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use libtunnel::transport::ClientTls;
-use libtunnel::{Dialer, ErrorCode, Identity, Listener};
+use libtunnel::{Dialer, ErrorCode, Identity, Listener, MuxConfig};
 use sha2::{Digest, Sha256};
-use testkit::nginx::{nginx_program, Nginx};
+use testkit::nginx::{nginx_program, Nginx, LOCATION};
 use testkit::*;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 fn dialer(url: &str) -> Dialer {
     Dialer::builder(url).key(key()).timeout(STEP).build().expect("dialer")
@@ -238,4 +238,95 @@ async fn grpcs_through_nginx_terminating_tls() {
     eprintln!("wss:// at nginx: [{}] {e}", e.code());
     assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
     assert!(e.message().contains("HTTP 404"), "nginx's answer is in the error: {e}");
+}
+
+/// Four bytes echoed on `s`.
+async fn word(s: &mut libtunnel::TunnelStream, w: &[u8; 4]) -> std::io::Result<()> {
+    s.write_all(w).await?;
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await?;
+    assert_eq!(&got, w);
+    Ok(())
+}
+
+/// nginx ends a call that stays silent longer than its timeouts (`client_body_timeout` from the
+/// client, `grpc_read_timeout` from the relay, 60 s by default; here 1 s). The tunnel's keepalive
+/// pings (after `keepalive_interval` of silence, 10 s by default) keep an idle session alive as
+/// long as they come more often than those timeouts; a session without them is cut, and the
+/// dialer notices and opens a new one on its next dial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_timeouts_end_a_silent_call_and_keepalive_pings_prevent_it() {
+    if !nginx_program() {
+        return;
+    }
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let short = LOCATION.replace(" 1h;", " 1s;");
+    assert_eq!(short.matches(" 1s;").count(), 4, "every timeout of the block shortened: {short}");
+    let nginx = Nginx::start_with_location(relay.local_addr().expect("relay address"), false, &short).await;
+    let pinging = Dialer::builder(&nginx.grpc_url())
+        .key(key())
+        .timeout(STEP)
+        .mux_config(MuxConfig { keepalive_interval: Duration::from_millis(200), ..MuxConfig::default() })
+        .build()
+        .expect("dialer");
+    let quiet = dialer(&nginx.grpc_url());
+    let mut kept = within(STEP, "dial", pinging.dial(&echo.to_string())).await.expect("dial with pings");
+    let mut cut = within(STEP, "dial", quiet.dial(&echo.to_string())).await.expect("dial without pings");
+    within(STEP, "a word", word(&mut kept, b"ping")).await.expect("echo");
+    // nginx's timers for this call start after this exchange (they may fire up to 300 ms early:
+    // nginx keeps a timer that is re-armed less than that later).
+    let t0 = Instant::now();
+    within(STEP, "a word", word(&mut cut, b"none")).await.expect("echo");
+
+    // The quiet session: nginx ends its call after 1 s of silence, the stream with it.
+    let mut rest = Vec::new();
+    let end = within(STEP, "nginx to end the silent call", cut.read_to_end(&mut rest)).await;
+    let after = t0.elapsed();
+    eprintln!("a silent call through nginx with 1 s timeouts ended after {after:.2?}: {end:?}");
+    assert!(after >= Duration::from_millis(650), "ended by nginx's timeout, not before it: {after:?} {end:?}");
+    assert!(end.is_err(), "a reset, not a clean end: {end:?}");
+    assert!(rest.is_empty(), "{rest:?}");
+    // The pinging session outlives it: idle for 3 s, three times nginx's timeouts.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed())).await;
+    within(STEP, "a word after 3 s idle", word(&mut kept, b"live")).await.expect("the pinging session still carries the stream");
+    // The quiet dialer's next dial opens a new session.
+    echo_through(&quiet, echo, 64 * 1024, 60).await;
+    let m = relay.metrics().render();
+    assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"multiplexed\"}"), 3, "the pinging one, the cut one, and its successor: {m}");
+}
+
+/// nginx counts a call's request body against `client_max_body_size` (1 MiB by default), and a
+/// session's call carries everything the client sends: without `client_max_body_size 0` nginx
+/// resets the call once the session has sent about 1 MiB, and every stream on it fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_client_max_body_size_0_nginx_resets_a_session_after_1_mib() {
+    if !nginx_program() {
+        return;
+    }
+    init_tracing();
+    let echo = echo_server().await;
+    let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let default_limit: String = LOCATION.lines().filter(|l| !l.contains("client_max_body_size")).map(|l| format!("{l}\n")).collect();
+    let nginx = Nginx::start_with_location(relay.local_addr().expect("relay address"), false, &default_limit).await;
+    let d = dialer(&nginx.grpc_url());
+    echo_through(&d, echo, 512 * 1024, 70).await;
+    let s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("the session still carries streams");
+    let data = payload(MIB, 71);
+    let e = within(BULK, "an echo past nginx's body limit", echo_roundtrip(s, &data, true)).await.expect_err("nginx resets the call at 1 MiB");
+    let code = e.get_ref().and_then(|inner| inner.downcast_ref::<libtunnel::Error>()).map(|e| e.code());
+    eprintln!("past 1 MiB through nginx without client_max_body_size 0: [{code:?}] {e}");
+    assert_eq!(code, Some(ErrorCode::RelayUnavailable), "{e}");
+    // The dialer's next dial opens a new session (which nginx will cut at 1 MiB again).
+    echo_through(&d, echo, 64 * 1024, 72).await;
+}
+
+/// The nginx snippet of the docs is the `location` block these tests run nginx with.
+#[test]
+fn the_docs_snippet_is_the_tested_location_block() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/guide/grpc-nginx-snippet.md");
+    let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let block: String = LOCATION.replace("RELAY", "127.0.0.1:7835").lines().map(|l| format!("    {l}\n")).collect();
+    assert!(doc.contains(&block), "{} lacks the tested block:\n{block}", path.display());
 }
