@@ -80,6 +80,19 @@ impl Nginx {
     /// With another `location` block than [`LOCATION`] (`RELAY` in it stands for the relay's
     /// address): to show what nginx does to a tunnel without some of its settings.
     pub async fn start_with_location(relay: SocketAddr, tls: bool, location: &str) -> Nginx {
+        // The ports were free a moment ago; another process may have taken one since.
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Nginx::try_start(relay, tls, location).await {
+                Ok(nginx) => return nginx,
+                Err(log) => last = log,
+            }
+        }
+        panic!("nginx found no free port in 5 attempts: {last}");
+    }
+
+    /// nginx on ports that were free; `Err(error log)` when one was taken meanwhile.
+    async fn try_start(relay: SocketAddr, tls: bool, location: &str) -> Result<Nginx, String> {
         let bin = program("nginx").expect("nginx (check nginx_program() first)");
         let plain = SocketAddr::from(([127, 0, 0, 1], free_port().await));
         let tls_addr = if tls { Some(SocketAddr::from(([127, 0, 0, 1], free_port().await))) } else { None };
@@ -142,7 +155,11 @@ impl Nginx {
         let deadline = tokio::time::Instant::now() + crate::STEP;
         loop {
             if let Ok(Some(status)) = nginx.child.try_wait() {
-                panic!("nginx exited ({status}): {}", nginx.error_log());
+                let log = nginx.error_log();
+                if log.contains("Address already in use") {
+                    return Err(log);
+                }
+                panic!("nginx exited ({status}): {log}");
             }
             let mut up = true;
             for p in std::iter::once(plain).chain(tls_addr) {
@@ -154,7 +171,7 @@ impl Nginx {
             assert!(tokio::time::Instant::now() < deadline, "nginx did not listen within {:?}: {}", crate::STEP, nginx.error_log());
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        nginx
+        Ok(nginx)
     }
 
     /// `grpc://127.0.0.1:PORT`.
