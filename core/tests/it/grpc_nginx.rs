@@ -2,8 +2,10 @@
 //! `nginx-light`) with `grpc_pass` in front of the relay's tunnel port, HTTP/2 only, no WebSocket
 //! upgrade configured. A dialer moves bytes hashed both ways and half-closes, a listener registers
 //! and serves public HTTP requests and a dial by name, nginx terminates TLS for `grpcs://`, and a
-//! `ws://` client at the same proxy gets a clear error. Skipped (with a line in the skip log) where
-//! nginx is not installed.
+//! `ws://` client at the same proxy gets a clear error. What nginx does without the settings of
+//! `testkit::nginx::LOCATION` (the docs' snippet): a silent call is reset after its timeouts
+//! (keepalive pings prevent it), a session is reset after 1 MiB without `client_max_body_size 0`.
+//! Skipped (with a line in the skip log) where nginx is not installed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
