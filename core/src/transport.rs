@@ -506,6 +506,16 @@ async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(url: &RelayUrl, io: S, mux: 
             let code = if resp.status() == http::StatusCode::BAD_REQUEST { ErrorCode::Protocol } else { ErrorCode::RelayUnavailable };
             Err(Error::new(code, format!("the relay at {} refused the WebSocket upgrade with HTTP {}: {}", url.url, resp.status(), body.trim())))
         }
+        // An answer that is not HTTP/1.x at all: most often an HTTP/2-only port (nginx with
+        // `listen ... http2` and `grpc_pass` answers a SETTINGS and a GOAWAY frame).
+        Err(e @ tungstenite::Error::Protocol(tungstenite::error::ProtocolError::HttparseError(_))) => Err(Error::new(
+            ErrorCode::RelayUnavailable,
+            format!(
+                "WebSocket handshake with the relay at {} failed ({e}): the server there does not answer in HTTP/1.1; \
+                 if it is an HTTP/2-only port (a gRPC proxy such as nginx with grpc_pass, or a relay's gRPC endpoint), use grpc:// (grpcs:// with TLS)",
+                url.url
+            ),
+        )),
         Err(e) => Err(unavailable(url, format!("WebSocket handshake failed ({e})"))),
     }
 }

@@ -1,12 +1,14 @@
 //! The helpers libtunnel's Rust tests share (`core/tests/it`, `ffi/tests`): the test key, relays
 //! on loopback (in process here, as `tunnel` processes in [`procs`], a Redis + HAProxy cluster in
-//! [`cluster`]), local targets (echo, "hash after EOF", "reply then close"), payloads and hashed
-//! round trips, HTTP/1 exchanges, metrics, and bounded waits ([`within`], [`eventually`]).
+//! [`cluster`], behind nginx as a gRPC-only proxy in [`nginx`]), local targets (echo, "hash after
+//! EOF", "reply then close"), payloads and hashed round trips, HTTP/1 exchanges, metrics, and
+//! bounded waits ([`within`], [`eventually`]).
 //! Test-only: a dev-dependency, never published. Every wait is bounded.
 
 pub mod cluster;
 pub mod dns;
 pub mod h2raw;
+pub mod nginx;
 pub mod pki;
 pub mod procs;
 pub mod raw;

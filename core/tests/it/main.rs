@@ -20,6 +20,7 @@ mod front_door;
 mod fuzz_regressions;
 mod grpc;
 mod grpc_go;
+mod grpc_nginx;
 mod limits;
 mod listener;
 mod listener_cli;
