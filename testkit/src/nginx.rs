@@ -34,7 +34,7 @@ pub fn nginx_program() -> bool {
 
 /// The `location` block a user puts in an nginx `server` (one with HTTP/2 on) to pass libtunnel's
 /// gRPC sessions to a relay; `RELAY` stands for the `host:port` of its tunnel endpoint (plain
-/// HTTP/2). The same block is in `docs/guide/grpc-nginx-snippet.md`.
+/// HTTP/2). The same block is in `docs/guide/grpc-nginx.md`.
 pub const LOCATION: &str = r#"location /libtunnel.v1.Tunnel/ {
     grpc_pass grpc://RELAY;
     # A session is one call that carries all the client sends, as long as the tunnel lives.

@@ -224,6 +224,16 @@ fn h2_io(e: h2::Error) -> io::Error {
     if e.is_io() {
         return e.into_io().unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"));
     }
+    if e.is_reset() && e.is_remote() {
+        // Our relay ends calls with trailers; a reset from the other side is a proxy's doing.
+        return io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!(
+                "HTTP/2: the call was reset by the other side ({e}); a proxy in between may limit request bodies or idle time \
+                 (nginx: client_max_body_size 0, timeouts longer than keepalive_interval; see docs/guide/grpc-nginx.md)"
+            ),
+        );
+    }
     io::Error::new(io::ErrorKind::ConnectionReset, format!("HTTP/2: {e}"))
 }
 

@@ -327,7 +327,7 @@ async fn without_client_max_body_size_0_nginx_resets_a_session_after_1_mib() {
 /// The nginx snippet of the docs is the `location` block these tests run nginx with.
 #[test]
 fn the_docs_snippet_is_the_tested_location_block() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/guide/grpc-nginx-snippet.md");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/guide/grpc-nginx.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let block: String = LOCATION.replace("RELAY", "127.0.0.1:7835").lines().map(|l| format!("    {l}\n")).collect();
     assert!(doc.contains(&block), "{} lacks the tested block:\n{block}", path.display());
