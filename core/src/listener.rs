@@ -589,6 +589,11 @@ async fn supervise(
             }
             _ = serve_session(&session, &queue, cfg.exit.as_ref(), cfg.e2e.as_ref(), &cfg.retiring) => {}
         }
+        // `close()` cancels, then closes the session: either branch may have been taken.
+        if cancel.is_cancelled() {
+            session.close(ErrorCode::Closed, "the listener was closed");
+            return;
+        }
         if cfg.draining.is_cancelled() {
             return; // Listener::shutdown drained this session and closes the listener next
         }
