@@ -64,20 +64,25 @@ def test_iteration_ends_when_closed(relay: object, dialer: libtunnel.Dialer, lis
 
 def test_blocking_accept_interrupted_by_ctrl_c(relay: object, listener_key: str) -> None:
     """SIGINT (Ctrl-C) while the main thread waits in accept() raises KeyboardInterrupt promptly."""
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with libtunnel.Listener(relay.url, key=listener_key) as listener:  # type: ignore[attr-defined]
-        ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
-        start = time.monotonic()
-        ctrl_c.start()
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                listener.accept()  # no timeout: only the signal ends it
-        finally:
-            ctrl_c.cancel()
-        assert time.monotonic() - start < 3
-        # The listener is still usable after the interrupted wait.
-        with pytest.raises(libtunnel.TunnelTimeout):
-            listener.accept(timeout=0.1)
+    # Python's own handler, as in an interactive program: a test run started in the background
+    # by a non-interactive shell (`cmd &`) inherits SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with libtunnel.Listener(relay.url, key=listener_key) as listener:  # type: ignore[attr-defined]
+            ctrl_c = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+            start = time.monotonic()
+            ctrl_c.start()
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    listener.accept()  # no timeout: only the signal ends it
+            finally:
+                ctrl_c.cancel()
+            assert time.monotonic() - start < 3
+            # The listener is still usable after the interrupted wait.
+            with pytest.raises(libtunnel.TunnelTimeout):
+                listener.accept(timeout=0.1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Hello(http.server.BaseHTTPRequestHandler):
