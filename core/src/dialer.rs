@@ -431,7 +431,10 @@ impl Dialer {
                         let (date, sig) = i.key.sign(nonce, std::time::SystemTime::now());
                         Hello { date, sig }.encode()
                     };
-                    if !with_nonce && handshake::early_hello_for(&url) {
+                    // With other URLs to fall back to, the relay's nonce is awaited instead: an early
+                    // hello's call returns before the relay answers, so a path that accepts and
+                    // stays silent would not be cut at the attempt bound (`client::relays`).
+                    if !with_nonce && handshake::early_hello_for(&url) && !i.relays.has_alternatives() {
                         let (source, sink, gate) = handshake::send_early_hello(&url, i.tls.as_ref(), hello).await?;
                         return Ok((url, source, sink, Some(gate)));
                     }

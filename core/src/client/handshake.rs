@@ -2,8 +2,9 @@
 //! read the relay's preamble, send the hello built from its nonce, and return the frames with
 //! the relay's answer. Errors say when the relay is an Emissary (classic-only) server.
 //!
-//! Over a multiplexed WebSocket a dialer does not wait for the relay's nonce either
+//! Over a multiplexed WebSocket or a gRPC call a dialer does not wait for the relay's nonce either
 //! ([`send_early_hello`]): its hello, signed over a nonce of its own, rides in the upgrade request
+//! (or the call's headers)
 //! (see [`crate::protocol::EARLY_HELLO_HEADER`]), so the session's first frames follow the request
 //! and the relay's 101, its answer, the CONNECT's reply and the first echoed bytes come back in the
 //! next flight. A relay that predates this (no header in its 101), or declines, costs one new
@@ -99,15 +100,18 @@ pub(crate) async fn send_early_hello(
     let mut raw = nonce.to_vec();
     raw.extend_from_slice(&make_hello(&nonce));
     let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
-    let (source, sink, answer) = transport::connect_ws_mux_early(url, tls, &value).await?;
+    let (source, sink, answer) = if url.scheme.is_grpc() {
+        transport::grpc::connect_early(url, tls, &value).await?
+    } else {
+        transport::connect_ws_mux_early(url, tls, &value).await?
+    };
     Ok((source, sink, EarlyGate(answer)))
 }
 
-/// Whether `url` may be sent an early hello: over a WebSocket only (a raw TCP relay speaks first;
-/// the gRPC transport reads the relay's preamble), and not to a relay found in this process to
-/// predate them.
+/// Whether `url` may be sent an early hello: in a WebSocket upgrade or a gRPC call's headers (not
+/// over raw TCP: its relay speaks first), and not to a relay found in this process to predate them.
 pub(crate) fn early_hello_for(url: &RelayUrl) -> bool {
-    matches!(url.scheme, Scheme::Ws | Scheme::Wss) && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
+    url.scheme != Scheme::Tcp && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
 }
 
 /// Relays (URLs) that answered an early hello's upgrade without the header: they predate it.

@@ -106,6 +106,11 @@ impl RelayList {
         self
     }
 
+    /// Whether there is more than one URL to try.
+    pub(crate) fn has_alternatives(&self) -> bool {
+        self.urls.len() > 1
+    }
+
     /// The relay in use now (the first until one fails).
     pub(crate) fn current(&self) -> &RelayUrl {
         &self.urls[self.current.load(Relaxed) % self.urls.len()]

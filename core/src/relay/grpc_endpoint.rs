@@ -2,7 +2,7 @@
 //! (`transport::grpc`). A connection arrives here when TLS chose ALPN `h2`, or when a plain
 //! connection opened with HTTP/2's preface (prior knowledge, as nginx `grpc_pass` and Envoy
 //! connect upstream). Each `POST /libtunnel.v1.Tunnel/Session` call on it is one multiplexed
-//! session, served by `session` exactly as one over a WebSocket; a proxy in front may carry
+//! session (a dialer's call may carry its hello in its headers, as a WebSocket upgrade does), served by `session` exactly as one over a WebSocket; a proxy in front may carry
 //! several clients' calls on one connection, so the calls run side by side in this connection's
 //! task (which keeps the accept loop's per-connection guards in scope). Anything else is answered
 //! with gRPC's UNIMPLEMENTED.
@@ -19,6 +19,7 @@ use http::{Method, Request, Response, StatusCode};
 use super::metrics::Refusal;
 use super::{session, RelayState};
 use crate::transport::grpc::{self, End, Fault, GrpcSink, GrpcSource};
+use crate::protocol::{EARLY_DECLINED, EARLY_HELLO_HEADER, EARLY_TAKEN};
 use crate::transport::BoxIo;
 
 /// Most sessions at once on one HTTP/2 connection (a proxy's connection may carry many clients').
@@ -92,12 +93,30 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
         let _ = respond.send_response(answer, true);
         return None;
     }
-    let answer = Response::builder()
+    // An early hello in the call's headers (dialers; see `protocol::EARLY_HELLO_HEADER`): judged
+    // now, the answer says so, and the session starts at the hello's answer, without a preamble.
+    let early = req.headers().get(EARLY_HELLO_HEADER).map(|v| session::judge_early(state, v.as_bytes(), std::time::SystemTime::now()));
+    let mut answer = Response::builder()
         .status(StatusCode::OK)
         .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .header("grpc-encoding", "identity")
-        .body(())
-        .expect("static response parts are valid");
+        .header("grpc-encoding", "identity");
+    match &early {
+        Some(session::Early::Taken(_)) => answer = answer.header(EARLY_HELLO_HEADER, EARLY_TAKEN),
+        Some(session::Early::Declined) => {
+            // The client calls again and signs this relay's nonce; this call ends here.
+            let mut declined = Response::builder()
+                .status(StatusCode::OK)
+                .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
+                .header(EARLY_HELLO_HEADER, EARLY_DECLINED)
+                .body(())
+                .expect("static response parts are valid");
+            declined.headers_mut().extend(grpc::status_headers(grpc::GRPC_OK, None));
+            let _ = respond.send_response(declined, true);
+            return None;
+        }
+        None => {}
+    }
+    let answer = answer.body(()).expect("static response parts are valid");
     let send = match respond.send_response(answer, false) {
         Ok(s) => s,
         Err(e) => {
@@ -108,7 +127,10 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
     let fault = Fault::default();
     let source = Box::pin(GrpcSource::new(req.into_body()).reporting_to(fault.clone()));
     let sink = Box::pin(GrpcSink::new(send, End::Trailers).reporting_from(fault));
-    Some(Box::pin(session::serve_framed_mux(state.clone(), source, sink, peer)))
+    match early {
+        Some(session::Early::Taken(verdict)) => Some(Box::pin(session::serve_dialer(state.clone(), source, sink, peer, verdict))),
+        _ => Some(Box::pin(session::serve_framed_mux(state.clone(), source, sink, peer))),
+    }
 }
 
 /// Whether a content type is gRPC with protobuf messages (`application/grpc`, `application/grpc+proto`,

@@ -361,7 +361,7 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, sink: FrameS
 }
 
 /// A dialer's session once its hello is judged: the answer, then its streams.
-async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, verdict: Verdict) {
+pub(super) async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, verdict: Verdict) {
     let fail_delay = guard::failure_delay(&state, peer);
     let verdict = match verdict {
         Ok(v) => v,

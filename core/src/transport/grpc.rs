@@ -22,6 +22,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::future::Future;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -148,7 +149,10 @@ fn frame_of(mut msg: Bytes) -> io::Result<Bytes> {
 /// pause and bounds what it keeps by its own windows. At the end, the peer's `grpc-status`
 /// trailers (if any) decide between a clean end and an error.
 pub struct GrpcSource {
-    body: h2::RecvStream,
+    /// The call's response body, once its headers arrived.
+    body: Option<h2::RecvStream>,
+    /// The relay's answer to an early-hello call, still to come (the client's side).
+    pending: Option<Pending>,
     /// Where a malformed message is reported for the sink's closing status (the relay's side).
     fault: Option<Fault>,
     buf: BytesMut,
@@ -160,7 +164,39 @@ pub struct GrpcSource {
 impl GrpcSource {
     /// Read frames from `body`.
     pub fn new(body: h2::RecvStream) -> GrpcSource {
-        GrpcSource { body, fault: None, buf: BytesMut::new(), data_done: false, done: false }
+        GrpcSource { body: Some(body), pending: None, fault: None, buf: BytesMut::new(), data_done: false, done: false }
+    }
+
+    fn new_pending() -> GrpcSource {
+        GrpcSource { body: None, pending: None, fault: None, buf: BytesMut::new(), data_done: false, done: false }
+    }
+
+    /// Wait for the response headers of an early-hello call; tell the gate what the relay made of
+    /// the hello.
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(p) = self.pending.as_mut() else { return Poll::Ready(Ok(())) };
+        let result = ready!(Pin::new(&mut p.answer).poll(cx));
+        let p = self.pending.take().expect("pending");
+        let answer = match result {
+            Ok(r) => r,
+            Err(e) => {
+                p.early.send_replace(Some(super::EarlyAnswer::Failed));
+                return Poll::Ready(Err(h2_io(e)));
+            }
+        };
+        let (head, body) = answer.into_parts();
+        if let Err(why) = check_answer(&p.url, &head) {
+            p.early.send_replace(Some(super::EarlyAnswer::Failed));
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionRefused, why)));
+        }
+        let early = match head.headers.get(crate::protocol::EARLY_HELLO_HEADER).map(|v| v.as_bytes()) {
+            Some(v) if v == crate::protocol::EARLY_TAKEN.as_bytes() => super::EarlyAnswer::Taken,
+            Some(_) => super::EarlyAnswer::Declined,
+            None => super::EarlyAnswer::Absent,
+        };
+        p.early.send_replace(Some(early));
+        self.body = Some(body);
+        Poll::Ready(Ok(()))
     }
 
     /// Report what was wrong with the peer's messages to `fault` too, for the call's end status.
@@ -196,6 +232,15 @@ impl GrpcSource {
         self.buf.advance(5);
         frame_of(self.buf.split_to(len).freeze()).map(Some)
     }
+}
+
+/// The relay's response to an early-hello call, still to come.
+struct Pending {
+    answer: h2::client::ResponseFuture,
+    /// The relay's URL, for errors.
+    url: String,
+    /// What the relay made of the early hello, for the dialer's gate.
+    early: tokio::sync::watch::Sender<Option<super::EarlyAnswer>>,
 }
 
 /// What `grpc-status` trailers (or a trailers-only answer's headers) say, as an error when not OK.
@@ -248,6 +293,12 @@ impl Stream for GrpcSource {
     type Item = io::Result<Bytes>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
         let this = &mut *self;
+        if this.pending.is_some() && !this.done {
+            if let Err(e) = ready!(this.poll_answer(cx)) {
+                this.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+        }
         loop {
             if this.done {
                 return Poll::Ready(None);
@@ -258,9 +309,10 @@ impl Stream for GrpcSource {
                 Err(e) => return this.failed(e),
             }
             if !this.data_done {
-                match ready!(this.body.poll_data(cx)) {
+                let body = this.body.as_mut().expect("the answer has come");
+                match ready!(body.poll_data(cx)) {
                     Some(Ok(chunk)) => {
-                        let _ = this.body.flow_control().release_capacity(chunk.len());
+                        let _ = body.flow_control().release_capacity(chunk.len());
                         if this.buf.len() + chunk.len() > 2 * MAX_MESSAGE + 5 {
                             return this.failed(invalid("a gRPC message larger than a session frame"));
                         }
@@ -275,7 +327,7 @@ impl Stream for GrpcSource {
                 }
             }
             this.done = true;
-            let trailers = ready!(this.body.poll_trailers(cx));
+            let trailers = ready!(this.body.as_mut().expect("the answer has come").poll_trailers(cx));
             if !this.buf.is_empty() {
                 return this.failed(invalid("the gRPC stream ended inside a message"));
             }
@@ -478,10 +530,10 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
     b
 }
 
-/// Open a session's gRPC stream to the relay at `url` (`grpc://` or `grpcs://`, through its
-/// proxy if any): HTTP/2 over TCP (prior knowledge) or TLS (ALPN `h2`), the call's request
-/// sent, the relay's 200 read; the frames of the stream.
-pub(crate) async fn connect(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<(FrameSource, FrameSink)> {
+/// Send a session call to the relay at `url` (`grpc://` or `grpcs://`, through its proxy if
+/// any): HTTP/2 over TCP (prior knowledge) or TLS (ALPN `h2`), the request sent, with an early
+/// hello header if given; the answer still to come, and the request stream.
+async fn start_call(url: &RelayUrl, tls: Option<&ClientTls>, early_hello: Option<&str>) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
     let io = super::open(url, tls).await?;
     let (client, conn) = client_builder().handshake::<_, Bytes>(io).await.map_err(|e| refused_h2(url, e))?;
     // The connection's driver; it ends when the stream below and its handles are gone.
@@ -492,35 +544,62 @@ pub(crate) async fn connect(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<(
     });
     let scheme = if url.scheme == Scheme::Grpcs { "https" } else { "http" };
     let host = if url.host.contains(':') { format!("[{}]", url.host) } else { url.host.clone() };
-    let req = Request::post(format!("{scheme}://{host}:{}{SESSION_PATH}", url.port))
+    let mut req = Request::post(format!("{scheme}://{host}:{}{SESSION_PATH}", url.port))
         .header(http::header::CONTENT_TYPE, CONTENT_TYPE)
         .header(http::header::TE, "trailers")
         .header("grpc-accept-encoding", "identity")
-        .header(http::header::USER_AGENT, concat!("libtunnel/", env!("CARGO_PKG_VERSION")))
-        .body(())
-        .expect("static request parts are valid");
+        .header(http::header::USER_AGENT, concat!("libtunnel/", env!("CARGO_PKG_VERSION")));
+    if let Some(v) = early_hello {
+        req = req.header(crate::protocol::EARLY_HELLO_HEADER, v);
+    }
+    let req = req.body(()).map_err(|e| Error::argument(format!("the session call to {} cannot be built: {e}", url.url)))?;
     let mut client = client.ready().await.map_err(|e| refused_h2(url, e))?;
     let (answer, send) = client.send_request(req, false).map_err(|e| refused_h2(url, e))?;
-    drop(client);
-    let answer = answer.await.map_err(|e| refused_h2(url, e))?;
-    let (head, body) = answer.into_parts();
+    Ok((answer, send))
+}
+
+/// Whether the relay's answer to the call opens a session: a gRPC 200 that is not a refusal.
+fn check_answer(url: &str, head: &http::response::Parts) -> std::result::Result<(), String> {
     let content_type = head.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if head.status != StatusCode::OK || !content_type.starts_with(CONTENT_TYPE) {
-        return Err(Error::new(
-            ErrorCode::RelayUnavailable,
-            format!(
-                "the relay at {} answered the gRPC session call with HTTP {} ({}): something in between does not route gRPC to a libtunnel relay; \
-                 check that the proxy passes {SESSION_PATH} (nginx: grpc_pass) or use wss://",
-                url.url,
-                head.status,
-                if content_type.is_empty() { "no content type" } else { content_type }
-            ),
+        return Err(format!(
+            "the relay at {url} answered the gRPC session call with HTTP {} ({}): something in between does not route gRPC to a libtunnel relay; \
+             check that the proxy passes {SESSION_PATH} (nginx: grpc_pass) or use wss://",
+            head.status,
+            if content_type.is_empty() { "no content type" } else { content_type }
         ));
     }
-    if let Some(e) = status_error(&head.headers) {
-        return Err(Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} refused the gRPC session call: {e}", url.url)));
+    match status_error(&head.headers) {
+        Some(e) => Err(format!("the relay at {url} refused the gRPC session call: {e}")),
+        None => Ok(()),
     }
+}
+
+/// Open a session's gRPC call to the relay at `url` and read the relay's 200; the frames of the
+/// call (the relay's preamble first).
+pub(crate) async fn connect(url: &RelayUrl, tls: Option<&ClientTls>) -> Result<(FrameSource, FrameSink)> {
+    let (answer, send) = start_call(url, tls, None).await?;
+    let answer = answer.await.map_err(|e| refused_h2(url, e))?;
+    let (head, body) = answer.into_parts();
+    check_answer(url.url.as_str(), &head).map_err(|why| Error::new(ErrorCode::RelayUnavailable, why))?;
     Ok((Box::pin(GrpcSource::new(body)), Box::pin(GrpcSink::new(send, End::Data))))
+}
+
+/// Open a session's gRPC call with an early hello in its request headers (see
+/// [`crate::protocol::EARLY_HELLO_HEADER`]) and return at once, before any answer: the session's
+/// first frames follow the request in its flight. `answer` says what the relay made of the hello
+/// once its response headers arrive (read by the source, which the session polls from the
+/// start); if it took it, its answer to the hello is the first frame.
+pub(crate) async fn connect_early(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    early_hello: &str,
+) -> Result<(FrameSource, FrameSink, tokio::sync::watch::Receiver<Option<super::EarlyAnswer>>)> {
+    let (answer, send) = start_call(url, tls, Some(early_hello)).await?;
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let mut source = GrpcSource::new_pending();
+    source.pending = Some(Pending { answer, url: url.url.to_string(), early: tx });
+    Ok((Box::pin(source), Box::pin(GrpcSink::new(send, End::Data)), rx))
 }
 
 /// An HTTP/2 failure before the call was answered, with the fix for the usual cause.

@@ -317,3 +317,35 @@ async fn a_dialer_falls_back_to_websocket_and_returns_to_grpc_once_it_passes_aga
     eprintln!("gRPC silent: a dial over WebSocket in {took:?} (attempt bound {bound:?})");
     assert!(took >= bound && took < bound * 3, "{took:?}");
 }
+
+/// The early hello in a call's headers, spoken by hand: a hello dated an hour ago is declined
+/// (the relay would keep its nonce that long); the call ends at once with `libtunnel-hello:
+/// declined` and status 0, and the client signs the relay's nonce on a new call, as a Dialer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_hello_the_relay_cannot_judge_is_declined_in_the_calls_answer() {
+    use base64::Engine;
+    init_tracing();
+    let relay = start_relay(relay_config(allow_ports(&[9]))).await;
+    let tcp = tokio::net::TcpStream::connect(relay.local_addr().expect("addr")).await.expect("connect");
+    let (client, conn) = h2::client::handshake(tcp).await.expect("HTTP/2 with prior knowledge");
+    tokio::spawn(conn);
+    let nonce = [7u8; 32];
+    let date = httpdate::fmt_http_date(SystemTime::now() - std::time::Duration::from_secs(3600));
+    let sig = key().sign_with_date(&nonce, &date);
+    let mut raw = nonce.to_vec();
+    raw.extend_from_slice(&libtunnel::protocol::Hello { date, sig }.encode());
+    let value = base64::engine::general_purpose::STANDARD_NO_PAD.encode(raw);
+    let req = http::Request::post("http://127.0.0.1/libtunnel.v1.Tunnel/Session")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(libtunnel::protocol::EARLY_HELLO_HEADER, value)
+        .body(())
+        .expect("request");
+    let mut client = client.ready().await.expect("ready");
+    let (answer, _send) = client.send_request(req, false).expect("send");
+    let answer = within(STEP, "the answer", answer).await.expect("an answer");
+    let h = answer.headers();
+    assert_eq!(h.get(libtunnel::protocol::EARLY_HELLO_HEADER).map(|v| v.as_bytes()), Some(libtunnel::protocol::EARLY_DECLINED.as_bytes()), "{h:?}");
+    assert_eq!(h.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]), "{h:?}");
+    assert!(answer.into_body().is_end_stream(), "a declined call carries nothing");
+}
