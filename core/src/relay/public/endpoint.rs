@@ -307,7 +307,9 @@ async fn serve_http<I: crate::transport::Io>(state: Arc<RelayState>, io: I, conn
         .timer(TokioTimer::new())
         .max_header_list_size(l.http_max_header_bytes.min(u32::MAX as usize) as u32)
         .max_concurrent_streams(H2_MAX_STREAMS)
-        .max_send_buf_size(H2_SEND_BUFFER);
+        .max_send_buf_size(H2_SEND_BUFFER)
+        .initial_stream_window_size(H2_PUBLIC_STREAM_WINDOW)
+        .initial_connection_window_size(H2_PUBLIC_CONNECTION_WINDOW);
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::debug!(%peer, error = %e, "public HTTP connection ended with an error") },
@@ -318,6 +320,16 @@ async fn serve_http<I: crate::transport::Io>(state: Arc<RelayState>, io: I, conn
 /// Most concurrent requests (streams) on one public HTTP/2 connection (the default
 /// `http_max_requests_per_source` bounds them across a source's connections too).
 const H2_MAX_STREAMS: u32 = 128;
+/// The receive window of a public HTTP/2 request body (hyper's default): what a client may send
+/// ahead of the listener's pace.
+const H2_PUBLIC_STREAM_WINDOW: u32 = 1 << 20;
+/// The receive window of a public HTTP/2 connection. h2 closes a connection whose peer keeps more
+/// small DATA frames buffered than half this window can pay the overhead of (`ENHANCE_YOUR_CALM`,
+/// "too_many_data_frames", ~240 bytes counted per frame of a few bytes): at hyper's default 1 MiB
+/// that was ~2,100 gRPC messages of a few bytes waiting for a listener that reads slower than its
+/// client sends (a bidi stream of 10,000 chat messages was cut in 1 run of 6). At 8 MiB, ~17,000;
+/// each stream still buffers at most [`H2_PUBLIC_STREAM_WINDOW`] of body.
+const H2_PUBLIC_CONNECTION_WINDOW: u32 = 8 << 20;
 /// Most body bytes the relay queues per HTTP/2 stream (responses to a public client, requests to
 /// an h2c listener) beyond what the peer's flow-control window takes: with [`H2_MAX_STREAMS`], a
 /// client that stops reading holds at most 8 MiB per connection, and its source at most
