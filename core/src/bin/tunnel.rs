@@ -302,21 +302,29 @@ struct ServerArgs {
 /// Ctrl-C or SIGTERM, one at a time (the handler is installed once, so no signal is missed).
 struct StopSignals {
     #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+    #[cfg(unix)]
     term: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
     fn install() -> StopSignals {
+        #[cfg(unix)]
+        use tokio::signal::unix::{signal, SignalKind};
         StopSignals {
+            // Both handlers are in place from here on (`ctrl_c()` would install its own only when
+            // first polled: a Ctrl-C after "forwarding to:" but before then killed the process).
             #[cfg(unix)]
-            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler"),
+            int: signal(SignalKind::interrupt()).expect("install SIGINT handler"),
+            #[cfg(unix)]
+            term: signal(SignalKind::terminate()).expect("install SIGTERM handler"),
         }
     }
 
     async fn next(&mut self) {
         #[cfg(unix)]
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = self.int.recv() => {}
             _ = self.term.recv() => {}
         }
         #[cfg(not(unix))]
