@@ -1,5 +1,5 @@
-//! The Tokio runtime every face runs libtunnel on, built one way: named `libtunnel-rt` threads,
-//! all drivers enabled, and `TUNNEL_WORKER_THREADS` (the old `LIBTUNNEL_WORKER_THREADS` still
+//! The Tokio runtime every face runs libtunnel on, built one way: named `libtunnel-rt` threads
+//! with SIGPIPE blocked ([`block_sigpipe`]), all drivers enabled, and `TUNNEL_WORKER_THREADS` (the old `LIBTUNNEL_WORKER_THREADS` still
 //! read, with a warning) choosing the worker count, checked to be 1..=1024. The default is one
 //! worker per core ([`Workers::PerCore`], a multi-thread runtime, which the libraries need: their
 //! callers block on it from their own threads while its workers drive the background tasks)
@@ -44,6 +44,24 @@ pub fn build(default: Workers) -> Result<Runtime> {
     };
     b.enable_all()
         .thread_name("libtunnel-rt")
+        .on_thread_start(block_sigpipe)
         .build()
         .map_err(|e| Error::new(ErrorCode::Io, format!("cannot start libtunnel's runtime threads: {e}")))
+}
+
+/// A write to a connection its peer closed raises SIGPIPE, whose default action ends the process.
+/// Rust programs, Python and Node ignore it; a C program linking libtunnel usually does not, and
+/// the relay's or a session's writes on these threads then killed it (the C test of an embedded
+/// relay died so, at its end). Blocked on the runtime's own threads, the signal stays pending and
+/// the write fails with `EPIPE`, which the code handles; the host's disposition is left alone.
+fn block_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: the set is initialised by sigemptyset before use, and pthread_sigmask changes only
+    // the calling thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
 }
