@@ -137,10 +137,12 @@ test('an AbortSignal aborts a dial stuck in the handshake; nothing stays open an
     await dialer.close() // the next dial opens a new session: connection 2, which never answers
     const ac = new AbortController()
     const stuck = dialer.dial(target, { signal: ac.signal })
-    const behind = dialer.dial(target) // waits for the session the stuck dial is making
     await within(STEP_MS, 'the silent connection', new Promise((resolve) => {
       const poll = setInterval(() => { if (fr.connections() >= 2) { clearInterval(poll); resolve() } }, 5)
     }))
+    // Only now: two dials started together reach the runtime in either order, and the one that
+    // makes the silent connection must be the aborted one.
+    const behind = dialer.dial(target) // waits for the session the stuck dial is making
     const t0 = Date.now()
     const reason = new Error('the user gave up')
     ac.abort(reason)
