@@ -31,14 +31,7 @@ pub fn cluster_programs() -> bool {
         return true;
     }
     let why = format!("cluster tests skipped: {} not installed (apt-get install redis-server haproxy; scripts/test.sh does)", missing.join(" and "));
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("{why}");
-    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{why}");
-        }
-    }
+    crate::skip(&why);
     false
 }
 
@@ -299,14 +292,7 @@ pub fn sentinel_program() -> bool {
         return true;
     }
     let why = "sentinel failover test skipped: redis-sentinel not installed (apt-get install redis-sentinel; scripts/test.sh does)";
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("{why}");
-    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
-        use std::io::Write;
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
-            let _ = writeln!(f, "{why}");
-        }
-    }
+    crate::skip(&why);
     false
 }
 

@@ -405,3 +405,72 @@ pub fn holds<V>(v: V, pred: impl FnOnce(&V) -> bool) -> Result<V, V> {
         Err(v)
     }
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1 written into `dir` as `cert.pem` and
+/// `key.pem`: (cert path, key path, cert PEM). Clients trust it with `ClientTls::from_pem`.
+pub fn self_signed_cert_in(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("rcgen makes a cert");
+    std::fs::create_dir_all(dir).expect("create the cert dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let pem = ck.cert.pem();
+    std::fs::write(&cert, &pem).expect("write cert");
+    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
+    (cert, key, pem)
+}
+
+/// [`self_signed_cert_in`] a fresh scratch directory.
+pub fn self_signed_cert() -> (std::path::PathBuf, std::path::PathBuf, String) {
+    self_signed_cert_in(&procs::scratch("tls"))
+}
+
+/// The payload the Go test programs generate (xorshift64* from a fixed seed: `makePayload` in
+/// `interop/grpc-go/main.go`, and `tests/interop/emissary/dial/main.go`), so the Rust side knows
+/// the hash to expect.
+pub fn go_payload(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    (0..n)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+/// A test that cannot run here says why: on stderr and as a line of the skip log
+/// (`LIBTUNNEL_SKIP_LOG`, which `scripts/test.sh` prints at the end). Under `CI`, where
+/// `scripts/test.sh` installed everything, a skip is a failure.
+pub fn skip(why: &str) {
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    eprintln!("{why}");
+    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+            let _ = writeln!(f, "{why}");
+        }
+    }
+}
+
+/// Dial `target` (an echo server) through `d`, send `len` bytes of [`payload`]`(len, seed)`,
+/// half-close, and require the same bytes back (hashed); how long the echo took.
+pub async fn echo_through(d: &libtunnel::Dialer, target: SocketAddr, len: usize, seed: u64) -> Duration {
+    let data = payload(len, seed);
+    let s = within(STEP, "dial", d.dial(&target.to_string())).await.unwrap_or_else(|e| panic!("dial via {}: [{}] {e}", d.relay(), e.code()));
+    let t0 = std::time::Instant::now();
+    let got = within(BULK, "echo", echo_roundtrip(s, &data, true)).await.unwrap_or_else(|e| panic!("echo of {len} bytes via {}: {e}", d.relay()));
+    let took = t0.elapsed();
+    assert_eq!(got, sha256(&data), "echoed bytes differ ({len} bytes via {})", d.relay());
+    took
+}
+
+/// Half-close through `d`: the target ([`hash_after_eof_server`]) reads to EOF, then answers the
+/// hash of what it read, which must be that of the `len` bytes sent.
+pub async fn half_close_through(d: &libtunnel::Dialer, hasher: SocketAddr, len: usize, seed: u64) {
+    let data = payload(len, seed);
+    let mut s = within(STEP, "dial", d.dial(&hasher.to_string())).await.expect("dial the hashing target");
+    within(BULK, "writing", s.write_all(&data)).await.expect("write");
+    within(STEP, "half-close", s.shutdown()).await.expect("shutdown");
+    let reply = within(STEP, "the reply after our EOF", read_to_end(&mut s)).await.expect("read side open after shutdown");
+    assert_eq!(reply, sha256(&data), "the target saw exactly our bytes, then our EOF");
+}

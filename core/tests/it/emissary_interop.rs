@@ -19,7 +19,7 @@
 //! All traffic stays on loopback (Emissary's server and our relay in Emissary mode bind every
 //! interface, as Emissary does, but only 127.0.0.1 is dialled), and every wait is bounded.
 
-use testkit::dns;
+use testkit::{dns, go_payload};
 use testkit::init_tracing; // RUST_LOG=libtunnel=debug shows the in-process relay's and dialer's logs
 
 use std::io;
@@ -208,19 +208,6 @@ fn go(dir: &Path, logs: &Path, name: &str, args: &[&str], limit: Duration) {
 // ---------------------------------------------------------------------------------------------
 // Local helpers: payload, targets, HTTP, DNS
 // ---------------------------------------------------------------------------------------------
-
-/// The probe's generator (xorshift64*, same seed), so the Rust side knows the hash to expect.
-fn go_payload(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
-}
 
 fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))

@@ -4,7 +4,6 @@
 //! HTTP/2 side is also spoken by hand (the `h2` crate as a bare gRPC client) for what our own
 //! client never sends.
 
-use std::path::PathBuf;
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -20,13 +19,6 @@ fn dialer(url: &str) -> Dialer {
     Dialer::builder(url).key(key()).timeout(STEP).build().expect("dialer")
 }
 
-async fn echo_through(d: &Dialer, echo: std::net::SocketAddr, len: usize, seed: u64) {
-    let data = payload(len, seed);
-    let s = within(STEP, "dial", d.dial(&echo.to_string())).await.unwrap_or_else(|e| panic!("dial via {}: [{}] {e}", d.relay(), e.code()));
-    let got = within(BULK, "echo", echo_roundtrip(s, &data, true)).await.expect("echo round trip");
-    assert_eq!(got, sha256(&data), "echoed bytes differ ({len} bytes via {})", d.relay());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialer_over_grpc_moves_64_mib_both_ways_and_half_closes() {
     init_tracing();
@@ -38,12 +30,7 @@ async fn a_dialer_over_grpc_moves_64_mib_both_ways_and_half_closes() {
     echo_through(&d, echo, 64 * MIB, 1).await;
     eprintln!("64 MiB each way over grpc://: {:?}", t0.elapsed());
     // Half-close: the target reads to EOF, then answers with the hash of what it read.
-    let data = payload(3 * MIB + 17, 5);
-    let mut s = within(STEP, "dial", d.dial(&hasher.to_string())).await.expect("dial the hashing target");
-    within(BULK, "writing", s.write_all(&data)).await.expect("write");
-    within(STEP, "half-close", s.shutdown()).await.expect("shutdown");
-    let reply = within(STEP, "the reply after our EOF", read_to_end(&mut s)).await.expect("read side open after shutdown");
-    assert_eq!(reply, sha256(&data));
+    half_close_through(&d, hasher, 3 * MIB + 17, 5).await;
     // Many streams share the one call.
     let runs: Vec<_> = (0..8).map(|i| echo_through(&d, echo, 256 * 1024, 10 + i)).collect();
     futures_util::future::join_all(runs).await;
@@ -68,18 +55,6 @@ async fn a_listener_over_grpc_is_dialed_by_name() {
     let s = within(STEP, "dial by name", d.dial(&format!("{name}:80"))).await.expect("dial the listener by name");
     let got = within(BULK, "echo through the listener", echo_roundtrip(s, &data, true)).await.expect("echo");
     assert_eq!(got, sha256(&data));
-}
-
-fn self_signed_cert() -> (PathBuf, PathBuf, String) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("rcgen makes a cert");
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock").as_nanos();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("grpc-tls-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let pem = ck.cert.pem();
-    std::fs::write(&cert, &pem).expect("write cert");
-    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
-    (cert, key, pem)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

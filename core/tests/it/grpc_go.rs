@@ -60,19 +60,6 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A test that cannot run here says why (a failure under CI).
-fn skip(why: &str) {
-    assert!(std::env::var_os("CI").is_none(), "{why}");
-    eprintln!("{why}");
-    if let Some(log) = std::env::var_os("LIBTUNNEL_SKIP_LOG") {
-        let _ = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map(|mut f| std::io::Write::write_all(&mut f, format!("{why}\n").as_bytes()));
-    }
-}
-
 fn have(tool: &str, arg: &str) -> bool {
     std::process::Command::new(tool).arg(arg).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
@@ -181,19 +168,6 @@ fn run(dir: &Path, program: &str, args: &[&str], env: &[(&str, &str)]) {
         ""
     };
     assert!(out.status.success(), "`{program} {}` in {} failed ({}){hint}:\n{text}", args.join(" "), dir.display(), out.status);
-}
-
-/// The client's payload (xorshift64* from a fixed seed, as `makePayload` in main.go).
-fn go_payload(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    (0..n)
-        .map(|_| {
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
-        })
-        .collect()
 }
 
 struct Run {

@@ -27,28 +27,6 @@ fn dialer(url: &str) -> Dialer {
     Dialer::builder(url).key(key()).timeout(STEP).build().expect("dialer")
 }
 
-/// Dial `target` through `d` and echo `len` bytes hashed both ways (with half-close); the time
-/// the round trip took.
-async fn echo_through(d: &Dialer, target: SocketAddr, len: usize, seed: u64) -> Duration {
-    let data = payload(len, seed);
-    let s = within(STEP, "dial", d.dial(&target.to_string())).await.unwrap_or_else(|e| panic!("dial via {}: [{}] {e}", d.relay(), e.code()));
-    let t0 = Instant::now();
-    let got = within(BULK, "echo", echo_roundtrip(s, &data, true)).await.unwrap_or_else(|e| panic!("echo of {len} bytes via {}: {e}", d.relay()));
-    let took = t0.elapsed();
-    assert_eq!(got, sha256(&data), "echoed bytes differ ({len} bytes via {})", d.relay());
-    took
-}
-
-/// Half-close through `d`: the target reads to EOF, then answers the hash of what it read.
-async fn half_close_through(d: &Dialer, hasher: SocketAddr, len: usize, seed: u64) {
-    let data = payload(len, seed);
-    let mut s = within(STEP, "dial", d.dial(&hasher.to_string())).await.expect("dial the hashing target");
-    within(BULK, "writing", s.write_all(&data)).await.expect("write");
-    within(STEP, "half-close", s.shutdown()).await.expect("shutdown");
-    let reply = within(STEP, "the reply after our EOF", read_to_end(&mut s)).await.expect("read side open after shutdown");
-    assert_eq!(reply, sha256(&data), "the target saw exactly our bytes, then our EOF");
-}
-
 fn mib_per_s(len: usize, t: Duration) -> f64 {
     len as f64 / MIB as f64 / t.as_secs_f64()
 }

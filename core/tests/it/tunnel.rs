@@ -198,20 +198,6 @@ fn connect_request(target: SocketAddr, command: u8) -> Vec<u8> {
     r
 }
 
-/// A self-signed certificate for `localhost` and 127.0.0.1, written to a fresh directory:
-/// (cert path, key path, cert PEM).
-fn self_signed_cert() -> (PathBuf, PathBuf, String) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("rcgen makes a cert");
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).expect("clock after 1970").as_nanos();
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("create the cert dir");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let pem = ck.cert.pem();
-    std::fs::write(&cert, &pem).expect("write cert");
-    std::fs::write(&key, ck.signing_key.serialize_pem()).expect("write key");
-    (cert, key, pem)
-}
-
 fn metrics_text(relay: &ServerHandle) -> String {
     relay.metrics().render()
 }
