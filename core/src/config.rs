@@ -125,6 +125,11 @@ pub struct RelayConfig {
     /// Public HTTPS port (TLS with `public_tls_cert`, ALPN `h2` and `http/1.1`, SNI passthrough
     /// for listeners that terminate TLS themselves); `None` disables it.
     pub https_listen: Option<SocketAddr>,
+    /// QUIC tunnel endpoint (UDP; `quic://` clients), with the tunnel endpoint's certificate
+    /// (`tls_cert`/`tls_key`, required); `None` disables it.
+    pub quic_listen: Option<SocketAddr>,
+    /// The congestion controller of the relay's QUIC sessions.
+    pub quic_congestion: crate::transport::quic::Congestion,
     /// PEM certificate chains for the public HTTPS port (a wildcard `*.<domain>`, or several
     /// chosen by SNI); paired in order with `public_tls_key`. Reloaded on SIGHUP.
     pub public_tls_cert: Vec<PathBuf>,
@@ -376,6 +381,8 @@ impl Draft {
             dns_servers: Vec::new(),
             limits: Limits::default(),
             https_listen: None,
+            quic_listen: None,
+            quic_congestion: Default::default(),
             public_tls_cert: Vec::new(),
             public_tls_key: Vec::new(),
             http_path_prefix: None,

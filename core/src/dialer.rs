@@ -17,7 +17,7 @@ use crate::env::ClientEnv;
 use crate::error::{Error, ErrorCode, Result};
 use crate::mux::{MuxConfig, Role};
 use crate::protocol::{self, Hello, HelloAck, ServerConnect};
-use crate::session::{Session, SessionStream};
+use crate::session::{Link, Session, SessionStream};
 use crate::socks::{self, Target};
 use crate::stream::{Inner, LocalSocket, Mode, TunnelStream};
 use crate::transport::{self, ClientTls, Connected, WsByteStream};
@@ -424,7 +424,7 @@ impl Dialer {
         let i = &self.inner;
         let mut with_nonce = false;
         loop {
-            let (url, source, sink, gate) = i
+            let (url, link, gate) = i
                 .relays
                 .try_each(|url| async move {
                     let hello = |nonce: &[u8]| {
@@ -436,14 +436,14 @@ impl Dialer {
                     // stays silent would not be cut at the attempt bound (`client::relays`).
                     if !with_nonce && handshake::early_hello_for(&url) && !i.relays.has_alternatives() {
                         let (source, sink, gate) = handshake::send_early_hello(&url, i.tls.as_ref(), hello).await?;
-                        return Ok((url, source, sink, Some(gate)));
+                        return Ok((url, Link::frames(source, sink), Some(gate)));
                     }
-                    let (source, sink) = handshake::send_hello(&url, i.tls.as_ref(), hello).await?;
-                    Ok((url, source, sink, None))
+                    let link = handshake::send_hello(&url, i.tls.as_ref(), &i.mux, hello).await?;
+                    Ok((url, link, None))
                 })
                 .await?;
-            let (source, answer) = handshake::answer_first(source);
-            let s = Session::mux(Role::Client, source, sink, i.mux.clone());
+            let (source, answer) = handshake::answer_first(link.source);
+            let s = Session::start(Role::Client, Link { source, ..link }, i.mux.clone());
             // A dial dropped before the relay's answer (cancelled) closes the session: its driver
             // would otherwise hold the connection until the keepalive gives up.
             let mut unanswered = CloseOnDrop(Some(s.clone()));
@@ -475,10 +475,13 @@ impl Dialer {
                 return Err(e);
             }
             unanswered.0 = None;
-            return Ok((s, match first_done {
-                Some(r) => Either::Left(r),
-                None => Either::Right(run),
-            }));
+            return Ok((
+                s,
+                match first_done {
+                    Some(r) => Either::Left(r),
+                    None => Either::Right(run),
+                },
+            ));
         }
     }
 

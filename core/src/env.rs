@@ -89,7 +89,11 @@ pub const CONVENTIONAL_PROXY_ROWS: [ClientVar; 4] = [
 
 /// Every variable a client reads, in every face.
 pub const CLIENT_VARS: &[ClientVar] = &[
-    ClientVar { name: RELAY_VAR, help: "relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference", old_names: &[] },
+    ClientVar {
+        name: RELAY_VAR,
+        help: "relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference",
+        old_names: &[],
+    },
     ClientVar { name: KEY_VAR, help: "a dialer's shared key KID:BASE64, or a file holding it (`tunnel keygen`)", old_names: &[] },
     ClientVar {
         name: LISTENER_KEY_VAR,

@@ -528,7 +528,7 @@ async fn register(cfg: &Config) -> Result<(Session, Registration)> {
 async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registration)> {
     let b = &cfg.builder;
     let attempt = async {
-        let (source, mut sink, answer) = connect_mux(url, b.tls.as_ref(), |nonce| {
+        let (mut link, answer) = connect_mux(url, b.tls.as_ref(), &b.mux, |nonce| {
             ListenHello {
                 public_key: b.identity.public_key().to_vec(),
                 signature: b.identity.sign_registration(nonce, &cfg.name).to_vec(),
@@ -546,7 +546,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
         let ack = match ListenAck::decode_frame(&answer) {
             Ok(a) => a,
             Err(e) => {
-                let _ = sink.close().await;
+                let _ = link.sink.close().await;
                 return Err(Error::new(e.code(), format!("the relay at {} refused to register {:?}: {}", url.url, cfg.name, e.message())));
             }
         };
@@ -554,7 +554,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
         // something else than asked.
         for (asked, granted, what) in [(b.pool, ack.pool, "pools (--pool)"), (b.exit.is_some(), ack.exit, "exit listeners (--exit)")] {
             if asked && !granted {
-                let _ = sink.close().await;
+                let _ = link.sink.close().await;
                 return Err(Error::new(ErrorCode::Protocol, format!("the relay at {} does not support {what}; upgrade the relay", url.url)));
             }
         }
@@ -564,7 +564,7 @@ async fn register_at(cfg: &Config, url: &RelayUrl) -> Result<(Session, Registrat
             https_url: Some(ack.https_url).filter(|s| !s.is_empty()),
             tcp_addr: Some(ack.tcp_addr).filter(|s| !s.is_empty()),
         };
-        Ok((Session::mux(Role::Client, source, sink, b.mux.clone()), reg))
+        Ok((Session::start(Role::Client, link, b.mux.clone()), reg))
     };
     tokio::time::timeout(b.timeout, attempt)
         .await

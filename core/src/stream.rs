@@ -289,6 +289,16 @@ fn poll_local_to_tunnel<S: LocalSocket>(
     mux: &mut SessionStream,
     arena: &mut FrameArena,
 ) -> Poll<Result<Step, StepError>> {
+    // What was sent last must be on its way before waiting for the socket (QUIC keeps what its
+    // buffer could not take at once until a poll gives it a task to wake).
+    match mux.poll_send_ready(cx) {
+        Poll::Pending => {
+            arena.release();
+            return Poll::Pending;
+        }
+        Poll::Ready(Err(e)) => return Poll::Ready(Err(StepError::Tunnel(e))),
+        Poll::Ready(Ok(())) => {}
+    }
     match local.poll_readable(cx) {
         Poll::Pending => {
             arena.release();
@@ -478,6 +488,9 @@ impl Leg {
     /// Move what can be moved now; `Ok(true)` when it did a full turn and should run again.
     fn poll_move(&mut self, cx: &mut Context<'_>, from: &mut SessionStream, to: &mut SessionStream) -> Poll<io::Result<bool>> {
         for _ in 0..TURN {
+            if let Poll::Ready(Err(e)) = to.poll_send_ready(cx) {
+                return Poll::Ready(Err(e));
+            }
             if self.done {
                 return Poll::Ready(Ok(false));
             }

@@ -8,6 +8,7 @@
 
 pub mod grpc;
 pub mod proxy;
+pub mod quic;
 
 use std::io;
 use std::path::Path;
@@ -251,12 +252,14 @@ pub enum Scheme {
     Grpc,
     /// A gRPC call over HTTP/2 over TLS (ALPN `h2`).
     Grpcs,
+    /// QUIC (always TLS 1.3), each tunnel stream a QUIC stream.
+    Quic,
 }
 
 impl Scheme {
     /// Whether the transport runs over TLS to the relay.
     pub fn is_tls(self) -> bool {
-        matches!(self, Scheme::Wss | Scheme::Grpcs)
+        matches!(self, Scheme::Wss | Scheme::Grpcs | Scheme::Quic)
     }
 
     /// Whether the transport is a gRPC call.
@@ -281,7 +284,7 @@ pub struct RelayUrl {
 }
 
 impl RelayUrl {
-    /// Parse `ws://`, `wss://`, `tcp://`, `grpc://` or `grpcs://` URLs.
+    /// Parse `ws://`, `wss://`, `tcp://`, `grpc://`, `grpcs://` or `quic://` URLs.
     pub fn parse(s: &str) -> Result<RelayUrl> {
         let url = url::Url::parse(s.trim())
             .map_err(|e| Error::argument(format!("relay URL {s:?} is not a URL ({e}); write it like ws://relay.example:7835")))?;
@@ -291,7 +294,12 @@ impl RelayUrl {
             "tcp" => Scheme::Tcp,
             "grpc" => Scheme::Grpc,
             "grpcs" => Scheme::Grpcs,
-            other => return Err(Error::argument(format!("relay URL scheme {other:?} is not supported; use ws://, wss://, tcp://, grpc:// or grpcs://"))),
+            "quic" => Scheme::Quic,
+            other => {
+                return Err(Error::argument(format!(
+                    "relay URL scheme {other:?} is not supported; use ws://, wss://, tcp://, grpc://, grpcs:// or quic://"
+                )))
+            }
         };
         let host = url
             .host_str()
@@ -301,7 +309,7 @@ impl RelayUrl {
             .to_string();
         let port = url.port_or_known_default().or(match scheme {
             Scheme::Ws | Scheme::Grpc => Some(80),
-            Scheme::Wss | Scheme::Grpcs => Some(443),
+            Scheme::Wss | Scheme::Grpcs | Scheme::Quic => Some(443),
             Scheme::Tcp => None,
         });
         let port = port.ok_or_else(|| Error::argument(format!("relay URL {s:?} needs a port (tcp://host:port)")))?;

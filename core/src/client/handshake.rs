@@ -26,8 +26,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{FrameSink, FrameSource};
+use crate::mux::{FrameSink, FrameSource, MuxConfig};
 use crate::protocol::{self, ServerConnect};
+use crate::session::{Link, QuicLink};
 use crate::transport::{self, ClientTls, Connected, EarlyAnswer, RelayUrl, Scheme, USE_CLASSIC};
 
 /// Open a multiplexed transport: connect, read the relay's preamble, send the hello that
@@ -36,24 +37,38 @@ use crate::transport::{self, ClientTls, Connected, EarlyAnswer, RelayUrl, Scheme
 pub(crate) async fn connect_mux(
     url: &RelayUrl,
     tls: Option<&ClientTls>,
+    session: &MuxConfig,
     make_hello: impl FnOnce(&[u8]) -> Bytes,
-) -> Result<(FrameSource, FrameSink, Bytes)> {
-    let (mut source, sink) = send_hello(url, tls, make_hello).await?;
-    let answer = match source.next().await {
+) -> Result<(Link, Bytes)> {
+    let mut link = send_hello(url, tls, session, make_hello).await?;
+    let answer = match link.source.next().await {
         Some(Ok(b)) => Ok(b),
         Some(Err(e)) => Err(e),
         None => Err(std::io::ErrorKind::UnexpectedEof.into()),
     };
     let answer = answer.map_err(|e| answer_lost(url, e))?;
-    Ok((source, sink, answer))
+    Ok((link, answer))
 }
 
 /// Connect, read the relay's preamble and send the hello `make_hello` builds from its nonce,
-/// without waiting for the answer: it is the next message `source` yields.
-pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hello: impl FnOnce(&[u8]) -> Bytes) -> Result<(FrameSource, FrameSink)> {
+/// without waiting for the answer: it is the next message the link's `source` yields. Over QUIC
+/// there is no preamble: the hello is signed over the connection's exported nonce
+/// (`transport::quic`) and leaves in the flight after the QUIC handshake. `session` sizes a QUIC
+/// connection's windows and keepalive.
+pub(crate) async fn send_hello(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    session: &MuxConfig,
+    make_hello: impl FnOnce(&[u8]) -> Bytes,
+) -> Result<Link> {
     let lost = |e: std::io::Error| {
         Error::new(ErrorCode::RelayUnavailable, format!("the relay at {} dropped the connection during the handshake: {e}", url.url))
     };
+    if url.scheme == Scheme::Quic {
+        let mut c = transport::quic::connect(url, tls, session).await?;
+        c.sink.send(make_hello(&c.nonce)).await.map_err(lost)?;
+        return Ok(Link { source: c.source, sink: c.sink, quic: Some(QuicLink { conn: c.conn, endpoint: Some(c.endpoint) }) });
+    }
     if url.scheme != Scheme::Tcp {
         let framed = if url.scheme.is_grpc() { Some(transport::grpc::connect(url, tls).await?) } else { transport::connect_ws_mux(url, tls).await? };
         let Some((mut source, mut sink)) = framed else {
@@ -73,7 +88,7 @@ pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hel
         };
         let nonce = ServerConnect::decode_checked(&pre)?;
         sink.send(make_hello(&nonce)).await.map_err(lost)?;
-        return Ok((source, sink));
+        return Ok(Link::frames(source, sink));
     }
     match transport::connect(url, true, tls).await? {
         Connected::Ws(..) => Err(Error::protocol(format!("the relay at {} answered a tcp:// connection with a WebSocket", url.url))),
@@ -82,7 +97,7 @@ pub(crate) async fn send_hello(url: &RelayUrl, tls: Option<&ClientTls>, make_hel
             io.write_all(protocol::MUX_TCP_MAGIC).await.map_err(|e| classic_only(url, e))?;
             let (source, mut sink) = transport::tcp_frames(io);
             sink.send(make_hello(&nonce)).await.map_err(|e| classic_only(url, e))?;
-            Ok((source, sink))
+            Ok(Link::frames(source, sink))
         }
     }
 }
@@ -111,7 +126,8 @@ pub(crate) async fn send_early_hello(
 /// Whether `url` may be sent an early hello: in a WebSocket upgrade or a gRPC call's headers (not
 /// over raw TCP: its relay speaks first), and not to a relay found in this process to predate them.
 pub(crate) fn early_hello_for(url: &RelayUrl) -> bool {
-    url.scheme != Scheme::Tcp && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
+    // QUIC needs none: its hello never waits for a nonce.
+    !matches!(url.scheme, Scheme::Tcp | Scheme::Quic) && !NO_EARLY_HELLO.lock().unwrap_or_else(|p| p.into_inner()).contains(url.url.as_str())
 }
 
 /// Relays (URLs) that answered an early hello's upgrade without the header: they predate it.

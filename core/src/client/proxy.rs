@@ -127,7 +127,8 @@ impl ProxyRules {
         let by_scheme = match relay.scheme {
             Scheme::Wss | Scheme::Grpcs => self.https.as_ref(),
             Scheme::Ws | Scheme::Grpc => self.http.as_ref(),
-            Scheme::Tcp => None,
+            // UDP: neither HTTP CONNECT nor SOCKS5 CONNECT carries it.
+            Scheme::Tcp | Scheme::Quic => None,
         };
         by_scheme.or(self.all.as_ref()).cloned()
     }

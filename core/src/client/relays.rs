@@ -70,7 +70,13 @@ impl RelayList {
         if urls.is_empty() {
             return Err(Error::argument("no relay URL given; write it like ws://relay.example:7835 (several: separated by commas)"));
         }
-        Ok(RelayList { urls, current: AtomicUsize::new(0), off_first_since: Mutex::new(None), again_after: PREFERRED_AGAIN_AFTER, attempt_bound: ATTEMPT_BOUND })
+        Ok(RelayList {
+            urls,
+            current: AtomicUsize::new(0),
+            off_first_since: Mutex::new(None),
+            again_after: PREFERRED_AGAIN_AFTER,
+            attempt_bound: ATTEMPT_BOUND,
+        })
     }
 
     /// Try the first URL again after `again` instead of [`PREFERRED_AGAIN_AFTER`], and bound
@@ -256,7 +262,15 @@ mod tests {
         assert!(t0.elapsed() >= WAIT && t0.elapsed() < 10 * WAIT, "{:?}", t0.elapsed());
         // A middlebox that refuses the transport (a protocol error) is skipped too.
         let l = RelayList::parse("ws://r:1,grpc://r:2").unwrap();
-        let r = l.try_each(|u| async move { if u.port == 1 { Err(Error::protocol("HTTP 400 to the upgrade")) } else { Ok(u.port) } }).await;
+        let r = l
+            .try_each(|u| async move {
+                if u.port == 1 {
+                    Err(Error::protocol("HTTP 400 to the upgrade"))
+                } else {
+                    Ok(u.port)
+                }
+            })
+            .await;
         assert_eq!(r.unwrap(), 2);
     }
 }

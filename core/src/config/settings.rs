@@ -317,6 +317,10 @@ settings! {
         http_listen: Endpoints, cfg.http_listen <- addr_or_off, default "off";
         "public HTTPS port (HTTP/1.1 and h2 by ALPN, TLS passthrough by SNI), or off"
         https_listen: Endpoints, cfg.https_listen <- addr_or_off, default "off";
+        "QUIC tunnel endpoint address (UDP, for quic:// clients; needs tls_cert and tls_key), or off"
+        quic_listen: Endpoints, cfg.quic_listen <- addr_or_off, default "off";
+        "congestion controller of QUIC sessions: cubic, bbr or newreno (clients: TUNNEL_QUIC_CONGESTION)"
+        quic_congestion: Endpoints, cfg.quic_congestion <- congestion, default "cubic";
         "PEM certificate chain(s) for the public HTTPS port, comma separated, chosen by SNI"
         public_tls_cert: Endpoints, cfg.public_tls_cert <- path_list, unset "none", [reload], example "/etc/libtunnel/wildcard.crt";
         "PEM private key(s), one per public_tls_cert, same order"
@@ -545,6 +549,10 @@ fn text_or_none(text: &str, _: &str, _: &Setting) -> Result<Option<String>> {
     Ok(Some(text.to_string()).filter(|t| !t.is_empty()))
 }
 
+fn congestion(text: &str, var: &str, _: &Setting) -> Result<crate::transport::quic::Congestion> {
+    crate::transport::quic::Congestion::parse(text).map_err(|why| Error::config(format!("{var}: {why}")))
+}
+
 fn boolean(text: &str, var: &str, _: &Setting) -> Result<bool> {
     match text.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" | "on" => Ok(true),
@@ -667,6 +675,12 @@ macro_rules! show_as_json {
     ($($t:ty),*) => { $(impl Show for $t { fn show(&self) -> Value { json!(self) } })* };
 }
 show_as_json!(usize, bool, String, Option<String>, Option<PathBuf>, Vec<PathBuf>);
+
+impl Show for crate::transport::quic::Congestion {
+    fn show(&self) -> Value {
+        json!(self.name())
+    }
+}
 
 impl Show for Duration {
     fn show(&self) -> Value {

@@ -18,8 +18,8 @@ use http::{Method, Request, Response, StatusCode};
 
 use super::metrics::Refusal;
 use super::{session, RelayState};
-use crate::transport::grpc::{self, End, Fault, GrpcSink, GrpcSource};
 use crate::protocol::{EARLY_DECLINED, EARLY_HELLO_HEADER, EARLY_TAKEN};
+use crate::transport::grpc::{self, End, Fault, GrpcSink, GrpcSource};
 use crate::transport::BoxIo;
 
 /// Most sessions at once on one HTTP/2 connection (a proxy's connection may carry many clients').
@@ -74,9 +74,14 @@ pub(super) async fn serve(state: Arc<RelayState>, io: BoxIo, peer: SocketAddr) {
 }
 
 /// One call: a session when it is the session method, else UNIMPLEMENTED.
-fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2::server::SendResponse<Bytes>, peer: SocketAddr) -> Option<SessionFuture> {
-    let grpc_call = req.method() == Method::POST
-        && req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_grpc_proto);
+fn start(
+    state: &Arc<RelayState>,
+    req: Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    peer: SocketAddr,
+) -> Option<SessionFuture> {
+    let grpc_call =
+        req.method() == Method::POST && req.headers().get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(is_grpc_proto);
     if !grpc_call || req.uri().path() != grpc::SESSION_PATH {
         state.metrics.refused(Refusal::Malformed);
         let why = if grpc_call {
@@ -96,10 +101,8 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
     // An early hello in the call's headers (dialers; see `protocol::EARLY_HELLO_HEADER`): judged
     // now, the answer says so, and the session starts at the hello's answer, without a preamble.
     let early = req.headers().get(EARLY_HELLO_HEADER).map(|v| session::judge_early(state, v.as_bytes(), std::time::SystemTime::now()));
-    let mut answer = Response::builder()
-        .status(StatusCode::OK)
-        .header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE)
-        .header("grpc-encoding", "identity");
+    let mut answer =
+        Response::builder().status(StatusCode::OK).header(http::header::CONTENT_TYPE, grpc::CONTENT_TYPE).header("grpc-encoding", "identity");
     match &early {
         Some(session::Early::Taken(_)) => answer = answer.header(EARLY_HELLO_HEADER, EARLY_TAKEN),
         Some(session::Early::Declined) => {
@@ -128,7 +131,9 @@ fn start(state: &Arc<RelayState>, req: Request<h2::RecvStream>, mut respond: h2:
     let source = Box::pin(GrpcSource::new(req.into_body()).reporting_to(fault.clone()));
     let sink = Box::pin(GrpcSink::new(send, End::Trailers).reporting_from(fault));
     match early {
-        Some(session::Early::Taken(verdict)) => Some(Box::pin(session::serve_dialer(state.clone(), source, sink, peer, verdict))),
+        Some(session::Early::Taken(verdict)) => {
+            Some(Box::pin(session::serve_dialer(state.clone(), crate::session::Link::frames(source, sink), peer, verdict)))
+        }
         _ => Some(Box::pin(session::serve_framed_mux(state.clone(), source, sink, peer))),
     }
 }

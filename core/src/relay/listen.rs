@@ -17,18 +17,12 @@ use super::public::tcp_ports;
 use super::RelayState;
 use crate::error::ErrorCode;
 use crate::identity::verify_registration;
-use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{ListenAck, ListenHello};
+use crate::session::Link;
 
 /// Serve a listener session from its registration to its end.
-pub(super) async fn serve_listener(
-    state: Arc<RelayState>,
-    source: FrameSource,
-    mut sink: FrameSink,
-    peer: SocketAddr,
-    nonce: [u8; 32],
-    frame: &[u8],
-) {
+pub(super) async fn serve_listener(state: Arc<RelayState>, link: Link, peer: SocketAddr, nonce: [u8; 32], frame: &[u8]) {
+    let Link { source, mut sink, quic } = link;
     let refuse = |code: ErrorCode, msg: String| ListenAck::refused(code, msg).encode_frame();
     let hello = match ListenHello::decode_frame(frame) {
         Ok(h) => h,
@@ -97,7 +91,7 @@ pub(super) async fn serve_listener(
     if sink.send(ack.encode_frame()).await.is_err() {
         return;
     }
-    let (session, mut driver) = super::mux_server::server_session(&state, source, sink);
+    let (session, mut driver) = super::mux_server::server_session(&state, Link { source, sink, quic });
     if !state.registry.attach(&name, id, session.clone()) {
         // Replaced by a newer registration of the same key while this one was being answered.
         session.close_with_notice(ErrorCode::NameTaken, super::registry::replaced_notice(&name));

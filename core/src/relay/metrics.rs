@@ -86,6 +86,10 @@ const REFUSAL_NAMES: [&str; REFUSALS] = [
 pub struct Metrics {
     pub(crate) sessions_classic: AtomicU64,
     pub(crate) sessions_mux: AtomicU64,
+    /// Dialer sessions over QUIC (each tunnel stream a QUIC stream).
+    pub(crate) sessions_quic: AtomicU64,
+    /// QUIC connections sent a Retry (address validation under a flood of Initials).
+    pub(crate) quic_retries: AtomicU64,
     pub(crate) sessions_active: AtomicI64,
     pub(crate) streams_total: AtomicU64,
     pub(crate) streams_active: AtomicI64,
@@ -325,7 +329,17 @@ impl Metrics {
             "libtunnel_sessions_total",
             "Tunnel sessions authenticated, by mode.",
             "counter",
-            &[("{mode=\"classic\"}", self.sessions_classic.load(Relaxed) as i64), ("{mode=\"multiplexed\"}", self.sessions_mux.load(Relaxed) as i64)],
+            &[
+                ("{mode=\"classic\"}", self.sessions_classic.load(Relaxed) as i64),
+                ("{mode=\"multiplexed\"}", self.sessions_mux.load(Relaxed) as i64),
+                ("{mode=\"quic\"}", self.sessions_quic.load(Relaxed) as i64),
+            ],
+        );
+        counter(
+            "libtunnel_quic_retries_total",
+            "QUIC connections asked to validate their address (Retry) while many handshakes were in flight.",
+            "counter",
+            &[("", self.quic_retries.load(Relaxed) as i64)],
         );
         counter(
             "libtunnel_sessions_active",

@@ -43,6 +43,7 @@ mod mux_server;
 mod names;
 mod proxy_header;
 mod public;
+mod quic_endpoint;
 mod registry;
 mod route;
 mod session;
@@ -73,6 +74,8 @@ pub struct Server {
     http: Option<TcpListener>,
     https: Option<TcpListener>,
     admin: Option<TcpListener>,
+    /// The QUIC tunnel endpoint (`quic_listen`).
+    quic: Option<quinn::Endpoint>,
 }
 
 impl std::fmt::Debug for Server {
@@ -118,6 +121,10 @@ impl Server {
         let tls = match (&cfg.tls_cert, &cfg.tls_key) {
             (Some(c), Some(k)) => Some(crate::transport::server_tls(c, k)?),
             _ => None,
+        };
+        let quic = match cfg.quic_listen {
+            Some(a) => Some(quic_endpoint::bind(&cfg, tls.as_ref(), a)?),
+            None => None,
         };
         let ws = match cfg.listen {
             Some(a) => Some(bind(a, "TUNNEL_LISTEN").await?),
@@ -172,7 +179,7 @@ impl Server {
             https_port,
             cluster,
         });
-        Ok(Server { state, ws, tcp, http, https, admin })
+        Ok(Server { state, ws, tcp, http, https, admin, quic })
     }
 
     /// Address of the WebSocket endpoint.
@@ -198,6 +205,11 @@ impl Server {
     /// Address of the admin endpoint, when `admin_listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Address of the QUIC tunnel endpoint (UDP), when `quic_listen` is set.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic.as_ref().and_then(|e| e.local_addr().ok())
     }
 
     /// The URL dialers use (`ws://` or `wss://` on the WebSocket endpoint, else `tcp://`).
@@ -232,12 +244,19 @@ impl Server {
         if let Some(a) = self.admin_addr() {
             s.push_str(&format!("admin listening: http://{a}\n"));
         }
+        if let Some(q) = self.quic_addr() {
+            s.push_str(&format!("quic listening: quic://{q}\n"));
+        }
         s
     }
 
     /// Serve until `shutdown` resolves, then drain.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        let Server { state, ws, tcp, http, https, admin } = self;
+        let Server { state, ws, tcp, http, https, admin, quic } = self;
+        if let Some(e) = &quic {
+            tracing::info!(addr = %e.local_addr().map(|a| a.to_string()).unwrap_or_default(), congestion = state.cfg.quic_congestion.name(), "QUIC tunnel endpoint listening");
+            state.tasks.spawn(quic_endpoint::accept_loop(state.clone(), e.clone()));
+        }
         if let Some(l) = https {
             tracing::info!(addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), domain = %state.cfg.domain, "public HTTPS port listening");
             state.tasks.spawn(accept_loop(state.clone(), l, Endpoint::PublicHttps));
@@ -272,6 +291,11 @@ impl Server {
             state.kill.cancel();
             state.tasks.wait().await;
         }
+        if let Some(e) = quic {
+            // The sessions' CONNECTION_CLOSE frames leave before the socket goes (bounded).
+            e.close(quinn::VarInt::from_u32(ErrorCode::RelayUnavailable.number()), b"the relay shut down");
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), e.wait_idle()).await;
+        }
         Ok(())
     }
 
@@ -281,11 +305,12 @@ impl Server {
         let (addr, tcp_addr, http_addr, url, metrics) = (self.local_addr(), self.tcp_addr(), self.http_addr(), self.url(), self.metrics());
         let https_addr = self.https_addr();
         let admin_addr = self.admin_addr();
+        let quic_addr = self.quic_addr();
         let (draining, kill) = (self.state.draining.clone(), self.state.kill.clone());
         let t = token.clone();
         let reloader = self.reloader();
         let join = tokio::spawn(self.run(async move { t.cancelled().await }));
-        ServerHandle { addr, tcp_addr, http_addr, https_addr, admin_addr, url, metrics, token, draining, kill, join, reloader }
+        ServerHandle { addr, tcp_addr, http_addr, https_addr, admin_addr, quic_addr, url, metrics, token, draining, kill, join, reloader }
     }
 
     /// A handle that reloads this relay's keys, allowlist and listener grants while it runs.
@@ -323,6 +348,7 @@ pub struct ServerHandle {
     http_addr: Option<SocketAddr>,
     https_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
     url: String,
     metrics: Arc<Metrics>,
     token: CancellationToken,
@@ -354,6 +380,10 @@ impl ServerHandle {
     /// Address of the admin endpoint, when `admin_listen` is set.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+    /// Address of the QUIC tunnel endpoint (UDP), when `quic_listen` is set.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
     }
 
     /// The URL dialers use.

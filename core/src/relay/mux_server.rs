@@ -1,17 +1,16 @@
-//! The relay's end of a multiplexed session (a dialer's or a listener's): its settings from the
-//! relay's limits, and its driver owned by the task serving it.
+//! The relay's end of a session (a dialer's or a listener's, multiplexed or QUIC): its settings
+//! from the relay's limits, and its owner held by the task serving it.
 
 use super::RelayState;
-use crate::mux::{self, FrameSink, FrameSource, MuxConfig, Role, SessionTask};
-use crate::session::Session;
+use crate::mux::{MuxConfig, Role};
+use crate::session::{Link, Session, SessionOwner};
 
-/// Start the relay's side of a multiplexed session (dialer or listener) with the configured
-/// keepalive and stream limits. The session lives as long as the returned driver handle: the task
-/// serving the connection holds it, so a task that ends or is dropped (on `kill`, or by
+/// Start the relay's side of a session (dialer or listener) with the configured keepalive and
+/// stream limits. The session lives as long as the returned owner: the task serving the
+/// connection holds it, so a task that ends or is dropped (on `kill`, or by
 /// `ServerHandle::abort`) ends the session and frees its transport.
-pub(crate) fn server_session(state: &RelayState, source: FrameSource, sink: FrameSink) -> (Session, SessionTask) {
-    let (session, task) = mux::Session::owned(Role::Server, source, sink, relay_mux_config(state));
-    (Session::Mux(session), task)
+pub(crate) fn server_session(state: &RelayState, link: Link) -> (Session, SessionOwner) {
+    Session::owned(Role::Server, link, relay_mux_config(state))
 }
 
 /// The relay's session settings from its limits (its own sessions, and its sessions to the other

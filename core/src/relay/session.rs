@@ -22,6 +22,7 @@ use crate::auth::{fresh_nonce, AuthRejection, EARLY_MAX_SKEW};
 use crate::error::ErrorCode;
 use crate::mux::{FrameSink, FrameSource};
 use crate::protocol::{Hello, HelloAck, ServerConnect, MUX_TCP_MAGIC};
+use crate::session::Link;
 use crate::session::{Session, SessionStream};
 use crate::socks::{self, ServerAuth, ServerHandshakeError};
 use crate::transport::{tcp_frames, ws_frames, BoxIo};
@@ -99,7 +100,7 @@ pub(super) async fn serve_raw_tcp(state: Arc<RelayState>, mut sock: TcpStream, p
             return;
         }
         let (source, sink) = tcp_frames(Box::new(sock));
-        serve_mux(state, source, sink, peer, nonce).await;
+        serve_mux(state, Link::frames(source, sink), peer, nonce).await;
     } else {
         serve_classic(state, sock, peer, nonce).await;
     }
@@ -225,7 +226,7 @@ fn count_bytes(state: &RelayState, up: u64, down: u64) {
 pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream<BoxIo>, peer: SocketAddr, early: Option<Verdict>) {
     if let Some(verdict) = early {
         let (source, sink) = ws_frames(ws);
-        serve_dialer(state, source, sink, peer, verdict).await;
+        serve_dialer(state, Link::frames(source, sink), peer, verdict).await;
         return;
     }
     let nonce = fresh_nonce();
@@ -233,7 +234,7 @@ pub(super) async fn serve_ws_mux(state: Arc<RelayState>, mut ws: WebSocketStream
         return;
     }
     let (source, sink) = ws_frames(ws);
-    serve_mux(state, source, sink, peer, nonce).await;
+    serve_mux(state, Link::frames(source, sink), peer, nonce).await;
 }
 
 /// A multiplexed session over a frame transport that has no handshake of its own (a gRPC call):
@@ -243,7 +244,7 @@ pub(super) async fn serve_framed_mux(state: Arc<RelayState>, source: FrameSource
     if sink.send(ServerConnect::new(&nonce).encode_bytes().into()).await.is_err() {
         return;
     }
-    serve_mux(state, source, sink, peer, nonce).await;
+    serve_mux(state, Link::frames(source, sink), peer, nonce).await;
 }
 
 /// A dialer's hello, judged: the key id, a refused proof, or a malformed hello (its message).
@@ -335,8 +336,10 @@ pub(super) fn judge_early(state: &RelayState, value: &[u8], now: SystemTime) -> 
     }
 }
 
-async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, sink: FrameSink, peer: SocketAddr, nonce: [u8; 32]) {
-    let hello = match tokio::time::timeout(state.cfg.limits.handshake_timeout, source.next()).await {
+/// A session whose transport is up and whose hello is due on `link`, signed over `nonce` (the
+/// preamble's, or a QUIC connection's exported one): a listener's, another node's or a dialer's.
+pub(super) async fn serve_mux(state: Arc<RelayState>, mut link: Link, peer: SocketAddr, nonce: [u8; 32]) {
+    let hello = match tokio::time::timeout(state.cfg.limits.handshake_timeout, link.source.next()).await {
         Err(_) => {
             state.metrics.refused(Refusal::HandshakeTimeout);
             tracing::debug!(%peer, "session hello timed out");
@@ -346,22 +349,23 @@ async fn serve_mux(state: Arc<RelayState>, mut source: FrameSource, sink: FrameS
         Ok(_) => return,
     };
     if hello.first() == Some(&crate::protocol::LISTEN_HELLO_TAG) {
-        super::listen::serve_listener(state, source, sink, peer, nonce, &hello).await;
+        super::listen::serve_listener(state, link, peer, nonce, &hello).await;
         return;
     }
     if hello.first() == Some(&super::cluster::peers::CLUSTER_HELLO_TAG) {
-        super::cluster::peers::serve_peer(state, source, sink, peer, nonce, &hello).await;
+        super::cluster::peers::serve_peer(state, link, peer, nonce, &hello).await;
         return;
     }
     let verdict = match Hello::decode(&hello) {
         Ok(h) => Ok(state.access().auth_keys.verify(&nonce, &h.date, &h.sig, SystemTime::now())),
         Err(e) => Err(e.message().to_string()),
     };
-    serve_dialer(state, source, sink, peer, verdict).await;
+    serve_dialer(state, link, peer, verdict).await;
 }
 
 /// A dialer's session once its hello is judged: the answer, then its streams.
-pub(super) async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, verdict: Verdict) {
+pub(super) async fn serve_dialer(state: Arc<RelayState>, link: Link, peer: SocketAddr, verdict: Verdict) {
+    let Link { source, mut sink, quic } = link;
     let fail_delay = guard::failure_delay(&state, peer);
     let verdict = match verdict {
         Ok(v) => v,
@@ -398,10 +402,12 @@ pub(super) async fn serve_dialer(state: Arc<RelayState>, source: FrameSource, mu
     if sink.send(HelloAck { refusal: None }.encode()).await.is_err() {
         return;
     }
-    state.metrics.sessions_mux.fetch_add(1, Relaxed);
+    let transport = if quic.is_some() { "quic" } else { "mux" };
+    let counter = if quic.is_some() { &state.metrics.sessions_quic } else { &state.metrics.sessions_mux };
+    counter.fetch_add(1, Relaxed);
     let _s = ActiveGuard::new(&state.metrics.sessions_active);
-    let (session, mut driver) = mux_server::server_session(&state, source, sink);
-    tracing::debug!(%peer, "multiplexed session authenticated");
+    let (session, mut driver) = mux_server::server_session(&state, Link { source, sink, quic });
+    tracing::debug!(%peer, transport, "session authenticated");
     let mut draining = false;
     // While draining, check now and then whether the last stream has ended so the session can close
     // before the drain deadline (idle sessions close at once).

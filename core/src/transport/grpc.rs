@@ -20,9 +20,9 @@
 //! is handed to `h2` only as its stream's send capacity allows, so nothing queues without bound.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::future::Future;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -513,7 +513,10 @@ impl Drop for GrpcSink {
 /// `h2` settings both ends use: large windows and frames, a bounded send buffer.
 pub fn client_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW).initial_connection_window_size(CONNECTION_WINDOW).max_frame_size(MAX_FRAME).max_send_buffer_size(SEND_BUFFER);
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_send_buffer_size(SEND_BUFFER);
     b
 }
 
@@ -533,7 +536,11 @@ pub fn server_builder(max_streams: u32) -> h2::server::Builder {
 /// Send a session call to the relay at `url` (`grpc://` or `grpcs://`, through its proxy if
 /// any): HTTP/2 over TCP (prior knowledge) or TLS (ALPN `h2`), the request sent, with an early
 /// hello header if given; the answer still to come, and the request stream.
-async fn start_call(url: &RelayUrl, tls: Option<&ClientTls>, early_hello: Option<&str>) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
+async fn start_call(
+    url: &RelayUrl,
+    tls: Option<&ClientTls>,
+    early_hello: Option<&str>,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
     let io = super::open(url, tls).await?;
     let (client, conn) = client_builder().handshake::<_, Bytes>(io).await.map_err(|e| refused_h2(url, e))?;
     // The connection's driver; it ends when the stream below and its handles are gone.

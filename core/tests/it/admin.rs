@@ -7,8 +7,8 @@ use std::time::Duration;
 use libtunnel::auth::KeySet;
 use libtunnel::egress::allowlist::Allowlist;
 use libtunnel::{Dialer, Identity, Key, Listener, RelayConfig, Server};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use testkit::{eventually, holds};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const TOKEN: &str = "admin-token-for-the-tests-0123456789";

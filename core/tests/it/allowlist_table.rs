@@ -15,10 +15,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
-use testkit::*;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::socks::Target;
 use libtunnel::{Dialer, ErrorCode, Identity, Listener, Mode};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

@@ -4,7 +4,6 @@
 //! name the variable to set. Every child process is killed when its guard drops, and every wait is
 //! bounded.
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};

@@ -187,7 +187,11 @@ fn errors_page() -> String {
          argument errors, 1 otherwise.\n\n| Code | Name | Node `err.code` | When |\n|---|---|---|---|\n"
     );
     for c in ErrorCode::ALL {
-        let doc = docs.iter().find(|(n, _)| *n == c.number()).map(|(_, d)| d.as_str()).unwrap_or_else(|| panic!("no doc line for {} in error.rs", c.name()));
+        let doc = docs
+            .iter()
+            .find(|(n, _)| *n == c.number())
+            .map(|(_, d)| d.as_str())
+            .unwrap_or_else(|| panic!("no doc line for {} in error.rs", c.name()));
         assert!(!doc.is_empty(), "ErrorCode::{} has no doc comment in core/src/error.rs", c.name());
         s += &format!("| {} | `{}` | `{}` | {} |\n", c.number(), c.name(), c.errno_name(), doc);
     }
@@ -278,7 +282,12 @@ fn metrics_page() -> String {
 
 fn cli_page() -> String {
     let help = |args: &[&str]| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel")).args(args).arg("--help").env_remove("COLUMNS").output().expect("run tunnel --help");
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_tunnel"))
+            .args(args)
+            .arg("--help")
+            .env_remove("COLUMNS")
+            .output()
+            .expect("run tunnel --help");
         assert!(o.status.success() && o.stderr.is_empty(), "tunnel {args:?} --help: {o:?}");
         String::from_utf8(o.stdout).expect("UTF-8 help")
     };

@@ -6,16 +6,15 @@
 //! plaintext dial to an e2e listener is refused; an e2e dial to a plaintext listener fails).
 //! Every wait is bounded.
 
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use testkit::*;
 use libtunnel::config::ListenerGrant;
 use libtunnel::e2e::{DialerE2e, ListenerE2e};
 use libtunnel::{Dialer, ErrorCode, Identity, Listener, ServerHandle, TunnelStream};
 use sha2::{Digest, Sha256};
+use testkit::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -4,12 +4,11 @@
 //! `E2E_REFUSED`, and a chosen name refused without `--e2e-pin` (`E2E_IDENTITY`). Every child is
 //! killed when dropped and every wait is bounded.
 
-
 use std::path::Path;
 use std::process::Stdio;
 
-use testkit::*;
 use libtunnel::Identity;
+use testkit::*;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};

@@ -19,8 +19,8 @@
 //! All traffic stays on loopback (Emissary's server and our relay in Emissary mode bind every
 //! interface, as Emissary does, but only 127.0.0.1 is dialled), and every wait is bounded.
 
-use testkit::{dns, go_payload};
-use testkit::init_tracing; // RUST_LOG=libtunnel=debug shows the in-process relay's and dialer's logs
+use testkit::init_tracing;
+use testkit::{dns, go_payload}; // RUST_LOG=libtunnel=debug shows the in-process relay's and dialer's logs
 
 use std::io;
 use std::net::SocketAddr;

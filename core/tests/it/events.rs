@@ -10,9 +10,9 @@ use testkit::procs;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use testkit::*;
 use libtunnel::client::events::{Event, Events};
 use libtunnel::{Dialer, ErrorCode, Identity, Listener};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Child;

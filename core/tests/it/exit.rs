@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 
-use testkit::*;
 use libtunnel::config::ExitGrant;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

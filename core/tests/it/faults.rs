@@ -7,9 +7,9 @@ use testkit::procs;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use testkit::*;
 use libtunnel::mux::MuxConfig;
 use libtunnel::{Dialer, ErrorCode, Mode};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 

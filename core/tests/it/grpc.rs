@@ -73,7 +73,9 @@ async fn grpcs_and_wss_share_the_tls_port_by_alpn() {
         echo_through(&d, echo, 8 * MIB, 20).await;
     }
     // grpc:// (no TLS) at the TLS port: a clear refusal, not a hang.
-    let e = within(STEP, "a refused dial", dialer(&grpc_url(&relay, "grpc", "127.0.0.1")).dial(&echo.to_string())).await.expect_err("plain HTTP/2 at a TLS port");
+    let e = within(STEP, "a refused dial", dialer(&grpc_url(&relay, "grpc", "127.0.0.1")).dial(&echo.to_string()))
+        .await
+        .expect_err("plain HTTP/2 at a TLS port");
     assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
 }
 
@@ -84,7 +86,8 @@ async fn refusals_over_grpc_carry_their_code_and_fix() {
     let relay = start_relay(relay_config(allow_ports(&[echo.port()]))).await;
     let url = grpc_url(&relay, "grpc", "127.0.0.1");
     // A wrong key: refused by the hello, as over a WebSocket.
-    let wrong = Dialer::builder(&url).key(libtunnel::Key::new(KID, b"not the relay's secret".to_vec()).expect("key")).timeout(STEP).build().expect("dialer");
+    let wrong =
+        Dialer::builder(&url).key(libtunnel::Key::new(KID, b"not the relay's secret".to_vec()).expect("key")).timeout(STEP).build().expect("dialer");
     let e = within(STEP, "wrong key", wrong.dial(&echo.to_string())).await.expect_err("a wrong key is refused");
     assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
     // A target outside the allowlist.

@@ -4,12 +4,11 @@
 //! listener that never accepts, the public HTTP port's request-head deadline (slowloris) and
 //! size, and public requests in progress per source.
 
-
 use std::time::{Duration, Instant};
 
-use testkit::*;
 use libtunnel::relay::metrics::Refusal;
 use libtunnel::{Dialer, ErrorCode, Identity, Key, Listener, Mode};
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

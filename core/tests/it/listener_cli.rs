@@ -14,11 +14,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use libtunnel::{Identity, Server, ServerHandle};
+use testkit::procs::{self, tunnel, Proc};
+use testkit::{allow_ports, relay_config, start_relay, within, STEP};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use testkit::procs::{self, tunnel, Proc};
 use tokio::sync::mpsc;
-use testkit::{allow_ports, relay_config, start_relay, within, STEP};
 
 async fn relay() -> ServerHandle {
     let mut cfg = relay_config(allow_ports(&[9]));
@@ -100,8 +100,10 @@ async fn listen_exposes_a_local_http_service() {
         }
     });
 
-    let mut p =
-        Proc::spawn("tunnel", tunnel(&dir, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]));
+    let mut p = Proc::spawn(
+        "tunnel",
+        tunnel(&dir, &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8")]),
+    );
     assert_eq!(p.line("listening as:").await.trim().to_string(), name);
     let url = p.line("http:").await.trim().to_string();
     let expected_host = format!("{name}.localhost:{}", http.port());
@@ -156,10 +158,13 @@ async fn listen_with_proxy_protocol_sends_a_v2_header() {
         }
     });
 
-    let mut p = Proc::spawn("tunnel", tunnel(
-        &dir,
-        &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8"), "--proxy-protocol"],
-    ));
+    let mut p = Proc::spawn(
+        "tunnel",
+        tunnel(
+            &dir,
+            &["listen", "--to", &svc_addr.to_string(), "--relay", relay.url(), "--key", key_path.to_str().expect("utf8"), "--proxy-protocol"],
+        ),
+    );
     assert_eq!(p.line("listening as:").await.trim().to_string(), name);
     let (resp, client) = fetch(http, &format!("{name}.localhost:{}", http.port()), "/").await;
     assert_eq!(resp.status(), StatusCode::OK);

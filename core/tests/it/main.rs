@@ -26,6 +26,7 @@ mod listener;
 mod listener_cli;
 mod pools;
 mod public_https;
+mod quic;
 mod session_faults;
 mod socket;
 mod tunnel;

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use testkit::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use libtunnel::{Identity, Listener, ServerHandle};
 use pki::{make_pki, Pki};
+use testkit::*;
 use tokio::net::TcpListener;
 
 const DOMAIN: &str = "test.example";

@@ -9,16 +9,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use testkit::*;
 use futures_util::{SinkExt, StreamExt};
 use libtunnel::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
 use libtunnel::protocol::{Frame, FrameKind, Hello, HelloAck, ServerConnect};
 use libtunnel::transport::{self, Connected, RelayUrl};
 use libtunnel::{Dialer, ErrorCode};
+use testkit::procs::RelayProcess;
+use testkit::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use testkit::procs::RelayProcess;
-
 
 /// A `tunnel server` process allowing `ports` on 127.0.0.1, with a 0.3 s / 1 s keepalive.
 struct RelayProc(RelayProcess);
@@ -357,7 +356,8 @@ async fn a_frozen_listener_under_public_uploads_is_dropped_and_the_relay_returns
         });
     }
     // Every upload has reached the service behind the listener, and bytes are flowing.
-    eventually("200 uploads to reach the listener's service", || async { holds(accepted.load(std::sync::atomic::Ordering::Relaxed), |n| *n >= 200) }).await;
+    eventually("200 uploads to reach the listener's service", || async { holds(accepted.load(std::sync::atomic::Ordering::Relaxed), |n| *n >= 200) })
+        .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let loaded_rss = relay.rss_kib();
     let pid = listener.id().expect("running").to_string();

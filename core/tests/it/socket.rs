@@ -2,13 +2,12 @@
 //! bindings hand to programs: bytes hashed both ways through blocking std sockets, half-close with
 //! `shutdown(Write)`, and a relay cut off mid-transfer read as a reset, never as a clean EOF.
 
-
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::time::Duration;
 
-use testkit::*;
 use libtunnel::{Dialer, Mode};
+use testkit::*;
 
 const STEP: Duration = Duration::from_secs(10);
 const MIB: usize = 1024 * 1024;

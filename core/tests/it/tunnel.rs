@@ -4,14 +4,12 @@
 //! relay. Protocol misbehaviour (stale dates, replayed proofs, malformed SOCKS5, oversized frames)
 //! is produced by speaking the wire protocol by hand through the crate's public codec types.
 
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use testkit::*;
 use futures_util::{SinkExt, StreamExt};
 use libtunnel::mux::{FrameSink, FrameSource, MuxConfig, Role, Session};
 use libtunnel::protocol::{self, Hello, HelloAck, ServerConnect, MUX_SUBPROTOCOL, MUX_TCP_MAGIC};
@@ -19,6 +17,7 @@ use libtunnel::relay::metrics::Refusal;
 use libtunnel::socks::{self, Target};
 use libtunnel::transport::{self, ClientTls, Connected, RelayUrl, WsByteStream};
 use libtunnel::{Dialer, Error, ErrorCode, Key, Mode, RelayConfig, Server, ServerHandle};
+use testkit::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -27,9 +27,10 @@ use super::super::{mux_server, RelayState};
 use super::node_auth::{self, DialHello, NodeAuthError};
 use crate::auth::Key;
 use crate::error::{Error, ErrorCode, Result};
-use crate::mux::{FrameSink, FrameSource, Role};
-use crate::session::{Session, SessionStream};
+use crate::mux::Role;
 use crate::protocol::{HelloAck, EXIT_HEADER_VERSION};
+use crate::session::Link;
+use crate::session::{Session, SessionStream};
 use crate::transport::RelayUrl;
 
 /// First byte of a node-to-node session's hello (a dialer's is `HELLO_VERSION`, a listener's
@@ -201,7 +202,8 @@ impl Peers {
         }
         let relay_url = RelayUrl::parse(url)?;
         let mut made = None;
-        let connect = crate::client::handshake::connect_mux(&relay_url, None, |nonce| {
+        let session_cfg = mux_server::relay_mux_config(state);
+        let connect = crate::client::handshake::connect_mux(&relay_url, None, &session_cfg, |nonce| {
             let mut b = vec![CLUSTER_HELLO_TAG];
             if let Ok((hello, t)) = DialHello::new(&self.key, nonce, &self.me, id, url) {
                 b.extend_from_slice(&hello.encode());
@@ -209,11 +211,11 @@ impl Peers {
             }
             b.into()
         });
-        let (source, mut sink, answer) = tokio::time::timeout(state.cfg.limits.handshake_timeout, connect)
+        let (mut link, answer) = tokio::time::timeout(state.cfg.limits.handshake_timeout, connect)
             .await
             .map_err(|_| Error::new(ErrorCode::Timeout, format!("the cluster node at {url} did not answer in time")))??;
         if let Some((code, msg)) = HelloAck::decode(&answer)?.refusal {
-            let _ = sink.close().await;
+            let _ = link.sink.close().await;
             return Err(Error::new(code, format!("the cluster node at {url} refused this node: {msg}")));
         }
         let proved = match &made {
@@ -221,12 +223,12 @@ impl Peers {
             None => Err(NodeAuthError::Malformed("the dialed node's nonce is not 32 bytes")),
         };
         if let Err(e) = proved {
-            let _ = sink.close().await;
+            let _ = link.sink.close().await;
             state.metrics.cluster.node_auth_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(node = %id, %url, error = %e, "a node listed in the cluster registry did not prove the cluster key; nothing is routed to it");
             return Err(Error::new(e.code(), format!("the cluster node {id} at {url} did not prove the cluster key: {e}")));
         }
-        let s = Session::mux(Role::Client, source, sink, mux_server::relay_mux_config(state));
+        let s = Session::start(Role::Client, link, session_cfg);
         tracing::info!(node = %id, %url, "node-to-node session open (both nodes proved the cluster key)");
         *slot = Some(s.clone());
         Ok(s)
@@ -368,7 +370,8 @@ pub(crate) enum PeerError {
 /// A's side: authenticate a node-to-node session (the dialing node proves the cluster key over
 /// this connection's nonce, naming this node; this node then proves it back over the dialing
 /// node's nonce), then serve each stream's request.
-pub(crate) async fn serve_peer(state: Arc<RelayState>, source: FrameSource, mut sink: FrameSink, peer: SocketAddr, nonce: [u8; 32], frame: &[u8]) {
+pub(crate) async fn serve_peer(state: Arc<RelayState>, link: Link, peer: SocketAddr, nonce: [u8; 32], frame: &[u8]) {
+    let Link { source, mut sink, quic } = link;
     let Some(cluster) = state.cluster.as_ref() else {
         let ack =
             HelloAck { refusal: Some((ErrorCode::NotAllowed, "this relay is not a node of a cluster (TUNNEL_CLUSTER_REDIS is not set)".into())) };
@@ -392,7 +395,7 @@ pub(crate) async fn serve_peer(state: Arc<RelayState>, source: FrameSource, mut 
     if sink.send(node_auth::answer(&cluster.cfg.key, &transcript).into()).await.is_err() {
         return;
     }
-    let (session, _close) = mux_server::server_session(&state, source, sink);
+    let (session, _close) = mux_server::server_session(&state, Link { source, sink, quic });
     tracing::info!(%peer, node = %hello.dialer_id, "node-to-node session from another node of the cluster (both proved the cluster key)");
     loop {
         tokio::select! {
