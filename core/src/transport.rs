@@ -458,6 +458,12 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
             url.url
         )));
     }
+    if url.scheme == Scheme::Quic {
+        return Err(Error::argument(format!(
+            "{} is a QUIC relay URL, which carries multiplexed sessions only; classic mode (Emissary's protocol) needs ws:// or wss://",
+            url.url
+        )));
+    }
     let io = open(url, tls).await?;
     if url.scheme == Scheme::Tcp {
         return Ok(Connected::Tcp(io));

@@ -367,6 +367,8 @@ pub struct QuicStream {
     recv_done: bool,
     /// The receive side can no longer be cut off (finished, or stopped by us).
     recv_settled: bool,
+    /// The session's end, watched by `poll_cut_off` while a read-ahead chunk waits.
+    session_end: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     session: Counted,
 }
 
@@ -391,6 +393,7 @@ impl QuicStream {
             unread: None,
             recv_done: false,
             recv_settled: false,
+            session_end: None,
             session: Counted::new(shared),
         }
     }
@@ -533,26 +536,38 @@ impl QuicStream {
     }
 
     /// Ready with the error once the stream was cut off (reset, or the session ended) before the
-    /// peer finished sending.
+    /// peer finished sending. It reads ahead (one chunk, kept for the next read) to learn of a
+    /// reset: quinn's own reset check would leave a reader registered on a stream read to its end.
+    /// While that chunk waits, the session's end is watched instead.
     pub fn poll_cut_off(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if let Poll::Ready(Err(e)) = self.poll_flush_pending(cx) {
             return Poll::Ready(e);
         }
-        if self.recv_settled {
+        if self.recv_settled || self.recv_done {
             return Poll::Pending;
         }
-        let polled = pin!(self.recv.received_reset()).poll(cx);
+        if self.unread.is_some() {
+            let ended = self.session_end.get_or_insert_with(|| Box::pin(self.session.0.closed.clone().cancelled_owned()));
+            if ended.as_mut().poll(cx).is_ready() {
+                if let Some(e) = self.session.0.conn.close_reason() {
+                    return Poll::Ready(self.lost(e));
+                }
+            }
+            return Poll::Pending;
+        }
+        let polled = pin!(self.recv.read_chunk(MAX_DATA, true)).poll(cx);
         match polled {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(code))) => Poll::Ready(Error::new(code_of(code), "the peer reset the stream").into_io()),
+            Poll::Ready(Ok(Some(chunk))) => {
+                self.unread = Some(chunk.bytes);
+                Poll::Pending
+            }
             Poll::Ready(Ok(None)) => {
+                self.recv_done = true;
                 self.recv_settled = true;
                 Poll::Pending
             }
-            Poll::Ready(Err(quinn::ResetError::ConnectionLost(c))) => Poll::Ready(self.lost(c)),
-            Poll::Ready(Err(quinn::ResetError::ZeroRttRejected)) => {
-                Poll::Ready(Error::new(ErrorCode::RelayUnavailable, "the relay refused early data").into_io())
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(self.read_error(e)),
         }
     }
 

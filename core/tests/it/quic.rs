@@ -53,3 +53,142 @@ async fn a_dialer_over_quic_moves_64_mib_both_ways_and_half_closes() {
     assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"quic\"}"), 1, "one QUIC session carried every stream: {m}");
     assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"multiplexed\"}"), 0, "{m}");
 }
+
+/// An HTTP/1.1 server that answers every request `200 ok`.
+async fn http_ok_server() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Some(_head) = read_http_head(&mut s).await else { return };
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_over_quic_serves_dials_by_name_public_http_and_e2e() {
+    use libtunnel::e2e::{DialerE2e, ListenerE2e};
+    init_tracing();
+    let echo = echo_server().await;
+    let web = http_ok_server().await;
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.listeners_open = true;
+    cfg.http_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let q = quic_relay(cfg).await;
+    let url = q.url();
+    let bind = |e2e: Option<ListenerE2e>| {
+        let mut b = Listener::builder(&url, Identity::generate()).tls(q.trust.clone());
+        if let Some(e) = e2e {
+            b = b.e2e(e);
+        }
+        b.bind()
+    };
+    // A listener over QUIC, dialed by name by a dialer over QUIC: the relay splices two QUIC streams.
+    let plain = within(STEP, "listener binds over quic://", bind(None)).await.expect("bind");
+    let plain_name = plain.name();
+    tokio::spawn(libtunnel::forward::expose(plain, echo.to_string(), false, std::future::pending()));
+    let d = q.dialer();
+    let data = payload(16 * MIB, 7);
+    let s = within(STEP, "dial by name", d.dial(&format!("{plain_name}:80"))).await.expect("dial the listener by name");
+    let got = within(BULK, "echo through the listener", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data));
+    // And by a dialer over WebSocket: both transports are sessions of one relay.
+    let ws = Dialer::builder(&format!("wss://localhost:{}", q.relay.local_addr().expect("addr").port()))
+        .key(key())
+        .tls(q.trust.clone())
+        .timeout(STEP)
+        .build()
+        .expect("dialer");
+    let s = within(STEP, "dial by name over wss", ws.dial(&format!("{plain_name}:80"))).await.expect("dial");
+    let small = payload(MIB, 8);
+    assert_eq!(within(STEP, "echo", echo_roundtrip(s, &small, true)).await.expect("echo"), sha256(&small));
+    // Public HTTP to a listener whose session is QUIC.
+    let site = within(STEP, "listener binds over quic://", bind(None)).await.expect("bind");
+    let site_name = site.name();
+    tokio::spawn(libtunnel::forward::expose(site, web.to_string(), false, std::future::pending()));
+    let http = q.relay.http_addr().expect("public http");
+    let (status, body) = http_exchange(http, &format!("GET / HTTP/1.1\r\nHost: {site_name}.localhost\r\nConnection: close\r\n\r\n")).await;
+    assert_eq!((status, body.as_str()), (200, "ok"), "public HTTP through a QUIC listener session");
+    // End to end over QUIC: the relay sees ciphertext; 16 MiB hashed both ways.
+    let sealed = within(STEP, "e2e listener binds over quic://", bind(Some(ListenerE2e::new()))).await.expect("bind");
+    let sealed_name = sealed.name();
+    tokio::spawn(libtunnel::forward::expose(sealed, echo.to_string(), false, std::future::pending()));
+    let de2e = Dialer::builder(&url).key(key()).tls(q.trust.clone()).timeout(STEP).e2e(DialerE2e::new()).build().expect("dialer");
+    let s = within(STEP, "e2e dial by name", de2e.dial(&format!("{sealed_name}:80"))).await.expect("e2e dial");
+    assert!(s.is_e2e());
+    let got = within(BULK, "e2e echo", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data));
+    // A plaintext dial to the e2e listener is refused with its code, over QUIC too.
+    let e = match within(STEP, "plaintext dial", d.dial(&format!("{sealed_name}:80"))).await {
+        Err(e) => e,
+        Ok(s) => libtunnel::Error::from_io(echo_roundtrip(s, b"x", true).await.expect_err("refused"), "plaintext dial"),
+    };
+    assert_eq!(e.code(), ErrorCode::E2eRefused, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_over_quic_carry_their_code_and_fix() {
+    init_tracing();
+    let echo = echo_server().await;
+    let q = quic_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let url = q.url();
+    // A wrong key: refused by the hello, as over a WebSocket.
+    let wrong = Dialer::builder(&url)
+        .key(libtunnel::Key::new(KID, b"not the relay's secret".to_vec()).expect("key"))
+        .tls(q.trust.clone())
+        .timeout(STEP)
+        .build()
+        .expect("dialer");
+    let e = within(STEP, "wrong key", wrong.dial(&echo.to_string())).await.expect_err("a wrong key is refused");
+    assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
+    // A target outside the allowlist.
+    let d = q.dialer();
+    let e = within(STEP, "not allowed", d.dial("127.0.0.1:1")).await.expect_err("outside the allowlist");
+    assert_eq!(e.code(), ErrorCode::NotAllowed, "{e}");
+    // Classic mode is Emissary's WebSocket protocol.
+    let classic = Dialer::builder(&url).key(key()).tls(q.trust.clone()).mode(Mode::Classic).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "classic over quic", classic.dial(&echo.to_string())).await.expect_err("classic mode needs a WebSocket");
+    assert!(e.message().contains("ws://"), "{e}");
+    // A certificate the client does not trust: the error names --ca.
+    let untrusted = Dialer::builder(&url).key(key()).timeout(STEP).build().expect("dialer");
+    let e = within(STEP, "untrusted certificate", untrusted.dial(&echo.to_string())).await.expect_err("self-signed, not trusted");
+    assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+    assert!(e.message().contains("--ca"), "{e}");
+    // Still serving.
+    echo_through(&d, echo, 64 * 1024, 3).await;
+    let m = q.relay.metrics().render();
+    assert!(metric(&m, "libtunnel_auth_failures_total") >= 1, "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_streams_at_once_share_one_quic_connection() {
+    init_tracing();
+    let echo = echo_server().await;
+    let q = quic_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let d = std::sync::Arc::new(q.dialer());
+    let mut runs = tokio::task::JoinSet::new();
+    for i in 0..1000u64 {
+        let d = d.clone();
+        runs.spawn(async move {
+            let data = payload(4096 + i as usize, i);
+            let s = d.dial(&echo.to_string()).await.expect("dial");
+            let got = echo_roundtrip(s, &data, true).await.expect("echo");
+            assert_eq!(got, sha256(&data), "stream {i}");
+        });
+    }
+    within(BULK, "1,000 concurrent echoes", async {
+        while let Some(r) = runs.join_next().await {
+            r.expect("an echo task");
+        }
+    })
+    .await;
+    let m = q.relay.metrics().render();
+    assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"quic\"}"), 1, "{m}");
+    assert_eq!(metric(&m, "libtunnel_streams_total"), 1000, "{m}");
+}
