@@ -192,3 +192,162 @@ async fn a_thousand_streams_at_once_share_one_quic_connection() {
     assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"quic\"}"), 1, "{m}");
     assert_eq!(metric(&m, "libtunnel_streams_total"), 1000, "{m}");
 }
+
+/// What [`udp_gate`] does with datagrams.
+const OPEN: u8 = 0;
+const SILENT: u8 = 1;
+
+/// A UDP forwarder to `to` standing for a network path: `OPEN` forwards each client's datagrams
+/// from a socket of its own, `SILENT` drops them (UDP blocked). `rebind` gives every client a new
+/// upstream socket, so the relay sees its address change mid-connection (a NAT rebinding).
+struct UdpGate {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl UdpGate {
+    fn set(&self, state: u8) {
+        self.state.store(state, std::sync::atomic::Ordering::SeqCst);
+    }
+    fn rebind(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn udp_gate(to: std::net::SocketAddr) -> UdpGate {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::Arc;
+    let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp"));
+    let addr = sock.local_addr().expect("addr");
+    let state = Arc::new(std::sync::atomic::AtomicU8::new(OPEN));
+    let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (st, gen) = (state.clone(), generation.clone());
+    tokio::spawn(async move {
+        let mut upstreams: std::collections::HashMap<std::net::SocketAddr, (u64, Arc<tokio::net::UdpSocket>)> = Default::default();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else { return };
+            if st.load(SeqCst) == SILENT {
+                continue;
+            }
+            let g = gen.load(SeqCst);
+            let fresh = upstreams.get(&from).is_none_or(|(ug, _)| *ug != g);
+            if fresh {
+                let up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                let (back, down, st) = (up.clone(), sock.clone(), st.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    while let Ok(n) = back.recv(&mut buf).await {
+                        if st.load(SeqCst) != SILENT {
+                            let _ = down.send_to(&buf[..n], from).await;
+                        }
+                    }
+                });
+                up.connect(to).await.expect("connect upstream");
+                upstreams.insert(from, (g, up));
+            }
+            let _ = upstreams[&from].1.send(&buf[..n]).await;
+        }
+    });
+    UdpGate { addr, state, generation }
+}
+
+async fn next_connected(events: &mut libtunnel::client::events::Events) -> String {
+    loop {
+        match within(STEP, "a connection event", events.next()).await.expect("events") {
+            libtunnel::client::events::Event::Connected { relay, .. } => return relay,
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_blocked_a_dialer_falls_back_to_wss_and_returns_to_quic_once_it_passes() {
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let echo = echo_server().await;
+    let q = quic_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let gate = udp_gate(q.relay.quic_addr().expect("quic")).await;
+    let wss = format!("wss://localhost:{}", q.relay.local_addr().expect("addr").port());
+    let urls = format!("quic://localhost:{},{wss}", gate.addr.port());
+    let again = std::time::Duration::from_millis(500);
+    let bound = std::time::Duration::from_secs(1);
+    // UDP blocked: the QUIC attempt is cut at the bound, then WebSocket carries the dial.
+    gate.set(SILENT);
+    let d = Dialer::builder(&urls).key(key()).tls(q.trust.clone()).timeout(STEP).relay_timing(again, bound).build().expect("dialer");
+    let mut events = d.events();
+    let t0 = std::time::Instant::now();
+    echo_through(&d, echo, MIB, 1).await;
+    let took = t0.elapsed();
+    eprintln!("UDP blocked: a dial over wss:// in {took:?} (attempt bound {bound:?})");
+    assert!(took >= bound && took < bound * 3, "fell back after {took:?}");
+    assert!(next_connected(&mut events).await.starts_with("wss://"), "the event names the transport in use");
+    // A stream open on the WebSocket session across the move back.
+    let data = payload(4 * MIB, 2);
+    let mut long = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
+    within(STEP, "first half", long.write_all(&data[..data.len() / 2])).await.expect("write");
+    // UDP passes again: once the wait is over, a dial moves the dialer back to QUIC.
+    gate.set(OPEN);
+    eventually("the dialer to move back to quic://", || async {
+        echo_through(&d, echo, 1024, 3).await;
+        holds(d.relay().to_string(), |r| r.starts_with("quic://"))
+    })
+    .await;
+    assert!(next_connected(&mut events).await.starts_with("quic://"), "a Connected names QUIC again");
+    echo_through(&d, echo, MIB, 4).await;
+    within(STEP, "second half", long.write_all(&data[data.len() / 2..])).await.expect("write");
+    within(STEP, "half-close", long.shutdown()).await.expect("shutdown");
+    let back = within(STEP, "the echo", read_to_end(&mut long)).await.expect("read");
+    assert_eq!(sha256(&back), sha256(&data), "the stream across the move lost or changed bytes");
+    let m = q.relay.metrics().render();
+    assert!(metric(&m, "libtunnel_sessions_total{mode=\"quic\"}") >= 1, "{m}");
+    // A refusal is final: a wrong key is refused over QUIC and not tried again over wss://.
+    let wrong = Dialer::builder(&urls)
+        .key(libtunnel::Key::new(KID, b"not the relay's secret".to_vec()).expect("key"))
+        .tls(q.trust.clone())
+        .timeout(STEP)
+        .relay_timing(again, bound)
+        .build()
+        .expect("dialer");
+    let before = metric(&q.relay.metrics().render(), "libtunnel_auth_failures_total");
+    let e = within(STEP, "wrong key", wrong.dial(&echo.to_string())).await.expect_err("refused");
+    assert_eq!(e.code(), ErrorCode::AuthFailed, "{e}");
+    assert!(e.message().contains("quic://"), "refused by the QUIC relay, not after a fallback: {e}");
+    assert_eq!(metric(&q.relay.metrics().render(), "libtunnel_auth_failures_total"), before + 1, "one refusal, no second try over wss://");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_survives_the_clients_address_changing_mid_way() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    let echo = echo_server().await;
+    let q = quic_relay(relay_config(allow_ports(&[echo.port()]))).await;
+    let gate = udp_gate(q.relay.quic_addr().expect("quic")).await;
+    let d = Dialer::builder(&format!("quic://localhost:{}", gate.addr.port())).key(key()).tls(q.trust.clone()).timeout(STEP).build().expect("dialer");
+    let data = payload(16 * MIB, 9);
+    let s = within(STEP, "dial", d.dial(&echo.to_string())).await.expect("dial");
+    let (mut r, mut w) = tokio::io::split(s);
+    let (half_tx, half_rx) = tokio::sync::oneshot::channel();
+    let writer = {
+        let data = data.clone();
+        tokio::spawn(async move {
+            let (a, b) = data.split_at(data.len() / 2);
+            w.write_all(a).await.expect("first half");
+            let _ = half_tx.send(());
+            w.write_all(b).await.expect("second half");
+            w.shutdown().await.expect("half-close");
+        })
+    };
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.map(|_| got)
+    });
+    within(STEP, "half the bytes sent", half_rx).await.expect("writer");
+    // The client's address as the relay sees it changes (every datagram from now on comes from
+    // another port); the connection and its stream carry on.
+    gate.rebind();
+    within(BULK, "the writer", writer).await.expect("writer task");
+    let got = within(BULK, "the echo", reader).await.expect("reader task").expect("read");
+    assert_eq!(sha256(&got), sha256(&data), "bytes lost or changed across the address change");
+}
