@@ -216,6 +216,11 @@ impl UdpGate {
 }
 
 async fn udp_gate(to: std::net::SocketAddr) -> UdpGate {
+    udp_gate_from(to, "127.0.0.1").await
+}
+
+/// [`udp_gate`] whose upstream sockets are bound to `from_ip` (the relay sees that source).
+async fn udp_gate_from(to: std::net::SocketAddr, from_ip: &'static str) -> UdpGate {
     use std::sync::atomic::Ordering::SeqCst;
     use std::sync::Arc;
     let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind udp"));
@@ -234,7 +239,7 @@ async fn udp_gate(to: std::net::SocketAddr) -> UdpGate {
             let g = gen.load(SeqCst);
             let fresh = upstreams.get(&from).is_none_or(|(ug, _)| *ug != g);
             if fresh {
-                let up = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind upstream"));
+                let up = Arc::new(tokio::net::UdpSocket::bind((from_ip, 0)).await.expect("bind upstream"));
                 let (back, down, st) = (up.clone(), sock.clone(), st.clone());
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 65536];
@@ -350,4 +355,195 @@ async fn a_transfer_survives_the_clients_address_changing_mid_way() {
     within(BULK, "the writer", writer).await.expect("writer task");
     let got = within(BULK, "the echo", reader).await.expect("reader task").expect("read");
     assert_eq!(sha256(&got), sha256(&data), "bytes lost or changed across the address change");
+}
+
+/// A target that reads and discards everything.
+async fn sink_server() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// A `tunnel server` process with a QUIC endpoint (self-signed for localhost) allowing `ports`,
+/// with a 0.3 s / 1 s keepalive, and the trust for its certificate.
+async fn quic_relay_process(ports: &[u16], extra: &[(&str, &str)]) -> (testkit::procs::RelayProcess, libtunnel::transport::ClientTls) {
+    let (cert, tls_key, pem) = self_signed_cert();
+    let allow = allow_json(ports);
+    let (cert, tls_key) = (cert.display().to_string(), tls_key.display().to_string());
+    let mut env = vec![
+        ("TUNNEL_ALLOW", allow.as_str()),
+        ("TUNNEL_KEEPALIVE_INTERVAL", "0.3"),
+        ("TUNNEL_KEEPALIVE_TIMEOUT", "1"),
+        ("TUNNEL_TLS_CERT", cert.as_str()),
+        ("TUNNEL_TLS_KEY", tls_key.as_str()),
+        ("TUNNEL_QUIC_LISTEN", "127.0.0.1:0"),
+    ];
+    env.extend_from_slice(extra);
+    let relay = testkit::procs::RelayProcess::start(&env).await;
+    (relay, libtunnel::transport::ClientTls::from_pem(pem.as_bytes()).expect("CA bundle"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_relay_fails_every_quic_upload_within_the_keepalive_and_new_dials_work_after() {
+    use std::time::{Duration, Instant};
+    use tokio::io::AsyncWriteExt;
+    init_tracing();
+    let sink = sink_server().await;
+    let echo = echo_server().await;
+    let (relay, trust) = quic_relay_process(&[sink.port(), echo.port()], &[]).await;
+    let url = format!("quic://localhost:{}", relay.quic.expect("quic").port());
+    let short =
+        libtunnel::mux::MuxConfig { keepalive_interval: Duration::from_millis(300), keepalive_timeout: Duration::from_secs(1), ..Default::default() };
+    let d = Dialer::builder(&url).key(key()).tls(trust).timeout(Duration::from_secs(3)).mux_config(short).build().expect("dialer");
+    let mut uploads = tokio::task::JoinSet::new();
+    let in_flight = std::sync::Arc::new(tokio::sync::Barrier::new(201));
+    for _ in 0..200 {
+        let mut s = within(STEP, "dial", d.dial(&sink.to_string())).await.expect("dial");
+        let in_flight = in_flight.clone();
+        uploads.spawn(async move {
+            let chunk = vec![5u8; 64 * 1024];
+            let mut first = true;
+            loop {
+                if let Err(e) = s.write_all(&chunk).await {
+                    return (Instant::now(), e);
+                }
+                if std::mem::take(&mut first) {
+                    in_flight.wait().await;
+                }
+            }
+        });
+    }
+    within(STEP, "every upload to have data in flight", in_flight.wait()).await;
+    relay.signal("STOP");
+    let t0 = Instant::now();
+    let (mut worst, mut failed) = (Duration::ZERO, 0);
+    while let Some(r) = within(Duration::from_secs(15), "every upload to fail", uploads.join_next()).await {
+        let (at, e) = r.expect("upload task");
+        let e = libtunnel::Error::from_io(e, "upload");
+        assert_eq!(e.code(), ErrorCode::RelayUnavailable, "{e}");
+        worst = worst.max(at.duration_since(t0));
+        failed += 1;
+    }
+    assert_eq!(failed, 200);
+    assert!(worst < Duration::from_secs(4), "the last upload failed {worst:?} after the freeze (keepalive timeout 1 s)");
+    eprintln!("200 QUIC uploads over a frozen relay all failed within {worst:?} (keepalive timeout 1 s)");
+    let r = tokio::time::timeout(Duration::from_secs(10), d.dial(&echo.to_string())).await.expect("a dial to a frozen relay is bounded");
+    assert!(r.is_err(), "a dial through a frozen relay cannot succeed");
+    relay.signal("CONT");
+    let s = within(STEP, "dial after the relay is back", d.dial(&echo.to_string())).await.expect("dial after resume");
+    let data = payload(MIB, 4);
+    assert_eq!(within(STEP, "1 MiB round trip", echo_roundtrip(s, &data, true)).await.expect("round trip"), sha256(&data));
+}
+
+/// `n` real QUIC Initial datagrams, each opening a connection of its own (distinct destination
+/// connection ids): a bare quinn client starts `n` handshakes toward a socket that never answers,
+/// and the first datagram of each is kept.
+async fn initials(n: usize) -> Vec<Vec<u8>> {
+    let trap = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let to = trap.local_addr().expect("addr");
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    let roots = rustls::RootCertStore::empty();
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"libtunnel.v1".to_vec()];
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls")));
+    let mut attempts = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    // In rounds of 50, so the trap's receive buffer never overflows.
+    while out.len() < n {
+        let want = (out.len() + 50).min(n);
+        attempts.extend((out.len()..want).map(|_| ep.connect_with(cfg.clone(), to, "localhost").expect("connect")));
+        while out.len() < want {
+            let got = within(STEP, "QUIC Initials", trap.recv(&mut buf)).await.expect("recv");
+            let d = &buf[..got];
+            assert!(got >= 1200 && d[0] & 0xf0 == 0xc0, "a long-header Initial padded to 1,200 bytes: {got} bytes, first {:#x}", d[0]);
+            let dcid = d[6..6 + d[5] as usize].to_vec();
+            if seen.insert(dcid) {
+                out.push(d.to_vec());
+            }
+        }
+    }
+    drop(attempts);
+    ep.close(0u32.into(), b"");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory_bounded() {
+    use std::time::Duration;
+    init_tracing();
+    let echo = echo_server().await;
+    let (relay, trust) =
+        quic_relay_process(&[echo.port()], &[("TUNNEL_ADMIN_LISTEN", "127.0.0.1:0"), ("TUNNEL_ADMIN_TOKEN", "flood-test-token")]).await;
+    let metrics = || async {
+        let admin = relay.admin.expect("admin");
+        http_exchange(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer flood-test-token\r\nConnection: close\r\n\r\n").await.1
+    };
+    let quic = relay.quic.expect("quic");
+    let flood = std::sync::Arc::new(initials(2000).await);
+    // 2,000 connection attempts from 20 ports of 127.0.0.1, none of which will ever finish its
+    // handshake (nothing answers the relay from there).
+    let send_flood = |flood: std::sync::Arc<Vec<Vec<u8>>>| async move {
+        let mut floods = tokio::task::JoinSet::new();
+        for part in 0..20 {
+            let flood = flood.clone();
+            floods.spawn(async move {
+                let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+                for initial in &flood[part * 100..(part + 1) * 100] {
+                    let _ = s.send_to(initial, quic).await;
+                }
+                // Keep the port a while (the relay's answers land here and are dropped).
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            });
+        }
+        floods
+    };
+    let rss0 = relay.rss_kib();
+    let mut floods = send_flood(flood.clone()).await;
+    // Meanwhile a client from another source address (127.0.0.2, through a forwarder bound there)
+    // connects and moves bytes.
+    let other = udp_gate_from(quic, "127.0.0.2").await;
+    let d = Dialer::builder(&format!("quic://localhost:{}", other.addr.port())).key(key()).tls(trust).timeout(STEP).build().expect("dialer");
+    let t0 = std::time::Instant::now();
+    echo_through(&d, echo, MIB, 1).await;
+    eprintln!("a client from another source connected and echoed 1 MiB during the flood in {:?}", t0.elapsed());
+    while floods.join_next().await.is_some() {}
+    let rss1 = relay.rss_kib();
+    let body = metrics().await;
+    let (retries, held) = (metric(&body, "libtunnel_quic_retries_total"), metric(&body, "libtunnel_handshakes_open"));
+    eprintln!("relay RSS {rss0} KiB before the flood, {rss1} KiB after it; {retries} Retries, {held} handshakes held");
+    assert!(retries > 0, "a flood is answered with Retry: {body}");
+    assert!(held <= 128, "one source holds at most max_handshakes_per_source (128) handshakes: {held}");
+    assert!(rss1 < rss0 + 24 * 1024, "2,000 Initials grew the relay from {rss0} KiB to {rss1} KiB");
+    // The held handshakes end at the handshake deadline (10 s); a second flood as large takes
+    // no more memory than the first left (the endpoint's buffers and the allocator's arenas are
+    // reused, not grown).
+    let t0 = std::time::Instant::now();
+    eventually_within(Duration::from_secs(30), "the flood's handshakes to end", || async {
+        let held = metric(&metrics().await, "libtunnel_handshakes_open");
+        holds(held, |h| *h == 0)
+    })
+    .await;
+    eprintln!("the flood's handshakes ended {:?} after it; RSS {} KiB", t0.elapsed(), relay.rss_kib());
+    let again = initials(2000).await;
+    let mut floods = send_flood(std::sync::Arc::new(again)).await;
+    while floods.join_next().await.is_some() {}
+    let rss2 = relay.rss_kib();
+    eprintln!("after a second flood: RSS {rss2} KiB (first flood {rss1} KiB, baseline {rss0} KiB)");
+    assert!(rss2 < rss1 + 4 * 1024, "a second flood grew the relay again: {rss1} KiB -> {rss2} KiB");
+    echo_through(&d, echo, MIB, 2).await;
 }
