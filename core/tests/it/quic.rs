@@ -547,3 +547,29 @@ async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory
     assert!(rss2 < rss1 + 4 * 1024, "a second flood grew the relay again: {rss1} KiB -> {rss2} KiB");
     echo_through(&d, echo, MIB, 2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stopped_gracefully_tells_its_quic_listener_and_dialer_it_drained() {
+    use libtunnel::client::events::Event;
+    init_tracing();
+    let echo = echo_server().await;
+    let (relay, trust) = quic_relay_process(&[echo.port()], &[("TUNNEL_LISTENERS_OPEN", "true")]).await;
+    let url = format!("quic://localhost:{}", relay.quic.expect("quic").port());
+    let listener =
+        within(STEP, "bind over quic://", Listener::builder(&url, Identity::generate()).tls(trust.clone()).bind()).await.expect("registers");
+    let mut listener_events = listener.events();
+    let dialer = Dialer::builder(&url).key(key()).tls(trust).timeout(STEP).build().expect("dialer");
+    echo_through(&dialer, echo, 64 * 1024, 1).await;
+    let mut dialer_events = dialer.events();
+    relay.signal("TERM");
+    for (events, who) in [(&mut listener_events, "listener"), (&mut dialer_events, "dialer")] {
+        let e = loop {
+            match within(STEP, "a disconnected event", events.next()).await.expect("events") {
+                Event::Disconnected { code, message } => break (code, message),
+                _ => continue,
+            }
+        };
+        assert_eq!(e.0, ErrorCode::RelayUnavailable, "{who}: {}", e.1);
+        assert!(e.1.contains("drained"), "{who} is told the relay drained: {}", e.1);
+    }
+}
