@@ -573,3 +573,99 @@ async fn a_relay_stopped_gracefully_tells_its_quic_listener_and_dialer_it_draine
         assert!(e.1.contains("drained"), "{who} is told the relay drained: {}", e.1);
     }
 }
+
+/// Trusts any certificate: the measurement below holds QUIC connections to a relay and never
+/// authenticates (the relay's certificate is not what is tested).
+#[derive(Debug)]
+struct AnyCert;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_quic_connections_cost_bounded_memory_and_end_at_the_handshake_deadline() {
+    use std::time::{Duration, Instant};
+    init_tracing();
+    const HELD: usize = 100;
+    let (relay, _) = quic_relay_process(
+        &[9],
+        &[("TUNNEL_HANDSHAKE_TIMEOUT", "3"), ("TUNNEL_ADMIN_LISTEN", "127.0.0.1:0"), ("TUNNEL_ADMIN_TOKEN", "held-test-token-16")],
+    )
+    .await;
+    let quic = relay.quic.expect("quic");
+    let admin = relay.admin.expect("admin");
+    let handshakes = || async {
+        let body =
+            http_exchange(admin, "GET /metrics HTTP/1.1\r\nHost: admin\r\nAuthorization: Bearer held-test-token-16\r\nConnection: close\r\n\r\n")
+                .await
+                .1;
+        metric(&body, "libtunnel_handshakes_open")
+    };
+    let mut tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(std::sync::Arc::new(AnyCert))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"libtunnel.v1".to_vec()];
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic tls")));
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client endpoint");
+    let rss0 = relay.rss_kib();
+    // HELD connections that finish the QUIC handshake and then say nothing (no control stream,
+    // no hello): what a client that connects and stalls costs the relay.
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let c = within(STEP, "a QUIC handshake", ep.connect_with(cfg.clone(), quic, "localhost").expect("connect")).await.expect("handshake");
+        held.push(c);
+    }
+    let t0 = Instant::now();
+    assert_eq!(handshakes().await, HELD as i64, "each held connection is an unauthenticated handshake");
+    let rss1 = relay.rss_kib();
+    let per = (rss1.saturating_sub(rss0)) as f64 / HELD as f64;
+    eprintln!("{HELD} unauthenticated QUIC connections: relay RSS {rss0} -> {rss1} KiB, {per:.1} KiB each");
+    assert!(per < 96.0, "an unauthenticated QUIC connection costs the relay {per:.1} KiB");
+    // The handshake deadline (3 s) closes every one of them.
+    for c in &held {
+        let e = within(Duration::from_secs(10), "the relay to close a silent connection", c.closed()).await;
+        assert!(
+            matches!(
+                e,
+                quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::ConnectionClosed(_) | quinn::ConnectionError::TimedOut
+            ),
+            "{e}"
+        );
+    }
+    let took = t0.elapsed();
+    eprintln!("all {HELD} closed {took:?} after they were held (handshake_timeout 3 s)");
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    eventually("the relay to count no handshake", || async { holds(handshakes().await, |h| *h == 0) }).await;
+}
