@@ -247,16 +247,6 @@ impl QuicSession {
     pub fn close_with_notice(&self, code: ErrorCode, why: impl Into<String>) {
         self.close(code, why);
     }
-
-    /// The QUIC connection (tests: connection migration, statistics).
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.shared.conn
-    }
-
-    /// The client's own endpoint, when the session has one (tests: rebinding its UDP socket).
-    pub fn endpoint(&self) -> Option<&quinn::Endpoint> {
-        self.shared.endpoint.as_ref()
-    }
 }
 
 /// The control stream after the handshake: sends what `go_away` queues, reads the peer's
