@@ -483,7 +483,7 @@ async fn initials(n: usize) -> Vec<Vec<u8>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory_bounded() {
+async fn floods_of_initials_from_one_source_and_from_many_leave_others_connecting_and_memory_bounded() {
     use std::time::Duration;
     init_tracing();
     let echo = echo_server().await;
@@ -495,15 +495,16 @@ async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory
     };
     let quic = relay.quic.expect("quic");
     let flood = std::sync::Arc::new(initials(2000).await);
-    // 2,000 connection attempts from 20 ports of 127.0.0.1, none of which will ever finish its
-    // handshake (nothing answers the relay from there).
-    let send_flood = |flood: std::sync::Arc<Vec<Vec<u8>>>| async move {
+    // Connection attempts spread over sockets bound to `ips`, none of which will ever finish its
+    // handshake (nothing answers the relay from there, as from a spoofed address).
+    let send_flood = |flood: std::sync::Arc<Vec<Vec<u8>>>, ips: Vec<String>| async move {
         let mut floods = tokio::task::JoinSet::new();
-        for part in 0..20 {
+        let per = flood.len() / ips.len();
+        for (part, ip) in ips.into_iter().enumerate() {
             let flood = flood.clone();
             floods.spawn(async move {
-                let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
-                for initial in &flood[part * 100..(part + 1) * 100] {
+                let s = tokio::net::UdpSocket::bind((ip.as_str(), 0)).await.expect("bind");
+                for initial in &flood[part * per..(part + 1) * per] {
                     let _ = s.send_to(initial, quic).await;
                 }
                 // Keep the port a while (the relay's answers land here and are dropped).
@@ -513,7 +514,8 @@ async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory
         floods
     };
     let rss0 = relay.rss_kib();
-    let mut floods = send_flood(flood.clone()).await;
+    // First, 2,000 attempts from 20 ports of one source, 127.0.0.1.
+    let mut floods = send_flood(flood.clone(), vec!["127.0.0.1".to_string(); 20]).await;
     // Meanwhile a client from another source address (127.0.0.2, through a forwarder bound there)
     // connects and moves bytes.
     let other = udp_gate_from(quic, "127.0.0.2").await;
@@ -539,12 +541,23 @@ async fn a_flood_of_initials_from_one_source_leaves_others_connecting_and_memory
     })
     .await;
     eprintln!("the flood's handshakes ended {:?} after it; RSS {} KiB", t0.elapsed(), relay.rss_kib());
+    // Then 2,000 attempts from 200 addresses (127.0.1.1 to 127.0.1.200: sources that never answer,
+    // as spoofed ones): per-source limits do not hold them, the global handshake bound and Retry
+    // do; the client from 127.0.0.2 still connects meanwhile.
     let again = initials(2000).await;
-    let mut floods = send_flood(std::sync::Arc::new(again)).await;
+    let ips = (1..=200).map(|i| format!("127.0.1.{i}")).collect();
+    let mut floods = send_flood(std::sync::Arc::new(again), ips).await;
+    let t0 = std::time::Instant::now();
+    echo_through(&d, echo, MIB, 2).await;
+    eprintln!("the client connected and echoed 1 MiB during the flood from 200 sources in {:?}", t0.elapsed());
     while floods.join_next().await.is_some() {}
     let rss2 = relay.rss_kib();
-    eprintln!("after a second flood: RSS {rss2} KiB (first flood {rss1} KiB, baseline {rss0} KiB)");
-    assert!(rss2 < rss1 + 4 * 1024, "a second flood grew the relay again: {rss1} KiB -> {rss2} KiB");
+    let body = metrics().await;
+    let (retries2, held2) = (metric(&body, "libtunnel_quic_retries_total"), metric(&body, "libtunnel_handshakes_open"));
+    eprintln!("after the flood from 200 sources: RSS {rss2} KiB (first flood {rss1} KiB, baseline {rss0} KiB); {retries2} Retries in all, {held2} handshakes held");
+    assert!(retries2 > retries, "the flood from many sources is answered with Retry too");
+    assert!(held2 <= 1024, "at most max_handshakes (1024) handshakes are held: {held2}");
+    assert!(rss2 < rss1 + 8 * 1024, "a second flood grew the relay again: {rss1} KiB -> {rss2} KiB");
     echo_through(&d, echo, MIB, 2).await;
 }
 
