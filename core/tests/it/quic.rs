@@ -682,3 +682,56 @@ async fn unauthenticated_quic_connections_cost_bounded_memory_and_end_at_the_han
     assert!(took < Duration::from_secs(8), "{took:?}");
     eventually("the relay to count no handshake", || async { holds(handshakes().await, |h| *h == 0) }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exit_and_a_pool_of_replicas_serve_over_quic() {
+    use libtunnel::config::ExitGrant;
+    init_tracing();
+    let echo = echo_server().await;
+    let exit_id = Identity::generate();
+    let exit_name = exit_id.name();
+    // The relay's allowlist admits nothing used here: the exit judges its own targets.
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.listeners_open = true;
+    cfg.exits = vec![ExitGrant { name: exit_name.clone(), key_ids: vec![KID] }];
+    let q = quic_relay(cfg).await;
+    let url = q.url();
+    // An exit over QUIC: a dialer over QUIC reaches a target inside the exit's network.
+    let exit = within(STEP, "exit bind over quic://", Listener::builder(&url, exit_id).tls(q.trust.clone()).exit(allow_ports(&[echo.port()])).bind())
+        .await
+        .expect("the exit registers");
+    assert!(exit.is_exit());
+    let d = q.dialer();
+    let data = payload(4 * MIB, 40);
+    let s = within(STEP, "dial via the exit", d.dial_via(&echo.to_string(), &exit_name)).await.expect("dial via the exit");
+    assert_eq!(within(BULK, "echo via the exit", echo_roundtrip(s, &data, true)).await.expect("echo"), sha256(&data));
+    // Two replicas of one pool over QUIC share a name; dials reach both.
+    let id = Identity::generate();
+    let bind = || Listener::builder(&url, id.clone()).tls(q.trust.clone()).pool(true).bind();
+    let (a, b) = (within(STEP, "replica A", bind()).await.expect("bind A"), within(STEP, "replica B", bind()).await.expect("bind B"));
+    let name = a.name();
+    assert_eq!(b.name(), name);
+    let served = std::sync::Arc::new([std::sync::atomic::AtomicUsize::new(0), std::sync::atomic::AtomicUsize::new(0)]);
+    for (i, l) in [a, b].into_iter().enumerate() {
+        let served = served.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                served[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = tokio::io::split(&mut s);
+                    if tokio::io::copy(&mut r, &mut w).await.is_ok() {
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                    }
+                });
+            }
+        });
+    }
+    for i in 0..40u64 {
+        let small = payload(1024, 100 + i);
+        let s = within(STEP, "dial the pool", d.dial(&format!("{name}:80"))).await.expect("dial the pool by name");
+        assert_eq!(within(STEP, "echo", echo_roundtrip(s, &small, true)).await.expect("echo"), sha256(&small));
+    }
+    let (sa, sb) = (served[0].load(std::sync::atomic::Ordering::Relaxed), served[1].load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(sa + sb, 40);
+    assert!(sa > 0 && sb > 0, "both replicas served dials: {sa} and {sb}");
+}
