@@ -3,11 +3,11 @@
 //! application reads.
 //!
 //! A stream's window starts at [`WINDOW`] (the credit both ends assume for a new stream, a
-//! constant of `libtunnel.v1`) and doubles whenever its reader consumed a whole window within 1.5
-//! round trips (rust-yamux's rule, with the fastest round trip seen, see [`Rtt::for_growth`]): a
-//! reader that keeps up with a long link pulls the window up to about 1.5x the bandwidth-delay
-//! product, up to the session's per-stream maximum and within what the session's receive budget
-//! has left. A stream that is not being read never grows.
+//! constant of `libtunnel.v1`) and doubles whenever its reader consumed a whole window within
+//! [`GROWTH_RTTS`] round trips (rust-yamux's rule, with the fastest round trip seen, see
+//! [`Rtt::for_growth`]): a reader that keeps up with a long link pulls the window up to about 3x
+//! the bandwidth-delay product, up to the session's per-stream maximum and within what the
+//! session's receive budget has left. A stream that is not being read never grows.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,17 @@ pub const WINDOW: u32 = 256 * 1024;
 /// A grant goes out once the reader consumed this share of the window (but at most
 /// [`MAX_GRANT_STEP`] bytes), so the sender always has most of its window to send with.
 const GRANT_DIVISOR: u32 = 4;
+/// A window is doubled when the reader consumed all of it within this many of the fastest round
+/// trips. rust-yamux uses 1.5, which settles the window near 1.5x the bandwidth-delay product of
+/// the path without queues; a link that queues or loses packets stretches the real round trip
+/// beyond that (a drop-tail queue of one RTT doubles it, a lost segment holds every byte behind
+/// it at the receiver for one more), and the stream then waits for credit. On the lossy link of
+/// `bench/lossy.sh` (100 Mbit/s, 50 ms, one-RTT queue, 1 % loss; with 1.5 the window stops at
+/// 1 MiB) one stream moved a median 0.83x direct over 5 runs (0.66-0.94) with 1.5 and 0.965x over
+/// 4 (0.95-0.98) with 3 (`bench/results/lossy-issue29-2026-12-07-window-growth-ab.txt`). A reader
+/// that does not keep up still never grows its window, so what waits at the receiver is bounded
+/// as before (`max_stream_window`, the session's receive budget).
+const GROWTH_RTTS: u32 = 3;
 /// Upper bound on the bytes consumed between two grants on a large window.
 const MAX_GRANT_STEP: u32 = 1024 * 1024;
 
@@ -74,7 +85,7 @@ impl RecvFlow {
         self.epoch_bytes = self.epoch_bytes.saturating_add(n);
         let mut growth = 0;
         if self.epoch_bytes >= self.window {
-            let fast = rtt.is_some_and(|rtt| now.duration_since(self.epoch) < rtt * 3 / 2);
+            let fast = rtt.is_some_and(|rtt| now.duration_since(self.epoch) < rtt * GROWTH_RTTS);
             if fast && self.window < max {
                 let room = u32::try_from(budget_left).unwrap_or(u32::MAX);
                 growth = self.window.min(max - self.window).min(room);
@@ -156,7 +167,7 @@ mod tests {
         let t0 = Instant::now();
         let mut flow = RecvFlow::new(t0);
         // 64 KiB every 100 µs is 655 MB/s; the RTT is 50 ms, so every window is consumed well
-        // within 1.5 round trips and the window doubles until it reaches the maximum.
+        // within GROWTH_RTTS round trips and the window doubles until it reaches the maximum.
         run(&mut flow, t0, 64 * 1024 * 1024, Duration::from_micros(100), Duration::from_millis(50), BUDGET);
         assert_eq!(flow.window(), MAX);
     }
@@ -165,7 +176,7 @@ mod tests {
     fn a_slow_reader_keeps_the_initial_window() {
         let t0 = Instant::now();
         let mut flow = RecvFlow::new(t0);
-        // 64 KiB every 50 ms: a window takes 200 ms to consume, more than 1.5 RTT of 1 ms.
+        // 64 KiB every 50 ms: a window takes 200 ms to consume, more than GROWTH_RTTS RTTs of 1 ms.
         let grants = run(&mut flow, t0, 4 * 1024 * 1024, Duration::from_millis(50), Duration::from_millis(1), BUDGET);
         assert_eq!(flow.window(), WINDOW);
         assert!(grants.iter().all(|g| g.growth == 0));
