@@ -21,6 +21,8 @@
 #
 # Environment (optional): FLEET_COUNTS, FLEET_NODES (1 or 2), FLEET_CHECK (100), FLEET_WINDOW (20),
 # FLEET_RESTART (1), FLEET_RESTART_LIMIT (120), FLEET_CONCURRENCY (64), FLEET_TTL (cluster_ttl, 10),
+# FLEET_HANDSHAKES_PER_SOURCE (the nodes' max_handshakes_per_source; unset: its default, 128 — every
+# listener here comes from 127.0.0.1, so this per-address cap paces a restart's reconnections),
 # FLEET_PROFILE (release; debug to use the debug binaries), BENCH_NO_BUILD=1, FLEET_RELAY_BIN (the
 # relay binary to measure, e.g. an older build), BENCH_OUT=DIR.
 # The hard descriptor limit must allow N + a margin per process (both processes raise their soft
@@ -32,7 +34,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 case "${1:-}" in
-    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     "") ;;
     *) echo "unknown argument: $1 (try --help)" >&2; exit 2 ;;
 esac
@@ -42,6 +44,8 @@ RESTART=${FLEET_RESTART:-1}
 RESTART_LIMIT=${FLEET_RESTART_LIMIT:-120}
 CONC=${FLEET_CONCURRENCY:-64}
 NODES=${FLEET_NODES:-1}
+HPS=${FLEET_HANDSHAKES_PER_SOURCE:-}
+[[ -n $HPS ]] && export TUNNEL_MAX_HANDSHAKES_PER_SOURCE=$HPS
 CHECK=${FLEET_CHECK:-100}
 [[ $NODES == 1 || $NODES == 2 ]] || { echo "FLEET_NODES is 1 or 2" >&2; exit 2; }
 TTL=${FLEET_TTL:-10}
@@ -90,7 +94,7 @@ rss_all() { local s=0 p; for p in "${NODE_PIDS[@]}"; do s=$((s + $(rss_kb "$p"))
 
 log "relay $TUNNEL ($("$TUNNEL" --version 2>/dev/null)); $NODES node(s); counts $COUNTS; window ${WINDOW}s; cluster_ttl ${TTL}s"
 RESULTS=$OUT/results.txt
-echo "# $PROFILE, $NODES node(s), cluster_ttl ${TTL}s, $CONC in flight, $(nproc) cores; load at start:$(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$RESULTS"
+echo "# $PROFILE, $NODES node(s), cluster_ttl ${TTL}s, $CONC in flight, max_handshakes_per_source ${HPS:-default}, $(nproc) cores; load at start:$(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$RESULTS"
 for n in $COUNTS; do
     rcli FLUSHALL >/dev/null
     NODE_PIDS=(); PORTS=(); urls=""
@@ -101,11 +105,13 @@ for n in $COUNTS; do
     done
     PORT=${PORTS[0]}; NODE_PID=${NODE_PIDS[0]}
     sleep 1
+    rcli CONFIG RESETSTAT >/dev/null
     rss0=$(rss_all); mem0=$(info_field memory used_memory); cmd0=$(info_field stats total_commands_processed)
-    TUNNEL_KEY=$CLIENT_KEY start_bg "fleet-$n" "$FLEET" --relay "$urls" --count "$n" --concurrency "$CONC" --check "$CHECK" --hold 100000 --every 0.2
+    TUNNEL_KEY=$CLIENT_KEY RUST_LOG=libtunnel::listener=warn start_bg "fleet-$n" "$FLEET" --relay "$urls" --count "$n" --concurrency "$CONC" --check "$CHECK" --hold 100000 --every 0.2
     FLEET_PID=$LAST_PID; FLEET_LOG=$LOG
     reg=$(ready fleet 'registered=[0-9]+ secs=[0-9.]+ rate_per_s=[0-9]+ failed=[0-9]+' 600)
     cmd1=$(info_field stats total_commands_processed)
+    rcli INFO commandstats | tr -d '\r' | sed -n '/^cmdstat_/p' >"$OUT/commandstats-registering-$n.txt"
     regsecs=$(sed 's/.*secs=\([0-9.]*\).*/\1/' <<<"$reg")
     checked=""
     ((CHECK > 0)) && checked=" $(ready fleet 'checked=[0-9]+ ok=[0-9]+ failed=[0-9]+' 120)"
@@ -129,21 +135,25 @@ for n in $COUNTS; do
         # listeners registered at the killed node (the first: i mod NODES == 0)
         expect=$(( (n + NODES - 1) / NODES ))
         node "$PORT"
-        prev=$(info_field stats total_commands_processed); peak=0; back=""; samples=""; 
+        prev=$(info_field stats total_commands_processed); tprev=$t0; peak=0; back=""; samples=""; 
         for s in $(seq 1 "$RESTART_LIMIT"); do
             sleep 1
-            cur=$(info_field stats total_commands_processed); d=$((cur - prev)); prev=$cur
+            # (a loaded machine stretches the 1 s: rates are over the measured interval)
+            cur=$(info_field stats total_commands_processed); now=$(date +%s.%N)
+            d=$(awk -v c="$((cur - prev))" -v a="$tprev" -v b="$now" 'BEGIN {printf "%.0f", c / (b - a)}'); prev=$cur; tprev=$now
             ((d > peak)) && peak=$d
             # The fleet's latest line (every 0.2 s): back when every listener of the killed node
             # re-registered once and all N are connected; the time is the last re-registration's.
             last=$(grep -E ' connected=[0-9]+' "$FLEET_LOG" | tail -n 1)
             c=$(field connected "$last"); at=$(field attempts "$last"); r=$(field reconnected "$last")
-            samples+="$s:${c:-0}/${d}/${at:-0} "
+            samples+="$(awk -v a="$t0" -v b="$now" 'BEGIN {printf "%.1f", b - a}'):${c:-0}/${d}/${at:-0} "
             if [[ ${r:-0} -ge $expect && ${c:-0} -ge $n ]]; then
                 back=$(awk -v a="$t0" -v b="$(field last_reconnected_at "$last")" 'BEGIN {printf "%.2f", b-a}'); break
             fi
         done
-        echo "n=$n restart: all_back_secs=${back:-not_within_${RESTART_LIMIT}} peak_redis_cmds_per_s=$peak samples(sec:connected/redis_cmds/reregistration_attempts)=$samples" | tee -a "$RESULTS"
+        echo "n=$n restart: all_back_secs=${back:-not_within_${RESTART_LIMIT}} peak_redis_cmds_per_s=$peak samples(secs_since_kill:connected/redis_cmds_per_s/reregistration_attempts)=$samples" | tee -a "$RESULTS"
+        # why re-registrations failed (the listeners' warnings), most common first
+        echo "n=$n restart: failed re-registrations by error: $(grep 're-registering failed' "$FLEET_LOG" | sed -n 's/.*error=\(.\{1,60\}\).*/\1/p' | sed 's/[0-9]\+/N/g' | sort | uniq -c | sort -rn | head -n 6 | awk '{c=$1; $1=""; printf "%s x%s;", $0, c}')" | tee -a "$RESULTS"
     fi
     stop_pid "$FLEET_PID"
     for p in "${NODE_PIDS[@]}"; do stop_pid "$p"; done

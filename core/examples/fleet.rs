@@ -68,6 +68,9 @@ struct Args {
 
 fn main() {
     raise_fd_limit();
+    // RUST_LOG=libtunnel::listener=warn: each failed re-registration, with its error.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(false).with_writer(std::io::stderr).init();
     let a = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(a.threads.max(1)).enable_all().build().expect("runtime");
     rt.block_on(run(a));
