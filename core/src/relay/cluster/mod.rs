@@ -539,13 +539,6 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry = ANNOUNCE_RETRY;
     let mut announced = false;
-    // The sweep runs beside the announcements, never in front of the next one: re-claiming
-    // thousands of names on a loaded node can take longer than `cluster_ttl`, and an
-    // announcement waiting behind it let the node's key expire, which killed every claim and
-    // started the whole re-claim again (seen three times in one restart of a 10,000-listener
-    // node, `bench/fleet.sh`).
-    let sweep = Arc::new(Sweep::default());
-    state.tasks.spawn(sweep_loop(me.clone(), state.clone(), sweep.clone()));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -572,46 +565,15 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         }
         announced = true;
         // The node's key was gone: every claim of this node died with it.
-        if !alive {
-            sweep.full.store(true, Relaxed);
-        }
-        sweep.wake.notify_one();
+        me.reassert_all(&state, alive).await;
+        me.collect_dead(&state).await;
+        me.mirrors.reconcile(&me, &state).await;
     }
     // A clean stop: other nodes stop routing here at once (the listeners' sessions end with the
     // relay and release their names too).
     me.peers.close_all();
     me.mirrors.close_all();
     let _ = tokio::time::timeout(Duration::from_secs(1), me.claims.withdraw()).await;
-}
-
-/// What the refresh loop asks of the sweep: run once more (`wake`; asks made while a sweep runs
-/// make one more after it), and whether the node's key had been lost since the last sweep (`full`:
-/// re-assert every claim, not only those not yet made).
-#[derive(Default)]
-struct Sweep {
-    wake: tokio::sync::Notify,
-    full: AtomicBool,
-}
-
-/// After each announcement: re-assert claims (all of them when the node's key had been lost),
-/// collect dead nodes' names and reconcile the mirrored TCP ports, until the relay drains.
-async fn sweep_loop(me: Arc<Cluster>, state: Arc<RelayState>, sweep: Arc<Sweep>) {
-    loop {
-        tokio::select! {
-            _ = sweep.wake.notified() => {}
-            _ = state.draining.cancelled() => return,
-        }
-        let work = async {
-            let full = sweep.full.swap(false, Relaxed);
-            me.reassert_all(&state, !full).await;
-            me.collect_dead(&state).await;
-            me.mirrors.reconcile(&me, &state).await;
-        };
-        tokio::select! {
-            _ = work => {}
-            _ = state.draining.cancelled() => return,
-        }
-    }
 }
 
 /// Follow change notices: drop the cached route of each name that changed, re-assert our claim
