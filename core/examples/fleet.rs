@@ -1,9 +1,9 @@
 //! `fleet`: the density load generator (issue 35; `cargo build -p libtunnel --features cli
-//! --example fleet`). Registers many listeners from one
-//! process through the Rust API (one `Listener` each, its own key and session, as many
-//! independent clients would) against one relay URL, then holds them idle and reports, every
-//! `--every` seconds, how many are connected. Driven by `bench/fleet.sh`, which measures the
-//! relay's memory and Redis's commands per second around it; run alone it prints:
+//! --example fleet`). Registers many listeners from one process through the Rust API (one
+//! `Listener` each, its own key and session, as many independent clients would) against one
+//! relay, or the nodes of one cluster, then holds them idle and reports, every `--every`
+//! seconds, how many are connected. Driven by `bench/fleet.sh`, which measures the relay's
+//! memory and Redis's commands per second around it; run alone it prints:
 //!
 //! - `registered=N secs=S rate_per_s=R failed=F` once every listener has bound (or failed);
 //!   with several `--relay` URLs (the nodes of one cluster) listener `i` registers at URL
@@ -17,7 +17,9 @@
 //!   re-registration attempt so far, failed or not, `R` the successful ones, and the last field
 //!   is when the latest of them succeeded.
 //!
-//! Every wait is bounded: `--hold` seconds at most, and each bind by `--timeout`.
+//! With `RUST_LOG=libtunnel::listener=warn` each failed re-registration is logged with its error
+//! (`bench/fleet.sh` counts them by error). Every wait is bounded: `--hold` seconds at most, and
+//! each bind by `--timeout`.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
