@@ -1036,7 +1036,7 @@ async fn a_write_to_redis_does_not_end_a_listener() {
     };
 
     // The holder entry deleted (and the change announced): A claims the name again.
-    redis.cmd(&["DEL", &key]).await;
+    assert_eq!(redis.cmd(&["DEL", &key]).await, ["1"], "the claim was there to delete");
     redis.cmd(&["PUBLISH", "libtunnel:events", &name]).await;
     let took = until(STEP, "reachable through B after the holder entry was deleted", reachable_via_b).await;
     eprintln!("reachable again through B {took:?} after the holder entry was deleted");
@@ -1208,6 +1208,31 @@ async fn held_names_cost_redis_one_refresh_per_node_and_a_dead_nodes_names_are_c
     for l in &listeners {
         l.close();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_deleted_from_redis_without_a_notice_is_made_again() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    // cluster_ttl = 1 s: each node refreshes (and checks a slice of its names) every 1/3 s.
+    let (redis, nodes) = start_cluster(2, &["cluster_ttl=1".to_string()]).await;
+    let l = Arc::new(within(STEP, "bind on A", Listener::bind(&nodes[0].url, Identity::generate())).await.expect("bind"));
+    let name = l.name();
+    serve(l.clone());
+    let key = format!("libtunnel:name:{name}");
+    until(STEP, "A's claim is in Redis", || async { redis.count_keys(&key).await == 1 }).await;
+    // Deleted behind the cluster's back: no notice is published, A's key and subscription stay
+    // up, so only A's rotating check of its names can notice.
+    assert_eq!(redis.cmd(&["DEL", &key]).await, ["1"], "the claim was there to delete");
+    let took = until(Duration::from_secs(10), "A claims the name again", || async { redis.count_keys(&key).await == 1 }).await;
+    println!("a claim deleted with no notice was made again {:.2} s later (cluster_ttl=1)", took.as_secs_f64());
+    // And B routes to it again.
+    let (status, body) = get(nodes[1].http, &format!("{name}.localhost"), "/back").await;
+    assert_eq!((status, body.as_str()), (200, format!("/back from {name}").as_str()));
+    l.close();
 }
 
 /// The admin token of the fleet-view test's nodes.

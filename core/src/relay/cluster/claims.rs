@@ -367,6 +367,18 @@ impl Claims {
         })
     }
 
+    /// Which of `names` this node has no claim on in Redis any more (one pipelined round trip).
+    pub(crate) async fn missing(&self, names: &[String]) -> redis::RedisResult<Vec<String>> {
+        let mut c = self.primary.conn()?;
+        let field = format!("n:{}", self.node);
+        let mut p = redis::pipe();
+        for n in names {
+            p.cmd("HEXISTS").arg(self.name_key(n)).arg(&field);
+        }
+        let found: Vec<bool> = p.query_async(&mut c).await?;
+        Ok(names.iter().zip(found).filter(|(_, f)| !*f).map(|(n, _)| n.clone()).collect())
+    }
+
     /// Give up this node's claim on `name` if it is still the one made with `epoch`.
     pub(crate) async fn release(&self, name: &str, epoch: u64) -> redis::RedisResult<bool> {
         let mut c = self.primary.conn()?;

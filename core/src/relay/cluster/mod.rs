@@ -67,6 +67,10 @@ const COLLECT_BATCH: usize = 500;
 /// Most `COLLECT` calls per refresh tick (the rest waits for the next tick: lookups already
 /// ignore a dead node's names).
 const COLLECT_CALLS_PER_TICK: usize = 20;
+/// Held names checked against Redis per refresh tick (one pipelined round trip of `HEXISTS`): a
+/// claim deleted from Redis without a notice is made again within a rotation (10,000 names,
+/// `cluster_ttl` 10 s: ~9 minutes), at ~20 cheap commands/s per node.
+const VERIFY_PER_TICK: usize = 64;
 /// Most routes cached (then the cache starts over).
 const ROUTE_CACHE_MAX: usize = 10_000;
 
@@ -106,6 +110,8 @@ pub(crate) struct Cluster {
     /// Round-robin over the nodes of a pool that spans nodes.
     turn: std::sync::atomic::AtomicUsize,
     mirrors: mirrors::Mirrors,
+    /// Where the rotating check of held names goes on ([`Cluster::verify_some`]).
+    verify_cursor: std::sync::atomic::AtomicUsize,
 }
 
 /// Why a remote lookup failed.
@@ -164,6 +170,7 @@ impl Cluster {
             peers,
             turn: std::sync::atomic::AtomicUsize::new(0),
             mirrors: mirrors::Mirrors::default(),
+            verify_cursor: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -450,6 +457,32 @@ impl Cluster {
         futures_util::stream::iter(names).for_each_concurrent(REASSERT_IN_FLIGHT, |name| async move { self.reassert(state, &name).await }).await;
     }
 
+    /// Check the next [`VERIFY_PER_TICK`] held names (in name order, wrapping) against Redis and
+    /// claim again those whose claim is gone: a claim deleted without a notice (by hand, or by a
+    /// Redis that lost some keys but not this node's) would otherwise be noticed only when the
+    /// change subscription is remade.
+    async fn verify_some(&self, state: &RelayState) {
+        let slice: Vec<String> = {
+            let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            let mut names: Vec<&String> = held.iter().filter(|(_, h)| h.epoch != 0).map(|(n, _)| n).collect();
+            if names.is_empty() {
+                return;
+            }
+            names.sort_unstable();
+            let start = self.verify_cursor.fetch_add(VERIFY_PER_TICK, Relaxed) % names.len();
+            names.iter().cycle().skip(start).take(VERIFY_PER_TICK.min(names.len())).map(|n| (*n).clone()).collect()
+        };
+        match self.claims.missing(&slice).await {
+            Ok(gone) => {
+                for name in gone {
+                    tracing::info!(%name, "this node's claim was gone from the cluster registry with no notice; claiming it again");
+                    self.reassert(state, &name).await;
+                }
+            }
+            Err(e) => self.redis_failed(state, "checking this node's claims", &e),
+        }
+    }
+
     /// Remove the names dead nodes left, [`COLLECT_BATCH`] at a time, at most
     /// [`COLLECT_CALLS_PER_TICK`] batches.
     async fn collect_dead(&self, state: &RelayState) {
@@ -566,6 +599,9 @@ async fn refresh_loop(me: Arc<Cluster>, state: Arc<RelayState>) {
         announced = true;
         // The node's key was gone: every claim of this node died with it.
         me.reassert_all(&state, alive).await;
+        if alive {
+            me.verify_some(&state).await;
+        }
         me.collect_dead(&state).await;
         me.mirrors.reconcile(&me, &state).await;
     }
