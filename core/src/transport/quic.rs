@@ -77,6 +77,39 @@ fn send_window(cfg: &MuxConfig) -> u64 {
     2 * cfg.write_budget as u64
 }
 
+/// Bytes of kernel buffer asked for each way on a QUIC endpoint's UDP socket. quinn leaves the
+/// kernel's default (net.core.rmem_default, 208 KiB), which holds 17 ms of datagrams at 100 Mbit/s:
+/// a process not scheduled for longer (a busy machine) loses the rest at its socket, and QUIC's
+/// congestion control takes that for network loss. On the lossy link of `bench/lossy.sh` (100
+/// Mbit/s, 50 ms, a loaded 2-core machine) the relay's socket dropped 47,990 datagrams in one run
+/// and CUBIC moved 0.39x of direct TCP at 0 % loss; with this buffer on both ends: no drop, 0.86x
+/// (bench/README.md, "QUIC"). TCP has no such loss: the kernel acknowledges and buffers for it.
+/// The kernel caps the request at net.core.rmem_max / wmem_max (4 MiB on the bench machine; many
+/// distributions ship 208 KiB: raise them on a relay, as quinn's documentation advises).
+pub(crate) const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` for a QUIC endpoint, with [`UDP_BUFFER`] asked for each way (the
+/// kernel grants up to its maximum; a refusal is not an error) and dual-stack on IPv6 as quinn's
+/// own constructors make it.
+pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint on [`udp_socket`]`(addr)`: a client's (`server` None) or a relay's (the relay's
+/// `quic_endpoint::bind` still calls `quinn::Endpoint::server`, with the kernel's default buffer).
+pub(crate) fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
+}
+
 /// QUIC's transport parameters from the session settings, so a QUIC session is bounded as a
 /// multiplexed one is: each stream may have `max_stream_window` bytes unread, all streams together
 /// `max_stream_window + receive_budget`; at most `max_streams` streams the peer opens; keepalive
@@ -160,8 +193,7 @@ pub(crate) async fn connect(url: &RelayUrl, tls: Option<&ClientTls>, cfg: &MuxCo
     }
     let addr = resolve(url).await?;
     let bind: SocketAddr = if addr.is_ipv4() { (std::net::Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| Error::new(ErrorCode::Io, format!("cannot open a UDP socket for QUIC ({bind}): {e}")))?;
+    let mut endpoint = endpoint(bind, None).map_err(|e| Error::new(ErrorCode::Io, format!("cannot open a UDP socket for QUIC ({bind}): {e}")))?;
     let tls = match tls {
         Some(t) => t.clone(),
         None => ClientTls::webpki(),
