@@ -62,7 +62,8 @@ Environment (all optional):
   BENCH_PATHS="..."    which of: direct proxy mux muxtcp muxgrpc muxquic classic wstunnel frp rathole
                        bore (default: all but muxgrpc, muxquic, rathole and bore; muxtcp =
                        multiplexed over raw TCP, muxgrpc = over the gRPC transport, grpc://,
-                       muxquic = over QUIC, quic://, a self-signed certificate and --ca; loopback only)
+                       muxquic = over QUIC, quic://, a self-signed certificate and --ca; loopback
+                       only; muxwss = the WebSocket mux over TLS with the same certificate)
   PEER_DIR=DIR         where the peers are built and cached (default <target>/bench-peers)
   WSTUNNEL_SRC=DIR     a git repository or source tree of wstunnel (default: clone the tag)
   BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
@@ -282,14 +283,15 @@ quic_cert() {
 }
 
 CA_FLAG=()
-start_libtunnel() { # mux|classic|muxtcp|muxgrpc|muxquic
+start_libtunnel() { # mux|classic|muxtcp|muxgrpc|muxquic|muxwss
     local mode=$1 relay_url fwd scheme=ws quic_env=()
     [[ $mode == muxtcp ]] && scheme=tcp
     CA_FLAG=()
-    if [[ $mode == muxquic ]]; then
+    if [[ $mode == muxquic || $mode == muxwss ]]; then
         quic_cert || { SKIP[$mode]="openssl could not make the relay's certificate (see $OUT/logs/openssl.log)"; return 1; }
-        scheme=quic; CA_FLAG=(--ca "$OUT/relay-cert.pem")
-        quic_env=(TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem" TUNNEL_QUIC_LISTEN=127.0.0.1:0)
+        scheme=wss; CA_FLAG=(--ca "$OUT/relay-cert.pem")
+        quic_env=(TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem")
+        [[ $mode == muxquic ]] && { scheme=quic; quic_env+=(TUNNEL_QUIC_LISTEN=127.0.0.1:0); }
     fi
     TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
@@ -319,6 +321,7 @@ start_classic() { start_libtunnel classic; }
 start_muxtcp() { start_libtunnel muxtcp; }
 start_muxgrpc() { start_libtunnel muxgrpc; }
 start_muxquic() { start_libtunnel muxquic; }
+start_muxwss() { start_libtunnel muxwss; }
 
 start_rathole() {
     [[ -n "$RATHOLE" ]] || return 1
@@ -462,7 +465,7 @@ measure() {
     settle
     # Dial by name, stalled streams and held connections: once, in the first round.
     if ((ROUND > 1)); then stop_path; return; fi
-    [[ $p == mux || $p == classic || $p == muxtcp || $p == muxgrpc || $p == muxquic ]] && measure_byname "$p"
+    [[ $p == mux || $p == classic || $p == muxtcp || $p == muxgrpc || $p == muxquic || $p == muxwss ]] && measure_byname "$p"
     stop_path
     # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
     [[ $p == direct || $p == proxy ]] && return
@@ -578,7 +581,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # The table
 
-declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [muxgrpc]="libtunnel mux grpc://" [muxquic]="libtunnel mux quic://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
+declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [muxgrpc]="libtunnel mux grpc://" [muxquic]="libtunnel mux quic://" [muxwss]="libtunnel mux wss://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
 
 # Derived figures: fairness (p50 under a bulk stream / idle p50, same path) and the direct
 # reference of the dial-by-name row (a direct stream: direct has no names).
@@ -674,7 +677,7 @@ target_row() { # label key of_direct(1|0) cmp(ge|le) bound(wstunnel|number) unit
     else
         b=$bound; line=$(printf '%-32s | %-4s %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
     fi
-    for p in mux muxtcp muxgrpc muxquic; do
+    for p in mux muxtcp muxgrpc muxquic muxwss; do
         [[ " $PATHS " == *" $p "* ]] || continue
         v=$(fig "$p"); [[ -z $v ]] && continue
         line+=$(awk -v v="$v" -v b="$b" -v c="$cmp" -v n="${NAMES[$p]}" -v u="$unit" \
@@ -691,10 +694,11 @@ targets() {
     target_row "ping-pong p50 (us)" ping.p50_us 0 le wstunnel ""
     target_row "connect + 1st byte p50 (us)" connect.p50_us 0 le wstunnel ""
     local n q m
-    q=${R[muxquic.tp1.cpu_s_per_gb]:-}; m=${R[mux.tp1.cpu_s_per_gb]:-}
-    if [[ -n $q && -n $m ]]; then
-        awk -v q="$q" -v m="$m" 'BEGIN { r = q / m; printf "%-32s | <=   1.5x mux (%s) | libtunnel mux quic:// %s = %.2fx %s\n", "issue 32: QUIC CPU-s per GB", m, q, r, (r <= 1.5 ? "meets" : "MISSES") }'
-    fi
+    q=${R[muxquic.tp1.cpu_s_per_gb]:-}
+    for m in mux muxwss; do
+        [[ -n $q && -n ${R[$m.tp1.cpu_s_per_gb]:-} ]] || continue
+        awk -v q="$q" -v m="${R[$m.tp1.cpu_s_per_gb]}" -v n="$m" 'BEGIN { r = q / m; printf "%-32s | <=   1.5x %s (%s) | libtunnel mux quic:// %s = %.2fx %s\n", "issue 32: QUIC CPU-s per GB", n, m, q, r, (r <= 1.5 ? "meets" : "MISSES") }'
+    done
     for n in $HOLDS; do
         [[ $n == 1000 ]] && target_row "RSS per held conn @1000 (KiB)" hold1000.kib_per_conn 0 le 12 ""
     done
