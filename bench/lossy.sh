@@ -58,6 +58,8 @@ Environment (all optional):
   LOSSY_PATHS="..."    of: direct mux muxtcp muxquic muxquic-cubic muxquic-bbr muxquic-newreno
                        classic wstunnel frp (default: direct mux muxtcp muxquic classic wstunnel frp)
   LOSSY_ROUNDS=N       same as --rounds (default 1)
+  LOSSY_TCP_CC=NAME    congestion control of the load generator's TCP sockets (direct's senders;
+                       e.g. cubic; default the kernel's)
   LOSSY_RT=0           run the link forwarder at normal priority (default: SCHED_FIFO 10 via chrt)
   COLD_RTT="MS ..."    RTT(s) of the cold-start link (default 100; "50 100": one table each);
                        COLD_COUNT=N tries (default 5), interleaved ws, wss, quic, tcp per try round
@@ -124,6 +126,10 @@ EXIT_CMDS+=("ip netns del $NSA" "ip netns del $NSB")
         ip -n "$NSA" addr add "$IPA" peer "$IPB/32" dev lt0 && ip -n "$NSA" link set lt0 up &&
         ip -n "$NSB" addr add "$IPB" peer "$IPA/32" dev lt0 && ip -n "$NSB" link set lt0 up
 } >"$OUT/logs/netns.log" 2>&1 || { log "cannot set up the network namespaces (see $OUT/logs/netns.log)"; exit 1; }
+# The congestion control of the load generator's own TCP sockets (LOSSY_TCP_CC, e.g. cubic: the
+# direct path's senders; tunnels keep the kernel's default). The namespaces' sysctl cannot be
+# written here (EPERM), so tunnel-bench sets it per socket (BENCH_TCP_CC).
+[[ -n ${LOSSY_TCP_CC:-} ]] && export BENCH_TCP_CC=$LOSSY_TCP_CC
 
 LINK_PID=""
 start_tun_link() { # rtt_ms mbit queue_bytes loss_pct
@@ -272,7 +278,7 @@ TABLE="$OUT/table.txt"
 {
     echo
     echo "libtunnel bench (bench/lossy.sh): $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $(nproc) CPUs; load average at start $LOAD_START"
-    echo "namespace kernel: tcp_congestion_control $("${NA[@]}" sysctl -n net.ipv4.tcp_congestion_control), tcp_rmem $("${NA[@]}" sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' '), tcp_wmem $("${NA[@]}" sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')"
+    echo "namespace kernel: tcp_congestion_control $("${NA[@]}" sysctl -n net.ipv4.tcp_congestion_control), tcp_rmem $("${NA[@]}" sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' '), tcp_wmem $("${NA[@]}" sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')${BENCH_TCP_CC:+; load generator TCP sockets: $BENCH_TCP_CC}"
 } >"$TABLE"
 
 # ---------------------------------------------------------------------------------------------
