@@ -14,16 +14,20 @@
 # Lossy link (defaults: RTT 50 ms, 100 Mbit/s each way, drop-tail queue of one RTT = 625,000 bytes,
 # random loss 0 % then 1 % each way). Paths: direct (client in A -> echo server in B), libtunnel
 # mux over WebSocket and raw TCP and classic (client -> `tunnel forward` in A -> link -> `tunnel
-# server` in B -> echo), wstunnel (client -> `wstunnel client -L` in A -> link -> server in B ->
-# echo), frp (client -> frps in A -> link -> frpc in B -> echo). Rows: bulk of one stream alone
+# server` in B -> echo), libtunnel over QUIC (muxquic: the same, `quic://`, each tunnel stream a
+# QUIC stream; muxquic-cubic, muxquic-bbr, muxquic-newreno: with that congestion controller on
+# both ends, TUNNEL_QUIC_CONGESTION), wstunnel (client -> `wstunnel client -L` in A -> link ->
+# server in B -> echo), frp (client -> frps in A -> link -> frpc in B -> echo). Rows: bulk of one stream alone
 # (fixed duration, counted by the server), idle ping-pong, and ping-pong p50/p99 of one connection
 # while a second connection to the same address runs a bulk transfer (through `tunnel forward` or
-# frp both are streams of one session; direct, classic and wstunnel: two TCP connections).
+# frp both are streams of one session; muxquic: two QUIC streams of one connection; direct, classic
+# and wstunnel: two TCP connections).
 #
-# Cold start (default RTT 100 ms, 1 Gbit/s, no loss): wall time of a new `tunnel dial` process
-# (ws://, wss://, tcp://), and of a new `wstunnel client -L stdio://` (ws://, wss://), that sends 5
-# bytes to the echo server and reads them back; direct = a new TCP connection from a running
-# process. frp has no one-shot client (its visitors run inside a long-lived frpc): no frp row.
+# Cold start (default RTT 100 ms, 1 Gbit/s, no loss; COLD_RTT="50 100" for several): wall time of
+# a new `tunnel dial` process (ws://, wss://, quic://, tcp://; wss and quic from one relay), and of
+# a new `wstunnel client -L stdio://` (ws://, wss://), that sends 5 bytes to the echo server and
+# reads them back; direct = a new TCP connection from a running process. frp has no one-shot
+# client (its visitors run inside a long-lived frpc): no frp row.
 #
 # Benchmarks report figures; nothing here asserts a timing.
 set -uo pipefail
@@ -41,7 +45,7 @@ while (($#)); do
         --no-lossy) DO_LOSSY=0 ;;
         --rounds) ROUNDS=${1:-}; shift ;;
         --rounds=*) ROUNDS=${arg#--rounds=} ;;
-        -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
+        -h|--help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; cat <<'EOF'
 
 Environment (all optional):
   LOSSY_RTT=MS         RTT of the lossy link (default 50)
@@ -51,9 +55,14 @@ Environment (all optional):
   LOSSY_SECS=S         seconds of the bulk-alone row (default 10)
   LOSSY_PINGS=N        round trips under bulk (default 200, at most LOSSY_PING_SECS)
   LOSSY_PING_SECS=S    (default 20); the bulk runs LOSSY_LOAD_SECS (3) before the first ping
-  LOSSY_PATHS="..."    of: direct mux muxtcp classic wstunnel frp (default all)
+  LOSSY_PATHS="..."    of: direct mux muxtcp muxquic muxquic-cubic muxquic-bbr muxquic-newreno
+                       classic wstunnel frp (default: direct mux muxtcp muxquic classic wstunnel frp)
   LOSSY_ROUNDS=N       same as --rounds (default 1)
-  COLD_RTT=MS          RTT of the cold-start link (default 100); COLD_COUNT=N tries (default 5)
+  LOSSY_TCP_CC=NAME    congestion control of the load generator's TCP sockets (direct's senders;
+                       e.g. cubic; default the kernel's)
+  LOSSY_RT=0           run the link forwarder at normal priority (default: SCHED_FIFO 10 via chrt)
+  COLD_RTT="MS ..."    RTT(s) of the cold-start link (default 100; "50 100": one table each);
+                       COLD_COUNT=N tries (default 5), interleaved ws, wss, quic, tcp per try round
   BENCH_NO_BUILD=1, BENCH_TUNNEL_BIN, BENCH_OUT, PEER_DIR, WSTUNNEL_SRC: as bench/run.sh
 EOF
             exit 0 ;;
@@ -72,8 +81,9 @@ SECS=${LOSSY_SECS:-10}
 PINGS=${LOSSY_PINGS:-200}
 PING_SECS=${LOSSY_PING_SECS:-20}
 LOAD_SECS=${LOSSY_LOAD_SECS:-3}
-PATHS=${LOSSY_PATHS:-"direct mux muxtcp classic wstunnel frp"}
-COLD_RTT=${COLD_RTT:-100}
+PATHS=${LOSSY_PATHS:-"direct mux muxtcp muxquic classic wstunnel frp"}
+COLD_RTTS=${COLD_RTT:-100}
+COLD_RTTS=${COLD_RTTS//,/ }
 COLD_COUNT=${COLD_COUNT:-5}
 OUT=${BENCH_OUT:-$HERE/results/lossy-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/logs"
@@ -116,13 +126,22 @@ EXIT_CMDS+=("ip netns del $NSA" "ip netns del $NSB")
         ip -n "$NSA" addr add "$IPA" peer "$IPB/32" dev lt0 && ip -n "$NSA" link set lt0 up &&
         ip -n "$NSB" addr add "$IPB" peer "$IPA/32" dev lt0 && ip -n "$NSB" link set lt0 up
 } >"$OUT/logs/netns.log" 2>&1 || { log "cannot set up the network namespaces (see $OUT/logs/netns.log)"; exit 1; }
+# The congestion control of the load generator's own TCP sockets (LOSSY_TCP_CC, e.g. cubic: the
+# direct path's senders; tunnels keep the kernel's default). The namespaces' sysctl cannot be
+# written here (EPERM), so tunnel-bench sets it per socket (BENCH_TCP_CC).
+[[ -n ${LOSSY_TCP_CC:-} ]] && export BENCH_TCP_CC=$LOSSY_TCP_CC
 
 LINK_PID=""
 start_tun_link() { # rtt_ms mbit queue_bytes loss_pct
     [[ -n $LINK_PID ]] && stop_pid "$LINK_PID"
     local oneway
     oneway=$(awk -v r="$1" 'BEGIN { print r / 2 }')
-    start_bg "tun-link-${1}ms-${4}pct" "$GEN" tun-link --netns-a "/run/netns/$NSA" --netns-b "/run/netns/$NSB" \
+    # Real-time priority (SCHED_FIFO, when allowed): the link stands for the network and must not
+    # be starved by the tunnels it carries or by other work on the machine (on a shared 2-core
+    # machine a starved forwarder capped every path below the link's rate and added its own delay).
+    local rt=()
+    [[ ${LOSSY_RT:-1} == 1 ]] && chrt -f 10 true 2>/dev/null && rt=(chrt -f 10)
+    start_bg "tun-link-${1}ms-${4}pct" "${rt[@]}" "$GEN" tun-link --netns-a "/run/netns/$NSA" --netns-b "/run/netns/$NSB" \
         --delay-ms "$oneway" --rate-mbit "$2" --queue-bytes "$3" --loss-pct "$4"
     LINK_PID=$LAST_PID
     wait_line "$LOG" 'link up' 10 >/dev/null || { log "the tun link did not start (see $LOG)"; exit 1; }
@@ -135,6 +154,11 @@ ECHO_PORT=${ECHO##*:}
 # the relay's connection to the target can stay open longer; see raw.txt's settle lines).
 settle() { "${NB[@]}" "$GEN" settle --addr "$ECHO" --timeout 10 >>"$RAW" 2>&1; }
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+# The relay's self-signed certificate (wss:// and quic://), trusted by the clients with --ca.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=relay \
+    -addext "subjectAltName=IP:$IPB" -keyout "$OUT/relay-key.pem" -out "$OUT/relay-cert.pem" >"$OUT/logs/openssl.log" 2>&1 \
+    || log "openssl failed: no wss:// or quic:// rows (see $OUT/logs/openssl.log)"
+TLS_ENV=(TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem")
 log "namespaces $NSA ($IPA) and $NSB ($IPB); echo server $ECHO; load average $LOAD_START"
 
 declare -A R=() RL=()
@@ -159,6 +183,7 @@ TUNNEL_ENV=(RUST_LOG=${RUST_LOG:-info,libtunnel::conn=warn} ${BENCH_TUNNEL_ENV:-
 
 ADDR=""; PATH_PIDS=()
 start_relay() { # name scheme [env...] : a `tunnel server` in B; sets RELAY_URL and RELAY_PID
+    # (scheme quic: pass TLS_ENV and TUNNEL_QUIC_LISTEN in env)
     local name=$1 scheme=$2; shift 2
     start_bg "relay-$name" "${NB[@]}" env "${TUNNEL_ENV[@]}" "$@" TUNNEL_LISTEN="$IPB:0" TUNNEL_TCP_LISTEN="$IPB:0" \
         TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_ALLOW="[{\"host\":\"$IPB\",\"port\":$ECHO_PORT}]" "$TUNNEL" server
@@ -167,12 +192,18 @@ start_relay() { # name scheme [env...] : a `tunnel server` in B; sets RELAY_URL 
 }
 
 start_direct() { ADDR=$ECHO; PATH_PIDS=(); }
-start_libtunnel() { # mux|muxtcp|classic
-    local scheme=ws flag=() fwd
+start_libtunnel() { # mux|muxtcp|classic|muxquic[-cubic|-bbr|-newreno]
+    local scheme=ws flag=() fwd env=()
     [[ $1 == muxtcp ]] && scheme=tcp
     [[ $1 == classic ]] && flag=(--classic)
-    start_relay "$1" "$scheme" || { SKIP[$1]="tunnel server did not start (see $LOG)"; stop_pid "$RELAY_PID"; return 1; }
-    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$1" "${NA[@]}" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$RELAY_URL" "${flag[@]}"
+    if [[ $1 == muxquic* ]]; then
+        [[ -s "$OUT/relay-cert.pem" ]] || { SKIP[$1]="no certificate (openssl failed)"; return 1; }
+        scheme=quic; flag=(--ca "$OUT/relay-cert.pem"); env=("${TLS_ENV[@]}" TUNNEL_QUIC_LISTEN="$IPB:0")
+        # The controller on both ends: the relay's quic_congestion setting and the client's variable.
+        [[ $1 == muxquic-* ]] && env+=(TUNNEL_QUIC_CONGESTION="${1#muxquic-}")
+    fi
+    start_relay "$1" "$scheme" "${env[@]}" || { SKIP[$1]="tunnel server did not start (see $LOG)"; stop_pid "$RELAY_PID"; return 1; }
+    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$1" "${NA[@]}" env "${TUNNEL_ENV[@]}" "${env[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$RELAY_URL" "${flag[@]}"
     local f=$LAST_PID
     fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 20) || { SKIP[$1]="tunnel forward did not start (see $LOG)"; stop_pid "$f"; stop_pid "$RELAY_PID"; return 1; }
     ADDR=${fwd#forwarding }; PATH_PIDS=("$f" "$RELAY_PID")
@@ -180,6 +211,7 @@ start_libtunnel() { # mux|muxtcp|classic
 start_mux() { start_libtunnel mux; }
 start_muxtcp() { start_libtunnel muxtcp; }
 start_classic() { start_libtunnel classic; }
+start_muxquic() { start_libtunnel "muxquic$1"; } # "" or -cubic, -bbr, -newreno
 start_wstunnel() {
     [[ -n $WSTUNNEL ]] || return 1
     local port=$((20000 + RANDOM % 20000)) lport=$((40000 + RANDOM % 20000))
@@ -201,7 +233,10 @@ start_frp() { # frps on the client's side, frpc next to the server: the yamux se
 }
 start_path() {
     local p=$1
-    "start_$p" || { [[ -n "${SKIP[$p]:-}" ]] || SKIP[$p]="could not start"; return 1; }
+    case $p in
+        muxquic | muxquic-cubic | muxquic-bbr | muxquic-newreno) start_muxquic "${p#muxquic}" ;;
+        *) "start_$p" ;;
+    esac || { [[ -n "${SKIP[$p]:-}" ]] || SKIP[$p]="could not start"; return 1; }
     for _ in $(seq 1 150); do
         "${NA[@]}" "$GEN" connect --addr "$ADDR" --count 1 --warmup 0 >/dev/null 2>&1 && { settle; return 0; }
         sleep 0.2
@@ -210,12 +245,24 @@ start_path() {
 }
 stop_path() { local x; for x in "${PATH_PIDS[@]}"; do stop_pid "$x"; done; PATH_PIDS=(); settle; }
 
-declare -A NAMES=([direct]="direct" [mux]="libtunnel mux ws" [muxtcp]="libtunnel mux tcp" [classic]="libtunnel classic" [wstunnel]="wstunnel $WSTUNNEL_VERSION" [frp]="frp ${FRP_VERSION#v}")
+declare -A NAMES=([direct]="direct" [mux]="libtunnel mux ws" [muxtcp]="libtunnel mux tcp" [muxquic]="libtunnel quic" [muxquic-cubic]="libtunnel quic cubic"
+    [muxquic-bbr]="libtunnel quic bbr" [muxquic-newreno]="libtunnel quic newreno" [classic]="libtunnel classic" [wstunnel]="wstunnel $WSTUNNEL_VERSION" [frp]="frp ${FRP_VERSION#v}")
 
 cellv() { # key: median, with each round's value when there are several
     local v=${R[$1]:-} all=${RL[$1]:-}
     [[ -z $v ]] && { [[ -n ${R[${1%.*}.error]:-} ]] && echo failed || echo -; return; }
     if [[ $all == *" "* ]]; then echo "$v [${all// /,}]"; else echo "$v"; fi
+}
+udp_drops() { "$@" awk '/^Udp:/ { if (!h) { for (i = 1; i <= NF; i++) c[$i] = i; h = 1 } else print $c["RcvbufErrors"] }' /proc/net/snmp; }
+cellms() { # key in us: median in ms, with each round's value when there are several
+    local v=${R[$1]:-} all=${RL[$1]:-}
+    [[ -z $v ]] && return
+    # shellcheck disable=SC2086
+    if [[ $all == *" "* ]]; then
+        echo "$(awk -v v="$v" 'BEGIN { printf "%.1f", v / 1000 }') [$(printf '%s\n' $all | awk '{ printf "%s%.0f", (NR > 1 ? "," : ""), $1 / 1000 }')] ms"
+    else
+        awk -v v="$v" 'BEGIN { printf "%.1f ms", v / 1000 }'
+    fi
 }
 medians() {
     local k
@@ -231,7 +278,7 @@ TABLE="$OUT/table.txt"
 {
     echo
     echo "libtunnel bench (bench/lossy.sh): $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null)$(git -C "$ROOT" diff --quiet 2>/dev/null || echo '+dirty'), $(uname -r), $(nproc) CPUs; load average at start $LOAD_START"
-    echo "namespace kernel: tcp_congestion_control $("${NA[@]}" sysctl -n net.ipv4.tcp_congestion_control), tcp_rmem $("${NA[@]}" sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' '), tcp_wmem $("${NA[@]}" sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')"
+    echo "namespace kernel: tcp_congestion_control $("${NA[@]}" sysctl -n net.ipv4.tcp_congestion_control), tcp_rmem $("${NA[@]}" sysctl -n net.ipv4.tcp_rmem | tr -s '\t ' ' '), tcp_wmem $("${NA[@]}" sysctl -n net.ipv4.tcp_wmem | tr -s '\t ' ' ')${BENCH_TCP_CC:+; load generator TCP sockets: $BENCH_TCP_CC}"
 } >"$TABLE"
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +292,7 @@ if ((DO_LOSSY)); then
             for p in $PATHS; do
                 [[ -n ${SKIP[$p]:-} ]] && continue
                 log "== loss $loss %, round $ROUND: $p"
+                drops0=$(($(udp_drops "${NA[@]}") + $(udp_drops "${NB[@]}")))
                 start_path "$p" || { log "  $p skipped: ${SKIP[$p]}"; continue; }
                 gen "$loss.$p.bulk" "$GEN" throughput --addr "$ADDR" --streams 1 --secs "$SECS"
                 settle
@@ -252,6 +300,9 @@ if ((DO_LOSSY)); then
                 settle
                 gen "$loss.$p.load" "$GEN" pingpong --addr "$ADDR" --count "$PINGS" --warmup 3 --secs "$PING_SECS" --load "$LOAD_SECS"
                 stop_path
+                # UDP datagrams dropped at a full socket receive buffer (QUIC paths) during this path's rows.
+                put "$loss.$p.udp_drops" $(($(udp_drops "${NA[@]}") + $(udp_drops "${NB[@]}") - drops0))
+                echo "$loss.$p udp_rcvbuf_drops=${R[$loss.$p.udp_drops]}" >>"$RAW"
             done
         done
         log "link counters: $(tail -n 1 "$OUT"/logs/*tun-link-"${RTT}"ms-"${loss}"pct.log)"
@@ -261,29 +312,32 @@ if ((DO_LOSSY)); then
         echo
         echo "lossy link: RTT $RTT ms, $MBIT Mbit/s each way, drop-tail queue $QUEUE bytes (one RTT) each way, real kernel TCP in two namespaces (tunnel-bench tun-link)"
         echo "bulk = one stream alone, $SECS s, counted by the server; ping = 64 B round trips, idle; under bulk = $PINGS round trips (at most $PING_SECS s) on one connection while a"
-        echo "second connection to the same address pushes bulk, started $LOAD_SECS s before (mux, muxtcp, frp: two streams of one session; direct, classic, wstunnel: two TCP connections)"
+        echo "second connection to the same address pushes bulk, started $LOAD_SECS s before (mux, muxtcp, quic, frp: two streams of one session; direct, classic, wstunnel: two TCP connections)"
         [[ $ROUNDS -gt 1 ]] && echo "$ROUNDS interleaved rounds: median [each round]"
         for loss in $LOSSES; do
             echo
             echo "random loss $loss % each way"
-            printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-14s | %-12s | %-10s\n' path "bulk MiB/s" "of direct" "ping p50 ms" "under bulk p50" "under bulk p99" "p99 / direct" "bulk meanwhile MiB/s"
+            printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-28s | %-12s | %-20s | %s\n' path "bulk MiB/s" "of direct" "ping p50 ms" "under bulk p50" "under bulk p99" "p99 / direct" "bulk meanwhile MiB/s" "UDP rcvbuf drops"
             for p in $PATHS; do
                 b=${R[$loss.$p.bulk.mib_s]:-}; d=${R[$loss.direct.bulk.mib_s]:-}
                 u99=${R[$loss.$p.load.p99_us]:-}; d99=${R[$loss.direct.load.p99_us]:-}
-                printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-14s | %-12s | %-10s\n' "${NAMES[$p]:-$p}" \
+                printf '%-20s | %-22s | %-9s | %-12s | %-14s | %-28s | %-12s | %-20s | %s\n' "${NAMES[$p]:-$p}" \
                     "$(cellv "$loss.$p.bulk.mib_s")" \
                     "$([[ -n $b && -n $d ]] && awk -v b="$b" -v d="$d" 'BEGIN { printf "%.2fx", b / d }')" \
                     "$(awk -v v="${R[$loss.$p.ping.p50_us]:-}" 'BEGIN { if (v != "") printf "%.1f", v / 1000 }')" \
                     "$(awk -v v="${R[$loss.$p.load.p50_us]:-}" 'BEGIN { if (v != "") printf "%.1f ms", v / 1000 }')" \
-                    "$(awk -v v="$u99" 'BEGIN { if (v != "") printf "%.1f ms", v / 1000 }')" \
+                    "$(cellms "$loss.$p.load.p99_us")" \
                     "$([[ -n $u99 && -n $d99 ]] && awk -v u="$u99" -v d="$d99" 'BEGIN { printf "%.2fx", u / d }')" \
-                    "${R[$loss.$p.load.load_mib_s]:-}"
+                    "${R[$loss.$p.load.load_mib_s]:-}" "$([[ $p == muxquic* ]] && cellv "$loss.$p.udp_drops")"
             done
         done
         for p in $PATHS; do [[ -n ${SKIP[$p]:-} ]] && echo "note: $p skipped: ${SKIP[$p]}"; done
         for k in "${!R[@]}"; do [[ $k == *.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort
         echo "link counters (packets, random losses, queue drops, per direction; last 10 s report of each link):"
         for loss in $LOSSES; do echo "  $loss %: $(tail -n 1 "$OUT"/logs/*tun-link-"${RTT}"ms-"${loss}"pct.log)"; done
+        # UDP datagrams the kernel dropped because a QUIC endpoint's socket buffer was full: loss the
+        # link did not make (the namespaces' counters since they were made).
+        echo "UDP receive-buffer drops (RcvbufErrors) over the run: A $(udp_drops "${NA[@]}"), B $(udp_drops "${NB[@]}")"
     } >>"$TABLE"
 fi
 
@@ -291,58 +345,69 @@ fi
 # Cold start
 
 if ((DO_COLD)); then
-    log "cold start: RTT $COLD_RTT ms, 1000 Mbit/s, no loss; $COLD_COUNT tries each"
-    start_tun_link "$COLD_RTT" 1000 "$(awk -v t="$COLD_RTT" 'BEGIN { printf "%d", 1e9 / 8 * t / 1e3 }')" 0
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=relay \
-        -addext "subjectAltName=IP:$IPB" -keyout "$OUT/relay-key.pem" -out "$OUT/relay-cert.pem" >"$OUT/logs/openssl.log" 2>&1 \
-        || log "openssl failed: no wss row (see $OUT/logs/openssl.log)"
-    cold() { # name relay-url [dial flags...]
-        local name=$1 url=$2; shift 2
-        gen "cold.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env "${TUNNEL_ENV[@]}" TUNNEL_KEY="$CLIENT_KEY" "$TUNNEL" dial "$ECHO" --relay "$url" "$@"
-    }
-    gen cold.direct "$GEN" coldstart --count "$COLD_COUNT" --addr "$ECHO"
-    if start_relay cold ws; then
-        ws=$RELAY_URL; tcp=$(wait_line "$LOG" "tcp://10\.231\.0\.2:[0-9]+" 5)
-        cold ws "$ws"
-        [[ -n $tcp ]] && cold tcp "$tcp"
-        stop_pid "$RELAY_PID"
-    fi
-    if [[ -s "$OUT/relay-cert.pem" ]] && start_relay cold-tls wss TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem"; then
-        cold wss "$RELAY_URL" --ca "$OUT/relay-cert.pem"
-        stop_pid "$RELAY_PID"
-    fi
     # wstunnel's one-shot client: `wstunnel client -L stdio://TARGET` (its ssh ProxyCommand mode)
     # against a running `wstunnel server` in B, plain and with TLS (the same certificate; the
     # wstunnel client does not verify certificates unless told, and has no option for a private CA).
-    cold_wstunnel() { # name scheme [server flags...]
-        local name=$1 scheme=$2 port=$((20000 + RANDOM % 20000)) s; shift 2
+    cold_wstunnel() { # rtt name scheme [server flags...]
+        local rtt=$1 name=$2 scheme=$3 port=$((20000 + RANDOM % 20000)) s; shift 3
         RUST_LOG=warn start_bg "wstunnel-server-$name" "${NB[@]}" "$WSTUNNEL" server "$scheme://$IPB:$port" "$@"
         s=$LAST_PID
         for _ in $(seq 1 100); do "${NA[@]}" bash -c "exec 3<>/dev/tcp/$IPB/$port" 2>/dev/null && break; sleep 0.1; done
-        gen "cold.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env RUST_LOG=warn "$WSTUNNEL" client -L "stdio://$ECHO" "$scheme://$IPB:$port"
+        gen "cold.$rtt.$name" "$GEN" coldstart --count "$COLD_COUNT" -- env RUST_LOG=warn "$WSTUNNEL" client -L "stdio://$ECHO" "$scheme://$IPB:$port"
         stop_pid "$s"
     }
-    if [[ -n $WSTUNNEL ]]; then
-        cold_wstunnel wstunnel-ws ws
-        [[ -s "$OUT/relay-cert.pem" ]] && cold_wstunnel wstunnel-wss wss --tls-certificate "$OUT/relay-cert.pem" --tls-private-key "$OUT/relay-key.pem"
-    fi
-    {
-        echo
-        echo "cold start at RTT $COLD_RTT ms (1 Gbit/s, no loss): a new process sends 5 bytes to the echo server and reads them back, wall time from spawn, $COLD_COUNT tries"
-        echo "(direct = a new TCP connection from a running process: one RTT for the handshake, one for the echo)"
-        printf '%-28s | %-10s | %-10s | %-10s | %s\n' path "p50 ms" "min ms" "max ms" "RTTs (p50 / RTT)"
-        for n in direct ws wss tcp wstunnel-ws wstunnel-wss; do
-            v=${R[cold.$n.p50_ms]:-}
-            case $n in
-                direct) label=direct ;;
-                wstunnel-*) label="wstunnel $WSTUNNEL_VERSION (${n#wstunnel-}://)"; [[ -z $WSTUNNEL ]] && continue ;;
-                *) label="tunnel dial ($n://)" ;;
-            esac
-            printf '%-28s | %-10s | %-10s | %-10s | %s\n' "$label" "${v:-${R[cold.$n.error]:+failed}}" \
-                "${R[cold.$n.min_ms]:-}" "${R[cold.$n.max_ms]:-}" "$([[ -n $v ]] && awk -v v="$v" -v r="$COLD_RTT" 'BEGIN { printf "%.1f", v / r }')"
+    for rtt in $COLD_RTTS; do
+        log "cold start: RTT $rtt ms, 1000 Mbit/s, no loss; $COLD_COUNT tries each, interleaved"
+        start_tun_link "$rtt" 1000 "$(awk -v t="$rtt" 'BEGIN { printf "%d", 1e9 / 8 * t / 1e3 }')" 0
+        # Two relays up at once: plain (ws://, tcp://) and TLS (wss://, quic://, one certificate),
+        # so every try round runs each scheme once and a change of load hits them alike.
+        declare -A CURL=()
+        if start_relay "cold-$rtt" ws; then
+            CURL[ws]=$RELAY_URL; CURL[tcp]=$(wait_line "$LOG" "tcp://10\.231\.0\.2:[0-9]+" 5)
+            PLAIN_PID=$RELAY_PID
+        fi
+        if [[ -s "$OUT/relay-cert.pem" ]] && start_relay "cold-tls-$rtt" wss "${TLS_ENV[@]}" TUNNEL_QUIC_LISTEN="$IPB:0"; then
+            CURL[wss]=$RELAY_URL; CURL[quic]=$(wait_line "$LOG" "quic://10\.231\.0\.2:[0-9]+" 5)
+            TLS_PID=$RELAY_PID
+        fi
+        for ((i = 1; i <= COLD_COUNT; i++)); do
+            gen "cold.$rtt.direct" "$GEN" coldstart --count 1 --addr "$ECHO"
+            for n in ws wss quic tcp; do
+                [[ -n ${CURL[$n]:-} ]] || continue
+                ca=(); [[ $n == wss || $n == quic ]] && ca=(--ca "$OUT/relay-cert.pem")
+                gen "cold.$rtt.$n" "$GEN" coldstart --count 1 -- env "${TUNNEL_ENV[@]}" TUNNEL_KEY="$CLIENT_KEY" "$TUNNEL" dial "$ECHO" --relay "${CURL[$n]}" "${ca[@]}"
+            done
         done
-        for k in "${!R[@]}"; do [[ $k == cold.*.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort
-    } >>"$TABLE"
+        stop_pid "${PLAIN_PID:-}"; stop_pid "${TLS_PID:-}"
+        if [[ -n $WSTUNNEL ]]; then
+            cold_wstunnel "$rtt" wstunnel-ws ws
+            [[ -s "$OUT/relay-cert.pem" ]] && cold_wstunnel "$rtt" wstunnel-wss wss --tls-certificate "$OUT/relay-cert.pem" --tls-private-key "$OUT/relay-key.pem"
+        fi
+    done
+    medians
+    for rtt in $COLD_RTTS; do
+        {
+            echo
+            echo "cold start at RTT $rtt ms (1 Gbit/s, no loss): a new process sends 5 bytes to the echo server and reads them back, wall time from spawn, $COLD_COUNT tries"
+            echo "(direct = a new TCP connection from a running process: one RTT for the handshake, one for the echo; tunnel dial tries interleaved ws, wss, quic, tcp)"
+            printf '%-28s | %-10s | %-10s | %-10s | %-16s | %s\n' path "p50 ms" "min ms" "max ms" "RTTs (p50 / RTT)" "of wss"
+            for n in direct ws wss quic tcp wstunnel-ws wstunnel-wss; do
+                k=cold.$rtt.$n; v=${R[$k.p50_ms]:-}
+                case $n in
+                    direct) label=direct ;;
+                    wstunnel-*) label="wstunnel $WSTUNNEL_VERSION (${n#wstunnel-}://)"; [[ -z $WSTUNNEL ]] && continue ;;
+                    *) label="tunnel dial ($n://)" ;;
+                esac
+                # shellcheck disable=SC2086
+                all=$(printf '%s\n' ${RL[$k.min_ms]:-} | sort -g)
+                w=${R[cold.$rtt.wss.p50_ms]:-}
+                printf '%-28s | %-10s | %-10s | %-10s | %-16s | %s\n' "$label" "${v:-${R[$k.error]:+failed}}" \
+                    "$(head -n 1 <<<"$all")" "$(tail -n 1 <<<"$all")" "$([[ -n $v ]] && awk -v v="$v" -v r="$rtt" 'BEGIN { printf "%.1f", v / r }')" \
+                    "$([[ -n $v && -n $w ]] && awk -v v="$v" -v w="$w" 'BEGIN { printf "%.2fx", v / w }')"
+            done
+            for k in "${!R[@]}"; do [[ $k == cold.$rtt.*.error ]] && echo "note: ${k%.error}: ${R[$k]}"; done | sort
+        } >>"$TABLE"
+    done
 fi
 
 echo "load average at end $(cut -d' ' -f1-3 /proc/loadavg); raw results and logs: $OUT" >>"$TABLE"

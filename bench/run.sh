@@ -59,9 +59,11 @@ Environment (all optional):
   BENCH_PINGS=N        ping-pong round trips (default 20000; quick 2000)
   BENCH_HOLD="N M"     held-connection counts (default "1000 10000"; quick "100 1000")
   BENCH_ROUNDS=N       interleaved rounds, medians (default 3; quick 1); same as --rounds
-  BENCH_PATHS="..."    which of: direct proxy mux muxtcp muxgrpc classic wstunnel frp rathole bore
-                       (default: all but muxgrpc, rathole and bore; muxtcp = multiplexed over raw
-                       TCP, muxgrpc = over the gRPC transport, grpc://)
+  BENCH_PATHS="..."    which of: direct proxy mux muxtcp muxgrpc muxquic classic wstunnel frp rathole
+                       bore (default: all but muxgrpc, muxquic, rathole and bore; muxtcp =
+                       multiplexed over raw TCP, muxgrpc = over the gRPC transport, grpc://,
+                       muxquic = over QUIC, quic://, a self-signed certificate and --ca; loopback
+                       only; muxwss = the WebSocket mux over TLS with the same certificate)
   PEER_DIR=DIR         where the peers are built and cached (default <target>/bench-peers)
   WSTUNNEL_SRC=DIR     a git repository or source tree of wstunnel (default: clone the tag)
   BENCH_PIN_CPU=N      the CPU for pinned runs (default 0)
@@ -151,7 +153,7 @@ if [[ -n $LINK_MS ]]; then
     [[ $PEERS == 1 ]] || D_LINK_PATHS="direct mux classic"
     PATHS=${BENCH_PATHS:-$D_LINK_PATHS}
     for p in $PATHS; do
-        [[ " direct mux classic muxtcp muxgrpc wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode" >&2; exit 2; }
+        [[ " direct mux classic muxtcp muxgrpc wstunnel frp " == *" $p "* ]] || { echo "path $p is not measured in long-link mode (muxquic: the delay line carries TCP; bench/lossy.sh has QUIC on a real IP link)" >&2; exit 2; }
     done
 fi
 
@@ -272,12 +274,28 @@ start_proxy() {
     TPIDS="$c,$b"; PATH_PIDS=("$c" "$b")
 }
 
-start_libtunnel() { # mux|classic|muxtcp|muxgrpc
-    local mode=$1 relay_url fwd scheme=ws
+# The relay's self-signed certificate for the muxquic path (QUIC always runs TLS 1.3), made once;
+# the clients trust it with --ca (CA_FLAG).
+quic_cert() {
+    [[ -s "$OUT/relay-cert.pem" ]] && return 0
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 1 -subj /CN=localhost \
+        -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -keyout "$OUT/relay-key.pem" -out "$OUT/relay-cert.pem" >"$OUT/logs/openssl.log" 2>&1
+}
+
+CA_FLAG=()
+start_libtunnel() { # mux|classic|muxtcp|muxgrpc|muxquic|muxwss
+    local mode=$1 relay_url fwd scheme=ws quic_env=()
     [[ $mode == muxtcp ]] && scheme=tcp
+    CA_FLAG=()
+    if [[ $mode == muxquic || $mode == muxwss ]]; then
+        quic_cert || { SKIP[$mode]="openssl could not make the relay's certificate (see $OUT/logs/openssl.log)"; return 1; }
+        scheme=wss; CA_FLAG=(--ca "$OUT/relay-cert.pem")
+        quic_env=(TUNNEL_TLS_CERT="$OUT/relay-cert.pem" TUNNEL_TLS_KEY="$OUT/relay-key.pem")
+        [[ $mode == muxquic ]] && { scheme=quic; quic_env+=(TUNNEL_QUIC_LISTEN=127.0.0.1:0); }
+    fi
     TUNNEL_LISTEN=127.0.0.1:0 TUNNEL_TCP_LISTEN=127.0.0.1:0 TUNNEL_AUTH_KEYS="$RELAY_KEYS" TUNNEL_LISTENERS_OPEN=true \
         TUNNEL_ALLOW="[{\"host\":\"127.0.0.1\",\"port\":$ECHO_PORT}]" \
-        start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000 --set max_connections_per_source=50000 --set max_handshakes_per_source=20000 --set max_handshakes=20000
+        start_bg "relay-$mode" env "${TUNNEL_ENV[@]}" "${quic_env[@]}" "$TUNNEL" server --set max_connections=100000 --set max_streams=100000 --set max_connections_per_source=50000 --set max_handshakes_per_source=20000 --set max_handshakes=20000
     local relay=$LAST_PID
     relay_url=$(wait_line "$LOG" "$scheme://127\.0\.0\.1:[0-9]+" 10) \
         || { SKIP[$mode]="tunnel server did not start (see $LOG)"; stop_pid "$relay"; return 1; }
@@ -291,7 +309,7 @@ start_libtunnel() { # mux|classic|muxtcp|muxgrpc
     fi
     local flag=()
     [[ $mode == classic ]] && flag=(--classic)
-    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}"
+    TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$ECHO" --relay "$relay_url" "${flag[@]}" "${CA_FLAG[@]}"
     local fwdpid=$LAST_PID
     fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10) \
         || { SKIP[$mode]="tunnel forward did not start (see $LOG)"; stop_pid "$fwdpid"; stop_pid "$relay"; return 1; }
@@ -302,6 +320,8 @@ start_mux() { start_libtunnel mux; }
 start_classic() { start_libtunnel classic; }
 start_muxtcp() { start_libtunnel muxtcp; }
 start_muxgrpc() { start_libtunnel muxgrpc; }
+start_muxquic() { start_libtunnel muxquic; }
+start_muxwss() { start_libtunnel muxwss; }
 
 start_rathole() {
     [[ -n "$RATHOLE" ]] || return 1
@@ -445,7 +465,7 @@ measure() {
     settle
     # Dial by name, stalled streams and held connections: once, in the first round.
     if ((ROUND > 1)); then stop_path; return; fi
-    [[ $p == mux || $p == classic || $p == muxtcp || $p == muxgrpc ]] && measure_byname "$p"
+    [[ $p == mux || $p == classic || $p == muxtcp || $p == muxgrpc || $p == muxquic || $p == muxwss ]] && measure_byname "$p"
     stop_path
     # Memory per connection is a figure of tunnels only (the proxy's copy buffers are not a design).
     [[ $p == direct || $p == proxy ]] && return
@@ -494,12 +514,12 @@ measure_byname_one() { # path "" | e2e
     [[ $mode == e2e ]] && e2e=(--e2e)
     rm -f "$key"
     "$TUNNEL" keygen --listener --out "$key" >/dev/null 2>&1
-    start_bg "listen-$p$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" listen --to "$ECHO" --relay "$lurl" --key "$key" "${e2e[@]}"
+    start_bg "listen-$p$mode" env "${TUNNEL_ENV[@]}" "$TUNNEL" listen --to "$ECHO" --relay "$lurl" --key "$key" "${e2e[@]}" "${CA_FLAG[@]}"
     lpid=$LAST_PID; pids+=("$lpid")
     if name=$(wait_line "$LOG" 'listening as: [a-z0-9-]+' 10); then
         name=${name#listening as: }
         [[ $p == classic ]] && flag=(--classic)
-        TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$tag-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$name:0" --relay "$furl" "${flag[@]}" "${e2e[@]}"
+        TUNNEL_KEY="$CLIENT_KEY" start_bg "forward-$tag-$p" env "${TUNNEL_ENV[@]}" "$TUNNEL" forward 127.0.0.1:0 "$name:0" --relay "$furl" "${flag[@]}" "${e2e[@]}" "${CA_FLAG[@]}"
         fpid=$LAST_PID; pids+=("$fpid")
         if fwd=$(wait_line "$LOG" 'forwarding 127\.0\.0\.1:[0-9]+' 10); then
             addr=${fwd#forwarding }
@@ -561,7 +581,7 @@ done
 # ---------------------------------------------------------------------------------------------
 # The table
 
-declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [muxgrpc]="libtunnel mux grpc://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
+declare -A NAMES=([direct]="direct" [proxy]="2x tcp proxy (floor)" [mux]="libtunnel mux" [muxtcp]="libtunnel mux tcp://" [muxgrpc]="libtunnel mux grpc://" [muxquic]="libtunnel mux quic://" [muxwss]="libtunnel mux wss://" [classic]="libtunnel classic" [rathole]="rathole" [bore]="bore" [wstunnel]="wstunnel $WSTUNNEL_VERSION -L" [frp]="frp ${FRP_VERSION#v} tcp")
 
 # Derived figures: fairness (p50 under a bulk stream / idle p50, same path) and the direct
 # reference of the dial-by-name row (a direct stream: direct has no names).
@@ -657,7 +677,7 @@ target_row() { # label key of_direct(1|0) cmp(ge|le) bound(wstunnel|number) unit
     else
         b=$bound; line=$(printf '%-32s | %-4s %s%s' "$label" "$([[ $cmp == ge ]] && echo ">=" || echo "<=")" "$b" "$unit")
     fi
-    for p in mux muxtcp muxgrpc; do
+    for p in mux muxtcp muxgrpc muxquic muxwss; do
         [[ " $PATHS " == *" $p "* ]] || continue
         v=$(fig "$p"); [[ -z $v ]] && continue
         line+=$(awk -v v="$v" -v b="$b" -v c="$cmp" -v n="${NAMES[$p]}" -v u="$unit" \
@@ -673,7 +693,12 @@ targets() {
     target_row "$STREAMS streams, of direct" tpN.mib_s 1 ge wstunnel x
     target_row "ping-pong p50 (us)" ping.p50_us 0 le wstunnel ""
     target_row "connect + 1st byte p50 (us)" connect.p50_us 0 le wstunnel ""
-    local n
+    local n q m
+    q=${R[muxquic.tp1.cpu_s_per_gb]:-}
+    for m in mux muxwss; do
+        [[ -n $q && -n ${R[$m.tp1.cpu_s_per_gb]:-} ]] || continue
+        awk -v q="$q" -v m="${R[$m.tp1.cpu_s_per_gb]}" -v n="$m" 'BEGIN { r = q / m; printf "%-32s | <=   1.5x %s (%s) | libtunnel mux quic:// %s = %.2fx %s\n", "issue 32: QUIC CPU-s per GB", n, m, q, r, (r <= 1.5 ? "meets" : "MISSES") }'
+    done
     for n in $HOLDS; do
         [[ $n == 1000 ]] && target_row "RSS per held conn @1000 (KiB)" hold1000.kib_per_conn 0 le 12 ""
     done

@@ -503,10 +503,25 @@ fn http_server(listen: SocketAddr, threads: usize) -> std::io::Result<()> {
 
 fn dial(addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     let s = TcpStream::connect_timeout(&addr, timeout)?;
+    set_tcp_cc(&s)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     Ok(s)
+}
+
+/// `BENCH_TCP_CC` (e.g. `cubic`): the congestion controller of the clients' own TCP sockets
+/// (`bench/lossy.sh` `LOSSY_TCP_CC`: the direct path's senders), where the namespace's default
+/// cannot be changed; the kernel's default when unset.
+fn set_tcp_cc(s: &TcpStream) -> std::io::Result<()> {
+    let Ok(cc) = std::env::var("BENCH_TCP_CC") else { return Ok(()) };
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt reads `cc.len()` bytes from the string, which outlives the call.
+    let r = unsafe { libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_CONGESTION, cc.as_ptr().cast(), cc.len() as libc::socklen_t) };
+    if r != 0 {
+        return Err(ctx(format!("BENCH_TCP_CC={cc}: setsockopt(TCP_CONGESTION)"))(std::io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 fn ctx(what: String) -> impl FnOnce(std::io::Error) -> std::io::Error {

@@ -37,13 +37,23 @@ pub const INITIAL_STREAMS: usize = 64;
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-libtunnel-v1-hello";
 
 /// How a QUIC session's congestion is controlled (the `quic_congestion` setting).
+///
+/// The default is BBR, decided on the lossy link of `bench/lossy.sh` (100 Mbit/s, 50 ms RTT, a
+/// one-RTT drop-tail queue; figures in bench/README.md, "QUIC"): at 1 % random loss CUBIC moves
+/// 0.3-0.5 MiB/s (0.03-0.04x of direct TCP: a loss-based controller's rate falls as
+/// 1/sqrt(loss)), BBR 10.0-10.3 MiB/s (0.93-0.94x); at 0 % both move 0.86-0.93x. CUBIC's one
+/// advantage there is the delay it adds to a second stream while a bulk stream runs (p99 under
+/// bulk ~300 ms against BBR's ~600 ms at 0 % loss; both far above direct TCP's). quinn calls its
+/// BBR experimental. This is a client's default (`TUNNEL_QUIC_CONGESTION` unset); a relay's comes
+/// from its `quic_congestion` setting, whose default is in the settings table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Congestion {
-    /// CUBIC (RFC 9438), quinn's default and the kernel's.
-    #[default]
+    /// CUBIC (RFC 9438), quinn's own default and the kernel's usual one.
     Cubic,
-    /// BBR (v1 as quinn implements it): paced at the measured bottleneck rate, it keeps queues
-    /// short and does not take random loss for congestion.
+    /// BBR (v1 as quinn implements it): paced at the measured bottleneck rate, it does not take
+    /// random loss for congestion. quinn's BBR fills a drop-tail queue of one RTT (its window is
+    /// twice the BDP plus the ACK aggregation it measures), so a second stream waits behind it.
+    #[default]
     Bbr,
     /// NewReno (RFC 9002's reference controller).
     NewReno,
@@ -71,7 +81,7 @@ impl Congestion {
 }
 
 /// The controller a process uses for its QUIC sessions unless told otherwise:
-/// `TUNNEL_QUIC_CONGESTION` in the environment, else CUBIC.
+/// `TUNNEL_QUIC_CONGESTION` in the environment, else [`Congestion::default`] (BBR).
 pub fn default_congestion() -> Congestion {
     std::env::var("TUNNEL_QUIC_CONGESTION").ok().and_then(|v| Congestion::parse(&v).ok()).unwrap_or_default()
 }
@@ -81,6 +91,39 @@ pub fn default_congestion() -> Congestion {
 /// send buffer of a TCP session (8 MiB by default: a 50 ms, 1 Gbit/s path's 6.25 MB in flight).
 fn send_window(cfg: &MuxConfig) -> u64 {
     2 * cfg.write_budget as u64
+}
+
+/// Bytes of kernel buffer asked for each way on a QUIC endpoint's UDP socket. quinn leaves the
+/// kernel's default (net.core.rmem_default, 208 KiB), which holds 17 ms of datagrams at 100 Mbit/s:
+/// a process not scheduled for longer (a busy machine) loses the rest at its socket, and QUIC's
+/// congestion control takes that for network loss. On the lossy link of `bench/lossy.sh` (100
+/// Mbit/s, 50 ms, a loaded 2-core machine) the relay's socket dropped 47,990 datagrams in one run
+/// and CUBIC moved 0.39x of direct TCP at 0 % loss; with this buffer on both ends: no drop, 0.86x
+/// (bench/README.md, "QUIC"). TCP has no such loss: the kernel acknowledges and buffers for it.
+/// The kernel caps the request at net.core.rmem_max / wmem_max (4 MiB on the bench machine; many
+/// distributions ship 208 KiB: raise them on a relay, as quinn's documentation advises).
+pub(crate) const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` for a QUIC endpoint, with [`UDP_BUFFER`] asked for each way (the
+/// kernel grants up to its maximum; a refusal is not an error) and dual-stack on IPv6 as quinn's
+/// own constructors make it.
+pub(crate) fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A QUIC endpoint on [`udp_socket`]`(addr)`: a client's (`server` None) or a relay's (the relay's
+/// `quic_endpoint::bind` still calls `quinn::Endpoint::server`, with the kernel's default buffer).
+pub(crate) fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    let runtime = quinn::default_runtime().ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, udp_socket(addr)?, runtime)
 }
 
 /// QUIC's transport parameters from the session settings, so a QUIC session is bounded as a
@@ -167,8 +210,7 @@ pub(crate) async fn connect(url: &RelayUrl, tls: Option<&ClientTls>, cfg: &MuxCo
     }
     let addr = resolve(url).await?;
     let bind: SocketAddr = if addr.is_ipv4() { (std::net::Ipv4Addr::UNSPECIFIED, 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| Error::new(ErrorCode::Io, format!("cannot open a UDP socket for QUIC ({bind}): {e}")))?;
+    let mut endpoint = endpoint(bind, None).map_err(|e| Error::new(ErrorCode::Io, format!("cannot open a UDP socket for QUIC ({bind}): {e}")))?;
     let tls = match tls {
         Some(t) => t.clone(),
         None => ClientTls::webpki(),
