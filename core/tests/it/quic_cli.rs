@@ -243,3 +243,36 @@ async fn a_listener_over_quic_dialed_over_quic_keeps_the_relay_up() {
     assert!(s.proc.child.try_wait().expect("the relay's status").is_none(), "the relay died:\n{}", s.proc.stderr());
     assert!(!s.proc.stderr().contains("panicked"), "the relay panicked:\n{}", s.proc.stderr());
 }
+
+/// A wrong key over `quic://` must always fail with AUTH_FAILED (final: a relay list must not fall
+/// back to `wss://` on it). Ignored: about one connect in 150 reports RELAY_UNAVAILABLE ("the relay
+/// at quic://… dropped the connection during the handshake: the session ended") instead, seen
+/// from the Node face first (bindings/node/test/quic.test.js). Run it with `--ignored` once the
+/// client's QUIC handshake (core/src/client/handshake.rs, core/src/session/quic.rs) reads the
+/// relay's refusal before the connection's close. Takes about 9 minutes in a debug build (600
+/// connects; it caught one at connect 73 on the first run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "about 1 in 150 wrong-key connects over quic:// report RELAY_UNAVAILABLE, not AUTH_FAILED (core/src/client, core/src/session/quic.rs)"]
+async fn a_wrong_key_over_quic_is_always_auth_failed() {
+    init_tracing();
+    let (cert, tls_key, pem) = self_signed_cert();
+    let mut cfg = relay_config(allow_ports(&[9]));
+    cfg.tls_cert = Some(cert);
+    cfg.tls_key = Some(tls_key);
+    cfg.quic_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    cfg.limits.max_handshakes_per_source = 100_000;
+    let relay = start_relay(cfg).await;
+    let url = format!("quic://localhost:{}", relay.quic_addr().expect("the QUIC endpoint").port());
+    let trust = libtunnel::transport::ClientTls::from_pem(pem.as_bytes()).expect("CA bundle");
+    let wrong = libtunnel::Key::parse(&format!("{KID}:bm90LXRoZS1yaWdodC1zZWNyZXQtMDEyMzQ1Njc4OQ==")).expect("a key");
+    let mut other = Vec::new();
+    for i in 0..600 {
+        let d = libtunnel::Dialer::builder(&url).key(wrong.clone()).tls(trust.clone()).timeout(STEP).build().expect("dialer");
+        match within(STEP, "a refused connect", d.connect()).await {
+            Ok(()) => panic!("connect {i} with a wrong key succeeded"),
+            Err(e) if e.code() == libtunnel::ErrorCode::AuthFailed => {}
+            Err(e) => other.push(format!("connect {i}: [{}] {e}", e.code())),
+        }
+    }
+    assert!(other.is_empty(), "{} of 600 wrong-key connects were not AUTH_FAILED:\n{}", other.len(), other.join("\n"));
+}
