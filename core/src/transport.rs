@@ -459,11 +459,8 @@ pub async fn connect(url: &RelayUrl, mux: bool, tls: Option<&ClientTls>) -> Resu
         )));
     }
     if url.scheme == Scheme::Quic {
-        // Classic mode is one WebSocket per connection; a QUIC relay endpoint speaks only the
-        // multiplexed session (without this, the TCP connect to the UDP port said "refused").
         return Err(Error::argument(format!(
-            "{} is a QUIC relay URL, which carries multiplexed sessions only; classic mode (Emissary's protocol: --classic, \
-             TUNNEL_MODE=classic) needs ws:// or wss://: drop classic mode to use quic://, or dial a ws:// or wss:// URL",
+            "{} is a QUIC relay URL, which carries multiplexed sessions only; classic mode (Emissary's protocol) needs ws:// or wss://",
             url.url
         )));
     }

@@ -151,10 +151,12 @@ impl Redis {
 /// One `tunnel server` process, a node of the cluster.
 pub struct Node {
     pub child: Child,
-    /// `ws://127.0.0.1:PORT`.
+    /// `ws://127.0.0.1:PORT` (`wss://` with a certificate).
     pub url: String,
     pub ws: SocketAddr,
     pub http: SocketAddr,
+    /// The QUIC endpoint, when `quic_listen` is set (it prints its line before the others).
+    pub quic: Option<SocketAddr>,
 }
 
 impl Node {
@@ -173,6 +175,7 @@ impl Node {
             format!("cluster_key={CLUSTER_KEY}"),
         ];
         set.extend(extra.iter().cloned());
+        let wants_quic = set.iter().any(|s| s.starts_with("quic_listen="));
         for s in &set {
             cmd.args(["--set", s]);
         }
@@ -187,7 +190,7 @@ impl Node {
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let (mut url, mut http) = (None, None);
+            let (mut url, mut http, mut quic) = (None, None, None);
             let mut tx = Some(tx);
             let mut line = String::new();
             while out.read_line(&mut line).await.is_ok_and(|n| n > 0) {
@@ -197,20 +200,25 @@ impl Node {
                 if let Some(h) = line.trim().strip_prefix("public http listening: http://") {
                     http = h.parse::<SocketAddr>().ok();
                 }
-                if let (Some(u), Some(h)) = (&url, http) {
+                if let Some(q) = line.trim().strip_prefix("quic listening: quic://") {
+                    quic = q.parse::<SocketAddr>().ok();
+                }
+                // `quic listening` is the last ready line when there is one.
+                let done = quic.is_some() || !wants_quic;
+                if let (Some(u), Some(h), true) = (&url, http, done) {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send((u.clone(), h));
+                        let _ = tx.send((u.clone(), h, quic));
                     }
                 }
                 line.clear();
             }
         });
-        let (url, http) = tokio::time::timeout(Duration::from_secs(15), rx)
+        let (url, http, quic) = tokio::time::timeout(Duration::from_secs(15), rx)
             .await
             .expect("tunnel server printed its ready lines within 15 s")
             .expect("tunnel server exited before it was ready");
-        let ws = url.trim_start_matches("ws://").parse().expect("ws address");
-        Node { child, url, ws, http }
+        let ws = url.trim_start_matches("wss://").trim_start_matches("ws://").parse().expect("ws address");
+        Node { child, url, ws, http, quic }
     }
 
     /// SIGKILL: the process dies at once, sockets are reset by the kernel.

@@ -62,13 +62,15 @@ pub async fn listen_process_with(relay: &str, key: &Path, args: &[&str]) -> (Chi
 /// `TUNNEL_ADMIN_LISTEN`). Its stdout is kept read for its whole life; killed when dropped.
 pub struct RelayProcess {
     pub child: Child,
-    /// `ws://127.0.0.1:PORT`.
+    /// `ws://127.0.0.1:PORT` (`wss://` when it has a certificate).
     pub url: String,
     /// The tunnel port's address.
     pub ws: SocketAddr,
     pub http: Option<SocketAddr>,
     pub tcp: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// The QUIC endpoint (UDP), when `TUNNEL_QUIC_LISTEN` asked for one.
+    pub quic: Option<SocketAddr>,
 }
 
 impl RelayProcess {
@@ -90,22 +92,30 @@ impl RelayProcess {
             .expect("start tunnel server");
         let wants = |k: &str| env.iter().any(|(key, _)| *key == k);
         let (want_http, want_tcp, want_admin) = (wants("TUNNEL_HTTP_LISTEN"), wants("TUNNEL_TCP_LISTEN"), wants("TUNNEL_ADMIN_LISTEN"));
+        let want_quic = wants("TUNNEL_QUIC_LISTEN");
         let mut out = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let (mut ws, mut http, mut tcp, mut admin) = (None, None, None, None);
+        let (mut ws, mut http, mut tcp, mut admin, mut quic) = (None, None, None, None, None);
+        let mut tls = false;
         crate::within(crate::STEP, "tunnel server to print its addresses", async {
-            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) {
+            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) || (want_quic && quic.is_none()) {
                 let line = out.next_line().await.expect("stdout").expect("the relay exited before it listened");
                 let addr = |prefix: &str| line.trim().strip_prefix(prefix).map(|a| a.trim_end_matches('/').parse::<SocketAddr>().expect("an address"));
                 ws = ws.or(addr("relay listening: ws://"));
+                if ws.is_none() {
+                    ws = addr("relay listening: wss://");
+                    tls |= ws.is_some();
+                }
                 http = http.or(addr("public http listening: http://"));
                 tcp = tcp.or(addr("raw tcp listening: tcp://"));
                 admin = admin.or(addr("admin listening: http://"));
+                quic = quic.or(addr("quic listening: quic://"));
             }
         })
         .await;
         tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
         let ws = ws.expect("the tunnel address");
-        RelayProcess { child, url: format!("ws://{ws}"), ws, http, tcp, admin }
+        let url = if tls { format!("wss://{ws}") } else { format!("ws://{ws}") };
+        RelayProcess { child, url, ws, http, tcp, admin, quic }
     }
 
     pub fn pid(&self) -> u32 {

@@ -5,7 +5,10 @@
 //! on every endpoint, the admin endpoint's included, and public HTTP requests in progress, which
 //! a few connections can hold by the thousand) with its peak since it last acted; when it fell by
 //! at least [`TRIM_AFTER`], it asks the allocator to return its free pages (`malloc_trim`, on a
-//! blocking thread). Other allocators: nothing to do.
+//! blocking thread). A flood that never becomes connections counts too: QUIC Initials turned away
+//! (a Retry, a refusal) cost the endpoint's crypto and buffers without raising the load, so
+//! [`TRIM_AFTER`] of them since the last trim, with the load back down, also hand memory back.
+//! Other allocators: nothing to do.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -22,6 +25,7 @@ const TRIM_AFTER: i64 = 128;
 pub(super) async fn return_after_floods(metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_turned_away = 0;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -29,7 +33,9 @@ pub(super) async fn return_after_floods(metrics: Arc<Metrics>, stop: Cancellatio
         }
         let open = metrics.load();
         let peak = metrics.connections_peak.load(Relaxed);
-        if peak - open >= TRIM_AFTER {
+        let turned_away = metrics.turned_away.load(Relaxed);
+        let flood = turned_away - std::mem::replace(&mut last_turned_away, turned_away) >= TRIM_AFTER as u64;
+        if peak - open >= TRIM_AFTER || (flood && open < TRIM_AFTER) {
             metrics.connections_peak.store(open, Relaxed);
             let t0 = std::time::Instant::now();
             // Off the runtime's workers: on a large heap it walks a lot of memory.

@@ -103,6 +103,9 @@ pub struct Metrics {
     pub(crate) handshakes_open: AtomicI64,
     /// Most of [`Metrics::load`] at once since memory was last handed back (see `memory`).
     pub(crate) connections_peak: AtomicI64,
+    /// Connection attempts turned away before they were admitted as connections (QUIC Initials
+    /// answered with a Retry or refused): `memory` hands memory back after a flood of them.
+    pub(crate) turned_away: AtomicU64,
     /// Connections open now on the admin endpoint (not in `connections_open`: they have a cap of
     /// their own).
     pub(crate) admin_connections_open: AtomicI64,

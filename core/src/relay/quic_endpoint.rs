@@ -26,19 +26,20 @@ pub(super) const RETRY_ABOVE: usize = 32;
 #[derive(Default)]
 pub(super) struct InFlight(AtomicUsize);
 
-struct Entered<'a>(&'a InFlight);
+/// One handshake counted in [`InFlight`] until it is dropped.
+struct Entered(Arc<InFlight>);
 
 impl InFlight {
-    fn enter(&self) -> Entered<'_> {
+    fn enter(self: &Arc<Self>) -> Entered {
         self.0.fetch_add(1, Ordering::Relaxed);
-        Entered(self)
+        Entered(self.clone())
     }
     fn count(&self) -> usize {
         self.0.load(Ordering::Relaxed)
     }
 }
 
-impl Drop for Entered<'_> {
+impl Drop for Entered {
     fn drop(&mut self) {
         self.0 .0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -77,6 +78,7 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, endpoint: quinn::Endpoin
         let peer = incoming.remote_address();
         if !incoming.remote_address_validated() && incoming.may_retry() && in_flight.count() >= RETRY_ABOVE {
             state.metrics.quic_retries.fetch_add(1, Ordering::Relaxed);
+            state.metrics.turned_away.fetch_add(1, Ordering::Relaxed);
             let _ = incoming.retry();
             continue;
         }
@@ -85,6 +87,7 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, endpoint: quinn::Endpoin
             Err(why) => {
                 state.metrics.refused(why);
                 tracing::debug!(%peer, reason = ?why, "QUIC connection refused at admission");
+                state.metrics.turned_away.fetch_add(1, Ordering::Relaxed);
                 incoming.refuse();
                 continue;
             }
@@ -92,12 +95,14 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, endpoint: quinn::Endpoin
         let Ok(permit) = state.guards.connections.clone().try_acquire_owned() else {
             state.metrics.refused(Refusal::Overloaded);
             tracing::warn!(%peer, limit = state.cfg.limits.max_connections, "connection limit reached; refusing a QUIC connection");
+            state.metrics.turned_away.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         };
         let st = state.clone();
         let finished = ticket.finished_flag();
-        let in_flight = in_flight.clone();
+        // Counted here, not in the task: a burst of Initials is taken in one go, before any task runs.
+        let counted = in_flight.enter();
         state.tasks.spawn(guard::with_ticket(ticket, async move {
             let _permit = permit;
             let deadline = async {
@@ -108,7 +113,7 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, endpoint: quinn::Endpoin
             };
             tokio::select! {
                 _ = st.kill.cancelled() => {}
-                _ = serve(st.clone(), incoming, peer, &in_flight) => {}
+                _ = serve(st.clone(), incoming, peer, counted) => {}
                 _ = deadline => {
                     st.metrics.refused(Refusal::HandshakeTimeout);
                     tracing::debug!(%peer, "QUIC handshake deadline passed; connection closed");
@@ -121,9 +126,9 @@ pub(super) async fn accept_loop(state: Arc<RelayState>, endpoint: quinn::Endpoin
 }
 
 /// One connection: the QUIC handshake, its control stream, then the session.
-async fn serve(state: Arc<RelayState>, incoming: quinn::Incoming, peer: SocketAddr, in_flight: &InFlight) {
-    let handshake = async {
-        let _counted = in_flight.enter();
+async fn serve(state: Arc<RelayState>, incoming: quinn::Incoming, peer: SocketAddr, counted: Entered) {
+    let handshake = async move {
+        let _counted = counted;
         let conn = incoming.accept().map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
         let nonce = quic::hello_nonce(&conn).map_err(|e| e.to_string())?;
         let (send, recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;

@@ -126,14 +126,6 @@ impl Session {
         }
     }
 
-    /// The transport's name, for logs and events (`mux` or `quic`).
-    pub fn transport(&self) -> &'static str {
-        match self {
-            Session::Mux(_) => "mux",
-            Session::Quic(_) => "quic",
-        }
-    }
-
     /// Open a stream to the peer (no round trip: the open travels with the first bytes).
     pub fn open(&self) -> Result<SessionStream, Error> {
         match self {

@@ -51,6 +51,9 @@ struct Shared {
     endpoint: Option<quinn::Endpoint>,
     role: Role,
     max_streams: usize,
+    /// How many streams the peer may have open at once now (raised as they are used, up to
+    /// `max_streams`: quinn keeps a record per stream it allows, so it is not granted all at once).
+    grant: std::sync::atomic::AtomicUsize,
     /// Open streams (either direction).
     streams: watch::Sender<usize>,
     /// The peer sent `GoAway`: open no new streams.
@@ -106,6 +109,7 @@ impl QuicSession {
             endpoint,
             role,
             max_streams,
+            grant: std::sync::atomic::AtomicUsize::new(crate::transport::quic::INITIAL_STREAMS),
             streams: watch::channel(0).0,
             go_away: AtomicBool::new(false),
             local_close: Mutex::new(None),
@@ -136,20 +140,25 @@ impl QuicSession {
             ));
         }
         use futures_util::FutureExt;
-        match self.shared.conn.open_bi().now_or_never() {
-            Some(Ok((send, recv))) => Ok(QuicStream::new(self.shared.clone(), send, recv)),
-            Some(Err(e)) => Err(self.connection_error(e)),
-            None => Err(Error::new(
+        if self.stream_count() >= self.shared.max_streams {
+            return Err(Error::new(
                 ErrorCode::General,
                 format!("this session already has {} open streams (the limit); close some first", self.shared.max_streams),
-            )),
+            ));
+        }
+        match self.shared.conn.open_bi().now_or_never() {
+            Some(Ok((send, recv))) => Ok(QuicStream::new(self.shared.clone(), Some((send, recv)))),
+            Some(Err(e)) => Err(self.connection_error(e)),
+            // The peer's stream limit is reached for now: the stream opens once it grants more
+            // (its first bytes wait until then).
+            None => Ok(QuicStream::new(self.shared.clone(), None)),
         }
     }
 
     /// Wait for the next stream the peer opens; `None` once the session has ended.
     pub async fn accept(&self) -> Option<QuicStream> {
         match self.shared.conn.accept_bi().await {
-            Ok((send, recv)) => Some(QuicStream::new(self.shared.clone(), send, recv)),
+            Ok((send, recv)) => Some(QuicStream::new(self.shared.clone(), Some((send, recv)))),
             Err(_) => None,
         }
     }
@@ -237,16 +246,6 @@ impl QuicSession {
     /// End the session and tell the peer why: over QUIC every close says so.
     pub fn close_with_notice(&self, code: ErrorCode, why: impl Into<String>) {
         self.close(code, why);
-    }
-
-    /// The QUIC connection (tests: connection migration, statistics).
-    pub fn connection(&self) -> &quinn::Connection {
-        &self.shared.conn
-    }
-
-    /// The client's own endpoint, when the session has one (tests: rebinding its UDP socket).
-    pub fn endpoint(&self) -> Option<&quinn::Endpoint> {
-        self.shared.endpoint.as_ref()
     }
 }
 
@@ -341,7 +340,20 @@ struct Counted(Arc<Shared>);
 
 impl Counted {
     fn new(shared: Arc<Shared>) -> Counted {
-        shared.streams.send_modify(|n| *n += 1);
+        let mut open = 0;
+        shared.streams.send_modify(|n| {
+            *n += 1;
+            open = *n;
+        });
+        // Half the grant in use: double it (up to the session's limit), so a burst of streams
+        // from the peer waits at most a round trip for each doubling.
+        let grant = shared.grant.load(Ordering::Relaxed);
+        if open * 2 >= grant && grant < shared.max_streams {
+            let more = (grant * 2).min(shared.max_streams);
+            if shared.grant.compare_exchange(grant, more, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                shared.conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u64(more as u64).unwrap_or(quinn::VarInt::MAX));
+            }
+        }
         Counted(shared)
     }
 }
@@ -352,10 +364,15 @@ impl Drop for Counted {
     }
 }
 
+/// A stream being opened (the peer's stream limit was reached when it was asked for).
+type Opening = Pin<Box<dyn Future<Output = Result<(quinn::SendStream, quinn::RecvStream), quinn::ConnectionError>> + Send>>;
+
 /// One stream of a [`QuicSession`]: a QUIC bidirectional stream.
 pub struct QuicStream {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    /// Set while the stream waits for the peer to allow another one.
+    opening: Option<Opening>,
+    send: Option<quinn::SendStream>,
+    recv: Option<quinn::RecvStream>,
     /// Bytes accepted by `send_frame`/`poll_write` that quinn has not taken yet.
     pending: Bytes,
     /// `finish` was asked while bytes were pending: finish once they are taken.
@@ -367,12 +384,14 @@ pub struct QuicStream {
     recv_done: bool,
     /// The receive side can no longer be cut off (finished, or stopped by us).
     recv_settled: bool,
+    /// The session's end, watched by `poll_cut_off` while a read-ahead chunk waits.
+    session_end: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
     session: Counted,
 }
 
 impl std::fmt::Debug for QuicStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("QuicStream").field("id", &self.send.id()).finish()
+        f.debug_struct("QuicStream").field("id", &self.send.as_ref().map(|s| s.id())).finish()
     }
 }
 
@@ -381,8 +400,17 @@ fn code_of(v: quinn::VarInt) -> ErrorCode {
 }
 
 impl QuicStream {
-    fn new(shared: Arc<Shared>, send: quinn::SendStream, recv: quinn::RecvStream) -> QuicStream {
+    fn new(shared: Arc<Shared>, opened: Option<(quinn::SendStream, quinn::RecvStream)>) -> QuicStream {
+        let opening: Option<Opening> = match opened {
+            Some(_) => None,
+            None => {
+                let conn = shared.conn.clone();
+                Some(Box::pin(async move { conn.open_bi().await }))
+            }
+        };
+        let (send, recv) = opened.map_or((None, None), |(s, r)| (Some(s), Some(r)));
         QuicStream {
+            opening,
             send,
             recv,
             pending: Bytes::new(),
@@ -391,6 +419,7 @@ impl QuicStream {
             unread: None,
             recv_done: false,
             recv_settled: false,
+            session_end: None,
             session: Counted::new(shared),
         }
     }
@@ -418,11 +447,46 @@ impl QuicStream {
         }
     }
 
+    /// Ready once the stream exists (at once, unless the peer's stream limit was reached).
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(opening) = self.opening.as_mut() else { return Poll::Ready(Ok(())) };
+        match opening.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok((send, recv))) => {
+                self.opening = None;
+                self.send = Some(send);
+                self.recv = Some(recv);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => {
+                self.opening = None;
+                self.recv_settled = true;
+                Poll::Ready(Err(self.lost(e)))
+            }
+        }
+    }
+
+    /// The stream's halves once open; an error once it cannot be (its session ended first).
+    fn halves(&mut self) -> io::Result<(&mut quinn::SendStream, &mut quinn::RecvStream)> {
+        match (self.send.as_mut(), self.recv.as_mut()) {
+            (Some(s), Some(r)) => Ok((s, r)),
+            _ => Err(Error::new(ErrorCode::Closed, "the stream was never opened: its session ended first").into_io()),
+        }
+    }
+
     /// Hand the pending bytes to quinn; ready once none remain (and a finish asked for is done).
     fn poll_flush_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.poll_open(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
         while !self.pending.is_empty() {
             let mut chunks = [std::mem::take(&mut self.pending)];
-            let polled = pin!(self.send.write_chunks(&mut chunks)).poll(cx);
+            let send = match self.halves() {
+                Ok((s, _)) => s,
+                Err(e) => return Poll::Ready(Err(e)),
+            };
+            let polled = pin!(send.write_chunks(&mut chunks)).poll(cx);
             self.pending = std::mem::take(&mut chunks[0]);
             match polled {
                 Poll::Ready(Ok(_)) => {}
@@ -435,7 +499,9 @@ impl QuicStream {
         }
         if self.finish_asked && !self.finished {
             self.finished = true;
-            let _ = self.send.finish();
+            if let Some(send) = self.send.as_mut() {
+                let _ = send.finish();
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -458,8 +524,14 @@ impl QuicStream {
     pub fn reset(&mut self, code: ErrorCode) {
         self.pending = Bytes::new();
         let v = quinn::VarInt::from_u32(code.number());
-        let _ = self.send.reset(v);
-        let _ = self.recv.stop(v);
+        // A stream still waiting to be opened is given up (the peer never learns of it).
+        self.opening = None;
+        if let Some(send) = self.send.as_mut() {
+            let _ = send.reset(v);
+        }
+        if let Some(recv) = self.recv.as_mut() {
+            let _ = recv.stop(v);
+        }
         self.recv_settled = true;
     }
 
@@ -498,7 +570,11 @@ impl QuicStream {
         if self.recv_done {
             return Poll::Ready(Ok(None));
         }
-        let polled = pin!(self.recv.read_chunk(MAX_DATA, true)).poll(cx);
+        let recv = match self.halves() {
+            Ok((_, r)) => r,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let polled = pin!(recv.read_chunk(MAX_DATA, true)).poll(cx);
         match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(Some(chunk))) => Poll::Ready(Ok(Some(chunk.bytes))),
@@ -533,26 +609,39 @@ impl QuicStream {
     }
 
     /// Ready with the error once the stream was cut off (reset, or the session ended) before the
-    /// peer finished sending.
+    /// peer finished sending. It reads ahead (one chunk, kept for the next read) to learn of a
+    /// reset: quinn's own reset check would leave a reader registered on a stream read to its end.
+    /// While that chunk waits, the session's end is watched instead.
     pub fn poll_cut_off(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         if let Poll::Ready(Err(e)) = self.poll_flush_pending(cx) {
             return Poll::Ready(e);
         }
-        if self.recv_settled {
+        if self.recv_settled || self.recv_done {
             return Poll::Pending;
         }
-        let polled = pin!(self.recv.received_reset()).poll(cx);
+        if self.unread.is_some() {
+            let ended = self.session_end.get_or_insert_with(|| Box::pin(self.session.0.closed.clone().cancelled_owned()));
+            if ended.as_mut().poll(cx).is_ready() {
+                if let Some(e) = self.session.0.conn.close_reason() {
+                    return Poll::Ready(self.lost(e));
+                }
+            }
+            return Poll::Pending;
+        }
+        let Ok((_, recv)) = self.halves() else { return Poll::Pending };
+        let polled = pin!(recv.read_chunk(MAX_DATA, true)).poll(cx);
         match polled {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(Some(code))) => Poll::Ready(Error::new(code_of(code), "the peer reset the stream").into_io()),
+            Poll::Ready(Ok(Some(chunk))) => {
+                self.unread = Some(chunk.bytes);
+                Poll::Pending
+            }
             Poll::Ready(Ok(None)) => {
+                self.recv_done = true;
                 self.recv_settled = true;
                 Poll::Pending
             }
-            Poll::Ready(Err(quinn::ResetError::ConnectionLost(c))) => Poll::Ready(self.lost(c)),
-            Poll::Ready(Err(quinn::ResetError::ZeroRttRejected)) => {
-                Poll::Ready(Error::new(ErrorCode::RelayUnavailable, "the relay refused early data").into_io())
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(self.read_error(e)),
         }
     }
 
@@ -577,8 +666,17 @@ impl AsyncRead for QuicStream {
         if this.recv_done {
             return Poll::Ready(Ok(()));
         }
+        match this.poll_open(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        let recv = match this.halves() {
+            Ok((_, r)) => r,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
         let before = buf.filled().len();
-        match this.recv.poll_read_buf(cx, buf) {
+        match recv.poll_read_buf(cx, buf) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(())) => {
                 if buf.filled().len() == before && buf.remaining() > 0 {
@@ -600,7 +698,11 @@ impl AsyncWrite for QuicStream {
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => return Poll::Pending,
         }
-        let polled = pin!(this.send.write(buf)).poll(cx);
+        let send = match this.halves() {
+            Ok((s, _)) => s,
+            Err(e) => return Poll::Ready(Err(e)),
+        };
+        let polled = pin!(send.write(buf)).poll(cx);
         match polled {
             Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Err(this.write_error(e))),

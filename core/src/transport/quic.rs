@@ -27,6 +27,12 @@ use super::{ClientTls, RelayUrl};
 /// The ALPN protocol of a libtunnel session over QUIC (the relay refuses any other).
 pub const ALPN: &[u8] = b"libtunnel.v1";
 
+/// Streams the peer may open at once before the session is authenticated; a session raises it as
+/// streams are used (`session::quic`), up to `max_streams_per_session`. quinn keeps a record for
+/// every stream it allows (about 100 bytes each), so granting 4,096 at the handshake cost an
+/// unauthenticated connection 414 KiB.
+pub const INITIAL_STREAMS: usize = 64;
+
 /// The exporter label both ends derive the hello's nonce with.
 const EXPORTER_LABEL: &[u8] = b"EXPORTER-libtunnel-v1-hello";
 
@@ -79,11 +85,12 @@ fn send_window(cfg: &MuxConfig) -> u64 {
 
 /// QUIC's transport parameters from the session settings, so a QUIC session is bounded as a
 /// multiplexed one is: each stream may have `max_stream_window` bytes unread, all streams together
-/// `max_stream_window + receive_budget`; at most `max_streams` streams the peer opens; keepalive
+/// `max_stream_window + receive_budget`; at most [`INITIAL_STREAMS`] streams the peer opens until
+/// the session raises it (up to `max_streams`); keepalive
 /// and idle timeout as the session's. No unidirectional streams.
 pub(crate) fn transport_config(cfg: &MuxConfig, congestion: Congestion) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    let streams = quinn::VarInt::from_u64(cfg.max_streams as u64).unwrap_or(quinn::VarInt::MAX);
+    let streams = quinn::VarInt::from_u64(INITIAL_STREAMS.min(cfg.max_streams) as u64).unwrap_or(quinn::VarInt::MAX);
     t.max_concurrent_bidi_streams(streams)
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(quinn::VarInt::from_u32(cfg.max_stream_window))

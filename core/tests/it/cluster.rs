@@ -1633,3 +1633,30 @@ async fn behind_sentinel_the_cluster_follows_a_failover_and_claims_nothing_twice
     assert_eq!(b.metric("libtunnel_cluster_claims").await, 0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_over_quic_to_one_node_reaches_a_listener_held_by_another() {
+    let _one = SERIAL.lock().await;
+    init_tracing();
+    if !cluster::cluster_programs() {
+        return;
+    }
+    let redis = Redis::start(cluster::free_port().await).await;
+    // Node A serves QUIC (with a certificate for localhost); node B holds the listener.
+    let (cert, tls_key, pem) = self_signed_cert();
+    let quic_set = [format!("tls_cert={}", cert.display()), format!("tls_key={}", tls_key.display()), "quic_listen=127.0.0.1:0".into()];
+    let a = Node::start(&redis.url(), &quic_set).await;
+    let b = Node::start(&redis.url(), &[]).await;
+    let listener = Arc::new(within(STEP, "bind on node B", Listener::builder(&b.url, Identity::generate()).bind()).await.expect("bind"));
+    let name = listener.name();
+    serve(listener.clone());
+    let trust = libtunnel::transport::ClientTls::from_pem(pem.as_bytes()).expect("CA bundle");
+    let url = format!("quic://localhost:{}", a.quic.expect("node A's QUIC endpoint").port());
+    let d = Dialer::builder(&url).key(key()).tls(trust).timeout(STEP).build().expect("dialer");
+    // The name is B's: A forwards the stream over its node-to-node session.
+    let s = within(STEP, "dial by name through A", d.dial(&format!("{name}:0"))).await.expect("dial by name across nodes");
+    let data = payload(64 * MIB, 31);
+    let got = within(BULK, "64 MiB echo", echo_roundtrip(s, &data, true)).await.expect("echo");
+    assert_eq!(got, sha256(&data), "64 MiB over QUIC to A, then to B's listener, came back unchanged");
+    assert_eq!(b.metric("libtunnel_cluster_forwarded_streams_total{direction=\"in\"}").await, 1, "B took the stream from A");
+}

@@ -192,7 +192,7 @@ async fn quic_refusals_exit_with_their_codes() {
     let (status, out, err) = dial(&s.dir, &s.quic, &key_string(), &target, &["--ca", s.ca(), "--classic"], b"x").await;
     assert!(!status.success() && out.is_empty(), "{status}");
     assert!(err.contains("INVALID_ARGUMENT"), "{err}");
-    assert!(err.contains("quic://") && err.contains("ws://") && err.contains("--classic"), "the error names the fix: {err}");
+    assert!(err.contains("quic://") && err.contains("classic mode") && err.contains("needs ws:// or wss://"), "the error names the fix: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
