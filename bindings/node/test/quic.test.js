@@ -3,8 +3,8 @@
 // `tls_cert`/`tls_key`, a certificate for localhost from a test CA made with the openssl CLI),
 // its `quic listening:` line read from `readyText`; a Dialer on the `quic://` URL with `ca`
 // echoing 8 MiB hashed both ways with half-close; a Listener bound over `quic://` answering the
-// hash of 4 MiB dialed by name (through the relay's `wss://` URL: QUIC to QUIC aborts a debug
-// relay today, core/tests/it/quic_cli.rs); a wrong key (EAUTHFAILED), a denied target
+// hash of 4 MiB dialed by name (through the relay's `wss://` URL; QUIC to QUIC is
+// core/tests/it/quic_cli.rs); a wrong key (EAUTHFAILED), a denied target
 // (ENOTALLOWED), no `ca` (the certificate refused), and `classic` refused (EINVALIDARGUMENT).
 
 const { test, before, after } = require('node:test')

@@ -2,8 +2,8 @@
 turns on ``quic_listen`` (with ``tls_cert``/``tls_key`` from a test CA for ``localhost``), its
 ``quic listening:`` line read from ``ready_text``; a ``Dialer`` on the ``quic://`` URL with
 ``ca=`` echoing 4 MiB hashed both ways and half-closing; a ``Listener`` bound over ``quic://``
-accepting 2 MiB dialed by name (through the relay's ``wss://`` URL: QUIC to QUIC aborts a debug
-relay today, core/tests/it/quic_cli.rs); a wrong key (``AuthError``, ``AUTH_FAILED``), a denied
+accepting 2 MiB dialed by name (through the relay's ``wss://`` URL; QUIC to QUIC is
+core/tests/it/quic_cli.rs); a wrong key (``AuthError``, ``AUTH_FAILED``), a denied
 target (``NOT_ALLOWED``), no CA (the certificate refused), and ``classic=True`` refused with
 ``INVALID_ARGUMENT``."""
 
