@@ -3,8 +3,8 @@
 // `tls_cert`/`tls_key`, a certificate for localhost from a test CA made with the openssl CLI),
 // its `quic listening:` line read from `readyText`; a Dialer on the `quic://` URL with `ca`
 // echoing 8 MiB hashed both ways with half-close; a Listener bound over `quic://` answering the
-// hash of 4 MiB dialed by name (through the relay's `wss://` URL; QUIC to QUIC is
-// core/tests/it/quic_cli.rs); a wrong key (EAUTHFAILED), a denied target
+// hash of 4 MiB dialed by name (through the relay's `wss://` URL, and over `quic://`: the relay
+// joins two QUIC streams); a wrong key (EAUTHFAILED), a denied target
 // (ENOTALLOWED), no `ca` (the certificate refused), and `classic` refused (EINVALIDARGUMENT).
 
 const { test, before, after } = require('node:test')
@@ -81,31 +81,33 @@ test('a Dialer over quic:// echoes 8 MiB hashed both ways, half-closed with sock
   }
 })
 
-test('a Listener over quic:// is dialed by name: bytes both ways and half-close', async (t) => {
-  const listener = await Listener.bind({ relay: quicUrl, key: generateListenerKey().pem, ca, allowHalfOpen: true })
-  t.after(() => listener.close())
-  listener.on('connection', (socket, peer) => {
-    assert.equal(peer.via, 'dial')
-    // Answer with the hash of everything received, after the dialer's FIN.
-    hashStream(socket).then(({ hash }) => socket.end(hash))
-  })
-  const dialer = await Dialer.connect({ relay: wssUrl, key: env.key, ca })
-  try {
-    const socket = await dialer.dial(`${listener.name}:0`)
-    const data = payload(4 * MIB)
-    const reply = async () => {
-      let text = ''
-      for await (const chunk of socket) text += chunk
-      return text
+for (const over of ['wss', 'quic']) {
+  test(`a Listener over quic:// is dialed by name over ${over}://: bytes both ways and half-close`, async (t) => {
+    const listener = await Listener.bind({ relay: quicUrl, key: generateListenerKey().pem, ca, allowHalfOpen: true })
+    t.after(() => listener.close())
+    listener.on('connection', (socket, peer) => {
+      assert.equal(peer.via, 'dial')
+      // Answer with the hash of everything received, after the dialer's FIN.
+      hashStream(socket).then(({ hash }) => socket.end(hash))
+    })
+    const dialer = await Dialer.connect({ relay: over === 'wss' ? wssUrl : quicUrl, key: env.key, ca })
+    try {
+      const socket = await dialer.dial(`${listener.name}:0`)
+      const data = payload(4 * MIB)
+      const reply = async () => {
+        let text = ''
+        for await (const chunk of socket) text += chunk
+        return text
+      }
+      const [text] = await within(STEP_MS * 3, 'hash reply', Promise.all([reply(), sendAndEnd(socket, data)]))
+      assert.equal(text, sha256(data))
+    } finally {
+      await dialer.close()
     }
-    const [text] = await within(STEP_MS * 3, 'hash reply', Promise.all([reply(), sendAndEnd(socket, data)]))
-    assert.equal(text, sha256(data))
-  } finally {
-    await dialer.close()
-  }
-  listener.close()
-  await within(STEP_MS, 'listener close', listener.closed())
-})
+    listener.close()
+    await within(STEP_MS, 'listener close', listener.closed())
+  })
+}
 
 test('refusals over quic:// carry their codes', async () => {
   const target = `127.0.0.1:${echo.address().port}`

@@ -2,8 +2,8 @@
 turns on ``quic_listen`` (with ``tls_cert``/``tls_key`` from a test CA for ``localhost``), its
 ``quic listening:`` line read from ``ready_text``; a ``Dialer`` on the ``quic://`` URL with
 ``ca=`` echoing 4 MiB hashed both ways and half-closing; a ``Listener`` bound over ``quic://``
-accepting 2 MiB dialed by name (through the relay's ``wss://`` URL; QUIC to QUIC is
-core/tests/it/quic_cli.rs); a wrong key (``AuthError``, ``AUTH_FAILED``), a denied
+accepting 2 MiB dialed by name (through the relay's ``wss://`` URL, and over ``quic://``: the
+relay joins two QUIC streams); a wrong key (``AuthError``, ``AUTH_FAILED``), a denied
 target (``NOT_ALLOWED``), no CA (the certificate refused), and ``classic=True`` refused with
 ``INVALID_ARGUMENT``."""
 
@@ -105,7 +105,8 @@ def test_dialer_over_quic_echoes_4_mib_and_half_closes(quic_relay: QuicRelay, ke
             assert s.makefile("rb").read() == hashlib.sha256(data).digest()
 
 
-def test_listener_over_quic_accepts_a_dial_by_name(quic_relay: QuicRelay, key: str, listener_key: str) -> None:
+@pytest.mark.parametrize("dial_over", ["wss", "quic"])
+def test_listener_over_quic_accepts_a_dial_by_name(quic_relay: QuicRelay, key: str, listener_key: str, dial_over: str) -> None:
     with libtunnel.Listener(quic_relay.quic, key=listener_key, ca=quic_relay.ca, timeout=10) as listener:
         assert listener.name == libtunnel.listener_identity(listener_key)[0]
         seen: list[int] = []
@@ -125,7 +126,8 @@ def test_listener_over_quic_accepts_a_dial_by_name(quic_relay: QuicRelay, key: s
         t = threading.Thread(target=serve)
         t.start()
         data = _pattern(2 << 20, 3)
-        with libtunnel.Dialer(quic_relay.wss, key=key, ca=quic_relay.ca, timeout=10) as d, d.dial(f"{listener.name}:0") as s:
+        url = quic_relay.wss if dial_over == "wss" else quic_relay.quic
+        with libtunnel.Dialer(url, key=key, ca=quic_relay.ca, timeout=10) as d, d.dial(f"{listener.name}:0") as s:
             assert _echo_hashed(s, data) == hashlib.sha256(data).digest()
         t.join(30)
         assert seen == [len(data)], "the listener read every byte over quic://"
