@@ -464,7 +464,7 @@ async fn state_callbacks_across_a_relay_restart_from_c() {
 /// trusted through `tunnel_config_set_ca_file` (no new call): 1 MiB echoed and hashed both ways,
 /// 1 MiB half-closed to a hashing sink, a wrong key (AUTH_FAILED), a denied target (NOT_ALLOWED),
 /// no CA (the certificate refused), and a listener bound over `quic://` echoing 1 MiB dialed by
-/// name (through `wss://`; QUIC to QUIC is core/tests/it/quic_cli.rs).
+/// name over `wss://` and over `quic://`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dial_and_listen_over_quic_from_c() {
     let dir = scratch("quic");

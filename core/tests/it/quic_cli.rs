@@ -166,12 +166,29 @@ async fn quic_refusals_exit_with_their_codes() {
     // A wrong key: `tunnel forward` refuses to start (exit 2, like ssh -L), `tunnel dial` fails
     // (exit 1); both name AUTH_FAILED.
     let wrong = format!("{KID}:bm90LXRoZS1yaWdodC1zZWNyZXQtMDEyMzQ1Njc4OQ==");
-    let mut cmd = procs::tunnel(&s.dir, &["forward", "127.0.0.1:0", &target, "--relay", &s.quic, "--ca", s.ca()]);
-    cmd.env("TUNNEL_KEY", &wrong);
-    let (status, _, err) = procs::run(&mut cmd).await;
+    // A refusal is sometimes reported as the connection dropped in the handshake (RELAY_UNAVAILABLE):
+    // a core bug, `a_wrong_key_over_quic_is_always_auth_failed` below; retried here so this test
+    // checks the CLI, not that race.
+    let mut tries = 0;
+    let (status, err) = loop {
+        let mut cmd = procs::tunnel(&s.dir, &["forward", "127.0.0.1:0", &target, "--relay", &s.quic, "--ca", s.ca()]);
+        cmd.env("TUNNEL_KEY", &wrong);
+        let (status, _, err) = procs::run(&mut cmd).await;
+        tries += 1;
+        if !err.contains("RELAY_UNAVAILABLE") || tries == 4 {
+            break (status, err);
+        }
+    };
     assert_eq!(status.code(), Some(2), "a refused key stops tunnel forward with 2: {err}");
     assert!(err.contains("AUTH_FAILED") && err.contains(&s.quic), "stderr carries the code and the URL: {err}");
-    let (status, out, err) = dial(&s.dir, &s.quic, &wrong, &target, &ca, b"x").await;
+    let mut tries = 0;
+    let (status, out, err) = loop {
+        let (status, out, err) = dial(&s.dir, &s.quic, &wrong, &target, &ca, b"x").await;
+        tries += 1;
+        if !err.contains("RELAY_UNAVAILABLE") || tries == 4 {
+            break (status, out, err);
+        }
+    };
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(out.is_empty() && err.contains("AUTH_FAILED"), "stderr carries the code: {err}");
 
@@ -244,7 +261,8 @@ async fn a_listener_over_quic_dialed_over_quic_keeps_the_relay_up() {
 /// A wrong key over `quic://` must always fail with AUTH_FAILED (final: a relay list must not fall
 /// back to `wss://` on it). Ignored: about one connect in 150 reports RELAY_UNAVAILABLE ("the relay
 /// at quic://… dropped the connection during the handshake: the session ended") instead, seen
-/// from the Node face first (bindings/node/test/quic.test.js). Run it with `--ignored` once the
+/// from the Node face first (bindings/node/test/quic.test.js); the C test's first dial of a fresh
+/// dialer with a wrong key met it 2 times in about 15 runs. Run it with `--ignored` once the
 /// client's QUIC handshake (core/src/client/handshake.rs, core/src/session/quic.rs) reads the
 /// relay's refusal before the connection's close. Takes about 9 minutes in a debug build (600
 /// connects; it caught one at connect 73 on the first run).
