@@ -403,9 +403,9 @@ tunnel_result tunnel_config_new_env(struct tunnel_config **out);
 tunnel_result tunnel_config_set_key(struct tunnel_config *cfg, const char *key);
 
 /**
- * Trust only the PEM certificates in the file at `path` for `wss://` relays (a private CA or a
- * self-signed relay certificate). The file is read now. Default: `TUNNEL_CA`, else the public
- * Web PKI.
+ * Trust only the PEM certificates in the file at `path` for `wss://`, `grpcs://` and `quic://`
+ * relays (a private CA or a self-signed relay certificate). The file is read now. Default:
+ * `TUNNEL_CA`, else the public Web PKI.
  *
  * # Safety
  * `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.

@@ -58,7 +58,7 @@ export interface PeerInfo {
 }
 
 export interface ListenerBindOptions {
-  /** Relay URL (`ws://`, `wss://`, `tcp://`); default `TUNNEL_RELAY`. */
+  /** Relay URL (`ws://`, `wss://`, `tcp://`, `grpc://`, `grpcs://`, `quic://`); default `TUNNEL_RELAY`. */
   relay?: string
   /** Listener key: PEM text, a PEM file path, or `{ pem }`; default `TUNNEL_LISTENER_KEY`. */
   key?: string | { pem: string }
@@ -74,7 +74,7 @@ export interface ListenerBindOptions {
   timeout?: number
   /** Streams waiting for 'connection' before the relay refuses more (default 128, the core's). */
   backlog?: number
-  /** PEM file of CA certificates to trust for `wss://`. */
+  /** PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://`. */
   ca?: string
   /** Keep accepted sockets writable after the peer's FIN (default false, like net.Server). */
   allowHalfOpen?: boolean
@@ -148,7 +148,7 @@ export interface DialerConnectOptions {
   key?: string
   /** Milliseconds one dial may take (default 20 000). */
   timeout?: number
-  /** PEM file of CA certificates to trust for `wss://`. */
+  /** PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://`. */
   ca?: string
   /** Speak Emissary's classic protocol (one WebSocket per connection, no half-close). */
   classic?: boolean

@@ -7,7 +7,7 @@
 export interface DialerOptions {
   /** Milliseconds one dial (including connecting the session) may take (core default: 20 s). */
   timeoutMs?: number
-  /** PEM file of CA certificates to trust for `wss://` (default: the public Web PKI). */
+  /** PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://` (default: the public Web PKI). */
   ca?: string
   /** Speak Emissary's classic protocol (one WebSocket per connection, no half-close). */
   classic?: boolean
@@ -72,7 +72,7 @@ export interface ListenerOptions {
    * more are refused.
    */
   backlog?: number
-  /** PEM file of CA certificates to trust for `wss://`. */
+  /** PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://`. */
   ca?: string
   /** Join the name's pool of replicas (every replica opts in). */
   pool?: boolean

@@ -91,7 +91,7 @@ pub const CONVENTIONAL_PROXY_ROWS: [ClientVar; 4] = [
 pub const CLIENT_VARS: &[ClientVar] = &[
     ClientVar {
         name: RELAY_VAR,
-        help: "relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference",
+        help: "relay URL: ws://, wss://, tcp://, grpc://, grpcs:// or quic://; several, comma-separated, in order of preference",
         old_names: &[],
     },
     ClientVar { name: KEY_VAR, help: "a dialer's shared key KID:BASE64, or a file holding it (`tunnel keygen`)", old_names: &[] },
@@ -100,7 +100,11 @@ pub const CLIENT_VARS: &[ClientVar] = &[
         help: "a listener's Ed25519 key: a PEM file or its text (`tunnel keygen --listener --out FILE`)",
         old_names: &[],
     },
-    ClientVar { name: CA_VAR, help: "PEM file of CA certificates to trust for wss:// (default: the public Web PKI)", old_names: &[] },
+    ClientVar {
+        name: CA_VAR,
+        help: "PEM file of CA certificates to trust for wss://, grpcs:// and quic:// (default: the public Web PKI)",
+        old_names: &[],
+    },
     ClientVar { name: TIMEOUT_VAR, help: "seconds one dial or listener registration may take (default 20)", old_names: &[] },
     ClientVar { name: MODE_VAR, help: "multiplexed (default) or classic (Emissary's one connection per stream)", old_names: &[] },
     ClientVar {

@@ -154,9 +154,9 @@ pub unsafe extern "C" fn tunnel_config_set_key(cfg: *mut tunnel_config, key: *co
     }
 }
 
-/// Trust only the PEM certificates in the file at `path` for `wss://` relays (a private CA or a
-/// self-signed relay certificate). The file is read now. Default: `TUNNEL_CA`, else the public
-/// Web PKI.
+/// Trust only the PEM certificates in the file at `path` for `wss://`, `grpcs://` and `quic://`
+/// relays (a private CA or a self-signed relay certificate). The file is read now. Default:
+/// `TUNNEL_CA`, else the public Web PKI.
 ///
 /// # Safety
 /// `cfg` must be NULL or a live config; `path` NULL or NUL-terminated.

@@ -459,3 +459,43 @@ async fn state_callbacks_across_a_relay_restart_from_c() {
     assert!(o.status.success(), "test_events failed:\n{}", show(&o));
     assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
 }
+
+/// tests/c/test_quic.c: the C face over `quic://` with the relay's self-signed certificate
+/// trusted through `tunnel_config_set_ca_file` (no new call): 1 MiB echoed and hashed both ways,
+/// 1 MiB half-closed to a hashing sink, a wrong key (AUTH_FAILED), a denied target (NOT_ALLOWED),
+/// no CA (the certificate refused), and a listener bound over `quic://` echoing 1 MiB dialed by
+/// name over `wss://` and over `quic://`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dial_and_listen_over_quic_from_c() {
+    let dir = scratch("quic");
+    let exe = dir.join("test_quic");
+    compile(&["tests/c/test_quic.c"], &exe, Link::Shared, true);
+    let (echo, sink) = (echo_server().await, sink_server().await);
+    let (cert, tls_key, _) = testkit::self_signed_cert_in(&dir.join("tls"));
+    let mut cfg = relay_config(allow_ports(&[echo.port(), sink.port()]));
+    cfg.listeners_open = true;
+    cfg.tls_cert = Some(cert.clone());
+    cfg.tls_key = Some(tls_key);
+    cfg.quic_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    let relay = start_relay(cfg).await;
+    let quic = relay.quic_addr().expect("the QUIC endpoint");
+    let wss = relay.local_addr().expect("the tunnel endpoint");
+    let mut cmd = Command::new(&exe);
+    cmd.env("TEST_QUIC", format!("quic://localhost:{}", quic.port()))
+        .env("TEST_WSS", format!("wss://localhost:{}", wss.port()))
+        .env("TEST_CA", &cert)
+        .env("TEST_KEY", key_string())
+        .env("TEST_WRONG_KEY", format!("{KID}:{WRONG_B64}"))
+        .env("TEST_ECHO", echo.to_string())
+        .env("TEST_SINK", sink.to_string())
+        .env("TEST_DENIED", format!("127.0.0.1:{}", closed_port().await))
+        .env("TEST_IDENTITY", dir.join("listener.pem"))
+        .env("ASAN_OPTIONS", "detect_leaks=1:fast_unwind_on_malloc=0");
+    let o = run(cmd, "test_quic").await;
+    println!("{}", show(&o));
+    assert!(o.status.success(), "test_quic failed:\n{}", show(&o));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("not ok"));
+    let m = relay.metrics().render();
+    assert!(testkit::metric(&m, "libtunnel_sessions_total{mode=\"quic\"}") >= 1, "the C dialer's session was QUIC:\n{m}");
+    relay.abort();
+}

@@ -21,7 +21,7 @@ use crate::{millis, promise, sync};
 pub struct DialerOptions {
     /// Milliseconds one dial (including connecting the session) may take (core default: 20 s).
     pub timeout_ms: Option<f64>,
-    /// PEM file of CA certificates to trust for `wss://` (default: the public Web PKI).
+    /// PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://` (default: the public Web PKI).
     pub ca: Option<String>,
     /// Speak Emissary's classic protocol (one WebSocket per connection, no half-close).
     pub classic: Option<bool>,

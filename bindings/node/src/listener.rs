@@ -25,7 +25,7 @@ pub struct ListenerOptions {
     /// Most accepted streams waiting for `accept()` (default: the core's `DEFAULT_BACKLOG`, 128);
     /// more are refused.
     pub backlog: Option<u32>,
-    /// PEM file of CA certificates to trust for `wss://`.
+    /// PEM file of CA certificates to trust for `wss://`, `grpcs://` and `quic://`.
     pub ca: Option<String>,
     /// Join the name's pool of replicas (every replica opts in).
     pub pool: Option<bool>,

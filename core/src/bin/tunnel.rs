@@ -113,7 +113,7 @@ enum Cmd {
         /// The exit's allow rules, JSON as TUNNEL_ALLOW (`[{"host":"db.internal","port":5432}]`).
         #[arg(long, requires = "exit", value_name = "JSON")]
         allow: Option<String>,
-        /// Relay URL (ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
+        /// Relay URL (ws://, wss://, tcp://, grpc://, grpcs:// or quic://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
         #[arg(long)]
         relay: Option<String>,
         /// Listener key: a PEM file (`tunnel keygen --listener --out FILE` makes one), default
@@ -140,7 +140,7 @@ enum Cmd {
         /// whose SNI names this listener through undecrypted.
         #[arg(long)]
         tls_passthrough: bool,
-        /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+        /// PEM file of CA certificates to trust for wss://, grpcs:// and quic:// (default $TUNNEL_CA, else the public Web PKI).
         #[arg(long)]
         ca: Option<PathBuf>,
         /// Seconds the registration may take (default $TUNNEL_TIMEOUT, else 20).
@@ -203,7 +203,7 @@ enum Cmd {
 /// (from the environment or `./.env`), as in every other face: `libtunnel::client::config`.
 #[derive(Args)]
 struct ClientArgs {
-    /// Relay URL (ws://, wss://, tcp://, grpc:// or grpcs://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
+    /// Relay URL (ws://, wss://, tcp://, grpc://, grpcs:// or quic://; several, comma-separated, in order of preference; default $TUNNEL_RELAY).
     #[arg(long)]
     relay: Option<String>,
     /// Shared key `KID:BASE64`, or a file containing it (default $TUNNEL_KEY). Prefer the
@@ -214,7 +214,7 @@ struct ClientArgs {
     /// multiplexing (default $TUNNEL_MODE, else multiplexed).
     #[arg(long)]
     classic: bool,
-    /// PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA, else the public Web PKI).
+    /// PEM file of CA certificates to trust for wss://, grpcs:// and quic:// (default $TUNNEL_CA, else the public Web PKI).
     #[arg(long)]
     ca: Option<PathBuf>,
     /// Seconds one dial may take (default $TUNNEL_TIMEOUT, else 20).

@@ -309,6 +309,9 @@ async fn server_config_errors_name_the_variable_to_set() {
         "cannot read TUNNEL_PUBLIC_TLS_CERT /nonexistent/cert.pem",
     )
     .await;
+    // QUIC always runs TLS: its endpoint needs the tunnel endpoint's certificate.
+    let quic = ("TUNNEL_QUIC_LISTEN", "127.0.0.1:0");
+    server_refuses(&[("TUNNEL_AUTH_KEYS", &keys), ("TUNNEL_ALLOW", &allow), quic], "set TUNNEL_TLS_CERT and TUNNEL_TLS_KEY").await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ mod listener_cli;
 mod pools;
 mod public_https;
 mod quic;
+mod quic_cli;
 mod session_faults;
 mod socket;
 mod tunnel;

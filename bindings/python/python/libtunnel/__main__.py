@@ -16,10 +16,10 @@ from ._relay import Server, serve
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--relay", help="relay URL: ws://, wss://, tcp://, grpc:// or grpcs://; several comma-separated in order of preference (default $TUNNEL_RELAY)")
+    p.add_argument("--relay", help="relay URL: ws://, wss://, tcp://, grpc://, grpcs:// or quic://; several comma-separated in order of preference (default $TUNNEL_RELAY)")
     p.add_argument("--key", help="shared key KID:BASE64, or a file holding it (default $TUNNEL_KEY)")
     p.add_argument("--classic", action="store_true", help="speak Emissary's classic protocol")
-    p.add_argument("--ca", help="PEM file of CA certificates to trust for wss:// (default $TUNNEL_CA)")
+    p.add_argument("--ca", help="PEM file of CA certificates to trust for wss://, grpcs:// and quic:// (default $TUNNEL_CA)")
     p.add_argument("--timeout", type=float, help="seconds one dial may take (default $TUNNEL_TIMEOUT, else 20)")
 
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     listen.add_argument("--name", help="register this name instead of the key-derived one")
     listen.add_argument("--tcp-port", action="store_true", help="ask the relay for a public TCP port too")
     listen.add_argument("--proxy-protocol", action="store_true", help="send a PROXY v2 header to the local service")
-    listen.add_argument("--ca", help="PEM file of CA certificates to trust for wss://")
+    listen.add_argument("--ca", help="PEM file of CA certificates to trust for wss://, grpcs:// and quic://")
 
     k = sub.add_parser("keygen", help="make a shared key (default) or an Ed25519 listener key (--listener)")
     k.add_argument("--kid", type=int, default=1, help="key id (shared keys)")

@@ -72,8 +72,9 @@ class _RelayInfo:
 
     @property
     def ready_text(self) -> str:
-        """The lines ``tunnel server`` prints when it is up: ``relay listening: URL`` and the raw-TCP
-        and public HTTP addresses, when enabled (the ports chosen for ``:0``)."""
+        """The lines ``tunnel server`` prints when it is up: ``relay listening: URL`` and the raw-TCP,
+        public HTTP(S), admin and QUIC (``quic listening: quic://ADDR``) addresses, when enabled
+        (the ports chosen for ``:0``)."""
         return self._native.ready_text
 
     def abort(self) -> None:
