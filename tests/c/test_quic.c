@@ -181,10 +181,7 @@ int main(void) {
   check(strncmp(quic, "quic://localhost:", 17) == 0, "the relay URL is quic:// (%s)", quic);
   echo_hashed(d, echo, MIB, "dialer over quic://");
   half_close(d, sink);
-  /* A refusal is sometimes reported as the connection dropped in the handshake (RELAY_UNAVAILABLE):
-   * a core bug, reproduced by the ignored quic_cli::a_wrong_key_over_quic_is_always_auth_failed;
-   * retried here so this test checks the C face, not that race. */
-  for (r = tunnel_dialer_dial(bad, echo, &fd), n = 0; r == TUNNEL_RESULT_RELAY_UNAVAILABLE && n < 3; n++) r = tunnel_dialer_dial(bad, echo, &fd);
+  r = tunnel_dialer_dial(bad, echo, &fd);
   check_code(r, TUNNEL_RESULT_AUTH_FAILED, "refused", "a wrong key over quic://");
   check_code(tunnel_dialer_dial(d, denied, &fd), TUNNEL_RESULT_NOT_ALLOWED, denied, "a target outside the allowlist over quic://");
   r = tunnel_dialer_dial(untrusting, echo, &fd);

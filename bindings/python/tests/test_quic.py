@@ -136,14 +136,8 @@ def test_listener_over_quic_accepts_a_dial_by_name(quic_relay: QuicRelay, key: s
 def test_quic_refusals_carry_their_codes(quic_relay: QuicRelay, key: str, echo: tuple[str, int]) -> None:
     target = f"127.0.0.1:{echo[1]}"
     wrong = key.split(":")[0] + ":bm90LXRoZS1yaWdodC1zZWNyZXQtMDEyMzQ1Njc4OQ=="
-    # A refusal is sometimes reported as the connection dropped in the handshake (RELAY_UNAVAILABLE):
-    # a core bug, reproduced by the ignored quic_cli::a_wrong_key_over_quic_is_always_auth_failed;
-    # retried here so this test checks the Python face, not that race.
-    for _ in range(4):
-        with libtunnel.Dialer(quic_relay.quic, key=wrong, ca=quic_relay.ca, timeout=10) as d, pytest.raises(libtunnel.TunnelError) as e:
-            d.dial(target)
-        if e.value.code != "RELAY_UNAVAILABLE":
-            break
+    with libtunnel.Dialer(quic_relay.quic, key=wrong, ca=quic_relay.ca, timeout=10) as d, pytest.raises(libtunnel.TunnelError) as e:
+        d.dial(target)
     assert isinstance(e.value, libtunnel.AuthError) and e.value.code == "AUTH_FAILED", e.value
     with libtunnel.Dialer(quic_relay.quic, key=key, ca=quic_relay.ca, timeout=10) as d, pytest.raises(libtunnel.NotAllowed) as n:
         d.dial(f"127.0.0.1:{free_port()}")

@@ -59,7 +59,7 @@ pub(super) fn bind(
     };
     let limits = &state_cfg.limits;
     let server = quic::server_config(tls.config(), &crate::mux::MuxConfig::from(limits), state_cfg.quic_congestion, limits.max_handshakes)?;
-    quinn::Endpoint::server(server, addr).map_err(|e| {
+    quic::endpoint(addr, Some(server)).map_err(|e| {
         Error::new(ErrorCode::Io, format!("cannot listen on UDP {addr} (TUNNEL_QUIC_LISTEN): {e}; pick a free address or stop what uses it"))
     })
 }
@@ -138,16 +138,16 @@ async fn serve(state: Arc<RelayState>, incoming: quinn::Incoming, peer: SocketAd
         Ok(x) => x,
         Err(why) => return tracing::debug!(%peer, %why, "QUIC handshake failed"),
     };
-    // Resolves once the client acknowledged everything written on the control stream.
-    let acknowledged = send.stopped();
     let (source, sink) = quic::control_frames(send, recv);
     let link = Link { source, sink, quic: Some(QuicLink { conn: conn.clone(), endpoint: None }) };
     let limit = state.cfg.limits.handshake_timeout;
     session::serve_mux(state, link, peer, nonce).await;
-    // A refused hello ends here with the connection still open: close it once the refusal,
-    // written and finished on the control stream, has reached the client (bounded).
+    // A refused hello ends here with the connection still open. The client closes it once it has
+    // read the refusal (closing first could discard the refusal unread at the client, which would
+    // then report a lost connection instead of the refusal's code); one that does not is closed
+    // at the handshake deadline.
     if conn.close_reason().is_none() {
-        let _ = tokio::time::timeout(limit, acknowledged).await;
+        let _ = tokio::time::timeout(limit, conn.closed()).await;
         conn.close(quinn::VarInt::from_u32(crate::error::ErrorCode::Closed.number()), b"");
     }
 }
