@@ -556,9 +556,11 @@ def _noisy_lines(d: str, running: list) -> list[str]:
 
 
 def write_c(out: Path, *, relay: str, key: str, db: str) -> None:
-    """Every c block, placeholders filled, as OUT/<readme>-<line>.c; prints each path."""
+    """Every c block not marked `not run`, placeholders filled, as OUT/<readme>-<line>.c; prints each path."""
     out.mkdir(parents=True, exist_ok=True)
     for b in code_blocks("c"):
+        if b.mark.startswith("not run: "):
+            continue
         name = b.readme.relative_to(ROOT).as_posix().replace("/", "-").removesuffix(".md")
         path = out / f"{name}-{b.line}.c"
         path.write_text(fill(b.text, relay=relay, key=key, db=db))
