@@ -113,7 +113,7 @@ impl ClientOptions {
         let relay = match self.relay {
             Some(r) => r,
             None => env.var(client_var(RELAY_VAR))?.ok_or_else(|| {
-                Error::argument(format!("no relay URL: pass the relay (ws://, wss://, tcp://, grpc:// or grpcs://) or set {RELAY_VAR}"))
+                Error::argument(format!("no relay URL: pass the relay (ws://, wss://, tcp://, grpc://, grpcs:// or quic://) or set {RELAY_VAR}"))
             })?,
         };
         super::relays::check_relay_urls(&relay)?;
