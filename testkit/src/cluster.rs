@@ -3,7 +3,6 @@
 //! (tunnel port and public HTTP port), with health checks so a dead node leaves the rotation.
 //! Everything is a child process killed on drop.
 
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -3,7 +3,6 @@
 //! HEADERS + RST_STREAM pairs, and request bodies that never come. Header blocks are HPACK
 //! literals without Huffman coding (RFC 7541 6.2.2), which every decoder accepts.
 
-
 use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt;

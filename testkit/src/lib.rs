@@ -474,3 +474,52 @@ pub async fn half_close_through(d: &libtunnel::Dialer, hasher: SocketAddr, len: 
     let reply = within(STEP, "the reply after our EOF", read_to_end(&mut s)).await.expect("read side open after shutdown");
     assert_eq!(reply, sha256(&data), "the target saw exactly our bytes, then our EOF");
 }
+
+/// An HTTP/1.1 server that answers every request `200 ok` and closes.
+pub async fn http_ok_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Some(_head) = read_http_head(&mut s).await else { return };
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// A target that reads and discards everything.
+pub async fn sink_server() -> SocketAddr {
+    counting_sink_server().await.0
+}
+
+/// [`sink_server`], counting the connections it accepted.
+pub async fn counting_sink_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// The relay URL of the next `Connected` event (other events are skipped).
+pub async fn next_connected(events: &mut libtunnel::client::events::Events) -> String {
+    loop {
+        match within(STEP, "a connection event", events.next()).await.expect("events") {
+            libtunnel::client::events::Event::Connected { relay, .. } => return relay,
+            _ => continue,
+        }
+    }
+}

@@ -97,9 +97,15 @@ impl RelayProcess {
         let (mut ws, mut http, mut tcp, mut admin, mut quic) = (None, None, None, None, None);
         let mut tls = false;
         crate::within(crate::STEP, "tunnel server to print its addresses", async {
-            while ws.is_none() || (want_http && http.is_none()) || (want_tcp && tcp.is_none()) || (want_admin && admin.is_none()) || (want_quic && quic.is_none()) {
+            while ws.is_none()
+                || (want_http && http.is_none())
+                || (want_tcp && tcp.is_none())
+                || (want_admin && admin.is_none())
+                || (want_quic && quic.is_none())
+            {
                 let line = out.next_line().await.expect("stdout").expect("the relay exited before it listened");
-                let addr = |prefix: &str| line.trim().strip_prefix(prefix).map(|a| a.trim_end_matches('/').parse::<SocketAddr>().expect("an address"));
+                let addr =
+                    |prefix: &str| line.trim().strip_prefix(prefix).map(|a| a.trim_end_matches('/').parse::<SocketAddr>().expect("an address"));
                 ws = ws.or(addr("relay listening: ws://"));
                 if ws.is_none() {
                     ws = addr("relay listening: wss://");
@@ -156,7 +162,11 @@ pub fn tunnel_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("the test executable's path");
     let profile = exe.parent().and_then(Path::parent).expect("the test executable lives in target/PROFILE/deps");
     let bin = profile.join("tunnel");
-    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p libtunnel --features cli --bin tunnel` (or set LIBTUNNEL_TUNNEL_BIN)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo build -p libtunnel --features cli --bin tunnel` (or set LIBTUNNEL_TUNNEL_BIN)",
+        bin.display()
+    );
     bin
 }
 
@@ -203,7 +213,11 @@ pub struct Proc {
     readers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn keep(pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static, into: Arc<Mutex<String>>, lines: Option<mpsc::UnboundedSender<String>>) -> tokio::task::JoinHandle<()> {
+fn keep(
+    pipe: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    into: Arc<Mutex<String>>,
+    lines: Option<mpsc::UnboundedSender<String>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut r = BufReader::new(pipe).lines();
         while let Ok(Some(l)) = r.next_line().await {
@@ -276,7 +290,9 @@ impl Proc {
         match found {
             Ok(Some(rest)) => rest,
             Ok(None) => panic!("{} exited before printing {prefix:?}; stdout:\n{}\nstderr:\n{}", self.name, self.stdout(), self.stderr()),
-            Err(_) => panic!("{} did not print {prefix:?} within {:?}; stdout:\n{}\nstderr:\n{}", self.name, crate::STEP, self.stdout(), self.stderr()),
+            Err(_) => {
+                panic!("{} did not print {prefix:?} within {:?}; stdout:\n{}\nstderr:\n{}", self.name, crate::STEP, self.stdout(), self.stderr())
+            }
         }
     }
 

@@ -224,23 +224,7 @@ impl QuicSession {
 
     /// End the session now; every open stream fails with `code`. The peer learns `code` and `why`.
     pub fn close(&self, code: ErrorCode, why: impl Into<String>) {
-        let why = why.into();
-        {
-            let mut local = self.shared.local_close.lock().unwrap_or_else(|p| p.into_inner());
-            if local.is_none() && self.shared.conn.close_reason().is_none() {
-                *local = Some(Error::new(code, why.clone()));
-            }
-        }
-        let mut reason = why.into_bytes();
-        if reason.len() > MAX_REASON {
-            reason.truncate(MAX_REASON);
-            // Keep it valid UTF-8 for the peer.
-            while std::str::from_utf8(&reason).is_err() {
-                reason.pop();
-            }
-        }
-        self.shared.conn.close(quinn::VarInt::from_u32(code.number()), &reason);
-        self.shared.closed.cancel();
+        close_now(&self.shared, code, &why.into());
     }
 
     /// End the session and tell the peer why: over QUIC every close says so.
@@ -291,14 +275,21 @@ async fn drive_control(shared: Arc<Shared>, mut source: FrameSource, mut sink: F
     shared.finished.cancel();
 }
 
+/// Close the connection with `code` and `why` (the reason the peer reads, cut to [`MAX_REASON`]
+/// bytes), remembered as our reason unless the session had already ended.
 fn close_now(shared: &Shared, code: ErrorCode, why: &str) {
     {
         let mut local = shared.local_close.lock().unwrap_or_else(|p| p.into_inner());
-        if local.is_none() {
+        if local.is_none() && shared.conn.close_reason().is_none() {
             *local = Some(Error::new(code, why.to_string()));
         }
     }
-    shared.conn.close(quinn::VarInt::from_u32(code.number()), why.as_bytes());
+    let mut end = why.len().min(MAX_REASON);
+    while !why.is_char_boundary(end) {
+        end -= 1;
+    }
+    shared.conn.close(quinn::VarInt::from_u32(code.number()), &why.as_bytes()[..end]);
+    shared.closed.cancel();
 }
 
 /// What a closed connection means to the session's users.

@@ -136,21 +136,6 @@ async fn refusals_reach_the_cli_as_their_code_and_public_http_as_a_403_naming_th
 }
 
 /// An HTTP/1.1 server that answers every request `ok` and closes.
-async fn http_ok_server() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Some(_head) = read_http_head(&mut s).await else { return };
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_dials_and_public_requests_are_not_logged_as_errors() {
     let dir = scratch("first-hour-quiet-successes");

@@ -234,15 +234,6 @@ async fn gate(to: std::net::SocketAddr) -> (std::net::SocketAddr, std::sync::Arc
     (addr, state)
 }
 
-async fn next_connected(events: &mut libtunnel::client::events::Events) -> String {
-    loop {
-        match within(STEP, "a connection event", events.next()).await.expect("events") {
-            libtunnel::client::events::Event::Connected { relay, .. } => return relay,
-            _ => continue,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dialer_falls_back_to_websocket_and_returns_to_grpc_once_it_passes_again() {
     use std::sync::atomic::Ordering::SeqCst;

@@ -54,23 +54,6 @@ async fn a_dialer_over_quic_moves_64_mib_both_ways_and_half_closes() {
     assert_eq!(metric(&m, "libtunnel_sessions_total{mode=\"multiplexed\"}"), 0, "{m}");
 }
 
-/// An HTTP/1.1 server that answers every request `200 ok`.
-async fn http_ok_server() -> std::net::SocketAddr {
-    use tokio::io::AsyncWriteExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Some(_head) = read_http_head(&mut s).await else { return };
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
-                let _ = s.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_listener_over_quic_serves_dials_by_name_public_http_and_e2e() {
     use libtunnel::e2e::{DialerE2e, ListenerE2e};
@@ -258,15 +241,6 @@ async fn udp_gate_from(to: std::net::SocketAddr, from_ip: &'static str) -> UdpGa
     UdpGate { addr, state, generation }
 }
 
-async fn next_connected(events: &mut libtunnel::client::events::Events) -> String {
-    loop {
-        match within(STEP, "a connection event", events.next()).await.expect("events") {
-            libtunnel::client::events::Event::Connected { relay, .. } => return relay,
-            _ => continue,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_udp_blocked_a_dialer_falls_back_to_wss_and_returns_to_quic_once_it_passes() {
     use tokio::io::AsyncWriteExt;
@@ -355,22 +329,6 @@ async fn a_transfer_survives_the_clients_address_changing_mid_way() {
     within(BULK, "the writer", writer).await.expect("writer task");
     let got = within(BULK, "the echo", reader).await.expect("reader task").expect("read");
     assert_eq!(sha256(&got), sha256(&data), "bytes lost or changed across the address change");
-}
-
-/// A target that reads and discards everything.
-async fn sink_server() -> std::net::SocketAddr {
-    use tokio::io::AsyncReadExt;
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-            });
-        }
-    });
-    addr
 }
 
 /// A `tunnel server` process with a QUIC endpoint (self-signed for localhost) allowing `ports`,

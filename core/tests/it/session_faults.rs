@@ -58,29 +58,6 @@ impl RelayProc {
     }
 }
 
-/// A target that reads and discards everything.
-async fn sink_server() -> SocketAddr {
-    counting_sink_server().await.0
-}
-
-/// [`sink_server`], counting the connections it accepted.
-async fn counting_sink_server() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while s.read(&mut buf).await.is_ok_and(|n| n > 0) {}
-            });
-        }
-    });
-    (addr, count)
-}
-
 /// A target that accepts and never reads (its connections are kept open until the relay closes
 /// them, which the task notices as an error or end when it finally looks).
 async fn stalled_server() -> SocketAddr {
